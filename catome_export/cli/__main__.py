@@ -1,0 +1,5 @@
+import sys
+
+from catome_export.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,54 @@
+"""Step numbering shared by the eager patch and the runtime.
+
+A U-Net call is one denoising step (classifier-free guidance batches both
+halves into one call in diffusers pipelines). The counter numbers calls
+0, 1, 2, ... within a generation and starts a new generation when told
+(``reset``), when the caller pins the index (``set_step``), or when the
+timestep rises compared with the previous call (diffusion timesteps never
+rise within a generation; PLMS repeats one, which still counts as a step).
+"""
+
+from __future__ import annotations
+
+import math
+
+
+class StepCounter:
+    """Loop-index bookkeeping for code that only sees U-Net calls."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new generation: the next call is loop index 0."""
+        self._next = 0
+        self._pinned: int | None = None
+        self._last_t: float | None = None
+        self.new_generation = True
+
+    def set_step(self, index: int) -> None:
+        """Pin the loop index of the next call (0-based); later calls count on from it."""
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            from catome_export.errors import CatomeError
+
+            raise CatomeError(f"step index must be an int >= 0, got {index!r}")
+        self._pinned = index
+
+    def advance(self, timestep: float | None) -> int:
+        """The loop index of this call. Sets ``new_generation`` when a generation starts here."""
+        self.new_generation = False
+        if self._pinned is not None:
+            index = self._pinned
+            self._pinned = None
+            if index == 0:
+                self.new_generation = True
+        else:
+            t = None if timestep is None or not math.isfinite(timestep) else float(timestep)
+            if self._next == 0 or (t is not None and self._last_t is not None and t > self._last_t):
+                index = 0
+                self.new_generation = True
+            else:
+                index = self._next
+        self._last_t = None if timestep is None else float(timestep)
+        self._next = index + 1
+        return index
