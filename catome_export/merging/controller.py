@@ -1,0 +1,124 @@
+"""The merge controller: per-site plan caches driven by the step schedule.
+
+One controller serves one U-Net (eager patch or engine runtime), so both
+paths share the exact same caching behaviour:
+
+- ``begin_step(timestep)`` is called once per U-Net call and returns the
+  loop index (see :class:`StepCounter`); a new generation clears every cache.
+- ``plan_for(site, x, grid)`` returns the site's plan for this step: on a
+  checkpoint step, or when the site has no usable cache, it matches on ``x``
+  (the block's input before norm1) and caches the plan; otherwise it returns
+  the cached plan (same r, same pairs) for the new x.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from catome_export.merging.matching import match_tokens, partition
+from catome_export.merging.plan import MergePlan
+from catome_export.merging.settings import MergeSettings
+from catome_export.merging.steps import StepCounter
+
+
+@dataclass
+class StepStats:
+    """What happened at one U-Net call."""
+
+    step: int
+    """0-based loop index."""
+    merged: dict[int, int] = field(default_factory=dict)
+    """Site index -> r used at this step."""
+    matched: dict[int, bool] = field(default_factory=dict)
+    """Site index -> True when matching ran (checkpoint or empty cache), False when the cache was reused."""
+
+
+class MergeController:
+    """Per-site plan caches and step numbering (shared by the eager patch and the runtime)."""
+
+    def __init__(self, settings: MergeSettings, num_sites: int, validate: bool = False) -> None:
+        self.settings = settings
+        self.num_sites = num_sites
+        self.validate = validate
+        self.counter = StepCounter()
+        self.history: list[StepStats] = []
+        self._cache: dict[int, MergePlan] = {}
+        self._generator: torch.Generator | None = None
+        self._step: int = -1
+        self._checkpoint = True
+        self.reset()
+
+    # -- step bookkeeping -------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget every cached plan and start step numbering at 0 (a new generation)."""
+        self.counter.reset()
+        self._clear()
+
+    def _clear(self) -> None:
+        self._cache.clear()
+        self.history = []
+        self._generator = None
+
+    def set_step(self, index: int) -> None:
+        """Pin the 0-based loop index of the next U-Net call (custom loops)."""
+        self.counter.set_step(index)
+
+    def begin_step(self, timestep: float | None = None) -> int:
+        """Start one U-Net call; returns its loop index."""
+        step = self.counter.advance(timestep)
+        if self.counter.new_generation:
+            self._clear()
+        self._step = step
+        self._checkpoint = self.settings.schedule.is_checkpoint(step)
+        self.history.append(StepStats(step))
+        return step
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    @property
+    def last(self) -> StepStats | None:
+        return self.history[-1] if self.history else None
+
+    # -- plans ------------------------------------------------------------------------
+    def _generator_for(self, device: torch.device) -> torch.Generator | None:
+        if not self.settings.random_dst:
+            return None
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device).manual_seed(self.settings.seed)
+        return self._generator
+
+    def compute_plan(self, x: torch.Tensor, grid: tuple[int, int]) -> MergePlan:
+        """Match on ``x`` [B, N, C] with this controller's settings (no caching)."""
+        s = self.settings
+        gen = self._generator_for(x.device) if x.shape[0] % 2 == 0 else None
+        if s.merge_fraction is not None:
+            num_src = partition(grid, s.stride, None, x.device)[0].numel()
+            return match_tokens(x, grid, num_merged=int(round(s.merge_fraction * num_src)), stride=s.stride,
+                                generator=gen)
+        return match_tokens(x, grid, threshold=s.threshold, ratio=s.ratio, stride=s.stride, generator=gen)
+
+    def plan_for(self, site: int, x: torch.Tensor, grid: tuple[int, int]) -> MergePlan:
+        """The plan of ``site`` for the current step (matched now, or reused from the cache)."""
+        cached = self._cache.get(site)
+        usable = (
+            cached is not None
+            and cached.batch_size == x.shape[0]
+            and cached.num_tokens == x.shape[1]
+            and cached.unmerge_idx.device == x.device
+        )
+        matched = self._checkpoint or not usable
+        if matched:
+            plan = self.compute_plan(x, grid)
+            if self.validate:
+                plan.validate(x.shape[0], x.shape[1])
+            self._cache[site] = plan
+        else:
+            plan = cached  # type: ignore[assignment]
+        if self.history:
+            self.history[-1].merged[site] = plan.num_merged
+            self.history[-1].matched[site] = matched
+        return plan

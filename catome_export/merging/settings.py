@@ -1,0 +1,74 @@
+"""Merge settings: one frozen dataclass for the API, the CLI and the manifest."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from catome_export.errors import CatomeError
+from catome_export.merging.schedules import Schedule, parse_schedule
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    """How tokens are merged. Exactly one of threshold, ratio and merge_fraction is set."""
+
+    threshold: float | None = 0.7
+    """CA-ToMe adaptive threshold t in [-1, 1]: r = max over the batch of #(node_max >= t); t >= 1 merges nothing."""
+    ratio: float | None = None
+    """ToMe fixed ratio in [0, 1): r = min(int(N * ratio), #src)."""
+    merge_fraction: float | None = None
+    """Forced r = round(fraction * #src) in [0, 1], for speed measurements independent of weights."""
+    schedule: Schedule = field(default_factory=lambda: parse_schedule("config3"))
+    """Checkpoint steps at which matching is recomputed (cached plans reused in between)."""
+    max_downsample: int = 1
+    """Merge in transformer blocks whose level is downsampled by at most this factor."""
+    stride: tuple[int, int] = (2, 2)
+    """(sy, sx) cell size of the dst grid."""
+    random_dst: bool = False
+    """Random dst per cell (tomesd) instead of the top-left token (paper)."""
+    seed: int = 42
+    """Seed of the random-dst generator (reseeded at every reset)."""
+    merge_crossattn: bool = False
+    """Also merge around cross-attention (attn2)."""
+    merge_mlp: bool = False
+    """Also merge around the feed-forward block."""
+
+    def __post_init__(self) -> None:
+        modes = [v is not None for v in (self.threshold, self.ratio, self.merge_fraction)]
+        if sum(modes) != 1:
+            raise CatomeError("set exactly one of threshold (CA-ToMe), ratio (ToMe) or merge_fraction")
+        for name, lo, hi, hi_open in (("threshold", -1.0, 1.0, False), ("ratio", 0.0, 1.0, True),
+                                      ("merge_fraction", 0.0, 1.0, False)):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or v < lo or v > hi or (hi_open and v >= hi):
+                bound = f"[{lo:g}, {hi:g})" if hi_open else f"[{lo:g}, {hi:g}]"
+                raise CatomeError(f"{name} must be a number in {bound}, got {v!r}")
+        if not isinstance(self.schedule, Schedule):
+            raise CatomeError("schedule must be a Schedule (use parse_schedule)")
+        if isinstance(self.max_downsample, bool) or self.max_downsample not in (1, 2, 4, 8):
+            raise CatomeError(f"max_downsample must be 1, 2, 4 or 8, got {self.max_downsample!r}")
+        st = tuple(self.stride)
+        if len(st) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in st) or st == (1, 1):
+            raise CatomeError(f"stride must be two positive ints (not 1x1), got {self.stride!r}")
+        object.__setattr__(self, "stride", st)
+
+    @property
+    def mode(self) -> str:
+        return "threshold" if self.threshold is not None else "ratio" if self.ratio is not None else "fraction"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["schedule"] = self.schedule.to_dict()
+        d["stride"] = list(self.stride)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MergeSettings":
+        d = dict(data)
+        d["schedule"] = Schedule.from_dict(d["schedule"])
+        d["stride"] = tuple(d.get("stride", (2, 2)))
+        return cls(**d)
