@@ -1,0 +1,1 @@
+"""Execution backends for the exported stages: TensorRT, ONNX Runtime, eager torch."""
