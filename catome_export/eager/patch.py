@@ -1,0 +1,430 @@
+"""Eager CA-ToMe for a diffusers U-Net or pipeline, without copying any forward.
+
+What :func:`apply_merging` installs, and :meth:`CatomeHandle.remove` undoes:
+
+- a forward pre-hook on the U-Net: reads the latent size and the timestep of
+  each call and starts one controller step (one U-Net call = one step);
+- per merge site, a forward pre-hook on the ``BasicTransformerBlock`` that
+  hands the block input ``x`` (before ``norm1``, the similarity metric) to the
+  shared :class:`~catome_export.merging.MergeController` and puts the plan it
+  returns in the site's slot, and a forward hook that clears the slot;
+- per merge site, a :class:`~catome_export.eager.processors.MergingAttnProcessor`
+  around the ``attn1`` processor object the module had (and ``attn2`` with
+  ``merge_crossattn``), set with diffusers' own ``set_processor``;
+- with ``merge_mlp``, hooks on the block's ``ff`` that merge and unmerge;
+- for a pipeline, a wrapper on the instance's ``progress_bar`` method, which
+  diffusers pipelines call exactly once per ``pipe(...)`` call right before the
+  denoising loop: it resets the handle, so every generation starts at step 0
+  with empty caches, whatever its timesteps.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from catome_export.eager.processors import FeedForwardMerger, MergingAttnProcessor, SiteSlot
+from catome_export.errors import CatomeError
+from catome_export.merging import MergeController, MergeSettings, StepStats, parse_schedule
+from catome_export.merging.schedules import Schedule
+from catome_export.models.sites import MergeSite, find_merge_sites
+
+logger = logging.getLogger(__name__)
+
+_ACTIVE: "weakref.WeakKeyDictionary[torch.nn.Module, CatomeHandle]" = weakref.WeakKeyDictionary()
+"""U-Nets that carry a live patch (applying twice is refused)."""
+
+
+def _split_target(pipe_or_unet: Any) -> tuple[Any | None, torch.nn.Module]:
+    """(pipeline or None, U-Net) of the argument; CatomeError for anything else."""
+    from diffusers import UNet2DConditionModel
+
+    if isinstance(pipe_or_unet, UNet2DConditionModel):
+        return None, pipe_or_unet
+    unet = getattr(pipe_or_unet, "unet", None)
+    if isinstance(unet, UNet2DConditionModel):
+        return pipe_or_unet, unet
+    raise CatomeError(
+        f"expected a diffusers UNet2DConditionModel or a pipeline with one as .unet, got {type(pipe_or_unet).__name__}"
+    )
+
+
+def _timestep_value(timestep: Any) -> float | None:
+    """The scalar timestep of a U-Net call (first element of a batched timestep)."""
+    if isinstance(timestep, torch.Tensor):
+        return float(timestep.reshape(-1)[0]) if timestep.numel() else None
+    if isinstance(timestep, (int, float)):
+        return float(timestep)
+    return None
+
+
+class _ResetOnCall:
+    """Stands in for a pipeline's ``progress_bar`` method: resets the handle, then calls the original."""
+
+    def __init__(self, handle: "CatomeHandle", original: Callable[..., Any]) -> None:
+        self.handle = handle
+        self.original = original
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.handle.reset()
+        return self.original(*args, **kwargs)
+
+
+class CatomeHandle:
+    """A live CA-ToMe (or ToMe) patch on one U-Net; ``remove()`` restores the model exactly.
+
+    Use it as a context manager to remove the patch on exit::
+
+        with apply_catome(pipe, threshold=0.7) as handle:
+            image = pipe(prompt).images[0]
+        print(handle.history[-1].merged)
+    """
+
+    def __init__(self, unet: torch.nn.Module, settings: MergeSettings, sites: Sequence[MergeSite],
+                 pipeline: Any | None = None) -> None:
+        self._unet = unet
+        self._settings = settings
+        self._sites = tuple(sites)
+        self._pipeline = pipeline
+        self.controller = MergeController(settings, len(self._sites))
+        """The shared per-site plan caches and step numbering."""
+        self._slots = [SiteSlot(site) for site in self._sites]
+        self._latent_hw: tuple[int, int] | None = None
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._processors: list[tuple[torch.nn.Module, Any, MergingAttnProcessor]] = []
+        self._progress_bar: _ResetOnCall | None = None
+        self._progress_bar_was_instance_attr = False
+        self._previous_progress_bar: Any = None
+        self._active = False
+
+    # -- installation -----------------------------------------------------------------
+    def _install(self) -> None:
+        unet = self._unet
+        try:
+            self._hooks.append(unet.register_forward_pre_hook(self._unet_pre_hook, with_kwargs=True))
+            self._hooks.append(unet.register_forward_hook(self._unet_hook))
+            for slot in self._slots:
+                block = unet.get_submodule(slot.site.path)
+                self._hooks.append(block.register_forward_pre_hook(_BlockPreHook(self, slot), with_kwargs=True))
+                self._hooks.append(block.register_forward_hook(_BlockHook(slot)))
+                self._wrap_processor(block, "attn1", slot)
+                if self._settings.merge_crossattn:
+                    self._wrap_processor(block, "attn2", slot)
+                if self._settings.merge_mlp:
+                    ff = getattr(block, "ff", None)
+                    if not isinstance(ff, torch.nn.Module):
+                        raise CatomeError(f"{slot.site.path} has no feed-forward module: apply without merge_mlp")
+                    merger = FeedForwardMerger(slot)
+                    self._hooks.append(ff.register_forward_pre_hook(merger.pre_hook, with_kwargs=True))
+                    self._hooks.append(ff.register_forward_hook(merger.hook, with_kwargs=True))
+            if self._pipeline is not None:
+                self._wrap_progress_bar(self._pipeline)
+        except BaseException:
+            self._uninstall()
+            raise
+        self._active = True
+
+    def _wrap_processor(self, block: torch.nn.Module, name: str, slot: SiteSlot) -> None:
+        attn = getattr(block, name, None)
+        if attn is None or not hasattr(attn, "set_processor") or not hasattr(attn, "processor"):
+            what = "cross-attention (attn2)" if name == "attn2" else "self-attention (attn1)"
+            hint = ": apply without merge_crossattn" if name == "attn2" else ""
+            raise CatomeError(f"{slot.site.path} has no {what} with an attention processor{hint}")
+        original = attn.processor
+        wrapper = MergingAttnProcessor(original, slot, name)
+        attn.set_processor(wrapper)
+        self._processors.append((attn, original, wrapper))
+
+    def _wrap_progress_bar(self, pipe: Any) -> None:
+        original = getattr(pipe, "progress_bar", None)
+        if not callable(original):
+            logger.warning("%s has no progress_bar method: generations are told apart by rising timesteps only; "
+                           "call handle.reset() before each generation", type(pipe).__name__)
+            return
+        instance_dict = getattr(pipe, "__dict__", {})
+        self._progress_bar_was_instance_attr = "progress_bar" in instance_dict
+        self._previous_progress_bar = instance_dict.get("progress_bar")
+        self._progress_bar = _ResetOnCall(self, original)
+        object.__setattr__(pipe, "progress_bar", self._progress_bar)
+
+    def _uninstall(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        for attn, original, wrapper in reversed(self._processors):
+            if attn.processor is wrapper:
+                attn.set_processor(original)
+            else:
+                logger.warning("the attention processor of %s was replaced while merging was applied; "
+                               "leaving the new one in place", type(attn).__name__)
+        self._processors.clear()
+        if self._progress_bar is not None and self._pipeline is not None:
+            pipe = self._pipeline
+            if pipe.__dict__.get("progress_bar") is self._progress_bar:
+                if self._progress_bar_was_instance_attr:
+                    object.__setattr__(pipe, "progress_bar", self._previous_progress_bar)
+                else:
+                    del pipe.__dict__["progress_bar"]
+            self._progress_bar = None
+        for slot in self._slots:
+            slot.plan = None
+
+    # -- hooks ------------------------------------------------------------------------
+    def _unet_pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        sample = args[0] if args else kwargs.get("sample")
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        if not isinstance(sample, torch.Tensor) or sample.ndim != 4:
+            raise CatomeError("the U-Net was called without a [B, C, H, W] sample: cannot size the merge grids")
+        self._latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
+        self.controller.begin_step(_timestep_value(timestep))
+
+    def _unet_hook(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        self._latent_hw = None
+
+    def _plan_for_block(self, slot: SiteSlot, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs.get("hidden_states")
+        if not isinstance(x, torch.Tensor) or x.ndim != 3:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise CatomeError(f"{slot.site.path} got hidden states {shape}, expected [B, N, C] tokens")
+        if self._latent_hw is None:
+            raise CatomeError(f"{slot.site.path} was called outside a U-Net call: call the U-Net itself, "
+                              "merging needs the latent size")
+        grid = slot.site.grid(self._latent_hw)
+        if grid[0] * grid[1] != x.shape[1]:
+            raise CatomeError(
+                f"{slot.site.path}: the grid {grid[0]}x{grid[1]} of latent {self._latent_hw[0]}x{self._latent_hw[1]} "
+                f"does not cover its {x.shape[1]} tokens; this U-Net's layout is not supported by the merge patch"
+            )
+        slot.plan = self.controller.plan_for(slot.site.index, x, grid)
+
+    # -- public API -------------------------------------------------------------------
+    @property
+    def settings(self) -> MergeSettings:
+        return self._settings
+
+    @property
+    def sites(self) -> tuple[MergeSite, ...]:
+        return self._sites
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self._unet
+
+    @property
+    def active(self) -> bool:
+        """True until :meth:`remove`."""
+        return self._active
+
+    @property
+    def history(self) -> list[StepStats]:
+        """Per U-Net call of the current generation: loop index, r per site index, matched flags."""
+        return self.controller.history
+
+    @property
+    def last_merged(self) -> dict[str, int]:
+        """Site module path -> r of the last U-Net call (empty before the first call)."""
+        last = self.controller.last
+        if last is None:
+            return {}
+        return {self._sites[i].path: r for i, r in sorted(last.merged.items())}
+
+    def reset(self) -> None:
+        """Start a new generation: empty caches, the next U-Net call is loop index 0."""
+        self.controller.reset()
+
+    def set_step(self, index: int) -> None:
+        """Pin the 0-based loop index of the next U-Net call (custom loops); 0 also starts a new generation."""
+        self.controller.set_step(index)
+
+    def remove(self) -> None:
+        """Undo the patch: hooks, processors and wrapped methods as they were. Safe to call twice."""
+        if not self._active:
+            return
+        self._uninstall()
+        self._active = False
+        if _ACTIVE.get(self._unet) is self:
+            del _ACTIVE[self._unet]
+        logger.debug("token merging removed from %d sites", len(self._sites))
+
+    def __enter__(self) -> "CatomeHandle":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "active" if self._active else "removed"
+        return f"CatomeHandle({state}, {len(self._sites)} sites, {self._settings.mode}, {self._settings.schedule.describe()})"
+
+
+class _BlockPreHook:
+    """Forward pre-hook of a merge site's block: fills the site's slot with this step's plan."""
+
+    def __init__(self, handle: CatomeHandle, slot: SiteSlot) -> None:
+        self.handle = handle
+        self.slot = slot
+
+    def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self.handle._plan_for_block(self.slot, args, kwargs)
+
+
+class _BlockHook:
+    """Forward hook of a merge site's block: empties the slot once the block is done."""
+
+    def __init__(self, slot: SiteSlot) -> None:
+        self.slot = slot
+
+    def __call__(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        self.slot.plan = None
+
+
+# -- entry points ------------------------------------------------------------------------
+def apply_merging(pipe_or_unet: Any, settings: MergeSettings) -> CatomeHandle:
+    """Patch a U-Net (or a pipeline's ``.unet``) with token merging as ``settings`` say.
+
+    The common core of :func:`apply_catome` and :func:`apply_tome`, and the way
+    to build an eager reference with the exact settings of an engine's
+    manifest. Applying to a U-Net that already carries a patch raises
+    :class:`CatomeError` (remove the first handle before applying again).
+    """
+    if not isinstance(settings, MergeSettings):
+        raise CatomeError(f"settings must be a MergeSettings, got {type(settings).__name__}")
+    pipeline, unet = _split_target(pipe_or_unet)
+    existing = _ACTIVE.get(unet)
+    if existing is not None and existing.active:
+        raise CatomeError("token merging is already applied to this U-Net: call remove() on the first handle "
+                          "(or leave its `with` block) before applying again")
+    sites = find_merge_sites(unet, settings.max_downsample)
+    handle = CatomeHandle(unet, settings, sites, pipeline)
+    handle._install()
+    _ACTIVE[unet] = handle
+    logger.debug("token merging applied at %d sites: %s, %s", len(sites), settings.mode, settings.schedule.describe())
+    return handle
+
+
+def _check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise CatomeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _check_seed(seed: object) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise CatomeError(f"seed must be an int >= 0, got {seed!r}")
+    return seed
+
+
+def _check_stride(stride: object) -> tuple[int, int]:
+    if isinstance(stride, (str, bytes)) or not isinstance(stride, Iterable):
+        raise CatomeError(f"stride must be two positive ints like (2, 2), got {stride!r}")
+    return tuple(stride)  # type: ignore[return-value]  # MergeSettings checks the values
+
+
+def _resolve_schedule(schedule: Any, unet: torch.nn.Module, step_base: int, threshold: float | None) -> Schedule:
+    """parse_schedule, plus calibrated ``auto:K`` schedules from the analysis package when present."""
+    if isinstance(schedule, str) and schedule.strip().lower().startswith("auto:"):
+        try:
+            from catome_export.analysis.calibrate import resolve_schedule
+        except ImportError:
+            raise CatomeError(f"schedule {schedule!r} needs the calibration module (catome_export.analysis), "
+                              "which is not available in this install: use a named schedule or a list") from None
+        calib: dict[str, Any] = {} if threshold is None else {"threshold": threshold}
+        return resolve_schedule(schedule, unet, step_base, **calib)
+    return parse_schedule(schedule, step_base)
+
+
+def _no_options_with_settings(given: dict[str, Any], defaults: dict[str, Any]) -> None:
+    changed = sorted(k for k, v in given.items() if v is not defaults[k] and v != defaults[k])
+    if changed:
+        raise CatomeError(f"pass either settings= or individual options, not both (got settings and {changed})")
+
+
+_CATOME_DEFAULTS: dict[str, Any] = dict(threshold=0.7, schedule="config3", max_downsample=1, step_base=1,
+                                        stride=(2, 2), random_dst=False, merge_crossattn=False, merge_mlp=False,
+                                        seed=42)
+_TOME_DEFAULTS: dict[str, Any] = dict(ratio=0.5, max_downsample=1, stride=(2, 2), random_dst=False,
+                                      merge_crossattn=False, merge_mlp=False, seed=42)
+
+
+def apply_catome(
+    pipe_or_unet: Any,
+    threshold: float = 0.7,
+    schedule: Any = "config3",
+    max_downsample: int = 1,
+    step_base: int = 1,
+    stride: tuple[int, int] = (2, 2),
+    random_dst: bool = False,
+    merge_crossattn: bool = False,
+    merge_mlp: bool = False,
+    *,
+    seed: int = 42,
+    settings: MergeSettings | None = None,
+) -> CatomeHandle:
+    """Apply CA-ToMe (adaptive threshold + cached matching) to a pipeline or U-Net.
+
+    ``threshold``: merge every src token whose best cosine similarity is >= t
+    (r = max over the batch); 1 merges nothing. ``schedule``: checkpoint steps
+    at which matching is recomputed (cached pairs reused in between): a name
+    (config1..config4, adaptive, config_five, every_step), a list of step
+    numbers, or ``auto:K`` (calibrated, where the analysis package is
+    installed). ``step_base`` 1 (default, as the authors' code ran): entry k
+    fires at loop index k - 1; 0: at loop index k. ``random_dst`` picks a
+    random dst per cell from a generator seeded with ``seed`` at every reset
+    (tomesd's behaviour); the default is the top-left token (the paper).
+    Alternatively pass a ready ``settings=MergeSettings(...)`` and no options.
+    """
+    given = dict(threshold=threshold, schedule=schedule, max_downsample=max_downsample, step_base=step_base,
+                 stride=stride, random_dst=random_dst, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp, seed=seed)
+    if settings is not None:
+        _no_options_with_settings(given, _CATOME_DEFAULTS)
+        return apply_merging(pipe_or_unet, settings)
+    if threshold is None:
+        raise CatomeError("threshold must be a number in [-1, 1] (1 merges nothing); for a fixed ratio use apply_tome")
+    _, unet = _split_target(pipe_or_unet)
+    numeric = threshold if isinstance(threshold, (int, float)) and not isinstance(threshold, bool) else None
+    built = MergeSettings(
+        threshold=threshold, ratio=None, merge_fraction=None,
+        schedule=_resolve_schedule(schedule, unet, step_base, numeric),
+        max_downsample=max_downsample, stride=_check_stride(stride),
+        random_dst=_check_flag("random_dst", random_dst), seed=_check_seed(seed),
+        merge_crossattn=_check_flag("merge_crossattn", merge_crossattn),
+        merge_mlp=_check_flag("merge_mlp", merge_mlp),
+    )
+    return apply_merging(pipe_or_unet, built)
+
+
+def apply_tome(
+    pipe_or_unet: Any,
+    ratio: float = 0.5,
+    max_downsample: int = 1,
+    stride: tuple[int, int] = (2, 2),
+    random_dst: bool = False,
+    merge_crossattn: bool = False,
+    merge_mlp: bool = False,
+    *,
+    seed: int = 42,
+    settings: MergeSettings | None = None,
+) -> CatomeHandle:
+    """Apply the ToMe baseline: a fixed ratio, matching at every step (no cache).
+
+    r = min(int(N * ratio), number of src tokens) at every merge site and step.
+    Other options as in :func:`apply_catome`.
+    """
+    given = dict(ratio=ratio, max_downsample=max_downsample, stride=stride, random_dst=random_dst,
+                 merge_crossattn=merge_crossattn, merge_mlp=merge_mlp, seed=seed)
+    if settings is not None:
+        _no_options_with_settings(given, _TOME_DEFAULTS)
+        return apply_merging(pipe_or_unet, settings)
+    if ratio is None:
+        raise CatomeError("ratio must be a number in [0, 1); for an adaptive threshold use apply_catome")
+    built = MergeSettings(
+        threshold=None, ratio=ratio, merge_fraction=None, schedule=parse_schedule("every_step"),
+        max_downsample=max_downsample, stride=_check_stride(stride),
+        random_dst=_check_flag("random_dst", random_dst), seed=_check_seed(seed),
+        merge_crossattn=_check_flag("merge_crossattn", merge_crossattn),
+        merge_mlp=_check_flag("merge_mlp", merge_mlp),
+    )
+    return apply_merging(pipe_or_unet, built)
