@@ -1,0 +1,270 @@
+"""ONNX Runtime backend: one ``InferenceSession`` per stage, torch tensors in and out.
+
+CPU execution provider everywhere; CUDA execution provider where
+onnxruntime-gpu and a CUDA device are present. Inputs are bound by address
+(``IOBinding.bind_input`` on ``tensor.data_ptr()``) and outputs are allocated
+by ONNX Runtime on the stage's device and handed to torch through DLPack, so
+no tensor travels through the host between stages. Empty tensors (a site
+with r = 0 has [B, 0] index tensors, whose torch address is null) are bound
+as ONNX Runtime values of the right shape instead.
+
+``onnxruntime`` is imported when a backend is created, never at module import.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+import torch
+
+from catome_export.backends.base import check_outputs, ordered_feeds, torch_dtype
+from catome_export.errors import CatomeError
+
+if TYPE_CHECKING:
+    from catome_export.export.stages import StageSpec
+
+logger = logging.getLogger(__name__)
+
+_NUMPY_DTYPES: dict[torch.dtype, type] = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+_OPT_LEVELS = ("disable", "basic", "extended", "all")
+
+
+@dataclass(frozen=True)
+class OrtOptions:
+    """Session settings of the ONNX Runtime backend (see docs/notes/runtime.md for the measurements)."""
+
+    intra_op_threads: int | None = None
+    """Threads inside one operator; None = the physical cores this process may run on."""
+    inter_op_threads: int = 1
+    """Threads across operators; 1, since execution is sequential."""
+    optimization: str = "all"
+    """Graph optimisation level: disable, basic, extended or all (ORT_ENABLE_ALL)."""
+    mem_pattern: bool = False
+    """Plan memory from the first run's shapes; off because K and R change at every checkpoint."""
+    cpu_mem_arena: bool = True
+    """Keep freed CPU buffers in ONNX Runtime's arena for the next run."""
+    io_binding: bool = True
+    """Bind torch tensors by address (True) or pass numpy views to ``session.run`` (False, CPU only)."""
+    synchronize: bool = True
+    """CUDA: let each run wait for its stream (safe default); False leaves ordering to the shared stream."""
+    log_severity: int = 3
+    """ONNX Runtime log level: 0 verbose .. 4 fatal (3 = errors only)."""
+
+    def __post_init__(self) -> None:
+        if self.optimization not in _OPT_LEVELS:
+            raise CatomeError(f"ORT optimization must be one of {', '.join(_OPT_LEVELS)}, got {self.optimization!r}")
+        threads = self.intra_op_threads
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise CatomeError(f"ORT intra-op threads must be an int >= 1 (or None for the physical cores), got {threads!r}")
+        if isinstance(self.inter_op_threads, bool) or not isinstance(self.inter_op_threads, int) \
+                or self.inter_op_threads < 1:
+            raise CatomeError(f"ORT inter-op threads must be an int >= 1, got {self.inter_op_threads!r}")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | None) -> "OrtOptions":
+        """Options from keyword values (``Runtime.load(..., backend_options=...)``); unknown keys are an error."""
+        values = dict(values or {})
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise CatomeError(f"unknown ONNX Runtime options {unknown}: use {', '.join(sorted(known))}")
+        return cls(**values)
+
+
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may run on (hyper-threads counted once)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return max(1, (os.cpu_count() or 2) // 2)
+    cores = set()
+    for cpu in cpus:
+        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add((topo.joinpath("physical_package_id").read_text().strip(),
+                       topo.joinpath("core_id").read_text().strip()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))
+    return max(1, len(cores))
+
+
+def _import_ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise CatomeError("ONNX Runtime is not installed: pip install 'catome-export[ort]' (CPU) or '[ort-gpu]'") \
+            from None
+    return onnxruntime
+
+
+def session_options(options: OrtOptions):
+    """An ``onnxruntime.SessionOptions`` from :class:`OrtOptions`."""
+    ort = _import_ort()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[options.optimization]
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = options.intra_op_threads or physical_cores()
+    so.inter_op_num_threads = options.inter_op_threads
+    so.enable_mem_pattern = options.mem_pattern
+    so.enable_cpu_mem_arena = options.cpu_mem_arena
+    so.log_severity_level = options.log_severity
+    return so
+
+
+class OrtStageRunner:
+    """One stage in one ``InferenceSession``."""
+
+    def __init__(self, session: Any, spec: "StageSpec", device: torch.device, options: OrtOptions) -> None:
+        self.spec = spec
+        self.session = session
+        self.device = device
+        self.options = options
+        self._device_type = "cuda" if device.type == "cuda" else "cpu"
+        self._device_id = (device.index or 0) if device.type == "cuda" else 0
+        self._in_dtypes = {t.name: torch_dtype(t) for t in spec.inputs}
+        self._out_names = [t.name for t in spec.outputs]
+        self._empty: dict[tuple[str, tuple[int, ...]], Any] = {}
+        self._run_options = None
+        if device.type == "cuda" and not options.synchronize:
+            self._run_options = _import_ort().RunOptions()
+            self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        self._check_signature()
+
+    def _check_signature(self) -> None:
+        got_in = {i.name for i in self.session.get_inputs()}
+        got_out = {o.name for o in self.session.get_outputs()}
+        want_in = {t.name for t in self.spec.inputs}
+        want_out = set(self._out_names)
+        if got_in != want_in or not want_out <= got_out:
+            raise CatomeError(
+                f"stage {self.spec.index}: the ONNX graph's inputs/outputs do not match the manifest "
+                f"(graph inputs {sorted(got_in)}, manifest {sorted(want_in)}): rebuild the engine with catome-export build"
+            )
+
+    def _checked(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        want = self._in_dtypes[name]
+        if tensor.dtype != want:
+            raise CatomeError(f"stage {self.spec.index} input {name!r} is {tensor.dtype}, the graph expects {want}")
+        if tensor.device != self.device:
+            raise CatomeError(f"stage {self.spec.index} input {name!r} is on {tensor.device}, "
+                              f"the ONNX Runtime session runs on {self.device}")
+        return tensor.contiguous()
+
+    def _empty_value(self, name: str, tensor: torch.Tensor) -> Any:
+        """An ONNX Runtime value for an empty tensor (torch gives empty tensors a null address)."""
+        key = (name, tuple(tensor.shape))
+        value = self._empty.get(key)
+        if value is None:
+            ort = _import_ort()
+            value = ort.OrtValue.ortvalue_from_shape_and_type(
+                list(tensor.shape), _NUMPY_DTYPES[tensor.dtype], self._device_type, self._device_id
+            )
+            self._empty[key] = value
+        return value
+
+    def run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        tensors = ordered_feeds(self.spec, feeds)
+        names = [t.name for t in self.spec.inputs]
+        checked = [self._checked(n, t) for n, t in zip(names, tensors)]
+        if self.options.io_binding or self.device.type == "cuda":
+            outputs = self._run_bound(names, checked)
+        else:
+            outputs = self._run_numpy(names, checked)
+        check_outputs(self.spec, outputs)
+        return outputs
+
+    def _run_bound(self, names: list[str], tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        binding = self.session.io_binding()
+        for name, t in zip(names, tensors):
+            if t.numel() == 0:
+                binding.bind_ortvalue_input(name, self._empty_value(name, t))
+            else:
+                binding.bind_input(name, self._device_type, self._device_id, _NUMPY_DTYPES[t.dtype],
+                                   list(t.shape), t.data_ptr())
+        for name in self._out_names:
+            binding.bind_output(name, self._device_type, self._device_id)
+        if self._run_options is not None:
+            self.session.run_with_iobinding(binding, self._run_options)
+        else:
+            self.session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        return {name: _to_torch(v, self._device_type) for name, v in zip(self._out_names, values)}
+
+    def _run_numpy(self, names: list[str], tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        arrays = self.session.run(self._out_names, {n: t.numpy() for n, t in zip(names, tensors)})
+        return {name: torch.from_numpy(a) for name, a in zip(self._out_names, arrays)}
+
+    def close(self) -> None:
+        self._empty.clear()
+        self.session = None
+
+
+def _to_torch(value: Any, device_type: str) -> torch.Tensor:
+    """A torch view of an ONNX Runtime output (no copy: numpy view on CPU, DLPack on CUDA)."""
+    if device_type == "cpu":
+        return torch.from_numpy(value.numpy())
+    return torch.from_dlpack(value._get_c_value())
+
+
+class OrtBackend:
+    """Stages as ONNX Runtime sessions on the CPU or one CUDA device."""
+
+    def __init__(self, device: torch.device | str | None = None, options: OrtOptions | None = None) -> None:
+        ort = _import_ort()
+        dev = torch.device(device if device is not None else "cpu")
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+        if dev.type not in ("cpu", "cuda"):
+            raise CatomeError(f"the ONNX Runtime backend runs on cpu or cuda, not {dev}")
+        if dev.type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available():
+                raise CatomeError("ONNX Runtime's CUDA provider is not usable here: pip install "
+                                  "'catome-export[ort-gpu]' on a machine with an NVIDIA GPU, or use --backend ort-cpu")
+        self.device = dev
+        self.name = "ort-cuda" if dev.type == "cuda" else "ort-cpu"
+        self.options = options or OrtOptions()
+        self._runners: list[OrtStageRunner] = []
+
+    def providers(self) -> list[Any]:
+        """Execution providers for a session: CUDA on the torch stream (plus CPU fallback), or CPU."""
+        if self.device.type != "cuda":
+            return ["CPUExecutionProvider"]
+        stream = torch.cuda.current_stream(self.device).cuda_stream
+        cuda_opts = {
+            "device_id": str(self.device.index or 0),
+            "user_compute_stream": str(stream),
+            "arena_extend_strategy": "kSameAsRequested",
+            "do_copy_in_default_stream": "1",
+        }
+        return [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"]
+
+    def load_stage(self, engine_dir: Path, entry: dict, spec: "StageSpec") -> OrtStageRunner:
+        ort = _import_ort()
+        path = Path(engine_dir) / str(entry.get("file", ""))
+        if not path.is_file():
+            raise CatomeError(f"stage file {path} is missing: rebuild the engine with catome-export build")
+        try:
+            session = ort.InferenceSession(str(path), sess_options=session_options(self.options),
+                                           providers=self.providers())
+        except Exception as exc:  # ORT raises its own exception types for damaged or unsupported graphs
+            raise CatomeError(f"ONNX Runtime cannot load {path} ({type(exc).__name__}: {str(exc)[:300]}); "
+                              "rebuild the engine with catome-export build") from None
+        runner = OrtStageRunner(session, spec, self.device, self.options)
+        self._runners.append(runner)
+        logger.debug("loaded %s on %s (%s)", path.name, self.name, session.get_providers())
+        return runner
+
+    def close(self) -> None:
+        for runner in self._runners:
+            runner.close()
+        self._runners.clear()

@@ -1,0 +1,142 @@
+"""Eager torch backend: runs the stage modules of ``cut_unet`` directly.
+
+It is the reference for the graph backends (same stage chain, same IO names,
+no export in between) and what the runtime runs on when neither TensorRT nor
+ONNX Runtime is wanted. The U-Net is rebuilt from the manifest's model id and
+weights; its weights hash must match the one the engine was built from.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import torch
+
+from catome_export.backends.base import check_outputs, ordered_feeds, torch_dtype
+from catome_export.errors import CatomeError
+
+if TYPE_CHECKING:
+    from catome_export.export.stages import StageSpec
+
+logger = logging.getLogger(__name__)
+
+
+class TorchStageRunner:
+    """One stage module, called under ``torch.no_grad``."""
+
+    def __init__(self, spec: "StageSpec", module: torch.nn.Module, device: torch.device) -> None:
+        self.spec = spec
+        self.module = module
+        self.device = device
+        self._out_names = [t.name for t in spec.outputs]
+        self._in_dtypes = {t.name: torch_dtype(t) for t in spec.inputs}
+
+    def run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        args = ordered_feeds(self.spec, feeds)
+        for t, arg in zip(self.spec.inputs, args):
+            if arg.dtype != self._in_dtypes[t.name] or arg.device != self.device:
+                raise CatomeError(f"stage {self.spec.index} input {t.name!r} is {arg.dtype} on {arg.device}, "
+                                  f"expected {self._in_dtypes[t.name]} on {self.device}")
+        with torch.no_grad():
+            result = self.module(*args)
+        outs = result if isinstance(result, (tuple, list)) else (result,)
+        if len(outs) != len(self._out_names):
+            raise CatomeError(f"stage {self.spec.index} returned {len(outs)} tensors for {len(self._out_names)} "
+                              "outputs: the stage modules do not match the manifest; rebuild the engine")
+        outputs = dict(zip(self._out_names, outs))
+        check_outputs(self.spec, outputs)
+        return outputs
+
+    def close(self) -> None:
+        self.module = None  # type: ignore[assignment]
+
+
+def _io_names(spec: "StageSpec") -> tuple[list[str], list[str]]:
+    return [t.name for t in spec.inputs], [t.name for t in spec.outputs]
+
+
+def _model_section(manifest: Any) -> dict:
+    model = getattr(manifest, "model", None)
+    if not isinstance(model, dict) or "id" not in model:
+        raise CatomeError("the manifest has no model section: rebuild the engine with catome-export build")
+    return model
+
+
+def manifest_dtype(manifest: Any) -> torch.dtype:
+    """The model dtype of an engine (fp32 or fp16)."""
+    precision = getattr(manifest, "precision", "fp32")
+    table = {"fp32": torch.float32, "fp16": torch.float16}
+    if precision not in table:
+        raise CatomeError(f"unknown engine precision {precision!r}: rebuild the engine with --precision fp32 or fp16")
+    return table[precision]
+
+
+def load_reference_unet(manifest: Any, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The U-Net the engine was built from (model id + weights), checked against the manifest's weights hash."""
+    from catome_export.models import load_unet, weights_hash
+
+    model = _model_section(manifest)
+    unet = load_unet(str(model["id"]), weights=str(model.get("weights", "pretrained")), dtype=manifest_dtype(manifest))
+    expected = model.get("weights_hash")
+    if expected:
+        got = weights_hash(unet)
+        if got != expected:
+            raise CatomeError(
+                f"the weights of model {model['id']!r} ({model.get('weights')}) do not match the ones the engine was "
+                f"built from (weights hash {got[:12]}... vs {str(expected)[:12]}... in the manifest): load the same "
+                "weights, or rebuild the engine with catome-export build"
+            )
+    return unet.to(device)
+
+
+class TorchBackend:
+    """Stage modules from ``cut_unet`` on one torch device."""
+
+    name = "torch"
+
+    def __init__(self, manifest: Any = None, device: torch.device | str | None = None,
+                 stages: Sequence[tuple["StageSpec", torch.nn.Module]] | None = None) -> None:
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.manifest = manifest
+        self._modules: dict[int, tuple["StageSpec", torch.nn.Module]] | None = None
+        if stages is not None:
+            self._modules = {spec.index: (spec, module.to(self.device).eval()) for spec, module in stages}
+        elif manifest is None:
+            raise CatomeError("the torch backend needs a manifest (or ready stage modules)")
+        self._runners: list[TorchStageRunner] = []
+
+    def _stage_modules(self) -> dict[int, tuple["StageSpec", torch.nn.Module]]:
+        if self._modules is None:
+            from catome_export.export.stages import cut_unet
+            from catome_export.models.sites import MergeSite
+
+            unet = load_reference_unet(self.manifest, self.device)
+            sites = [MergeSite(int(s["index"]), str(s["path"]), int(s["downsample"])) for s in self.manifest.sites]
+            cut = cut_unet(unet, sites, dtype=manifest_dtype(self.manifest))
+            self._modules = {spec.index: (spec, module.to(self.device).eval()) for spec, module in cut}
+            logger.debug("torch backend: %d stage modules of %s", len(cut), _model_section(self.manifest)["id"])
+        return self._modules
+
+    def load_stage(self, engine_dir: Path, entry: dict, spec: "StageSpec") -> TorchStageRunner:
+        modules = self._stage_modules()
+        if spec.index not in modules:
+            raise CatomeError(f"stage {spec.index} of the manifest has no stage module: rebuild the engine")
+        cut_spec, module = modules[spec.index]
+        if _io_names(cut_spec) != _io_names(spec):
+            raise CatomeError(f"stage {spec.index}: the stage module's inputs/outputs differ from the manifest's "
+                              "(built by another version?): rebuild the engine with catome-export build")
+        runner = TorchStageRunner(spec, module, self.device)
+        self._runners.append(runner)
+        return runner
+
+    def close(self) -> None:
+        for runner in self._runners:
+            runner.close()
+        self._runners.clear()
+        self._modules = None

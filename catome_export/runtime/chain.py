@@ -1,0 +1,121 @@
+"""The stage chain: checks that the stages fit together and walks them over a name -> tensor environment.
+
+Stage k's inputs come from the model inputs, from the outputs of earlier
+stages, and from the plan tensors of its merge site (``site{k}_*``), which
+the controller supplies right after the stage that outputs ``x{k}``. Every
+tensor leaves the environment after the last stage that reads it, so
+skip tensors do not outlive their use.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from catome_export.backends.base import StageRunner
+from catome_export.errors import CatomeError
+from catome_export.merging.plan import PLAN_TENSORS, MergePlan
+
+MODEL_INPUTS = ("sample", "timestep", "encoder_hidden_states")
+"""Graph input names of the whole model."""
+MODEL_OUTPUT = "noise_pred"
+"""Graph output name of the last stage."""
+
+PlanHook = Callable[[int, torch.Tensor], MergePlan]
+"""``(site, x) -> plan``: called after the stage that outputs ``x{site}``."""
+
+
+def site_input_name(site: int) -> str:
+    """Name of the block input of merge site ``site`` (``x{site}``)."""
+    return f"x{site}"
+
+
+def plan_names(site: int) -> tuple[str, ...]:
+    """Names of site ``site``'s plan tensors, in ``MergePlan.tensors()`` order."""
+    return tuple(f"site{site}_{name}" for name in PLAN_TENSORS)
+
+
+def _broken(detail: str) -> CatomeError:
+    return CatomeError(f"the engine's stage chain is inconsistent ({detail}): rebuild it with catome-export build")
+
+
+class StageChain:
+    """Loaded stage runners in execution order, checked once, walked at every U-Net call."""
+
+    def __init__(self, runners: Sequence[StageRunner]) -> None:
+        if not runners:
+            raise _broken("no stages")
+        self.runners = list(runners)
+        self.specs = [r.spec for r in self.runners]
+        self._check()
+        self._free_after = self._liveness()
+
+    @property
+    def sites(self) -> list[int]:
+        """Merge sites in the order the chain reaches them."""
+        return [s.next_site for s in self.specs if s.next_site is not None]
+
+    def input_spec(self, name: str):
+        """The first TensorSpec named ``name`` among the stages' inputs, or None."""
+        for spec in self.specs:
+            for t in spec.inputs:
+                if t.name == name:
+                    return t
+        return None
+
+    def _check(self) -> None:
+        available = set(MODEL_INPUTS)
+        seen_sites: set[int] = set()
+        for pos, spec in enumerate(self.specs):
+            if spec.index != pos:
+                raise _broken(f"stage at position {pos} has index {spec.index}")
+            if spec.site is not None and spec.site not in seen_sites:
+                raise _broken(f"stage {pos} runs site {spec.site} before any stage returns x{spec.site}")
+            missing = [t.name for t in spec.inputs if t.name not in available]
+            if missing:
+                raise _broken(f"stage {pos} reads {missing}, which no earlier stage returns")
+            outputs = {t.name for t in spec.outputs}
+            available |= outputs
+            if spec.next_site is not None:
+                if site_input_name(spec.next_site) not in outputs:
+                    raise _broken(f"stage {pos} should return x{spec.next_site}")
+                if spec.next_site in seen_sites:
+                    raise _broken(f"site {spec.next_site} is reached twice")
+                seen_sites.add(spec.next_site)
+                available |= set(plan_names(spec.next_site))
+        last = self.specs[-1]
+        if last.next_site is not None or MODEL_OUTPUT not in {t.name for t in last.outputs}:
+            raise _broken(f"the last stage must return {MODEL_OUTPUT}")
+        ran = {s.site for s in self.specs if s.site is not None}
+        if ran != seen_sites:
+            raise _broken(f"sites {sorted(seen_sites - ran)} get a plan but no stage runs them")
+
+    def _liveness(self) -> list[tuple[str, ...]]:
+        """Per stage, the names no later stage reads (dropped from the environment after it)."""
+        last_read: dict[str, int] = {}
+        for pos, spec in enumerate(self.specs):
+            for t in spec.inputs:
+                last_read[t.name] = pos
+        free: list[list[str]] = [[] for _ in self.specs]
+        for name, pos in last_read.items():
+            free[pos].append(name)
+        return [tuple(names) for names in free]
+
+    def run(self, env: dict[str, torch.Tensor], plan_hook: PlanHook) -> torch.Tensor:
+        """Walk every stage; ``env`` starts with the model inputs. Returns ``noise_pred``."""
+        for runner, spec, free in zip(self.runners, self.specs, self._free_after):
+            outputs = runner.run({t.name: env[t.name] for t in spec.inputs})
+            for name in free:
+                env.pop(name, None)
+            for t in spec.outputs:
+                env[t.name] = outputs[t.name]
+            if spec.next_site is not None:
+                site = spec.next_site
+                plan = plan_hook(site, env[site_input_name(site)])
+                env.update(zip(plan_names(site), plan.tensors()))
+        return env[MODEL_OUTPUT]
+
+    def close(self) -> None:
+        for runner in self.runners:
+            runner.close()

@@ -1,0 +1,258 @@
+"""The runtime: a loaded engine, its merge controller, and a U-Net-shaped module to call it.
+
+Each U-Net call is one controller step: the controller numbers it (and starts
+a new generation when told, or when the timestep rises), the chain of stages
+runs, and after the stage that returns ``x{k}`` the controller gives site k's
+plan (matched now on checkpoint steps or with an empty cache, else the cached
+one) whose five tensors feed the stage that runs site k. Matching runs in
+torch on the stages' device; the only host read is r.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from catome_export.backends.base import Backend, StageRunner
+from catome_export.errors import CatomeError
+from catome_export.merging import MergeController, MergeSettings, MergePlan
+from catome_export.models.sites import MergeSite
+from catome_export.runtime.chain import StageChain
+
+logger = logging.getLogger(__name__)
+
+ShapeCheck = Callable[[int, int, int], None]
+"""``(batch, latent_h, latent_w) -> None``, raising CatomeError outside the built range."""
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What one U-Net call did: merging per site and where its time went."""
+
+    step: int
+    """0-based loop index in the current generation."""
+    merged: dict[int, int] = field(default_factory=dict)
+    """Site index -> r (tokens merged away) at this step."""
+    matched: dict[int, bool] = field(default_factory=dict)
+    """Site index -> True where matching ran (checkpoint or empty cache), False where the cache was reused."""
+    step_ms: float = 0.0
+    """Wall time of the whole call (on CUDA, synchronised at the end of the call)."""
+    controller_ms: float = 0.0
+    """Time spent getting plans from the controller and feeding them (matching, cache look-ups)."""
+
+
+class Runtime:
+    """A loaded engine: ``runtime.unet`` stands in for a diffusers ``UNet2DConditionModel``.
+
+    Build it with :meth:`load`; the constructor takes ready parts (stage
+    runners, sites, settings), which is what tests and other front ends use.
+    """
+
+    def __init__(self, runners: Sequence[StageRunner], sites: Sequence[MergeSite], settings: MergeSettings, *,
+                 unet_config: Mapping[str, Any], dtype: torch.dtype, device: torch.device | str,
+                 backend: Backend | None = None, shape_check: ShapeCheck | None = None,
+                 manifest: Any = None, engine_dir: Path | None = None) -> None:
+        self.chain = StageChain(runners)
+        self.sites = {s.index: s for s in sites}
+        missing = [k for k in self.chain.sites if k not in self.sites]
+        if missing:
+            raise CatomeError(f"the stage chain reaches sites {missing} that the manifest does not list: rebuild the engine")
+        self.settings = settings
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.backend = backend
+        self.manifest = manifest
+        self.engine_dir = engine_dir
+        self.shape_check = shape_check
+        self.sync_timing = True
+        """On CUDA, wait for the device at the end of each call so ``step_ms`` is the real step time."""
+        self.controller = MergeController(settings, len(self.sites), validate=True)
+        self._timings: list[tuple[float, float]] = []
+        self._closed = False
+        from catome_export.runtime.unet import RuntimeUNet
+
+        self.unet = RuntimeUNet(self, unet_config)
+        """The U-Net-shaped module: ``pipe.unet = runtime.unet`` (see :meth:`attach`)."""
+
+    # -- loading ----------------------------------------------------------------------
+    @classmethod
+    def load(cls, engine_dir: str | Path, backend: str = "auto", device: torch.device | str | None = None, *,
+             settings: MergeSettings | None = None, backend_options: Mapping[str, Any] | None = None) -> "Runtime":
+        """Load the engine in ``engine_dir`` on a backend (``auto``, ``trt``, ``ort``, ``ort-cuda``, ``ort-cpu``, ``torch``).
+
+        ``settings`` overrides the manifest's merge settings (threshold,
+        schedule...; the graphs take any merge count, so this needs no
+        rebuild). ``backend_options`` go to the backend (e.g. ONNX Runtime's
+        ``intra_op_threads``).
+        """
+        from catome_export.backends import create_backend
+        from catome_export.backends.select import choose_backend
+        from catome_export.backends.torch_backend import manifest_dtype
+        from catome_export.export.manifest import Manifest
+
+        engine_dir = Path(engine_dir)
+        manifest = Manifest.load(engine_dir)
+        choice = choose_backend(backend)
+        if backend == "auto" and choice.name == "trt" and getattr(manifest, "engine_backend", None) != "trt":
+            choice = choose_backend("ort")
+            logger.info("the engine folder holds no TensorRT plans: using %s", choice.reason)
+        logger.info("backend: %s", choice.reason)
+        be = create_backend(choice, manifest, device=device, options=backend_options)
+        runners: list[StageRunner] = []
+        try:
+            specs = manifest.stage_specs()
+            for entry, spec in zip(manifest.stages, specs):
+                runners.append(be.load_stage(engine_dir, entry, spec))
+            if settings is not None and not isinstance(settings, MergeSettings):
+                raise CatomeError(f"settings must be a MergeSettings, got {type(settings).__name__}")
+            return cls(
+                runners, manifest_sites(manifest), settings or manifest.settings(),
+                unet_config=manifest.model.get("unet_config") or {}, dtype=manifest_dtype(manifest),
+                device=be.device, backend=be, shape_check=manifest.check_shapes, manifest=manifest,
+                engine_dir=engine_dir,
+            )
+        except BaseException:
+            for runner in runners:
+                runner.close()
+            be.close()
+            raise
+
+    # -- controller -------------------------------------------------------------------
+    def reset(self) -> None:
+        """Start a new generation: empty plan caches, the next call is loop index 0."""
+        self.controller.reset()
+        self._timings = []
+
+    def set_step(self, index: int) -> None:
+        """Pin the 0-based loop index of the next U-Net call (custom loops; 0 starts a new generation)."""
+        self.controller.set_step(index)
+
+    def set_settings(self, settings: MergeSettings) -> None:
+        """Use other merge settings from the next call on (threshold, schedule...); starts a new generation."""
+        if not isinstance(settings, MergeSettings):
+            raise CatomeError(f"settings must be a MergeSettings, got {type(settings).__name__}")
+        if settings.max_downsample != self.settings.max_downsample or \
+                (settings.merge_crossattn, settings.merge_mlp) != (self.settings.merge_crossattn, self.settings.merge_mlp):
+            raise CatomeError("max_downsample, merge_crossattn and merge_mlp are built into the graphs: "
+                              "rebuild the engine to change them")
+        self.settings = settings
+        self.controller = MergeController(settings, len(self.sites), validate=True)
+        self._timings = []
+
+    def with_schedule(self, schedule: Any) -> None:
+        """Shorthand: keep the settings, change the checkpoint schedule (a name, list, or Schedule)."""
+        from catome_export.merging import parse_schedule
+
+        self.set_settings(replace(self.settings, schedule=parse_schedule(schedule, self.settings.schedule.step_base)))
+
+    @property
+    def history(self) -> list[StepRecord]:
+        """One record per U-Net call of the current generation."""
+        return [StepRecord(s.step, dict(s.merged), dict(s.matched), t[0], t[1])
+                for s, t in zip(self.controller.history, self._timings)]
+
+    @property
+    def last_stats(self) -> StepRecord | None:
+        """The record of the last U-Net call, or None before the first."""
+        hist = self.history
+        return hist[-1] if hist else None
+
+    # -- running ----------------------------------------------------------------------
+    def step(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+             timestep_value: float | None = None) -> torch.Tensor:
+        """One U-Net call on validated inputs (``timestep`` float32 [B]); returns ``noise_pred``.
+
+        ``timestep_value`` is the scalar the controller numbers steps with
+        (default: the first element of ``timestep``).
+        """
+        if self._closed:
+            raise CatomeError("this runtime was closed: load the engine again")
+        start = time.perf_counter()
+        if timestep_value is None:
+            timestep_value = float(timestep.reshape(-1)[0]) if timestep.numel() else None
+        self.controller.begin_step(timestep_value)
+        if self.controller.counter.new_generation:
+            self._timings = []
+        latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
+        spent = 0.0
+
+        def plan_hook(site: int, x: torch.Tensor) -> MergePlan:
+            nonlocal spent
+            t0 = time.perf_counter()
+            grid = self.sites[site].grid(latent_hw)
+            if grid[0] * grid[1] != x.shape[1]:
+                raise CatomeError(f"site {site}: grid {grid} does not cover its {x.shape[1]} tokens: "
+                                  "the manifest's sites do not match the graphs; rebuild the engine")
+            plan = self.controller.plan_for(site, x, grid)
+            spent += time.perf_counter() - t0
+            return plan
+
+        env = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states}
+        noise_pred = self.chain.run(env, plan_hook)
+        if self.sync_timing and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._timings.append(((time.perf_counter() - start) * 1e3, spent * 1e3))
+        return noise_pred
+
+    def attach(self, pipe: Any) -> Any:
+        """Put ``runtime.unet`` into a diffusers pipeline and reset the caches at every ``pipe(...)`` call.
+
+        Pipelines call their ``progress_bar`` method once per generation,
+        right before the denoising loop; the wrapper resets the runtime there,
+        so each generation starts at step 0 even with the same timesteps.
+        Returns the pipeline.
+        """
+        if not hasattr(pipe, "unet"):
+            raise CatomeError(f"expected a diffusers pipeline with a .unet, got {type(pipe).__name__}")
+        pipe.unet = self.unet
+        original = getattr(pipe, "progress_bar", None)
+        if callable(original) and not isinstance(original, _ResetThenCall):
+            object.__setattr__(pipe, "progress_bar", _ResetThenCall(self, original))
+        return pipe
+
+    # -- lifetime ---------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the stages and the backend; the runtime cannot run afterwards."""
+        if self._closed:
+            return
+        self._closed = True
+        self.chain.close()
+        if self.backend is not None:
+            self.backend.close()
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        name = self.backend.name if self.backend is not None else "custom"
+        return (f"Runtime({name} on {self.device}, {len(self.chain.runners)} stages, {len(self.sites)} sites, "
+                f"{self.settings.mode}, {self.settings.schedule.describe()})")
+
+
+class _ResetThenCall:
+    """Stands in for a pipeline's ``progress_bar``: resets the runtime, then calls the original."""
+
+    def __init__(self, runtime: Runtime, original: Callable[..., Any]) -> None:
+        self.runtime = runtime
+        self.original = original
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.runtime.reset()
+        return self.original(*args, **kwargs)
+
+
+def manifest_sites(manifest: Any) -> list[MergeSite]:
+    """The merge sites listed in a manifest."""
+    try:
+        return [MergeSite(int(s["index"]), str(s["path"]), int(s["downsample"])) for s in manifest.sites]
+    except (KeyError, TypeError, ValueError):
+        raise CatomeError("the manifest's sites list is malformed: rebuild the engine with catome-export build") \
+            from None
