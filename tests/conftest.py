@@ -1,0 +1,79 @@
+"""Shared fixtures and marker handling for the whole test suite.
+
+- ``gpu``-marked tests skip with a reason where CUDA is missing, ``trt``-marked
+  ones where ``tensorrt`` is not importable.
+- ``tiny_unet``: the bundled tiny U-Net (SD 1.5 layout) with seeded random
+  weights, loaded once per session. Treat it as read-only: tests that patch
+  a model use ``fresh_tiny_unet`` (or remove their patch in a ``finally``).
+- ``smooth_latents(...)`` / ``text_embeddings(...)``: seeded inputs. Smooth
+  (blurred) latents make block inputs self-similar, so a random-weight U-Net
+  really merges at t = 0.7; white noise gives almost no pairs above 0.7.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Callable
+
+import pytest
+import torch
+
+
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def _tensorrt_available() -> bool:
+    return importlib.util.find_spec("tensorrt") is not None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_gpu = None if _cuda_available() else pytest.mark.skip(reason="needs a CUDA device; none is present")
+    skip_trt = None if _tensorrt_available() else pytest.mark.skip(
+        reason="needs TensorRT; `tensorrt` is not importable here (pip install 'catome-export[trt]' on a GPU machine)")
+    for item in items:
+        if skip_gpu is not None and item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip_gpu)
+        if skip_trt is not None and item.get_closest_marker("trt") is not None:
+            item.add_marker(skip_trt)
+
+
+@pytest.fixture(scope="session")
+def tiny_unet() -> torch.nn.Module:
+    """The tiny U-Net with seeded random weights (session-wide; do not leave it patched)."""
+    from catome_export.models import load_unet
+
+    return load_unet("tiny", "random")
+
+
+@pytest.fixture
+def fresh_tiny_unet() -> torch.nn.Module:
+    """A tiny U-Net of its own for a test that changes the model."""
+    from catome_export.models import load_unet
+
+    return load_unet("tiny", "random")
+
+
+def make_smooth_latents(batch: int = 2, size: tuple[int, int] = (16, 16), seed: int = 0, kernel: int = 5,
+                        scale: float = 3.0) -> torch.Tensor:
+    """Seeded blurred random latents [batch, 4, h, w] (box blur of ``kernel``, rescaled by ``scale``)."""
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(batch, 4, size[0], size[1], generator=gen)
+    blurred = torch.nn.functional.avg_pool2d(noise, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+    return blurred * scale
+
+
+def make_text_embeddings(batch: int = 2, length: int = 77, dim: int = 32, seed: int = 1) -> torch.Tensor:
+    """Seeded random text embeddings [batch, length, dim]."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, length, dim, generator=gen)
+
+
+@pytest.fixture
+def smooth_latents() -> Callable[..., torch.Tensor]:
+    return make_smooth_latents
+
+
+@pytest.fixture
+def text_embeddings() -> Callable[..., torch.Tensor]:
+    return make_text_embeddings
