@@ -1,0 +1,74 @@
+"""What a benchmark ran on: CPU, cores, threads, GPU, package versions, machine load."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, ``platform`` elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyper-threads counted once)."""
+    from catome_export.backends.ort import physical_cores as cores
+
+    return cores()
+
+
+def load_average() -> float | None:
+    """The 1-minute load average, or None where the OS does not report one."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def _version(module: str) -> str | None:
+    try:
+        mod = importlib.import_module(module)
+    except Exception:  # a missing or broken optional package is simply not reported
+        return None
+    return str(getattr(mod, "__version__", "installed"))
+
+
+def gpu_info(device: torch.device) -> dict[str, Any] | None:
+    """Name, compute capability and memory of the CUDA device, or None on the CPU."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    return {"name": props.name, "compute_capability": f"{props.major}.{props.minor}",
+            "memory_gib": round(props.total_memory / 2**30, 1), "cuda": torch.version.cuda}
+
+
+def device_info(device: torch.device, threads: int) -> dict[str, Any]:
+    """The ``device`` block of a benchmark's JSON (load averages are added by the caller)."""
+    return {
+        "cpu": cpu_model(),
+        "physical_cores": physical_cores(),
+        "logical_cpus": os.cpu_count(),
+        "threads": threads,
+        "device": str(device),
+        "gpu": gpu_info(device),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": _version("diffusers"),
+        "onnx": _version("onnx"),
+        "onnxruntime": _version("onnxruntime"),
+        "tensorrt": _version("tensorrt"),
+    }
