@@ -1,0 +1,194 @@
+"""``catome-export generate``: one image from a prompt, with eager CA-ToMe or an engine."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from catome_export.errors import CatomeError
+from catome_export.generate import DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_THRESHOLD = 0.7
+DEFAULT_SCHEDULE = "config3"
+
+
+def add_merge_options(p: argparse.ArgumentParser) -> None:
+    """--threshold, --schedule, --step-base (shared with eval)."""
+    p.add_argument("--threshold", type=float, default=None,
+                   help=f"CA-ToMe similarity threshold t in [-1, 1] (default {DEFAULT_THRESHOLD}; with --engine: "
+                        "the engine's own); 1 merges nothing")
+    p.add_argument("--schedule", default=None,
+                   help=f"checkpoint steps at which matching is recomputed: a name (config1..config4, adaptive, "
+                        f"config_five, every_step), a list like 0,8,11,13 (default {DEFAULT_SCHEDULE}; with --engine: "
+                        "the engine's own)")
+    p.add_argument("--step-base", type=int, choices=(0, 1), default=1,
+                   help="1 (default): schedule entry k fires at loop index k-1, as the authors' code ran; "
+                        "0: at loop index k, as the paper's lists read")
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    """--steps, --guidance, --seed, --height, --width, --negative-prompt (shared with eval)."""
+    p.add_argument("--negative-prompt", default=None, help="what to steer away from")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps (default {DEFAULT_STEPS})")
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                   help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE})")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed of the initial noise (default {DEFAULT_SEED})")
+    p.add_argument("--height", type=int, default=None,
+                   help="image height in pixels, a multiple of 8 (default: the model's native size, or the "
+                        "engine's optimal profile)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels, a multiple of 8 (default as --height)")
+
+
+def add_runtime_options(p: argparse.ArgumentParser) -> None:
+    """--backend, --device, --dtype (shared with eval)."""
+    p.add_argument("--backend", default="auto",
+                   help="engine backend: auto (TensorRT, then ORT CUDA, then ORT CPU), trt, ort, ort-cuda, ort-cpu, "
+                        "torch (default auto)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda[:N] (default auto)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16"),
+                   help="eager model precision: auto = fp16 on CUDA, fp32 on CPU (engines keep their own)")
+
+
+def merge_settings_for_engine(settings: Any, threshold: float | None, schedule: str | None, step_base: int,
+                              no_merge: bool) -> Any:
+    """The engine's merge settings with the command line's overrides applied (no rebuild needed)."""
+    from catome_export.merging import parse_schedule
+
+    if no_merge:
+        return replace(settings, threshold=1.0, ratio=None, merge_fraction=None)
+    out = settings
+    if threshold is not None:
+        out = replace(out, threshold=threshold, ratio=None, merge_fraction=None)
+    if schedule is not None:
+        if schedule.strip().lower().startswith("auto:"):
+            raise CatomeError("auto:K schedules are calibrated on the eager model: run catome-export analyze on the "
+                              "model and pass the checkpoint list it prints as --schedule")
+        out = replace(out, schedule=parse_schedule(schedule, step_base))
+    return out
+
+
+def check_merge_flags(args: argparse.Namespace) -> None:
+    if args.no_merge and (args.threshold is not None or args.schedule is not None):
+        raise CatomeError("--no-merge turns merging off: leave out --threshold and --schedule")
+
+
+def describe_settings(settings: Any) -> str:
+    """``CA-ToMe t=0.7, config3`` / ``no merging`` / ``ToMe ratio 0.5``."""
+    if settings is None:
+        return "no merging"
+    if settings.mode == "threshold":
+        if settings.threshold >= 1:
+            return "no merging (t=1)"
+        return f"CA-ToMe t={settings.threshold:g}, {settings.schedule.describe()}"
+    if settings.mode == "ratio":
+        return f"ToMe ratio {settings.ratio:g}, {settings.schedule.describe()}"
+    return f"forced merge fraction {settings.merge_fraction:g}, {settings.schedule.describe()}"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:40] or "image"
+
+
+def run(args: argparse.Namespace) -> int:
+    from catome_export.generate import ImageRequest, default_resolution, save_png
+
+    if args.model is None and args.engine is None:
+        raise CatomeError("say what to run: --model tiny|sd15|<pipeline folder> (eager), or --engine <engine folder>")
+    if args.prompt is None:
+        raise CatomeError("--prompt is missing: pass --prompt \"a photograph of ...\"")
+    check_merge_flags(args)
+    if args.engine is not None and not Path(args.engine).is_dir():
+        raise CatomeError(f"engine folder {args.engine!r} does not exist: build one with "
+                          "catome-export build --model tiny (or pass the folder the build wrote)")
+    # Check the request before loading anything (the default size stands in for a missing one).
+    ImageRequest(args.prompt, args.negative_prompt, args.steps, args.guidance, args.seed,
+                 args.height or 512, args.width or args.height or 512)
+    out = Path(args.out) if args.out else Path("out") / f"{_slug(args.prompt)}-seed{args.seed}.png"
+    if out.suffix.lower() != ".png":
+        raise CatomeError(f"--out must name a .png file, got {str(out)!r}")
+
+    if args.engine is not None:
+        gen, what = _run_engine(args)
+    else:
+        gen, what = _run_eager(args, default_resolution)
+    for line in gen.step_lines():
+        print(line)
+    merged_steps = sum(1 for s in gen.steps if any(s.merged.values()))
+    save_png(gen.image, out)
+    h, w = gen.image.shape[:2]
+    print(f"wrote {out} ({w}x{h}, {len(gen.steps)} steps, {gen.seconds:.2f} s; {what}; "
+          f"tokens merged at {merged_steps}/{len(gen.steps)} steps)")
+    return 0
+
+
+def _request(args: argparse.Namespace, default_hw: tuple[int, int]) -> Any:
+    from catome_export.generate import ImageRequest
+
+    height = args.height or default_hw[0]
+    width = args.width or (args.height if args.height else default_hw[1])
+    return ImageRequest(args.prompt, args.negative_prompt, args.steps, args.guidance, args.seed, height, width)
+
+
+def _run_eager(args: argparse.Namespace, default_resolution: Any) -> tuple[Any, str]:
+    from catome_export.eager import apply_catome
+    from catome_export.generate import generate, load_pipeline
+
+    res = default_resolution(args.model)
+    request = _request(args, (res, res))
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    if args.no_merge:
+        return generate(pipe, request, progress=True), "no merging, eager torch"
+    threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+    schedule = DEFAULT_SCHEDULE if args.schedule is None else args.schedule
+    with apply_catome(pipe, threshold=threshold, schedule=schedule, step_base=args.step_base) as handle:
+        gen = generate(pipe, request, stats=handle, progress=True)
+        what = f"{describe_settings(handle.settings)}, eager torch"
+    return gen, what
+
+
+def _run_engine(args: argparse.Namespace) -> tuple[Any, str]:
+    from catome_export.generate import engine_resolution, generate, pipeline_for_engine
+    from catome_export.runtime import Runtime
+    from catome_export.runtime.embed import attach
+
+    device = None if args.device == "auto" else args.device
+    with Runtime.load(args.engine, backend=args.backend, device=device) as runtime:
+        settings = merge_settings_for_engine(runtime.settings, args.threshold, args.schedule, args.step_base,
+                                             args.no_merge)
+        if settings != runtime.settings:
+            runtime.set_settings(settings)
+        hw = engine_resolution(runtime) or (512, 512)
+        request = _request(args, hw)
+        pipe = pipeline_for_engine(runtime)
+        backend = getattr(getattr(runtime, "backend", None), "name", "engine")
+        with attach(pipe, runtime) as attached:
+            gen = generate(pipe, request, stats=attached, progress=True)
+        return gen, f"{describe_settings(runtime.settings)}, engine on {backend}"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate", help="generate an image from a prompt (eager CA-ToMe or an engine)",
+        description="Generate one image with a Stable Diffusion pipeline whose U-Net runs eager CA-ToMe "
+                    "(--model) or an engine built by catome-export build (--engine). Prints one line per step "
+                    "(tokens merged per site, sites that recomputed their matching, step time) and writes a PNG. "
+                    "The tiny model runs offline: its text encoder and VAE are small random stand-ins, so its "
+                    "images are noise-shaped whatever the prompt.",
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None,
+                     help="tiny (bundled, offline), sd15 (hub or local cache) or a local diffusers pipeline folder")
+    src.add_argument("--engine", default=None, help="an engine folder written by catome-export build")
+    p.add_argument("--prompt", default=None, help="the text prompt (required)")
+    add_sampling_options(p)
+    add_merge_options(p)
+    p.add_argument("--no-merge", action="store_true", help="run without token merging (the baseline)")
+    add_runtime_options(p)
+    p.add_argument("--out", default=None, help="PNG file to write (default out/<prompt>-seed<seed>.png)")
+    p.set_defaults(func=run)

@@ -1,0 +1,361 @@
+"""Text-to-image generation with eager CA-ToMe or an engine: the API under ``catome-export generate`` and ``eval``.
+
+- :func:`load_pipeline`: a full ``StableDiffusionPipeline``: ``tiny`` is
+  assembled offline from small configs (see :mod:`catome_export.models.pipeline`:
+  a random text encoder behind a character-level tokenizer, a random VAE, so
+  prompts work but images carry no meaning); ``sd15`` comes from the hub (or
+  its local cache); a path is a local diffusers pipeline folder.
+- :func:`pipeline_for_engine`: the pipeline around an engine's model,
+  without loading the eager U-Net where it can be left out; attach the
+  runtime with :func:`catome_export.runtime.embed.attach`.
+- :class:`ImageRequest` and :func:`generate`: one image from one seed, with
+  the per-step merge counts (from an eager handle's or a runtime's history)
+  and the wall time of every denoising step.
+- :func:`save_png`: an atomic PNG write.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from catome_export.errors import CatomeError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_STEPS = 50
+DEFAULT_GUIDANCE = 7.5
+DEFAULT_SEED = 0
+
+
+# -- requests and results ----------------------------------------------------------------
+@dataclass(frozen=True)
+class ImageRequest:
+    """One image to generate: prompt, sampling settings and size."""
+
+    prompt: str
+    """The text prompt (must not be empty)."""
+    negative_prompt: str | None = None
+    """What to steer away from (classifier-free guidance's unconditional prompt)."""
+    steps: int = DEFAULT_STEPS
+    """Number of denoising steps."""
+    guidance: float = DEFAULT_GUIDANCE
+    """Classifier-free guidance scale (<= 1 turns guidance off)."""
+    seed: int = DEFAULT_SEED
+    """Seed of the initial latent (a CPU generator, so every device starts from the same noise)."""
+    height: int = 512
+    """Image height in pixels, a multiple of 8."""
+    width: int = 512
+    """Image width in pixels, a multiple of 8."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise CatomeError("the prompt is empty: pass --prompt \"a photograph of ...\"")
+        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
+            raise CatomeError(f"the negative prompt must be a string, got {type(self.negative_prompt).__name__}")
+        _check_int("steps", self.steps, 1)
+        _check_int("seed", self.seed, 0)
+        if isinstance(self.guidance, bool) or not isinstance(self.guidance, (int, float)) \
+                or not math.isfinite(self.guidance) or self.guidance < 0:
+            raise CatomeError(f"guidance must be a number >= 0 (7.5 is usual; <= 1 turns it off), got {self.guidance!r}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            _check_int(name, value, 8)
+            if value % 8:
+                raise CatomeError(f"{name} must be a multiple of 8 (the VAE downsamples by 8), got {value}: "
+                                  f"use {value - value % 8} or {value - value % 8 + 8}")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise CatomeError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """One denoising step: merged tokens per site and its wall time."""
+
+    step: int
+    """0-based loop index."""
+    merged: dict[int, int] = field(default_factory=dict)
+    """Site index -> r (tokens merged away); empty without merging."""
+    matched: dict[int, bool] = field(default_factory=dict)
+    """Site index -> True where matching ran, False where the cached plan was reused."""
+    seconds: float = 0.0
+    """Wall time of the step (U-Net call and scheduler update)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "merged": {str(k): v for k, v in sorted(self.merged.items())},
+                "matched": {str(k): v for k, v in sorted(self.matched.items())}, "seconds": self.seconds}
+
+
+@dataclass
+class Generation:
+    """One generated image and how it was made."""
+
+    image: np.ndarray
+    """uint8 ``[H, W, 3]``."""
+    seconds: float
+    """Wall time of the whole ``pipe(...)`` call (text encoding, denoising, VAE decode)."""
+    steps: list[StepReport]
+    """One report per denoising step."""
+
+    def pil(self) -> Any:
+        from PIL import Image
+
+        return Image.fromarray(self.image)
+
+    def step_lines(self) -> list[str]:
+        """One line per step: merged counts per site, matched sites and time."""
+        return [format_step(s) for s in self.steps]
+
+
+def format_step(report: StepReport) -> str:
+    """``step   3  merged [12, 10, 0, 9, 11]  matched [0, 1]  41.2 ms``."""
+    merged = [report.merged[k] for k in sorted(report.merged)]
+    matched = [k for k in sorted(report.matched) if report.matched[k]]
+    parts = [f"step {report.step:3d}"]
+    parts.append(f"merged {merged}" if merged else "merged -")
+    parts.append(f"matched {matched}" if report.matched else "")
+    parts.append(f"{report.seconds * 1e3:.1f} ms")
+    return "  ".join(p for p in parts if p)
+
+
+# -- pipelines ---------------------------------------------------------------------------
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/``auto``: cuda when available, else cpu."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise CatomeError(f"unknown device {device!r}: use auto, cpu or cuda[:N]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CatomeError("no CUDA device is usable here (CPU-only torch or no GPU): use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise CatomeError(f"unsupported device {device!r}: use cpu or cuda[:N]")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``None``/``auto``: float16 on CUDA, float32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
+    if dtype not in table:
+        raise CatomeError(f"unknown dtype {dtype!r}: use auto, fp32 or fp16")
+    return table[dtype]
+
+
+def default_resolution(model: str) -> int:
+    """The model's native image size in pixels (256 for tiny, 512 for SD 1.5)."""
+    from catome_export.models import model_info
+
+    return int(model_info(model).default_resolution)
+
+
+def load_pipeline(model: str, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+                  with_unet: bool = True, scheduler: str | None = None) -> Any:
+    """A ``StableDiffusionPipeline`` for ``model``: ``tiny`` (offline), ``sd15`` (hub) or a local pipeline folder.
+
+    ``with_unet=False`` leaves the U-Net out where the pipeline loads from
+    files (hub or folder): the engine takes its place. ``scheduler`` (tiny
+    only): ``pndm`` (default, PLMS as SD 1.5 ships), ``ddim`` or ``euler``.
+    """
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    if model == "tiny":
+        from catome_export.models.pipeline import tiny_pipeline
+
+        pipe = tiny_pipeline(scheduler or "pndm")
+    else:
+        if scheduler is not None:
+            raise CatomeError("a scheduler can be chosen for the tiny pipeline only; other models use their own")
+        pipe = _from_pretrained(model, torch_dtype, with_unet)
+    _move(pipe, dev, torch_dtype, skip=())
+    return pipe
+
+
+def _from_pretrained(model: str, torch_dtype: torch.dtype, with_unet: bool) -> Any:
+    from diffusers import StableDiffusionPipeline
+
+    from catome_export.models import SD15_HUB_ID
+
+    extra: dict[str, Any] = {} if with_unet else {"unet": None}
+    if model == "sd15":
+        source = SD15_HUB_ID
+    else:
+        path = Path(model)
+        if not path.exists():
+            raise CatomeError(f"unknown model {model!r}: use tiny (offline, bundled), sd15 (hub), "
+                              "or a local diffusers pipeline folder")
+        if not (path / "model_index.json").is_file():
+            raise CatomeError(f"{model} is not a diffusers pipeline folder (no model_index.json): pass the folder "
+                              "StableDiffusionPipeline.save_pretrained wrote, or use --model tiny / sd15")
+        source = str(path)
+    try:
+        return StableDiffusionPipeline.from_pretrained(source, torch_dtype=torch_dtype, **extra)
+    except Exception as exc:  # hub, cache and file errors come in many types
+        where = "from the hub or its local cache" if model == "sd15" else f"from {source}"
+        raise CatomeError(
+            f"cannot load the Stable Diffusion pipeline {source!r} {where} ({type(exc).__name__}). "
+            "Offline or without access, use --model tiny (the bundled offline pipeline), or pass a local "
+            "diffusers pipeline folder"
+        ) from None
+
+
+def _move(pipe: Any, device: torch.device, dtype: torch.dtype, skip: Sequence[str]) -> None:
+    """Move the pipeline's torch modules (all but ``skip``) to ``device`` and floating ``dtype``."""
+    for name, component in getattr(pipe, "components", {}).items():
+        if name in skip or not isinstance(component, torch.nn.Module):
+            continue
+        first = next(component.parameters(), None)
+        if first is None:
+            continue
+        if first.device != device and not (first.device.type == device.type == "cuda" and device.index is None):
+            component.to(device=device)
+        if first.is_floating_point() and first.dtype != dtype:
+            component.to(dtype=dtype)
+
+
+def pipeline_for_engine(runtime: Any, model: str | None = None, scheduler: str | None = None) -> Any:
+    """The pipeline around an engine (text encoder, VAE, scheduler), on the engine's device and dtype.
+
+    ``model`` (default: the model the engine was built from) names where the
+    other components come from. The U-Net is left out when the pipeline
+    loads from files; the tiny pipeline keeps its small eager U-Net (it is
+    what :func:`~catome_export.runtime.embed.attach` checks the engine
+    against). Attach the runtime afterwards.
+    """
+    manifest = getattr(runtime, "manifest", None)
+    built_from = (getattr(manifest, "model", None) or {}).get("id") if manifest is not None else None
+    source = model or built_from
+    if source is None:
+        raise CatomeError("the engine's manifest names no model: pass --model to say which pipeline to use")
+    weights = (getattr(manifest, "model", None) or {}).get("weights")
+    if weights == "random" and source != "tiny":
+        logger.warning("the engine was built from random weights: the images are noise (speed work only)")
+    pipe = load_pipeline(source, device=runtime.device, dtype=runtime.dtype, with_unet=source == "tiny",
+                         scheduler=scheduler)
+    return pipe
+
+
+def engine_resolution(runtime: Any) -> tuple[int, int] | None:
+    """The image size of the engine's optimal profile (latent * 8), or None when the manifest has none."""
+    shapes = getattr(getattr(runtime, "manifest", None), "shapes", None)
+    opt = shapes.get("opt") if isinstance(shapes, dict) else None
+    if not isinstance(opt, dict):
+        return None
+    try:
+        return int(opt["latent_height"]) * 8, int(opt["latent_width"]) * 8
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+# -- generation --------------------------------------------------------------------------
+class _StepClock:
+    """``callback_on_step_end`` that records the wall time of every denoising step."""
+
+    def __init__(self) -> None:
+        self.marks: list[float] = []
+        self.start = 0.0
+
+    def begin(self) -> None:
+        self.marks = []
+        self.start = time.perf_counter()
+
+    def __call__(self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+        self.marks.append(time.perf_counter())
+        return {}
+
+    def durations(self, pipeline_start: float) -> list[float]:
+        previous = pipeline_start
+        out = []
+        for mark in self.marks:
+            out.append(mark - previous)
+            previous = mark
+        return out
+
+
+def _sync(pipe: Any) -> None:
+    device = getattr(pipe, "device", torch.device("cpu"))
+    if isinstance(device, torch.device) and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def generate(pipe: Any, request: ImageRequest, *, stats: Any = None, progress: bool = False) -> Generation:
+    """Generate one image; ``stats``: an eager handle, a runtime or an attachment (anything with ``.history``).
+
+    The first step's time includes the text encoding; the VAE decode is in
+    the total only. ``progress`` shows diffusers' own progress bar.
+    """
+    if not isinstance(request, ImageRequest):
+        raise CatomeError(f"request must be an ImageRequest, got {type(request).__name__}")
+    pipe.set_progress_bar_config(disable=not progress)
+    clock = _StepClock()
+    generator = torch.Generator("cpu").manual_seed(request.seed)
+    kwargs: dict[str, Any] = dict(
+        prompt=request.prompt, negative_prompt=request.negative_prompt, num_inference_steps=request.steps,
+        guidance_scale=float(request.guidance), height=request.height, width=request.width, generator=generator,
+        output_type="np", callback_on_step_end=clock,
+    )
+    _sync(pipe)
+    start = time.perf_counter()
+    clock.begin()
+    with torch.no_grad():
+        output = pipe(**kwargs)
+    _sync(pipe)
+    seconds = time.perf_counter() - start
+    images = output.images if hasattr(output, "images") else output[0]
+    image = np.clip(np.round(np.asarray(images[0], dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
+    durations = clock.durations(start)
+    history = list(getattr(stats, "history", None) or []) if stats is not None else []
+    reports = []
+    for i, dt in enumerate(durations):
+        rec = history[i] if i < len(history) else None
+        reports.append(StepReport(
+            step=int(getattr(rec, "step", i)),
+            merged=dict(getattr(rec, "merged", {}) or {}),
+            matched=dict(getattr(rec, "matched", {}) or {}),
+            seconds=dt,
+        ))
+    return Generation(image=image, seconds=seconds, steps=reports)
+
+
+def save_png(image: np.ndarray | Any, path: str | Path) -> Path:
+    """Write ``image`` (uint8 ``[H, W, 3]`` array or PIL image) as PNG, atomically (temp file + rename)."""
+    from PIL import Image
+
+    target = Path(path)
+    if target.suffix.lower() != ".png":
+        raise CatomeError(f"the output file must end in .png, got {str(target)!r}")
+    if target.is_dir():
+        raise CatomeError(f"{str(target)!r} is a folder: pass a file name ending in .png")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CatomeError(f"cannot create the folder {str(target.parent)!r}: {exc}") from None
+    pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            pil.save(fh, format="PNG")
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return target

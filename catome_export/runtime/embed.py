@@ -1,0 +1,256 @@
+"""Embedding a loaded engine in a diffusers pipeline: :func:`attach` and :meth:`Attachment.detach`.
+
+``attach(pipe, runtime)`` puts ``runtime.unet`` in place of ``pipe.unet`` and
+makes every ``pipe(...)`` call start a new generation on the runtime (step 0,
+empty plan caches), by the mechanism the eager patch uses: diffusers
+pipelines call their ``progress_bar`` method exactly once per call, right
+before the denoising loop, and a wrapper on the instance resets the runtime
+there. ``detach()`` puts the original U-Net and ``progress_bar`` back.
+
+Thread safety: a :class:`~catome_export.runtime.Runtime` is not thread-safe.
+It holds one controller state (step counter, per-site plan caches, history),
+and a diffusers pipeline holds one scheduler state, so one runtime serves one
+generation at a time. Use one pipeline and one runtime per thread (each
+runtime loads its own engine sessions; they share nothing). While attached,
+a call of ``runtime.unet`` from a second thread during a call from another
+raises :class:`CatomeError` instead of mixing caches (a guard, not a lock:
+calls are never queued), and a runtime is attached to one pipeline at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from typing import Any
+
+import torch
+
+from catome_export.eager.patch import _ResetOnCall
+from catome_export.errors import CatomeError
+
+logger = logging.getLogger(__name__)
+
+_BY_RUNTIME: "weakref.WeakKeyDictionary[Any, Attachment]" = weakref.WeakKeyDictionary()
+"""Runtimes that are attached to a pipeline now."""
+_BY_PIPE: "weakref.WeakKeyDictionary[Any, Attachment]" = weakref.WeakKeyDictionary()
+"""Pipelines that carry an attached runtime now."""
+
+_CHECKED_CONFIG = ("in_channels", "out_channels", "cross_attention_dim")
+"""U-Net config keys that must agree between the pipeline's own U-Net and the engine."""
+
+
+class _OneThreadGuard:
+    """Forward pre-hook / hook pair: refuses a call of the module while another thread is inside one."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+
+    def enter(self, module: torch.nn.Module, args: tuple) -> None:
+        me = threading.get_ident()
+        with self._lock:
+            if self._owner is not None and self._owner != me:
+                raise CatomeError(
+                    "this engine runtime is being called from two threads at once: a Runtime holds one "
+                    "controller state (step counter, plan caches), so load one Runtime and one pipeline per thread"
+                )
+            self._owner = me
+
+    def leave(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        with self._lock:
+            if self._owner == threading.get_ident():
+                self._owner = None
+
+
+class Attachment:
+    """A runtime attached to a pipeline; :meth:`detach` (or leaving the ``with`` block) undoes it.
+
+    ::
+
+        with attach(pipe, runtime) as attached:
+            image = pipe(prompt).images[0]
+            print(attached.history[-1].merged)
+        # pipe.unet is the original U-Net again
+    """
+
+    def __init__(self, pipe: Any, runtime: Any) -> None:
+        self._pipe = pipe
+        self._runtime = runtime
+        self._original_unet: Any = None
+        self._progress_bar: _ResetOnCall | None = None
+        self._progress_bar_was_instance_attr = False
+        self._previous_progress_bar: Any = None
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._active = False
+
+    # -- installation -----------------------------------------------------------------
+    def _install(self) -> None:
+        pipe, runtime = self._pipe, self._runtime
+        self._original_unet = pipe.unet
+        unet = runtime.unet
+        try:
+            pipe.unet = unet
+            original = getattr(pipe, "progress_bar", None)
+            if callable(original):
+                self._progress_bar_was_instance_attr = "progress_bar" in getattr(pipe, "__dict__", {})
+                self._previous_progress_bar = pipe.__dict__.get("progress_bar")
+                self._progress_bar = _ResetOnCall(runtime, original)
+                object.__setattr__(pipe, "progress_bar", self._progress_bar)
+            else:
+                logger.warning("%s has no progress_bar method: generations are told apart by rising timesteps "
+                               "only; call runtime.reset() before each generation", type(pipe).__name__)
+            if isinstance(unet, torch.nn.Module):
+                guard = _OneThreadGuard()
+                self._hooks.append(unet.register_forward_pre_hook(guard.enter))
+                self._hooks.append(unet.register_forward_hook(guard.leave, always_call=True))
+        except BaseException:
+            self._uninstall()
+            raise
+        self._active = True
+
+    def _uninstall(self) -> None:
+        pipe = self._pipe
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        if self._progress_bar is not None:
+            if pipe.__dict__.get("progress_bar") is self._progress_bar:
+                if self._progress_bar_was_instance_attr:
+                    object.__setattr__(pipe, "progress_bar", self._previous_progress_bar)
+                else:
+                    del pipe.__dict__["progress_bar"]
+            else:
+                logger.warning("the pipeline's progress_bar was replaced while the engine was attached; "
+                               "leaving the new one in place")
+            self._progress_bar = None
+        if getattr(pipe, "unet", None) is self._runtime.unet:
+            pipe.unet = self._original_unet
+        else:
+            logger.warning("pipe.unet was replaced while the engine was attached; leaving the new one in place")
+
+    # -- public API -------------------------------------------------------------------
+    @property
+    def pipe(self) -> Any:
+        return self._pipe
+
+    @property
+    def runtime(self) -> Any:
+        return self._runtime
+
+    @property
+    def original_unet(self) -> Any:
+        """The U-Net the pipeline had before :func:`attach` (put back by :meth:`detach`)."""
+        return self._original_unet
+
+    @property
+    def active(self) -> bool:
+        """True until :meth:`detach`."""
+        return self._active
+
+    @property
+    def history(self) -> list[Any]:
+        """The runtime's per-step records of the current generation (step, merged r per site, times)."""
+        return self._runtime.history
+
+    def reset(self) -> None:
+        """Start a new generation on the runtime (what every ``pipe(...)`` call does by itself)."""
+        self._runtime.reset()
+
+    def set_step(self, index: int) -> None:
+        """Pin the 0-based loop index of the next U-Net call (custom denoising loops)."""
+        self._runtime.set_step(index)
+
+    def detach(self) -> None:
+        """Put the original U-Net and ``progress_bar`` back. Safe to call twice; the runtime stays open."""
+        if not self._active:
+            return
+        self._uninstall()
+        self._active = False
+        if _BY_RUNTIME.get(self._runtime) is self:
+            del _BY_RUNTIME[self._runtime]
+        if _BY_PIPE.get(self._pipe) is self:
+            del _BY_PIPE[self._pipe]
+        logger.debug("engine detached from %s", type(self._pipe).__name__)
+
+    def __enter__(self) -> "Attachment":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    def __repr__(self) -> str:
+        state = "attached" if self._active else "detached"
+        return f"Attachment({state}, {type(self._pipe).__name__}, {self._runtime!r})"
+
+
+def _check_compatible(pipe: Any, runtime_unet: Any) -> None:
+    """CatomeError when the pipeline's own U-Net and the engine disagree on what the pipeline feeds it."""
+    own = getattr(pipe, "unet", None)
+    own_config = getattr(own, "config", None)
+    engine_config = getattr(runtime_unet, "config", None)
+    if own_config is None or engine_config is None:
+        return
+    for key in _CHECKED_CONFIG:
+        mine, theirs = own_config.get(key), engine_config.get(key)
+        if mine is not None and theirs is not None and mine != theirs:
+            raise CatomeError(
+                f"the engine's U-Net has {key}={theirs} but the pipeline's has {mine}: attach an engine built "
+                "from this pipeline's model (catome-export build --model <the pipeline's model>)"
+            )
+
+
+def _check_devices(pipe: Any, runtime: Any) -> None:
+    device = getattr(runtime, "device", None)
+    if device is None:
+        return
+    for name in ("text_encoder", "vae"):
+        module = getattr(pipe, name, None)
+        if isinstance(module, torch.nn.Module):
+            other = next((p.device for p in module.parameters()), None)
+            if other is not None and other.type != torch.device(device).type:
+                logger.warning("the pipeline's %s is on %s but the engine runs on %s: move the pipeline there "
+                               "(pipe.to(%r)) before generating", name, other, device, str(device))
+
+
+def attach(pipe: Any, runtime: Any) -> Attachment:
+    """Use ``runtime.unet`` as ``pipe.unet``; every ``pipe(...)`` call then resets the runtime (step 0, no cache).
+
+    ``pipe``: a diffusers pipeline with a ``.unet`` (e.g. ``StableDiffusionPipeline``).
+    ``runtime``: a loaded :class:`~catome_export.runtime.Runtime`. Returns an
+    :class:`Attachment` (a context manager); ``attachment.detach()`` restores
+    the original U-Net. A runtime is attached to one pipeline at a time, and a
+    pipeline carries one runtime at a time.
+    """
+    if not hasattr(pipe, "unet") or not hasattr(pipe, "__dict__"):
+        raise CatomeError(f"expected a diffusers pipeline with a .unet, got {type(pipe).__name__}")
+    unet = getattr(runtime, "unet", None)
+    if unet is None or not callable(unet) or not callable(getattr(runtime, "reset", None)):
+        raise CatomeError(f"expected a loaded Runtime (Runtime.load(engine_dir)), got {type(runtime).__name__}")
+    if getattr(runtime, "_closed", False):
+        raise CatomeError("this runtime was closed: load the engine again with Runtime.load(engine_dir)")
+    current = _BY_RUNTIME.get(runtime)
+    if current is not None and current.active:
+        raise CatomeError("this runtime is already attached to a pipeline: detach it first, or load a second "
+                          "Runtime for the second pipeline (a runtime holds one controller state)")
+    current = _BY_PIPE.get(pipe)
+    if current is not None and current.active:
+        raise CatomeError("this pipeline already carries an engine: detach it before attaching another")
+    _check_compatible(pipe, unet)
+    _check_devices(pipe, runtime)
+    attachment = Attachment(pipe, runtime)
+    attachment._install()
+    _BY_RUNTIME[runtime] = attachment
+    _BY_PIPE[pipe] = attachment
+    logger.debug("engine attached to %s", type(pipe).__name__)
+    return attachment
+
+
+def detach(target: Any) -> None:
+    """Detach the engine from a pipeline (or detach an :class:`Attachment`); nothing happens if none is attached."""
+    if isinstance(target, Attachment):
+        target.detach()
+        return
+    current = _BY_PIPE.get(target)
+    if current is not None:
+        current.detach()
