@@ -1,0 +1,341 @@
+"""Cut a U-Net into stages at its merge sites, with the IO specs of every stage.
+
+Stage 0 runs from the time embedding up to the input ``x0`` of site 0; stage
+k (k >= 1) runs site k-1's block (merge -> attn1 -> unmerge, attn2, ff) and
+everything up to ``x{k}``; the last stage ends with ``noise_pred``. A stage's
+inputs are the names it reads before writing them; its outputs are the names
+it writes that a later stage reads (liveness over the flat step list of
+:mod:`.unet_steps`). Inputs a stage needs from earlier stages are found by
+name among the model inputs and all earlier stages' outputs.
+
+Symbolic dims (strings in :attr:`TensorSpec.shape`; static dims are ints):
+
+=========  ================================================================
+``B``      batch
+``H, W``   latent height and width
+``Hd, Wd`` latent height / width at downsample d (``H2``, ``W4``, ``H8``...):
+           ceil(H / d), the size after log2(d) stride-2 convolutions
+``L``      text length (tokens of ``encoder_hidden_states``)
+``N{k}``   tokens at site k (H * W at downsample 1)
+``K{k}``   tokens kept at site k (N{k} - R{k})
+``R{k}``   tokens merged at site k (0 .. number of src tokens)
+=========  ================================================================
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from catome_export.errors import CatomeError
+from catome_export.export.unet_steps import (
+    MODEL_INPUTS, MODEL_OUTPUT, BlockOptions, Step, build_steps, plan_input_names,
+)
+from catome_export.merging.plan import MergePlan
+from catome_export.models.sites import MergeSite
+
+logger = logging.getLogger(__name__)
+
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64"}
+TORCH_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
+DOWNSAMPLES = (2, 4, 8, 16, 32)
+"""Downsample factors that get their own ``H{d}``/``W{d}`` dim names."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, dtype and (partly symbolic) shape of one graph input or output."""
+
+    name: str
+    dtype: str
+    """``float32``, ``float16`` or ``int64``."""
+    shape: tuple[str | int, ...]
+    """Symbolic dims as strings (see the module docstring), static dims as ints."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in TORCH_DTYPES:
+            raise CatomeError(f"tensor {self.name}: unknown dtype {self.dtype!r}")
+        object.__setattr__(self, "shape", tuple(self.shape))
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return TORCH_DTYPES[self.dtype]
+
+    def dynamic_axes(self) -> dict[int, str]:
+        """Axis index -> symbolic dim name (for ``torch.onnx.export``)."""
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TensorSpec":
+        return cls(name=str(d["name"]), dtype=str(d["dtype"]),
+                   shape=tuple(x if isinstance(x, str) else int(x) for x in d["shape"]))
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage: which site's block it runs, which site's input it returns, and its IO."""
+
+    index: int
+    site: int | None
+    """Merge site whose block runs inside this stage (its five plan tensors are inputs); None for stage 0."""
+    next_site: int | None
+    """Site whose block input this stage returns as ``x{next_site}``; None for the last stage."""
+    inputs: tuple[TensorSpec, ...]
+    """forward() takes them positionally in this order."""
+    outputs: tuple[TensorSpec, ...]
+    """forward() returns a tuple in this order."""
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.inputs)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.outputs)
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "site": self.site, "next_site": self.next_site,
+                "inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StageSpec":
+        return cls(index=int(d["index"]), site=None if d.get("site") is None else int(d["site"]),
+                   next_site=None if d.get("next_site") is None else int(d["next_site"]),
+                   inputs=tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
+                   outputs=tuple(TensorSpec.from_dict(t) for t in d["outputs"]))
+
+
+class StageModule(torch.nn.Module):
+    """One stage as a module: positional inputs in spec order, a tuple of outputs in spec order.
+
+    It calls the U-Net's own submodules (registered under ``parts``, with
+    ``.`` in module paths written as ``__``), so it shares their weights.
+    """
+
+    def __init__(self, spec: StageSpec, steps: list[Step]) -> None:
+        super().__init__()
+        self.spec = spec
+        self._steps = list(steps)
+        parts: dict[str, torch.nn.Module] = {}
+        for step in steps:
+            for path, module in step.modules.items():
+                parts.setdefault(path.replace(".", "__"), module)
+        self.parts = torch.nn.ModuleDict(parts)
+
+    @property
+    def step_names(self) -> list[str]:
+        return [s.name for s in self._steps]
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        names = self.spec.input_names
+        if len(inputs) != len(names):
+            raise CatomeError(f"stage {self.spec.index} takes {len(names)} inputs ({', '.join(names)}), "
+                              f"got {len(inputs)}")
+        env = dict(zip(names, inputs))
+        for step in self._steps:
+            step.run(env)
+        return tuple(env[n] for n in self.spec.output_names)
+
+
+def _split(steps: list[Step]) -> list[list[Step]]:
+    """Cut the step list in front of every site block step."""
+    groups: list[list[Step]] = [[]]
+    for step in steps:
+        if step.site is not None:
+            groups.append([])
+        groups[-1].append(step)
+    return groups
+
+
+def _liveness(groups: list[list[Step]]) -> list[tuple[list[str], list[str]]]:
+    """(inputs, outputs) names per group: read-before-written, and written-then-read-later."""
+    io = []
+    for i, group in enumerate(groups):
+        written: list[str] = []
+        inputs: list[str] = []
+        for step in group:
+            for name in step.reads:
+                if name not in written and name not in inputs:
+                    inputs.append(name)
+            written.extend(w for w in step.writes if w not in written)
+        later = {n for g in groups[i + 1:] for s in g for n in s.reads}
+        outputs = [n for n in written if n in later]
+        if i == len(groups) - 1:
+            if MODEL_OUTPUT not in written:
+                raise CatomeError("the last stage does not compute noise_pred: unsupported layout")
+            outputs = [MODEL_OUTPUT]
+        io.append((inputs, outputs))
+    return io
+
+
+def _order_inputs(names: list[str], site: int | None) -> list[str]:
+    """x{site} first, then the site's plan tensors, then the rest in first-read order."""
+    if site is None:
+        head: list[str] = [n for n in MODEL_INPUTS if n in names]
+    else:
+        head = [f"x{site}", *plan_input_names(site)]
+    return head + [n for n in names if n not in head]
+
+
+def _example_env(unet: torch.nn.Module, dtype: torch.dtype, batch: int, hw: tuple[int, int],
+                 text_len: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    cfg = unet.config
+    return {
+        "sample": torch.randn(batch, cfg.in_channels, *hw, generator=gen).to(dtype),
+        "timestep": torch.full((batch,), 500.0, dtype=torch.float32),
+        "encoder_hidden_states": torch.randn(batch, text_len, cfg.cross_attention_dim, generator=gen).to(dtype),
+    }
+
+
+PlanFn = Callable[[int, torch.Tensor], tuple[torch.Tensor, ...]]
+"""(site index, site input x) -> the site's plan tensors."""
+
+
+def identity_plan(site: int, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The r = 0 plan for x [B, N, C] (a :data:`PlanFn`)."""
+    return MergePlan.identity(x.shape[0], x.shape[1], x.device).tensors()
+
+
+def run_steps(steps: list[Step], env: dict[str, torch.Tensor], plans: PlanFn = identity_plan) -> dict:
+    """Walk ``steps`` over ``env`` (model inputs), asking ``plans`` for each site's plan before its block."""
+    for step in steps:
+        if step.site is not None:
+            names = plan_input_names(step.site)
+            if names[0] not in env:
+                env.update(zip(names, plans(step.site, env[f"x{step.site}"])))
+        step.run(env)
+    return env
+
+
+def _symbols(batch: int, hw: tuple[int, int], text_len: int) -> dict[str, int]:
+    h, w = hw
+    table = {"B": batch, "H": h, "W": w, "L": text_len}
+    for d in DOWNSAMPLES:
+        table[f"H{d}"] = -(-h // d)
+        table[f"W{d}"] = -(-w // d)
+    return table
+
+
+EXAMPLES = ((1, (16, 24), 4), (2, (24, 40), 7))
+"""Two example shapes (batch, latent hw, text length) whose symbol values differ pairwise."""
+
+
+def infer_shapes(unet: torch.nn.Module, steps: list[Step], sites: list[MergeSite], dtype: torch.dtype,
+                 names: set[str]) -> dict[str, TensorSpec]:
+    """Symbolic specs of ``names`` from two eager runs: equal dims are static, others are named by value."""
+    runs: list[tuple[dict[str, tuple[int, ...]], dict[str, int], dict[str, torch.dtype]]] = []
+    for batch, hw, text_len in EXAMPLES:
+        env = _example_env(unet, dtype, batch, hw, text_len)
+        with torch.no_grad():
+            run_steps(steps, env)
+        table = _symbols(batch, hw, text_len)
+        for s in sites:
+            gh, gw = s.grid(hw)
+            table[f"N{s.index}"] = gh * gw
+        runs.append(({n: tuple(env[n].shape) for n in names}, table, {n: env[n].dtype for n in names}))
+    (shapes_a, sym_a, dtypes), (shapes_b, sym_b, _) = runs
+    specs = {}
+    for name in sorted(names):
+        a, b = shapes_a[name], shapes_b[name]
+        if len(a) != len(b):
+            raise CatomeError(f"tensor {name} changes rank with the input size: cannot export it")
+        site = int(name[1:]) if name.startswith("x") and name[1:].isdigit() else None
+        dims: list[str | int] = []
+        for da, db in zip(a, b):
+            if da == db:
+                dims.append(int(da))
+                continue
+            match = [s for s in sym_a if (sym_a[s], sym_b[s]) == (da, db)
+                     and (not s.startswith("N") or s == f"N{site}")]
+            match.sort(key=lambda s: (s.startswith("N"), len(s)))
+            if not match:
+                raise CatomeError(f"tensor {name}: a dim ({da} vs {db} in two example runs) matches no known "
+                                  "symbolic dim (B, H, W, L, Hd, Wd, N{k}): unsupported layout")
+            dims.append(match[0])
+        if dtypes[name] not in DTYPE_NAMES:
+            raise CatomeError(f"tensor {name} has unsupported dtype {dtypes[name]}")
+        specs[name] = TensorSpec(name, DTYPE_NAMES[dtypes[name]], tuple(dims))
+    return specs
+
+
+def plan_specs(site: int) -> tuple[TensorSpec, ...]:
+    """The five plan tensor specs of ``site`` (contract shapes and dtypes)."""
+    keep, src, slot, weight, unmerge = plan_input_names(site)
+    k, r, n = f"K{site}", f"R{site}", f"N{site}"
+    return (TensorSpec(keep, "int64", ("B", k)), TensorSpec(src, "int64", ("B", r)),
+            TensorSpec(slot, "int64", ("B", r)), TensorSpec(weight, "float32", ("B", k)),
+            TensorSpec(unmerge, "int64", ("B", n)))
+
+
+def cut_unet(unet: torch.nn.Module, sites: list[MergeSite], dtype: torch.dtype = torch.float32, *,
+             merge_crossattn: bool = False, merge_mlp: bool = False) -> list[tuple[StageSpec, StageModule]]:
+    """Cut ``unet`` at ``sites`` into ``len(sites) + 1`` stages: ``[(spec, module), ...]``.
+
+    The modules share the U-Net's weights (a converted copy when ``dtype``
+    differs from the U-Net's). ``merge_crossattn`` / ``merge_mlp`` also merge
+    around attn2 / ff with the same plan.
+    """
+    if not sites:
+        raise CatomeError("no merge sites: nothing to cut (find them with find_merge_sites(unet))")
+    if dtype not in (torch.float32, torch.float16):
+        raise CatomeError(f"stages can be cut in float32 or float16, not {dtype}")
+    if unet.dtype != dtype:
+        logger.info("converting a copy of the U-Net to %s for export", dtype)
+        unet = copy.deepcopy(unet).to(dtype)
+    unet = unet.eval()
+    steps = build_steps(unet, sites, BlockOptions(merge_crossattn, merge_mlp))
+    groups = _split(steps)
+    io = _liveness(groups)
+    plan_names = {n for s in sites for n in plan_input_names(s.index)}
+    carried = {n for ins, outs in io for n in (*ins, *outs)} - plan_names
+    specs = infer_shapes(unet, steps, sites, dtype, carried)
+    for s in sites:
+        specs.update({t.name: t for t in plan_specs(s.index)})
+    result = []
+    for index, (group, (inputs, outputs)) in enumerate(zip(groups, io)):
+        site = group[0].site
+        next_site = sites[index].index if index < len(sites) else None
+        if next_site is not None and f"x{next_site}" not in outputs:
+            raise CatomeError(f"stage {index} does not end with x{next_site}: unsupported layout")
+        if next_site is not None:
+            outputs = [f"x{next_site}"] + [n for n in outputs if n != f"x{next_site}"]
+        spec = StageSpec(index, site, next_site, tuple(specs[n] for n in _order_inputs(inputs, site)),
+                         tuple(specs[n] for n in outputs))
+        result.append((spec, StageModule(spec, group)))
+    _check_available(result)
+    return result
+
+
+def _check_available(stages: list[tuple[StageSpec, Any]]) -> None:
+    """Every stage input is a model input, one of its own plan tensors, or an earlier stage's output."""
+    have = set(MODEL_INPUTS)
+    for spec, _ in stages:
+        own = set(plan_input_names(spec.site)) if spec.site is not None else set()
+        missing = [n for n in spec.input_names if n not in have and n not in own]
+        if missing:
+            raise CatomeError(f"stage {spec.index} reads {missing} that no earlier stage makes: unsupported layout")
+        have.update(spec.output_names)
+
+
+def run_stages(stages: list[tuple[StageSpec, Callable[..., tuple[torch.Tensor, ...]]]],
+               feeds: dict[str, torch.Tensor], plans: PlanFn = identity_plan) -> dict[str, torch.Tensor]:
+    """Walk the stage chain (torch modules or any callables taking positional inputs) over a name environment.
+
+    ``feeds`` holds the model inputs; ``plans(k, x)`` gives site k's plan
+    tensors when ``x{k}`` is known. Returns the whole environment (``noise_pred`` included).
+    """
+    env = dict(feeds)
+    for spec, stage in stages:
+        if spec.site is not None:
+            env.update(zip(plan_input_names(spec.site), plans(spec.site, env[f"x{spec.site}"])))
+        outs = stage(*(env[n] for n in spec.input_names))
+        env.update(zip(spec.output_names, outs))
+    return env
