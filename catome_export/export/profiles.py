@@ -1,0 +1,468 @@
+"""TensorRT optimisation profiles of the stages: min / opt / max shape of every input.
+
+Every stage input is described by a :class:`~catome_export.export.stages.TensorSpec`
+whose shape mixes static ints and symbolic dims. This module turns the
+symbolic dims into three concrete values each (one per profile corner) from
+the built shape ranges of the manifest (``shapes``) and the merge sites.
+
+Symbolic dims and their formulas (``h``, ``w`` = latent height, width):
+
+==========  ====================================================================
+dim         value
+==========  ====================================================================
+``B``       batch size, from ``shapes["batch"]``
+``H``       latent height, from ``shapes["latent_height"]``
+``W``       latent width, from ``shapes["latent_width"]``
+``L``       text length: ``shapes["text_len"]`` (an int, 77 by default, or a
+            ``[min, max]`` pair)
+``Hd``      latent height at downsample ``d`` (d in 2, 4, 8): ``ceil(h / d)``
+``Wd``      latent width at downsample ``d``: ``ceil(w / d)``; the U-Net's
+            stride-2 convolutions (padding 1) give ``ceil`` at every level,
+            and ``ceil(ceil(h / 2) / 2) == ceil(h / 4)``
+``N{k}``    tokens at site k: ``gh * gw`` with the site grid
+            ``gh = ceil(h / ds_k)``, ``gw = ceil(w / ds_k)`` (``ds_k`` = the
+            site's downsample; ``N = h * w`` at downsample 1)
+``R{k}``    merged tokens at site k: 0 (nothing merged) .. ``#src`` at the
+            largest grid, where ``#src = N - #dst`` and
+            ``#dst = (gh // sy) * (gw // sx)`` for the stride ``(sy, sx)``
+``K{k}``    kept tokens ``N{k} - R{k}``: ``#dst`` at the smallest grid (every
+            src merged) .. ``N{k}`` at the largest grid (nothing merged)
+==========  ====================================================================
+
+Every formula is non-decreasing in ``h`` and ``w``, so the min corner is the
+smallest batch / latent / text length and the max corner the largest. The opt
+corner takes the expected shapes of ``shapes["opt"]`` and the expected merge
+level ``F`` (``--opt-merge-fraction`` or :func:`calibrate_opt_fraction`):
+``R = round(F * #src)``, ``K = N - R`` at the opt grid.
+
+Zero-sized dims: r = 0 (nothing merged) makes the ``src_idx`` / ``slot_idx``
+inputs empty, so ``R{k}`` has min 0. TensorRT (8.5 and later, all of 10.x)
+supports empty tensors: a profile dim may have min 0, min <= opt <= max is the
+only ordering rule, and execution accepts zero-volume inputs (the backend
+binds a small valid device address to them, see ``backends/trt.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import statistics
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from catome_export.errors import CatomeError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OPT_MERGE_FRACTION = 0.5
+"""Opt merge level when neither the flag nor the manifest gives one."""
+
+DEFAULT_TEXT_LEN = 77
+
+Shape = tuple[int, ...]
+ProfileShapes = tuple[Shape, Shape, Shape]
+"""(min, opt, max) shape of one input."""
+StageProfile = dict[str, ProfileShapes]
+"""Input name -> (min, opt, max) for one stage."""
+
+CORNERS = ("min", "opt", "max")
+
+
+@dataclass(frozen=True)
+class ShapeRanges:
+    """The built shape ranges (the manifest's ``shapes`` section), normalised."""
+
+    batch: tuple[int, int]
+    """(min, max) batch size."""
+    latent_height: tuple[int, int]
+    """(min, max) latent height (image height / 8)."""
+    latent_width: tuple[int, int]
+    """(min, max) latent width."""
+    text_len: tuple[int, int]
+    """(min, max) text length; equal ends for a static length."""
+    opt_batch: int
+    """Batch TensorRT tunes for."""
+    opt_height: int
+    """Latent height TensorRT tunes for."""
+    opt_width: int
+    """Latent width TensorRT tunes for."""
+    opt_text_len: int
+    """Text length TensorRT tunes for."""
+    opt_merge_fraction: float | None = None
+    """Expected merged share of src tokens (None: not given)."""
+
+    @classmethod
+    def from_dict(cls, shapes: Mapping[str, Any]) -> "ShapeRanges":
+        """Parse a manifest ``shapes`` dict (ranges as ``[min, max]`` pairs or single ints)."""
+        try:
+            batch = _pair(shapes["batch"], "batch")
+            lh = _pair(shapes["latent_height"], "latent_height")
+            lw = _pair(shapes["latent_width"], "latent_width")
+        except KeyError as exc:
+            raise CatomeError(f"shape ranges lack {exc.args[0]!r}: rebuild the engine folder "
+                              "(catome-export build ...)") from None
+        text = _pair(shapes.get("text_len", DEFAULT_TEXT_LEN), "text_len")
+        opt = dict(shapes.get("opt") or {})
+        frac = opt.get("merge_fraction")
+        ranges = cls(
+            batch=batch, latent_height=lh, latent_width=lw, text_len=text,
+            opt_batch=int(opt.get("batch", batch[1])),
+            opt_height=int(opt.get("latent_height", lh[1])),
+            opt_width=int(opt.get("latent_width", lw[1])),
+            opt_text_len=int(opt.get("text_len", text[1])),
+            opt_merge_fraction=None if frac is None else float(frac),
+        )
+        ranges.validate()
+        return ranges
+
+    def validate(self) -> None:
+        """Raise CatomeError unless every range is positive and holds its opt value."""
+        for name, (lo, hi), opt in (("batch", self.batch, self.opt_batch),
+                                    ("latent_height", self.latent_height, self.opt_height),
+                                    ("latent_width", self.latent_width, self.opt_width),
+                                    ("text_len", self.text_len, self.opt_text_len)):
+            if lo < 1 or hi < lo:
+                raise CatomeError(f"{name} range [{lo}, {hi}] is empty or not positive: give min <= max, both >= 1")
+            if not lo <= opt <= hi:
+                raise CatomeError(f"opt {name} {opt} lies outside the built range [{lo}, {hi}]: "
+                                  f"choose an opt value inside it")
+        f = self.opt_merge_fraction
+        if f is not None and not (math.isfinite(f) and 0.0 <= f <= 1.0):
+            raise CatomeError(f"opt merge fraction must be in [0, 1], got {f}")
+
+
+def _pair(value: Any, name: str) -> tuple[int, int]:
+    if isinstance(value, bool):
+        raise CatomeError(f"shape range {name} must be an int or [min, max], got {value!r}")
+    if isinstance(value, int):
+        return value, value
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return int(value[0]), int(value[1])
+    raise CatomeError(f"shape range {name} must be an int or [min, max], got {value!r}")
+
+
+@dataclass(frozen=True)
+class SiteGeometry:
+    """What profiles need to know about one merge site."""
+
+    index: int
+    downsample: int = 1
+    """Downsample factor of the site's level (1 = full latent resolution)."""
+
+    def grid(self, h: int, w: int) -> tuple[int, int]:
+        return -(-h // self.downsample), -(-w // self.downsample)
+
+
+def num_dst(grid: tuple[int, int], stride: tuple[int, int] = (2, 2)) -> int:
+    """Number of dst tokens of a grid: one per full sy x sx cell."""
+    (gh, gw), (sy, sx) = grid, stride
+    return (gh // sy) * (gw // sx)
+
+
+def num_src(grid: tuple[int, int], stride: tuple[int, int] = (2, 2)) -> int:
+    """Number of src tokens of a grid (every token that is not a dst), i.e. the largest possible r."""
+    return grid[0] * grid[1] - num_dst(grid, stride)
+
+
+@dataclass(frozen=True)
+class DimEnv:
+    """Values of the free variables at one profile corner."""
+
+    corner: str
+    batch: int
+    height: int
+    width: int
+    text_len: int
+    merge_fraction: float
+    """Share of src merged at this corner: 0 at min (for R), 1 at max (for R), F at opt."""
+    stride: tuple[int, int]
+    sites: Mapping[int, SiteGeometry]
+
+
+DimRule = Callable[[DimEnv], int]
+
+_SITE_DIM = re.compile(r"^([NKR])(\d+)$")
+_LEVEL_DIM = re.compile(r"^([HW])(\d+)$")
+
+
+def _site_dim(kind: str, site: SiteGeometry, env: DimEnv) -> int:
+    grid = site.grid(env.height, env.width)
+    n = grid[0] * grid[1]
+    src = num_src(grid, env.stride)
+    if kind == "N":
+        return n
+    if env.corner == "min":
+        # R's smallest value is 0 (nothing merged); K's smallest is #dst (every src merged).
+        return 0 if kind == "R" else n - src
+    if env.corner == "max":
+        return src if kind == "R" else n
+    r = int(round(env.merge_fraction * src))
+    return r if kind == "R" else n - r
+
+
+def resolve_dim(dim: str | int, env: DimEnv, extra: Mapping[str, DimRule] | None = None) -> int:
+    """Concrete value of one (static or symbolic) dim at a profile corner."""
+    if isinstance(dim, int) and not isinstance(dim, bool):
+        return dim
+    if not isinstance(dim, str):
+        raise CatomeError(f"dim {dim!r} is neither an int nor a symbolic name: the stage specs are damaged, "
+                          "rebuild the engine folder")
+    if extra and dim in extra:
+        return int(extra[dim](env))
+    if dim == "B":
+        return env.batch
+    if dim == "H":
+        return env.height
+    if dim == "W":
+        return env.width
+    if dim == "L":
+        return env.text_len
+    m = _SITE_DIM.match(dim)
+    if m:
+        k = int(m.group(2))
+        if k not in env.sites:
+            raise CatomeError(f"dim {dim!r} names merge site {k}, which the model does not have "
+                              f"(sites {sorted(env.sites)}): the stage specs do not match the sites, rebuild")
+        return _site_dim(m.group(1), env.sites[k], env)
+    m = _LEVEL_DIM.match(dim)
+    if m and int(m.group(2)) in (1, 2, 4, 8, 16, 32, 64):
+        d = int(m.group(2))
+        base = env.height if m.group(1) == "H" else env.width
+        return -(-base // d)
+    raise CatomeError(f"cannot size symbolic dim {dim!r} for a TensorRT profile: known dims are B, H, W, L, "
+                      "H2/W2/H4/W4/H8/W8, N{k}, K{k}, R{k}; pass a rule for it (extra_dims)")
+
+
+def _field(obj: Any, key: str) -> Any:
+    """A manifest field, whether the manifest is a dict or an object with attributes."""
+    if isinstance(obj, Mapping):
+        return obj.get(key)
+    if hasattr(obj, key):
+        return getattr(obj, key)
+    data = getattr(obj, "data", None)
+    if isinstance(data, Mapping):
+        return data.get(key)
+    to_dict = getattr(obj, "to_dict", None)
+    if callable(to_dict):
+        return to_dict().get(key)
+    return None
+
+
+def _specs_and_context(manifest_or_specs: Any) -> tuple[list[Any], Any]:
+    if isinstance(manifest_or_specs, (list, tuple)):
+        return list(manifest_or_specs), None
+    stage_specs = getattr(manifest_or_specs, "stage_specs", None)
+    if callable(stage_specs):
+        return list(stage_specs()), manifest_or_specs
+    raise CatomeError("compute_profiles needs a Manifest or a list of StageSpec")
+
+
+def sites_from(manifest: Any) -> dict[int, SiteGeometry]:
+    """Merge-site geometry from a manifest's ``sites`` list (dicts or MergeSite objects)."""
+    out: dict[int, SiteGeometry] = {}
+    for site in _field(manifest, "sites") or []:
+        index = site["index"] if isinstance(site, Mapping) else site.index
+        ds = site.get("downsample", 1) if isinstance(site, Mapping) else getattr(site, "downsample", 1)
+        out[int(index)] = SiteGeometry(int(index), int(ds))
+    return out
+
+
+def _stride_from(manifest: Any) -> tuple[int, int] | None:
+    settings = getattr(manifest, "settings", None)
+    if callable(settings):
+        try:
+            return tuple(settings().stride)  # type: ignore[return-value]
+        except Exception:  # a damaged merge section is reported by Manifest.load, not here
+            pass
+    merge = _field(manifest, "merge")
+    if isinstance(merge, Mapping) and merge.get("stride"):
+        return tuple(int(s) for s in merge["stride"])  # type: ignore[return-value]
+    return None
+
+
+def _spec_sites(specs: Sequence[Any]) -> dict[int, SiteGeometry]:
+    """Sites named by the specs' symbolic dims, at downsample 1 (when no manifest gives their geometry)."""
+    found: set[int] = set()
+    for spec in specs:
+        for t in (*spec.inputs, *spec.outputs):
+            for d in t.shape:
+                m = _SITE_DIM.match(d) if isinstance(d, str) else None
+                if m:
+                    found.add(int(m.group(2)))
+    return {k: SiteGeometry(k, 1) for k in sorted(found)}
+
+
+def compute_profiles(
+    manifest_or_specs: Any,
+    shapes: Mapping[str, Any] | ShapeRanges | None = None,
+    opt_merge_fraction: float | None = None,
+    *,
+    sites: Sequence[Any] | Mapping[int, SiteGeometry] | None = None,
+    stride: tuple[int, int] | None = None,
+    extra_dims: Mapping[str, DimRule] | None = None,
+) -> list[StageProfile]:
+    """Min / opt / max shape of every input of every stage, in stage order.
+
+    ``manifest_or_specs``: a Manifest (its stage specs, sites, stride and
+    shapes are used) or a list of StageSpec. ``shapes``: the shape ranges
+    (the manifest's ``shapes`` dict); taken from the manifest when None.
+    ``opt_merge_fraction``: expected merged share of the src tokens for the
+    opt corner; defaults to ``shapes["opt"]["merge_fraction"]``, then
+    :data:`DEFAULT_OPT_MERGE_FRACTION`. ``sites``: MergeSite objects, dicts
+    with index/downsample, or SiteGeometry; defaults to the manifest's sites
+    (or downsample 1 for every site the specs name). ``stride``: the dst cell
+    size; defaults to the manifest's merge settings, then (2, 2).
+    """
+    specs, manifest = _specs_and_context(manifest_or_specs)
+    if shapes is None:
+        shapes = _field(manifest, "shapes") if manifest is not None else None
+        if shapes is None:
+            raise CatomeError("compute_profiles needs the shape ranges (the manifest's 'shapes' section)")
+    ranges = shapes if isinstance(shapes, ShapeRanges) else ShapeRanges.from_dict(shapes)
+
+    fraction = opt_merge_fraction if opt_merge_fraction is not None else ranges.opt_merge_fraction
+    if fraction is None:
+        fraction = DEFAULT_OPT_MERGE_FRACTION
+        logger.info("no opt merge fraction given: TensorRT profiles tune for %.2f of src tokens merged", fraction)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (
+            math.isfinite(fraction) and 0.0 <= fraction <= 1.0):
+        raise CatomeError(f"--opt-merge-fraction must be a number in [0, 1], got {fraction!r}")
+
+    if sites is None:
+        geometry = sites_from(manifest) if manifest is not None else {}
+        if not geometry:
+            geometry = _spec_sites(specs)
+    elif isinstance(sites, Mapping):
+        geometry = dict(sites)
+    else:
+        geometry = {}
+        for s in sites:
+            if isinstance(s, SiteGeometry):
+                geometry[s.index] = s
+            elif isinstance(s, Mapping):
+                geometry[int(s["index"])] = SiteGeometry(int(s["index"]), int(s.get("downsample", 1)))
+            else:
+                geometry[int(s.index)] = SiteGeometry(int(s.index), int(getattr(s, "downsample", 1)))
+    if stride is None:
+        stride = (_stride_from(manifest) if manifest is not None else None) or (2, 2)
+    stride = (int(stride[0]), int(stride[1]))
+
+    envs = {
+        "min": DimEnv("min", ranges.batch[0], ranges.latent_height[0], ranges.latent_width[0],
+                      ranges.text_len[0], 0.0, stride, geometry),
+        "opt": DimEnv("opt", ranges.opt_batch, ranges.opt_height, ranges.opt_width,
+                      ranges.opt_text_len, float(fraction), stride, geometry),
+        "max": DimEnv("max", ranges.batch[1], ranges.latent_height[1], ranges.latent_width[1],
+                      ranges.text_len[1], 1.0, stride, geometry),
+    }
+    profiles: list[StageProfile] = []
+    for spec in specs:
+        profile: StageProfile = {}
+        for t in spec.inputs:
+            corners = tuple(tuple(resolve_dim(d, envs[c], extra_dims) for d in t.shape) for c in CORNERS)
+            check_ordered(t.name, corners)  # type: ignore[arg-type]
+            profile[t.name] = corners  # type: ignore[assignment]
+        profiles.append(profile)
+    return profiles
+
+
+def check_ordered(name: str, shapes: ProfileShapes) -> None:
+    """Raise CatomeError unless min <= opt <= max in every dim (TensorRT's rule) and no dim is negative."""
+    mn, opt, mx = shapes
+    if not len(mn) == len(opt) == len(mx):
+        raise CatomeError(f"profile of {name!r}: min/opt/max ranks differ ({mn}, {opt}, {mx})")
+    for i, (a, b, c) in enumerate(zip(mn, opt, mx)):
+        if a < 0 or not a <= b <= c:
+            raise CatomeError(f"profile of {name!r}: dim {i} has min {a}, opt {b}, max {c}; TensorRT needs "
+                              "0 <= min <= opt <= max: check the shape ranges and the opt values")
+
+
+def profiles_to_json(profiles: Sequence[StageProfile]) -> list[dict[str, dict[str, list[int]]]]:
+    """The profiles as JSON-ready dicts: ``[{input: {"min": [...], "opt": [...], "max": [...]}}]``."""
+    return [{name: {c: list(s) for c, s in zip(CORNERS, shp)} for name, shp in p.items()} for p in profiles]
+
+
+def profiles_from_json(data: Sequence[Mapping[str, Mapping[str, Sequence[int]]]]) -> list[StageProfile]:
+    """Inverse of :func:`profiles_to_json`."""
+    out: list[StageProfile] = []
+    for stage in data:
+        out.append({name: tuple(tuple(int(v) for v in d[c]) for c in CORNERS)  # type: ignore[misc]
+                    for name, d in stage.items()})
+    return out
+
+
+# -- calibration ---------------------------------------------------------------------------------------------------
+
+def smooth_latent(batch: int, height: int, width: int, *, seed: int = 0, blur: int = 4, dtype: Any = None) -> Any:
+    """A seeded smooth latent [batch, 4, height, width]: low-resolution noise upsampled bilinearly.
+
+    With random weights, block inputs are only as self-similar as the latent:
+    white noise merges almost nothing at t = 0.7, smooth latents merge a lot.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(seed)
+    low = torch.randn(batch, 4, max(1, height // blur), max(1, width // blur), generator=gen)
+    out = F.interpolate(low, size=(height, width), mode="bilinear", align_corners=False)
+    return out if dtype is None else out.to(dtype)
+
+
+def calibrate_opt_fraction(
+    unet: Any,
+    settings: Any,
+    latent: Any,
+    steps: int = 8,
+    *,
+    encoder_hidden_states: Any = None,
+    seed: int = 0,
+) -> float:
+    """Median merged share r / #src over the sites and steps of a short eager CA-ToMe run.
+
+    Patches ``unet`` with eager CA-ToMe (``settings``: threshold, schedule,
+    stride...; the patch is removed afterwards), runs ``steps`` DDIM steps
+    from ``latent`` [B, 4, H, W] (use a smooth latent, see
+    :func:`smooth_latent`: with random weights white noise merges almost
+    nothing), and returns the median of r / #src over every (site, step):
+    the shape TensorRT should tune for. ``encoder_hidden_states`` defaults
+    to seeded noise of the model's text width. Returns a number in [0, 1].
+    """
+    import torch
+    from diffusers import DDIMScheduler
+
+    from catome_export.eager import apply_merging
+    from catome_export.models import find_merge_sites
+
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise CatomeError(f"calibration steps must be an int >= 1, got {steps!r}")
+    if getattr(latent, "ndim", None) != 4:
+        raise CatomeError(f"calibration latent must be [B, 4, H, W], got shape {tuple(getattr(latent, 'shape', ()))}")
+    b, _, lh, lw = latent.shape
+    param = next(unet.parameters())
+    device, dtype = param.device, param.dtype
+    if encoder_hidden_states is None:
+        gen = torch.Generator().manual_seed(seed)
+        dim = int(unet.config.cross_attention_dim)
+        encoder_hidden_states = torch.randn(b, DEFAULT_TEXT_LEN, dim, generator=gen)
+    ehs = encoder_hidden_states.to(device=device, dtype=dtype)
+    src_count = {s.index: num_src(s.grid((lh, lw)), settings.stride)
+                 for s in find_merge_sites(unet, settings.max_downsample)}
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000)
+    scheduler.set_timesteps(steps)
+    sample = latent.to(device=device, dtype=dtype)
+    with apply_merging(unet, settings) as handle, torch.no_grad():
+        handle.reset()
+        for t in scheduler.timesteps:
+            noise = unet(sample, t, encoder_hidden_states=ehs, return_dict=False)[0]
+            sample = scheduler.step(noise, t, sample).prev_sample
+        history = list(handle.history)
+    shares = [r / src_count[site] for stats in history for site, r in stats.merged.items() if src_count.get(site)]
+    if not shares:
+        return 0.0
+    share = float(statistics.median(shares))
+    logger.info("calibration: median merged share %.3f over %d site-steps", share, len(shares))
+    return min(1.0, max(0.0, share))

@@ -1,0 +1,286 @@
+"""Build TensorRT engines (``stage_<k>.plan``) from the stages' ONNX graphs, through Polygraphy.
+
+One engine per stage, each with one optimisation profile from
+:func:`catome_export.export.profiles.compute_profiles`. The builder config
+enables fp16 where asked (or where the graphs are fp16), sets the builder
+optimisation level, and shares one persistent timing cache across the stages
+and across builds (``timing.cache``, loaded when present and saved after
+every stage with an atomic replace). A stage that contains an op TensorRT
+runs as a plugin (``ScatterElements`` with a reduction: the merge's
+scatter-add) gets the plugin library registered first
+(``trt.init_libnvinfer_plugins``); every plan is written atomically.
+
+``tensorrt`` is imported only inside :func:`build_engines`; without it the
+function raises :class:`CatomeError` naming TensorRT and how to install it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from catome_export.errors import CatomeError
+from catome_export.export.profiles import StageProfile, compute_profiles, profiles_to_json
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, str], None]
+"""``progress(stage_index, num_stages, message)``."""
+
+PLUGIN_LIBRARY = "libnvinfer_plugin"
+
+_REDUCING_SCATTERS = ("ScatterElements", "ScatterND")
+
+
+def plan_file(index: int) -> str:
+    """File name of stage ``index``'s TensorRT engine."""
+    return f"stage_{index}.plan"
+
+
+def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def scan_onnx_ops(onnx_path: Path) -> dict[str, Any]:
+    """Ops of one stage graph that matter to the TensorRT build (the weights are not loaded).
+
+    Returns ``{"plugins": [...], "instance_norm": bool, "custom_domains": [...]}``:
+    ``plugins`` names the ops the ONNX parser maps to a ``libnvinfer_plugin``
+    plugin (ScatterElements / ScatterND with a reduction other than none).
+    """
+    import onnx
+
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as exc:
+        raise CatomeError(f"cannot read {onnx_path} ({type(exc).__name__}: {exc}): the ONNX graph is damaged, "
+                          "rebuild the engine folder (catome-export build ...)") from None
+    plugins: set[str] = set()
+    domains: set[str] = set()
+    instance_norm = False
+
+    def visit(graph: Any) -> None:
+        nonlocal instance_norm
+        for node in graph.node:
+            if node.domain not in ("", "ai.onnx"):
+                domains.add(node.domain)
+            if node.op_type == "InstanceNormalization":
+                instance_norm = True
+            if node.op_type in _REDUCING_SCATTERS:
+                attrs = {a.name: a for a in node.attribute}
+                reduction = attrs["reduction"].s.decode() if "reduction" in attrs else "none"
+                if reduction != "none":
+                    plugins.add(f"{node.op_type}(reduction={reduction})")
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    visit(a.g)
+                for g in a.graphs:
+                    visit(g)
+
+    visit(model.graph)
+    for fn in model.functions:
+        for node in fn.node:
+            if node.op_type in _REDUCING_SCATTERS:
+                plugins.add(f"{node.op_type}(reduction=?)")
+    return {"plugins": sorted(plugins), "instance_norm": instance_norm, "custom_domains": sorted(domains)}
+
+
+def _import_tensorrt() -> Any:
+    from catome_export.backends.select import choose_backend
+
+    choose_backend("trt")  # raises CatomeError naming TensorRT and the install command
+    import tensorrt as trt
+
+    major = int(str(trt.__version__).split(".")[0])
+    if major < 10:
+        raise CatomeError(f"TensorRT {trt.__version__} is too old: this project needs TensorRT 10 "
+                          "(pip install 'catome-export[trt]')")
+    return trt
+
+
+def _stage_entries(manifest: Any) -> list[Mapping[str, Any]]:
+    stages = getattr(manifest, "stages", None)
+    if stages is None and isinstance(manifest, Mapping):
+        stages = manifest.get("stages")
+    if stages is None:
+        to_dict = getattr(manifest, "to_dict", None)
+        stages = to_dict().get("stages") if callable(to_dict) else None
+    if not stages:
+        raise CatomeError("the manifest lists no stages: rebuild the engine folder (catome-export build ...)")
+    return [s if isinstance(s, Mapping) else s.to_dict() for s in stages]
+
+
+def _precision(manifest: Any) -> str:
+    value = getattr(manifest, "precision", None)
+    if value is None and isinstance(manifest, Mapping):
+        value = manifest.get("precision")
+    return str(value or "fp32")
+
+
+def gpu_info() -> tuple[str, str]:
+    """(name, "major.minor" compute capability) of the current CUDA device."""
+    import torch
+
+    index = torch.cuda.current_device()
+    return torch.cuda.get_device_name(index), ".".join(str(v) for v in torch.cuda.get_device_capability(index))
+
+
+def build_engines(
+    engine_dir: str | Path,
+    manifest: Any,
+    *,
+    fp16: bool,
+    builder_optimization_level: int = 3,
+    opt_merge_fraction: float | None = None,
+    timing_cache: str | Path | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Build ``stage_<k>.plan`` for every stage of ``manifest`` in ``engine_dir``; return the manifest's ``trt`` section.
+
+    ``fp16``: let TensorRT use fp16 kernels (always on for fp16 graphs).
+    ``builder_optimization_level``: 0-5, TensorRT's default is 3; higher
+    searches longer for faster tactics. ``opt_merge_fraction``: the merge
+    level the profiles are tuned for (see ``compute_profiles``).
+    ``timing_cache``: the persistent tactic timing cache, by default
+    ``engine_dir/timing.cache``. ``progress(k, n, message)`` is called
+    before and after each stage.
+
+    The returned dict holds the TensorRT version, GPU name, compute
+    capability, plugins, profiles, build flags, and per-stage ``engines``
+    entries (``{"index", "file", "sha256", "bytes"}``) for the manifest's
+    ``stages[k]["engine"]``.
+    """
+    engine_dir = Path(engine_dir)
+    if isinstance(builder_optimization_level, bool) or builder_optimization_level not in range(0, 6):
+        raise CatomeError(f"builder optimisation level must be an int in 0..5, got {builder_optimization_level!r}")
+    trt = _import_tensorrt()
+    from polygraphy.backend.trt import CreateConfig, NetworkFromOnnxPath, Profile, engine_bytes_from_network
+    from polygraphy.backend.trt import util as trt_util
+    from polygraphy.exception import PolygraphyException
+
+    entries = _stage_entries(manifest)
+    profiles = compute_profiles(manifest, None, opt_merge_fraction)
+    if len(profiles) != len(entries):
+        raise CatomeError(f"the manifest has {len(entries)} stages but {len(profiles)} stage specs: "
+                          "rebuild the engine folder (catome-export build ...)")
+    cache_path = Path(timing_cache) if timing_cache is not None else engine_dir / "timing.cache"
+    use_fp16 = bool(fp16) or _precision(manifest) == "fp16"
+    trt_logger = trt_util.get_trt_logger()
+    plugins_loaded = False
+    all_plugins: set[str] = set()
+    engines: list[dict[str, Any]] = []
+    for i, (entry, profile) in enumerate(zip(entries, profiles)):
+        index = int(entry.get("index", i))
+        onnx_path = engine_dir / str(entry.get("file") or f"stage_{index}.onnx")
+        if not onnx_path.is_file():
+            raise CatomeError(f"{onnx_path} is missing: export the stages first (catome-export build ...)")
+        ops = scan_onnx_ops(onnx_path)
+        if ops["custom_domains"]:
+            raise CatomeError(f"stage {index} uses ops of custom domains {ops['custom_domains']}, which the TensorRT "
+                              "ONNX parser cannot import: re-export the stages")
+        if ops["plugins"] and not plugins_loaded:
+            if not trt.init_libnvinfer_plugins(trt_logger, ""):
+                raise CatomeError(f"TensorRT could not load its plugin library ({PLUGIN_LIBRARY}), needed for "
+                                  f"{', '.join(ops['plugins'])}: reinstall TensorRT (pip install 'catome-export[trt]')")
+            plugins_loaded = True
+        all_plugins.update(ops["plugins"])
+        if progress:
+            progress(index, len(entries), f"building {plan_file(index)}")
+        data = _build_one(trt, onnx_path, profile, use_fp16, builder_optimization_level, cache_path,
+                          CreateConfig, NetworkFromOnnxPath, Profile, engine_bytes_from_network,
+                          PolygraphyException)
+        plan_path = engine_dir / plan_file(index)
+        atomic_write_bytes(plan_path, data)
+        engines.append({"index": index, "file": plan_path.name, "sha256": _sha256(plan_path),
+                        "bytes": plan_path.stat().st_size})
+        logger.info("stage %d: %s (%.1f MB)", index, plan_path.name, plan_path.stat().st_size / 1e6)
+        if progress:
+            progress(index, len(entries), f"built {plan_path.name}")
+    name, cc = gpu_info()
+    return {
+        "version": str(trt.__version__),
+        "gpu": name,
+        "compute_capability": cc,
+        "plugins": sorted(all_plugins),
+        "plugin_library": PLUGIN_LIBRARY if all_plugins else None,
+        "profiles": profiles_to_json(profiles),
+        "opt_merge_fraction": _opt_fraction(manifest, opt_merge_fraction),
+        "fp16": use_fp16,
+        "builder_optimization_level": builder_optimization_level,
+        "version_compatible": False,
+        "hardware_compatibility_level": "none",
+        "timing_cache": cache_path.name if cache_path.parent == engine_dir else str(cache_path),
+        "engines": engines,
+    }
+
+
+def _opt_fraction(manifest: Any, given: float | None) -> float:
+    from catome_export.export.profiles import DEFAULT_OPT_MERGE_FRACTION, ShapeRanges, _field
+
+    if given is not None:
+        return float(given)
+    shapes = _field(manifest, "shapes")
+    frac = ShapeRanges.from_dict(shapes).opt_merge_fraction if shapes else None
+    return DEFAULT_OPT_MERGE_FRACTION if frac is None else frac
+
+
+def _build_one(trt: Any, onnx_path: Path, profile: StageProfile, fp16: bool, level: int, cache_path: Path,
+               CreateConfig: Any, NetworkFromOnnxPath: Any, Profile: Any, engine_bytes_from_network: Any,
+               PolygraphyException: type) -> bytes:
+    """Parse, configure and build one stage; save the grown timing cache atomically."""
+    poly_profile = Profile()
+    for name, (mn, opt, mx) in profile.items():
+        poly_profile.add(name, min=list(mn), opt=list(opt), max=list(mx))
+    try:
+        # NATIVE_INSTANCENORM: TensorRT's own InstanceNormalization layer rather than the plugin
+        # (the parser's default in TensorRT 10; listed because setting flags replaces the defaults).
+        builder, network, parser = NetworkFromOnnxPath(
+            str(onnx_path), flags=[trt.OnnxParserFlag.NATIVE_INSTANCENORM])()
+        config = CreateConfig(
+            fp16=fp16,
+            profiles=[poly_profile],
+            builder_optimization_level=level,
+            # read through a buffer: a path would leave a '.lock' file next to the cache
+            load_timing_cache=io.BytesIO(cache_path.read_bytes()) if cache_path.is_file() else None,
+        )(builder, network)
+        engine = engine_bytes_from_network((builder, network, parser), config=config)
+    except PolygraphyException as exc:
+        raise CatomeError(f"TensorRT could not build {onnx_path.name}: {exc}. Check that the graph passes "
+                          "'catome-export verify' with ONNX Runtime, and the TensorRT log above") from None
+    if engine is None:
+        raise CatomeError(f"TensorRT returned no engine for {onnx_path.name}: see the TensorRT log above")
+    try:
+        cache = config.get_timing_cache()
+        if cache is None:
+            logger.warning("the timing cache %s was not used (made by another TensorRT or GPU?): delete it to "
+                           "start a new one", cache_path)
+        else:
+            atomic_write_bytes(cache_path, bytes(memoryview(cache.serialize())))
+    except Exception as exc:  # a cache is an optimisation: never fail a build for it
+        logger.warning("could not save the timing cache %s: %s", cache_path, exc)
+    return bytes(memoryview(engine))

@@ -1,0 +1,250 @@
+"""Can this machine run the TensorRT engines of an engine folder? Checked before any plan is loaded.
+
+TensorRT plans are tied to what built them:
+
+- the TensorRT version: a plan only deserialises under the same major.minor
+  release (unless it was built version-compatible, which this project does
+  not do by default);
+- the GPU: kernels are chosen for one compute capability (a plan fails on
+  another unless built hardware-compatible) and tuned for one device model
+  (another model with the same capability runs it, possibly slowly or not
+  at all, so it is refused here too);
+- the shapes: every input must lie inside the optimisation profile.
+
+Each mismatch raises :class:`CatomeError` with the exact ``catome-export
+build`` command that rebuilds the folder on this machine. The machine's side
+(:class:`TrtRuntimeInfo`) is injectable, so every rule is tested without
+TensorRT or a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from catome_export.errors import CatomeError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrtRuntimeInfo:
+    """What this machine offers the TensorRT backend."""
+
+    tensorrt_version: str | None
+    """``tensorrt.__version__``, or None when TensorRT is not importable."""
+    gpu_name: str | None
+    """``torch.cuda.get_device_name``, or None without a CUDA device."""
+    compute_capability: str | None
+    """``"major.minor"``, e.g. ``"9.0"`` for H100, or None without a CUDA device."""
+
+    @classmethod
+    def detect(cls, device: Any = None) -> "TrtRuntimeInfo":
+        """Probe this machine (imports tensorrt and torch.cuda; never raises)."""
+        version = None
+        try:
+            import tensorrt
+
+            version = str(tensorrt.__version__)
+        except Exception:  # missing or broken install: reported as None
+            version = None
+        name = cc = None
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                index = torch.device(device).index if device is not None else None
+                index = torch.cuda.current_device() if index is None else index
+                name = torch.cuda.get_device_name(index)
+                cc = ".".join(str(v) for v in torch.cuda.get_device_capability(index))
+        except Exception:
+            name = cc = None
+        return cls(version, name, cc)
+
+
+def _get(manifest: Any, key: str) -> Any:
+    if isinstance(manifest, Mapping):
+        return manifest.get(key)
+    if hasattr(manifest, key):
+        return getattr(manifest, key)
+    data = getattr(manifest, "data", None)
+    if isinstance(data, Mapping):
+        return data.get(key)
+    to_dict = getattr(manifest, "to_dict", None)
+    return to_dict().get(key) if callable(to_dict) else None
+
+
+def _range(value: Any) -> tuple[int, int] | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value, value
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return int(value[0]), int(value[1])
+    return None
+
+
+def _fmt_range(r: tuple[int, int]) -> str:
+    return str(r[0]) if r[0] == r[1] else f"{r[0]}-{r[1]}"
+
+
+def rebuild_command(manifest: Any, engine_dir: str | Path | None = None) -> str:
+    """The ``catome-export build`` command that rebuilds this engine folder with TensorRT.
+
+    Reconstructed from the manifest: model id and weights, precision, merge
+    settings, shape ranges and opt shapes, and the output folder.
+    """
+    model = _get(manifest, "model") or {}
+    merge = _get(manifest, "merge") or {}
+    shapes = _get(manifest, "shapes") or {}
+    trt_section = _get(manifest, "trt") or {}
+    name = _get(manifest, "name")
+    args: list[str] = ["catome-export", "build", "--model", str(model.get("id") or name or "MODEL")]
+    if model.get("weights"):
+        args += ["--weights", str(model["weights"])]
+    args += ["--backend", "trt"]
+    if _get(manifest, "precision"):
+        args += ["--precision", str(_get(manifest, "precision"))]
+    if merge.get("threshold") is not None:
+        args += ["--threshold", f"{merge['threshold']:g}"]
+    elif merge.get("ratio") is not None:
+        args += ["--ratio", f"{merge['ratio']:g}"]
+    elif merge.get("merge_fraction") is not None:
+        args += ["--merge-fraction", f"{merge['merge_fraction']:g}"]
+    schedule = merge.get("schedule") or {}
+    if schedule.get("name") and schedule["name"] != "custom":
+        args += ["--schedule", str(schedule["name"])]
+    elif schedule.get("checkpoints") is not None:
+        args += ["--schedule", ",".join(str(c) for c in schedule["checkpoints"])]
+    if schedule.get("step_base") not in (None, 1):
+        args += ["--step-base", str(schedule["step_base"])]
+    if merge.get("max_downsample") not in (None, 1):
+        args += ["--max-downsample", str(merge["max_downsample"])]
+    batch, lh, lw = (_range(shapes.get(k)) for k in ("batch", "latent_height", "latent_width"))
+    if batch:
+        args += ["--batch", _fmt_range(batch)]
+    if lh and lw:
+        # the CLI takes image sizes in pixels (latent * 8)
+        args += ["--height", _fmt_range((lh[0] * 8, lh[1] * 8)), "--width", _fmt_range((lw[0] * 8, lw[1] * 8))]
+    frac = (trt_section or {}).get("opt_merge_fraction")
+    if frac is None:
+        frac = (shapes.get("opt") or {}).get("merge_fraction")
+    if frac is not None:
+        args += ["--opt-merge-fraction", f"{float(frac):g}"]
+    if engine_dir is not None:
+        args += ["--out", str(engine_dir)]
+    elif name:
+        args += ["--out", f"engines/{name}"]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def _major_minor(version: str) -> tuple[int, int] | None:
+    parts = str(version).split(".")
+    try:
+        return int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
+    except ValueError:
+        return None
+
+
+def check_shapes_in_profiles(
+    manifest: Any,
+    batch: int,
+    latent_hw: tuple[int, int],
+    *,
+    engine_dir: str | Path | None = None,
+) -> None:
+    """Raise CatomeError when (batch, latent height, latent width) lies outside the built ranges.
+
+    Checks the manifest's ``shapes`` ranges and, where the ``trt`` section
+    records the profiles, the ``sample`` input of the first stage.
+    """
+    shapes = _get(manifest, "shapes") or {}
+    lh, lw = latent_hw
+    want = {"batch": batch, "latent_height": lh, "latent_width": lw}
+    bad = []
+    for key, value in want.items():
+        r = _range(shapes.get(key))
+        if r is not None and not r[0] <= value <= r[1]:
+            bad.append(f"{key} {value} outside the built range {_fmt_range(r)}")
+    trt_section = _get(manifest, "trt") or {}
+    profiles = trt_section.get("profiles") if isinstance(trt_section, Mapping) else None
+    if not bad and profiles:
+        sample = (profiles[0] or {}).get("sample")
+        if sample:
+            for axis, label, value in ((0, "batch", batch), (2, "latent_height", lh), (3, "latent_width", lw)):
+                lo, hi = int(sample["min"][axis]), int(sample["max"][axis])
+                if not lo <= value <= hi:
+                    bad.append(f"{label} {value} outside the TensorRT profile range {_fmt_range((lo, hi))}")
+    if bad:
+        raise CatomeError(
+            "the requested shape is not covered by the engines: " + "; ".join(bad)
+            + f" (image {lh * 8}x{lw * 8} px, batch {batch}). Use a shape inside the range, or rebuild with "
+            "wider ranges: " + rebuild_command(manifest, engine_dir)
+        )
+
+
+def check_trt_compat(
+    manifest: Any,
+    runtime_info: TrtRuntimeInfo | None = None,
+    *,
+    batch: int | None = None,
+    latent_hw: tuple[int, int] | None = None,
+    engine_dir: str | Path | None = None,
+) -> None:
+    """Raise CatomeError (with the rebuild command) unless this machine can run the folder's TensorRT plans.
+
+    ``runtime_info`` defaults to :meth:`TrtRuntimeInfo.detect`. With
+    ``batch`` and ``latent_hw`` the requested shape is checked against the
+    profiles too.
+    """
+    info = runtime_info if runtime_info is not None else TrtRuntimeInfo.detect()
+    cmd = rebuild_command(manifest, engine_dir)
+    backend = _get(manifest, "engine_backend")
+    section = _get(manifest, "trt")
+    if backend != "trt" or not isinstance(section, Mapping):
+        raise CatomeError(
+            f"this engine folder holds no TensorRT engines (engine_backend {backend!r}): "
+            f"build them with: {cmd}  (or load it with --backend ort)"
+        )
+    if info.tensorrt_version is None:
+        raise CatomeError(
+            "TensorRT is not installed here, and this folder's engines need it: install it on a machine with an "
+            "NVIDIA GPU (pip install 'catome-export[trt]', or pip install tensorrt --extra-index-url "
+            "https://pypi.nvidia.com), or load the folder with --backend ort"
+        )
+    if info.gpu_name is None:
+        raise CatomeError("TensorRT engines need a CUDA device and a CUDA build of torch; none is usable here. "
+                          "Load the folder with --backend ort on this machine")
+    built = str(section.get("version") or "")
+    built_mm, here_mm = _major_minor(built), _major_minor(info.tensorrt_version)
+    if not section.get("version_compatible") and (built_mm is None or built_mm != here_mm):
+        raise CatomeError(
+            f"the engines were built with TensorRT {built or 'unknown'} and this machine has TensorRT "
+            f"{info.tensorrt_version}: TensorRT plans only load under the same major.minor version. "
+            f"Rebuild them here: {cmd}"
+        )
+    built_cc = str(section.get("compute_capability") or "")
+    hw_compat = str(section.get("hardware_compatibility_level") or "none").lower() not in ("none", "")
+    if built_cc != str(info.compute_capability) and not hw_compat:
+        raise CatomeError(
+            f"the engines were built for compute capability {built_cc or 'unknown'} "
+            f"({section.get('gpu') or 'unknown GPU'}) and this GPU, {info.gpu_name}, has "
+            f"{info.compute_capability}: TensorRT plans do not run on another GPU architecture. Rebuild them here: "
+            f"{cmd}"
+        )
+    built_gpu = str(section.get("gpu") or "")
+    if built_gpu != str(info.gpu_name) and not hw_compat:
+        raise CatomeError(
+            f"the engines were built on {built_gpu or 'an unknown GPU'} and this GPU is {info.gpu_name}: "
+            f"TensorRT tunes its kernels for one device model, so they are refused here. Rebuild them here: {cmd}"
+        )
+    if batch is not None and latent_hw is not None:
+        check_shapes_in_profiles(manifest, batch, latent_hw, engine_dir=engine_dir)
+
+
+def plugins_needed(manifest: Any) -> Sequence[str]:
+    """Plugin ops the folder's engines use (from the ``trt`` section)."""
+    section = _get(manifest, "trt") or {}
+    return list(section.get("plugins") or []) if isinstance(section, Mapping) else []

@@ -1,0 +1,320 @@
+"""CUDA graphs of the stage chain on cached steps: the rule, the cache, and the capture / replay path.
+
+On a step where every merge site reuses its cached plan (no checkpoint),
+the whole stage chain is a pure function of the model inputs (``sample``,
+``timestep``, ``encoder_hidden_states``) and the plan tensors of every
+site, with shapes fixed by (batch, latent size, r per site). Such a step is
+captured once as one ``torch.cuda.CUDAGraph`` and replayed afterwards, which
+removes the per-stage launch and binding overhead of the Python walk.
+
+The rule (what makes a replay valid)
+------------------------------------
+1. A graph is keyed by shapes only: :class:`GraphKey` = (batch, latent
+   height, latent width, r per site). r fixes every ``K{k}``/``R{k}`` dim, so
+   the key fixes every tensor shape in the chain. Another key means another
+   graph (from the cache, or captured now).
+2. A graph reads its inputs from static buffers, by address. The model
+   inputs are copied into them before every replay. The plan tensors are
+   copied in only when the site's plan *version* differs from the version
+   the buffers hold: a checkpoint that produced new plans (new version ids,
+   even with an equal r) makes those sites stale, and their five tensors are
+   copied (device to device, no host sync) before the next replay. So new
+   plans with unchanged shapes never force a recapture; new shapes always
+   select another graph. A replay never runs with index tensors other than
+   the current plans'.
+3. Versions are opaque ids from the caller: an int that changes with every
+   new plan, or the plan object itself (compared by identity; the cache keeps
+   a reference, so an id is never reused while it is held).
+4. Checkpoint steps are never captured: matching reads r back to the host in
+   the middle of the chain. They run eagerly; the next cached step refreshes
+   the stale sites of its graph as in rule 2.
+5. Every graph is dropped (:meth:`ChainGraphCache.invalidate`) when the
+   addresses it baked in may have moved: the backend's shared scratch memory
+   was reallocated (its ``generation`` changed), stages were reloaded, or the
+   runtime closes. At most ``max_entries`` graphs are kept (least recently
+   used first out); each holds its activations in a shared memory pool.
+
+:class:`ChainGraphCache` is the pure bookkeeping (keys, lookup, insert,
+invalidation, staleness), tested on CPU. :class:`ChainGraphRunner` applies
+the rule around a capture implementation: :class:`TorchCudaGraphCapture`
+on a GPU, or any object with the same two methods (tests use an eager one).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from catome_export.errors import CatomeError
+
+logger = logging.getLogger(__name__)
+
+Chain = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
+"""The stage chain of a cached step: model inputs + all plan tensors -> outputs (``noise_pred``)."""
+
+_SITE_INPUT = re.compile(r"^site(\d+)_")
+
+
+def site_of(name: str) -> int | None:
+    """The merge site a chain input belongs to (``site3_keep_idx`` -> 3), or None for a model input."""
+    m = _SITE_INPUT.match(name)
+    return int(m.group(1)) if m else None
+
+
+def same_version(a: Any, b: Any) -> bool:
+    """Plan versions match: identical objects, or equal ints / strings."""
+    if a is b:
+        return True
+    return type(a) is type(b) and isinstance(a, (int, str)) and a == b
+
+
+@dataclass(frozen=True)
+class GraphKey:
+    """What fixes every shape in the chain: batch, latent size and r per site."""
+
+    batch: int
+    height: int
+    width: int
+    merged: tuple[int, ...]
+    """r per site, in site order."""
+
+
+@dataclass(eq=False)
+class GraphEntry:
+    """One captured chain and the static buffers it reads and writes."""
+
+    key: GraphKey
+    graph: Any
+    """A ``torch.cuda.CUDAGraph`` (or the capture implementation's handle)."""
+    static_inputs: dict[str, torch.Tensor]
+    static_outputs: dict[str, torch.Tensor]
+    plan_versions: dict[int, Any] = field(default_factory=dict)
+    """Site -> version of the plan tensors now in ``static_inputs``."""
+    memory_generation: int = 0
+    """Scratch-memory generation of the backend at capture."""
+    replays: int = 0
+
+
+class ChainGraphCache:
+    """Captured chains by :class:`GraphKey`, least recently used evicted first."""
+
+    def __init__(self, max_entries: int = 4) -> None:
+        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
+            raise CatomeError(f"max CUDA graphs must be an int >= 1, got {max_entries!r}")
+        self.max_entries = max_entries
+        self._entries: OrderedDict[GraphKey, GraphEntry] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+        self.invalidations = 0
+        self.plan_copies = 0
+
+    @staticmethod
+    def key(batch: int, latent_hw: tuple[int, int], r_per_site: Sequence[int] | Mapping[int, int]) -> GraphKey:
+        """The key of a chain run. ``r_per_site``: r in site order, or a {site: r} mapping.
+
+        Plan versions are deliberately not part of the key (rule 2): new
+        plans with the same r reuse the graph after a copy.
+        """
+        if isinstance(r_per_site, Mapping):
+            merged = tuple(int(r_per_site[k]) for k in sorted(r_per_site))
+        else:
+            merged = tuple(int(r) for r in r_per_site)
+        if batch < 1 or latent_hw[0] < 1 or latent_hw[1] < 1 or any(r < 0 for r in merged):
+            raise CatomeError(f"bad CUDA graph key: batch {batch}, latent {latent_hw}, r {merged}")
+        return GraphKey(int(batch), int(latent_hw[0]), int(latent_hw[1]), merged)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: GraphKey) -> bool:
+        return key in self._entries
+
+    def keys(self) -> list[GraphKey]:
+        return list(self._entries)
+
+    def lookup(self, key: GraphKey) -> GraphEntry | None:
+        """The entry of ``key`` (marked most recently used), or None."""
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return entry
+
+    def insert(self, entry: GraphEntry) -> list[GraphEntry]:
+        """Add (or replace) an entry; returns the entries evicted to stay within ``max_entries``."""
+        self._entries[entry.key] = entry
+        self._entries.move_to_end(entry.key)
+        evicted = []
+        while len(self._entries) > self.max_entries:
+            _, old = self._entries.popitem(last=False)
+            evicted.append(old)
+        return evicted
+
+    def invalidate(self, key: GraphKey | None = None, *, reason: str = "") -> int:
+        """Drop the graph of ``key``, or every graph when ``key`` is None; returns how many were dropped."""
+        if key is None:
+            count = len(self._entries)
+            self._entries.clear()
+        else:
+            count = 1 if self._entries.pop(key, None) is not None else 0
+        if count:
+            self.invalidations += count
+            logger.debug("dropped %d CUDA graph(s)%s", count, f": {reason}" if reason else "")
+        return count
+
+    @staticmethod
+    def stale_sites(entry: GraphEntry, plan_versions: Mapping[int, Any], sites: Sequence[int] | None = None) -> list[int]:
+        """Sites whose static plan buffers hold another version than ``plan_versions`` (rule 2).
+
+        A site without a version (absent from ``plan_versions``) is always
+        stale: its tensors are copied on every replay.
+        """
+        todo = sorted(set(sites) if sites is not None else set(entry.plan_versions) | set(plan_versions))
+        stale = []
+        for site in todo:
+            if site not in plan_versions or site not in entry.plan_versions \
+                    or not same_version(entry.plan_versions[site], plan_versions[site]):
+                stale.append(site)
+        return stale
+
+
+class GraphCapture(Protocol):
+    """How a chain is captured and replayed (CUDA graphs on a GPU; an eager double in tests)."""
+
+    def capture(self, chain: Chain, static_inputs: Mapping[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
+        """Capture ``chain`` on ``static_inputs``; return (handle, static outputs). Need not compute the outputs."""
+        ...
+
+    def replay(self, handle: Any) -> None:
+        """Run the captured work: the static outputs then hold the results for the current static inputs."""
+        ...
+
+
+class TorchCudaGraphCapture:
+    """:class:`GraphCapture` with ``torch.cuda.CUDAGraph`` (one memory pool shared by every graph).
+
+    Warm-up runs on a side stream first (lazy initialisation in cuBLAS,
+    cuDNN and TensorRT must not happen during capture). The graphs share one
+    memory pool: they never run concurrently, and each replay's outputs are
+    copied out before the next replay.
+    """
+
+    def __init__(self, device: torch.device | str, warmup: int = 1) -> None:
+        self.device = torch.device(device)
+        if self.device.type != "cuda" or not torch.cuda.is_available():
+            raise CatomeError("CUDA graphs need a CUDA device; run without them on this machine")
+        self.warmup = int(warmup)
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def capture(self, chain: Chain, static_inputs: Mapping[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                chain(static_inputs)
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            outputs = chain(static_inputs)
+        return graph, dict(outputs)
+
+    def replay(self, handle: Any) -> None:
+        handle.replay()
+
+
+class ChainGraphRunner:
+    """Runs the chain of cached steps through captured graphs, following the module's rule.
+
+    ``chain``: the stage chain (inputs include every ``site{k}_*`` plan
+    tensor). ``memory_generation``: returns the backend's scratch-memory
+    generation (rule 5); None if the backend has no shared memory.
+    """
+
+    def __init__(
+        self,
+        chain: Chain,
+        capture: GraphCapture,
+        *,
+        max_graphs: int = 4,
+        memory_generation: Callable[[], int] | None = None,
+    ) -> None:
+        self.chain = chain
+        self.capture_impl = capture
+        self.cache = ChainGraphCache(max_graphs)
+        self.memory_generation = memory_generation
+        self.captures = 0
+
+    def _generation(self) -> int:
+        return int(self.memory_generation()) if self.memory_generation is not None else 0
+
+    def run(self, key: GraphKey, inputs: Mapping[str, torch.Tensor],
+            plan_versions: Mapping[int, Any]) -> dict[str, torch.Tensor]:
+        """Replay (capturing first if needed) the graph of ``key`` on ``inputs``; returns fresh output tensors."""
+        generation = self._generation()
+        entry = self.cache.lookup(key)
+        if entry is not None and entry.memory_generation != generation:
+            self.cache.invalidate(reason="backend scratch memory moved")
+            entry = None
+        if entry is None:
+            static = {name: t.detach().clone() for name, t in inputs.items()}
+            handle, outputs = self.capture_impl.capture(self.chain, static)
+            entry = GraphEntry(key, handle, static, outputs, dict(plan_versions), generation)
+            self.cache.insert(entry)
+            self.captures += 1
+            logger.debug("captured the stage chain for %s", key)
+        else:
+            self._refresh(entry, inputs, plan_versions)
+        self.capture_impl.replay(entry.graph)
+        entry.replays += 1
+        return {name: t.clone() for name, t in entry.static_outputs.items()}
+
+    def _refresh(self, entry: GraphEntry, inputs: Mapping[str, torch.Tensor], plan_versions: Mapping[int, Any]) -> None:
+        """Copy the model inputs, and the plan tensors of stale sites, into the static buffers."""
+        if set(inputs) != set(entry.static_inputs):
+            raise CatomeError(f"CUDA graph inputs changed ({sorted(set(inputs) ^ set(entry.static_inputs))}): "
+                              "the graph key does not describe the chain")
+        by_site: dict[int, list[str]] = {}
+        for name, t in inputs.items():
+            dst = entry.static_inputs[name]
+            if dst.shape != t.shape:
+                raise CatomeError(f"CUDA graph input {name!r} is {tuple(t.shape)}, the graph was captured with "
+                                  f"{tuple(dst.shape)}: the graph key does not describe the shapes")
+            site = site_of(name)
+            if site is None:
+                dst.copy_(t)
+            else:
+                by_site.setdefault(site, []).append(name)
+        for site in self.cache.stale_sites(entry, plan_versions, sites=list(by_site)):
+            for name in by_site[site]:
+                entry.static_inputs[name].copy_(inputs[name])
+            if site in plan_versions:
+                entry.plan_versions[site] = plan_versions[site]
+            self.cache.plan_copies += 1
+
+    def invalidate(self, reason: str = "") -> None:
+        """Drop every graph (stages reloaded, runtime closing)."""
+        self.cache.invalidate(reason=reason)
+
+
+def stage_chain(runners: Sequence[Any], outputs: Sequence[str] = ("noise_pred",)) -> Chain:
+    """The chain of ``runners`` (StageRunner objects, in stage order) as one function of the model and plan inputs.
+
+    Walks the stages with a name -> tensor environment, feeding each stage
+    its inputs by name, and returns the tensors named in ``outputs``.
+    """
+    def chain(inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        env: dict[str, torch.Tensor] = dict(inputs)
+        for runner in runners:
+            feeds = {t.name: env[t.name] for t in runner.spec.inputs}
+            env.update(runner.run(feeds))
+        return {name: env[name] for name in outputs}
+    return chain
