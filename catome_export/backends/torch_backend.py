@@ -118,7 +118,9 @@ class TorchBackend:
 
             unet = load_reference_unet(self.manifest, self.device)
             sites = [MergeSite(int(s["index"]), str(s["path"]), int(s["downsample"])) for s in self.manifest.sites]
-            cut = cut_unet(unet, sites, dtype=manifest_dtype(self.manifest))
+            settings = self.manifest.settings()
+            cut = cut_unet(unet, sites, dtype=manifest_dtype(self.manifest),
+                           merge_crossattn=settings.merge_crossattn, merge_mlp=settings.merge_mlp)
             self._modules = {spec.index: (spec, module.to(self.device).eval()) for spec, module in cut}
             logger.debug("torch backend: %d stage modules of %s", len(cut), _model_section(self.manifest)["id"])
         return self._modules

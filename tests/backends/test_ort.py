@@ -1,0 +1,182 @@
+"""The ONNX Runtime stage runner on a small hand-made graph: binding, empty tensors, dtypes, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+onnx = pytest.importorskip("onnx", reason="onnx is not installed")
+from onnx import TensorProto, helper  # noqa: E402
+
+from catome_export.backends.ort import OrtBackend, OrtOptions, physical_cores, session_options  # noqa: E402
+from catome_export.errors import CatomeError  # noqa: E402
+from catome_export.export.stages import StageSpec, TensorSpec  # noqa: E402
+
+SPEC = StageSpec(
+    index=1, site=0, next_site=None,
+    inputs=(TensorSpec("x", "float32", ("B", "N")), TensorSpec("idx", "int64", ("B", "R")),
+            TensorSpec("w", "float32", ("B", "K")), TensorSpec("h", "float16", ("B", "N"))),
+    outputs=(TensorSpec("y", "float32", ("B", "N")), TensorSpec("g", "float32", ("B", "R")),
+             TensorSpec("wsum", "float32", ("B", 1)), TensorSpec("h2", "float16", ("B", "N"))),
+)
+
+
+def _graph(path: Path) -> Path:
+    """y = 2x, g = gather(x, idx), wsum = sum(w, axis 1), h2 = h + h."""
+    vi = helper.make_tensor_value_info
+    inputs = [vi("x", TensorProto.FLOAT, ["B", "N"]), vi("idx", TensorProto.INT64, ["B", "R"]),
+              vi("w", TensorProto.FLOAT, ["B", "K"]), vi("h", TensorProto.FLOAT16, ["B", "N"])]
+    outputs = [vi("y", TensorProto.FLOAT, ["B", "N"]), vi("g", TensorProto.FLOAT, ["B", "R"]),
+               vi("wsum", TensorProto.FLOAT, ["B", 1]), vi("h2", TensorProto.FLOAT16, ["B", "N"])]
+    inits = [helper.make_tensor("two", TensorProto.FLOAT, [], [2.0]),
+             helper.make_tensor("axes", TensorProto.INT64, [1], [1])]
+    nodes = [
+        helper.make_node("Mul", ["x", "two"], ["y"]),
+        helper.make_node("GatherElements", ["x", "idx"], ["g"], axis=1),
+        helper.make_node("ReduceSum", ["w", "axes"], ["wsum"], keepdims=1),
+        helper.make_node("Add", ["h", "h"], ["h2"]),
+    ]
+    model = helper.make_model(helper.make_graph(nodes, "stage", inputs, outputs, inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def graph_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("ort_graph")
+    _graph(folder / "stage_1.onnx")
+    return folder
+
+
+def _feeds(b: int, n: int, r: int, k: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"x": torch.randn(b, n, generator=g), "idx": torch.randint(0, n, (b, r), generator=g),
+            "w": torch.rand(b, k, generator=g), "h": torch.randn(b, n, generator=g).half()}
+
+
+def _assert_outputs(out: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    """Exact, except the sum whose order of additions is ONNX Runtime's own."""
+    assert set(out) == set(want)
+    for name, tensor in want.items():
+        assert out[name].dtype == tensor.dtype, name
+        assert tuple(out[name].shape) == tuple(tensor.shape), name
+        atol = 1e-6 if name == "wsum" else 0.0
+        torch.testing.assert_close(out[name], tensor, rtol=0, atol=atol)
+
+
+def _expected(f: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {"y": f["x"] * 2, "g": torch.gather(f["x"], 1, f["idx"]), "wsum": f["w"].sum(1, keepdim=True),
+            "h2": f["h"] + f["h"]}
+
+
+@pytest.mark.parametrize("io_binding", [True, False], ids=["bound", "numpy"])
+@pytest.mark.parametrize("b,n,r,k", [(1, 6, 3, 4), (2, 5, 0, 5), (2, 4, 2, 0), (3, 7, 7, 1)])
+def test_runner_matches_torch_including_empty_tensors(graph_dir, io_binding, b, n, r, k):
+    backend = OrtBackend("cpu", OrtOptions(intra_op_threads=1, io_binding=io_binding))
+    runner = backend.load_stage(graph_dir, {"file": "stage_1.onnx"}, SPEC)
+    feeds = _feeds(b, n, r, k)
+    _assert_outputs(runner.run(feeds), _expected(feeds))
+    backend.close()
+
+
+def test_runner_shapes_change_between_runs(graph_dir):
+    """One session serves different B, N, R, K (the dynamic dims change at every checkpoint)."""
+    backend = OrtBackend("cpu", OrtOptions(intra_op_threads=1))
+    runner = backend.load_stage(graph_dir, {"file": "stage_1.onnx"}, SPEC)
+    for i, dims in enumerate([(2, 8, 3, 5), (2, 8, 0, 8), (1, 3, 2, 1), (2, 8, 3, 5)]):
+        feeds = _feeds(*dims, seed=i)
+        _assert_outputs(runner.run(feeds), _expected(feeds))
+
+
+def test_outputs_survive_the_next_run(graph_dir):
+    """Outputs are views of ONNX Runtime memory: they must stay valid after later runs."""
+    backend = OrtBackend("cpu", OrtOptions(intra_op_threads=1))
+    runner = backend.load_stage(graph_dir, {"file": "stage_1.onnx"}, SPEC)
+    first_feeds = _feeds(2, 6, 2, 3, seed=1)
+    first = {k: v.clone() for k, v in runner.run(first_feeds).items()}
+    kept = runner.run(first_feeds)
+    for i in range(3):
+        runner.run(_feeds(2, 6, 2, 3, seed=10 + i))
+    for name in first:
+        assert torch.equal(kept[name], first[name])
+
+
+def test_wrong_dtype_and_missing_input_are_catome_errors(graph_dir):
+    backend = OrtBackend("cpu", OrtOptions(intra_op_threads=1))
+    runner = backend.load_stage(graph_dir, {"file": "stage_1.onnx"}, SPEC)
+    feeds = _feeds(1, 4, 1, 2)
+    bad = dict(feeds, idx=feeds["idx"].int())
+    with pytest.raises(CatomeError, match="idx.*int64"):
+        runner.run(bad)
+    missing = {k: v for k, v in feeds.items() if k != "w"}
+    with pytest.raises(CatomeError, match="missing inputs.*'w'"):
+        runner.run(missing)
+
+
+def test_non_contiguous_inputs_are_handled(graph_dir):
+    backend = OrtBackend("cpu", OrtOptions(intra_op_threads=1))
+    runner = backend.load_stage(graph_dir, {"file": "stage_1.onnx"}, SPEC)
+    feeds = _feeds(4, 6, 2, 3)
+    feeds["x"] = torch.randn(6, 4).t()  # a transposed view
+    out = runner.run(feeds)
+    torch.testing.assert_close(out["y"], feeds["x"] * 2, rtol=0, atol=0)
+
+
+def test_load_errors(graph_dir, tmp_path):
+    backend = OrtBackend("cpu")
+    with pytest.raises(CatomeError, match="missing.*rebuild"):
+        backend.load_stage(tmp_path, {"file": "stage_9.onnx"}, SPEC)
+    (tmp_path / "stage_1.onnx").write_bytes(b"not an onnx graph")
+    with pytest.raises(CatomeError, match="cannot load.*rebuild"):
+        backend.load_stage(tmp_path, {"file": "stage_1.onnx"}, SPEC)
+    other = StageSpec(1, 0, None, SPEC.inputs[:3] + (TensorSpec("other", "float32", ("B",)),), SPEC.outputs)
+    with pytest.raises(CatomeError, match="do not match the manifest"):
+        backend.load_stage(graph_dir, {"file": "stage_1.onnx"}, other)
+
+
+def test_options_are_validated_and_applied():
+    import onnxruntime as ort
+
+    with pytest.raises(CatomeError, match="optimization"):
+        OrtOptions(optimization="max")
+    with pytest.raises(CatomeError, match="intra-op"):
+        OrtOptions(intra_op_threads=0)
+    with pytest.raises(CatomeError, match="unknown ONNX Runtime options"):
+        OrtOptions.from_mapping({"threads": 2})
+    so = session_options(OrtOptions(intra_op_threads=3, optimization="extended", mem_pattern=True))
+    assert so.intra_op_num_threads == 3
+    assert so.inter_op_num_threads == 1
+    assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    assert so.enable_mem_pattern is True
+    assert so.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
+    default = session_options(OrtOptions())
+    assert default.intra_op_num_threads == physical_cores() >= 1
+    assert default.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+
+
+def test_cuda_backend_refused_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the refusal path cannot be exercised")
+    with pytest.raises(CatomeError, match="CUDA provider is not usable"):
+        OrtBackend("cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_runner_matches_torch(graph_dir):
+    import onnxruntime as ort
+
+    if not torch.cuda.is_available() or "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs a CUDA device and onnxruntime-gpu")
+    backend = OrtBackend("cuda")
+    runner = backend.load_stage(graph_dir, {"file": "stage_1.onnx"}, SPEC)
+    for dims in [(2, 8, 3, 5), (2, 8, 0, 8)]:
+        feeds = {k: v.cuda() for k, v in _feeds(*dims).items()}
+        out = runner.run(feeds)
+        assert all(t.device.type == "cuda" for t in out.values())
+        _assert_outputs({k: v.cpu() for k, v in out.items()}, {k: v.cpu() for k, v in _expected(feeds).items()})

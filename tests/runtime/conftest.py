@@ -1,0 +1,82 @@
+"""Fixtures of the runtime tests: the tiny U-Net cut into stages, runtimes over them, an eager reference."""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import pytest
+import torch
+
+from catome_export.merging import MergeSettings
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """The tiny model gains nothing from more threads, and on a shared CPU they spin: use one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_sites(tiny_unet):
+    from catome_export.models import find_merge_sites
+
+    return find_merge_sites(tiny_unet)
+
+
+@pytest.fixture(scope="session")
+def tiny_stages(tiny_unet, tiny_sites):
+    """``cut_unet`` of the tiny U-Net (fp32); the stage modules share the fixture's weights."""
+    from catome_export.export.stages import cut_unet
+
+    with one_thread():
+        return cut_unet(tiny_unet, tiny_sites)
+
+
+@pytest.fixture(scope="session")
+def make_runtime(tiny_unet, tiny_sites, tiny_stages) -> Callable[..., "object"]:
+    """``make_runtime(settings, shape_check=None)``: a Runtime over the tiny stages on the torch backend."""
+    from catome_export.backends.torch_backend import TorchBackend
+    from catome_export.runtime.runtime import Runtime
+
+    def make(settings: MergeSettings, shape_check=None):
+        backend = TorchBackend(None, "cpu", stages=tiny_stages)
+        runners = [backend.load_stage(None, {}, spec) for spec, _ in tiny_stages]  # type: ignore[arg-type]
+        return Runtime(runners, tiny_sites, settings, unet_config=dict(tiny_unet.config), dtype=torch.float32,
+                       device="cpu", backend=backend, shape_check=shape_check)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def reference_unet(tiny_unet) -> torch.nn.Module:
+    """A copy of the tiny U-Net for the eager reference (patched and unpatched by the tests)."""
+    return copy.deepcopy(tiny_unet)
+
+
+@pytest.fixture(scope="session")
+def eager(reference_unet) -> Callable[[MergeSettings], "object"]:
+    """``with eager(settings) as handle:`` the reference U-Net patched with eager CA-ToMe."""
+    from catome_export.eager import apply_merging
+
+    @contextmanager
+    def patched(settings: MergeSettings) -> Iterator[object]:
+        handle = apply_merging(reference_unet, settings)
+        try:
+            yield handle
+        finally:
+            handle.remove()
+
+    return patched
