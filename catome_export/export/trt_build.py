@@ -16,16 +16,14 @@ function raises :class:`CatomeError` naming TensorRT and how to install it.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from catome_export.errors import CatomeError
+from catome_export.export.fsutil import atomic_write_bytes, sha256_file
 from catome_export.export.profiles import StageProfile, compute_profiles, profiles_to_json
 
 logger = logging.getLogger(__name__)
@@ -41,29 +39,6 @@ _REDUCING_SCATTERS = ("ScatterElements", "ScatterND")
 def plan_file(index: int) -> str:
     """File name of stage ``index``'s TensorRT engine."""
     return f"stage_{index}.plan"
-
-
-def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def scan_onnx_ops(onnx_path: Path) -> dict[str, Any]:
@@ -216,7 +191,7 @@ def build_engines(
                           PolygraphyException)
         plan_path = engine_dir / plan_file(index)
         atomic_write_bytes(plan_path, data)
-        engines.append({"index": index, "file": plan_path.name, "sha256": _sha256(plan_path),
+        engines.append({"index": index, "file": plan_path.name, "sha256": sha256_file(plan_path),
                         "bytes": plan_path.stat().st_size})
         logger.info("stage %d: %s (%.1f MB)", index, plan_path.name, plan_path.stat().st_size / 1e6)
         if progress:

@@ -1,0 +1,80 @@
+"""Backend selection with monkeypatched availability: trt > ort-cuda > ort-cpu, and clear errors for what is missing."""
+
+from __future__ import annotations
+
+import pytest
+
+from catome_export.backends import select
+from catome_export.backends.select import choose_backend
+from catome_export.errors import CatomeError
+
+CPU_ONLY = ["CPUExecutionProvider"]
+WITH_CUDA = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """``machine(tensorrt=..., cuda=..., providers=[...])`` fakes what is installed and present."""
+    def fake(*, tensorrt: bool, cuda: bool, providers: list[str]) -> None:
+        monkeypatch.setattr(select, "_has", lambda module: tensorrt if module == "tensorrt" else bool(providers))
+        monkeypatch.setattr(select, "_cuda_available", lambda: cuda)
+        monkeypatch.setattr(select, "_ort_providers", lambda: list(providers))
+    return fake
+
+
+@pytest.mark.parametrize("tensorrt, cuda, providers, expected", [
+    (True, True, WITH_CUDA, "trt"),
+    (True, True, CPU_ONLY, "trt"),
+    (False, True, WITH_CUDA, "ort-cuda"),
+    (True, False, WITH_CUDA, "ort-cpu"),  # TensorRT installed but no GPU
+    (False, True, CPU_ONLY, "ort-cpu"),
+    (False, False, CPU_ONLY, "ort-cpu"),
+])
+def test_auto_prefers_trt_then_ort_cuda_then_ort_cpu(machine, tensorrt, cuda, providers, expected):
+    machine(tensorrt=tensorrt, cuda=cuda, providers=providers)
+    choice = choose_backend("auto")
+    assert choice.name == expected and choice.reason
+
+
+def test_auto_with_nothing_installed(machine):
+    machine(tensorrt=False, cuda=False, providers=[])
+    with pytest.raises(CatomeError, match="pip install"):
+        choose_backend("auto")
+
+
+def test_trt_without_tensorrt_names_it_and_the_install(machine):
+    machine(tensorrt=False, cuda=True, providers=WITH_CUDA)
+    with pytest.raises(CatomeError) as err:
+        choose_backend("trt")
+    msg = str(err.value)
+    assert "TensorRT" in msg and "pip install" in msg and "--backend ort" in msg
+
+
+def test_trt_without_gpu(machine):
+    machine(tensorrt=True, cuda=False, providers=CPU_ONLY)
+    with pytest.raises(CatomeError, match="CUDA device"):
+        choose_backend("trt")
+
+
+def test_trt_requested_and_available(machine):
+    machine(tensorrt=True, cuda=True, providers=CPU_ONLY)
+    assert choose_backend("trt").name == "trt"
+
+
+@pytest.mark.parametrize("cuda, providers, expected", [
+    (True, WITH_CUDA, "ort-cuda"), (False, WITH_CUDA, "ort-cpu"), (True, CPU_ONLY, "ort-cpu"),
+])
+def test_ort_picks_cuda_provider_when_usable(machine, cuda, providers, expected):
+    machine(tensorrt=False, cuda=cuda, providers=providers)
+    assert choose_backend("ort").name == expected
+
+
+def test_ort_cuda_without_provider(machine):
+    machine(tensorrt=False, cuda=True, providers=CPU_ONLY)
+    with pytest.raises(CatomeError, match="ort-gpu"):
+        choose_backend("ort-cuda")
+
+
+def test_unknown_backend():
+    with pytest.raises(CatomeError, match="unknown backend"):
+        choose_backend("tensorflow")
