@@ -381,3 +381,41 @@ def test_tiny_engines_match_onnx_runtime(tmp_path):
     assert any(r > 0 for m in trt_merged for r in m.values())  # smooth latents do merge
     for a, b in zip(trt_preds, ort_preds):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.trt
+@pytest.mark.gpu
+def test_cuda_graph_replay_of_trt_chain_matches_direct_runs(tmp_path):
+    """Graphs of two shape keys, replayed interleaved with new plans, give what the chain gives run directly."""
+    from catome_export.cli.main import main
+    from catome_export.merging import forced_plan
+    from catome_export.runtime.cuda_graphs import ChainGraphCache, ChainGraphRunner, TorchCudaGraphCapture, stage_chain
+    from catome_export.runtime.runtime import Runtime
+
+    out = tmp_path / "tiny"
+    assert main(["build", "--model", "tiny", "--backend", "trt", "--out", str(out)]) == 0
+    with Runtime.load(out, backend="trt") as rt:
+        runners = rt.chain.runners
+        sites = sorted(rt.sites)
+        chain = stage_chain(runners)
+        graphs = ChainGraphRunner(chain, TorchCudaGraphCapture(rt.device),
+                                  memory_generation=lambda: rt.backend.memory.generation)
+        gen = torch.Generator().manual_seed(0)
+
+        def inputs(fraction, seed):
+            feeds = {"sample": torch.randn(2, 4, 32, 32, generator=gen).cuda(),
+                     "timestep": torch.full((2,), 500.0).cuda(),
+                     "encoder_hidden_states": torch.randn(2, 77, 32, generator=gen).cuda()}
+            plans = {k: forced_plan(2, (32, 32), fraction, device="cuda", seed=seed + k) for k in sites}
+            for k, plan in plans.items():
+                feeds.update(zip((f"site{k}_{n}" for n in ("keep_idx", "src_idx", "slot_idx", "weight",
+                                                           "unmerge_idx")), plan.tensors()))
+            return feeds, plans
+
+        for fraction, seed in ((0.5, 0), (0.0, 10), (0.5, 20), (0.0, 30), (0.5, 20)):
+            feeds, plans = inputs(fraction, seed)
+            key = ChainGraphCache.key(2, (32, 32), [plans[k].num_merged for k in sites])
+            got = graphs.run(key, feeds, {k: seed for k in sites})["noise_pred"]
+            want = chain(feeds)["noise_pred"]
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert graphs.captures == 2
