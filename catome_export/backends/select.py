@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from typing import Any
 
 from catome_export.errors import CatomeError
 
@@ -39,6 +40,32 @@ def _ort_providers() -> list[str]:
     return list(onnxruntime.get_available_providers())
 
 
+TRT_INSTALL_HINT = ("install it on a machine with an NVIDIA GPU (pip install 'catome-export[trt]', or pip install "
+                    "tensorrt --extra-index-url https://pypi.nvidia.com), or use --backend ort")
+
+
+def import_tensorrt() -> Any:
+    """Import ``tensorrt`` (10.x), or raise CatomeError saying how to install it.
+
+    A broken install (missing CUDA libraries) raises more than ImportError;
+    every failure becomes the same user-facing error.
+    """
+    try:
+        import tensorrt
+    except Exception as exc:  # ImportError, OSError from a missing libnvinfer, ...
+        detail = "" if isinstance(exc, ModuleNotFoundError) else f" ({type(exc).__name__}: {exc})"
+        raise CatomeError(f"TensorRT is not installed or not importable{detail}: {TRT_INSTALL_HINT}") from None
+    version = str(getattr(tensorrt, "__version__", "0"))
+    try:
+        major = int(version.split(".")[0])
+    except ValueError:
+        major = 0
+    if major < 10:
+        raise CatomeError(f"TensorRT {version} is too old: this project needs TensorRT 10 "
+                          "(pip install 'catome-export[trt]')")
+    return tensorrt
+
+
 def choose_backend(requested: str = "auto") -> BackendChoice:
     """Resolve a requested backend name to one that can run here, or raise CatomeError saying what to install."""
     if requested not in BACKEND_NAMES:
@@ -49,11 +76,7 @@ def choose_backend(requested: str = "auto") -> BackendChoice:
     providers = _ort_providers()
     if requested == "trt":
         if not _has("tensorrt"):
-            raise CatomeError(
-                "TensorRT is not installed: install it on a machine with an NVIDIA GPU "
-                "(pip install 'catome-export[trt]', or pip install tensorrt --extra-index-url https://pypi.nvidia.com), "
-                "or use --backend ort"
-            )
+            raise CatomeError(f"TensorRT is not installed: {TRT_INSTALL_HINT}")
         if not cuda:
             raise CatomeError("TensorRT needs a CUDA device and a CUDA build of torch; use --backend ort on this machine")
         return BackendChoice("trt", "TensorRT (requested)")

@@ -33,24 +33,13 @@ from typing import Any
 
 import torch
 
+from catome_export.backends.select import import_tensorrt
 from catome_export.errors import CatomeError
 
 logger = logging.getLogger(__name__)
 
 DUMMY_BYTES = 256
 """Bytes of dummy memory per empty binding (TensorRT's address alignment); each IO tensor gets its own slot."""
-
-
-def _import_tensorrt() -> Any:
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise CatomeError(
-            "TensorRT is not installed: install it on a machine with an NVIDIA GPU (pip install "
-            "'catome-export[trt]', or pip install tensorrt --extra-index-url https://pypi.nvidia.com), "
-            "or use --backend ort"
-        ) from None
-    return trt
 
 
 def _trt_logger(trt: Any, injected: bool) -> Any:
@@ -249,7 +238,7 @@ class TrtBackend:
         ``trt_module``: a stand-in for the ``tensorrt`` module (tests only;
         it also lets the backend run on a CPU device, where nothing executes).
         """
-        self.trt = trt_module if trt_module is not None else _import_tensorrt()
+        self.trt = trt_module if trt_module is not None else import_tensorrt()
         default = "cuda" if trt_module is None or torch.cuda.is_available() else "cpu"
         self.device = torch.device(device if device is not None else default)
         if trt_module is None:

@@ -236,8 +236,8 @@ def resolve_dim(dim: str | int, env: DimEnv, extra: Mapping[str, DimRule] | None
                       "H2/W2/H4/W4/H8/W8, N{k}, K{k}, R{k}; pass a rule for it (extra_dims)")
 
 
-def _field(obj: Any, key: str) -> Any:
-    """A manifest field, whether the manifest is a dict or an object with attributes."""
+def manifest_field(obj: Any, key: str) -> Any:
+    """A manifest field, whether the manifest is a dict or an object with attributes (None if absent)."""
     if isinstance(obj, Mapping):
         return obj.get(key)
     if hasattr(obj, key):
@@ -263,7 +263,7 @@ def _specs_and_context(manifest_or_specs: Any) -> tuple[list[Any], Any]:
 def sites_from(manifest: Any) -> dict[int, SiteGeometry]:
     """Merge-site geometry from a manifest's ``sites`` list (dicts or MergeSite objects)."""
     out: dict[int, SiteGeometry] = {}
-    for site in _field(manifest, "sites") or []:
+    for site in manifest_field(manifest, "sites") or []:
         index = site["index"] if isinstance(site, Mapping) else site.index
         ds = site.get("downsample", 1) if isinstance(site, Mapping) else getattr(site, "downsample", 1)
         out[int(index)] = SiteGeometry(int(index), int(ds))
@@ -277,7 +277,7 @@ def _stride_from(manifest: Any) -> tuple[int, int] | None:
             return tuple(settings().stride)  # type: ignore[return-value]
         except Exception:  # a damaged merge section is reported by Manifest.load, not here
             pass
-    merge = _field(manifest, "merge")
+    merge = manifest_field(manifest, "merge")
     if isinstance(merge, Mapping) and merge.get("stride"):
         return tuple(int(s) for s in merge["stride"])  # type: ignore[return-value]
     return None
@@ -318,7 +318,7 @@ def compute_profiles(
     """
     specs, manifest = _specs_and_context(manifest_or_specs)
     if shapes is None:
-        shapes = _field(manifest, "shapes") if manifest is not None else None
+        shapes = manifest_field(manifest, "shapes") if manifest is not None else None
         if shapes is None:
             raise CatomeError("compute_profiles needs the shape ranges (the manifest's 'shapes' section)")
     ranges = shapes if isinstance(shapes, ShapeRanges) else ShapeRanges.from_dict(shapes)

@@ -86,16 +86,10 @@ def scan_onnx_ops(onnx_path: Path) -> dict[str, Any]:
 
 
 def _import_tensorrt() -> Any:
-    from catome_export.backends.select import choose_backend
+    from catome_export.backends.select import choose_backend, import_tensorrt
 
-    choose_backend("trt")  # raises CatomeError naming TensorRT and the install command
-    import tensorrt as trt
-
-    major = int(str(trt.__version__).split(".")[0])
-    if major < 10:
-        raise CatomeError(f"TensorRT {trt.__version__} is too old: this project needs TensorRT 10 "
-                          "(pip install 'catome-export[trt]')")
-    return trt
+    choose_backend("trt")  # raises CatomeError naming TensorRT and the install command, or the missing GPU
+    return import_tensorrt()
 
 
 def _stage_entries(manifest: Any) -> list[Mapping[str, Any]]:
@@ -215,11 +209,11 @@ def build_engines(
 
 
 def _opt_fraction(manifest: Any, given: float | None) -> float:
-    from catome_export.export.profiles import DEFAULT_OPT_MERGE_FRACTION, ShapeRanges, _field
+    from catome_export.export.profiles import DEFAULT_OPT_MERGE_FRACTION, ShapeRanges, manifest_field
 
     if given is not None:
         return float(given)
-    shapes = _field(manifest, "shapes")
+    shapes = manifest_field(manifest, "shapes")
     frac = ShapeRanges.from_dict(shapes).opt_merge_fraction if shapes else None
     return DEFAULT_OPT_MERGE_FRACTION if frac is None else frac
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from catome_export.errors import CatomeError
+from catome_export.export.profiles import manifest_field
 
 logger = logging.getLogger(__name__)
 
@@ -66,18 +67,6 @@ class TrtRuntimeInfo:
         return cls(version, name, cc)
 
 
-def _get(manifest: Any, key: str) -> Any:
-    if isinstance(manifest, Mapping):
-        return manifest.get(key)
-    if hasattr(manifest, key):
-        return getattr(manifest, key)
-    data = getattr(manifest, "data", None)
-    if isinstance(data, Mapping):
-        return data.get(key)
-    to_dict = getattr(manifest, "to_dict", None)
-    return to_dict().get(key) if callable(to_dict) else None
-
-
 def _range(value: Any) -> tuple[int, int] | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return value, value
@@ -96,17 +85,17 @@ def rebuild_command(manifest: Any, engine_dir: str | Path | None = None) -> str:
     Reconstructed from the manifest: model id and weights, precision, merge
     settings, shape ranges and opt shapes, and the output folder.
     """
-    model = _get(manifest, "model") or {}
-    merge = _get(manifest, "merge") or {}
-    shapes = _get(manifest, "shapes") or {}
-    trt_section = _get(manifest, "trt") or {}
-    name = _get(manifest, "name")
+    model = manifest_field(manifest, "model") or {}
+    merge = manifest_field(manifest, "merge") or {}
+    shapes = manifest_field(manifest, "shapes") or {}
+    trt_section = manifest_field(manifest, "trt") or {}
+    name = manifest_field(manifest, "name")
     args: list[str] = ["catome-export", "build", "--model", str(model.get("id") or name or "MODEL")]
     if model.get("weights"):
         args += ["--weights", str(model["weights"])]
     args += ["--backend", "trt"]
-    if _get(manifest, "precision"):
-        args += ["--precision", str(_get(manifest, "precision"))]
+    if manifest_field(manifest, "precision"):
+        args += ["--precision", str(manifest_field(manifest, "precision"))]
     if merge.get("threshold") is not None:
         args += ["--threshold", f"{merge['threshold']:g}"]
     elif merge.get("ratio") is not None:
@@ -160,7 +149,7 @@ def check_shapes_in_profiles(
     Checks the manifest's ``shapes`` ranges and, where the ``trt`` section
     records the profiles, the ``sample`` input of the first stage.
     """
-    shapes = _get(manifest, "shapes") or {}
+    shapes = manifest_field(manifest, "shapes") or {}
     lh, lw = latent_hw
     want = {"batch": batch, "latent_height": lh, "latent_width": lw}
     bad = []
@@ -168,7 +157,7 @@ def check_shapes_in_profiles(
         r = _range(shapes.get(key))
         if r is not None and not r[0] <= value <= r[1]:
             bad.append(f"{key} {value} outside the built range {_fmt_range(r)}")
-    trt_section = _get(manifest, "trt") or {}
+    trt_section = manifest_field(manifest, "trt") or {}
     profiles = trt_section.get("profiles") if isinstance(trt_section, Mapping) else None
     if not bad and profiles:
         sample = (profiles[0] or {}).get("sample")
@@ -201,8 +190,8 @@ def check_trt_compat(
     """
     info = runtime_info if runtime_info is not None else TrtRuntimeInfo.detect()
     cmd = rebuild_command(manifest, engine_dir)
-    backend = _get(manifest, "engine_backend")
-    section = _get(manifest, "trt")
+    backend = manifest_field(manifest, "engine_backend")
+    section = manifest_field(manifest, "trt")
     if backend != "trt" or not isinstance(section, Mapping):
         raise CatomeError(
             f"this engine folder holds no TensorRT engines (engine_backend {backend!r}): "
@@ -246,5 +235,5 @@ def check_trt_compat(
 
 def plugins_needed(manifest: Any) -> Sequence[str]:
     """Plugin ops the folder's engines use (from the ``trt`` section)."""
-    section = _get(manifest, "trt") or {}
+    section = manifest_field(manifest, "trt") or {}
     return list(section.get("plugins") or []) if isinstance(section, Mapping) else []

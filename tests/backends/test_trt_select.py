@@ -78,3 +78,36 @@ def test_ort_cuda_without_provider(machine):
 def test_unknown_backend():
     with pytest.raises(CatomeError, match="unknown backend"):
         choose_backend("tensorflow")
+
+
+def test_import_tensorrt_errors(monkeypatch):
+    import sys
+    import types
+
+    from catome_export.backends.select import import_tensorrt
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(CatomeError, match="TensorRT is not installed.*pip install"):
+        import_tensorrt()
+    old = types.ModuleType("tensorrt")
+    old.__version__ = "8.6.1"
+    monkeypatch.setitem(sys.modules, "tensorrt", old)
+    with pytest.raises(CatomeError, match="8.6.1 is too old"):
+        import_tensorrt()
+    new = types.ModuleType("tensorrt")
+    new.__version__ = "10.3.0"
+    monkeypatch.setitem(sys.modules, "tensorrt", new)
+    assert import_tensorrt() is new
+
+
+def test_broken_tensorrt_install_is_a_clear_error(monkeypatch, tmp_path):
+    import sys
+
+    from catome_export.backends.select import import_tensorrt
+
+    (tmp_path / "tensorrt").mkdir()
+    (tmp_path / "tensorrt" / "__init__.py").write_text("raise OSError('libnvinfer.so.10: cannot open shared object')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
+    with pytest.raises(CatomeError, match="not importable.*libnvinfer"):
+        import_tensorrt()
