@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -111,6 +113,25 @@ def _precision(manifest: Any) -> str:
     return str(value or "fp32")
 
 
+def shared_timing_cache(trt_version: str, gpu_name: str, compute_capability: str) -> Path | None:
+    """The per-user timing cache for this TensorRT version and GPU, shared by every build on the machine.
+
+    ``$CATOME_EXPORT_CACHE`` (else ``$XDG_CACHE_HOME/catome-export``, else
+    ``~/.cache/catome-export``) ``/trt-timing/trt<version>-sm<cc>-<gpu>.cache``;
+    None when no home folder is known. Builds run in a temporary folder, so
+    this copy is what carries tactic timings from one build to the next.
+    """
+    base = os.environ.get("CATOME_EXPORT_CACHE")
+    if not base:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        try:
+            base = str(Path(xdg) / "catome-export") if xdg else str(Path.home() / ".cache" / "catome-export")
+        except RuntimeError:  # no home folder
+            return None
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", gpu_name).strip("-").lower() or "gpu"
+    return Path(base) / "trt-timing" / f"trt{trt_version}-sm{compute_capability.replace('.', '')}-{gpu}.cache"
+
+
 def gpu_info() -> tuple[str, str]:
     """(name, "major.minor" compute capability) of the current CUDA device."""
     import torch
@@ -135,9 +156,11 @@ def build_engines(
     ``builder_optimization_level``: 0-5, TensorRT's default is 3; higher
     searches longer for faster tactics. ``opt_merge_fraction``: the merge
     level the profiles are tuned for (see ``compute_profiles``).
-    ``timing_cache``: the persistent tactic timing cache, by default
-    ``engine_dir/timing.cache``. ``progress(k, n, message)`` is called
-    before and after each stage.
+    ``timing_cache``: the tactic timing cache written after every stage, by
+    default ``engine_dir/timing.cache``; when it does not exist yet the
+    build starts from the per-user cache of this TensorRT and GPU
+    (:func:`shared_timing_cache`), which is updated at the end.
+    ``progress(k, n, message)`` is called before and after each stage.
 
     The returned dict holds the TensorRT version, GPU name, compute
     capability, plugins, profiles, build flags, and per-stage ``engines``
@@ -158,6 +181,9 @@ def build_engines(
         raise CatomeError(f"the manifest has {len(entries)} stages but {len(profiles)} stage specs: "
                           "rebuild the engine folder (catome-export build ...)")
     cache_path = Path(timing_cache) if timing_cache is not None else engine_dir / "timing.cache"
+    name, cc = gpu_info()
+    shared = shared_timing_cache(str(trt.__version__), name, cc)
+    seed = cache_path if cache_path.is_file() else shared if shared is not None and shared.is_file() else None
     use_fp16 = bool(fp16) or _precision(manifest) == "fp16"
     trt_logger = trt_util.get_trt_logger()
     plugins_loaded = False
@@ -180,7 +206,8 @@ def build_engines(
         all_plugins.update(ops["plugins"])
         if progress:
             progress(index, len(entries), f"building {plan_file(index)}")
-        data = _build_one(trt, onnx_path, profile, use_fp16, builder_optimization_level, cache_path,
+        source = cache_path if cache_path.is_file() else seed
+        data = _build_one(trt, onnx_path, profile, use_fp16, builder_optimization_level, source, cache_path,
                           CreateConfig, NetworkFromOnnxPath, Profile, engine_bytes_from_network,
                           PolygraphyException)
         plan_path = engine_dir / plan_file(index)
@@ -190,7 +217,12 @@ def build_engines(
         logger.info("stage %d: %s (%.1f MB)", index, plan_path.name, plan_path.stat().st_size / 1e6)
         if progress:
             progress(index, len(entries), f"built {plan_path.name}")
-    name, cc = gpu_info()
+    if shared is not None and cache_path.is_file():
+        try:
+            shared.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(shared, cache_path.read_bytes())
+        except OSError as exc:  # the shared copy only speeds up later builds
+            logger.debug("could not update the shared timing cache %s: %s", shared, exc)
     return {
         "version": str(trt.__version__),
         "gpu": name,
@@ -218,10 +250,11 @@ def _opt_fraction(manifest: Any, given: float | None) -> float:
     return DEFAULT_OPT_MERGE_FRACTION if frac is None else frac
 
 
-def _build_one(trt: Any, onnx_path: Path, profile: StageProfile, fp16: bool, level: int, cache_path: Path,
+def _build_one(trt: Any, onnx_path: Path, profile: StageProfile, fp16: bool, level: int, source: Path | None,
+               cache_path: Path,
                CreateConfig: Any, NetworkFromOnnxPath: Any, Profile: Any, engine_bytes_from_network: Any,
                PolygraphyException: type) -> bytes:
-    """Parse, configure and build one stage; save the grown timing cache atomically."""
+    """Parse, configure and build one stage (timing cache read from ``source``); save the grown cache atomically."""
     poly_profile = Profile()
     for name, (mn, opt, mx) in profile.items():
         poly_profile.add(name, min=list(mn), opt=list(opt), max=list(mx))
@@ -235,7 +268,7 @@ def _build_one(trt: Any, onnx_path: Path, profile: StageProfile, fp16: bool, lev
             profiles=[poly_profile],
             builder_optimization_level=level,
             # read through a buffer: a path would leave a '.lock' file next to the cache
-            load_timing_cache=io.BytesIO(cache_path.read_bytes()) if cache_path.is_file() else None,
+            load_timing_cache=io.BytesIO(source.read_bytes()) if source is not None else None,
         )(builder, network)
         engine = engine_bytes_from_network((builder, network, parser), config=config)
     except PolygraphyException as exc:

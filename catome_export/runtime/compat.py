@@ -20,7 +20,6 @@ TensorRT or a GPU.
 from __future__ import annotations
 
 import logging
-import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,54 +78,48 @@ def _fmt_range(r: tuple[int, int]) -> str:
     return str(r[0]) if r[0] == r[1] else f"{r[0]}-{r[1]}"
 
 
-def rebuild_command(manifest: Any, engine_dir: str | Path | None = None) -> str:
-    """The ``catome-export build`` command that rebuilds this engine folder with TensorRT.
+def rebuild_command(manifest: Any, engine_dir: str | Path | None = None, **overrides: Any) -> str:
+    """The ``catome-export build ... --backend trt`` command that rebuilds this engine folder here.
 
-    Reconstructed from the manifest: model id and weights, precision, merge
-    settings, shape ranges and opt shapes, and the output folder.
+    A :class:`~catome_export.export.manifest.Manifest` formats it from the
+    build arguments it recorded; a plain manifest dict gets it reconstructed
+    from its model, precision, merge settings and shape ranges.
+    ``overrides`` replace flags (``min_resolution=...``, ``max_batch=...``).
     """
+    overrides = {"backend": "trt", **overrides}
+    if engine_dir is not None:
+        overrides["out"] = str(engine_dir)
+    method = getattr(manifest, "rebuild_command", None)
+    if callable(method):
+        return str(method(**overrides))
+    from catome_export.export.manifest import build_command
+
     model = manifest_field(manifest, "model") or {}
     merge = manifest_field(manifest, "merge") or {}
     shapes = manifest_field(manifest, "shapes") or {}
-    trt_section = manifest_field(manifest, "trt") or {}
     name = manifest_field(manifest, "name")
-    args: list[str] = ["catome-export", "build", "--model", str(model.get("id") or name or "MODEL")]
-    if model.get("weights"):
-        args += ["--weights", str(model["weights"])]
-    args += ["--backend", "trt"]
-    if manifest_field(manifest, "precision"):
-        args += ["--precision", str(manifest_field(manifest, "precision"))]
-    if merge.get("threshold") is not None:
-        args += ["--threshold", f"{merge['threshold']:g}"]
-    elif merge.get("ratio") is not None:
-        args += ["--ratio", f"{merge['ratio']:g}"]
-    elif merge.get("merge_fraction") is not None:
-        args += ["--merge-fraction", f"{merge['merge_fraction']:g}"]
+    args: dict[str, Any] = {"model": model.get("id") or name or "MODEL", "weights": model.get("weights"),
+                            "precision": manifest_field(manifest, "precision"), "name": name}
+    for key in ("threshold", "ratio", "merge_fraction"):
+        if merge.get(key) is not None:
+            args[key] = f"{merge[key]:g}"
+            break
     schedule = merge.get("schedule") or {}
     if schedule.get("name") and schedule["name"] != "custom":
-        args += ["--schedule", str(schedule["name"])]
+        args["schedule"] = schedule["name"]
     elif schedule.get("checkpoints") is not None:
-        args += ["--schedule", ",".join(str(c) for c in schedule["checkpoints"])]
-    if schedule.get("step_base") not in (None, 1):
-        args += ["--step-base", str(schedule["step_base"])]
-    if merge.get("max_downsample") not in (None, 1):
-        args += ["--max-downsample", str(merge["max_downsample"])]
+        args["schedule"] = ",".join(str(c) for c in schedule["checkpoints"])
+    if schedule.get("step_base") is not None:
+        args["step_base"] = schedule["step_base"]
     batch, lh, lw = (_range(shapes.get(k)) for k in ("batch", "latent_height", "latent_width"))
     if batch:
-        args += ["--batch", _fmt_range(batch)]
-    if lh and lw:
-        # the CLI takes image sizes in pixels (latent * 8)
-        args += ["--height", _fmt_range((lh[0] * 8, lh[1] * 8)), "--width", _fmt_range((lw[0] * 8, lw[1] * 8))]
-    frac = (trt_section or {}).get("opt_merge_fraction")
-    if frac is None:
-        frac = (shapes.get("opt") or {}).get("merge_fraction")
-    if frac is not None:
-        args += ["--opt-merge-fraction", f"{float(frac):g}"]
-    if engine_dir is not None:
-        args += ["--out", str(engine_dir)]
-    elif name:
-        args += ["--out", f"engines/{name}"]
-    return " ".join(shlex.quote(a) for a in args)
+        args.update(min_batch=batch[0], max_batch=batch[1])
+    if lh and lw:  # the CLI takes square pixel sizes: cover both ranges
+        args.update(min_resolution=8 * min(lh[0], lw[0]), max_resolution=8 * max(lh[1], lw[1]))
+    if name and "out" not in overrides:
+        args["out"] = f"engines/{name}"
+    args.update(overrides)
+    return build_command(args)
 
 
 def _major_minor(version: str) -> tuple[int, int] | None:
@@ -135,6 +128,16 @@ def _major_minor(version: str) -> tuple[int, int] | None:
         return int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
     except ValueError:
         return None
+
+
+def _widened(manifest: Any, batch: int, latent_hw: tuple[int, int]) -> dict[str, int]:
+    """Build-flag overrides whose ranges cover the built ones and the requested shape."""
+    shapes = manifest_field(manifest, "shapes") or {}
+    b = _range(shapes.get("batch")) or (batch, batch)
+    lh = _range(shapes.get("latent_height")) or (latent_hw[0], latent_hw[0])
+    lw = _range(shapes.get("latent_width")) or (latent_hw[1], latent_hw[1])
+    return {"min_batch": min(b[0], batch), "max_batch": max(b[1], batch),
+            "min_resolution": 8 * min(lh[0], lw[0], *latent_hw), "max_resolution": 8 * max(lh[1], lw[1], *latent_hw)}
 
 
 def check_shapes_in_profiles(
@@ -170,7 +173,7 @@ def check_shapes_in_profiles(
         raise CatomeError(
             "the requested shape is not covered by the engines: " + "; ".join(bad)
             + f" (image {lh * 8}x{lw * 8} px, batch {batch}). Use a shape inside the range, or rebuild with "
-            "wider ranges: " + rebuild_command(manifest, engine_dir)
+            "wider ranges: " + rebuild_command(manifest, engine_dir, **_widened(manifest, batch, latent_hw))
         )
 
 

@@ -128,3 +128,16 @@ def test_build_writes_plans_cache_and_trt_section(tmp_path):
         assert (out / e["file"]).stat().st_size == e["bytes"]
     assert not list(out.glob("*.tmp")) and not list(out.glob("*.lock"))
     json.dumps(again)  # the section is JSON-ready
+
+
+def test_shared_timing_cache_is_per_version_and_gpu(monkeypatch, tmp_path):
+    from catome_export.export.trt_build import shared_timing_cache
+
+    monkeypatch.setenv("CATOME_EXPORT_CACHE", str(tmp_path))
+    path = shared_timing_cache("10.3.0", "NVIDIA H100 80GB HBM3", "9.0")
+    assert path == tmp_path / "trt-timing" / "trt10.3.0-sm90-nvidia-h100-80gb-hbm3.cache"
+    assert shared_timing_cache("10.4.0", "NVIDIA H100 80GB HBM3", "9.0") != path
+    assert shared_timing_cache("10.3.0", "NVIDIA L40S", "8.9") != path
+    monkeypatch.delenv("CATOME_EXPORT_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert shared_timing_cache("10.3.0", "X", "9.0").parent == tmp_path / "xdg" / "catome-export" / "trt-timing"

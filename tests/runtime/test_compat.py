@@ -120,31 +120,58 @@ def test_shapes_checked_against_the_trt_profile_too():
         check_shapes_in_profiles(m, 2, (88, 96))
 
 
-def test_rebuild_command_round_trips_the_build_settings():
-    cmd = rebuild_command(_manifest(), "engines/sd15 trt")
+def _flags(cmd: str) -> dict[str, str]:
     args = shlex.split(cmd)
     assert args[:2] == ["catome-export", "build"]
-
-    def value(flag):
-        return args[args.index(flag) + 1]
-
-    assert value("--model") == "sd15" and value("--weights") == "random"
-    assert value("--backend") == "trt" and value("--precision") == "fp16"
-    assert value("--threshold") == "0.7" and value("--schedule") == "config3"
-    assert value("--batch") == "1-2"
-    assert value("--height") == "256-768" and value("--width") == "256-768"
-    assert value("--opt-merge-fraction") == "0.75"
-    assert value("--out") == "engines/sd15 trt"
+    return {args[i][2:]: args[i + 1] for i in range(2, len(args) - 1, 2)}
 
 
-def test_rebuild_command_custom_schedule_and_ratio():
+def test_rebuild_command_from_a_manifest_dict():
+    flags = _flags(rebuild_command(_manifest(), "engines/sd15 trt"))
+    assert flags["model"] == "sd15" and flags["weights"] == "random"
+    assert flags["backend"] == "trt" and flags["precision"] == "fp16"
+    assert flags["threshold"] == "0.7" and flags["schedule"] == "config3" and flags["step-base"] == "1"
+    assert (flags["min-batch"], flags["max-batch"]) == ("1", "2")
+    assert (flags["min-resolution"], flags["max-resolution"]) == ("256", "768")
+    assert flags["out"] == "engines/sd15 trt"
+
+
+def test_rebuild_command_custom_schedule():
     m = copy.deepcopy(_manifest())
-    m["merge"].update(threshold=None, ratio=0.5, schedule={"name": "custom", "checkpoints": [0, 3, 9], "step_base": 0})
-    args = shlex.split(rebuild_command(m))
-    assert args[args.index("--ratio") + 1] == "0.5"
-    assert args[args.index("--schedule") + 1] == "0,3,9"
-    assert args[args.index("--step-base") + 1] == "0"
-    assert args[args.index("--out") + 1] == "engines/sd15-trt"
+    m["merge"].update(schedule={"name": "custom", "checkpoints": [0, 3, 9], "step_base": 0})
+    flags = _flags(rebuild_command(m))
+    assert flags["schedule"] == "0,3,9" and flags["step-base"] == "0" and flags["out"] == "engines/sd15-trt"
+
+
+def test_rebuild_command_every_flag_is_one_the_build_command_takes():
+    from catome_export.cli.main import build_parser
+
+    parser = build_parser()
+    args = shlex.split(rebuild_command(_manifest(), "engines/x"))[1:]
+    parsed = parser.parse_args(args)
+    assert parsed.backend == "trt" and parsed.min_resolution == 256 and parsed.max_batch == 2
+
+
+def test_real_manifest_formats_its_recorded_build_with_trt():
+    from catome_export.export.manifest import Manifest
+
+    data = _manifest()
+    manifest = Manifest(name=data["name"], model=data["model"], precision=data["precision"], merge=data["merge"],
+                        sites=[], shapes=data["shapes"], stages=[], engine_backend="trt", trt=data["trt"],
+                        extra={"build": {"model": "sd15", "weights": "random", "precision": "fp16",
+                                         "backend": "ort", "min_resolution": 256, "max_resolution": 768}})
+    flags = _flags(rebuild_command(manifest, "engines/here"))
+    assert flags["backend"] == "trt" and flags["out"] == "engines/here" and flags["min-resolution"] == "256"
+    check_trt_compat(manifest, H100)
+    with pytest.raises(CatomeError, match="--backend trt"):
+        check_trt_compat(manifest, TrtRuntimeInfo("10.4.0", H100.gpu_name, "9.0"))
+
+
+def test_shape_error_suggests_ranges_that_cover_the_request():
+    with pytest.raises(CatomeError) as err:
+        check_shapes_in_profiles(_manifest(), 4, (128, 64))
+    flags = _flags(str(err.value).split("wider ranges: ")[1])
+    assert flags["max-batch"] == "4" and flags["max-resolution"] == "1024" and flags["min-resolution"] == "256"
 
 
 def test_detect_never_raises():
