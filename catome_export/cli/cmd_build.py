@@ -1,0 +1,106 @@
+"""``catome-export build``: export a U-Net to staged ONNX graphs (+ TensorRT engines), audit and verify them."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+DESCRIPTION = """\
+Cut the U-Net at its merge sites into stages, export each stage as a
+dynamic-shape ONNX graph, check the graphs (ONNX checker, ONNX Runtime,
+TensorRT operator audit), build TensorRT engines where TensorRT runs, write
+engines/<name>/manifest.json last, and verify the engine against eager
+CA-ToMe. The folder is replaced only by a finished, verified build.
+
+examples:
+  catome-export build --model tiny                      quick start (about a minute on a CPU)
+  catome-export build --model sd15 --weights random     SD 1.5 layout, seeded weights (offline)
+  catome-export build --model sd15 --min-resolution 512 --max-resolution 768 --max-batch 4
+  catome-export build --model ./my-sd-folder --precision fp16 --backend trt
+"""
+
+
+def _settings(args: argparse.Namespace):
+    from catome_export.merging import MergeSettings, parse_schedule
+
+    schedule = args.schedule
+    auto = isinstance(schedule, str) and schedule.strip().lower().startswith("auto:")
+    parsed = parse_schedule("config3" if schedule is None or auto else schedule, args.step_base)
+    return MergeSettings(threshold=args.threshold, schedule=parsed), (schedule if auto else None)
+
+
+def run(args: argparse.Namespace) -> int:
+    from catome_export.export.build import make_options, run_build
+
+    settings, auto_spec = _settings(args)
+    cli = {"threshold": args.threshold, "schedule": args.schedule, "step_base": args.step_base}
+    opts = make_options(args.model, args.weights, args.precision, args.backend, args.resolution,
+                        args.min_resolution, args.max_resolution, args.batch, args.min_batch, args.max_batch,
+                        settings, args.name, args.out, verify=not args.no_verify, verify_steps=args.verify_steps,
+                        exporter=args.exporter, cli=cli)
+    log = logging.getLogger("catome_export.build")
+    result = run_build(opts, progress=log.info, schedule_spec=auto_spec)
+    print(summary(result))
+    return 0
+
+
+def summary(result) -> str:
+    """The short report printed after a build."""
+    m = result.manifest
+    lines = [f"engine: {result.engine_dir} ({m.model['id']}, {m.precision}, {len(m.stages)} stages, "
+             f"{len(m.sites)} merge sites, engines: {result.backend}, {result.seconds:.0f} s)"]
+    total = 0
+    for entry in m.stages:
+        size = entry["bytes"] + (entry.get("external_data_bytes") or 0)
+        total += size
+        extra = f" + {entry['engine']['file']}" if entry.get("engine") else ""
+        lines.append(f"  {entry['file']}{extra}: {size / 1e6:.1f} MB")
+    lines.append(f"  total {total / 1e6:.1f} MB")
+    lines.append(result.audit.summary())
+    if result.quick_check:
+        lines.append(f"ONNX Runtime vs torch per stage: max |diff| {max(result.quick_check.values()):.1e}")
+    if result.verify is not None:
+        lines.append(result.verify.summary() if hasattr(result.verify, "summary") else str(result.verify))
+    for note in result.notes:
+        lines.append(f"note: {note}")
+    lines.append(f"load it with: Runtime.load({str(result.engine_dir)!r}) or catome-export verify {result.engine_dir}")
+    return "\n".join(lines)
+
+
+def _resolution(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of pixels") from None
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("build", help="export + audit + verify an engine folder (staged ONNX, TensorRT where present)",
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="tiny, sd15, or a local diffusers folder (pipeline or U-Net)")
+    p.add_argument("--weights", choices=("pretrained", "random"), default=None,
+                   help="pretrained (default for sd15 and folders) or random (seeded; the only option for tiny)")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    p.add_argument("--backend", choices=("auto", "ort", "trt"), default="auto",
+                   help="engines to build: auto = TensorRT where it runs, else ONNX Runtime (default)")
+    p.add_argument("--resolution", type=_resolution, default=None, metavar="N",
+                   help="image side in pixels, a multiple of 8 (default: the model's, tiny 256, sd15 512)")
+    p.add_argument("--min-resolution", type=_resolution, default=None, metavar="N")
+    p.add_argument("--max-resolution", type=_resolution, default=None, metavar="N")
+    p.add_argument("--batch", type=int, default=None, metavar="N", help="one batch size (default: range 1..2)")
+    p.add_argument("--min-batch", type=int, default=None, metavar="N")
+    p.add_argument("--max-batch", type=int, default=None, metavar="N")
+    p.add_argument("--threshold", type=float, default=0.7, help="CA-ToMe similarity threshold t (default 0.7)")
+    p.add_argument("--schedule", default=None,
+                   help="checkpoint schedule: config1..config4, adaptive, config_five, every_step, a list like "
+                        "0,10,20, or auto:K (calibrated on the model) (default config3)")
+    p.add_argument("--step-base", type=int, choices=(0, 1), default=1,
+                   help="step number of the first loop index: 1 as the authors' code ran (default), 0 as the paper")
+    p.add_argument("--name", default=None, help="engine name (default: the model name)")
+    p.add_argument("--out", default=None, metavar="DIR", help="engine folder (default engines/<name>)")
+    p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime checks and the eager comparison")
+    p.add_argument("--verify-steps", type=int, default=10, metavar="N", help="steps of the eager comparison (10)")
+    p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
+                   help="torch.onnx exporter (torchscript: fast and checked; dynamo: slower)")
+    p.set_defaults(func=run)
+

@@ -1,0 +1,479 @@
+"""``build_engine``: model -> staged ONNX graphs (+ TensorRT engines) -> audited, verified engine folder.
+
+A build never leaves a folder that a later load would trust half-made, and
+never damages a previous good build:
+
+1. a lock file ``<parent>/.<name>.lock`` (holding the pid) keeps a second
+   build out of the same folder; a lock left by a dead process is taken over;
+2. everything is built in ``<parent>/.<name>.tmp-<pid>`` beside the target:
+   stage graphs, TensorRT plans where asked, the audit, then ``manifest.json``
+   LAST (a folder without a manifest is never loaded);
+3. verification runs on that temp folder; only a verified build goes live:
+   the old folder is renamed aside, the new one renamed in, the old one
+   deleted. A crash between the two renames leaves the old build intact at
+   ``.<name>.old-<pid>``, and the next build puts it back first.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from catome_export.errors import CatomeError
+from catome_export.export.audit import AuditReport, audit_stages
+from catome_export.export.fsutil import BuildLock, pid_alive
+from catome_export.export.manifest import MANIFEST_FILE, Manifest, build_command, tool_versions
+from catome_export.export.onnx_export import (
+    EXPORTERS, OPSET, ExportedStage, example_inputs, export_stage, ort_max_diff, ort_session,
+)
+from catome_export.merging.settings import MergeSettings
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+BUILD_BACKENDS = ("auto", "ort", "trt")
+MIN_RESOLUTION = 64
+MAX_RESOLUTION = 4096
+QUICK_CHECK_TOLERANCE = 1e-4
+"""fp32 limit of the per-stage ONNX Runtime check right after export (times max(1, |output|))."""
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Everything a build needs to know (the CLI flags, validated)."""
+
+    model: str
+    """``tiny``, ``sd15`` or a local diffusers folder."""
+    weights: str
+    """``pretrained`` or ``random``."""
+    precision: str = "fp32"
+    backend: str = "auto"
+    """``auto`` (TensorRT where it runs, else ONNX Runtime), ``ort`` or ``trt``."""
+    resolution: tuple[int, int] = (256, 256)
+    """(min, max) image side in pixels, multiples of 8."""
+    batch: tuple[int, int] = (1, 2)
+    """(min, max) batch size."""
+    settings: MergeSettings = field(default_factory=MergeSettings)
+    name: str = "tiny"
+    out_dir: Path = Path("engines/tiny")
+    verify: bool = True
+    verify_steps: int = 10
+    exporter: str = "torchscript"
+    opset: int = OPSET
+    default_resolution: int = 256
+    """The model's usual resolution (the TensorRT opt shape, clamped into the range)."""
+    cli: dict = field(default_factory=dict)
+    """The flags as given, for the manifest's rebuild command."""
+
+
+@dataclass
+class BuildResult:
+    """What a build made and measured."""
+
+    manifest: Manifest
+    engine_dir: Path
+    stages: list[ExportedStage]
+    audit: AuditReport
+    quick_check: dict[int, float] | None
+    """Per stage, max |ONNX Runtime - torch| at the example shape (None where skipped)."""
+    verify: Any | None
+    """The runtime's VerifyReport (None when skipped)."""
+    backend: str
+    """``ort`` or ``trt``: which engines the folder holds."""
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+    """Things skipped and why."""
+
+
+# -- options ------------------------------------------------------------------------------------------------
+def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+        raise CatomeError(f"{name} must be an int {bound}, got {value!r}")
+    return value
+
+
+def _check_resolution(name: str, value: Any) -> int:
+    value = _check_int(name, value, MIN_RESOLUTION, MAX_RESOLUTION)
+    if value % 8:
+        raise CatomeError(f"{name} {value} is not a multiple of 8 (the VAE's downsampling): use e.g. "
+                          f"{value - value % 8} or {value - value % 8 + 8}")
+    return value
+
+
+def make_options(model: str, weights: str | None = None, precision: str = "fp32", backend: str = "auto",
+                 resolution: int | None = None, min_resolution: int | None = None,
+                 max_resolution: int | None = None, batch: int | None = None, min_batch: int | None = None,
+                 max_batch: int | None = None, settings: MergeSettings | None = None, name: str | None = None,
+                 out_dir: str | Path | None = None, verify: bool = True, verify_steps: int = 10,
+                 exporter: str = "torchscript", opset: int = OPSET, cli: dict | None = None) -> BuildOptions:
+    """Validate build arguments (CatomeError naming the fix for any bad one) and fill in the defaults."""
+    from catome_export.models import MODELS, model_info
+
+    if not isinstance(model, str) or not model:
+        raise CatomeError("give a model: tiny, sd15, or a local diffusers folder")
+    info = model_info(model)  # CatomeError for an unknown name or a folder without a U-Net config
+    if weights is None:
+        weights = "random" if model == "tiny" else "pretrained"
+    if weights not in ("pretrained", "random"):
+        raise CatomeError(f"weights must be 'pretrained' or 'random', got {weights!r}")
+    if model == "tiny":
+        weights = "random"  # the tiny model exists only with seeded random weights
+    if precision not in PRECISIONS:
+        raise CatomeError(f"precision must be fp32 or fp16, got {precision!r}")
+    if backend not in BUILD_BACKENDS:
+        raise CatomeError(f"backend must be one of {', '.join(BUILD_BACKENDS)}, got {backend!r}")
+    if exporter not in EXPORTERS:
+        raise CatomeError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
+    _check_int("opset", opset, 17, 21)
+    default = info.default_resolution
+    if resolution is not None:
+        if min_resolution is not None or max_resolution is not None:
+            raise CatomeError("give either --resolution or --min-resolution/--max-resolution, not both")
+        lo = hi = _check_resolution("resolution", resolution)
+    else:
+        lo = _check_resolution("min resolution", min_resolution) if min_resolution is not None else None
+        hi = _check_resolution("max resolution", max_resolution) if max_resolution is not None else None
+        if lo is None and hi is None:
+            lo = hi = default
+        elif lo is None:
+            lo = min(default, hi)  # type: ignore[type-var]
+        elif hi is None:
+            hi = max(default, lo)
+    if lo > hi:  # type: ignore[operator]
+        raise CatomeError(f"min resolution {lo} is larger than max resolution {hi}")
+    if batch is not None:
+        if min_batch is not None or max_batch is not None:
+            raise CatomeError("give either --batch or --min-batch/--max-batch, not both")
+        blo = bhi = _check_int("batch", batch, 1, 256)
+    else:
+        blo = _check_int("min batch", 1 if min_batch is None else min_batch, 1, 256)
+        bhi = _check_int("max batch", max(2, blo) if max_batch is None else max_batch, 1, 256)
+        if blo > bhi:
+            raise CatomeError(f"min batch {blo} is larger than max batch {bhi}")
+    _check_int("verify steps", verify_steps, 1, 1000)
+    if name is None:
+        name = model if model in MODELS else (Path(model).resolve().name or "model")
+    if not name or "/" in name or "\\" in name or name.startswith(".") or name in ("..",):
+        raise CatomeError(f"engine name {name!r} must be a plain folder name (no slashes, not starting with '.')")
+    out = Path(out_dir) if out_dir is not None else Path("engines") / name
+    return BuildOptions(model=model, weights=weights, precision=precision, backend=backend, resolution=(lo, hi),
+                        batch=(blo, bhi), settings=settings or MergeSettings(), name=name, out_dir=out,
+                        verify=bool(verify), verify_steps=verify_steps, exporter=exporter, opset=opset,
+                        default_resolution=default, cli=dict(cli or {}))
+
+
+# -- folder handling ----------------------------------------------------------------------------------------
+def _recover_leftovers(target: Path) -> None:
+    """Put back an old build a crashed swap left aside; remove temp folders of dead builds."""
+    parent = target.parent
+    for path in sorted(parent.glob(f".{target.name}.old-*")):
+        pid = path.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and pid_alive(int(pid)) and int(pid) != os.getpid():
+            continue
+        if not target.exists() and (path / MANIFEST_FILE).is_file():
+            logger.info("restoring the previous build from %s (a build was interrupted while swapping)", path)
+            os.rename(path, target)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+    for path in parent.glob(f".{target.name}.tmp-*"):
+        pid = path.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and (int(pid) == os.getpid() or not pid_alive(int(pid))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _check_target(target: Path) -> None:
+    if target.exists() and not target.is_dir():
+        raise CatomeError(f"{target} exists and is not a folder: choose another --out")
+    if target.is_dir() and any(target.iterdir()) and not (target / MANIFEST_FILE).is_file():
+        raise CatomeError(f"{target} exists and is not an engine folder (no {MANIFEST_FILE}): choose another --out, "
+                          "or remove it")
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    """Rename the finished build in; the old one goes aside first and is deleted after."""
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        if old is not None:
+            os.rename(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# -- the build ----------------------------------------------------------------------------------------------
+def _resolve_backend(requested: str) -> str:
+    from catome_export.backends.select import choose_backend
+
+    if requested == "trt":
+        choose_backend("trt")  # CatomeError naming TensorRT and how to install it when it cannot run here
+        return "trt"
+    if requested == "auto":
+        try:
+            return "trt" if choose_backend("auto").name == "trt" else "ort"
+        except CatomeError:
+            return "ort"  # no runtime backend at all: the graphs can still be built
+    return "ort"
+
+
+def _opt_latent(opts: BuildOptions) -> int:
+    lo, hi = opts.resolution
+    return min(max(opts.default_resolution, lo), hi) // 8
+
+
+def _calibrate_schedule(opts: BuildOptions, unet: torch.nn.Module, spec: str, progress: Progress) -> MergeSettings:
+    from catome_export.analysis.calibrate import resolve_schedule
+
+    s = opts.settings
+    progress(f"calibrating schedule {spec} on the model")
+    schedule = resolve_schedule(spec, unet, s.schedule.step_base, threshold=s.threshold, ratio=s.ratio,
+                                latent_hw=(_opt_latent(opts),) * 2, max_downsample=s.max_downsample,
+                                stride=s.stride)
+    return replace(s, schedule=schedule)
+
+
+def run_build(opts: BuildOptions, progress: Progress | None = None, schedule_spec: str | None = None) -> BuildResult:
+    """Build the engine folder ``opts.out_dir`` (see the module docstring for the steps and atomicity)."""
+    say = progress or logger.info
+    start = time.perf_counter()
+    backend = _resolve_backend(opts.backend)
+    target = opts.out_dir
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with BuildLock(target.parent / f".{target.name}.lock", str(target)):
+        _recover_leftovers(target)
+        _check_target(target)
+        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        swapped = False
+        try:
+            result = _build_into(opts, tmp, backend, say, schedule_spec)
+            if result.verify is not None and not getattr(result.verify, "ok", True):
+                failed = target.parent / f".{target.name}.failed"
+                shutil.rmtree(failed, ignore_errors=True)
+                os.rename(tmp, failed)
+                summary = getattr(result.verify, "summary", lambda: "")()
+                raise CatomeError(f"the engine does not match eager CA-ToMe ({summary.splitlines()[0] if summary else ''})"
+                                  f"; it was not installed: {target} is unchanged, the failed build is in {failed} "
+                                  f"(inspect it with catome-export verify {failed})")
+            _swap_into_place(tmp, target)
+            swapped = True
+        finally:
+            if not swapped:
+                shutil.rmtree(tmp, ignore_errors=True)
+    result.manifest.engine_dir = target
+    result.engine_dir = target
+    result.seconds = time.perf_counter() - start
+    say(f"built {target} in {result.seconds:.1f} s")
+    return result
+
+
+def _build_into(opts: BuildOptions, folder: Path, backend: str, say: Progress,
+                schedule_spec: str | None) -> BuildResult:
+    from catome_export.export.stages import cut_unet
+    from catome_export.models import find_merge_sites, load_unet, model_info
+
+    notes: list[str] = []
+    dtype = PRECISIONS[opts.precision]
+    say(f"loading {opts.model} ({opts.weights} weights, {opts.precision})")
+    unet = load_unet(opts.model, weights=opts.weights, dtype=dtype)
+    settings = opts.settings
+    if schedule_spec is not None:
+        settings = _calibrate_schedule(replace(opts, settings=settings), unet, schedule_spec, say)
+    sites = find_merge_sites(unet, settings.max_downsample)
+    stages = cut_unet(unet, sites, dtype, merge_crossattn=settings.merge_crossattn, merge_mlp=settings.merge_mlp)
+    examples = example_inputs(stages, sites, unet.config, dtype, stride=settings.stride)
+    check_ort = opts.verify and opts.precision == "fp32"
+    if opts.verify and not check_ort:
+        notes.append("per-stage ONNX Runtime check skipped: ONNX Runtime's CPU kernels lack fp16 ScatterElements "
+                     "(add); fp16 graphs run on TensorRT or ONNX Runtime CUDA")
+    quick: dict[int, float] | None = {} if check_ort else None
+    exported: list[ExportedStage] = []
+    n = len(stages)
+    for spec, module in stages:
+        say(f"exporting stage {spec.index + 1}/{n} ({_describe(spec)})")
+        item = export_stage(spec, module, examples[spec.index], folder, opset=opts.opset, exporter=opts.exporter)
+        line = f"  stage {spec.index + 1}/{n}: {item.file}, {item.seconds:.1f} s, {_mb(item.total_bytes)}"
+        if quick is not None:
+            try:
+                diff = ort_max_diff(ort_session(folder / item.file), spec, module, examples[spec.index])
+            except CatomeError as exc:
+                notes.append(f"per-stage ONNX Runtime check skipped ({exc})")
+                quick = None
+            else:
+                quick[spec.index] = diff
+                line += f", ORT max |diff| {diff:.1e}"
+                with torch.no_grad():
+                    scale = max(float(t.abs().max()) for t in module(*examples[spec.index]))
+                if not diff <= QUICK_CHECK_TOLERANCE * max(1.0, scale):
+                    raise CatomeError(f"stage {spec.index}'s ONNX graph differs from the torch stage by {diff:.2e} "
+                                      "in ONNX Runtime: the export is broken (try --exporter dynamo)")
+        say(line)
+        exported.append(item)
+    audit = audit_stages([folder / e.file for e in exported])
+    say(audit.summary())
+    for finding in audit.errors[:10]:
+        say(f"  {finding}")
+    if not audit.passed:
+        if backend == "trt":
+            raise CatomeError(f"the stage graphs use ops TensorRT cannot parse ({len(audit.errors)} errors, first: "
+                              f"{audit.errors[0]}); build with --backend ort, or report the model layout")
+        notes.append("the graphs would not parse in TensorRT (see the audit); ONNX Runtime can still run them")
+    info = model_info(opts.model)
+    manifest = _make_manifest(opts, unet, sites, stages, exported, settings, backend, audit, info)
+    del unet, stages, examples
+    if backend == "trt":
+        _build_trt(folder, manifest, opts, say)
+    manifest.save(folder)  # LAST: a folder without a manifest is never loaded
+    report = None
+    if opts.verify:
+        report = _verify(folder, opts, backend, notes, say)
+    return BuildResult(manifest=manifest, engine_dir=folder, stages=exported, audit=audit, quick_check=quick,
+                       verify=report, backend=backend, seconds=0.0, notes=notes)
+
+
+def _describe(spec) -> str:
+    parts = []
+    if spec.site is not None:
+        parts.append(f"site {spec.site}")
+    parts.append(f"-> x{spec.next_site}" if spec.next_site is not None else "-> noise_pred")
+    return ", ".join(parts)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _make_manifest(opts: BuildOptions, unet, sites, stages, exported, settings: MergeSettings, backend: str,
+                   audit: AuditReport, info) -> Manifest:
+    import json
+
+    from catome_export.models import weights_hash
+
+    channels = {}
+    for spec, _ in stages:
+        for t in spec.outputs:
+            if t.name.startswith("x") and t.name[1:].isdigit():
+                channels[int(t.name[1:])] = int(t.shape[-1])
+    lo, hi = opts.resolution
+    config = json.loads(json.dumps(dict(unet.config), default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+    opt_latent = _opt_latent(opts)
+    shapes = {
+        "batch": list(opts.batch), "latent_height": [lo // 8, hi // 8], "latent_width": [lo // 8, hi // 8],
+        "text_len": info.text_len, "text_dim": int(unet.config.cross_attention_dim),
+        "opt": {"batch": opts.batch[1], "latent_height": opt_latent, "latent_width": opt_latent,
+                "merge_fraction": settings.merge_fraction if settings.merge_fraction is not None else 0.5},
+    }
+    cli = {"model": opts.model, "weights": opts.weights, "precision": opts.precision, "backend": opts.backend,
+           "name": opts.name, "out": str(opts.out_dir)}
+    cli.update({k: v for k, v in opts.cli.items() if v is not None})
+    if lo == hi and "min_resolution" not in cli:
+        cli["resolution"] = lo
+    else:
+        cli.update(min_resolution=lo, max_resolution=hi)
+    if opts.batch[0] == opts.batch[1] and "min_batch" not in cli:
+        cli["batch"] = opts.batch[0]
+    else:
+        cli.update(min_batch=opts.batch[0], max_batch=opts.batch[1])
+    return Manifest(
+        name=opts.name,
+        model={"id": opts.model, "weights": opts.weights, "weights_hash": weights_hash(unet), "unet_config": config},
+        precision=opts.precision, merge=settings.to_dict(),
+        sites=[{"index": s.index, "path": s.path, "downsample": s.downsample, "channels": channels.get(s.index)}
+               for s in sites],
+        shapes=shapes, stages=[e.entry(spec) for e, (spec, _) in zip(exported, stages)],
+        engine_backend="ort", trt=None, tools=tool_versions(),
+        extra={"build": cli, "build_command": build_command(cli), "audit": audit.to_dict(),
+               "export": {"exporter": opts.exporter, "opset": opts.opset}},
+    )
+
+
+def _build_trt(folder: Path, manifest: Manifest, opts: BuildOptions, say: Progress) -> None:
+    """TensorRT engines for every stage (catome_export.export.trt_build), recorded in the manifest."""
+    try:
+        from catome_export.export.trt_build import build_engines
+    except ImportError as exc:  # pragma: no cover - the module ships with the package
+        raise CatomeError(f"the TensorRT builder is unavailable ({exc}): build with --backend ort") from None
+    manifest.engine_dir = folder
+    section = build_engines(folder, manifest, fp16=opts.precision == "fp16",
+                            progress=lambda k, n, msg: say(f"  stage {k + 1}/{n}: {msg}"))
+    engines = {int(e["index"]): {"file": e["file"], "sha256": e["sha256"], "bytes": e["bytes"]}
+               for e in section.get("engines", [])}
+    for entry in manifest.stages:
+        if entry["index"] not in engines:
+            raise CatomeError(f"TensorRT built no engine for stage {entry['index']}: rebuild with --backend trt")
+        entry["engine"] = engines[entry["index"]]
+    manifest.trt = {k: v for k, v in section.items() if k != "engines"}
+    manifest.engine_backend = "trt"
+    manifest.tools = tool_versions()
+
+
+def _verify(folder: Path, opts: BuildOptions, backend: str, notes: list[str], say: Progress) -> Any | None:
+    """The runtime's step-by-step parity check against eager CA-ToMe (skipped where it cannot run)."""
+    try:
+        from catome_export.runtime.verify import verify_engine
+    except ImportError as exc:
+        notes.append(f"verification skipped: catome_export.runtime.verify is unavailable ({exc})")
+        say(notes[-1])
+        return None
+    run_on = "trt" if backend == "trt" else "ort"
+    if run_on == "ort" and opts.precision == "fp16":
+        from catome_export.backends.select import choose_backend
+
+        try:
+            if choose_backend("ort").name != "ort-cuda":
+                notes.append("verification skipped: fp16 graphs do not run on ONNX Runtime CPU (no fp16 "
+                             "ScatterElements add kernel); verify on a GPU with catome-export verify")
+                say(notes[-1])
+                return None
+        except CatomeError as exc:
+            notes.append(f"verification skipped: {exc}")
+            say(notes[-1])
+            return None
+    say(f"verifying against eager CA-ToMe ({opts.verify_steps} steps, backend {run_on})")
+    report = verify_engine(folder, steps=opts.verify_steps, backend=run_on)
+    say(report.summary() if hasattr(report, "summary") else str(report))
+    return report
+
+
+def build_engine(model: str, weights: str | None = None, precision: str = "fp32", backend: str = "auto",
+                 resolution: int | None = None, min_resolution: int | None = None,
+                 max_resolution: int | None = None, batch: int | None = None, min_batch: int | None = None,
+                 max_batch: int | None = None, settings: MergeSettings | None = None,
+                 out_dir: str | Path | None = None, name: str | None = None, verify: bool = True,
+                 progress: Progress | None = None, **options: Any) -> Manifest:
+    """Build an engine folder and return its manifest (see :func:`run_build` for the full result).
+
+    ``options``: ``verify_steps``, ``exporter`` (``torchscript`` | ``dynamo``), ``opset``, ``schedule``
+    (a schedule spec, ``auto:K`` included, that replaces ``settings.schedule``).
+    """
+    schedule = options.pop("schedule", None)
+    unknown = sorted(set(options) - {"verify_steps", "exporter", "opset"})
+    if unknown:
+        raise CatomeError(f"unknown build option(s) {', '.join(unknown)}: use verify_steps, exporter, opset, schedule")
+    settings = settings or MergeSettings()
+    spec = None
+    if schedule is not None:
+        from catome_export.merging.schedules import parse_schedule
+
+        if isinstance(schedule, str) and schedule.strip().lower().startswith("auto:"):
+            spec = schedule
+        else:
+            settings = replace(settings, schedule=parse_schedule(schedule, settings.schedule.step_base))
+    opts = make_options(model, weights, precision, backend, resolution, min_resolution, max_resolution, batch,
+                        min_batch, max_batch, settings, name, out_dir, verify, **options)
+    return run_build(opts, progress, schedule_spec=spec).manifest

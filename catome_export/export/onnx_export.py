@@ -1,0 +1,248 @@
+"""ONNX export of the stages: one dynamic-shape graph per stage, checked, optionally with external data.
+
+The default exporter is the TorchScript one (``torch.onnx.export(...,
+dynamo=False)``): it traces each stage once at a small example shape and
+records every shape computation as graph ops, so the graphs serve any batch,
+latent size, text length and merged count, r = 0 (empty index tensors)
+included. The dynamo exporter (``exporter="dynamo"``) gives the same results
+and smaller graphs but takes about 15 times longer on the tiny model, which
+would put the quick-start build over its time budget (see docs/notes/export.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from catome_export._version import __version__
+from catome_export.errors import CatomeError
+from catome_export.export.fsutil import sha256_file
+from catome_export.export.stages import StageModule, StageSpec, run_stages
+from catome_export.merging.matching import match_tokens, partition
+from catome_export.models.sites import MergeSite
+
+logger = logging.getLogger(__name__)
+
+OPSET = 17
+"""ONNX opset of the exported graphs (ScatterElements with a reduction needs >= 16; LayerNormalization 17)."""
+EXPORTERS = ("torchscript", "dynamo")
+PROTO_LIMIT = 2 ** 31 - 1
+"""Protobuf's hard limit on one serialized message."""
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+"""Stages whose weights exceed this many bytes keep them in ``stage_<k>.onnx.data`` (margin under 2 GB)."""
+EXAMPLE_SHAPE = (2, (16, 16), 7)
+"""(batch, latent hw, text length) the stages are traced at: small, and any shape works afterwards."""
+EXAMPLE_MERGE_FRACTION = 0.5
+"""Share of src tokens merged in the example plans (0 < r < #src, so K and R differ from N)."""
+
+
+@dataclass(frozen=True)
+class ExportedStage:
+    """One exported stage file (the manifest's ``stages`` entry without the spec)."""
+
+    index: int
+    file: str
+    """Graph file name, ``stage_<k>.onnx``."""
+    external_data: str | None
+    """Weights file name (``stage_<k>.onnx.data``) or None when the weights are inside the graph file."""
+    sha256: str
+    bytes: int
+    external_data_sha256: str | None
+    external_data_bytes: int | None
+    seconds: float
+    """Export time."""
+
+    def entry(self, spec: StageSpec) -> dict:
+        """The manifest ``stages`` item for this file and its spec."""
+        d = {"index": self.index, "file": self.file, "external_data": self.external_data,
+             "sha256": self.sha256, "bytes": self.bytes}
+        if self.external_data is not None:
+            d["external_data_sha256"] = self.external_data_sha256
+            d["external_data_bytes"] = self.external_data_bytes
+        spec_d = spec.to_dict()
+        d.update({"site": spec_d["site"], "next_site": spec_d["next_site"], "inputs": spec_d["inputs"],
+                  "outputs": spec_d["outputs"], "engine": None})
+        return d
+
+    @property
+    def total_bytes(self) -> int:
+        return self.bytes + (self.external_data_bytes or 0)
+
+
+def stage_file(index: int) -> str:
+    return f"stage_{index}.onnx"
+
+
+def example_inputs(stages: Sequence[tuple[StageSpec, StageModule]], sites: Sequence[MergeSite],
+                   config: dict, dtype: torch.dtype, shape: tuple[int, tuple[int, int], int] = EXAMPLE_SHAPE,
+                   merge_fraction: float = EXAMPLE_MERGE_FRACTION, stride: tuple[int, int] = (2, 2),
+                   seed: int = 0) -> dict[int, tuple[torch.Tensor, ...]]:
+    """Positional inputs of every stage for one walk of the chain at ``shape`` with real (forced) merges."""
+    batch, hw, text_len = shape
+    gen = torch.Generator().manual_seed(seed)
+    feeds = {
+        "sample": torch.randn(batch, int(config["in_channels"]), *hw, generator=gen).to(dtype),
+        "timestep": torch.linspace(999.0, 1.0, batch, dtype=torch.float32),
+        "encoder_hidden_states": torch.randn(batch, text_len, int(config["cross_attention_dim"]),
+                                             generator=gen).to(dtype),
+    }
+    by_index = {s.index: s for s in sites}
+
+    def plans(k: int, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        grid = by_index[k].grid(hw)
+        num_src = partition(grid, stride, None, x.device)[0].numel()
+        r = max(1, min(num_src - 1, int(round(merge_fraction * num_src)))) if num_src > 1 else 0
+        return match_tokens(x.float(), grid, num_merged=r, stride=stride).tensors()
+
+    captured: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    def recording(spec: StageSpec, module: StageModule):
+        def call(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            captured[spec.index] = args
+            return module(*args)
+        return call
+
+    with torch.no_grad():
+        run_stages([(spec, recording(spec, m)) for spec, m in stages], feeds, plans)
+    return captured
+
+
+def _weights_bytes(model) -> int:
+    """Bytes of the initializers (and large Constant tensors) of an ONNX model held in memory."""
+    total = 0
+    for t in model.graph.initializer:
+        total += len(t.raw_data) if t.raw_data else len(t.SerializeToString())
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                total += len(attr.t.raw_data)
+    return total
+
+
+def _torch_export(spec: StageSpec, module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path,
+                  opset: int, exporter: str) -> None:
+    names_in, names_out = list(spec.input_names), list(spec.output_names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "torchscript":
+            torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset, input_names=names_in,
+                              output_names=names_out, do_constant_folding=True,
+                              dynamic_axes={t.name: t.dynamic_axes() for t in (*spec.inputs, *spec.outputs)})
+            return
+        from torch.export import Dim
+
+        dims: dict[str, object] = {}
+
+        def dim(name: str) -> object:
+            if name not in dims:
+                dims[name] = Dim(name, min=0 if name.startswith("R") else 1)
+            return dims[name]
+
+        shapes = tuple({i: dim(d) for i, d in t.dynamic_axes().items()} or None for t in spec.inputs)
+        program = torch.onnx.export(module, args, dynamo=True, opset_version=max(opset, 18), input_names=names_in,
+                                    output_names=names_out, dynamic_shapes=(shapes,), verbose=False)
+        program.save(str(path))
+
+
+def export_stage(spec: StageSpec, module: torch.nn.Module, args: tuple[torch.Tensor, ...], out_dir: str | Path, *,
+                 opset: int = OPSET, exporter: str = "torchscript",
+                 external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> ExportedStage:
+    """Export one stage to ``out_dir/stage_<k>.onnx`` (+ ``.data`` when large) and check it."""
+    import onnx
+
+    if exporter not in EXPORTERS:
+        raise CatomeError(f"unknown exporter {exporter!r}: use one of {', '.join(EXPORTERS)}")
+    if opset < 17:
+        raise CatomeError(f"opset {opset} is too old: the stages need opset >= 17")
+    out_dir = Path(out_dir)
+    name = stage_file(spec.index)
+    scratch = out_dir / f".export-{spec.index}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    start = time.perf_counter()
+    try:
+        _torch_export(spec, module.eval(), args, scratch / name, opset, exporter)
+        model = onnx.load(str(scratch / name), load_external_data=True)
+        _annotate(model, spec)
+        target = out_dir / name
+        data_name = f"{name}.data"
+        (out_dir / data_name).unlink(missing_ok=True)
+        external = _weights_bytes(model) > external_data_threshold
+        if external:
+            onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+        else:
+            if model.ByteSize() > PROTO_LIMIT:
+                raise CatomeError(f"stage {spec.index} is over 2 GB: lower the external data threshold")
+            onnx.save_model(model, str(target))
+        del model
+    except CatomeError:
+        raise
+    except Exception as exc:
+        raise CatomeError(f"exporting stage {spec.index} to ONNX failed ({type(exc).__name__}: {exc})".strip()
+                          + ". Check the model layout, or try exporter='dynamo'") from exc
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    check_stage_file(target)
+    seconds = time.perf_counter() - start
+    data_path = out_dir / data_name
+    return ExportedStage(
+        index=spec.index, file=name, external_data=data_name if external else None,
+        sha256=sha256_file(target), bytes=target.stat().st_size,
+        external_data_sha256=sha256_file(data_path) if external else None,
+        external_data_bytes=data_path.stat().st_size if external else None, seconds=seconds,
+    )
+
+
+def _annotate(model, spec: StageSpec) -> None:
+    """Record the producer and the stage spec in the graph's metadata."""
+    import onnx
+
+    model.producer_name = "catome-export"
+    model.producer_version = __version__
+    onnx.helper.set_model_props(model, {"catome_export.stage": json.dumps(spec.to_dict(), separators=(",", ":"))})
+
+
+def check_stage_file(path: str | Path) -> None:
+    """``onnx.checker.check_model`` on the file path (works with external data), as a CatomeError."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=False)
+    except Exception as exc:
+        raise CatomeError(f"{path} fails the ONNX checker ({type(exc).__name__}: {exc}): "
+                          "the export is broken, rebuild it") from None
+
+
+def ort_session(path: str | Path):
+    """An ONNX Runtime CPU session for one stage file."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise CatomeError("ONNX Runtime is not installed: pip install 'catome-export[ort]'") from None
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def ort_max_diff(session, spec: StageSpec, module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> float:
+    """Largest absolute difference between the ONNX Runtime outputs and the torch stage's outputs."""
+    feeds = {name: a.detach().cpu().numpy() for name, a in zip(spec.input_names, args)}
+    outs = session.run(list(spec.output_names), feeds)
+    with torch.no_grad():
+        ref = module(*args)
+    worst = 0.0
+    for got, want in zip(outs, ref):
+        if tuple(got.shape) != tuple(want.shape):
+            raise CatomeError(f"stage {spec.index}: ONNX Runtime output shape {tuple(got.shape)} differs from "
+                              f"torch's {tuple(want.shape)}")
+        worst = max(worst, float((torch.from_numpy(got).float() - want.float()).abs().max()) if got.size else 0.0)
+    return worst
