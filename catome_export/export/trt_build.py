@@ -150,7 +150,7 @@ def build_engines(
     timing_cache: str | Path | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Build ``stage_<k>.plan`` for every stage of ``manifest`` in ``engine_dir``; return the manifest's ``trt`` section.
+    """Build ``stage_<k>.plan`` for every stage of ``manifest`` in ``engine_dir``; return the ``trt`` section.
 
     ``fp16``: let TensorRT use fp16 kernels (always on for fp16 graphs).
     ``builder_optimization_level``: 0-5, TensorRT's default is 3; higher

@@ -45,7 +45,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -171,7 +171,8 @@ class ChainGraphCache:
         return count
 
     @staticmethod
-    def stale_sites(entry: GraphEntry, plan_versions: Mapping[int, Any], sites: Sequence[int] | None = None) -> list[int]:
+    def stale_sites(entry: GraphEntry, plan_versions: Mapping[int, Any],
+                    sites: Sequence[int] | None = None) -> list[int]:
         """Sites whose static plan buffers hold another version than ``plan_versions`` (rule 2).
 
         A site without a version (absent from ``plan_versions``) is always
