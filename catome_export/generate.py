@@ -21,7 +21,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 7.5
 DEFAULT_SEED = 0
+DEFAULT_THRESHOLD = 0.7
+DEFAULT_SCHEDULE = "config3"
 
 
 # -- requests and results ----------------------------------------------------------------
@@ -359,3 +361,35 @@ def save_png(image: np.ndarray | Any, path: str | Path) -> Path:
             pass
         raise
     return target
+
+
+# -- merge settings ----------------------------------------------------------------------
+def merge_settings_for_engine(settings: Any, threshold: float | None, schedule: str | None, step_base: int,
+                              no_merge: bool) -> Any:
+    """The engine's merge settings with the command line's overrides applied (no rebuild needed)."""
+    from catome_export.merging import parse_schedule
+
+    if no_merge:
+        return replace(settings, threshold=1.0, ratio=None, merge_fraction=None)
+    out = settings
+    if threshold is not None:
+        out = replace(out, threshold=threshold, ratio=None, merge_fraction=None)
+    if schedule is not None:
+        if schedule.strip().lower().startswith("auto:"):
+            raise CatomeError("auto:K schedules are calibrated on the eager model: run catome-export analyze on the "
+                              "model and pass the checkpoint list it prints as --schedule")
+        out = replace(out, schedule=parse_schedule(schedule, step_base))
+    return out
+
+
+def describe_settings(settings: Any) -> str:
+    """``CA-ToMe t=0.7, config3`` / ``no merging`` / ``ToMe ratio 0.5``."""
+    if settings is None:
+        return "no merging"
+    if settings.mode == "threshold":
+        if settings.threshold >= 1:
+            return "no merging (t=1)"
+        return f"CA-ToMe t={settings.threshold:g}, {settings.schedule.describe()}"
+    if settings.mode == "ratio":
+        return f"ToMe ratio {settings.ratio:g}, {settings.schedule.describe()}"
+    return f"forced merge fraction {settings.merge_fraction:g}, {settings.schedule.describe()}"

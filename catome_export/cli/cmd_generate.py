@@ -5,18 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from catome_export.errors import CatomeError
-from catome_export.generate import DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS
+from catome_export.generate import (DEFAULT_GUIDANCE, DEFAULT_SCHEDULE, DEFAULT_SEED, DEFAULT_STEPS, DEFAULT_THRESHOLD,
+                                     describe_settings, merge_settings_for_engine)
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_THRESHOLD = 0.7
-DEFAULT_SCHEDULE = "config3"
-
 
 def add_merge_options(p: argparse.ArgumentParser) -> None:
     """--threshold, --schedule, --step-base (shared with eval)."""
@@ -55,40 +51,9 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
                    help="eager model precision: auto = fp16 on CUDA, fp32 on CPU (engines keep their own)")
 
 
-def merge_settings_for_engine(settings: Any, threshold: float | None, schedule: str | None, step_base: int,
-                              no_merge: bool) -> Any:
-    """The engine's merge settings with the command line's overrides applied (no rebuild needed)."""
-    from catome_export.merging import parse_schedule
-
-    if no_merge:
-        return replace(settings, threshold=1.0, ratio=None, merge_fraction=None)
-    out = settings
-    if threshold is not None:
-        out = replace(out, threshold=threshold, ratio=None, merge_fraction=None)
-    if schedule is not None:
-        if schedule.strip().lower().startswith("auto:"):
-            raise CatomeError("auto:K schedules are calibrated on the eager model: run catome-export analyze on the "
-                              "model and pass the checkpoint list it prints as --schedule")
-        out = replace(out, schedule=parse_schedule(schedule, step_base))
-    return out
-
-
 def check_merge_flags(args: argparse.Namespace) -> None:
     if args.no_merge and (args.threshold is not None or args.schedule is not None):
         raise CatomeError("--no-merge turns merging off: leave out --threshold and --schedule")
-
-
-def describe_settings(settings: Any) -> str:
-    """``CA-ToMe t=0.7, config3`` / ``no merging`` / ``ToMe ratio 0.5``."""
-    if settings is None:
-        return "no merging"
-    if settings.mode == "threshold":
-        if settings.threshold >= 1:
-            return "no merging (t=1)"
-        return f"CA-ToMe t={settings.threshold:g}, {settings.schedule.describe()}"
-    if settings.mode == "ratio":
-        return f"ToMe ratio {settings.ratio:g}, {settings.schedule.describe()}"
-    return f"forced merge fraction {settings.merge_fraction:g}, {settings.schedule.describe()}"
 
 
 def _slug(text: str) -> str:

@@ -186,7 +186,7 @@ def clip_availability(model: str = DEFAULT_CLIP_MODEL) -> Availability:
     folder = _local_clip_dir(model)
     if folder is None:
         return Availability("CLIP", False, f"the CLIP model {model!r} is not in the local Hugging Face cache",
-                            f"on a machine with internet access run huggingface-cli download {model} "
+                            f"on a machine with internet access run hf download {model} (huggingface_hub) "
                             "(or pass --clip-model with a local folder)")
     return Availability("CLIP", True, f"CLIP score with {model} ({folder})")
 

@@ -36,6 +36,27 @@ _BY_RUNTIME: "weakref.WeakKeyDictionary[Any, Attachment]" = weakref.WeakKeyDicti
 _BY_PIPE: "weakref.WeakKeyDictionary[Any, Attachment]" = weakref.WeakKeyDictionary()
 """Pipelines that carry an attached runtime now."""
 
+
+
+def _registered(registry: "weakref.WeakKeyDictionary[Any, Attachment]", key: Any) -> "Attachment | None":
+    try:
+        return registry.get(key)
+    except TypeError:  # an object that takes no weak reference is never registered
+        return None
+
+
+def _register(registry: "weakref.WeakKeyDictionary[Any, Attachment]", key: Any, value: "Attachment") -> None:
+    try:
+        registry[key] = value
+    except TypeError:
+        logger.debug("%s takes no weak reference: attaching it twice is not detected", type(key).__name__)
+
+
+def _unregister(registry: "weakref.WeakKeyDictionary[Any, Attachment]", key: Any, value: "Attachment") -> None:
+    if _registered(registry, key) is value:
+        del registry[key]
+
+
 _CHECKED_CONFIG = ("in_channels", "out_channels", "cross_attention_dim")
 """U-Net config keys that must agree between the pipeline's own U-Net and the engine."""
 
@@ -167,10 +188,8 @@ class Attachment:
             return
         self._uninstall()
         self._active = False
-        if _BY_RUNTIME.get(self._runtime) is self:
-            del _BY_RUNTIME[self._runtime]
-        if _BY_PIPE.get(self._pipe) is self:
-            del _BY_PIPE[self._pipe]
+        _unregister(_BY_RUNTIME, self._runtime, self)
+        _unregister(_BY_PIPE, self._pipe, self)
         logger.debug("engine detached from %s", type(self._pipe).__name__)
 
     def __enter__(self) -> "Attachment":
@@ -229,19 +248,19 @@ def attach(pipe: Any, runtime: Any) -> Attachment:
         raise CatomeError(f"expected a loaded Runtime (Runtime.load(engine_dir)), got {type(runtime).__name__}")
     if getattr(runtime, "_closed", False):
         raise CatomeError("this runtime was closed: load the engine again with Runtime.load(engine_dir)")
-    current = _BY_RUNTIME.get(runtime)
+    current = _registered(_BY_RUNTIME, runtime)
     if current is not None and current.active:
         raise CatomeError("this runtime is already attached to a pipeline: detach it first, or load a second "
                           "Runtime for the second pipeline (a runtime holds one controller state)")
-    current = _BY_PIPE.get(pipe)
+    current = _registered(_BY_PIPE, pipe)
     if current is not None and current.active:
         raise CatomeError("this pipeline already carries an engine: detach it before attaching another")
     _check_compatible(pipe, unet)
     _check_devices(pipe, runtime)
     attachment = Attachment(pipe, runtime)
     attachment._install()
-    _BY_RUNTIME[runtime] = attachment
-    _BY_PIPE[pipe] = attachment
+    _register(_BY_RUNTIME, runtime, attachment)
+    _register(_BY_PIPE, pipe, attachment)
     logger.debug("engine attached to %s", type(pipe).__name__)
     return attachment
 
@@ -251,6 +270,6 @@ def detach(target: Any) -> None:
     if isinstance(target, Attachment):
         target.detach()
         return
-    current = _BY_PIPE.get(target)
+    current = _registered(_BY_PIPE, target)
     if current is not None:
         current.detach()
