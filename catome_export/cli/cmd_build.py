@@ -33,7 +33,12 @@ def run(args: argparse.Namespace) -> int:
     from catome_export.export.build import make_options, run_build
 
     settings, auto_spec = _settings(args)
-    cli = {"threshold": args.threshold, "schedule": args.schedule, "step_base": args.step_base}
+    if args.opt_merge_fraction is not None and not 0.0 <= args.opt_merge_fraction <= 1.0:
+        from catome_export.errors import CatomeError
+
+        raise CatomeError(f"--opt-merge-fraction must be in [0, 1], got {args.opt_merge_fraction}")
+    cli = {"threshold": args.threshold, "schedule": args.schedule, "step_base": args.step_base,
+           "opt_merge_fraction": args.opt_merge_fraction}
     opts = make_options(args.model, args.weights, args.precision, args.backend, args.resolution,
                         args.min_resolution, args.max_resolution, args.batch, args.min_batch, args.max_batch,
                         settings, args.name, args.out, verify=not args.no_verify, verify_steps=args.verify_steps,
@@ -96,6 +101,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "0,10,20, or auto:K (calibrated on the model) (default config3)")
     p.add_argument("--step-base", type=int, choices=(0, 1), default=1,
                    help="step number of the first loop index: 1 as the authors' code ran (default), 0 as the paper")
+    p.add_argument("--opt-merge-fraction", type=float, default=None, metavar="F",
+                   help="TensorRT profiles: share of src tokens you expect merged, the shape TensorRT tunes for "
+                        "(default 0.5; measure it with catome_export.export.profiles.calibrate_opt_fraction)")
     p.add_argument("--name", default=None, help="engine name (default: the model name)")
     p.add_argument("--out", default=None, metavar="DIR", help="engine folder (default engines/<name>)")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime checks and the eager comparison")

@@ -376,7 +376,8 @@ def _make_manifest(opts: BuildOptions, unet, sites, stages, exported, settings: 
         "batch": list(opts.batch), "latent_height": [lo // 8, hi // 8], "latent_width": [lo // 8, hi // 8],
         "text_len": info.text_len, "text_dim": int(unet.config.cross_attention_dim),
         "opt": {"batch": opts.batch[1], "latent_height": opt_latent, "latent_width": opt_latent,
-                "merge_fraction": settings.merge_fraction if settings.merge_fraction is not None else 0.5},
+                "merge_fraction": opts.cli.get("opt_merge_fraction") if opts.cli.get("opt_merge_fraction") is not None
+                else settings.merge_fraction if settings.merge_fraction is not None else 0.5},
     }
     cli = {"model": opts.model, "weights": opts.weights, "precision": opts.precision, "backend": opts.backend,
            "name": opts.name, "out": str(opts.out_dir)}

@@ -282,7 +282,8 @@ class Manifest:
 
 
 FLAG_ORDER = ("model", "weights", "precision", "backend", "resolution", "min_resolution", "max_resolution", "batch",
-              "min_batch", "max_batch", "threshold", "ratio", "merge_fraction", "schedule", "step_base", "name", "out")
+              "min_batch", "max_batch", "threshold", "ratio", "merge_fraction", "schedule", "step_base",
+              "opt_merge_fraction", "name", "out")
 
 
 def build_command(args: dict) -> str:

@@ -116,6 +116,12 @@ def rebuild_command(manifest: Any, engine_dir: str | Path | None = None, **overr
         args.update(min_batch=batch[0], max_batch=batch[1])
     if lh and lw:  # the CLI takes square pixel sizes: cover both ranges
         args.update(min_resolution=8 * min(lh[0], lw[0]), max_resolution=8 * max(lh[1], lw[1]))
+    section = manifest_field(manifest, "trt") or {}
+    frac = section.get("opt_merge_fraction") if isinstance(section, Mapping) else None
+    if frac is None:
+        frac = (shapes.get("opt") or {}).get("merge_fraction")
+    if frac is not None:
+        args["opt_merge_fraction"] = f"{float(frac):g}"
     if name and "out" not in overrides:
         args["out"] = f"engines/{name}"
     args.update(overrides)

@@ -133,6 +133,7 @@ def test_rebuild_command_from_a_manifest_dict():
     assert flags["threshold"] == "0.7" and flags["schedule"] == "config3" and flags["step-base"] == "1"
     assert (flags["min-batch"], flags["max-batch"]) == ("1", "2")
     assert (flags["min-resolution"], flags["max-resolution"]) == ("256", "768")
+    assert flags["opt-merge-fraction"] == "0.75"
     assert flags["out"] == "engines/sd15 trt"
 
 
@@ -150,6 +151,7 @@ def test_rebuild_command_every_flag_is_one_the_build_command_takes():
     args = shlex.split(rebuild_command(_manifest(), "engines/x"))[1:]
     parsed = parser.parse_args(args)
     assert parsed.backend == "trt" and parsed.min_resolution == 256 and parsed.max_batch == 2
+    assert parsed.opt_merge_fraction == 0.75
 
 
 def test_real_manifest_formats_its_recorded_build_with_trt():
