@@ -38,6 +38,9 @@ from catome_export.errors import CatomeError
 
 logger = logging.getLogger(__name__)
 
+MIN_SCRATCH_BYTES = 512
+"""Smallest shared scratch buffer (a valid, aligned address for every context)."""
+
 DUMMY_BYTES = 256
 """Bytes of dummy memory per empty binding (TensorRT's address alignment); each IO tensor gets its own slot."""
 
@@ -186,6 +189,13 @@ class TrtStageRunner:
 
     def run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Bind the feeds, set changed shapes, allocate outputs, enqueue on the current stream."""
+        device = self.backend.device
+        if device.type == "cuda" and torch.cuda.current_device() != device.index:
+            with torch.cuda.device(device):  # TensorRT enqueues on the device its engine was loaded on
+                return self._run(feeds)
+        return self._run(feeds)
+
+    def _run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         backend = self.backend
         memory = backend.memory
         if self._memory_generation != memory.generation:
@@ -214,8 +224,8 @@ class TrtStageRunner:
         if not self.context.execute_async_v3(backend.stream_handle()):
             raise CatomeError(f"TensorRT failed to run stage {self.spec.index} ({self.path.name}): see the TensorRT "
                               "log above")
-        # Inputs converted here must outlive the enqueued work: the caching allocator
-        # would hand their memory to the next allocation on this stream.
+        # Hold the converted inputs until the next run: the enqueued work still reads them,
+        # and no other stream may be handed their memory meanwhile.
         self._keep = keep
         return outputs
 
@@ -281,7 +291,8 @@ class TrtBackend:
                                   "another GPU?): rebuild the engines on this machine "
                                   "(catome-export build ... --backend trt)")
             runner = TrtStageRunner(self, cuda_engine, spec, path)
-            self.memory.reserve(runner.memory_bytes)
+            # never bind a null scratch address, even for an engine that needs none
+            self.memory.reserve(max(runner.memory_bytes, MIN_SCRATCH_BYTES))
         self.runners.append(runner)
         return runner
 
