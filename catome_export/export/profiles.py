@@ -36,7 +36,7 @@ level ``F`` (``--opt-merge-fraction`` or :func:`calibrate_opt_fraction`):
 ``R = round(F * #src)``, ``K = N - R`` at the opt grid.
 
 Zero-sized dims: r = 0 (nothing merged) makes the ``src_idx`` / ``slot_idx``
-inputs empty, so ``R{k}`` has min 0. TensorRT (8.5 and later, all of 10.x)
+inputs empty, so ``R{k}`` has min 0. TensorRT (8 and later, all of 10.x)
 supports empty tensors: a profile dim may have min 0, min <= opt <= max is the
 only ordering rule, and execution accepts zero-volume inputs (the backend
 binds a small valid device address to them, see ``backends/trt.py``).
