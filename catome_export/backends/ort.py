@@ -50,6 +50,8 @@ class OrtOptions:
     """Keep freed CPU buffers in ONNX Runtime's arena for the next run."""
     io_binding: bool = True
     """Bind torch tensors by address (True) or pass numpy views to ``session.run`` (False, CPU only)."""
+    allow_spinning: bool = True
+    """Let idle intra-op threads spin for work (fast on a dedicated CPU; turn off on a shared, busy one)."""
     synchronize: bool = True
     """CUDA: let each run wait for its stream (safe default); False leaves ordering to the shared stream."""
     log_severity: int = 3
@@ -118,6 +120,8 @@ def session_options(options: OrtOptions):
     so.enable_mem_pattern = options.mem_pattern
     so.enable_cpu_mem_arena = options.cpu_mem_arena
     so.log_severity_level = options.log_severity
+    if not options.allow_spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 
 

@@ -1,0 +1,62 @@
+"""``catome-export verify ENGINE_DIR``: the engine against eager CA-ToMe, step by step; exit 1 above tolerance."""
+
+from __future__ import annotations
+
+import argparse
+
+from catome_export.backends.select import BACKEND_NAMES
+
+
+def _resolution(text: str) -> int | tuple[int, int]:
+    try:
+        if "x" in text.lower():
+            h, w = text.lower().split("x", 1)
+            return int(h), int(w)
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"resolution must be N or HxW in pixels, got {text!r}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from catome_export.runtime.verify import verify_engine
+
+    report = verify_engine(args.engine_dir, steps=args.steps, schedule=args.schedule, backend=args.backend,
+                           seed=args.seed, batch=args.batch, resolution=args.resolution, tolerance=args.tolerance,
+                           backend_options={"intra_op_threads": args.threads} if args.threads else None)
+    if not args.quiet:
+        print(report.format_table())
+    print(report.summary())
+    if args.json:
+        from catome_export.runtime.verify import write_report_json
+
+        write_report_json(report, args.json)
+        print(f"report written to {args.json}")
+    return 0 if report.ok else 1
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "verify", help="compare an engine with eager CA-ToMe step by step (exit 1 above tolerance)",
+        description="Run the engine and eager CA-ToMe (same weights, same merge settings) side by side over a "
+                    "denoising schedule on seeded smooth latents, feeding both the same latents at every step. "
+                    "Prints per step the max abs difference of the noise prediction and the tokens merged per "
+                    "site, then a summary with the median latency of both. Exit 1 when a step is above the "
+                    "tolerance or merges differently from eager.",
+    )
+    p.add_argument("engine_dir", metavar="ENGINE_DIR", help="engine folder written by catome-export build")
+    p.add_argument("--steps", type=int, default=50, help="U-Net calls to compare (default 50)")
+    p.add_argument("--schedule", default=None,
+                   help="checkpoint schedule to use instead of the engine's: a name (config1..4, adaptive, "
+                        "config_five, every_step) or a list like 0,10,20")
+    p.add_argument("--backend", default="auto", choices=BACKEND_NAMES, help="engine backend (default auto)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the latents and text embeddings (default 0)")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default: the build's opt batch)")
+    p.add_argument("--resolution", type=_resolution, default=None,
+                   help="image size in pixels, N or HxW (default: the build's opt size)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="limit of max|diff| as a multiple of max(1, max|eager output|) "
+                        "(default 1e-4 for fp32 engines, 2e-2 for fp16)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: physical cores)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="print the summary only, not the per-step table")
+    p.set_defaults(func=run)
