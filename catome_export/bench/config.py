@@ -1,0 +1,151 @@
+"""Benchmark settings: one frozen dataclass shared by the API and ``catome-export bench``."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from catome_export.errors import CatomeError
+
+BACKENDS = ("eager", "eager-tome", "eager-catome", "engine", "engine-unstaged")
+"""What a benchmark can time.
+
+``eager``: the plain diffusers U-Net. ``eager-tome``: the eager patch matching
+at every step (no cache, as ToMe). ``eager-catome``: the eager patch with
+cached plans (the checkpoint is the warm-up call; timed calls reuse it).
+``engine``: the staged graphs through the runtime. ``engine-unstaged``: one
+un-cut ONNX graph of the same U-Net in ONNX Runtime with the same session
+options (no merging), to measure what cutting costs."""
+
+MERGING_BACKENDS = ("eager-tome", "eager-catome", "engine")
+"""Backends that take a merge fraction or threshold; the others run at merge fraction 0 only."""
+
+LATENT_KINDS = ("smooth", "noise")
+PRECISIONS = ("fp32", "fp16")
+
+
+def default_workdir() -> Path:
+    """Where engines and the unstaged graph are built when no ``--engine`` is given."""
+    return Path(tempfile.gettempdir()) / "catome-bench"
+
+
+def _positive_int(name: str, value: object, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise CatomeError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to time, at which shapes, how often."""
+
+    model: str = "tiny"
+    """Registry name (``tiny``, ``sd15``) or a local diffusers folder."""
+    weights: str = "random"
+    """``random`` (seeded, the architecture only: speed does not depend on weights) or ``pretrained``."""
+    engine_dir: Path | None = None
+    """A built engine folder for ``engine``; None builds one under ``workdir`` (reused when it fits)."""
+    backends: tuple[str, ...] = ("eager", "eager-catome", "engine")
+    """Subset of :data:`BACKENDS`, timed in this order."""
+    resolutions: tuple[int, ...] = ()
+    """Image sizes in pixels (square; latent = size / 8); empty = the model's default."""
+    batch: int = 2
+    """U-Net batch (2 = one image with classifier-free guidance)."""
+    merge_fractions: tuple[float, ...] = (0.0, 0.5, 0.75)
+    """Forced r per site = round(f * #src): speed independent of weights and inputs."""
+    threshold: float | None = None
+    """Also time the adaptive path at this CA-ToMe threshold (r from the inputs; use smooth latents)."""
+    latents: str = "smooth"
+    """Start latents: ``smooth`` (blurred, self-similar) or ``noise``."""
+    steps: int = 0
+    """When > 0, also time an ``steps``-call denoising loop with ``schedule`` (checkpoint and cached steps mixed)."""
+    schedule: str = "config3"
+    """Checkpoint schedule of the ``steps`` loop."""
+    repeats: int = 5
+    """Timed cached-step calls per row."""
+    checkpoint_repeats: int | None = None
+    """Timed checkpoint-step calls per row (None: min(repeats, 3))."""
+    warmup: int = 1
+    """Untimed calls before timing; the first is a checkpoint (it fills the plan caches)."""
+    threads: int | None = None
+    """torch and ONNX Runtime intra-op threads, the same for every backend; None = physical cores."""
+    device: str = "cpu"
+    """``cpu`` or ``cuda`` (``cuda:N``)."""
+    precision: str = "fp32"
+    """``fp32`` or ``fp16`` (fp16 needs a CUDA device)."""
+    engine_backend: str = "auto"
+    """Runtime backend of ``engine`` (``auto``, ``trt``, ``ort``, ``ort-cpu``, ``ort-cuda``, ``torch``)."""
+    workdir: Path = field(default_factory=default_workdir)
+    """Build folder for engines and the unstaged graph (outside the repository; large for sd15)."""
+    text_len: int = 77
+    """Tokens of the text embeddings."""
+    seed: int = 0
+    """Seed of the latents and text embeddings."""
+    stage_timings: bool = True
+    """Time every stage of ``engine`` too (one synchronisation per stage on CUDA)."""
+
+    def __post_init__(self) -> None:
+        backends = tuple(self.backends)
+        unknown = [b for b in backends if b not in BACKENDS]
+        if unknown or not backends:
+            raise CatomeError(f"unknown backends {unknown}: choose from {', '.join(BACKENDS)}" if unknown
+                              else f"give at least one backend: {', '.join(BACKENDS)}")
+        if len(set(backends)) != len(backends):
+            raise CatomeError(f"backends are listed twice: {list(backends)}")
+        object.__setattr__(self, "backends", backends)
+        res = tuple(self.resolutions)
+        for r in res:
+            if isinstance(r, bool) or not isinstance(r, int) or r < 16 or r % 8:
+                raise CatomeError(f"resolution must be a multiple of 8 of at least 16 pixels, got {r!r}")
+        object.__setattr__(self, "resolutions", res)
+        fractions = tuple(self.merge_fractions)
+        for f in fractions:
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or not 0 <= f <= 1:
+                raise CatomeError(f"merge fractions must be numbers in [0, 1], got {f!r}")
+        if not fractions and self.threshold is None:
+            raise CatomeError("give at least one merge fraction (e.g. 0,0.5,0.75) or a --threshold")
+        object.__setattr__(self, "merge_fractions", tuple(float(f) for f in fractions))
+        t = self.threshold
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not -1 <= t <= 1):
+            raise CatomeError(f"threshold must be a number in [-1, 1], got {t!r}")
+        if self.weights not in ("random", "pretrained"):
+            raise CatomeError(f"weights must be 'random' or 'pretrained', got {self.weights!r}")
+        if self.latents not in LATENT_KINDS:
+            raise CatomeError(f"latents must be one of {', '.join(LATENT_KINDS)}, got {self.latents!r}")
+        if self.precision not in PRECISIONS:
+            raise CatomeError(f"precision must be fp32 or fp16, got {self.precision!r}")
+        if self.precision == "fp16" and not self.device.startswith("cuda"):
+            raise CatomeError("fp16 benchmarks need a CUDA device (--device cuda); on the CPU use fp32")
+        if not (self.device == "cpu" or self.device == "cuda" or
+                (self.device.startswith("cuda:") and self.device[5:].isdigit())):
+            raise CatomeError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        _positive_int("batch", self.batch)
+        _positive_int("repeats", self.repeats)
+        _positive_int("warmup", self.warmup)
+        _positive_int("text length", self.text_len)
+        _positive_int("steps", self.steps, 0)
+        if self.checkpoint_repeats is not None:
+            _positive_int("checkpoint repeats", self.checkpoint_repeats, 0)
+        if self.threads is not None:
+            _positive_int("threads", self.threads)
+        if self.engine_dir is not None:
+            object.__setattr__(self, "engine_dir", Path(self.engine_dir))
+        object.__setattr__(self, "workdir", Path(self.workdir))
+
+    @property
+    def checkpoint_calls(self) -> int:
+        return self.checkpoint_repeats if self.checkpoint_repeats is not None else min(self.repeats, 3)
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model, "weights": self.weights,
+            "engine_dir": None if self.engine_dir is None else str(self.engine_dir),
+            "backends": list(self.backends), "resolutions": list(self.resolutions), "batch": self.batch,
+            "merge_fractions": list(self.merge_fractions), "threshold": self.threshold, "latents": self.latents,
+            "steps": self.steps, "schedule": self.schedule, "repeats": self.repeats,
+            "checkpoint_repeats": self.checkpoint_calls, "warmup": self.warmup, "threads": self.threads,
+            "device": self.device, "precision": self.precision, "engine_backend": self.engine_backend,
+            "text_len": self.text_len, "seed": self.seed,
+        }

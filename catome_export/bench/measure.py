@@ -1,0 +1,151 @@
+"""Timing one benchmark row: warm-up, cached steps, checkpoint steps, and the controller's share.
+
+Per row (a backend at one shape and one merge setting):
+
+1. a new generation starts and ``warmup`` calls run untimed; the first is a
+   checkpoint (empty caches: every site matches and caches its plan);
+2. ``repeats`` timed calls continue the generation. With the benchmark's
+   schedule (a checkpoint at loop index 0 only) they are cached steps: the
+   plans are reused, no matching runs. ``eager-tome`` matches at every step;
+3. ``checkpoint_repeats`` timed calls each start a new generation first
+   (untimed), so each of them matches at every site.
+
+Every timed call records its wall time (synchronised on CUDA), the time in
+the merge controller, r per site and, for engines, the per-stage times.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from catome_export.bench.targets import CallStats, Target
+from catome_export.bench.timing import Summary, timed
+from catome_export.merging import MergeSettings, Schedule
+
+logger = logging.getLogger(__name__)
+
+BENCH_SCHEDULE = Schedule("bench", (0,), step_base=0)
+"""Matching at loop index 0 only: the warm-up call is the checkpoint, every timed call after it is cached."""
+TIMESTEP = 500.0
+"""Timestep of every timed call (constant, so the step counter never sees a new generation)."""
+
+
+@dataclass
+class Inputs:
+    """One shape's U-Net inputs, on the benchmark device."""
+
+    sample: torch.Tensor
+    timestep: torch.Tensor
+    text: torch.Tensor
+
+    @property
+    def batch(self) -> int:
+        return int(self.sample.shape[0])
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        return int(self.sample.shape[-2]), int(self.sample.shape[-1])
+
+
+@dataclass
+class Phase:
+    """Timed calls of one kind (cached or checkpoint)."""
+
+    step_ms: list[float] = field(default_factory=list)
+    calls: list[CallStats] = field(default_factory=list)
+
+    def add(self, ms: float, stats: CallStats) -> None:
+        self.step_ms.append(ms)
+        self.calls.append(stats)
+
+    @property
+    def summary(self) -> Summary | None:
+        return Summary.of(self.step_ms) if self.step_ms else None
+
+    def controller_ms(self) -> float | None:
+        return float(statistics.median(c.controller_ms for c in self.calls)) if self.calls else None
+
+    def stage_ms(self) -> list[float] | None:
+        """Median per-stage times, where the target records them."""
+        per_call = [c.stage_ms for c in self.calls if c.stage_ms]
+        if not per_call or len({len(s) for s in per_call}) != 1:
+            return None
+        return [float(statistics.median(col)) for col in zip(*per_call)]
+
+    def outside_stages_ms(self) -> float | None:
+        """Median of (step time - sum of stage times): controller, plan feeding, input checks, chain walk."""
+        vals = [ms - sum(c.stage_ms) for ms, c in zip(self.step_ms, self.calls) if c.stage_ms]
+        return float(statistics.median(vals)) if vals else None
+
+    def all_matched(self) -> bool:
+        return bool(self.calls) and all(c.matched and all(c.matched.values()) for c in self.calls)
+
+    def none_matched(self) -> bool:
+        return all(not any(c.matched.values()) for c in self.calls)
+
+
+@dataclass
+class RowTiming:
+    """What :func:`measure` found for one row."""
+
+    cached: Phase
+    checkpoint: Phase
+    merged: dict[int, int]
+    loop: dict[str, Any] | None = None
+
+
+def _call(target: Target, inputs: Inputs, phase: Phase | None) -> None:
+    out: list[float] = []
+    with timed(target.device, out):
+        target(inputs.sample, inputs.timestep, inputs.text)
+    if phase is not None:
+        phase.add(out[0], target.last_call())
+
+
+def measure(target: Target, settings: MergeSettings | None, inputs: Inputs, *, repeats: int, warmup: int,
+            checkpoint_repeats: int) -> RowTiming:
+    """Time ``target`` with ``settings`` on ``inputs`` (see the module docstring)."""
+    target.configure(settings)
+    target.new_generation()
+    for _ in range(warmup):
+        _call(target, inputs, None)
+    cached = Phase()
+    for _ in range(repeats):
+        _call(target, inputs, cached)
+    checkpoint = Phase()
+    if target.merges:
+        for _ in range(checkpoint_repeats):
+            target.new_generation()
+            _call(target, inputs, checkpoint)
+        if settings is not None and settings.schedule is BENCH_SCHEDULE and not cached.none_matched():
+            logger.warning("%s: some timed cached calls ran matching; their times include it", target.name)
+        if checkpoint.calls and not checkpoint.all_matched():
+            logger.warning("%s: some checkpoint calls did not match at every site", target.name)
+    merged = dict(cached.calls[-1].merged) if cached.calls else {}
+    return RowTiming(cached, checkpoint, merged)
+
+
+def measure_loop(target: Target, settings: MergeSettings | None, inputs: Inputs, steps: int) -> dict[str, Any]:
+    """Time a ``steps``-call denoising loop (timesteps 999 -> 0) with ``settings``' own schedule."""
+    target.configure(settings)
+    target.new_generation()
+    timesteps = torch.linspace(999.0, 0.0, steps).tolist()
+    out: list[float] = []
+    checkpoints = 0
+    controller = 0.0
+    for t in timesteps:
+        ts = torch.full_like(inputs.timestep, t)
+        with timed(target.device, out):
+            target(inputs.sample, ts, inputs.text)
+        stats = target.last_call()
+        checkpoints += int(any(stats.matched.values()))
+        controller += stats.controller_ms
+    total = sum(out)
+    return {"steps": steps, "schedule": settings.schedule.describe() if settings is not None else None,
+            "checkpoint_steps": checkpoints, "total_ms": round(total, 3), "mean_ms": round(total / steps, 3),
+            "controller_ms": round(controller, 3)}

@@ -1,0 +1,253 @@
+"""What a benchmark times: one object per backend with the same small interface.
+
+A :class:`Target` is configured with merge settings (or None), told when a
+new generation starts (so the next call is a checkpoint: empty caches,
+matching runs), called like a U-Net, and asked what its last call did
+(controller time, r per site, per-stage times where it has stages).
+
+Controller time is measured around ``MergeController.plan_for`` (matching on
+checkpoint steps, the cache look-up otherwise): the runtime records it per
+step; for the eager patch a thin timing proxy stands in for the handle's
+controller. On CUDA the proxy synchronises before and after each call so the
+time is the controller's own, not the queued kernels' before it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from catome_export.bench.timing import synchronize
+from catome_export.errors import CatomeError
+from catome_export.merging import MergePlan, MergeSettings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CallStats:
+    """What the last call of a target did."""
+
+    controller_ms: float = 0.0
+    """Time in the merge controller (matching or cache look-up), all sites together."""
+    merged: dict[int, int] = field(default_factory=dict)
+    """Site -> r of the call."""
+    matched: dict[int, bool] = field(default_factory=dict)
+    """Site -> whether matching ran."""
+    stage_ms: list[float] | None = None
+    """Per-stage wall times (engines with stage timing on)."""
+
+
+class Target:
+    """A U-Net-like thing to time (base class; see the concrete targets below)."""
+
+    name = "target"
+    merges = False
+    """Whether :meth:`configure` takes merge settings."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def configure(self, settings: MergeSettings | None) -> None:
+        if settings is not None and not self.merges:
+            raise CatomeError(f"backend {self.name} does not merge tokens")
+
+    def new_generation(self) -> None:
+        """The next call is loop index 0 (empty caches: matching runs)."""
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def last_call(self) -> CallStats:
+        return CallStats()
+
+    def close(self) -> None:
+        """Release what the target holds (patches, sessions)."""
+
+
+class EagerTarget(Target):
+    """The plain diffusers U-Net."""
+
+    name = "eager"
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        super().__init__(unet.device)
+        self.unet = unet
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.unet(sample, timestep, text, return_dict=False)[0]
+
+
+class _TimedController:
+    """Delegates to a MergeController and adds up the time of its ``plan_for`` calls."""
+
+    def __init__(self, inner: Any, device: torch.device) -> None:
+        self._inner = inner
+        self._device = device
+        self.spent_ms = 0.0
+
+    def plan_for(self, site: int, x: torch.Tensor, grid: tuple[int, int]) -> MergePlan:
+        synchronize(self._device)
+        start = time.perf_counter()
+        plan = self._inner.plan_for(site, x, grid)
+        synchronize(self._device)
+        self.spent_ms += (time.perf_counter() - start) * 1e3
+        return plan
+
+    def begin_step(self, timestep: float | None = None) -> int:
+        self.spent_ms = 0.0
+        return self._inner.begin_step(timestep)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class EagerMergeTarget(Target):
+    """The eager patch (``apply_merging``) on the U-Net: ``eager-tome`` or ``eager-catome``."""
+
+    merges = True
+
+    def __init__(self, unet: torch.nn.Module, name: str) -> None:
+        super().__init__(unet.device)
+        self.unet = unet
+        self.name = name
+        self.handle: Any = None
+        self._timer: _TimedController | None = None
+
+    def configure(self, settings: MergeSettings | None) -> None:
+        from catome_export.eager import apply_merging
+
+        if settings is None:
+            raise CatomeError(f"backend {self.name} needs merge settings")
+        self.close()
+        self.handle = apply_merging(self.unet, settings)
+        self._timer = _TimedController(self.handle.controller, self.device)
+        self.handle.controller = self._timer
+
+    def new_generation(self) -> None:
+        self._require().reset()
+
+    def _require(self) -> Any:
+        if self.handle is None:
+            raise CatomeError(f"backend {self.name} was not configured with merge settings")
+        return self.handle
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        self._require()
+        with torch.inference_mode():
+            return self.unet(sample, timestep, text, return_dict=False)[0]
+
+    def last_call(self) -> CallStats:
+        handle = self._require()
+        last = handle.history[-1] if handle.history else None
+        spent = self._timer.spent_ms if self._timer is not None else 0.0
+        if last is None:
+            return CallStats(spent)
+        return CallStats(spent, dict(last.merged), dict(last.matched))
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+            self._timer = None
+
+
+class _TimedRunner:
+    """A stage runner proxy that records the wall time of each ``run``."""
+
+    def __init__(self, inner: Any, device: torch.device, out: list[float]) -> None:
+        self._inner = inner
+        self.spec = inner.spec
+        self._device = device
+        self._out = out
+
+    def run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        start = time.perf_counter()
+        outputs = self._inner.run(feeds)
+        synchronize(self._device)
+        self._out.append((time.perf_counter() - start) * 1e3)
+        return outputs
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class EngineTarget(Target):
+    """The staged engine through the runtime (``runtime.unet``, as a pipeline calls it)."""
+
+    name = "engine"
+    merges = True
+
+    def __init__(self, runtime: Any, stage_timings: bool = True) -> None:
+        super().__init__(runtime.device)
+        self.runtime = runtime
+        self._stage_ms: list[float] = []
+        self._stage_timings = stage_timings
+        if stage_timings:
+            chain = runtime.chain
+            chain.runners = [_TimedRunner(r, runtime.device, self._stage_ms) for r in chain.runners]
+
+    @classmethod
+    def load(cls, engine_dir: Path, backend: str, device: str, threads: int,
+             stage_timings: bool = True) -> "EngineTarget":
+        from catome_export.runtime import Runtime
+
+        options = {"intra_op_threads": threads} if backend in ("auto", "ort", "ort-cpu", "ort-cuda") else None
+        runtime = Runtime.load(engine_dir, backend=backend, device=device, backend_options=options)
+        logger.info("engine %s on %s", engine_dir, runtime.backend.name if runtime.backend else runtime.device)
+        return cls(runtime, stage_timings)
+
+    @property
+    def backend_name(self) -> str:
+        be = self.runtime.backend
+        return be.name if be is not None else "custom"
+
+    @property
+    def base_settings(self) -> MergeSettings:
+        return self.runtime.settings
+
+    def configure(self, settings: MergeSettings | None) -> None:
+        if settings is None:
+            raise CatomeError("the engine needs merge settings (merge fraction 0 for no merging)")
+        self.runtime.set_settings(settings)
+
+    def new_generation(self) -> None:
+        self.runtime.reset()
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        self._stage_ms.clear()
+        return self.runtime.unet(sample, timestep, encoder_hidden_states=text, return_dict=False)[0]
+
+    def last_call(self) -> CallStats:
+        rec = self.runtime.last_stats
+        stages = list(self._stage_ms) if self._stage_timings else None
+        if rec is None:
+            return CallStats(stage_ms=stages)
+        return CallStats(rec.controller_ms, dict(rec.merged), dict(rec.matched), stages)
+
+    def close(self) -> None:
+        self.runtime.close()
+
+
+class UnstagedTarget(Target):
+    """One un-cut ONNX graph of the U-Net in ONNX Runtime, with the engine's session options."""
+
+    name = "engine-unstaged"
+
+    def __init__(self, runner: Any, backend: Any) -> None:
+        super().__init__(backend.device)
+        self.runner = runner
+        self.backend = backend
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": text}
+        return self.runner.run(feeds)["noise_pred"]
+
+    def close(self) -> None:
+        self.backend.close()

@@ -1,0 +1,165 @@
+"""The un-cut baseline: the whole U-Net as one ONNX graph, run like one engine stage.
+
+Exported with the staged export's settings (TorchScript exporter, the same
+opset, constant folding, dynamic batch / latent size / text length) and run
+through the ONNX Runtime backend's own stage runner (same session options,
+same IO binding), so the only difference from the staged engine at merge
+fraction 0 is the cutting itself. The graph is traced at a latent size
+divisible by 8 and serves latent sizes divisible by 8 (images in multiples of
+64 pixels): diffusers' U-Net takes another branch for other sizes.
+
+The graph is cached under the benchmark's work folder, keyed by the weights
+hash and the precision; a ``meta.json`` written last marks a complete export.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from catome_export.errors import CatomeError
+from catome_export.export.stages import StageSpec, TensorSpec
+
+logger = logging.getLogger(__name__)
+
+GRAPH_FILE = "unet.onnx"
+META_FILE = "meta.json"
+TRACE_SHAPE = (2, (16, 16), 7)
+"""(batch, latent hw, text length) of the trace: small; every latent size divisible by 8 works afterwards."""
+CONSOLIDATE_BYTES = 1_800_000_000
+"""Graphs with more weight bytes than this keep them in one ``unet.onnx.data`` file (protobuf's 2 GB limit)."""
+
+
+class _WholeUNet(torch.nn.Module):
+    """(sample, timestep, encoder_hidden_states) -> noise_pred, the model IO of the staged graphs."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep, text, return_dict=False)[0]
+
+
+def unstaged_spec(dtype: str, in_channels: int, out_channels: int, text_dim: int) -> StageSpec:
+    """The IO of the whole U-Net as a one-stage spec (model inputs in, ``noise_pred`` out)."""
+    return StageSpec(
+        index=0, site=None, next_site=None,
+        inputs=(TensorSpec("sample", dtype, ("B", in_channels, "H", "W")),
+                TensorSpec("timestep", "float32", ("B",)),
+                TensorSpec("encoder_hidden_states", dtype, ("B", "L", text_dim))),
+        outputs=(TensorSpec("noise_pred", dtype, ("B", out_channels, "H", "W")),),
+    )
+
+
+def _dtype_name(unet: torch.nn.Module) -> str:
+    names = {torch.float32: "float32", torch.float16: "float16"}
+    if unet.dtype not in names:
+        raise CatomeError(f"the unstaged graph is exported in float32 or float16, not {unet.dtype}")
+    return names[unet.dtype]
+
+
+def _spec_of(unet: torch.nn.Module) -> StageSpec:
+    cfg = unet.config
+    return unstaged_spec(_dtype_name(unet), int(cfg.in_channels), int(cfg.out_channels),
+                         int(cfg.cross_attention_dim))
+
+
+def _trace_args(unet: torch.nn.Module) -> tuple[torch.Tensor, ...]:
+    batch, (h, w), text_len = TRACE_SHAPE
+    gen = torch.Generator().manual_seed(0)
+    cfg = unet.config
+    device, dtype = unet.device, unet.dtype
+    return (torch.randn(batch, cfg.in_channels, h, w, generator=gen).to(device, dtype),
+            torch.linspace(999.0, 1.0, batch, dtype=torch.float32).to(device),
+            torch.randn(batch, text_len, cfg.cross_attention_dim, generator=gen).to(device, dtype))
+
+
+def _meta(weights_hash: str, dtype: str) -> dict[str, Any]:
+    return {"weights_hash": weights_hash, "dtype": dtype, "torch": torch.__version__, "file": GRAPH_FILE}
+
+
+def cached_graph(folder: Path, weights_hash: str, dtype: str) -> Path | None:
+    """The graph in ``folder`` when a complete export of these weights and dtype is there."""
+    meta_path = folder / META_FILE
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if meta != _meta(weights_hash, dtype) or not (folder / GRAPH_FILE).is_file():
+        return None
+    return folder / GRAPH_FILE
+
+
+def export_unstaged(unet: torch.nn.Module, folder: str | Path, weights_hash: str | None = None) -> Path:
+    """Export ``unet`` whole to ``folder/unet.onnx`` (reused when a matching export is there)."""
+    import onnx
+
+    from catome_export.export.fsutil import atomic_write_json
+    from catome_export.export.onnx_export import OPSET, check_stage_file
+    from catome_export.models import weights_hash as hash_weights
+
+    folder = Path(folder)
+    dtype = _dtype_name(unet)
+    digest = weights_hash or hash_weights(unet)
+    found = cached_graph(folder, digest, dtype)
+    if found is not None:
+        logger.info("reusing the unstaged graph %s", found)
+        return found
+    spec = _spec_of(unet)
+    scratch = folder.parent / f".{folder.name}.export-{os.getpid()}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    start = time.perf_counter()
+    logger.info("exporting the whole U-Net to one ONNX graph (the unstaged baseline)...")
+    try:
+        module = _WholeUNet(unet).eval()
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, _trace_args(unet), str(scratch / GRAPH_FILE), dynamo=False,
+                              opset_version=OPSET, do_constant_folding=True,
+                              input_names=list(spec.input_names), output_names=list(spec.output_names),
+                              dynamic_axes={t.name: t.dynamic_axes() for t in (*spec.inputs, *spec.outputs)})
+        if sum(p.numel() * p.element_size() for p in unet.parameters()) > CONSOLIDATE_BYTES:
+            model = onnx.load(str(scratch / GRAPH_FILE), load_external_data=True)
+            for path in scratch.iterdir():
+                path.unlink()
+            onnx.save_model(model, str(scratch / GRAPH_FILE), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=f"{GRAPH_FILE}.data", size_threshold=1024)
+            del model
+        check_stage_file(scratch / GRAPH_FILE)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(scratch, folder)
+        atomic_write_json(folder / META_FILE, _meta(digest, dtype))
+    except CatomeError:
+        raise
+    except Exception as exc:
+        raise CatomeError(f"exporting the whole U-Net to ONNX failed ({type(exc).__name__}: {exc}); "
+                          "leave engine-unstaged out of --backends") from exc
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    logger.info("unstaged graph exported in %.0f s", time.perf_counter() - start)
+    return folder / GRAPH_FILE
+
+
+def load_unstaged(graph: Path, unet_config: Any, dtype: str, device: str, threads: int) -> tuple[Any, Any]:
+    """(stage runner, backend) of the graph on the ONNX Runtime backend with the engine's session options."""
+    from catome_export.backends.ort import OrtBackend, OrtOptions
+
+    backend = OrtBackend(device, OrtOptions(intra_op_threads=threads))
+    cfg = dict(unet_config)
+    spec = unstaged_spec(dtype, int(cfg["in_channels"]), int(cfg["out_channels"]), int(cfg["cross_attention_dim"]))
+    try:
+        runner = backend.load_stage(graph.parent, {"file": graph.name}, spec)
+    except BaseException:
+        backend.close()
+        raise
+    return runner, backend

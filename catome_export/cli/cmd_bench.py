@@ -1,0 +1,136 @@
+"""``catome-export bench``: latency of eager PyTorch, eager ToMe / CA-ToMe and the engines, per U-Net call."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from catome_export.errors import CatomeError
+
+DESCRIPTION = """\
+Time one U-Net call per backend, resolution and merge setting: warm-up first
+(a checkpoint call that fills the plan caches), then --repeats timed cached
+steps (median, min, p90) and a few timed checkpoint steps (matching at every
+site), with the controller's share of both. --merge-fractions forces r per
+site (speed independent of weights); --threshold also times the adaptive path
+on smooth latents. Prints a markdown table; --json and --plot save the rows
+and a latency-vs-merge-fraction plot.
+
+backends:
+  eager            the plain diffusers U-Net (merge fraction 0)
+  eager-tome       the eager patch, matching at every step (no cache)
+  eager-catome     the eager patch, cached plans
+  engine           the staged graphs through the runtime (--engine DIR, or
+                   built for --model under --workdir and reused)
+  engine-unstaged  the whole U-Net as one ONNX graph in ONNX Runtime with the
+                   same session options (merge fraction 0): what cutting costs
+
+example:
+  catome-export bench --model tiny --resolution 256 --repeats 5
+  catome-export bench --model sd15 --weights random --resolution 512 --batch 2 \\
+      --backends eager,engine,engine-unstaged --merge-fractions 0,0.5,0.75 --repeats 3 \\
+      --json benchmarks/results/sd15.json --plot benchmarks/results/sd15.png
+"""
+
+
+def _list(text: str, kind: type, what: str) -> tuple:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise CatomeError(f"{what} is empty: give a comma-separated list")
+    try:
+        return tuple(kind(t) for t in items)
+    except ValueError:
+        raise CatomeError(f"{what} must be a comma-separated list of {kind.__name__}s, got {text!r}") from None
+
+
+def config_from_args(args: argparse.Namespace):
+    """The :class:`BenchConfig` of parsed arguments."""
+    from catome_export.bench.config import BenchConfig, default_workdir
+
+    fractions: tuple = _list(args.merge_fractions, float, "--merge-fractions") if args.merge_fractions else ()
+    resolutions = tuple(args.resolution or ())
+    return BenchConfig(
+        model=args.model, weights=args.weights, engine_dir=Path(args.engine) if args.engine else None,
+        backends=_list(args.backends, str, "--backends"), resolutions=resolutions, batch=args.batch,
+        merge_fractions=fractions, threshold=args.threshold, latents=args.latents, steps=args.steps,
+        schedule=args.schedule, repeats=args.repeats, checkpoint_repeats=args.checkpoint_repeats,
+        warmup=args.warmup, threads=args.threads, device=args.device, precision=args.precision,
+        engine_backend=args.engine_backend, workdir=Path(args.workdir) if args.workdir else default_workdir(),
+        text_len=args.text_len, seed=args.seed, stage_timings=not args.no_stage_timings,
+    )
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    for flag, value, suffix in (("--json", args.json, ".json"), ("--plot", args.plot, ".png")):
+        if value is None:
+            continue
+        path = Path(value)
+        if path.suffix.lower() != suffix:
+            raise CatomeError(f"{flag} {value}: the file name must end in {suffix}")
+        if path.exists() and path.is_dir():
+            raise CatomeError(f"{flag} {value} is a folder: give a file name")
+
+
+def run(args: argparse.Namespace) -> int:
+    from catome_export.bench.runner import run_bench
+
+    _check_outputs(args)
+    config = config_from_args(args)
+    if config.engine_dir is not None and not config.engine_dir.is_dir():
+        raise CatomeError(f"--engine {config.engine_dir} is not a folder: build one with catome-export build, "
+                          "or leave --engine out to build one for --model")
+    result = run_bench(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print(f"# {result.config.get('model')} on {result.header()}")
+    print()
+    print(result.markdown(), end="")
+    for note in result.notes:
+        print(f"\nnote: {note}")
+    if args.json:
+        print(f"\nwrote {result.save_json(args.json)}")
+    if args.plot:
+        print(f"wrote {result.save_plot(args.plot)}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from catome_export.bench.config import BACKENDS
+
+    p = sub.add_parser("bench", help="time eager PyTorch, eager ToMe / CA-ToMe and the engines per U-Net call",
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engine", metavar="DIR", help="a built engine folder for the engine backend "
+                   "(default: build one for --model under --workdir, reused when it fits)")
+    p.add_argument("--model", default="tiny", help="tiny, sd15, or a local diffusers folder (default: tiny)")
+    p.add_argument("--weights", choices=("random", "pretrained"), default="random",
+                   help="seeded random weights (speed does not depend on them; default) or pretrained")
+    p.add_argument("--backends", default="eager,eager-catome,engine", metavar="LIST",
+                   help=f"comma-separated, from {', '.join(BACKENDS)} (default: eager,eager-catome,engine)")
+    p.add_argument("--resolution", type=int, nargs="+", metavar="N",
+                   help="image sizes in pixels, multiples of 8 (default: the model's, 256 tiny / 512 sd15)")
+    p.add_argument("--batch", type=int, default=2, help="U-Net batch (default 2: one image with CFG)")
+    p.add_argument("--merge-fractions", default="0,0.5,0.75", metavar="LIST",
+                   help="forced share of src tokens merged per site (default 0,0.5,0.75); '' with --threshold only")
+    p.add_argument("--threshold", type=float, help="also time the adaptive path at this CA-ToMe threshold")
+    p.add_argument("--latents", choices=("smooth", "noise"), default="smooth",
+                   help="start latents (default smooth: self-similar, so thresholds merge with random weights)")
+    p.add_argument("--steps", type=int, default=0, metavar="N",
+                   help="also time an N-call denoising loop with --schedule (default 0: off)")
+    p.add_argument("--schedule", default="config3", help="checkpoint schedule of the --steps loop (default config3)")
+    p.add_argument("--repeats", type=int, default=5, help="timed cached-step calls per row (default 5)")
+    p.add_argument("--checkpoint-repeats", type=int, metavar="N",
+                   help="timed checkpoint-step calls per merging row (default min(repeats, 3))")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls first, the first a checkpoint (default 1)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch and ONNX Runtime intra-op threads for every backend (default: physical cores)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="fp16 needs --device cuda")
+    p.add_argument("--engine-backend", default="auto", choices=("auto", "trt", "ort", "ort-cpu", "ort-cuda", "torch"),
+                   help="runtime backend of the engine rows (default auto)")
+    p.add_argument("--workdir", metavar="DIR", help="where engines and the unstaged graph are built "
+                   "(default: <tmp>/catome-bench; sd15 needs about 7 GB)")
+    p.add_argument("--text-len", type=int, default=77, help="tokens of the text embeddings (default 77)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the latents and text embeddings")
+    p.add_argument("--no-stage-timings", action="store_true", help="do not time the engine's stages one by one")
+    p.add_argument("--json", metavar="FILE", help="write the rows and the device to this .json file")
+    p.add_argument("--plot", metavar="FILE", help="write latency against merge fraction to this .png file")
+    p.set_defaults(func=run)
