@@ -143,9 +143,10 @@ def match_tokens(
         count_merged(metric.new_zeros(b, 0), n, threshold=threshold, ratio=ratio, num_merged=num_merged)
         return MergePlan.identity(b, n, device)
 
+    # no_grad, not inference_mode: plan tensors must stay usable as gather indices under autograd.
     with torch.no_grad():
         m = metric / metric.norm(dim=-1, keepdim=True)
-        scores = m[:, src_ids] @ m[:, dst_ids].transpose(-1, -2)  # [B, Ns, Nd]
+        scores = m.index_select(1, src_ids) @ m.index_select(1, dst_ids).transpose(-1, -2)  # [B, Ns, Nd]
         node_max, node_idx = scores.max(dim=-1)
         r = count_merged(node_max, n, threshold=threshold, ratio=ratio, num_merged=num_merged)
         if r == 0:
