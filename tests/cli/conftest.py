@@ -1,0 +1,56 @@
+"""Fixtures of the CLI tests.
+
+``tiny_engine_runtime(settings=None)``: a runtime over the tiny U-Net's stage
+modules (torch backend), standing in for a loaded engine folder. The stages
+are cut once per session; each call gives a fresh Runtime with a
+manifest-like object that names the model and the optimal profile, as
+``Runtime.load`` would.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import pytest
+import torch
+
+from catome_export.merging import MergeSettings, parse_schedule
+
+LATENT = 8
+"""Latent side of the stand-in engine's optimal profile (64 px images)."""
+
+
+@lru_cache(maxsize=1)
+def _stages() -> tuple[Any, list, list]:
+    from catome_export.export.stages import cut_unet
+    from catome_export.models import find_merge_sites, load_unet
+
+    unet = load_unet("tiny", "random")
+    sites = find_merge_sites(unet)
+    return unet, sites, cut_unet(unet, sites)
+
+
+def make_tiny_runtime(settings: MergeSettings | None = None) -> Any:
+    """A Runtime over the tiny stages; ``manifest`` says model tiny, opt latent 8x8."""
+    from catome_export.backends.torch_backend import TorchBackend
+    from catome_export.runtime.runtime import Runtime
+
+    unet, sites, stages = _stages()
+    settings = settings or MergeSettings(threshold=0.7, schedule=parse_schedule("config3"))
+    manifest = SimpleNamespace(
+        model={"id": "tiny", "weights": "random"},
+        shapes={"opt": {"batch": 2, "latent_height": LATENT, "latent_width": LATENT}},
+        settings=lambda: settings,
+    )
+    backend = TorchBackend(None, "cpu", stages=stages)
+    runners = [backend.load_stage(None, {}, spec) for spec, _ in stages]  # type: ignore[arg-type]
+    return Runtime(runners, sites, settings, unet_config=dict(unet.config), dtype=torch.float32, device="cpu",
+                   backend=backend, manifest=manifest)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_runtime() -> Callable[..., Any]:
+    """``tiny_engine_runtime(settings=None)``: a fresh stand-in engine runtime (see the module docstring)."""
+    return make_tiny_runtime

@@ -1,0 +1,98 @@
+"""``catome-export generate`` on the offline tiny pipeline: eager CA-ToMe, an engine runtime, bad inputs."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from PIL import Image
+
+from catome_export.cli.main import main
+
+SMALL = ["--steps", "2", "--height", "64", "--width", "64"]
+STEP_LINE = re.compile(r"^step +(\d+)  merged (\[[\d, ]+\]|-)  (matched \[[\d, ]*\]  )?[\d.]+ ms$")
+
+
+def _step_lines(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("step ")]
+
+
+def _check_png(path, size=(64, 64)) -> None:
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size == size and im.mode == "RGB"
+    leftovers = [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+    assert leftovers == []
+
+
+def test_generate_tiny_writes_a_png_and_prints_merged_counts(tmp_path, capsys):
+    out = tmp_path / "sub" / "car.png"
+    rc = main(["generate", "--model", "tiny", "--prompt", "a red car", "--seed", "3", *SMALL, "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    _check_png(out)
+    lines = _step_lines(captured.out)
+    assert len(lines) >= 2
+    for i, line in enumerate(lines):
+        m = STEP_LINE.match(line)
+        assert m, line
+        assert int(m.group(1)) == i
+        assert m.group(2).count(",") == 4  # five merge sites in the SD 1.5 layout
+    assert "matched [0, 1, 2, 3, 4]" in lines[0]  # step 0 matches at every site (empty caches)
+    assert f"wrote {out}" in captured.out and "CA-ToMe t=0.7" in captured.out
+
+
+def test_generate_with_an_engine_runtime(tmp_path, capsys, monkeypatch, tiny_engine_runtime):
+    from catome_export.runtime import Runtime
+
+    loaded = []
+
+    def fake_load(engine_dir, backend="auto", device=None, **kwargs):
+        runtime = tiny_engine_runtime()
+        loaded.append(runtime)
+        return runtime
+
+    monkeypatch.setattr(Runtime, "load", staticmethod(fake_load))
+    engine_dir = tmp_path / "engine"
+    engine_dir.mkdir()
+    out = tmp_path / "engine.png"
+    rc = main(["generate", "--engine", str(engine_dir), "--prompt", "a red car", "--steps", "2", "--threshold",
+               "0.5", "--schedule", "every_step", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    _check_png(out)  # the engine's optimal profile (latent 8x8) sets the default size
+    lines = _step_lines(captured.out)
+    assert len(lines) >= 2 and all(STEP_LINE.match(line) for line in lines)
+    assert all("matched [0, 1, 2, 3, 4]" in line for line in lines)  # every_step overrides config3
+    assert "t=0.5" in captured.out and "engine on torch" in captured.out
+    assert loaded and loaded[0]._closed  # the command closes the runtime
+
+
+def test_generate_without_merging_prints_no_counts(tmp_path, capsys):
+    out = tmp_path / "plain.png"
+    rc = main(["generate", "--model", "tiny", "--prompt", "a red car", "--no-merge", *SMALL, "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    _check_png(out)
+    assert all(" merged -" in line for line in _step_lines(captured.out))
+    assert "no merging" in captured.out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "tiny"], "--prompt is missing"),
+    (["--prompt", "x"], "say what to run"),
+    (["--model", "tiny", "--prompt", "x", "--height", "65"], "multiple of 8"),
+    (["--model", "tiny", "--prompt", "x", "--width", "100"], "multiple of 8"),
+    (["--model", "tiny", "--prompt", "x", "--steps", "0"], "steps must be"),
+    (["--model", "tiny", "--prompt", "   "], "prompt is empty"),
+    (["--engine", "/no/such/engine/dir", "--prompt", "x"], "does not exist"),
+    (["--model", "tiny", "--prompt", "x", "--no-merge", "--threshold", "0.5"], "--no-merge"),
+    (["--model", "tiny", "--prompt", "x", "--out", "image.jpg"], ".png"),
+    (["--model", "/no/such/pipeline", "--prompt", "x", *SMALL], "unknown model"),
+])
+def test_bad_inputs_exit_1_without_traceback(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc = main(["generate", *argv])
+    captured = capsys.readouterr()
+    assert rc == 1
+    assert captured.err.startswith("error: ") and message in captured.err
+    assert "Traceback" not in captured.err
