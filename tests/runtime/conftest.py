@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
@@ -80,3 +81,22 @@ def eager(reference_unet) -> Callable[[MergeSettings], "object"]:
             handle.remove()
 
     return patched
+
+
+def build_tiny_engine(base: Path) -> Path:
+    """Build the tiny engine (ORT, 128..192 px, batch 1..2) once under ``base`` (shared by the runtime and CLI tests)."""
+    from catome_export.export.build import build_engine
+
+    folder = base / "tiny-engine-128-192"
+    if not (folder / "manifest.json").is_file():
+        with one_thread():
+            build_engine("tiny", backend="ort", min_resolution=128, max_resolution=192, min_batch=1, max_batch=2,
+                         out_dir=folder, verify=False)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tmp_path_factory) -> Path:
+    """A real tiny engine folder (ONNX stages + manifest), built once per test session."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    return build_tiny_engine(tmp_path_factory.getbasetemp())
