@@ -253,6 +253,14 @@ def pipeline_for_engine(runtime: Any, model: str | None = None, scheduler: str |
     return pipe
 
 
+def check_engine_shapes(runtime: Any, request: "ImageRequest") -> None:
+    """CatomeError (naming the built range and the rebuild command) when the engine cannot run ``request``."""
+    check = getattr(runtime, "shape_check", None)
+    if check is not None:
+        batch = 2 if request.guidance > 1 else 1  # classifier-free guidance batches both halves
+        check(batch, request.height // 8, request.width // 8)
+
+
 def engine_resolution(runtime: Any) -> tuple[int, int] | None:
     """The image size of the engine's optimal profile (latent * 8), or None when the manifest has none."""
     shapes = getattr(getattr(runtime, "manifest", None), "shapes", None)

@@ -118,7 +118,7 @@ def _run_eager(args: argparse.Namespace, default_resolution: Any) -> tuple[Any, 
 
 
 def _run_engine(args: argparse.Namespace) -> tuple[Any, str]:
-    from catome_export.generate import engine_resolution, generate, pipeline_for_engine
+    from catome_export.generate import check_engine_shapes, engine_resolution, generate, pipeline_for_engine
     from catome_export.runtime import Runtime
     from catome_export.runtime.embed import attach
 
@@ -130,6 +130,7 @@ def _run_engine(args: argparse.Namespace) -> tuple[Any, str]:
             runtime.set_settings(settings)
         hw = engine_resolution(runtime) or (512, 512)
         request = _request(args, hw)
+        check_engine_shapes(runtime, request)
         pipe = pipeline_for_engine(runtime)
         backend = getattr(getattr(runtime, "backend", None), "name", "engine")
         with attach(pipe, runtime) as attached:

@@ -253,7 +253,7 @@ class _Context:
         self._owns_runtime = runtime is None
         self.pipe: Any = None
         methods = config.method_list(with_engine=config.engine is not None or runtime is not None)
-        if runtime is None and any(m in ENGINE_METHODS for m in methods):
+        if runtime is None and config.engine is None and any(m in ENGINE_METHODS for m in methods):
             raise CatomeError("the engine methods need --engine <engine folder>")
         if runtime is None and config.engine is not None:
             from catome_export.runtime import Runtime
@@ -375,6 +375,10 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = logger.info, runti
         requests = [ImageRequest(p, config.negative_prompt, config.steps, config.guidance, config.seed + i,
                                  height, width) for i, p in enumerate(config.prompts)]
         latent_hw = (height // 8, width // 8)
+        if ctx.runtime is not None and any(m in ENGINE_METHODS for m in ctx.methods):
+            from catome_export.generate import check_engine_shapes
+
+            check_engine_shapes(ctx.runtime, requests[0])
         baseline_images: list[np.ndarray] = []
         for name in ctx.methods:
             with ctx.method(name) as session:

@@ -5,12 +5,35 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 from PIL import Image
 
 from catome_export.cli.main import main
 
 SMALL = ["--steps", "2", "--height", "64", "--width", "64"]
 STEP_LINE = re.compile(r"^step +(\d+)  merged (\[[\d, ]+\]|-)  (matched \[[\d, ]*\]  )?[\d.]+ ms$")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """The tiny model gains nothing from more threads, and on a shared CPU they spin: use one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def built_engine(tmp_path_factory):
+    """The tiny ONNX Runtime engine the runtime and verify tests use (same folder: built once per session)."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    from catome_export.export.build import build_engine
+
+    folder = tmp_path_factory.getbasetemp() / "tiny-engine-128-192"
+    if not (folder / "manifest.json").is_file():
+        build_engine("tiny", backend="ort", min_resolution=128, max_resolution=192, min_batch=1, max_batch=2,
+                     out_dir=folder, verify=False)
+    return folder
 
 
 def _step_lines(out: str) -> list[str]:
@@ -65,6 +88,27 @@ def test_generate_with_an_engine_runtime(tmp_path, capsys, monkeypatch, tiny_eng
     assert all("matched [0, 1, 2, 3, 4]" in line for line in lines)  # every_step overrides config3
     assert "t=0.5" in captured.out and "engine on torch" in captured.out
     assert loaded and loaded[0]._closed  # the command closes the runtime
+
+
+def test_generate_with_a_built_engine_folder(built_engine, tmp_path, capsys):
+    out = tmp_path / "engine.png"
+    rc = main(["generate", "--engine", str(built_engine), "--backend", "ort", "--prompt", "a red car", "--steps", "2",
+               "--height", "128", "--width", "128", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    _check_png(out, (128, 128))
+    lines = _step_lines(captured.out)
+    assert len(lines) >= 2 and all(STEP_LINE.match(line) for line in lines)
+    assert "engine on ort-cpu" in captured.out
+
+
+def test_generate_outside_the_engines_range_exits_1(built_engine, tmp_path, capsys):
+    rc = main(["generate", "--engine", str(built_engine), "--backend", "ort", "--prompt", "a red car", "--steps", "2",
+               "--height", "64", "--width", "64", "--out", str(tmp_path / "x.png")])
+    captured = capsys.readouterr()
+    assert rc == 1 and captured.err.startswith("error: ") and "Traceback" not in captured.err
+    assert "catome-export build" in captured.err  # names the rebuild command
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_generate_without_merging_prints_no_counts(tmp_path, capsys):

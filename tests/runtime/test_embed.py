@@ -16,6 +16,15 @@ from catome_export.runtime.embed import Attachment, attach, detach
 SIZE = 64  # pixels: latent 8x8, 64 tokens per site
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """The tiny model gains nothing from more threads, and on a shared CPU they spin: use one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _run(pipe, prompt: str = "a red car", seed: int = 0, steps: int = 2) -> np.ndarray:
     out = pipe(prompt, num_inference_steps=steps, height=SIZE, width=SIZE, guidance_scale=7.5,
                generator=torch.Generator().manual_seed(seed), output_type="np")
@@ -218,3 +227,25 @@ def test_attach_on_top_of_an_eager_patch_restores_both(pipe, tiny_unet, make_run
     finally:
         handle.remove()
     assert "progress_bar" not in pipe.__dict__
+
+
+def test_a_built_engine_in_the_tiny_pipeline(tiny_engine):
+    """The real thing: an ONNX Runtime engine folder loaded, attached, run twice, detached."""
+    from catome_export.models.pipeline import tiny_pipeline
+    from catome_export.runtime import Runtime
+
+    pipe = tiny_pipeline()
+    own_unet = pipe.unet
+    with Runtime.load(tiny_engine, backend="ort") as runtime, attach(pipe, runtime) as attached:
+        images, histories = [], []
+        for _ in range(2):
+            out = pipe("a red car", num_inference_steps=2, height=128, width=128,
+                       generator=torch.Generator().manual_seed(0), output_type="np")
+            images.append(out.images[0])
+            histories.append([(s.step, s.merged, s.matched) for s in attached.history])
+    assert pipe.unet is own_unet
+    assert images[0].shape == (128, 128, 3)
+    np.testing.assert_allclose(images[0], images[1], rtol=0, atol=ATOL)
+    assert histories[0] == histories[1]
+    assert [h[0] for h in histories[0]] == list(range(len(histories[0])))
+    assert all(histories[0][0][2].values())
