@@ -92,6 +92,9 @@ def calibration_analysis(
     """The pair analysis a calibration runs (see :func:`calibrate_schedule` for the arguments)."""
     if latents not in ("auto", "noise", "smooth"):
         raise CatomeError(f"latents must be auto, noise or smooth, got {latents!r}")
+    if threshold is None and ratio is None:
+        raise CatomeError("auto:K calibration matches with a threshold (CA-ToMe) or a ratio (ToMe): give one; "
+                          "a forced merge fraction has no pairs to calibrate on")
     embs = None if text_embeddings is None else [text_embeddings]
 
     def run(kind: str) -> PairAnalysis:

@@ -15,6 +15,7 @@ diffusers scheduler configured like SD 1.5 (PLMS = ``PNDMScheduler`` with
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -41,6 +42,10 @@ SD15_SCHEDULER_CONFIG = {
     "prediction_type": "epsilon",
 }
 """Scheduler settings of SD 1.5's pipeline."""
+
+
+def _is_number(v: object) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
 
 
 @dataclass(frozen=True)
@@ -73,10 +78,14 @@ class TrackingConfig:
             raise CatomeError(f"steps must be an int >= 1, got {self.steps!r}")
         if (self.threshold is None) == (self.ratio is None):
             raise CatomeError("give exactly one of threshold (CA-ToMe) or ratio (ToMe) for the matching")
-        if self.threshold is not None and not -1.0 <= float(self.threshold) <= 1.0:
+        if self.threshold is not None and not (_is_number(self.threshold) and -1.0 <= self.threshold <= 1.0):
             raise CatomeError(f"threshold must be a number in [-1, 1], got {self.threshold!r}")
-        if self.ratio is not None and not 0.0 <= float(self.ratio) < 1.0:
+        if self.ratio is not None and not (_is_number(self.ratio) and 0.0 <= self.ratio < 1.0):
             raise CatomeError(f"ratio must be a number in [0, 1), got {self.ratio!r}")
+        if not _is_number(self.guidance_scale):
+            raise CatomeError(f"guidance_scale must be a finite number, got {self.guidance_scale!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise CatomeError(f"seed must be an int >= 0, got {self.seed!r}")
         if self.latents not in LATENT_KINDS:
             raise CatomeError(f"latents must be one of {', '.join(LATENT_KINDS)}, got {self.latents!r}")
         if self.scheduler not in SCHEDULERS:

@@ -11,6 +11,9 @@ from catome_export.errors import CatomeError
 
 logger = logging.getLogger(__name__)
 
+FEW_PAIRS = 0.01
+"""Below this fraction of merged tokens the output warns that the distances are not informative."""
+
 DESCRIPTION = """\
 Run a seeded denoising loop (PLMS or DDIM, classifier-free guidance, batch 2)
 on the U-Net, match every merge site at every step (no cache), and report how
@@ -177,6 +180,9 @@ def run(args: argparse.Namespace) -> int:
     _print_table(analysis, args.step_base)
     print(f"merged: {100 * analysis.merged_fraction:.1f}% of tokens over all sites and steps "
           f"({analysis.num_calls} U-Net calls)")
+    if analysis.merged_fraction < FEW_PAIRS:
+        print("warning: almost nothing merges at this threshold, so the distances rest on a handful of tokens"
+              + (" (random weights with noise latents: try --latents smooth)" if random_weights else ""))
 
     scores = analysis.compare(budget, args.step_base)
     proposal = scores[0]

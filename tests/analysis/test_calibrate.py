@@ -18,7 +18,7 @@ from catome_export.merging import Schedule, parse_schedule
 from catome_export.models import find_merge_sites
 
 HW = (16, 16)
-STEPS = 8
+STEPS = 6
 CALIB = dict(steps=STEPS, latent_hw=HW, latents="smooth")
 
 
@@ -45,7 +45,7 @@ def test_calibration_is_the_analysis_optimum(auto3: Schedule, tiny_unet: torch.n
     assert score.checkpoints == auto3.checkpoints
     # no other 3-checkpoint list does better on the same run
     assert score.drift <= analysis.uniform(3, 1).drift + 1e-12
-    assert score.drift <= analysis.evaluate(Schedule("x", (1, 3, 6), 1)).drift + 1e-12
+    assert score.drift <= analysis.evaluate(Schedule("x", (1, 3, 5), 1)).drift + 1e-12
 
 
 def test_step_base_zero_numbers_loop_indices(auto3: Schedule, tiny_unet: torch.nn.Module) -> None:
@@ -68,8 +68,8 @@ def test_malformed_auto_specs(spec: str, tiny_unet: torch.nn.Module) -> None:
 
 
 def test_auto_k_limits_and_misuse(tiny_unet: torch.nn.Module) -> None:
-    with pytest.raises(CatomeError, match="from 1 to 8"):
-        resolve_schedule("auto:9", tiny_unet, 1, **CALIB)
+    with pytest.raises(CatomeError, match="from 1 to 6"):
+        resolve_schedule("auto:7", tiny_unet, 1, **CALIB)
     with pytest.raises(CatomeError, match="pass the U-Net"):
         resolve_schedule("auto:3", None)
     with pytest.raises(CatomeError, match="unknown calibration option"):
@@ -80,6 +80,8 @@ def test_auto_k_limits_and_misuse(tiny_unet: torch.nn.Module) -> None:
         calibrate_schedule(tiny_unet, 2, step_base=2, **CALIB)
     with pytest.raises(CatomeError):
         calibration_analysis(tiny_unet, steps=2, latent_hw=HW, latents="stripes")
+    with pytest.raises(CatomeError, match="threshold"):
+        calibrate_schedule(tiny_unet, 2, steps=2, latent_hw=HW, threshold=None)
 
 
 def test_spec_helpers() -> None:

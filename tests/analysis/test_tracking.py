@@ -104,7 +104,8 @@ def test_latents() -> None:
 
 @pytest.mark.parametrize("kwargs", [dict(steps=0), dict(threshold=None), dict(threshold=0.7, ratio=0.5),
                                     dict(latents="blur"), dict(scheduler="euler"), dict(latent_hw=(0, 4)),
-                                    dict(threshold=1.5)])
+                                    dict(threshold=1.5), dict(threshold="0.7"), dict(seed=-1),
+                                    dict(guidance_scale=float("nan"))])
 def test_config_rejects_bad_values(kwargs: dict) -> None:
     with pytest.raises(CatomeError):
         TrackingConfig(**kwargs)
