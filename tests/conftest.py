@@ -5,7 +5,9 @@
 - ``tiny_unet``: the bundled tiny U-Net (SD 1.5 layout) with seeded random
   weights, loaded once per session. Treat it as read-only: tests that patch
   a model use ``fresh_tiny_unet`` (or remove their patch in a ``finally``).
-- ``smooth_latents(...)`` / ``text_embeddings(...)``: seeded inputs. Smooth
+- ``smooth_latents(...)`` / ``text_embeddings(...)``: fixtures that return
+  the seeded input builders below (the suite runs in importlib mode, so test
+  modules use the fixtures rather than importing this file). Smooth
   (blurred) latents make block inputs self-similar, so a random-weight U-Net
   really merges at t = 0.7; white noise gives almost no pairs above 0.7.
 """
@@ -69,11 +71,13 @@ def make_text_embeddings(batch: int = 2, length: int = 77, dim: int = 32, seed: 
     return torch.randn(batch, length, dim, generator=gen)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def smooth_latents() -> Callable[..., torch.Tensor]:
+    """``make_smooth_latents(batch=2, size=(16, 16), seed=0, kernel=5, scale=3.0)``."""
     return make_smooth_latents
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def text_embeddings() -> Callable[..., torch.Tensor]:
+    """``make_text_embeddings(batch=2, length=77, dim=32, seed=1)``."""
     return make_text_embeddings

@@ -11,7 +11,6 @@ from catome_export.eager import CatomeHandle, apply_catome, apply_merging, apply
 from catome_export.errors import CatomeError
 from catome_export.merging import MergeSettings, match_tokens, parse_schedule
 from catome_export.models import find_merge_sites, load_unet
-from conftest import make_smooth_latents, make_text_embeddings
 
 LATENT = (16, 16)
 N = LATENT[0] * LATENT[1]
@@ -47,8 +46,8 @@ def _state(unet) -> tuple:
 
 
 @pytest.fixture(scope="module")
-def inputs():
-    return make_smooth_latents(2, LATENT, seed=0), make_text_embeddings(2, seed=1)
+def inputs(smooth_latents, text_embeddings):
+    return smooth_latents(2, LATENT, seed=0), text_embeddings(2, seed=1)
 
 
 def call(unet, x, t, emb) -> torch.Tensor:
@@ -105,7 +104,7 @@ def test_wrapped_processor_keeps_the_call_signature(unet):
     assert attn.processor is original
 
 
-def test_cached_steps_reuse_pairs_and_checkpoints_recompute(unet, inputs, monkeypatch):
+def test_cached_steps_reuse_pairs_and_checkpoints_recompute(unet, inputs, smooth_latents, monkeypatch):
     _, emb = inputs
     handle = apply_catome(unet, threshold=0.7, schedule=[0, 3], step_base=1)
     try:
@@ -121,7 +120,7 @@ def test_cached_steps_reuse_pairs_and_checkpoints_recompute(unet, inputs, monkey
 
         monkeypatch.setattr(handle.controller, "plan_for", spy)
         for i, t in enumerate([900, 800, 700, 600]):
-            call(unet, make_smooth_latents(2, LATENT, seed=10 + i), t, emb)
+            call(unet, smooth_latents(2, LATENT, seed=10 + i), t, emb)
         assert [s.step for s in handle.history] == [0, 1, 2, 3]
         # step_base 1: entry 3 fires at loop index 2; loop index 0 computes because the cache is empty
         assert [all(s.matched.values()) for s in handle.history] == [True, False, True, False]

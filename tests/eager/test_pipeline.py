@@ -12,7 +12,6 @@ import torch
 
 from catome_export.eager import apply_catome
 from catome_export.models.pipeline import make_scheduler, tiny_pipeline
-from conftest import make_text_embeddings
 
 SIZE = 64  # pixels: latent 8x8 (the step bookkeeping does not depend on the size)
 
@@ -20,6 +19,11 @@ SIZE = 64  # pixels: latent 8x8 (the step bookkeeping does not depend on the siz
 @pytest.fixture(scope="module")
 def pipe():
     return tiny_pipeline("pndm", with_text_encoder=False)
+
+
+def make_text_embeddings(batch: int, seed: int) -> torch.Tensor:
+    """Seeded random text embeddings [batch, 77, 32] for the tiny U-Net."""
+    return torch.randn(batch, 77, 32, generator=torch.Generator().manual_seed(seed))
 
 
 def generate(pipe, steps: int, seed: int = 0) -> torch.Tensor:
@@ -67,6 +71,27 @@ def test_steps_are_numbered_per_unet_call_and_reset_at_every_call(pipe):
     assert [any(m.values()) for _, m, _ in first] == [True] + [False] * (n_calls - 1)
     r0 = first[0][2]
     assert all(merged == r0 for _, _, merged in first)  # cached: same r at every step
+
+
+def test_reset_comes_from_the_pipeline_call_not_only_from_rising_timesteps(pipe):
+    """An interrupted call ends at the first timestep; the next call starts at that same timestep.
+
+    Rising-timestep detection cannot see the new generation here, so only the
+    reset at the start of every pipe(...) call numbers the next call from 0.
+    """
+
+    def stop_after_first_step(p, i, t, kwargs):
+        p._interrupt = True
+        return kwargs
+
+    with apply_catome(pipe, threshold=0.7, schedule="config3") as handle:
+        cond, uncond = make_text_embeddings(1, seed=1), make_text_embeddings(1, seed=2)
+        pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=3, height=SIZE, width=SIZE,
+             output_type="latent", callback_on_step_end=stop_after_first_step)
+        assert [s.step for s in handle.history] == [0]
+        generate(pipe, steps=3)
+        assert handle.history[0].step == 0 and all(handle.history[0].matched.values())
+        assert [s.step for s in handle.history] == list(range(len(pipe.scheduler.timesteps)))
 
 
 def test_patch_leaves_no_trace_on_the_pipeline(pipe):
