@@ -20,6 +20,7 @@ What :func:`apply_merging` installs, and :meth:`CatomeHandle.remove` undoes:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import weakref
 from typing import Any, Callable, Iterable, Sequence
@@ -282,6 +283,13 @@ class _BlockHook:
 
 
 # -- entry points ------------------------------------------------------------------------
+def _refuse_if_patched(unet: torch.nn.Module) -> None:
+    existing = _ACTIVE.get(unet)
+    if existing is not None and existing.active:
+        raise CatomeError("token merging is already applied to this U-Net: call remove() on the first handle "
+                          "(or leave its `with` block) before applying again")
+
+
 def apply_merging(pipe_or_unet: Any, settings: MergeSettings) -> CatomeHandle:
     """Patch a U-Net (or a pipeline's ``.unet``) with token merging as ``settings`` say.
 
@@ -293,10 +301,7 @@ def apply_merging(pipe_or_unet: Any, settings: MergeSettings) -> CatomeHandle:
     if not isinstance(settings, MergeSettings):
         raise CatomeError(f"settings must be a MergeSettings, got {type(settings).__name__}")
     pipeline, unet = _split_target(pipe_or_unet)
-    existing = _ACTIVE.get(unet)
-    if existing is not None and existing.active:
-        raise CatomeError("token merging is already applied to this U-Net: call remove() on the first handle "
-                          "(or leave its `with` block) before applying again")
+    _refuse_if_patched(unet)
     sites = find_merge_sites(unet, settings.max_downsample)
     handle = CatomeHandle(unet, settings, sites, pipeline)
     handle._install()
@@ -323,16 +328,21 @@ def _check_stride(stride: object) -> tuple[int, int]:
     return tuple(stride)  # type: ignore[return-value]  # MergeSettings checks the values
 
 
-def _resolve_schedule(schedule: Any, unet: torch.nn.Module, step_base: int, threshold: float | None) -> Schedule:
-    """parse_schedule, plus calibrated ``auto:K`` schedules from the analysis package when present."""
+def _resolve_schedule(schedule: Any, unet: torch.nn.Module, settings: MergeSettings) -> Schedule:
+    """parse_schedule, plus calibrated ``auto:K`` schedules from the analysis package when present.
+
+    Calibration runs on the unpatched U-Net with the same threshold, stride,
+    merge levels and step numbering as ``settings``.
+    """
+    step_base = settings.schedule.step_base
     if isinstance(schedule, str) and schedule.strip().lower().startswith("auto:"):
         try:
             from catome_export.analysis.calibrate import resolve_schedule
         except ImportError:
             raise CatomeError(f"schedule {schedule!r} needs the calibration module (catome_export.analysis), "
                               "which is not available in this install: use a named schedule or a list") from None
-        calib: dict[str, Any] = {} if threshold is None else {"threshold": threshold}
-        return resolve_schedule(schedule, unet, step_base, **calib)
+        return resolve_schedule(schedule, unet, step_base, threshold=settings.threshold,
+                                max_downsample=settings.max_downsample, stride=settings.stride)
     return parse_schedule(schedule, step_base)
 
 
@@ -384,15 +394,15 @@ def apply_catome(
     if threshold is None:
         raise CatomeError("threshold must be a number in [-1, 1] (1 merges nothing); for a fixed ratio use apply_tome")
     _, unet = _split_target(pipe_or_unet)
-    numeric = threshold if isinstance(threshold, (int, float)) and not isinstance(threshold, bool) else None
-    built = MergeSettings(
-        threshold=threshold, ratio=None, merge_fraction=None,
-        schedule=_resolve_schedule(schedule, unet, step_base, numeric),
+    _refuse_if_patched(unet)
+    checked = MergeSettings(  # every option checked before a possibly long schedule calibration
+        threshold=threshold, ratio=None, merge_fraction=None, schedule=parse_schedule("every_step", step_base),
         max_downsample=max_downsample, stride=_check_stride(stride),
         random_dst=_check_flag("random_dst", random_dst), seed=_check_seed(seed),
         merge_crossattn=_check_flag("merge_crossattn", merge_crossattn),
         merge_mlp=_check_flag("merge_mlp", merge_mlp),
     )
+    built = dataclasses.replace(checked, schedule=_resolve_schedule(schedule, unet, checked))
     return apply_merging(pipe_or_unet, built)
 
 

@@ -350,6 +350,21 @@ def test_auto_schedule_is_resolved_or_refused_clearly(unet, monkeypatch):
         apply_catome(unet, schedule="auto:4")
 
 
+def test_auto_schedule_is_calibrated_with_the_same_settings(unet, monkeypatch):
+    from catome_export.analysis import calibrate
+
+    seen = {}
+
+    def fake_resolve(spec, model, step_base, **calib):
+        seen.update(spec=spec, model=model, step_base=step_base, **calib)
+        return parse_schedule([1, 7], step_base)
+
+    monkeypatch.setattr(calibrate, "resolve_schedule", fake_resolve)
+    with apply_catome(unet, threshold=0.6, schedule="auto:2", step_base=0, stride=(3, 2)) as handle:
+        assert handle.settings.schedule.checkpoints == (1, 7) and handle.settings.schedule.step_base == 0
+    assert seen == dict(spec="auto:2", model=unet, step_base=0, threshold=0.6, max_downsample=1, stride=(3, 2))
+
+
 @pytest.mark.gpu
 def test_cuda_patch_matches_cpu(inputs):
     if not torch.cuda.is_available():
