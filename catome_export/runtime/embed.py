@@ -103,6 +103,7 @@ class Attachment:
         self._progress_bar_was_instance_attr = False
         self._previous_progress_bar: Any = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._sample_size_flag: tuple[bool, Any] | None = None
         self._active = False
 
     # -- installation -----------------------------------------------------------------
@@ -112,6 +113,7 @@ class Attachment:
         unet = runtime.unet
         try:
             pipe.unet = unet
+            self._fix_sample_size_flag(unet)
             original = getattr(pipe, "progress_bar", None)
             if callable(original):
                 self._progress_bar_was_instance_attr = "progress_bar" in getattr(pipe, "__dict__", {})
@@ -130,6 +132,18 @@ class Attachment:
             raise
         self._active = True
 
+    def _fix_sample_size_flag(self, unet: Any) -> None:
+        """Stable Diffusion pipelines note at construction whether ``unet.config.sample_size`` is an int, and
+        read the default image size by it; a pipeline built with ``unet=None`` must learn it from the engine."""
+        pipe = self._pipe
+        if "_is_unet_config_sample_size_int" not in getattr(pipe, "__dict__", {}):
+            return
+        size = getattr(getattr(unet, "config", None), "sample_size", None)
+        if size is None:
+            return
+        self._sample_size_flag = (True, pipe.__dict__["_is_unet_config_sample_size_int"])
+        object.__setattr__(pipe, "_is_unet_config_sample_size_int", isinstance(size, int))
+
     def _uninstall(self) -> None:
         pipe = self._pipe
         for hook in self._hooks:
@@ -145,6 +159,9 @@ class Attachment:
                 logger.warning("the pipeline's progress_bar was replaced while the engine was attached; "
                                "leaving the new one in place")
             self._progress_bar = None
+        if self._sample_size_flag is not None:
+            object.__setattr__(pipe, "_is_unet_config_sample_size_int", self._sample_size_flag[1])
+            self._sample_size_flag = None
         if getattr(pipe, "unet", None) is self._runtime.unet:
             pipe.unet = self._original_unet
         else:

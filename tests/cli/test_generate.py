@@ -36,6 +36,16 @@ def built_engine(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def pipeline_folder(tmp_path_factory):
+    """The offline tiny pipeline saved as a local diffusers folder (what save_pretrained writes)."""
+    from catome_export.models.pipeline import tiny_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny-pipeline")
+    tiny_pipeline().save_pretrained(folder)
+    return folder
+
+
 def _step_lines(out: str) -> list[str]:
     return [line for line in out.splitlines() if line.startswith("step ")]
 
@@ -109,6 +119,60 @@ def test_generate_outside_the_engines_range_exits_1(built_engine, tmp_path, caps
     assert rc == 1 and captured.err.startswith("error: ") and "Traceback" not in captured.err
     assert "catome-export build" in captured.err  # names the rebuild command
     assert not (tmp_path / "x.png").exists()
+
+
+def test_generate_from_a_local_pipeline_folder(pipeline_folder, tmp_path, capsys):
+    out = tmp_path / "folder.png"
+    rc = main(["generate", "--model", str(pipeline_folder), "--prompt", "a red car", *SMALL, "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    _check_png(out)
+    assert len(_step_lines(captured.out)) >= 2
+
+
+def test_an_engine_of_a_folder_model_loads_the_pipeline_without_its_unet(pipeline_folder, tiny_engine_runtime,
+                                                                         tmp_path, capsys, monkeypatch):
+    from catome_export.runtime import Runtime
+
+    seen = []
+
+    def fake_load(engine_dir, backend="auto", device=None, **kwargs):
+        runtime = tiny_engine_runtime()
+        runtime.manifest.model = {"id": str(pipeline_folder), "weights": "pretrained"}
+        seen.append(runtime)
+        return runtime
+
+    monkeypatch.setattr(Runtime, "load", staticmethod(fake_load))
+    import catome_export.runtime.embed as embed
+
+    originals = []
+    real_attach = embed.attach
+
+    def spy_attach(pipe, runtime):
+        originals.append(pipe.unet)
+        return real_attach(pipe, runtime)
+
+    monkeypatch.setattr(embed, "attach", spy_attach)
+    (tmp_path / "engine").mkdir()
+    rc = main(["generate", "--engine", str(tmp_path / "engine"), "--prompt", "a red car", "--steps", "2",
+               "--out", str(tmp_path / "e.png")])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert originals == [None]  # the eager U-Net was never loaded: the engine took its place
+    _check_png(tmp_path / "e.png")
+
+
+def test_hub_model_unavailable_offline_names_the_tiny_option(tmp_path, capsys, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", staticmethod(offline))
+    rc = main(["generate", "--model", "sd15", "--prompt", "a red car", *SMALL, "--out", str(tmp_path / "x.png")])
+    captured = capsys.readouterr()
+    assert rc == 1 and captured.err.startswith("error: ") and "Traceback" not in captured.err
+    assert "--model tiny" in captured.err and "stable-diffusion-v1-5" in captured.err
 
 
 def test_generate_without_merging_prints_no_counts(tmp_path, capsys):

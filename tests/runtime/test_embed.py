@@ -107,6 +107,23 @@ def test_every_pipe_call_starts_at_step_zero_with_empty_caches(pipe, make_runtim
     assert hist_first == hist_second
 
 
+def test_a_pipeline_built_without_a_unet_runs_the_engine_at_its_default_size(pipe, make_runtime):
+    from diffusers import StableDiffusionPipeline
+
+    bare = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=None,
+                                   scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    bare.set_progress_bar_config(disable=True)
+    runtime = make_runtime(_no_merge())
+    with attach(bare, runtime) as attached:
+        image = bare("a red car", num_inference_steps=1, guidance_scale=1.0,
+                     generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+        assert attached.original_unet is None
+    side = runtime.unet.config.sample_size * 8
+    assert image.shape == (side, side, 3)  # no height/width given: the engine's config sets them
+    assert bare.unet is None and bare._is_unet_config_sample_size_int is False  # put back as it was
+
+
 def test_custom_loop_drives_the_runtime_with_set_step(pipe, make_runtime, smooth_latents, text_embeddings):
     runtime = make_runtime(MergeSettings(threshold=0.7, schedule=parse_schedule("0,2", step_base=0)))
     latents, ehs = smooth_latents(2, (SIZE // 8, SIZE // 8)), text_embeddings(2)
