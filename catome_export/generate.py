@@ -23,7 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -185,7 +185,7 @@ def load_pipeline(model: str, *, device: str | torch.device | None = None, dtype
         if scheduler is not None:
             raise CatomeError("a scheduler can be chosen for the tiny pipeline only; other models use their own")
         pipe = _from_pretrained(model, torch_dtype, with_unet)
-    _move(pipe, dev, torch_dtype, skip=())
+    _move(pipe, dev, torch_dtype)
     return pipe
 
 
@@ -210,17 +210,18 @@ def _from_pretrained(model: str, torch_dtype: torch.dtype, with_unet: bool) -> A
         return StableDiffusionPipeline.from_pretrained(source, torch_dtype=torch_dtype, **extra)
     except Exception as exc:  # hub, cache and file errors come in many types
         where = "from the hub or its local cache" if model == "sd15" else f"from {source}"
+        detail = " ".join(str(exc).split())[:200]
         raise CatomeError(
-            f"cannot load the Stable Diffusion pipeline {source!r} {where} ({type(exc).__name__}). "
+            f"cannot load the Stable Diffusion pipeline {source!r} {where} ({type(exc).__name__}: {detail}). "
             "Offline or without access, use --model tiny (the bundled offline pipeline), or pass a local "
             "diffusers pipeline folder"
         ) from None
 
 
-def _move(pipe: Any, device: torch.device, dtype: torch.dtype, skip: Sequence[str]) -> None:
-    """Move the pipeline's torch modules (all but ``skip``) to ``device`` and floating ``dtype``."""
-    for name, component in getattr(pipe, "components", {}).items():
-        if name in skip or not isinstance(component, torch.nn.Module):
+def _move(pipe: Any, device: torch.device, dtype: torch.dtype) -> None:
+    """Move the pipeline's torch modules to ``device`` and floating ``dtype`` (only those elsewhere)."""
+    for component in getattr(pipe, "components", {}).values():
+        if not isinstance(component, torch.nn.Module):
             continue
         first = next(component.parameters(), None)
         if first is None:

@@ -103,7 +103,8 @@ class Attachment:
         self._progress_bar_was_instance_attr = False
         self._previous_progress_bar: Any = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
-        self._sample_size_flag: tuple[bool, Any] | None = None
+        self._previous_size_flag: list[bool] = []
+        """The pipeline's own ``_is_unet_config_sample_size_int`` while attached (empty when untouched)."""
         self._active = False
 
     # -- installation -----------------------------------------------------------------
@@ -141,7 +142,7 @@ class Attachment:
         size = getattr(getattr(unet, "config", None), "sample_size", None)
         if size is None:
             return
-        self._sample_size_flag = (True, pipe.__dict__["_is_unet_config_sample_size_int"])
+        self._previous_size_flag = [pipe.__dict__["_is_unet_config_sample_size_int"]]
         object.__setattr__(pipe, "_is_unet_config_sample_size_int", isinstance(size, int))
 
     def _uninstall(self) -> None:
@@ -159,9 +160,8 @@ class Attachment:
                 logger.warning("the pipeline's progress_bar was replaced while the engine was attached; "
                                "leaving the new one in place")
             self._progress_bar = None
-        if self._sample_size_flag is not None:
-            object.__setattr__(pipe, "_is_unet_config_sample_size_int", self._sample_size_flag[1])
-            self._sample_size_flag = None
+        if self._previous_size_flag:
+            object.__setattr__(pipe, "_is_unet_config_sample_size_int", self._previous_size_flag.pop())
         if getattr(pipe, "unet", None) is self._runtime.unet:
             pipe.unet = self._original_unet
         else:
