@@ -200,20 +200,18 @@ class Runtime:
         return noise_pred
 
     def attach(self, pipe: Any) -> Any:
-        """Put ``runtime.unet`` into a diffusers pipeline and reset the caches at every ``pipe(...)`` call.
+        """Put ``runtime.unet`` into a diffusers pipeline; every ``pipe(...)`` call then resets the caches.
 
-        Pipelines call their ``progress_bar`` method once per generation,
-        right before the denoising loop; the wrapper resets the runtime there,
-        so each generation starts at step 0 even with the same timesteps.
-        Returns the pipeline.
+        Shorthand for :func:`catome_export.runtime.embed.attach` (pipelines
+        call ``progress_bar`` once per generation, right before the denoising
+        loop, and the attachment resets the runtime there, so each generation
+        starts at step 0 even with the same timesteps). Returns the
+        attachment: a context manager whose ``detach()`` puts the original
+        U-Net back.
         """
-        if not hasattr(pipe, "unet"):
-            raise CatomeError(f"expected a diffusers pipeline with a .unet, got {type(pipe).__name__}")
-        pipe.unet = self.unet
-        original = getattr(pipe, "progress_bar", None)
-        if callable(original) and not isinstance(original, _ResetThenCall):
-            object.__setattr__(pipe, "progress_bar", _ResetThenCall(self, original))
-        return pipe
+        from catome_export.runtime.embed import attach
+
+        return attach(pipe, self)
 
     # -- lifetime ---------------------------------------------------------------------
     def close(self) -> None:
@@ -235,18 +233,6 @@ class Runtime:
         name = self.backend.name if self.backend is not None else "custom"
         return (f"Runtime({name} on {self.device}, {len(self.chain.runners)} stages, {len(self.sites)} sites, "
                 f"{self.settings.mode}, {self.settings.schedule.describe()})")
-
-
-class _ResetThenCall:
-    """Stands in for a pipeline's ``progress_bar``: resets the runtime, then calls the original."""
-
-    def __init__(self, runtime: Runtime, original: Callable[..., Any]) -> None:
-        self.runtime = runtime
-        self.original = original
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self.runtime.reset()
-        return self.original(*args, **kwargs)
 
 
 def manifest_sites(manifest: Any) -> list[MergeSite]:

@@ -33,8 +33,7 @@ def test_runtime_in_a_pipeline_matches_eager(pipe, reference_unet, make_runtime,
         eager_history = [(s.step, s.merged, s.matched) for s in handle.history]
     assert pipe.unet is reference_unet
     runtime = make_runtime(SETTINGS)
-    try:
-        runtime.attach(pipe)
+    with runtime.attach(pipe):
         assert pipe.unet is runtime.unet
         assert pipe._execution_device == torch.device("cpu")
         got = _generate(pipe, smooth_latents, text_embeddings)
@@ -50,10 +49,8 @@ def test_runtime_in_a_pipeline_matches_eager(pipe, reference_unet, make_runtime,
         again = _generate(pipe, smooth_latents, text_embeddings)
         assert [s.step for s in runtime.history] == list(range(calls))
         assert torch.equal(again, got)
-    finally:
-        pipe.unet = reference_unet
-        pipe.__dict__.pop("progress_bar", None)
-        runtime.close()
+    assert pipe.unet is reference_unet and "progress_bar" not in pipe.__dict__
+    runtime.close()
 
 
 def test_plain_assignment_numbers_generations_by_timestep(pipe, reference_unet, make_runtime, smooth_latents,
