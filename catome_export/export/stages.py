@@ -215,17 +215,23 @@ def run_steps(steps: list[Step], env: dict[str, torch.Tensor], plans: PlanFn = i
     return env
 
 
-def _symbols(batch: int, hw: tuple[int, int], text_len: int) -> dict[str, int]:
+def _symbols(batch: int, hw: tuple[int, int], text_len: int, levels: int = 3) -> dict[str, int]:
+    """Symbol values for one example run; ``levels``: number of stride-2 downsamplers of the U-Net."""
     h, w = hw
     table = {"B": batch, "H": h, "W": w, "L": text_len}
-    for d in DOWNSAMPLES:
+    for d in DOWNSAMPLES[:levels]:
         table[f"H{d}"] = -(-h // d)
         table[f"W{d}"] = -(-w // d)
     return table
 
 
-EXAMPLES = ((1, (16, 24), 4), (2, (24, 40), 7))
-"""Two example shapes (batch, latent hw, text length) whose symbol values differ pairwise."""
+EXAMPLES = ((1, (8, 16), 4), (3, (16, 24), 5))
+"""Two small example shapes (batch, latent hw, text length): every symbolic dim that a U-Net of the
+Stable Diffusion layout uses (B, L, H, W, H2..W8, N{k}) takes a different pair of values in the two runs."""
+
+
+def _num_downsamplers(unet: torch.nn.Module) -> int:
+    return sum(1 for b in unet.down_blocks if getattr(b, "downsamplers", None) is not None)
 
 
 def infer_shapes(unet: torch.nn.Module, steps: list[Step], sites: list[MergeSite], dtype: torch.dtype,
@@ -236,12 +242,13 @@ def infer_shapes(unet: torch.nn.Module, steps: list[Step], sites: list[MergeSite
         env = _example_env(unet, dtype, batch, hw, text_len)
         with torch.no_grad():
             run_steps(steps, env)
-        table = _symbols(batch, hw, text_len)
+        table = _symbols(batch, hw, text_len, _num_downsamplers(unet))
         for s in sites:
             gh, gw = s.grid(hw)
             table[f"N{s.index}"] = gh * gw
         runs.append(({n: tuple(env[n].shape) for n in names}, table, {n: env[n].dtype for n in names}))
     (shapes_a, sym_a, dtypes), (shapes_b, sym_b, _) = runs
+    _check_distinct(sym_a, sym_b)
     specs = {}
     for name in sorted(names):
         a, b = shapes_a[name], shapes_b[name]
@@ -264,6 +271,19 @@ def infer_shapes(unet: torch.nn.Module, steps: list[Step], sites: list[MergeSite
             raise CatomeError(f"tensor {name} has unsupported dtype {dtypes[name]}")
         specs[name] = TensorSpec(name, DTYPE_NAMES[dtypes[name]], tuple(dims))
     return specs
+
+
+def _check_distinct(sym_a: dict[str, int], sym_b: dict[str, int]) -> None:
+    """Varying symbols must not share a value pair (sites' N{k} may share one: they are told apart by name)."""
+    seen: dict[tuple[int, int], str] = {}
+    for name in sym_a:
+        pair = (sym_a[name], sym_b[name])
+        if pair[0] == pair[1]:
+            continue
+        other = seen.get(pair)
+        if other is not None and not (other.startswith("N") and name.startswith("N")):
+            raise CatomeError(f"internal: dims {other} and {name} cannot be told apart by the example shapes")
+        seen.setdefault(pair, name)
 
 
 def plan_specs(site: int) -> tuple[TensorSpec, ...]:

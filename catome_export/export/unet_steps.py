@@ -328,7 +328,6 @@ def build_steps(unet: torch.nn.Module, sites: list[MergeSite], options: BlockOpt
 
 def _check_site_order(steps: list[Step], sites: list[MergeSite]) -> None:
     order = [s.site for s in steps if s.site is not None]
-    expected = [s.index for s in sites]
-    if order != expected:
-        raise CatomeError(f"merge sites run in the order {order}, but are numbered {expected}: "
-                          "number them in execution order (find_merge_sites does)")
+    if order != list(range(len(sites))):
+        raise CatomeError(f"merge sites run in the order {order}: number them 0..{len(sites) - 1} in execution "
+                          "order (find_merge_sites does)")

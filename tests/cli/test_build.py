@@ -1,0 +1,109 @@
+"""``catome-export build``: end to end on the tiny model, atomic replacement, locks, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from catome_export.cli.main import main
+from catome_export.export.manifest import MANIFEST_FILE, Manifest
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """One ``catome-export build --model tiny --no-verify`` at 128 px into a temp folder: (folder, exit code, stdout)."""
+    import io
+    from contextlib import redirect_stdout
+
+    out = tmp_path_factory.mktemp("engines") / "tiny"
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        code = main(["build", "--model", "tiny", "--no-verify", "--resolution", "128", "--out", str(out)])
+    return out, code, buf.getvalue()
+
+
+def test_build_tiny_end_to_end(built):
+    out, code, stdout = built
+    assert code == 0
+    manifest = Manifest.load(out)
+    assert len(manifest.stages) == 6 and len(manifest.sites) == 5
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_FILE] + [f"stage_{k}.onnx" for k in range(6)]
+    assert manifest.shapes["latent_height"] == [16, 16] and manifest.shapes["batch"] == [1, 2]
+    assert manifest.model["weights"] == "random" and manifest.extra["audit"]["passed"] is True
+    assert manifest.rebuild_command().startswith("catome-export build --model tiny --weights random")
+    assert "TensorRT operator audit: pass" in stdout and "stage_2.onnx" in stdout
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp folder, no lock left
+
+
+def test_interrupted_build_keeps_the_previous_one(built, monkeypatch, capsys):
+    out, _, _ = built
+    before = (out / MANIFEST_FILE).read_bytes()
+    import catome_export.export.build as build_mod
+
+    real = build_mod.export_stage
+    calls = []
+
+    def failing(spec, *args, **kwargs):
+        calls.append(spec.index)
+        if spec.index == 2:
+            raise KeyboardInterrupt
+        return real(spec, *args, **kwargs)
+
+    monkeypatch.setattr(build_mod, "export_stage", failing)
+    code = main(["build", "--model", "tiny", "--no-verify", "--resolution", "128", "--out", str(out)])
+    assert code == 130 and calls == [0, 1, 2]
+    assert "interrupted" in capsys.readouterr().err
+    assert (out / MANIFEST_FILE).read_bytes() == before
+    Manifest.load(out)
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_a_second_build_while_one_runs_is_refused(built, capsys):
+    out, _, _ = built
+    lock = out.parent / f".{out.name}.lock"
+    lock.write_text(f"{os.getppid()}\n")  # a live process holds it
+    try:
+        code = main(["build", "--model", "tiny", "--no-verify", "--resolution", "128", "--out", str(out)])
+    finally:
+        lock.unlink()
+    err = capsys.readouterr().err
+    assert code == 1 and "another build" in err and str(os.getppid()) in err
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--model", "nosuchmodel"], "unknown model"),
+    (["--model", "tiny", "--min-resolution", "256", "--max-resolution", "128"], "larger than max resolution"),
+    (["--model", "tiny", "--batch", "0"], "batch must be an int"),
+    (["--model", "tiny", "--schedule", "fast"], "unknown schedule"),
+])
+def test_bad_input_exits_1(argv, match, capsys, tmp_path):
+    code = main(["build", *argv, "--out", str(tmp_path / "e")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: ") and match in err
+    assert not (tmp_path / "e").exists()
+
+
+def test_resolution_not_multiple_of_8_exits_1_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "catome_export.cli", "build", "--model", "tiny", "--resolution",
+                           "100", "--out", str(tmp_path / "e")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "not a multiple of 8" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_trt_backend_without_tensorrt_names_it(capsys, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed here: the missing-TensorRT message cannot be seen")
+    code = main(["build", "--model", "tiny", "--backend", "trt", "--out", str(tmp_path / "e")])
+    assert code == 1 and "TensorRT" in capsys.readouterr().err
+
+
+def test_manifest_is_plain_json(built):
+    out, _, _ = built
+    data = json.loads((out / MANIFEST_FILE).read_text())
+    assert data["stages"][0]["inputs"][0] == {"name": "sample", "dtype": "float32", "shape": ["B", 4, "H", "W"]}

@@ -1,0 +1,114 @@
+"""Build internals: option checks, the build lock, the atomic swap and its recovery, and a verified build."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from catome_export.errors import CatomeError
+from catome_export.export.build import _recover_leftovers, _swap_into_place, make_options, run_build
+from catome_export.export.fsutil import BuildLock
+from catome_export.export.manifest import MANIFEST_FILE, Manifest
+
+
+def test_options_defaults():
+    tiny = make_options("tiny")
+    assert (tiny.weights, tiny.resolution, tiny.batch, tiny.name) == ("random", (256, 256), (1, 2), "tiny")
+    assert str(tiny.out_dir) == os.path.join("engines", "tiny")
+    sd = make_options("sd15", min_resolution=512, max_resolution=768, max_batch=4)
+    assert (sd.weights, sd.resolution, sd.batch) == ("pretrained", (512, 768), (1, 4))
+    assert make_options("sd15", max_resolution=384).resolution == (384, 384)
+    assert make_options("tiny", weights="pretrained").weights == "random"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"resolution": 100}, "not a multiple of 8"),
+    ({"resolution": 32}, "resolution must be an int in"),
+    ({"resolution": 256, "min_resolution": 128}, "either --resolution"),
+    ({"min_resolution": 512, "max_resolution": 256}, "larger than max"),
+    ({"min_batch": 3, "max_batch": 2}, "min batch 3 is larger"),
+    ({"precision": "int8"}, "precision"),
+    ({"backend": "ort-cuda"}, "backend must be one of"),
+    ({"name": "../x"}, "plain folder name"),
+    ({"exporter": "magic"}, "exporter"),
+])
+def test_options_are_checked(kwargs, match):
+    with pytest.raises(CatomeError, match=match):
+        make_options("tiny", **kwargs)
+
+
+def test_unknown_model():
+    with pytest.raises(CatomeError, match="unknown model"):
+        make_options("/no/such/folder")
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_build_lock(tmp_path):
+    path = tmp_path / ".x.lock"
+    with BuildLock(path, "x"):
+        assert path.read_text().strip() == str(os.getpid())
+        path.write_text(f"{os.getppid()}\n")  # pretend another live process holds it
+        with pytest.raises(CatomeError, match=f"another build into x is running \\(pid {os.getppid()}\\)"):
+            BuildLock(path, "x").acquire()
+        path.write_text(f"{os.getpid()}\n")
+    assert not path.exists()
+    path.write_text(f"{_dead_pid()}\n")  # stale: its process is gone
+    with BuildLock(path, "x"):
+        assert path.read_text().strip() == str(os.getpid())
+    assert not path.exists()
+
+
+def _folder(path, marker: str):
+    path.mkdir()
+    (path / MANIFEST_FILE).write_text(marker)
+    return path
+
+
+def test_swap_replaces_the_old_build(tmp_path):
+    target = _folder(tmp_path / "e", "old")
+    new = _folder(tmp_path / ".e.tmp-1", "new")
+    _swap_into_place(new, target)
+    assert (target / MANIFEST_FILE).read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
+
+
+def test_crash_during_swap_is_recovered(tmp_path):
+    # A build died after moving the old folder aside and before moving its own in.
+    pid = _dead_pid()
+    _folder(tmp_path / f".e.old-{pid}", "old")
+    _folder(tmp_path / f".e.tmp-{pid}", "half")
+    target = tmp_path / "e"
+    _recover_leftovers(target)
+    assert (target / MANIFEST_FILE).read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
+
+
+def test_refuses_a_folder_that_is_not_an_engine(tmp_path):
+    target = tmp_path / "stuff"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(CatomeError, match="not an engine folder"):
+        run_build(make_options("tiny", resolution=128, out_dir=target, verify=False))
+    assert (target / "notes.txt").read_text() == "mine"
+
+
+def test_verified_build(tmp_path):
+    """A build with the per-stage ONNX Runtime check and the runtime's eager comparison (2 steps)."""
+    pytest.importorskip("onnxruntime", reason="ONNX Runtime is not installed (pip install 'catome-export[ort]')")
+    pytest.importorskip("catome_export.runtime.verify", reason="the runtime's verify module is not available")
+    out = tmp_path / "tiny"
+    opts = make_options("tiny", resolution=128, batch=2, out_dir=out, verify=True, verify_steps=2)
+    result = run_build(opts)
+    assert result.backend == "ort"
+    assert set(result.quick_check) == set(range(6)) and max(result.quick_check.values()) <= 1e-4
+    assert result.verify is not None and result.verify.ok, result.verify.summary()
+    assert result.audit.passed
+    assert Manifest.load(out).manifest_sha256 == result.manifest.manifest_sha256

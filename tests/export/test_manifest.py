@@ -1,0 +1,124 @@
+"""Manifest: round trip, hash checks (manifest and stage files), schema problems, shape range checks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from catome_export.errors import CatomeError
+from catome_export.export.manifest import MANIFEST_FILE, Manifest, build_command, canonical_hash
+from catome_export.merging import MergeSettings, parse_schedule
+
+
+@pytest.fixture
+def engine_dir(tmp_path, exported, export_stages, export_sites):
+    """A copy of the shared export with a manifest written for it."""
+    folder, items = exported
+    target = tmp_path / "tiny"
+    target.mkdir()
+    for item in items:
+        shutil.copy2(folder / item.file, target / item.file)
+    settings = MergeSettings(threshold=0.6, schedule=parse_schedule("config2", 0))
+    manifest = Manifest(
+        name="tiny", model={"id": "tiny", "weights": "random", "weights_hash": "0" * 64, "unet_config": {"a": 1}},
+        precision="fp32", merge=settings.to_dict(),
+        sites=[{"index": s.index, "path": s.path, "downsample": s.downsample, "channels": 32} for s in export_sites],
+        shapes={"batch": [1, 2], "latent_height": [16, 32], "latent_width": [16, 32], "text_len": 77,
+                "text_dim": 32, "opt": {"batch": 2, "latent_height": 32, "latent_width": 32, "merge_fraction": 0.5}},
+        stages=[item.entry(spec) for item, (spec, _) in zip(items, export_stages)],
+        extra={"build": {"model": "tiny", "weights": "random", "precision": "fp32", "min_resolution": 128,
+                         "max_resolution": 256, "min_batch": 1, "max_batch": 2, "name": "tiny",
+                         "out": str(target)}},
+    )
+    manifest.save(target)
+    return target
+
+
+def test_round_trip(engine_dir, export_stages):
+    loaded = Manifest.load(engine_dir)
+    raw = json.loads((engine_dir / MANIFEST_FILE).read_text())
+    assert loaded.to_dict() == raw
+    assert list(raw)[:13] == ["format_version", "catome_export_version", "name", "model", "precision", "merge",
+                              "sites", "shapes", "stages", "engine_backend", "trt", "tools", "created"]
+    assert list(raw)[-1] == "manifest_sha256" and raw["manifest_sha256"] == canonical_hash(raw)
+    assert loaded.stage_specs() == [spec for spec, _ in export_stages]
+    settings = loaded.settings()
+    assert settings.threshold == 0.6 and settings.schedule.step_base == 0 and settings.schedule.name == "config2"
+    assert raw["tools"]["torch"] and raw["engine_backend"] == "ort" and raw["trt"] is None
+    assert not [p for p in engine_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_edited_manifest_is_detected(engine_dir):
+    path = engine_dir / MANIFEST_FILE
+    data = json.loads(path.read_text())
+    data["shapes"]["batch"] = [1, 64]
+    path.write_text(json.dumps(data))
+    with pytest.raises(CatomeError, match="manifest_sha256.*catome-export build"):
+        Manifest.load(engine_dir)
+
+
+def test_truncated_stage_file_is_detected(engine_dir):
+    stage = engine_dir / "stage_2.onnx"
+    data = stage.read_bytes()
+    stage.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CatomeError, match=r"stage_2.onnx has \d+ bytes.*truncated.*catome-export build --model tiny"):
+        Manifest.load(engine_dir)
+
+
+def test_replaced_stage_file_is_detected(engine_dir):
+    stage = engine_dir / "stage_1.onnx"
+    data = bytearray(stage.read_bytes())
+    data[-1] ^= 0xFF
+    stage.write_bytes(bytes(data))
+    with pytest.raises(CatomeError, match="sha256"):
+        Manifest.load(engine_dir)
+    Manifest.load(engine_dir, check_hashes=False)  # sizes still match: only the hash check sees it
+
+
+def test_missing_pieces(tmp_path, engine_dir):
+    with pytest.raises(CatomeError, match="does not exist.*catome-export build"):
+        Manifest.load(tmp_path / "nothing")
+    (engine_dir / "stage_5.onnx").unlink()
+    with pytest.raises(CatomeError, match="stage_5.onnx is missing"):
+        Manifest.load(engine_dir)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CatomeError, match="no manifest.json"):
+        Manifest.load(empty)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda d: d.update(format_version=2), "format_version 2"),
+    (lambda d: d.pop("stages"), "lacks stages"),
+    (lambda d: d.update(precision="int3"), "unknown precision"),
+    (lambda d: d["merge"].update(threshold=7.0), "merge settings"),
+])
+def test_schema_problems(engine_dir, edit, match):
+    path = engine_dir / MANIFEST_FILE
+    data = json.loads(path.read_text())
+    edit(data)
+    data["manifest_sha256"] = canonical_hash(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(CatomeError, match=match):
+        Manifest.load(engine_dir)
+    path.write_text("{not json")
+    with pytest.raises(CatomeError, match="unreadable"):
+        Manifest.load(engine_dir)
+
+
+def test_check_shapes(engine_dir):
+    m = Manifest.load(engine_dir)
+    m.check_shapes(2, 16, 32)
+    with pytest.raises(CatomeError, match=r"batch 3 is outside the built range 1..2.*--max-batch 3"):
+        m.check_shapes(3, 16, 16)
+    with pytest.raises(CatomeError, match=r"latent width 40 \(320 px\).*16..32.*--max-resolution 320"):
+        m.check_shapes(1, 16, 40)
+
+
+def test_rebuild_command_format():
+    cmd = build_command({"model": "sd15", "weights": "random", "resolution": 512, "min_resolution": 256,
+                         "max_resolution": 768, "name": "my engine", "verify": None})
+    assert cmd == ("catome-export build --model sd15 --weights random --min-resolution 256 --max-resolution 768 "
+                   "--name 'my engine'")
