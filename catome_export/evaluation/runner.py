@@ -58,8 +58,8 @@ class EvalConfig:
     """One image per prompt and method."""
     out: Path
     """Output folder (created; files in it are replaced)."""
-    model: str | None = "tiny"
-    """Pipeline source: tiny, sd15 or a local pipeline folder (default with an engine: the engine's model)."""
+    model: str | None = None
+    """Pipeline source: tiny, sd15 or a local pipeline folder (default: tiny, or with an engine the engine's model)."""
     engine: Path | None = None
     """Engine folder for the engine methods."""
     methods: tuple[str, ...] = ()
@@ -93,8 +93,6 @@ class EvalConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise CatomeError(f"unknown methods {unknown}: use {', '.join(METHODS)}")
-        if self.model is None and self.engine is None:
-            raise CatomeError("say what to evaluate: --model tiny|sd15|<pipeline folder> and/or --engine <folder>")
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise CatomeError(f"warmup must be an int >= 0, got {self.warmup!r}")
 
@@ -265,11 +263,21 @@ class _Context:
             self.runtime = Runtime.load(config.engine, backend=config.backend, device=device)
         try:
             if self.runtime is not None:
-                manifest_model = (getattr(self.runtime.manifest, "model", None) or {}).get("id")
+                manifest = getattr(self.runtime, "manifest", None)
+                manifest_model = (getattr(manifest, "model", None) or {}).get("id")
                 source = config.model or manifest_model
                 if source is None:
                     raise CatomeError("the engine's manifest names no model: pass --model")
-                self.pipe = load_pipeline(source, device=self.runtime.device, dtype=self.runtime.dtype)
+                eager = any(m in EAGER_METHODS for m in methods)
+                built_from = getattr(manifest, "model", None)
+                reference = eager and isinstance(built_from, dict) and bool(built_from.get("weights_hash"))
+                self.pipe = load_pipeline(source, device=self.runtime.device, dtype=self.runtime.dtype,
+                                          with_unet=eager and not reference)
+                if reference:
+                    # The eager methods run the very U-Net the engine was built from (weights hash checked).
+                    from catome_export.backends.torch_backend import load_reference_unet
+
+                    self.pipe.unet = load_reference_unet(manifest, self.runtime.device)
                 self.source = source
             else:
                 self.pipe = load_pipeline(config.model or "tiny", device=resolve_device(config.device),

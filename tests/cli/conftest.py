@@ -1,5 +1,9 @@
 """Fixtures of the CLI tests.
 
+``built_engine``: the tiny ONNX Runtime engine folder (128..192 px) that the
+runtime and verify tests build too, under the same name in the session's temp
+folder, so it is built once per session.
+
 ``tiny_engine_runtime(settings=None)``: a runtime over the tiny U-Net's stage
 modules (torch backend), standing in for a loaded engine folder. The stages
 are cut once per session; each call gives a fresh Runtime with a
@@ -54,3 +58,21 @@ def make_tiny_runtime(settings: MergeSettings | None = None) -> Any:
 def tiny_engine_runtime() -> Callable[..., Any]:
     """``tiny_engine_runtime(settings=None)``: a fresh stand-in engine runtime (see the module docstring)."""
     return make_tiny_runtime
+
+
+@pytest.fixture(scope="session")
+def built_engine(tmp_path_factory):
+    """The tiny ONNX Runtime engine the runtime and verify tests use (same folder: built once per session)."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    from catome_export.export.build import build_engine
+
+    folder = tmp_path_factory.getbasetemp() / "tiny-engine-128-192"
+    if not (folder / "manifest.json").is_file():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            build_engine("tiny", backend="ort", min_resolution=128, max_resolution=192, min_batch=1, max_batch=2,
+                         out_dir=folder, verify=False)
+        finally:
+            torch.set_num_threads(threads)
+    return folder

@@ -99,6 +99,26 @@ def test_run_eval_with_engine_methods_restores_the_engine_settings(tmp_path, tin
     runtime.close()
 
 
+def test_eval_a_built_engine_against_the_model_it_was_built_from(built_engine, tmp_path, capsys, no_fid_weights):
+    out = tmp_path / "eval"
+    rc = main(["eval", "--engine", str(built_engine), "--backend", "ort", "--imagenet", "1", "--steps", "2",
+               "--height", "128", "--width", "128", "--warmup", "0", *NO_CLIP, "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    data = json.loads((out / "results.json").read_text())
+    rows = {row["method"]: row for row in data["summary"]}
+    assert list(rows) == ["baseline", "engine-baseline", "engine"]
+    assert rows["engine-baseline"]["psnr"] > 60  # the engine without merging = the eager U-Net it was built from
+    assert data["engine"] == str(built_engine) and data["height"] == 128
+
+
+def test_eval_outside_the_engines_range_exits_1(built_engine, tmp_path, capsys):
+    rc = main(["eval", "--engine", str(built_engine), "--backend", "ort", "--imagenet", "1", "--steps", "2",
+               "--height", "64", "--width", "64", "--warmup", "0", *NO_CLIP, "--out", str(tmp_path / "o")])
+    captured = capsys.readouterr()
+    assert rc == 1 and captured.err.startswith("error: ") and "catome-export build" in captured.err
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--engine", "/no/such/engine/dir"], "does not exist"),
     (["--imagenet", "0"], "must be an int >= 1"),

@@ -24,19 +24,6 @@ def _one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def built_engine(tmp_path_factory):
-    """The tiny ONNX Runtime engine the runtime and verify tests use (same folder: built once per session)."""
-    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
-    from catome_export.export.build import build_engine
-
-    folder = tmp_path_factory.getbasetemp() / "tiny-engine-128-192"
-    if not (folder / "manifest.json").is_file():
-        build_engine("tiny", backend="ort", min_resolution=128, max_resolution=192, min_batch=1, max_batch=2,
-                     out_dir=folder, verify=False)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def pipeline_folder(tmp_path_factory):
     """The offline tiny pipeline saved as a local diffusers folder (what save_pretrained writes)."""
     from catome_export.models.pipeline import tiny_pipeline
