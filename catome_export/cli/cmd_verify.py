@@ -22,6 +22,7 @@ def run(args: argparse.Namespace) -> int:
 
     report = verify_engine(args.engine_dir, steps=args.steps, schedule=args.schedule, backend=args.backend,
                            seed=args.seed, batch=args.batch, resolution=args.resolution, tolerance=args.tolerance,
+                           merge_tolerance=args.merge_tolerance,
                            backend_options={"intra_op_threads": args.threads} if args.threads else None)
     if not args.quiet:
         print(report.format_table())
@@ -56,6 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tolerance", type=float, default=None,
                    help="limit of max|diff| as a multiple of max(1, max|eager output|) "
                         "(default 1e-4 for fp32 engines, 2e-2 for fp16)")
+    p.add_argument("--merge-tolerance", type=float, default=None, metavar="F",
+                   help="allowed difference of the merged count r per site, as a fraction of its tokens "
+                        "(default 0 for fp32 engines, 0.01 for fp16)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: physical cores)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="print the summary only, not the per-step table")

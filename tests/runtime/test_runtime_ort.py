@@ -111,3 +111,27 @@ def test_weights_that_differ_from_the_build_are_refused(tiny_engine, tmp_path):
     assert json.loads((other / "manifest.json").read_text())["model"]["weights_hash"] == "0" * 64
     with pytest.raises(CatomeError, match="weights .* do not match"):
         Runtime.load(other, backend="torch", device="cpu")
+
+
+def test_ort_engine_as_a_pipeline_unet(tiny_engine, reference_unet, smooth_latents, text_embeddings):
+    from catome_export.eager import apply_merging
+    from catome_export.models.pipeline import tiny_pipeline
+
+    pipe = tiny_pipeline("ddim", unet=reference_unet, with_text_encoder=False)
+    settings = MergeSettings(threshold=0.7, schedule=SCHEDULE)
+
+    def generate():
+        return pipe(prompt_embeds=text_embeddings(1, seed=1), negative_prompt_embeds=text_embeddings(1, seed=2),
+                    num_inference_steps=3, height=128, width=128, latents=smooth_latents(1, (16, 16)),
+                    output_type="latent").images
+
+    with apply_merging(pipe, settings) as handle:
+        want = generate()
+        eager_steps = [(s.step, s.merged) for s in handle.history]
+    with Runtime.load(tiny_engine, backend="ort", settings=settings, backend_options=ORT_OPTIONS) as runtime:
+        with runtime.attach(pipe):
+            got = generate()
+            assert [(s.step, s.merged) for s in runtime.history] == eager_steps == \
+                [(i, eager_steps[i][1]) for i in range(3)]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    assert pipe.unet is reference_unet

@@ -13,13 +13,13 @@ from catome_export.runtime.verify import VerifyReport, VerifyRow, verify_engine
 ORT_OPTIONS = {"intra_op_threads": 1}
 
 
-def _row(step: int, diff: float, merged=None, eager=None, matched=True) -> VerifyRow:
+def _row(step: int, diff: float, merged=None, eager=None, matched=True, slack=None) -> VerifyRow:
     merged = {0: 5, 1: 7} if merged is None else merged
     eager = merged if eager is None else eager
     flags = {k: matched for k in merged}
     return VerifyRow(step=step, timestep=900 - step, max_abs_diff=diff, scale=2.0, limit=2e-4,
                      merged_engine=merged, merged_eager=eager, matched_engine=flags, matched_eager=dict(flags),
-                     engine_ms=10.0 + step, eager_ms=20.0 + step)
+                     engine_ms=10.0 + step, eager_ms=20.0 + step, r_slack=slack or {})
 
 
 def _report(rows) -> VerifyReport:
@@ -39,6 +39,12 @@ def test_report_verdicts():
     other_r = _report([_row(0, 0.0, merged={0: 5}, eager={0: 6})])
     assert not other_r.ok and other_r.merge_mismatch_steps == [0]
     assert "5*!6*" in other_r.format_table()
+    within_slack = _report([_row(0, 0.0, merged={0: 5}, eager={0: 6}, slack={0: 1})])
+    assert within_slack.ok and "within" in within_slack.summary()
+    beyond_slack = _report([_row(0, 0.0, merged={0: 5}, eager={0: 7}, slack={0: 1})])
+    assert not beyond_slack.ok
+    flags_differ = VerifyRow(0, 900, 0.0, 1.0, 1e-4, {0: 5}, {0: 5}, {0: True}, {0: False})
+    assert not flags_differ.ok
     nan = _report([_row(0, float("nan"))])
     assert not nan.ok
     assert not _report([]).ok
@@ -77,6 +83,7 @@ def test_a_drifting_engine_fails(tiny_engine, monkeypatch):
 @pytest.mark.parametrize("kwargs, message", [
     ({"steps": 0}, "steps"),
     ({"tolerance": -1.0}, "tolerance"),
+    ({"merge_tolerance": 2.0}, "merge tolerance"),
     ({"resolution": 100}, "multiples of 8"),
     ({"batch": 3}, "batch 3 is outside the built range"),
     ({"resolution": 512}, "outside the built range"),
