@@ -7,18 +7,30 @@ they need (``onnxruntime``, ``tensorrt``), are imported only when created.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-import torch
-
-from catome_export.backends.base import Backend, StageRunner
 from catome_export.backends.select import BACKEND_NAMES, BackendChoice, choose_backend
 from catome_export.errors import CatomeError
+
+if TYPE_CHECKING:
+    import torch
+
+    from catome_export.backends.base import Backend, StageRunner
 
 __all__ = ["Backend", "StageRunner", "BackendChoice", "BACKEND_NAMES", "choose_backend", "create_backend"]
 
 
-def _check_device(name: str, device: torch.device | str | None, allowed: tuple[str, ...]) -> torch.device | None:
+def __getattr__(name: str) -> Any:  # lazy: the protocols import torch, selection and --help need not
+    if name in ("Backend", "StageRunner"):
+        from catome_export.backends import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module 'catome_export.backends' has no attribute {name!r}")
+
+
+def _check_device(name: str, device: "torch.device | str | None", allowed: tuple[str, ...]) -> "torch.device | None":
+    import torch
+
     if device is None:
         return None
     try:
@@ -30,8 +42,8 @@ def _check_device(name: str, device: torch.device | str | None, allowed: tuple[s
     return dev
 
 
-def create_backend(choice: BackendChoice, manifest: Any, device: torch.device | str | None = None,
-                   options: Mapping[str, Any] | None = None) -> Backend:
+def create_backend(choice: BackendChoice, manifest: Any, device: "torch.device | str | None" = None,
+                   options: Mapping[str, Any] | None = None) -> "Backend":
     """The backend ``choice`` names, for the engine described by ``manifest``.
 
     ``device``: where stages run (ort-cpu: cpu only; ort-cuda and trt: a CUDA

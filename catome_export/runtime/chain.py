@@ -9,7 +9,7 @@ skip tensors do not outlive their use.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import torch
 
