@@ -193,9 +193,13 @@ class Runtime:
             return plan
 
         env = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states}
-        noise_pred = self.chain.run(env, plan_hook)
-        if self.sync_timing and self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        try:
+            noise_pred = self.chain.run(env, plan_hook)
+            if self.sync_timing and self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        except BaseException:
+            self._timings.append((float("nan"), float("nan")))  # keep records aligned with the controller's steps
+            raise
         self._timings.append(((time.perf_counter() - start) * 1e3, spent * 1e3))
         return noise_pred
 

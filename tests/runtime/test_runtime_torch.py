@@ -183,3 +183,24 @@ def test_close_and_context_manager(make_runtime, smooth_latents, text_embeddings
     with pytest.raises(CatomeError, match="closed"):
         runtime.unet(smooth_latents(1, (16, 16)), 1, text_embeddings(1))
     runtime.close()  # twice is fine
+
+
+def test_a_failed_call_keeps_the_records_aligned(make_runtime, smooth_latents, text_embeddings):
+    import math
+
+    runtime = make_runtime(_settings(threshold=0.7))
+    latents, ehs = smooth_latents(1, (16, 16)), text_embeddings(1)
+    runtime.unet(latents, 900, ehs)
+    runner = runtime.chain.runners[3]
+    original = runner.run
+
+    def failing(feeds):
+        raise CatomeError("stage failed")
+
+    runner.run = failing
+    with pytest.raises(CatomeError, match="stage failed"):
+        runtime.unet(latents, 800, ehs)
+    runner.run = original
+    runtime.unet(latents, 700, ehs)
+    assert [s.step for s in runtime.history] == [0, 1, 2]
+    assert math.isnan(runtime.history[1].step_ms) and runtime.history[2].step_ms > 0
