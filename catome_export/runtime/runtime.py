@@ -101,6 +101,9 @@ class Runtime:
         if backend == "auto" and choice.name == "trt" and getattr(manifest, "engine_backend", None) != "trt":
             choice = choose_backend("ort")
             logger.info("the engine folder holds no TensorRT plans: using %s", choice.reason)
+        if backend in ("auto", "ort") and choice.name != "ort-cpu" and device is not None \
+                and str(device).split(":")[0] == "cpu":
+            choice = choose_backend("ort-cpu")  # a CPU device asked for: the CPU provider, whatever else is here
         logger.info("backend: %s", choice.reason)
         be = create_backend(choice, manifest, device=device, options=backend_options)
         runners: list[StageRunner] = []

@@ -135,3 +135,21 @@ def test_ort_engine_as_a_pipeline_unet(tiny_engine, reference_unet, smooth_laten
                 [(i, eager_steps[i][1]) for i in range(3)]
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
     assert pipe.unet is reference_unet
+
+
+def test_auto_backend_falls_back_for_onnx_only_folders_and_cpu_devices(tiny_engine, monkeypatch):
+    """Where TensorRT and ORT CUDA look available: an ONNX-only folder never goes to TensorRT, device=cpu means ORT CPU."""
+    import catome_export.backends.select as select
+
+    real_has = select._has
+    monkeypatch.setattr(select, "_cuda_available", lambda: True)
+    monkeypatch.setattr(select, "_ort_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(select, "_has", lambda module: module == "tensorrt" or real_has(module))
+    assert select.choose_backend("auto").name == "trt"
+    with Runtime.load(tiny_engine, backend="auto", device="cpu", backend_options=ORT_OPTIONS) as runtime:
+        assert runtime.backend.name == "ort-cpu"
+    with Runtime.load(tiny_engine, backend="ort", device="cpu", backend_options=ORT_OPTIONS) as runtime:
+        assert runtime.backend.name == "ort-cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(CatomeError, match="CUDA provider is not usable"):
+            Runtime.load(tiny_engine, backend="auto")  # no plans: ORT CUDA, which cannot start here
