@@ -33,16 +33,12 @@ def run(args: argparse.Namespace) -> int:
     from catome_export.export.build import make_options, run_build
 
     settings, auto_spec = _settings(args)
-    if args.opt_merge_fraction is not None and not 0.0 <= args.opt_merge_fraction <= 1.0:
-        from catome_export.errors import CatomeError
-
-        raise CatomeError(f"--opt-merge-fraction must be in [0, 1], got {args.opt_merge_fraction}")
     cli = {"threshold": args.threshold, "schedule": args.schedule, "step_base": args.step_base,
            "opt_merge_fraction": args.opt_merge_fraction}
     opts = make_options(args.model, args.weights, args.precision, args.backend, args.resolution,
                         args.min_resolution, args.max_resolution, args.batch, args.min_batch, args.max_batch,
                         settings, args.name, args.out, verify=not args.no_verify, verify_steps=args.verify_steps,
-                        exporter=args.exporter, cli=cli)
+                        exporter=args.exporter, opt_merge_fraction=args.opt_merge_fraction, cli=cli)
     log = logging.getLogger("catome_export.build")
     result = run_build(opts, progress=log.info, schedule_spec=auto_spec)
     print(summary(result))

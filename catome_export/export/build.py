@@ -70,6 +70,8 @@ class BuildOptions:
     opset: int = OPSET
     default_resolution: int = 256
     """The model's usual resolution (the TensorRT opt shape, clamped into the range)."""
+    opt_merge_fraction: float | None = None
+    """Share of src tokens TensorRT profiles tune for (None: the merge settings' fraction, else 0.5)."""
     cli: dict = field(default_factory=dict)
     """The flags as given, for the manifest's rebuild command."""
 
@@ -114,7 +116,8 @@ def make_options(model: str, weights: str | None = None, precision: str = "fp32"
                  max_resolution: int | None = None, batch: int | None = None, min_batch: int | None = None,
                  max_batch: int | None = None, settings: MergeSettings | None = None, name: str | None = None,
                  out_dir: str | Path | None = None, verify: bool = True, verify_steps: int = 10,
-                 exporter: str = "torchscript", opset: int = OPSET, cli: dict | None = None) -> BuildOptions:
+                 exporter: str = "torchscript", opset: int = OPSET, opt_merge_fraction: float | None = None,
+                 cli: dict | None = None) -> BuildOptions:
     """Validate build arguments (CatomeError naming the fix for any bad one) and fill in the defaults."""
     from catome_export.models import MODELS, model_info
 
@@ -160,6 +163,10 @@ def make_options(model: str, weights: str | None = None, precision: str = "fp32"
         if blo > bhi:
             raise CatomeError(f"min batch {blo} is larger than max batch {bhi}")
     _check_int("verify steps", verify_steps, 1, 1000)
+    if opt_merge_fraction is not None and (isinstance(opt_merge_fraction, bool)
+                                           or not isinstance(opt_merge_fraction, (int, float))
+                                           or not 0.0 <= opt_merge_fraction <= 1.0):
+        raise CatomeError(f"--opt-merge-fraction must be a number in [0, 1], got {opt_merge_fraction!r}")
     if name is None:
         name = model if model in MODELS else (Path(model).resolve().name or "model")
     if not name or "/" in name or "\\" in name or name.startswith(".") or name in ("..",):
@@ -168,7 +175,7 @@ def make_options(model: str, weights: str | None = None, precision: str = "fp32"
     return BuildOptions(model=model, weights=weights, precision=precision, backend=backend, resolution=(lo, hi),
                         batch=(blo, bhi), settings=settings or MergeSettings(), name=name, out_dir=out,
                         verify=bool(verify), verify_steps=verify_steps, exporter=exporter, opset=opset,
-                        default_resolution=default, cli=dict(cli or {}))
+                        default_resolution=default, opt_merge_fraction=opt_merge_fraction, cli=dict(cli or {}))
 
 
 # -- folder handling ----------------------------------------------------------------------------------------
@@ -358,6 +365,12 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
+def _opt_fraction(opts: BuildOptions, settings: MergeSettings) -> float:
+    if opts.opt_merge_fraction is not None:
+        return float(opts.opt_merge_fraction)
+    return settings.merge_fraction if settings.merge_fraction is not None else 0.5
+
+
 def _make_manifest(opts: BuildOptions, unet, sites, stages, exported, settings: MergeSettings, backend: str,
                    audit: AuditReport, info) -> Manifest:
     import json
@@ -376,8 +389,7 @@ def _make_manifest(opts: BuildOptions, unet, sites, stages, exported, settings: 
         "batch": list(opts.batch), "latent_height": [lo // 8, hi // 8], "latent_width": [lo // 8, hi // 8],
         "text_len": info.text_len, "text_dim": int(unet.config.cross_attention_dim),
         "opt": {"batch": opts.batch[1], "latent_height": opt_latent, "latent_width": opt_latent,
-                "merge_fraction": opts.cli.get("opt_merge_fraction") if opts.cli.get("opt_merge_fraction") is not None
-                else settings.merge_fraction if settings.merge_fraction is not None else 0.5},
+                "merge_fraction": _opt_fraction(opts, settings)},
     }
     cli = {"model": opts.model, "weights": opts.weights, "precision": opts.precision, "backend": opts.backend,
            "name": opts.name, "out": str(opts.out_dir)}
@@ -459,13 +471,15 @@ def build_engine(model: str, weights: str | None = None, precision: str = "fp32"
                  progress: Progress | None = None, **options: Any) -> Manifest:
     """Build an engine folder and return its manifest (see :func:`run_build` for the full result).
 
-    ``options``: ``verify_steps``, ``exporter`` (``torchscript`` | ``dynamo``), ``opset``, ``schedule``
+    ``options``: ``verify_steps``, ``exporter`` (``torchscript`` | ``dynamo``), ``opset``,
+    ``opt_merge_fraction`` (the merge level TensorRT profiles tune for), ``schedule``
     (a schedule spec, ``auto:K`` included, that replaces ``settings.schedule``).
     """
     schedule = options.pop("schedule", None)
-    unknown = sorted(set(options) - {"verify_steps", "exporter", "opset"})
+    allowed = {"verify_steps", "exporter", "opset", "opt_merge_fraction"}
+    unknown = sorted(set(options) - allowed)
     if unknown:
-        raise CatomeError(f"unknown build option(s) {', '.join(unknown)}: use verify_steps, exporter, opset, schedule")
+        raise CatomeError(f"unknown build option(s) {', '.join(unknown)}: use {', '.join(sorted(allowed))}, schedule")
     settings = settings or MergeSettings()
     spec = None
     if schedule is not None:

@@ -34,6 +34,7 @@ def test_options_defaults():
     ({"backend": "ort-cuda"}, "backend must be one of"),
     ({"name": "../x"}, "plain folder name"),
     ({"exporter": "magic"}, "exporter"),
+    ({"opt_merge_fraction": 1.5}, "opt-merge-fraction"),
 ])
 def test_options_are_checked(kwargs, match):
     with pytest.raises(CatomeError, match=match):

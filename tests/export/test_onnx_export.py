@@ -116,6 +116,9 @@ def test_fp16_export(tmp_path, tiny_unet, export_sites):
     from catome_export.export.audit import audit_stages
 
     stages = cut_unet(tiny_unet, export_sites, torch.float16)[:2]
+    assert tiny_unet.dtype == torch.float32  # the cut converted a copy
+    assert stages[1][0].inputs[0].dtype == "float16"
+    assert {t.dtype for t in stages[1][0].inputs if t.name.endswith("_weight")} == {"float32"}
     examples = example_inputs(stages, export_sites, tiny_unet.config, torch.float16)
     items = [export_stage(spec, m, examples[spec.index], tmp_path) for spec, m in stages]
     for item in items:

@@ -133,13 +133,6 @@ def test_site_block_merges_around_attn1_only_by_default(tiny_unet, export_sites)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
-def test_fp16_cut_leaves_the_model_alone(tiny_unet, export_sites):
-    stages = cut_unet(tiny_unet, export_sites, torch.float16)
-    assert tiny_unet.dtype == torch.float32
-    assert stages[1][0].inputs[0].dtype == "float16"
-    assert {t.dtype for t in stages[1][0].inputs if t.name.endswith("_weight")} == {"float32"}
-
-
 def test_unsupported_layouts_are_named(fresh_tiny_unet, export_sites):
     class FancyDownBlock(torch.nn.Module):
         pass
