@@ -74,6 +74,8 @@ class Runtime:
         self.controller = MergeController(settings, len(self.sites), validate=True)
         self._timings: list[tuple[float, float]] = []
         self._closed = False
+        self._graphs: Any = None
+        self._last_shape: tuple[int, int, int] | None = None
         from catome_export.runtime.unet import RuntimeUNet
 
         self.unet = RuntimeUNet(self, unet_config)
@@ -82,13 +84,15 @@ class Runtime:
     # -- loading ----------------------------------------------------------------------
     @classmethod
     def load(cls, engine_dir: str | Path, backend: str = "auto", device: torch.device | str | None = None, *,
-             settings: MergeSettings | None = None, backend_options: Mapping[str, Any] | None = None) -> "Runtime":
+             settings: MergeSettings | None = None, backend_options: Mapping[str, Any] | None = None,
+             cuda_graphs: bool = False) -> "Runtime":
         """Load the engine in ``engine_dir`` on a backend (``auto``, ``trt``, ``ort``, ``ort-cuda``, ``ort-cpu``, ``torch``).
 
         ``settings`` overrides the manifest's merge settings (threshold,
         schedule...; the graphs take any merge count, so this needs no
         rebuild). ``backend_options`` go to the backend (e.g. ONNX Runtime's
-        ``intra_op_threads``).
+        ``intra_op_threads``). ``cuda_graphs``: replay cached steps as CUDA
+        graphs (TensorRT or torch backend on a GPU; see :meth:`enable_cuda_graphs`).
         """
         from catome_export.backends import create_backend
         from catome_export.backends.select import choose_backend
@@ -113,12 +117,15 @@ class Runtime:
                 runners.append(be.load_stage(engine_dir, entry, spec))
             if settings is not None and not isinstance(settings, MergeSettings):
                 raise CatomeError(f"settings must be a MergeSettings, got {type(settings).__name__}")
-            return cls(
+            runtime = cls(
                 runners, manifest_sites(manifest), settings or manifest.settings(),
                 unet_config=manifest.model.get("unet_config") or {}, dtype=manifest_dtype(manifest),
                 device=be.device, backend=be, shape_check=manifest.check_shapes, manifest=manifest,
                 engine_dir=engine_dir,
             )
+            if cuda_graphs:
+                runtime.enable_cuda_graphs()
+            return runtime
         except BaseException:
             for runner in runners:
                 runner.close()
@@ -130,6 +137,7 @@ class Runtime:
         """Start a new generation: empty plan caches, the next call is loop index 0."""
         self.controller.reset()
         self._timings = []
+        self._last_shape = None
 
     def set_step(self, index: int) -> None:
         """Pin the 0-based loop index of the next U-Net call (custom loops; 0 starts a new generation)."""
@@ -146,6 +154,7 @@ class Runtime:
         self.settings = settings
         self.controller = MergeController(settings, len(self.sites), validate=True)
         self._timings = []
+        self._last_shape = None
 
     def with_schedule(self, schedule: Any) -> None:
         """Shorthand: keep the settings, change the checkpoint schedule (a name, list, or Schedule)."""
@@ -178,10 +187,12 @@ class Runtime:
         start = time.perf_counter()
         if timestep_value is None:
             timestep_value = float(timestep.reshape(-1)[0]) if timestep.numel() else None
-        self.controller.begin_step(timestep_value)
+        step = self.controller.begin_step(timestep_value)
         if self.controller.counter.new_generation:
             self._timings = []
+            self._last_shape = None
         latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
+        shape = (int(sample.shape[0]), *latent_hw)
         spent = 0.0
 
         def plan_hook(site: int, x: torch.Tensor) -> MergePlan:
@@ -196,15 +207,69 @@ class Runtime:
             return plan
 
         env = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states}
+        # Every site reuses its cache when this is no checkpoint and the previous call of this generation
+        # completed with the same batch and size (it left a plan of these shapes at every site).
+        cached_step = not self.settings.schedule.is_checkpoint(step) and self._last_shape == shape
+        self._last_shape = None
         try:
-            noise_pred = self.chain.run(env, plan_hook)
+            if self._graphs is not None and cached_step:
+                noise_pred = self._replay(env, latent_hw)
+            else:
+                noise_pred = self.chain.run(env, plan_hook)
             if self.sync_timing and self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
         except BaseException:
             self._timings.append((float("nan"), float("nan")))  # keep records aligned with the controller's steps
             raise
+        self._last_shape = shape
         self._timings.append(((time.perf_counter() - start) * 1e3, spent * 1e3))
         return noise_pred
+
+    # -- CUDA graphs ------------------------------------------------------------------
+    def enable_cuda_graphs(self, capture: Any = None, max_graphs: int = 4) -> None:
+        """Run cached steps (no site matches) as one captured CUDA graph of the whole chain, replayed while
+        the shapes stay (rules in :mod:`catome_export.runtime.cuda_graphs`); checkpoint steps run stage by stage.
+
+        Needs a CUDA device and the TensorRT or torch backend (ONNX Runtime allocates its outputs itself,
+        which a capture cannot hold). ``capture``: a stand-in for the capture implementation (tests).
+        """
+        from catome_export.runtime.cuda_graphs import ChainGraphRunner, TorchCudaGraphCapture, stage_chain
+
+        if capture is None:
+            if self.device.type != "cuda":
+                raise CatomeError(f"CUDA graphs need a CUDA device; this runtime runs on {self.device}")
+            name = self.backend.name if self.backend is not None else ""
+            if name not in ("trt", "torch"):
+                raise CatomeError(f"CUDA graphs run with the trt or torch backend, not {name or 'this one'} "
+                                  "(ONNX Runtime allocates its outputs itself)")
+            capture = TorchCudaGraphCapture(self.device)
+        memory = getattr(self.backend, "memory", None)
+        generation = (lambda: memory.generation) if hasattr(memory, "generation") else None
+        self._graphs = ChainGraphRunner(stage_chain(self.chain.runners), capture, max_graphs=max_graphs,
+                                        memory_generation=generation)
+
+    @property
+    def graph_runner(self) -> Any:
+        """The CUDA-graph runner (None unless :meth:`enable_cuda_graphs` was called)."""
+        return self._graphs
+
+    def _replay(self, env: dict[str, torch.Tensor], latent_hw: tuple[int, int]) -> torch.Tensor:
+        """A cached step through the graph runner: the cached plans, recorded as reused, feed the captured chain."""
+        from catome_export.runtime.chain import plan_names
+        from catome_export.runtime.cuda_graphs import ChainGraphCache
+
+        batch = int(env["sample"].shape[0])
+        plans: dict[int, MergePlan] = {}
+        for site in self.chain.sites:
+            grid = self.sites[site].grid(latent_hw)
+            # plan_for only reads the shape and device of x when it reuses a plan: no block input is needed
+            stub = torch.empty((batch, grid[0] * grid[1], 0), device=self.device, dtype=self.dtype)
+            plans[site] = self.controller.plan_for(site, stub, grid)
+            if self.controller.history[-1].matched.get(site):
+                raise CatomeError(f"internal: site {site} matched on a step the runtime took for a cached one")
+            env.update(zip(plan_names(site), plans[site].tensors()))
+        key = ChainGraphCache.key(batch, latent_hw, {k: p.num_merged for k, p in plans.items()})
+        return self._graphs.run(key, env, plan_versions=plans)["noise_pred"]
 
     def attach(self, pipe: Any) -> Any:
         """Put ``runtime.unet`` into a diffusers pipeline; every ``pipe(...)`` call then resets the caches.
@@ -226,6 +291,9 @@ class Runtime:
         if self._closed:
             return
         self._closed = True
+        if self._graphs is not None:
+            self._graphs.invalidate(reason="runtime closed")
+            self._graphs = None
         self.chain.close()
         if self.backend is not None:
             self.backend.close()

@@ -1,0 +1,90 @@
+"""Cached steps through the CUDA-graph runner (an eager capture stand-in on CPU; real graphs on a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from catome_export.errors import CatomeError
+from catome_export.merging import MergeSettings, parse_schedule
+
+SETTINGS = MergeSettings(threshold=0.7, schedule=parse_schedule("0,3", step_base=0))
+TIMESTEPS = (951, 901, 851, 801, 751, 701)
+
+
+class EagerCapture:
+    """Capture stand-in: like a CUDA graph, a replay reads the static input buffers it was captured with."""
+
+    def __init__(self) -> None:
+        self.captures = 0
+        self.replays = 0
+
+    def capture(self, chain, static_inputs):
+        self.captures += 1
+        outputs = {k: torch.empty_like(v) for k, v in chain(static_inputs).items()}
+        return (chain, static_inputs, outputs), outputs
+
+    def replay(self, handle) -> None:
+        self.replays += 1
+        chain, static_inputs, outputs = handle
+        for k, v in chain(static_inputs).items():
+            outputs[k].copy_(v)
+
+
+def _generation(runtime, latents, ehs):
+    runtime.reset()
+    return [runtime.unet(latents, t, ehs).sample for t in TIMESTEPS]
+
+
+def test_cached_steps_replay_the_chain_with_the_current_plans(make_runtime, smooth_latents, text_embeddings):
+    latents, ehs = smooth_latents(2, (16, 16)), text_embeddings(2)
+    plain = make_runtime(SETTINGS)
+    want = _generation(plain, latents, ehs)
+    want_history = [(s.step, s.merged, s.matched) for s in plain.history]
+
+    graphed = make_runtime(SETTINGS)
+    capture = EagerCapture()
+    graphed.enable_cuda_graphs(capture=capture)
+    for _ in range(2):  # the second generation replays graphs captured in the first
+        got = _generation(graphed, latents, ehs)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        assert [(s.step, s.merged, s.matched) for s in graphed.history] == want_history
+    # steps 1, 2, 4, 5 are cached (schedule 0,3 from 0): 4 graph runs per generation, the rest stage by stage
+    runner = graphed.graph_runner
+    assert capture.replays == 8
+    assert capture.captures == runner.captures == len({(2, 16, 16, tuple(h[1].values())) for h in want_history})
+    assert runner.cache.plan_copies >= 1  # new plans after the checkpoint (or the new generation) were copied in
+    graphed.close()
+    assert graphed.graph_runner is None
+
+
+def test_cuda_graphs_need_a_gpu_and_a_capturable_backend(make_runtime):
+    runtime = make_runtime(SETTINGS)
+    with pytest.raises(CatomeError, match="CUDA device"):
+        runtime.enable_cuda_graphs()
+
+
+@pytest.mark.gpu
+def test_real_cuda_graphs_on_the_torch_backend(tiny_stages, tiny_sites, tiny_unet, smooth_latents, text_embeddings):
+    import copy
+
+    from catome_export.backends.torch_backend import TorchBackend
+    from catome_export.runtime.runtime import Runtime
+
+    stages = copy.deepcopy(tiny_stages)  # moved to the GPU: leave the shared CPU fixture alone
+
+    def make(graphs: bool) -> Runtime:
+        backend = TorchBackend(None, "cuda", stages=stages)
+        runners = [backend.load_stage(None, {}, spec) for spec, _ in stages]  # type: ignore[arg-type]
+        rt = Runtime(runners, tiny_sites, SETTINGS, unet_config=dict(tiny_unet.config), dtype=torch.float32,
+                     device=backend.device, backend=backend)
+        if graphs:
+            rt.enable_cuda_graphs()
+        return rt
+
+    latents, ehs = smooth_latents(2, (16, 16)).cuda(), text_embeddings(2).cuda()
+    want = _generation(make(False), latents, ehs)
+    got = _generation(make(True), latents, ehs)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
