@@ -115,10 +115,11 @@ class Runtime:
             specs = manifest.stage_specs()
             for entry, spec in zip(manifest.stages, specs):
                 runners.append(be.load_stage(engine_dir, entry, spec))
-            if settings is not None and not isinstance(settings, MergeSettings):
-                raise CatomeError(f"settings must be a MergeSettings, got {type(settings).__name__}")
+            built = manifest.settings()
+            if settings is not None:
+                _check_same_graphs(built, settings)
             runtime = cls(
-                runners, manifest_sites(manifest), settings or manifest.settings(),
+                runners, manifest_sites(manifest), settings or built,
                 unet_config=manifest.model.get("unet_config") or {}, dtype=manifest_dtype(manifest),
                 device=be.device, backend=be, shape_check=manifest.check_shapes, manifest=manifest,
                 engine_dir=engine_dir,
@@ -145,12 +146,7 @@ class Runtime:
 
     def set_settings(self, settings: MergeSettings) -> None:
         """Use other merge settings from the next call on (threshold, schedule...); starts a new generation."""
-        if not isinstance(settings, MergeSettings):
-            raise CatomeError(f"settings must be a MergeSettings, got {type(settings).__name__}")
-        if settings.max_downsample != self.settings.max_downsample or \
-                (settings.merge_crossattn, settings.merge_mlp) != (self.settings.merge_crossattn, self.settings.merge_mlp):
-            raise CatomeError("max_downsample, merge_crossattn and merge_mlp are built into the graphs: "
-                              "rebuild the engine to change them")
+        _check_same_graphs(self.settings, settings)
         self.settings = settings
         self.controller = MergeController(settings, len(self.sites), validate=True)
         self._timings = []
@@ -308,6 +304,18 @@ class Runtime:
         name = self.backend.name if self.backend is not None else "custom"
         return (f"Runtime({name} on {self.device}, {len(self.chain.runners)} stages, {len(self.sites)} sites, "
                 f"{self.settings.mode}, {self.settings.schedule.describe()})")
+
+
+def _check_same_graphs(built: MergeSettings, settings: Any) -> None:
+    """CatomeError unless ``settings`` only changes what the graphs take as inputs (threshold, schedule, ...)."""
+    if not isinstance(settings, MergeSettings):
+        raise CatomeError(f"settings must be a MergeSettings, got {type(settings).__name__}")
+    fixed = ("max_downsample", "merge_crossattn", "merge_mlp")
+    changed = [f"{name} {getattr(built, name)} -> {getattr(settings, name)}" for name in fixed
+               if getattr(settings, name) != getattr(built, name)]
+    if changed:
+        raise CatomeError(f"{', '.join(changed)}: max_downsample, merge_crossattn and merge_mlp are built into the "
+                          "graphs; rebuild the engine with catome-export build to change them")
 
 
 def manifest_sites(manifest: Any) -> list[MergeSite]:

@@ -87,6 +87,8 @@ def test_load_errors(tiny_engine, tmp_path):
         Runtime.load(tiny_engine, backend="tvm")
     with pytest.raises(CatomeError, match="does not exist"):
         Runtime.load(tmp_path / "nowhere")
+    with pytest.raises(CatomeError, match="merge_mlp False -> True.*rebuild"):
+        Runtime.load(tiny_engine, backend="ort", settings=MergeSettings(threshold=0.7, merge_mlp=True))
     if not torch.cuda.is_available():
         with pytest.raises(CatomeError, match="TensorRT"):
             Runtime.load(tiny_engine, backend="trt")
