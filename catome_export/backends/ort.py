@@ -62,7 +62,8 @@ class OrtOptions:
             raise CatomeError(f"ORT optimization must be one of {', '.join(_OPT_LEVELS)}, got {self.optimization!r}")
         threads = self.intra_op_threads
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise CatomeError(f"ORT intra-op threads must be an int >= 1 (or None for the physical cores), got {threads!r}")
+            raise CatomeError(f"ORT intra-op threads must be an int >= 1 (or None for the physical cores), "
+                              f"got {threads!r}")
         if isinstance(self.inter_op_threads, bool) or not isinstance(self.inter_op_threads, int) \
                 or self.inter_op_threads < 1:
             raise CatomeError(f"ORT inter-op threads must be an int >= 1, got {self.inter_op_threads!r}")
@@ -152,7 +153,8 @@ class OrtStageRunner:
         if got_in != want_in or not want_out <= got_out:
             raise CatomeError(
                 f"stage {self.spec.index}: the ONNX graph's inputs/outputs do not match the manifest "
-                f"(graph inputs {sorted(got_in)}, manifest {sorted(want_in)}): rebuild the engine with catome-export build"
+                f"(graph inputs {sorted(got_in)}, manifest {sorted(want_in)}): "
+                "rebuild the engine with catome-export build"
             )
 
     def _checked(self, name: str, tensor: torch.Tensor) -> torch.Tensor:

@@ -61,7 +61,8 @@ class Runtime:
         self.sites = {s.index: s for s in sites}
         missing = [k for k in self.chain.sites if k not in self.sites]
         if missing:
-            raise CatomeError(f"the stage chain reaches sites {missing} that the manifest does not list: rebuild the engine")
+            raise CatomeError(f"the stage chain reaches sites {missing} that the manifest does not list: "
+                              "rebuild the engine")
         self.settings = settings
         self.dtype = dtype
         self.device = torch.device(device)
@@ -86,7 +87,7 @@ class Runtime:
     def load(cls, engine_dir: str | Path, backend: str = "auto", device: torch.device | str | None = None, *,
              settings: MergeSettings | None = None, backend_options: Mapping[str, Any] | None = None,
              cuda_graphs: bool = False) -> "Runtime":
-        """Load the engine in ``engine_dir`` on a backend (``auto``, ``trt``, ``ort``, ``ort-cuda``, ``ort-cpu``, ``torch``).
+        """Load the engine in ``engine_dir`` on a backend: auto, trt, ort, ort-cuda, ort-cpu or torch.
 
         ``settings`` overrides the manifest's merge settings (threshold,
         schedule...; the graphs take any merge count, so this needs no

@@ -175,7 +175,8 @@ class VerifyReport:
     def to_dict(self) -> dict:
         return {"engine_dir": self.engine_dir, "backend": self.backend, "precision": self.precision,
                 "batch": self.batch, "latent_hw": list(self.latent_hw), "schedule": self.schedule,
-                "tolerance": self.tolerance, "merge_tolerance": self.merge_tolerance, "ok": self.ok, "max_diff": self.max_diff,
+                "tolerance": self.tolerance, "merge_tolerance": self.merge_tolerance, "ok": self.ok,
+                "max_diff": self.max_diff,
                 "engine_ms": self.engine_ms, "eager_ms": self.eager_ms, "rows": [r.to_dict() for r in self.rows]}
 
 

@@ -84,7 +84,7 @@ def eager(reference_unet) -> Callable[[MergeSettings], "object"]:
 
 
 def build_tiny_engine(base: Path) -> Path:
-    """Build the tiny engine (ORT, 128..192 px, batch 1..2) once under ``base`` (shared by the runtime and CLI tests)."""
+    """Build the tiny engine (ORT, 128..192 px, batch 1..2) once under ``base`` (shared with the CLI tests)."""
     from catome_export.export.build import build_engine
 
     folder = base / "tiny-engine-128-192"

@@ -140,7 +140,7 @@ def test_ort_engine_as_a_pipeline_unet(tiny_engine, reference_unet, smooth_laten
 
 
 def test_auto_backend_falls_back_for_onnx_only_folders_and_cpu_devices(tiny_engine, monkeypatch):
-    """Where TensorRT and ORT CUDA look available: an ONNX-only folder never goes to TensorRT, device=cpu means ORT CPU."""
+    """With TensorRT and ORT CUDA seemingly there: an ONNX-only folder never goes to TensorRT; device=cpu is ORT CPU."""
     import catome_export.backends.select as select
 
     real_has = select._has
