@@ -11,6 +11,7 @@ would put the quick-start build over its time budget (see docs/notes/export.md).
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import shutil
@@ -115,16 +116,52 @@ def example_inputs(stages: Sequence[tuple[StageSpec, StageModule]], sites: Seque
     return captured
 
 
+def _external_info(tensor) -> dict[str, str]:
+    return {e.key: e.value for e in tensor.external_data}
+
+
 def _weights_bytes(model) -> int:
-    """Bytes of the initializers (and large Constant tensors) of an ONNX model held in memory."""
+    """Bytes of the initializers of an ONNX model, inline or in external files (not loaded)."""
+    import onnx
+
     total = 0
     for t in model.graph.initializer:
-        total += len(t.raw_data) if t.raw_data else len(t.SerializeToString())
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                total += len(attr.t.raw_data)
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            total += int(_external_info(t).get("length", 0))
+        else:
+            total += len(t.raw_data)
     return total
+
+
+def _move_weights_out(model, base: Path, data_path: Path, data_name: str, size_threshold: int = 1024) -> None:
+    """Move every initializer of ``size_threshold`` bytes or more into one file ``data_path``, tensor by tensor.
+
+    Tensors the exporter already wrote as external files (it does above 2 GB)
+    are copied over one at a time, so the whole set of weights is never in
+    memory at once.
+    """
+    import onnx
+
+    offset = 0
+    with open(data_path, "wb") as out:
+        for t in model.graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                info = _external_info(t)
+                with open(base / info["location"], "rb") as fh:
+                    fh.seek(int(info.get("offset", 0)))
+                    data = fh.read(int(info["length"])) if "length" in info else fh.read()
+            elif len(t.raw_data) >= size_threshold:
+                data = t.raw_data
+            else:
+                continue
+            out.write(data)
+            t.ClearField("raw_data")
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(data)))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+            offset += len(data)
 
 
 def _torch_export(spec: StageSpec, module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path,
@@ -170,16 +207,18 @@ def export_stage(spec: StageSpec, module: torch.nn.Module, args: tuple[torch.Ten
     start = time.perf_counter()
     try:
         _torch_export(spec, module.eval(), args, scratch / name, opset, exporter)
-        model = onnx.load(str(scratch / name), load_external_data=True)
+        gc.collect()
+        model = onnx.load(str(scratch / name), load_external_data=False)
         _annotate(model, spec)
         target = out_dir / name
         data_name = f"{name}.data"
         (out_dir / data_name).unlink(missing_ok=True)
         external = _weights_bytes(model) > external_data_threshold
         if external:
-            onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
+            _move_weights_out(model, scratch, out_dir / data_name, data_name)
+            onnx.save_model(model, str(target))
         else:
+            onnx.load_external_data_for_model(model, str(scratch))
             if model.ByteSize() > PROTO_LIMIT:
                 raise CatomeError(f"stage {spec.index} is over 2 GB: lower the external data threshold")
             onnx.save_model(model, str(target))

@@ -150,3 +150,36 @@ def test_bad_export_arguments(tmp_path, export_stages, tiny_unet, export_sites):
     (tmp_path / "broken.onnx").write_bytes(b"not a graph")
     with pytest.raises(CatomeError, match="checker"):
         check_stage_file(tmp_path / "broken.onnx")
+
+
+def test_weights_already_in_external_files_are_gathered_into_one(tmp_path):
+    """Above 2 GB the exporter writes a file per tensor; the export gathers them into stage_<k>.onnx.data."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from catome_export.export.onnx_export import _move_weights_out, _weights_bytes
+
+    a = np.arange(600, dtype=np.float32).reshape(20, 30)
+    b = np.linspace(0, 1, 900, dtype=np.float32).reshape(30, 30)
+    small = np.ones(3, dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["y"]), helper.make_node("Add", ["y", "c"], ["z"])], "g", [],
+        [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [20, 30])],
+        initializer=[numpy_helper.from_array(a, "a"), numpy_helper.from_array(b, "b"),
+                     numpy_helper.from_array(small, "c")])
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    onnx.save_model(helper.make_model(graph), str(scratch / "m.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=False, size_threshold=1024)
+    model = onnx.load(str(scratch / "m.onnx"), load_external_data=False)
+    assert _weights_bytes(model) == a.nbytes + b.nbytes + small.nbytes
+    out = tmp_path / "out"
+    out.mkdir()
+    _move_weights_out(model, scratch, out / "m.onnx.data", "m.onnx.data")
+    onnx.save_model(model, str(out / "m.onnx"))
+    assert sorted(p.name for p in out.iterdir()) == ["m.onnx", "m.onnx.data"]
+    assert (out / "m.onnx.data").stat().st_size == a.nbytes + b.nbytes
+    again = onnx.load(str(out / "m.onnx"))
+    arrays = {t.name: numpy_helper.to_array(t) for t in again.graph.initializer}
+    assert np.array_equal(arrays["a"], a) and np.array_equal(arrays["b"], b) and np.array_equal(arrays["c"], small)
