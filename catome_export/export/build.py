@@ -259,16 +259,24 @@ def run_build(opts: BuildOptions, progress: Progress | None = None, schedule_spe
     start = time.perf_counter()
     backend = _resolve_backend(opts.backend)
     target = opts.out_dir
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CatomeError(f"cannot create the folder {target.parent} for --out {target} ({exc.strerror or exc}): "
+                          "choose an --out in a writable folder") from None
     with BuildLock(target.parent / f".{target.name}.lock", str(target)):
         _recover_leftovers(target)
         _check_target(target)
         tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
         swapped = False
         try:
-            result = _build_into(opts, tmp, backend, say, schedule_spec)
+            try:
+                tmp.mkdir()
+                result = _build_into(opts, tmp, backend, say, schedule_spec)
+            except OSError as exc:
+                raise CatomeError(f"the build failed on a file operation ({exc}): check the free space and "
+                                  f"permissions of {target.parent}; {target} was not changed") from exc
             if result.verify is not None and not getattr(result.verify, "ok", True):
                 failed = target.parent / f".{target.name}.failed"
                 shutil.rmtree(failed, ignore_errors=True)

@@ -28,6 +28,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -36,6 +37,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -81,7 +88,7 @@ class BuildLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(3):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                self._create()
             except FileExistsError:
                 owner = self._owner()
                 if owner is not None and owner != os.getpid() and pid_alive(owner):
@@ -89,14 +96,60 @@ class BuildLock:
                         f"another build into {self.what} is running (pid {owner}): wait for it to finish, or, if "
                         f"that process is gone, remove {self.path}"
                     ) from None
-                logger.info("taking over a stale build lock %s (pid %s is gone)", self.path, owner)
-                self.path.unlink(missing_ok=True)
+                self._remove_stale(owner)
                 continue
-            with os.fdopen(fd, "w") as fh:
-                fh.write(f"{os.getpid()}\n")
+            except OSError as exc:
+                raise CatomeError(f"cannot write the build lock {self.path} ({exc.strerror or exc}): build into a "
+                                  "writable folder") from None
             self._held = True
             return
         raise CatomeError(f"cannot take the build lock {self.path}: remove it if no build is running")
+
+    def _create(self) -> None:
+        """Make the lock file with our pid already in it (FileExistsError when one exists).
+
+        The pid is written to a private file first and hard-linked into place,
+        so no other process ever reads a lock file without its owner (an empty
+        one would look stale and be taken over). Where the file system has no
+        hard links, the file is created exclusively and written after.
+        """
+        fd, tmp = tempfile.mkstemp(prefix=f"{self.path.name}.", suffix=".new", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"{os.getpid()}\n")
+            try:
+                os.link(tmp, self.path)
+                return
+            except FileExistsError:
+                raise
+            except OSError:
+                pass
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"{os.getpid()}\n")
+
+    def _remove_stale(self, owner: int | None) -> None:
+        """Remove a lock whose owner is gone, unless another process replaced it with its own meanwhile."""
+        grave = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}")
+        try:
+            os.rename(self.path, grave)  # atomic: of two processes taking over, one moves the stale lock
+        except FileNotFoundError:
+            return
+        try:
+            moved = int(grave.read_text().strip() or "0")
+        except (OSError, ValueError):
+            moved = None
+        if moved != owner and moved is not None and pid_alive(moved):
+            # A live build took the lock between our read and our rename: put its lock back.
+            try:
+                os.link(grave, self.path)
+            except OSError:
+                pass
+        else:
+            logger.info("taking over a stale build lock %s (pid %s is gone)", self.path, owner)
+        grave.unlink(missing_ok=True)
 
     def _owner(self) -> int | None:
         try:

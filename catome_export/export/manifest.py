@@ -144,6 +144,10 @@ class Manifest:
         engine_dir = Path(engine_dir)
         path = engine_dir / MANIFEST_FILE
         generic = _generic_rebuild(engine_dir)
+        if engine_dir.is_file():
+            hint = f"pass its folder {engine_dir.parent}" if engine_dir.name == MANIFEST_FILE else \
+                "pass the folder that catome-export build wrote"
+            raise CatomeError(f"{engine_dir} is a file, not an engine folder: {hint}")
         if not engine_dir.is_dir():
             raise CatomeError(f"engine folder {engine_dir} does not exist: build it with {generic}")
         if not path.is_file():
@@ -154,6 +158,9 @@ class Manifest:
             raise CatomeError(f"{path} is unreadable ({type(exc).__name__}): rebuild with {generic}") from None
         if not isinstance(data, dict):
             raise CatomeError(f"{path} is not a manifest (not a JSON object): rebuild with {generic}")
+        recorded = data.get("build_command")
+        if isinstance(recorded, str) and recorded.startswith("catome-export build "):
+            generic = recorded  # the command the folder was built with (a hint; the checks below still apply)
         version = data.get("format_version")
         if version != FORMAT_VERSION:
             raise CatomeError(f"{path} has format_version {version!r}; this catome-export ({__version__}) reads "
