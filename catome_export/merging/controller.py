@@ -45,6 +45,7 @@ class MergeController:
         self.counter = StepCounter()
         self.history: list[StepStats] = []
         self._cache: dict[int, MergePlan] = {}
+        self._grids: dict[int, tuple[int, int]] = {}
         self._generator: torch.Generator | None = None
         self._step: int = -1
         self._checkpoint = True
@@ -58,6 +59,7 @@ class MergeController:
 
     def _clear(self) -> None:
         self._cache.clear()
+        self._grids.clear()
         self.history = []
         self._generator = None
 
@@ -109,6 +111,7 @@ class MergeController:
             and cached.batch_size == x.shape[0]
             and cached.num_tokens == x.shape[1]
             and cached.unmerge_idx.device == x.device
+            and self._grids.get(site) == tuple(grid)
         )
         matched = self._checkpoint or not usable
         if matched:
@@ -116,6 +119,7 @@ class MergeController:
             if self.validate:
                 plan.validate(x.shape[0], x.shape[1])
             self._cache[site] = plan
+            self._grids[site] = tuple(grid)
         else:
             plan = cached  # type: ignore[assignment]
         if self.history:

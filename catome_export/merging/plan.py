@@ -189,3 +189,13 @@ class MergePlan:
         seen.scatter_add_(1, self.src_idx, torch.ones_like(self.src_idx))
         if not bool((seen == 1).all()):
             raise CatomeError(f"{name}: keep_idx and src_idx must cover every token exactly once")
+        # Unmerge reads back what merge wrote: a kept token its own slot, a merged src its dst's slot.
+        own_slot = torch.arange(k, device=device).expand(b, -1)
+        if not bool((self.unmerge_idx.gather(1, self.keep_idx) == own_slot).all()) or \
+                not bool((self.unmerge_idx.gather(1, self.src_idx) == self.slot_idx).all()):
+            raise CatomeError(f"{name}: unmerge_idx does not send every token back to the slot it was merged into")
+        # Each slot is the mean of its token and the src added into it.
+        counts = torch.ones(b, k, dtype=torch.float32, device=device)
+        counts.scatter_add_(1, self.slot_idx, torch.ones(b, r, dtype=torch.float32, device=device))
+        if not torch.allclose(self.weight * counts, torch.ones_like(counts), rtol=0.0, atol=1e-5):
+            raise CatomeError(f"{name}: weight is not 1 / (1 + number of src merged into the slot)")
