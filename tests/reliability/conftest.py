@@ -1,0 +1,102 @@
+"""Fixtures of the reliability tests: one tiny engine per session, copies of it to damage, a runtime over it.
+
+``reliability_engine`` is the tiny ONNX Runtime engine (128..192 px, batch
+1..2, built without verification) under the same name in the session's temp
+folder as the runtime and CLI tests' engine, so a full run builds it once.
+Tests never change it: the ones that damage an engine work on
+``engine_copy`` (a fresh copy per test).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+import torch
+
+ENGINE_NAME = "tiny-engine-128-192"
+"""Folder name shared with tests/runtime and tests/cli (the same build, made once per session)."""
+REPO = Path(__file__).resolve().parents[2]
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """The tiny model gains nothing from more threads, and on a shared CPU they spin: use one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def reliability_engine(tmp_path_factory) -> Path:
+    """The tiny engine folder (ONNX stages + manifest, 128..192 px, batch 1..2); read-only for the tests."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    from catome_export.export.build import build_engine
+
+    folder = tmp_path_factory.getbasetemp() / ENGINE_NAME
+    if not (folder / "manifest.json").is_file():
+        with one_thread():
+            build_engine("tiny", backend="ort", min_resolution=128, max_resolution=192, min_batch=1, max_batch=2,
+                         out_dir=folder, verify=False)
+    return folder
+
+
+@pytest.fixture
+def engine_copy(reliability_engine, tmp_path) -> Path:
+    """A copy of the tiny engine in this test's temp folder (``<tmp>/engines/tiny``), free to damage."""
+    target = tmp_path / "engines" / "tiny"
+    shutil.copytree(reliability_engine, target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def ort_runtime(reliability_engine):
+    """A Runtime over the tiny engine on ONNX Runtime CPU (one intra-op thread)."""
+    from catome_export.runtime import Runtime
+
+    with one_thread():
+        runtime = Runtime.load(reliability_engine, backend="ort", backend_options={"intra_op_threads": 1})
+    yield runtime
+    runtime.close()
+
+
+def python_env(**extra: str) -> dict[str, str]:
+    """The environment of a child Python: this checkout first on the path, one thread, plus ``extra``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(extra)
+    return env
+
+
+def run_cli_process(args: list[str], timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    """``python -m catome_export.cli ARGS`` in a child process (stdout and stderr captured as text)."""
+    return subprocess.run([sys.executable, "-m", "catome_export.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=python_env(**env), cwd=str(REPO))
+
+
+@pytest.fixture(scope="session")
+def cli_process() -> Callable[..., subprocess.CompletedProcess]:
+    """``cli_process(args, timeout=300, **env)``: run the real command line in a child process."""
+    return run_cli_process
+
+
+@pytest.fixture(scope="session")
+def child_env() -> Callable[..., dict[str, str]]:
+    """``child_env(**extra)``: the environment for child Python processes of the tests."""
+    return python_env
