@@ -25,6 +25,7 @@ import torch
 
 from catome_export._version import __version__
 from catome_export.errors import CatomeError
+from catome_export.export._threads import torch_threads
 from catome_export.export.fsutil import sha256_file
 from catome_export.export.stages import StageModule, StageSpec, run_stages
 from catome_export.merging.matching import match_tokens, partition
@@ -111,7 +112,7 @@ def example_inputs(stages: Sequence[tuple[StageSpec, StageModule]], sites: Seque
             return module(*args)
         return call
 
-    with torch.no_grad():
+    with torch.no_grad(), torch_threads(1):
         run_stages([(spec, recording(spec, m)) for spec, m in stages], feeds, plans)
     return captured
 
@@ -206,7 +207,8 @@ def export_stage(spec: StageSpec, module: torch.nn.Module, args: tuple[torch.Ten
     scratch.mkdir(parents=True)
     start = time.perf_counter()
     try:
-        _torch_export(spec, module.eval(), args, scratch / name, opset, exporter)
+        with torch_threads(1):
+            _torch_export(spec, module.eval(), args, scratch / name, opset, exporter)
         gc.collect()
         model = onnx.load(str(scratch / name), load_external_data=False)
         _annotate(model, spec)

@@ -32,6 +32,7 @@ from typing import Any, Callable
 import torch
 
 from catome_export.errors import CatomeError
+from catome_export.export._threads import torch_threads
 from catome_export.export.unet_steps import (
     MODEL_INPUTS, MODEL_OUTPUT, BlockOptions, Step, build_steps, plan_input_names,
 )
@@ -240,7 +241,7 @@ def infer_shapes(unet: torch.nn.Module, steps: list[Step], sites: list[MergeSite
     runs: list[tuple[dict[str, tuple[int, ...]], dict[str, int], dict[str, torch.dtype]]] = []
     for batch, hw, text_len in EXAMPLES:
         env = _example_env(unet, dtype, batch, hw, text_len)
-        with torch.no_grad():
+        with torch.no_grad(), torch_threads(1):
             run_steps(steps, env)
         table = _symbols(batch, hw, text_len, _num_downsamplers(unet))
         for s in sites:
