@@ -115,6 +115,7 @@ class BuildLock:
         """
         fd, tmp = tempfile.mkstemp(prefix=f"{self.path.name}.", suffix=".new", dir=self.path.parent)
         try:
+            os.chmod(tmp, 0o644)  # other users' builds must read the owner too
             with os.fdopen(fd, "w") as fh:
                 fh.write(f"{os.getpid()}\n")
             try:
