@@ -85,6 +85,11 @@ class BenchConfig:
     """Seed of the latents and text embeddings."""
     stage_timings: bool = True
     """Time every stage of ``engine`` too (one synchronisation per stage on CUDA)."""
+    ort_options: tuple[tuple[str, object], ...] = ()
+    """Extra ONNX Runtime backend options (``OrtOptions`` fields, e.g. ``("cpu_mem_arena", False)``) for the
+    engine and the unstaged graph alike; threads come from ``threads``."""
+    ort_profile: Path | None = None
+    """When set, also profile the engine and unstaged graphs per stage and operator (ONNX Runtime CPU) into here."""
 
     def __post_init__(self) -> None:
         backends = tuple(self.backends)
@@ -133,6 +138,19 @@ class BenchConfig:
         if self.engine_dir is not None:
             object.__setattr__(self, "engine_dir", Path(self.engine_dir))
         object.__setattr__(self, "workdir", Path(self.workdir))
+        opts = tuple((str(k), v) for k, v in dict(self.ort_options).items())
+        if any(k in ("intra_op_threads", "inter_op_threads") for k, _ in opts):
+            raise CatomeError("set ONNX Runtime threads with --threads (the same for every backend), "
+                              "not with an ONNX Runtime option")
+        if opts:
+            from catome_export.backends.ort import OrtOptions
+
+            OrtOptions.from_mapping(dict(opts))  # CatomeError naming the known options for an unknown key
+        object.__setattr__(self, "ort_options", opts)
+        if self.ort_profile is not None:
+            object.__setattr__(self, "ort_profile", Path(self.ort_profile))
+            if self.device != "cpu":
+                raise CatomeError("--ort-profile profiles ONNX Runtime on the CPU: use it with --device cpu")
 
     @property
     def checkpoint_calls(self) -> int:
@@ -148,4 +166,6 @@ class BenchConfig:
             "checkpoint_repeats": self.checkpoint_calls, "warmup": self.warmup, "threads": self.threads,
             "device": self.device, "precision": self.precision, "engine_backend": self.engine_backend,
             "text_len": self.text_len, "seed": self.seed,
+            "ort_options": dict(self.ort_options),
+            "ort_profile": None if self.ort_profile is None else str(self.ort_profile),
         }

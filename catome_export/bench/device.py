@@ -72,3 +72,33 @@ def device_info(device: torch.device, threads: int) -> dict[str, Any]:
         "onnxruntime": _version("onnxruntime"),
         "tensorrt": _version("tensorrt"),
     }
+
+
+def rss_gib() -> float | None:
+    """Resident memory of this process in GiB (Linux ``/proc``), or None elsewhere."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**30, 2)
+
+
+def peak_rss_gib() -> float | None:
+    """Peak resident memory of this process in GiB, or None where ``resource`` is missing."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -87,11 +87,14 @@ class BenchResult:
     notes: list[str] = field(default_factory=list)
     created: str = ""
     seconds: float = 0.0
+    profile: dict[str, Any] | None = None
+    """Per-stage and per-op ONNX Runtime profile (``--ort-profile``), or None."""
 
     # -- JSON -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {"format_version": FORMAT_VERSION, "created": self.created, "seconds": self.seconds,
-                "device": self.device, "config": self.config, "notes": self.notes, "rows": self.rows}
+                "device": self.device, "config": self.config, "notes": self.notes, "rows": self.rows,
+                "profile": self.profile}
 
     def save_json(self, path: str | Path) -> Path:
         from catome_export.export.fsutil import atomic_write_json
@@ -109,7 +112,8 @@ class BenchResult:
             raise CatomeError(f"cannot read benchmark results {path}: {exc}") from None
         check_schema(data)
         return cls(config=data.get("config", {}), device=data["device"], rows=data["rows"],
-                   notes=data.get("notes", []), created=data.get("created", ""), seconds=data.get("seconds", 0.0))
+                   notes=data.get("notes", []), created=data.get("created", ""), seconds=data.get("seconds", 0.0),
+                   profile=data.get("profile"))
 
     # -- markdown ---------------------------------------------------------------------
     def markdown(self) -> str:
@@ -150,6 +154,11 @@ class BenchResult:
                     f"| {_fmt(None if c.get('checkpoint_share') is None else 100 * c['checkpoint_share'], '.2f', ' %')} "
                     f"| {outside} |"
                 )
+        if self.profile:
+            from catome_export.bench.profile import profile_markdown
+
+            lines += ["", f"ONNX Runtime profile at {self.profile['resolution']} px, batch {self.profile['batch']} "
+                      f"(ms per call, {self.profile['calls']} cached calls):", "", profile_markdown(self.profile)]
         return "\n".join(lines) + "\n"
 
     def header(self) -> str:

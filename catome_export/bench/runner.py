@@ -16,7 +16,6 @@ recorded before and after, to show a run on a shared machine.
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from dataclasses import replace
@@ -28,7 +27,7 @@ import torch
 
 from catome_export.bench import flops
 from catome_export.bench.config import MERGING_BACKENDS, BenchConfig
-from catome_export.bench.device import device_info, load_average, physical_cores
+from catome_export.bench.device import device_info, load_average, peak_rss_gib, physical_cores, release_memory, rss_gib
 from catome_export.bench.measure import BENCH_SCHEDULE, TIMESTEP, Inputs, RowTiming, measure, measure_loop
 from catome_export.bench.report import BenchResult, derive_columns
 from catome_export.bench.targets import EagerMergeTarget, EagerTarget, EngineTarget, Target, UnstagedTarget
@@ -38,6 +37,8 @@ from catome_export.merging import MergeSettings, parse_schedule
 logger = logging.getLogger(__name__)
 
 EAGER_BACKENDS = ("eager", "eager-tome", "eager-catome")
+PROFILE_CALLS = 2
+"""Profiled cached calls per configuration (at most ``repeats``): shares, not headline latencies."""
 
 
 def _dtype(config: BenchConfig) -> torch.dtype:
@@ -142,6 +143,7 @@ class _Session:
         self.notes: list[str] = []
         self.device = torch.device(config.device)
         self.threads = config.threads or physical_cores()
+        self.ort_options: dict[str, Any] = {"intra_op_threads": self.threads, **dict(config.ort_options)}
         self.unet_config: dict[str, Any] = {}
         self.base_settings = MergeSettings(threshold=None, merge_fraction=0.0, schedule=BENCH_SCHEDULE)
 
@@ -170,6 +172,7 @@ class _Session:
             row = _row(backend, resolution, inputs, fraction, threshold, timing, grids, self.base_settings.stride,
                        detail)
             row["load_average_1min"] = load_average()
+            row["rss_gib"] = rss_gib()
             self.rows.append(row)
             self.progress(f"  {what}: median {row['median_ms']:.1f} ms")
 
@@ -187,7 +190,7 @@ class _Session:
 
     def engine_phase(self, engine_dir: Path) -> None:
         cfg = self.config
-        target = EngineTarget.load(engine_dir, cfg.engine_backend, cfg.device, self.threads, cfg.stage_timings)
+        target = EngineTarget.load(engine_dir, cfg.engine_backend, cfg.device, self.ort_options, cfg.stage_timings)
         try:
             self._adopt_engine_settings(target.base_settings)
             for res in self.resolutions():
@@ -210,7 +213,7 @@ class _Session:
 
         cfg = self.config
         runner, backend = load_unstaged(graph, self.unet_config, "float16" if cfg.precision == "fp16" else "float32",
-                                        cfg.device, self.threads)
+                                        cfg.device, self.ort_options)
         target = UnstagedTarget(runner, backend)
         try:
             for res in self.resolutions():
@@ -250,8 +253,10 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
             unet = load_unet(config.model, config.weights, _dtype(config)).to(config.device)
             session.unet_config = dict(unet.config)
             session.eager_phase(unet)
-            digest = weights_hash(unet) if ("engine" in config.backends and engine_dir is None) or \
-                "engine-unstaged" in config.backends else None
+            digest = weights_hash(unet) if "engine" in config.backends or "engine-unstaged" in config.backends \
+                else None
+            if "engine" in config.backends and engine_dir is not None and digest is not None:
+                _compare_weights(session, engine_dir, digest)
             if "engine-unstaged" in config.backends:
                 from catome_export.bench.engine import work_name
                 from catome_export.bench.unstaged import export_unstaged
@@ -260,7 +265,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
                 say(f"unstaged graph in {folder} ...")
                 graph = export_unstaged(unet, folder, digest)
             del unet
-            gc.collect()
+            release_memory()
             if "engine" in config.backends and engine_dir is None:
                 from catome_export.bench.engine import ensure_engine
 
@@ -269,15 +274,17 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
             if not session.unet_config:
                 session.unet_config = _engine_unet_config(engine_dir)
             session.engine_phase(engine_dir)
-            gc.collect()
+            release_memory()
         if graph is not None:
             session.unstaged_phase(graph)
-            gc.collect()
+            release_memory()
+        profile = _profile(session, engine_dir, graph) if config.ort_profile is not None else None
     finally:
         torch.set_num_threads(previous_threads)
     load_after = load_average()
     device = device_info(session.device, session.threads)
-    device.update({"load_average_1min_before": load_before, "load_average_1min_after": load_after})
+    device.update({"load_average_1min_before": load_before, "load_average_1min_after": load_after,
+                   "peak_rss_gib": peak_rss_gib()})
     shared = any(v is not None and v > 1.25 * session.threads for v in (load_before, load_after))
     device["shared_machine"] = shared
     if shared:
@@ -288,8 +295,39 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
         config=config.to_dict() | {"engine_dir": None if engine_dir is None else str(engine_dir)},
         device=device, rows=rows, notes=session.notes,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        seconds=round(time.perf_counter() - started, 1),
+        seconds=round(time.perf_counter() - started, 1), profile=profile,
     )
+
+
+def _profile(session: _Session, engine_dir: Path | None, graph: Path | None) -> dict[str, Any] | None:
+    """Per-stage and per-op ONNX Runtime profiles at the first resolution (see :mod:`.profile`)."""
+    from catome_export.bench.profile import profile_engine, profile_unstaged
+
+    cfg = session.config
+    out_dir = cfg.ort_profile
+    assert out_dir is not None
+    res = session.resolutions()[0]
+    inputs = make_inputs(session.unet_config, res, cfg)
+    calls = min(cfg.repeats, PROFILE_CALLS)
+    result: dict[str, Any] = {"resolution": res, "batch": cfg.batch, "calls": calls, "folder": str(out_dir)}
+    if "engine" in cfg.backends and engine_dir is not None:
+        session.progress(f"profiling the engine's stages at {res}px ...")
+        fractions = list(cfg.merge_fractions) or [0.0]
+        result["engine"] = profile_engine(engine_dir, inputs, fractions, calls, session.ort_options, out_dir)
+    if graph is not None:
+        session.progress(f"profiling the unstaged graph at {res}px ...")
+        result["unstaged"] = profile_unstaged(graph, inputs, calls, session.ort_options, out_dir)
+    return result
+
+
+def _compare_weights(session: _Session, engine_dir: Path, digest: str) -> None:
+    from catome_export.export.manifest import Manifest
+
+    built = Manifest.load(engine_dir, check_files=False).model
+    if built.get("weights_hash") != digest:
+        session.notes.append(f"the engine in {engine_dir} was built from other weights ({built.get('id')}, "
+                             f"{built.get('weights')}) than the eager rows ({session.config.model}, "
+                             f"{session.config.weights}): the speed comparison holds only for the same architecture")
 
 
 def _engine_unet_config(engine_dir: Path) -> dict[str, Any]:

@@ -194,12 +194,18 @@ class EngineTarget(Target):
             chain.runners = [_TimedRunner(r, runtime.device, self._stage_ms) for r in chain.runners]
 
     @classmethod
-    def load(cls, engine_dir: Path, backend: str, device: str, threads: int,
+    def load(cls, engine_dir: Path, backend: str, device: str, ort_options: Mapping[str, Any],
              stage_timings: bool = True) -> "EngineTarget":
+        """Load the engine; ``ort_options`` (threads included) go to ONNX Runtime backends only."""
+        from catome_export.backends.select import choose_backend
+        from catome_export.export.manifest import Manifest
         from catome_export.runtime import Runtime
 
-        options = {"intra_op_threads": threads} if backend in ("auto", "ort", "ort-cpu", "ort-cuda") else None
-        runtime = Runtime.load(engine_dir, backend=backend, device=device, backend_options=options)
+        choice = choose_backend(backend).name
+        if choice == "trt" and Manifest.load(engine_dir, check_files=False).engine_backend != "trt":
+            choice = choose_backend("ort").name  # as Runtime.load does for a folder without TensorRT plans
+        options = dict(ort_options) if choice.startswith("ort") else None
+        runtime = Runtime.load(engine_dir, backend=choice, device=device, backend_options=options)
         logger.info("engine %s on %s", engine_dir, runtime.backend.name if runtime.backend else runtime.device)
         return cls(runtime, stage_timings)
 

@@ -21,7 +21,7 @@ import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -150,11 +150,12 @@ def export_unstaged(unet: torch.nn.Module, folder: str | Path, weights_hash: str
     return folder / GRAPH_FILE
 
 
-def load_unstaged(graph: Path, unet_config: Any, dtype: str, device: str, threads: int) -> tuple[Any, Any]:
+def load_unstaged(graph: Path, unet_config: Any, dtype: str, device: str,
+                  ort_options: Mapping[str, Any]) -> tuple[Any, Any]:
     """(stage runner, backend) of the graph on the ONNX Runtime backend with the engine's session options."""
     from catome_export.backends.ort import OrtBackend, OrtOptions
 
-    backend = OrtBackend(device, OrtOptions(intra_op_threads=threads))
+    backend = OrtBackend(device, OrtOptions.from_mapping(ort_options))
     cfg = dict(unet_config)
     spec = unstaged_spec(dtype, int(cfg["in_channels"]), int(cfg["out_channels"]), int(cfg["cross_attention_dim"]))
     try:

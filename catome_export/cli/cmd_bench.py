@@ -50,15 +50,46 @@ def config_from_args(args: argparse.Namespace):
 
     fractions: tuple = _list(args.merge_fractions, float, "--merge-fractions") if args.merge_fractions else ()
     resolutions = tuple(args.resolution or ())
+    model, weights = args.model, args.weights
+    if args.engine and (model is None or weights is None):
+        engine_model = _engine_model(Path(args.engine))
+        model = model or engine_model.get("id")
+        weights = weights or engine_model.get("weights")
     return BenchConfig(
-        model=args.model, weights=args.weights, engine_dir=Path(args.engine) if args.engine else None,
+        model=model or "tiny", weights=weights or "random", engine_dir=Path(args.engine) if args.engine else None,
         backends=_list(args.backends, str, "--backends"), resolutions=resolutions, batch=args.batch,
         merge_fractions=fractions, threshold=args.threshold, latents=args.latents, steps=args.steps,
         schedule=args.schedule, repeats=args.repeats, checkpoint_repeats=args.checkpoint_repeats,
         warmup=args.warmup, threads=args.threads, device=args.device, precision=args.precision,
         engine_backend=args.engine_backend, workdir=Path(args.workdir) if args.workdir else default_workdir(),
         text_len=args.text_len, seed=args.seed, stage_timings=not args.no_stage_timings,
+        ort_profile=Path(args.ort_profile) if args.ort_profile else None,
+        ort_options=tuple(_ort_option(text) for text in args.ort_option or ()),
     )
+
+
+def _ort_option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` -> (key, bool | int | str)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise CatomeError(f"--ort-option {text!r}: use KEY=VALUE, e.g. cpu_mem_arena=false")
+    v = value.strip()
+    parsed: object = v
+    if v.lower() in ("true", "false"):
+        parsed = v.lower() == "true"
+    elif v.lstrip("-").isdigit():
+        parsed = int(v)
+    return key.strip(), parsed
+
+
+def _engine_model(engine_dir: Path) -> dict:
+    """The model section of an engine's manifest (the eager rows use the same model by default)."""
+    from catome_export.export.manifest import Manifest
+
+    if not engine_dir.is_dir():
+        raise CatomeError(f"--engine {engine_dir} is not a folder: build one with catome-export build, "
+                          "or leave --engine out to build one for --model")
+    return dict(Manifest.load(engine_dir, check_files=False).model)
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
@@ -100,9 +131,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engine", metavar="DIR", help="a built engine folder for the engine backend "
                    "(default: build one for --model under --workdir, reused when it fits)")
-    p.add_argument("--model", default="tiny", help="tiny, sd15, or a local diffusers folder (default: tiny)")
-    p.add_argument("--weights", choices=("random", "pretrained"), default="random",
-                   help="seeded random weights (speed does not depend on them; default) or pretrained")
+    p.add_argument("--model", help="tiny, sd15, or a local diffusers folder (default: the --engine's model, else tiny)")
+    p.add_argument("--weights", choices=("random", "pretrained"),
+                   help="seeded random weights (speed does not depend on them; the default without --engine) "
+                        "or pretrained")
     p.add_argument("--backends", default="eager,eager-catome,engine", metavar="LIST",
                    help=f"comma-separated, from {', '.join(BACKENDS)} (default: eager,eager-catome,engine)")
     p.add_argument("--resolution", type=int, nargs="+", metavar="N",
@@ -131,6 +163,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text-len", type=int, default=77, help="tokens of the text embeddings (default 77)")
     p.add_argument("--seed", type=int, default=0, help="seed of the latents and text embeddings")
     p.add_argument("--no-stage-timings", action="store_true", help="do not time the engine's stages one by one")
+    p.add_argument("--ort-option", action="append", metavar="KEY=VALUE",
+                   help="an ONNX Runtime backend option for the engine and the unstaged graph alike "
+                        "(e.g. cpu_mem_arena=false, allow_spinning=false); repeatable")
+    p.add_argument("--ort-profile", metavar="DIR",
+                   help="also profile the engine and unstaged graphs in ONNX Runtime (per stage and op type); "
+                        "traces go to DIR, the summary to the table and the JSON")
     p.add_argument("--json", metavar="FILE", help="write the rows and the device to this .json file")
     p.add_argument("--plot", metavar="FILE", help="write latency against merge fraction to this .png file")
     p.set_defaults(func=run)

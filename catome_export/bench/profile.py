@@ -1,0 +1,173 @@
+"""Where an ONNX Runtime step spends its time: per stage and per operator type.
+
+The stage graphs of an engine (and the unstaged graph) are loaded into ONNX
+Runtime sessions with the benchmark's session options plus
+``SessionOptions.enable_profiling``, wrapped in the ONNX Runtime backend's own
+stage runners, and driven by a :class:`~catome_export.runtime.Runtime` built
+from them, so the controller, the plans and the IO binding are those of a
+normal run. After a warm-up checkpoint call, ``calls`` cached calls are run per
+merge fraction; their ``model_run`` windows in each session's trace select
+the kernel events that count, summed by operator type.
+
+Profiling adds a little time per node; use it for shares, not for headline
+latencies (those come from :func:`~catome_export.bench.runner.run_bench`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from catome_export.bench.measure import BENCH_SCHEDULE, Inputs
+from catome_export.errors import CatomeError
+
+logger = logging.getLogger(__name__)
+
+
+def _profiled_session(path: Path, options: Any, prefix: Path) -> Any:
+    import onnxruntime as ort
+
+    from catome_export.backends.ort import session_options
+
+    so = session_options(options)
+    so.enable_profiling = True
+    so.profile_file_prefix = str(prefix)
+    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def _windows(events: list[dict]) -> list[tuple[float, float]]:
+    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    return [(float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in runs]
+
+
+def summarise_trace(trace: Path, runs: Sequence[int]) -> dict[str, Any]:
+    """Median ``model_run`` ms and per-op-type kernel ms per run over the runs at the given indices."""
+    try:
+        events = json.loads(Path(trace).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CatomeError(f"cannot read the ONNX Runtime profile {trace}: {exc}") from None
+    windows = _windows(events)
+    chosen = [windows[i] for i in runs if i < len(windows)]
+    if not chosen:
+        return {"run_ms": None, "ops_ms": {}, "runs": 0}
+    kernels = [e for e in events if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time")]
+    ops: dict[str, float] = {}
+    for e in kernels:
+        ts = float(e["ts"])
+        if any(lo <= ts <= hi for lo, hi in chosen):
+            op = str(e.get("args", {}).get("op_name", "?"))
+            ops[op] = ops.get(op, 0.0) + float(e["dur"]) / 1e3
+    n = len(chosen)
+    return {"run_ms": round(statistics.median((hi - lo) / 1e3 for lo, hi in chosen), 3),
+            "ops_ms": {k: round(v / n, 3) for k, v in sorted(ops.items(), key=lambda kv: -kv[1])}, "runs": n}
+
+
+def profile_engine(engine_dir: Path, inputs: Inputs, fractions: Sequence[float], calls: int,
+                   ort_options: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Per-stage, per-op times of the engine at each merge fraction (cached steps after a checkpoint).
+
+    ``ort_options``: :class:`~catome_export.backends.ort.OrtOptions` values (threads included)."""
+    from catome_export.backends.ort import OrtOptions, OrtStageRunner
+    from catome_export.backends.torch_backend import manifest_dtype
+    from catome_export.export.manifest import Manifest
+    from catome_export.runtime.runtime import Runtime, manifest_sites
+
+    manifest = Manifest.load(engine_dir, check_hashes=False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    options = OrtOptions.from_mapping(ort_options)
+    runners = []
+    for entry, spec in zip(manifest.stages, manifest.stage_specs()):
+        session = _profiled_session(Path(engine_dir) / entry["file"], options, out_dir / f"stage{spec.index}")
+        runners.append(OrtStageRunner(session, spec, torch.device("cpu"), options))
+    base = manifest.settings()
+    runtime = Runtime(runners, manifest_sites(manifest), base, unet_config=manifest.model.get("unet_config") or {},
+                      dtype=manifest_dtype(manifest), device="cpu", manifest=manifest, engine_dir=Path(engine_dir))
+    windows: dict[float, list[int]] = {}
+    done = 0
+    try:
+        for f in fractions:
+            runtime.set_settings(replace(base, threshold=None, ratio=None, merge_fraction=float(f),
+                                         schedule=BENCH_SCHEDULE))
+            runtime.reset()
+            runtime.unet(inputs.sample, inputs.timestep, encoder_hidden_states=inputs.text)  # checkpoint
+            done += 1
+            windows[f] = list(range(done, done + calls))
+            for _ in range(calls):
+                runtime.unet(inputs.sample, inputs.timestep, encoder_hidden_states=inputs.text)
+                done += 1
+        traces = [Path(r.session.end_profiling()) for r in runners]
+    finally:
+        runtime.close()
+    result: dict[str, Any] = {}
+    for f, runs in windows.items():
+        stages = [summarise_trace(t, runs) | {"index": i, "trace": t.name} for i, t in enumerate(traces)]
+        result[f"{f:g}"] = {"stages": stages, "ops_ms": _merge_ops(s["ops_ms"] for s in stages),
+                            "stages_ms": round(sum(s["run_ms"] or 0.0 for s in stages), 3)}
+    return result
+
+
+def profile_unstaged(graph: Path, inputs: Inputs, calls: int, ort_options: Mapping[str, Any],
+                     out_dir: Path) -> dict[str, Any]:
+    """Per-op times of the unstaged graph (one warm-up run, then ``calls`` timed runs)."""
+    from catome_export.backends.ort import OrtOptions, OrtStageRunner
+    from catome_export.bench.unstaged import unstaged_spec
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    options = OrtOptions.from_mapping(ort_options)
+    session = _profiled_session(graph, options, out_dir / "unstaged")
+    dtype = "float16" if inputs.sample.dtype == torch.float16 else "float32"
+    spec = unstaged_spec(dtype, int(inputs.sample.shape[1]), int(inputs.sample.shape[1]), int(inputs.text.shape[-1]))
+    runner = OrtStageRunner(session, spec, torch.device("cpu"), options)
+    feeds = {"sample": inputs.sample, "timestep": inputs.timestep, "encoder_hidden_states": inputs.text}
+    for _ in range(calls + 1):
+        runner.run(feeds)
+    trace = Path(session.end_profiling())
+    runner.close()
+    summary = summarise_trace(trace, list(range(1, calls + 1)))
+    return summary | {"trace": trace.name}
+
+
+def _merge_ops(parts: Any) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for ops in parts:
+        for k, v in ops.items():
+            total[k] = total.get(k, 0.0) + v
+    return {k: round(v, 3) for k, v in sorted(total.items(), key=lambda kv: -kv[1])}
+
+
+def profile_markdown(profile: dict[str, Any], top: int = 12) -> str:
+    """Per-stage ms per merge fraction, and the top operator types of each configuration."""
+    engine = profile.get("engine") or {}
+    lines: list[str] = []
+    if engine:
+        fractions = list(engine)
+        lines += ["| stage | " + " | ".join(f"engine @{f} ms" for f in fractions) + " |",
+                  "|---|" + "---|" * len(fractions)]
+        n = len(next(iter(engine.values()))["stages"])
+        for i in range(n):
+            cells = [_cell(engine[f]["stages"][i]["run_ms"]) for f in fractions]
+            lines.append(f"| {i} | " + " | ".join(cells) + " |")
+        lines.append("| all stages | " + " | ".join(_cell(engine[f]["stages_ms"]) for f in fractions) + " |")
+        lines.append("")
+    configs = {f"engine @{f}": v["ops_ms"] for f, v in engine.items()}
+    if profile.get("unstaged"):
+        configs["unstaged"] = profile["unstaged"]["ops_ms"]
+    if configs:
+        ops = sorted({op for v in configs.values() for op in v},
+                     key=lambda op: -max(v.get(op, 0.0) for v in configs.values()))[:top]
+        lines += ["| op type | " + " | ".join(f"{c} ms" for c in configs) + " |",
+                  "|---|" + "---|" * len(configs)]
+        for op in ops:
+            lines.append(f"| {op} | " + " | ".join(_cell(v.get(op)) for v in configs.values()) + " |")
+        lines.append("| all kernels | " + " | ".join(_cell(sum(v.values())) for v in configs.values()) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The committed CPU benchmark of the SD 1.5 architecture: 512x512, batch 2 (one image with CFG), fp32,
+# ONNX Runtime CPU, seeded random weights (speed does not depend on the weights; no download needed).
+#
+# Builds (once, then reuses) the staged engine and the unstaged whole-U-Net graph under $WORKDIR
+# (about 7 GB of ONNX; keep it outside the repository), times eager PyTorch, eager CA-ToMe, the staged
+# engine and the unstaged graph at merge fractions 0, 0.5 and 0.75, profiles the ONNX Runtime graphs
+# per stage and operator type, and writes benchmarks/results/sd15_cpu_512_b2.{json,png,md}.
+#
+# ONNX Runtime's CPU memory arena is turned off for the engine and the unstaged graph alike: with it, the
+# engine process grows to about 14.4 GB resident at this shape (6.2 GB without), at the same step time
+# within noise, which is too much for a 23 GB machine shared with other work (see benchmarks/README.md).
+#
+# usage: scripts/bench_sd15_cpu.sh [extra catome-export bench flags, e.g. --threads 1]
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+WORKDIR="${WORKDIR:-${TMPDIR:-/tmp}/catome-bench}"
+OUT="${OUT:-benchmarks/results/sd15_cpu_512_b2}"
+
+catome-export bench \
+  --model sd15 --weights random --precision fp32 --device cpu \
+  --resolution 512 --batch 2 \
+  --backends eager,eager-catome,engine,engine-unstaged \
+  --merge-fractions 0,0.5,0.75 \
+  --repeats 3 --checkpoint-repeats 1 --warmup 1 \
+  --engine-backend ort --ort-option cpu_mem_arena=false \
+  --workdir "$WORKDIR" \
+  --ort-profile "$WORKDIR/ort-profile" \
+  --json "$OUT.json" --plot "$OUT.png" \
+  "$@" | tee "$OUT.md"
