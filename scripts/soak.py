@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
-import json
 import platform
 import statistics
 import sys

@@ -31,7 +31,7 @@ def test_soak_script_short_run(reliability_engine, child_env, tmp_path):
     assert set(data["step_ms"]) == {"median", "p95", "max"} and data["seconds"] > 0
 
 
-def test_soak_script_refuses_bad_arguments(tmp_path, child_env):
+def test_soak_script_refuses_bad_arguments(child_env):
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "soak.py"), "--resolutions", "100"],
                           capture_output=True, text=True, timeout=120, env=child_env())
     assert proc.returncode == 2 and "multiples of 8" in proc.stderr and "Traceback" not in proc.stderr
