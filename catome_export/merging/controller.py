@@ -103,17 +103,33 @@ class MergeController:
                                 generator=gen)
         return match_tokens(x, grid, threshold=s.threshold, ratio=s.ratio, stride=s.stride, generator=gen)
 
+    def _usable(self, site: int, batch: int, num_tokens: int, grid: tuple[int, int],
+                device: torch.device) -> MergePlan | None:
+        cached = self._cache.get(site)
+        if (cached is not None and cached.batch_size == batch and cached.num_tokens == num_tokens
+                and cached.unmerge_idx.device == device and self._grids.get(site) == tuple(grid)):
+            return cached
+        return None
+
+    def cached_plan(self, site: int, batch: int, grid: tuple[int, int], device: torch.device) -> MergePlan | None:
+        """The cached plan ``site`` reuses at this step, recorded as reused; None if the site must match.
+
+        For callers that run a cached step without the block inputs (a
+        captured CUDA graph of the whole chain): when every site returns a
+        plan, the step needs no matching at all.
+        """
+        if self._checkpoint:
+            return None
+        plan = self._usable(site, batch, grid[0] * grid[1], grid, torch.device(device))
+        if plan is not None and self.history:
+            self.history[-1].merged[site] = plan.num_merged
+            self.history[-1].matched[site] = False
+        return plan
+
     def plan_for(self, site: int, x: torch.Tensor, grid: tuple[int, int]) -> MergePlan:
         """The plan of ``site`` for the current step (matched now, or reused from the cache)."""
-        cached = self._cache.get(site)
-        usable = (
-            cached is not None
-            and cached.batch_size == x.shape[0]
-            and cached.num_tokens == x.shape[1]
-            and cached.unmerge_idx.device == x.device
-            and self._grids.get(site) == tuple(grid)
-        )
-        matched = self._checkpoint or not usable
+        cached = self._usable(site, x.shape[0], x.shape[1], grid, x.device)
+        matched = self._checkpoint or cached is None
         if matched:
             plan = self.compute_plan(x, grid)
             if self.validate:

@@ -259,11 +259,10 @@ class Runtime:
         plans: dict[int, MergePlan] = {}
         for site in self.chain.sites:
             grid = self.sites[site].grid(latent_hw)
-            # plan_for only reads the shape and device of x when it reuses a plan: no block input is needed
-            stub = torch.empty((batch, grid[0] * grid[1], 0), device=self.device, dtype=self.dtype)
-            plans[site] = self.controller.plan_for(site, stub, grid)
-            if self.controller.history[-1].matched.get(site):
-                raise CatomeError(f"internal: site {site} matched on a step the runtime took for a cached one")
+            plan = self.controller.cached_plan(site, batch, grid, self.device)
+            if plan is None:
+                raise CatomeError(f"internal: site {site} has no cached plan on a step the runtime took for a cached one")
+            plans[site] = plan
             env.update(zip(plan_names(site), plans[site].tensors()))
         key = ChainGraphCache.key(batch, latent_hw, {k: p.num_merged for k, p in plans.items()})
         return self._graphs.run(key, env, plan_versions=plans)["noise_pred"]

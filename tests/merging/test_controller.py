@@ -169,3 +169,17 @@ def test_settings_validation(kwargs, match):
 def test_settings_round_trip():
     s = settings([1, 4], step_base=0, random_dst=True, merge_mlp=True, stride=(3, 2))
     assert MergeSettings.from_dict(s.to_dict()) == s
+
+
+def test_cached_plan_without_block_input():
+    ctrl = MergeController(settings([0, 3], step_base=1), num_sites=1)
+    ctrl.begin_step()
+    assert ctrl.cached_plan(0, 2, GRID, torch.device("cpu")) is None  # empty cache: the site must match
+    first = ctrl.plan_for(0, smooth_x(1), GRID)
+    ctrl.begin_step()
+    assert ctrl.cached_plan(0, 2, GRID, torch.device("cpu")) is first
+    assert ctrl.history[-1].matched == {0: False} and ctrl.history[-1].merged == {0: first.num_merged}
+    assert ctrl.cached_plan(0, 1, GRID, torch.device("cpu")) is None  # another batch: no usable cache
+    assert ctrl.cached_plan(0, 2, (4, 9), torch.device("cpu")) is None  # same N, another grid
+    ctrl.begin_step()  # loop index 2 = step number 3: a checkpoint
+    assert ctrl.cached_plan(0, 2, GRID, torch.device("cpu")) is None
