@@ -36,7 +36,7 @@ _OPT_LEVELS = ("disable", "basic", "extended", "all")
 
 @dataclass(frozen=True)
 class OrtOptions:
-    """Session settings of the ONNX Runtime backend (see docs/notes/runtime.md for the measurements)."""
+    """Session settings of the ONNX Runtime backend (see docs/runtime.md for the measurements)."""
 
     intra_op_threads: int | None = None
     """Threads inside one operator; None = the physical cores this process may run on."""

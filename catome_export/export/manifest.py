@@ -69,7 +69,7 @@ def _generic_rebuild(engine_dir: Path) -> str:
 
 @dataclass
 class Manifest:
-    """Contents of ``manifest.json`` (see docs/notes/export.md for every key)."""
+    """Contents of ``manifest.json`` (see docs/export.md for every key)."""
 
     name: str
     model: dict

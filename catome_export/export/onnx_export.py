@@ -6,7 +6,7 @@ records every shape computation as graph ops, so the graphs serve any batch,
 latent size, text length and merged count, r = 0 (empty index tensors)
 included. The dynamo exporter (``exporter="dynamo"``) gives the same results
 and smaller graphs but takes about 15 times longer on the tiny model, which
-would put the quick-start build over its time budget (see docs/notes/export.md).
+would put the quick-start build over its time budget (see docs/export.md).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ the matched flags agree everywhere, and r agrees at every site (exactly for
 fp32; within ``merge_tolerance`` of the site's tokens for fp16, where a
 similarity within one half-precision step of the threshold can fall either
 way). Default tolerances: 1e-4 for fp32 engines, 2e-2 for fp16 (see
-docs/notes/runtime.md).
+docs/runtime.md).
 """
 
 from __future__ import annotations

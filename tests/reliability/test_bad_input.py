@@ -1,4 +1,4 @@
-"""Bad input, one test per row of the table in docs/notes/reliability.md.
+"""Bad input, one test per row of the table in docs/reliability.md.
 
 Library calls raise ``catome_export.CatomeError`` (the one documented
 exception type) with a message that says what to do; the command line turns
