@@ -81,3 +81,30 @@ def smooth_latents() -> Callable[..., torch.Tensor]:
 def text_embeddings() -> Callable[..., torch.Tensor]:
     """``make_text_embeddings(batch=2, length=77, dim=32, seed=1)``."""
     return make_text_embeddings
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Every test on one torch thread: the tiny model gains nothing from more, and ORT sessions add their own."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tmp_path_factory):
+    """The tiny ONNX Runtime engine (128..192 px, batch 1..2, built without verification), once per session.
+
+    Read-only for tests: those that damage an engine work on a copy.
+    """
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    from catome_export.export.build import build_engine
+
+    folder = tmp_path_factory.getbasetemp() / "tiny-engine-128-192"
+    if not (folder / "manifest.json").is_file():
+        build_engine("tiny", backend="ort", min_resolution=128, max_resolution=192, min_batch=1, max_batch=2,
+                     out_dir=folder, verify=False)
+    return folder

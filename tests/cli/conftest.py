@@ -61,18 +61,6 @@ def tiny_engine_runtime() -> Callable[..., Any]:
 
 
 @pytest.fixture(scope="session")
-def built_engine(tmp_path_factory):
-    """The tiny ONNX Runtime engine the runtime and verify tests use (same folder: built once per session)."""
-    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
-    from catome_export.export.build import build_engine
-
-    folder = tmp_path_factory.getbasetemp() / "tiny-engine-128-192"
-    if not (folder / "manifest.json").is_file():
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            build_engine("tiny", backend="ort", min_resolution=128, max_resolution=192, min_batch=1, max_batch=2,
-                         out_dir=folder, verify=False)
-        finally:
-            torch.set_num_threads(threads)
-    return folder
+def built_engine(tiny_engine):
+    """The shared tiny ONNX Runtime engine (tests/conftest.py) the runtime and verify tests use."""
+    return tiny_engine

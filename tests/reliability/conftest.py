@@ -20,8 +20,6 @@ from typing import Callable, Iterator
 import pytest
 import torch
 
-ENGINE_NAME = "tiny-engine-128-192"
-"""Folder name shared with tests/runtime and tests/cli (the same build, made once per session)."""
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -36,24 +34,10 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    with one_thread():
-        yield
-
-
 @pytest.fixture(scope="session")
-def reliability_engine(tmp_path_factory) -> Path:
-    """The tiny engine folder (ONNX stages + manifest, 128..192 px, batch 1..2); read-only for the tests."""
-    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
-    from catome_export.export.build import build_engine
-
-    folder = tmp_path_factory.getbasetemp() / ENGINE_NAME
-    if not (folder / "manifest.json").is_file():
-        with one_thread():
-            build_engine("tiny", backend="ort", min_resolution=128, max_resolution=192, min_batch=1, max_batch=2,
-                         out_dir=folder, verify=False)
-    return folder
+def reliability_engine(tiny_engine) -> Path:
+    """The shared tiny engine folder (tests/conftest.py); read-only for the tests."""
+    return tiny_engine
 
 
 @pytest.fixture

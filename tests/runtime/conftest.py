@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
@@ -22,12 +21,6 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="session")
@@ -82,21 +75,3 @@ def eager(reference_unet) -> Callable[[MergeSettings], "object"]:
 
     return patched
 
-
-def build_tiny_engine(base: Path) -> Path:
-    """Build the tiny engine (ORT, 128..192 px, batch 1..2) once under ``base`` (shared with the CLI tests)."""
-    from catome_export.export.build import build_engine
-
-    folder = base / "tiny-engine-128-192"
-    if not (folder / "manifest.json").is_file():
-        with one_thread():
-            build_engine("tiny", backend="ort", min_resolution=128, max_resolution=192, min_batch=1, max_batch=2,
-                         out_dir=folder, verify=False)
-    return folder
-
-
-@pytest.fixture(scope="session")
-def tiny_engine(tmp_path_factory) -> Path:
-    """A real tiny engine folder (ONNX stages + manifest), built once per test session."""
-    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
-    return build_tiny_engine(tmp_path_factory.getbasetemp())
