@@ -83,9 +83,13 @@ def text_embeddings() -> Callable[..., torch.Tensor]:
     return make_text_embeddings
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
-    """Every test on one torch thread: the tiny model gains nothing from more, and ORT sessions add their own."""
+    """The whole session on one torch thread, set before any fixture computes a reference.
+
+    The tiny model gains nothing from more threads, ONNX Runtime sessions add
+    their own, and bit-exact comparisons need the same thread count on both sides.
+    """
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
