@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from catome_export.cli.main import main
@@ -14,15 +13,6 @@ from catome_export.errors import CatomeError
 
 SMALL = ["--steps", "2", "--height", "64", "--width", "64", "--warmup", "0"]
 NO_CLIP = ["--clip-model", "catome-export-tests/no-such-clip-model"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The tiny model gains nothing from more threads, and on a shared CPU they spin: use one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

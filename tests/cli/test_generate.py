@@ -5,22 +5,12 @@ from __future__ import annotations
 import re
 
 import pytest
-import torch
 from PIL import Image
 
 from catome_export.cli.main import main
 
 SMALL = ["--steps", "2", "--height", "64", "--width", "64"]
 STEP_LINE = re.compile(r"^step +(\d+)  merged (\[[\d, ]+\]|-)  (matched \[[\d, ]*\]  )?[\d.]+ ms$")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The tiny model gains nothing from more threads, and on a shared CPU they spin: use one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -6,41 +6,12 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import torch
 
 from catome_export.cli.main import main
 
 ARGS = ["--steps", "3", "--backend", "ort", "--threads", "1", "--batch", "1", "--resolution", "128"]
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The tiny model gains nothing from more threads, and on a shared CPU they spin: use one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_engine(tmp_path_factory) -> Path:
-    """The tiny engine of tests/runtime (same folder under the session's temp dir: built once per session)."""
-    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
-    from catome_export.export.build import build_engine
-
-    folder = tmp_path_factory.getbasetemp() / "tiny-engine-128-192"
-    if not (folder / "manifest.json").is_file():
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            build_engine("tiny", backend="ort", min_resolution=128, max_resolution=192, min_batch=1, max_batch=2,
-                         out_dir=folder, verify=False)
-        finally:
-            torch.set_num_threads(threads)
-    return folder
 
 
 def test_verify_good_engine_exits_0(tiny_engine, capsys, tmp_path):

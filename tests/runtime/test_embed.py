@@ -16,15 +16,6 @@ from catome_export.runtime.embed import Attachment, attach, detach
 SIZE = 64  # pixels: latent 8x8, 64 tokens per site
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The tiny model gains nothing from more threads, and on a shared CPU they spin: use one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _run(pipe, prompt: str = "a red car", seed: int = 0, steps: int = 2) -> np.ndarray:
     out = pipe(prompt, num_inference_steps=steps, height=SIZE, width=SIZE, guidance_scale=7.5,
                generator=torch.Generator().manual_seed(seed), output_type="np")
