@@ -4,8 +4,9 @@
 #
 # Builds (once, then reuses) the staged engine and the unstaged whole-U-Net graph under $WORKDIR
 # (about 7 GB of ONNX; keep it outside the repository), times eager PyTorch, eager CA-ToMe, the staged
-# engine and the unstaged graph at merge fractions 0, 0.5 and 0.75, profiles the ONNX Runtime graphs
-# per stage and operator type, and writes benchmarks/results/sd15_cpu_512_b2.{json,png,md}.
+# engine and the unstaged graph at merge fractions 0, 0.5 and 0.75 in 3 interleaved rounds (all four
+# loaded at once: about 14 GB resident), profiles the ONNX Runtime graphs per stage and operator type,
+# and writes benchmarks/results/sd15_cpu_512_b2.{json,png,md}. It takes about 30 minutes on 2 cores.
 #
 # ONNX Runtime's CPU memory arena is turned off for the engine and the unstaged graph alike: with it, the
 # engine process grows to about 14.4 GB resident at this shape (6.2 GB without), at the same step time
@@ -21,11 +22,11 @@ OUT="${OUT:-benchmarks/results/sd15_cpu_512_b2}"
 catome-export bench \
   --model sd15 --weights random --precision fp32 --device cpu \
   --resolution 512 --batch 2 \
-  --backends eager,eager-catome,engine,engine-unstaged \
+  --backends "${BACKENDS:-eager,eager-catome,engine}" \
   --merge-fractions 0,0.5,0.75 \
-  --repeats 3 --checkpoint-repeats 1 --warmup 1 \
-  --engine-backend ort --ort-option cpu_mem_arena=false \
+  --repeats 3 --warmup 1 \
+  --engine-backend ort \
   --workdir "$WORKDIR" \
-  --ort-profile "$WORKDIR/ort-profile" \
+  --profile "$WORKDIR/profile" \
   --json "$OUT.json" --plot "$OUT.png" \
   "$@" | tee "$OUT.md"

@@ -66,7 +66,8 @@ class BenchConfig:
     repeats: int = 5
     """Timed cached-step calls per row."""
     checkpoint_repeats: int | None = None
-    """Timed checkpoint-step calls per row (None: min(repeats, 3))."""
+    """Timed checkpoint-step calls per row in sequential mode (None: min(repeats, 3)); interleaved rounds time
+    one checkpoint call per row and round."""
     warmup: int = 1
     """Untimed calls before timing; the first is a checkpoint (it fills the plan caches)."""
     threads: int | None = None
@@ -83,13 +84,17 @@ class BenchConfig:
     """Tokens of the text embeddings."""
     seed: int = 0
     """Seed of the latents and text embeddings."""
+    interleave: bool = True
+    """Time all rows of a shape in rotated rounds with every backend loaded (fair on a busy machine), or one
+    backend at a time (less memory)."""
     stage_timings: bool = True
     """Time every stage of ``engine`` too (one synchronisation per stage on CUDA)."""
     ort_options: tuple[tuple[str, object], ...] = ()
     """Extra ONNX Runtime backend options (``OrtOptions`` fields, e.g. ``("cpu_mem_arena", False)``) for the
     engine and the unstaged graph alike; threads come from ``threads``."""
-    ort_profile: Path | None = None
-    """When set, also profile the engine and unstaged graphs per stage and operator (ONNX Runtime CPU) into here."""
+    profile_dir: Path | None = None
+    """When set, also profile where the time goes (ONNX Runtime's profiler for the engine's stages and the
+    unstaged graph, torch.profiler for eager), traces written here."""
 
     def __post_init__(self) -> None:
         backends = tuple(self.backends)
@@ -147,13 +152,16 @@ class BenchConfig:
 
             OrtOptions.from_mapping(dict(opts))  # CatomeError naming the known options for an unknown key
         object.__setattr__(self, "ort_options", opts)
-        if self.ort_profile is not None:
-            object.__setattr__(self, "ort_profile", Path(self.ort_profile))
+        if self.profile_dir is not None:
+            object.__setattr__(self, "profile_dir", Path(self.profile_dir))
             if self.device != "cpu":
-                raise CatomeError("--ort-profile profiles ONNX Runtime on the CPU: use it with --device cpu")
+                raise CatomeError("--profile profiles ONNX Runtime on the CPU: use it with --device cpu")
 
     @property
     def checkpoint_calls(self) -> int:
+        """Timed checkpoint calls per merging row."""
+        if self.interleave:
+            return self.repeats
         return self.checkpoint_repeats if self.checkpoint_repeats is not None else min(self.repeats, 3)
 
     def to_dict(self) -> dict:
@@ -162,10 +170,10 @@ class BenchConfig:
             "engine_dir": None if self.engine_dir is None else str(self.engine_dir),
             "backends": list(self.backends), "resolutions": list(self.resolutions), "batch": self.batch,
             "merge_fractions": list(self.merge_fractions), "threshold": self.threshold, "latents": self.latents,
-            "steps": self.steps, "schedule": self.schedule, "repeats": self.repeats,
+            "steps": self.steps, "schedule": self.schedule, "repeats": self.repeats, "interleave": self.interleave,
             "checkpoint_repeats": self.checkpoint_calls, "warmup": self.warmup, "threads": self.threads,
             "device": self.device, "precision": self.precision, "engine_backend": self.engine_backend,
             "text_len": self.text_len, "seed": self.seed,
             "ort_options": dict(self.ort_options),
-            "ort_profile": None if self.ort_profile is None else str(self.ort_profile),
+            "profile_dir": None if self.profile_dir is None else str(self.profile_dir),
         }

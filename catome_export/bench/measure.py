@@ -1,6 +1,13 @@
-"""Timing one benchmark row: warm-up, cached steps, checkpoint steps, and the controller's share.
+"""Timing benchmark rows: warm-up, cached steps, checkpoint steps, and the controller's share.
 
-Per row (a backend at one shape and one merge setting):
+Two protocols. :func:`measure_interleaved` (the default) times every row of
+one shape in rounds: a warm-up call per row first (a checkpoint, which fills
+the plan caches), then ``repeats`` rounds in which every row, in an order
+rotated from round to round, runs one timed checkpoint call (a new
+generation: every site matches) followed by one timed cached call (plans
+reused, no matching). Slow changes in the machine's load then hit every row
+alike, which matters on a shared machine. :func:`measure` times one row at a
+time (less memory: one backend loaded at a time):
 
 1. a new generation starts and ``warmup`` calls run untimed; the first is a
    checkpoint (empty caches: every site matches and caches its plan);
@@ -122,12 +129,49 @@ def measure(target: Target, settings: MergeSettings | None, inputs: Inputs, *, r
         for _ in range(checkpoint_repeats):
             target.new_generation()
             _call(target, inputs, checkpoint)
-        if settings is not None and settings.schedule is BENCH_SCHEDULE and not cached.none_matched():
-            logger.warning("%s: some timed cached calls ran matching; their times include it", target.name)
-        if checkpoint.calls and not checkpoint.all_matched():
-            logger.warning("%s: some checkpoint calls did not match at every site", target.name)
+        _check_phases(target, settings, cached, checkpoint)
     merged = dict(cached.calls[-1].merged) if cached.calls else {}
     return RowTiming(cached, checkpoint, merged)
+
+
+@dataclass
+class Job:
+    """One row to time: a target and its merge settings (None for targets that do not merge)."""
+
+    target: Target
+    settings: MergeSettings | None
+
+
+def _check_phases(target: Target, settings: MergeSettings | None, cached: Phase, checkpoint: Phase) -> None:
+    if settings is not None and settings.schedule is BENCH_SCHEDULE and not cached.none_matched():
+        logger.warning("%s: some timed cached calls ran matching; their times include it", target.name)
+    if checkpoint.calls and not checkpoint.all_matched():
+        logger.warning("%s: some checkpoint calls did not match at every site", target.name)
+
+
+def measure_interleaved(jobs: list[Job], inputs: Inputs, *, repeats: int, warmup: int) -> list[RowTiming]:
+    """Time ``jobs`` in rotated rounds of (checkpoint call, cached call) each (see the module docstring)."""
+    timings = [RowTiming(Phase(), Phase(), {}) for _ in jobs]
+    for job in jobs:
+        job.target.configure(job.settings)
+        job.target.new_generation()
+        for _ in range(warmup):
+            _call(job.target, inputs, None)
+        job.target.suspend()
+    n = len(jobs)
+    for rnd in range(repeats):
+        for i in [(rnd + k) % n for k in range(n)]:
+            job, timing = jobs[i], timings[i]
+            job.target.configure(job.settings)
+            if job.target.merges:
+                job.target.new_generation()
+                _call(job.target, inputs, timing.checkpoint)
+            _call(job.target, inputs, timing.cached)
+            job.target.suspend()
+    for job, timing in zip(jobs, timings):
+        _check_phases(job.target, job.settings, timing.cached, timing.checkpoint)
+        timing.merged = dict(timing.cached.calls[-1].merged) if timing.cached.calls else {}
+    return timings
 
 
 def measure_loop(target: Target, settings: MergeSettings | None, inputs: Inputs, steps: int) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Where an ONNX Runtime step spends its time: per stage and per operator type.
+"""Where a step spends its time: per stage, per operator type and per kind of work.
 
 The stage graphs of an engine (and the unstaged graph) are loaded into ONNX
 Runtime sessions with the benchmark's session options plus
@@ -9,6 +9,13 @@ normal run. After a warm-up checkpoint call, ``calls`` cached calls are run per
 merge fraction; their ``model_run`` windows in each session's trace select
 the kernel events that count, summed by operator type.
 
+Kernel times are also grouped by kind of work (:data:`GROUPS`): the
+attention products and softmax of self-attention (``attn1``) and of
+cross-attention (``attn2``), convolutions, the other matrix products
+(projections, feed-forward), the merge / unmerge gathers and scatters, and
+the rest. :func:`profile_eager` gives the same groups for eager PyTorch from
+``torch.profiler`` (self times of aten ops).
+
 Profiling adds a little time per node; use it for shares, not for headline
 latencies (those come from :func:`~catome_export.bench.runner.run_bench`).
 """
@@ -18,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import statistics
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -41,6 +49,28 @@ def _profiled_session(path: Path, options: Any, prefix: Path) -> Any:
     return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
 
 
+GROUPS = ("self-attention core", "cross-attention core", "conv", "other matmul", "merge/unmerge", "other")
+"""Kinds of work kernels are grouped into."""
+_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
+_MATMULS = ("MatMul", "Gemm", "FusedMatMul", "MatMulNBits")
+
+
+def ort_group(node: str, op: str) -> str:
+    """The kind of work of an ONNX Runtime kernel from its node name and op type."""
+    if op in ("MatMul", "FusedMatMul", "Softmax") and not any(p in node for p in _PROJECTIONS):
+        if "attn1/" in node:
+            return "self-attention core"
+        if "attn2/" in node:
+            return "cross-attention core"
+    if op in ("Conv", "FusedConv", "NchwcConv", "ReorderInput", "ReorderOutput"):
+        return "conv"
+    if op in _MATMULS:
+        return "other matmul"
+    if op in ("GatherElements", "ScatterElements"):
+        return "merge/unmerge"
+    return "other"
+
+
 def _windows(events: list[dict]) -> list[tuple[float, float]]:
     runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
     return [(float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in runs]
@@ -58,14 +88,19 @@ def summarise_trace(trace: Path, runs: Sequence[int]) -> dict[str, Any]:
         return {"run_ms": None, "ops_ms": {}, "runs": 0}
     kernels = [e for e in events if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time")]
     ops: dict[str, float] = {}
+    groups: dict[str, float] = {}
     for e in kernels:
         ts = float(e["ts"])
         if any(lo <= ts <= hi for lo, hi in chosen):
             op = str(e.get("args", {}).get("op_name", "?"))
-            ops[op] = ops.get(op, 0.0) + float(e["dur"]) / 1e3
+            ms = float(e["dur"]) / 1e3
+            ops[op] = ops.get(op, 0.0) + ms
+            group = ort_group(str(e.get("name", "")), op)
+            groups[group] = groups.get(group, 0.0) + ms
     n = len(chosen)
     return {"run_ms": round(statistics.median((hi - lo) / 1e3 for lo, hi in chosen), 3),
-            "ops_ms": {k: round(v / n, 3) for k, v in sorted(ops.items(), key=lambda kv: -kv[1])}, "runs": n}
+            "ops_ms": {k: round(v / n, 3) for k, v in sorted(ops.items(), key=lambda kv: -kv[1])},
+            "groups_ms": {g: round(groups[g] / n, 3) for g in GROUPS if g in groups}, "runs": n}
 
 
 def profile_engine(engine_dir: Path, inputs: Inputs, fractions: Sequence[float], calls: int,
@@ -108,6 +143,7 @@ def profile_engine(engine_dir: Path, inputs: Inputs, fractions: Sequence[float],
     for f, runs in windows.items():
         stages = [summarise_trace(t, runs) | {"index": i, "trace": t.name} for i, t in enumerate(traces)]
         result[f"{f:g}"] = {"stages": stages, "ops_ms": _merge_ops(s["ops_ms"] for s in stages),
+                            "groups_ms": _merge_ops((s.get("groups_ms", {}) for s in stages), order=GROUPS),
                             "stages_ms": round(sum(s["run_ms"] or 0.0 for s in stages), 3)}
     return result
 
@@ -133,18 +169,73 @@ def profile_unstaged(graph: Path, inputs: Inputs, calls: int, ort_options: Mappi
     return summary | {"trace": trace.name}
 
 
-def _merge_ops(parts: Any) -> dict[str, float]:
+def _merge_ops(parts: Any, order: Sequence[str] | None = None) -> dict[str, float]:
     total: dict[str, float] = {}
     for ops in parts:
         for k, v in ops.items():
             total[k] = total.get(k, 0.0) + v
-    return {k: round(v, 3) for k, v in sorted(total.items(), key=lambda kv: -kv[1])}
+    keys = [k for k in order if k in total] if order is not None else sorted(total, key=lambda k: -total[k])
+    return {k: round(total[k], 3) for k in keys}
+
+
+def torch_group(op: str, shapes: Sequence[Any], text_len: int) -> str:
+    """The kind of work of an aten op (self time) from its name and input shapes."""
+    if "scaled_dot_product" in op or op in ("aten::baddbmm", "aten::bmm", "aten::_softmax", "aten::softmax"):
+        keys = shapes[1] if len(shapes) > 1 and shapes[1] else []
+        return "cross-attention core" if keys and text_len in tuple(keys)[-2:] else "self-attention core"
+    if "convolution" in op:
+        return "conv"
+    if op in ("aten::addmm", "aten::mm", "aten::matmul", "aten::linear"):
+        return "other matmul"
+    if op in ("aten::gather", "aten::scatter_add", "aten::scatter_add_", "aten::scatter_reduce"):
+        return "merge/unmerge"
+    return "other"
+
+
+def profile_eager(unet: torch.nn.Module, inputs: Inputs, calls: int) -> dict[str, Any]:
+    """Self time of aten ops and their groups per call of the eager U-Net (one warm-up call, then ``calls``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    text_len = int(inputs.text.shape[1])
+    with torch.inference_mode():
+        unet(inputs.sample, inputs.timestep, inputs.text)
+        start = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            for _ in range(calls):
+                unet(inputs.sample, inputs.timestep, inputs.text)
+        wall = (time.perf_counter() - start) * 1e3 / calls
+    ops: dict[str, float] = {}
+    groups: dict[str, float] = {}
+    for item in prof.key_averages(group_by_input_shape=True):
+        ms = item.self_cpu_time_total / 1e3 / calls
+        if ms <= 0:
+            continue
+        ops[item.key] = ops.get(item.key, 0.0) + ms
+        group = torch_group(item.key, item.input_shapes or [], text_len)
+        groups[group] = groups.get(group, 0.0) + ms
+    return {"run_ms": round(wall, 3), "runs": calls,
+            "ops_ms": {k: round(v, 3) for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:40]},
+            "groups_ms": {g: round(groups[g], 3) for g in GROUPS if g in groups}}
 
 
 def profile_markdown(profile: dict[str, Any], top: int = 12) -> str:
-    """Per-stage ms per merge fraction, and the top operator types of each configuration."""
+    """Per-stage ms per merge fraction, the kinds of work and the top operator types of each configuration."""
     engine = profile.get("engine") or {}
     lines: list[str] = []
+    grouped = {f"engine @{f}": v.get("groups_ms") or {} for f, v in engine.items()}
+    if (profile.get("unstaged") or {}).get("groups_ms"):
+        grouped["unstaged"] = profile["unstaged"]["groups_ms"]
+    if (profile.get("eager") or {}).get("groups_ms"):
+        grouped["eager (torch)"] = profile["eager"]["groups_ms"]
+    grouped = {k: v for k, v in grouped.items() if v}
+    if grouped:
+        lines += ["| kind of work | " + " | ".join(f"{c} ms" for c in grouped) + " |",
+                  "|---|" + "---|" * len(grouped)]
+        for g in GROUPS:
+            if any(g in v for v in grouped.values()):
+                lines.append(f"| {g} | " + " | ".join(_cell(v.get(g)) for v in grouped.values()) + " |")
+        lines.append("| all kernels | " + " | ".join(_cell(sum(v.values())) for v in grouped.values()) + " |")
+        lines.append("")
     if engine:
         fractions = list(engine)
         lines += ["| stage | " + " | ".join(f"engine @{f} ms" for f in fractions) + " |",

@@ -88,7 +88,7 @@ class BenchResult:
     created: str = ""
     seconds: float = 0.0
     profile: dict[str, Any] | None = None
-    """Per-stage and per-op ONNX Runtime profile (``--ort-profile``), or None."""
+    """Per-stage, per-op and per-kind-of-work profile (``--profile``), or None."""
 
     # -- JSON -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -157,8 +157,9 @@ class BenchResult:
         if self.profile:
             from catome_export.bench.profile import profile_markdown
 
-            lines += ["", f"ONNX Runtime profile at {self.profile['resolution']} px, batch {self.profile['batch']} "
-                      f"(ms per call, {self.profile['calls']} cached calls):", "", profile_markdown(self.profile)]
+            lines += ["", f"Profile at {self.profile['resolution']} px, batch {self.profile['batch']} "
+                      f"(kernel ms per call, {self.profile['calls']} cached calls; profiling adds overhead):", "",
+                      profile_markdown(self.profile)]
         return "\n".join(lines) + "\n"
 
     def header(self) -> str:

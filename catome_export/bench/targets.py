@@ -66,6 +66,9 @@ class Target:
     def last_call(self) -> CallStats:
         return CallStats()
 
+    def suspend(self) -> None:
+        """Step aside for another target on the same model (the eager patch comes off until the next configure)."""
+
     def close(self) -> None:
         """Release what the target holds (patches, sessions)."""
 
@@ -150,6 +153,9 @@ class EagerMergeTarget(Target):
         if last is None:
             return CallStats(spent)
         return CallStats(spent, dict(last.merged), dict(last.matched))
+
+    def suspend(self) -> None:
+        self.close()
 
     def close(self) -> None:
         if self.handle is not None:

@@ -9,10 +9,12 @@ from pathlib import Path
 from catome_export.errors import CatomeError
 
 DESCRIPTION = """\
-Time one U-Net call per backend, resolution and merge setting: warm-up first
-(a checkpoint call that fills the plan caches), then --repeats timed cached
-steps (median, min, p90) and a few timed checkpoint steps (matching at every
-site), with the controller's share of both. --merge-fractions forces r per
+Time one U-Net call per backend, resolution and merge setting: a warm-up
+call per row first (a checkpoint that fills the plan caches), then --repeats
+rounds in which every row runs one timed checkpoint step (matching at every
+site) and one timed cached step (plans reused), in an order rotated from
+round to round so that a busy machine slows every row alike; median, min and
+p90 of the cached steps, and the controller's share of both kinds. --merge-fractions forces r per
 site (speed independent of weights); --threshold also times the adaptive path
 on smooth latents. Prints a markdown table; --json and --plot save the rows
 and a latency-vs-merge-fraction plot.
@@ -63,7 +65,8 @@ def config_from_args(args: argparse.Namespace):
         warmup=args.warmup, threads=args.threads, device=args.device, precision=args.precision,
         engine_backend=args.engine_backend, workdir=Path(args.workdir) if args.workdir else default_workdir(),
         text_len=args.text_len, seed=args.seed, stage_timings=not args.no_stage_timings,
-        ort_profile=Path(args.ort_profile) if args.ort_profile else None,
+        interleave=not args.sequential,
+        profile_dir=Path(args.profile) if args.profile else None,
         ort_options=tuple(_ort_option(text) for text in args.ort_option or ()),
     )
 
@@ -150,7 +153,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--schedule", default="config3", help="checkpoint schedule of the --steps loop (default config3)")
     p.add_argument("--repeats", type=int, default=5, help="timed cached-step calls per row (default 5)")
     p.add_argument("--checkpoint-repeats", type=int, metavar="N",
-                   help="timed checkpoint-step calls per merging row (default min(repeats, 3))")
+                   help="with --sequential: timed checkpoint-step calls per merging row (default min(repeats, 3)); "
+                        "interleaved rounds time one per row and round")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls first, the first a checkpoint (default 1)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="torch and ONNX Runtime intra-op threads for every backend (default: physical cores)")
@@ -162,12 +166,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(default: <tmp>/catome-bench; sd15 needs about 7 GB)")
     p.add_argument("--text-len", type=int, default=77, help="tokens of the text embeddings (default 77)")
     p.add_argument("--seed", type=int, default=0, help="seed of the latents and text embeddings")
+    p.add_argument("--sequential", action="store_true",
+                   help="time one backend at a time instead of interleaved rounds with every backend loaded "
+                        "(less memory; rows minutes apart see different loads on a busy machine)")
     p.add_argument("--no-stage-timings", action="store_true", help="do not time the engine's stages one by one")
     p.add_argument("--ort-option", action="append", metavar="KEY=VALUE",
                    help="an ONNX Runtime backend option for the engine and the unstaged graph alike "
                         "(e.g. cpu_mem_arena=false, allow_spinning=false); repeatable")
-    p.add_argument("--ort-profile", metavar="DIR",
-                   help="also profile the engine and unstaged graphs in ONNX Runtime (per stage and op type); "
+    p.add_argument("--profile", metavar="DIR",
+                   help="also profile where the time goes (CPU): the engine's stages and the unstaged graph with "
+                        "ONNX Runtime's profiler, eager with torch.profiler; per stage, op type and kind of work; "
                         "traces go to DIR, the summary to the table and the JSON")
     p.add_argument("--json", metavar="FILE", help="write the rows and the device to this .json file")
     p.add_argument("--plot", metavar="FILE", help="write latency against merge fraction to this .png file")

@@ -11,9 +11,10 @@ from catome_export.errors import CatomeError
 def test_defaults_are_valid():
     cfg = BenchConfig()
     assert cfg.backends == ("eager", "eager-catome", "engine")
-    assert cfg.checkpoint_calls == 3
-    assert BenchConfig(repeats=2).checkpoint_calls == 2
-    assert BenchConfig(checkpoint_repeats=0).checkpoint_calls == 0
+    assert cfg.interleave and cfg.checkpoint_calls == cfg.repeats == 5  # one checkpoint call per round
+    assert BenchConfig(interleave=False).checkpoint_calls == 3
+    assert BenchConfig(interleave=False, repeats=2).checkpoint_calls == 2
+    assert BenchConfig(interleave=False, checkpoint_repeats=0).checkpoint_calls == 0
     d = BenchConfig(resolutions=[128], merge_fractions=[0, 1]).to_dict()
     assert d["resolutions"] == [128] and d["merge_fractions"] == [0.0, 1.0]
 
@@ -36,6 +37,9 @@ def test_defaults_are_valid():
     ({"repeats": 0}, "repeats"),
     ({"threads": 0}, "threads"),
     ({"steps": -1}, "steps"),
+    ({"ort_options": (("intra_op_threads", 4),)}, "--threads"),
+    ({"ort_options": (("warp_speed", True),)}, "unknown ONNX Runtime options"),
+    ({"profile_dir": "/tmp/p", "device": "cuda"}, "--device cpu"),
 ])
 def test_bad_values(kwargs, match):
     with pytest.raises(CatomeError, match=match):

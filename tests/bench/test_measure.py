@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from catome_export.bench.measure import BENCH_SCHEDULE, Inputs, measure, measure_loop
+from catome_export.bench.measure import BENCH_SCHEDULE, Inputs, Job, measure, measure_interleaved, measure_loop
 from catome_export.bench.targets import CallStats, EagerMergeTarget, EagerTarget, Target
 from catome_export.merging import MergeSettings, parse_schedule
 
@@ -16,9 +16,10 @@ class FakeTarget(Target):
     name = "fake"
     merges = True
 
-    def __init__(self) -> None:
+    def __init__(self, log: list[str] | None = None, name: str = "") -> None:
         super().__init__(torch.device("cpu"))
-        self.log: list[str] = []
+        self.log: list[str] = [] if log is None else log
+        self.tag = name
         self.since_reset = 0
 
     def configure(self, settings):
@@ -29,7 +30,7 @@ class FakeTarget(Target):
         self.since_reset = 0
 
     def __call__(self, sample, timestep, text):
-        self.log.append("call")
+        self.log.append("call" + self.tag)
         self.since_reset += 1
         return sample
 
@@ -55,6 +56,30 @@ def test_protocol_order_and_phases():
     assert timing.merged == {0: 3}
     summary = timing.cached.summary
     assert summary is not None and summary.min_ms <= summary.median_ms <= summary.p90_ms
+
+
+class PlainFake(FakeTarget):
+    merges = False
+
+
+def test_interleaved_rounds_rotate():
+    log: list[str] = []
+    a, b, plain = FakeTarget(log, "A"), FakeTarget(log, "B"), PlainFake(log, "P")
+    settings = MergeSettings(threshold=None, merge_fraction=0.5, schedule=BENCH_SCHEDULE)
+    jobs = [Job(a, settings), Job(b, settings), Job(plain, None)]
+    timings = measure_interleaved(jobs, _inputs(), repeats=3, warmup=1)
+    calls = [entry for entry in log if entry.startswith("call")]
+    warm, rounds = calls[:3], calls[3:]
+    assert warm == ["callA", "callB", "callP"]
+    # each round: a checkpoint call and a cached call per merging job, one call for the plain one; rotated
+    assert rounds == ["callA", "callA", "callB", "callB", "callP",
+                      "callB", "callB", "callP", "callA", "callA",
+                      "callP", "callA", "callA", "callB", "callB"]
+    for timing in timings[:2]:
+        assert len(timing.cached.step_ms) == 3 and len(timing.checkpoint.step_ms) == 3
+        assert timing.cached.none_matched() and timing.checkpoint.all_matched()
+        assert timing.merged == {0: 3}
+    assert len(timings[2].cached.step_ms) == 3 and not timings[2].checkpoint.step_ms
 
 
 def test_loop_counts_checkpoints():

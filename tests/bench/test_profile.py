@@ -46,3 +46,32 @@ def test_markdown_and_errors(tmp_path):
     bad.write_text("[")
     with pytest.raises(CatomeError, match="cannot read"):
         summarise_trace(bad, [0])
+
+
+@pytest.mark.parametrize("node,op,group", [
+    ("/down_blocks.0/attentions.0/transformer_blocks.0/attn1/MatMul", "MatMul", "self-attention core"),
+    ("/attn1/Softmax", "Softmax", "self-attention core"),
+    ("/attn1/to_q/MatMul", "MatMul", "other matmul"),
+    ("/attn2/MatMul_1", "MatMul", "cross-attention core"),
+    ("/conv_in/Conv", "Conv", "conv"),
+    ("/ff/net.0/proj/MatMul", "MatMul", "other matmul"),
+    ("/ScatterElements", "ScatterElements", "merge/unmerge"),
+    ("/norm1/LayerNormalization", "LayerNormalization", "other"),
+])
+def test_ort_groups(node, op, group):
+    from catome_export.bench.profile import ort_group
+
+    assert ort_group(node, op) == group
+
+
+def test_eager_profile_groups(tiny_unet):
+    import torch
+
+    from catome_export.bench.measure import Inputs
+    from catome_export.bench.profile import profile_eager
+
+    inputs = Inputs(torch.randn(1, 4, 8, 8), torch.full((1,), 500.0), torch.randn(1, 7, 32))
+    prof = profile_eager(tiny_unet, inputs, calls=1)
+    groups = prof["groups_ms"]
+    assert {"self-attention core", "cross-attention core", "conv", "other matmul"} <= set(groups)
+    assert prof["run_ms"] > 0 and all(v > 0 for v in groups.values())
