@@ -5,12 +5,13 @@
 # Builds (once, then reuses) the staged engine and the unstaged whole-U-Net graph under $WORKDIR
 # (about 7 GB of ONNX; keep it outside the repository), times eager PyTorch, eager CA-ToMe, the staged
 # engine and the unstaged graph at merge fractions 0, 0.5 and 0.75 in 3 interleaved rounds (all four
-# loaded at once: about 14 GB resident), profiles the ONNX Runtime graphs per stage and operator type,
+# loaded at once), profiles the ONNX Runtime graphs per stage and operator type,
 # and writes benchmarks/results/sd15_cpu_512_b2.{json,png,md}. It takes about 30 minutes on 2 cores.
 #
-# ONNX Runtime's CPU memory arena is turned off for the engine and the unstaged graph alike: with it, the
-# engine process grows to about 14.4 GB resident at this shape (6.2 GB without), at the same step time
-# within noise, which is too much for a 23 GB machine shared with other work (see benchmarks/README.md).
+# ONNX Runtime runs with its default CPU memory settings: one shared arena for every session in the
+# process (all stages and the unstaged graph). Per-session arenas took the engine process to 14.4 GB
+# resident at this shape, and no arena made each step about 1.8x slower (every large buffer is freshly
+# page-faulted); the shared arena keeps the per-session speed at 5.9 GB (see docs/runtime.md).
 #
 # usage: scripts/bench_sd15_cpu.sh [extra catome-export bench flags, e.g. --threads 1]
 set -euo pipefail
@@ -22,7 +23,7 @@ OUT="${OUT:-benchmarks/results/sd15_cpu_512_b2}"
 catome-export bench \
   --model sd15 --weights random --precision fp32 --device cpu \
   --resolution 512 --batch 2 \
-  --backends "${BACKENDS:-eager,eager-catome,engine}" \
+  --backends "${BACKENDS:-eager,eager-catome,engine,engine-unstaged}" \
   --merge-fractions 0,0.5,0.75 \
   --repeats 3 --warmup 1 \
   --engine-backend ort \

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -48,6 +49,11 @@ class OrtOptions:
     """Plan memory from the first run's shapes; off because K and R change at every checkpoint."""
     cpu_mem_arena: bool = True
     """Keep freed CPU buffers in ONNX Runtime's arena for the next run."""
+    shared_arena: bool = True
+    """With ``cpu_mem_arena``: one CPU arena for every session of the process (all stages, every runtime)
+    rather than one per session. Stages run one at a time, so they can reuse each other's buffers: the
+    same speed as per-session arenas at well under half the memory (SD 1.5 at 512 px, batch 2:
+    5.9 GiB peak RSS against 14.4 GiB; docs/runtime.md)."""
     io_binding: bool = True
     """Bind torch tensors by address (True) or pass numpy views to ``session.run`` (False, CPU only)."""
     allow_spinning: bool = True
@@ -105,6 +111,28 @@ def _import_ort():
     return onnxruntime
 
 
+_shared_arena_lock = threading.Lock()
+_shared_arena_registered = False
+
+
+def _register_shared_arena(ort: Any) -> None:
+    """Register (once per process) the CPU arena that sessions opting into env allocators share.
+
+    It grows by what is asked (``kSameAsRequested``) rather than by powers of two, and, like any ONNX
+    Runtime arena, keeps what it holds until the process ends.
+    """
+    global _shared_arena_registered
+    with _shared_arena_lock:
+        if _shared_arena_registered:
+            return
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        try:
+            ort.create_and_register_allocator(info, ort.OrtArenaCfg({"arena_extend_strategy": 1}))
+        except Exception as exc:  # noqa: BLE001 - e.g. the embedding application registered its own already
+            logger.debug("shared CPU arena not registered (%s); sessions use the one already there", exc)
+        _shared_arena_registered = True
+
+
 def session_options(options: OrtOptions):
     """An ``onnxruntime.SessionOptions`` from :class:`OrtOptions`."""
     ort = _import_ort()
@@ -120,6 +148,9 @@ def session_options(options: OrtOptions):
     so.inter_op_num_threads = options.inter_op_threads
     so.enable_mem_pattern = options.mem_pattern
     so.enable_cpu_mem_arena = options.cpu_mem_arena
+    if options.cpu_mem_arena and options.shared_arena:
+        _register_shared_arena(ort)
+        so.add_session_config_entry("session.use_env_allocators", "1")
     so.log_severity_level = options.log_severity
     if not options.allow_spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")

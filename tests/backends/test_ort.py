@@ -158,6 +158,28 @@ def test_options_are_validated_and_applied():
     default = session_options(OrtOptions())
     assert default.intra_op_num_threads == physical_cores() >= 1
     assert default.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert default.get_session_config_entry("session.use_env_allocators") == "1"  # the shared CPU arena
+
+
+@pytest.mark.parametrize("options", [dict(shared_arena=False), dict(cpu_mem_arena=False, shared_arena=True)],
+                         ids=["per-session-arena", "no-arena"])
+def test_shared_arena_only_when_asked_and_arena_on(options):
+    so = session_options(OrtOptions(**options))
+    with pytest.raises(Exception):  # noqa: B017 - ORT raises its own error for an entry that was never set
+        so.get_session_config_entry("session.use_env_allocators")
+
+
+def test_shared_and_per_session_arenas_give_the_same_outputs(graph_dir):
+    spec_feeds = _feeds(2, 6, 3, 4, seed=3)
+    outs = []
+    for shared in (True, False):
+        backend = OrtBackend("cpu", OrtOptions(shared_arena=shared))
+        runner = backend.load_stage(graph_dir, {"file": "stage_1.onnx"}, SPEC)
+        outs.append([runner.run(_feeds(2, 6, 3, 4, seed=s)) for s in (3, 4, 3)])
+        backend.close()
+    for got in outs:
+        _assert_outputs(got[0], _expected(spec_feeds))
+        _assert_outputs(got[2], _expected(spec_feeds))  # buffers reused across runs leave no trace
 
 
 def test_cuda_backend_refused_without_cuda():
