@@ -109,6 +109,9 @@ def parse_schedule(spec: ScheduleSpec, step_base: int = 1) -> Schedule:
         return Schedule(spec.name, spec.checkpoints, step_base)
     if isinstance(spec, str):
         key = spec.strip().lower()
+        names = ", ".join([*NAMED_SCHEDULES, EVERY_STEP])
+        if not key:
+            raise CatomeError(f"the schedule is empty: name one ({names}) or list step numbers like 0,10,20")
         key = _ALIASES.get(key, key)
         if key == EVERY_STEP:
             return Schedule(EVERY_STEP, None, step_base)
@@ -122,7 +125,6 @@ def parse_schedule(spec: ScheduleSpec, step_base: int = 1) -> Schedule:
         if any(ch.isdigit() for ch in key) and all(ch.isdigit() or ch in ", -[]" for ch in key):
             parts = [p for p in key.strip("[]").replace(" ", ",").split(",") if p]
             return Schedule("custom", _check_list(parts, repr(spec)), step_base)
-        names = ", ".join([*NAMED_SCHEDULES, EVERY_STEP])
         raise CatomeError(f"unknown schedule {spec!r}: use one of {names}, or a list of step numbers like 0,10,20")
     if isinstance(spec, (list, tuple, range)):
         return Schedule("custom", _check_list(spec, repr(list(spec))), step_base)

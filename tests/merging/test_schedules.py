@@ -74,7 +74,8 @@ def test_custom_lists(spec, expected):
 
 @pytest.mark.parametrize("spec,match", [
     ([], "empty"),
-    ("", "unknown schedule"),
+    ("", "the schedule is empty"),
+    ("   ", "the schedule is empty"),
     ([1, -2], ">= 0"),
     ("1,-2", ">= 0"),
     ([1, 1], "repeats"),
