@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import weakref
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -31,6 +31,7 @@ from catome_export.eager.processors import FeedForwardMerger, MergingAttnProcess
 from catome_export.errors import CatomeError
 from catome_export.merging import MergeController, MergeSettings, StepStats, parse_schedule
 from catome_export.merging.schedules import Schedule
+from catome_export.merging.steps import ResetOnCall
 from catome_export.models.sites import MergeSite, find_merge_sites
 
 logger = logging.getLogger(__name__)
@@ -62,18 +63,6 @@ def _timestep_value(timestep: Any) -> float | None:
     return None
 
 
-class _ResetOnCall:
-    """Stands in for a pipeline's ``progress_bar`` method: resets the handle, then calls the original."""
-
-    def __init__(self, handle: "CatomeHandle", original: Callable[..., Any]) -> None:
-        self.handle = handle
-        self.original = original
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self.handle.reset()
-        return self.original(*args, **kwargs)
-
-
 class CatomeHandle:
     """A live CA-ToMe (or ToMe) patch on one U-Net; ``remove()`` restores the model exactly.
 
@@ -96,7 +85,7 @@ class CatomeHandle:
         self._latent_hw: tuple[int, int] | None = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._processors: list[tuple[torch.nn.Module, Any, MergingAttnProcessor]] = []
-        self._progress_bar: _ResetOnCall | None = None
+        self._progress_bar: ResetOnCall | None = None
         self._progress_bar_was_instance_attr = False
         self._previous_progress_bar: Any = None
         self._active = False
@@ -148,7 +137,7 @@ class CatomeHandle:
         instance_dict = getattr(pipe, "__dict__", {})
         self._progress_bar_was_instance_attr = "progress_bar" in instance_dict
         self._previous_progress_bar = instance_dict.get("progress_bar")
-        self._progress_bar = _ResetOnCall(self, original)
+        self._progress_bar = ResetOnCall(self, original)
         object.__setattr__(pipe, "progress_bar", self._progress_bar)
 
     def _uninstall(self) -> None:

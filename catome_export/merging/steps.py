@@ -11,6 +11,7 @@ rise within a generation; PLMS repeats one, which still counts as a step).
 from __future__ import annotations
 
 import math
+from typing import Any, Callable, Protocol
 
 
 class StepCounter:
@@ -52,3 +53,24 @@ class StepCounter:
         self._last_t = None if timestep is None else float(timestep)
         self._next = index + 1
         return index
+
+
+class _Resettable(Protocol):
+    def reset(self) -> None: ...
+
+
+class ResetOnCall:
+    """Stands in for a diffusers pipeline's ``progress_bar`` method: resets ``target``, then calls the original.
+
+    A pipeline's ``__call__`` opens its progress bar once, just before the
+    denoising loop, so every generation starts at loop index 0 without a copy
+    of the pipeline's code (used by the eager patch and by ``attach``).
+    """
+
+    def __init__(self, target: _Resettable, original: Callable[..., Any]) -> None:
+        self.handle = target
+        self.original = original
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.handle.reset()
+        return self.original(*args, **kwargs)

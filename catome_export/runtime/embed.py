@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from catome_export.eager.patch import _ResetOnCall
+from catome_export.merging.steps import ResetOnCall
 from catome_export.errors import CatomeError
 
 logger = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class Attachment:
         self._pipe = pipe
         self._runtime = runtime
         self._original_unet: Any = None
-        self._progress_bar: _ResetOnCall | None = None
+        self._progress_bar: ResetOnCall | None = None
         self._progress_bar_was_instance_attr = False
         self._previous_progress_bar: Any = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
@@ -119,7 +119,7 @@ class Attachment:
             if callable(original):
                 self._progress_bar_was_instance_attr = "progress_bar" in getattr(pipe, "__dict__", {})
                 self._previous_progress_bar = pipe.__dict__.get("progress_bar")
-                self._progress_bar = _ResetOnCall(runtime, original)
+                self._progress_bar = ResetOnCall(runtime, original)
                 object.__setattr__(pipe, "progress_bar", self._progress_bar)
             else:
                 logger.warning("%s has no progress_bar method: generations are told apart by rising timesteps "
