@@ -260,7 +260,7 @@ class TrtBackend:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.manifest = manifest
         if manifest is not None and check_compat:
-            from catome_export.runtime.compat import TrtRuntimeInfo, check_trt_compat
+            from catome_export.backends.trt_compat import TrtRuntimeInfo, check_trt_compat
 
             check_trt_compat(manifest, TrtRuntimeInfo.detect(self.device))
         self.logger = _trt_logger(self.trt, injected=trt_module is not None)

@@ -8,7 +8,7 @@ import shlex
 import pytest
 
 from catome_export.errors import CatomeError
-from catome_export.runtime.compat import (
+from catome_export.backends.trt_compat import (
     TrtRuntimeInfo, check_shapes_in_profiles, check_trt_compat, rebuild_command,
 )
 
