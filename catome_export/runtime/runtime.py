@@ -72,7 +72,7 @@ class Runtime:
         self.shape_check = shape_check
         self.sync_timing = True
         """On CUDA, wait for the device at the end of each call so ``step_ms`` is the real step time."""
-        self.controller = MergeController(settings, len(self.sites), validate=True)
+        self._controller = MergeController(settings, len(self.sites), validate=True)
         self._timings: list[tuple[float, float]] = []
         self._closed = False
         self._graphs: Any = None
@@ -145,11 +145,17 @@ class Runtime:
         """Pin the 0-based loop index of the next U-Net call (custom loops; 0 starts a new generation)."""
         self.controller.set_step(index)
 
+    @property
+    def controller(self) -> MergeController:
+        """The merge controller (plan caches, step numbering); read-only: change settings with ``set_settings``,
+        which keeps plan validation on."""
+        return self._controller
+
     def set_settings(self, settings: MergeSettings) -> None:
         """Use other merge settings from the next call on (threshold, schedule...); starts a new generation."""
         _check_same_graphs(self.settings, settings)
         self.settings = settings
-        self.controller = MergeController(settings, len(self.sites), validate=True)
+        self._controller = MergeController(settings, len(self.sites), validate=True)
         self._timings = []
         self._last_shape = None
 
