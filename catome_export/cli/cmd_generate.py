@@ -54,6 +54,10 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
 def check_merge_flags(args: argparse.Namespace) -> None:
     if args.no_merge and (args.threshold is not None or args.schedule is not None):
         raise CatomeError("--no-merge turns merging off: leave out --threshold and --schedule")
+    if args.threshold is not None:  # checked before any pipeline or engine is loaded
+        from catome_export.merging import MergeSettings
+
+        MergeSettings(threshold=args.threshold)
 
 
 def _slug(text: str) -> str:

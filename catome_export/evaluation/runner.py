@@ -95,6 +95,12 @@ class EvalConfig:
             raise CatomeError(f"unknown methods {unknown}: use {', '.join(METHODS)}")
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise CatomeError(f"warmup must be an int >= 0, got {self.warmup!r}")
+        # Checked here, before any pipeline is loaded, so a typo fails in a second, not after a model load.
+        from catome_export.merging import MergeSettings
+
+        if self.threshold is not None:
+            MergeSettings(threshold=self.threshold)
+        MergeSettings(threshold=None, ratio=self.ratio)
 
     def method_list(self, with_engine: bool | None = None) -> list[str]:
         """The methods to run, baseline first, each once."""

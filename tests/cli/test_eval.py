@@ -118,6 +118,8 @@ def test_eval_outside_the_engines_range_exits_1(built_engine, tmp_path, capsys):
     (["--height", "60"], "multiple of 8"),
     (["--steps", "0"], "steps must be"),
     (["--warmup", "-1"], "warmup"),
+    (["--threshold", "1.5"], "threshold must be a number in [-1, 1]"),
+    (["--ratio", "1"], "ratio must be a number in [0, 1)"),
 ])
 def test_bad_inputs_exit_1_without_traceback(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -133,3 +135,13 @@ def test_eval_config_needs_prompts(tmp_path):
 
     with pytest.raises(CatomeError, match="no prompts"):
         EvalConfig(prompts=(), out=tmp_path)
+
+
+@pytest.mark.parametrize("flag,value,message", [("--threshold", "nan", "threshold must be"),
+                                                ("--ratio", "-0.5", "ratio must be")])
+def test_bad_merge_values_fail_before_any_model_load(flag, value, message, capsys, tmp_path, monkeypatch):
+    # The model path does not exist: a check made after loading would report that instead.
+    monkeypatch.chdir(tmp_path)
+    rc = main(["eval", "--model", str(tmp_path / "no-such-pipeline"), flag, value, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 1 and message in err and "no-such-pipeline" not in err

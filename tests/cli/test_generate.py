@@ -173,6 +173,8 @@ def test_generate_without_merging_prints_no_counts(tmp_path, capsys):
     (["--model", "tiny", "--prompt", "x", "--no-merge", "--threshold", "0.5"], "--no-merge"),
     (["--model", "tiny", "--prompt", "x", "--out", "image.jpg"], ".png"),
     (["--model", "/no/such/pipeline", "--prompt", "x", *SMALL], "unknown model"),
+    # checked before the (missing) pipeline would be loaded
+    (["--model", "/no/such/pipeline", "--prompt", "x", "--threshold", "2"], "threshold must be a number in [-1, 1]"),
 ])
 def test_bad_inputs_exit_1_without_traceback(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
