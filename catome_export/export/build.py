@@ -206,18 +206,36 @@ def _check_target(target: Path) -> None:
 
 
 def _swap_into_place(tmp: Path, target: Path) -> None:
-    """Rename the finished build in; the old one goes aside first and is deleted after."""
+    """Rename the finished build in; the old one goes aside first and is deleted after.
+
+    A file-system error on the way (permissions, a folder held open elsewhere) ends in
+    :class:`CatomeError` with the old build back in place.
+    """
     old = None
     if target.exists():
         old = target.parent / f".{target.name}.old-{os.getpid()}"
         shutil.rmtree(old, ignore_errors=True)
-        os.rename(target, old)
+        try:
+            os.rename(target, old)
+        except OSError as exc:
+            raise CatomeError(f"cannot move the old build {target} aside to install the new one "
+                              f"({exc.strerror or exc}): check the permissions of {target.parent} and that no "
+                              f"program holds {target} open; {target} was not changed") from None
     try:
         os.rename(tmp, target)
-    except BaseException:
+    except BaseException as exc:
+        restored = old is None
         if old is not None:
-            os.rename(old, target)
-        raise
+            try:
+                os.rename(old, target)
+                restored = True
+            except OSError:
+                pass
+        if not isinstance(exc, OSError):
+            raise
+        where = f"{target} was not changed" if restored else f"the previous build is in {old}: rename it back"
+        raise CatomeError(f"cannot move the finished build into {target} ({exc.strerror or exc}): check the "
+                          f"permissions of {target.parent}; {where}") from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -280,7 +298,11 @@ def run_build(opts: BuildOptions, progress: Progress | None = None, schedule_spe
             if result.verify is not None and not getattr(result.verify, "ok", True):
                 failed = target.parent / f".{target.name}.failed"
                 shutil.rmtree(failed, ignore_errors=True)
-                os.rename(tmp, failed)
+                try:
+                    os.rename(tmp, failed)
+                except OSError:
+                    failed = tmp
+                    swapped = True  # keep the failed build where it is, for inspection
                 summary = getattr(result.verify, "summary", lambda: "")()
                 raise CatomeError(f"the engine does not match eager CA-ToMe ({summary.splitlines()[0] if summary else ''})"
                                   f"; it was not installed: {target} is unchanged, the failed build is in {failed} "

@@ -81,6 +81,24 @@ def test_swap_replaces_the_old_build(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
 
 
+@pytest.mark.parametrize("failing", ["aside", "in"])
+def test_file_error_during_swap_is_a_clear_error_and_keeps_the_old_build(tmp_path, monkeypatch, failing):
+    target = _folder(tmp_path / "e", "old")
+    new = _folder(tmp_path / ".e.tmp-1", "new")
+    real_rename = os.rename
+
+    def rename(src, dst):
+        moving_in = os.fspath(src) == os.fspath(new)
+        if (failing == "in") == moving_in:
+            raise PermissionError(13, "Permission denied")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(CatomeError, match="was not changed"):
+        _swap_into_place(new, target)
+    assert (target / MANIFEST_FILE).read_text() == "old"
+
+
 def test_crash_during_swap_is_recovered(tmp_path):
     # A build died after moving the old folder aside and before moving its own in.
     pid = _dead_pid()
