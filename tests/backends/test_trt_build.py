@@ -23,7 +23,6 @@ def _scatter_model(path: Path, reduction: str | None, op: str = "ScatterElements
     data = helper.make_tensor_value_info("data", TensorProto.FLOAT, [2, 4, 3])
     idx = helper.make_tensor_value_info("idx", TensorProto.INT64, [2, "R", 3])
     upd = helper.make_tensor_value_info("upd", TensorProto.FLOAT, [2, "R", 3])
-    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 4, 3])
     attrs = {"axis": 1} if op == "ScatterElements" else {}
     if reduction is not None:
         attrs["reduction"] = reduction
