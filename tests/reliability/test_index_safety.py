@@ -127,3 +127,13 @@ def test_forced_merge_fractions_give_valid_plans_at_every_shape(runtime):
             assert bool(torch.isfinite(out).all())
             merged = runtime.history[-1].merged
             assert (max(merged.values()) > 0) == (fraction > 0)
+
+
+def test_controller_cannot_be_swapped_for_one_without_validation(runtime):
+    from catome_export.merging import MergeController
+
+    assert runtime.controller.validate
+    with pytest.raises(AttributeError):
+        runtime.controller = MergeController(runtime.settings, len(runtime.sites), validate=False)
+    runtime.set_settings(runtime.settings)
+    assert runtime.controller.validate
