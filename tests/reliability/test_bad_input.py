@@ -137,7 +137,7 @@ def test_ratio_outside_range(value):
 
 @pytest.mark.parametrize("spec,cli,needle", [
     ([], None, "is empty: give at least one step number"),
-    ("", "", "unknown schedule '': use one of config1"),
+    ("", "", "the schedule is empty: name one (config1"),
     ([3, -1], "3,-1", "step numbers must be >= 0, got -1"),
     ([5, 5], "5,5", "repeats step numbers [5]: list each step once"),
     ("fast", "fast", "unknown schedule 'fast': use one of config1"),

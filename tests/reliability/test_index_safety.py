@@ -51,7 +51,8 @@ def runtime(ort_runtime, monkeypatch):
     ran: list[int] = []
     monkeypatch.setattr(ort_runtime.chain, "runners", [RecordingRunner(r, ran) for r in ort_runtime.chain.runners])
     monkeypatch.setattr(ort_runtime, "ran", ran, raising=False)
-    ort_runtime.set_settings(replace(ort_runtime.settings, threshold=0.7, schedule=parse_schedule([0], 0)))
+    ort_runtime.set_settings(replace(ort_runtime.settings, threshold=0.7, ratio=None, merge_fraction=None,
+                                     schedule=parse_schedule([0], 0)))
     yield ort_runtime
     ort_runtime.reset()
 
