@@ -13,25 +13,12 @@ import os
 import shutil
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """The tiny model gains nothing from more threads, and on a shared CPU they spin: use one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -53,8 +40,7 @@ def ort_runtime(reliability_engine):
     """A Runtime over the tiny engine on ONNX Runtime CPU (one intra-op thread)."""
     from catome_export.runtime import Runtime
 
-    with one_thread():
-        runtime = Runtime.load(reliability_engine, backend="ort", backend_options={"intra_op_threads": 1})
+    runtime = Runtime.load(reliability_engine, backend="ort", backend_options={"intra_op_threads": 1})
     yield runtime
     runtime.close()
 

@@ -12,17 +12,6 @@ import torch
 from catome_export.merging import MergeSettings
 
 
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """The tiny model gains nothing from more threads, and on a shared CPU they spin: use one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def tiny_sites(tiny_unet):
     from catome_export.models import find_merge_sites
@@ -35,8 +24,7 @@ def tiny_stages(tiny_unet, tiny_sites):
     """``cut_unet`` of the tiny U-Net (fp32); the stage modules share the fixture's weights."""
     from catome_export.export.stages import cut_unet
 
-    with one_thread():
-        return cut_unet(tiny_unet, tiny_sites)
+    return cut_unet(tiny_unet, tiny_sites)  # one torch thread: the session-wide fixture in tests/conftest.py
 
 
 @pytest.fixture(scope="session")
