@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
+import io
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from catome_export.errors import CatomeError
+from catome_export.export.fsutil import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -358,17 +358,9 @@ def save_png(image: np.ndarray | Any, path: str | Path) -> Path:
     except OSError as exc:
         raise CatomeError(f"cannot create the folder {str(target.parent)!r}: {exc}") from None
     pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            pil.save(fh, format="PNG")
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    buffer = io.BytesIO()
+    pil.save(buffer, format="PNG")
+    atomic_write_bytes(target, buffer.getvalue())
     return target
 
 
