@@ -2,7 +2,10 @@
 
 The paper evaluates on one prompt per image, ``"A high-quality photograph of
 a {class name}."``, over ImageNet-1k class names. The 1000 names ship in
-``catome_export/data/imagenet_classes.txt`` in the standard class-index order.
+``catome_export/data/imagenet_classes.txt`` in the standard class-index order:
+the short names of the widely used Keras class index
+(``imagenet_class_index.json``) with underscores written as spaces, checked
+entry by entry against it (so "crane" and "maillot" appear twice, as there).
 
 ``imagenet_prompts(n)`` picks ``n`` classes *evenly spaced* over the 1000
 (class ``floor(i * 1000 / n)`` for ``i = 0..n-1``), so a small ``n`` covers
