@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,7 @@ class BuildLock:
             try:
                 self._create()
             except FileExistsError:
-                owner = self._owner()
+                owner = self._settled_owner()
                 if owner is not None and owner != os.getpid() and pid_alive(owner):
                     raise CatomeError(
                         f"another build into {self.what} is running (pid {owner}): wait for it to finish, or, if "
@@ -152,9 +153,26 @@ class BuildLock:
             logger.info("taking over a stale build lock %s (pid %s is gone)", self.path, owner)
         grave.unlink(missing_ok=True)
 
+    def _settled_owner(self, patience: float = 2.0) -> int | None:
+        """The lock's owner; a young lock file without a pid yet is waited on (up to ``patience`` seconds),
+        since on a file system without hard links its creator writes the pid just after creating it."""
+        deadline = time.monotonic() + patience
+        while True:
+            owner = self._owner()
+            if owner is not None or time.monotonic() >= deadline:
+                return owner
+            try:
+                age = time.time() - self.path.stat().st_mtime
+            except OSError:
+                return None  # gone: the caller retries creating it
+            if age > patience:
+                return None  # an old empty lock: its writer died before writing
+            time.sleep(0.02)
+
     def _owner(self) -> int | None:
+        """The pid in the lock file; None when it is missing, empty or unreadable."""
         try:
-            return int(self.path.read_text().strip() or "0")
+            return int(self.path.read_text().strip()) or None
         except (OSError, ValueError):
             return None
 

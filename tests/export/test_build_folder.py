@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -65,6 +66,28 @@ def test_build_lock(tmp_path):
     with BuildLock(path, "x"):
         assert path.read_text().strip() == str(os.getpid())
     assert not path.exists()
+
+
+def test_build_lock_waits_for_a_young_empty_lock_to_get_its_owner(tmp_path):
+    # Without hard links a lock is created empty and its pid written just after: a second build that reads it
+    # in between must not take it over as stale.
+    import threading
+
+    path = tmp_path / ".x.lock"
+    path.write_text("")
+    writer = threading.Timer(0.2, lambda: path.write_text(f"{os.getppid()}\n"))  # a live "other" process
+    writer.start()
+    try:
+        with pytest.raises(CatomeError, match="another build into x is running"):
+            BuildLock(path, "x").acquire()
+    finally:
+        writer.join()
+    # An empty lock left long ago by a writer that died is taken over.
+    path.write_text("")
+    old = time.time() - 60
+    os.utime(path, (old, old))
+    with BuildLock(path, "x"):
+        assert path.read_text().strip() == str(os.getpid())
 
 
 def _folder(path, marker: str):
