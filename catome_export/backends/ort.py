@@ -50,8 +50,8 @@ class OrtOptions:
     cpu_mem_arena: bool = True
     """Keep freed CPU buffers in ONNX Runtime's arena for the next run."""
     shared_arena: bool = True
-    """With ``cpu_mem_arena``: one CPU arena for every session of the process (all stages, every runtime)
-    rather than one per session. Stages run one at a time, so they can reuse each other's buffers: the
+    """With ``cpu_mem_arena``, on the CPU: one arena for every session of the process (all stages, every
+    runtime) rather than one per session. Stages run one at a time, so they can reuse each other's buffers: the
     same speed as per-session arenas at well under half the memory (SD 1.5 at 512 px, batch 2:
     5.9 GiB peak RSS against 14.4 GiB; docs/runtime.md)."""
     io_binding: bool = True
@@ -133,8 +133,13 @@ def _register_shared_arena(ort: Any) -> None:
         _shared_arena_registered = True
 
 
-def session_options(options: OrtOptions):
-    """An ``onnxruntime.SessionOptions`` from :class:`OrtOptions`."""
+def session_options(options: OrtOptions, device_type: str = "cpu"):
+    """An ``onnxruntime.SessionOptions`` from :class:`OrtOptions` for a session on ``device_type``.
+
+    The shared CPU arena is used by CPU sessions only: a CUDA session keeps ONNX Runtime's own
+    allocators (its CPU-side buffers are small, and env allocators with the CUDA provider are
+    not tested here).
+    """
     ort = _import_ort()
     so = ort.SessionOptions()
     so.graph_optimization_level = {
@@ -148,7 +153,7 @@ def session_options(options: OrtOptions):
     so.inter_op_num_threads = options.inter_op_threads
     so.enable_mem_pattern = options.mem_pattern
     so.enable_cpu_mem_arena = options.cpu_mem_arena
-    if options.cpu_mem_arena and options.shared_arena:
+    if options.cpu_mem_arena and options.shared_arena and device_type == "cpu":
         _register_shared_arena(ort)
         so.add_session_config_entry("session.use_env_allocators", "1")
     so.log_severity_level = options.log_severity
@@ -291,7 +296,7 @@ class OrtBackend:
         if not path.is_file():
             raise CatomeError(f"stage file {path} is missing: rebuild the engine with catome-export build")
         try:
-            session = ort.InferenceSession(str(path), sess_options=session_options(self.options),
+            session = ort.InferenceSession(str(path), sess_options=session_options(self.options, self.device.type),
                                            providers=self.providers())
         except Exception as exc:  # ORT raises its own exception types for damaged or unsupported graphs
             raise CatomeError(f"ONNX Runtime cannot load {path} ({type(exc).__name__}: {str(exc)[:300]}); "

@@ -169,6 +169,12 @@ def test_shared_arena_only_when_asked_and_arena_on(options):
         so.get_session_config_entry("session.use_env_allocators")
 
 
+def test_shared_arena_is_for_cpu_sessions_only():
+    so = session_options(OrtOptions(), "cuda")
+    with pytest.raises(Exception):  # noqa: B017 - ORT raises its own error for an entry that was never set
+        so.get_session_config_entry("session.use_env_allocators")
+
+
 def test_shared_and_per_session_arenas_give_the_same_outputs(graph_dir):
     spec_feeds = _feeds(2, 6, 3, 4, seed=3)
     outs = []
