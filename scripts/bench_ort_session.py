@@ -20,13 +20,14 @@ from pathlib import Path
 import torch
 
 VARIANTS: dict[str, dict] = {
-    "default (all, binding, no mem pattern, arena)": {},
+    "default (all, binding, no mem pattern, shared arena, spin stop)": {},
     "numpy feeds (session.run)": {"io_binding": False},
     "mem pattern on": {"mem_pattern": True},
     "optimization extended": {"optimization": "extended"},
     "optimization basic": {"optimization": "basic"},
     "no cpu arena": {"cpu_mem_arena": False},
     "no spinning": {"allow_spinning": False},
+    "spinning on after each run": {"stop_spinning_after_run": False},
     "1 intra-op thread": {"intra_op_threads": 1},
     "2 intra-op threads": {"intra_op_threads": 2},
 }
@@ -57,7 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="intra-op threads of every variant (default: physical cores); on a busy shared CPU "
                              "compare at 1, where other processes disturb the threads least")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated words: run the default and the variants whose name contains one")
     args = parser.parse_args(argv)
+    variants = dict(VARIANTS)
+    if args.only:
+        words = [w.strip() for w in args.only.split(",") if w.strip()]
+        first = next(iter(VARIANTS))
+        variants = {n: o for n, o in VARIANTS.items() if n == first or any(w in n for w in words)}
 
     from catome_export.export.manifest import Manifest
 
@@ -70,12 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     best: dict[str, float] = {}
     start = time.perf_counter()
     for _ in range(args.rounds):
-        for name, options in VARIANTS.items():
+        for name, options in variants.items():
             if args.threads:
                 options = {"intra_op_threads": args.threads, **options}
             ms = one_generation(args.engine_dir, options, args.steps, args.batch, hw)
             best[name] = min(best.get(name, float("inf")), ms)
-    base = best[next(iter(VARIANTS))]
+    base = best[next(iter(variants))]
     for name, ms in best.items():
         print(f"{name:<48} {ms:8.1f} ms/step  ({ms / base:5.2f}x default)")
     print(f"({time.perf_counter() - start:.0f} s)")

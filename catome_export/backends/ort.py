@@ -58,6 +58,10 @@ class OrtOptions:
     """Bind torch tensors by address (True) or pass numpy views to ``session.run`` (False, CPU only)."""
     allow_spinning: bool = True
     """Let idle intra-op threads spin for work (fast on a dedicated CPU; turn off on a shared, busy one)."""
+    stop_spinning_after_run: bool = True
+    """With ``allow_spinning``: idle intra-op threads spin while a stage runs and stop when its run returns,
+    so they do not compete with the controller's matching between stages (on SD 1.5 at 512 px this halved
+    the controller's time on checkpoint steps; docs/runtime.md)."""
     synchronize: bool = True
     """CUDA: let each run wait for its stream (safe default); False leaves ordering to the shared stream."""
     log_severity: int = 3
@@ -159,6 +163,8 @@ def session_options(options: OrtOptions, device_type: str = "cpu"):
     so.log_severity_level = options.log_severity
     if not options.allow_spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    elif options.stop_spinning_after_run:
+        so.add_session_config_entry("session.force_spinning_stop", "1")
     return so
 
 

@@ -159,6 +159,9 @@ def test_options_are_validated_and_applied():
     assert default.intra_op_num_threads == physical_cores() >= 1
     assert default.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert default.get_session_config_entry("session.use_env_allocators") == "1"  # the shared CPU arena
+    assert default.get_session_config_entry("session.force_spinning_stop") == "1"
+    quiet = session_options(OrtOptions(allow_spinning=False))
+    assert quiet.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 @pytest.mark.parametrize("options", [dict(shared_arena=False), dict(cpu_mem_arena=False, shared_arena=True)],
