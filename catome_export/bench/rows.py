@@ -78,7 +78,10 @@ def build_row(backend: str, resolution: int, inputs: Inputs, fraction: float | N
     ck = timing.checkpoint.summary
     row.update({"checkpoint_median_ms": round(ck.median_ms, 3) if ck else None,
                 "checkpoint_min_ms": round(ck.min_ms, 3) if ck else None,
-                "checkpoint_repeats": ck.count if ck else 0})
+                "checkpoint_repeats": ck.count if ck else 0,
+                # every timed call, in the order the rounds ran them: the raw data behind the summaries
+                "samples_ms": [round(ms, 3) for ms in timing.cached.step_ms],
+                "checkpoint_samples_ms": [round(ms, 3) for ms in timing.checkpoint.step_ms]})
     ctrl_cached = timing.cached.controller_ms() if backend in MERGING_BACKENDS else None
     ctrl_ck = timing.checkpoint.controller_ms() if ck else None
     row["controller"] = {

@@ -33,6 +33,7 @@ def test_bench_tiny_end_to_end(tmp_path, capsys):
     for r in rows:
         assert r["resolution"] == 128 and r["batch"] == 1 and r["latent"] == [16, 16]
         assert 0 < r["min_ms"] <= r["median_ms"] <= r["p90_ms"]
+        assert len(r["samples_ms"]) == r["repeats"] and min(r["samples_ms"]) == pytest.approx(r["min_ms"], abs=1e-3)
         assert r["ideal_speedup"] >= 1.0 and r["speedup_vs_eager"] > 0 and r["speedup_vs_engine0"] > 0
     engine = {r["merge_fraction"]: r for r in rows if r["backend"] == "engine"}
     assert engine[0.5]["merged"] == {str(i): 96 for i in range(5)}
