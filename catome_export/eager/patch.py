@@ -86,8 +86,6 @@ class CatomeHandle:
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._processors: list[tuple[torch.nn.Module, Any, MergingAttnProcessor]] = []
         self._progress_bar: ResetOnCall | None = None
-        self._progress_bar_was_instance_attr = False
-        self._previous_progress_bar: Any = None
         self._active = False
 
     # -- installation -----------------------------------------------------------------
@@ -129,16 +127,10 @@ class CatomeHandle:
         self._processors.append((attn, original, wrapper))
 
     def _wrap_progress_bar(self, pipe: Any) -> None:
-        original = getattr(pipe, "progress_bar", None)
-        if not callable(original):
+        self._progress_bar = ResetOnCall.install(pipe, self)
+        if self._progress_bar is None:
             logger.warning("%s has no progress_bar method: generations are told apart by rising timesteps only; "
                            "call handle.reset() before each generation", type(pipe).__name__)
-            return
-        instance_dict = getattr(pipe, "__dict__", {})
-        self._progress_bar_was_instance_attr = "progress_bar" in instance_dict
-        self._previous_progress_bar = instance_dict.get("progress_bar")
-        self._progress_bar = ResetOnCall(self, original)
-        object.__setattr__(pipe, "progress_bar", self._progress_bar)
 
     def _uninstall(self) -> None:
         for hook in self._hooks:
@@ -151,13 +143,8 @@ class CatomeHandle:
                 logger.warning("the attention processor of %s was replaced while merging was applied; "
                                "leaving the new one in place", type(attn).__name__)
         self._processors.clear()
-        if self._progress_bar is not None and self._pipeline is not None:
-            pipe = self._pipeline
-            if pipe.__dict__.get("progress_bar") is self._progress_bar:
-                if self._progress_bar_was_instance_attr:
-                    object.__setattr__(pipe, "progress_bar", self._previous_progress_bar)
-                else:
-                    del pipe.__dict__["progress_bar"]
+        if self._progress_bar is not None:
+            self._progress_bar.remove()
             self._progress_bar = None
         for slot in self._slots:
             slot.plan = None

@@ -65,12 +65,43 @@ class ResetOnCall:
     A pipeline's ``__call__`` opens its progress bar once, just before the
     denoising loop, so every generation starts at loop index 0 without a copy
     of the pipeline's code (used by the eager patch and by ``attach``).
+    :meth:`install` puts it on a pipeline instance, :meth:`remove` takes it off
+    and leaves the instance as it was.
     """
 
     def __init__(self, target: _Resettable, original: Callable[..., Any]) -> None:
-        self.handle = target
+        self.target = target
         self.original = original
+        self._pipe: Any = None
+        self._was_instance_attr = False
+        self._previous: Any = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self.handle.reset()
+        self.target.reset()
         return self.original(*args, **kwargs)
+
+    @classmethod
+    def install(cls, pipe: Any, target: _Resettable) -> "ResetOnCall | None":
+        """Wrap ``pipe.progress_bar`` on the instance; None (nothing changed) when it has no such method."""
+        original = getattr(pipe, "progress_bar", None)
+        if not callable(original):
+            return None
+        hook = cls(target, original)
+        instance_dict = getattr(pipe, "__dict__", {})
+        hook._pipe = pipe
+        hook._was_instance_attr = "progress_bar" in instance_dict
+        hook._previous = instance_dict.get("progress_bar")
+        object.__setattr__(pipe, "progress_bar", hook)
+        return hook
+
+    def remove(self) -> bool:
+        """Put the pipeline's own ``progress_bar`` back; False (and nothing touched) when someone replaced
+        this wrapper meanwhile."""
+        pipe, self._pipe = self._pipe, None
+        if pipe is None or pipe.__dict__.get("progress_bar") is not self:
+            return False
+        if self._was_instance_attr:
+            object.__setattr__(pipe, "progress_bar", self._previous)
+        else:
+            del pipe.__dict__["progress_bar"]
+        return True

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from catome_export.merging.steps import ResetOnCall
 from catome_export.errors import CatomeError
+from catome_export.merging.steps import ResetOnCall
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +100,6 @@ class Attachment:
         self._runtime = runtime
         self._original_unet: Any = None
         self._progress_bar: ResetOnCall | None = None
-        self._progress_bar_was_instance_attr = False
-        self._previous_progress_bar: Any = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._previous_size_flag: list[bool] = []
         """The pipeline's own ``_is_unet_config_sample_size_int`` while attached (empty when untouched)."""
@@ -115,13 +113,8 @@ class Attachment:
         try:
             pipe.unet = unet
             self._fix_sample_size_flag(unet)
-            original = getattr(pipe, "progress_bar", None)
-            if callable(original):
-                self._progress_bar_was_instance_attr = "progress_bar" in getattr(pipe, "__dict__", {})
-                self._previous_progress_bar = pipe.__dict__.get("progress_bar")
-                self._progress_bar = ResetOnCall(runtime, original)
-                object.__setattr__(pipe, "progress_bar", self._progress_bar)
-            else:
+            self._progress_bar = ResetOnCall.install(pipe, runtime)
+            if self._progress_bar is None:
                 logger.warning("%s has no progress_bar method: generations are told apart by rising timesteps "
                                "only; call runtime.reset() before each generation", type(pipe).__name__)
             if isinstance(unet, torch.nn.Module):
@@ -151,12 +144,7 @@ class Attachment:
             hook.remove()
         self._hooks.clear()
         if self._progress_bar is not None:
-            if pipe.__dict__.get("progress_bar") is self._progress_bar:
-                if self._progress_bar_was_instance_attr:
-                    object.__setattr__(pipe, "progress_bar", self._previous_progress_bar)
-                else:
-                    del pipe.__dict__["progress_bar"]
-            else:
+            if not self._progress_bar.remove():
                 logger.warning("the pipeline's progress_bar was replaced while the engine was attached; "
                                "leaving the new one in place")
             self._progress_bar = None
