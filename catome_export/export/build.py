@@ -287,7 +287,7 @@ def run_build(opts: BuildOptions, progress: Progress | None = None, schedule_spe
         _check_target(target)
         tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        swapped = False
+        keep_tmp = False  # True once tmp is the installed build, or a failed one kept for inspection
         try:
             try:
                 tmp.mkdir()
@@ -302,15 +302,15 @@ def run_build(opts: BuildOptions, progress: Progress | None = None, schedule_spe
                     os.rename(tmp, failed)
                 except OSError:
                     failed = tmp
-                    swapped = True  # keep the failed build where it is, for inspection
+                    keep_tmp = True
                 summary = getattr(result.verify, "summary", lambda: "")()
                 raise CatomeError(f"the engine does not match eager CA-ToMe ({summary.splitlines()[0] if summary else ''})"
                                   f"; it was not installed: {target} is unchanged, the failed build is in {failed} "
                                   f"(inspect it with catome-export verify {failed})")
             _swap_into_place(tmp, target)
-            swapped = True
+            keep_tmp = True
         finally:
-            if not swapped:
+            if not keep_tmp:
                 shutil.rmtree(tmp, ignore_errors=True)
     result.manifest.engine_dir = target
     result.engine_dir = target

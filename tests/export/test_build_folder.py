@@ -154,3 +154,31 @@ def test_verified_build(tmp_path):
     assert result.verify is not None and result.verify.ok, result.verify.summary()
     assert result.audit.passed
     assert Manifest.load(out).manifest_sha256 == result.manifest.manifest_sha256
+
+
+@pytest.mark.parametrize("rename_fails", [False, True], ids=["moved-aside", "kept-in-place"])
+def test_failed_verification_keeps_the_old_build_and_the_failed_one(tmp_path, monkeypatch, rename_fails):
+    import catome_export.export.build as build
+
+    target = _folder(tmp_path / "e", "old")
+
+    class FailedReport:
+        ok = False
+
+        def summary(self) -> str:
+            return "step 3: max |diff| 1.0 over the tolerance"
+
+    monkeypatch.setattr(build, "_verify", lambda *args, **kwargs: FailedReport())
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if rename_fails and os.fspath(dst).endswith(".failed"):
+            raise PermissionError(13, "Permission denied")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(CatomeError, match="does not match eager CA-ToMe") as info:
+        run_build(make_options("tiny", resolution=128, out_dir=target, verify=True))
+    assert (target / MANIFEST_FILE).read_text() == "old"  # the installed build is untouched
+    kept = next(tmp_path.glob(".e.tmp-*")) if rename_fails else tmp_path / ".e.failed"
+    assert str(kept) in str(info.value) and Manifest.load(kept).stages  # the failed build stays for inspection
