@@ -16,9 +16,9 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import math
-import io
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
