@@ -63,3 +63,28 @@ def eager(reference_unet) -> Callable[[MergeSettings], "object"]:
 
     return patched
 
+
+class EagerCapture:
+    """CUDA-graph capture stand-in for CPU tests: like a CUDA graph, a replay recomputes the chain from the
+    static input buffers it was captured with and writes into the outputs it handed out at capture."""
+
+    def __init__(self) -> None:
+        self.captures = 0
+        self.replays = 0
+
+    def capture(self, chain, static_inputs):
+        self.captures += 1
+        outputs = {k: torch.empty_like(v) for k, v in chain(static_inputs).items()}
+        return (chain, static_inputs, outputs), outputs
+
+    def replay(self, handle) -> None:
+        self.replays += 1
+        chain, static_inputs, outputs = handle
+        for k, v in chain(static_inputs).items():
+            outputs[k].copy_(v)
+
+
+@pytest.fixture
+def eager_capture() -> EagerCapture:
+    """A fresh :class:`EagerCapture` (counts captures and replays)."""
+    return EagerCapture()

@@ -20,23 +20,6 @@ from catome_export.runtime.cuda_graphs import (
 GRID = (6, 8)
 
 
-class EagerCapture:
-    """Graph-capture stand-in: replay recomputes the chain from the captured static input buffers."""
-
-    def __init__(self) -> None:
-        self.captured = 0
-
-    def capture(self, chain, static_inputs):
-        self.captured += 1
-        outputs = {k: torch.empty_like(v) for k, v in chain(static_inputs).items()}
-        return (chain, static_inputs, outputs), outputs
-
-    def replay(self, handle) -> None:
-        chain, static_inputs, outputs = handle
-        for k, v in chain(static_inputs).items():
-            outputs[k].copy_(v)
-
-
 def chain(inputs):
     """A one-site chain that really uses every plan tensor: merge, a token-wise op, unmerge."""
     x = inputs["sample"]
@@ -145,13 +128,13 @@ def _runner_checks(runner: ChainGraphRunner, device: str) -> None:
     assert runner.captures == 2
 
 
-def test_runner_replays_with_current_plans():
-    runner = ChainGraphRunner(chain, EagerCapture())
+def test_runner_replays_with_current_plans(eager_capture):
+    runner = ChainGraphRunner(chain, eager_capture)
     _runner_checks(runner, "cpu")
 
 
-def test_runner_outputs_are_fresh_tensors():
-    runner = ChainGraphRunner(chain, EagerCapture())
+def test_runner_outputs_are_fresh_tensors(eager_capture):
+    runner = ChainGraphRunner(chain, eager_capture)
     plan = _plan(0, 5)
     first = runner.run(_key(plan), _inputs(1, plan), {0: plan})["noise_pred"]
     kept = first.clone()
@@ -159,9 +142,9 @@ def test_runner_outputs_are_fresh_tensors():
     assert torch.equal(first, kept)  # the next replay did not overwrite what the caller holds
 
 
-def test_a_reused_version_id_would_replay_stale_plans():
+def test_a_reused_version_id_would_replay_stale_plans(eager_capture):
     """The rule rests on versions: reporting an old id for new plan tensors replays the old pairs."""
-    runner = ChainGraphRunner(chain, EagerCapture())
+    runner = ChainGraphRunner(chain, eager_capture)
     plan1, plan2 = _plan(0, 9), _plan(1, 9)
     runner.run(_key(plan1), _inputs(1, plan1), {0: 1})
     in2 = _inputs(2, plan2)
@@ -171,22 +154,22 @@ def test_a_reused_version_id_would_replay_stale_plans():
     torch.testing.assert_close(fresh, chain(in2)["noise_pred"])
 
 
-def test_scratch_memory_move_drops_every_graph():
+def test_scratch_memory_move_drops_every_graph(eager_capture):
     generation = [0]
-    capture = EagerCapture()
+    capture = eager_capture
     runner = ChainGraphRunner(chain, capture, memory_generation=lambda: generation[0])
     plan = _plan(0, 5)
     runner.run(_key(plan), _inputs(1, plan), {0: plan})
     runner.run(_key(plan), _inputs(2, plan), {0: plan})
-    assert capture.captured == 1
+    assert capture.captures == 1
     generation[0] += 1
     in3 = _inputs(3, plan)
     torch.testing.assert_close(runner.run(_key(plan), in3, {0: plan})["noise_pred"], chain(in3)["noise_pred"])
-    assert capture.captured == 2 and runner.cache.invalidations == 1
+    assert capture.captures == 2 and runner.cache.invalidations == 1
 
 
-def test_inputs_that_do_not_fit_the_key_raise():
-    runner = ChainGraphRunner(chain, EagerCapture())
+def test_inputs_that_do_not_fit_the_key_raise(eager_capture):
+    runner = ChainGraphRunner(chain, eager_capture)
     plan = _plan(0, 5)
     runner.run(_key(plan), _inputs(1, plan), {0: plan})
     other = _plan(1, 6)

@@ -12,38 +12,20 @@ SETTINGS = MergeSettings(threshold=0.7, schedule=parse_schedule("0,3", step_base
 TIMESTEPS = (951, 901, 851, 801, 751, 701)
 
 
-class EagerCapture:
-    """Capture stand-in: like a CUDA graph, a replay reads the static input buffers it was captured with."""
-
-    def __init__(self) -> None:
-        self.captures = 0
-        self.replays = 0
-
-    def capture(self, chain, static_inputs):
-        self.captures += 1
-        outputs = {k: torch.empty_like(v) for k, v in chain(static_inputs).items()}
-        return (chain, static_inputs, outputs), outputs
-
-    def replay(self, handle) -> None:
-        self.replays += 1
-        chain, static_inputs, outputs = handle
-        for k, v in chain(static_inputs).items():
-            outputs[k].copy_(v)
-
-
 def _generation(runtime, latents, ehs):
     runtime.reset()
     return [runtime.unet(latents, t, ehs).sample for t in TIMESTEPS]
 
 
-def test_cached_steps_replay_the_chain_with_the_current_plans(make_runtime, smooth_latents, text_embeddings):
+def test_cached_steps_replay_the_chain_with_the_current_plans(make_runtime, smooth_latents, text_embeddings,
+                                                               eager_capture):
     latents, ehs = smooth_latents(2, (16, 16)), text_embeddings(2)
     plain = make_runtime(SETTINGS)
     want = _generation(plain, latents, ehs)
     want_history = [(s.step, s.merged, s.matched) for s in plain.history]
 
     graphed = make_runtime(SETTINGS)
-    capture = EagerCapture()
+    capture = eager_capture
     graphed.enable_cuda_graphs(capture=capture)
     for _ in range(2):  # the second generation replays graphs captured in the first
         got = _generation(graphed, latents, ehs)
