@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -77,6 +77,10 @@ class OrtOptions:
         if isinstance(self.inter_op_threads, bool) or not isinstance(self.inter_op_threads, int) \
                 or self.inter_op_threads < 1:
             raise CatomeError(f"ORT inter-op threads must be an int >= 1, got {self.inter_op_threads!r}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "bool" and not isinstance(value, bool):
+                raise CatomeError(f"ORT option {f.name} must be true or false, got {value!r}")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> "OrtOptions":

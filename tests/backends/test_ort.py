@@ -149,6 +149,9 @@ def test_options_are_validated_and_applied():
         OrtOptions(intra_op_threads=0)
     with pytest.raises(CatomeError, match="unknown ONNX Runtime options"):
         OrtOptions.from_mapping({"threads": 2})
+    for name in ("cpu_mem_arena", "shared_arena", "allow_spinning", "stop_spinning_after_run", "io_binding"):
+        with pytest.raises(CatomeError, match=f"ORT option {name} must be true or false, got 'yes'"):
+            OrtOptions.from_mapping({name: "yes"})
     so = session_options(OrtOptions(intra_op_threads=3, optimization="extended", mem_pattern=True))
     assert so.intra_op_num_threads == 3
     assert so.inter_op_num_threads == 1

@@ -56,6 +56,7 @@ def test_bench_tiny_end_to_end(tmp_path, capsys):
     (["--precision", "fp16"], "CUDA device"),
     (["--engine", "/nonexistent/engine"], "is not a folder"),
     (["--backends", "engine-unstaged", "--resolution", "136"], "divisible by 64"),
+    (["--ort-option", "shared_arena=yes"], "ORT option shared_arena must be true or false"),
 ])
 def test_bench_bad_input_is_exit_1_without_traceback(argv, match, capsys):
     assert main(["bench", "--model", "tiny", *argv]) == 1
