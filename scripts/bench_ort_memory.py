@@ -9,8 +9,9 @@ one arena per session (``shared_arena=False``), and no arena
 shared one is registered once per process, so each setting runs in its own
 child process: it loads the engine, makes one warm-up call and ``--calls``
 timed calls with r = 0 at every site (threshold 1), and reports the median
-step, the resident memory after loading and the peak resident memory. The
-settings run one after another, never side by side.
+step, the minor page faults per timed call (memory the kernel had to hand
+out afresh), the resident memory after loading and the peak resident memory.
+The settings run one after another, never side by side.
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ SETTINGS: dict[str, dict] = {
 }
 
 
+def _minor_faults() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def child(engine_dir: Path, setting: str, resolution: int, batch: int, calls: int) -> dict:
     import torch
 
@@ -47,12 +54,17 @@ def child(engine_dir: Path, setting: str, resolution: int, batch: int, calls: in
         latents = smooth_latents(batch, hw, seed=0)
         ehs = torch.randn(batch, shapes["text_len"], shapes["text_dim"], generator=torch.Generator().manual_seed(1))
         times = []
+        faults = 0
         for i in range(calls + 1):
+            before = _minor_faults()
             start = time.perf_counter()
             runtime.unet(latents, 999 - i, ehs)
             times.append((time.perf_counter() - start) * 1e3)
+            if i:  # the warm-up call is not counted
+                faults += _minor_faults() - before
     return {"setting": setting, "options": options, "warmup_ms": round(times[0], 1),
             "median_ms": round(statistics.median(times[1:]), 1), "min_ms": round(min(times[1:]), 1),
+            "minor_page_faults_per_call": faults // calls,
             "rss_after_load_gib": loaded, "peak_rss_gib": peak_rss_gib()}
 
 
@@ -80,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     device["load_average_1min_before"] = load_average()
     print(f"engine {args.engine_dir} ({manifest.model['id']}), {args.resolution} px, batch {args.batch}, "
           f"r = 0, {args.calls} timed calls per setting")
-    print("| setting | median ms | min ms | RSS after load GiB | peak RSS GiB |\n|---|---|---|---|---|")
+    print("| setting | median ms | min ms | minor page faults per call | RSS after load GiB | peak RSS GiB |\n"
+          "|---|---|---|---|---|---|")
     rows = []
     for setting in SETTINGS:
         cmd = [sys.executable, __file__, str(args.engine_dir), "--child", setting, "--resolution",
@@ -91,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         row = json.loads(proc.stdout.strip().splitlines()[-1])
         rows.append(row)
-        print(f"| {setting} | {row['median_ms']:.1f} | {row['min_ms']:.1f} | {row['rss_after_load_gib']} "
-              f"| {row['peak_rss_gib']} |", flush=True)
+        print(f"| {setting} | {row['median_ms']:.1f} | {row['min_ms']:.1f} | {row['minor_page_faults_per_call']} "
+              f"| {row['rss_after_load_gib']} | {row['peak_rss_gib']} |", flush=True)
     device["load_average_1min_after"] = load_average()
     if args.json:
         config = {"engine_dir": str(args.engine_dir), "model": manifest.model.get("id"),

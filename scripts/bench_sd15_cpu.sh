@@ -6,12 +6,13 @@
 # (about 7 GB of ONNX; keep it outside the repository), times eager PyTorch, eager CA-ToMe, the staged
 # engine and the unstaged graph at merge fractions 0, 0.5 and 0.75 in 3 interleaved rounds (all four
 # loaded at once), profiles the ONNX Runtime graphs per stage and operator type,
-# and writes benchmarks/results/sd15_cpu_512_b2.{json,png,md}. It takes about 30 minutes on 2 cores.
+# and writes benchmarks/results/sd15_cpu_512_b2.{json,png,md}. With the graphs already built it took
+# 12-16 minutes on 2 cores; a first run builds them before.
 #
 # ONNX Runtime runs with its default CPU memory settings: one shared arena for every session in the
-# process (all stages and the unstaged graph). Per-session arenas took the engine process to 14.4 GB
-# resident at this shape, and no arena made each step about 1.8x slower (every large buffer is freshly
-# page-faulted); the shared arena keeps the per-session speed at 5.9 GB (see docs/runtime.md).
+# process (all stages and the unstaged graph). Per-session arenas took the engine process to 14.4 GiB
+# resident at this shape, and no arena made each step about 2x slower (3.2 million minor page faults
+# per call); the shared arena is no slower than per-session ones at 5.85 GiB (scripts/bench_ort_memory.py).
 #
 # usage: scripts/bench_sd15_cpu.sh [extra catome-export bench flags, e.g. --threads 1]
 set -euo pipefail

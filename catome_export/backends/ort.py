@@ -51,8 +51,8 @@ class OrtOptions:
     """Keep freed CPU buffers in ONNX Runtime's arena for the next run."""
     shared_arena: bool = True
     """With ``cpu_mem_arena``, on the CPU: one arena for every session of the process (all stages, every
-    runtime) rather than one per session. Stages run one at a time, so they can reuse each other's buffers: the
-    same speed as per-session arenas at well under half the memory (SD 1.5 at 512 px, batch 2:
+    runtime) rather than one per session. Stages run one at a time, so they can reuse each other's buffers: no
+    slower than per-session arenas at well under half the memory (SD 1.5 at 512 px, batch 2:
     5.9 GiB peak RSS against 14.4 GiB; docs/runtime.md)."""
     io_binding: bool = True
     """Bind torch tensors by address (True) or pass numpy views to ``session.run`` (False, CPU only)."""
