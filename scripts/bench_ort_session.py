@@ -84,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
             ms = one_generation(args.engine_dir, options, args.steps, args.batch, hw)
             best[name] = min(best.get(name, float("inf")), ms)
     base = best[next(iter(variants))]
+    width = max(len(name) for name in best)
     for name, ms in best.items():
-        print(f"{name:<48} {ms:8.1f} ms/step  ({ms / base:5.2f}x default)")
+        print(f"{name:<{width}} {ms:8.1f} ms/step  ({ms / base:5.2f}x default)")
     print(f"({time.perf_counter() - start:.0f} s)")
     return 0
 
