@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from catome_export.errors import CatomeError
-from catome_export.merging import MergePlan, match_tokens, partition
+from catome_export.merging import MergePlan, match_tokens, merge_tokens, partition, unmerge_tokens
 
 
 # -- the reference ------------------------------------------------------------------------
@@ -185,7 +185,10 @@ def test_r_zero_is_bit_exact_identity():
     assert plan.is_identity
     assert plan.merge(metric) is metric
     assert plan.unmerge(metric) is metric
-    assert torch.equal(plan.keep_idx[0], torch.arange(64)) and plan.src_idx.shape == (2, 0)
+    assert torch.equal(plan.keep_idx[0], torch.arange(64))
+    # written as the one self-merge (no empty tensor reaches a graph), and exact through merge_tokens too
+    assert plan.src_idx.tolist() == plan.slot_idx.tolist() == [[0], [0]] and plan.num_src_rows == 1
+    assert torch.equal(unmerge_tokens(merge_tokens(metric, *plan.tensors()[:4]), plan.unmerge_idx), metric)
 
 
 def test_ties_go_to_the_lowest_dst_index():
