@@ -9,8 +9,10 @@ runners and never sees a backend-specific type.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, ContextManager, Mapping, Protocol, runtime_checkable
 
 import torch
 
@@ -36,6 +38,92 @@ class StageRunner(Protocol):
     def close(self) -> None:
         """Release what the stage holds (sessions, engines, contexts)."""
         ...
+
+
+@runtime_checkable
+class ForkableStageRunner(StageRunner, Protocol):
+    """A stage runner that holds execution state between runs (a TensorRT execution context: input shapes and
+    tensor addresses), which a captured CUDA graph bakes in.
+
+    ``fork()`` gives another runner of the same stage with execution state of its own, so a captured graph can
+    own its state while eager runs use the original (see :mod:`catome_export.runtime.cuda_graphs`). A runner
+    without such state (eager torch modules) need not implement it: one instance serves every caller.
+    """
+
+    def fork(self) -> StageRunner:
+        """Another runner of the same stage, sharing what is read-only (engine, weights, scratch memory) and
+        owning its execution state; ``close()`` releases only that state."""
+        ...
+
+
+class DeviceStream:
+    """The CUDA stream a backend enqueues its work on, created and owned by the backend.
+
+    Never the legacy default stream (which ``torch.cuda.current_stream()``
+    is unless the caller set another): TensorRT's ``enqueueV3`` on it adds
+    device-wide synchronisations, and ONNX Runtime takes a null
+    ``user_compute_stream`` as "none given" and uses a stream of its own.
+
+    :meth:`ordered` puts the backend's work in order with the caller's
+    current stream: this stream first waits for everything the caller
+    enqueued (the inputs it produced), and afterwards the caller's stream
+    waits for this one (the outputs handed back). Memory allocated on the
+    caller's stream and read here is therefore only reused by the caller's
+    later work, which runs after ours; memory allocated on this stream and
+    handed to the caller must be marked with ``record_stream`` by whoever
+    hands it over (:class:`catome_export.runtime.runtime.Runtime` does for
+    ``noise_pred``).
+
+    On a CPU device there is no stream: work happens when it is called,
+    ordering is a no-op, and :attr:`handle` is an opaque non-zero token
+    (seen only by a stand-in ``tensorrt`` module, which tests drive on the
+    CPU).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream: torch.cuda.Stream | None = None
+        if device.type == "cuda":
+            self.stream = torch.cuda.Stream(device)
+        elif device.type != "cpu":
+            raise CatomeError(f"no stream for device {device}: use cpu or cuda")
+
+    @property
+    def handle(self) -> int:
+        """The ``cudaStream_t`` as an int (TensorRT's ``execute_async_v3``, ONNX Runtime's ``user_compute_stream``)."""
+        if self.stream is None:
+            return id(self)
+        return int(self.stream.cuda_stream)
+
+    def is_current(self) -> bool:
+        """True when this stream is the caller's current stream (the runtime made it so for a whole step)."""
+        return self.stream is not None and torch.cuda.current_stream(self.device) == self.stream
+
+    @contextmanager
+    def ordered(self) -> Iterator[None]:
+        """Enqueue the body's work on this stream in order with the caller's current stream (see the class)."""
+        if self.stream is None or self.is_current():
+            yield
+            return
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)
+        try:
+            yield
+        finally:
+            caller.wait_stream(self.stream)
+
+    def allocating(self) -> ContextManager[object]:
+        """Make this stream current, so buffers the backend keeps for its own work (scratch memory) belong to it."""
+        if self.stream is None:
+            return nullcontext()
+        return torch.cuda.stream(self.stream)
+
+
+@runtime_checkable
+class StreamOwner(Protocol):
+    """A backend whose work runs on a stream of its own (TensorRT, ONNX Runtime CUDA)."""
+
+    stream: DeviceStream
 
 
 @runtime_checkable

@@ -1,12 +1,21 @@
 """ONNX Runtime backend: one ``InferenceSession`` per stage, torch tensors in and out.
 
 CPU execution provider everywhere; CUDA execution provider where
-onnxruntime-gpu and a CUDA device are present. Inputs are bound by address
-(``IOBinding.bind_input`` on ``tensor.data_ptr()``) and outputs are allocated
-by ONNX Runtime on the stage's device and handed to torch through DLPack, so
-no tensor travels through the host between stages. Empty tensors (a site
-with r = 0 has [B, 0] index tensors, whose torch address is null) are bound
-as ONNX Runtime values of the right shape instead.
+onnxruntime-gpu (1.21 or later, for DLPack) and a CUDA device are present.
+Inputs are bound by address (``IOBinding.bind_input`` on
+``tensor.data_ptr()``) and outputs are allocated by ONNX Runtime on the
+stage's device and handed to torch through DLPack, so no tensor travels
+through the host between stages. Empty tensors (a site with r = 0 has
+[B, 0] index tensors, whose torch address is null) are bound as ONNX
+Runtime values of the right shape instead.
+
+On CUDA the backend owns a stream (:class:`~catome_export.backends.base.DeviceStream`)
+and gives it to every session as the CUDA provider's ``user_compute_stream``
+(ONNX Runtime takes the stream per session, not per run). Each run first
+waits for the caller's current stream, which produced the inputs; with
+``synchronize`` on (the default) ONNX Runtime waits for its stream before
+the run returns, with it off the caller's stream waits for the backend's
+stream instead, so the outputs are in order for the caller either way.
 
 ``onnxruntime`` is imported when a backend is created, never at module import.
 """
@@ -23,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 import torch
 
-from catome_export.backends.base import check_outputs, ordered_feeds, torch_dtype
+from catome_export.backends.base import DeviceStream, check_outputs, ordered_feeds, torch_dtype
 from catome_export.errors import CatomeError
 
 if TYPE_CHECKING:
@@ -33,6 +42,9 @@ logger = logging.getLogger(__name__)
 
 _NUMPY_DTYPES: dict[torch.dtype, type] = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 _OPT_LEVELS = ("disable", "basic", "extended", "all")
+
+MIN_GPU_VERSION = (1, 21)
+"""Oldest onnxruntime-gpu whose ``OrtValue._get_c_value()`` supports ``__dlpack__`` (outputs handed to torch)."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +75,8 @@ class OrtOptions:
     so they do not compete with the controller's matching between stages (on SD 1.5 at 512 px this halved
     the controller's time on checkpoint steps; docs/runtime.md)."""
     synchronize: bool = True
-    """CUDA: let each run wait for its stream (safe default); False leaves ordering to the shared stream."""
+    """CUDA: each run returns once its work on the backend's stream is done; False returns at once and orders
+    the caller's current stream after the backend's stream instead (no host wait)."""
     log_severity: int = 3
     """ONNX Runtime log level: 0 verbose .. 4 fatal (3 = errors only)."""
 
@@ -117,6 +130,33 @@ def _import_ort():
         raise CatomeError("ONNX Runtime is not installed: pip install 'catome-export[ort]' (CPU) or '[ort-gpu]'") \
             from None
     return onnxruntime
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """The leading numeric release of a version string ("1.20.1" -> (1, 20, 1); "1.21.0.dev2025" -> (1, 21, 0))."""
+    parts: list[int] = []
+    for piece in str(version).split("."):
+        digits = ""
+        for ch in piece:
+            if not ch.isdigit():
+                break
+            digits += ch
+        if not digits:
+            break
+        parts.append(int(digits))
+        if len(digits) != len(piece):
+            break
+    return tuple(parts)
+
+
+def check_gpu_version(version: str) -> None:
+    """CatomeError unless ``version`` is onnxruntime-gpu 1.21 or later (DLPack outputs for torch)."""
+    got = version_tuple(version)
+    if not got or got[:2] < MIN_GPU_VERSION:
+        need = ".".join(str(v) for v in MIN_GPU_VERSION)
+        raise CatomeError(f"ONNX Runtime's CUDA provider needs onnxruntime-gpu >= {need} (it hands outputs to torch "
+                          f"through DLPack), this is {version}: pip install \"onnxruntime-gpu>={need}\", "
+                          "or use --backend ort-cpu")
 
 
 _shared_arena_lock = threading.Lock()
@@ -175,7 +215,9 @@ def session_options(options: OrtOptions, device_type: str = "cpu"):
 class OrtStageRunner:
     """One stage in one ``InferenceSession``."""
 
-    def __init__(self, session: Any, spec: "StageSpec", device: torch.device, options: OrtOptions) -> None:
+    def __init__(self, session: Any, spec: "StageSpec", device: torch.device, options: OrtOptions,
+                 stream: DeviceStream | None = None) -> None:
+        """``stream``: the backend's stream, the one the session's CUDA provider computes on."""
         self.spec = spec
         self.session = session
         self.device = device
@@ -189,6 +231,7 @@ class OrtStageRunner:
         if device.type == "cuda" and not options.synchronize:
             self._run_options = _import_ort().RunOptions()
             self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        self.stream = stream if stream is not None else DeviceStream(device)
         self._check_signature()
 
     def _check_signature(self) -> None:
@@ -245,10 +288,11 @@ class OrtStageRunner:
                                    list(t.shape), t.data_ptr())
         for name in self._out_names:
             binding.bind_output(name, self._device_type, self._device_id)
-        if self._run_options is not None:
-            self.session.run_with_iobinding(binding, self._run_options)
-        else:
-            self.session.run_with_iobinding(binding)
+        with self.stream.ordered():  # the session computes on the backend's stream (its user_compute_stream)
+            if self._run_options is not None:
+                self.session.run_with_iobinding(binding, self._run_options)
+            else:
+                self.session.run_with_iobinding(binding)
         values = binding.get_outputs()
         return {name: _to_torch(v, self._device_type) for name, v in zip(self._out_names, values)}
 
@@ -279,22 +323,24 @@ class OrtBackend:
         if dev.type not in ("cpu", "cuda"):
             raise CatomeError(f"the ONNX Runtime backend runs on cpu or cuda, not {dev}")
         if dev.type == "cuda":
+            check_gpu_version(getattr(ort, "__version__", "unknown"))
             if "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available():
                 raise CatomeError("ONNX Runtime's CUDA provider is not usable here: pip install "
                                   "'catome-export[ort-gpu]' on a machine with an NVIDIA GPU, or use --backend ort-cpu")
         self.device = dev
         self.name = "ort-cuda" if dev.type == "cuda" else "ort-cpu"
         self.options = options or OrtOptions()
+        self.stream = DeviceStream(dev)
+        """CUDA: the stream every session computes on (no stream on the CPU)."""
         self._runners: list[OrtStageRunner] = []
 
     def providers(self) -> list[Any]:
-        """Execution providers for a session: CUDA on the torch stream (plus CPU fallback), or CPU."""
+        """Execution providers for a session: CUDA on the backend's stream (plus CPU fallback), or CPU."""
         if self.device.type != "cuda":
             return ["CPUExecutionProvider"]
-        stream = torch.cuda.current_stream(self.device).cuda_stream
         cuda_opts = {
             "device_id": str(self.device.index or 0),
-            "user_compute_stream": str(stream),
+            "user_compute_stream": str(self.stream.handle),
             "arena_extend_strategy": "kSameAsRequested",
             "do_copy_in_default_stream": "1",
         }
@@ -311,7 +357,7 @@ class OrtBackend:
         except Exception as exc:  # ORT raises its own exception types for damaged or unsupported graphs
             raise CatomeError(f"ONNX Runtime cannot load {path} ({type(exc).__name__}: {str(exc)[:300]}); "
                               "rebuild the engine with catome-export build") from None
-        runner = OrtStageRunner(session, spec, self.device, self.options)
+        runner = OrtStageRunner(session, spec, self.device, self.options, self.stream)
         self._runners.append(runner)
         logger.debug("loaded %s on %s (%s)", path.name, self.name, session.get_providers())
         return runner

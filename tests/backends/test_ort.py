@@ -11,7 +11,9 @@ pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
 onnx = pytest.importorskip("onnx", reason="onnx is not installed")
 from onnx import TensorProto, helper  # noqa: E402
 
-from catome_export.backends.ort import OrtBackend, OrtOptions, physical_cores, session_options  # noqa: E402
+from catome_export.backends.ort import (  # noqa: E402
+    OrtBackend, OrtOptions, check_gpu_version, physical_cores, session_options, version_tuple,
+)
 from catome_export.errors import CatomeError  # noqa: E402
 from catome_export.export.stages import StageSpec, TensorSpec  # noqa: E402
 
@@ -201,16 +203,93 @@ def test_cuda_backend_refused_without_cuda():
         OrtBackend("cuda")
 
 
-@pytest.mark.gpu
-def test_cuda_runner_matches_torch(graph_dir):
+def test_version_parsing():
+    assert version_tuple("1.20.1") == (1, 20, 1)
+    assert version_tuple("1.21.0.dev20250101") == (1, 21, 0)
+    assert version_tuple("1.22rc1") == (1, 22)
+    assert version_tuple("unknown") == ()
+    check_gpu_version("1.21.0")
+    check_gpu_version("1.32.0")
+    check_gpu_version("2.0")
+    for old in ("1.20.1", "1.18.0", "0.9", "unknown"):
+        with pytest.raises(CatomeError, match=r'pip install "onnxruntime-gpu>=1\.21"'):
+            check_gpu_version(old)
+
+
+@pytest.mark.parametrize("version", ["1.18.1", "1.20.2"])
+def test_cuda_backend_refuses_an_onnxruntime_without_dlpack_outputs(monkeypatch, version):
+    """onnxruntime-gpu before 1.21 has no ``OrtValue._get_c_value().__dlpack__``: asking for the CUDA provider with
+    such a release fails at once with the install command, before any session is made."""
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "__version__", version)
+    with pytest.raises(CatomeError, match=rf'this is {version}: pip install "onnxruntime-gpu>=1\.21"'):
+        OrtBackend("cuda")
+
+
+def test_cpu_backend_does_not_check_the_gpu_release(monkeypatch, graph_dir):
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "__version__", "1.18.0")
+    backend = OrtBackend("cpu", OrtOptions(intra_op_threads=1))
+    assert backend.stream.stream is None and backend.providers() == ["CPUExecutionProvider"]
+    runner = backend.load_stage(graph_dir, {"file": "stage_1.onnx"}, SPEC)
+    feeds = _feeds(2, 5, 1, 3)
+    _assert_outputs(runner.run(feeds), _expected(feeds))
+
+
+def _cuda_backend():
     import onnxruntime as ort
 
     if not torch.cuda.is_available() or "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("needs a CUDA device and onnxruntime-gpu")
-    backend = OrtBackend("cuda")
+    return OrtBackend("cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_runner_matches_torch(graph_dir):
+    backend = _cuda_backend()
     runner = backend.load_stage(graph_dir, {"file": "stage_1.onnx"}, SPEC)
     for dims in [(2, 8, 3, 5), (2, 8, 0, 8)]:
         feeds = {k: v.cuda() for k, v in _feeds(*dims).items()}
         out = runner.run(feeds)
         assert all(t.device.type == "cuda" for t in out.values())
         _assert_outputs({k: v.cpu() for k, v in out.items()}, {k: v.cpu() for k, v in _expected(feeds).items()})
+
+
+@pytest.mark.gpu
+def test_cuda_sessions_compute_on_the_backends_own_stream(graph_dir):
+    """Every session gets the backend's stream (not the legacy default stream 0, which ONNX Runtime would take
+    as "none given") as its ``user_compute_stream``."""
+    backend = _cuda_backend()
+    runner = backend.load_stage(graph_dir, {"file": "stage_1.onnx"}, SPEC)
+    handle = backend.stream.handle
+    assert handle not in (0, torch.cuda.default_stream().cuda_stream)
+    options = runner.session.get_provider_options()["CUDAExecutionProvider"]
+    assert options["user_compute_stream"] == str(handle)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("synchronize", [True, False], ids=["sync", "no-sync"])
+def test_cuda_inputs_from_another_stream_are_waited_for(graph_dir, synchronize):
+    """Inputs written by a long kernel on the caller's stream are read only after it; the outputs are ready for
+    the caller's stream (with and without ONNX Runtime's own synchronisation)."""
+    import onnxruntime as ort
+
+    if not torch.cuda.is_available() or "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs a CUDA device and onnxruntime-gpu")
+    backend = OrtBackend("cuda", OrtOptions(synchronize=synchronize))
+    runner = backend.load_stage(graph_dir, {"file": "stage_1.onnx"}, SPEC)
+    caller = torch.cuda.Stream()
+    big = torch.randn(4096, 4096, device="cuda")
+    torch.cuda.synchronize()
+    with torch.cuda.stream(caller):
+        feeds = {k: v.cuda() for k, v in _feeds(2, 8, 3, 5).items()}
+        slow = big
+        for _ in range(20):  # keep the caller's stream busy before the input is written
+            slow = slow @ big / 64.0
+        feeds["x"] = feeds["x"] + slow[:2, :8] * 0.0
+        out = runner.run(feeds)
+        got = {k: v.clone() for k, v in out.items()}  # read on the caller's stream
+    torch.cuda.synchronize()
+    _assert_outputs({k: v.cpu() for k, v in got.items()}, {k: v.cpu() for k, v in _expected(feeds).items()})
