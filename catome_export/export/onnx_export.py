@@ -26,6 +26,9 @@ import torch
 from catome_export._version import __version__
 from catome_export.errors import CatomeError
 from catome_export.export._threads import torch_threads
+from catome_export.export.external_data import (
+    WeightsFile, all_tensors, gather_weights, is_external, needs_external_data, save_graph,
+)
 from catome_export.export.fsutil import sha256_file
 from catome_export.export.stages import StageModule, StageSpec, run_stages
 from catome_export.merging.matching import match_tokens, partition
@@ -36,8 +39,6 @@ logger = logging.getLogger(__name__)
 OPSET = 17
 """ONNX opset of the exported graphs (ScatterElements with a reduction needs >= 16; LayerNormalization 17)."""
 EXPORTERS = ("torchscript", "dynamo")
-PROTO_LIMIT = 2 ** 31 - 1
-"""Protobuf's hard limit on one serialized message."""
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 """Stages whose weights exceed this many bytes keep them in ``stage_<k>.onnx.data`` (margin under 2 GB)."""
 EXAMPLE_SHAPE = (2, (16, 16), 7)
@@ -117,54 +118,6 @@ def example_inputs(stages: Sequence[tuple[StageSpec, StageModule]], sites: Seque
     return captured
 
 
-def _external_info(tensor) -> dict[str, str]:
-    return {e.key: e.value for e in tensor.external_data}
-
-
-def _weights_bytes(model) -> int:
-    """Bytes of the initializers of an ONNX model, inline or in external files (not loaded)."""
-    import onnx
-
-    total = 0
-    for t in model.graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            total += int(_external_info(t).get("length", 0))
-        else:
-            total += len(t.raw_data)
-    return total
-
-
-def _move_weights_out(model, base: Path, data_path: Path, data_name: str, size_threshold: int = 1024) -> None:
-    """Move every initializer of ``size_threshold`` bytes or more into one file ``data_path``, tensor by tensor.
-
-    Tensors the exporter already wrote as external files (it does above 2 GB)
-    are copied over one at a time, so the whole set of weights is never in
-    memory at once.
-    """
-    import onnx
-
-    offset = 0
-    with open(data_path, "wb") as out:
-        for t in model.graph.initializer:
-            if t.data_location == onnx.TensorProto.EXTERNAL:
-                info = _external_info(t)
-                with open(base / info["location"], "rb") as fh:
-                    fh.seek(int(info.get("offset", 0)))
-                    data = fh.read(int(info["length"])) if "length" in info else fh.read()
-            elif len(t.raw_data) >= size_threshold:
-                data = t.raw_data
-            else:
-                continue
-            out.write(data)
-            t.ClearField("raw_data")
-            del t.external_data[:]
-            t.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(data)))):
-                entry = t.external_data.add()
-                entry.key, entry.value = key, value
-            offset += len(data)
-
-
 def _torch_export(spec: StageSpec, module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path,
                   opset: int, exporter: str) -> None:
     names_in, names_out = list(spec.input_names), list(spec.output_names)
@@ -202,6 +155,7 @@ def export_stage(spec: StageSpec, module: torch.nn.Module, args: tuple[torch.Ten
         raise CatomeError(f"opset {opset} is too old: the stages need opset >= 17")
     out_dir = Path(out_dir)
     name = stage_file(spec.index)
+    data_name = f"{name}.data"
     scratch = out_dir / f".export-{spec.index}"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
@@ -213,17 +167,18 @@ def export_stage(spec: StageSpec, module: torch.nn.Module, args: tuple[torch.Ten
         model = onnx.load(str(scratch / name), load_external_data=False)
         _annotate(model, spec)
         target = out_dir / name
-        data_name = f"{name}.data"
-        (out_dir / data_name).unlink(missing_ok=True)
-        external = _weights_bytes(model) > external_data_threshold
+        data_path = out_dir / data_name
+        written_external = sum(is_external(t) for t in all_tensors(model))
+        external = needs_external_data(model, scratch, external_data_threshold)
+        logger.debug("stage %d: %d tensors written to external files by the exporter; weights %s", spec.index,
+                     written_external, "external" if external else "inline")
+        weights: WeightsFile | None = None
         if external:
-            _move_weights_out(model, scratch, out_dir / data_name, data_name)
-            onnx.save_model(model, str(target))
+            weights = gather_weights(model, scratch, data_path)  # data first: the graph refers to it
+            save_graph(model, target)
         else:
-            onnx.load_external_data_for_model(model, str(scratch))
-            if model.ByteSize() > PROTO_LIMIT:
-                raise CatomeError(f"stage {spec.index} is over 2 GB: lower the external data threshold")
-            onnx.save_model(model, str(target))
+            save_graph(model, target)
+            data_path.unlink(missing_ok=True)
         del model
     except CatomeError:
         raise
@@ -234,12 +189,11 @@ def export_stage(spec: StageSpec, module: torch.nn.Module, args: tuple[torch.Ten
         shutil.rmtree(scratch, ignore_errors=True)
     check_stage_file(target)
     seconds = time.perf_counter() - start
-    data_path = out_dir / data_name
     return ExportedStage(
-        index=spec.index, file=name, external_data=data_name if external else None,
+        index=spec.index, file=name, external_data=data_name if weights is not None else None,
         sha256=sha256_file(target), bytes=target.stat().st_size,
-        external_data_sha256=sha256_file(data_path) if external else None,
-        external_data_bytes=data_path.stat().st_size if external else None, seconds=seconds,
+        external_data_sha256=weights.sha256 if weights is not None else None,
+        external_data_bytes=weights.bytes if weights is not None else None, seconds=seconds,
     )
 
 

@@ -6,6 +6,9 @@ import pytest
 import torch
 
 from catome_export.errors import CatomeError
+from catome_export.export import external_data, onnx_export
+from catome_export.export.external_data import gather_weights, needs_external_data, tensor_nbytes, weights_bytes
+from catome_export.export.fsutil import sha256_file
 from catome_export.export.onnx_export import (
     check_stage_file, example_inputs, export_stage, ort_max_diff, ort_session,
 )
@@ -104,7 +107,10 @@ def test_external_data(tmp_path, exported, export_stages, tiny_unet, export_site
     assert data.stat().st_size == item.external_data_bytes > 0
     assert (tmp_path / item.file).stat().st_size < item.external_data_bytes
     entry = item.entry(spec)
-    assert entry["external_data"] == item.external_data and entry["external_data_sha256"]
+    assert entry["external_data"] == item.external_data
+    assert entry["external_data_sha256"] == item.external_data_sha256 == sha256_file(data)
+    assert entry["sha256"] == sha256_file(tmp_path / item.file)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stage_5.onnx", "stage_5.onnx.data"]
     check_stage_file(tmp_path / item.file)
     graph = onnx.load(str(tmp_path / item.file), load_external_data=False).graph
     assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer)
@@ -152,34 +158,145 @@ def test_bad_export_arguments(tmp_path, export_stages, tiny_unet, export_sites):
         check_stage_file(tmp_path / "broken.onnx")
 
 
-def test_weights_already_in_external_files_are_gathered_into_one(tmp_path):
-    """Above 2 GB the exporter writes a file per tensor; the export gathers them into stage_<k>.onnx.data."""
-    import numpy as np
+def _model(arrays: dict) -> "onnx.ModelProto":
+    """A small graph z = a @ b + c whose initializers are ``arrays``."""
     import onnx
     from onnx import helper, numpy_helper
 
-    from catome_export.export.onnx_export import _move_weights_out, _weights_bytes
-
-    a = np.arange(600, dtype=np.float32).reshape(20, 30)
-    b = np.linspace(0, 1, 900, dtype=np.float32).reshape(30, 30)
-    small = np.ones(3, dtype=np.float32)
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["a", "b"], ["y"]), helper.make_node("Add", ["y", "c"], ["z"])], "g", [],
         [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [20, 30])],
-        initializer=[numpy_helper.from_array(a, "a"), numpy_helper.from_array(b, "b"),
-                     numpy_helper.from_array(small, "c")])
+        initializer=[numpy_helper.from_array(v, k) for k, v in arrays.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _arrays() -> dict:
+    import numpy as np
+
+    return {"a": np.arange(600, dtype=np.float32).reshape(20, 30),
+            "b": np.linspace(0, 1, 900, dtype=np.float32).reshape(30, 30), "c": np.ones(3, dtype=np.float32)}
+
+
+def _write_like_torchscript(model, folder) -> None:
+    """Move every initializer to a file of its own named after it, with a ``location`` entry only.
+
+    This is what torch's TorchScript exporter writes for a graph over 2 GB
+    (no ``offset``, no ``length``); the sizes must not depend on those entries.
+    """
+    import onnx
+
+    for t in model.graph.initializer:
+        (folder / t.name).write_bytes(t.raw_data)
+        t.ClearField("raw_data")
+        t.data_location = onnx.TensorProto.EXTERNAL
+        entry = t.external_data.add()
+        entry.key, entry.value = "location", t.name
+
+
+def test_external_files_without_length_are_counted_at_their_true_size(tmp_path):
+    arrays = _arrays()
+    model = _model(arrays)
+    true_size = sum(v.nbytes for v in arrays.values())
+    assert weights_bytes(model) == true_size  # inline
+    _write_like_torchscript(model, tmp_path)
+    assert all("length" not in {e.key for e in t.external_data} for t in model.graph.initializer)
+    assert weights_bytes(model, tmp_path) == true_size
+    assert weights_bytes(model) == true_size  # from dims x dtype: the files are not needed
+    assert [tensor_nbytes(t) for t in model.graph.initializer] == [v.nbytes for v in arrays.values()]
+
+
+def test_the_exporter_having_gone_external_takes_the_external_path_whatever_the_threshold(tmp_path):
+    model = _model(_arrays())
+    _write_like_torchscript(model, tmp_path)
+    assert needs_external_data(model, tmp_path, threshold=10 ** 12)
+
+
+def test_external_data_threshold(tmp_path, monkeypatch):
+    model = _model(_arrays())
+    size = weights_bytes(model)
+    assert needs_external_data(model, tmp_path, threshold=size - 1)
+    assert not needs_external_data(model, tmp_path, threshold=size)
+    # A graph that would come near protobuf's limit goes external even under a threshold set above it.
+    monkeypatch.setattr(external_data, "PROTO_LIMIT", model.ByteSize() + external_data.PROTO_MARGIN - 1)
+    assert needs_external_data(model, tmp_path, threshold=10 ** 12)
+
+
+def test_weights_in_files_without_length_are_gathered_into_one(tmp_path):
+    """The external path copies the exporter's per-tensor files into one file with offsets, lengths and a hash."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    arrays = _arrays()
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    onnx.save_model(helper.make_model(graph), str(scratch / "m.onnx"), save_as_external_data=True,
-                    all_tensors_to_one_file=False, size_threshold=1024)
-    model = onnx.load(str(scratch / "m.onnx"), load_external_data=False)
-    assert _weights_bytes(model) == a.nbytes + b.nbytes + small.nbytes
+    model = _model(arrays)
+    _write_like_torchscript(model, scratch)
     out = tmp_path / "out"
     out.mkdir()
-    _move_weights_out(model, scratch, out / "m.onnx.data", "m.onnx.data")
+    written = gather_weights(model, scratch, out / "m.onnx.data")
     onnx.save_model(model, str(out / "m.onnx"))
     assert sorted(p.name for p in out.iterdir()) == ["m.onnx", "m.onnx.data"]
-    assert (out / "m.onnx.data").stat().st_size == a.nbytes + b.nbytes
+    total = sum(v.nbytes for v in arrays.values())
+    assert written.bytes == (out / "m.onnx.data").stat().st_size == total
+    assert written.sha256 == sha256_file(out / "m.onnx.data")
+    for t in model.graph.initializer:
+        info = {e.key: e.value for e in t.external_data}
+        assert info["location"] == "m.onnx.data" and int(info["length"]) == arrays[t.name].nbytes
     again = onnx.load(str(out / "m.onnx"))
-    arrays = {t.name: numpy_helper.to_array(t) for t in again.graph.initializer}
-    assert np.array_equal(arrays["a"], a) and np.array_equal(arrays["b"], b) and np.array_equal(arrays["c"], small)
+    got = {t.name: numpy_helper.to_array(t) for t in again.graph.initializer}
+    assert all(np.array_equal(got[k], v) for k, v in arrays.items())
+
+
+def test_inline_weights_below_the_size_threshold_stay_in_the_graph(tmp_path):
+    import onnx
+
+    model = _model(_arrays())
+    written = gather_weights(model, tmp_path, tmp_path / "m.onnx.data", size_threshold=1024)
+    by_name = {t.name: t for t in model.graph.initializer}
+    assert by_name["c"].data_location == onnx.TensorProto.DEFAULT and len(by_name["c"].raw_data) == 12
+    assert by_name["a"].data_location == by_name["b"].data_location == onnx.TensorProto.EXTERNAL
+    assert written.bytes == 600 * 4 + 900 * 4
+
+
+def test_broken_external_references_are_refused(tmp_path):
+    model = _model(_arrays())
+    _write_like_torchscript(model, tmp_path)
+    a = model.graph.initializer[0]
+    entry = a.external_data.add()
+    entry.key, entry.value = "length", "100"
+    with pytest.raises(CatomeError, match="differs from its shape"):
+        weights_bytes(model, tmp_path)
+    del a.external_data[1:]
+    (tmp_path / "a").write_bytes(b"\0" * 10)  # truncated
+    with pytest.raises(CatomeError, match="incomplete"):
+        gather_weights(model, tmp_path, tmp_path / "m.onnx.data")
+    assert not (tmp_path / "m.onnx.data").exists() and not list(tmp_path.glob(".m.onnx.data.*"))
+    a.external_data[0].value = "../outside"
+    with pytest.raises(CatomeError, match="outside"):
+        gather_weights(model, tmp_path, tmp_path / "m.onnx.data")
+
+
+def test_export_takes_the_external_path_when_the_exporter_wrote_files_without_length(
+        tmp_path, monkeypatch, export_stages, tiny_unet, export_sites):
+    """A stage far under the threshold whose weights the exporter wrote externally (as it does over 2 GB) is
+    exported with one weights file, never loaded back into the graph; ONNX Runtime runs it."""
+    import onnx
+
+    real_export = onnx_export._torch_export
+
+    def export_then_write_externally(spec, module, args, path, opset, exporter):
+        real_export(spec, module, args, path, opset, exporter)
+        model = onnx.load(str(path))
+        _write_like_torchscript(model, path.parent)
+        onnx.save_model(model, str(path))
+
+    monkeypatch.setattr(onnx_export, "_torch_export", export_then_write_externally)
+    spec, module = export_stages[-1]
+    examples = example_inputs(export_stages, export_sites, tiny_unet.config, torch.float32)
+    item = export_stage(spec, module, examples[spec.index], tmp_path)
+    assert item.external_data == "stage_5.onnx.data"
+    assert item.external_data_bytes == (tmp_path / item.external_data).stat().st_size > 0
+    assert item.external_data_sha256 == sha256_file(tmp_path / item.external_data)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stage_5.onnx", "stage_5.onnx.data"]
+    assert ort_max_diff(ort_session(tmp_path / item.file), spec, module, examples[spec.index]) <= 1e-4
