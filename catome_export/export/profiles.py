@@ -22,24 +22,28 @@ dim         value
 ``N{k}``    tokens at site k: ``gh * gw`` with the site grid
             ``gh = ceil(h / ds_k)``, ``gw = ceil(w / ds_k)`` (``ds_k`` = the
             site's downsample; ``N = h * w`` at downsample 1)
-``R{k}``    merged tokens at site k: 0 (nothing merged) .. ``#src`` at the
-            largest grid, where ``#src = N - #dst`` and
+``R{k}``    rows of the ``src_idx`` / ``slot_idx`` inputs at site k: the merged
+            count r, or 1 when nothing is merged (r = 0 is one exact
+            self-merge, see :meth:`MergePlan.identity`): 1 .. ``#src`` at
+            the largest grid, where ``#src = N - #dst`` and
             ``#dst = (gh // sy) * (gw // sx)`` for the stride ``(sy, sx)``
-``K{k}``    kept tokens ``N{k} - R{k}``: ``#dst`` at the smallest grid (every
-            src merged) .. ``N{k}`` at the largest grid (nothing merged)
+            (a grid without a full cell has nothing to merge into: r = 0)
+``K{k}``    kept tokens ``N{k} - r``: ``max(1, #dst)`` at the smallest grid
+            (every src merged) .. ``N{k}`` at the largest grid (nothing merged)
 ==========  ====================================================================
 
 Every formula is non-decreasing in ``h`` and ``w``, so the min corner is the
 smallest batch / latent / text length and the max corner the largest. The opt
 corner takes the expected shapes of ``shapes["opt"]`` and the expected merge
 level ``F`` (``--opt-merge-fraction`` or :func:`calibrate_opt_fraction`):
-``R = round(F * #src)``, ``K = N - R`` at the opt grid.
+``r = round(F * #src)``, ``R = max(r, 1)``, ``K = N - r`` at the opt grid.
 
-Zero-sized dims: r = 0 (nothing merged) makes the ``src_idx`` / ``slot_idx``
-inputs empty, so ``R{k}`` has min 0. TensorRT (8 and later, all of 10.x)
-supports empty tensors: a profile dim may have min 0, min <= opt <= max is the
-only ordering rule, and execution accepts zero-volume inputs (the backend
-binds a small valid device address to them, see ``backends/trt.py``).
+No zero-sized dims: every dim of every profile is at least 1. A site that
+merges nothing feeds the one self-merge of :meth:`MergePlan.identity`
+(``src_idx`` / ``slot_idx`` of shape [B, 1]), so ``R{k}`` has min 1 and no
+empty tensor ever reaches an engine: TensorRT 10.13 and 10.14 have a
+reported builder error for a dim with min 0 and max > 0 feeding a V3 plugin
+(fixed in 10.16), and empty bindings would need dummy addresses.
 """
 
 from __future__ import annotations
@@ -177,7 +181,7 @@ class DimEnv:
     width: int
     text_len: int
     merge_fraction: float
-    """Share of src merged at this corner: 0 at min (for R), 1 at max (for R), F at opt."""
+    """Share of src merged at this corner: 0 at min (for R), 1 at max (for R), F at opt (only opt reads it)."""
     stride: tuple[int, int]
     sites: Mapping[int, SiteGeometry]
 
@@ -188,19 +192,25 @@ _SITE_DIM = re.compile(r"^([NKR])(\d+)$")
 _LEVEL_DIM = re.compile(r"^([HW])(\d+)$")
 
 
+def num_mergeable(grid: tuple[int, int], stride: tuple[int, int] = (2, 2)) -> int:
+    """The largest r the matching can give on a grid: #src, or 0 where no full cell gives a dst."""
+    return num_src(grid, stride) if num_dst(grid, stride) else 0
+
+
 def _site_dim(kind: str, site: SiteGeometry, env: DimEnv) -> int:
     grid = site.grid(env.height, env.width)
     n = grid[0] * grid[1]
-    src = num_src(grid, env.stride)
     if kind == "N":
         return n
+    most = num_mergeable(grid, env.stride)
     if env.corner == "min":
-        # R's smallest value is 0 (nothing merged); K's smallest is #dst (every src merged).
-        return 0 if kind == "R" else n - src
+        # R's smallest value is 1 (r = 0 is one self-merge); K's smallest is #dst (every src merged), and
+        # at least 1 (a grid without dst merges nothing and keeps N tokens). Both are non-decreasing in h, w.
+        return 1 if kind == "R" else max(1, n - num_src(grid, env.stride))
     if env.corner == "max":
-        return src if kind == "R" else n
-    r = int(round(env.merge_fraction * src))
-    return r if kind == "R" else n - r
+        return max(1, most) if kind == "R" else n
+    r = int(round(env.merge_fraction * most))
+    return max(1, r) if kind == "R" else n - r
 
 
 def resolve_dim(dim: str | int, env: DimEnv, extra: Mapping[str, DimRule] | None = None) -> int:
@@ -370,14 +380,21 @@ def compute_profiles(
 
 
 def check_ordered(name: str, shapes: ProfileShapes) -> None:
-    """Raise CatomeError unless min <= opt <= max in every dim (TensorRT's rule) and no dim is negative."""
+    """Raise CatomeError unless min <= opt <= max in every dim (TensorRT's rule) and no dim is below 1.
+
+    A dim of 0 would let an empty tensor reach an engine, which this
+    project never feeds (r = 0 is a self-merge with one src row).
+    """
     mn, opt, mx = shapes
     if not len(mn) == len(opt) == len(mx):
         raise CatomeError(f"profile of {name!r}: min/opt/max ranks differ ({mn}, {opt}, {mx})")
     for i, (a, b, c) in enumerate(zip(mn, opt, mx)):
-        if a < 0 or not a <= b <= c:
+        if a < 1:
+            raise CatomeError(f"profile of {name!r}: dim {i} has min {a}; every dim must be at least 1 (no empty "
+                              "tensor may reach an engine): check the shape ranges and any extra dim rules")
+        if not a <= b <= c:
             raise CatomeError(f"profile of {name!r}: dim {i} has min {a}, opt {b}, max {c}; TensorRT needs "
-                              "0 <= min <= opt <= max: check the shape ranges and the opt values")
+                              "min <= opt <= max: check the shape ranges and the opt values")
 
 
 def profiles_to_json(profiles: Sequence[StageProfile]) -> list[dict[str, dict[str, list[int]]]]:

@@ -15,7 +15,7 @@ from catome_export.export.profiles import (
     profiles_to_json, smooth_latent,
 )
 from catome_export.export.stages import StageSpec, TensorSpec, plan_specs
-from catome_export.merging import MergeSettings, partition
+from catome_export.merging import MergePlan, MergeSettings, match_tokens, partition
 
 
 def _site_stage_specs(num_sites: int, channels: int, text_dim: int) -> list[StageSpec]:
@@ -72,7 +72,7 @@ def test_sd15_at_512_site0_ranges(sd15_sites):
     keep_min, keep_opt, keep_max = site0["site0_keep_idx"]
     assert (keep_min[1], keep_max[1]) == (1024, 4096)
     src_min, src_opt, src_max = site0["site0_src_idx"]
-    assert (src_min[1], src_max[1]) == (0, 3072)
+    assert (src_min[1], src_max[1]) == (1, 3072)  # r = 0 is one self-merge: never an empty src tensor
     assert src_opt[1] == 1536 and keep_opt[1] == 4096 - 1536
     assert site0["site0_slot_idx"] == site0["site0_src_idx"]
     assert site0["site0_weight"] == site0["site0_keep_idx"]
@@ -90,7 +90,7 @@ def test_sd15_resolution_range(sd15_sites):
         p = prof[k + 1]
         assert [s[1] for s in p[f"site{k}_unmerge_idx"]] == [1024, 4096, 9216]
         assert [s[1] for s in p[f"site{k}_keep_idx"]] == [256, 4096 - 2304, 9216]
-        assert [s[1] for s in p[f"site{k}_src_idx"]] == [0, 2304, 6912]
+        assert [s[1] for s in p[f"site{k}_src_idx"]] == [1, 2304, 6912]
         assert p[f"site{k}_residual"] == ((1, 320, 32, 32), (2, 320, 64, 64), (2, 320, 96, 96))
 
 
@@ -125,7 +125,7 @@ def test_manifest_object_supplies_specs_shapes_sites_and_stride():
     prof = compute_profiles(FakeManifest())
     # stride (1, 2) on 10x10: 50 dst, 50 src
     assert prof[1]["site0_keep_idx"] == ((1, 50), (1, 50), (2, 100))
-    assert prof[1]["site0_src_idx"] == ((1, 0), (1, 50), (2, 50))
+    assert prof[1]["site0_src_idx"] == ((1, 1), (1, 50), (2, 50))
 
 
 def test_lower_level_dims_use_ceil_division():
@@ -143,7 +143,8 @@ def test_downsampled_site_grid():
     # grid ceil(9/2) = 5x5 = 25 tokens, 4 dst, 21 src
     assert prof["site0_unmerge_idx"][2] == (2, 25)
     assert prof["site0_keep_idx"] == ((1, 4), (1, 25), (2, 25))
-    assert prof["site0_src_idx"] == ((1, 0), (1, 0), (2, 21))
+    # opt fraction 0: r = 0 at opt, fed as the one self-merge row
+    assert prof["site0_src_idx"] == ((1, 1), (1, 1), (2, 21))
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -170,6 +171,13 @@ def test_unknown_symbolic_dim_raises():
     assert prof[0]["odd"] == ((1, 3), (2, 6), (2, 6))
 
 
+def test_zero_sized_dims_are_refused():
+    """No profile may let an empty tensor reach an engine: a dim rule that gives 0 is an error."""
+    spec = StageSpec(0, None, None, (TensorSpec("odd", "float32", ("B", "Q")),), ())
+    with pytest.raises(CatomeError, match="at least 1"):
+        compute_profiles([spec], _shapes(), 0.5, extra_dims={"Q": lambda env: 0 if env.corner == "min" else 4})
+
+
 def test_site_dim_of_unknown_site_raises():
     spec = StageSpec(1, 0, None, tuple(plan_specs(7)), ())
     with pytest.raises(CatomeError, match="site 7"):
@@ -179,7 +187,7 @@ def test_site_dim_of_unknown_site_raises():
 def test_json_round_trip():
     prof = compute_profiles(_site_stage_specs(2, 8, 32), _shapes(), 0.3)
     data = profiles_to_json(prof)
-    assert data[1]["site0_src_idx"] == {"min": [1, 0], "opt": [2, round(0.3 * 3072)], "max": [2, 3072]}
+    assert data[1]["site0_src_idx"] == {"min": [1, 1], "opt": [2, round(0.3 * 3072)], "max": [2, 3072]}
     assert profiles_from_json(data) == prof
 
 
@@ -199,7 +207,7 @@ def test_shape_ranges_accept_single_ints():
     ds=st.sampled_from([1, 2, 4]),
 )
 def test_min_opt_max_ordered_and_consistent(b, h, w, opt, fraction, stride, ds):
-    """For any ranges, opt point and fraction: min <= opt <= max, K + R = N at opt, R <= #src, K >= #dst."""
+    """For any ranges, opt point and fraction: 1 <= min <= opt <= max, K + r = N at opt, R <= #src, K >= #dst."""
     def rng(lo_extra):
         lo, extra = lo_extra
         return lo, lo + extra
@@ -213,16 +221,49 @@ def test_min_opt_max_ordered_and_consistent(b, h, w, opt, fraction, stride, ds):
     prof = compute_profiles(specs, _shapes((b0, b1), (h0, h1), (w0, w1), (ob, oh, ow)), fraction,
                             sites=[site], stride=stride)[1]
     for name, (mn, op, mx) in prof.items():
-        assert all(0 <= a <= o <= c for a, o, c in zip(mn, op, mx)), (name, mn, op, mx)
+        assert all(1 <= a <= o <= c for a, o, c in zip(mn, op, mx)), (name, mn, op, mx)
     grid_opt = site.grid(oh, ow)
     n_opt = grid_opt[0] * grid_opt[1]
-    k_opt, r_opt = prof["site0_keep_idx"][1][1], prof["site0_src_idx"][1][1]
-    assert k_opt + r_opt == n_opt
-    assert r_opt == round(fraction * num_src(grid_opt, stride))
-    assert prof["site0_src_idx"][2][1] == num_src(site.grid(h1, w1), stride)
-    assert prof["site0_keep_idx"][0][1] == num_dst(site.grid(h0, w0), stride)
+    mergeable = num_src(grid_opt, stride) if num_dst(grid_opt, stride) else 0  # no dst: nothing merges
+    r_opt = round(fraction * mergeable)
+    k_opt, rows_opt = prof["site0_keep_idx"][1][1], prof["site0_src_idx"][1][1]
+    assert k_opt + r_opt == n_opt and rows_opt == max(r_opt, 1)
+    assert prof["site0_src_idx"][0][1] == 1
+    grid_max = site.grid(h1, w1)
+    assert prof["site0_src_idx"][2][1] == max(1, num_src(grid_max, stride) if num_dst(grid_max, stride) else 0)
+    assert prof["site0_keep_idx"][0][1] == max(1, num_dst(site.grid(h0, w0), stride))
+    assert prof["site0_keep_idx"][2][1] == prof["site0_unmerge_idx"][2][1] == grid_max[0] * grid_max[1]
     # the profile's #src is what the matching code partitions
     assert num_src(grid_opt, stride) == partition(grid_opt, stride)[0].numel()
+
+
+def _plan_fits(plan: MergePlan, profile: dict, site: int = 0) -> bool:
+    names = dict(zip(("keep_idx", "src_idx", "slot_idx", "weight", "unmerge_idx"), plan.tensors()))
+    return all(all(lo <= d <= hi for lo, d, hi in zip(profile[f"site{site}_{name}"][0], t.shape,
+                                                     profile[f"site{site}_{name}"][2]))
+               for name, t in names.items())
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    h=st.tuples(st.integers(1, 12), st.integers(0, 6)),
+    w=st.tuples(st.integers(1, 12), st.integers(0, 6)),
+    stride=st.sampled_from([(2, 2), (1, 2), (3, 2), (4, 4)]),
+    pick=st.tuples(st.floats(0, 1), st.floats(0, 1), st.floats(0, 1)),
+)
+def test_every_plan_the_matching_makes_fits_the_profile(h, w, stride, pick):
+    """Plans at any size in the range, from r = 0 (the self-merge) to every src merged, lie inside the profile."""
+    (h0, dh), (w0, dw) = h, w
+    specs = _site_stage_specs(1, 8, 32)
+    prof = compute_profiles(specs, _shapes((1, 2), (h0, h0 + dh), (w0, w0 + dw), (1, h0, w0)), 0.5,
+                            sites=[SiteGeometry(0, 1)], stride=stride)[1]
+    gh, gw = h0 + round(pick[0] * dh), w0 + round(pick[1] * dw)
+    metric = torch.randn(2, gh * gw, 4, generator=torch.Generator().manual_seed(gh * 100 + gw))
+    src = partition((gh, gw), stride)[0].numel()
+    for r in sorted({0, 1, round(pick[2] * src), src}):
+        plan = match_tokens(metric, (gh, gw), num_merged=r, stride=stride)
+        assert all(t.numel() > 0 for t in plan.tensors())
+        assert _plan_fits(plan, prof), (gh, gw, r, prof)
 
 
 def test_calibrate_opt_fraction(tiny_unet):
