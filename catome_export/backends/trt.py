@@ -1,24 +1,31 @@
-"""TensorRT backend: one deserialised engine per stage, torch tensors bound by address, one stream.
+"""TensorRT backend: one deserialised engine per stage, torch tensors bound by address, one stream of its own.
 
 - Each ``stage_<k>.plan`` is deserialised once, with the ``libnvinfer_plugin``
   plugins registered first (the merge's scatter-add runs as a plugin).
 - Execution contexts do not own scratch memory: they are created with
   ``ExecutionContextAllocationStrategy.USER_MANAGED`` and all point at one
   shared device buffer as large as the largest stage needs
-  (``device_memory_size_v2``). The stages run one after another on one
-  stream, so they never use it at the same time.
-- Inputs and outputs are torch tensors on the backend's CUDA device, bound
-  with ``set_tensor_address``; ``execute_async_v3`` runs on torch's current
-  stream, so the work orders with everything torch does and can be captured
-  in a CUDA graph (see ``runtime/cuda_graphs.py``).
+  (``device_memory_size_v2``), set before their first enqueue. Every context
+  of a backend enqueues on the backend's one stream, so two contexts never
+  use that buffer at the same time.
+- The backend owns its CUDA stream (:class:`~catome_export.backends.base.DeviceStream`,
+  never the legacy default stream): ``execute_async_v3`` runs on it, after
+  the caller's current stream (which produced the inputs), and the caller's
+  stream waits for it before it reads the outputs.
+- Inputs and outputs are torch tensors on the backend's device, bound with
+  ``set_tensor_address`` (its result is checked). Every address is 256-byte
+  aligned, as TensorRT requires: an input that is not (a view at an odd
+  offset) is copied into an aligned buffer first; outputs are allocated
+  aligned. A zero-volume tensor (torch gives it a null address) is bound to
+  a slot of its own in a small aligned dummy buffer: TensorRT wants a
+  non-null address for every input, empty or not.
 - ``set_input_shape`` is called only when an input's shape changed since the
-  stage's last run; outputs are allocated from ``get_tensor_shape`` after the
-  shapes are set.
-- Empty tensors (r = 0 gives ``src_idx``/``slot_idx`` of shape [B, 0]) get an
-  address of their own in a small dummy allocation: torch returns a null
-  pointer for a 0-element tensor, and TensorRT wants at least one allocated
-  byte behind every binding (newer releases accept null for empty inputs,
-  older ones do not; a real address works for all).
+  context's last run; outputs are allocated from ``get_tensor_shape`` after
+  all input shapes are set.
+- :meth:`TrtStageRunner.fork` gives a runner with an execution context of
+  its own on the same engine and scratch memory: each captured CUDA graph
+  owns such contexts, so no eager run ever re-shapes or re-enqueues a
+  context a graph was captured on (see ``runtime/cuda_graphs.py``).
 
 ``tensorrt`` is imported when a backend is created, never at module import.
 """
@@ -33,16 +40,20 @@ from typing import Any
 
 import torch
 
+from catome_export.backends.base import DeviceStream
 from catome_export.backends.select import import_tensorrt
 from catome_export.errors import CatomeError
 
 logger = logging.getLogger(__name__)
 
+ALIGNMENT = 256
+"""Bytes every tensor address (and the scratch memory) must be aligned to (``IExecutionContext::setTensorAddress``)."""
+
 MIN_SCRATCH_BYTES = 512
 """Smallest shared scratch buffer (a valid, aligned address for every context)."""
 
-DUMMY_BYTES = 256
-"""Bytes of dummy memory per empty binding (TensorRT's address alignment); each IO tensor gets its own slot."""
+DUMMY_BYTES = ALIGNMENT
+"""Bytes of dummy memory per zero-volume binding; each IO tensor gets its own aligned slot."""
 
 
 def _trt_logger(trt: Any, injected: bool) -> Any:
@@ -72,15 +83,49 @@ def torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
     return table[dtype]
 
 
+def is_aligned(t: torch.Tensor) -> bool:
+    """True when ``t``'s address is a multiple of :data:`ALIGNMENT`."""
+    return int(t.data_ptr()) % ALIGNMENT == 0
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised contiguous tensor whose address is 256-byte aligned (zero-volume: whatever torch gives).
+
+    torch's CUDA caching allocator hands out 512-byte aligned blocks, so the
+    first allocation is kept there; elsewhere (the CPU allocator aligns to 64
+    bytes) a slightly larger byte buffer is cut at the next aligned offset.
+    """
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if t.numel() == 0 or is_aligned(t):
+        return t
+    nbytes = t.numel() * t.element_size()
+    del t
+    raw = torch.empty(nbytes + ALIGNMENT, dtype=torch.uint8, device=device)
+    offset = (-int(raw.data_ptr())) % ALIGNMENT
+    return raw[offset:offset + nbytes].view(dtype).view(shape)
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its address is aligned (or it is empty), else an aligned copy (on the current stream)."""
+    if t.numel() == 0 or is_aligned(t):
+        return t
+    out = aligned_empty(tuple(t.shape), t.dtype, t.device)
+    out.copy_(t)
+    return out
+
+
 class SharedDeviceMemory:
-    """One scratch buffer for every execution context of a backend; grows to the largest request.
+    """One aligned scratch buffer for every execution context of a backend; grows to the largest request.
 
     ``generation`` changes whenever the buffer is reallocated, so a context
     (or a captured CUDA graph) that points at the old buffer knows to rebind.
+    The buffer is allocated on the backend's stream, the only one that uses
+    it, so the allocator never hands its memory to other work too early.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, stream: DeviceStream | None = None) -> None:
         self.device = device
+        self.stream = stream
         self.buffer: torch.Tensor | None = None
         self.generation = 0
 
@@ -91,7 +136,8 @@ class SharedDeviceMemory:
     def reserve(self, nbytes: int) -> None:
         """Make the buffer at least ``nbytes`` large (never shrinks)."""
         if nbytes > self.nbytes:
-            self.buffer = torch.empty(int(nbytes), dtype=torch.uint8, device=self.device)
+            with self.stream.allocating() if self.stream is not None else _nullcontext():
+                self.buffer = aligned_empty((int(nbytes),), torch.uint8, self.device)
             self.generation += 1
             logger.debug("shared TensorRT scratch memory: %.1f MB", nbytes / 2**20)
 
@@ -105,30 +151,32 @@ class SharedDeviceMemory:
 
 
 def engine_device_memory(engine: Any) -> int:
-    """Scratch bytes a context of ``engine`` needs for any shape in its profile."""
-    size = getattr(engine, "device_memory_size_v2", None)  # TensorRT >= 10.1
-    if size is None:
-        size = engine.device_memory_size
-    return int(size)
+    """Scratch bytes a context of ``engine`` needs for any shape in its profile (``device_memory_size_v2``,
+    TensorRT 10.1 and later, the oldest release this project supports)."""
+    return int(engine.device_memory_size_v2)
 
 
 def bind_device_memory(context: Any, address: int, nbytes: int) -> None:
-    """Point ``context`` at user-managed scratch memory."""
-    if hasattr(context, "set_device_memory"):  # TensorRT >= 10.1: address and size
-        context.set_device_memory(address, nbytes)
-    else:  # TensorRT 10.0
-        context.device_memory = address
+    """Point ``context`` at user-managed scratch memory (``set_device_memory(ptr, size)``, 10.1 and later)."""
+    context.set_device_memory(address, nbytes)
 
 
 class TrtStageRunner:
-    """Runs one stage engine: ``run(feeds) -> outputs`` with torch tensors on the backend's device."""
+    """Runs one stage engine on one execution context: ``run(feeds) -> outputs`` with torch tensors.
 
-    def __init__(self, backend: "TrtBackend", engine: Any, spec: Any, path: Path) -> None:
+    The runners :meth:`TrtBackend.load_stage` returns serve eager runs;
+    :meth:`fork` makes further runners of the same engine, each with a
+    context of its own, for captured CUDA graphs.
+    """
+
+    def __init__(self, backend: "TrtBackend", engine: Any, spec: Any, path: Path,
+                 parent: "TrtStageRunner | None" = None) -> None:
         trt = backend.trt
         self.backend = backend
         self.spec = spec
         self.path = path
         self.engine = engine
+        self.parent = parent
         self.context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         if self.context is None:
             raise CatomeError(f"TensorRT could not create an execution context for {path.name} "
@@ -145,10 +193,13 @@ class TrtStageRunner:
             self.dtypes[name] = torch_dtype(trt, engine.get_tensor_dtype(name))
         self._check_against_spec()
         io_names = self.inputs + self.outputs
-        self._dummy = torch.empty(DUMMY_BYTES * len(io_names), dtype=torch.uint8, device=backend.device)
+        with backend.stream.allocating():
+            self._dummy = aligned_empty((DUMMY_BYTES * len(io_names),), torch.uint8, backend.device)
         self._dummy_slot = {name: i * DUMMY_BYTES for i, name in enumerate(io_names)}
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._keep: list[torch.Tensor] = []
+        self.runs = 0
+        """Enqueues on this runner's context so far."""
 
     def _check_against_spec(self) -> None:
         """Engine IO must match the spec: same outputs; inputs a subset (TensorRT drops inputs nothing reads)."""
@@ -162,8 +213,21 @@ class TrtStageRunner:
                 "stale, rebuild the engines (catome-export build ... --backend trt)"
             )
         unused = want_in - set(self.inputs)
-        if unused:
+        if unused and self.parent is None:
             logger.debug("stage %d: TensorRT dropped unused inputs %s", self.spec.index, sorted(unused))
+
+    def fork(self) -> "TrtStageRunner":
+        """Another runner of this stage with an execution context of its own.
+
+        It shares the engine and the backend's scratch memory (the backend's
+        one stream orders every context's work, so they never use it at the
+        same time) and keeps its own input shapes and tensor addresses. A
+        captured CUDA graph owns forks, so eager runs never touch a context
+        a graph was captured on. ``close()`` releases the fork's context.
+        """
+        if self.context is None:
+            raise CatomeError(f"stage {self.spec.index} was closed: load the engine again")
+        return self.backend.fork(self)
 
     def profile_range(self, name: str) -> tuple[tuple[int, ...], ...]:
         """(min, opt, max) of an input in profile 0."""
@@ -172,6 +236,7 @@ class TrtStageRunner:
     def _set_shape(self, name: str, shape: tuple[int, ...]) -> None:
         if self._shapes.get(name) == shape:
             return
+        self._shapes.pop(name, None)
         if not self.context.set_input_shape(name, shape):
             lo, _, hi = self.profile_range(name)
             raise CatomeError(
@@ -181,14 +246,28 @@ class TrtStageRunner:
             )
         self._shapes[name] = shape
 
-    def _address(self, name: str, t: torch.Tensor) -> int:
-        """The tensor's address, or for an empty tensor a valid address of its own in the dummy buffer."""
-        if t.numel():
-            return int(t.data_ptr())
-        return int(self._dummy.data_ptr()) + self._dummy_slot[name]
+    def _bind(self, name: str, t: torch.Tensor) -> None:
+        """Bind ``t`` (aligned, or empty) to ``name``; an empty tensor gets its slot of the dummy buffer."""
+        address = int(t.data_ptr()) if t.numel() else int(self._dummy.data_ptr()) + self._dummy_slot[name]
+        if not self.context.set_tensor_address(name, address):
+            raise CatomeError(f"TensorRT refused address {address:#x} for tensor {name!r} of stage "
+                              f"{self.spec.index} ({self.path.name}; it needs a non-null, {ALIGNMENT}-byte aligned "
+                              "address of a known tensor): see the TensorRT log above; if the plan's tensor names "
+                              "changed, rebuild the engines (catome-export build ... --backend trt)")
+
+    def _bind_memory(self) -> None:
+        memory = self.backend.memory
+        if self._memory_generation != memory.generation:
+            if memory.nbytes < self.memory_bytes or memory.address == 0:
+                raise CatomeError(f"internal: stage {self.spec.index} needs {self.memory_bytes} bytes of scratch "
+                                  f"memory, the shared buffer has {memory.nbytes}")
+            bind_device_memory(self.context, memory.address, memory.nbytes)
+            self._memory_generation = memory.generation
 
     def run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Bind the feeds, set changed shapes, allocate outputs, enqueue on the current stream."""
+        """Bind the feeds, set changed shapes, allocate outputs, enqueue on the backend's stream."""
+        if self.context is None:
+            raise CatomeError(f"stage {self.spec.index} was closed: load the engine again")
         device = self.backend.device
         if device.type == "cuda" and torch.cuda.current_device() != device.index:
             with torch.cuda.device(device):  # TensorRT enqueues on the device its engine was loaded on
@@ -197,11 +276,9 @@ class TrtStageRunner:
 
     def _run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         backend = self.backend
-        memory = backend.memory
-        if self._memory_generation != memory.generation:
-            bind_device_memory(self.context, memory.address, memory.nbytes)
-            self._memory_generation = memory.generation
+        self._bind_memory()
         keep: list[torch.Tensor] = []
+        # Conversions and copies run on the caller's stream, after the work that produced the feeds.
         for name in self.inputs:
             t = feeds.get(name)
             if t is None:
@@ -209,27 +286,35 @@ class TrtStageRunner:
             want = self.dtypes[name]
             if t.device != backend.device or t.dtype != want or not t.is_contiguous():
                 t = t.to(device=backend.device, dtype=want).contiguous()
+            t = aligned(t)
             keep.append(t)
             self._set_shape(name, tuple(int(d) for d in t.shape))
-            self.context.set_tensor_address(name, self._address(name, t))
+            self._bind(name, t)
         outputs: dict[str, torch.Tensor] = {}
         for name in self.outputs:
             shape = tuple(int(d) for d in self.context.get_tensor_shape(name))
             if any(d < 0 for d in shape):
                 raise CatomeError(f"stage {self.spec.index}: TensorRT cannot size output {name!r} ({list(shape)}): "
                                   "every input shape must be set; rebuild the engines if this persists")
-            out = torch.empty(shape, dtype=self.dtypes[name], device=backend.device)
-            self.context.set_tensor_address(name, self._address(name, out))
+            out = aligned_empty(shape, self.dtypes[name], backend.device)
+            self._bind(name, out)
             outputs[name] = out
-        if not self.context.execute_async_v3(backend.stream_handle()):
+        with backend.stream.ordered():
+            ok = self.context.execute_async_v3(backend.stream.handle)
+        self.runs += 1
+        if not ok:
             raise CatomeError(f"TensorRT failed to run stage {self.spec.index} ({self.path.name}): see the TensorRT "
                               "log above")
-        # Hold the converted inputs until the next run: the enqueued work still reads them,
-        # and no other stream may be handed their memory meanwhile.
+        # Hold the converted inputs until the next run: the enqueued work still reads them.
         self._keep = keep
         return outputs
 
     def close(self) -> None:
+        """Release the context; a runner :meth:`TrtBackend.load_stage` returned also releases its forks."""
+        if self.parent is None:
+            for fork in [f for f in self.backend.forks if f.parent is self]:
+                fork.close()
+        self.backend.forget(self)
         self.context = None
         self.engine = None
         self._keep = []
@@ -243,7 +328,7 @@ class TrtBackend:
 
     def __init__(self, manifest: Any = None, device: torch.device | str | None = None, *,
                  check_compat: bool = True, trt_module: Any = None) -> None:
-        """Load nothing yet: check compatibility, register plugins, make the runtime.
+        """Load nothing yet: check compatibility, register plugins, make the runtime and the stream.
 
         ``trt_module``: a stand-in for the ``tensorrt`` module (tests only;
         it also lets the backend run on a CPU device, where nothing executes).
@@ -266,14 +351,17 @@ class TrtBackend:
         self.logger = _trt_logger(self.trt, injected=trt_module is not None)
         self.trt.init_libnvinfer_plugins(self.logger, "")
         self.runtime = self.trt.Runtime(self.logger)
-        self.memory = SharedDeviceMemory(self.device)
+        self.stream = DeviceStream(self.device)
+        """The stream every context of this backend enqueues on."""
+        self.memory = SharedDeviceMemory(self.device, self.stream)
         self.runners: list[TrtStageRunner] = []
+        """The runners :meth:`load_stage` returned (eager runs), in load order."""
+        self.forks: list[TrtStageRunner] = []
+        """Runners made by :meth:`TrtStageRunner.fork` and not closed yet."""
 
     def stream_handle(self) -> int:
-        """The CUDA stream TensorRT enqueues on: torch's current stream (0 on a CPU test device)."""
-        if self.device.type != "cuda":
-            return 0
-        return int(torch.cuda.current_stream(self.device).cuda_stream)
+        """The CUDA stream TensorRT enqueues on: the backend's own (an opaque non-zero token on a CPU test device)."""
+        return self.stream.handle
 
     def load_stage(self, engine_dir: Path, entry: Mapping[str, Any], spec: Any) -> TrtStageRunner:
         """Deserialise ``entry``'s plan (``entry["engine"]["file"]``, default ``stage_<k>.plan``)."""
@@ -284,7 +372,7 @@ class TrtBackend:
         if not path.is_file():
             raise CatomeError(f"{path} is missing: build the TensorRT engines (catome-export build ... --backend trt)"
                               " or load the folder with --backend ort")
-        with torch.cuda.device(self.device) if self.device.type == "cuda" else _nullcontext():
+        with self._on_device():
             cuda_engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
             if cuda_engine is None:
                 raise CatomeError(f"TensorRT could not load {path} (built by another TensorRT version or for "
@@ -296,10 +384,25 @@ class TrtBackend:
         self.runners.append(runner)
         return runner
 
+    def fork(self, runner: TrtStageRunner) -> TrtStageRunner:
+        """A runner of ``runner``'s engine with a context of its own (see :meth:`TrtStageRunner.fork`)."""
+        with self._on_device():
+            fork = TrtStageRunner(self, runner.engine, runner.spec, runner.path, parent=runner)
+        self.forks.append(fork)
+        return fork
+
+    def forget(self, runner: TrtStageRunner) -> None:
+        """Drop a closed runner from the backend's lists."""
+        self.forks = [r for r in self.forks if r is not runner]
+
+    def _on_device(self) -> Any:
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else _nullcontext()
+
     def close(self) -> None:
-        for runner in self.runners:
+        for runner in self.forks + self.runners:
             runner.close()
         self.runners = []
+        self.forks = []
         self.memory.release()
 
 

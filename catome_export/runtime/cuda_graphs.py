@@ -28,11 +28,31 @@ The rule (what makes a replay valid)
 4. Checkpoint steps are never captured: matching reads r back to the host in
    the middle of the chain. They run eagerly; the next cached step refreshes
    the stale sites of its graph as in rule 2.
-5. Every graph is dropped (:meth:`ChainGraphCache.invalidate`) when the
-   addresses it baked in may have moved: the backend's shared scratch memory
-   was reallocated (its ``generation`` changed), stages were reloaded, or the
-   runtime closes. At most ``max_entries`` graphs are kept (least recently
-   used first out); each holds its activations in a shared memory pool.
+5. Every graph owns the execution state it was captured on, and nothing
+   else touches it until the graph is dropped. A TensorRT execution context
+   holds input shapes and tensor addresses that a capture freezes into the
+   graph; TensorRT does not promise that a graph stays valid once its
+   context was re-shaped or re-enqueued, and NVIDIA's own tools capture once
+   per context. So each graph is captured on a :class:`GraphChain` of its
+   own: every stage runner that holds such state (a
+   :class:`~catome_export.backends.base.ForkableStageRunner`) is forked for
+   it, the fork being a new execution context on the same engine and the
+   same shared scratch memory. Eager steps (checkpoints, the first steps)
+   run on the runtime's original runners, on which no graph is ever
+   captured. The alternative, one context per stage and a re-capture
+   whenever an eager step used it in between, would re-capture every graph
+   after every checkpoint (every few steps with the usual schedules), paying
+   a capture and its warm-up each time and keeping almost nothing between
+   checkpoints; extra contexts cost only their small persistent state, since
+   they all share one scratch buffer (the backend enqueues every context on
+   its one stream, so no two use it at once). Runners without such state
+   (eager torch modules) are shared by the eager path and every graph.
+6. Every graph is dropped (:meth:`ChainGraphCache.invalidate`), and its
+   forked runners closed, when the addresses it baked in may have moved: the
+   backend's shared scratch memory was reallocated (its ``generation``
+   changed), stages were reloaded, or the runtime closes. At most
+   ``max_entries`` graphs are kept (least recently used first out); each
+   holds its activations in a shared memory pool.
 
 :class:`ChainGraphCache` is the pure bookkeeping (keys, lookup, insert,
 invalidation, staleness), tested on CPU. :class:`ChainGraphRunner` applies
@@ -51,6 +71,7 @@ from typing import Any, Protocol
 
 import torch
 
+from catome_export.backends.base import ForkableStageRunner
 from catome_export.errors import CatomeError
 
 logger = logging.getLogger(__name__)
@@ -86,6 +107,25 @@ class GraphKey:
 
 
 @dataclass(eq=False)
+class GraphChain:
+    """A chain for one captured graph: ``run`` walks stage runners whose execution state only this graph uses."""
+
+    run: Chain
+    owned: tuple[Any, ...] = ()
+    """Runners forked for this graph (closed with it); runners without execution state are shared, not listed."""
+
+    def close(self) -> None:
+        """Release the forked runners (their execution contexts)."""
+        for runner in self.owned:
+            runner.close()
+        self.owned = ()
+
+
+ChainFactory = Callable[[], GraphChain]
+"""Makes the :class:`GraphChain` a new capture runs on (one call per captured graph)."""
+
+
+@dataclass(eq=False)
 class GraphEntry:
     """One captured chain and the static buffers it reads and writes."""
 
@@ -99,15 +139,25 @@ class GraphEntry:
     memory_generation: int = 0
     """Scratch-memory generation of the backend at capture."""
     replays: int = 0
+    chain: GraphChain | None = None
+    """The chain the graph was captured on; released when the entry is dropped."""
+
+    def release(self) -> None:
+        """Drop the graph, then close the runners it was captured on (it is never replayed again)."""
+        self.graph = None
+        if self.chain is not None:
+            self.chain.close()
 
 
 class ChainGraphCache:
     """Captured chains by :class:`GraphKey`, least recently used evicted first."""
 
-    def __init__(self, max_entries: int = 4) -> None:
+    def __init__(self, max_entries: int = 4, on_drop: Callable[[GraphEntry], None] | None = None) -> None:
+        """``on_drop``: called with every entry that leaves the cache (evicted, replaced or invalidated)."""
         if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
             raise CatomeError(f"max CUDA graphs must be an int >= 1, got {max_entries!r}")
         self.max_entries = max_entries
+        self.on_drop = on_drop
         self._entries: OrderedDict[GraphKey, GraphEntry] = OrderedDict()
         self.hits = 0
         self.misses = 0
@@ -150,21 +200,33 @@ class ChainGraphCache:
 
     def insert(self, entry: GraphEntry) -> list[GraphEntry]:
         """Add (or replace) an entry; returns the entries evicted to stay within ``max_entries``."""
+        replaced = self._entries.get(entry.key)
         self._entries[entry.key] = entry
         self._entries.move_to_end(entry.key)
+        if replaced is not None and replaced is not entry:
+            self._dropped(replaced)
         evicted = []
         while len(self._entries) > self.max_entries:
             _, old = self._entries.popitem(last=False)
             evicted.append(old)
+            self._dropped(old)
         return evicted
+
+    def _dropped(self, entry: GraphEntry) -> None:
+        if self.on_drop is not None:
+            self.on_drop(entry)
 
     def invalidate(self, key: GraphKey | None = None, *, reason: str = "") -> int:
         """Drop the graph of ``key``, or every graph when ``key`` is None; returns how many were dropped."""
         if key is None:
-            count = len(self._entries)
+            dropped = list(self._entries.values())
             self._entries.clear()
         else:
-            count = 1 if self._entries.pop(key, None) is not None else 0
+            entry = self._entries.pop(key, None)
+            dropped = [] if entry is None else [entry]
+        for entry in dropped:
+            self._dropped(entry)
+        count = len(dropped)
         if count:
             self.invalidations += count
             logger.debug("dropped %d CUDA graph(s)%s", count, f": {reason}" if reason else "")
@@ -205,14 +267,18 @@ class TorchCudaGraphCapture:
     Warm-up runs on a side stream first (lazy initialisation in cuBLAS,
     cuDNN and TensorRT must not happen during capture). The graphs share one
     memory pool: they never run concurrently, and each replay's outputs are
-    copied out before the next replay.
+    copied out before the next replay. ``stream``: the stream to capture on
+    (the backend's own, so the captured TensorRT enqueues need no fork and
+    join); by default a private side stream. Replays run on the caller's
+    current stream.
     """
 
-    def __init__(self, device: torch.device | str, warmup: int = 1) -> None:
+    def __init__(self, device: torch.device | str, warmup: int = 1, stream: "torch.cuda.Stream | None" = None) -> None:
         self.device = torch.device(device)
         if self.device.type != "cuda" or not torch.cuda.is_available():
             raise CatomeError("CUDA graphs need a CUDA device; run without them on this machine")
         self.warmup = int(warmup)
+        self.stream = stream
         self.pool = torch.cuda.graph_pool_handle()
 
     def capture(self, chain: Chain, static_inputs: Mapping[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -224,7 +290,7 @@ class TorchCudaGraphCapture:
                 chain(static_inputs)
         current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
             outputs = chain(static_inputs)
         return graph, dict(outputs)
 
@@ -235,22 +301,25 @@ class TorchCudaGraphCapture:
 class ChainGraphRunner:
     """Runs the chain of cached steps through captured graphs, following the module's rule.
 
-    ``chain``: the stage chain (inputs include every ``site{k}_*`` plan
-    tensor). ``memory_generation``: returns the backend's scratch-memory
-    generation (rule 5); None if the backend has no shared memory.
+    ``make_chain``: called once per capture, returns the :class:`GraphChain`
+    the new graph owns (:func:`graph_chain` forks the stage runners; a pure
+    function needs ``lambda: GraphChain(fn)``); its inputs include every
+    ``site{k}_*`` plan tensor. ``memory_generation``: returns the backend's
+    scratch-memory generation (rule 6); None if the backend has no shared
+    memory.
     """
 
     def __init__(
         self,
-        chain: Chain,
+        make_chain: ChainFactory,
         capture: GraphCapture,
         *,
         max_graphs: int = 4,
         memory_generation: Callable[[], int] | None = None,
     ) -> None:
-        self.chain = chain
+        self.make_chain = make_chain
         self.capture_impl = capture
-        self.cache = ChainGraphCache(max_graphs)
+        self.cache = ChainGraphCache(max_graphs, on_drop=GraphEntry.release)
         self.memory_generation = memory_generation
         self.captures = 0
 
@@ -266,18 +335,28 @@ class ChainGraphRunner:
             self.cache.invalidate(reason="backend scratch memory moved")
             entry = None
         if entry is None:
-            static = {name: t.detach().clone() for name, t in inputs.items()}
-            handle, outputs = self.capture_impl.capture(self.chain, static)
-            entry = GraphEntry(key, handle, static, outputs, dict(plan_versions), generation)
-            self.cache.insert(entry)
-            self.captures += 1
-            logger.debug("captured the stage chain for %s", key)
+            entry = self._capture(key, inputs, plan_versions, generation)
         else:
             self._refresh(entry, inputs, plan_versions)
         self.capture_impl.replay(entry.graph)
         entry.replays += 1
         return {name: t.clone() for name, t in entry.static_outputs.items()}
 
+    def _capture(self, key: GraphKey, inputs: Mapping[str, torch.Tensor], plan_versions: Mapping[int, Any],
+                 generation: int) -> GraphEntry:
+        """Capture a new graph of ``key`` on a chain of its own (rule 5)."""
+        static = {name: t.detach().clone() for name, t in inputs.items()}
+        chain = self.make_chain()
+        try:
+            handle, outputs = self.capture_impl.capture(chain.run, static)
+        except BaseException:
+            chain.close()
+            raise
+        entry = GraphEntry(key, handle, static, outputs, dict(plan_versions), generation, chain=chain)
+        self.cache.insert(entry)
+        self.captures += 1
+        logger.debug("captured the stage chain for %s (%d forked runners)", key, len(chain.owned))
+        return entry
     def _refresh(self, entry: GraphEntry, inputs: Mapping[str, torch.Tensor], plan_versions: Mapping[int, Any]) -> None:
         """Copy the model inputs, and the plan tensors of stale sites, into the static buffers."""
         if set(inputs) != set(entry.static_inputs):
@@ -304,6 +383,26 @@ class ChainGraphRunner:
     def invalidate(self, reason: str = "") -> None:
         """Drop every graph (stages reloaded, runtime closing)."""
         self.cache.invalidate(reason=reason)
+
+
+def graph_chain(runners: Sequence[Any], outputs: Sequence[str] = ("noise_pred",)) -> GraphChain:
+    """A :class:`GraphChain` over ``runners`` for one captured graph: every runner that holds execution state
+    (:class:`~catome_export.backends.base.ForkableStageRunner`, e.g. TensorRT) is forked, the rest shared."""
+    used: list[Any] = []
+    owned: list[Any] = []
+    try:
+        for runner in runners:
+            if isinstance(runner, ForkableStageRunner):
+                fork = runner.fork()
+                owned.append(fork)
+                used.append(fork)
+            else:
+                used.append(runner)
+    except BaseException:
+        for fork in owned:
+            fork.close()
+        raise
+    return GraphChain(stage_chain(used, outputs), tuple(owned))
 
 
 def stage_chain(runners: Sequence[Any], outputs: Sequence[str] = ("noise_pred",)) -> Chain:

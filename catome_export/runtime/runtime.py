@@ -6,6 +6,13 @@ runs, and after the stage that returns ``x{k}`` the controller gives site k's
 plan (matched now on checkpoint steps or with an empty cache, else the cached
 one) whose five tensors feed the stage that runs site k. Matching runs in
 torch on the stages' device; the only host read is r.
+
+Streams: where the backend owns a CUDA stream (TensorRT, ONNX Runtime CUDA),
+a whole call runs on it: it first waits for the caller's current stream
+(which produced ``sample`` and the other inputs), the stages, matching and
+any graph replay run on it, and the caller's stream then waits for it, with
+``noise_pred`` marked as used on the caller's stream so its memory is not
+handed to the runtime's next call too early.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from catome_export.backends.base import Backend, StageRunner
+from catome_export.backends.base import Backend, StageRunner, StreamOwner
 from catome_export.errors import CatomeError
 from catome_export.merging import MergeController, MergeSettings, MergePlan
 from catome_export.models.sites import MergeSite
@@ -215,10 +222,18 @@ class Runtime:
         cached_step = not self.settings.schedule.is_checkpoint(step) and self._last_shape == shape
         self._last_shape = None
         try:
-            if self._graphs is not None and cached_step:
-                noise_pred = self._replay(env, latent_hw)
+            stream = self._stream()
+            if stream is None:
+                noise_pred = self._run_chain(env, latent_hw, plan_hook, cached_step)
             else:
-                noise_pred = self.chain.run(env, plan_hook)
+                caller = torch.cuda.current_stream(self.device)
+                stream.wait_stream(caller)
+                try:
+                    with torch.cuda.stream(stream):
+                        noise_pred = self._run_chain(env, latent_hw, plan_hook, cached_step)
+                    noise_pred.record_stream(caller)
+                finally:
+                    caller.wait_stream(stream)
             if self.sync_timing and self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
         except BaseException:
@@ -228,15 +243,31 @@ class Runtime:
         self._timings.append(((time.perf_counter() - start) * 1e3, spent * 1e3))
         return noise_pred
 
+    def _run_chain(self, env: dict[str, torch.Tensor], latent_hw: tuple[int, int], plan_hook: Any,
+                   cached_step: bool) -> torch.Tensor:
+        """The chain of one call: a graph replay on a cached step with graphs on, else stage by stage."""
+        if self._graphs is not None and cached_step:
+            return self._replay(env, latent_hw)
+        return self.chain.run(env, plan_hook)
+
+    def _stream(self) -> "torch.cuda.Stream | None":
+        """The backend's own CUDA stream, which a call runs on; None where there is none (CPU, torch backend)."""
+        if self.device.type != "cuda" or not isinstance(self.backend, StreamOwner):
+            return None
+        return self.backend.stream.stream
+
     # -- CUDA graphs ------------------------------------------------------------------
     def enable_cuda_graphs(self, capture: Any = None, max_graphs: int = 4) -> None:
         """Run cached steps (no site matches) as one captured CUDA graph of the whole chain, replayed while
         the shapes stay (rules in :mod:`catome_export.runtime.cuda_graphs`); checkpoint steps run stage by stage.
 
         Needs a CUDA device and the TensorRT or torch backend (ONNX Runtime allocates its outputs itself,
-        which a capture cannot hold). ``capture``: a stand-in for the capture implementation (tests).
+        which a capture cannot hold). Each graph is captured on stage runners of its own (for TensorRT, an
+        execution context per stage and graph, all on the shared scratch memory); checkpoint steps run on
+        the runtime's own runners, which no graph is captured on. ``capture``: a stand-in for the capture
+        implementation (tests).
         """
-        from catome_export.runtime.cuda_graphs import ChainGraphRunner, TorchCudaGraphCapture, stage_chain
+        from catome_export.runtime.cuda_graphs import ChainGraphRunner, TorchCudaGraphCapture, graph_chain
 
         if capture is None:
             if self.device.type != "cuda":
@@ -245,10 +276,13 @@ class Runtime:
             if name not in ("trt", "torch"):
                 raise CatomeError(f"CUDA graphs run with the trt or torch backend, not {name or 'this one'} "
                                   "(ONNX Runtime allocates its outputs itself)")
-            capture = TorchCudaGraphCapture(self.device)
+            capture = TorchCudaGraphCapture(self.device, stream=self._stream())
         memory = getattr(self.backend, "memory", None)
         generation = (lambda: memory.generation) if hasattr(memory, "generation") else None
-        self._graphs = ChainGraphRunner(stage_chain(self.chain.runners), capture, max_graphs=max_graphs,
+        if self._graphs is not None:
+            self._graphs.invalidate(reason="CUDA graphs enabled again")
+        runners = list(self.chain.runners)
+        self._graphs = ChainGraphRunner(lambda: graph_chain(runners), capture, max_graphs=max_graphs,
                                         memory_generation=generation)
 
     @property

@@ -1,300 +1,255 @@
-"""The TensorRT backend's binding logic against a stand-in ``tensorrt`` module (CPU), and on a GPU with TensorRT.
+"""The TensorRT backend against the ``tensorrt`` stand-in (TensorRT 10.13 and 11.1 bindings, CPU), and on a GPU.
 
-The stand-in records every call the backend makes (shapes, addresses, device
-memory, enqueue), so the rules are checked here without TensorRT: shapes are
-set only when they change, empty tensors get valid addresses of their own,
-every context points at one shared scratch buffer as large as the largest
-stage needs, outputs are sized from ``get_tensor_shape``.
+Plans are built from small ONNX stages by the stand-in's builder and loaded
+by :class:`TrtBackend` as a user's would be. The stand-in's execution
+context enforces TensorRT's documented preconditions (non-null, 256-byte
+aligned addresses for every I/O tensor, zero-volume ones included; every
+input shape set before enqueue; device memory set on a USER_MANAGED context;
+no enqueue on the legacy default stream) and records every enqueue it
+accepts, so these tests fail where TensorRT would refuse the runner's work.
+No kernels run: outputs hold no values here; the ``trt``/``gpu`` tests at
+the end check numbers on a real GPU.
+
+On a CPU device the backend has no CUDA stream; its stream handle is an
+opaque non-zero token, and tensors are CPU tensors whose addresses the
+stand-in checks as integers (the CPU allocator aligns to 64 bytes only, so
+the alignment path runs for real here).
 """
 
 from __future__ import annotations
 
-import enum
 import sys
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
+import onnx
 import pytest
 import torch
+from onnx import TensorProto, helper
 
-from catome_export.backends.trt import SharedDeviceMemory, TrtBackend
+from catome_export.backends.base import DeviceStream
+from catome_export.backends.trt import ALIGNMENT, SharedDeviceMemory, TrtBackend, aligned, aligned_empty
 from catome_export.errors import CatomeError
 from catome_export.export.stages import StageSpec, TensorSpec, plan_specs
 
-
-class FakeTrt:
-    """Just enough of the tensorrt module for TrtBackend."""
-
-    class DataType(enum.Enum):
-        FLOAT = 0
-        HALF = 1
-        INT8 = 2
-        INT32 = 3
-        BOOL = 4
-        UINT8 = 5
-        BF16 = 7
-        INT64 = 8
-
-    class TensorIOMode(enum.Enum):
-        NONE = 0
-        INPUT = 1
-        OUTPUT = 2
-
-    class ExecutionContextAllocationStrategy(enum.Enum):
-        STATIC = 0
-        ON_PROFILE_CHANGE = 1
-        USER_MANAGED = 2
-
-    class Logger:
-        WARNING = 2
-
-        def __init__(self, severity):
-            self.severity = severity
-
-    def __init__(self) -> None:
-        self.engines: dict[bytes, "FakeEngine"] = {}
-        self.plugin_inits = 0
-        fake = self
-
-        class Runtime:
-            def __init__(self, logger):
-                self.logger = logger
-
-            def deserialize_cuda_engine(self, data):
-                return fake.engines.get(bytes(data))
-
-        self.Runtime = Runtime
-
-    def init_libnvinfer_plugins(self, logger, namespace):
-        self.plugin_inits += 1
-        return True
+C = 8
+"""Channels of the test stage's tokens."""
 
 
-class LegacyContext:
-    """A TensorRT 10.0 context: scratch memory through the ``device_memory`` attribute only."""
-
-    def __init__(self, engine: "FakeEngine", strategy) -> None:
-        self.engine = engine
-        self.strategy = strategy
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self.addresses: dict[str, int] = {}
-        self.shape_calls: list[tuple[str, tuple[int, ...]]] = []
-        self.memory_calls: list[tuple[int, int]] = []
-        self.enqueued: list[int] = []
-        self.fail_execute = False
-
-    @property
-    def device_memory(self):
-        return self.memory_calls[-1][0] if self.memory_calls else 0
-
-    @device_memory.setter
-    def device_memory(self, address):
-        self.memory_calls.append((address, -1))
-
-    def set_input_shape(self, name, shape):
-        self.shape_calls.append((name, tuple(shape)))
-        lo, _, hi = self.engine.profiles[name]
-        if any(not a <= s <= b for a, s, b in zip(lo, shape, hi)):
-            return False
-        self.shapes[name] = tuple(shape)
-        return True
-
-    def get_tensor_shape(self, name):
-        return self.engine.output_shape(name, self.shapes)
-
-    def set_tensor_address(self, name, address):
-        self.addresses[name] = address
-        return True
-
-    def execute_async_v3(self, stream):
-        self.enqueued.append(stream)
-        return not self.fail_execute
+def _site_spec(index: int = 1) -> StageSpec:
+    return StageSpec(index, 0, None, (TensorSpec("x0", "float32", ("B", "N0", C)), *plan_specs(0)),
+                     (TensorSpec("noise_pred", "float32", ("B", "N0", C)),))
 
 
-class FakeContext(LegacyContext):
-    """A TensorRT >= 10.1 context: ``set_device_memory(address, size)``."""
-
-    def set_device_memory(self, address, size):
-        self.memory_calls.append((address, size))
-
-
-class FakeEngine:
-    def __init__(self, spec: StageSpec, memory: int, profiles: dict, output_shape, dtypes=None,
-                 context_cls=FakeContext, drop_inputs=()) -> None:
-        self.spec = spec
-        self.device_memory_size_v2 = memory
-        self.profiles = profiles
-        self._output_shape = output_shape
-        self.io = [(t.name, FakeTrt.TensorIOMode.INPUT, t.dtype) for t in spec.inputs if t.name not in drop_inputs]
-        self.io += [(t.name, FakeTrt.TensorIOMode.OUTPUT, t.dtype) for t in spec.outputs]
-        self.dtypes = dtypes or {}
-        self.context_cls = context_cls
-        self.contexts: list[FakeContext] = []
-
-    @property
-    def num_io_tensors(self):
-        return len(self.io)
-
-    def get_tensor_name(self, i):
-        return self.io[i][0]
-
-    def get_tensor_mode(self, name):
-        return next(m for n, m, _ in self.io if n == name)
-
-    def get_tensor_dtype(self, name):
-        given = self.dtypes.get(name) or next(d for n, _, d in self.io if n == name)
-        return {"float32": FakeTrt.DataType.FLOAT, "float16": FakeTrt.DataType.HALF,
-                "int64": FakeTrt.DataType.INT64}[given]
-
-    def get_tensor_profile_shape(self, name, profile):
-        return [list(s) for s in self.profiles[name]]
-
-    def output_shape(self, name, shapes):
-        return self._output_shape(name, shapes)
-
-    def create_execution_context(self, strategy):
-        ctx = self.context_cls(self, strategy)
-        self.contexts.append(ctx)
-        return ctx
+def _stage_onnx(x_dtype: int = TensorProto.FLOAT, drop: tuple[str, ...] = (), extra: tuple[str, ...] = ()) -> bytes:
+    """A merge-shaped stage: a scatter-add of src tokens into their slots (the ScatterElements plugin),
+    gathers, and an output the shape of ``x0``. ``drop``: plan inputs the graph does not take; ``extra``: more
+    float inputs [B, N0] added to the output."""
+    vi = helper.make_tensor_value_info
+    plan = {"site0_keep_idx": (TensorProto.INT64, ["B", "K0"]), "site0_src_idx": (TensorProto.INT64, ["B", "R0"]),
+            "site0_slot_idx": (TensorProto.INT64, ["B", "R0"]), "site0_weight": (TensorProto.FLOAT, ["B", "K0"]),
+            "site0_unmerge_idx": (TensorProto.INT64, ["B", "N0"])}
+    inputs = [vi("x0", x_dtype, ["B", "N0", C])]
+    inputs += [vi(n, t, s) for n, (t, s) in plan.items() if n not in drop]
+    inputs += [vi(n, TensorProto.FLOAT, ["B", "N0"]) for n in extra]
+    nodes = [helper.make_node("ReduceMean", ["x0"], ["xm"], axes=[2], keepdims=0)]
+    if x_dtype != TensorProto.FLOAT:
+        nodes = [helper.make_node("Cast", ["x0"], ["x32"], to=TensorProto.FLOAT),
+                 helper.make_node("ReduceMean", ["x32"], ["xm"], axes=[2], keepdims=0)]
+    w = "site0_weight" if "site0_weight" not in drop else "ones"
+    inits = [helper.make_tensor("ones", TensorProto.FLOAT, [1, 1], [1.0])]
+    nodes += [
+        helper.make_node("GatherElements", ["xm", "site0_keep_idx"], ["kept"], axis=1),
+        helper.make_node("Mul", ["kept", w], ["kept_w"]),
+        helper.make_node("GatherElements", ["xm", "site0_src_idx"], ["src"], axis=1),
+        helper.make_node("ScatterElements", ["kept_w", "site0_slot_idx", "src"], ["merged"], axis=1,
+                         reduction="add"),
+        helper.make_node("GatherElements", ["merged", "site0_unmerge_idx"], ["back"], axis=1),
+    ]
+    last = "back"
+    for k, name in enumerate(extra):
+        nodes.append(helper.make_node("Add", [last, name], [f"extra{k}"]))
+        last = f"extra{k}"
+    nodes += [helper.make_node("Unsqueeze", [last, "axis2"], ["back3"]),
+              helper.make_node("Add", ["x0" if x_dtype == TensorProto.FLOAT else "x32", "back3"], ["noise_pred"])]
+    inits.append(helper.make_tensor("axis2", TensorProto.INT64, [1], [2]))
+    graph = helper.make_graph(nodes, "stage", inputs, [vi("noise_pred", TensorProto.FLOAT, ["B", "N0", C])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
 
 
-def _site_spec() -> StageSpec:
-    return StageSpec(1, 0, None, (TensorSpec("x0", "float32", ("B", "N0", 8)), *plan_specs(0)),
-                     (TensorSpec("noise_pred", "float32", ("B", "N0", 8)),))
+def _profiles(max_tokens: int = 64, r_min: int = 0) -> dict[str, tuple[tuple[int, ...], ...]]:
+    n = (1, 1, max_tokens // 2, max_tokens)
+    return {"x0": ((1, n[1], C), (2, n[2], C), (2, n[3], C)),
+            "site0_keep_idx": ((1, 1), (2, n[2]), (2, n[3])), "site0_weight": ((1, 1), (2, n[2]), (2, n[3])),
+            "site0_src_idx": ((1, r_min), (2, n[2] // 2), (2, n[3])),
+            "site0_slot_idx": ((1, r_min), (2, n[2] // 2), (2, n[3])),
+            "site0_unmerge_idx": ((1, 1), (2, n[2]), (2, n[3]))}
 
 
-def _site_engine(memory=1000, **kw) -> FakeEngine:
-    spec = _site_spec()
-    profiles = {t.name: ((1,) + (0,) * (len(t.shape) - 1), (2,) + (32,) * (len(t.shape) - 1),
-                         (2,) + (64,) * (len(t.shape) - 1)) for t in spec.inputs}
-    profiles["x0"] = ((1, 1, 8), (2, 32, 8), (2, 64, 8))
-    return FakeEngine(spec, memory, profiles, lambda name, s: s["x0"], **kw)
+def build_plan(trt: ModuleType, model: bytes, profiles: dict[str, tuple[tuple[int, ...], ...]]) -> bytes:
+    """A plan of ``model`` from the stand-in's builder, one optimization profile (as TensorRT's API builds one)."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    trt.init_libnvinfer_plugins(logger, "")  # the ONNX parser maps ScatterElements with a reduction to a plugin
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    assert parser.parse(model), [str(parser.get_error(i)) for i in range(parser.num_errors)]
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in profiles.items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    assert plan is not None
+    return bytes(memoryview(plan))
+
+
+def _load(trt: ModuleType, tmp_path: Path, plan: bytes, spec: StageSpec | None = None, name: str = "stage_1.plan",
+          backend: TrtBackend | None = None):
+    spec = spec or _site_spec()
+    (tmp_path / name).write_bytes(plan)
+    backend = backend or TrtBackend(None, "cpu", trt_module=trt)
+    runner = backend.load_stage(tmp_path, {"index": spec.index, "engine": {"file": name}}, spec)
+    return backend, runner
 
 
 def _feeds(r: int, n: int = 16, batch: int = 2) -> dict[str, torch.Tensor]:
     k = n - r
-    return {"x0": torch.randn(batch, n, 8), "site0_keep_idx": torch.zeros(batch, k, dtype=torch.int64),
+    return {"x0": torch.randn(batch, n, C), "site0_keep_idx": torch.zeros(batch, k, dtype=torch.int64),
             "site0_src_idx": torch.zeros(batch, r, dtype=torch.int64),
             "site0_slot_idx": torch.zeros(batch, r, dtype=torch.int64),
             "site0_weight": torch.ones(batch, k), "site0_unmerge_idx": torch.zeros(batch, n, dtype=torch.int64)}
 
 
 @pytest.fixture
-def fake():
-    return FakeTrt()
+def trt(tensorrt_standin) -> ModuleType:
+    """The stand-in as ``tensorrt`` (once as 10.13, once as 11.1), with its enqueue record emptied."""
+    from tensorrt import _runtime
+
+    _runtime.ENQUEUES.clear()
+    return tensorrt_standin
 
 
-def _load(fake: FakeTrt, tmp_path: Path, engine: FakeEngine, name: str = "stage_1.plan",
-          backend: TrtBackend | None = None):
-    blob = name.encode() + b"-plan"
-    fake.engines[blob] = engine
-    (tmp_path / name).write_bytes(blob)
-    backend = backend or TrtBackend(None, "cpu", trt_module=fake)
-    runner = backend.load_stage(tmp_path, {"index": engine.spec.index, "engine": {"file": name}}, engine.spec)
-    return backend, runner
+@pytest.fixture
+def plan(trt) -> bytes:
+    return build_plan(trt, _stage_onnx(), _profiles())
 
 
-def test_contexts_are_user_managed_and_plugins_registered(fake, tmp_path):
-    engine = _site_engine()
-    backend, runner = _load(fake, tmp_path, engine)
-    assert engine.contexts[0].strategy is FakeTrt.ExecutionContextAllocationStrategy.USER_MANAGED
-    assert fake.plugin_inits == 1
-    assert backend.name == "trt" and backend.runners == [runner]
+def _enqueues() -> list[dict]:
+    from tensorrt import _runtime
+
+    return _runtime.ENQUEUES
 
 
-def test_shapes_set_only_when_they_change(fake, tmp_path):
-    engine = _site_engine()
-    _, runner = _load(fake, tmp_path, engine)
-    ctx = engine.contexts[0]
-    runner.run(_feeds(r=4))
-    assert len(ctx.shape_calls) == 6
-    runner.run(_feeds(r=4))
-    assert len(ctx.shape_calls) == 6  # same shapes: no call
-    runner.run(_feeds(r=6))
-    changed = {name for name, _ in ctx.shape_calls[6:]}
-    assert changed == {"site0_keep_idx", "site0_src_idx", "site0_slot_idx", "site0_weight"}
-    assert len(ctx.enqueued) == 3 and ctx.enqueued == [0, 0, 0]
+def test_a_run_meets_every_enqueue_precondition(trt, plan, tmp_path):
+    """Shapes set, every address non-null and aligned, scratch memory set, the backend's own stream."""
+    backend, runner = _load(trt, tmp_path, plan)
+    for r in (4, 6, 4):
+        feeds = _feeds(r)
+        out = runner.run(feeds)
+        assert out["noise_pred"].shape == (2, 16, C) and out["noise_pred"].dtype == torch.float32
+        done = _enqueues()[-1]
+        assert done["context"] == id(runner.context)
+        assert done["stream"] == backend.stream.handle != 0
+        assert done["shapes"] == {**{k: tuple(v.shape) for k, v in feeds.items()}, "noise_pred": (2, 16, C)}
+        assert all(a and a % ALIGNMENT == 0 for a in done["addresses"].values())
+        assert done["addresses"]["noise_pred"] == out["noise_pred"].data_ptr()
+    assert len(_enqueues()) == 3
 
 
-def test_outputs_sized_from_get_tensor_shape(fake, tmp_path):
-    engine = _site_engine()
-    _, runner = _load(fake, tmp_path, engine)
-    out = runner.run(_feeds(r=3, n=20))
-    assert set(out) == {"noise_pred"}
-    assert out["noise_pred"].shape == (2, 20, 8) and out["noise_pred"].dtype == torch.float32
-    assert engine.contexts[0].addresses["noise_pred"] == out["noise_pred"].data_ptr()
-
-
-def test_empty_tensors_get_valid_distinct_addresses(fake, tmp_path):
-    engine = _site_engine()
-    _, runner = _load(fake, tmp_path, engine)
-    feeds = _feeds(r=0)
-    assert feeds["site0_src_idx"].numel() == 0
+def test_misaligned_inputs_are_copied_to_an_aligned_buffer(trt, plan, tmp_path):
+    _, runner = _load(trt, tmp_path, plan)
+    feeds = _feeds(3)
+    base = torch.randn(2 * 16 * C + 1)
+    feeds["x0"] = base[1:].view(2, 16, C)  # a view 4 bytes into its storage: never 256-byte aligned
+    assert feeds["x0"].data_ptr() % ALIGNMENT
     runner.run(feeds)
-    addr = engine.contexts[0].addresses
+    bound = _enqueues()[-1]["addresses"]["x0"]
+    assert bound % ALIGNMENT == 0 and bound != feeds["x0"].data_ptr()
+    copy = next(t for t in runner._keep if t.data_ptr() == bound)
+    assert torch.equal(copy, feeds["x0"])
+
+
+def test_a_refused_address_names_tensor_and_stage(trt, plan, tmp_path, monkeypatch):
+    """set_tensor_address's False (here: TensorRT's refusal of a misaligned address) becomes a CatomeError."""
+    import catome_export.backends.trt as trt_backend
+
+    _, runner = _load(trt, tmp_path, plan)
+    monkeypatch.setattr(trt_backend, "aligned", lambda t: t)  # let a misaligned view through
+    feeds = _feeds(3)
+    feeds["x0"] = torch.randn(2 * 16 * C + 1)[1:].view(2, 16, C)
+    with pytest.raises(CatomeError, match=r"refused address 0x[0-9a-f]+ for tensor 'x0' of stage 1 .*aligned"):
+        runner.run(feeds)
+    assert _enqueues() == []
+
+
+def test_zero_volume_tensors_get_aligned_addresses_of_their_own(trt, plan, tmp_path):
+    """A profile that admits R = 0 (older builds): empty src/slot tensors still get non-null, distinct addresses."""
+    _, runner = _load(trt, tmp_path, plan)
+    feeds = _feeds(r=0)
+    assert feeds["site0_src_idx"].numel() == 0 and feeds["site0_src_idx"].data_ptr() == 0
+    runner.run(feeds)
+    addr = _enqueues()[-1]["addresses"]
     src, slot = addr["site0_src_idx"], addr["site0_slot_idx"]
-    assert src != 0 and slot != 0 and src != slot
-    base = runner._dummy.data_ptr()
-    assert base <= src < base + runner._dummy.numel() and base <= slot < base + runner._dummy.numel()
-    assert addr["x0"] == feeds["x0"].data_ptr()
+    assert src and slot and src != slot and src % ALIGNMENT == 0 and slot % ALIGNMENT == 0
+    assert _enqueues()[-1]["shapes"]["site0_src_idx"] == (2, 0)
 
 
-def test_shape_outside_profile_names_input_and_range(fake, tmp_path):
-    _, runner = _load(fake, tmp_path, _site_engine())
+def test_shape_outside_profile_names_input_and_range(trt, plan, tmp_path):
+    _, runner = _load(trt, tmp_path, plan)
     with pytest.raises(CatomeError, match=r"'x0'.*\[3, 16, 8\].*min \[1, 1, 8\], max \[2, 64, 8\]"):
         runner.run(_feeds(r=2, batch=3))
 
 
-def test_one_shared_scratch_buffer_as_large_as_the_largest_stage(fake, tmp_path):
-    small, big = _site_engine(memory=1000), _site_engine(memory=5000)
-    backend, r1 = _load(fake, tmp_path, small, "stage_1.plan")
-    _, r2 = _load(fake, tmp_path, big, "stage_2.plan", backend)
-    assert backend.memory.nbytes == 5000
+def test_one_shared_scratch_buffer_as_large_as_the_largest_stage(trt, tmp_path):
+    small = build_plan(trt, _stage_onnx(), _profiles(64))
+    big = build_plan(trt, _stage_onnx(), _profiles(256))
+    need = [trt.Runtime(trt.Logger()).deserialize_cuda_engine(p).device_memory_size_v2 for p in (small, big)]
+    assert need[0] < need[1]
+    backend, r1 = _load(trt, tmp_path, small, name="stage_1.plan")
+    _, r2 = _load(trt, tmp_path, big, _site_spec(2), "stage_2.plan", backend)
+    assert backend.memory.nbytes == need[1] and backend.memory.address % ALIGNMENT == 0
     r1.run(_feeds(2))
     r2.run(_feeds(2))
-    address = backend.memory.address
-    assert small.contexts[0].memory_calls == [(address, 5000)]
-    assert big.contexts[0].memory_calls == [(address, 5000)]
+    assert [e["context"] for e in _enqueues()] == [id(r1.context), id(r2.context)]
+    # a later, larger stage moves the buffer: every context binds the new one before its next enqueue
+    bigger = build_plan(trt, _stage_onnx(), _profiles(512))
+    before = backend.memory.generation
+    _load(trt, tmp_path, bigger, _site_spec(3), "stage_3.plan", backend)
+    assert backend.memory.generation == before + 1
     r1.run(_feeds(2))
-    assert len(small.contexts[0].memory_calls) == 1  # bound once
-    # a later, larger stage moves the buffer: every context rebinds on its next run
-    bigger = _site_engine(memory=9000)
-    _load(fake, tmp_path, bigger, "stage_3.plan", backend)
-    r1.run(_feeds(2))
-    assert small.contexts[0].memory_calls[-1] == (backend.memory.address, 9000)
+    assert r1._memory_generation == backend.memory.generation and len(_enqueues()) == 3
 
 
-def test_tensorrt_10_0_memory_api(fake, tmp_path):
-    engine = _site_engine(context_cls=LegacyContext)
-    del engine.device_memory_size_v2
-    engine.device_memory_size = 777
-    backend, runner = _load(fake, tmp_path, engine)
-    runner.run(_feeds(1))
-    assert backend.memory.nbytes == 777
-    assert engine.contexts[0].memory_calls == [(backend.memory.address, -1)]
-
-
-def test_inputs_converted_to_engine_dtype(fake, tmp_path):
-    engine = _site_engine(dtypes={"x0": "float16"})
-    _, runner = _load(fake, tmp_path, engine)
+def test_inputs_converted_to_engine_dtype(trt, tmp_path):
+    plan = build_plan(trt, _stage_onnx(x_dtype=TensorProto.FLOAT16), _profiles())
+    spec = StageSpec(1, 0, None, (TensorSpec("x0", "float16", ("B", "N0", C)), *plan_specs(0)),
+                     _site_spec().outputs)
+    _, runner = _load(trt, tmp_path, plan, spec)
     feeds = _feeds(2)
     runner.run(feeds)
-    bound = engine.contexts[0].addresses["x0"]
+    bound = _enqueues()[-1]["addresses"]["x0"]
     assert bound != feeds["x0"].data_ptr()
     assert any(t.dtype == torch.float16 and t.data_ptr() == bound for t in runner._keep)
 
 
-def test_dropped_unused_input_is_fine_but_unknown_io_is_not(fake, tmp_path):
-    _, runner = _load(fake, tmp_path, _site_engine(drop_inputs=("site0_weight",)))
+def test_dropped_unused_input_is_fine_but_unknown_io_is_not(trt, tmp_path):
+    dropped = build_plan(trt, _stage_onnx(drop=("site0_weight",)),
+                         {k: v for k, v in _profiles().items() if k != "site0_weight"})
+    _, runner = _load(trt, tmp_path, dropped)
     runner.run(_feeds(2))
-    bad = _site_engine()
-    bad.io.append(("mystery", FakeTrt.TensorIOMode.INPUT, "float32"))
+    assert "site0_weight" not in _enqueues()[-1]["addresses"]
+    extra = build_plan(trt, _stage_onnx(extra=("mystery",)),
+                       {**_profiles(), "mystery": ((1, 1), (2, 32), (2, 64))})
     with pytest.raises(CatomeError, match="stale"):
-        _load(fake, tmp_path, bad, "stage_9.plan")
+        _load(trt, tmp_path, extra, name="stage_9.plan")
 
 
-def test_missing_or_unloadable_plan(fake, tmp_path):
-    backend = TrtBackend(None, "cpu", trt_module=fake)
+def test_missing_or_unloadable_plan(trt, tmp_path):
+    backend = TrtBackend(None, "cpu", trt_module=trt)
     spec = _site_spec()
     with pytest.raises(CatomeError, match="--backend trt"):
         backend.load_stage(tmp_path, {"index": 1, "engine": None}, spec)
@@ -303,26 +258,50 @@ def test_missing_or_unloadable_plan(fake, tmp_path):
         backend.load_stage(tmp_path, {"index": 1, "engine": None}, spec)
 
 
-def test_failed_enqueue_raises(fake, tmp_path):
-    engine = _site_engine()
-    _, runner = _load(fake, tmp_path, engine)
-    engine.contexts[0].fail_execute = True
+def test_enqueue_on_the_default_stream_is_refused_and_reported(trt, plan, tmp_path, monkeypatch):
+    """The backend never hands TensorRT stream 0; if it did, the stand-in refuses and the runner says so."""
+    _, runner = _load(trt, tmp_path, plan)
+    monkeypatch.setattr(DeviceStream, "handle", property(lambda self: 0))
     with pytest.raises(CatomeError, match="failed to run stage 1"):
         runner.run(_feeds(2))
+    assert _enqueues() == []
 
 
-def test_missing_feed_raises(fake, tmp_path):
-    _, runner = _load(fake, tmp_path, _site_engine())
+def test_missing_feed_raises(trt, plan, tmp_path):
+    _, runner = _load(trt, tmp_path, plan)
     feeds = _feeds(2)
     del feeds["site0_weight"]
     with pytest.raises(CatomeError, match="site0_weight"):
         runner.run(feeds)
 
 
-def test_close_releases(fake, tmp_path):
-    backend, runner = _load(fake, tmp_path, _site_engine())
+def test_forks_have_contexts_of_their_own_on_the_shared_memory(trt, plan, tmp_path):
+    backend, runner = _load(trt, tmp_path, plan)
+    fork = runner.fork()
+    assert fork.context is not runner.context and fork.engine is runner.engine
+    assert backend.runners == [runner] and backend.forks == [fork]
+    fork.run(_feeds(4))
+    runner.run(_feeds(6))
+    fork.run(_feeds(4))
+    runs = _enqueues()
+    assert [e["context"] for e in runs] == [id(fork.context), id(runner.context), id(fork.context)]
+    assert runs[0]["shapes"] == runs[2]["shapes"] != runs[1]["shapes"]  # the eager run left the fork's shapes alone
+    assert len(backend.memory.buffer.untyped_storage()) >= runner.memory_bytes
+    fork.close()
+    assert backend.forks == [] and fork.context is None and runner.context is not None
+    again = runner.fork()
+    runner.close()  # closing the stage closes its forks
+    assert again.context is None and backend.forks == []
+
+
+def test_close_releases(trt, plan, tmp_path):
+    backend, runner = _load(trt, tmp_path, plan)
+    fork = runner.fork()
     backend.close()
-    assert backend.runners == [] and backend.memory.nbytes == 0 and runner.context is None
+    assert backend.runners == [] and backend.forks == [] and backend.memory.nbytes == 0
+    assert runner.context is None and fork.context is None
+    with pytest.raises(CatomeError, match="closed"):
+        runner.run(_feeds(2))
 
 
 def test_shared_memory_generation():
@@ -332,7 +311,24 @@ def test_shared_memory_generation():
     mem.reserve(5)
     assert mem.generation == g and mem.nbytes == 10
     mem.reserve(20)
-    assert mem.generation == g + 1 and mem.nbytes == 20
+    assert mem.generation == g + 1 and mem.nbytes == 20 and mem.address % ALIGNMENT == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int64, torch.uint8, torch.bool])
+@pytest.mark.parametrize("shape", [(), (1,), (3, 5), (2, 7, 9), (0, 4)])
+def test_aligned_allocation(dtype, shape):
+    for _ in range(8):  # the CPU allocator aligns to 64 bytes: some of these land off 256
+        t = aligned_empty(shape, dtype, torch.device("cpu"))
+        assert tuple(t.shape) == shape and t.dtype == dtype and t.is_contiguous()
+        if t.numel():
+            assert t.data_ptr() % ALIGNMENT == 0
+            t.fill_(1)
+            assert bool((t == 1).all())
+    src = torch.arange(41, dtype=torch.float32)[1:].view(5, 8)
+    copy = aligned(src)
+    assert copy.data_ptr() % ALIGNMENT == 0 and torch.equal(copy, src)
+    ok = aligned_empty((4, 4), torch.float32, torch.device("cpu"))
+    assert aligned(ok) is ok
 
 
 def test_without_tensorrt_the_backend_names_it(monkeypatch):
@@ -347,6 +343,28 @@ def test_create_backend_refuses_folder_without_plans():
 
     with pytest.raises(CatomeError, match="no TensorRT plans"):
         create_backend(BackendChoice("trt", "test"), SimpleNamespace(engine_backend="ort"))
+
+
+@pytest.mark.gpu
+def test_device_stream_orders_with_the_callers_stream():
+    """Work in ``ordered()`` runs after what the caller enqueued before, and the caller's later work after it."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    stream = DeviceStream(device)
+    assert stream.handle not in (0, torch.cuda.default_stream(device).cuda_stream)
+    big = torch.randn(4096, 4096, device=device)
+    caller = torch.cuda.Stream(device)
+    torch.cuda.synchronize(device)
+    with torch.cuda.stream(caller):
+        x = big
+        for _ in range(20):
+            x = x @ big / 64.0  # keeps the caller's stream busy
+        src = x[:4, :4] * 0.0 + 3.0
+        with stream.ordered():
+            with torch.cuda.stream(stream.stream):
+                out = src * 2.0
+        seen = out + 0.0  # read back on the caller's stream
+    torch.cuda.synchronize(device)
+    assert torch.equal(seen.cpu(), torch.full((4, 4), 6.0))
 
 
 # -- TensorRT proper: build the tiny model's engines, run them, compare with ONNX Runtime --------------------------
@@ -417,7 +435,9 @@ def test_tiny_trt_runtime_merges_on_smooth_latents(tmp_path):
 def test_cuda_graph_replay_of_trt_chain_matches_direct_runs(tmp_path):
     """Graphs of two shape keys, replayed interleaved with new plans, give what the chain gives run directly."""
     from catome_export.cli.main import main
-    from catome_export.runtime.cuda_graphs import ChainGraphCache, ChainGraphRunner, TorchCudaGraphCapture, stage_chain
+    from catome_export.runtime.cuda_graphs import (
+        ChainGraphCache, ChainGraphRunner, TorchCudaGraphCapture, graph_chain, stage_chain,
+    )
     from catome_export.runtime.runtime import Runtime
 
     out = tmp_path / "tiny"
@@ -426,7 +446,7 @@ def test_cuda_graph_replay_of_trt_chain_matches_direct_runs(tmp_path):
         runners = rt.chain.runners
         sites = sorted(rt.sites)
         chain = stage_chain(runners)
-        graphs = ChainGraphRunner(chain, TorchCudaGraphCapture(rt.device),
+        graphs = ChainGraphRunner(lambda: graph_chain(runners), TorchCudaGraphCapture(rt.device, stream=rt._stream()),
                                   memory_generation=lambda: rt.backend.memory.generation)
 
         def inputs(fraction, seed):

@@ -13,8 +13,8 @@ import torch
 from catome_export.errors import CatomeError
 from catome_export.merging import match_tokens, merge_tokens, unmerge_tokens
 from catome_export.runtime.cuda_graphs import (
-    ChainGraphCache, ChainGraphRunner, GraphEntry, GraphKey, TorchCudaGraphCapture, same_version, site_of,
-    stage_chain,
+    ChainGraphCache, ChainGraphRunner, GraphChain, GraphEntry, GraphKey, TorchCudaGraphCapture, same_version,
+    site_of, stage_chain,
 )
 
 GRID = (6, 8)
@@ -27,6 +27,11 @@ def chain(inputs):
                      inputs["site0_weight"])
     y = y * 2.0 + inputs["timestep"][:, None, None]
     return {"noise_pred": unmerge_tokens(y, inputs["site0_unmerge_idx"])}
+
+
+def pure_chain() -> GraphChain:
+    """The test chain holds no execution state: every graph may share it."""
+    return GraphChain(chain)
 
 
 def _plan(seed: int, r: int, device="cpu"):
@@ -129,12 +134,12 @@ def _runner_checks(runner: ChainGraphRunner, device: str) -> None:
 
 
 def test_runner_replays_with_current_plans(eager_capture):
-    runner = ChainGraphRunner(chain, eager_capture)
+    runner = ChainGraphRunner(pure_chain, eager_capture)
     _runner_checks(runner, "cpu")
 
 
 def test_runner_outputs_are_fresh_tensors(eager_capture):
-    runner = ChainGraphRunner(chain, eager_capture)
+    runner = ChainGraphRunner(pure_chain, eager_capture)
     plan = _plan(0, 5)
     first = runner.run(_key(plan), _inputs(1, plan), {0: plan})["noise_pred"]
     kept = first.clone()
@@ -144,7 +149,7 @@ def test_runner_outputs_are_fresh_tensors(eager_capture):
 
 def test_a_reused_version_id_would_replay_stale_plans(eager_capture):
     """The rule rests on versions: reporting an old id for new plan tensors replays the old pairs."""
-    runner = ChainGraphRunner(chain, eager_capture)
+    runner = ChainGraphRunner(pure_chain, eager_capture)
     plan1, plan2 = _plan(0, 9), _plan(1, 9)
     runner.run(_key(plan1), _inputs(1, plan1), {0: 1})
     in2 = _inputs(2, plan2)
@@ -157,7 +162,7 @@ def test_a_reused_version_id_would_replay_stale_plans(eager_capture):
 def test_scratch_memory_move_drops_every_graph(eager_capture):
     generation = [0]
     capture = eager_capture
-    runner = ChainGraphRunner(chain, capture, memory_generation=lambda: generation[0])
+    runner = ChainGraphRunner(pure_chain, capture, memory_generation=lambda: generation[0])
     plan = _plan(0, 5)
     runner.run(_key(plan), _inputs(1, plan), {0: plan})
     runner.run(_key(plan), _inputs(2, plan), {0: plan})
@@ -169,7 +174,7 @@ def test_scratch_memory_move_drops_every_graph(eager_capture):
 
 
 def test_inputs_that_do_not_fit_the_key_raise(eager_capture):
-    runner = ChainGraphRunner(chain, eager_capture)
+    runner = ChainGraphRunner(pure_chain, eager_capture)
     plan = _plan(0, 5)
     runner.run(_key(plan), _inputs(1, plan), {0: plan})
     other = _plan(1, 6)
@@ -206,5 +211,5 @@ def test_cuda_capture_refuses_cpu():
 
 @pytest.mark.gpu
 def test_real_cuda_graphs_follow_the_rule():
-    runner = ChainGraphRunner(chain, TorchCudaGraphCapture("cuda"))
+    runner = ChainGraphRunner(pure_chain, TorchCudaGraphCapture("cuda"))
     _runner_checks(runner, "cuda")
