@@ -1,14 +1,20 @@
 """Build TensorRT engines (``stage_<k>.plan``) from the stages' ONNX graphs, through Polygraphy.
 
 One engine per stage, each with one optimisation profile from
-:func:`catome_export.export.profiles.compute_profiles`. The builder config
-enables fp16 where asked (or where the graphs are fp16), sets the builder
-optimisation level, and shares one persistent timing cache across the stages
-and across builds (``timing.cache``, loaded when present and saved after
-every stage with an atomic replace). A stage that contains an op TensorRT
-runs as a plugin (``ScatterElements`` with a reduction: the merge's
-scatter-add) gets the plugin library registered first
-(``trt.init_libnvinfer_plugins``); every plan is written atomically.
+:func:`catome_export.export.profiles.compute_profiles`. Every stage graph is
+parsed as a strongly typed network (``NetworkFromOnnxPath(...,
+strongly_typed=True)``): the tensor types of the ONNX export decide the
+precision, so fp16 engines come from the fp16 export, the same way on
+TensorRT 10.x and 11.x (11 has no FP16 builder flag; 10.12+ deprecates it).
+The builder config sets the optimisation level and shares one persistent
+timing cache across the stages and across builds (``timing.cache``): the
+cache is created from the saved bytes and attached to the config directly
+(``config.set_timing_cache(config.create_timing_cache(data), False)``), so no
+``.lock`` file is left next to it, and saved after every stage with an
+atomic replace. A stage that contains an op TensorRT runs as a plugin
+(``ScatterElements`` with a reduction: the merge's scatter-add) gets the
+plugin library registered first (``trt.init_libnvinfer_plugins``); every plan
+is written atomically.
 
 ``tensorrt`` is imported only inside :func:`build_engines`; without it the
 function raises :class:`CatomeError` naming TensorRT and how to install it.
@@ -16,7 +22,6 @@ function raises :class:`CatomeError` naming TensorRT and how to install it.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import re
@@ -152,7 +157,9 @@ def build_engines(
 ) -> dict[str, Any]:
     """Build ``stage_<k>.plan`` for every stage of ``manifest`` in ``engine_dir``; return the ``trt`` section.
 
-    ``fp16``: let TensorRT use fp16 kernels (always on for fp16 graphs).
+    ``fp16``: build fp16 engines; they come from the fp16 export (the
+    manifest's precision must be fp16), parsed strongly typed. Engines of
+    fp16 graphs are fp16 whatever this says.
     ``builder_optimization_level``: 0-5, TensorRT's default is 3; higher
     searches longer for faster tactics. ``opt_merge_fraction``: the merge
     level the profiles are tuned for (see ``compute_profiles``).
@@ -184,7 +191,12 @@ def build_engines(
     name, cc = gpu_info()
     shared = shared_timing_cache(str(trt.__version__), name, cc)
     seed = cache_path if cache_path.is_file() else shared if shared is not None and shared.is_file() else None
-    use_fp16 = bool(fp16) or _precision(manifest) == "fp16"
+    precision = _precision(manifest)
+    if fp16 and precision != "fp16":
+        raise CatomeError("fp16 TensorRT engines are built from the fp16 ONNX export (TensorRT 11 has no fp16 "
+                          "builder flag): export the stages in fp16 (catome-export build ... --precision fp16 "
+                          "--backend trt)")
+    use_fp16 = precision == "fp16"
     trt_logger = trt_util.get_trt_logger()
     plugins_loaded = False
     all_plugins: set[str] = set()
@@ -207,7 +219,7 @@ def build_engines(
         if progress:
             progress(index, len(entries), f"building {plan_file(index)}")
         source = cache_path if cache_path.is_file() else seed
-        data = _build_one(trt, onnx_path, profile, use_fp16, builder_optimization_level, source, cache_path,
+        data = _build_one(trt, onnx_path, index, profile, builder_optimization_level, source, cache_path,
                           CreateConfig, NetworkFromOnnxPath, Profile, engine_bytes_from_network,
                           PolygraphyException)
         plan_path = engine_dir / plan_file(index)
@@ -232,6 +244,7 @@ def build_engines(
         "profiles": profiles_to_json(profiles),
         "opt_merge_fraction": _opt_fraction(manifest, opt_merge_fraction),
         "fp16": use_fp16,
+        "strongly_typed": True,
         "builder_optimization_level": builder_optimization_level,
         "version_compatible": False,
         "hardware_compatibility_level": "none",
@@ -250,39 +263,55 @@ def _opt_fraction(manifest: Any, given: float | None) -> float:
     return DEFAULT_OPT_MERGE_FRACTION if frac is None else frac
 
 
-def _build_one(trt: Any, onnx_path: Path, profile: StageProfile, fp16: bool, level: int, source: Path | None,
+def _build_one(trt: Any, onnx_path: Path, index: int, profile: StageProfile, level: int, source: Path | None,
                cache_path: Path,
                CreateConfig: Any, NetworkFromOnnxPath: Any, Profile: Any, engine_bytes_from_network: Any,
                PolygraphyException: type) -> bytes:
-    """Parse, configure and build one stage (timing cache read from ``source``); save the grown cache atomically."""
+    """Parse (strongly typed), configure and build one stage, the timing cache seeded from ``source``; save the
+    grown cache atomically."""
     poly_profile = Profile()
     for name, (mn, opt, mx) in profile.items():
         poly_profile.add(name, min=list(mn), opt=list(opt), max=list(mx))
+    version = str(trt.__version__)
     try:
         # NATIVE_INSTANCENORM: TensorRT's own InstanceNormalization layer rather than the plugin
-        # (the parser's default in TensorRT 10; listed because setting flags replaces the defaults).
+        # (the parser's default; listed because setting flags replaces the defaults).
         builder, network, parser = NetworkFromOnnxPath(
-            str(onnx_path), flags=[trt.OnnxParserFlag.NATIVE_INSTANCENORM])()
-        config = CreateConfig(
-            fp16=fp16,
-            profiles=[poly_profile],
-            builder_optimization_level=level,
-            # read through a buffer: a path would leave a '.lock' file next to the cache
-            load_timing_cache=io.BytesIO(source.read_bytes()) if source is not None else None,
-        )(builder, network)
+            str(onnx_path), flags=[trt.OnnxParserFlag.NATIVE_INSTANCENORM], strongly_typed=True)()
+        config = CreateConfig(profiles=[poly_profile], builder_optimization_level=level)(builder, network)
+        _attach_timing_cache(config, source)
         engine = engine_bytes_from_network((builder, network, parser), config=config)
     except PolygraphyException as exc:
-        raise CatomeError(f"TensorRT could not build {onnx_path.name}: {exc}. Check that the graph passes "
-                          "'catome-export verify' with ONNX Runtime, and the TensorRT log above") from None
+        raise CatomeError(f"TensorRT {version} could not build stage {index} ({onnx_path.name}): {exc}. See the "
+                          "TensorRT messages above; check that the graph passes 'catome-export verify' with ONNX "
+                          "Runtime") from None
     if engine is None:
-        raise CatomeError(f"TensorRT returned no engine for {onnx_path.name}: see the TensorRT log above")
+        raise CatomeError(f"TensorRT {version} returned no engine for stage {index} ({onnx_path.name}): see the "
+                          "TensorRT messages above")
     try:
         cache = config.get_timing_cache()
         if cache is None:
-            logger.warning("the timing cache %s was not used (made by another TensorRT or GPU?): delete it to "
-                           "start a new one", cache_path)
+            logger.warning("no timing cache was attached for stage %d; %s is not updated", index, cache_path)
         else:
             atomic_write_bytes(cache_path, bytes(memoryview(cache.serialize())))
     except Exception as exc:  # a cache is an optimisation: never fail a build for it
         logger.warning("could not save the timing cache %s: %s", cache_path, exc)
     return bytes(memoryview(engine))
+
+
+def _attach_timing_cache(config: Any, source: Path | None) -> None:
+    """Attach the timing cache saved at ``source`` to ``config`` (a new, empty one when there is none or it cannot
+    be used: damaged, or made by another TensorRT version or GPU). Read from bytes: no lock file is created."""
+    if source is None:
+        return  # CreateConfig attached an empty cache already
+    try:
+        data = source.read_bytes()
+    except OSError as exc:
+        logger.warning("could not read the timing cache %s (%s): starting a new one", source, exc)
+        return
+    cache = config.create_timing_cache(data) if data else None
+    if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+        return
+    logger.warning("the timing cache %s cannot be used here (damaged, or made by another TensorRT version or GPU): "
+                   "starting a new one, which replaces it", source)
+    config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)

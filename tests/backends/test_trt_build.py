@@ -1,4 +1,5 @@
-"""TensorRT engine builds: plugin-op detection, the errors without TensorRT, and (with TensorRT) the build itself."""
+"""TensorRT engine builds: plugin-op detection, the errors without TensorRT, and the build itself through the real
+Polygraphy package against the ``tensorrt`` stand-in playing TensorRT 10.13 and 11.1 (and, marked ``trt``, real TensorRT)."""
 
 from __future__ import annotations
 
@@ -143,170 +144,249 @@ def test_shared_timing_cache_is_per_version_and_gpu(monkeypatch, tmp_path):
     assert shared_timing_cache("10.3.0", "X", "9.0").parent == tmp_path / "xdg" / "catome-export" / "trt-timing"
 
 
-# -- the build orchestration, against stand-ins for tensorrt and Polygraphy's loaders ---------------------------------
+# -- real Polygraphy, the tensorrt stand-in (10.x and 11.x), the tiny model's stages --------------------------------
 
-class _Recorder:
-    def __init__(self) -> None:
-        self.networks: list[tuple[str, list]] = []
-        self.configs: list[dict] = []
-        self.built: list[str] = []
-        self.plugin_inits = 0
-        self.fail_on: str | None = None
+def _build_tiny(out: Path, precision: str) -> Path:
+    """The tiny model's stages exported to ONNX (ORT build, no verification): what a TensorRT build starts from."""
+    from catome_export.cli.main import main
+
+    assert main(["build", "--model", "tiny", "--backend", "ort", "--precision", precision, "--no-verify",
+                 "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_fp32(tmp_path_factory) -> Path:
+    return _build_tiny(tmp_path_factory.mktemp("tiny32") / "tiny", "fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_fp16(tmp_path_factory) -> Path:
+    return _build_tiny(tmp_path_factory.mktemp("tiny16") / "tiny", "fp16")
+
+
+def _copy(folder: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    dst = tmp_path / folder.name
+    shutil.copytree(folder, dst)
+    return dst
 
 
 @pytest.fixture
-def fake_build(monkeypatch, tmp_path):
-    """Patch tensorrt, the GPU query and Polygraphy's loaders; returns the call recorder."""
-    import io
-    from types import SimpleNamespace
-
-    import polygraphy.backend.trt as poly_trt
-    from polygraphy.backend.trt import util as poly_util
-    from polygraphy.exception import PolygraphyException
-
+def trt_machine(tensorrt_standin, monkeypatch, tmp_path):
+    """A machine with the stand-in TensorRT and its one GPU (CUDA presence faked: no GPU here); per-user cache in tmp."""
     from catome_export.export import trt_build
 
-    rec = _Recorder()
-
-    def init_plugins(logger, namespace):
-        rec.plugin_inits += 1
-        return True
-
-    fake_trt = SimpleNamespace(__version__="10.3.0", OnnxParserFlag=SimpleNamespace(NATIVE_INSTANCENORM="NATIVE_IN"),
-                               init_libnvinfer_plugins=init_plugins)
-    monkeypatch.setattr(trt_build, "_import_tensorrt", lambda: fake_trt)
-    monkeypatch.setattr(trt_build, "gpu_info", lambda: ("Fake GPU 80GB", "9.0"))
-    monkeypatch.setattr(poly_util, "get_trt_logger", lambda: "logger")
+    monkeypatch.setattr(select, "_cuda_available", lambda: True)
+    monkeypatch.setattr(trt_build, "gpu_info", lambda: ("Stand-in GPU (sm90)", "9.0"))
     monkeypatch.setenv("CATOME_EXPORT_CACHE", str(tmp_path / "user-cache"))
-
-    class Network:
-        def __init__(self, path, flags=None):
-            self.path = path
-            rec.networks.append((path, flags))
-
-        def __call__(self):
-            return ("builder", self.path, "parser")
-
-    class Cache:
-        def __init__(self, data):
-            self.data = data
-
-        def serialize(self):
-            return self.data
-
-    class Config:
-        def __init__(self, **kwargs):
-            loaded = kwargs.get("load_timing_cache")
-            kwargs["loaded_cache"] = loaded.read() if isinstance(loaded, io.BytesIO) else loaded
-            rec.configs.append(kwargs)
-            self.kwargs = kwargs
-
-        def __call__(self, builder, network):
-            prior = self.kwargs["loaded_cache"] or b""
-            return SimpleNamespace(get_timing_cache=lambda: Cache(prior + f"|{Path(network).name}".encode()),
-                                   network=network)
-
-    def build(network_tuple, config):
-        path = network_tuple[1]
-        if rec.fail_on and path.endswith(rec.fail_on):
-            raise PolygraphyException("Invalid Engine")
-        rec.built.append(path)
-        return f"PLAN:{Path(path).name}".encode()
-
-    monkeypatch.setattr(poly_trt, "NetworkFromOnnxPath", Network)
-    monkeypatch.setattr(poly_trt, "CreateConfig", Config)
-    monkeypatch.setattr(poly_trt, "engine_bytes_from_network", build)
-    return rec
+    return tensorrt_standin
 
 
-class _FolderManifest:
-    """What build_engines reads from a Manifest: stages, specs, shapes, sites, merge settings, precision."""
+def _plans(folder: Path, section: dict) -> list[dict]:
+    from tensorrt._formats import describe_plan
 
-    def __init__(self, folder: Path, precision: str = "fp32") -> None:
-        from catome_export.export.stages import StageSpec, TensorSpec, plan_specs
-
-        self.precision = precision
-        self.shapes = {"batch": [1, 2], "latent_height": [8, 16], "latent_width": [8, 16], "text_len": 77,
-                       "opt": {"batch": 2, "latent_height": 16, "latent_width": 16, "merge_fraction": 0.5}}
-        self.sites = [{"index": 0, "path": "p", "downsample": 1, "channels": 3}]
-        self.merge = {"stride": [2, 2]}
-        self._specs = [
-            StageSpec(0, None, 0, (TensorSpec("sample", "float32", ("B", 4, "H", "W")),),
-                      (TensorSpec("x0", "float32", ("B", "N0", 3)),)),
-            StageSpec(1, 0, None, (TensorSpec("x0", "float32", ("B", "N0", 3)), *plan_specs(0)),
-                      (TensorSpec("noise_pred", "float32", ("B", 4, "H", "W")),)),
-        ]
-        self.stages = [{"index": s.index, "file": f"stage_{s.index}.onnx", **s.to_dict()} for s in self._specs]
-        _scatter_model(folder / "stage_0.onnx", None)
-        _scatter_model(folder / "stage_1.onnx", "add")
-
-    def stage_specs(self):
-        return self._specs
+    return [describe_plan((folder / e["file"]).read_bytes()) for e in section["engines"]]
 
 
-def test_build_orchestration(fake_build, tmp_path):
+def _no_lock_or_temp_files(*folders: Path) -> None:
+    for folder in folders:
+        left = [p.name for p in folder.rglob("*") if p.name.endswith((".lock", ".tmp"))]
+        assert not left, left
+
+
+def _float_io(plan: dict) -> set[str]:
+    return {t["dtype"] for t in plan["io"] if t["dtype"] in ("FLOAT", "HALF", "BF16")}
+
+
+def test_fp32_build_of_tiny_through_polygraphy(trt_machine, tiny_onnx_fp32, tmp_path):
+    """Every stage builds; each plan has the manifest's I/O and the computed profiles, is strongly typed, fp32,
+    made by this exact TensorRT, and loads in the runtime with the same profile."""
+    from catome_export.export.manifest import Manifest
     from catome_export.export.profiles import compute_profiles, profiles_to_json
-    from catome_export.export.trt_build import shared_timing_cache
 
-    folder = tmp_path / "engine"
-    folder.mkdir()
-    manifest = _FolderManifest(folder)
-    shared = shared_timing_cache("10.3.0", "Fake GPU 80GB", "9.0")
-    shared.parent.mkdir(parents=True)
-    shared.write_bytes(b"OLD")
-    calls = []
-    section = build_engines(folder, manifest, fp16=False, builder_optimization_level=4,
-                            progress=lambda k, n, msg: calls.append((k, n, msg)))
-    # plans written, hashed, no temp files left
-    assert (folder / "stage_0.plan").read_bytes() == b"PLAN:stage_0.onnx"
-    assert [e["file"] for e in section["engines"]] == ["stage_0.plan", "stage_1.plan"]
-    assert section["engines"][1]["bytes"] == len(b"PLAN:stage_1.onnx")
-    assert not list(folder.glob(".*.tmp"))
-    # the timing cache: seeded from the user cache, grown stage by stage, saved in the folder and the user cache
-    assert [c["loaded_cache"] for c in fake_build.configs] == [b"OLD", b"OLD|stage_0.onnx"]
-    assert (folder / "timing.cache").read_bytes() == b"OLD|stage_0.onnx|stage_1.onnx"
-    assert shared.read_bytes() == b"OLD|stage_0.onnx|stage_1.onnx"
-    # config: profiles of compute_profiles, fp16 off for fp32 graphs, the optimisation level
+    trt = trt_machine
+    folder = _copy(tiny_onnx_fp32, tmp_path)
+    manifest = Manifest.load(folder)
+    section = build_engines(folder, manifest, fp16=False, builder_optimization_level=2)
+    plans = _plans(folder, section)
+    assert len(plans) == len(manifest.stages) == len(section["engines"])
     expected = compute_profiles(manifest, None, None)
-    for cfg, prof in zip(fake_build.configs, expected):
-        assert cfg["fp16"] is False and cfg["builder_optimization_level"] == 4
-        (poly_profile,) = cfg["profiles"]
-        assert {name: tuple(tuple(v) for v in shapes) for name, shapes in poly_profile.items()} == prof
-    assert all(flags == ["NATIVE_IN"] for _, flags in fake_build.networks)
-    # plugins registered once, for the stage with the reducing scatter
-    assert fake_build.plugin_inits == 1
+    assert section["profiles"] == profiles_to_json(expected)
+    assert (section["version"], section["fp16"], section["strongly_typed"]) == (trt.__version__, False, True)
+    trt.init_libnvinfer_plugins(None, "")
+    runtime = trt.Runtime(trt.Logger())
+    for stage, plan, profile, entry in zip(manifest.stages, plans, expected, section["engines"]):
+        stage = stage if isinstance(stage, dict) else stage.to_dict()
+        assert plan["version"] == trt.__version__ and plan["strongly_typed"] is True
+        assert not any(f in plan["builder_flags"] for f in ("FP16", "BF16", "INT8", "FP8"))
+        assert _float_io(plan) == {"FLOAT"} and plan["fp16_kernels"] is False
+        assert plan["builder_optimization_level"] == 2
+        names = {t["name"] for t in plan["io"]}
+        assert names == {t["name"] for t in stage["inputs"]} | {t["name"] for t in stage["outputs"]}
+        assert plan["profiles"] == [{k: [list(v) for v in shapes] for k, shapes in profile.items()}]
+        engine = runtime.deserialize_cuda_engine((folder / entry["file"]).read_bytes())
+        assert engine is not None and engine.num_optimization_profiles == 1
+        for name, shapes in profile.items():
+            assert [tuple(d) for d in engine.get_tensor_profile_shape(name, 0)] == [tuple(v) for v in shapes]
+    merging = [p for p in plans if any(t["name"].endswith("_src_idx") for t in p["io"])]
+    assert merging and all(p["plugins"] == ["ScatterElements"] for p in merging)
     assert section["plugins"] == ["ScatterElements(reduction=add)"]
-    assert (section["version"], section["gpu"], section["compute_capability"]) == ("10.3.0", "Fake GPU 80GB", "9.0")
-    assert section["profiles"] == profiles_to_json(expected) and section["opt_merge_fraction"] == 0.5
-    assert section["timing_cache"] == "timing.cache"
-    assert [c[:2] for c in calls] == [(0, 2), (0, 2), (1, 2), (1, 2)]
+    _no_lock_or_temp_files(folder, tmp_path / "user-cache")
     json.dumps(section)
 
 
-def test_build_fp16_graphs_always_enable_fp16_and_opt_fraction_override(fake_build, tmp_path):
-    folder = tmp_path / "engine"
-    folder.mkdir()
-    section = build_engines(folder, _FolderManifest(folder, precision="fp16"), fp16=False, opt_merge_fraction=0.8)
-    assert all(cfg["fp16"] is True for cfg in fake_build.configs)
-    assert section["fp16"] is True and section["opt_merge_fraction"] == 0.8
-    assert section["profiles"][1]["site0_src_idx"]["opt"] == [2, round(0.8 * num_src((16, 16)))]
+def test_fp16_build_is_strongly_typed_from_the_fp16_export(trt_machine, tiny_onnx_fp16, tmp_path):
+    """fp16 engines on both majors: the fp16 graphs parsed strongly typed; no precision builder flag is set (11.x has
+    none, and Polygraphy would raise if the build asked for one)."""
+    from catome_export.export.manifest import Manifest
+
+    trt = trt_machine
+    folder = _copy(tiny_onnx_fp16, tmp_path)
+    manifest = Manifest.load(folder)
+    assert manifest.precision == "fp16"
+    section = build_engines(folder, manifest, fp16=True)
+    assert section["fp16"] is True and section["strongly_typed"] is True
+    for plan in _plans(folder, section):
+        assert plan["strongly_typed"] and plan["fp16_kernels"] and "HALF" in _float_io(plan)
+        assert "FP16" not in plan["builder_flags"]
+    if trt.__version__.startswith("11."):
+        assert not hasattr(trt.BuilderFlag, "FP16")
 
 
-def test_build_failure_is_a_catome_error_and_keeps_old_plans(fake_build, tmp_path):
-    folder = tmp_path / "engine"
-    folder.mkdir()
-    manifest = _FolderManifest(folder)
-    (folder / "stage_1.plan").write_bytes(b"previous")
-    fake_build.fail_on = "stage_1.onnx"
-    with pytest.raises(CatomeError, match="could not build stage_1.onnx"):
+def test_fp16_engines_need_the_fp16_export(trt_machine, tiny_onnx_fp32, tmp_path):
+    from catome_export.export.manifest import Manifest
+
+    folder = _copy(tiny_onnx_fp32, tmp_path)
+    with pytest.raises(CatomeError, match="--precision fp16"):
+        build_engines(folder, Manifest.load(folder), fp16=True)
+    assert not list(folder.glob("*.plan"))
+
+
+def _cache_entries(path: Path) -> set[str]:
+    from tensorrt._formats import describe_timing_cache
+
+    return set(describe_timing_cache(path.read_bytes())["entries"])
+
+
+def test_timing_cache_seeded_grown_and_saved_without_lock_files(trt_machine, tiny_onnx_fp32, tmp_path):
+    """First build: a new cache, saved in the folder and the per-user copy. Second build in a new folder: seeded
+    from the per-user copy, every earlier entry kept, nothing new needed; no .lock file anywhere."""
+    from catome_export.export.manifest import Manifest
+    from catome_export.export.trt_build import shared_timing_cache
+
+    trt = trt_machine
+    first = _copy(tiny_onnx_fp32, tmp_path / "a")
+    build_engines(first, Manifest.load(first), fp16=False)
+    shared = shared_timing_cache(trt.__version__, "Stand-in GPU (sm90)", "9.0")
+    grown = _cache_entries(first / "timing.cache")
+    assert grown and _cache_entries(shared) == grown
+    second = _copy(tiny_onnx_fp32, tmp_path / "b")
+    build_engines(second, Manifest.load(second), fp16=False, opt_merge_fraction=0.25)
+    again = _cache_entries(second / "timing.cache")
+    assert grown < again  # seeded with the first build's entries, grown by the new profiles' tactics
+    assert _cache_entries(shared) == again
+    _no_lock_or_temp_files(first, second, shared.parent)
+
+
+@pytest.mark.parametrize("what", ["damaged", "other-version"])
+def test_unusable_timing_cache_is_replaced(trt_machine, tiny_onnx_fp32, tmp_path, caplog, what):
+    from tensorrt import _formats
+
+    from catome_export.export.manifest import Manifest
+
+    trt = trt_machine
+    folder = _copy(tiny_onnx_fp32, tmp_path)
+    cache = folder / "timing.cache"
+    other = "10.12.0.36" if trt.__version__.startswith("11.") else "11.0.0.114"
+    cache.write_bytes(b"not a cache" if what == "damaged" else
+                      _formats.encode_cache({"version": other, "device": "Stand-in GPU (sm90)", "entries": ["x"]}))
+    with caplog.at_level("WARNING"):
+        build_engines(folder, Manifest.load(folder), fp16=False)
+    assert "cannot be used here" in caplog.text
+    assert _formats.describe_timing_cache(cache.read_bytes())["version"] == trt.__version__
+    assert "x" not in _cache_entries(cache)
+
+
+def _int32_scatter(path: Path) -> None:
+    """A graph TensorRT's parser refuses: ScatterElements with a reduction and INT32 indices."""
+    data = helper.make_tensor_value_info("data", TensorProto.FLOAT, [2, 4, 3])
+    idx = helper.make_tensor_value_info("idx", TensorProto.INT32, [2, 2, 3])
+    upd = helper.make_tensor_value_info("upd", TensorProto.FLOAT, [2, 2, 3])
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 4, 3])
+    node = helper.make_node("ScatterElements", ["data", "idx", "upd"], ["out"], axis=1, reduction="add")
+    onnx.save(helper.make_model(helper.make_graph([node], "g", [data, idx, upd], [out]),
+                                opset_imports=[helper.make_opsetid("", 18)]), path)
+
+
+def test_parser_refusal_is_a_catome_error_and_keeps_old_plans(trt_machine, tiny_onnx_fp32, tmp_path):
+    from catome_export.export.manifest import Manifest
+
+    trt = trt_machine
+    folder = _copy(tiny_onnx_fp32, tmp_path)
+    manifest = Manifest.load(folder)
+    last = len(manifest.stages) - 1
+    (folder / plan_file(last)).write_bytes(b"previous")
+    _int32_scatter(folder / f"stage_{last}.onnx")
+    with pytest.raises(CatomeError) as err:
         build_engines(folder, manifest, fp16=False)
-    assert (folder / "stage_1.plan").read_bytes() == b"previous"
+    msg = str(err.value)
+    assert f"stage {last}" in msg and trt.__version__ in msg and "Traceback" not in msg
+    assert (folder / plan_file(last)).read_bytes() == b"previous"
 
 
-def test_build_missing_onnx(fake_build, tmp_path):
-    folder = tmp_path / "engine"
-    folder.mkdir()
-    manifest = _FolderManifest(folder)
+def test_build_missing_onnx(trt_machine, tiny_onnx_fp32, tmp_path):
+    from catome_export.export.manifest import Manifest
+
+    folder = _copy(tiny_onnx_fp32, tmp_path)
     (folder / "stage_1.onnx").unlink()
     with pytest.raises(CatomeError, match="stage_1.onnx is missing"):
-        build_engines(folder, manifest, fp16=False)
+        build_engines(folder, Manifest.load(folder), fp16=False)
+
+
+def test_plans_load_only_under_the_exact_version_that_built_them(trt_machine, trt_standin_helper, tiny_onnx_fp32,
+                                                                 tmp_path, monkeypatch):
+    """The stand-in follows deserialize_cuda_engine's contract (None under another build), and the compatibility
+    check refuses the folder before that, naming both versions and the rebuild command."""
+    from catome_export.backends.trt_compat import TrtRuntimeInfo, check_trt_compat
+    from catome_export.export.manifest import Manifest
+
+    trt = trt_machine
+    folder = _copy(tiny_onnx_fp32, tmp_path)
+    manifest = Manifest.load(folder)
+    section = build_engines(folder, manifest, fp16=False)
+    manifest.trt = {k: v for k, v in section.items() if k != "engines"}
+    manifest.engine_backend = "trt"
+    built = trt.__version__
+    major, minor, patch, build = built.split(".")
+    later = f"{major}.{minor}.{int(patch) + 1}.{build}"
+    other = trt_standin_helper.activate(monkeypatch, later)
+    other.init_libnvinfer_plugins(None, "")
+    assert other.Runtime(other.Logger()).deserialize_cuda_engine((folder / plan_file(0)).read_bytes()) is None
+    check_trt_compat(manifest, TrtRuntimeInfo(built, "Stand-in GPU (sm90)", "9.0"))
+    with pytest.raises(CatomeError) as err:
+        check_trt_compat(manifest, TrtRuntimeInfo(later, "Stand-in GPU (sm90)", "9.0"))
+    msg = str(err.value)
+    assert built in msg and later in msg and "exact" in msg and "--backend trt" in msg
+
+
+def test_cli_build_trt_with_standin_but_no_gpu_exits_1(trt_standin_helper, tmp_path):
+    """The real command with the stand-in importable: TensorRT is found, the missing CUDA device is named."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "catome_export.cli", "build", "--model", "tiny", "--backend", "trt",
+         "--out", str(tmp_path / "tiny")],
+        capture_output=True, text=True, timeout=600, cwd=REPO, env=trt_standin_helper.subprocess_env("11"),
+    )
+    if proc.returncode == 0:
+        pytest.skip("a CUDA device is present: the no-GPU path cannot run")
+    assert proc.returncode == 1, proc.stderr
+    assert "CUDA device" in proc.stderr and "not installed" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("major", ["10", "11"])
+def test_doctor_reports_the_standin_version_as_supported(trt_standin_helper, major):
+    proc = subprocess.run([sys.executable, "-m", "catome_export.cli", "doctor"], capture_output=True, text=True,
+                          timeout=300, cwd=REPO, env=trt_standin_helper.subprocess_env(major))
+    line = next(x for x in proc.stdout.splitlines() if " tensorrt " in f" {x} ")
+    assert line.startswith("ok") and trt_standin_helper.VERSIONS[major] in line, proc.stdout

@@ -643,6 +643,22 @@ _LAYER_OF_OP = {"Conv": "CONVOLUTION", "ConvTranspose": "DECONVOLUTION", "MatMul
 _MIN_OPSET = 9
 
 
+def _inferred_static_dims(proto: Any) -> dict[str, list[int | None]]:
+    """Output dims that shape inference proves constant (the exporter may still have given them a name)."""
+    import onnx
+
+    try:
+        probe = onnx.ModelProto()
+        probe.CopyFrom(proto)
+        for out in probe.graph.output:
+            out.type.tensor_type.ClearField("shape")
+        inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True)
+    except Exception:
+        return {}
+    return {o.name: [d.dim_value if d.HasField("dim_value") else None for d in o.type.tensor_type.shape.dim]
+            for o in inferred.graph.output}
+
+
 class OnnxParser:
     """``trt.OnnxParser(network, logger)``: populates ``network`` from an ONNX model.
 
@@ -773,6 +789,7 @@ class OnnxParser:
                 layer_type = getattr(LayerType, _LAYER_OF_OP.get(node.op_type, "IDENTITY"))
             layers.append(ILayer(name, layer_type, node.op_type, len(node.input), len(node.output)))
         inits = {i.name for i in graph.initializer}
+        static = _inferred_static_dims(proto)
         inputs, outputs, exprs = [], [], {}
         for vi, kind in [(vi, "input") for vi in graph.input if vi.name not in inits] + \
                         [(vi, "output") for vi in graph.output]:
@@ -782,8 +799,13 @@ class OnnxParser:
                 return self._fail(ErrorCode.UNSUPPORTED_GRAPH, f"graph {kind} {vi.name} has ONNX data type "
                                   f"{onnx.TensorProto.DataType.Name(tt.elem_type)}, which TensorRT does not support")
             dims, names, spec = [], [], []
-            for d in tt.shape.dim:
-                if d.HasField("dim_value"):
+            known = static.get(vi.name, []) if kind == "output" else []
+            for axis, d in enumerate(tt.shape.dim):
+                if not d.HasField("dim_value") and axis < len(known) and known[axis] is not None:
+                    dims.append(known[axis])  # TensorRT's own shape analysis knows it; the export only named it
+                    names.append(None)
+                    spec.append(known[axis])
+                elif d.HasField("dim_value"):
                     dims.append(int(d.dim_value))
                     names.append(None)
                     spec.append(int(d.dim_value))
