@@ -12,6 +12,9 @@ What :func:`apply_merging` installs, and :meth:`CatomeHandle.remove` undoes:
   around the ``attn1`` processor object the module had (and ``attn2`` with
   ``merge_crossattn``), set with diffusers' own ``set_processor``;
 - with ``merge_mlp``, hooks on the block's ``ff`` that merge and unmerge;
+- :meth:`CatomeHandle.set_matcher` hands the sites given plans in place of
+  their own matching (a reference run on an engine's plans); the caching
+  rules stay as they are;
 - for a pipeline, a wrapper on the instance's ``progress_bar`` method, which
   diffusers pipelines call exactly once per ``pipe(...)`` call right before the
   denoising loop: it resets the handle, so every generation starts at step 0
@@ -30,6 +33,7 @@ import torch
 from catome_export.eager.processors import FeedForwardMerger, MergingAttnProcessor, SiteSlot
 from catome_export.errors import CatomeError
 from catome_export.merging import MergeController, MergeSettings, StepStats, parse_schedule
+from catome_export.merging.controller import PlanMatcher
 from catome_export.merging.schedules import Schedule
 from catome_export.merging.steps import ResetOnCall
 from catome_export.models.sites import MergeSite, find_merge_sites
@@ -215,6 +219,17 @@ class CatomeHandle:
     def set_step(self, index: int) -> None:
         """Pin the 0-based loop index of the next U-Net call (custom loops); 0 also starts a new generation."""
         self.controller.set_step(index)
+
+    def set_matcher(self, matcher: PlanMatcher | None) -> None:
+        """Give the plans sites use where they match: ``matcher(site_index, x, grid) -> MergePlan``.
+
+        ``x`` is the block input (the metric the site would match on), ``grid``
+        the site's token grid at this call. The plan is cached and reused on
+        the steps that follow like a matched one; None restores the handle's
+        own matching. This is how a reference runs on given plans (e.g. an
+        engine's) while still seeing its own block inputs.
+        """
+        self.controller.set_matcher(matcher)
 
     def remove(self) -> None:
         """Undo the patch: hooks, processors and wrapped methods as they were. Safe to call twice."""

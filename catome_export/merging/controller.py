@@ -9,11 +9,15 @@ paths share the exact same caching behaviour:
   checkpoint step, or when the site has no usable cache, it matches on ``x``
   (the block's input before norm1) and caches the plan; otherwise it returns
   the cached plan (same r, same pairs) for the new x.
+- ``set_matcher(fn)`` replaces the matching itself (``fn(site, x, grid) ->
+  MergePlan``) while the caching stays as it is: a reference run on given
+  plans, or a recorder of what was matched.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -21,6 +25,10 @@ from catome_export.merging.matching import match_tokens, partition
 from catome_export.merging.plan import MergePlan
 from catome_export.merging.settings import MergeSettings
 from catome_export.merging.steps import StepCounter
+
+
+PlanMatcher = Callable[[int, torch.Tensor, tuple[int, int]], MergePlan]
+"""``(site, x, grid) -> plan``: what a site uses on a step where it matches (see ``set_matcher``)."""
 
 
 @dataclass
@@ -49,6 +57,7 @@ class MergeController:
         self._generator: torch.Generator | None = None
         self._step: int = -1
         self._checkpoint = True
+        self._matcher: PlanMatcher | None = None
         self.reset()
 
     # -- step bookkeeping -------------------------------------------------------------
@@ -103,6 +112,27 @@ class MergeController:
                                 generator=gen)
         return match_tokens(x, grid, threshold=s.threshold, ratio=s.ratio, stride=s.stride, generator=gen)
 
+    def partition_for(self, x: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (src, dst) token ids that :meth:`compute_plan` on ``x`` would use next.
+
+        Does not advance the random-dst generator: call it before the matching it describes.
+        """
+        gen = self._generator_for(x.device) if x.shape[0] % 2 == 0 else None
+        if gen is not None:
+            probe = torch.Generator(device=gen.device)
+            probe.set_state(gen.get_state())
+            gen = probe
+        return partition(grid, self.settings.stride, gen, x.device)
+
+    def set_matcher(self, matcher: PlanMatcher | None) -> None:
+        """Use ``matcher(site, x, grid)`` instead of :meth:`compute_plan` where a site matches; None restores it.
+
+        The cache rules stay: the matcher's plan is cached and reused on the
+        steps that follow, exactly like a computed one (and validated when the
+        controller validates). It survives :meth:`reset`.
+        """
+        self._matcher = matcher
+
     def _usable(self, site: int, batch: int, num_tokens: int, grid: tuple[int, int],
                 device: torch.device) -> MergePlan | None:
         cached = self._cache.get(site)
@@ -131,7 +161,7 @@ class MergeController:
         cached = self._usable(site, x.shape[0], x.shape[1], grid, x.device)
         matched = self._checkpoint or cached is None
         if matched:
-            plan = self.compute_plan(x, grid)
+            plan = self.compute_plan(x, grid) if self._matcher is None else self._matcher(site, x, grid)
             if self.validate:
                 plan.validate(x.shape[0], x.shape[1])
             self._cache[site] = plan

@@ -9,7 +9,7 @@ import torch
 
 from catome_export.eager import CatomeHandle, apply_catome, apply_merging, apply_tome
 from catome_export.errors import CatomeError
-from catome_export.merging import MergeSettings, match_tokens, parse_schedule
+from catome_export.merging import MergePlan, MergeSettings, match_tokens, parse_schedule
 from catome_export.models import find_merge_sites, load_unet
 
 LATENT = (16, 16)
@@ -377,3 +377,54 @@ def test_cuda_patch_matches_cpu(inputs):
         out_g = call(gpu, x.cuda(), 500, emb.cuda())
         assert hc.last_merged == hg.last_merged
     torch.testing.assert_close(out_g.cpu(), out_c, atol=1e-3, rtol=1e-3)
+
+
+def test_given_plans_replace_matching_and_are_cached(unet, inputs, reference):
+    x, emb = inputs
+    seen: list[tuple[int, int, tuple[int, int]]] = []
+    given = {}
+
+    def matcher(site, metric, grid):
+        seen.append((handle.controller.step, site, tuple(grid)))
+        assert metric.shape == (2, grid[0] * grid[1], metric.shape[-1])
+        given[site] = MergePlan.identity(2, grid[0] * grid[1])
+        return given[site]
+
+    with apply_catome(unet, threshold=0.5, schedule=[0, 3], step_base=1) as handle:
+        handle.set_matcher(matcher)
+        out = call(unet, x, 500, emb)
+        # identity plans given at every site: exactly the unmerged U-Net, whatever threshold 0.5 would merge
+        assert torch.equal(out, reference)
+        assert set(handle.last_merged.values()) == {0}
+        call(unet, x, 400, emb)  # loop index 1: no checkpoint, the given plans are reused, the matcher is not asked
+        assert [s for s, _, _ in seen] == [0] * len(handle.sites)
+        assert handle.history[1].matched == {k: False for k in range(len(handle.sites))}
+        handle.set_matcher(None)
+        handle.reset()
+        assert not torch.equal(call(unet, x, 500, emb), reference)  # its own matching again
+        assert any(r > 0 for r in handle.last_merged.values())
+
+
+def test_partition_for_describes_the_next_match_without_advancing(unet, inputs):
+    x, emb = inputs
+    settings = MergeSettings(threshold=0.5, schedule=parse_schedule("every_step"), random_dst=True, seed=3)
+    plans, partitions = [], []
+    with apply_merging(unet, settings) as handle:
+        def matcher(site, metric, grid):
+            partitions.append(handle.controller.partition_for(metric, grid))
+            partitions.append(handle.controller.partition_for(metric, grid))  # asking twice changes nothing
+            plans.append(handle.controller.compute_plan(metric, grid))
+            return plans[-1]
+
+        handle.set_matcher(matcher)
+        with_probe = call(unet, x, 500, emb)
+        handle.set_matcher(None)
+        handle.reset()
+        without = call(unet, x, 500, emb)
+    assert torch.equal(with_probe, without)
+    for k, plan in enumerate(plans):
+        src, dst = partitions[2 * k]
+        assert torch.equal(src, partitions[2 * k + 1][0]) and torch.equal(dst, partitions[2 * k + 1][1])
+        if plan.num_merged:
+            assert torch.equal(plan.keep_idx[0, -dst.numel():], dst)  # the dst tokens the match used
+            assert bool(torch.isin(plan.src_idx, src).all())
