@@ -2,9 +2,11 @@
 
 TensorRT plans are tied to what built them:
 
-- the TensorRT version: a plan only deserialises under the same major.minor
-  release (unless it was built version-compatible, which this project does
-  not do by default);
+- the TensorRT version: a plan only deserialises under the exact TensorRT
+  build that made it (``deserialize_cuda_engine`` returns None under any
+  other, patch releases included), so the version string must match exactly
+  (plans built version-compatible, which this project does not do, are the
+  exception the manifest records);
 - the GPU: kernels are chosen for one compute capability (a plan fails on
   another unless built hardware-compatible) and tuned for one device model
   (another model with the same capability runs it, possibly slowly or not
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from catome_export.backends.select import TRT_PIP, trt_version_problem
 from catome_export.errors import CatomeError
 from catome_export.export.profiles import manifest_field
 
@@ -128,14 +131,6 @@ def rebuild_command(manifest: Any, engine_dir: str | Path | None = None, **overr
     return build_command(args)
 
 
-def _major_minor(version: str) -> tuple[int, int] | None:
-    parts = str(version).split(".")
-    try:
-        return int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
-    except ValueError:
-        return None
-
-
 def _widened(manifest: Any, batch: int, latent_hw: tuple[int, int]) -> dict[str, int]:
     """Build-flag overrides whose ranges cover the built ones and the requested shape."""
     shapes = manifest_field(manifest, "shapes") or {}
@@ -209,18 +204,24 @@ def check_trt_compat(
     if info.tensorrt_version is None:
         raise CatomeError(
             "TensorRT is not installed here, and this folder's engines need it: install it on a machine with an "
-            "NVIDIA GPU (pip install 'catome-export[trt]', or pip install tensorrt --extra-index-url "
-            "https://pypi.nvidia.com), or load the folder with --backend ort"
+            f"NVIDIA GPU (pip install 'catome-export[trt]', or {TRT_PIP}), or load the folder with --backend ort"
         )
     if info.gpu_name is None:
         raise CatomeError("TensorRT engines need a CUDA device and a CUDA build of torch; none is usable here. "
                           "Load the folder with --backend ort on this machine")
     built = str(section.get("version") or "")
-    built_mm, here_mm = _major_minor(built), _major_minor(info.tensorrt_version)
-    if not section.get("version_compatible") and (built_mm is None or built_mm != here_mm):
+    here = str(info.tensorrt_version)
+    problem = trt_version_problem(here)
+    if problem is not None:
+        raise CatomeError(f"{problem}: {TRT_PIP}, then rebuild the engines: {cmd}")
+    if not section.get("version_compatible") and built != here:
         raise CatomeError(
-            f"the engines were built with TensorRT {built or 'unknown'} and this machine has TensorRT "
-            f"{info.tensorrt_version}: TensorRT plans only load under the same major.minor version. "
+            f"the engines were built with TensorRT {built or 'unknown'} and this machine has TensorRT {here}: "
+            "TensorRT plans only load under the exact TensorRT version that built them. "
+            f"Rebuild them here: {cmd}  (or install TensorRT {built or 'of the build'}: "
+            f"pip install 'tensorrt=={built}' --extra-index-url https://pypi.nvidia.com)"
+            if built else
+            f"the manifest does not record the TensorRT version of the engines; this machine has TensorRT {here}. "
             f"Rebuild them here: {cmd}"
         )
     built_cc = str(section.get("compute_capability") or "")

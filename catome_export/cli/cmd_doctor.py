@@ -24,6 +24,20 @@ def _version(module: str) -> tuple[bool, str]:
     return True, str(getattr(mod, "__version__", "installed"))
 
 
+def _tensorrt_check() -> Check:
+    """Installed, and a version this project supports (``select.TRT_SUPPORTED``)?"""
+    from catome_export.backends.select import TRT_PIP, trt_version_problem
+
+    ok, detail = _version("tensorrt")
+    if not ok:
+        return Check("tensorrt", False, detail, "pip install 'catome-export[trt]' on a machine with an NVIDIA GPU "
+                     f"(or {TRT_PIP})")
+    problem = trt_version_problem(detail)
+    if problem is not None:
+        return Check("tensorrt", False, f"{detail} (unsupported: {problem})", TRT_PIP)
+    return Check("tensorrt", True, detail)
+
+
 def run_checks() -> list[Check]:
     checks = [Check("python", True, platform.python_version())]
     for module, fix in (
@@ -43,12 +57,7 @@ def run_checks() -> list[Check]:
         detail += f"; providers: {', '.join(ort.get_available_providers())}"
     checks.append(Check("onnxruntime", ok, detail, "" if ok else "pip install 'catome-export[ort]' (CPU) or [ort-gpu]"))
 
-    ok, detail = _version("tensorrt")
-    checks.append(Check(
-        "tensorrt", ok, detail,
-        "" if ok else "pip install 'catome-export[trt]' on a machine with an NVIDIA GPU "
-        "(the tensorrt wheels download from NVIDIA's index: pip install tensorrt --extra-index-url https://pypi.nvidia.com)",
-    ))
+    checks.append(_tensorrt_check())
 
     try:
         import torch

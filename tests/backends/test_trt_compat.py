@@ -48,17 +48,28 @@ def test_same_machine_passes(wrap):
     check_trt_compat(wrap(_manifest()), H100, batch=2, latent_hw=(64, 96))
 
 
-def test_patch_release_difference_is_fine():
-    check_trt_compat(_manifest(), TrtRuntimeInfo("10.3.1.post2", H100.gpu_name, "9.0"))
-
-
-@pytest.mark.parametrize("here", ["10.4.0", "11.3.0", "9.3.0"])
-def test_other_tensorrt_minor_or_major_refused(here):
+@pytest.mark.parametrize("here", ["10.3.1.post2", "10.3.0.1", "10.4.0", "11.1.0.106"])
+def test_any_other_tensorrt_version_refused(here):
+    """Plans load only under the exact TensorRT build that made them: a patch release differs too."""
     with pytest.raises(CatomeError) as err:
         check_trt_compat(_manifest(), TrtRuntimeInfo(here, H100.gpu_name, "9.0"))
     msg = str(err.value)
-    assert "10.3.0" in msg and here in msg and "major.minor" in msg
+    assert "10.3.0" in msg and here in msg and "exact" in msg
     assert "catome-export build --model sd15" in msg and "--backend trt" in msg
+    assert "pip install 'tensorrt==10.3.0'" in msg
+
+
+@pytest.mark.parametrize("here", ["9.3.0", "10.0.1", "12.0.0"])
+def test_unsupported_tensorrt_here_refused(here):
+    with pytest.raises(CatomeError) as err:
+        check_trt_compat(_manifest(), TrtRuntimeInfo(here, H100.gpu_name, "9.0"))
+    msg = str(err.value)
+    assert here in msg and "tensorrt>=10.1,<12" in msg and "--backend trt" in msg
+
+
+def test_manifest_without_version_refused():
+    with pytest.raises(CatomeError, match="does not record the TensorRT version"):
+        check_trt_compat(_manifest(version=None), H100)
 
 
 def test_version_compatible_build_accepts_other_version():
@@ -166,7 +177,7 @@ def test_real_manifest_formats_its_recorded_build_with_trt():
     assert flags["backend"] == "trt" and flags["out"] == "engines/here" and flags["min-resolution"] == "256"
     check_trt_compat(manifest, H100)
     with pytest.raises(CatomeError, match="--backend trt"):
-        check_trt_compat(manifest, TrtRuntimeInfo("10.4.0", H100.gpu_name, "9.0"))
+        check_trt_compat(manifest, TrtRuntimeInfo("10.3.1", H100.gpu_name, "9.0"))
 
 
 def test_shape_error_suggests_ranges_that_cover_the_request():

@@ -80,24 +80,59 @@ def test_unknown_backend():
         choose_backend("tensorflow")
 
 
-def test_import_tensorrt_errors(monkeypatch):
+@pytest.mark.parametrize("version, accepted", [
+    ("8.6.1", False), ("10.0.1.6", False), ("10.1.0", True), ("10.13.0.35", True), ("11.1.0.106", True),
+    ("12.0.0", False), ("unknown", False),
+])
+def test_import_tensorrt_checks_the_supported_range(monkeypatch, version, accepted):
     import sys
     import types
+
+    from catome_export.backends.select import TRT_SUPPORTED, import_tensorrt
+
+    module = types.ModuleType("tensorrt")
+    module.__version__ = version
+    monkeypatch.setitem(sys.modules, "tensorrt", module)
+    if accepted:
+        assert import_tensorrt() is module
+    else:
+        with pytest.raises(CatomeError) as err:
+            import_tensorrt()
+        assert version in str(err.value) and f"tensorrt{TRT_SUPPORTED}" in str(err.value)
+
+
+def test_import_tensorrt_missing(monkeypatch):
+    import sys
 
     from catome_export.backends.select import import_tensorrt
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with pytest.raises(CatomeError, match="TensorRT is not installed.*pip install"):
         import_tensorrt()
-    old = types.ModuleType("tensorrt")
-    old.__version__ = "8.6.1"
-    monkeypatch.setitem(sys.modules, "tensorrt", old)
-    with pytest.raises(CatomeError, match="8.6.1 is too old"):
-        import_tensorrt()
-    new = types.ModuleType("tensorrt")
-    new.__version__ = "10.3.0"
-    monkeypatch.setitem(sys.modules, "tensorrt", new)
-    assert import_tensorrt() is new
+
+
+def test_import_tensorrt_accepts_both_standin_majors(tensorrt_standin):
+    from catome_export.backends.select import import_tensorrt
+
+    assert import_tensorrt() is tensorrt_standin
+
+
+def test_extra_hints_and_docs_agree_on_the_supported_range():
+    """pyproject's [trt] extra, the version check, the install hints and the docs name one range."""
+    import tomllib
+    from pathlib import Path
+
+    from catome_export.backends.select import TRT_INSTALL_HINT, TRT_PIP, TRT_SUPPORTED
+
+    repo = Path(__file__).resolve().parents[2]
+    extras = tomllib.loads((repo / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["trt"] == [f"tensorrt{TRT_SUPPORTED}"]
+    assert extras["ort-gpu"] == ["onnxruntime-gpu>=1.21"]
+    assert f"tensorrt{TRT_SUPPORTED}" in TRT_PIP and TRT_PIP in TRT_INSTALL_HINT
+    for doc in ("docs/tensorrt.md", "README.md"):
+        text = (repo / doc).read_text()
+        assert f"tensorrt{TRT_SUPPORTED}" in text, doc
+        assert "pip install tensorrt --extra-index-url" not in text, doc  # an unpinned install picks any major
 
 
 def test_broken_tensorrt_install_is_a_clear_error(monkeypatch, tmp_path):
