@@ -7,14 +7,20 @@ the same checks run with real CUDA graphs where a GPU is present.
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
+import onnx
 import pytest
 import torch
+from onnx import TensorProto, helper
 
 from catome_export.errors import CatomeError
-from catome_export.merging import match_tokens, merge_tokens, unmerge_tokens
+from catome_export.merging import MergeSettings, match_tokens, merge_tokens, parse_schedule, unmerge_tokens
 from catome_export.runtime.cuda_graphs import (
-    ChainGraphCache, ChainGraphRunner, GraphChain, GraphEntry, GraphKey, TorchCudaGraphCapture, same_version,
-    site_of, stage_chain,
+    ChainGraphCache, ChainGraphRunner, GraphChain, GraphEntry, GraphKey, TorchCudaGraphCapture, graph_chain,
+    same_version, site_of, stage_chain,
 )
 
 GRID = (6, 8)
@@ -213,3 +219,237 @@ def test_cuda_capture_refuses_cpu():
 def test_real_cuda_graphs_follow_the_rule():
     runner = ChainGraphRunner(pure_chain, TorchCudaGraphCapture("cuda"))
     _runner_checks(runner, "cuda")
+
+
+# -- rule 5 with TensorRT stages: the tensorrt stand-in's enqueue record shows which context ran what ---------------
+
+_STANDINS = Path(__file__).resolve().parents[1] / "standins"
+TOKEN_C = 4
+"""Channels of the stand-in stages' tokens (the latent's)."""
+
+
+@pytest.fixture(params=["10", "11"], ids=["trt10", "trt11"])
+def tensorrt_standin(request, monkeypatch):
+    """The ``tensorrt`` stand-in (tests/standins) imported as ``tensorrt``, playing 10.13 and 11.1."""
+    name = "catome_tests_trt_standin"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, _STANDINS / "trt_standin.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    helper = sys.modules[name]
+    trt = helper.activate(monkeypatch, request.param)
+    from tensorrt import _runtime
+
+    _runtime.ENQUEUES.clear()
+    yield trt
+    helper.deactivate()
+
+
+def _enqueues() -> list[dict]:
+    from tensorrt import _runtime
+
+    return _runtime.ENQUEUES
+
+
+def _model(nodes, inputs, outputs, inits=()) -> bytes:
+    model = helper.make_model(helper.make_graph(nodes, "stage", inputs, outputs, list(inits)),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def _stage0_onnx() -> bytes:
+    """sample [B, 4, H, W], timestep [B], encoder_hidden_states [B, L, D] -> x0 [B, H*W, 4]."""
+    vi, F = helper.make_tensor_value_info, TensorProto.FLOAT
+    nodes = [helper.make_node("Reshape", ["sample", "flat"], ["s3"]),
+             helper.make_node("Transpose", ["s3"], ["tokens"], perm=[0, 2, 1]),
+             helper.make_node("Unsqueeze", ["timestep", "axes12"], ["t3"]),
+             helper.make_node("ReduceMean", ["encoder_hidden_states"], ["e3"], axes=[1, 2], keepdims=1),
+             helper.make_node("Add", ["tokens", "t3"], ["tt"]),
+             helper.make_node("Add", ["tt", "e3"], ["x0"])]
+    inits = [helper.make_tensor("flat", TensorProto.INT64, [3], [0, TOKEN_C, -1]),
+             helper.make_tensor("axes12", TensorProto.INT64, [2], [1, 2])]
+    return _model(nodes, [vi("sample", F, ["B", TOKEN_C, "H", "W"]), vi("timestep", F, ["B"]),
+                          vi("encoder_hidden_states", F, ["B", "L", "D"])],
+                  [vi("x0", F, ["B", "H*W", TOKEN_C])], inits)
+
+
+def _stage1_onnx() -> bytes:
+    """x0, site 0's plan tensors and sample -> noise_pred [B, 4, H, W] (a merge-shaped scatter-add in between)."""
+    vi, F, I = helper.make_tensor_value_info, TensorProto.FLOAT, TensorProto.INT64
+    nodes = [helper.make_node("ReduceMean", ["x0"], ["xm"], axes=[2], keepdims=0),
+             helper.make_node("GatherElements", ["xm", "site0_keep_idx"], ["kept"], axis=1),
+             helper.make_node("Mul", ["kept", "site0_weight"], ["kept_w"]),
+             helper.make_node("GatherElements", ["xm", "site0_src_idx"], ["src"], axis=1),
+             helper.make_node("ScatterElements", ["kept_w", "site0_slot_idx", "src"], ["merged"], axis=1,
+                              reduction="add"),
+             helper.make_node("GatherElements", ["merged", "site0_unmerge_idx"], ["back"], axis=1),
+             helper.make_node("Shape", ["sample"], ["shape"]),
+             helper.make_node("Unsqueeze", ["back", "axis1"], ["back3"]),
+             helper.make_node("Expand", ["back3", "shape4"], ["wide"]),
+             helper.make_node("Reshape", ["wide", "shape"], ["grid"]),
+             helper.make_node("Add", ["sample", "grid"], ["noise_pred"])]
+    inits = [helper.make_tensor("axis1", TensorProto.INT64, [1], [1]),
+             helper.make_tensor("shape4", TensorProto.INT64, [3], [1, TOKEN_C, 1])]
+    inputs = [vi("x0", F, ["B", "N0", TOKEN_C]), vi("site0_keep_idx", I, ["B", "K0"]),
+              vi("site0_src_idx", I, ["B", "R0"]), vi("site0_slot_idx", I, ["B", "R0"]),
+              vi("site0_weight", F, ["B", "K0"]), vi("site0_unmerge_idx", I, ["B", "N0"]),
+              vi("sample", F, ["B", TOKEN_C, "H", "W"])]
+    return _model(nodes, inputs, [vi("noise_pred", F, ["B", TOKEN_C, "H", "W"])], inits)
+
+
+def _build(trt, model: bytes, profiles: dict) -> bytes:
+    """A plan from the stand-in's builder (TensorRT's builder API, one optimization profile)."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    trt.init_libnvinfer_plugins(logger, "")
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    assert parser.parse(model), [str(parser.get_error(i)) for i in range(parser.num_errors)]
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in profiles.items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    return bytes(memoryview(builder.build_serialized_network(network, config)))
+
+
+def _trt_stages(trt, folder: Path):
+    """The two stand-in stages loaded by a TrtBackend on the CPU: (backend, runners, sites)."""
+    from catome_export.backends.trt import TrtBackend
+    from catome_export.export.stages import StageSpec, TensorSpec, plan_specs
+    from catome_export.models.sites import MergeSite
+
+    sample = TensorSpec("sample", "float32", ("B", TOKEN_C, "H", "W"))
+    x0 = TensorSpec("x0", "float32", ("B", "N0", TOKEN_C))
+    specs = [StageSpec(0, None, 0, (sample, TensorSpec("timestep", "float32", ("B",)),
+                                    TensorSpec("encoder_hidden_states", "float32", ("B", "L", "D"))), (x0,)),
+             StageSpec(1, 0, None, (x0, *plan_specs(0), sample), (TensorSpec("noise_pred", "float32", sample.shape),))]
+    n = 8 * 8
+    lat = ((1, TOKEN_C, 4, 4), (2, TOKEN_C, 8, 8), (2, TOKEN_C, 8, 8))
+    p0 = {"sample": lat, "timestep": ((1,), (2,), (2,)), "encoder_hidden_states": ((1, 1, 8), (2, 77, 8), (2, 77, 8))}
+    tok = ((1, 1), (2, n // 2), (2, n))
+    p1 = {"x0": ((1, 1, TOKEN_C), (2, n // 2, TOKEN_C), (2, n, TOKEN_C)), "sample": lat,
+          "site0_keep_idx": tok, "site0_weight": tok, "site0_src_idx": tok, "site0_slot_idx": tok,
+          "site0_unmerge_idx": tok}
+    backend = TrtBackend(None, "cpu", trt_module=trt)
+    runners = []
+    for spec, model, profiles in zip(specs, (_stage0_onnx(), _stage1_onnx()), (p0, p1)):
+        (folder / f"stage_{spec.index}.plan").write_bytes(_build(trt, model, profiles))
+        runners.append(backend.load_stage(folder, {"index": spec.index, "engine": None}, spec))
+    return backend, runners, [MergeSite(0, "down_blocks.0.attentions.0.transformer_blocks.0", 1)]
+
+
+class ContextGuardCapture:
+    """A capture stand-in that checks rule 5 against the tensorrt stand-in's enqueue record.
+
+    Like a CUDA graph's, a replay here recomputes the captured chain from its
+    static buffers (re-running it stands in for replaying the frozen work).
+    Before each replay it records a violation if any execution context the
+    graph was captured on was enqueued by anything else since the capture or
+    the graph's last replay (on a GPU, that is a replay on a context that was
+    re-shaped or re-bound since its capture), and it checks that the re-run
+    used only the graph's contexts, with the captured shapes.
+    """
+
+    def __init__(self) -> None:
+        self.captures = 0
+        self.replays = 0
+        self.violations: list[str] = []
+
+    def capture(self, chain, static_inputs):
+        self.captures += 1
+        start = len(_enqueues())
+        outputs = {k: torch.empty_like(v) for k, v in chain(static_inputs).items()}
+        own = {e["context"]: e["shapes"] for e in _enqueues()[start:]}
+        assert own, "the captured chain enqueued nothing on TensorRT"
+        return [chain, static_inputs, outputs, own, len(_enqueues())], outputs
+
+    def replay(self, handle) -> None:
+        self.replays += 1
+        chain, static_inputs, outputs, own, mark = handle
+        self.violations += [f"context {e['context']:#x} of a captured graph was enqueued with {e['shapes']} "
+                            f"before replay {self.replays}" for e in _enqueues()[mark:] if e["context"] in own]
+        start = len(_enqueues())
+        for k, v in chain(static_inputs).items():
+            outputs[k].copy_(v)
+        ran = _enqueues()[start:]
+        assert ran and all(e["context"] in own and e["shapes"] == own[e["context"]] for e in ran)
+        handle[4] = len(_enqueues())
+
+
+def _stage_inputs(seed: int, r: int, hw=(8, 8)) -> tuple[dict[str, torch.Tensor], object]:
+    gen = torch.Generator().manual_seed(seed)
+    plan = match_tokens(torch.randn(2, hw[0] * hw[1], TOKEN_C, generator=gen), hw, num_merged=r)
+    inputs = {"sample": torch.randn(2, TOKEN_C, *hw, generator=gen), "timestep": torch.full((2,), 500.0),
+              "encoder_hidden_states": torch.randn(2, 77, 8, generator=gen)}
+    inputs.update(zip((f"site0_{n}" for n in ("keep_idx", "src_idx", "slot_idx", "weight", "unmerge_idx")),
+                      plan.tensors()))
+    return inputs, plan
+
+
+def _interleave(graphs: ChainGraphRunner, eager) -> None:
+    """Cached steps through ``graphs`` with eager runs (checkpoints, other shapes) of the stages in between."""
+    for step, (seed, r, eager_first) in enumerate([(0, 8, True), (1, 8, False), (2, 8, True), (3, 16, True),
+                                                  (4, 8, True), (5, 16, False)]):
+        inputs, plan = _stage_inputs(seed, r)
+        if eager_first:  # a checkpoint at another r re-shapes the eager contexts
+            other, _ = _stage_inputs(100 + seed, r + 4, hw=(6, 8) if step % 2 else (8, 8))
+            eager(other)
+        key = ChainGraphCache.key(2, (8, 8), [plan.num_merged])
+        graphs.run(key, inputs, {0: plan})
+
+
+def test_a_graph_owns_its_tensorrt_contexts_and_eager_steps_never_touch_them(tensorrt_standin, tmp_path):
+    backend, runners, _ = _trt_stages(tensorrt_standin, tmp_path)
+    guard = ContextGuardCapture()
+    graphs = ChainGraphRunner(lambda: graph_chain(runners), guard, max_graphs=1,
+                              memory_generation=lambda: backend.memory.generation)
+    _interleave(graphs, stage_chain(runners))
+    assert guard.violations == []
+    assert (guard.captures, guard.replays) == (4, 6)  # one graph kept: each change of r evicts and recaptures
+    eager_contexts = {id(r.context) for r in runners}
+    graph_contexts = {e["context"] for e in _enqueues()} - eager_contexts
+    assert len(graph_contexts) >= 2  # the live graph's two forks (evicted graphs' contexts were closed)
+    assert len(backend.forks) == 2 and all(f.parent in runners for f in backend.forks)  # only the live graph's
+    graphs.invalidate("test")
+    assert backend.forks == []
+
+
+def test_sharing_the_eager_contexts_with_a_graph_is_caught(tensorrt_standin, tmp_path):
+    """The check above can fail: a graph captured on the eager runners' own contexts is replayed after a
+    checkpoint re-shaped them."""
+    backend, runners, _ = _trt_stages(tensorrt_standin, tmp_path)
+    guard = ContextGuardCapture()
+    shared = ChainGraphRunner(lambda: GraphChain(stage_chain(runners)), guard, max_graphs=1)
+    _interleave(shared, stage_chain(runners))
+    assert guard.violations and "before replay" in guard.violations[0]
+
+
+def test_runtime_checkpoints_run_on_contexts_no_graph_was_captured_on(tensorrt_standin, tmp_path):
+    """A Runtime over TensorRT stages with CUDA graphs: checkpoint steps (schedule 0,3) run on the loaded runners,
+    cached steps replay graphs captured on forks, and closing the runtime closes the forks."""
+    from catome_export.runtime.runtime import Runtime
+
+    backend, runners, sites = _trt_stages(tensorrt_standin, tmp_path)
+    settings = MergeSettings(threshold=1.0, schedule=parse_schedule("0,3", step_base=0))  # t = 1 merges nothing
+    runtime = Runtime(runners, sites, settings, unet_config={}, dtype=torch.float32, device="cpu", backend=backend)
+    guard = ContextGuardCapture()
+    runtime.enable_cuda_graphs(capture=guard)
+    eager_contexts = {id(r.context) for r in runners}
+    gen = torch.Generator().manual_seed(0)
+    sample, ehs = torch.randn(2, TOKEN_C, 8, 8, generator=gen), torch.randn(2, 77, 8, generator=gen)
+    for _ in range(2):
+        runtime.reset()
+        for t in (951, 901, 851, 801, 751, 701):
+            mark = len(_enqueues())
+            runtime.step(sample, torch.full((2,), float(t)), ehs)
+            used = {e["context"] for e in _enqueues()[mark:]}
+            cached = runtime.history[-1].step not in (0, 3)
+            assert (used & eager_contexts == set()) if cached else (used == eager_contexts)
+    assert guard.violations == [] and guard.replays == 8 and guard.captures == 1
+    assert len(backend.forks) == 2
+    runtime.close()
+    assert backend.forks == [] and all(r.context is None for r in runners)
