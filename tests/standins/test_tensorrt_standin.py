@@ -1,0 +1,164 @@
+"""The tensorrt stand-in keeps the published contracts it claims: the 10.x / 11.x API differences, profile checks,
+the parser's refusals, and the runtime's preconditions (deserialisation, addresses, shapes, memory, stream)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+_HERE = Path(__file__).resolve().parent
+
+
+def _helper():
+    name = "catome_tests_trt_standin"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, _HERE / "trt_standin.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(params=["10", "11"], ids=["trt10", "trt11"])
+def trt(request, monkeypatch):
+    module = _helper().activate(monkeypatch, request.param)
+    yield module
+    _helper().deactivate()
+
+
+def test_not_importable_without_being_asked_for():
+    env = {k: v for k, v in _helper().subprocess_env("10").items() if k != _helper().ENV}
+    proc = subprocess.run([sys.executable, "-c", "import tensorrt"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 1 and "test stand-in" in proc.stderr
+
+
+def test_api_differences_between_majors(trt):
+    eleven = trt.__version__.startswith("11.")
+    for flag in ("FP16", "BF16", "INT8", "FP8", "INT4", "FP4", "OBEY_PRECISION_CONSTRAINTS",
+                 "PREFER_PRECISION_CONSTRAINTS"):
+        assert hasattr(trt.BuilderFlag, flag) is not eleven, flag
+    assert hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH") is not eleven
+    assert hasattr(trt.Builder, "platform_has_fast_fp16") is not eleven
+    assert hasattr(trt.ICudaEngine, "device_memory_size") is not eleven
+    assert hasattr(trt.ICudaEngine, "device_memory_size_v2") and hasattr(trt.IExecutionContext, "set_device_memory")
+    network = trt.Builder(trt.Logger()).create_network(0)
+    assert network.get_flag(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) is eleven  # always on in 11
+    assert int(trt.OnnxParserFlag.NATIVE_INSTANCENORM) == 0 and trt.Logger.WARNING == trt.ILogger.Severity.WARNING
+
+
+def test_profile_set_shape_checks_min_opt_max(trt):
+    profile = trt.Builder(trt.Logger()).create_optimization_profile()
+    profile.set_shape("x", (1, 0), (2, 3), (2, 4))
+    assert [tuple(d) for d in profile.get_shape("x")] == [(1, 0), (2, 3), (2, 4)]
+    with pytest.raises(RuntimeError, match="opt"):
+        profile.set_shape("y", (2, 3), (1, 3), (2, 3))
+    with pytest.raises(RuntimeError, match="max"):
+        profile.set_shape("z", (1, 3), (2, 3), (2,))
+    with pytest.raises(RuntimeError, match="min"):
+        profile.set_shape("w", (-1, 3), (2, 3), (2, 3))
+
+
+def _model(path: Path, index_type: int = TensorProto.INT64) -> Path:
+    data = helper.make_tensor_value_info("data", TensorProto.FLOAT, ["B", 4, 3])
+    idx = helper.make_tensor_value_info("idx", index_type, ["B", "R", 3])
+    upd = helper.make_tensor_value_info("upd", TensorProto.FLOAT, ["B", "R", 3])
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["B", 4, 3])
+    node = helper.make_node("ScatterElements", ["data", "idx", "upd"], ["out"], axis=1, reduction="add")
+    onnx.save(helper.make_model(helper.make_graph([node], "g", [data, idx, upd], [out]),
+                                opset_imports=[helper.make_opsetid("", 18)]), path)
+    return path
+
+
+def _build(trt, path: Path, plugins: bool = True):
+    logger = trt.Logger(trt.Logger.ERROR)
+    if plugins:
+        trt.init_libnvinfer_plugins(logger, "")
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    ok = parser.parse_from_file(str(path))
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    profile.set_shape("data", (1, 4, 3), (2, 4, 3), (2, 4, 3))
+    for name in ("idx", "upd"):
+        profile.set_shape(name, (1, 0, 3), (2, 2, 3), (2, 4, 3))
+    assert config.add_optimization_profile(profile) == 0
+    return ok, parser, builder, network, config
+
+
+def test_parser_reads_the_graph_and_refuses_what_tensorrt_refuses(trt, tmp_path):
+    ok, parser, builder, network, config = _build(trt, _model(tmp_path / "m.onnx"))
+    assert ok and parser.num_errors == 0
+    assert [network.get_input(i).name for i in range(network.num_inputs)] == ["data", "idx", "upd"]
+    assert tuple(network.get_input(1).shape) == (-1, -1, 3) and network.get_input(1).dtype == trt.int64
+    ok, parser, *_ = _build(trt, _model(tmp_path / "i32.onnx", TensorProto.INT32))
+    assert not ok and "INT64" in str(parser.get_error(0))
+
+
+def test_build_without_profile_for_a_dynamic_input_fails(trt, tmp_path):
+    _, _, builder, network, _ = _build(trt, _model(tmp_path / "m.onnx"))
+    assert builder.build_serialized_network(network, builder.create_builder_config()) is None
+
+
+@pytest.fixture
+def engine(trt, tmp_path):
+    _, _, builder, network, config = _build(trt, _model(tmp_path / "m.onnx"))
+    plan = builder.build_serialized_network(network, config)
+    return trt.Runtime(trt.Logger(trt.Logger.ERROR)).deserialize_cuda_engine(plan)
+
+
+def test_deserialize_needs_the_exact_version_and_the_plugins(trt, tmp_path, monkeypatch):
+    _, _, builder, network, config = _build(trt, _model(tmp_path / "m.onnx"))
+    plan = bytes(builder.build_serialized_network(network, config))
+    assert trt.Runtime(trt.Logger()).deserialize_cuda_engine(plan) is not None
+    assert trt.Runtime(trt.Logger()).deserialize_cuda_engine(b"garbage") is None
+    major, minor, patch, build = trt.__version__.split(".")
+    other = _helper().activate(monkeypatch, f"{major}.{minor}.{patch}.{int(build) + 1}")
+    other.init_libnvinfer_plugins(None, "")
+    assert other.Runtime(other.Logger()).deserialize_cuda_engine(plan) is None
+    same = _helper().activate(monkeypatch, trt.__version__)  # fresh registry: no plugins registered yet
+    assert same.Runtime(same.Logger()).deserialize_cuda_engine(plan) is None
+
+
+def test_execution_preconditions(trt, engine):
+    ctx = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+    assert tuple(ctx.get_tensor_shape("out")) == (-1, 4, 3)  # unknown until every input shape is set
+    assert not ctx.set_input_shape("idx", (2, 5, 3))  # outside the profile
+    for name, shape in (("data", (2, 4, 3)), ("idx", (2, 0, 3)), ("upd", (2, 0, 3))):
+        assert ctx.set_input_shape(name, shape)
+    assert tuple(ctx.get_tensor_shape("out")) == (2, 4, 3)
+    assert not ctx.set_tensor_address("data", 4096 + 64)  # not 256-byte aligned
+    for k, name in enumerate(("data", "upd", "out")):
+        assert ctx.set_tensor_address(name, 4096 * (k + 1))
+    ctx.set_device_memory(1 << 20, engine.device_memory_size_v2)
+    assert not ctx.execute_async_v3(7)  # idx holds no elements but still needs an address
+    assert ctx.set_tensor_address("idx", 1 << 16)
+    assert not ctx.execute_async_v3(0)  # the legacy default stream is refused
+    assert ctx.execute_async_v3(7)
+    assert ctx.set_tensor_address("idx", 0)  # resets to null ...
+    assert not ctx.execute_async_v3(7)  # ... which enqueue refuses
+
+
+def test_user_managed_context_needs_device_memory(trt, engine):
+    ctx = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+    for name, shape in (("data", (1, 4, 3)), ("idx", (1, 1, 3)), ("upd", (1, 1, 3))):
+        ctx.set_input_shape(name, shape)
+    for k, name in enumerate(("data", "idx", "upd", "out")):
+        ctx.set_tensor_address(name, 256 * (k + 1))
+    assert not ctx.execute_async_v3(7)
+    ctx.set_device_memory(1 << 20, engine.device_memory_size_v2 - 1)  # too small: refused
+    assert not ctx.execute_async_v3(7)
+    ctx.set_device_memory(1 << 20, engine.device_memory_size_v2)
+    assert ctx.execute_async_v3(7)
+    static = engine.create_execution_context()
+    for name, shape in (("data", (1, 4, 3)), ("idx", (1, 1, 3)), ("upd", (1, 1, 3))):
+        static.set_input_shape(name, shape)
+    for k, name in enumerate(("data", "idx", "upd", "out")):
+        static.set_tensor_address(name, 256 * (k + 1))
+    assert static.execute_async_v3(7)
