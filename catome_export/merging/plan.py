@@ -144,8 +144,8 @@ class MergePlan:
         ``R`` dim is at least 1), and merge is still exact: slot 0 becomes
         ``(x0 + x0) * 0.5``, which equals ``x0`` bit for bit in float32,
         float16 and bfloat16 (doubling and halving only change the exponent;
-        signed zeros, subnormals, infinities and NaNs come back as they went
-        in). The one exception is overflow of ``x0 + x0``: ``|x0| > 32752``
+        signed zeros, subnormals and infinities come back bit for bit, a NaN
+        stays a NaN). The one exception is overflow of ``x0 + x0``: ``|x0| > 32752``
         in float16 (half its largest finite value, 65504), above about
         1.70e38 in float32 and 1.69e38 in bfloat16, where slot 0 becomes
         infinite. The eager path does not compute this at all
