@@ -433,7 +433,8 @@ def test_tiny_trt_runtime_merges_on_smooth_latents(tmp_path):
 @pytest.mark.trt
 @pytest.mark.gpu
 def test_cuda_graph_replay_of_trt_chain_matches_direct_runs(tmp_path):
-    """Graphs of two shape keys, replayed interleaved with new plans, give what the chain gives run directly."""
+    """Graphs of two shape keys, replayed interleaved with new plans and with direct runs of the loaded contexts
+    (as checkpoint steps do), give what the chain gives run directly; each graph runs on contexts of its own."""
     from catome_export.cli.main import main
     from catome_export.runtime.cuda_graphs import (
         ChainGraphCache, ChainGraphRunner, TorchCudaGraphCapture, graph_chain, stage_chain,
@@ -446,7 +447,8 @@ def test_cuda_graph_replay_of_trt_chain_matches_direct_runs(tmp_path):
         runners = rt.chain.runners
         sites = sorted(rt.sites)
         chain = stage_chain(runners)
-        graphs = ChainGraphRunner(lambda: graph_chain(runners), TorchCudaGraphCapture(rt.device, stream=rt._stream()),
+        stream = rt.backend.stream.stream
+        graphs = ChainGraphRunner(lambda: graph_chain(runners), TorchCudaGraphCapture(rt.device, stream=stream),
                                   memory_generation=lambda: rt.backend.memory.generation)
 
         def inputs(fraction, seed):
@@ -458,4 +460,4 @@ def test_cuda_graph_replay_of_trt_chain_matches_direct_runs(tmp_path):
             got = graphs.run(key, feeds, {k: seed for k in sites})["noise_pred"]
             want = chain(feeds)["noise_pred"]
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-        assert graphs.captures == 2
+        assert graphs.captures == 2 and len(rt.backend.forks) == 2 * len(runners)
