@@ -14,7 +14,6 @@ from onnx import TensorProto, helper
 
 from catome_export.backends import select
 from catome_export.errors import CatomeError
-from catome_export.export.profiles import num_src
 from catome_export.export.trt_build import build_engines, plan_file, scan_onnx_ops
 
 REPO = Path(__file__).resolve().parents[2]
