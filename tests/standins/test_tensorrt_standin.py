@@ -140,6 +140,7 @@ def test_execution_preconditions(trt, engine):
     assert not ctx.execute_async_v3(7)  # idx holds no elements but still needs an address
     assert ctx.set_tensor_address("idx", 1 << 16)
     assert not ctx.execute_async_v3(0)  # the legacy default stream is refused
+    assert not ctx.execute_async_v3(1)  # ... also as cudaStreamLegacy
     assert ctx.execute_async_v3(7)
     assert ctx.set_tensor_address("idx", 0)  # resets to null ...
     assert not ctx.execute_async_v3(7)  # ... which enqueue refuses

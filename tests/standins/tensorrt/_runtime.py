@@ -20,9 +20,10 @@ of ``include/NvInferRuntime.h``:
   every input shape is set, named dimensions agree, every I/O tensor has a
   non-null address (zero-volume tensors included), and, for a context made
   with ``ExecutionContextAllocationStrategy.USER_MANAGED``, device memory is
-  set. It also refuses stream handle 0: TensorRT accepts the legacy default
-  stream but warns it adds device-wide synchronisations; the stand-in makes
-  that an error on purpose so code under test must use a stream it owns.
+  set. It also refuses the legacy default stream (handle 0, or
+  ``cudaStreamLegacy``, handle 1 in ``cuda_runtime_api.h``): TensorRT accepts
+  it but warns it adds device-wide synchronisations; the stand-in makes that
+  an error on purpose so code under test must use a stream it owns.
 
 No kernels run. Each accepted enqueue is appended to :data:`ENQUEUES` (stream,
 shapes and addresses) so tests can check what reached TensorRT.
@@ -409,9 +410,9 @@ class IExecutionContext:
         where = "IExecutionContext::enqueueV3"
         stream = int(stream_handle)
         problems = self._problems()
-        if stream == 0:
-            problems.append("stream handle 0 is the legacy default stream (the stand-in refuses it; TensorRT warns it "
-                            "adds device-wide synchronisations)")
+        if stream in (0, 1):
+            problems.append(f"stream handle {stream} is the legacy default stream (0, or cudaStreamLegacy = 1; the "
+                            "stand-in refuses it; TensorRT warns it adds device-wide synchronisations)")
         if problems:
             api_error(self._logger, where, "; ".join(problems))
             return False
