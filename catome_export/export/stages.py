@@ -17,8 +17,9 @@ Symbolic dims (strings in :attr:`TensorSpec.shape`; static dims are ints):
            ceil(H / d), the size after log2(d) stride-2 convolutions
 ``L``      text length (tokens of ``encoder_hidden_states``)
 ``N{k}``   tokens at site k (H * W at downsample 1)
-``K{k}``   tokens kept at site k (N{k} - R{k})
-``R{k}``   tokens merged at site k (0 .. number of src tokens)
+``K{k}``   tokens kept at site k (N{k} - r, r the merged count)
+``R{k}``   rows of src_idx/slot_idx at site k: max(r, 1) .. number of src tokens
+           (r = 0 is one exact self-merge row, so no input is ever empty)
 =========  ================================================================
 """
 

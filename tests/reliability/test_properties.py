@@ -72,8 +72,8 @@ def test_every_plan_keeps_the_contract(case):
     r = plan.num_merged
     src = num_src(grid, stride) if num_dst(grid, stride) else 0  # no dst: nothing to merge into
     assert 0 <= r <= src
-    assert plan.num_kept + r == n and plan.keep_idx.shape == (b, n - r) and plan.src_idx.shape == (b, r)
-    every = torch.sort(torch.cat([plan.keep_idx, plan.src_idx], dim=1), dim=1).values
+    assert plan.num_kept + r == n and plan.keep_idx.shape == (b, n - r) and plan.src_idx.shape == (b, plan.num_src_rows)
+    every = torch.sort(torch.cat([plan.keep_idx, plan.src_idx[:, :r]], dim=1), dim=1).values
     assert torch.equal(every, torch.arange(n).expand(b, -1))  # every token exactly once
     (name, value), = mode.items()
     if name == "threshold" and value >= 1.0:
@@ -109,7 +109,7 @@ def test_unmerge_of_merge_keeps_unmerged_tokens_and_shares_merged_rows(case):
     x = torch.randn(b, n, 5, generator=torch.Generator().manual_seed(n))
     y = plan.unmerge(plan.merge(x))
     counts = torch.ones(b, plan.num_kept)
-    counts.scatter_add_(1, plan.slot_idx, torch.ones(b, plan.num_merged))
+    counts.scatter_add_(1, plan.slot_idx[:, :plan.num_merged], torch.ones(b, plan.num_merged))
     alone = plan.keep_idx.masked_select(counts == 1).view(-1)
     rows = torch.arange(b).unsqueeze(1).expand(-1, plan.num_kept).masked_select(counts == 1)
     assert torch.equal(y[rows, alone], x[rows, alone])
