@@ -489,7 +489,10 @@ def _verify(folder: Path, opts: BuildOptions, backend: str, notes: list[str], sa
             return None
     say(f"verifying against eager CA-ToMe ({opts.verify_steps} steps, backend {run_on})")
     report = verify_engine(folder, steps=opts.verify_steps, backend=run_on)
-    say(report.summary() if hasattr(report, "summary") else str(report))
+    differences = report.format_differences(limit=5)  # near-tie flips, and any plan difference that fails
+    if differences:
+        say(differences)
+    say(report.summary())
     return report
 
 

@@ -216,7 +216,7 @@ def _node_max(u: torch.Tensor, src_ids: torch.Tensor, dst_ids: torch.Tensor) -> 
 
 def compare_plans(x_a: torch.Tensor, plan_a: MergePlan, x_b: torch.Tensor, plan_b: MergePlan,
                   src_ids: torch.Tensor, dst_ids: torch.Tensor, *, threshold: float | None,
-                  roundoff: float) -> PlanComparison:
+                  roundoff: float, names: tuple[str, str] = ("side a", "side b")) -> PlanComparison:
     """Compare the plans two sides matched on ``x_a`` / ``x_b`` [B, N, C] and explain each difference.
 
     ``src_ids`` / ``dst_ids``: the partition both sides matched on.
@@ -255,7 +255,7 @@ def compare_plans(x_a: torch.Tensor, plan_a: MergePlan, x_b: torch.Tensor, plan_
 
     found: list[TokenDifference] = []
     if not same_r:
-        found.append(_explain_r(nm, err, r_a, r_b, threshold))
+        found.append(_explain_r(nm, err, r_a, r_b, threshold, names))
     differ = (dest_a != dest_b).nonzero().tolist()
     for b, tok in differ:
         a_dst, b_dst = int(dest_a[b, tok]), int(dest_b[b, tok])
@@ -269,9 +269,10 @@ def compare_plans(x_a: torch.Tensor, plan_a: MergePlan, x_b: torch.Tensor, plan_
                                          f"src {tok} is merged into token {bad_dst[0]}, which is not a dst token"))
             continue
         if a_dst >= 0 and b_dst >= 0:
-            found.append(_explain_dst(u_b, d, b, tok, a_dst, b_dst, delta))
+            found.append(_explain_dst(u_b, d, b, tok, a_dst, b_dst, delta, names))
         else:
-            found.append(_explain_membership(nm, err, b, tok, int(pos[tok]), a_dst, b_dst, r_a, r_b, threshold))
+            found.append(_explain_membership(nm, err, b, tok, int(pos[tok]), a_dst, b_dst, r_a, r_b, threshold,
+                                             names))
     result = PlanComparison(r_a, r_b, tuple(found), max_d, delta)
     if result.unexplained:
         logger.debug("plans differ beyond near-ties: %s", result.unexplained[0].detail)
@@ -279,7 +280,7 @@ def compare_plans(x_a: torch.Tensor, plan_a: MergePlan, x_b: torch.Tensor, plan_
 
 
 def _explain_dst(u_b: torch.Tensor, d: torch.Tensor, b: int, tok: int, a_dst: int, b_dst: int,
-                 delta: float) -> TokenDifference:
+                 delta: float, names: tuple[str, str]) -> TokenDifference:
     s_a = float(u_b[b, tok] @ u_b[b, a_dst])
     s_b = float(u_b[b, tok] @ u_b[b, b_dst])
     gap = s_b - s_a
@@ -287,12 +288,13 @@ def _explain_dst(u_b: torch.Tensor, d: torch.Tensor, b: int, tok: int, a_dst: in
     ok = abs(gap) <= bound
     word = "a near-tie" if ok else "not a near-tie"
     return TokenDifference(KIND_DST, b, tok, a_dst, b_dst, gap, bound, ok,
-                           f"src {tok} goes to dst {a_dst} on side a and {b_dst} on side b: scores "
+                           f"src {tok} goes to dst {a_dst} on {names[0]} and {b_dst} on {names[1]}: exact scores "
                            f"{s_a:.9f} vs {s_b:.9f} differ by {abs(gap):.3g}, possible error {bound:.3g} ({word})")
 
 
 def _explain_membership(nm: torch.Tensor | None, err: torch.Tensor, b: int, tok: int, p: int, a_dst: int,
-                        b_dst: int, r_a: int, r_b: int, threshold: float | None) -> TokenDifference:
+                        b_dst: int, r_a: int, r_b: int, threshold: float | None,
+                        names: tuple[str, str]) -> TokenDifference:
     merged_on_a = a_dst >= 0
     kind = KIND_A_ONLY if merged_on_a else KIND_B_ONLY
     r_x, r_y = (r_a, r_b) if merged_on_a else (r_b, r_a)
@@ -309,23 +311,23 @@ def _explain_membership(nm: torch.Tensor | None, err: torch.Tensor, b: int, tok:
     order = vals.argsort(descending=True, stable=True)
     r_th = float(vals[order[max(r_x, r_y) - 1]]) if max(r_x, r_y) >= 1 else math.nan
     gap = mine - (threshold if threshold is not None else r_th)
-    side = "a" if merged_on_a else "b"
+    side = names[0] if merged_on_a else names[1]
     where = f"threshold {threshold:g}" if threshold is not None else f"r-th score {r_th:.9f}"
     return TokenDifference(kind, b, tok, a_dst, b_dst, gap, 2.0 * e_i, ok,
-                           f"src {tok} is merged on side {side} only: best score {mine:.9f} ({where}, r-th score "
+                           f"src {tok} is merged on {side} only: best exact score {mine:.9f} ({where}, r-th score "
                            f"{r_th:.9f}), possible error {e_i:.3g}; {certainly_above} src certainly above it "
                            f"(r = {r_x} there), {possibly_above} possibly at or above it (r = {r_y} on the other "
                            f"side) ({'a near-tie' if ok else 'not a near-tie'})")
 
 
-def _explain_r(nm: torch.Tensor | None, err: torch.Tensor, r_a: int, r_b: int,
-               threshold: float | None) -> TokenDifference:
+def _explain_r(nm: torch.Tensor | None, err: torch.Tensor, r_a: int, r_b: int, threshold: float | None,
+               names: tuple[str, str]) -> TokenDifference:
     if threshold is None or nm is None:
         return TokenDifference(KIND_R, -1, -1, r_a, r_b, float(r_a - r_b), 0.0, False,
-                               f"r is {r_a} on side a and {r_b} on side b, and with a fixed count it cannot differ")
+                               f"r is {r_a} on {names[0]} and {r_b} on {names[1]}, and with a fixed count it cannot differ")
     lo = int((nm - err >= threshold).sum(dim=-1).max())
     hi = int((nm + err >= threshold).sum(dim=-1).max())
     ok = lo <= r_a <= hi and lo <= r_b <= hi
     return TokenDifference(KIND_R, -1, -1, r_a, r_b, float(r_a - r_b), float(hi - lo), ok,
-                           f"r is {r_a} on side a and {r_b} on side b; scores within their possible error of "
+                           f"r is {r_a} on {names[0]} and {r_b} on {names[1]}; scores within their possible error of "
                            f"t = {threshold:g} allow r in [{lo}, {hi}] ({'a near-tie' if ok else 'not a near-tie'})")

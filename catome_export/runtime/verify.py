@@ -6,15 +6,24 @@ seeded text embeddings, advanced between steps by a DDIM step taken on the
 EAGER side's prediction. Feeding both sides the eager latents at every step
 keeps errors from compounding, so each step's difference is that step's own.
 
-Per step it compares the noise predictions (max abs diff against a limit of
-``tolerance * max(1, max|eager|)``: absolute for outputs of unit scale,
-relative above), the merged count r per site, and whether each site matched
-or reused its cache. The engine passes when every step is within the limit,
-the matched flags agree everywhere, and r agrees at every site (exactly for
-fp32; within ``merge_tolerance`` of the site's tokens for fp16, where a
-similarity within one half-precision step of the threshold can fall either
-way). Default tolerances: 1e-4 for fp32 engines, 2e-2 for fp16 (see
-docs/runtime.md).
+Two questions are kept apart:
+
+- Outputs, on the same plans. The engine runs first; wherever one of its
+  sites matches, its plan is handed to eager CA-ToMe for that site and step
+  (``CatomeHandle.set_matcher``), so both sides merge exactly the same tokens
+  and the noise predictions must agree within ``tolerance * max(1,
+  max|eager|)`` (absolute for outputs of unit scale, relative above). The
+  matched flags must agree everywhere (both sides apply the same cache rules).
+- Plan agreement. At each site that matches, eager also matches on its own
+  block input, and that plan is compared with the engine's in token space
+  (:mod:`catome_export.merging.neartie`). The two inputs differ by float
+  rounding, so a near-tie (two dst, or a token at the threshold or at the
+  r-th place, within the scores' provable error) may fall differently: such a
+  flip is reported, not failed. A difference no near-tie explains fails and is
+  named by site, step and token. r may differ where near-ties at the threshold
+  explain it, or within ``merge_tolerance`` of the site's tokens.
+
+Default tolerances: 1e-4 for fp32 engines, 2e-2 for fp16 (see docs/runtime.md).
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from catome_export.errors import CatomeError
+from catome_export.merging.plan import MergePlan
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +46,42 @@ DEFAULT_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
 """Per-precision limit factor of the max abs diff (times max(1, output scale))."""
 DEFAULT_MERGE_TOLERANCE = {"fp32": 0.0, "fp16": 0.01}
 """Per-precision allowed |r_engine - r_eager| at a site, as a fraction of its tokens."""
+
+
+MAX_DIFFERENCES_PER_STEP = 8
+"""Plan differences kept in detail per step (all are counted)."""
+SIDE_NAMES = ("the engine", "eager")
+"""How the plan comparison names the two sides."""
+
+
+@dataclass(frozen=True)
+class PlanDifference:
+    """A token whose merge differs between the engine's plan and eager's own (or differing r)."""
+
+    site: int
+    step: int
+    batch: int
+    """Batch item (-1 for an r difference)."""
+    token: int
+    """Token index in the site's sequence (-1 for an r difference)."""
+    kind: str
+    """``dst``, ``merged_a_only`` (engine only), ``merged_b_only`` (eager only), ``r``, ``not_src``,
+    ``not_dst``, ``partition`` (see :mod:`catome_export.merging.neartie`)."""
+    explained: bool
+    """True when a near-tie within the provable error explains it."""
+    gap: float
+    bound: float
+    detail: str
+
+    def describe(self) -> str:
+        where = f"site {self.site}, step {self.step}"
+        if self.token >= 0:
+            where += f", batch item {self.batch}, token {self.token}"
+        return f"{where}: {self.detail}"
+
+    def to_dict(self) -> dict:
+        return {"site": self.site, "step": self.step, "batch": self.batch, "token": self.token, "kind": self.kind,
+                "explained": self.explained, "gap": self.gap, "bound": self.bound, "detail": self.detail}
 
 
 @dataclass(frozen=True)
@@ -51,13 +97,23 @@ class VerifyRow:
     limit: float
     """tolerance * max(1, scale)."""
     merged_engine: dict[int, int] = field(default_factory=dict)
+    """Site -> r the engine used."""
     merged_eager: dict[int, int] = field(default_factory=dict)
+    """Site -> r of eager's own matching where the site matched, else of the (shared) plan it reused."""
     matched_engine: dict[int, bool] = field(default_factory=dict)
     matched_eager: dict[int, bool] = field(default_factory=dict)
     engine_ms: float = 0.0
     eager_ms: float = 0.0
     r_slack: dict[int, int] = field(default_factory=dict)
     """Site index -> allowed |r_engine - r_eager| (0 everywhere for fp32 engines)."""
+    r_near_tie: frozenset[int] = frozenset()
+    """Sites whose r differs from eager's own by what near-ties at the threshold explain."""
+    plan_flips: dict[int, int] = field(default_factory=dict)
+    """Site -> tokens whose merge differs from eager's own plan by an explained near-tie."""
+    plan_unexplained: dict[int, int] = field(default_factory=dict)
+    """Site -> tokens whose merge differs from eager's own plan beyond any near-tie."""
+    plan_differences: tuple[PlanDifference, ...] = ()
+    """The differences in detail, unexplained first (at most MAX_DIFFERENCES_PER_STEP per step)."""
 
     @property
     def within_tolerance(self) -> bool:
@@ -65,21 +121,35 @@ class VerifyRow:
 
     @property
     def same_merging(self) -> bool:
-        """Matched flags equal, and r equal at every site (up to the site's slack)."""
+        """Matched flags equal, and r equal at every site (up to the site's slack, or by an explained near-tie)."""
         if self.matched_engine != self.matched_eager or set(self.merged_engine) != set(self.merged_eager):
             return False
-        return all(abs(r - self.merged_eager[k]) <= self.r_slack.get(k, 0) for k, r in self.merged_engine.items())
+        return all(abs(r - self.merged_eager[k]) <= self.r_slack.get(k, 0) or k in self.r_near_tie
+                   for k, r in self.merged_engine.items())
+
+    @property
+    def plans_explained(self) -> bool:
+        """Every difference from eager's own plans is a near-tie."""
+        return not any(self.plan_unexplained.values())
+
+    @property
+    def flips(self) -> int:
+        """Tokens flipped by near-ties at this step, all sites."""
+        return sum(self.plan_flips.values())
 
     @property
     def ok(self) -> bool:
-        return self.within_tolerance and self.same_merging
+        return self.within_tolerance and self.same_merging and self.plans_explained
 
     def to_dict(self) -> dict:
         return {"step": self.step, "timestep": self.timestep, "max_abs_diff": self.max_abs_diff, "scale": self.scale,
                 "limit": self.limit, "merged_engine": _keys_str(self.merged_engine),
                 "merged_eager": _keys_str(self.merged_eager), "matched_engine": _keys_str(self.matched_engine),
                 "matched_eager": _keys_str(self.matched_eager), "engine_ms": self.engine_ms,
-                "eager_ms": self.eager_ms, "r_slack": _keys_str(self.r_slack), "ok": self.ok}
+                "eager_ms": self.eager_ms, "r_slack": _keys_str(self.r_slack),
+                "r_near_tie": sorted(self.r_near_tie), "plan_flips": _keys_str(self.plan_flips),
+                "plan_unexplained": _keys_str(self.plan_unexplained),
+                "plan_differences": [d.to_dict() for d in self.plan_differences], "ok": self.ok}
 
 
 def _keys_str(d: Mapping[int, Any]) -> dict[str, Any]:
@@ -120,6 +190,25 @@ class VerifyReport:
         return [r.step for r in self.rows if not r.same_merging]
 
     @property
+    def flip_steps(self) -> list[int]:
+        """Steps where near-ties flipped tokens between the engine's plans and eager's own."""
+        return [r.step for r in self.rows if r.flips]
+
+    @property
+    def flipped_tokens(self) -> int:
+        return sum(r.flips for r in self.rows)
+
+    @property
+    def plan_failure_steps(self) -> list[int]:
+        """Steps where a plan differs from eager's own beyond a near-tie."""
+        return [r.step for r in self.rows if not r.plans_explained]
+
+    @property
+    def unexplained(self) -> list[PlanDifference]:
+        """Every detailed plan difference no near-tie explains, in step order."""
+        return [d for r in self.rows for d in r.plan_differences if not d.explained]
+
+    @property
     def engine_ms(self) -> float:
         """Median engine time per step (the first step, which warms up, included in the median's sample)."""
         return statistics.median(r.engine_ms for r in self.rows) if self.rows else float("nan")
@@ -145,18 +234,27 @@ class VerifyReport:
                  f"(tolerance {self.tolerance:g} x max(1, |eager|))"]
         if self.failed_steps:
             parts.append(f"above the limit at steps {_short(self.failed_steps)}")
+        if self.plan_failure_steps:
+            first = [d for d in self.unexplained if d.token >= 0] or self.unexplained
+            parts.append(f"plans differ from eager's own beyond a near-tie at steps {_short(self.plan_failure_steps)}"
+                         + (f", first at {first[0].describe()}" if first else ""))
         if self.merge_mismatch_steps:
             parts.append(f"r or matching differ from eager at steps {_short(self.merge_mismatch_steps)}")
         elif self.rows and all(r.merged_engine == r.merged_eager for r in self.rows):
             parts.append("r per site equal at every step")
         elif self.rows:
-            parts.append(f"r per site within {self.merge_tolerance:g} of the tokens at every step")
+            slack = " or within the merge tolerance" if any(v for r in self.rows for v in r.r_slack.values()) else ""
+            parts.append(f"r per site equal or differing by near-ties{slack} at every step")
+        if self.flip_steps:
+            parts.append(f"near-tie flips ({self.flipped_tokens} tokens) at steps {_short(self.flip_steps)}")
+        elif self.rows and not self.plan_failure_steps:
+            parts.append("plans equal to eager's own at every match")
         return "; ".join(parts) + "\n" + self.latency_line()
 
     def format_table(self) -> str:
         """A compact per-step table: diff, limit, r per site (``*`` = matched at this step), time."""
         sites = sorted({k for r in self.rows for k in (*r.merged_engine, *r.merged_eager)})
-        head = f"{'step':>4} {'t':>6} {'max|diff|':>9} {'limit':>8}  " + " ".join(f"{'r' + str(k):>7}" for k in sites) \
+        head = f"{'step':>4} {'t':>6} {'max|diff|':>9} {'limit':>8}  " + " ".join(f"{'r' + str(k):>11}" for k in sites) \
             + f" {'eng ms':>8} {'eag ms':>8}  ok"
         lines = [head]
         for r in self.rows:
@@ -164,19 +262,34 @@ class VerifyReport:
             for k in sites:
                 mine, theirs = r.merged_engine.get(k), r.merged_eager.get(k)
                 cell = f"{mine}{'*' if r.matched_engine.get(k) else ''}"
+                if r.plan_flips.get(k):
+                    cell += f"~{r.plan_flips[k]}"
+                if r.plan_unexplained.get(k):
+                    cell += "?"
                 if mine != theirs or r.matched_engine.get(k) != r.matched_eager.get(k):
                     cell += f"!{theirs}{'*' if r.matched_eager.get(k) else ''}"
-                cells.append(f"{cell:>7}")
+                cells.append(f"{cell:>11}")
             lines.append(f"{r.step:>4} {r.timestep:>6.0f} {r.max_abs_diff:>9.2e} {r.limit:>8.1e}  " + " ".join(cells)
                          + f" {r.engine_ms:>8.1f} {r.eager_ms:>8.1f}  {'ok' if r.ok else 'FAIL'}")
-        lines.append("r = tokens merged per site (engine); * = matched at this step; !x = eager differs (x)")
+        lines.append("r = tokens merged per site (engine); * = matched at this step; ~n = n tokens flipped by "
+                     "near-ties against eager's own plan; ? = a plan difference no near-tie explains; "
+                     "!x = eager's own r (x) differs")
+        return "\n".join(lines)
+
+    def format_differences(self, limit: int = 20) -> str:
+        """The plan differences in words, unexplained ones first (empty when the plans agree everywhere)."""
+        diffs = sorted((d for r in self.rows for d in r.plan_differences), key=lambda d: (d.explained, d.step))
+        lines = [("near-tie: " if d.explained else "NOT a near-tie: ") + d.describe() for d in diffs[:limit]]
+        if len(diffs) > limit:
+            lines.append(f"... and {len(diffs) - limit} more (see the JSON report)")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         return {"engine_dir": self.engine_dir, "backend": self.backend, "precision": self.precision,
                 "batch": self.batch, "latent_hw": list(self.latent_hw), "schedule": self.schedule,
                 "tolerance": self.tolerance, "merge_tolerance": self.merge_tolerance, "ok": self.ok,
-                "max_diff": self.max_diff,
+                "max_diff": self.max_diff, "flip_steps": self.flip_steps, "flipped_tokens": self.flipped_tokens,
+                "plan_failure_steps": self.plan_failure_steps,
                 "engine_ms": self.engine_ms, "eager_ms": self.eager_ms, "rows": [r.to_dict() for r in self.rows]}
 
 
@@ -233,6 +346,68 @@ def _text_shape(manifest: Any) -> tuple[int, int]:
             from None
 
 
+@dataclass(frozen=True)
+class _SiteMatch:
+    """What one side matched at one site on one step."""
+
+    x: torch.Tensor
+    """The block input the site matched on."""
+    own: MergePlan
+    """The plan this side's own matching gave."""
+    src_ids: torch.Tensor
+    dst_ids: torch.Tensor
+
+
+class _MatchRecorder:
+    """A controller matcher: matches as usual and records input, partition and plan per site.
+
+    With ``given`` set (the engine's matches of this step), the site then uses
+    the given plan instead of its own: the eager reference on the engine's plans.
+    """
+
+    def __init__(self, controller: Any) -> None:
+        self.controller = controller
+        self.seen: dict[int, _SiteMatch] = {}
+        self.given: Mapping[int, _SiteMatch] | None = None
+
+    def start_step(self, given: Mapping[int, _SiteMatch] | None = None) -> None:
+        self.seen = {}
+        self.given = given
+
+    def __call__(self, site: int, x: torch.Tensor, grid: tuple[int, int]) -> MergePlan:
+        src_ids, dst_ids = self.controller.partition_for(x, grid)
+        own = self.controller.compute_plan(x, grid)
+        self.seen[site] = _SiteMatch(x.detach().clone(), own, src_ids, dst_ids)
+        theirs = self.given.get(site) if self.given is not None else None
+        if theirs is None:  # not given (the engine did not match here): the matched flags will differ
+            return own
+        return theirs.own.to(x.device)
+
+
+def _compare_site(site: int, step: int, engine: _SiteMatch, eager: _SiteMatch, threshold: float | None,
+                  device_type: str) -> tuple[Any, list[PlanDifference]]:
+    """The engine's plan against eager's own at one site and step: (PlanComparison or None, differences)."""
+    from catome_export.merging.neartie import compare_plans, unit_roundoff
+
+    if not (torch.equal(engine.src_ids.cpu(), eager.src_ids.cpu())
+            and torch.equal(engine.dst_ids.cpu(), eager.dst_ids.cpu())):
+        return None, [PlanDifference(site, step, -1, -1, "partition", False, float("nan"), float("nan"),
+                                     "the engine and eager matched on different src/dst partitions")]
+    roundoff = max(unit_roundoff(engine.x.dtype, device_type), unit_roundoff(eager.x.dtype, device_type))
+    result = compare_plans(engine.x, engine.own, eager.x, eager.own, eager.src_ids, eager.dst_ids,
+                           threshold=threshold, roundoff=roundoff, names=SIDE_NAMES)
+    diffs = [PlanDifference(site, step, d.batch, d.token, d.kind, d.explained, d.gap, d.bound, d.detail)
+             for d in result.differences]
+    return result, diffs
+
+
+def _within_slack(diff: PlanDifference, slack: int) -> PlanDifference:
+    """An r difference within the merge tolerance counts as accepted (fp16); anything else is as it was."""
+    if diff.kind != "r" or diff.explained or abs(diff.gap) > slack:
+        return diff
+    return replace(diff, explained=True, detail=f"{diff.detail}; within the merge tolerance ({slack} tokens)")
+
+
 class _Timer:
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -260,8 +435,13 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
     defaults to 1e-4 (fp32) or 2e-2 (fp16); the limit at each step is
     ``tolerance * max(1, max|eager output|)``. ``merge_tolerance``: allowed
     |r_engine - r_eager| per site as a fraction of its tokens (default 0 for
-    fp32, 0.01 for fp16). Raises CatomeError when the eager model's weights
-    differ from the ones the engine was built from.
+    fp32, 0.01 for fp16), accepted besides what near-ties explain.
+
+    Eager runs on the engine's plans wherever a site matches, so the outputs
+    are compared on the same plans; eager's own plan at that site and step is
+    compared with the engine's separately (near-tie flips are reported in the
+    rows, other differences fail the step). Raises CatomeError when the eager
+    model's weights differ from the ones the engine was built from.
     """
     from catome_export.backends.torch_backend import load_reference_unet
     from catome_export.eager import apply_merging
@@ -317,6 +497,11 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
             slack[site.index] = int(r_tol * gh * gw)
         runtime.reset()
         handle.reset()
+        engine_matches = _MatchRecorder(runtime.controller)
+        eager_matches = _MatchRecorder(handle.controller)
+        runtime.controller.set_matcher(engine_matches)
+        handle.set_matcher(eager_matches)
+        threshold = settings.threshold if settings.mode == "threshold" else None
         rows: list[VerifyRow] = []
         logger.info("verifying %s on %s over %d steps (batch %d, latent %dx%d, %s)", engine_dir, runtime.backend.name
                     if runtime.backend else "?", steps, batch, latent_hw[0], latent_hw[1], settings.schedule.describe())
@@ -325,18 +510,41 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
                 runtime.set_step(i)
                 handle.set_step(i)
                 model_in = scheduler.scale_model_input(latents, t)
-                want, eager_ms = timer(lambda: eager_unet(model_in, t, encoder_hidden_states=ehs).sample)
+                engine_matches.start_step()
                 got, engine_ms = timer(lambda: runtime.unet(model_in, t, encoder_hidden_states=ehs).sample)
+                eager_matches.start_step(given=engine_matches.seen)  # eager runs on the engine's plans
+                want, eager_ms = timer(lambda: eager_unet(model_in, t, encoder_hidden_states=ehs).sample)
                 diff = float((got.float() - want.float()).abs().max())
                 scale = float(want.float().abs().max())
                 mine, theirs = runtime.last_stats, handle.history[-1]
+                merged_eager = dict(theirs.merged)
+                flips: dict[int, int] = {}
+                unexplained: dict[int, int] = {}
+                near_tie_r: set[int] = set()
+                found: list[PlanDifference] = []
+                for site in sorted(set(engine_matches.seen) & set(eager_matches.seen)):
+                    own = eager_matches.seen[site]
+                    merged_eager[site] = own.own.num_merged
+                    result, diffs = _compare_site(site, i, engine_matches.seen[site], own, threshold, dev.type)
+                    diffs = [_within_slack(d, slack.get(site, 0)) for d in diffs]
+                    token_diffs = [d for d in diffs if d.kind != "r"]
+                    flips[site] = sum(d.explained for d in token_diffs)
+                    unexplained[site] = sum(not d.explained for d in token_diffs)
+                    if result is not None and result.merged_a != result.merged_b and result.r_explained:
+                        near_tie_r.add(site)
+                    found.extend(diffs)
+                found.sort(key=lambda d: (d.explained, d.site))
                 row = VerifyRow(step=i, timestep=float(t), max_abs_diff=diff, scale=scale,
                                 limit=tol * max(1.0, scale), merged_engine=dict(mine.merged),
-                                merged_eager=dict(theirs.merged), matched_engine=dict(mine.matched),
+                                merged_eager=merged_eager, matched_engine=dict(mine.matched),
                                 matched_eager=dict(theirs.matched), engine_ms=engine_ms, eager_ms=eager_ms,
-                                r_slack=slack)
+                                r_slack=slack, r_near_tie=frozenset(near_tie_r),
+                                plan_flips={k: v for k, v in flips.items() if v},
+                                plan_unexplained={k: v for k, v in unexplained.items() if v},
+                                plan_differences=tuple(found[:MAX_DIFFERENCES_PER_STEP]))
                 rows.append(row)
-                logger.debug("step %d: max|diff| %.3g, r %s", i, diff, row.merged_engine)
+                logger.debug("step %d: max|diff| %.3g, r %s, near-tie flips %s", i, diff, row.merged_engine,
+                             row.plan_flips)
                 if progress is not None:
                     progress(row)
                 latents = scheduler.step(want, t, latents).prev_sample
@@ -345,6 +553,7 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
                             schedule=settings.schedule.describe(), tolerance=tol, rows=tuple(rows),
                             merge_tolerance=r_tol)
     finally:
+        runtime.controller.set_matcher(None)
         if handle is not None:
             handle.remove()
         runtime.close()

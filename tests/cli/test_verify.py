@@ -23,6 +23,42 @@ def test_verify_good_engine_exits_0(tiny_engine, capsys, tmp_path):
     assert len(rows) == 3 and all(line.endswith(" ok") for line in rows)
     data = json.loads(report.read_text())
     assert data["ok"] is True and len(data["rows"]) == 3
+    assert "plan_flips" in data["rows"][0] and isinstance(data["flip_steps"], list)
+    assert data["plan_failure_steps"] == []
+
+
+def _report_with(explained: bool):
+    """A two-step report whose step 1 has one plan difference at site 0 (a near-tie flip or not)."""
+    from catome_export.runtime.verify import PlanDifference, VerifyReport, VerifyRow
+
+    diff = PlanDifference(site=0, step=1, batch=0, token=37, kind="dst", explained=explained, gap=1e-7,
+                          bound=4e-5, detail="src 37 goes to dst 2 on the engine and 4 on eager")
+    rows = [VerifyRow(step=i, timestep=900.0 - i, max_abs_diff=1e-6, scale=1.0, limit=1e-4, merged_engine={0: 9},
+                      merged_eager={0: 9}, matched_engine={0: True}, matched_eager={0: True}, engine_ms=1.0,
+                      eager_ms=2.0, plan_flips={0: 1} if i and explained else {},
+                      plan_unexplained={0: 1} if i and not explained else {},
+                      plan_differences=(diff,) if i else ()) for i in range(2)]
+    return VerifyReport(engine_dir="e", backend="ort-cpu", precision="fp32", batch=1, latent_hw=(16, 16),
+                        schedule="every_step", tolerance=1e-4, rows=tuple(rows))
+
+
+@pytest.mark.parametrize("explained", [True, False], ids=["near-tie", "wrong-plan"])
+def test_verify_prints_plan_differences(explained, capsys, monkeypatch, tmp_path):
+    import catome_export.runtime.verify as verify
+
+    monkeypatch.setattr(verify, "verify_engine", lambda *a, **k: _report_with(explained))
+    out_json = tmp_path / "r.json"
+    assert main(["verify", str(tmp_path), "--json", str(out_json)]) == (0 if explained else 1)
+    out = capsys.readouterr().out
+    data = json.loads(out_json.read_text())
+    if explained:
+        assert "9*~1" in out and "near-tie: site 0, step 1, batch item 0, token 37" in out
+        assert "verify OK" in out and "near-tie flips (1 tokens) at steps [1]" in out
+        assert data["flip_steps"] == [1] and data["plan_failure_steps"] == []
+    else:
+        assert "9*?" in out and "NOT a near-tie: site 0, step 1, batch item 0, token 37" in out
+        assert "verify FAILED" in out and "first at site 0, step 1, batch item 0, token 37" in out
+        assert data["ok"] is False and data["plan_failure_steps"] == [1]
 
 
 def test_verify_above_tolerance_exits_1(tiny_engine, capsys, monkeypatch):

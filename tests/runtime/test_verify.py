@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
+import torch
 
 from catome_export.errors import CatomeError
 from catome_export.runtime.runtime import Runtime
-from catome_export.runtime.verify import VerifyReport, VerifyRow, verify_engine
+from catome_export.runtime.chain import StageChain
+from catome_export.runtime.verify import PlanDifference, VerifyReport, VerifyRow, verify_engine
 
 ORT_OPTIONS = {"intra_op_threads": 1}
 
@@ -48,6 +51,33 @@ def test_report_verdicts():
     nan = _report([_row(0, float("nan"))])
     assert not nan.ok
     assert not _report([]).ok
+
+
+def test_report_near_tie_flips_and_unexplained_plan_differences():
+    flip = PlanDifference(site=1, step=1, batch=0, token=550, kind="dst", explained=True, gap=6e-8, bound=4e-5,
+                          detail="src 550 goes to dst 0 on the engine and 2 on eager (a near-tie)")
+    flipped = replace(_row(1, 1e-6), plan_flips={1: 1}, plan_differences=(flip,))
+    report = _report([_row(0, 1e-6), flipped])
+    assert report.ok and report.flip_steps == [1] and report.flipped_tokens == 1 and report.plan_failure_steps == []
+    assert "near-tie flips (1 tokens) at steps [1]" in report.summary()
+    table = report.format_table().splitlines()
+    assert table[2].split()[4:6] == ["5*", "7*~1"] and table[2].endswith(" ok") and "~" not in table[1]
+    assert "near-tie: site 1, step 1, batch item 0, token 550" in report.format_differences()
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["flip_steps"] == [1] and data["rows"][1]["plan_flips"] == {"1": 1}
+    assert data["rows"][1]["plan_differences"][0]["token"] == 550
+
+    wrong = replace(flip, explained=False, gap=0.4, detail="src 550 goes to dst 0 on the engine and 2 on eager "
+                                                           "(not a near-tie)")
+    failing = replace(_row(2, 1e-6), plan_unexplained={1: 1}, plan_differences=(wrong,))
+    report = _report([_row(0, 1e-6), failing])
+    assert not report.ok and report.plan_failure_steps == [2]
+    first_line = report.summary().splitlines()[0]
+    assert "verify FAILED" in first_line and "site 1, step 1, batch item 0, token 550" in first_line
+    assert "NOT a near-tie: site 1" in report.format_differences()
+    assert report.format_table().splitlines()[2].split()[4:6] == ["5*", "7*?"]
+    # r differing by an explained near-tie at the threshold passes; the same difference unexplained fails
+    assert _report([replace(_row(0, 0.0, merged={0: 5}, eager={0: 6}), r_near_tie=frozenset({0}))]).ok
 
 
 def test_verify_a_good_engine(tiny_engine):
@@ -92,3 +122,91 @@ def test_a_drifting_engine_fails(tiny_engine, monkeypatch):
 def test_bad_arguments(tiny_engine, kwargs, message):
     with pytest.raises(CatomeError, match=message):
         verify_engine(tiny_engine, backend="ort", **kwargs)
+
+
+def _perturb_engine_matching(monkeypatch, relative: float) -> None:
+    """The engine's sites match on their block input plus seeded noise of ``relative`` size (the stages are untouched)."""
+    original = StageChain.run
+
+    def run(self, env, plan_hook):
+        def hook(site, x):
+            gen = torch.Generator().manual_seed(1000 + site)
+            noise = torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
+            return plan_hook(site, x + relative * x.abs().amax() * noise)
+        return original(self, env, hook)
+
+    monkeypatch.setattr(StageChain, "run", run)
+
+
+def test_slightly_perturbed_engine_inputs_flip_near_ties_and_pass(tiny_engine, monkeypatch):
+    _perturb_engine_matching(monkeypatch, 1e-4)
+    report = verify_engine(tiny_engine, steps=3, schedule="every_step", backend="ort", batch=2, resolution=128,
+                           backend_options=ORT_OPTIONS)
+    assert report.ok, report.summary() + "\n" + report.format_differences()
+    assert report.flipped_tokens > 0 and report.flip_steps, report.format_table()
+    assert "near-tie flips" in report.summary() and "near-tie: site" in report.format_differences()
+    # the outputs are compared on the engine's plans: within the usual tolerance although the plans flipped
+    assert report.max_diff <= 1e-4 * max(1.0, max(r.scale for r in report.rows))
+
+
+def plant_wrong_plan(monkeypatch, step: int = 1) -> list[tuple[int, int]]:
+    """At loop index ``step``, the runtime's first merging site sends its first merged src to its worst dst.
+
+    Returns the (token, dst) planted, once it has been. Only the runtime's controller (the one that
+    validates its plans) is affected; eager's matching stays its own.
+    """
+    from catome_export.merging import MergeController, MergePlan, partition
+
+    original = MergeController.compute_plan
+    planted: list[tuple[int, int]] = []
+
+    def compute_plan(self, x, grid):
+        plan = original(self, x, grid)
+        if self.validate and self.step == step and not planted and plan.num_merged:
+            _, dst = partition(grid, self.settings.stride, None, x.device)
+            tok = int(plan.src_idx[0, 0])
+            u = x[0] / x[0].norm(dim=-1, keepdim=True)
+            worst = int(dst[(u[dst] @ u[tok]).argmin()])
+            slot = int((plan.keep_idx[0] == worst).nonzero())
+            slot_idx = plan.slot_idx.clone()
+            slot_idx[0, 0] = slot
+            counts = torch.ones_like(plan.weight)
+            counts.scatter_add_(1, slot_idx, torch.ones_like(slot_idx, dtype=counts.dtype))
+            unmerge = plan.unmerge_idx.clone()
+            unmerge[0, tok] = slot
+            planted.append((tok, worst))
+            plan = MergePlan(plan.keep_idx, plan.src_idx, slot_idx, 1.0 / counts, unmerge, plan.num_merged)
+        return plan
+
+    monkeypatch.setattr(MergeController, "compute_plan", compute_plan)
+    return planted
+
+
+def test_a_planted_wrong_plan_fails_naming_site_step_and_token(tiny_engine, monkeypatch):
+    planted = plant_wrong_plan(monkeypatch)
+    report = verify_engine(tiny_engine, steps=2, schedule="every_step", backend="ort", batch=1, resolution=128,
+                           backend_options=ORT_OPTIONS)
+    assert planted
+    tok, worst = planted[0]
+    # eager ran on the engine's (planted) plans, so the outputs agree; only the plan comparison fails
+    assert not report.ok and report.plan_failure_steps == [1] and report.failed_steps == []
+    bad = report.unexplained[0]
+    assert (bad.step, bad.site, bad.token, bad.kind) == (1, 0, tok, "dst") and f"dst {worst}" in bad.detail
+    assert f"site 0, step 1, batch item 0, token {tok}" in report.summary().splitlines()[0]
+    assert report.to_dict()["plan_failure_steps"] == [1]
+
+
+def test_build_verification_fails_on_a_planted_wrong_plan_and_keeps_the_old_build(tmp_path, monkeypatch):
+    from catome_export.export.build import make_options, run_build
+    from catome_export.export.manifest import MANIFEST_FILE
+
+    target = tmp_path / "e"
+    target.mkdir()
+    (target / MANIFEST_FILE).write_text("old")
+    planted = plant_wrong_plan(monkeypatch, step=0)  # the build verifies with config3: loop index 0 matches
+    with pytest.raises(CatomeError, match="does not match eager CA-ToMe") as info:
+        run_build(make_options("tiny", resolution=128, batch=1, out_dir=target, verify=True, verify_steps=2))
+    tok, _ = planted[0]
+    assert f"beyond a near-tie at steps [0] (1), first at site 0, step 0, batch item 0, token {tok}" \
+        in str(info.value)
+    assert (target / MANIFEST_FILE).read_text() == "old"
