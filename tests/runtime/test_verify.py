@@ -210,3 +210,17 @@ def test_build_verification_fails_on_a_planted_wrong_plan_and_keeps_the_old_buil
     assert f"beyond a near-tie at steps [0] (1), first at site 0, step 0, batch item 0, token {tok}" \
         in str(info.value)
     assert (target / MANIFEST_FILE).read_text() == "old"
+
+
+def test_fifty_steps_of_config3_pass_and_list_their_flips(tiny_engine):
+    """The README's check at the tiny engine's largest size: 50 DDIM steps with the manifest's schedule (config3)."""
+    report = verify_engine(tiny_engine, steps=50, backend="ort", batch=2, resolution=192, backend_options=ORT_OPTIONS)
+    assert report.schedule.startswith("config3") and len(report.rows) == 50
+    assert report.ok, report.summary() + "\n" + report.format_differences()
+    matched_steps = [r.step for r in report.rows if any(r.matched_engine.values())]
+    assert set(report.flip_steps) <= set(matched_steps)  # plans are compared where sites match
+    summary = report.summary()
+    if report.flip_steps:
+        assert f"near-tie flips ({report.flipped_tokens} tokens)" in summary
+    else:
+        assert "plans equal to eager's own at every match" in summary
