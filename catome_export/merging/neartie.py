@@ -324,7 +324,8 @@ def _explain_r(nm: torch.Tensor | None, err: torch.Tensor, r_a: int, r_b: int, t
                names: tuple[str, str]) -> TokenDifference:
     if threshold is None or nm is None:
         return TokenDifference(KIND_R, -1, -1, r_a, r_b, float(r_a - r_b), 0.0, False,
-                               f"r is {r_a} on {names[0]} and {r_b} on {names[1]}, and with a fixed count it cannot differ")
+                               f"r is {r_a} on {names[0]} and {r_b} on {names[1]}, and with a fixed count "
+                               "it cannot differ")
     lo = int((nm - err >= threshold).sum(dim=-1).max())
     hi = int((nm + err >= threshold).sum(dim=-1).max())
     ok = lo <= r_a <= hi and lo <= r_b <= hi

@@ -254,8 +254,8 @@ class VerifyReport:
     def format_table(self) -> str:
         """A compact per-step table: diff, limit, r per site (``*`` = matched at this step), time."""
         sites = sorted({k for r in self.rows for k in (*r.merged_engine, *r.merged_eager)})
-        head = f"{'step':>4} {'t':>6} {'max|diff|':>9} {'limit':>8}  " + " ".join(f"{'r' + str(k):>11}" for k in sites) \
-            + f" {'eng ms':>8} {'eag ms':>8}  ok"
+        head = (f"{'step':>4} {'t':>6} {'max|diff|':>9} {'limit':>8}  "
+                + " ".join(f"{'r' + str(k):>11}" for k in sites) + f" {'eng ms':>8} {'eag ms':>8}  ok")
         lines = [head]
         for r in self.rows:
             cells = []

@@ -17,7 +17,10 @@ T = 0.9
 
 
 def plan_from_destinations(dest: torch.Tensor, src_ids: torch.Tensor) -> MergePlan:
-    """A valid plan for a [B, N] token -> dst token map (-1: kept); unmerged src first, then the dst, as matching lays them out."""
+    """A valid plan for a [B, N] token -> dst token map (-1: kept).
+
+    Unmerged src first, then the dst, as matching lays them out.
+    """
     b, n = dest.shape
     r = int((dest[0] >= 0).sum())
     keep, srcs, slots, weights, unmerges = [], [], [], [], []

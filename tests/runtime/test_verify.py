@@ -125,7 +125,10 @@ def test_bad_arguments(tiny_engine, kwargs, message):
 
 
 def _perturb_engine_matching(monkeypatch, relative: float) -> None:
-    """The engine's sites match on their block input plus seeded noise of ``relative`` size (the stages are untouched)."""
+    """The engine's sites match on their block input plus seeded noise of ``relative`` size.
+
+    The stages themselves run on the true inputs; only the matching sees the nudged ones.
+    """
     original = StageChain.run
 
     def run(self, env, plan_hook):
