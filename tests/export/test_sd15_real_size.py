@@ -1,0 +1,207 @@
+"""SD 1.5 at its real size (seeded random weights): ``catome-export build`` end to end, at 64 px.
+
+The weights, not the resolution, make this model hard to export: stage 2
+holds 3.3 GB of fp32 weights, over protobuf's 2 GB limit, so the exporter
+writes them to external files and the build must keep them there. The
+resolution is the smallest the CLI accepts (64 px, an 8 x 8 latent), which
+changes nothing in the graphs and keeps the runs short.
+
+- fp32 with the ONNX Runtime backend, through the CLI: the folder holds one
+  external weights file for stage 2 whose size and hash the manifest
+  records; ``Runtime.load`` runs it, compared with the torch stages on the
+  engine's own plans (so a near-tie in matching cannot hide or fake a
+  difference) and, with merging off, with the diffusers U-Net itself.
+- fp16, graphs only (ONNX Runtime's CPU kernels lack fp16 ScatterElements
+  add): every stage passes the ONNX checker, its weights are fp16 and its
+  IO is the one the manifest records.
+
+Cost (``/usr/bin/time -v python -m pytest -q -p no:cacheprovider
+tests/export/test_sd15_real_size.py`` on a 2-core x86-64 CPU with 24 GiB,
+shared with other work; the process averaged 0.93 of a core): 7 min 38 s
+wall (301 s user + 127 s system), peak RSS 10.4 GB. Of that, the fp32 build
+took 109 s, the fp32 runtime checks 55 s and the fp16 build 275 s; the fp32
+build alone peaks at 4.6 GB.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+from contextlib import redirect_stdout
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from catome_export.cli.main import main
+from catome_export.export.external_data import PROTO_LIMIT
+from catome_export.export.fsutil import sha256_file
+from catome_export.export.manifest import MANIFEST_FILE, Manifest
+
+pytestmark = pytest.mark.slow
+ort = pytest.importorskip("onnxruntime", reason="ONNX Runtime is not installed (pip install 'catome-export[ort]')")
+
+RESOLUTION = 64
+"""Image side in pixels: the CLI's minimum."""
+TOLERANCE = 1e-4
+"""The build's fp32 limit (times max(1, max |reference|)), as in its verification."""
+
+
+@pytest.fixture(scope="module")
+def sd15_parameters() -> int:
+    """Parameter count of SD 1.5's U-Net (the bundled config, built on the meta device: no memory, no init)."""
+    from diffusers import UNet2DConditionModel
+
+    from catome_export.models import bundled_config
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(bundled_config("sd15"))
+    return sum(p.numel() for p in unet.parameters())
+
+
+def _weight_bytes(folder: Path, manifest: Manifest) -> dict[int, int]:
+    """ONNX data type -> bytes of the initializers of that type over all stage files (sized, not loaded)."""
+    import onnx
+
+    from catome_export.export.external_data import tensor_nbytes
+
+    total: dict[int, int] = {}
+    for entry in manifest.stages:
+        model = onnx.load(str(folder / entry["file"]), load_external_data=False)
+        for t in model.graph.initializer:
+            total[t.data_type] = total.get(t.data_type, 0) + tensor_nbytes(t, folder)
+    return total
+
+
+def _build(out: Path, *extra: str) -> str:
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        code = main(["build", "--model", "sd15", "--weights", "random", "--backend", "ort", "--resolution",
+                     str(RESOLUTION), "--no-verify", "--out", str(out), *extra])
+    gc.collect()
+    assert code == 0, buf.getvalue()[-2000:]
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def sd15_fp32(tmp_path_factory) -> tuple[Path, str]:
+    """(folder, build output) of ``catome-export build --model sd15 --weights random --backend ort`` at 64 px."""
+    out = tmp_path_factory.mktemp("sd15_fp32") / "sd15"
+    return out, _build(out)
+
+
+def test_fp32_build_keeps_the_large_stage_in_one_external_file(sd15_fp32, sd15_parameters):
+    import onnx
+
+    out, stdout = sd15_fp32
+    manifest = Manifest.load(out, check_files=True, check_hashes=True)  # sizes and hashes as recorded
+    assert len(manifest.stages) == 6 and len(manifest.sites) == 5
+    external = {e["index"]: e for e in manifest.stages if e["external_data"]}
+    assert list(external) == [2], "only stage 2 (90 % of the weights) is over the threshold"
+    entry = external[2]
+    data = out / entry["external_data"]
+    assert entry["external_data"] == "stage_2.onnx.data"
+    assert entry["external_data_bytes"] == data.stat().st_size > PROTO_LIMIT
+    assert entry["external_data_sha256"] == sha256_file(data)
+    assert (out / entry["file"]).stat().st_size < 50_000_000  # the graph alone
+    weights = _weight_bytes(out, manifest)
+    # Every weight once. Not exactly: the exporter keeps one copy of identical initializers, and freshly
+    # initialised norm layers are all ones and zeros (0.02 % of the bytes here).
+    assert 0.999 < weights[onnx.TensorProto.FLOAT] / (4 * sd15_parameters) < 1.001
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted([MANIFEST_FILE, "stage_2.onnx.data"] + [f"stage_{k}.onnx" for k in range(6)])
+    assert "TensorRT operator audit: pass" in stdout
+
+
+def _record_plans(runtime) -> dict[int, list]:
+    """Site -> the plans the runtime used, call by call (the controller's own method, observed)."""
+    seen: dict[int, list] = {}
+    controller = runtime.controller
+    plan_for = controller.plan_for
+
+    def recording(site, x, grid):
+        plan = plan_for(site, x, grid)
+        seen.setdefault(site, []).append(plan)
+        return plan
+
+    controller.plan_for = recording
+    return seen
+
+
+def _inputs(batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    hw = RESOLUTION // 8
+    return (torch.randn(batch, 4, hw, hw, generator=gen), torch.full((batch,), 901.0),
+            torch.randn(batch, 77, 768, generator=gen))
+
+
+def test_fp32_engine_runs_and_matches_eager(sd15_fp32):
+    from catome_export.export.stages import cut_unet, run_stages
+    from catome_export.models import find_merge_sites, load_unet
+    from catome_export.runtime.runtime import Runtime
+
+    out, _ = sd15_fp32
+    unet = load_unet("sd15", weights="random")
+    sites = find_merge_sites(unet)
+    stages = cut_unet(unet, sites)
+    built = Manifest.load(out, check_hashes=False).settings()
+    sample, timestep, text = _inputs(batch=2, seed=0)
+
+    # Half of every site's src tokens merged, two calls: the first matches, the second may reuse the cache.
+    with Runtime.load(out, backend="ort", device="cpu",
+                      settings=replace(built, threshold=None, merge_fraction=0.5)) as runtime:
+        plans = _record_plans(runtime)
+        got = [runtime.step(sample, timestep, text), runtime.step(sample * 0.9, timestep - 20.0, text)]
+    assert sorted(plans) == [s.index for s in sites]
+    assert all(p.num_merged > 0 for calls in plans.values() for p in calls)
+    for call, (x, t) in enumerate([(sample, timestep), (sample * 0.9, timestep - 20.0)]):
+        with torch.no_grad():
+            want = run_stages(stages, {"sample": x, "timestep": t, "encoder_hidden_states": text},
+                              lambda k, _x: plans[k][call].tensors())["noise_pred"]
+        limit = TOLERANCE * max(1.0, float(want.abs().max()))
+        assert float((got[call] - want).abs().max()) <= limit, f"call {call}"
+
+    # Merging off (t = 1 merges nothing): the engine is the diffusers U-Net itself.
+    with Runtime.load(out, backend="ort", device="cpu", settings=replace(built, threshold=1.0)) as runtime:
+        got = runtime.step(sample, timestep, text)
+        assert all(r == 0 for r in runtime.last_stats.merged.values())
+    with torch.no_grad():
+        want = unet(sample, timestep, encoder_hidden_states=text).sample
+    assert float((got - want).abs().max()) <= TOLERANCE * max(1.0, float(want.abs().max()))
+
+
+@pytest.fixture(scope="module")
+def sd15_fp16(tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("sd15_fp16") / "sd15"
+    return out, _build(out, "--precision", "fp16")
+
+
+def test_fp16_export_is_valid_onnx_with_fp16_weights_and_the_manifest_io(sd15_fp16, sd15_parameters):
+    import onnx
+
+    from catome_export.export.onnx_export import check_stage_file
+
+    out, _ = sd15_fp16
+    manifest = Manifest.load(out, check_files=True, check_hashes=True)
+    assert manifest.precision == "fp16" and len(manifest.stages) == 6
+    elem = {"float16": onnx.TensorProto.FLOAT16, "float32": onnx.TensorProto.FLOAT, "int64": onnx.TensorProto.INT64}
+    for entry in manifest.stages:
+        path = out / entry["file"]
+        check_stage_file(path)
+        model = onnx.load(str(path), load_external_data=False)
+        for io_kind, values in (("inputs", model.graph.input), ("outputs", model.graph.output)):
+            want = [(t["name"], elem[t["dtype"]], list(t["shape"])) for t in entry[io_kind]]
+            seen = [(v.name, v.type.tensor_type.elem_type, [d.dim_param or d.dim_value for d in
+                                                             v.type.tensor_type.shape.dim]) for v in values]
+            if io_kind == "outputs":  # the exporter names some static output dims itself: compare the rank
+                want = [(name, dtype, len(shape)) for name, dtype, shape in want]
+                seen = [(name, dtype, len(shape)) for name, dtype, shape in seen]
+            assert seen == want, (entry["index"], io_kind)
+        for t in model.graph.initializer:
+            if t.data_type == onnx.TensorProto.FLOAT:
+                # fp32 tensors left in an fp16 graph are small constants (the sinusoidal time embedding's
+                # frequencies and the like), never weights.
+                assert len(t.raw_data) <= 4096, (entry["index"], t.name, list(t.dims))
+    weights = _weight_bytes(out, manifest)
+    assert 0.999 < weights[onnx.TensorProto.FLOAT16] / (2 * sd15_parameters) < 1.001  # as in fp32
