@@ -3,8 +3,8 @@
 Protobuf cannot serialise one message over 2 GB, so a stage whose weights
 come near that size must keep them in a separate file. The decision has to
 be made from sizes that do not depend on what the exporter chose to write:
-torch's TorchScript exporter, above 2 GB, writes every tensor to a file of
-its own with a ``location`` entry and no ``length``. Sizes here therefore
+torch's TorchScript exporter, above 2 GB, writes its larger tensors to one
+file each, with a ``location`` entry and no ``length``. Sizes here therefore
 come from each tensor's dims and data type (exact for every fixed-width
 type); a ``length`` entry, where present, is checked against them.
 """
@@ -130,7 +130,8 @@ def tensor_nbytes(tensor, base: Path | None = None) -> int:
     if not is_external(tensor):
         if tensor.HasField("raw_data"):
             return len(tensor.raw_data)
-        return declared_nbytes(tensor) or tensor.ByteSize()
+        size = declared_nbytes(tensor)
+        return size if size is not None else tensor.ByteSize()
     ref = ExternalRef.of(tensor)
     size = declared_nbytes(tensor)
     if size is not None:
