@@ -295,7 +295,8 @@ class VerifyReport:
 
 def _short(steps: Sequence[int], limit: int = 8) -> str:
     shown = ", ".join(str(s) for s in steps[:limit])
-    return f"[{shown}{', ...' if len(steps) > limit else ''}] ({len(steps)})"
+    n = len(steps)
+    return f"[{shown}{', ...' if n > limit else ''}] ({n} step{'' if n == 1 else 's'})"
 
 
 def smooth_latents(batch: int, latent_hw: tuple[int, int], seed: int, channels: int = 4, kernel: int = 5,

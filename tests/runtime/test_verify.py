@@ -210,7 +210,7 @@ def test_build_verification_fails_on_a_planted_wrong_plan_and_keeps_the_old_buil
     with pytest.raises(CatomeError, match="does not match eager CA-ToMe") as info:
         run_build(make_options("tiny", resolution=128, batch=1, out_dir=target, verify=True, verify_steps=2))
     tok, _ = planted[0]
-    assert f"beyond a near-tie at steps [0] (1), first at site 0, step 0, batch item 0, token {tok}" \
+    assert f"beyond a near-tie at steps [0] (1 step), first at site 0, step 0, batch item 0, token {tok}" \
         in str(info.value)
     assert (target / MANIFEST_FILE).read_text() == "old"
 
