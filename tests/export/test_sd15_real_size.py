@@ -17,9 +17,9 @@ changes nothing in the graphs and keeps the runs short.
 
 Cost (``/usr/bin/time -v python -m pytest -q -p no:cacheprovider
 tests/export/test_sd15_real_size.py`` on a 2-core x86-64 CPU with 24 GiB,
-shared with other work; the process averaged 0.93 of a core): 7 min 38 s
-wall (301 s user + 127 s system), peak RSS 10.4 GB. Of that, the fp32 build
-took 109 s, the fp32 runtime checks 55 s and the fp16 build 275 s; the fp32
+shared with other work; the process averaged 0.96 of a core): 7 min 12 s
+wall (297 s user + 121 s system), peak RSS 10.4 GB. Of that, the fp32 build
+took 101 s, the fp32 runtime checks 49 s and the fp16 build 255 s; the fp32
 build alone peaks at 4.6 GB.
 """
 
