@@ -3,8 +3,8 @@
 The default exporter is the TorchScript one (``torch.onnx.export(...,
 dynamo=False)``): it traces each stage once at a small example shape and
 records every shape computation as graph ops, so the graphs serve any batch,
-latent size, text length and merged count, r = 0 (empty index tensors)
-included. The dynamo exporter (``exporter="dynamo"``) gives the same results
+latent size, text length and merged count, r = 0 (one exact self-merge
+row, so no index tensor is ever empty) included. The dynamo exporter (``exporter="dynamo"``) gives the same results
 and smaller graphs but takes about 15 times longer on the tiny model, which
 would put the quick-start build over its time budget (see docs/export.md).
 """
@@ -134,7 +134,7 @@ def _torch_export(spec: StageSpec, module: torch.nn.Module, args: tuple[torch.Te
 
         def dim(name: str) -> object:
             if name not in dims:
-                dims[name] = Dim(name, min=0 if name.startswith("R") else 1)
+                dims[name] = Dim(name, min=1)  # R >= 1 too: r = 0 is one self-merge row
             return dims[name]
 
         shapes = tuple({i: dim(d) for i, d in t.dynamic_axes().items()} or None for t in spec.inputs)
