@@ -10,12 +10,21 @@
   modules use the fixtures rather than importing this file). Smooth
   (blurred) latents make block inputs self-similar, so a random-weight U-Net
   really merges at t = 0.7; white noise gives almost no pairs above 0.7.
+- ``tensorrt_standin`` (once playing TensorRT 10.13, once 11.1),
+  ``tensorrt10``, ``tensorrt11``: the ``tensorrt`` stand-in of
+  tests/standins imported as ``tensorrt`` for one test, its record of
+  enqueues cleared; ``trt_standin_helper``: tests/standins/trt_standin.py
+  (``activate``, ``deactivate``, ``subprocess_env``, ``build_plan``,
+  ``VERSIONS``).
 """
 
 from __future__ import annotations
 
 import importlib.util
-from typing import Callable
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Callable, Iterator
 
 import pytest
 import torch
@@ -38,6 +47,50 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
         if skip_trt is not None and item.get_closest_marker("trt") is not None:
             item.add_marker(skip_trt)
+
+
+def _trt_standin_helper() -> ModuleType:
+    """tests/standins/trt_standin.py, loaded once by path (the test folders are not packages)."""
+    name = "catome_tests_trt_standin"
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parent / "standins" / "trt_standin.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        sys.modules[name] = module
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return sys.modules[name]
+
+
+@pytest.fixture
+def trt_standin_helper() -> ModuleType:
+    """The stand-in's helper module (``activate``, ``deactivate``, ``subprocess_env``, ``build_plan``, ``VERSIONS``)."""
+    return _trt_standin_helper()
+
+
+def _standin(monkeypatch: pytest.MonkeyPatch, major: str) -> Iterator[ModuleType]:
+    helper = _trt_standin_helper()
+    trt = helper.activate(monkeypatch, major)
+    from tensorrt import _runtime
+
+    _runtime.ENQUEUES.clear()
+    yield trt
+    helper.deactivate()
+
+
+@pytest.fixture(params=["10", "11"], ids=["trt10", "trt11"])
+def tensorrt_standin(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    """The stand-in imported as ``tensorrt``, once playing TensorRT 10.13 and once 11.1."""
+    yield from _standin(monkeypatch, request.param)
+
+
+@pytest.fixture
+def tensorrt10(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    yield from _standin(monkeypatch, "10")
+
+
+@pytest.fixture
+def tensorrt11(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    yield from _standin(monkeypatch, "11")
 
 
 @pytest.fixture(scope="session")

@@ -89,24 +89,6 @@ def _profiles(max_tokens: int = 64, r_min: int = 0) -> dict[str, tuple[tuple[int
             "site0_unmerge_idx": ((1, 1), (2, n[2]), (2, n[3]))}
 
 
-def build_plan(trt: ModuleType, model: bytes, profiles: dict[str, tuple[tuple[int, ...], ...]]) -> bytes:
-    """A plan of ``model`` from the stand-in's builder, one optimization profile (as TensorRT's API builds one)."""
-    logger = trt.Logger(trt.Logger.WARNING)
-    trt.init_libnvinfer_plugins(logger, "")  # the ONNX parser maps ScatterElements with a reduction to a plugin
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    assert parser.parse(model), [str(parser.get_error(i)) for i in range(parser.num_errors)]
-    config = builder.create_builder_config()
-    profile = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in profiles.items():
-        profile.set_shape(name, lo, opt, hi)
-    config.add_optimization_profile(profile)
-    plan = builder.build_serialized_network(network, config)
-    assert plan is not None
-    return bytes(memoryview(plan))
-
-
 def _load(trt: ModuleType, tmp_path: Path, plan: bytes, spec: StageSpec | None = None, name: str = "stage_1.plan",
           backend: TrtBackend | None = None):
     spec = spec or _site_spec()
@@ -134,7 +116,13 @@ def trt(tensorrt_standin) -> ModuleType:
 
 
 @pytest.fixture
-def plan(trt) -> bytes:
+def build_plan(trt_standin_helper):
+    """``build_plan(trt, model, profiles)``: a plan from the stand-in's builder (TensorRT's builder API)."""
+    return trt_standin_helper.build_plan
+
+
+@pytest.fixture
+def plan(trt, build_plan) -> bytes:
     return build_plan(trt, _stage_onnx(), _profiles())
 
 
@@ -204,7 +192,7 @@ def test_shape_outside_profile_names_input_and_range(trt, plan, tmp_path):
         runner.run(_feeds(r=2, batch=3))
 
 
-def test_one_shared_scratch_buffer_as_large_as_the_largest_stage(trt, tmp_path):
+def test_one_shared_scratch_buffer_as_large_as_the_largest_stage(trt, tmp_path, build_plan):
     small = build_plan(trt, _stage_onnx(), _profiles(64))
     big = build_plan(trt, _stage_onnx(), _profiles(256))
     need = [trt.Runtime(trt.Logger()).deserialize_cuda_engine(p).device_memory_size_v2 for p in (small, big)]
@@ -224,7 +212,7 @@ def test_one_shared_scratch_buffer_as_large_as_the_largest_stage(trt, tmp_path):
     assert r1._memory_generation == backend.memory.generation and len(_enqueues()) == 3
 
 
-def test_inputs_converted_to_engine_dtype(trt, tmp_path):
+def test_inputs_converted_to_engine_dtype(trt, tmp_path, build_plan):
     plan = build_plan(trt, _stage_onnx(x_dtype=TensorProto.FLOAT16), _profiles())
     spec = StageSpec(1, 0, None, (TensorSpec("x0", "float16", ("B", "N0", C)), *plan_specs(0)),
                      _site_spec().outputs)
@@ -236,7 +224,7 @@ def test_inputs_converted_to_engine_dtype(trt, tmp_path):
     assert any(t.dtype == torch.float16 and t.data_ptr() == bound for t in runner._keep)
 
 
-def test_dropped_unused_input_is_fine_but_unknown_io_is_not(trt, tmp_path):
+def test_dropped_unused_input_is_fine_but_unknown_io_is_not(trt, tmp_path, build_plan):
     dropped = build_plan(trt, _stage_onnx(drop=("site0_weight",)),
                          {k: v for k, v in _profiles().items() if k != "site0_weight"})
     _, runner = _load(trt, tmp_path, dropped)

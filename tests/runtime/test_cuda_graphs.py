@@ -7,8 +7,6 @@ the same checks run with real CUDA graphs where a GPU is present.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import onnx
@@ -223,27 +221,8 @@ def test_real_cuda_graphs_follow_the_rule():
 
 # -- rule 5 with TensorRT stages: the tensorrt stand-in's enqueue record shows which context ran what ---------------
 
-_STANDINS = Path(__file__).resolve().parents[1] / "standins"
 TOKEN_C = 4
 """Channels of the stand-in stages' tokens (the latent's)."""
-
-
-@pytest.fixture(params=["10", "11"], ids=["trt10", "trt11"])
-def tensorrt_standin(request, monkeypatch):
-    """The ``tensorrt`` stand-in (tests/standins) imported as ``tensorrt``, playing 10.13 and 11.1."""
-    name = "catome_tests_trt_standin"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, _STANDINS / "trt_standin.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    helper = sys.modules[name]
-    trt = helper.activate(monkeypatch, request.param)
-    from tensorrt import _runtime
-
-    _runtime.ENQUEUES.clear()
-    yield trt
-    helper.deactivate()
 
 
 def _enqueues() -> list[dict]:
@@ -300,23 +279,7 @@ def _stage1_onnx() -> bytes:
     return _model(nodes, inputs, [vi("noise_pred", F, ["B", TOKEN_C, "H", "W"])], inits)
 
 
-def _build(trt, model: bytes, profiles: dict) -> bytes:
-    """A plan from the stand-in's builder (TensorRT's builder API, one optimization profile)."""
-    logger = trt.Logger(trt.Logger.WARNING)
-    trt.init_libnvinfer_plugins(logger, "")
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    assert parser.parse(model), [str(parser.get_error(i)) for i in range(parser.num_errors)]
-    config = builder.create_builder_config()
-    profile = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in profiles.items():
-        profile.set_shape(name, lo, opt, hi)
-    config.add_optimization_profile(profile)
-    return bytes(memoryview(builder.build_serialized_network(network, config)))
-
-
-def _trt_stages(trt, folder: Path):
+def _trt_stages(trt, helper, folder: Path):
     """The two stand-in stages loaded by a TrtBackend on the CPU: (backend, runners, sites)."""
     from catome_export.backends.trt import TrtBackend
     from catome_export.export.stages import StageSpec, TensorSpec, plan_specs
@@ -337,7 +300,7 @@ def _trt_stages(trt, folder: Path):
     backend = TrtBackend(None, "cpu", trt_module=trt)
     runners = []
     for spec, model, profiles in zip(specs, (_stage0_onnx(), _stage1_onnx()), (p0, p1)):
-        (folder / f"stage_{spec.index}.plan").write_bytes(_build(trt, model, profiles))
+        (folder / f"stage_{spec.index}.plan").write_bytes(helper.build_plan(trt, model, profiles))
         runners.append(backend.load_stage(folder, {"index": spec.index, "engine": None}, spec))
     return backend, runners, [MergeSite(0, "down_blocks.0.attentions.0.transformer_blocks.0", 1)]
 
@@ -402,8 +365,8 @@ def _interleave(graphs: ChainGraphRunner, eager) -> None:
         graphs.run(key, inputs, {0: plan})
 
 
-def test_a_graph_owns_its_tensorrt_contexts_and_eager_steps_never_touch_them(tensorrt_standin, tmp_path):
-    backend, runners, _ = _trt_stages(tensorrt_standin, tmp_path)
+def test_a_graph_owns_its_tensorrt_contexts_and_eager_steps_never_touch_them(tensorrt_standin, trt_standin_helper, tmp_path):
+    backend, runners, _ = _trt_stages(tensorrt_standin, trt_standin_helper, tmp_path)
     guard = ContextGuardCapture()
     graphs = ChainGraphRunner(lambda: graph_chain(runners), guard, max_graphs=1,
                               memory_generation=lambda: backend.memory.generation)
@@ -418,22 +381,22 @@ def test_a_graph_owns_its_tensorrt_contexts_and_eager_steps_never_touch_them(ten
     assert backend.forks == []
 
 
-def test_sharing_the_eager_contexts_with_a_graph_is_caught(tensorrt_standin, tmp_path):
+def test_sharing_the_eager_contexts_with_a_graph_is_caught(tensorrt_standin, trt_standin_helper, tmp_path):
     """The check above can fail: a graph captured on the eager runners' own contexts is replayed after a
     checkpoint re-shaped them."""
-    backend, runners, _ = _trt_stages(tensorrt_standin, tmp_path)
+    backend, runners, _ = _trt_stages(tensorrt_standin, trt_standin_helper, tmp_path)
     guard = ContextGuardCapture()
     shared = ChainGraphRunner(lambda: GraphChain(stage_chain(runners)), guard, max_graphs=1)
     _interleave(shared, stage_chain(runners))
     assert guard.violations and "before replay" in guard.violations[0]
 
 
-def test_runtime_checkpoints_run_on_contexts_no_graph_was_captured_on(tensorrt_standin, tmp_path):
+def test_runtime_checkpoints_run_on_contexts_no_graph_was_captured_on(tensorrt_standin, trt_standin_helper, tmp_path):
     """A Runtime over TensorRT stages with CUDA graphs: checkpoint steps (schedule 0,3) run on the loaded runners,
     cached steps replay graphs captured on forks, and closing the runtime closes the forks."""
     from catome_export.runtime.runtime import Runtime
 
-    backend, runners, sites = _trt_stages(tensorrt_standin, tmp_path)
+    backend, runners, sites = _trt_stages(tensorrt_standin, trt_standin_helper, tmp_path)
     settings = MergeSettings(threshold=1.0, schedule=parse_schedule("0,3", step_base=0))  # t = 1 merges nothing
     runtime = Runtime(runners, sites, settings, unet_config={}, dtype=torch.float32, device="cpu", backend=backend)
     guard = ContextGuardCapture()

@@ -3,7 +3,6 @@ the parser's refusals, and the runtime's preconditions (deserialisation, address
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -12,28 +11,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-_HERE = Path(__file__).resolve().parent
+@pytest.fixture
+def trt(tensorrt_standin):
+    return tensorrt_standin
 
 
-def _helper():
-    name = "catome_tests_trt_standin"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, _HERE / "trt_standin.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-@pytest.fixture(params=["10", "11"], ids=["trt10", "trt11"])
-def trt(request, monkeypatch):
-    module = _helper().activate(monkeypatch, request.param)
-    yield module
-    _helper().deactivate()
-
-
-def test_not_importable_without_being_asked_for():
-    env = {k: v for k, v in _helper().subprocess_env("10").items() if k != _helper().ENV}
+def test_not_importable_without_being_asked_for(trt_standin_helper):
+    env = {k: v for k, v in trt_standin_helper.subprocess_env("10").items() if k != trt_standin_helper.ENV}
     proc = subprocess.run([sys.executable, "-c", "import tensorrt"], capture_output=True, text=True, env=env)
     assert proc.returncode == 1 and "test stand-in" in proc.stderr
 
@@ -113,16 +97,16 @@ def engine(trt, tmp_path):
     return trt.Runtime(trt.Logger(trt.Logger.ERROR)).deserialize_cuda_engine(plan)
 
 
-def test_deserialize_needs_the_exact_version_and_the_plugins(trt, tmp_path, monkeypatch):
+def test_deserialize_needs_the_exact_version_and_the_plugins(trt, trt_standin_helper, tmp_path, monkeypatch):
     _, _, builder, network, config = _build(trt, _model(tmp_path / "m.onnx"))
     plan = bytes(builder.build_serialized_network(network, config))
     assert trt.Runtime(trt.Logger()).deserialize_cuda_engine(plan) is not None
     assert trt.Runtime(trt.Logger()).deserialize_cuda_engine(b"garbage") is None
     major, minor, patch, build = trt.__version__.split(".")
-    other = _helper().activate(monkeypatch, f"{major}.{minor}.{patch}.{int(build) + 1}")
+    other = trt_standin_helper.activate(monkeypatch, f"{major}.{minor}.{patch}.{int(build) + 1}")
     other.init_libnvinfer_plugins(None, "")
     assert other.Runtime(other.Logger()).deserialize_cuda_engine(plan) is None
-    same = _helper().activate(monkeypatch, trt.__version__)  # fresh registry: no plugins registered yet
+    same = trt_standin_helper.activate(monkeypatch, trt.__version__)  # fresh registry: no plugins registered yet
     assert same.Runtime(same.Logger()).deserialize_cuda_engine(plan) is None
 
 

@@ -6,7 +6,8 @@ it again. Polygraphy imports ``tensorrt`` lazily and keeps the module (and a
 logger subclassing its ``ILogger``) once imported; a real process only ever
 has one TensorRT, so switching versions between tests resets those caches.
 ``subprocess_env("10")`` is the environment for a child process that should
-see the stand-in.
+see the stand-in. ``build_plan(trt, model, profiles)`` builds a plan with the
+stand-in's builder the way TensorRT's Python API builds one.
 """
 
 from __future__ import annotations
@@ -65,3 +66,23 @@ def subprocess_env(major_or_version: str = "10", base: dict[str, str] | None = N
     env[ENV] = _version(major_or_version)
     env["PYTHONPATH"] = os.pathsep.join([str(STANDINS), *filter(None, [env.get("PYTHONPATH")])])
     return env
+
+
+def build_plan(trt: ModuleType, model: bytes, profiles: dict[str, tuple[tuple[int, ...], ...]]) -> bytes:
+    """A plan of ONNX ``model`` from ``trt``'s builder with one optimization profile ``{input: (min, opt, max)}``."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    trt.init_libnvinfer_plugins(logger, "")  # the ONNX parser maps ScatterElements with a reduction to a plugin
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(model):
+        raise AssertionError([str(parser.get_error(i)) for i in range(parser.num_errors)])
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in profiles.items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise AssertionError("the stand-in's builder returned no plan")
+    return bytes(memoryview(plan))
