@@ -11,6 +11,11 @@
 #      CA-ToMe, and the torch-backend stage chain with and without CUDA graphs, every call timed; it writes ONE
 #      JSON with the device description, the install and pytest results, every call's milliseconds and medians.
 #
+# A machine that cannot reach a package index (a lent GPU machine often cannot) may lack pure-Python needs
+# such as diffusers and polygraphy: download their wheels beforehand into a folder (pip download --no-deps
+# --only-binary=:all: ... -d .whl NAME==VERSION) and set GPU_CHECK_WHEELS=.whl; they are then unpacked with
+# --no-index --no-deps into a folder of their own and put on PYTHONPATH before anything else runs.
+#
 # usage: scripts/gpu_check.sh [OUT_JSON] [extra gpu_check.py flags]   (OUT_JSON default
 #        benchmarks/results/gpu_check.json). Without a CUDA device it stops at once with exit code 2 and
 #        writes nothing. Exit 0: everything ran; 1: some part failed (see the JSON).
@@ -45,6 +50,16 @@ then
 fi
 
 LOGDIR="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")"
+if [ -n "${GPU_CHECK_WHEELS:-}" ]; then
+  if ! compgen -G "$GPU_CHECK_WHEELS/*.whl" >/dev/null; then
+    echo "gpu_check: GPU_CHECK_WHEELS=$GPU_CHECK_WHEELS holds no .whl files" >&2
+    exit 2
+  fi
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$LOGDIR/site" "$GPU_CHECK_WHEELS"/*.whl >"$LOGDIR/wheels.log" 2>&1 \
+    || { echo "gpu_check: could not unpack the wheels in $GPU_CHECK_WHEELS; see $LOGDIR/wheels.log" >&2; exit 2; }
+  export PYTHONPATH="$LOGDIR/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 TORCH_BEFORE="$("$PYTHON" -c 'import torch; print(torch.__version__)')"
 echo "gpu_check: torch $TORCH_BEFORE; logs in $LOGDIR; limit ${LIMIT}s"
 
