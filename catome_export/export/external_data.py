@@ -15,14 +15,12 @@ import functools
 import hashlib
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from catome_export.errors import CatomeError
-from catome_export.export.fsutil import atomic_write_bytes
+from catome_export.export.fsutil import atomic_open, atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -209,36 +207,27 @@ def gather_weights(model, base: Path, data_path: Path, size_threshold: int = INL
     digest = hashlib.sha256()
     offset = 0
     moved = 0
-    fd, tmp = tempfile.mkstemp(prefix=f".{data_path.name}.", suffix=".tmp", dir=data_path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            tensors = [(t, True) for t in model.graph.initializer] + [(t, False) for t in attribute_tensors(model)]
-            for t, initializer in tensors:
-                if is_external(t):
-                    data = _read_external(t, base)
-                elif initializer and t.HasField("raw_data") and len(t.raw_data) >= size_threshold:
-                    data = t.raw_data
-                else:
-                    # Small tensors, and the rare ones in typed fields, stay in the graph file.
-                    continue
-                out.write(data)
-                digest.update(data)
-                t.ClearField("raw_data")
-                del t.external_data[:]
-                t.data_location = onnx.TensorProto.EXTERNAL
-                for key, value in (("location", data_path.name), ("offset", str(offset)),
-                                   ("length", str(len(data)))):
-                    entry = t.external_data.add()
-                    entry.key, entry.value = key, value
-                offset += len(data)
-                moved += 1
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, data_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(data_path) as out:
+        tensors = [(t, True) for t in model.graph.initializer] + [(t, False) for t in attribute_tensors(model)]
+        for t, initializer in tensors:
+            if is_external(t):
+                data = _read_external(t, base)
+            elif initializer and t.HasField("raw_data") and len(t.raw_data) >= size_threshold:
+                data = t.raw_data
+            else:
+                # Small tensors, and the rare ones in typed fields, stay in the graph file.
+                continue
+            out.write(data)
+            digest.update(data)
+            t.ClearField("raw_data")
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data_path.name), ("offset", str(offset)),
+                               ("length", str(len(data)))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+            offset += len(data)
+            moved += 1
     logger.debug("gathered %d initializers (%d bytes) into %s", moved, offset, data_path)
     return WeightsFile(bytes=offset, sha256=digest.hexdigest())
 
@@ -255,9 +244,3 @@ def save_graph(model, path: Path) -> None:
         raise CatomeError(f"{path.name} would be {size / 1e9:.2f} GB, over protobuf's 2 GB limit: its weights "
                           "must go to an external file (lower the external data threshold)")
     atomic_write_bytes(path, model.SerializeToString())
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
