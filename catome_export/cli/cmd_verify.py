@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     report = verify_engine(args.engine_dir, steps=args.steps, schedule=args.schedule, backend=args.backend,
                            seed=args.seed, batch=args.batch, resolution=args.resolution, tolerance=args.tolerance,
                            merge_tolerance=args.merge_tolerance,
-                           backend_options={"intra_op_threads": args.threads} if args.threads else None)
+                           backend_options={"intra_op_threads": args.threads} if args.threads is not None else None)
     if not args.quiet:
         print(report.format_table())
         differences = report.format_differences()

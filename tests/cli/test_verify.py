@@ -89,3 +89,12 @@ def test_verify_bad_arguments_exit_1(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["verify", str(tmp_path), "--resolution", "big"])
     assert info.value.code == 2
+
+
+def test_verify_threads_zero_is_an_error(tiny_engine, capsys):
+    """--threads 0 is refused with the valid range (it used to be dropped silently, running on every core)."""
+    args = list(ARGS)
+    args[args.index("--threads") + 1] = "0"
+    assert main(["verify", str(tiny_engine), *args, "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "intra-op threads must be an int >= 1" in err and "got 0" in err
