@@ -31,6 +31,18 @@ _IGNORED_IF_EMPTY = ("class_labels", "timestep_cond", "attention_mask", "cross_a
 """Keyword arguments of the diffusers U-Net that the engine cannot take: accepted only when None or empty."""
 
 
+class EngineFeatureError(CatomeError, AttributeError):
+    """A ``UNet2DConditionModel`` attribute the compiled engine does not have (``enable_freeu``,
+    ``set_attn_processor``, ...). It is an AttributeError too, so ``hasattr`` and ``getattr(..., default)`` in
+    pipelines keep working; a direct use gets a message that says what to do."""
+
+
+def _diffusers_unet_has(name: str) -> bool:
+    from diffusers import UNet2DConditionModel
+
+    return hasattr(UNet2DConditionModel, name)
+
+
 def full_unet_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """``config`` completed with ``UNet2DConditionModel``'s defaults (what ``unet.config`` would hold)."""
     from diffusers import UNet2DConditionModel
@@ -73,6 +85,17 @@ class RuntimeUNet(torch.nn.Module):
         self._in_channels = int(sample.shape[1]) if sample is not None and isinstance(sample.shape[1], int) \
             else int(self._config.get("in_channels", 4))
         self._text_shape = tuple(ehs.shape) if ehs is not None else ("B", "L", self._config.get("cross_attention_dim"))
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or not _diffusers_unet_has(name):
+                raise
+        raise EngineFeatureError(
+            f"runtime.unet.{name}: the engine runs fixed compiled graphs and cannot do what the diffusers U-Net's "
+            f"{name} does (weights, attention processors and blocks are fixed at build time). Apply it to the eager "
+            "U-Net and rebuild the engine from that model, or run the eager model (detach the engine)")
 
     # -- what pipelines read ------------------------------------------------------------
     @property

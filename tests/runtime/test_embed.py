@@ -257,3 +257,21 @@ def test_a_built_engine_in_the_tiny_pipeline(tiny_engine):
     assert histories[0] == histories[1]
     assert [h[0] for h in histories[0]] == list(range(len(histories[0])))
     assert all(histories[0][0][2].values())
+
+
+def test_unet_features_the_engine_cannot_honour_say_so(make_runtime):
+    """A diffusers U-Net method the engine lacks is a CatomeError naming it (and still an AttributeError, so
+    pipelines' hasattr/getattr checks work); an attribute no U-Net has stays a plain AttributeError."""
+    from catome_export.runtime.unet import EngineFeatureError
+
+    runtime = make_runtime(MergeSettings())
+    with pytest.raises(CatomeError, match=r"runtime\.unet\.enable_freeu: the engine runs fixed compiled graphs"):
+        runtime.unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    with pytest.raises(EngineFeatureError, match="set_attn_processor"):
+        runtime.unet.set_attn_processor(None)
+    assert not hasattr(runtime.unet, "fuse_qkv_projections")
+    assert getattr(runtime.unet, "enable_freeu", None) is None
+    with pytest.raises(AttributeError) as info:
+        runtime.unet.no_such_attribute
+    assert not isinstance(info.value, CatomeError)
+    assert runtime.unet.config.in_channels == 4 and runtime.unet.dtype == torch.float32  # still readable
