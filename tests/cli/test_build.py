@@ -107,3 +107,15 @@ def test_manifest_is_plain_json(built):
     out, _, _ = built
     data = json.loads((out / MANIFEST_FILE).read_text())
     assert data["stages"][0]["inputs"][0] == {"name": "sample", "dtype": "float32", "shape": ["B", 4, "H", "W"]}
+
+
+def test_ctrl_c_while_the_commands_load_exits_130_without_traceback(monkeypatch, capsys):
+    """Ctrl-C during the imports of the command modules (torch, diffusers: seconds on a cold start)."""
+    import catome_export.cli.main as cli_main
+
+    def interrupted(name, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_main.importlib, "import_module", interrupted)
+    assert cli_main.main(["build", "--model", "tiny"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted: nothing was started"
