@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from catome_export.errors import CatomeError
+from catome_export.export.fsutil import check_writable_file
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +88,10 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.prompts is not None and not all(p.strip() for p in args.prompts):
         raise CatomeError("--prompts holds an empty prompt: give non-empty prompts")
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        if path is not None and not (path.parent if str(path.parent) else Path(".")).is_dir():
-            raise CatomeError(f"{flag} {path}: the folder {path.parent} does not exist; create it first")
+        if path is not None:
+            if not (path.parent if str(path.parent) else Path(".")).is_dir():
+                raise CatomeError(f"{flag} {path}: the folder {path.parent} does not exist; create it first")
+            check_writable_file(path, flag)
 
 
 def _device(name: str):

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from catome_export.errors import CatomeError
+from catome_export.export.fsutil import check_writable_file
 
 DESCRIPTION = """\
 Time one U-Net call per backend, resolution and merge setting: a warm-up
@@ -102,8 +103,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
         path = Path(value)
         if path.suffix.lower() != suffix:
             raise CatomeError(f"{flag} {value}: the file name must end in {suffix}")
-        if path.exists() and path.is_dir():
-            raise CatomeError(f"{flag} {value} is a folder: give a file name")
+        check_writable_file(path, flag)
 
 
 def run(args: argparse.Namespace) -> int:

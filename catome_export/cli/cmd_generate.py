@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from catome_export.errors import CatomeError
+from catome_export.export.fsutil import check_writable_file
 from catome_export.generate import (DEFAULT_GUIDANCE, DEFAULT_SCHEDULE, DEFAULT_SEED, DEFAULT_STEPS, DEFAULT_THRESHOLD,
                                      describe_settings, merge_settings_for_engine)
 
@@ -81,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("out") / f"{_slug(args.prompt)}-seed{args.seed}.png"
     if out.suffix.lower() != ".png":
         raise CatomeError(f"--out must name a .png file, got {str(out)!r}")
+    check_writable_file(out, "--out")
 
     if args.engine is not None:
         gen, what = _run_engine(args)

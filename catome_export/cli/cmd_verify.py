@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from catome_export.backends.select import BACKEND_NAMES
+from catome_export.export.fsutil import check_writable_file
 
 
 def _resolution(text: str) -> int | tuple[int, int]:
@@ -22,6 +23,9 @@ def _resolution(text: str) -> int | tuple[int, int]:
 
 def run(args: argparse.Namespace) -> int:
     from catome_export.runtime.verify import verify_engine
+
+    if args.json is not None:
+        check_writable_file(args.json, "--json")
 
     report = verify_engine(args.engine_dir, steps=args.steps, schedule=args.schedule, backend=args.backend,
                            seed=args.seed, batch=args.batch, resolution=args.resolution, tolerance=args.tolerance,

@@ -55,6 +55,28 @@ def _umask() -> int:
     return mask
 
 
+def check_writable_file(path: str | Path, flag: str) -> Path:
+    """Raise a CatomeError unless a file can be written at ``path`` (checked before long work, so a result is
+    never computed only to be lost). The nearest existing folder above it is probed with a temp file, which is
+    removed again; nothing else is created."""
+    target = Path(path)
+    if target.is_dir():
+        raise CatomeError(f"{flag} {target} is a folder: give a file name")
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise CatomeError(f"cannot write {flag} {target}: {folder} is a file, not a folder; choose another place")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".catome-write-check.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CatomeError(f"cannot write {flag} {target}: {folder} is not writable ({exc.strerror or exc}); "
+                          "choose a writable place") from None
+    return target
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

@@ -362,3 +362,50 @@ def test_runtime_unet_unsupported_arguments(ort_runtime):
         ort_runtime.unet(sample, t, encoder_hidden_states=text, down_block_additional_residuals=(sample,))
     with pytest.raises(catome_export.CatomeError, match=r"does not take \['lora_scale'\]"):
         ort_runtime.unet(sample, t, encoder_hidden_states=text, lora_scale=0.5)
+
+
+def _unwritable(kind: str, tmp_path, name: str):
+    """A path no run can write, as root too: under a file, or in /proc."""
+    if kind == "under-a-file":
+        blocker = tmp_path / "not-a-folder"
+        blocker.write_text("a file")
+        return blocker / "sub" / name
+    return f"/proc/{name}"
+
+
+@pytest.mark.parametrize("kind", ["under-a-file", "proc"])
+@pytest.mark.parametrize("command", ["generate", "bench-json", "bench-plot", "analyze-plot", "verify-json"])
+def test_unwritable_output_is_refused_before_the_run(command, kind, tmp_path, capsys, monkeypatch):
+    """Each output flag is checked before any model is loaded or step run, so no result is computed and lost."""
+    import catome_export.models.registry as registry
+
+    def no_model_loads(*args, **kwargs):
+        raise AssertionError("the output should have been refused before a model was loaded")
+
+    monkeypatch.setattr(registry, "load_unet", no_model_loads)
+    argv = {
+        "generate": ["generate", "--model", "tiny", "--prompt", "a fox", "--steps", "2",
+                     "--out", str(_unwritable(kind, tmp_path, "fox.png"))],
+        "bench-json": ["bench", "--model", "tiny", "--json", str(_unwritable(kind, tmp_path, "b.json"))],
+        "bench-plot": ["bench", "--model", "tiny", "--plot", str(_unwritable(kind, tmp_path, "b.png"))],
+        "analyze-plot": ["analyze", "--model", "tiny", "--plot", str(_unwritable(kind, tmp_path, "p.png"))],
+        "verify-json": ["verify", str(tmp_path), "--json", str(_unwritable(kind, tmp_path, "v.json"))],
+    }[command]
+    if command == "analyze-plot" and kind == "under-a-file":
+        expected = "does not exist"  # analyze asks for an existing folder first
+    else:
+        expected = "cannot write"
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected in err, err
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # the probe left nothing
+
+
+def test_writable_output_check_creates_nothing(tmp_path):
+    from catome_export.export.fsutil import check_writable_file
+
+    target = tmp_path / "a" / "b" / "out.json"
+    assert check_writable_file(target, "--json") == target
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(CatomeError, match="is a folder"):
+        check_writable_file(tmp_path, "--json")
