@@ -175,6 +175,11 @@ class MergePlan:
         (checkpoint steps), not on steps that reuse a cached plan.
         """
         name = "merge plan"
+        for field_name in PLAN_TENSORS:
+            t = getattr(self, field_name)
+            if not isinstance(t, torch.Tensor) or t.ndim != 2:
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise CatomeError(f"{name}: {field_name} must be a 2-D [batch, count] tensor, got {shape}")
         b, n, r = self.batch_size, self.num_tokens, self.num_merged
         if batch_size is not None and b != batch_size:
             raise CatomeError(f"{name}: batch {b} does not match the input batch {batch_size}")

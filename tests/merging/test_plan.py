@@ -10,6 +10,8 @@ and a whole site stage of the tiny U-Net.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -276,3 +278,12 @@ def test_site_stage_with_self_merge_is_bit_exact_in_onnx_runtime(tiny_unet, tmp_
         assert torch.equal(_bits(g), _bits(r))
         assert torch.equal(_bits(e), _bits(e0))
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("field", ["keep_idx", "src_idx", "slot_idx", "weight", "unmerge_idx"])
+def test_validate_refuses_a_flat_tensor_with_a_clear_error(field):
+    """Found by the property test: a 1-D plan tensor used to raise IndexError before any check ran."""
+    good = MergePlan.identity(1, 1)
+    bad = replace(good, **{field: getattr(good, field).flatten()})
+    with pytest.raises(CatomeError, match=f"{field} must be a 2-D"):
+        bad.validate(1, 1)
