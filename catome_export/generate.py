@@ -27,16 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from catome_export.defaults import DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS
 from catome_export.errors import CatomeError
 from catome_export.export.fsutil import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_STEPS = 50
-DEFAULT_GUIDANCE = 7.5
-DEFAULT_SEED = 0
-DEFAULT_THRESHOLD = 0.7
-DEFAULT_SCHEDULE = "config3"
 
 
 # -- requests and results ----------------------------------------------------------------

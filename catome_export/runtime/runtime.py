@@ -28,6 +28,7 @@ import torch
 
 from catome_export.backends.base import Backend, StageRunner, StreamOwner
 from catome_export.errors import CatomeError
+from catome_export.export.io_names import MODEL_OUTPUT, SAMPLE, TEXT, TIMESTEP, plan_names
 from catome_export.merging import MergeController, MergeSettings, MergePlan
 from catome_export.models.sites import MergeSite
 from catome_export.runtime.chain import StageChain
@@ -269,7 +270,7 @@ class Runtime:
             spent += time.perf_counter() - t0
             return plan
 
-        env = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states}
+        env = {SAMPLE: sample, TIMESTEP: timestep, TEXT: encoder_hidden_states}
         # Every site reuses its cache when this is no checkpoint and the previous call of this generation
         # completed with the same batch and size (it left a plan of these shapes at every site).
         cached_step = not self.settings.schedule.is_checkpoint(step) and self._last_shape == shape
@@ -345,10 +346,9 @@ class Runtime:
 
     def _replay(self, env: dict[str, torch.Tensor], latent_hw: tuple[int, int]) -> torch.Tensor:
         """A cached step through the graph runner: the cached plans, recorded as reused, feed the captured chain."""
-        from catome_export.runtime.chain import plan_names
         from catome_export.runtime.cuda_graphs import ChainGraphCache
 
-        batch = int(env["sample"].shape[0])
+        batch = int(env[SAMPLE].shape[0])
         plans: dict[int, MergePlan] = {}
         for site in self.chain.sites:
             grid = self.sites[site].grid(latent_hw)
@@ -358,7 +358,7 @@ class Runtime:
             plans[site] = plan
             env.update(zip(plan_names(site), plans[site].tensors()))
         key = ChainGraphCache.key(batch, latent_hw, {k: p.num_merged for k, p in plans.items()})
-        return self._graphs.run(key, env, plan_versions=plans)["noise_pred"]
+        return self._graphs.run(key, env, plan_versions=plans)[MODEL_OUTPUT]
 
     def attach(self, pipe: Any) -> Any:
         """Put ``runtime.unet`` into a diffusers pipeline; every ``pipe(...)`` call then resets the caches.
