@@ -30,6 +30,7 @@ from catome_export.dtypes import precision_dtype
 from catome_export.errors import CatomeError
 from catome_export.export.audit import AuditReport, audit_stages
 from catome_export.export.fsutil import BuildLock, pid_alive
+from catome_export.export.io_names import MODEL_OUTPUT, site_input_name, site_of_input
 from catome_export.export.manifest import MANIFEST_FILE, PRECISIONS, Manifest, build_command, tool_versions
 from catome_export.export.onnx_export import (
     EXPORTERS, OPSET, ExportedStage, example_inputs, export_stage, ort_max_diff, ort_session,
@@ -387,7 +388,7 @@ def _describe(spec) -> str:
     parts = []
     if spec.site is not None:
         parts.append(f"site {spec.site}")
-    parts.append(f"-> x{spec.next_site}" if spec.next_site is not None else "-> noise_pred")
+    parts.append(f"-> {site_input_name(spec.next_site)}" if spec.next_site is not None else f"-> {MODEL_OUTPUT}")
     return ", ".join(parts)
 
 
@@ -410,8 +411,9 @@ def _make_manifest(opts: BuildOptions, unet, sites, stages, exported, settings: 
     channels = {}
     for spec, _ in stages:
         for t in spec.outputs:
-            if t.name.startswith("x") and t.name[1:].isdigit():
-                channels[int(t.name[1:])] = int(t.shape[-1])
+            site = site_of_input(t.name)
+            if site is not None:
+                channels[site] = int(t.shape[-1])
     lo, hi = opts.resolution
     config = json.loads(json.dumps(dict(unet.config), default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
     opt_latent = _opt_latent(opts)
