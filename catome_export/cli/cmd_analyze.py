@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from catome_export.errors import CatomeError
-from catome_export.export.fsutil import check_writable_file
+from catome_export.export.fsutil import Outputs, check_writable_file
 
 logger = logging.getLogger(__name__)
 
@@ -202,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
           "the pairs cached at its last checkpoint (every_step: 0); best, same K: the least drift any list with "
           "as many checkpoints reaches")
 
+    outputs = Outputs()
     if args.json is not None:
         data = {
             "model": args.model,
@@ -214,11 +215,15 @@ def run(args: argparse.Namespace) -> int:
             "proposal": proposal.to_dict(),
             "comparison": [sc.to_dict() for sc in scores],
         }
-        write_json(args.json, data)
-        print(f"wrote {args.json}")
+        written = outputs.save(args.json, lambda path: write_json(path, data), "--json")
+        if written is not None:
+            print(f"wrote {written}")
     if args.plot is not None:
         from catome_export.analysis.plot import plot_consecutive
 
-        plot_consecutive(analysis, args.plot, checkpoints=proposal.loop_indices)
-        print(f"wrote {args.plot}")
+        written = outputs.save(args.plot, lambda path: plot_consecutive(analysis, path,
+                                                                        checkpoints=proposal.loop_indices), "--plot")
+        if written is not None:
+            print(f"wrote {written}")
+    outputs.finish()
     return 0
