@@ -28,11 +28,12 @@ from typing import Any, Callable
 
 import torch
 
+from catome_export.dtypes import precision_dtype
 from catome_export.errors import CatomeError
 from catome_export.export.audit import AuditReport, audit_stages
 from catome_export.export.fsutil import BuildLock, pid_alive
 from catome_export.export.io_names import MODEL_OUTPUT, site_input_name, site_of_input
-from catome_export.export.manifest import MANIFEST_FILE, Manifest, build_command, tool_versions
+from catome_export.export.manifest import MANIFEST_FILE, PRECISIONS, Manifest, build_command, tool_versions
 from catome_export.export.onnx_export import (
     EXPORTERS, OPSET, ExportedStage, example_inputs, export_stage, ort_max_diff, ort_session,
 )
@@ -41,7 +42,6 @@ from catome_export.merging.settings import MergeSettings
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 BUILD_BACKENDS = ("auto", "ort", "trt")
 MIN_RESOLUTION = 64
 MAX_RESOLUTION = 4096
@@ -381,7 +381,7 @@ def _build_into(opts: BuildOptions, folder: Path, backend: str, say: Progress,
     from catome_export.models import find_merge_sites, load_unet, model_info
 
     notes: list[str] = []
-    dtype = PRECISIONS[opts.precision]
+    dtype = precision_dtype(opts.precision)
     say(f"loading {opts.model} ({opts.weights} weights, {opts.precision})")
     unet = load_unet(opts.model, weights=opts.weights, dtype=dtype)
     settings = opts.settings
