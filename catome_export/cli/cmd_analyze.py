@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 from pathlib import Path
 
 from catome_export.errors import CatomeError
-from catome_export.export.fsutil import check_writable_file
+from catome_export.export.fsutil import Outputs, atomic_write_with, check_writable_file
 
 logger = logging.getLogger(__name__)
 
@@ -94,20 +95,6 @@ def _check_args(args: argparse.Namespace) -> None:
             check_writable_file(path, flag)
 
 
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise CatomeError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CatomeError("--device cuda: no CUDA device here; use --device cpu")
-    return dev
-
-
 def _text_inputs(args: argparse.Namespace, random_weights: bool, source: str, device, dtype):
     """(embeddings or None, description) of the conditioning."""
     if random_weights:
@@ -141,9 +128,10 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     import torch
 
-    from catome_export.analysis._io import write_json
     from catome_export.analysis.result import DEFAULT_BUDGET, analyze_pairs
     from catome_export.analysis.tracking import TrackingConfig
+    from catome_export.devices import resolve_device
+    from catome_export.dtypes import precision_dtype
     from catome_export.models import load_unet, model_info
 
     random_weights = args.model == "tiny" or args.weights == "random"
@@ -153,8 +141,8 @@ def run(args: argparse.Namespace) -> int:
             "leave out --prompts (seeded random text embeddings are used), or use --weights pretrained"
         )
     info = model_info(args.model)
-    device = _device(args.device)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    device = resolve_device(args.device)
+    dtype = precision_dtype(args.dtype)
     if device.type == "cpu" and dtype == torch.float16:
         raise CatomeError("--dtype fp16 needs a CUDA device: use fp32 or bf16 on the CPU")
     resolution = args.resolution or info.default_resolution
@@ -202,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
           "the pairs cached at its last checkpoint (every_step: 0); best, same K: the least drift any list with "
           "as many checkpoints reaches")
 
+    outputs = Outputs()
     if args.json is not None:
         data = {
             "model": args.model,
@@ -214,11 +203,17 @@ def run(args: argparse.Namespace) -> int:
             "proposal": proposal.to_dict(),
             "comparison": [sc.to_dict() for sc in scores],
         }
-        write_json(args.json, data)
-        print(f"wrote {args.json}")
+        text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+        written = outputs.save(args.json, lambda path: atomic_write_with(path, lambda tmp: tmp.write_text(text)),
+                               "--json")
+        if written is not None:
+            print(f"wrote {written}")
     if args.plot is not None:
         from catome_export.analysis.plot import plot_consecutive
 
-        plot_consecutive(analysis, args.plot, checkpoints=proposal.loop_indices)
-        print(f"wrote {args.plot}")
+        written = outputs.save(args.plot, lambda path: plot_consecutive(analysis, path,
+                                                                        checkpoints=proposal.loop_indices), "--plot")
+        if written is not None:
+            print(f"wrote {written}")
+    outputs.finish()
     return 0

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
                         settings, args.name, args.out, verify=not args.no_verify, verify_steps=args.verify_steps,
                         exporter=args.exporter, opt_merge_fraction=args.opt_merge_fraction, cli=cli)
     log = logging.getLogger("catome_export.build")
-    result = run_build(opts, progress=log.info, schedule_spec=auto_spec)
+    result = run_build(opts, progress=log.info, schedule_spec=auto_spec, force=args.force)
     print(summary(result))
     return 0
 
@@ -102,6 +102,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default 0.5; measure it with catome_export.export.profiles.calibrate_opt_fraction)")
     p.add_argument("--name", default=None, help="engine name (default: the model name)")
     p.add_argument("--out", default=None, metavar="DIR", help="engine folder (default engines/<name>)")
+    p.add_argument("--force", action="store_true",
+                   help="when rebuilding, remove files in the engine folder that no build made (without it the build "
+                        "refuses and names them)")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime checks and the eager comparison")
     p.add_argument("--verify-steps", type=int, default=10, metavar="N", help="steps of the eager comparison (10)")
     p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",

@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from catome_export.errors import CatomeError
-from catome_export.export.fsutil import check_writable_file
-from catome_export.generate import (DEFAULT_GUIDANCE, DEFAULT_SCHEDULE, DEFAULT_SEED, DEFAULT_STEPS, DEFAULT_THRESHOLD,
-                                     describe_settings, merge_settings_for_engine)
+from catome_export.export.fsutil import Outputs, check_writable_file
+from catome_export.defaults import DEFAULT_GUIDANCE, DEFAULT_SCHEDULE, DEFAULT_SEED, DEFAULT_STEPS, DEFAULT_THRESHOLD
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +90,13 @@ def run(args: argparse.Namespace) -> int:
     for line in gen.step_lines():
         print(line)
     merged_steps = sum(1 for s in gen.steps if any(s.merged.values()))
-    save_png(gen.image, out)
+    outputs = Outputs()
+    written = outputs.save(out, lambda path: save_png(gen.image, path), "--out")
     h, w = gen.image.shape[:2]
-    print(f"wrote {out} ({w}x{h}, {len(gen.steps)} steps, {gen.seconds:.2f} s; {what}; "
-          f"tokens merged at {merged_steps}/{len(gen.steps)} steps)")
+    if written is not None:
+        print(f"wrote {written} ({w}x{h}, {len(gen.steps)} steps, {gen.seconds:.2f} s; {what}; "
+              f"tokens merged at {merged_steps}/{len(gen.steps)} steps)")
+    outputs.finish()
     return 0
 
 
@@ -108,7 +110,7 @@ def _request(args: argparse.Namespace, default_hw: tuple[int, int]) -> Any:
 
 def _run_eager(args: argparse.Namespace, default_resolution: Any) -> tuple[Any, str]:
     from catome_export.eager import apply_catome
-    from catome_export.generate import generate, load_pipeline
+    from catome_export.generate import describe_settings, generate, load_pipeline
 
     res = default_resolution(args.model)
     request = _request(args, (res, res))
@@ -124,7 +126,8 @@ def _run_eager(args: argparse.Namespace, default_resolution: Any) -> tuple[Any, 
 
 
 def _run_engine(args: argparse.Namespace) -> tuple[Any, str]:
-    from catome_export.generate import check_engine_shapes, engine_resolution, generate, pipeline_for_engine
+    from catome_export.generate import (check_engine_shapes, describe_settings, engine_resolution, generate,
+                                         merge_settings_for_engine, pipeline_for_engine)
     from catome_export.runtime import Runtime
     from catome_export.runtime.embed import attach
 
