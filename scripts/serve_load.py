@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def check_direct(args: argparse.Namespace, port: int, prompt: str, size: tuple[int, int]) -> dict[str, Any]:
     import numpy as np
 
-    from catome_export.generate import DEFAULT_GUIDANCE
+    from catome_export.defaults import DEFAULT_GUIDANCE
     from catome_export.serve import loadtest
 
     seed = 4242

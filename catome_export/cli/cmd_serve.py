@@ -7,7 +7,7 @@ import logging
 import sys
 
 from catome_export.errors import CatomeError
-from catome_export.generate import DEFAULT_STEPS
+from catome_export.defaults import DEFAULT_STEPS
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from catome_export.errors import CatomeError
-from catome_export.generate import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from catome_export.defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from catome_export.serve.protocol import EngineLimits, ImageJob, RequestError, unet_rows
 
 logger = logging.getLogger(__name__)
