@@ -3,6 +3,6 @@
 from catome_export.models.registry import MODELS, SD15_HUB_ID, ModelInfo, bundled_config, load_unet, model_info, weights_hash
 
 __all__ = ["MODELS", "SD15_HUB_ID", "ModelInfo", "bundled_config", "load_unet", "model_info", "weights_hash"]
-from catome_export.models.sites import MergeSite, find_merge_sites  # noqa: E402
+from catome_export.models.sites import MergeSite, find_merge_sites
 
 __all__ += ["MergeSite", "find_merge_sites"]
