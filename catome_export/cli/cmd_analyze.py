@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 from catome_export.errors import CatomeError
-from catome_export.export.fsutil import atomic_write_with, check_writable_file
+from catome_export.export.fsutil import Outputs, atomic_write_with, check_writable_file
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,10 @@ def _check_args(args: argparse.Namespace) -> None:
             if not (path.parent if str(path.parent) else Path(".")).is_dir():
                 raise CatomeError(f"{flag} {path}: the folder {path.parent} does not exist; create it first")
             check_writable_file(path, flag)
+    if args.plot is not None:
+        from catome_export.extras import require
+
+        require("plot", "--plot")
 
 
 def _text_inputs(args: argparse.Namespace, random_weights: bool, source: str, device, dtype):
@@ -190,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
           "the pairs cached at its last checkpoint (every_step: 0); best, same K: the least drift any list with "
           "as many checkpoints reaches")
 
+    outputs = Outputs()
     if args.json is not None:
         data = {
             "model": args.model,
@@ -203,11 +208,16 @@ def run(args: argparse.Namespace) -> int:
             "comparison": [sc.to_dict() for sc in scores],
         }
         text = json.dumps(data, indent=2, allow_nan=False) + "\n"
-        atomic_write_with(args.json, lambda tmp: tmp.write_text(text))
-        print(f"wrote {args.json}")
+        written = outputs.save(args.json, lambda path: atomic_write_with(path, lambda tmp: tmp.write_text(text)),
+                               "--json")
+        if written is not None:
+            print(f"wrote {written}")
     if args.plot is not None:
         from catome_export.analysis.plot import plot_consecutive
 
-        plot_consecutive(analysis, args.plot, checkpoints=proposal.loop_indices)
-        print(f"wrote {args.plot}")
+        written = outputs.save(args.plot, lambda path: plot_consecutive(analysis, path,
+                                                                        checkpoints=proposal.loop_indices), "--plot")
+        if written is not None:
+            print(f"wrote {written}")
+    outputs.finish()
     return 0

@@ -123,16 +123,21 @@ def make_options(model: str, weights: str | None = None, precision: str = "fp32"
                  cli: dict | None = None) -> BuildOptions:
     """Validate build arguments (CatomeError naming the fix for any bad one) and fill in the defaults."""
     from catome_export.models import MODELS, model_info
+    from catome_export.models.registry import BUNDLED_ONLY
 
     if not isinstance(model, str) or not model:
-        raise CatomeError("give a model: tiny, sd15, or a local diffusers folder")
+        raise CatomeError("give a model: tiny, sd15, sd21, or a local diffusers folder")
     info = model_info(model)  # CatomeError for an unknown name or a folder without a U-Net config
+    if info.added_conditioning:
+        raise CatomeError(
+            f"{model} needs SDXL's added conditioning (text_embeds, time_ids), which the engine export does not "
+            "handle yet: run it eagerly (catome-export generate --model sdxl, or apply_catome on the pipeline)")
     if weights is None:
-        weights = "random" if model == "tiny" else "pretrained"
+        weights = "random" if model in BUNDLED_ONLY else "pretrained"
     if weights not in ("pretrained", "random"):
         raise CatomeError(f"weights must be 'pretrained' or 'random', got {weights!r}")
-    if model == "tiny":
-        weights = "random"  # the tiny model exists only with seeded random weights
+    if model in BUNDLED_ONLY:
+        weights = "random"  # the tiny models exist only with seeded random weights
     if precision not in PRECISIONS:
         raise CatomeError(f"precision must be fp32 or fp16, got {precision!r}")
     if backend not in BUILD_BACKENDS:
@@ -176,7 +181,7 @@ def make_options(model: str, weights: str | None = None, precision: str = "fp32"
         raise CatomeError(f"engine name {name!r} must be a plain folder name (no slashes, not starting with '.')")
     out = Path(out_dir) if out_dir is not None else Path("engines") / name
     return BuildOptions(model=model, weights=weights, precision=precision, backend=backend, resolution=(lo, hi),
-                        batch=(blo, bhi), settings=settings or MergeSettings(), name=name, out_dir=out,
+                        batch=(blo, bhi), settings=settings or MergeSettings(max_downsample=info.max_downsample), name=name, out_dir=out,
                         verify=bool(verify), verify_steps=verify_steps, exporter=exporter, opset=opset,
                         default_resolution=default, opt_merge_fraction=opt_merge_fraction, cli=dict(cli or {}))
 
