@@ -128,10 +128,6 @@ def make_options(model: str, weights: str | None = None, precision: str = "fp32"
     if not isinstance(model, str) or not model:
         raise CatomeError("give a model: tiny, sd15, sd21, or a local diffusers folder")
     info = model_info(model)  # CatomeError for an unknown name or a folder without a U-Net config
-    if info.added_conditioning:
-        raise CatomeError(
-            f"{model} needs SDXL's added conditioning (text_embeds, time_ids), which the engine export does not "
-            "handle yet: run it eagerly (catome-export generate --model sdxl, or apply_catome on the pipeline)")
     if weights is None:
         weights = "random" if model in BUNDLED_ONLY else "pretrained"
     if weights not in ("pretrained", "random"):
@@ -576,7 +572,10 @@ def build_engine(model: str, weights: str | None = None, precision: str = "fp32"
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise CatomeError(f"unknown build option(s) {', '.join(unknown)}: use {', '.join(sorted(allowed))}, schedule")
-    settings = settings or MergeSettings()
+    if settings is None:
+        from catome_export.models import model_info
+
+        settings = MergeSettings(max_downsample=model_info(model).max_downsample)  # the model's merge level
     spec = None
     if schedule is not None:
         from catome_export.merging.schedules import parse_schedule

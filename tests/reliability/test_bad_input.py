@@ -102,13 +102,6 @@ def test_model_that_is_not_a_unet(capsys, tmp_path):
     assert not (tmp_path / "e").exists()
 
 
-def test_build_of_a_model_with_added_conditioning(capsys, tmp_path):
-    """SDXL-style U-Nets run eagerly; the engine export refuses them up front instead of failing midway."""
-    assert_cli_error(["build", "--model", "tiny-xl", "--out", str(tmp_path / "e")], capsys,
-                     "tiny-xl needs SDXL's added conditioning", "run it eagerly")
-    assert not (tmp_path / "e").exists()
-
-
 def test_unknown_model_real_process(cli_process, tmp_path):
     proc = cli_process(["build", "--model", "nosuchmodel", "--out", str(tmp_path / "e")])
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
