@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         fid_reference=Path(args.fid_ref) if args.fid_ref else None,
     )
     print(f"evaluating {len(prompts)} prompts x methods {', '.join(config.method_list())} -> {out}")
-    report = run_eval(config, log=print)
+    report = run_eval(config, log=print, progress=True)
     print()
     print(report.table())
     print()
