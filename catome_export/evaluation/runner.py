@@ -24,6 +24,8 @@ Output folder: ``images/<method>/<i>.png``, ``results.json`` and
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 import math
@@ -57,7 +59,7 @@ class EvalConfig:
     out: Path
     """Output folder (created; files in it are replaced)."""
     model: str | None = None
-    """Pipeline source: tiny, sd15 or a local pipeline folder (default: tiny, or with an engine the engine's model)."""
+    """Pipeline source: tiny, tiny-xl, sd15, sd21, sdxl or a local pipeline folder (default: tiny, or with an engine the engine's model)."""
     engine: Path | None = None
     """Engine folder for the engine methods."""
     methods: tuple[str, ...] = ()
@@ -329,6 +331,7 @@ class _MethodSession:
 
     def __enter__(self) -> "_MethodSession":
         from catome_export.eager import apply_catome, apply_merging
+        from catome_export.models import default_merge_level
 
         cfg, pipe = self.ctx.config, self.ctx.pipe
         if self.name in EAGER_METHODS:
@@ -336,6 +339,8 @@ class _MethodSession:
             if isinstance(settings, tuple):  # calibrated auto:K schedule
                 handle = apply_catome(pipe, threshold=settings[1], schedule=settings[2], step_base=cfg.step_base)
             elif settings is not None:
+                # eval has no merge-level option: the model's own (SD 1.x/2.x: 1, SDXL: 2)
+                settings = dataclasses.replace(settings, max_downsample=default_merge_level(pipe.unet))
                 handle = apply_merging(pipe, settings)
             else:
                 handle = None
