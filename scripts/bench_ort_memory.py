@@ -43,7 +43,7 @@ def child(engine_dir: Path, setting: str, resolution: int, batch: int, calls: in
     from catome_export.bench.device import peak_rss_gib, rss_gib
     from catome_export.merging.settings import MergeSettings
     from catome_export.runtime import Runtime
-    from catome_export.runtime.verify import smooth_latents
+    from catome_export.latents import make_latents
 
     options = SETTINGS[setting]
     with Runtime.load(engine_dir, backend="ort-cpu", settings=MergeSettings(threshold=1.0),
@@ -51,7 +51,7 @@ def child(engine_dir: Path, setting: str, resolution: int, batch: int, calls: in
         loaded = rss_gib()
         hw = (resolution // 8, resolution // 8)
         shapes = runtime.manifest.shapes
-        latents = smooth_latents(batch, hw, seed=0)
+        latents = make_latents((batch, 4, *hw), "smooth", 0)
         ehs = torch.randn(batch, shapes["text_len"], shapes["text_dim"], generator=torch.Generator().manual_seed(1))
         times = []
         faults = 0

@@ -35,11 +35,11 @@ VARIANTS: dict[str, dict] = {
 
 def one_generation(engine_dir: Path, options: dict, steps: int, batch: int, latent_hw: tuple[int, int]) -> float:
     from catome_export.runtime import Runtime
-    from catome_export.runtime.verify import smooth_latents
+    from catome_export.latents import make_latents
 
     with Runtime.load(engine_dir, backend="ort-cpu", backend_options=options) as runtime:
         text_len, text_dim = runtime.manifest.shapes["text_len"], runtime.manifest.shapes["text_dim"]
-        latents = smooth_latents(batch, latent_hw, seed=0)
+        latents = make_latents((batch, 4, *latent_hw), "smooth", 0)
         ehs = torch.randn(batch, text_len, text_dim, generator=torch.Generator().manual_seed(1))
         runtime.unet(latents, 999, ehs)  # warm-up call: session initialisation, first allocations
         runtime.reset()

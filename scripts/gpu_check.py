@@ -238,12 +238,12 @@ class Setup:
     def inputs(self, resolution: int, smooth: bool) -> tuple[Any, Any]:
         import torch
 
-        from catome_export.export.profiles import smooth_latent
+        from catome_export.latents import make_latents
 
         lh = lw = resolution // 8
         gen = torch.Generator().manual_seed(resolution)
         if smooth:
-            latent = smooth_latent(BATCH, lh, lw, seed=resolution)
+            latent = make_latents((BATCH, int(self.unet.config.in_channels), lh, lw), "smooth", resolution)
         else:
             latent = torch.randn(BATCH, int(self.unet.config.in_channels), lh, lw, generator=gen)
         ehs = torch.randn(BATCH, TEXT_LEN, int(self.unet.config.cross_attention_dim), generator=gen)

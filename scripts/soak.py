@@ -141,10 +141,10 @@ class Soak:
 
     def generation(self, resolution: int, steps: int, seed: int, record: bool) -> None:
         """``steps`` U-Net calls of one generation at ``resolution`` (a new generation: caches reset)."""
-        from catome_export.runtime.verify import smooth_latents
+        from catome_export.latents import make_latents
 
         batch, latent = self.args.batch, resolution // 8
-        sample = smooth_latents(batch, (latent, latent), seed=seed)
+        sample = make_latents((batch, 4, latent, latent), "smooth", seed)
         text = torch.randn(batch, *self.text_shape, generator=torch.Generator().manual_seed(TEXT_SEED + seed))
         self.runtime.reset()
         stride = max(1, 999 // max(steps, 1))

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
+from catome_export.devices import resolve_device
 from catome_export.backends.base import check_outputs, ordered_feeds, torch_dtype
 from catome_export.errors import CatomeError
 
@@ -66,11 +67,11 @@ def _model_section(manifest: Any) -> dict:
 
 def manifest_dtype(manifest: Any) -> torch.dtype:
     """The model dtype of an engine (fp32 or fp16)."""
+    from catome_export.dtypes import precision_dtype
+
     precision = getattr(manifest, "precision", "fp32")
-    table = {"fp32": torch.float32, "fp16": torch.float16}
-    if precision not in table:
-        raise CatomeError(f"unknown engine precision {precision!r}: rebuild the engine with --precision fp32 or fp16")
-    return table[precision]
+    return precision_dtype(precision, ("fp32", "fp16"),
+                           f"unknown engine precision {precision!r}: rebuild the engine with --precision fp32 or fp16")
 
 
 def load_reference_unet(manifest: Any, device: torch.device | str = "cpu") -> torch.nn.Module:
@@ -98,9 +99,7 @@ class TorchBackend:
 
     def __init__(self, manifest: Any = None, device: torch.device | str | None = None,
                  stages: Sequence[tuple["StageSpec", torch.nn.Module]] | None = None) -> None:
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = resolve_device(None) if device is None else torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.manifest = manifest

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from catome_export.backends.base import DeviceStream
-from catome_export.backends.select import import_tensorrt
+from catome_export.backends.select import import_tensorrt, require_polygraphy
 from catome_export.errors import CatomeError
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ def _trt_logger(trt: Any, injected: bool) -> Any:
     """Polygraphy's TensorRT logger (one logger for builder and runtime, routed to its log)."""
     if injected:
         return trt.Logger(trt.Logger.WARNING)
+    require_polygraphy()
     from polygraphy.backend.trt import util as trt_util
 
     return trt_util.get_trt_logger()
@@ -358,10 +359,6 @@ class TrtBackend:
         """The runners :meth:`load_stage` returned (eager runs), in load order."""
         self.forks: list[TrtStageRunner] = []
         """Runners made by :meth:`TrtStageRunner.fork` and not closed yet."""
-
-    def stream_handle(self) -> int:
-        """The CUDA stream TensorRT enqueues on: the backend's own (an opaque non-zero token on a CPU test device)."""
-        return self.stream.handle
 
     def load_stage(self, engine_dir: Path, entry: Mapping[str, Any], spec: Any) -> TrtStageRunner:
         """Deserialise ``entry``'s plan (``entry["engine"]["file"]``, default ``stage_<k>.plan``)."""

@@ -22,7 +22,7 @@ TensorRT or a GPU.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -241,9 +241,3 @@ def check_trt_compat(
         )
     if batch is not None and latent_hw is not None:
         check_shapes_in_profiles(manifest, batch, latent_hw, engine_dir=engine_dir)
-
-
-def plugins_needed(manifest: Any) -> Sequence[str]:
-    """Plugin ops the folder's engines use (from the ``trt`` section)."""
-    section = manifest_field(manifest, "trt") or {}
-    return list(section.get("plugins") or []) if isinstance(section, Mapping) else []

@@ -32,6 +32,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from catome_export.export.io_names import SAMPLE, TEXT, TIMESTEP
 from catome_export.bench.measure import BENCH_SCHEDULE, Inputs
 from catome_export.errors import CatomeError
 
@@ -160,7 +161,7 @@ def profile_unstaged(graph: Path, inputs: Inputs, calls: int, ort_options: Mappi
     dtype = "float16" if inputs.sample.dtype == torch.float16 else "float32"
     spec = unstaged_spec(dtype, int(inputs.sample.shape[1]), int(inputs.sample.shape[1]), int(inputs.text.shape[-1]))
     runner = OrtStageRunner(session, spec, torch.device("cpu"), options)
-    feeds = {"sample": inputs.sample, "timestep": inputs.timestep, "encoder_hidden_states": inputs.text}
+    feeds = {SAMPLE: inputs.sample, TIMESTEP: inputs.timestep, TEXT: inputs.text}
     for _ in range(calls + 1):
         runner.run(feeds)
     trace = Path(session.end_profiling())

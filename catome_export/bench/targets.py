@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 import torch
 
+from catome_export.export.io_names import MODEL_OUTPUT, SAMPLE, TEXT, TIMESTEP
 from catome_export.bench.timing import synchronize
 from catome_export.errors import CatomeError
 from catome_export.merging import MergePlan, MergeSettings
@@ -258,8 +259,8 @@ class UnstagedTarget(Target):
         self.backend = backend
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": text}
-        return self.runner.run(feeds)["noise_pred"]
+        feeds = {SAMPLE: sample, TIMESTEP: timestep, TEXT: text}
+        return self.runner.run(feeds)[MODEL_OUTPUT]
 
     def close(self) -> None:
         self.backend.close()

@@ -28,6 +28,7 @@ from typing import Any, Mapping
 
 import torch
 
+from catome_export.export.io_names import MODEL_OUTPUT, SAMPLE, TEXT, TIMESTEP
 from catome_export.errors import CatomeError
 from catome_export.export.stages import StageSpec, TensorSpec
 
@@ -57,10 +58,10 @@ def unstaged_spec(dtype: str, in_channels: int, out_channels: int, text_dim: int
     """The IO of the whole U-Net as a one-stage spec (model inputs in, ``noise_pred`` out)."""
     return StageSpec(
         index=0, site=None, next_site=None,
-        inputs=(TensorSpec("sample", dtype, ("B", in_channels, "H", "W")),
-                TensorSpec("timestep", "float32", ("B",)),
-                TensorSpec("encoder_hidden_states", dtype, ("B", "L", text_dim))),
-        outputs=(TensorSpec("noise_pred", dtype, ("B", out_channels, "H", "W")),),
+        inputs=(TensorSpec(SAMPLE, dtype, ("B", in_channels, "H", "W")),
+                TensorSpec(TIMESTEP, "float32", ("B",)),
+                TensorSpec(TEXT, dtype, ("B", "L", text_dim))),
+        outputs=(TensorSpec(MODEL_OUTPUT, dtype, ("B", out_channels, "H", "W")),),
     )
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 from pathlib import Path
 
 from catome_export.errors import CatomeError
-from catome_export.export.fsutil import check_writable_file
+from catome_export.export.fsutil import Outputs, atomic_write_with, check_writable_file
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def _int(text: str) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("analyze", help="pair drift between steps and a least-drift checkpoint schedule (auto:K)",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", help="tiny, sd15, or a local diffusers folder (default: tiny)")
+    p.add_argument("--model", default="tiny", help="tiny, tiny-xl, sd15, sd21, sdxl, or a local diffusers folder (default: tiny)")
     p.add_argument("--weights", choices=("pretrained", "random"), default="pretrained",
                    help="pretrained weights, or the architecture with seeded random weights (tiny: always random)")
     p.add_argument("--steps", type=_int, default=50, help="inference steps (default 50)")
@@ -92,20 +93,10 @@ def _check_args(args: argparse.Namespace) -> None:
             if not (path.parent if str(path.parent) else Path(".")).is_dir():
                 raise CatomeError(f"{flag} {path}: the folder {path.parent} does not exist; create it first")
             check_writable_file(path, flag)
+    if args.plot is not None:
+        from catome_export.extras import require
 
-
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise CatomeError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CatomeError("--device cuda: no CUDA device here; use --device cpu")
-    return dev
+        require("plot", "--plot")
 
 
 def _text_inputs(args: argparse.Namespace, random_weights: bool, source: str, device, dtype):
@@ -141,20 +132,25 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     import torch
 
-    from catome_export.analysis._io import write_json
     from catome_export.analysis.result import DEFAULT_BUDGET, analyze_pairs
     from catome_export.analysis.tracking import TrackingConfig
+    from catome_export.devices import resolve_device
+    from catome_export.dtypes import precision_dtype
     from catome_export.models import load_unet, model_info
 
-    random_weights = args.model == "tiny" or args.weights == "random"
+    random_weights = args.model in ("tiny", "tiny-xl") or args.weights == "random"
     if random_weights and args.prompts:
         raise CatomeError(
-            "--prompts needs a text encoder, which random weights (and the tiny model) do not have: "
+            "--prompts needs a text encoder, which random weights (and the tiny models) do not have: "
             "leave out --prompts (seeded random text embeddings are used), or use --weights pretrained"
         )
     info = model_info(args.model)
-    device = _device(args.device)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    if info.added_conditioning and args.prompts:
+        raise CatomeError(
+            f"--prompts encodes with one CLIP text encoder; {args.model} needs SDXL's two (and their pooled "
+            "output): leave out --prompts (seeded random text embeddings and text_embeds are used)")
+    device = resolve_device(args.device)
+    dtype = precision_dtype(args.dtype)
     if device.type == "cpu" and dtype == torch.float16:
         raise CatomeError("--dtype fp16 needs a CUDA device: use fp32 or bf16 on the CPU")
     resolution = args.resolution or info.default_resolution
@@ -163,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     budget = args.budget or min(DEFAULT_BUDGET, args.steps)
 
     unet = load_unet(args.model, weights="random" if random_weights else "pretrained", dtype=dtype).to(device)
-    embs, inputs = _text_inputs(args, random_weights, info.source, device, dtype)
+    embs, inputs = _text_inputs(args, random_weights or info.added_conditioning, info.source, device, dtype)
     config = TrackingConfig(steps=args.steps, threshold=args.threshold, latent_hw=(latent, latent), seed=args.seed,
                             latents=latents, scheduler=args.scheduler, guidance_scale=args.guidance)
     weights_note = "random weights" if random_weights else "pretrained weights"
@@ -177,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     if embs is None:
         print("text: seeded random text embeddings (no text encoder); prompts are not used")
 
-    analysis = analyze_pairs(unet, config, embs, inputs)
+    analysis = analyze_pairs(unet, config, embs, inputs, progress=True)
     print("sites: " + ", ".join(f"{s.index}={s.path.replace('.transformer_blocks.0', '')} {g[0]}x{g[1]}"
                                  for s, g in zip(analysis.sites, analysis.grids)))
     _print_table(analysis, args.step_base)
@@ -202,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
           "the pairs cached at its last checkpoint (every_step: 0); best, same K: the least drift any list with "
           "as many checkpoints reaches")
 
+    outputs = Outputs()
     if args.json is not None:
         data = {
             "model": args.model,
@@ -214,11 +211,17 @@ def run(args: argparse.Namespace) -> int:
             "proposal": proposal.to_dict(),
             "comparison": [sc.to_dict() for sc in scores],
         }
-        write_json(args.json, data)
-        print(f"wrote {args.json}")
+        text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+        written = outputs.save(args.json, lambda path: atomic_write_with(path, lambda tmp: tmp.write_text(text)),
+                               "--json")
+        if written is not None:
+            print(f"wrote {written}")
     if args.plot is not None:
         from catome_export.analysis.plot import plot_consecutive
 
-        plot_consecutive(analysis, args.plot, checkpoints=proposal.loop_indices)
-        print(f"wrote {args.plot}")
+        written = outputs.save(args.plot, lambda path: plot_consecutive(analysis, path,
+                                                                        checkpoints=proposal.loop_indices), "--plot")
+        if written is not None:
+            print(f"wrote {written}")
+    outputs.finish()
     return 0

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from catome_export.errors import CatomeError
-from catome_export.export.fsutil import check_writable_file
+from catome_export.export.fsutil import Outputs, check_writable_file
 
 DESCRIPTION = """\
 Time one U-Net call per backend, resolution and merge setting: a warm-up
@@ -108,6 +108,10 @@ def _check_outputs(args: argparse.Namespace) -> None:
         if path.suffix.lower() != suffix:
             raise CatomeError(f"{flag} {value}: the file name must end in {suffix}")
         check_writable_file(path, flag)
+    if args.plot is not None:
+        from catome_export.extras import require
+
+        require("plot", "--plot")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -124,10 +128,16 @@ def run(args: argparse.Namespace) -> int:
     print(result.markdown(), end="")
     for note in result.notes:
         print(f"\nnote: {note}")
+    outputs = Outputs()
     if args.json:
-        print(f"\nwrote {result.save_json(args.json)}")
+        written = outputs.save(args.json, result.save_json, "--json")
+        if written is not None:
+            print(f"\nwrote {written}")
     if args.plot:
-        print(f"wrote {result.save_plot(args.plot)}")
+        written = outputs.save(args.plot, result.save_plot, "--plot")
+        if written is not None:
+            print(f"wrote {written}")
+    outputs.finish()
     return 0
 
 

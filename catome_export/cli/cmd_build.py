@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
                         exporter=args.exporter, opt_merge_fraction=args.opt_merge_fraction, cli=cli,
                         ort_optimize=args.ort_optimize == "on")
     log = logging.getLogger("catome_export.build")
-    result = run_build(opts, progress=log.info, schedule_spec=auto_spec)
+    result = run_build(opts, progress=log.info, schedule_spec=auto_spec, force=args.force)
     print(summary(result))
     return 0
 
@@ -83,7 +83,7 @@ def _resolution(text: str) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("build", help="export + audit + verify an engine folder (staged ONNX, TensorRT where present)",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="tiny, sd15, or a local diffusers folder (pipeline or U-Net)")
+    p.add_argument("--model", required=True, help="tiny, sd15, sd21, or a local diffusers folder (pipeline or U-Net); SDXL-style models run eagerly only")
     p.add_argument("--weights", choices=("pretrained", "random"), default=None,
                    help="pretrained (default for sd15 and folders) or random (seeded; the only option for tiny)")
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
@@ -111,6 +111,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "loads; the standard graphs stay as TensorRT needs them (default on)")
     p.add_argument("--name", default=None, help="engine name (default: the model name)")
     p.add_argument("--out", default=None, metavar="DIR", help="engine folder (default engines/<name>)")
+    p.add_argument("--force", action="store_true",
+                   help="when rebuilding, remove files in the engine folder that no build made (without it the build "
+                        "refuses and names them)")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime checks and the eager comparison")
     p.add_argument("--verify-steps", type=int, default=10, metavar="N", help="steps of the eager comparison (10)")
     p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",

@@ -35,6 +35,9 @@ def run(args: argparse.Namespace) -> int:
     from catome_export.evaluation.runner import EvalConfig, run_eval
     from catome_export.generate import ImageRequest
 
+    from catome_export.extras import require
+
+    require("eval", "eval")  # text encoder, images and metrics, before any model loads
     if args.engine is not None and not Path(args.engine).is_dir():
         raise CatomeError(f"engine folder {args.engine!r} does not exist: build one with "
                           "catome-export build --model tiny (or pass the folder the build wrote)")
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         fid_reference=Path(args.fid_ref) if args.fid_ref else None,
     )
     print(f"evaluating {len(prompts)} prompts x methods {', '.join(config.method_list())} -> {out}")
-    report = run_eval(config, log=print)
+    report = run_eval(config, log=print, progress=True)
     print()
     print(report.table())
     print()
@@ -74,7 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "FID | CLIP) into --out.",
     )
     p.add_argument("--model", default=None,
-                   help="tiny (default, offline), sd15 (hub or local cache) or a local pipeline folder; with "
+                   help="tiny (default, offline), tiny-xl (offline), sd15, sd21, sdxl (hub or local cache) or a local pipeline folder; with "
                         "--engine: where the text encoder, VAE and eager baseline come from (default: the engine's "
                         "model)")
     p.add_argument("--engine", default=None, help="an engine folder: adds the engine-baseline and engine methods")

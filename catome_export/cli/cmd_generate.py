@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from catome_export.errors import CatomeError
-from catome_export.export.fsutil import check_writable_file
-from catome_export.generate import (DEFAULT_GUIDANCE, DEFAULT_SCHEDULE, DEFAULT_SEED, DEFAULT_STEPS, DEFAULT_THRESHOLD,
-                                     describe_settings, merge_settings_for_engine)
+from catome_export.export.fsutil import Outputs, check_writable_file
+from catome_export.defaults import DEFAULT_GUIDANCE, DEFAULT_SCHEDULE, DEFAULT_SEED, DEFAULT_STEPS, DEFAULT_THRESHOLD
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     from catome_export.generate import ImageRequest, default_resolution, save_png
 
     if args.model is None and args.engine is None:
-        raise CatomeError("say what to run: --model tiny|sd15|<pipeline folder> (eager), or --engine <engine folder>")
+        raise CatomeError("say what to run: --model tiny|tiny-xl|sd15|sd21|sdxl|<pipeline folder> (eager), or --engine <engine folder>")
     if args.prompt is None:
         raise CatomeError("--prompt is missing: pass --prompt \"a photograph of ...\"")
     check_merge_flags(args)
@@ -83,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
     if out.suffix.lower() != ".png":
         raise CatomeError(f"--out must name a .png file, got {str(out)!r}")
     check_writable_file(out, "--out")
+    from catome_export.extras import require
+
+    require("generate", "generate")  # the pipeline's text encoder and the PNG writer, before any model loads
 
     if args.engine is not None:
         gen, what = _run_engine(args)
@@ -91,10 +93,13 @@ def run(args: argparse.Namespace) -> int:
     for line in gen.step_lines():
         print(line)
     merged_steps = sum(1 for s in gen.steps if any(s.merged.values()))
-    save_png(gen.image, out)
+    outputs = Outputs()
+    written = outputs.save(out, lambda path: save_png(gen.image, path), "--out")
     h, w = gen.image.shape[:2]
-    print(f"wrote {out} ({w}x{h}, {len(gen.steps)} steps, {gen.seconds:.2f} s; {what}; "
-          f"tokens merged at {merged_steps}/{len(gen.steps)} steps)")
+    if written is not None:
+        print(f"wrote {written} ({w}x{h}, {len(gen.steps)} steps, {gen.seconds:.2f} s; {what}; "
+              f"tokens merged at {merged_steps}/{len(gen.steps)} steps)")
+    outputs.finish()
     return 0
 
 
@@ -108,7 +113,7 @@ def _request(args: argparse.Namespace, default_hw: tuple[int, int]) -> Any:
 
 def _run_eager(args: argparse.Namespace, default_resolution: Any) -> tuple[Any, str]:
     from catome_export.eager import apply_catome
-    from catome_export.generate import generate, load_pipeline
+    from catome_export.generate import describe_settings, generate, load_pipeline
 
     res = default_resolution(args.model)
     request = _request(args, (res, res))
@@ -124,7 +129,8 @@ def _run_eager(args: argparse.Namespace, default_resolution: Any) -> tuple[Any, 
 
 
 def _run_engine(args: argparse.Namespace) -> tuple[Any, str]:
-    from catome_export.generate import check_engine_shapes, engine_resolution, generate, pipeline_for_engine
+    from catome_export.generate import (check_engine_shapes, describe_settings, engine_resolution, generate,
+                                         merge_settings_for_engine, pipeline_for_engine)
     from catome_export.runtime import Runtime
     from catome_export.runtime.embed import attach
 
@@ -155,7 +161,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", default=None,
-                     help="tiny (bundled, offline), sd15 (hub or local cache) or a local diffusers pipeline folder")
+                     help="tiny, tiny-xl (bundled, offline), sd15, sd21, sdxl (hub or local cache) or a local diffusers pipeline folder")
     src.add_argument("--engine", default=None, help="an engine folder written by catome-export build")
     p.add_argument("--prompt", default=None, help="the text prompt (required)")
     add_sampling_options(p)

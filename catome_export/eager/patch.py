@@ -36,7 +36,7 @@ from catome_export.merging import MergeController, MergeSettings, StepStats, par
 from catome_export.merging.controller import PlanMatcher
 from catome_export.merging.schedules import Schedule
 from catome_export.merging.steps import ResetOnCall
-from catome_export.models.sites import MergeSite, find_merge_sites
+from catome_export.models.sites import MergeSite, default_merge_level, find_merge_sites
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +85,11 @@ class CatomeHandle:
         self._pipeline = pipeline
         self.controller = MergeController(settings, len(self._sites))
         """The shared per-site plan caches and step numbering."""
-        self._slots = [SiteSlot(site) for site in self._sites]
+        self._slots = [SiteSlot(site, on_missing_plan=self._check_intact) for site in self._sites]
         self._latent_hw: tuple[int, int] | None = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._hook_places: list[str] = []
+        """Where each of ``_hooks`` sits (for the message when one was removed by someone else)."""
         self._processors: list[tuple[torch.nn.Module, Any, MergingAttnProcessor]] = []
         self._progress_bar: ResetOnCall | None = None
         self._active = False
@@ -96,12 +98,12 @@ class CatomeHandle:
     def _install(self) -> None:
         unet = self._unet
         try:
-            self._hooks.append(unet.register_forward_pre_hook(self._unet_pre_hook, with_kwargs=True))
-            self._hooks.append(unet.register_forward_hook(self._unet_hook))
+            self._hook("the U-Net", unet.register_forward_pre_hook(self._unet_pre_hook, with_kwargs=True))
+            self._hook("the U-Net", unet.register_forward_hook(self._unet_hook))
             for slot in self._slots:
                 block = unet.get_submodule(slot.site.path)
-                self._hooks.append(block.register_forward_pre_hook(_BlockPreHook(self, slot), with_kwargs=True))
-                self._hooks.append(block.register_forward_hook(_BlockHook(slot)))
+                self._hook(slot.site.path, block.register_forward_pre_hook(_BlockPreHook(self, slot), with_kwargs=True))
+                self._hook(slot.site.path, block.register_forward_hook(_BlockHook(slot)))
                 self._wrap_processor(block, "attn1", slot)
                 if self._settings.merge_crossattn:
                     self._wrap_processor(block, "attn2", slot)
@@ -110,14 +112,41 @@ class CatomeHandle:
                     if not isinstance(ff, torch.nn.Module):
                         raise CatomeError(f"{slot.site.path} has no feed-forward module: apply without merge_mlp")
                     merger = FeedForwardMerger(slot)
-                    self._hooks.append(ff.register_forward_pre_hook(merger.pre_hook, with_kwargs=True))
-                    self._hooks.append(ff.register_forward_hook(merger.hook, with_kwargs=True))
+                    where = f"{slot.site.path}.ff"
+                    self._hook(where, ff.register_forward_pre_hook(merger.pre_hook, with_kwargs=True))
+                    self._hook(where, ff.register_forward_hook(merger.hook, with_kwargs=True))
             if self._pipeline is not None:
                 self._wrap_progress_bar(self._pipeline)
         except BaseException:
             self._uninstall()
             raise
         self._active = True
+
+    def _hook(self, where: str, handle: torch.utils.hooks.RemovableHandle) -> None:
+        self._hooks.append(handle)
+        self._hook_places.append(where)
+
+    def _check_intact(self) -> None:
+        """CatomeError, before the call starts a step, when someone else replaced a merging attention processor
+        or removed a hook since the patch was applied: merging would be off there while the history said
+        otherwise."""
+        replaced = [f"{path}.{wrapper.role} (now {type(attn.processor).__name__})"
+                    for attn, _, wrapper in self._processors
+                    for path in (wrapper.slot.site.path,) if attn.processor is not wrapper]
+        removed = sorted({where for where, hook in zip(self._hook_places, self._hooks) if not _hook_present(hook)})
+        if not replaced and not removed:
+            return
+        what = []
+        if replaced:
+            what.append(f"the merging attention processors of {replaced[0]}"
+                        f"{f' and {len(replaced) - 1} more' if len(replaced) > 1 else ''} were replaced")
+        if removed:
+            what.append(f"the merge hooks on {removed[0]}"
+                        f"{f' and {len(removed) - 1} more' if len(removed) > 1 else ''} were removed")
+        raise CatomeError(
+            f"{' and '.join(what)} after token merging was applied (enable_attention_slicing, set_attn_processor, "
+            "fuse_qkv_projections or hook removal do that), so merging would not run there: call handle.remove(), "
+            "make the change, then apply merging again")
 
     def _wrap_processor(self, block: torch.nn.Module, name: str, slot: SiteSlot) -> None:
         attn = getattr(block, name, None)
@@ -140,6 +169,7 @@ class CatomeHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        self._hook_places.clear()
         for attn, original, wrapper in reversed(self._processors):
             if attn.processor is wrapper:
                 attn.set_processor(original)
@@ -155,6 +185,7 @@ class CatomeHandle:
 
     # -- hooks ------------------------------------------------------------------------
     def _unet_pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self._check_intact()
         sample = args[0] if args else kwargs.get("sample")
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         if not isinstance(sample, torch.Tensor) or sample.ndim != 4:
@@ -171,6 +202,7 @@ class CatomeHandle:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise CatomeError(f"{slot.site.path} got hidden states {shape}, expected [B, N, C] tokens")
         if self._latent_hw is None:
+            self._check_intact()  # the U-Net's own hook may be gone
             raise CatomeError(f"{slot.site.path} was called outside a U-Net call: call the U-Net itself, "
                               "merging needs the latent size")
         grid = slot.site.grid(self._latent_hw)
@@ -252,6 +284,13 @@ class CatomeHandle:
         return f"CatomeHandle({state}, {len(self._sites)} sites, {self._settings.mode}, {self._settings.schedule.describe()})"
 
 
+def _hook_present(hook: torch.utils.hooks.RemovableHandle) -> bool:
+    """Whether a hook is still registered on its module (False once someone removed it or cleared the hooks)."""
+    ref = getattr(hook, "hooks_dict_ref", None)
+    hooks = ref() if callable(ref) else None
+    return hooks is not None and getattr(hook, "id", None) in hooks
+
+
 class _BlockPreHook:
     """Forward pre-hook of a merge site's block: fills the site's slot with this step's plan."""
 
@@ -301,6 +340,11 @@ def apply_merging(pipe_or_unet: Any, settings: MergeSettings) -> CatomeHandle:
     return handle
 
 
+def _merge_level(unet: torch.nn.Module, max_downsample: int | None) -> int:
+    """``max_downsample`` as given, or the U-Net's own merge level for None (see :func:`default_merge_level`)."""
+    return default_merge_level(unet) if max_downsample is None else max_downsample
+
+
 def _check_flag(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise CatomeError(f"{name} must be True or False, got {value!r}")
@@ -343,10 +387,10 @@ def _no_options_with_settings(given: dict[str, Any], defaults: dict[str, Any]) -
         raise CatomeError(f"pass either settings= or individual options, not both (got settings and {changed})")
 
 
-_CATOME_DEFAULTS: dict[str, Any] = dict(threshold=0.7, schedule="config3", max_downsample=1, step_base=1,
+_CATOME_DEFAULTS: dict[str, Any] = dict(threshold=0.7, schedule="config3", max_downsample=None, step_base=1,
                                         stride=(2, 2), random_dst=False, merge_crossattn=False, merge_mlp=False,
                                         seed=42)
-_TOME_DEFAULTS: dict[str, Any] = dict(ratio=0.5, max_downsample=1, stride=(2, 2), random_dst=False,
+_TOME_DEFAULTS: dict[str, Any] = dict(ratio=0.5, max_downsample=None, stride=(2, 2), random_dst=False,
                                       merge_crossattn=False, merge_mlp=False, seed=42)
 
 
@@ -354,7 +398,7 @@ def apply_catome(
     pipe_or_unet: Any,
     threshold: float = 0.7,
     schedule: Any = "config3",
-    max_downsample: int = 1,
+    max_downsample: int | None = None,
     step_base: int = 1,
     stride: tuple[int, int] = (2, 2),
     random_dst: bool = False,
@@ -375,6 +419,11 @@ def apply_catome(
     fires at loop index k - 1; 0: at loop index k. ``random_dst`` picks a
     random dst per cell from a generator seeded with ``seed`` at every reset
     (tomesd's behaviour); the default is the top-left token (the paper).
+    ``max_downsample``: merge at the transformer blocks of downsample <= this
+    factor; None (default) = the U-Net's own merge level, its
+    highest-resolution transformer blocks (1 for SD 1.x/2.x, 2 for SDXL, which
+    has no attention at the top level). Works the same on SD 1.x, SD 2.x and
+    SDXL pipelines and U-Nets.
     Alternatively pass a ready ``settings=MergeSettings(...)`` and no options.
     """
     given = dict(threshold=threshold, schedule=schedule, max_downsample=max_downsample, step_base=step_base,
@@ -388,7 +437,7 @@ def apply_catome(
     _refuse_if_patched(unet)
     checked = MergeSettings(  # every option checked before a possibly long schedule calibration
         threshold=threshold, ratio=None, merge_fraction=None, schedule=parse_schedule("every_step", step_base),
-        max_downsample=max_downsample, stride=_check_stride(stride),
+        max_downsample=_merge_level(unet, max_downsample), stride=_check_stride(stride),
         random_dst=_check_flag("random_dst", random_dst), seed=_check_seed(seed),
         merge_crossattn=_check_flag("merge_crossattn", merge_crossattn),
         merge_mlp=_check_flag("merge_mlp", merge_mlp),
@@ -400,7 +449,7 @@ def apply_catome(
 def apply_tome(
     pipe_or_unet: Any,
     ratio: float = 0.5,
-    max_downsample: int = 1,
+    max_downsample: int | None = None,
     stride: tuple[int, int] = (2, 2),
     random_dst: bool = False,
     merge_crossattn: bool = False,
@@ -421,9 +470,10 @@ def apply_tome(
         return apply_merging(pipe_or_unet, settings)
     if ratio is None:
         raise CatomeError("ratio must be a number in [0, 1); for an adaptive threshold use apply_catome")
+    _, unet = _split_target(pipe_or_unet)
     built = MergeSettings(
         threshold=None, ratio=ratio, merge_fraction=None, schedule=parse_schedule("every_step"),
-        max_downsample=max_downsample, stride=_check_stride(stride),
+        max_downsample=_merge_level(unet, max_downsample), stride=_check_stride(stride),
         random_dst=_check_flag("random_dst", random_dst), seed=_check_seed(seed),
         merge_crossattn=_check_flag("merge_crossattn", merge_crossattn),
         merge_mlp=_check_flag("merge_mlp", merge_mlp),

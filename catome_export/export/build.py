@@ -16,8 +16,10 @@ never damages a previous good build:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -26,10 +28,12 @@ from typing import Any, Callable
 
 import torch
 
+from catome_export.dtypes import precision_dtype
 from catome_export.errors import CatomeError
 from catome_export.export.audit import AuditReport, audit_stages
 from catome_export.export.fsutil import BuildLock, pid_alive
-from catome_export.export.manifest import MANIFEST_FILE, Manifest, build_command, tool_versions
+from catome_export.export.io_names import MODEL_OUTPUT, site_input_name, site_of_input
+from catome_export.export.manifest import MANIFEST_FILE, PRECISIONS, Manifest, build_command, tool_versions
 from catome_export.export.ort_optimize import OptimizedGraph, optimize_graph
 from catome_export.export.onnx_export import (
     EXPORTERS, OPSET, ExportedStage, example_inputs, export_stage, ort_max_diff, ort_session,
@@ -39,7 +43,6 @@ from catome_export.merging.settings import MergeSettings
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 BUILD_BACKENDS = ("auto", "ort", "trt")
 MIN_RESOLUTION = 64
 MAX_RESOLUTION = 4096
@@ -124,16 +127,21 @@ def make_options(model: str, weights: str | None = None, precision: str = "fp32"
                  cli: dict | None = None, ort_optimize: bool = True) -> BuildOptions:
     """Validate build arguments (CatomeError naming the fix for any bad one) and fill in the defaults."""
     from catome_export.models import MODELS, model_info
+    from catome_export.models.registry import BUNDLED_ONLY
 
     if not isinstance(model, str) or not model:
-        raise CatomeError("give a model: tiny, sd15, or a local diffusers folder")
+        raise CatomeError("give a model: tiny, sd15, sd21, or a local diffusers folder")
     info = model_info(model)  # CatomeError for an unknown name or a folder without a U-Net config
+    if info.added_conditioning:
+        raise CatomeError(
+            f"{model} needs SDXL's added conditioning (text_embeds, time_ids), which the engine export does not "
+            "handle yet: run it eagerly (catome-export generate --model sdxl, or apply_catome on the pipeline)")
     if weights is None:
-        weights = "random" if model == "tiny" else "pretrained"
+        weights = "random" if model in BUNDLED_ONLY else "pretrained"
     if weights not in ("pretrained", "random"):
         raise CatomeError(f"weights must be 'pretrained' or 'random', got {weights!r}")
-    if model == "tiny":
-        weights = "random"  # the tiny model exists only with seeded random weights
+    if model in BUNDLED_ONLY:
+        weights = "random"  # the tiny models exist only with seeded random weights
     if precision not in PRECISIONS:
         raise CatomeError(f"precision must be fp32 or fp16, got {precision!r}")
     if backend not in BUILD_BACKENDS:
@@ -179,7 +187,7 @@ def make_options(model: str, weights: str | None = None, precision: str = "fp32"
         raise CatomeError(f"engine name {name!r} must be a plain folder name (no slashes, not starting with '.')")
     out = Path(out_dir) if out_dir is not None else Path("engines") / name
     return BuildOptions(model=model, weights=weights, precision=precision, backend=backend, resolution=(lo, hi),
-                        batch=(blo, bhi), settings=settings or MergeSettings(), name=name, out_dir=out,
+                        batch=(blo, bhi), settings=settings or MergeSettings(max_downsample=info.max_downsample), name=name, out_dir=out,
                         verify=bool(verify), verify_steps=verify_steps, exporter=exporter, opset=opset,
                         default_resolution=default, opt_merge_fraction=opt_merge_fraction, cli=dict(cli or {}),
                         ort_optimize=ort_optimize)
@@ -210,6 +218,54 @@ def _check_target(target: Path) -> None:
     if target.is_dir() and any(target.iterdir()) and not (target / MANIFEST_FILE).is_file():
         raise CatomeError(f"{target} exists and is not an engine folder (no {MANIFEST_FILE}): choose another --out, "
                           "or remove it")
+
+
+BUILD_FILES = (MANIFEST_FILE, "timing.cache")
+"""Files a build writes into the folder besides those its manifest lists."""
+_BUILD_NAME = re.compile(r"^stage_\d+\.(onnx|plan|ort\.onnx)([._-][\w.-]*)?$")
+"""Names a build gives its stage files (graphs, external data, TensorRT plans), for a manifest it cannot read."""
+
+
+def foreign_files(target: Path) -> list[str]:
+    """Files in an existing engine folder that no build made: neither listed by its manifest nor written by a
+    build beside them (paths relative to the folder, sorted). A rebuild would replace the folder with them."""
+    if not target.is_dir():
+        return []
+    ours = set(BUILD_FILES)
+    try:
+        data = json.loads((target / MANIFEST_FILE).read_text(encoding="utf-8"))
+        for entry in data.get("stages") or []:
+            engine = entry.get("engine") if isinstance(entry, dict) else None
+            names = (entry.get("file"), entry.get("external_data"), engine.get("file") if isinstance(engine, dict)
+                     else None) if isinstance(entry, dict) else ()
+            ours.update(n for n in names if isinstance(n, str))
+            fused = entry.get("ort_optimized") if isinstance(entry, dict) else None
+            if isinstance(fused, dict):  # ONNX Runtime's fused graph and its weights
+                ours.update(n for n in (fused.get("file"), fused.get("external_data")) if isinstance(n, str))
+    except (OSError, ValueError, AttributeError, TypeError):
+        data = None
+    found = []
+    for path in sorted(target.rglob("*")):
+        if path.is_dir() and not path.is_symlink():
+            continue
+        rel = path.relative_to(target).as_posix()
+        if rel in ours or (data is None and _BUILD_NAME.match(rel)):
+            continue
+        found.append(rel)
+    return found
+
+
+def _check_foreign(target: Path, force: bool) -> None:
+    """CatomeError naming the files of someone else's in the engine folder, unless ``force``."""
+    found = foreign_files(target)
+    if not found:
+        return
+    shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+    if force:
+        logger.warning("--force: the rebuild of %s removes files no build made: %s", target, shown)
+        return
+    raise CatomeError(f"{target} holds files no build made ({shown}); a rebuild replaces the whole folder: move "
+                      "them out, build into another --out, or pass --force to remove them")
 
 
 def _swap_into_place(tmp: Path, target: Path) -> None:
@@ -278,8 +334,13 @@ def _calibrate_schedule(opts: BuildOptions, unet: torch.nn.Module, spec: str, pr
     return replace(s, schedule=schedule)
 
 
-def run_build(opts: BuildOptions, progress: Progress | None = None, schedule_spec: str | None = None) -> BuildResult:
-    """Build the engine folder ``opts.out_dir`` (see the module docstring for the steps and atomicity)."""
+def run_build(opts: BuildOptions, progress: Progress | None = None, schedule_spec: str | None = None, *,
+              force: bool = False) -> BuildResult:
+    """Build the engine folder ``opts.out_dir`` (see the module docstring for the steps and atomicity).
+
+    An existing folder is replaced only when every file in it was made by a build (its manifest lists them);
+    other files are refused before any work starts, unless ``force`` (then they are removed with the old build).
+    """
     say = progress or logger.info
     start = time.perf_counter()
     backend = _resolve_backend(opts.backend)
@@ -292,6 +353,7 @@ def run_build(opts: BuildOptions, progress: Progress | None = None, schedule_spe
     with BuildLock(target.parent / f".{target.name}.lock", str(target)):
         _recover_leftovers(target)
         _check_target(target)
+        _check_foreign(target, force)
         tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         keep_tmp = False  # True once tmp is the installed build, or a failed one kept for inspection
@@ -314,6 +376,8 @@ def run_build(opts: BuildOptions, progress: Progress | None = None, schedule_spe
                 raise CatomeError(f"the engine does not match eager CA-ToMe ({summary.splitlines()[0] if summary else ''})"
                                   f"; it was not installed: {target} is unchanged, the failed build is in {failed} "
                                   f"(inspect it with catome-export verify {failed})")
+            if not force:
+                _check_foreign(target, False)  # put there while this build ran
             _swap_into_place(tmp, target)
             keep_tmp = True
         finally:
@@ -332,7 +396,7 @@ def _build_into(opts: BuildOptions, folder: Path, backend: str, say: Progress,
     from catome_export.models import find_merge_sites, load_unet, model_info
 
     notes: list[str] = []
-    dtype = PRECISIONS[opts.precision]
+    dtype = precision_dtype(opts.precision)
     say(f"loading {opts.model} ({opts.weights} weights, {opts.precision})")
     unet = load_unet(opts.model, weights=opts.weights, dtype=dtype)
     settings = opts.settings
@@ -412,7 +476,7 @@ def _describe(spec) -> str:
     parts = []
     if spec.site is not None:
         parts.append(f"site {spec.site}")
-    parts.append(f"-> x{spec.next_site}" if spec.next_site is not None else "-> noise_pred")
+    parts.append(f"-> {site_input_name(spec.next_site)}" if spec.next_site is not None else f"-> {MODEL_OUTPUT}")
     return ", ".join(parts)
 
 
@@ -435,8 +499,9 @@ def _make_manifest(opts: BuildOptions, unet, sites, stages, exported, settings: 
     channels = {}
     for spec, _ in stages:
         for t in spec.outputs:
-            if t.name.startswith("x") and t.name[1:].isdigit():
-                channels[int(t.name[1:])] = int(t.shape[-1])
+            site = site_of_input(t.name)
+            if site is not None:
+                channels[site] = int(t.shape[-1])
     lo, hi = opts.resolution
     config = json.loads(json.dumps(dict(unet.config), default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
     opt_latent = _opt_latent(opts)
@@ -529,13 +594,14 @@ def build_engine(model: str, weights: str | None = None, precision: str = "fp32"
                  max_resolution: int | None = None, batch: int | None = None, min_batch: int | None = None,
                  max_batch: int | None = None, settings: MergeSettings | None = None,
                  out_dir: str | Path | None = None, name: str | None = None, verify: bool = True,
-                 progress: Progress | None = None, **options: Any) -> Manifest:
+                 progress: Progress | None = None, force: bool = False, **options: Any) -> Manifest:
     """Build an engine folder and return its manifest (see :func:`run_build` for the full result).
 
     ``options``: ``verify_steps``, ``exporter`` (``torchscript`` | ``dynamo``), ``opset``,
     ``opt_merge_fraction`` (the merge level TensorRT profiles tune for), ``ort_optimize`` (bool: ONNX Runtime's
     fused graphs beside the standard ones, default True), ``schedule``
-    (a schedule spec, ``auto:K`` included, that replaces ``settings.schedule``).
+    (a schedule spec, ``auto:K`` included, that replaces ``settings.schedule``). ``force``: remove files in
+    an existing engine folder that no build made (otherwise the build refuses, naming them).
     """
     schedule = options.pop("schedule", None)
     allowed = {"verify_steps", "exporter", "opset", "opt_merge_fraction", "ort_optimize"}
@@ -553,4 +619,4 @@ def build_engine(model: str, weights: str | None = None, precision: str = "fp32"
             settings = replace(settings, schedule=parse_schedule(schedule, settings.schedule.step_base))
     opts = make_options(model, weights, precision, backend, resolution, min_resolution, max_resolution, batch,
                         min_batch, max_batch, settings, name, out_dir, verify, **options)
-    return run_build(opts, progress, schedule_spec=spec).manifest
+    return run_build(opts, progress, schedule_spec=spec, force=bool(force)).manifest

@@ -6,7 +6,9 @@ everything up to ``x{k}``; the last stage ends with ``noise_pred``. A stage's
 inputs are the names it reads before writing them; its outputs are the names
 it writes that a later stage reads (liveness over the flat step list of
 :mod:`.unet_steps`). Inputs a stage needs from earlier stages are found by
-name among the model inputs and all earlier stages' outputs.
+name among the model inputs and all earlier stages' outputs. The names follow
+the IO convention of :mod:`catome_export.export.io_names` (``x{k}``,
+``site{k}_*`` plan tensors, ``skip{i}``, the model inputs and ``noise_pred``).
 
 Symbolic dims (strings in :attr:`TensorSpec.shape`; static dims are ints):
 
@@ -32,18 +34,20 @@ from typing import Any, Callable
 
 import torch
 
+from catome_export.dtypes import ELEMENT_TYPES
 from catome_export.errors import CatomeError
 from catome_export.export._threads import torch_threads
-from catome_export.export.unet_steps import (
-    MODEL_INPUTS, MODEL_OUTPUT, BlockOptions, Step, build_steps, plan_input_names,
+from catome_export.export.io_names import (
+    MODEL_INPUTS, MODEL_OUTPUT, SAMPLE, TEXT, TIMESTEP, plan_names, site_input_name, site_of_input,
 )
+from catome_export.export.unet_steps import BlockOptions, Step, build_steps
 from catome_export.merging.plan import MergePlan
 from catome_export.models.sites import MergeSite
 
 logger = logging.getLogger(__name__)
 
-DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64"}
-TORCH_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
+TORCH_DTYPES = ELEMENT_TYPES
+DTYPE_NAMES = {v: k for k, v in ELEMENT_TYPES.items()}
 DOWNSAMPLES = (2, 4, 8, 16, 32)
 """Downsample factors that get their own ``H{d}``/``W{d}`` dim names."""
 
@@ -131,10 +135,6 @@ class StageModule(torch.nn.Module):
                 parts.setdefault(path.replace(".", "__"), module)
         self.parts = torch.nn.ModuleDict(parts)
 
-    @property
-    def step_names(self) -> list[str]:
-        return [s.name for s in self._steps]
-
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         names = self.spec.input_names
         if len(inputs) != len(names):
@@ -182,7 +182,7 @@ def _order_inputs(names: list[str], site: int | None) -> list[str]:
     if site is None:
         head: list[str] = [n for n in MODEL_INPUTS if n in names]
     else:
-        head = [f"x{site}", *plan_input_names(site)]
+        head = [site_input_name(site), *plan_names(site)]
     return head + [n for n in names if n not in head]
 
 
@@ -191,9 +191,9 @@ def _example_env(unet: torch.nn.Module, dtype: torch.dtype, batch: int, hw: tupl
     gen = torch.Generator().manual_seed(0)
     cfg = unet.config
     return {
-        "sample": torch.randn(batch, cfg.in_channels, *hw, generator=gen).to(dtype),
-        "timestep": torch.full((batch,), 500.0, dtype=torch.float32),
-        "encoder_hidden_states": torch.randn(batch, text_len, cfg.cross_attention_dim, generator=gen).to(dtype),
+        SAMPLE: torch.randn(batch, cfg.in_channels, *hw, generator=gen).to(dtype),
+        TIMESTEP: torch.full((batch,), 500.0, dtype=torch.float32),
+        TEXT: torch.randn(batch, text_len, cfg.cross_attention_dim, generator=gen).to(dtype),
     }
 
 
@@ -210,9 +210,9 @@ def run_steps(steps: list[Step], env: dict[str, torch.Tensor], plans: PlanFn = i
     """Walk ``steps`` over ``env`` (model inputs), asking ``plans`` for each site's plan before its block."""
     for step in steps:
         if step.site is not None:
-            names = plan_input_names(step.site)
+            names = plan_names(step.site)
             if names[0] not in env:
-                env.update(zip(names, plans(step.site, env[f"x{step.site}"])))
+                env.update(zip(names, plans(step.site, env[site_input_name(step.site)])))
         step.run(env)
     return env
 
@@ -256,7 +256,7 @@ def infer_shapes(unet: torch.nn.Module, steps: list[Step], sites: list[MergeSite
         a, b = shapes_a[name], shapes_b[name]
         if len(a) != len(b):
             raise CatomeError(f"tensor {name} changes rank with the input size: cannot export it")
-        site = int(name[1:]) if name.startswith("x") and name[1:].isdigit() else None
+        site = site_of_input(name)
         dims: list[str | int] = []
         for da, db in zip(a, b):
             if da == db:
@@ -290,7 +290,7 @@ def _check_distinct(sym_a: dict[str, int], sym_b: dict[str, int]) -> None:
 
 def plan_specs(site: int) -> tuple[TensorSpec, ...]:
     """The five plan tensor specs of ``site`` (contract shapes and dtypes)."""
-    keep, src, slot, weight, unmerge = plan_input_names(site)
+    keep, src, slot, weight, unmerge = plan_names(site)
     k, r, n = f"K{site}", f"R{site}", f"N{site}"
     return (TensorSpec(keep, "int64", ("B", k)), TensorSpec(src, "int64", ("B", r)),
             TensorSpec(slot, "int64", ("B", r)), TensorSpec(weight, "float32", ("B", k)),
@@ -316,8 +316,8 @@ def cut_unet(unet: torch.nn.Module, sites: list[MergeSite], dtype: torch.dtype =
     steps = build_steps(unet, sites, BlockOptions(merge_crossattn, merge_mlp))
     groups = _split(steps)
     io = _liveness(groups)
-    plan_names = {n for s in sites for n in plan_input_names(s.index)}
-    carried = {n for ins, outs in io for n in (*ins, *outs)} - plan_names
+    plan_tensors = {n for s in sites for n in plan_names(s.index)}
+    carried = {n for ins, outs in io for n in (*ins, *outs)} - plan_tensors
     specs = infer_shapes(unet, steps, sites, dtype, carried)
     for s in sites:
         specs.update({t.name: t for t in plan_specs(s.index)})
@@ -325,10 +325,11 @@ def cut_unet(unet: torch.nn.Module, sites: list[MergeSite], dtype: torch.dtype =
     for index, (group, (inputs, outputs)) in enumerate(zip(groups, io)):
         site = group[0].site
         next_site = sites[index].index if index < len(sites) else None
-        if next_site is not None and f"x{next_site}" not in outputs:
-            raise CatomeError(f"stage {index} does not end with x{next_site}: unsupported layout")
         if next_site is not None:
-            outputs = [f"x{next_site}"] + [n for n in outputs if n != f"x{next_site}"]
+            x_next = site_input_name(next_site)
+            if x_next not in outputs:
+                raise CatomeError(f"stage {index} does not end with {x_next}: unsupported layout")
+            outputs = [x_next] + [n for n in outputs if n != x_next]
         spec = StageSpec(index, site, next_site, tuple(specs[n] for n in _order_inputs(inputs, site)),
                          tuple(specs[n] for n in outputs))
         result.append((spec, StageModule(spec, group)))
@@ -340,7 +341,7 @@ def _check_available(stages: list[tuple[StageSpec, Any]]) -> None:
     """Every stage input is a model input, one of its own plan tensors, or an earlier stage's output."""
     have = set(MODEL_INPUTS)
     for spec, _ in stages:
-        own = set(plan_input_names(spec.site)) if spec.site is not None else set()
+        own = set(plan_names(spec.site)) if spec.site is not None else set()
         missing = [n for n in spec.input_names if n not in have and n not in own]
         if missing:
             raise CatomeError(f"stage {spec.index} reads {missing} that no earlier stage makes: unsupported layout")
@@ -357,7 +358,7 @@ def run_stages(stages: list[tuple[StageSpec, Callable[..., tuple[torch.Tensor, .
     env = dict(feeds)
     for spec, stage in stages:
         if spec.site is not None:
-            env.update(zip(plan_input_names(spec.site), plans(spec.site, env[f"x{spec.site}"])))
+            env.update(zip(plan_names(spec.site), plans(spec.site, env[site_input_name(spec.site)])))
         outs = stage(*(env[n] for n in spec.input_names))
         env.update(zip(spec.output_names, outs))
     return env

@@ -13,21 +13,8 @@ attn2 and ff with the block's own submodules (norm1, attn1, norm2, attn2,
 norm3, ff), and ``...post`` applies ``proj_out`` and the residual. Every other
 Transformer2DModel is called whole.
 
-Names of the tensors that can cross a cut (the IO convention):
-
-=====================  =====================================================
-``sample``             model input [B, 4, H, W]
-``timestep``           model input [B] float32
-``encoder_hidden_states``  model input [B, L, D]
-``emb``                time embedding [B, T] (output of ``time_embedding``)
-``skip{i}``            i-th skip tensor of the down path (``skip0`` = conv_in)
-``x{k}``               input of merge site k's block [B, N{k}, C]
-``site{k}_residual``   input of the Transformer2DModel that holds site k
-``site{k}_{plan}``     the five plan tensors of site k (``PLAN_TENSORS``)
-``noise_pred``         model output [B, 4, H, W]
-=====================  =====================================================
-
-Other names (``h{n}``) are internal to one stage.
+The names of the tensors that can cross a cut follow
+:mod:`catome_export.export.io_names`.
 """
 
 from __future__ import annotations
@@ -39,21 +26,16 @@ import torch
 import torch.nn.functional as F
 
 from catome_export.errors import CatomeError
-from catome_export.merging.plan import PLAN_TENSORS, merge_tokens, unmerge_tokens
+from catome_export.export.io_names import (
+    EMB, MODEL_OUTPUT, SAMPLE, TEXT, TIMESTEP, plan_names, site_input_name, site_output_name,
+    site_residual_name, skip_name,
+)
+from catome_export.merging.plan import merge_tokens, unmerge_tokens
 from catome_export.models.sites import MergeSite
-
-MODEL_INPUTS = ("sample", "timestep", "encoder_hidden_states")
-"""Graph input names of the whole model (stage 0 reads the first two; any stage may read the third)."""
-MODEL_OUTPUT = "noise_pred"
 
 SUPPORTED_DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
 SUPPORTED_MID = ("UNetMidBlock2DCrossAttn",)
 SUPPORTED_UP = ("CrossAttnUpBlock2D", "UpBlock2D")
-
-
-def plan_input_names(site: int) -> tuple[str, ...]:
-    """Graph input names of site ``site``'s plan tensors, in ``MergePlan.tensors()`` order."""
-    return tuple(f"site{site}_{name}" for name in PLAN_TENSORS)
 
 
 @dataclass(frozen=True)
@@ -193,7 +175,7 @@ class _Builder:
     # -- pieces --------------------------------------------------------------------------
     def resnet(self, path: str, module: torch.nn.Module, h: str, out: str | None = None) -> str:
         out = out or self.fresh()
-        self.add(path, (h, "emb"), (out,), lambda x, emb: module(x, emb), {path: module})
+        self.add(path, (h, EMB), (out,), lambda x, emb: module(x, emb), {path: module})
         return out
 
     def transformer(self, path: str, t2d: torch.nn.Module, h: str, out: str | None = None) -> str:
@@ -203,22 +185,22 @@ class _Builder:
         site_ids = [self.site_of.get(p) for p in block_paths]
         out = out or self.fresh()
         if all(s is None for s in site_ids):
-            self.add(path, (h, "encoder_hidden_states"), (out,),
+            self.add(path, (h, TEXT), (out,),
                      lambda x, ehs: t2d(x, encoder_hidden_states=ehs, return_dict=False)[0], {path: t2d})
             return out
         if any(s is None for s in site_ids):
             raise CatomeError(f"{path}: only some of its transformer blocks are merge sites; the export needs all "
                               "blocks of one Transformer2DModel at the same merge level")
         first = site_ids[0]
-        residual = f"site{first}_residual"
-        tokens = f"x{first}"
+        residual = site_residual_name(first)
+        tokens = site_input_name(first)
         self.add(f"{path}.pre", (h,), (residual, tokens), lambda x: (x, _t2d_pre(t2d, x)),
                  {f"{path}.norm": t2d.norm, f"{path}.proj_in": t2d.proj_in})
         for j, (bpath, site) in enumerate(zip(block_paths, site_ids)):
             block = t2d.transformer_blocks[j]
             _check_block(bpath, block)
-            nxt = f"x{site_ids[j + 1]}" if j + 1 < len(site_ids) else f"site{site}_out"
-            reads = (tokens, "encoder_hidden_states", *plan_input_names(site))
+            nxt = site_input_name(site_ids[j + 1]) if j + 1 < len(site_ids) else site_output_name(site)
+            reads = (tokens, TEXT, *plan_names(site))
             opts = self.options
             self.add(bpath, reads, (nxt,),
                      lambda x, ehs, *plan, _b=block: site_block_forward(_b, x, ehs, tuple(plan), opts),
@@ -269,16 +251,16 @@ def build_steps(unet: torch.nn.Module, sites: list[MergeSite], options: BlockOpt
             raise CatomeError(f"merge site {s.index} ({s.path}) is not a module of this U-Net: find the sites with "
                               "find_merge_sites(unet)")
     b = _Builder(unet, sites, options)
-    b.add("time_embedding", ("sample", "timestep"), ("emb",),
+    b.add("time_embedding", (SAMPLE, TIMESTEP), (EMB,),
           lambda sample, t: unet.time_embedding(unet.get_time_embed(sample=sample, timestep=t), None),
           {"time_proj": unet.time_proj, "time_embedding": unet.time_embedding})
-    b.add("conv_in", ("sample",), ("skip0",), lambda s: unet.conv_in(s), {"conv_in": unet.conv_in})
-    skips = ["skip0"]
-    h = "skip0"
+    b.add("conv_in", (SAMPLE,), (skip_name(0),), lambda s: unet.conv_in(s), {"conv_in": unet.conv_in})
+    skips = [skip_name(0)]
+    h = skips[0]
     for i, block in enumerate(unet.down_blocks):
         attns = getattr(block, "attentions", None)
         for j, resnet in enumerate(block.resnets):
-            skip = f"skip{len(skips)}"
+            skip = skip_name(len(skips))
             if attns is None:
                 h = b.resnet(f"down_blocks.{i}.resnets.{j}", resnet, h, out=skip)
             else:
@@ -288,7 +270,7 @@ def build_steps(unet: torch.nn.Module, sites: list[MergeSite], options: BlockOpt
         if block.downsamplers is not None:
             for j, down in enumerate(block.downsamplers):
                 path = f"down_blocks.{i}.downsamplers.{j}"
-                out = f"skip{len(skips)}"
+                out = skip_name(len(skips))
                 b.add(path, (h,), (out,), lambda x, _d=down: _d(x), {path: down})
                 h = out
             skips.append(h)

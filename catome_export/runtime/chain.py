@@ -15,25 +15,11 @@ import torch
 
 from catome_export.backends.base import StageRunner
 from catome_export.errors import CatomeError
-from catome_export.merging.plan import PLAN_TENSORS, MergePlan
-
-MODEL_INPUTS = ("sample", "timestep", "encoder_hidden_states")
-"""Graph input names of the whole model."""
-MODEL_OUTPUT = "noise_pred"
-"""Graph output name of the last stage."""
+from catome_export.export.io_names import MODEL_INPUTS, MODEL_OUTPUT, plan_names, site_input_name
+from catome_export.merging.plan import MergePlan
 
 PlanHook = Callable[[int, torch.Tensor], MergePlan]
 """``(site, x) -> plan``: called after the stage that outputs ``x{site}``."""
-
-
-def site_input_name(site: int) -> str:
-    """Name of the block input of merge site ``site`` (``x{site}``)."""
-    return f"x{site}"
-
-
-def plan_names(site: int) -> tuple[str, ...]:
-    """Names of site ``site``'s plan tensors, in ``MergePlan.tensors()`` order."""
-    return tuple(f"site{site}_{name}" for name in PLAN_TENSORS)
 
 
 def _broken(detail: str) -> CatomeError:

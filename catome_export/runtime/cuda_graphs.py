@@ -63,7 +63,6 @@ on a GPU, or any object with the same two methods (tests use an eager one).
 from __future__ import annotations
 
 import logging
-import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -73,20 +72,12 @@ import torch
 
 from catome_export.backends.base import ForkableStageRunner
 from catome_export.errors import CatomeError
+from catome_export.export.io_names import MODEL_OUTPUT, site_of
 
 logger = logging.getLogger(__name__)
 
 Chain = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
 """The stage chain of a cached step: model inputs + all plan tensors -> outputs (``noise_pred``)."""
-
-_SITE_INPUT = re.compile(r"^site(\d+)_")
-
-
-def site_of(name: str) -> int | None:
-    """The merge site a chain input belongs to (``site3_keep_idx`` -> 3), or None for a model input."""
-    m = _SITE_INPUT.match(name)
-    return int(m.group(1)) if m else None
-
 
 def same_version(a: Any, b: Any) -> bool:
     """Plan versions match: identical objects, or equal ints / strings."""
@@ -385,7 +376,7 @@ class ChainGraphRunner:
         self.cache.invalidate(reason=reason)
 
 
-def graph_chain(runners: Sequence[Any], outputs: Sequence[str] = ("noise_pred",)) -> GraphChain:
+def graph_chain(runners: Sequence[Any], outputs: Sequence[str] = (MODEL_OUTPUT,)) -> GraphChain:
     """A :class:`GraphChain` over ``runners`` for one captured graph: every runner that holds execution state
     (:class:`~catome_export.backends.base.ForkableStageRunner`, e.g. TensorRT) is forked, the rest shared."""
     used: list[Any] = []
@@ -405,7 +396,7 @@ def graph_chain(runners: Sequence[Any], outputs: Sequence[str] = ("noise_pred",)
     return GraphChain(stage_chain(used, outputs), tuple(owned))
 
 
-def stage_chain(runners: Sequence[Any], outputs: Sequence[str] = ("noise_pred",)) -> Chain:
+def stage_chain(runners: Sequence[Any], outputs: Sequence[str] = (MODEL_OUTPUT,)) -> Chain:
     """The chain of ``runners`` (StageRunner objects, in stage order) as one function of the model and plan inputs.
 
     Walks the stages with a name -> tensor environment, feeding each stage

@@ -19,17 +19,20 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
 from catome_export.backends.base import Backend, StageRunner, StreamOwner
 from catome_export.errors import CatomeError
+from catome_export.export.io_names import MODEL_OUTPUT, SAMPLE, TEXT, TIMESTEP, plan_names
 from catome_export.merging import MergeController, MergeSettings, MergePlan
 from catome_export.models.sites import MergeSite
 from catome_export.runtime.chain import StageChain
+from catome_export.runtime.ownership import GenerationOwner
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +87,7 @@ class Runtime:
         self._closed = False
         self._graphs: Any = None
         self._last_shape: tuple[int, int, int] | None = None
+        self._owner = GenerationOwner()
         from catome_export.runtime.unet import RuntimeUNet
 
         self.unet = RuntimeUNet(self, unet_config)
@@ -143,14 +147,62 @@ class Runtime:
 
     # -- controller -------------------------------------------------------------------
     def reset(self) -> None:
-        """Start a new generation: empty plan caches, the next call is loop index 0."""
+        """Start a new generation: empty plan caches, the next call is loop index 0.
+
+        The generation belongs to the calling thread until it calls :meth:`release` or ends (see
+        :meth:`generation` and :mod:`catome_export.runtime.ownership`).
+        """
+        self._claim("reset()")
+        self._reset_state()
+
+    def _reset_state(self) -> None:
         self.controller.reset()
         self._timings = []
         self._last_shape = None
 
     def set_step(self, index: int) -> None:
         """Pin the 0-based loop index of the next U-Net call (custom loops; 0 starts a new generation)."""
+        self._claim("set_step()")
         self.controller.set_step(index)
+
+    # -- which thread a generation belongs to -----------------------------------------
+    def _claim(self, what: str, *, explicit: bool = False) -> tuple[bool, bool]:
+        """Hold the runtime for this thread (refused or waiting while another thread's generation runs, before
+        anything changes); a runtime passed on from another thread starts a new generation."""
+        newly, handed_over, was_explicit = self._owner.claim(what, explicit=explicit)
+        if handed_over:
+            self._reset_state()
+        return newly, was_explicit
+
+    @contextmanager
+    def generation(self) -> Iterator["Runtime"]:
+        """``with runtime.generation():`` one generation held by this thread: it starts with a reset, other
+        threads' calls wait until the block ends (a pipeline call through :meth:`attach` does the same)."""
+        newly, was_explicit = self._claim("generation()", explicit=True)
+        try:
+            self._reset_state()
+            yield self
+        finally:
+            if newly:
+                self._owner.release()
+            else:
+                self._owner.restore(was_explicit)
+
+    def release(self) -> bool:
+        """End this thread's hold on the runtime (manual loops: after the last step of a generation), so other
+        threads may use it; False when this thread did not hold it. Ending the thread releases it too."""
+        return self._owner.release()
+
+    @property
+    def wait_timeout_s(self) -> float | None:
+        """How long a call waits for another thread's ``generation()`` or pipeline call (None: no limit)."""
+        return self._owner.wait_timeout_s
+
+    @wait_timeout_s.setter
+    def wait_timeout_s(self, value: float | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+            raise CatomeError(f"wait_timeout_s must be None or a number of seconds >= 0, got {value!r}")
+        self._owner.wait_timeout_s = None if value is None else float(value)
 
     @property
     def controller(self) -> MergeController:
@@ -161,6 +213,7 @@ class Runtime:
     def set_settings(self, settings: MergeSettings) -> None:
         """Use other merge settings from the next call on (threshold, schedule...); starts a new generation."""
         _check_same_graphs(self.settings, settings)
+        self._claim("set_settings()")
         self.settings = settings
         self._controller = MergeController(settings, len(self.sites), validate=True)
         self._timings = []
@@ -194,6 +247,7 @@ class Runtime:
         """
         if self._closed:
             raise CatomeError("this runtime was closed: load the engine again")
+        self._claim("a U-Net call")
         start = time.perf_counter()
         if timestep_value is None:
             timestep_value = float(timestep.reshape(-1)[0]) if timestep.numel() else None
@@ -216,7 +270,7 @@ class Runtime:
             spent += time.perf_counter() - t0
             return plan
 
-        env = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states}
+        env = {SAMPLE: sample, TIMESTEP: timestep, TEXT: encoder_hidden_states}
         # Every site reuses its cache when this is no checkpoint and the previous call of this generation
         # completed with the same batch and size (it left a plan of these shapes at every site).
         cached_step = not self.settings.schedule.is_checkpoint(step) and self._last_shape == shape
@@ -292,10 +346,9 @@ class Runtime:
 
     def _replay(self, env: dict[str, torch.Tensor], latent_hw: tuple[int, int]) -> torch.Tensor:
         """A cached step through the graph runner: the cached plans, recorded as reused, feed the captured chain."""
-        from catome_export.runtime.chain import plan_names
         from catome_export.runtime.cuda_graphs import ChainGraphCache
 
-        batch = int(env["sample"].shape[0])
+        batch = int(env[SAMPLE].shape[0])
         plans: dict[int, MergePlan] = {}
         for site in self.chain.sites:
             grid = self.sites[site].grid(latent_hw)
@@ -305,7 +358,7 @@ class Runtime:
             plans[site] = plan
             env.update(zip(plan_names(site), plans[site].tensors()))
         key = ChainGraphCache.key(batch, latent_hw, {k: p.num_merged for k, p in plans.items()})
-        return self._graphs.run(key, env, plan_versions=plans)["noise_pred"]
+        return self._graphs.run(key, env, plan_versions=plans)[MODEL_OUTPUT]
 
     def attach(self, pipe: Any) -> Any:
         """Put ``runtime.unet`` into a diffusers pipeline; every ``pipe(...)`` call then resets the caches.

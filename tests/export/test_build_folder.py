@@ -23,6 +23,8 @@ def test_options_defaults():
     assert (sd.weights, sd.resolution, sd.batch) == ("pretrained", (512, 768), (1, 4))
     assert make_options("sd15", max_resolution=384).resolution == (384, 384)
     assert make_options("tiny", weights="pretrained").weights == "random"
+    sd21 = make_options("sd21", weights="random")
+    assert sd21.resolution == (768, 768) and sd21.settings.max_downsample == 1  # the model's own merge level
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -182,3 +184,46 @@ def test_failed_verification_keeps_the_old_build_and_the_failed_one(tmp_path, mo
     assert (target / MANIFEST_FILE).read_text() == "old"  # the installed build is untouched
     kept = next(tmp_path.glob(".e.tmp-*")) if rename_fails else tmp_path / ".e.failed"
     assert str(kept) in str(info.value) and Manifest.load(kept).stages  # the failed build stays for inspection
+
+
+def _user_files(folder) -> None:
+    (folder / "my_notes.txt").write_text("mine")
+    (folder / "calib").mkdir()
+    (folder / "calib" / "data.bin").write_bytes(b"\x01\x02")
+
+
+def test_foreign_files_are_what_no_build_made(tmp_path, tiny_engine):
+    import shutil
+
+    from catome_export.export.build import foreign_files
+
+    folder = tmp_path / "tiny"
+    shutil.copytree(tiny_engine, folder)
+    assert foreign_files(folder) == []  # a clean build: every file is listed by its manifest
+    (folder / "timing.cache").write_bytes(b"")  # a TensorRT build's own cache
+    assert foreign_files(folder) == []
+    _user_files(folder)
+    assert foreign_files(folder) == ["calib/data.bin", "my_notes.txt"]
+    (folder / MANIFEST_FILE).write_text("{not json")  # a manifest it cannot read: stage names count as ours
+    assert foreign_files(folder) == ["calib/data.bin", "my_notes.txt"]
+    assert foreign_files(tmp_path / "absent") == []
+
+
+def test_rebuild_keeps_files_it_did_not_make_unless_forced(tmp_path, tiny_engine):
+    """The user's files in an engine folder: the rebuild refuses before any work and names them; --force
+    removes them with the old build."""
+    import shutil
+
+    folder = tmp_path / "tiny"
+    shutil.copytree(tiny_engine, folder)
+    _user_files(folder)
+    before = (folder / MANIFEST_FILE).read_bytes()
+    opts = make_options("tiny", resolution=128, out_dir=folder, verify=False)
+    with pytest.raises(CatomeError, match=r"holds files no build made \(calib/data.bin, my_notes.txt\).*--force"):
+        run_build(opts)
+    assert (folder / "my_notes.txt").read_text() == "mine" and (folder / "calib" / "data.bin").is_file()
+    assert (folder / MANIFEST_FILE).read_bytes() == before  # the old build untouched
+    result = run_build(opts, force=True)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [MANIFEST_FILE] + [name for name, _, _ in result.manifest.files()])
+    Manifest.load(folder)

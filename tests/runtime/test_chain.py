@@ -8,7 +8,8 @@ import torch
 from catome_export.errors import CatomeError
 from catome_export.export.stages import StageSpec, TensorSpec
 from catome_export.merging import MergePlan
-from catome_export.runtime.chain import StageChain, plan_names
+from catome_export.export.io_names import plan_names
+from catome_export.runtime.chain import StageChain
 
 
 def _t(name: str, dtype: str = "float32") -> TensorSpec:

@@ -18,8 +18,9 @@ from catome_export.errors import CatomeError
 from catome_export.merging import MergeSettings, match_tokens, merge_tokens, parse_schedule, unmerge_tokens
 from catome_export.runtime.cuda_graphs import (
     ChainGraphCache, ChainGraphRunner, GraphChain, GraphEntry, GraphKey, TorchCudaGraphCapture, graph_chain,
-    same_version, site_of, stage_chain,
+    same_version, stage_chain,
 )
+from catome_export.export.io_names import site_of
 
 GRID = (6, 8)
 

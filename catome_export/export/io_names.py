@@ -1,0 +1,75 @@
+"""The graph IO naming convention: the names of the tensors that cross a stage cut.
+
+One module owns it (the stage cutter writes these names, the runtime, the
+CUDA-graph runner, the profiles and the build read them back):
+
+=========================  =====================================================
+``sample``                 model input [B, 4, H, W]
+``timestep``               model input [B] float32
+``encoder_hidden_states``  model input [B, L, D]
+``emb``                    time embedding [B, T] (output of ``time_embedding``)
+``skip{i}``                i-th skip tensor of the down path (``skip0`` = conv_in)
+``x{k}``                   input of merge site k's block [B, N{k}, C]
+``site{k}_residual``       input of the Transformer2DModel that holds site k
+``site{k}_out``            output of site k's block (internal to its stage)
+``site{k}_{plan}``         the five plan tensors of site k (``PLAN_TENSORS``)
+``noise_pred``             model output [B, 4, H, W]
+=========================  =====================================================
+
+Other names (``h{n}``) are internal to one stage.
+"""
+
+from __future__ import annotations
+
+import re
+
+from catome_export.merging.plan import PLAN_TENSORS
+
+SAMPLE = "sample"
+TIMESTEP = "timestep"
+TEXT = "encoder_hidden_states"
+MODEL_INPUTS = (SAMPLE, TIMESTEP, TEXT)
+"""Graph input names of the whole model (stage 0 reads the first two; any stage may read the third)."""
+MODEL_OUTPUT = "noise_pred"
+"""Graph output name of the last stage."""
+EMB = "emb"
+
+_SITE_INPUT = re.compile(r"^x(\d+)$")
+_SITE_TENSOR = re.compile(r"^site(\d+)_")
+
+
+def site_input_name(site: int) -> str:
+    """Name of the block input of merge site ``site`` (``x{site}``)."""
+    return f"x{site}"
+
+
+def site_of_input(name: str) -> int | None:
+    """The site whose block input ``name`` is (``x3`` -> 3), or None for any other name."""
+    m = _SITE_INPUT.match(name)
+    return int(m.group(1)) if m else None
+
+
+def plan_names(site: int) -> tuple[str, ...]:
+    """Graph input names of site ``site``'s plan tensors, in ``MergePlan.tensors()`` order."""
+    return tuple(f"site{site}_{name}" for name in PLAN_TENSORS)
+
+
+def site_residual_name(site: int) -> str:
+    """Input of the Transformer2DModel that holds site ``site``."""
+    return f"site{site}_residual"
+
+
+def site_output_name(site: int) -> str:
+    """Output of site ``site``'s block (when no later site in the same transformer follows)."""
+    return f"site{site}_out"
+
+
+def site_of(name: str) -> int | None:
+    """The merge site a ``site{k}_*`` tensor belongs to (``site3_keep_idx`` -> 3), or None for any other name."""
+    m = _SITE_TENSOR.match(name)
+    return int(m.group(1)) if m else None
+
+
+def skip_name(i: int) -> str:
+    """The ``i``-th skip tensor of the down path (``skip0`` is conv_in's output)."""
+    return f"skip{i}"
