@@ -144,6 +144,7 @@ def test_refuses_a_folder_that_is_not_an_engine(tmp_path):
     assert (target / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_verified_build(tmp_path):
     """A build with the per-stage ONNX Runtime check and the runtime's eager comparison (2 steps)."""
     pytest.importorskip("onnxruntime", reason="ONNX Runtime is not installed (pip install 'catome-export[ort]')")
@@ -158,6 +159,7 @@ def test_verified_build(tmp_path):
     assert Manifest.load(out).manifest_sha256 == result.manifest.manifest_sha256
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rename_fails", [False, True], ids=["moved-aside", "kept-in-place"])
 def test_failed_verification_keeps_the_old_build_and_the_failed_one(tmp_path, monkeypatch, rename_fails):
     import catome_export.export.build as build
