@@ -31,12 +31,13 @@ class Extra:
 EXTRAS: dict[str, Extra] = {e.name: e for e in (
     Extra("ort", ("onnxruntime",), "ONNX Runtime engines on the CPU: build's checks, verify, bench, the runtime"),
     Extra("ort-gpu", ("onnxruntime",), "ONNX Runtime engines on an NVIDIA GPU (CUDA execution provider)"),
-    Extra("trt", ("tensorrt",), "TensorRT engines (NVIDIA GPU)"),
+    Extra("trt", ("tensorrt", "polygraphy"), "TensorRT engines (NVIDIA GPU)"),
     Extra("eval", ("transformers", "PIL", "scipy", "matplotlib"),
           "generate and eval (text encoder, images, FID/CLIP where their weights are cached), --plot"),
-    Extra("test", ("pytest", "hypothesis", "onnxruntime", "transformers", "PIL", "scipy", "matplotlib"),
+    Extra("test", ("pytest", "hypothesis", "onnxruntime", "polygraphy", "transformers", "PIL", "scipy", "matplotlib",
+                   "ray.serve"),
           "the test suite"),
-    Extra("serve", ("ray.serve",), "serving engines over HTTP with Ray Serve"),
+    Extra("serve", ("ray.serve", "PIL"), "serving engines over HTTP with Ray Serve"),
 )}
 
 NEEDS: dict[str, tuple[str, ...]] = {

@@ -51,6 +51,16 @@ TRT_PIP = f"pip install 'tensorrt{TRT_SUPPORTED}' --extra-index-url https://pypi
 TRT_INSTALL_HINT = (f"install it on a machine with an NVIDIA GPU (pip install 'catome-export[trt]', or {TRT_PIP}), "
                     "or use --backend ort")
 
+POLYGRAPHY_SUPPORTED = ">=0.49"
+"""Polygraphy releases the TensorRT path is tested with (in the ``[trt]`` extra)."""
+
+
+def require_polygraphy() -> None:
+    """Raise a CatomeError saying how to install Polygraphy unless it is importable (the TensorRT path needs it)."""
+    if not _has("polygraphy"):
+        raise CatomeError("the TensorRT path needs Polygraphy, which is not installed: pip install "
+                          f"'catome-export[trt]' (or pip install 'polygraphy{POLYGRAPHY_SUPPORTED}'), or use --backend ort")
+
 
 def version_tuple(version: str) -> tuple[int, ...]:
     """The leading numeric release of a version string ("1.20.1" -> (1, 20, 1); "1.21.0.dev2025" -> (1, 21, 0))."""

@@ -45,7 +45,7 @@ def run_checks() -> list[Check]:
         ("diffusers", "pip install diffusers"),
         ("onnx", "pip install onnx"),
         ("onnxscript", "pip install onnxscript (needed by the torch.onnx dynamo exporter)"),
-        ("polygraphy", "pip install polygraphy"),
+        ("polygraphy", "pip install 'catome-export[trt]' (Polygraphy drives the TensorRT path)"),
     ):
         ok, detail = _version(module)
         checks.append(Check(module, ok, detail, "" if ok else fix))

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         fid_reference=Path(args.fid_ref) if args.fid_ref else None,
     )
     print(f"evaluating {len(prompts)} prompts x methods {', '.join(config.method_list())} -> {out}")
-    report = run_eval(config, log=print)
+    report = run_eval(config, log=print, progress=True)
     print()
     print(report.table())
     print()
@@ -77,7 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "FID | CLIP) into --out.",
     )
     p.add_argument("--model", default=None,
-                   help="tiny (default, offline), sd15 (hub or local cache) or a local pipeline folder; with "
+                   help="tiny (default, offline), tiny-xl (offline), sd15, sd21, sdxl (hub or local cache) or a local pipeline folder; with "
                         "--engine: where the text encoder, VAE and eager baseline come from (default: the engine's "
                         "model)")
     p.add_argument("--engine", default=None, help="an engine folder: adds the engine-baseline and engine methods")

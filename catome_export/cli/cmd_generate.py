@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     from catome_export.generate import ImageRequest, default_resolution, save_png
 
     if args.model is None and args.engine is None:
-        raise CatomeError("say what to run: --model tiny|sd15|<pipeline folder> (eager), or --engine <engine folder>")
+        raise CatomeError("say what to run: --model tiny|tiny-xl|sd15|sd21|sdxl|<pipeline folder> (eager), or --engine <engine folder>")
     if args.prompt is None:
         raise CatomeError("--prompt is missing: pass --prompt \"a photograph of ...\"")
     check_merge_flags(args)
@@ -161,7 +161,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", default=None,
-                     help="tiny (bundled, offline), sd15 (hub or local cache) or a local diffusers pipeline folder")
+                     help="tiny, tiny-xl (bundled, offline), sd15, sd21, sdxl (hub or local cache) or a local diffusers pipeline folder")
     src.add_argument("--engine", default=None, help="an engine folder written by catome-export build")
     p.add_argument("--prompt", default=None, help="the text prompt (required)")
     add_sampling_options(p)

@@ -178,6 +178,9 @@ def build_engines(
     if isinstance(builder_optimization_level, bool) or builder_optimization_level not in range(0, 6):
         raise CatomeError(f"builder optimisation level must be an int in 0..5, got {builder_optimization_level!r}")
     trt = _import_tensorrt()
+    from catome_export.backends.select import require_polygraphy
+
+    require_polygraphy()
     from polygraphy.backend.trt import CreateConfig, NetworkFromOnnxPath, Profile, engine_bytes_from_network
     from polygraphy.backend.trt import util as trt_util
     from polygraphy.exception import PolygraphyException

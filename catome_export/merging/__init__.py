@@ -9,7 +9,7 @@ __all__ = [
     "MergePlan", "PLAN_TENSORS", "match_tokens", "merge_tokens", "unmerge_tokens", "partition", "count_merged",
     "forced_plan", "grid_for_tokens", "Schedule", "parse_schedule", "NAMED_SCHEDULES", "StepCounter",
 ]
-from catome_export.merging.controller import MergeController, StepStats  # noqa: E402
-from catome_export.merging.settings import MergeSettings  # noqa: E402
+from catome_export.merging.controller import MergeController, StepStats
+from catome_export.merging.settings import MergeSettings
 
 __all__ += ["MergeController", "StepStats", "MergeSettings"]

@@ -68,3 +68,20 @@ def test_doctor_reports_every_extra_and_what_is_missing(capsys, monkeypatch):
     assert "pip install 'catome-export[eval]'" in eval_line
     serve_line = next(line for line in section.splitlines() if line[4:].startswith("serve "))
     assert serve_line.startswith("--") and "ray[serve]" in serve_line and "catome-export[serve]" in serve_line
+
+
+def test_extras_name_the_modules_of_their_pyproject_extra():
+    """Each extra's import check covers the packages pyproject's extra installs (by import name)."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from catome_export.extras import EXTRAS
+
+    import_name = {"pillow": "PIL", "onnxruntime-gpu": "onnxruntime", "ray[serve]": "ray.serve"}
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    for name, requirements in pyproject["project"]["optional-dependencies"].items():
+        if name not in EXTRAS:
+            continue
+        packages = {re.split(r"[<>=!~ ]", r, maxsplit=1)[0] for r in requirements}
+        assert {import_name.get(p, p) for p in packages} <= set(EXTRAS[name].modules) | {"ruff", "mypy"}, name
