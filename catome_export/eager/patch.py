@@ -36,7 +36,7 @@ from catome_export.merging import MergeController, MergeSettings, StepStats, par
 from catome_export.merging.controller import PlanMatcher
 from catome_export.merging.schedules import Schedule
 from catome_export.merging.steps import ResetOnCall
-from catome_export.models.sites import MergeSite, find_merge_sites
+from catome_export.models.sites import MergeSite, default_merge_level, find_merge_sites
 
 logger = logging.getLogger(__name__)
 
@@ -340,6 +340,11 @@ def apply_merging(pipe_or_unet: Any, settings: MergeSettings) -> CatomeHandle:
     return handle
 
 
+def _merge_level(unet: torch.nn.Module, max_downsample: int | None) -> int:
+    """``max_downsample`` as given, or the U-Net's own merge level for None (see :func:`default_merge_level`)."""
+    return default_merge_level(unet) if max_downsample is None else max_downsample
+
+
 def _check_flag(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise CatomeError(f"{name} must be True or False, got {value!r}")
@@ -382,10 +387,10 @@ def _no_options_with_settings(given: dict[str, Any], defaults: dict[str, Any]) -
         raise CatomeError(f"pass either settings= or individual options, not both (got settings and {changed})")
 
 
-_CATOME_DEFAULTS: dict[str, Any] = dict(threshold=0.7, schedule="config3", max_downsample=1, step_base=1,
+_CATOME_DEFAULTS: dict[str, Any] = dict(threshold=0.7, schedule="config3", max_downsample=None, step_base=1,
                                         stride=(2, 2), random_dst=False, merge_crossattn=False, merge_mlp=False,
                                         seed=42)
-_TOME_DEFAULTS: dict[str, Any] = dict(ratio=0.5, max_downsample=1, stride=(2, 2), random_dst=False,
+_TOME_DEFAULTS: dict[str, Any] = dict(ratio=0.5, max_downsample=None, stride=(2, 2), random_dst=False,
                                       merge_crossattn=False, merge_mlp=False, seed=42)
 
 
@@ -393,7 +398,7 @@ def apply_catome(
     pipe_or_unet: Any,
     threshold: float = 0.7,
     schedule: Any = "config3",
-    max_downsample: int = 1,
+    max_downsample: int | None = None,
     step_base: int = 1,
     stride: tuple[int, int] = (2, 2),
     random_dst: bool = False,
@@ -414,6 +419,11 @@ def apply_catome(
     fires at loop index k - 1; 0: at loop index k. ``random_dst`` picks a
     random dst per cell from a generator seeded with ``seed`` at every reset
     (tomesd's behaviour); the default is the top-left token (the paper).
+    ``max_downsample``: merge at the transformer blocks of downsample <= this
+    factor; None (default) = the U-Net's own merge level, its
+    highest-resolution transformer blocks (1 for SD 1.x/2.x, 2 for SDXL, which
+    has no attention at the top level). Works the same on SD 1.x, SD 2.x and
+    SDXL pipelines and U-Nets.
     Alternatively pass a ready ``settings=MergeSettings(...)`` and no options.
     """
     given = dict(threshold=threshold, schedule=schedule, max_downsample=max_downsample, step_base=step_base,
@@ -427,7 +437,7 @@ def apply_catome(
     _refuse_if_patched(unet)
     checked = MergeSettings(  # every option checked before a possibly long schedule calibration
         threshold=threshold, ratio=None, merge_fraction=None, schedule=parse_schedule("every_step", step_base),
-        max_downsample=max_downsample, stride=_check_stride(stride),
+        max_downsample=_merge_level(unet, max_downsample), stride=_check_stride(stride),
         random_dst=_check_flag("random_dst", random_dst), seed=_check_seed(seed),
         merge_crossattn=_check_flag("merge_crossattn", merge_crossattn),
         merge_mlp=_check_flag("merge_mlp", merge_mlp),
@@ -439,7 +449,7 @@ def apply_catome(
 def apply_tome(
     pipe_or_unet: Any,
     ratio: float = 0.5,
-    max_downsample: int = 1,
+    max_downsample: int | None = None,
     stride: tuple[int, int] = (2, 2),
     random_dst: bool = False,
     merge_crossattn: bool = False,
@@ -460,9 +470,10 @@ def apply_tome(
         return apply_merging(pipe_or_unet, settings)
     if ratio is None:
         raise CatomeError("ratio must be a number in [0, 1); for an adaptive threshold use apply_catome")
+    _, unet = _split_target(pipe_or_unet)
     built = MergeSettings(
         threshold=None, ratio=ratio, merge_fraction=None, schedule=parse_schedule("every_step"),
-        max_downsample=max_downsample, stride=_check_stride(stride),
+        max_downsample=_merge_level(unet, max_downsample), stride=_check_stride(stride),
         random_dst=_check_flag("random_dst", random_dst), seed=_check_seed(seed),
         merge_crossattn=_check_flag("merge_crossattn", merge_crossattn),
         merge_mlp=_check_flag("merge_mlp", merge_mlp),

@@ -24,6 +24,8 @@ Output folder: ``images/<method>/<i>.png``, ``results.json`` and
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 import math
@@ -57,7 +59,7 @@ class EvalConfig:
     out: Path
     """Output folder (created; files in it are replaced)."""
     model: str | None = None
-    """Pipeline source: tiny, sd15 or a local pipeline folder (default: tiny, or with an engine the engine's model)."""
+    """Pipeline source: tiny, tiny-xl, sd15, sd21, sdxl or a local pipeline folder (default: tiny, or with an engine the engine's model)."""
     engine: Path | None = None
     """Engine folder for the engine methods."""
     methods: tuple[str, ...] = ()
@@ -329,6 +331,7 @@ class _MethodSession:
 
     def __enter__(self) -> "_MethodSession":
         from catome_export.eager import apply_catome, apply_merging
+        from catome_export.models import default_merge_level
 
         cfg, pipe = self.ctx.config, self.ctx.pipe
         if self.name in EAGER_METHODS:
@@ -336,6 +339,8 @@ class _MethodSession:
             if isinstance(settings, tuple):  # calibrated auto:K schedule
                 handle = apply_catome(pipe, threshold=settings[1], schedule=settings[2], step_base=cfg.step_base)
             elif settings is not None:
+                # eval has no merge-level option: the model's own (SD 1.x/2.x: 1, SDXL: 2)
+                settings = dataclasses.replace(settings, max_downsample=default_merge_level(pipe.unet))
                 handle = apply_merging(pipe, settings)
             else:
                 handle = None
@@ -369,12 +374,14 @@ class _MethodSession:
 
 
 # -- running -----------------------------------------------------------------------------
-def run_eval(config: EvalConfig, log: Callable[[str], None] = logger.info, runtime: Any = None) -> EvalReport:
+def run_eval(config: EvalConfig, log: Callable[[str], None] = logger.info, runtime: Any = None,
+             progress: bool = False) -> EvalReport:
     """Generate every method's images, measure them, and write the report into ``config.out``.
 
     ``runtime``: an already loaded :class:`~catome_export.runtime.Runtime` for
     the engine methods, used instead of loading ``config.engine`` (left open;
-    its merge settings are restored at the end).
+    its merge settings are restored at the end). ``progress``: one tick per image on stderr, with an ETA
+    (tqdm on a terminal).
     """
     from catome_export.generate import ImageRequest, generate, save_png
 
@@ -393,6 +400,9 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = logger.info, runti
 
             check_engine_shapes(ctx.runtime, requests[0])
         baseline_images: list[np.ndarray] = []
+        from catome_export.progress import Progress
+
+        bar = Progress(len(ctx.methods) * (config.warmup + len(requests)), "eval") if progress else None
         for name in ctx.methods:
             with ctx.method(name) as session:
                 result = MethodResult(name, short_setting(session.settings),
@@ -401,6 +411,8 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = logger.info, runti
                     warm = replace(requests[0], steps=min(config.steps, 3))
                     for _ in range(config.warmup):
                         generate(ctx.pipe, warm, stats=session.stats)
+                        if bar is not None:
+                            bar.update(note=f"{name} warm-up")
                 folder = out / "images" / name
                 for i, request in enumerate(requests):
                     gen = generate(ctx.pipe, request, stats=session.stats)
@@ -410,6 +422,8 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = logger.info, runti
                     result.seconds.append(gen.seconds)
                     history = list(getattr(session.stats, "history", []) or []) if session.stats is not None else []
                     result.merged_fraction.append(session.merged_fraction(history, latent_hw))
+                    if bar is not None:
+                        bar.update(note=f"{name} image {i + 1}/{len(requests)}")
                     if name == "baseline":
                         baseline_images.append(gen.image)
                     else:
@@ -417,6 +431,8 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = logger.info, runti
                         result.ssim.append(ssim(gen.image, baseline_images[i], data_range=255.0))
                 log(f"{name}: {len(requests)} images, {result.seconds_per_image:.3f} s/image -> {folder}")
             results.append(result)
+        if bar is not None:
+            bar.close()
         report = EvalReport(config, results, availability, (height, width))
         _external_metrics(report, out, ctx, log)
     finally:

@@ -229,3 +229,22 @@ def test_rebuild_keeps_files_it_did_not_make_unless_forced(tmp_path, tiny_engine
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         [MANIFEST_FILE] + [name for name, _, _ in result.manifest.files()])
     Manifest.load(folder)
+
+
+def test_a_finished_build_that_cannot_be_swapped_in_is_kept(tmp_path, monkeypatch):
+    """The last write of a build (moving the finished folder in) fails: the old build stays, the new one is
+    kept beside it and the error says where."""
+    target = _folder(tmp_path / "e", "old")
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if os.fspath(dst) == os.fspath(target) and ".tmp-" in os.fspath(src):
+            raise PermissionError(13, "Permission denied")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(CatomeError, match="the finished build is kept in") as info:
+        run_build(make_options("tiny", resolution=128, out_dir=target, verify=False))
+    assert (target / MANIFEST_FILE).read_text() == "old"
+    kept = tmp_path / "e.new"
+    assert str(kept) in str(info.value) and Manifest.load(kept).stages
