@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -191,12 +192,14 @@ def _sample_of(output: object) -> torch.Tensor:
     return sample
 
 
-def track_pairs(unet: torch.nn.Module, config: TrackingConfig, text_embeddings: torch.Tensor) -> PairTrace:
+def track_pairs(unet: torch.nn.Module, config: TrackingConfig, text_embeddings: torch.Tensor,
+                on_step: Callable[[int, int], None] | None = None) -> PairTrace:
     """Run the denoising loop once and record every site's pairs at every U-Net call.
 
     ``text_embeddings`` is [2, L, D]: row 0 unconditional, row 1 conditional
     (one generation with classifier-free guidance, batch 2 per U-Net call).
-    The U-Net is left as it was (hooks removed, no parameter touched).
+    The U-Net is left as it was (hooks removed, no parameter touched). ``on_step(i, n)`` is called after
+    U-Net call i of n (progress).
     """
     if text_embeddings.ndim != 3 or text_embeddings.shape[0] != 2:
         raise CatomeError(f"text embeddings must be [2, L, D] (uncond, cond), got {tuple(text_embeddings.shape)}")
@@ -224,12 +227,14 @@ def track_pairs(unet: torch.nn.Module, config: TrackingConfig, text_embeddings: 
                for site, tr in zip(sites, trackers)]
     try:
         with torch.no_grad():
-            for t in sched.timesteps:
+            for i, t in enumerate(sched.timesteps):
                 model_in = sched.scale_model_input(torch.cat([latents, latents]), t)
                 out = unet(model_in.to(dtype), t, encoder_hidden_states=emb, **extra)
                 noise_uncond, noise_cond = _sample_of(out).float().chunk(2)
                 noise = noise_uncond + config.guidance_scale * (noise_cond - noise_uncond)
                 latents = sched.step(noise, t, latents).prev_sample
+                if on_step is not None:
+                    on_step(i, len(timesteps))
     finally:
         for h in handles:
             h.remove()

@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     if embs is None:
         print("text: seeded random text embeddings (no text encoder); prompts are not used")
 
-    analysis = analyze_pairs(unet, config, embs, inputs)
+    analysis = analyze_pairs(unet, config, embs, inputs, progress=True)
     print("sites: " + ", ".join(f"{s.index}={s.path.replace('.transformer_blocks.0', '')} {g[0]}x{g[1]}"
                                  for s, g in zip(analysis.sites, analysis.grids)))
     _print_table(analysis, args.step_base)

@@ -374,12 +374,14 @@ class _MethodSession:
 
 
 # -- running -----------------------------------------------------------------------------
-def run_eval(config: EvalConfig, log: Callable[[str], None] = logger.info, runtime: Any = None) -> EvalReport:
+def run_eval(config: EvalConfig, log: Callable[[str], None] = logger.info, runtime: Any = None,
+             progress: bool = False) -> EvalReport:
     """Generate every method's images, measure them, and write the report into ``config.out``.
 
     ``runtime``: an already loaded :class:`~catome_export.runtime.Runtime` for
     the engine methods, used instead of loading ``config.engine`` (left open;
-    its merge settings are restored at the end).
+    its merge settings are restored at the end). ``progress``: one tick per image on stderr, with an ETA
+    (tqdm on a terminal).
     """
     from catome_export.generate import ImageRequest, generate, save_png
 
@@ -398,6 +400,9 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = logger.info, runti
 
             check_engine_shapes(ctx.runtime, requests[0])
         baseline_images: list[np.ndarray] = []
+        from catome_export.progress import Progress
+
+        bar = Progress(len(ctx.methods) * (config.warmup + len(requests)), "eval") if progress else None
         for name in ctx.methods:
             with ctx.method(name) as session:
                 result = MethodResult(name, short_setting(session.settings),
@@ -406,6 +411,8 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = logger.info, runti
                     warm = replace(requests[0], steps=min(config.steps, 3))
                     for _ in range(config.warmup):
                         generate(ctx.pipe, warm, stats=session.stats)
+                        if bar is not None:
+                            bar.update(note=f"{name} warm-up")
                 folder = out / "images" / name
                 for i, request in enumerate(requests):
                     gen = generate(ctx.pipe, request, stats=session.stats)
@@ -415,6 +422,8 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = logger.info, runti
                     result.seconds.append(gen.seconds)
                     history = list(getattr(session.stats, "history", []) or []) if session.stats is not None else []
                     result.merged_fraction.append(session.merged_fraction(history, latent_hw))
+                    if bar is not None:
+                        bar.update(note=f"{name} image {i + 1}/{len(requests)}")
                     if name == "baseline":
                         baseline_images.append(gen.image)
                     else:
@@ -422,6 +431,8 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = logger.info, runti
                         result.ssim.append(ssim(gen.image, baseline_images[i], data_range=255.0))
                 log(f"{name}: {len(requests)} images, {result.seconds_per_image:.3f} s/image -> {folder}")
             results.append(result)
+        if bar is not None:
+            bar.close()
         report = EvalReport(config, results, availability, (height, width))
         _external_metrics(report, out, ctx, log)
     finally:
