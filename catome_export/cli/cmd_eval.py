@@ -6,7 +6,7 @@ import argparse
 import re
 from pathlib import Path
 
-from catome_export.cli.cmd_generate import add_merge_options, add_runtime_options
+from catome_export.cli.cmd_generate import add_merge_options, add_runtime_options, size_or_default
 from catome_export.errors import CatomeError
 
 DEFAULT_IMAGENET = 20
@@ -43,8 +43,8 @@ def run(args: argparse.Namespace) -> int:
                           "catome-export build --model tiny (or pass the folder the build wrote)")
     prompts = _prompts(args)
     # Check the sampling options before loading anything (the default size stands in for a missing one).
-    ImageRequest(prompts[0], None, args.steps, args.guidance, args.seed, args.height or 512,
-                 args.width or args.height or 512)
+    ImageRequest(prompts[0], None, args.steps, args.guidance, args.seed,
+                 *size_or_default(args.height, args.width, (512, 512)))
     model = args.model if args.model is not None or args.engine is not None else "tiny"
     name = Path(args.engine).name if args.engine else _slug(model)
     out = Path(args.out) if args.out else Path("out") / f"eval-{name}"

@@ -51,6 +51,14 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
                    help="eager model precision: auto = fp16 on CUDA, fp32 on CPU (engines keep their own)")
 
 
+def size_or_default(height: int | None, width: int | None, default_hw: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) as given; a missing height is the default, a missing width the height (or the default).
+    A given 0 stays 0, so the request's check refuses it rather than taking the default."""
+    h = default_hw[0] if height is None else height
+    w = width if width is not None else (height if height is not None else default_hw[1])
+    return h, w
+
+
 def check_merge_flags(args: argparse.Namespace) -> None:
     if args.no_merge and (args.threshold is not None or args.schedule is not None):
         raise CatomeError("--no-merge turns merging off: leave out --threshold and --schedule")
@@ -77,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
                           "catome-export build --model tiny (or pass the folder the build wrote)")
     # Check the request before loading anything (the default size stands in for a missing one).
     ImageRequest(args.prompt, args.negative_prompt, args.steps, args.guidance, args.seed,
-                 args.height or 512, args.width or args.height or 512)
+                 *size_or_default(args.height, args.width, (512, 512)))
     out = Path(args.out) if args.out else Path("out") / f"{_slug(args.prompt)}-seed{args.seed}.png"
     if out.suffix.lower() != ".png":
         raise CatomeError(f"--out must name a .png file, got {str(out)!r}")
@@ -106,8 +114,7 @@ def run(args: argparse.Namespace) -> int:
 def _request(args: argparse.Namespace, default_hw: tuple[int, int]) -> Any:
     from catome_export.generate import ImageRequest
 
-    height = args.height or default_hw[0]
-    width = args.width or (args.height if args.height else default_hw[1])
+    height, width = size_or_default(args.height, args.width, default_hw)
     return ImageRequest(args.prompt, args.negative_prompt, args.steps, args.guidance, args.seed, height, width)
 
 

@@ -293,6 +293,19 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _keep_unplaced(tmp: Path, target: Path) -> Path:
+    """A finished build that could not be swapped in: renamed to ``<target>.new`` (which no later build
+    cleans up), or left where it is when even that fails."""
+    kept = target.parent / f"{target.name}.new"
+    if kept.exists():
+        return tmp
+    try:
+        os.rename(tmp, kept)
+    except OSError:
+        return tmp
+    return kept
+
+
 # -- the build ----------------------------------------------------------------------------------------------
 def _resolve_backend(requested: str) -> str:
     from catome_export.backends.select import choose_backend
@@ -368,7 +381,13 @@ def run_build(opts: BuildOptions, progress: Progress | None = None, schedule_spe
                                   f"(inspect it with catome-export verify {failed})")
             if not force:
                 _check_foreign(target, False)  # put there while this build ran
-            _swap_into_place(tmp, target)
+            try:
+                _swap_into_place(tmp, target)
+            except CatomeError as exc:  # the finished build is kept, and the message says where
+                keep_tmp = True
+                kept = _keep_unplaced(tmp, target)
+                raise CatomeError(f"{exc}; the finished build is kept in {kept} (move it to {target} yourself, "
+                                  f"or build again)") from None
             keep_tmp = True
         finally:
             if not keep_tmp:
