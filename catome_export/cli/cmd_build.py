@@ -38,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     opts = make_options(args.model, args.weights, args.precision, args.backend, args.resolution,
                         args.min_resolution, args.max_resolution, args.batch, args.min_batch, args.max_batch,
                         settings, args.name, args.out, verify=not args.no_verify, verify_steps=args.verify_steps,
-                        exporter=args.exporter, opt_merge_fraction=args.opt_merge_fraction, cli=cli)
+                        exporter=args.exporter, opt_merge_fraction=args.opt_merge_fraction, cli=cli,
+                        ort_optimize=args.ort_optimize == "on")
     log = logging.getLogger("catome_export.build")
     result = run_build(opts, progress=log.info, schedule_spec=auto_spec, force=args.force)
     print(summary(result))
@@ -53,8 +54,12 @@ def summary(result) -> str:
     total = 0
     for entry in m.stages:
         size = entry["bytes"] + (entry.get("external_data_bytes") or 0)
-        total += size
         extra = f" + {entry['engine']['file']}" if entry.get("engine") else ""
+        fused = entry.get("ort_optimized")
+        if fused:
+            size += fused["bytes"] + (fused.get("external_data_bytes") or 0)
+            extra += f" + {fused['file']}"
+        total += size
         lines.append(f"  {entry['file']}{extra}: {size / 1e6:.1f} MB")
     lines.append(f"  total {total / 1e6:.1f} MB")
     lines.append(result.audit.summary())
@@ -100,6 +105,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--opt-merge-fraction", type=float, default=None, metavar="F",
                    help="TensorRT profiles: share of src tokens you expect merged, the shape TensorRT tunes for "
                         "(default 0.5; measure it with catome_export.export.profiles.calibrate_opt_fraction)")
+    p.add_argument("--ort-optimize", choices=("on", "off"), default="on",
+                   help="ONNX Runtime builds: also write each stage with ONNX Runtime's own transformer fusions "
+                        "(stage_<k>.ort.onnx: fused attention, layer norm, Gelu), which the ONNX Runtime backend "
+                        "loads; the standard graphs stay as TensorRT needs them (default on)")
     p.add_argument("--name", default=None, help="engine name (default: the model name)")
     p.add_argument("--out", default=None, metavar="DIR", help="engine folder (default engines/<name>)")
     p.add_argument("--force", action="store_true",

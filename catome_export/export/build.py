@@ -34,6 +34,7 @@ from catome_export.export.audit import AuditReport, audit_stages
 from catome_export.export.fsutil import BuildLock, pid_alive
 from catome_export.export.io_names import MODEL_OUTPUT, site_input_name, site_of_input
 from catome_export.export.manifest import MANIFEST_FILE, PRECISIONS, Manifest, build_command, tool_versions
+from catome_export.export.ort_optimize import OptimizedGraph, optimize_graph
 from catome_export.export.onnx_export import (
     EXPORTERS, OPSET, ExportedStage, example_inputs, export_stage, ort_max_diff, ort_session,
 )
@@ -77,6 +78,9 @@ class BuildOptions:
     """Share of src tokens TensorRT profiles tune for (None: the merge settings' fraction, else 0.5)."""
     cli: dict = field(default_factory=dict)
     """The flags as given, for the manifest's rebuild command."""
+    ort_optimize: bool = True
+    """ONNX Runtime builds: also write each stage in ONNX Runtime's fused form (``stage_<k>.ort.onnx``,
+    catome_export.export.ort_optimize), checked like the standard graph and listed in the manifest."""
 
 
 @dataclass
@@ -120,7 +124,7 @@ def make_options(model: str, weights: str | None = None, precision: str = "fp32"
                  max_batch: int | None = None, settings: MergeSettings | None = None, name: str | None = None,
                  out_dir: str | Path | None = None, verify: bool = True, verify_steps: int = 10,
                  exporter: str = "torchscript", opset: int = OPSET, opt_merge_fraction: float | None = None,
-                 cli: dict | None = None) -> BuildOptions:
+                 cli: dict | None = None, ort_optimize: bool = True) -> BuildOptions:
     """Validate build arguments (CatomeError naming the fix for any bad one) and fill in the defaults."""
     from catome_export.models import MODELS, model_info
     from catome_export.models.registry import BUNDLED_ONLY
@@ -175,6 +179,8 @@ def make_options(model: str, weights: str | None = None, precision: str = "fp32"
                                            or not isinstance(opt_merge_fraction, (int, float))
                                            or not 0.0 <= opt_merge_fraction <= 1.0):
         raise CatomeError(f"--opt-merge-fraction must be a number in [0, 1], got {opt_merge_fraction!r}")
+    if not isinstance(ort_optimize, bool):
+        raise CatomeError(f"ort_optimize must be true or false (--ort-optimize on|off), got {ort_optimize!r}")
     if name is None:
         name = model if model in MODELS else (Path(model).resolve().name or "model")
     if not name or "/" in name or "\\" in name or name.startswith(".") or name in ("..",):
@@ -183,7 +189,8 @@ def make_options(model: str, weights: str | None = None, precision: str = "fp32"
     return BuildOptions(model=model, weights=weights, precision=precision, backend=backend, resolution=(lo, hi),
                         batch=(blo, bhi), settings=settings or MergeSettings(max_downsample=info.max_downsample), name=name, out_dir=out,
                         verify=bool(verify), verify_steps=verify_steps, exporter=exporter, opset=opset,
-                        default_resolution=default, opt_merge_fraction=opt_merge_fraction, cli=dict(cli or {}))
+                        default_resolution=default, opt_merge_fraction=opt_merge_fraction, cli=dict(cli or {}),
+                        ort_optimize=ort_optimize)
 
 
 # -- folder handling ----------------------------------------------------------------------------------------
@@ -215,7 +222,7 @@ def _check_target(target: Path) -> None:
 
 BUILD_FILES = (MANIFEST_FILE, "timing.cache")
 """Files a build writes into the folder besides those its manifest lists."""
-_BUILD_NAME = re.compile(r"^stage_\d+\.(onnx|plan)([._-][\w.-]*)?$")
+_BUILD_NAME = re.compile(r"^stage_\d+\.(onnx|plan|ort\.onnx)([._-][\w.-]*)?$")
 """Names a build gives its stage files (graphs, external data, TensorRT plans), for a manifest it cannot read."""
 
 
@@ -232,6 +239,9 @@ def foreign_files(target: Path) -> list[str]:
             names = (entry.get("file"), entry.get("external_data"), engine.get("file") if isinstance(engine, dict)
                      else None) if isinstance(entry, dict) else ()
             ours.update(n for n in names if isinstance(n, str))
+            fused = entry.get("ort_optimized") if isinstance(entry, dict) else None
+            if isinstance(fused, dict):  # ONNX Runtime's fused graph and its weights
+                ours.update(n for n in (fused.get("file"), fused.get("external_data")) if isinstance(n, str))
     except (OSError, ValueError, AttributeError, TypeError):
         data = None
     found = []
@@ -420,25 +430,34 @@ def _build_into(opts: BuildOptions, folder: Path, backend: str, say: Progress,
                      "(add); fp16 graphs run on TensorRT or ONNX Runtime CUDA")
     quick: dict[int, float] | None = {} if check_ort else None
     exported: list[ExportedStage] = []
+    fused: dict[int, OptimizedGraph] = {}
+    fuse = backend == "ort" and opts.ort_optimize
     n = len(stages)
     for spec, module in stages:
         say(f"exporting stage {spec.index + 1}/{n} ({_describe(spec)})")
         item = export_stage(spec, module, examples[spec.index], folder, opset=opts.opset, exporter=opts.exporter)
         line = f"  stage {spec.index + 1}/{n}: {item.file}, {item.seconds:.1f} s, {_mb(item.total_bytes)}"
+        graphs = [(item.file, "the export is broken (try --exporter dynamo)")]
+        if fuse:
+            fused[spec.index] = optimize_graph(folder / item.file)
+            graphs.append((fused[spec.index].file, "ONNX Runtime's fusions changed it (build with --ort-optimize off)"))
+            line += f"; {fused[spec.index].file}: {_describe_fused(fused[spec.index])}"
         if quick is not None:
             try:
-                diff = ort_max_diff(ort_session(folder / item.file), spec, module, examples[spec.index])
+                diffs = [ort_max_diff(ort_session(folder / file), spec, module, examples[spec.index])
+                         for file, _ in graphs]
             except CatomeError as exc:
                 notes.append(f"per-stage ONNX Runtime check skipped ({exc})")
                 quick = None
             else:
-                quick[spec.index] = diff
-                line += f", ORT max |diff| {diff:.1e}"
+                quick[spec.index] = max(diffs)
+                line += ", ORT max |diff| " + " / ".join(f"{d:.1e}" for d in diffs)
                 with torch.no_grad():
                     scale = max(float(t.abs().max()) for t in module(*examples[spec.index]))
-                if not diff <= QUICK_CHECK_TOLERANCE * max(1.0, scale):
-                    raise CatomeError(f"stage {spec.index}'s ONNX graph differs from the torch stage by {diff:.2e} "
-                                      "in ONNX Runtime: the export is broken (try --exporter dynamo)")
+                for (file, fix), diff in zip(graphs, diffs):
+                    if not diff <= QUICK_CHECK_TOLERANCE * max(1.0, scale):
+                        raise CatomeError(f"stage {spec.index}'s ONNX graph {file} differs from the torch stage by "
+                                          f"{diff:.2e} in ONNX Runtime: {fix}")
         say(line)
         exported.append(item)
     audit = audit_stages([folder / e.file for e in exported])
@@ -452,6 +471,9 @@ def _build_into(opts: BuildOptions, folder: Path, backend: str, say: Progress,
         notes.append("the graphs would not parse in TensorRT (see the audit); ONNX Runtime can still run them")
     info = model_info(opts.model)
     manifest = _make_manifest(opts, unet, sites, stages, exported, settings, backend, audit, info)
+    for entry in manifest.stages:
+        if entry["index"] in fused:
+            entry["ort_optimized"] = fused[entry["index"]].entry()
     del unet, stages, examples
     if backend == "trt":
         _build_trt(folder, manifest, opts, say)
@@ -461,6 +483,12 @@ def _build_into(opts: BuildOptions, folder: Path, backend: str, say: Progress,
         report = _verify(folder, opts, backend, notes, say)
     return BuildResult(manifest=manifest, engine_dir=folder, stages=exported, audit=audit, quick_check=quick,
                        verify=report, backend=backend, seconds=0.0, notes=notes)
+
+
+def _describe_fused(graph: OptimizedGraph) -> str:
+    ops = ", ".join(f"{count} {op}" for op, count in graph.fused.items()) or "no fused operators"
+    left = f", {graph.attention_left} attention(s) left unfused" if graph.attention_left else ""
+    return f"{ops}{left}, {graph.seconds:.1f} s"
 
 
 def _describe(spec) -> str:
@@ -505,6 +533,8 @@ def _make_manifest(opts: BuildOptions, unet, sites, stages, exported, settings: 
     cli = {"model": opts.model, "weights": opts.weights, "precision": opts.precision, "backend": opts.backend,
            "name": opts.name, "out": str(opts.out_dir)}
     cli.update({k: v for k, v in opts.cli.items() if v is not None})
+    if not opts.ort_optimize:
+        cli["ort_optimize"] = "off"
     if lo == hi and "min_resolution" not in cli:
         cli["resolution"] = lo
     else:
@@ -522,7 +552,8 @@ def _make_manifest(opts: BuildOptions, unet, sites, stages, exported, settings: 
         shapes=shapes, stages=[e.entry(spec) for e, (spec, _) in zip(exported, stages)],
         engine_backend="ort", trt=None, tools=tool_versions(),
         extra={"build": cli, "build_command": build_command(cli), "audit": audit.to_dict(),
-               "export": {"exporter": opts.exporter, "opset": opts.opset}},
+               "export": {"exporter": opts.exporter, "opset": opts.opset,
+                          "ort_optimize": backend == "ort" and opts.ort_optimize}},
     )
 
 
@@ -586,12 +617,13 @@ def build_engine(model: str, weights: str | None = None, precision: str = "fp32"
     """Build an engine folder and return its manifest (see :func:`run_build` for the full result).
 
     ``options``: ``verify_steps``, ``exporter`` (``torchscript`` | ``dynamo``), ``opset``,
-    ``opt_merge_fraction`` (the merge level TensorRT profiles tune for), ``schedule``
+    ``opt_merge_fraction`` (the merge level TensorRT profiles tune for), ``ort_optimize`` (bool: ONNX Runtime's
+    fused graphs beside the standard ones, default True), ``schedule``
     (a schedule spec, ``auto:K`` included, that replaces ``settings.schedule``). ``force``: remove files in
     an existing engine folder that no build made (otherwise the build refuses, naming them).
     """
     schedule = options.pop("schedule", None)
-    allowed = {"verify_steps", "exporter", "opset", "opt_merge_fraction"}
+    allowed = {"verify_steps", "exporter", "opset", "opt_merge_fraction", "ort_optimize"}
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise CatomeError(f"unknown build option(s) {', '.join(unknown)}: use {', '.join(sorted(allowed))}, schedule")

@@ -218,6 +218,12 @@ class Manifest:
             if entry.get("external_data"):
                 out.append((entry["external_data"], entry.get("external_data_bytes"),
                             entry.get("external_data_sha256")))
+            fused = entry.get("ort_optimized")  # ONNX Runtime's fused graph (export/ort_optimize.py), if built
+            if isinstance(fused, dict) and fused.get("file"):
+                out.append((fused["file"], fused.get("bytes"), fused.get("sha256")))
+                if fused.get("external_data"):
+                    out.append((fused["external_data"], fused.get("external_data_bytes"),
+                                fused.get("external_data_sha256")))
             engine = entry.get("engine")
             if isinstance(engine, dict) and engine.get("file"):
                 out.append((engine["file"], engine.get("bytes"), engine.get("sha256")))
@@ -290,7 +296,7 @@ class Manifest:
 
 FLAG_ORDER = ("model", "weights", "precision", "backend", "resolution", "min_resolution", "max_resolution", "batch",
               "min_batch", "max_batch", "threshold", "ratio", "merge_fraction", "schedule", "step_base",
-              "opt_merge_fraction", "name", "out")
+              "opt_merge_fraction", "ort_optimize", "name", "out")
 
 
 def build_command(args: dict) -> str:
