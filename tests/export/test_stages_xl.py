@@ -97,3 +97,22 @@ def test_xl_real_plans_match_the_eager_patch(xl_unet, xl_sites):
     assert dict(controller.last.merged) == eager_r
     assert (got - plain).abs().max() > 1e-3
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_sd2_style_layout_cuts_and_reproduces_its_forward():
+    """SD 2.x's differences (linear proj_in/proj_out, heads per level, upcast attention) at tiny width."""
+    from catome_export.models import bundled_config
+    from catome_export.models.registry import random_unet
+
+    unet = random_unet({**bundled_config("tiny"), "use_linear_projection": True, "attention_head_dim": [1, 2, 2, 2],
+                        "upcast_attention": True}).eval()
+    sites = find_merge_sites(unet)
+    stages = cut_unet(unet, sites)
+    assert len(stages) == 6 and isinstance(unet.down_blocks[0].attentions[0].proj_in, torch.nn.Linear)
+    gen = torch.Generator().manual_seed(0)
+    f = {"sample": torch.randn(2, 4, 16, 24, generator=gen), "timestep": torch.tensor([800.0, 800.0]),
+         "encoder_hidden_states": torch.randn(2, 9, 32, generator=gen)}
+    with torch.no_grad():
+        want = unet(f["sample"], f["timestep"], f["encoder_hidden_states"]).sample
+        got = run_stages(stages, f)["noise_pred"]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
