@@ -38,10 +38,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from catome_export.models.conditioning import random_added_conditioning
 from catome_export.errors import CatomeError
 from catome_export.latents import make_latents
 from catome_export.merging.plan import MergePlan
+from catome_export.models.conditioning import random_added_conditioning
 
 logger = logging.getLogger(__name__)
 
