@@ -16,10 +16,14 @@ __all__ = ["__version__", "CatomeError", "apply_catome", "apply_tome", "match_to
 
 
 def __getattr__(name: str) -> Any:  # lazy re-exports keep `import catome_export` cheap
-    if name in ("apply_catome", "apply_tome"):
-        from catome_export import eager
+    if name == "apply_catome":  # the workflow layer's: it also calibrates auto:K schedules
+        from catome_export.workflows.eager import apply_catome
 
-        return getattr(eager, name)
+        return apply_catome
+    if name == "apply_tome":
+        from catome_export.eager import apply_tome
+
+        return apply_tome
     if name in ("match_tokens", "MergePlan"):
         from catome_export import merging
 

@@ -36,6 +36,7 @@ from catome_export.backends.base import DeviceStream, check_outputs, ordered_fee
 from catome_export.errors import CatomeError
 
 if TYPE_CHECKING:
+    from catome_export.export.manifest import StageRecord
     from catome_export.export.stages import StageSpec
 
 logger = logging.getLogger(__name__)
@@ -346,9 +347,10 @@ class OrtBackend:
         }
         return [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"]
 
-    def load_stage(self, engine_dir: Path, entry: dict, spec: "StageSpec") -> OrtStageRunner:
+    def load_stage(self, engine_dir: Path, stage: "StageRecord") -> OrtStageRunner:
         ort = _import_ort()
-        path = Path(engine_dir) / str(entry.get("file", ""))
+        spec = stage.spec
+        path = Path(engine_dir) / stage.file
         if not path.is_file():
             raise CatomeError(f"stage file {path} is missing: rebuild the engine with catome-export build")
         try:

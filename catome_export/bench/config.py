@@ -7,6 +7,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from catome_export.defaults import DEFAULT_SCHEDULE
 from catome_export.errors import CatomeError
 
 BACKENDS = ("eager", "eager-tome", "eager-catome", "engine", "engine-unstaged")
@@ -61,7 +62,7 @@ class BenchConfig:
     """Start latents: ``smooth`` (blurred, self-similar) or ``noise``."""
     steps: int = 0
     """When > 0, also time an ``steps``-call denoising loop with ``schedule`` (checkpoint and cached steps mixed)."""
-    schedule: str = "config3"
+    schedule: str = DEFAULT_SCHEDULE
     """Checkpoint schedule of the ``steps`` loop."""
     repeats: int = 5
     """Timed cached-step calls per row."""

@@ -42,7 +42,7 @@ def reusable(folder: Path, config: BenchConfig, resolutions: Sequence[int], dige
         return "no engine built yet"
     try:
         manifest = Manifest.load(folder)
-        if manifest.model.get("weights_hash") != digest:
+        if manifest.model.weights_hash != digest:
             return "built from other weights"
         if manifest.precision != config.precision:
             return f"built in {manifest.precision}"
@@ -58,7 +58,7 @@ def reusable(folder: Path, config: BenchConfig, resolutions: Sequence[int], dige
 def ensure_engine(config: BenchConfig, resolutions: Sequence[int], digest: str,
                   progress: Callable[[str], None]) -> Path:
     """An engine folder for ``config.model`` covering ``resolutions`` and ``config.batch`` (built when needed)."""
-    from catome_export.export.build import build_engine
+    from catome_export.workflows.build import build_engine
 
     folder = config.workdir / work_name(config) / "engine"
     why = reusable(folder, config, resolutions, digest)

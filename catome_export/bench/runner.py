@@ -357,7 +357,7 @@ def _engine_unet_config(engine_dir: Path) -> dict[str, Any]:
     from catome_export.export.manifest import Manifest
 
     manifest = Manifest.load(engine_dir, check_files=False)
-    cfg = manifest.model.get("unet_config") or {}
+    cfg = manifest.model.unet_config
     if not cfg:
         raise CatomeError(f"the manifest in {engine_dir} has no unet_config: rebuild the engine")
     return dict(cfg)

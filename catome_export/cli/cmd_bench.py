@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from catome_export.defaults import DEFAULT_SCHEDULE
 from catome_export.errors import CatomeError
 from catome_export.export.fsutil import check_writable_file
 
@@ -93,7 +94,7 @@ def _engine_model(engine_dir: Path) -> dict:
     if not engine_dir.is_dir():
         raise CatomeError(f"--engine {engine_dir} is not a folder: build one with catome-export build, "
                           "or leave --engine out to build one for --model")
-    return dict(Manifest.load(engine_dir, check_files=False).model)
+    return Manifest.load(engine_dir, check_files=False).model.to_dict()
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
@@ -150,7 +151,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="start latents (default smooth: self-similar, so thresholds merge with random weights)")
     p.add_argument("--steps", type=int, default=0, metavar="N",
                    help="also time an N-call denoising loop with --schedule (default 0: off)")
-    p.add_argument("--schedule", default="config3", help="checkpoint schedule of the --steps loop (default config3)")
+    p.add_argument("--schedule", default=DEFAULT_SCHEDULE,
+                   help=f"checkpoint schedule of the --steps loop (default {DEFAULT_SCHEDULE})")
     p.add_argument("--repeats", type=int, default=5, help="timed cached-step calls per row (default 5)")
     p.add_argument("--checkpoint-repeats", type=int, metavar="N",
                    help="with --sequential: timed checkpoint-step calls per merging row (default min(repeats, 3)); "

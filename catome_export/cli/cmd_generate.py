@@ -106,8 +106,8 @@ def _request(args: argparse.Namespace, default_hw: tuple[int, int]) -> Any:
 
 
 def _run_eager(args: argparse.Namespace, default_resolution: Any) -> tuple[Any, str]:
-    from catome_export.eager import apply_catome
     from catome_export.generate import describe_settings, generate, load_pipeline
+    from catome_export.workflows.eager import apply_catome
 
     res = default_resolution(args.model)
     request = _request(args, (res, res))

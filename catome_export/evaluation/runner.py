@@ -33,10 +33,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from catome_export.defaults import DEFAULT_RATIO, DEFAULT_SCHEDULE, DEFAULT_THRESHOLD
 from catome_export.errors import CatomeError
 from catome_export.evaluation.external import (DEFAULT_CLIP_MODEL, Availability, ClipScorer, InceptionFeatures,
                                                clip_availability, fid_availability, frechet_distance)
 from catome_export.evaluation.metrics import psnr, ssim
+from catome_export.merging import AutoSchedule, MergeSettings, parse_schedule, parse_schedule_request
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +69,7 @@ class EvalConfig:
     schedule: str | None = None
     """Checkpoint schedule (default config3 for eager CA-ToMe, the engine's own for the engine)."""
     step_base: int = 1
-    ratio: float = 0.5
+    ratio: float = DEFAULT_RATIO
     """ToMe's fixed ratio."""
     steps: int = 50
     guidance: float = 7.5
@@ -94,8 +96,6 @@ class EvalConfig:
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise CatomeError(f"warmup must be an int >= 0, got {self.warmup!r}")
         # Checked here, before any pipeline is loaded, so a typo fails in a second, not after a model load.
-        from catome_export.merging import MergeSettings
-
         if self.threshold is not None:
             MergeSettings(threshold=self.threshold)
         MergeSettings(threshold=None, ratio=self.ratio)
@@ -225,11 +225,17 @@ def short_setting(settings: Any) -> str:
     return f"fraction {settings.merge_fraction:g}, {cache}"
 
 
-def eager_settings(method: str, config: EvalConfig) -> Any:
-    """The MergeSettings of an eager method (None for the baseline)."""
-    from catome_export.merging import MergeSettings, parse_schedule
+@dataclass(frozen=True)
+class CalibratedCatome:
+    """CA-ToMe with an ``auto:K`` schedule: calibrated on the pipeline's U-Net when the method is applied."""
 
-    threshold = 0.7 if config.threshold is None else config.threshold
+    threshold: float
+    schedule: AutoSchedule
+
+
+def eager_settings(method: str, config: EvalConfig) -> MergeSettings | CalibratedCatome | None:
+    """The merge settings of an eager method (None for the baseline; an ``auto:K`` schedule still to calibrate)."""
+    threshold = DEFAULT_THRESHOLD if config.threshold is None else config.threshold
     if method == "baseline":
         return None
     if method == "tome":
@@ -237,10 +243,10 @@ def eager_settings(method: str, config: EvalConfig) -> Any:
     if method == "adaptive":
         return MergeSettings(threshold=threshold, schedule=parse_schedule("every_step", config.step_base))
     if method == "catome":
-        schedule = config.schedule or "config3"
-        if schedule.strip().lower().startswith("auto:"):
-            return ("auto", threshold, schedule)
-        return MergeSettings(threshold=threshold, schedule=parse_schedule(schedule, config.step_base))
+        request = parse_schedule_request(config.schedule or DEFAULT_SCHEDULE, config.step_base)
+        if isinstance(request, AutoSchedule):
+            return CalibratedCatome(threshold, request)
+        return MergeSettings(threshold=threshold, schedule=request)
     raise CatomeError(f"{method} is not an eager method")
 
 
@@ -267,14 +273,13 @@ class _Context:
             self.runtime = Runtime.load(config.engine, backend=config.backend, device=device)
         try:
             if self.runtime is not None:
-                manifest = getattr(self.runtime, "manifest", None)
-                manifest_model = (getattr(manifest, "model", None) or {}).get("id")
+                manifest = self.runtime.manifest
+                manifest_model = manifest.model.id if manifest is not None else None
                 source = config.model or manifest_model
                 if source is None:
                     raise CatomeError("the engine's manifest names no model: pass --model")
                 eager = any(m in EAGER_METHODS for m in methods)
-                built_from = getattr(manifest, "model", None)
-                reference = eager and isinstance(built_from, dict) and bool(built_from.get("weights_hash"))
+                reference = eager and manifest is not None and bool(manifest.model.weights_hash)
                 self.pipe = load_pipeline(source, device=self.runtime.device, dtype=self.runtime.dtype,
                                           with_unet=eager and not reference)
                 if reference:
@@ -327,13 +332,15 @@ class _MethodSession:
         self._undo: Callable[[], None] = lambda: None
 
     def __enter__(self) -> "_MethodSession":
-        from catome_export.eager import apply_catome, apply_merging
+        from catome_export.eager import apply_merging
+        from catome_export.workflows.eager import apply_catome
 
         cfg, pipe = self.ctx.config, self.ctx.pipe
         if self.name in EAGER_METHODS:
             settings = eager_settings(self.name, cfg)
-            if isinstance(settings, tuple):  # calibrated auto:K schedule
-                handle = apply_catome(pipe, threshold=settings[1], schedule=settings[2], step_base=cfg.step_base)
+            if isinstance(settings, CalibratedCatome):
+                handle = apply_catome(pipe, threshold=settings.threshold, schedule=settings.schedule,
+                                      step_base=cfg.step_base)
             elif settings is not None:
                 handle = apply_merging(pipe, settings)
             else:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 
 from catome_export.errors import CatomeError
-from catome_export.export.manifest import MANIFEST_FILE, Manifest, build_command, canonical_hash
+from catome_export.export.manifest import MANIFEST_FILE, Manifest, build_command, canonical_hash, tool_versions
 from catome_export.merging import MergeSettings, parse_schedule
+from factories import make_manifest, make_shapes
 
 
 @pytest.fixture
@@ -21,17 +23,14 @@ def engine_dir(tmp_path, exported, export_stages, export_sites):
     for item in items:
         shutil.copy2(folder / item.file, target / item.file)
     settings = MergeSettings(threshold=0.6, schedule=parse_schedule("config2", 0))
-    manifest = Manifest(
-        name="tiny", model={"id": "tiny", "weights": "random", "weights_hash": "0" * 64, "unet_config": {"a": 1}},
-        precision="fp32", merge=settings.to_dict(),
-        sites=[{"index": s.index, "path": s.path, "downsample": s.downsample, "channels": 32} for s in export_sites],
-        shapes={"batch": [1, 2], "latent_height": [16, 32], "latent_width": [16, 32], "text_len": 77,
-                "text_dim": 32, "opt": {"batch": 2, "latent_height": 32, "latent_width": 32, "merge_fraction": 0.5}},
-        stages=[item.entry(spec) for item, (spec, _) in zip(items, export_stages)],
-        extra={"build": {"model": "tiny", "weights": "random", "precision": "fp32", "min_resolution": 128,
-                         "max_resolution": 256, "min_batch": 1, "max_batch": 2, "name": "tiny",
-                         "out": str(target)}},
+    manifest = make_manifest(
+        name="tiny", model="tiny", weights="random", unet_config={"a": 1}, merge=settings,
+        sites=[replace(s, channels=32) for s in export_sites], shapes=make_shapes((1, 2), (16, 32)),
+        stages=[item.record(spec) for item, (spec, _) in zip(items, export_stages)],
+        build={"model": "tiny", "weights": "random", "precision": "fp32", "min_resolution": 128,
+               "max_resolution": 256, "min_batch": 1, "max_batch": 2, "name": "tiny", "out": str(target)},
     )
+    manifest.tools = tool_versions()
     manifest.save(target)
     return target
 
@@ -44,7 +43,7 @@ def test_round_trip(engine_dir, export_stages):
                               "sites", "shapes", "stages", "engine_backend", "trt", "tools", "created"]
     assert list(raw)[-1] == "manifest_sha256" and raw["manifest_sha256"] == canonical_hash(raw)
     assert loaded.stage_specs() == [spec for spec, _ in export_stages]
-    settings = loaded.settings()
+    settings = loaded.merge
     assert settings.threshold == 0.6 and settings.schedule.step_base == 0 and settings.schedule.name == "config2"
     assert raw["tools"]["torch"] and raw["engine_backend"] == "ort" and raw["trt"] is None
     assert not [p for p in engine_dir.iterdir() if p.name.endswith(".tmp")]
