@@ -28,6 +28,8 @@ import numpy as np
 import torch
 
 from catome_export.defaults import DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS
+from catome_export.devices import resolve_device
+from catome_export.dtypes import precision_dtype
 from catome_export.errors import CatomeError
 from catome_export.export.fsutil import atomic_write_bytes
 
@@ -129,31 +131,13 @@ def format_step(report: StepReport) -> str:
 
 
 # -- pipelines ---------------------------------------------------------------------------
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/``auto``: cuda when available, else cpu."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise CatomeError(f"unknown device {device!r}: use auto, cpu or cuda[:N]") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CatomeError("no CUDA device is usable here (CPU-only torch or no GPU): use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise CatomeError(f"unsupported device {device!r}: use cpu or cuda[:N]")
-    return dev
-
-
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """``None``/``auto``: float16 on CUDA, float32 on CPU."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None or dtype == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
-    table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
-    if dtype not in table:
-        raise CatomeError(f"unknown dtype {dtype!r}: use auto, fp32 or fp16")
-    return table[dtype]
+    return precision_dtype(dtype, ("fp32", "fp16"), f"unknown dtype {dtype!r}: use auto, fp32 or fp16")
 
 
 def default_resolution(model: str) -> int:

@@ -22,13 +22,29 @@ TRT_INSTALL_HINT = (f"install it on a machine with an NVIDIA GPU (pip install 'c
                     "or use --backend ort")
 
 
+def version_tuple(version: str) -> tuple[int, ...]:
+    """The leading numeric release of a version string ("1.20.1" -> (1, 20, 1); "1.21.0.dev2025" -> (1, 21, 0))."""
+    parts: list[int] = []
+    for piece in str(version).split("."):
+        digits = ""
+        for ch in piece:
+            if not ch.isdigit():
+                break
+            digits += ch
+        if not digits:
+            break
+        parts.append(int(digits))
+        if len(digits) != len(piece):
+            break
+    return tuple(parts)
+
+
 def trt_version_problem(version: str) -> str | None:
     """Why TensorRT ``version`` cannot be used here (too old, too new, unreadable), or None when it is supported."""
-    parts = str(version).split(".")
-    try:
-        major, minor = int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
-    except ValueError:
+    parts = version_tuple(version)
+    if not parts:
         return f"TensorRT {version!r} has a version this project cannot read; it supports tensorrt{TRT_SUPPORTED}"
+    major, minor = parts[0], parts[1] if len(parts) > 1 else 0
     if (major, minor) < (10, 1):
         return f"TensorRT {version} is too old: this project supports tensorrt{TRT_SUPPORTED}"
     if major >= 12:

@@ -238,12 +238,12 @@ class Setup:
     def inputs(self, resolution: int, smooth: bool) -> tuple[Any, Any]:
         import torch
 
-        from catome_export.export.profiles import smooth_latent
+        from catome_export.latents import make_latents
 
         lh = lw = resolution // 8
         gen = torch.Generator().manual_seed(resolution)
         if smooth:
-            latent = smooth_latent(BATCH, lh, lw, seed=resolution)
+            latent = make_latents((BATCH, int(self.unet.config.in_channels), lh, lw), "smooth", resolution)
         else:
             latent = torch.randn(BATCH, int(self.unet.config.in_channels), lh, lw, generator=gen)
         ehs = torch.randn(BATCH, TEXT_LEN, int(self.unet.config.cross_attention_dim), generator=gen)
@@ -324,6 +324,7 @@ def chain_part(setup: Setup, resolution: int, variant: str, graphs: bool, steps:
     import torch
 
     from catome_export.backends.torch_backend import TorchBackend
+    from catome_export.export.manifest import StageRecord
     from catome_export.export.stages import cut_unet
     from catome_export.runtime.runtime import Runtime
 
@@ -331,7 +332,7 @@ def chain_part(setup: Setup, resolution: int, variant: str, graphs: bool, steps:
         return {"status": "skipped", "reason": "CUDA graphs need a CUDA device"}
     stages = cut_unet(setup.unet, setup.sites, dtype=setup.dtype)  # shares the U-Net's weights
     backend = TorchBackend(None, setup.device, stages=stages)
-    runners = [backend.load_stage(None, {}, spec) for spec, _ in stages]  # type: ignore[arg-type]
+    runners = [backend.load_stage(None, StageRecord(spec, "")) for spec, _ in stages]
     runtime = Runtime(runners, setup.sites, _settings(variant), unet_config=dict(setup.unet.config),
                       dtype=setup.dtype, device=backend.device, backend=backend)
     try:

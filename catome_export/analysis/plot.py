@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from catome_export.analysis._io import write_atomic
+from catome_export.export.fsutil import atomic_write_with
 from catome_export.analysis.result import PairAnalysis
 from catome_export.errors import CatomeError
 
@@ -54,4 +54,4 @@ def plot_consecutive(
                  fontsize=10)
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
-    return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png"))

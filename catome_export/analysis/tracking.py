@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from catome_export.analysis.inputs import LATENT_KINDS, make_latents
+from catome_export.latents import LATENT_KINDS, make_latents
 from catome_export.analysis.pairs import NOT_MERGED, consecutive_distances, distance_matrix, pair_map
 from catome_export.errors import CatomeError
 from catome_export.merging.matching import match_tokens

@@ -30,14 +30,11 @@ def __getattr__(name: str) -> Any:  # lazy: the protocols import torch, selectio
 
 
 def _check_device(name: str, device: "torch.device | str | None", allowed: tuple[str, ...]) -> "torch.device | None":
-    import torch
+    from catome_export.devices import parse_device
 
     if device is None:
         return None
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise CatomeError(f"unknown device {device!r}: use cpu or cuda[:N]") from None
+    dev = parse_device(device)
     if dev.type not in allowed:
         raise CatomeError(f"backend {name} runs on {' or '.join(allowed)}, not {dev}: pick another --backend or device")
     return dev

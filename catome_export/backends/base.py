@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING, ContextManager, Mapping, Protocol, runtime_che
 
 import torch
 
+from catome_export.dtypes import ELEMENT_TYPES
 from catome_export.errors import CatomeError
 
 if TYPE_CHECKING:  # the export layer imports torch modules; keep this import for type checkers only
     from catome_export.export.manifest import StageRecord
     from catome_export.export.stages import StageSpec, TensorSpec
 
-TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
+TORCH_DTYPES: dict[str, torch.dtype] = ELEMENT_TYPES
 """Manifest dtype names -> torch dtypes."""
 
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from catome_export.backends.base import DeviceStream, check_outputs, ordered_feeds, torch_dtype
+from catome_export.backends.select import version_tuple
 from catome_export.errors import CatomeError
 
 if TYPE_CHECKING:
@@ -131,23 +132,6 @@ def _import_ort():
         raise CatomeError("ONNX Runtime is not installed: pip install 'catome-export[ort]' (CPU) or '[ort-gpu]'") \
             from None
     return onnxruntime
-
-
-def version_tuple(version: str) -> tuple[int, ...]:
-    """The leading numeric release of a version string ("1.20.1" -> (1, 20, 1); "1.21.0.dev2025" -> (1, 21, 0))."""
-    parts: list[int] = []
-    for piece in str(version).split("."):
-        digits = ""
-        for ch in piece:
-            if not ch.isdigit():
-                break
-            digits += ch
-        if not digits:
-            break
-        parts.append(int(digits))
-        if len(digits) != len(piece):
-            break
-    return tuple(parts)
 
 
 def check_gpu_version(version: str) -> None:

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 from catome_export.errors import CatomeError
 from catome_export.tensorrt_support import (  # noqa: F401  (re-exported: the backends' and doctor's import path)
-    TRT_INSTALL_HINT, TRT_PIP, TRT_SUPPORTED, import_tensorrt, trt_version_problem,
+    TRT_INSTALL_HINT, TRT_PIP, TRT_SUPPORTED, import_tensorrt, trt_version_problem, version_tuple,
 )
 
 __all__ = ["BACKEND_NAMES", "BackendChoice", "choose_backend", "TRT_INSTALL_HINT", "TRT_PIP", "TRT_SUPPORTED",
-           "import_tensorrt", "trt_version_problem"]
+           "import_tensorrt", "trt_version_problem", "version_tuple"]
 
 BACKEND_NAMES = ("auto", "trt", "ort", "ort-cuda", "ort-cpu", "torch")
 

@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from catome_export.devices import resolve_device
 from catome_export.backends.base import check_outputs, ordered_feeds, torch_dtype
 from catome_export.errors import CatomeError
 from catome_export.export.manifest import Manifest, StageRecord
@@ -58,11 +59,11 @@ def _io_names(spec: "StageSpec") -> tuple[list[str], list[str]]:
 
 def manifest_dtype(manifest: Manifest) -> torch.dtype:
     """The model dtype of an engine (fp32 or fp16)."""
+    from catome_export.dtypes import precision_dtype
+
     precision = manifest.precision
-    table = {"fp32": torch.float32, "fp16": torch.float16}
-    if precision not in table:
-        raise CatomeError(f"unknown engine precision {precision!r}: rebuild the engine with --precision fp32 or fp16")
-    return table[precision]
+    return precision_dtype(precision, ("fp32", "fp16"),
+                           f"unknown engine precision {precision!r}: rebuild the engine with --precision fp32 or fp16")
 
 
 def load_reference_unet(manifest: Manifest, device: torch.device | str = "cpu") -> torch.nn.Module:
@@ -90,9 +91,7 @@ class TorchBackend:
 
     def __init__(self, manifest: Manifest | None = None, device: torch.device | str | None = None,
                  stages: Sequence[tuple["StageSpec", torch.nn.Module]] | None = None) -> None:
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = resolve_device(None) if device is None else torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.manifest = manifest

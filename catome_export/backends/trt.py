@@ -360,10 +360,6 @@ class TrtBackend:
         self.forks: list[TrtStageRunner] = []
         """Runners made by :meth:`TrtStageRunner.fork` and not closed yet."""
 
-    def stream_handle(self) -> int:
-        """The CUDA stream TensorRT enqueues on: the backend's own (an opaque non-zero token on a CPU test device)."""
-        return self.stream.handle
-
     def load_stage(self, engine_dir: Path, stage: StageRecord) -> TrtStageRunner:
         """Deserialise ``stage``'s plan (its engine file, default ``stage_<k>.plan``)."""
         engine_dir = Path(engine_dir)

@@ -22,7 +22,6 @@ TensorRT or a GPU.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -194,8 +193,3 @@ def check_trt_compat(
         )
     if batch is not None and latent_hw is not None:
         check_shapes_in_profiles(manifest, batch, latent_hw, engine_dir=engine_dir)
-
-
-def plugins_needed(manifest: Manifest) -> Sequence[str]:
-    """Plugin ops the folder's engines use (from the ``trt`` section)."""
-    return list(manifest.trt.plugins) if manifest.trt is not None else []

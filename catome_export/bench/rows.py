@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from catome_export.dtypes import precision_dtype
 from catome_export.bench.config import MERGING_BACKENDS, BenchConfig
 from catome_export.bench.measure import BENCH_SCHEDULE, TIMESTEP, Inputs, RowTiming
 from catome_export.merging import MergeSettings, parse_schedule
@@ -14,12 +15,12 @@ from catome_export.merging import MergeSettings, parse_schedule
 
 def model_dtype(config: BenchConfig) -> torch.dtype:
     """The torch dtype of the benchmark's precision."""
-    return torch.float16 if config.precision == "fp16" else torch.float32
+    return precision_dtype(config.precision)
 
 
 def make_inputs(unet_config: Any, resolution: int, config: BenchConfig) -> Inputs:
     """Seeded latents (smooth or noise), a constant timestep and random text embeddings at one resolution."""
-    from catome_export.analysis.inputs import make_latents
+    from catome_export.latents import make_latents
 
     cfg = dict(unet_config)
     lat = resolution // 8

@@ -7,7 +7,7 @@ import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -59,15 +59,3 @@ class Summary:
     def to_dict(self, prefix: str = "") -> dict[str, float | int]:
         return {f"{prefix}median_ms": round(self.median_ms, 3), f"{prefix}min_ms": round(self.min_ms, 3),
                 f"{prefix}p90_ms": round(self.p90_ms, 3), f"{prefix}count": self.count}
-
-
-def time_calls(fn: Callable[[], object], repeats: int, device: torch.device,
-               before: Callable[[], object] | None = None) -> list[float]:
-    """Call ``fn`` ``repeats`` times (``before`` untimed ahead of each call); ms per call."""
-    out: list[float] = []
-    for _ in range(repeats):
-        if before is not None:
-            before()
-        with timed(device, out):
-            fn()
-    return out

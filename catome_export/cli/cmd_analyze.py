@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 from pathlib import Path
 
 from catome_export.defaults import DEFAULT_THRESHOLD
 from catome_export.errors import CatomeError
-from catome_export.export.fsutil import check_writable_file
+from catome_export.export.fsutil import atomic_write_with, check_writable_file
 
 logger = logging.getLogger(__name__)
 
@@ -96,20 +97,6 @@ def _check_args(args: argparse.Namespace) -> None:
             check_writable_file(path, flag)
 
 
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise CatomeError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CatomeError("--device cuda: no CUDA device here; use --device cpu")
-    return dev
-
-
 def _text_inputs(args: argparse.Namespace, random_weights: bool, source: str, device, dtype):
     """(embeddings or None, description) of the conditioning."""
     if random_weights:
@@ -143,9 +130,10 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     import torch
 
-    from catome_export.analysis._io import write_json
     from catome_export.analysis.result import DEFAULT_BUDGET, analyze_pairs
     from catome_export.analysis.tracking import TrackingConfig
+    from catome_export.devices import resolve_device
+    from catome_export.dtypes import precision_dtype
     from catome_export.models import load_unet, model_info
 
     random_weights = args.model == "tiny" or args.weights == "random"
@@ -155,8 +143,8 @@ def run(args: argparse.Namespace) -> int:
             "leave out --prompts (seeded random text embeddings are used), or use --weights pretrained"
         )
     info = model_info(args.model)
-    device = _device(args.device)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    device = resolve_device(args.device)
+    dtype = precision_dtype(args.dtype)
     if device.type == "cpu" and dtype == torch.float16:
         raise CatomeError("--dtype fp16 needs a CUDA device: use fp32 or bf16 on the CPU")
     resolution = args.resolution or info.default_resolution
@@ -216,7 +204,8 @@ def run(args: argparse.Namespace) -> int:
             "proposal": proposal.to_dict(),
             "comparison": [sc.to_dict() for sc in scores],
         }
-        write_json(args.json, data)
+        text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+        atomic_write_with(args.json, lambda tmp: tmp.write_text(text))
         print(f"wrote {args.json}")
     if args.plot is not None:
         from catome_export.analysis.plot import plot_consecutive

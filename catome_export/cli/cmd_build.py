@@ -112,6 +112,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default 0.5; measure it with catome_export.export.profiles.calibrate_opt_fraction)")
     p.add_argument("--name", default=None, help="engine name (default: the model name)")
     p.add_argument("--out", default=None, metavar="DIR", help="engine folder (default engines/<name>)")
+    p.add_argument("--force", action="store_true",
+                   help="when rebuilding, remove files in the engine folder that no build made (without it the build "
+                        "refuses and names them)")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime checks and the eager comparison")
     p.add_argument("--verify-steps", type=int, default=DEFAULT_VERIFY_STEPS, metavar="N",
                    help=f"steps of the eager comparison ({DEFAULT_VERIFY_STEPS})")

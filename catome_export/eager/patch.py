@@ -89,9 +89,11 @@ class CatomeHandle:
         self._pipeline = pipeline
         self.controller = MergeController(settings, len(self._sites))
         """The shared per-site plan caches and step numbering."""
-        self._slots = [SiteSlot(site) for site in self._sites]
+        self._slots = [SiteSlot(site, on_missing_plan=self._check_intact) for site in self._sites]
         self._latent_hw: tuple[int, int] | None = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._hook_places: list[str] = []
+        """Where each of ``_hooks`` sits (for the message when one was removed by someone else)."""
         self._processors: list[tuple[torch.nn.Module, Any, MergingAttnProcessor]] = []
         self._progress_bar: ResetOnCall | None = None
         self._active = False
@@ -100,12 +102,12 @@ class CatomeHandle:
     def _install(self) -> None:
         unet = self._unet
         try:
-            self._hooks.append(unet.register_forward_pre_hook(self._unet_pre_hook, with_kwargs=True))
-            self._hooks.append(unet.register_forward_hook(self._unet_hook))
+            self._hook("the U-Net", unet.register_forward_pre_hook(self._unet_pre_hook, with_kwargs=True))
+            self._hook("the U-Net", unet.register_forward_hook(self._unet_hook))
             for slot in self._slots:
                 block = unet.get_submodule(slot.site.path)
-                self._hooks.append(block.register_forward_pre_hook(_BlockPreHook(self, slot), with_kwargs=True))
-                self._hooks.append(block.register_forward_hook(_BlockHook(slot)))
+                self._hook(slot.site.path, block.register_forward_pre_hook(_BlockPreHook(self, slot), with_kwargs=True))
+                self._hook(slot.site.path, block.register_forward_hook(_BlockHook(slot)))
                 self._wrap_processor(block, "attn1", slot)
                 if self._settings.merge_crossattn:
                     self._wrap_processor(block, "attn2", slot)
@@ -114,14 +116,41 @@ class CatomeHandle:
                     if not isinstance(ff, torch.nn.Module):
                         raise CatomeError(f"{slot.site.path} has no feed-forward module: apply without merge_mlp")
                     merger = FeedForwardMerger(slot)
-                    self._hooks.append(ff.register_forward_pre_hook(merger.pre_hook, with_kwargs=True))
-                    self._hooks.append(ff.register_forward_hook(merger.hook, with_kwargs=True))
+                    where = f"{slot.site.path}.ff"
+                    self._hook(where, ff.register_forward_pre_hook(merger.pre_hook, with_kwargs=True))
+                    self._hook(where, ff.register_forward_hook(merger.hook, with_kwargs=True))
             if self._pipeline is not None:
                 self._wrap_progress_bar(self._pipeline)
         except BaseException:
             self._uninstall()
             raise
         self._active = True
+
+    def _hook(self, where: str, handle: torch.utils.hooks.RemovableHandle) -> None:
+        self._hooks.append(handle)
+        self._hook_places.append(where)
+
+    def _check_intact(self) -> None:
+        """CatomeError, before the call starts a step, when someone else replaced a merging attention processor
+        or removed a hook since the patch was applied: merging would be off there while the history said
+        otherwise."""
+        replaced = [f"{path}.{wrapper.role} (now {type(attn.processor).__name__})"
+                    for attn, _, wrapper in self._processors
+                    for path in (wrapper.slot.site.path,) if attn.processor is not wrapper]
+        removed = sorted({where for where, hook in zip(self._hook_places, self._hooks) if not _hook_present(hook)})
+        if not replaced and not removed:
+            return
+        what = []
+        if replaced:
+            what.append(f"the merging attention processors of {replaced[0]}"
+                        f"{f' and {len(replaced) - 1} more' if len(replaced) > 1 else ''} were replaced")
+        if removed:
+            what.append(f"the merge hooks on {removed[0]}"
+                        f"{f' and {len(removed) - 1} more' if len(removed) > 1 else ''} were removed")
+        raise CatomeError(
+            f"{' and '.join(what)} after token merging was applied (enable_attention_slicing, set_attn_processor, "
+            "fuse_qkv_projections or hook removal do that), so merging would not run there: call handle.remove(), "
+            "make the change, then apply merging again")
 
     def _wrap_processor(self, block: torch.nn.Module, name: str, slot: SiteSlot) -> None:
         attn = getattr(block, name, None)
@@ -144,6 +173,7 @@ class CatomeHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        self._hook_places.clear()
         for attn, original, wrapper in reversed(self._processors):
             if attn.processor is wrapper:
                 attn.set_processor(original)
@@ -159,6 +189,7 @@ class CatomeHandle:
 
     # -- hooks ------------------------------------------------------------------------
     def _unet_pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self._check_intact()
         sample = args[0] if args else kwargs.get("sample")
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         if not isinstance(sample, torch.Tensor) or sample.ndim != 4:
@@ -175,6 +206,7 @@ class CatomeHandle:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise CatomeError(f"{slot.site.path} got hidden states {shape}, expected [B, N, C] tokens")
         if self._latent_hw is None:
+            self._check_intact()  # the U-Net's own hook may be gone
             raise CatomeError(f"{slot.site.path} was called outside a U-Net call: call the U-Net itself, "
                               "merging needs the latent size")
         grid = slot.site.grid(self._latent_hw)
@@ -254,6 +286,13 @@ class CatomeHandle:
     def __repr__(self) -> str:
         state = "active" if self._active else "removed"
         return f"CatomeHandle({state}, {len(self._sites)} sites, {self._settings.mode}, {self._settings.schedule.describe()})"
+
+
+def _hook_present(hook: torch.utils.hooks.RemovableHandle) -> bool:
+    """Whether a hook is still registered on its module (False once someone removed it or cleared the hooks)."""
+    ref = getattr(hook, "hooks_dict_ref", None)
+    hooks = ref() if callable(ref) else None
+    return hooks is not None and getattr(hook, "id", None) in hooks
 
 
 class _BlockPreHook:

@@ -31,6 +31,14 @@ class SiteSlot:
     """The merge site this slot belongs to."""
     plan: MergePlan | None = None
     """Filled by the block's forward pre-hook, cleared by its forward hook."""
+    on_missing_plan: Callable[[], None] | None = None
+    """Called when a processor or hook finds no plan (its block's pre-hook did not run): raises when the patch
+    was taken apart by someone else."""
+
+    def take(self) -> MergePlan | None:
+        if self.plan is None and self.on_missing_plan is not None:
+            self.on_missing_plan()
+        return self.plan
 
 
 def _check_tokens(plan: MergePlan, hidden_states: torch.Tensor, where: str) -> None:
@@ -84,7 +92,7 @@ class MergingAttnProcessor:
         return self._merged_call(attn, hidden_states, *args, **kwargs)
 
     def _merged_call(self, attn: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        plan = self.slot.plan
+        plan = self.slot.take()
         if plan is None or plan.is_identity:
             return self.inner(attn, hidden_states, *args, **kwargs)
         _check_tokens(plan, hidden_states, f"{self.slot.site.path}.{self.role}")
@@ -109,7 +117,7 @@ class FeedForwardMerger:
         self.slot = slot
 
     def pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        plan = self.slot.plan
+        plan = self.slot.take()
         if plan is None or plan.is_identity:
             return None
         if args:

@@ -254,7 +254,8 @@ class _Context:
     """The pipeline(s) and the engine runtime shared by every method of one evaluation."""
 
     def __init__(self, config: EvalConfig, runtime: Any = None) -> None:
-        from catome_export.generate import load_pipeline, resolve_device
+        from catome_export.devices import resolve_device
+        from catome_export.generate import load_pipeline
 
         self.config = config
         self.runtime: Any = runtime

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from catome_export.choices import BuildBackend, EngineBackend, Exporter, Precisi
 from catome_export.defaults import (
     DEFAULT_BATCH_RANGE, DEFAULT_OPT_MERGE_FRACTION, DEFAULT_VERIFY_STEPS, MAX_BATCH, MAX_RESOLUTION, MIN_RESOLUTION,
 )
+from catome_export.dtypes import precision_dtype
 from catome_export.errors import CatomeError
 from catome_export.export.audit import AuditReport, audit_stages
 from catome_export.export.fsutil import BuildLock, pid_alive
@@ -53,7 +55,6 @@ from catome_export.models.sites import MergeSite
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
-DTYPES = {Precision.FP32: torch.float32, Precision.FP16: torch.float16}
 QUICK_CHECK_TOLERANCE = 1e-4
 """fp32 limit of the per-stage ONNX Runtime check right after export (times max(1, |output|))."""
 
@@ -138,6 +139,8 @@ class BuildOptions:
     """Share of src tokens TensorRT profiles tune for (None: the merge settings' fraction, else 0.5)."""
     cli: dict[str, Any] = field(default_factory=dict)
     """The flags as given, for the manifest's rebuild command."""
+    force: bool = False
+    """Replace an existing engine folder even when it holds files no build made (they are removed with it)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -160,8 +163,9 @@ class BuildOptions:
             raise CatomeError(f"settings must be a MergeSettings, got {type(self.settings).__name__}")
         if self.schedule is not None and not isinstance(self.schedule, AutoSchedule):
             raise CatomeError("schedule must be an auto:K request (AutoSchedule); put a ready schedule in settings")
-        if not isinstance(self.verify, bool):
-            raise CatomeError(f"verify must be True or False, got {self.verify!r}")
+        for flag in ("verify", "force"):
+            if not isinstance(getattr(self, flag), bool):
+                raise CatomeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         _check_int("verify steps", self.verify_steps, 1, 1000)
         f = self.opt_merge_fraction
         if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0):
@@ -178,14 +182,16 @@ class BuildOptions:
                schedule: ScheduleSpec | AutoSchedule | None = None, name: str | None = None,
                out_dir: str | Path | None = None, verify: bool = True, verify_steps: int = DEFAULT_VERIFY_STEPS,
                exporter: str | Exporter = Exporter.TORCHSCRIPT, opset: int = OPSET,
-               opt_merge_fraction: float | None = None, cli: dict[str, Any] | None = None) -> "BuildOptions":
+               opt_merge_fraction: float | None = None, cli: dict[str, Any] | None = None,
+               force: bool = False) -> "BuildOptions":
         """Options from loose arguments, with the model's defaults filled in (CatomeError naming any bad one).
 
         ``resolution`` or ``min_resolution``/``max_resolution`` (default: the
         model's); ``batch`` or ``min_batch``/``max_batch`` (default 1..2);
         ``schedule``: any schedule spec, ``auto:K`` included, in place of
         ``settings.schedule``; ``name`` defaults to the model's, ``out_dir``
-        to ``engines/<name>``.
+        to ``engines/<name>``; ``force``: remove files in an existing engine
+        folder that no build made (otherwise the build refuses, naming them).
         """
         if not isinstance(model, str) or not model:
             raise CatomeError("give a model: tiny, sd15, or a local diffusers folder")
@@ -217,13 +223,13 @@ class BuildOptions:
                    batch=(blo, bhi), settings=settings, schedule=auto, name=name, out_dir=out, verify=verify,
                    verify_steps=verify_steps, exporter=exporter, opset=opset,
                    default_resolution=info.default_resolution, opt_merge_fraction=opt_merge_fraction,
-                   cli=dict(cli or {}))
+                   cli=dict(cli or {}), force=force)
 
 
 CREATE_OPTIONS = frozenset({
     "weights", "precision", "backend", "resolution", "min_resolution", "max_resolution", "batch", "min_batch",
     "max_batch", "settings", "schedule", "name", "out_dir", "verify", "verify_steps", "exporter", "opset",
-    "opt_merge_fraction", "cli",
+    "opt_merge_fraction", "cli", "force",
 })
 """The keyword arguments of :meth:`BuildOptions.create`."""
 
@@ -315,6 +321,51 @@ def _check_target(target: Path) -> None:
                           "or remove it")
 
 
+BUILD_FILES = (MANIFEST_FILE, "timing.cache")
+"""Files a build writes into the folder besides those its manifest lists."""
+_BUILD_NAME = re.compile(r"^stage_\d+\.(onnx|plan)([._-][\w.-]*)?$")
+"""Names a build gives its stage files (graphs, external data, TensorRT plans), for a manifest it cannot read."""
+
+
+def foreign_files(target: Path) -> list[str]:
+    """Files in an existing engine folder that no build made: neither listed by its manifest nor written by a
+    build beside them (paths relative to the folder, sorted). A rebuild would replace the folder with them."""
+    if not target.is_dir():
+        return []
+    ours = set(BUILD_FILES)
+    try:
+        data = json.loads((target / MANIFEST_FILE).read_text(encoding="utf-8"))
+        for entry in data.get("stages") or []:
+            engine = entry.get("engine") if isinstance(entry, dict) else None
+            names = (entry.get("file"), entry.get("external_data"), engine.get("file") if isinstance(engine, dict)
+                     else None) if isinstance(entry, dict) else ()
+            ours.update(n for n in names if isinstance(n, str))
+    except (OSError, ValueError, AttributeError, TypeError):
+        data = None
+    found = []
+    for path in sorted(target.rglob("*")):
+        if path.is_dir() and not path.is_symlink():
+            continue
+        rel = path.relative_to(target).as_posix()
+        if rel in ours or (data is None and _BUILD_NAME.match(rel)):
+            continue
+        found.append(rel)
+    return found
+
+
+def _check_foreign(target: Path, force: bool) -> None:
+    """CatomeError naming the files of someone else's in the engine folder, unless ``force``."""
+    found = foreign_files(target)
+    if not found:
+        return
+    shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+    if force:
+        logger.warning("--force: the rebuild of %s removes files no build made: %s", target, shown)
+        return
+    raise CatomeError(f"{target} holds files no build made ({shown}); a rebuild replaces the whole folder: move "
+                      "them out, build into another --out, or pass --force to remove them")
+
+
 def _swap_into_place(tmp: Path, target: Path) -> None:
     """Rename the finished build in; the old one goes aside first and is deleted after.
 
@@ -375,6 +426,9 @@ def build_folder(opts: BuildOptions, progress: Progress | None = None, *,
     ``verifier``: the eager comparison that decides whether the folder is
     installed (:func:`catome_export.workflows.build.run_build` passes the
     runtime's); without one, a build asked to verify records that it was not.
+    An existing folder is replaced only when every file in it was made by a
+    build (its manifest lists them); other files are refused before any work
+    starts, unless ``opts.force`` (then they are removed with the old build).
     """
     say = progress or logger.info
     start = time.perf_counter()
@@ -388,6 +442,7 @@ def build_folder(opts: BuildOptions, progress: Progress | None = None, *,
     with BuildLock(target.parent / f".{target.name}.lock", str(target)):
         _recover_leftovers(target)
         _check_target(target)
+        _check_foreign(target, opts.force)
         tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         keep_tmp = False  # True once tmp is the installed build, or a failed one kept for inspection
@@ -410,6 +465,8 @@ def build_folder(opts: BuildOptions, progress: Progress | None = None, *,
                 raise CatomeError(f"the engine does not match eager CA-ToMe ({summary.splitlines()[0] if summary else ''})"
                                   f"; it was not installed: {target} is unchanged, the failed build is in {failed} "
                                   f"(inspect it with catome-export verify {failed})")
+            if not opts.force:
+                _check_foreign(target, False)  # put there while this build ran
             _swap_into_place(tmp, target)
             keep_tmp = True
         finally:
@@ -425,7 +482,7 @@ def build_folder(opts: BuildOptions, progress: Progress | None = None, *,
 def _build_into(opts: BuildOptions, folder: Path, backend: EngineBackend, say: Progress,
                 verifier: Verifier | None) -> BuildResult:
     notes: list[str] = []
-    dtype = DTYPES[opts.precision]
+    dtype = precision_dtype(opts.precision)
     say(f"loading {opts.model} ({opts.weights} weights, {opts.precision})")
     unet = load_unet(opts.model, weights=opts.weights, dtype=dtype)
     settings = opts.settings

@@ -16,7 +16,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 from catome_export.errors import CatomeError
 
@@ -26,27 +26,54 @@ CHUNK = 1 << 20
 
 
 @contextmanager
+def _atomic_target(path: Path) -> Iterator[tuple[int, Path]]:
+    """A temp file (fd, path) in ``path``'s folder with the usual permissions, moved onto ``path`` with
+    ``os.replace`` when the block ends normally and removed when it raises (``path`` is then untouched).
+    The caller writes it and fsyncs it before the block ends."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+        yield fd, tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
 def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
     """Write ``path`` through a temp file in the same folder: flushed, fsynced and moved into place with
     ``os.replace`` when the block ends normally, removed when it raises (``path`` is then untouched)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _atomic_target(Path(path)) as (fd, _tmp), os.fdopen(fd, "wb") as fh:
+        yield fh
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``."""
     with atomic_open(path) as fh:
         fh.write(data)
+
+
+def atomic_write_with(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_path)`` (for writers that take a file name, e.g. ``savefig``), fsync the result and
+    move it onto ``path`` atomically. A missing folder or an OS error is a CatomeError naming ``path``;
+    nothing is left behind on failure and an existing ``path`` is untouched."""
+    target = Path(path)
+    folder = target.parent
+    if not folder.is_dir():
+        raise CatomeError(f"cannot write {target}: the folder {folder} does not exist; create it first")
+    try:
+        with _atomic_target(target) as (fd, tmp):
+            os.close(fd)
+            write(tmp)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+    except OSError as exc:
+        raise CatomeError(f"cannot write {target}: {exc}") from None
+    return target
 
 
 def _umask() -> int:
@@ -81,8 +108,9 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: str | Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+def atomic_write_json(path: str | Path, data: Any, *, allow_nan: bool = True) -> None:
+    """Indented JSON, atomically; ``allow_nan=False`` refuses NaN and infinities (strict JSON) with a ValueError."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, allow_nan=allow_nan) + "\n")
 
 
 def sha256_file(path: str | Path) -> str:

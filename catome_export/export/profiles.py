@@ -385,21 +385,6 @@ def profiles_from_json(data: Sequence[Mapping[str, Mapping[str, Sequence[int]]]]
 
 # -- calibration ---------------------------------------------------------------------------------------------------
 
-def smooth_latent(batch: int, height: int, width: int, *, seed: int = 0, blur: int = 4, dtype: Any = None) -> Any:
-    """A seeded smooth latent [batch, 4, height, width]: low-resolution noise upsampled bilinearly.
-
-    With random weights, block inputs are only as self-similar as the latent:
-    white noise merges almost nothing at t = 0.7, smooth latents merge a lot.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    gen = torch.Generator().manual_seed(seed)
-    low = torch.randn(batch, 4, max(1, height // blur), max(1, width // blur), generator=gen)
-    out = F.interpolate(low, size=(height, width), mode="bilinear", align_corners=False)
-    return out if dtype is None else out.to(dtype)
-
-
 def calibrate_opt_fraction(
     unet: Any,
     settings: Any,
@@ -414,7 +399,7 @@ def calibrate_opt_fraction(
     Patches ``unet`` with eager CA-ToMe (``settings``: threshold, schedule,
     stride...; the patch is removed afterwards), runs ``steps`` DDIM steps
     from ``latent`` [B, 4, H, W] (use a smooth latent, see
-    :func:`smooth_latent`: with random weights white noise merges almost
+    :func:`catome_export.latents.make_latents`: with random weights white noise merges almost
     nothing), and returns the median of r / #src over every (site, step):
     the shape TensorRT should tune for. ``encoder_hidden_states`` defaults
     to seeded noise of the model's text width. Returns a number in [0, 1].

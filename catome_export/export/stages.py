@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 import torch
 
+from catome_export.dtypes import ELEMENT_TYPES
 from catome_export.errors import CatomeError
 from catome_export.export._threads import torch_threads
 from catome_export.export.io_names import (
@@ -45,8 +46,8 @@ from catome_export.models.sites import MergeSite
 
 logger = logging.getLogger(__name__)
 
-DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64"}
-TORCH_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
+TORCH_DTYPES = ELEMENT_TYPES
+DTYPE_NAMES = {v: k for k, v in ELEMENT_TYPES.items()}
 DOWNSAMPLES = (2, 4, 8, 16, 32)
 """Downsample factors that get their own ``H{d}``/``W{d}`` dim names."""
 
@@ -133,10 +134,6 @@ class StageModule(torch.nn.Module):
             for path, module in step.modules.items():
                 parts.setdefault(path.replace(".", "__"), module)
         self.parts = torch.nn.ModuleDict(parts)
-
-    @property
-    def step_names(self) -> list[str]:
-        return [s.name for s in self._steps]
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         names = self.spec.input_names

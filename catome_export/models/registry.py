@@ -57,13 +57,9 @@ def bundled_config(name: str) -> dict[str, Any]:
 
 
 def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-    if dtype not in table:
-        raise CatomeError(f"unknown dtype {dtype!r}: use fp32, fp16 or bf16")
-    return table[dtype]
+    from catome_export.dtypes import precision_dtype
+
+    return precision_dtype(dtype)
 
 
 def random_unet(config: dict[str, Any], seed: int = RANDOM_SEED):

@@ -7,20 +7,19 @@ pipelines call their ``progress_bar`` method exactly once per call, right
 before the denoising loop, and a wrapper on the instance resets the runtime
 there. ``detach()`` puts the original U-Net and ``progress_bar`` back.
 
-Thread safety: a :class:`~catome_export.runtime.Runtime` is not thread-safe.
-It holds one controller state (step counter, per-site plan caches, history),
-and a diffusers pipeline holds one scheduler state, so one runtime serves one
-generation at a time. Use one pipeline and one runtime per thread (each
-runtime loads its own engine sessions; they share nothing). While attached,
-a call of ``runtime.unet`` from a second thread during a call from another
-raises :class:`CatomeError` instead of mixing caches (a guard, not a lock:
-calls are never queued), and a runtime is attached to one pipeline at a time.
+Threads: a :class:`~catome_export.runtime.Runtime` holds one controller state
+(step counter, per-site plan caches, history), so a generation belongs to one
+thread at a time (:mod:`catome_export.runtime.ownership`). A pipeline call
+holds the runtime from the progress bar that opens its denoising loop to that
+bar's close; another thread's pipeline call (or ``reset``, ``set_step``, U-Net
+call) waits for it, and nothing is mixed. A runtime may be attached to several
+pipelines (one per thread; a pipeline's scheduler is not thread-safe), whose
+generations then take turns; for throughput, load one runtime per thread.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import weakref
 from typing import Any
 
@@ -31,8 +30,6 @@ from catome_export.merging.steps import ResetOnCall
 
 logger = logging.getLogger(__name__)
 
-_BY_RUNTIME: "weakref.WeakKeyDictionary[Any, Attachment]" = weakref.WeakKeyDictionary()
-"""Runtimes that are attached to a pipeline now."""
 _BY_PIPE: "weakref.WeakKeyDictionary[Any, Attachment]" = weakref.WeakKeyDictionary()
 """Pipelines that carry an attached runtime now."""
 
@@ -61,27 +58,51 @@ _CHECKED_CONFIG = ("in_channels", "out_channels", "cross_attention_dim")
 """U-Net config keys that must agree between the pipeline's own U-Net and the engine."""
 
 
-class _OneThreadGuard:
-    """Forward pre-hook / hook pair: refuses a call of the module while another thread is inside one."""
+class _BarThatReleases:
+    """The pipeline's progress bar, wrapped: closing it (leaving its ``with`` block, or the end of iterating
+    it) ends the generation the call holds on the runtime."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._owner: int | None = None
+    def __init__(self, bar: Any, end: Any) -> None:
+        self._bar = bar
+        self._end = end
 
-    def enter(self, module: torch.nn.Module, args: tuple) -> None:
-        me = threading.get_ident()
-        with self._lock:
-            if self._owner is not None and self._owner != me:
-                raise CatomeError(
-                    "this engine runtime is being called from two threads at once: a Runtime holds one "
-                    "controller state (step counter, plan caches), so load one Runtime and one pipeline per thread"
-                )
-            self._owner = me
+    def _finish(self) -> None:
+        end, self._end = self._end, None
+        if end is not None:
+            end()
 
-    def leave(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
-        with self._lock:
-            if self._owner == threading.get_ident():
-                self._owner = None
+    def __enter__(self) -> Any:
+        return self._bar.__enter__()
+
+    def __exit__(self, *exc: Any) -> Any:
+        try:
+            return self._bar.__exit__(*exc)
+        finally:
+            self._finish()
+
+    def __iter__(self) -> Any:
+        try:
+            yield from self._bar
+        finally:
+            self._finish()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._bar, name)
+
+
+class _GenerationOnCall(ResetOnCall):
+    """``ResetOnCall`` for an attached runtime: the pipeline's call holds the runtime's generation (waiting for
+    another thread's) from its progress bar's opening to its close."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        holding = self.target.generation()
+        holding.__enter__()  # waits for another thread's generation; resets the runtime
+        try:
+            bar = self.original(*args, **kwargs)
+        except BaseException as exc:
+            holding.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        return _BarThatReleases(bar, lambda: holding.__exit__(None, None, None))
 
 
 class Attachment:
@@ -100,7 +121,6 @@ class Attachment:
         self._runtime = runtime
         self._original_unet: Any = None
         self._progress_bar: ResetOnCall | None = None
-        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._previous_size_flag: list[bool] = []
         """The pipeline's own ``_is_unet_config_sample_size_int`` while attached (empty when untouched)."""
         self._active = False
@@ -113,14 +133,11 @@ class Attachment:
         try:
             pipe.unet = unet
             self._fix_sample_size_flag(unet)
-            self._progress_bar = ResetOnCall.install(pipe, runtime)
+            holds = callable(getattr(runtime, "generation", None))
+            self._progress_bar = (_GenerationOnCall if holds else ResetOnCall).install(pipe, runtime)
             if self._progress_bar is None:
                 logger.warning("%s has no progress_bar method: generations are told apart by rising timesteps "
                                "only; call runtime.reset() before each generation", type(pipe).__name__)
-            if isinstance(unet, torch.nn.Module):
-                guard = _OneThreadGuard()
-                self._hooks.append(unet.register_forward_pre_hook(guard.enter))
-                self._hooks.append(unet.register_forward_hook(guard.leave, always_call=True))
         except BaseException:
             self._uninstall()
             raise
@@ -140,9 +157,6 @@ class Attachment:
 
     def _uninstall(self) -> None:
         pipe = self._pipe
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
         if self._progress_bar is not None:
             if not self._progress_bar.remove():
                 logger.warning("the pipeline's progress_bar was replaced while the engine was attached; "
@@ -193,7 +207,6 @@ class Attachment:
             return
         self._uninstall()
         self._active = False
-        _unregister(_BY_RUNTIME, self._runtime, self)
         _unregister(_BY_PIPE, self._pipe, self)
         logger.debug("engine detached from %s", type(self._pipe).__name__)
 
@@ -243,8 +256,8 @@ def attach(pipe: Any, runtime: Any) -> Attachment:
     ``pipe``: a diffusers pipeline with a ``.unet`` (e.g. ``StableDiffusionPipeline``).
     ``runtime``: a loaded :class:`~catome_export.runtime.Runtime`. Returns an
     :class:`Attachment` (a context manager); ``attachment.detach()`` restores
-    the original U-Net. A runtime is attached to one pipeline at a time, and a
-    pipeline carries one runtime at a time.
+    the original U-Net. A pipeline carries one runtime at a time; a runtime may
+    serve several pipelines, whose generations take turns (one thread each).
     """
     if not hasattr(pipe, "unet") or not hasattr(pipe, "__dict__"):
         raise CatomeError(f"expected a diffusers pipeline with a .unet, got {type(pipe).__name__}")
@@ -253,10 +266,6 @@ def attach(pipe: Any, runtime: Any) -> Attachment:
         raise CatomeError(f"expected a loaded Runtime (Runtime.load(engine_dir)), got {type(runtime).__name__}")
     if getattr(runtime, "_closed", False):
         raise CatomeError("this runtime was closed: load the engine again with Runtime.load(engine_dir)")
-    current = _registered(_BY_RUNTIME, runtime)
-    if current is not None and current.active:
-        raise CatomeError("this runtime is already attached to a pipeline: detach it first, or load a second "
-                          "Runtime for the second pipeline (a runtime holds one controller state)")
     current = _registered(_BY_PIPE, pipe)
     if current is not None and current.active:
         raise CatomeError("this pipeline already carries an engine: detach it before attaching another")
@@ -264,7 +273,6 @@ def attach(pipe: Any, runtime: Any) -> Attachment:
     _check_devices(pipe, runtime)
     attachment = Attachment(pipe, runtime)
     attachment._install()
-    _register(_BY_RUNTIME, runtime, attachment)
     _register(_BY_PIPE, pipe, attachment)
     logger.debug("engine attached to %s", type(pipe).__name__)
     return attachment

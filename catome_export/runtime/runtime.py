@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -32,6 +33,7 @@ from catome_export.export.io_names import MODEL_OUTPUT, SAMPLE, TEXT, TIMESTEP, 
 from catome_export.merging import MergeController, MergeSettings, MergePlan
 from catome_export.models.sites import MergeSite
 from catome_export.runtime.chain import StageChain
+from catome_export.runtime.ownership import GenerationOwner
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +88,7 @@ class Runtime:
         self._closed = False
         self._graphs: Any = None
         self._last_shape: tuple[int, int, int] | None = None
+        self._owner = GenerationOwner()
         from catome_export.runtime.unet import RuntimeUNet
 
         self.unet = RuntimeUNet(self, unet_config)
@@ -143,14 +146,62 @@ class Runtime:
 
     # -- controller -------------------------------------------------------------------
     def reset(self) -> None:
-        """Start a new generation: empty plan caches, the next call is loop index 0."""
+        """Start a new generation: empty plan caches, the next call is loop index 0.
+
+        The generation belongs to the calling thread until it calls :meth:`release` or ends (see
+        :meth:`generation` and :mod:`catome_export.runtime.ownership`).
+        """
+        self._claim("reset()")
+        self._reset_state()
+
+    def _reset_state(self) -> None:
         self.controller.reset()
         self._timings = []
         self._last_shape = None
 
     def set_step(self, index: int) -> None:
         """Pin the 0-based loop index of the next U-Net call (custom loops; 0 starts a new generation)."""
+        self._claim("set_step()")
         self.controller.set_step(index)
+
+    # -- which thread a generation belongs to -----------------------------------------
+    def _claim(self, what: str, *, explicit: bool = False) -> tuple[bool, bool]:
+        """Hold the runtime for this thread (refused or waiting while another thread's generation runs, before
+        anything changes); a runtime passed on from another thread starts a new generation."""
+        newly, handed_over, was_explicit = self._owner.claim(what, explicit=explicit)
+        if handed_over:
+            self._reset_state()
+        return newly, was_explicit
+
+    @contextmanager
+    def generation(self) -> Iterator["Runtime"]:
+        """``with runtime.generation():`` one generation held by this thread: it starts with a reset, other
+        threads' calls wait until the block ends (a pipeline call through :meth:`attach` does the same)."""
+        newly, was_explicit = self._claim("generation()", explicit=True)
+        try:
+            self._reset_state()
+            yield self
+        finally:
+            if newly:
+                self._owner.release()
+            else:
+                self._owner.restore(was_explicit)
+
+    def release(self) -> bool:
+        """End this thread's hold on the runtime (manual loops: after the last step of a generation), so other
+        threads may use it; False when this thread did not hold it. Ending the thread releases it too."""
+        return self._owner.release()
+
+    @property
+    def wait_timeout_s(self) -> float | None:
+        """How long a call waits for another thread's ``generation()`` or pipeline call (None: no limit)."""
+        return self._owner.wait_timeout_s
+
+    @wait_timeout_s.setter
+    def wait_timeout_s(self, value: float | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+            raise CatomeError(f"wait_timeout_s must be None or a number of seconds >= 0, got {value!r}")
+        self._owner.wait_timeout_s = None if value is None else float(value)
 
     @property
     def controller(self) -> MergeController:
@@ -161,6 +212,7 @@ class Runtime:
     def set_settings(self, settings: MergeSettings) -> None:
         """Use other merge settings from the next call on (threshold, schedule...); starts a new generation."""
         _check_same_graphs(self.settings, settings)
+        self._claim("set_settings()")
         self.settings = settings
         self._controller = MergeController(settings, len(self.sites), validate=True)
         self._timings = []
@@ -194,6 +246,7 @@ class Runtime:
         """
         if self._closed:
             raise CatomeError("this runtime was closed: load the engine again")
+        self._claim("a U-Net call")
         start = time.perf_counter()
         if timestep_value is None:
             timestep_value = float(timestep.reshape(-1)[0]) if timestep.numel() else None

@@ -39,6 +39,7 @@ import torch
 
 from catome_export.errors import CatomeError
 from catome_export.export.manifest import Manifest
+from catome_export.latents import make_latents
 from catome_export.merging.plan import MergePlan
 
 logger = logging.getLogger(__name__)
@@ -300,15 +301,6 @@ def _short(steps: Sequence[int], limit: int = 8) -> str:
     return f"[{shown}{', ...' if n > limit else ''}] ({n} step{'' if n == 1 else 's'})"
 
 
-def smooth_latents(batch: int, latent_hw: tuple[int, int], seed: int, channels: int = 4, kernel: int = 5,
-                   scale: float = 3.0) -> torch.Tensor:
-    """Seeded blurred noise [B, C, h, w]: self-similar enough that random-weight models merge at t = 0.7."""
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(batch, channels, *latent_hw, generator=gen)
-    blurred = torch.nn.functional.avg_pool2d(noise, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
-    return blurred * scale
-
-
 def _latent_hw(resolution: Any, default: tuple[int, int]) -> tuple[int, int]:
     if resolution is None:
         return default
@@ -477,7 +469,7 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
         scheduler.set_timesteps(steps)
         gen = torch.Generator().manual_seed(seed + 1)
         ehs = torch.randn(batch, text_len, text_dim, generator=gen).to(device=dev, dtype=dtype)
-        latents = (smooth_latents(batch, latent_hw, seed, channels=runtime.unet.in_channels)
+        latents = (make_latents((batch, runtime.unet.in_channels, *latent_hw), "smooth", seed)
                    * scheduler.init_noise_sigma).to(device=dev, dtype=dtype)
         timer = _Timer(dev)
         slack = {}

@@ -74,6 +74,23 @@ def test_a_second_build_while_one_runs_is_refused(built, capsys):
     assert code == 1 and "another build" in err and str(os.getppid()) in err
 
 
+def test_rebuild_over_the_users_files_is_refused_and_force_removes_them(built, capsys):
+    out, _, _ = built
+    notes = out / "my_notes.txt"
+    notes.write_text("mine")
+    argv = ["build", "--model", "tiny", "--no-verify", "--resolution", "128", "--out", str(out)]
+    try:
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 1 and err.startswith("error: ") and "my_notes.txt" in err and "--force" in err
+        assert "Traceback" not in err and notes.read_text() == "mine"
+        assert main([*argv, "--force"]) == 0
+        assert not notes.exists()
+        Manifest.load(out)
+    finally:
+        notes.unlink(missing_ok=True)
+
+
 @pytest.mark.parametrize("argv,match", [
     (["--model", "nosuchmodel"], "unknown model"),
     (["--model", "tiny", "--min-resolution", "256", "--max-resolution", "128"], "larger than max resolution"),

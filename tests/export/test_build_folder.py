@@ -200,3 +200,46 @@ def test_a_verdict_is_a_bool():
     assert VerifyVerdict(ok=True, text="fine").summary() == "fine"
     with pytest.raises(TypeError, match="bool"):
         VerifyVerdict(ok="yes", text="fine")  # type: ignore[arg-type]
+
+
+def _user_files(folder) -> None:
+    (folder / "my_notes.txt").write_text("mine")
+    (folder / "calib").mkdir()
+    (folder / "calib" / "data.bin").write_bytes(b"\x01\x02")
+
+
+def test_foreign_files_are_what_no_build_made(tmp_path, tiny_engine):
+    import shutil
+
+    from catome_export.export.build import foreign_files
+
+    folder = tmp_path / "tiny"
+    shutil.copytree(tiny_engine, folder)
+    assert foreign_files(folder) == []  # a clean build: every file is listed by its manifest
+    (folder / "timing.cache").write_bytes(b"")  # a TensorRT build's own cache
+    assert foreign_files(folder) == []
+    _user_files(folder)
+    assert foreign_files(folder) == ["calib/data.bin", "my_notes.txt"]
+    (folder / MANIFEST_FILE).write_text("{not json")  # a manifest it cannot read: stage names count as ours
+    assert foreign_files(folder) == ["calib/data.bin", "my_notes.txt"]
+    assert foreign_files(tmp_path / "absent") == []
+
+
+def test_rebuild_keeps_files_it_did_not_make_unless_forced(tmp_path, tiny_engine):
+    """The user's files in an engine folder: the rebuild refuses before any work and names them; --force
+    removes them with the old build."""
+    import shutil
+
+    folder = tmp_path / "tiny"
+    shutil.copytree(tiny_engine, folder)
+    _user_files(folder)
+    before = (folder / MANIFEST_FILE).read_bytes()
+    opts = make_options("tiny", resolution=128, out_dir=folder, verify=False)
+    with pytest.raises(CatomeError, match=r"holds files no build made \(calib/data.bin, my_notes.txt\).*--force"):
+        run_build(opts)
+    assert (folder / "my_notes.txt").read_text() == "mine" and (folder / "calib" / "data.bin").is_file()
+    assert (folder / MANIFEST_FILE).read_bytes() == before  # the old build untouched
+    result = run_build(make_options("tiny", resolution=128, out_dir=folder, verify=False, force=True))
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [MANIFEST_FILE] + [name for name, _, _ in result.manifest.files()])
+    Manifest.load(folder)

@@ -7,7 +7,8 @@ import stat
 
 import pytest
 
-from catome_export.export.fsutil import atomic_open, atomic_write_bytes
+from catome_export.errors import CatomeError
+from catome_export.export.fsutil import atomic_open, atomic_write_bytes, atomic_write_json, atomic_write_with
 
 
 def test_atomic_open_moves_the_whole_file_into_place(tmp_path):
@@ -38,3 +39,45 @@ def test_atomic_open_leaves_the_old_file_and_no_temp_file_on_error(tmp_path):
 def test_atomic_write_bytes(tmp_path):
     atomic_write_bytes(tmp_path / "a.bin", b"\x00\x01")
     assert (tmp_path / "a.bin").read_bytes() == b"\x00\x01"
+
+
+def test_atomic_write_with_a_writer_that_takes_a_file_name(tmp_path):
+    target = tmp_path / "plot.png"
+    target.write_bytes(b"old")
+    seen = []
+
+    def write(tmp):
+        seen.append(tmp)
+        assert tmp.parent == tmp_path and tmp != target
+        tmp.write_bytes(b"new")
+
+    assert atomic_write_with(target, write) == target
+    assert target.read_bytes() == b"new" and not seen[0].exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["plot.png"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
+
+
+def test_atomic_write_with_keeps_the_old_file_and_names_the_path_on_errors(tmp_path):
+    target = tmp_path / "plot.png"
+    target.write_bytes(b"old")
+
+    def fail(tmp):
+        tmp.write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(CatomeError, match="cannot write .*plot.png: .*No space left"):
+        atomic_write_with(target, fail)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["plot.png"]
+    with pytest.raises(CatomeError, match="does not exist; create it first"):
+        atomic_write_with(tmp_path / "missing" / "plot.png", lambda tmp: tmp.write_bytes(b"x"))
+
+
+def test_atomic_write_json_strict_refuses_nan(tmp_path):
+    atomic_write_json(tmp_path / "a.json", {"x": float("nan")})
+    assert "NaN" in (tmp_path / "a.json").read_text()
+    with pytest.raises(ValueError):
+        atomic_write_json(tmp_path / "b.json", {"x": float("nan")}, allow_nan=False)
+    assert not (tmp_path / "b.json").exists()

@@ -12,9 +12,10 @@ from hypothesis import strategies as st
 from catome_export.errors import CatomeError
 from catome_export.export.profiles import (
     ShapeRanges, SiteGeometry, calibrate_opt_fraction, compute_profiles, num_dst, num_src, profiles_from_json,
-    profiles_to_json, smooth_latent,
+    profiles_to_json,
 )
 from catome_export.export.stages import StageSpec, TensorSpec, plan_specs
+from catome_export.latents import make_latents
 from catome_export.merging import MergePlan, MergeSettings, match_tokens, partition
 from catome_export.models.sites import MergeSite
 from factories import make_manifest, make_stages
@@ -266,7 +267,7 @@ def test_every_plan_the_matching_makes_fits_the_profile(h, w, stride, pick):
 
 
 def test_calibrate_opt_fraction(tiny_unet):
-    latent = smooth_latent(1, 8, 8, seed=3)
+    latent = make_latents((1, 4, 8, 8), "smooth", 3)
     forced = calibrate_opt_fraction(tiny_unet, MergeSettings(threshold=None, merge_fraction=0.5), latent, steps=2)
     src = num_src((8, 8))
     assert forced == pytest.approx(round(0.5 * src) / src)
@@ -283,6 +284,6 @@ def test_calibrate_opt_fraction(tiny_unet):
 
 def test_calibrate_rejects_bad_input(tiny_unet):
     with pytest.raises(CatomeError, match="steps"):
-        calibrate_opt_fraction(tiny_unet, MergeSettings(), smooth_latent(1, 8, 8), steps=0)
+        calibrate_opt_fraction(tiny_unet, MergeSettings(), make_latents((1, 4, 8, 8), "smooth", 0), steps=0)
     with pytest.raises(CatomeError, match=r"\[B, 4, H, W\]"):
         calibrate_opt_fraction(tiny_unet, MergeSettings(), torch.zeros(4, 8, 8), steps=1)

@@ -169,29 +169,33 @@ def test_two_runtimes_in_two_threads_equal_one_after_the_other(tiny_unet, make_r
             a.detach()
 
 
-def test_concurrent_calls_on_one_attached_runtime_are_refused(pipe, make_runtime, smooth_latents, text_embeddings):
+def test_a_second_threads_call_during_a_manual_generation_is_refused(pipe, make_runtime, smooth_latents,
+                                                                     text_embeddings):
     runtime = make_runtime(_no_merge())
     latents, ehs = smooth_latents(1, (SIZE // 8, SIZE // 8)), text_embeddings(1)
     inside, release = threading.Event(), threading.Event()
-    real_step = runtime.step
+    real_chain = runtime._run_chain
 
-    def slow_step(*args, **kwargs):
+    def slow_chain(*args, **kwargs):
         inside.set()
         release.wait(timeout=60)
-        return real_step(*args, **kwargs)
+        return real_chain(*args, **kwargs)
 
-    runtime.step = slow_step  # instance attribute: the first caller waits inside the U-Net call
+    runtime._run_chain = slow_chain  # instance attribute: the first caller waits inside the U-Net call
     outcome: list = []
     with attach(pipe, runtime):
         worker = threading.Thread(target=lambda: outcome.append(pipe.unet(latents, 500, ehs).sample.shape))
         worker.start()
         assert inside.wait(timeout=60)
-        with pytest.raises(CatomeError, match="two threads"):
-            pipe.unet(latents, 500, ehs)
+        for call in (lambda: pipe.unet(latents, 500, ehs), runtime.reset, lambda: runtime.set_step(0)):
+            with pytest.raises(CatomeError, match="middle of a generation"):
+                call()
         release.set()
         worker.join()
         assert outcome == [latents.shape]
-        pipe.unet(latents, 400, ehs)  # the first call is over: this thread may call now
+        assert [s.step for s in runtime.history] == [0]  # the refused calls changed nothing
+        pipe.unet(latents, 400, ehs)  # the worker has ended, and its generation with it: this thread may call now
+        assert [s.step for s in runtime.history] == [0]  # a new generation: nobody continues another thread's
 
 
 class _StubPipe:
@@ -211,8 +215,7 @@ def test_attach_refuses_what_it_cannot_serve(pipe, tiny_unet, make_runtime):
         attach(stub, runtime)
     with attach(pipe, runtime):
         other = _StubPipe()
-        with pytest.raises(CatomeError, match="already attached"):
-            attach(other, runtime)
+        attach(other, runtime).detach()  # a runtime may serve several pipelines: their generations take turns
         with pytest.raises(CatomeError, match="already carries"):
             attach(pipe, make_runtime(_no_merge()))
     assert pipe.unet is tiny_unet
