@@ -14,11 +14,14 @@ from typing import Mapping, Sequence
 
 import torch
 
+from catome_export.choices import Precision
 from catome_export.devices import resolve_device
 from catome_export.backends.base import check_outputs, ordered_feeds, torch_dtype
+from catome_export.dtypes import precision_dtype
 from catome_export.errors import CatomeError
 from catome_export.export.manifest import Manifest, StageRecord
 from catome_export.export.stages import StageSpec, cut_unet
+from catome_export.models import load_unet, weights_hash
 
 logger = logging.getLogger(__name__)
 
@@ -59,17 +62,13 @@ def _io_names(spec: "StageSpec") -> tuple[list[str], list[str]]:
 
 def manifest_dtype(manifest: Manifest) -> torch.dtype:
     """The model dtype of an engine (fp32 or fp16)."""
-    from catome_export.dtypes import precision_dtype
-
     precision = manifest.precision
-    return precision_dtype(precision, ("fp32", "fp16"),
+    return precision_dtype(precision, Precision.values(),
                            f"unknown engine precision {precision!r}: rebuild the engine with --precision fp32 or fp16")
 
 
 def load_reference_unet(manifest: Manifest, device: torch.device | str = "cpu") -> torch.nn.Module:
     """The U-Net the engine was built from (model id + weights), checked against the manifest's weights hash."""
-    from catome_export.models import load_unet, weights_hash
-
     model = manifest.model
     unet = load_unet(model.id, weights=model.weights or "pretrained", dtype=manifest_dtype(manifest))
     expected = model.weights_hash

@@ -7,6 +7,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from catome_export.choices import Precision
 from catome_export.defaults import DEFAULT_SCHEDULE
 from catome_export.errors import CatomeError
 
@@ -24,7 +25,7 @@ MERGING_BACKENDS = ("eager-tome", "eager-catome", "engine")
 """Backends that take a merge fraction or threshold; the others run at merge fraction 0 only."""
 
 LATENT_KINDS = ("smooth", "noise")
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = Precision.values()
 
 
 def default_workdir() -> Path:

@@ -8,6 +8,7 @@ import logging
 import math
 from pathlib import Path
 
+from catome_export.choices import Weights
 from catome_export.defaults import DEFAULT_THRESHOLD
 from catome_export.errors import CatomeError
 from catome_export.export.fsutil import atomic_write_with, check_writable_file
@@ -45,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("analyze", help="pair drift between steps and a least-drift checkpoint schedule (auto:K)",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help="tiny, sd15, or a local diffusers folder (default: tiny)")
-    p.add_argument("--weights", choices=("pretrained", "random"), default="pretrained",
+    p.add_argument("--weights", choices=Weights.values(), default=str(Weights.PRETRAINED),
                    help="pretrained weights, or the architecture with seeded random weights (tiny: always random)")
     p.add_argument("--steps", type=_int, default=50, help="inference steps (default 50)")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,

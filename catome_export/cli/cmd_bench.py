@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from catome_export.choices import Precision
 from catome_export.defaults import DEFAULT_SCHEDULE
 from catome_export.errors import CatomeError
 from catome_export.export.fsutil import check_writable_file
@@ -161,7 +162,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, metavar="N",
                    help="torch and ONNX Runtime intra-op threads for every backend (default: physical cores)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="fp16 needs --device cuda")
+    p.add_argument("--precision", choices=Precision.values(), default=str(Precision.FP32), help="fp16 needs --device cuda")
     p.add_argument("--engine-backend", default="auto", choices=("auto", "trt", "ort", "ort-cpu", "ort-cuda", "torch"),
                    help="runtime backend of the engine rows (default auto)")
     p.add_argument("--workdir", metavar="DIR", help="where engines and the unstaged graph are built "

@@ -41,6 +41,7 @@ def options_from_args(args: argparse.Namespace) -> "BuildOptions":
         batch=args.batch, min_batch=args.min_batch, max_batch=args.max_batch, settings=settings,
         schedule=args.schedule, name=args.name, out_dir=args.out, verify=not args.no_verify,
         verify_steps=args.verify_steps, exporter=args.exporter, opt_merge_fraction=args.opt_merge_fraction, cli=cli,
+        force=args.force,
     )
 
 

@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 
 from catome_export._version import __version__
+from catome_export.choices import Exporter
 from catome_export.errors import CatomeError
 from catome_export.export._threads import torch_threads
 from catome_export.export.external_data import (
@@ -39,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 OPSET = 17
 """ONNX opset of the exported graphs (ScatterElements with a reduction needs >= 16; LayerNormalization 17)."""
-EXPORTERS = ("torchscript", "dynamo")
+EXPORTERS = Exporter.values()
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 """Stages whose weights exceed this many bytes keep them in ``stage_<k>.onnx.data`` (margin under 2 GB)."""
 EXAMPLE_SHAPE = (2, (16, 16), 7)

@@ -26,10 +26,13 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
+from catome_export.backends import create_backend
 from catome_export.backends.base import Backend, StageRunner, StreamOwner
+from catome_export.backends.select import choose_backend
+from catome_export.backends.torch_backend import manifest_dtype
 from catome_export.errors import CatomeError
-from catome_export.export.manifest import Manifest
 from catome_export.export.io_names import MODEL_OUTPUT, SAMPLE, TEXT, TIMESTEP, plan_names
+from catome_export.export.manifest import Manifest
 from catome_export.merging import MergeController, MergeSettings, MergePlan
 from catome_export.models.sites import MergeSite
 from catome_export.runtime.chain import StageChain
@@ -107,9 +110,6 @@ class Runtime:
         ``intra_op_threads``). ``cuda_graphs``: replay cached steps as CUDA
         graphs (TensorRT or torch backend on a GPU; see :meth:`enable_cuda_graphs`).
         """
-        from catome_export.backends import create_backend
-        from catome_export.backends.select import choose_backend
-        from catome_export.backends.torch_backend import manifest_dtype
 
         engine_dir = Path(engine_dir)
         manifest = Manifest.load(engine_dir)

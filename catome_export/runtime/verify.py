@@ -37,10 +37,15 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from catome_export.backends.torch_backend import load_reference_unet
+from catome_export.eager import apply_merging
 from catome_export.errors import CatomeError
 from catome_export.export.manifest import Manifest
 from catome_export.latents import make_latents
+from catome_export.merging import parse_schedule
 from catome_export.merging.plan import MergePlan
+from catome_export.models.pipeline import make_scheduler
+from catome_export.runtime.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -425,11 +430,6 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
     rows, other differences fail the step). Raises CatomeError when the eager
     model's weights differ from the ones the engine was built from.
     """
-    from catome_export.backends.torch_backend import load_reference_unet
-    from catome_export.eager import apply_merging
-    from catome_export.merging import parse_schedule
-    from catome_export.models.pipeline import make_scheduler
-    from catome_export.runtime.runtime import Runtime
 
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise CatomeError(f"steps must be an int >= 1, got {steps!r}")

@@ -16,7 +16,9 @@ from typing import Any
 from catome_export.backends.select import choose_backend
 from catome_export.choices import BuildBackend, EngineBackend, Precision
 from catome_export.errors import CatomeError
-from catome_export.export.build import BuildOptions, BuildResult, Progress, VerifyVerdict, build_folder
+from catome_export.export.build import (
+    BuildOptions, BuildResult, Progress, VerifyVerdict, build_folder, make_options,
+)
 from catome_export.export.manifest import Manifest
 from catome_export.runtime.verify import verify_engine
 
@@ -73,6 +75,7 @@ def build_engine(model: str, *, progress: Progress | None = None, **options: Any
     ``options``: the keyword arguments of :meth:`BuildOptions.create`
     (weights, precision, backend, resolution or min/max_resolution, batch or
     min/max_batch, settings, schedule (``auto:K`` included), name, out_dir,
-    verify, verify_steps, exporter, opset, opt_merge_fraction).
+    verify, verify_steps, exporter, opset, opt_merge_fraction, force); an
+    unknown one is a CatomeError listing them.
     """
-    return run_build(BuildOptions.create(model, **options), progress).manifest
+    return run_build(make_options(model, **options), progress).manifest

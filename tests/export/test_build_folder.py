@@ -243,3 +243,29 @@ def test_rebuild_keeps_files_it_did_not_make_unless_forced(tmp_path, tiny_engine
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         [MANIFEST_FILE] + [name for name, _, _ in result.manifest.files()])
     Manifest.load(folder)
+
+
+def test_options_validate_themselves_and_keep_the_cli_strings():
+    """BuildOptions checks every field on construction (naming it and the valid values); its closed sets are
+    str enums that compare, print and serialise as the CLI's strings."""
+    import json
+
+    from catome_export.choices import Precision
+    from catome_export.export.build import BuildOptions
+    from catome_export.merging import AutoSchedule
+
+    with pytest.raises(CatomeError, match=r"precision must be one of fp32, fp16, got 'int8'"):
+        make_options("tiny", precision="int8")
+    with pytest.raises(CatomeError, match=r"min batch must be an int in 1\.\.256, got 0"):
+        BuildOptions(model="tiny", weights="random", batch=(0, 2))
+    with pytest.raises(CatomeError, match=r"weights must be one of pretrained, random"):
+        BuildOptions(model="tiny", weights="seeded")
+    opts = make_options("tiny", precision="fp16")
+    assert opts.precision is Precision.FP16 and opts.precision == "fp16" and f"{opts.precision}" == "fp16"
+    assert json.dumps({"precision": opts.precision}) == '{"precision": "fp16"}'
+    auto = make_options("tiny", schedule="auto:3")
+    assert auto.schedule == AutoSchedule(3, step_base=1) and auto.settings.schedule.name == "config3"
+    with pytest.raises(CatomeError, match="auto:K"):
+        make_options("tiny", schedule="auto:x")
+    with pytest.raises(CatomeError, match="unknown build option"):
+        make_options("tiny", resolutoin=128)
