@@ -33,12 +33,23 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from catome_export._version import __version__
+from catome_export.backends.torch_backend import load_reference_unet
 from catome_export.defaults import DEFAULT_RATIO, DEFAULT_SCHEDULE, DEFAULT_THRESHOLD
+from catome_export.devices import resolve_device
+from catome_export.eager import apply_merging
 from catome_export.errors import CatomeError
 from catome_export.evaluation.external import (DEFAULT_CLIP_MODEL, Availability, ClipScorer, InceptionFeatures,
                                                clip_availability, fid_availability, frechet_distance)
 from catome_export.evaluation.metrics import psnr, ssim
+from catome_export.export.fsutil import atomic_write_text
 from catome_export.merging import AutoSchedule, MergeSettings, parse_schedule, parse_schedule_request
+from catome_export.runtime import Runtime
+from catome_export.workflows.eager import apply_catome
+from catome_export.workflows.generate import (
+    ImageRequest, check_engine_shapes, default_resolution, engine_resolution, generate, load_pipeline,
+    merge_settings_for_engine, save_png,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -178,8 +189,6 @@ class EvalReport:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        from catome_export._version import __version__
-
         cfg = self.config
         return {
             "catome_export_version": __version__,
@@ -254,9 +263,6 @@ class _Context:
     """The pipeline(s) and the engine runtime shared by every method of one evaluation."""
 
     def __init__(self, config: EvalConfig, runtime: Any = None) -> None:
-        from catome_export.devices import resolve_device
-        from catome_export.generate import load_pipeline
-
         self.config = config
         self.runtime: Any = runtime
         self._owns_runtime = runtime is None
@@ -265,8 +271,6 @@ class _Context:
         if runtime is None and config.engine is None and any(m in ENGINE_METHODS for m in methods):
             raise CatomeError("the engine methods need --engine <engine folder>")
         if runtime is None and config.engine is not None:
-            from catome_export.runtime import Runtime
-
             if not Path(config.engine).is_dir():
                 raise CatomeError(f"engine folder {str(config.engine)!r} does not exist: build one with "
                                   "catome-export build --model tiny (or pass the folder the build wrote)")
@@ -285,8 +289,6 @@ class _Context:
                                           with_unet=eager and not reference)
                 if reference:
                     # The eager methods run the very U-Net the engine was built from (weights hash checked).
-                    from catome_export.backends.torch_backend import load_reference_unet
-
                     self.pipe.unet = load_reference_unet(manifest, self.runtime.device)
                 self.source = source
             else:
@@ -301,8 +303,6 @@ class _Context:
         """The engine's own settings, before any method changed them."""
 
     def resolution(self) -> tuple[int, int]:
-        from catome_export.generate import default_resolution, engine_resolution
-
         cfg = self.config
         default = engine_resolution(self.runtime) if self.runtime is not None else None
         if default is None:
@@ -333,9 +333,6 @@ class _MethodSession:
         self._undo: Callable[[], None] = lambda: None
 
     def __enter__(self) -> "_MethodSession":
-        from catome_export.eager import apply_merging
-        from catome_export.workflows.eager import apply_catome
-
         cfg, pipe = self.ctx.config, self.ctx.pipe
         if self.name in EAGER_METHODS:
             settings = eager_settings(self.name, cfg)
@@ -350,7 +347,6 @@ class _MethodSession:
                 self.stats, self.settings, self.sites = handle, handle.settings, list(handle.sites)
                 self._undo = handle.remove
             return self
-        from catome_export.generate import merge_settings_for_engine
         from catome_export.runtime.embed import attach
 
         runtime = self.ctx.runtime
@@ -383,8 +379,6 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = logger.info, runti
     the engine methods, used instead of loading ``config.engine`` (left open;
     its merge settings are restored at the end).
     """
-    from catome_export.generate import ImageRequest, generate, save_png
-
     out = Path(config.out)
     _prepare_out(out)
     availability = [fid_availability(), clip_availability(config.clip_model)]
@@ -396,8 +390,6 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = logger.info, runti
                                  height, width) for i, p in enumerate(config.prompts)]
         latent_hw = (height // 8, width // 8)
         if ctx.runtime is not None and any(m in ENGINE_METHODS for m in ctx.methods):
-            from catome_export.generate import check_engine_shapes
-
             check_engine_shapes(ctx.runtime, requests[0])
         baseline_images: list[np.ndarray] = []
         for name in ctx.methods:
@@ -495,6 +487,4 @@ def _prepare_out(out: Path) -> None:
 
 def _write_text(path: Path, text: str) -> None:
     """Atomic text write (temp file + rename)."""
-    from catome_export.export.fsutil import atomic_write_text
-
     atomic_write_text(path, text)
