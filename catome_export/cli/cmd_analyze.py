@@ -11,7 +11,7 @@ from pathlib import Path
 from catome_export.choices import Weights
 from catome_export.defaults import DEFAULT_THRESHOLD
 from catome_export.errors import CatomeError
-from catome_export.export.fsutil import atomic_write_with, check_writable_file
+from catome_export.export.fsutil import Outputs, atomic_write_with, check_writable_file
 
 logger = logging.getLogger(__name__)
 
@@ -193,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
           "the pairs cached at its last checkpoint (every_step: 0); best, same K: the least drift any list with "
           "as many checkpoints reaches")
 
+    outputs = Outputs()
     if args.json is not None:
         data = {
             "model": args.model,
@@ -206,11 +207,16 @@ def run(args: argparse.Namespace) -> int:
             "comparison": [sc.to_dict() for sc in scores],
         }
         text = json.dumps(data, indent=2, allow_nan=False) + "\n"
-        atomic_write_with(args.json, lambda tmp: tmp.write_text(text))
-        print(f"wrote {args.json}")
+        written = outputs.save(args.json, lambda path: atomic_write_with(path, lambda tmp: tmp.write_text(text)),
+                               "--json")
+        if written is not None:
+            print(f"wrote {written}")
     if args.plot is not None:
         from catome_export.analysis.plot import plot_consecutive
 
-        plot_consecutive(analysis, args.plot, checkpoints=proposal.loop_indices)
-        print(f"wrote {args.plot}")
+        written = outputs.save(args.plot, lambda path: plot_consecutive(analysis, path,
+                                                                        checkpoints=proposal.loop_indices), "--plot")
+        if written is not None:
+            print(f"wrote {written}")
+    outputs.finish()
     return 0

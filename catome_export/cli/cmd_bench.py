@@ -9,7 +9,7 @@ from pathlib import Path
 from catome_export.choices import Precision
 from catome_export.defaults import DEFAULT_SCHEDULE
 from catome_export.errors import CatomeError
-from catome_export.export.fsutil import check_writable_file
+from catome_export.export.fsutil import Outputs, check_writable_file
 
 DESCRIPTION = """\
 Time one U-Net call per backend, resolution and merge setting: a warm-up
@@ -122,10 +122,16 @@ def run(args: argparse.Namespace) -> int:
     print(result.markdown(), end="")
     for note in result.notes:
         print(f"\nnote: {note}")
+    outputs = Outputs()
     if args.json:
-        print(f"\nwrote {result.save_json(args.json)}")
+        written = outputs.save(args.json, result.save_json, "--json")
+        if written is not None:
+            print(f"\nwrote {written}")
     if args.plot:
-        print(f"wrote {result.save_plot(args.plot)}")
+        written = outputs.save(args.plot, result.save_plot, "--plot")
+        if written is not None:
+            print(f"wrote {written}")
+    outputs.finish()
     return 0
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from catome_export.errors import CatomeError
-from catome_export.export.fsutil import check_writable_file
+from catome_export.export.fsutil import Outputs, check_writable_file
 from catome_export.defaults import DEFAULT_GUIDANCE, DEFAULT_SCHEDULE, DEFAULT_SEED, DEFAULT_STEPS, DEFAULT_THRESHOLD
 
 logger = logging.getLogger(__name__)
@@ -90,10 +90,13 @@ def run(args: argparse.Namespace) -> int:
     for line in gen.step_lines():
         print(line)
     merged_steps = sum(1 for s in gen.steps if any(s.merged.values()))
-    save_png(gen.image, out)
+    outputs = Outputs()
+    written = outputs.save(out, lambda path: save_png(gen.image, path), "--out")
     h, w = gen.image.shape[:2]
-    print(f"wrote {out} ({w}x{h}, {len(gen.steps)} steps, {gen.seconds:.2f} s; {what}; "
-          f"tokens merged at {merged_steps}/{len(gen.steps)} steps)")
+    if written is not None:
+        print(f"wrote {written} ({w}x{h}, {len(gen.steps)} steps, {gen.seconds:.2f} s; {what}; "
+              f"tokens merged at {merged_steps}/{len(gen.steps)} steps)")
+    outputs.finish()
     return 0
 
 

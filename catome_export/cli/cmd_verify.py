@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from catome_export.backends.select import BACKEND_NAMES
-from catome_export.export.fsutil import check_writable_file
+from catome_export.export.fsutil import Outputs, check_writable_file
 
 
 def _resolution(text: str) -> int | tuple[int, int]:
@@ -41,8 +41,11 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         from catome_export.runtime.verify import write_report_json
 
-        write_report_json(report, args.json)
-        print(f"report written to {args.json}")
+        outputs = Outputs()
+        written = outputs.save(args.json, lambda path: write_report_json(report, path), "--json")
+        if written is not None:
+            print(f"report written to {written}")
+        outputs.finish()
     return 0 if report.ok else 1
 
 

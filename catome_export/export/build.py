@@ -49,7 +49,7 @@ from catome_export.export.trt_build import build_engines
 from catome_export.merging.schedules import AutoSchedule, ScheduleSpec, parse_schedule_request
 from catome_export.merging.settings import MergeSettings
 from catome_export.models import MODELS, find_merge_sites, load_unet, model_info, weights_hash
-from catome_export.models.registry import ModelInfo
+from catome_export.models.registry import BUNDLED_ONLY, ModelInfo
 from catome_export.models.sites import MergeSite
 
 logger = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ class BuildOptions:
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
-            raise CatomeError("give a model: tiny, sd15, or a local diffusers folder")
+            raise CatomeError("give a model: tiny, sd15, sd21, or a local diffusers folder")
         set_ = object.__setattr__
         set_(self, "weights", Weights.parse(self.weights, "weights"))
         set_(self, "precision", Precision.parse(self.precision, "precision"))
@@ -194,20 +194,24 @@ class BuildOptions:
         folder that no build made (otherwise the build refuses, naming them).
         """
         if not isinstance(model, str) or not model:
-            raise CatomeError("give a model: tiny, sd15, or a local diffusers folder")
+            raise CatomeError("give a model: tiny, sd15, sd21, or a local diffusers folder")
         info = model_info(model)  # CatomeError for an unknown name or a folder without a U-Net config
+        if info.added_conditioning:
+            raise CatomeError(
+                f"{model} needs SDXL's added conditioning (text_embeds, time_ids), which the engine export does not "
+                "handle yet: run it eagerly (catome-export generate --model sdxl, or apply_catome on the pipeline)")
         if weights is None:
-            weights = Weights.RANDOM if model == "tiny" else Weights.PRETRAINED
+            weights = Weights.RANDOM if model in BUNDLED_ONLY else Weights.PRETRAINED
         weights = Weights.parse(weights, "weights")
-        if model == "tiny":
-            weights = Weights.RANDOM  # the tiny model exists only with seeded random weights
+        if model in BUNDLED_ONLY:
+            weights = Weights.RANDOM  # the tiny models exist only with seeded random weights
         precision = Precision.parse(precision, "precision")
         backend = BuildBackend.parse(backend, "backend")
         exporter = Exporter.parse(exporter, "exporter")
         _check_int("opset", opset, 17, 21)
         lo, hi = _resolution_range(resolution, min_resolution, max_resolution, info.default_resolution)
         blo, bhi = _batch_range(batch, min_batch, max_batch)
-        settings = settings or MergeSettings()
+        settings = settings or MergeSettings(max_downsample=info.max_downsample)
         auto = None
         if schedule is not None:
             request = parse_schedule_request(schedule, settings.schedule.step_base)

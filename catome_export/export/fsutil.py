@@ -104,6 +104,61 @@ def check_writable_file(path: str | Path, flag: str) -> Path:
     return target
 
 
+def check_writable_dir(path: str | Path, flag: str) -> Path:
+    """Raise a CatomeError unless files can be written in the folder ``path`` (made later if missing); checked
+    before long work. Nothing is created."""
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise CatomeError(f"{flag} {target} is a file, not a folder: choose a folder")
+    if target.is_dir():
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".catome-write-check.", dir=target)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise CatomeError(f"cannot write {flag} {target}: the folder is not writable ({exc.strerror or exc}); "
+                              "choose a writable place") from None
+        return target
+    check_writable_file(target, flag)
+    return target
+
+
+class Outputs:
+    """Writes a command's result files at the end of its work; a write that fails (disk full, folder removed
+    or made read-only during the run) does not lose the result: it is written to a folder of its own under
+    the temp folder instead, and :meth:`finish` raises one CatomeError that says where each one went."""
+
+    def __init__(self) -> None:
+        self.failures: list[str] = []
+        self._kept: Path | None = None
+
+    def save(self, path: str | Path, write: Callable[[Path], Any], flag: str) -> Path | None:
+        """``write(path)``; on failure the same into the keep folder. Returns where it was written (None when
+        nowhere)."""
+        target = Path(path)
+        try:
+            write(target)
+            return target
+        except (OSError, CatomeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        try:
+            if self._kept is None:
+                self._kept = Path(tempfile.mkdtemp(prefix="catome-export-kept-"))
+            kept = self._kept / (target.name or "result")
+            write(kept)
+        except (OSError, CatomeError) as exc:
+            self.failures.append(f"cannot write {flag} {target} ({reason}), nor a copy under the temp folder ({exc})")
+            return None
+        logger.warning("cannot write %s %s (%s): kept the result in %s", flag, target, reason, kept)
+        self.failures.append(f"cannot write {flag} {target} ({reason}): the result was kept in {kept}")
+        return kept
+
+    def finish(self) -> None:
+        """CatomeError naming every output that could not be written where asked, and where it was kept."""
+        if self.failures:
+            raise CatomeError("; ".join(self.failures) + "; copy it from there")
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

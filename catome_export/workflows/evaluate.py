@@ -422,8 +422,13 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = logger.info, runti
         if runtime is not None and ctx.engine_settings is not None:
             runtime.set_settings(ctx.engine_settings)
         ctx.close()
-    _write_text(out / "results.json", json.dumps(report.to_dict(), indent=2) + "\n")
-    _write_text(out / "results.md", report.table() + "\n")
+    from catome_export.export.fsutil import Outputs
+
+    outputs = Outputs()  # a folder that became unwritable during the run: the results are kept elsewhere
+    text = json.dumps(report.to_dict(), indent=2) + "\n"
+    outputs.save(out / "results.json", lambda path: _write_text(path, text), "--out")
+    outputs.save(out / "results.md", lambda path: _write_text(path, report.table() + "\n"), "--out")
+    outputs.finish()
     return report
 
 
@@ -479,6 +484,9 @@ def _load_folder(folder: Path) -> np.ndarray:
 def _prepare_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise CatomeError(f"--out {str(out)!r} is a file: pass a folder for the images and results")
+    from catome_export.export.fsutil import check_writable_dir
+
+    check_writable_dir(out, "--out")  # before any model is loaded: images are written from the first one on
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

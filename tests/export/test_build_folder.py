@@ -26,6 +26,8 @@ def test_options_defaults():
     assert (sd.weights, sd.resolution, sd.batch) == ("pretrained", (512, 768), (1, 4))
     assert make_options("sd15", max_resolution=384).resolution == (384, 384)
     assert make_options("tiny", weights="pretrained").weights == "random"
+    sd21 = make_options("sd21", weights="random")
+    assert sd21.resolution == (768, 768) and sd21.settings.max_downsample == 1  # the model's own merge level
 
 
 @pytest.mark.parametrize("kwargs,match", [

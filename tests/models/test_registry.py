@@ -72,17 +72,18 @@ def test_site_errors(tiny_unet):
 
 
 def test_unknown_model_names_what_to_use(tmp_path):
-    with pytest.raises(CatomeError, match="'tiny', 'sd15', or a local diffusers folder"):
+    with pytest.raises(CatomeError, match="'tiny', 'tiny-xl', 'sd15', 'sd21', 'sdxl', or a local diffusers folder"):
         load_unet("sd99", "random")
     with pytest.raises(CatomeError, match="local diffusers folder"):
         load_unet(str(tmp_path), "pretrained")
     with pytest.raises(CatomeError, match="weights must be"):
         load_unet("tiny", "imagenet")
     with pytest.raises(CatomeError, match="no bundled config"):
-        bundled_config("sd21")
+        bundled_config("sd99")
 
 
-def test_sd15_pretrained_offline_names_weights_random(monkeypatch):
+@pytest.mark.parametrize("name", ["sd15", "sd21", "sdxl"])
+def test_pretrained_offline_names_weights_random(monkeypatch, name):
     from diffusers import UNet2DConditionModel
 
     def offline(*args, **kwargs):
@@ -90,8 +91,8 @@ def test_sd15_pretrained_offline_names_weights_random(monkeypatch):
 
     monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", offline)
     with pytest.raises(CatomeError, match="--weights random") as info:
-        load_unet("sd15", "pretrained")
-    assert registry.SD15_HUB_ID in str(info.value)
+        load_unet(name, "pretrained")
+    assert registry.HUB_IDS[name] in str(info.value)
 
 
 def test_sd15_random_uses_the_bundled_architecture(monkeypatch):

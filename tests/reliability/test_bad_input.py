@@ -62,10 +62,50 @@ def test_unknown_model(capsys, tmp_path):
     from catome_export.models import load_unet, model_info
 
     for call in (lambda: load_unet("nosuchmodel", "random"), lambda: model_info("nosuchmodel")):
-        with pytest.raises(catome_export.CatomeError, match="unknown model 'nosuchmodel': use 'tiny', 'sd15'"):
+        with pytest.raises(catome_export.CatomeError, match="unknown model 'nosuchmodel': use one of 'tiny', 'tiny-xl', 'sd15'"):
             call()
     assert_cli_error(["build", "--model", "nosuchmodel", "--out", str(tmp_path / "e")], capsys,
-                     "unknown model", "use 'tiny'")
+                     "unknown model", "use one of 'tiny'")
+    assert not (tmp_path / "e").exists()
+
+
+def test_no_merge_site_at_the_chosen_level(capsys):
+    """SDXL's layout (tiny-xl) has no attention at the top level: max_downsample=1 merges nothing, refused."""
+    from catome_export.eager import apply_catome, apply_tome
+    from catome_export.models import find_merge_sites, load_unet
+
+    unet = load_unet("tiny-xl", "random")
+    for call in (lambda: find_merge_sites(unet, 1), lambda: apply_catome(unet, max_downsample=1),
+                 lambda: apply_tome(unet, max_downsample=1)):
+        with pytest.raises(CatomeError, match=r"no transformer block at downsample <= 1, so nothing would be merged: "
+                                              r".*use max_downsample=2, or leave it unset"):
+            call()
+    assert not unet._forward_pre_hooks  # nothing was left installed
+
+
+def test_model_that_is_not_a_unet(capsys, tmp_path):
+    """A transformer-based model (SD3-style config, or any module without U-Net levels) is refused by name."""
+    from catome_export.eager import apply_catome
+    from catome_export.models import find_merge_sites, load_unet
+
+    folder = tmp_path / "sd3"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"_class_name": "SD3Transformer2DModel"}))
+    with pytest.raises(CatomeError, match="holds a SD3Transformer2DModel, not a UNet2DConditionModel"):
+        load_unet(str(folder), "random")
+    assert_cli_error(["build", "--model", str(folder), "--out", str(tmp_path / "e")], capsys,
+                     "not a UNet2DConditionModel", "transformer-based models")
+    with pytest.raises(CatomeError, match="is a Linear, not a diffusers UNet2DConditionModel"):
+        find_merge_sites(torch.nn.Linear(2, 2))
+    with pytest.raises(CatomeError, match="expected a diffusers UNet2DConditionModel"):
+        apply_catome(torch.nn.Linear(2, 2))
+    assert not (tmp_path / "e").exists()
+
+
+def test_build_of_a_model_with_added_conditioning(capsys, tmp_path):
+    """SDXL-style U-Nets run eagerly; the engine export refuses them up front instead of failing midway."""
+    assert_cli_error(["build", "--model", "tiny-xl", "--out", str(tmp_path / "e")], capsys,
+                     "tiny-xl needs SDXL's added conditioning", "run it eagerly")
     assert not (tmp_path / "e").exists()
 
 
