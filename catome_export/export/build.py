@@ -1,4 +1,10 @@
-"""``build_engine``: model -> staged ONNX graphs (+ TensorRT engines) -> audited, verified engine folder.
+"""The engine folder build: model -> staged ONNX graphs (+ TensorRT engines) -> audited, verified folder.
+
+:class:`BuildOptions` is the build's only input (validated on construction);
+:func:`build_folder` runs it. The verification that decides whether the
+folder is installed is passed in (:data:`Verifier`, returning a
+:class:`VerifyVerdict`): :mod:`catome_export.workflows.build` gives it the
+runtime's, so this module needs neither the backends nor the runtime.
 
 A build never leaves a folder that a later load would trust half-made, and
 never damages a previous good build:
@@ -338,20 +344,17 @@ def foreign_files(target: Path) -> list[str]:
         return []
     ours = set(BUILD_FILES)
     try:
-        data = json.loads((target / MANIFEST_FILE).read_text(encoding="utf-8"))
-        for entry in data.get("stages") or []:
-            engine = entry.get("engine") if isinstance(entry, dict) else None
-            names = (entry.get("file"), entry.get("external_data"), engine.get("file") if isinstance(engine, dict)
-                     else None) if isinstance(entry, dict) else ()
-            ours.update(n for n in names if isinstance(n, str))
-    except (OSError, ValueError, AttributeError, TypeError):
-        data = None
+        manifest: Manifest | None = Manifest.load(target, check_files=False)
+    except CatomeError:  # missing, damaged, edited or from another version: judge the stage files by name
+        manifest = None
+    if manifest is not None:
+        ours.update(name for name, _, _ in manifest.files())
     found = []
     for path in sorted(target.rglob("*")):
         if path.is_dir() and not path.is_symlink():
             continue
         rel = path.relative_to(target).as_posix()
-        if rel in ours or (data is None and _BUILD_NAME.match(rel)):
+        if rel in ours or (manifest is None and _BUILD_NAME.match(rel)):
             continue
         found.append(rel)
     return found
