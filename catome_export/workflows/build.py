@@ -60,7 +60,7 @@ def verify_build(folder: Path, opts: BuildOptions, backend: EngineBackend, notes
         say(differences)
     summary = report.summary()
     say(summary)
-    return VerifyVerdict(ok=report.ok, summary=summary, report=report)
+    return VerifyVerdict(ok=report.ok, text=summary)
 
 
 def run_build(opts: BuildOptions, progress: Progress | None = None) -> BuildResult:
