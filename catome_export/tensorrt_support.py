@@ -6,6 +6,7 @@ Used by the export layer (building plans) and the backends (running them);
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 from catome_export.errors import CatomeError
@@ -20,6 +21,16 @@ TRT_PIP = f"pip install 'tensorrt{TRT_SUPPORTED}' --extra-index-url https://pypi
 
 TRT_INSTALL_HINT = (f"install it on a machine with an NVIDIA GPU (pip install 'catome-export[trt]', or {TRT_PIP}), "
                     "or use --backend ort")
+
+POLYGRAPHY_SUPPORTED = ">=0.49"
+"""Polygraphy releases the TensorRT path is tested with (in the ``[trt]`` extra)."""
+
+
+def require_polygraphy() -> None:
+    """Raise a CatomeError saying how to install Polygraphy unless it is importable (the TensorRT path needs it)."""
+    if importlib.util.find_spec("polygraphy") is None:
+        raise CatomeError("the TensorRT path needs Polygraphy, which is not installed: pip install "
+                          f"'catome-export[trt]' (or pip install 'polygraphy{POLYGRAPHY_SUPPORTED}'), or use --backend ort")
 
 
 def version_tuple(version: str) -> tuple[int, ...]:

@@ -38,7 +38,16 @@ def _tensorrt_available() -> bool:
     return importlib.util.find_spec("tensorrt") is not None
 
 
+SLOW_FIXTURES = frozenset({"tiny_engine", "built_engine", "reliability_engine", "engine_copy", "ort_runtime",
+                           "exported", "ort_sessions", "cli_process"})
+"""Fixtures that build or export an engine, or start a CLI process: a test using one is marked ``slow``."""
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     skip_gpu = None if _cuda_available() else pytest.mark.skip(reason="needs a CUDA device; none is present")
     skip_trt = None if _tensorrt_available() else pytest.mark.skip(
         reason="needs TensorRT; `tensorrt` is not importable here (pip install 'catome-export[trt]' on a GPU machine)")

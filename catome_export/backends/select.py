@@ -7,11 +7,12 @@ from dataclasses import dataclass
 
 from catome_export.errors import CatomeError
 from catome_export.tensorrt_support import (  # noqa: F401  (re-exported: the backends' and doctor's import path)
-    TRT_INSTALL_HINT, TRT_PIP, TRT_SUPPORTED, import_tensorrt, trt_version_problem, version_tuple,
+    POLYGRAPHY_SUPPORTED, TRT_INSTALL_HINT, TRT_PIP, TRT_SUPPORTED, import_tensorrt, require_polygraphy,
+    trt_version_problem, version_tuple,
 )
 
 __all__ = ["BACKEND_NAMES", "BackendChoice", "choose_backend", "TRT_INSTALL_HINT", "TRT_PIP", "TRT_SUPPORTED",
-           "import_tensorrt", "trt_version_problem", "version_tuple"]
+           "import_tensorrt", "trt_version_problem", "version_tuple", "POLYGRAPHY_SUPPORTED", "require_polygraphy"]
 
 BACKEND_NAMES = ("auto", "trt", "ort", "ort-cuda", "ort-cpu", "torch")
 

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from catome_export.backends.base import DeviceStream
-from catome_export.backends.select import import_tensorrt
+from catome_export.backends.select import import_tensorrt, require_polygraphy
 from catome_export.errors import CatomeError
 from catome_export.export.manifest import Manifest, StageRecord
 
@@ -61,6 +61,7 @@ def _trt_logger(trt: Any, injected: bool) -> Any:
     """Polygraphy's TensorRT logger (one logger for builder and runtime, routed to its log)."""
     if injected:
         return trt.Logger(trt.Logger.WARNING)
+    require_polygraphy()
     from polygraphy.backend.trt import util as trt_util
 
     return trt_util.get_trt_logger()

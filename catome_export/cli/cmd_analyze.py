@@ -96,6 +96,10 @@ def _check_args(args: argparse.Namespace) -> None:
             if not (path.parent if str(path.parent) else Path(".")).is_dir():
                 raise CatomeError(f"{flag} {path}: the folder {path.parent} does not exist; create it first")
             check_writable_file(path, flag)
+    if args.plot is not None:
+        from catome_export.extras import require
+
+        require("plot", "--plot")
 
 
 def _text_inputs(args: argparse.Namespace, random_weights: bool, source: str, device, dtype):

@@ -106,6 +106,10 @@ def _check_outputs(args: argparse.Namespace) -> None:
         if path.suffix.lower() != suffix:
             raise CatomeError(f"{flag} {value}: the file name must end in {suffix}")
         check_writable_file(path, flag)
+    if args.plot is not None:
+        from catome_export.extras import require
+
+        require("plot", "--plot")
 
 
 def run(args: argparse.Namespace) -> int:

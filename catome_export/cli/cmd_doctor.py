@@ -45,7 +45,7 @@ def run_checks() -> list[Check]:
         ("diffusers", "pip install diffusers"),
         ("onnx", "pip install onnx"),
         ("onnxscript", "pip install onnxscript (needed by the torch.onnx dynamo exporter)"),
-        ("polygraphy", "pip install polygraphy"),
+        ("polygraphy", "pip install 'catome-export[trt]' (Polygraphy drives the TensorRT path)"),
     ):
         ok, detail = _version(module)
         checks.append(Check(module, ok, detail, "" if ok else fix))
@@ -94,6 +94,14 @@ def run(args: argparse.Namespace) -> int:
         if c.fix:
             print(f"    {'':<{width}}  to get it: {c.fix}")
     print(f"usable backends: {', '.join(_backends(checks)) or 'none'}")
+    print("extras (pip install 'catome-export[NAME]'):")
+    from catome_export.extras import EXTRAS, extra_status
+
+    for name in EXTRAS:
+        status = extra_status(name)
+        mark = "ok  " if status.ok else "--  "
+        print(f"{mark}{name:<{width}}  {status.extra.enables}" + ("" if status.ok else f"; {status.detail}: "
+                                                                   f"{status.extra.pip}"))
     core = {"torch", "diffusers", "onnx"}
     return 0 if all(c.ok for c in checks if c.name in core) else 1
 

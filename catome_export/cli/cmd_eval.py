@@ -35,6 +35,9 @@ def run(args: argparse.Namespace) -> int:
     from catome_export.workflows.evaluate import EvalConfig, run_eval
     from catome_export.workflows.generate import ImageRequest
 
+    from catome_export.extras import require
+
+    require("eval", "eval")  # text encoder, images and metrics, before any model loads
     if args.engine is not None and not Path(args.engine).is_dir():
         raise CatomeError(f"engine folder {args.engine!r} does not exist: build one with "
                           "catome-export build --model tiny (or pass the folder the build wrote)")

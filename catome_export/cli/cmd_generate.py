@@ -82,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
     if out.suffix.lower() != ".png":
         raise CatomeError(f"--out must name a .png file, got {str(out)!r}")
     check_writable_file(out, "--out")
+    from catome_export.extras import require
+
+    require("generate", "generate")  # the pipeline's text encoder and the PNG writer, before any model loads
 
     if args.engine is not None:
         gen, what = _run_engine(args)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from catome_export.errors import CatomeError
-from catome_export.tensorrt_support import import_tensorrt
+from catome_export.tensorrt_support import import_tensorrt, require_polygraphy
 from catome_export.export.fsutil import atomic_write_bytes, sha256_file
 from catome_export.export.manifest import EngineFile, Manifest, TrtRecord
 from catome_export.export.profiles import (
@@ -179,6 +179,7 @@ def build_engines(
     if isinstance(builder_optimization_level, bool) or builder_optimization_level not in range(0, 6):
         raise CatomeError(f"builder optimisation level must be an int in 0..5, got {builder_optimization_level!r}")
     trt = _import_tensorrt()
+    require_polygraphy()
     from polygraphy.backend.trt import CreateConfig, NetworkFromOnnxPath, Profile, engine_bytes_from_network
     from polygraphy.backend.trt import util as trt_util
     from polygraphy.exception import PolygraphyException

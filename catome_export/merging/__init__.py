@@ -12,7 +12,7 @@ __all__ = [
     "forced_plan", "grid_for_tokens", "Schedule", "parse_schedule", "NAMED_SCHEDULES", "StepCounter",
     "AutoSchedule", "ScheduleRequest", "parse_schedule_request",
 ]
-from catome_export.merging.controller import MergeController, StepStats  # noqa: E402
-from catome_export.merging.settings import MergeSettings  # noqa: E402
+from catome_export.merging.controller import MergeController, StepStats
+from catome_export.merging.settings import MergeSettings
 
 __all__ += ["MergeController", "StepStats", "MergeSettings"]

@@ -29,6 +29,7 @@ Default tolerances: 1e-4 for fp32 engines, 2e-2 for fp16 (see docs/runtime.md).
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import time
 from dataclasses import dataclass, field, replace
@@ -177,6 +178,15 @@ class VerifyReport:
     rows: tuple[VerifyRow, ...]
     merge_tolerance: float = 0.0
     """Allowed |r_engine - r_eager| per site as a fraction of its tokens."""
+    load_avg: float | None = None
+    """Highest 1-minute load average seen while timing (None where the platform has none)."""
+    cpus: int | None = None
+    """Logical CPUs of the machine (``os.cpu_count()``)."""
+
+    @property
+    def busy(self) -> bool:
+        """True when the load average exceeded the CPU count while timing: the latency figures are unreliable."""
+        return self.load_avg is not None and self.cpus is not None and self.load_avg > self.cpus
 
     @property
     def ok(self) -> bool:
@@ -230,9 +240,17 @@ class VerifyReport:
         return self.eager_ms / self.engine_ms if self.engine_ms > 0 else float("nan")
 
     def latency_line(self) -> str:
-        return (f"latency per step (median): eager {self.eager_ms:.1f} ms, engine {self.engine_ms:.1f} ms "
-                f"({self.speedup:.2f}x) [{self.backend}, {self.precision}, batch {self.batch}, "
-                f"{self.latent_hw[0] * 8}x{self.latent_hw[1] * 8} px]")
+        """What the parity run measured, said as what it is: the engine against the eager CA-ToMe reference
+        (which also matches on its own for the comparison), not against plain eager PyTorch; plus a warning when
+        the machine was busy."""
+        line = (f"latency per step (median): engine {self.engine_ms:.1f} ms vs eager CA-ToMe reference "
+                f"{self.eager_ms:.1f} ms ({self.speedup:.2f}x) [{self.backend}, {self.precision}, batch {self.batch}, "
+                f"{self.latent_hw[0] * 8}x{self.latent_hw[1] * 8} px]; the reference also runs its own matching for "
+                "the comparison, so this is no speedup over plain PyTorch: catome-export bench measures that")
+        if self.busy:
+            line += (f"\nwarning: the machine was busy while timing (load average {self.load_avg:.1f} on "
+                     f"{self.cpus} CPUs): these latencies are unreliable")
+        return line
 
     def summary(self) -> str:
         """One line: verdict, worst difference, merging agreement, latency."""
@@ -297,7 +315,10 @@ class VerifyReport:
                 "tolerance": self.tolerance, "merge_tolerance": self.merge_tolerance, "ok": self.ok,
                 "max_diff": self.max_diff, "flip_steps": self.flip_steps, "flipped_tokens": self.flipped_tokens,
                 "plan_failure_steps": self.plan_failure_steps,
-                "engine_ms": self.engine_ms, "eager_ms": self.eager_ms, "rows": [r.to_dict() for r in self.rows]}
+                "engine_ms": self.engine_ms, "eager_ms": self.eager_ms,
+                "timing": {"compares": "engine vs eager CA-ToMe reference (with its own matching)",
+                           "load_avg_max": self.load_avg, "cpus": self.cpus, "busy": self.busy},
+                "rows": [r.to_dict() for r in self.rows]}
 
 
 def _short(steps: Sequence[int], limit: int = 8) -> str:
@@ -484,6 +505,7 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
         handle.set_matcher(eager_matches)
         threshold = settings.threshold if settings.mode == "threshold" else None
         rows: list[VerifyRow] = []
+        loads: list[float] = []
         logger.info("verifying %s on %s over %d steps (batch %d, latent %dx%d, %s)", engine_dir, runtime.backend.name
                     if runtime.backend else "?", steps, batch, latent_hw[0], latent_hw[1], settings.schedule.describe())
         with torch.no_grad():
@@ -524,6 +546,9 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
                                 plan_unexplained={k: v for k, v in unexplained.items() if v},
                                 plan_differences=tuple(found[:MAX_DIFFERENCES_PER_STEP]))
                 rows.append(row)
+                load = _load_average()
+                if load is not None:
+                    loads.append(load)
                 logger.debug("step %d: max|diff| %.3g, r %s, near-tie flips %s", i, diff, row.merged_engine,
                              row.plan_flips)
                 if progress is not None:
@@ -532,12 +557,21 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
         return VerifyReport(engine_dir=str(engine_dir), backend=runtime.backend.name if runtime.backend else "custom",
                             precision=precision, batch=batch, latent_hw=latent_hw,
                             schedule=settings.schedule.describe(), tolerance=tol, rows=tuple(rows),
-                            merge_tolerance=r_tol)
+                            merge_tolerance=r_tol, load_avg=max(loads) if loads else None,
+                            cpus=os.cpu_count())
     finally:
         runtime.controller.set_matcher(None)
         if handle is not None:
             handle.remove()
         runtime.close()
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average (None where the platform has none)."""
+    try:
+        return float(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        return None
 
 
 def write_report_json(report: VerifyReport, path: str | Path) -> None:

@@ -122,11 +122,12 @@ def test_extra_hints_and_docs_agree_on_the_supported_range():
     import tomllib
     from pathlib import Path
 
-    from catome_export.backends.select import TRT_INSTALL_HINT, TRT_PIP, TRT_SUPPORTED
+    from catome_export.backends.select import POLYGRAPHY_SUPPORTED, TRT_INSTALL_HINT, TRT_PIP, TRT_SUPPORTED
 
     repo = Path(__file__).resolve().parents[2]
     extras = tomllib.loads((repo / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    assert extras["trt"] == [f"tensorrt{TRT_SUPPORTED}"]
+    assert extras["trt"] == [f"tensorrt{TRT_SUPPORTED}", f"polygraphy{POLYGRAPHY_SUPPORTED}"]
+    assert f"polygraphy{POLYGRAPHY_SUPPORTED}" in extras["test"]  # the tests drive the real Polygraphy
     assert extras["ort-gpu"] == ["onnxruntime-gpu>=1.21"]
     assert f"tensorrt{TRT_SUPPORTED}" in TRT_PIP and TRT_PIP in TRT_INSTALL_HINT
     for doc in ("docs/tensorrt.md", "README.md"):
@@ -146,3 +147,15 @@ def test_broken_tensorrt_install_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
     with pytest.raises(CatomeError, match="not importable.*libnvinfer"):
         import_tensorrt()
+
+
+def test_tensorrt_path_without_polygraphy_says_how_to_install_it(monkeypatch):
+    import sys
+
+    from catome_export.backends.select import POLYGRAPHY_SUPPORTED, require_polygraphy
+
+    require_polygraphy()  # installed here (the test extra has it)
+    monkeypatch.setitem(sys.modules, "polygraphy", None)
+    with pytest.raises(CatomeError, match=r"needs Polygraphy.*pip install 'catome-export\[trt\]'") as err:
+        require_polygraphy()
+    assert f"polygraphy{POLYGRAPHY_SUPPORTED}" in str(err.value)

@@ -9,8 +9,8 @@ import torch
 
 pytest.importorskip("onnxruntime", reason="the unstaged baseline runs in ONNX Runtime")
 
-from catome_export.bench.unstaged import META_FILE, cached_graph, export_unstaged, load_unstaged  # noqa: E402
-from catome_export.models import weights_hash  # noqa: E402
+from catome_export.bench.unstaged import META_FILE, cached_graph, export_unstaged, load_unstaged
+from catome_export.models import weights_hash
 
 
 def test_export_run_and_reuse(tiny_unet, tmp_path):

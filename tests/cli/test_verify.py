@@ -98,3 +98,19 @@ def test_verify_threads_zero_is_an_error(tiny_engine, capsys):
     assert main(["verify", str(tiny_engine), *args, "--quiet"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "intra-op threads must be an int >= 1" in err and "got 0" in err
+
+
+@pytest.mark.parametrize("load,busy", [(0.0, False), (1e4, True)], ids=["idle", "busy"])
+def test_latency_line_says_what_it_compares_and_warns_when_busy(load, busy, tiny_engine, capsys, tmp_path,
+                                                                 monkeypatch):
+    import catome_export.runtime.verify as verify
+
+    monkeypatch.setattr(verify, "_load_average", lambda: load)
+    report = tmp_path / "report.json"
+    assert main(["verify", str(tiny_engine), *ARGS, "--quiet", "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("latency per step"))
+    assert "vs eager CA-ToMe reference" in line and "no speedup over plain PyTorch" in line
+    assert ("warning: the machine was busy while timing" in out) is busy
+    timing = json.loads(report.read_text())["timing"]
+    assert timing["busy"] is busy and timing["load_avg_max"] == load and timing["cpus"] >= 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pytest
 import torch
 
@@ -14,6 +16,9 @@ from catome_export.export.onnx_export import (
 )
 from catome_export.export.stages import cut_unet, run_stages
 from catome_export.merging import match_tokens, partition
+
+if TYPE_CHECKING:
+    import onnx
 
 ort = pytest.importorskip("onnxruntime", reason="ONNX Runtime is not installed (pip install 'catome-export[ort]')")
 

@@ -12,12 +12,12 @@ import pytest
 
 pytest.importorskip("hypothesis", reason="hypothesis is not installed (pip install 'catome-export[test]')")
 
-import torch  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from catome_export.errors import CatomeError  # noqa: E402
-from catome_export.merging import MergePlan, match_tokens  # noqa: E402
+from catome_export.errors import CatomeError
+from catome_export.merging import MergePlan, match_tokens
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

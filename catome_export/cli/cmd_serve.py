@@ -1,0 +1,113 @@
+"""``catome-export serve``: an engine behind OpenAI's images API on Ray Serve (a thin layer over catome_export.serve)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from catome_export.errors import CatomeError
+from catome_export.defaults import DEFAULT_STEPS
+
+logger = logging.getLogger(__name__)
+
+DESCRIPTION = """\
+Serve an engine folder over HTTP (POST /v1/images/generations, OpenAI's
+images API; PNG as base64) on Ray Serve: one replica holds one runtime and
+its pipeline (one GPU each where there are GPUs), batches requests up to
+--max-batch, is health-checked and restarted by Serve. Without --address a
+local Ray is started and stopped with the command; with --address the
+application joins that cluster (and is deleted from it on Ctrl-C).
+
+examples:
+  catome-export serve engines/tiny
+  catome-export serve engines/sd15 --replicas 4 --max-batch 2
+  catome-export serve /shared/engines/sd15 --address ray://head:10001 --min-replicas 1 --max-replicas 8
+  curl -s 127.0.0.1:8000/v1/images/generations -d '{"prompt": "a red fox", "size": "256x256"}'
+"""
+
+
+def _positive(name: str, value: int | None, lo: int = 1) -> None:
+    if value is not None and value < lo:
+        raise CatomeError(f"{name} must be >= {lo}, got {value}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from catome_export.serve.local import check_port_free, require_ray
+    from catome_export.serve.service import ServeOptions, check_max_batch, engine_batch_range
+
+    if not 1 <= args.port <= 65535:
+        raise CatomeError(f"--port must be in 1..65535, got {args.port}")
+    if args.replicas is not None and (args.min_replicas is not None or args.max_replicas is not None):
+        raise CatomeError("give --replicas N (a fixed count) or --min-replicas/--max-replicas (autoscaling), not both")
+    _positive("--replicas", args.replicas)
+    _positive("--min-replicas", args.min_replicas, 0)
+    _positive("--max-replicas", args.max_replicas)
+    if args.min_replicas is not None and args.max_replicas is not None and args.max_replicas < args.min_replicas:
+        raise CatomeError(f"--max-replicas {args.max_replicas} is below --min-replicas {args.min_replicas}")
+    engine_dir = Path(args.engine_dir).expanduser().resolve()
+    options = ServeOptions(engine_dir=str(engine_dir), backend=args.backend, device=args.device,
+                           max_batch=args.max_batch, steps=args.steps, max_images=args.max_images,
+                           threads=args.threads)
+    local = args.address is None
+    if local or engine_dir.exists():  # a joined cluster may hold the folder on its GPU machines only
+        check_max_batch(options.max_batch, engine_batch_range(engine_dir))
+    require_ray()
+    if local:
+        check_port_free(args.host, args.port)
+    return _serve(args, options, local)
+
+
+def _serve(args: argparse.Namespace, options: object, local: bool) -> int:
+    from catome_export.serve.deployment import build_app
+    from catome_export.serve.local import ray_session, start_app, stop_app, wait_forever
+
+    app_args = dict(options.to_dict())  # type: ignore[attr-defined]
+    for key in ("replicas", "min_replicas", "max_replicas"):
+        if getattr(args, key) is not None:
+            app_args[key] = getattr(args, key)
+    started = False
+    try:
+        with ray_session(args.address, log_to_driver=args.verbose):
+            try:
+                app = build_app(app_args)
+                print(f"starting {'a local Ray' if local else 'on ' + args.address} and Serve ...", flush=True)
+                start_app(app, host=args.host, port=args.port, local=local)
+                started = True
+                shown = f"[{args.host}]" if ":" in args.host else args.host
+                print(f"serving {options.engine_dir} at http://{shown}:{args.port}/v1/images/generations "  # type: ignore[attr-defined]
+                      "(Ctrl-C stops)", flush=True)
+                wait_forever()
+            finally:
+                if started or local:
+                    stop_app(local)
+    except KeyboardInterrupt:
+        print("stopped: Serve and Ray were shut down" if local else "stopped: the application was deleted "
+              "from the cluster", file=sys.stderr)
+        return 130
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve an engine over HTTP (OpenAI images API) on Ray Serve",
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("engine_dir", metavar="ENGINE_DIR", help="an engine folder written by catome-export build")
+    p.add_argument("--host", default="127.0.0.1", help="address the HTTP proxy binds (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--replicas", type=int, default=None, metavar="N", help="a fixed number of replicas (default 1)")
+    p.add_argument("--min-replicas", type=int, default=None, metavar="N", help="autoscaling: fewest replicas")
+    p.add_argument("--max-replicas", type=int, default=None, metavar="M", help="autoscaling: most replicas")
+    p.add_argument("--max-batch", type=int, default=1, metavar="N",
+                   help="most images per engine call (dynamic batching; default 1: images identical to a direct "
+                        "call; larger batches share one merge count r per step, which changes pixels slightly)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, metavar="N",
+                   help=f"denoising steps of a request that names none (default {DEFAULT_STEPS})")
+    p.add_argument("--max-images", type=int, default=8, metavar="N", help="most images (n) per request (default 8)")
+    p.add_argument("--address", default=None,
+                   help="join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting a local Ray")
+    p.add_argument("--backend", default="auto", help="engine backend in each replica (default auto)")
+    p.add_argument("--device", default=None, help="device in each replica (default: cuda where it has a GPU)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads per replica (torch and ORT)")
+    p.set_defaults(func=run)

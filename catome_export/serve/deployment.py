@@ -1,0 +1,172 @@
+"""The Ray Serve deployment and application builder.
+
+- :class:`ImageDeployment`: one replica holds one :class:`ImageService`
+  (a Runtime and its pipeline). Every call into the service runs on one
+  thread of the replica's own (a single-worker executor), so concurrent
+  requests queue instead of reaching the runtime from two threads; the HTTP
+  handler is async and batches image jobs with ``@serve.batch`` up to
+  ``max_batch``.
+- :func:`build_app`: the application for an engine folder and options, for
+  ``serve.run(build_app({...}))`` or a Serve config file
+  (``import_path: catome_export.serve.deployment:build_app``, ``args: {...}``).
+
+Importing this module needs ``ray[serve]`` (``pip install "catome-export[serve]"``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from catome_export.errors import CatomeError
+from catome_export.serve.protocol import ImageJob, RequestError, error_body, parse_request
+from catome_export.serve.service import ImageResult, ImageService, ServeOptions, check_max_batch, engine_batch_range
+
+logger = logging.getLogger(__name__)
+
+GENERATIONS_PATH = "/v1/images/generations"
+ENGINE_PATH = "/v1/engine"
+DEPLOYMENT_NAME = "CatomeImages"
+BATCH_LIMIT = 256
+"""Upper bound of ``max_batch`` the batching decorator is declared with; each replica lowers it to its option."""
+
+
+def _json(body: dict[str, Any], status: int = 200) -> Response:
+    return JSONResponse(body, status_code=status)
+
+
+@serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=32, health_check_period_s=5, health_check_timeout_s=30,
+                  graceful_shutdown_timeout_s=5)
+class ImageDeployment:
+    """A replica: one engine, its pipeline, one runtime thread; answers the images API over HTTP."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.options = ServeOptions.from_dict(options)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catome-runtime")
+        # The service is built on the runtime thread too: the engine is only ever touched from that thread.
+        self._service: ImageService = self._executor.submit(ImageService, self.options).result()
+        self.limits = self._service.limits
+        self._info = self._executor.submit(self._service.info).result()
+        self.generate_batch.set_max_batch_size(self.options.max_batch)
+        self.generate_batch.set_batch_wait_timeout_s(self.options.batch_wait_s)
+
+    async def __call__(self, request: Request) -> Response:
+        path = request.url.path.rstrip("/") or "/"
+        if path == GENERATIONS_PATH:
+            if request.method != "POST":
+                return _json(error_body(f"{request.method} {GENERATIONS_PATH} is not supported: use POST"), 405)
+            return await self._generations(await request.body())
+        if path == ENGINE_PATH and request.method == "GET":
+            return _json(self._info)
+        return _json(error_body(f"no such endpoint {request.method} {path}: use POST {GENERATIONS_PATH} "
+                                f"(or GET {ENGINE_PATH})"), 404)
+
+    async def _generations(self, body: bytes) -> Response:
+        try:
+            request = parse_request(body, self.limits)
+        except RequestError as exc:
+            return _json(error_body(str(exc), exc.param), 400)
+        created = int(time.time())
+        now = time.perf_counter()
+        results = await asyncio.gather(*(self.generate_batch((job, now)) for job in request.jobs()))
+        for result in results:
+            if isinstance(result, RequestError):
+                return _json(error_body(str(result), result.param), 400)
+            if isinstance(result, Exception):
+                logger.error("a generation failed: %s: %s", type(result).__name__, result)
+                return _json(error_body(f"the engine failed ({type(result).__name__}); retry the request",
+                                        kind="server_error"), 500)
+        images: list[ImageResult] = list(results)
+        return _json({"created": created, "data": [{"b64_json": r.b64_png()} for r in images],
+                      "catome": {"replica_pid": self._info["replica_pid"], "images": [r.stats() for r in images]}})
+
+    @serve.batch(max_batch_size=BATCH_LIMIT, batch_wait_timeout_s=0.01)
+    async def generate_batch(self, items: list[tuple[ImageJob, float]]) -> list[ImageResult | Exception]:
+        jobs = [job for job, _ in items]
+        enqueued = [t for _, t in items]
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._service.run_jobs, jobs, enqueued)
+
+    async def check_health(self) -> None:
+        """Raises (and Serve replaces the replica) when the engine is unusable."""
+        self._service.check_health()
+
+    def __del__(self) -> None:
+        executor = getattr(self, "_executor", None)
+        service = getattr(self, "_service", None)
+        if executor is not None and service is not None:
+            try:
+                executor.submit(service.close).result(timeout=10)
+            except Exception:  # the process is going away; nothing to report to
+                pass
+            executor.shutdown(wait=False)
+
+
+def deployment_options(*, replicas: int | None = None, min_replicas: int | None = None,
+                       max_replicas: int | None = None, gpus_per_replica: float | None = None,
+                       target_ongoing_requests: float = 2.0, max_batch: int = 1) -> dict[str, Any]:
+    """``.options(...)`` of the deployment: fixed replicas or autoscaling, a GPU per replica where there are GPUs."""
+    out: dict[str, Any] = {}
+    if replicas is not None and (min_replicas is not None or max_replicas is not None):
+        raise CatomeError("give either replicas (a fixed count) or min_replicas/max_replicas (autoscaling), not both")
+    if min_replicas is not None or max_replicas is not None:
+        lo = 1 if min_replicas is None else min_replicas
+        hi = max(lo, 1) if max_replicas is None else max_replicas
+        if isinstance(lo, bool) or not isinstance(lo, int) or lo < 0:
+            raise CatomeError(f"min_replicas must be an integer >= 0, got {lo!r}")
+        if isinstance(hi, bool) or not isinstance(hi, int) or hi < max(lo, 1):
+            raise CatomeError(f"max_replicas must be an integer >= max(1, min_replicas) = {max(lo, 1)}, got {hi!r}")
+        out["autoscaling_config"] = {"min_replicas": lo, "initial_replicas": max(lo, 1), "max_replicas": hi,
+                                     "target_ongoing_requests": target_ongoing_requests,
+                                     "upscale_delay_s": 10, "downscale_delay_s": 300}
+    else:
+        count = 1 if replicas is None else replicas
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise CatomeError(f"replicas must be an integer >= 1, got {count!r}")
+        out["num_replicas"] = count
+    if gpus_per_replica is None:
+        gpus_per_replica = 1.0 if _cluster_has_gpus() else 0.0
+    out["ray_actor_options"] = {"num_gpus": gpus_per_replica, "num_cpus": 1}
+    out["max_ongoing_requests"] = max(32, 4 * max_batch)
+    return out
+
+
+def _cluster_has_gpus() -> bool:
+    import ray
+
+    if not ray.is_initialized():
+        return False
+    return float(ray.cluster_resources().get("GPU", 0)) > 0
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """The Ray Serve application for ``args``: ServeOptions' fields (``engine_dir``, ``max_batch``, ``steps``,
+    ``backend``, ``device``, ``threads``, ``max_images``, ``batch_wait_s``) plus ``replicas`` or
+    ``min_replicas``/``max_replicas``, ``gpus_per_replica`` and ``target_ongoing_requests``.
+
+    Checks the engine folder's manifest and ``max_batch`` here, before any replica starts, where the folder is
+    on this machine.
+    """
+    if not isinstance(args, dict):
+        raise CatomeError(f"the application's args must be a mapping, got {type(args).__name__}")
+    args = dict(args)
+    scaling = {k: args.pop(k) for k in ("replicas", "min_replicas", "max_replicas", "gpus_per_replica",
+                                         "target_ongoing_requests") if k in args}
+    if "engine_dir" in args:
+        args["engine_dir"] = str(Path(args["engine_dir"]).expanduser().resolve())
+    options = ServeOptions.from_dict(args)
+    if Path(options.engine_dir).exists():
+        check_max_batch(options.max_batch, engine_batch_range(options.engine_dir))
+    else:  # on a cluster the folder may live on the GPU machines only; each replica checks it when it loads
+        logger.warning("engine folder %s is not on this machine: the replicas check it when they start",
+                       options.engine_dir)
+    deployment = ImageDeployment.options(**deployment_options(max_batch=options.max_batch, **scaling))
+    return deployment.bind(options.to_dict())

@@ -1,0 +1,171 @@
+"""Load and reliability checks of a running service on 127.0.0.1 (used by scripts/serve_load.py and the tests).
+
+- :func:`post` / :func:`get`: one HTTP call to ``127.0.0.1`` (never another host).
+- :func:`run_load`: ``requests`` generation requests, ``concurrency`` at a time;
+  latency per request, errors, and the resident memory of the replicas sampled
+  while it runs.
+- :func:`isolated_command`: the command line that runs a script in a network
+  namespace with only a loopback interface (and its own PID namespace, so every
+  process Ray starts ends with it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import statistics
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+logger = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+
+
+@dataclass
+class Reply:
+    status: int
+    body: dict[str, Any]
+    seconds: float
+
+
+def _call(method: str, port: int, path: str, data: bytes | None, timeout: float) -> Reply:
+    request = urllib.request.Request(f"http://{HOST}:{port}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    start = time.perf_counter()
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            raw, status = response.read(), response.status
+    except urllib.error.HTTPError as exc:
+        raw, status = exc.read(), exc.code
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
+        return Reply(0, {"error": {"message": f"{type(exc).__name__}: {exc}"}}, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    try:
+        body = json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        body = {"raw": raw[:200].decode("utf-8", "replace")}
+    return Reply(status, body if isinstance(body, dict) else {"raw": body}, seconds)
+
+
+def post(port: int, path: str, payload: dict[str, Any] | bytes, timeout: float = 300.0) -> Reply:
+    data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    return _call("POST", port, path, data, timeout)
+
+
+def get(port: int, path: str, timeout: float = 30.0) -> Reply:
+    return _call("GET", port, path, None, timeout)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, int(-(-q * len(ordered) // 100)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+class MemorySampler:
+    """Samples the resident memory of the given pids (and of all processes, where psutil sees them) every period."""
+
+    def __init__(self, pids: Callable[[], list[int]], period_s: float = 0.5) -> None:
+        self.pids = pids
+        self.period_s = period_s
+        self.samples: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
+        self._start = 0.0
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            rss = {}
+            for pid in self.pids():
+                try:
+                    rss[str(pid)] = psutil.Process(pid).memory_info().rss
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+            self.samples.append({"t_s": round(time.perf_counter() - self._start, 3), "rss_bytes": rss})
+            self._stop.wait(self.period_s)
+
+    def __enter__(self) -> "MemorySampler":
+        self._start = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+@dataclass
+class LoadResult:
+    requests: int
+    concurrency: int
+    wall_s: float
+    latencies_s: list[float] = field(default_factory=list)
+    statuses: dict[str, int] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    replica_pids: list[int] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        ok = self.latencies_s
+        return {
+            "requests": self.requests, "concurrency": self.concurrency, "wall_s": round(self.wall_s, 3),
+            "ok": len(ok), "errors": len(self.errors), "statuses": self.statuses,
+            "first_errors": self.errors[:5], "throughput_rps": round(len(ok) / self.wall_s, 3) if self.wall_s else 0,
+            "p50_s": round(percentile(ok, 50), 4) if ok else None, "p99_s": round(percentile(ok, 99), 4) if ok else None,
+            "mean_s": round(statistics.fmean(ok), 4) if ok else None, "max_s": round(max(ok), 4) if ok else None,
+            "replica_pids": sorted(set(self.replica_pids)),
+        }
+
+
+def run_load(port: int, payload: Callable[[int], dict[str, Any]], requests: int, concurrency: int,
+             during: Callable[[int], None] | None = None, timeout: float = 300.0) -> LoadResult:
+    """``requests`` POSTs of ``payload(i)``, ``concurrency`` at a time; ``during(i)`` runs after request i is sent."""
+    result = LoadResult(requests=requests, concurrency=concurrency, wall_s=0.0)
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        if during is not None:
+            during(i)
+        reply = post(port, "/v1/images/generations", payload(i), timeout=timeout)
+        with lock:
+            result.statuses[str(reply.status)] = result.statuses.get(str(reply.status), 0) + 1
+            if reply.status == 200 and len(reply.body.get("data", [])) == payload(i).get("n", 1):
+                result.latencies_s.append(reply.seconds)
+                pid = (reply.body.get("catome") or {}).get("replica_pid")
+                if pid is not None:
+                    result.replica_pids.append(int(pid))
+            else:
+                message = (reply.body.get("error") or {}).get("message") if isinstance(reply.body, dict) else None
+                result.errors.append(f"request {i}: HTTP {reply.status}: {message or str(reply.body)[:200]}")
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="load") as pool:
+        list(pool.map(one, range(requests)))
+    result.wall_s = time.perf_counter() - start
+    return result
+
+
+def in_isolated_network() -> bool:
+    """True where the only network interface is loopback (a fresh ``unshare -n`` namespace with lo up)."""
+    try:
+        with open("/proc/self/net/dev") as f:
+            lines = f.read().splitlines()[2:]
+    except OSError:
+        return False
+    return sorted(line.split(":")[0].strip() for line in lines if ":" in line) == ["lo"]
+
+
+def isolated_command(argv: list[str]) -> list[str]:
+    """``argv`` run inside new network and PID namespaces with only loopback up (needs root or user namespaces)."""
+    inner = "ip link set lo up && exec " + " ".join(shlex.quote(a) for a in argv)
+    return ["unshare", "-n", "-p", "-f", "--mount-proc", "sh", "-c", inner]

@@ -1,0 +1,144 @@
+"""Starting the service: a local Ray (or an existing cluster), Serve's HTTP proxy, the application; clean stop.
+
+Used by ``catome-export serve``, the load-test script and the tests.
+Usage reports are off (``RAY_USAGE_STATS_ENABLED=0``) unless the
+environment says otherwise. A local Ray keeps its session files and its
+authentication token in one temporary folder (``temp_dir``, or a new
+``/tmp/rs-*`` removed afterwards), not in ``/tmp/ray`` and ``~/.ray``; keep it
+short: Ray's unix sockets live under it and a socket path is limited to 107
+bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import socket
+import tempfile
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from catome_export.errors import CatomeError
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "catome"
+SOCKET_PATH_ROOM = 50
+"""Longest Ray temp folder accepted: Ray adds about 45 characters of socket path under it (limit 107)."""
+
+
+def ray_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("ray") is not None and importlib.util.find_spec("ray.serve") is not None
+
+
+def require_ray() -> None:
+    if not ray_available():
+        raise CatomeError("Ray Serve is not installed: pip install \"catome-export[serve]\" (ray[serve] >= 2.40)")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """CatomeError when ``host:port`` cannot be bound (in use, or no such address here)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise CatomeError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): pass a free --port, "
+                              "or stop what uses it") from None
+
+
+@contextmanager
+def ray_session(address: str | None = None, temp_dir: str | None = None, num_cpus: int | None = None,
+                log_to_driver: bool = False) -> Iterator[None]:
+    """``ray.init`` (a local Ray when ``address`` is None, else join that cluster); ``ray.shutdown`` on exit.
+
+    A local Ray gets a fresh authentication token in its temp folder; a temp folder made here is removed at the end.
+    """
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    require_ray()
+    if temp_dir is not None and len(str(temp_dir)) > SOCKET_PATH_ROOM:
+        raise CatomeError(f"Ray's temp folder {temp_dir} is too long ({len(str(temp_dir))} characters; Ray's unix "
+                          f"sockets under it allow about {SOCKET_PATH_ROOM}): use a short one like /tmp/rs-xxxx")
+    made = None
+    kwargs: dict[str, Any] = {"log_to_driver": log_to_driver, "namespace": "catome"}
+    if address is None:
+        if temp_dir is None:
+            temp_dir = made = tempfile.mkdtemp(prefix="rs-", dir="/tmp" if os.path.isdir("/tmp") else None)
+        token = os.path.join(str(temp_dir), "auth_token")
+        if not os.path.exists(token):
+            with open(os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+                f.write(secrets.token_hex(32))
+        os.environ["RAY_AUTH_TOKEN_PATH"] = token  # inherited by every Ray process this session starts
+        kwargs.update(include_dashboard=False, num_cpus=num_cpus, _temp_dir=str(temp_dir))
+    else:
+        kwargs["address"] = address
+    import ray
+
+    try:
+        try:
+            ray.init(**kwargs)
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            where = f"the Ray cluster at {address}" if address else "a local Ray"
+            detail = " ".join(str(exc).split())[:200]
+            raise CatomeError(f"cannot start or join {where} ({type(exc).__name__}: {detail}); check the address "
+                              "(ray start --head prints it) or leave --address out for a local Ray") from None
+        try:
+            yield
+        finally:
+            ray.shutdown()
+    finally:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+
+
+def start_app(app: Any, *, host: str, port: int, local: bool, timeout_s: float = 600.0) -> None:
+    """Start Serve's HTTP proxy on ``host:port`` and run ``app`` at ``/``; returns when it is running."""
+    from ray import serve
+
+    serve.start(http_options={"host": host, "port": port}, detached=not local)
+    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:  # serve.run waits for the replicas; this covers an autoscaling start
+        status = serve.status().applications.get(APP_NAME)
+        if status is not None and str(status.status).endswith("RUNNING"):
+            return
+        if status is not None and str(status.status).endswith(("DEPLOY_FAILED", "UNHEALTHY")):
+            raise CatomeError(f"the application failed to start: {' '.join(str(status.message).split())[:500]}")
+        time.sleep(0.5)
+    raise CatomeError(f"the application did not start within {timeout_s:.0f} s: look at Ray's logs")
+
+
+def stop_app(local: bool) -> None:
+    """Local Ray: shut Serve down. Joined cluster: delete only this application."""
+    from ray import serve
+
+    try:
+        if local:
+            serve.shutdown()
+        else:
+            serve.delete(APP_NAME)
+    except Exception as exc:  # stopping must go on whatever Serve says
+        logger.warning("stopping Serve: %s: %s", type(exc).__name__, exc)
+
+
+def wait_forever(poll_s: float = 1.0) -> None:
+    """Sleep until Ctrl-C or SIGTERM (both raise KeyboardInterrupt, also where the shell started us with SIGINT
+    ignored, as it does for background jobs)."""
+    import signal
+
+    def _stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            time.sleep(poll_s)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,312 @@
+"""Load and reliability test of ``catome-export serve`` on this machine, isolated from the network.
+
+Starts a local Ray and Serve (in a network namespace with only loopback and
+its own PID namespace: the script re-runs itself under ``unshare`` unless it
+already is in one; needs root), deploys the engine, and then:
+
+1. ``--check-direct``: one request at batch 1 against a direct call
+   (Runtime + pipeline + ``generate``) in this process: identical pixels?
+2. ``--bad-requests``: malformed and out-of-range requests get HTTP 400 with
+   OpenAI's error shape, and the replica answers the next good request;
+   ``/-/healthz`` answers.
+3. Load: ``--requests`` requests, ``--concurrency`` at a time: p50/p99
+   latency, errors, resident memory of every replica sampled over time
+   (growth measured from the end of the first fifth of the load to its end).
+4. ``--kill-replica``: another ``--kill-requests`` requests; one replica is
+   killed (SIGKILL) in the middle; how long until Serve has replaced it and
+   the service answers again, without restarting the application.
+
+Writes a JSON report (``--json``) with the machine, its load average before
+and after, and every figure. Ray's files and token live in a short temporary
+folder removed at the end; usage reports are off; requests go to 127.0.0.1
+only. Ray's memory monitor is switched off (``RAY_memory_monitor_refresh_ms=0``)
+because on a machine shared with other work it counts their memory against
+the replicas and kills them.
+
+    python scripts/serve_load.py --engine engines/tiny --requests 200 --concurrency 8 \\
+        --check-direct --bad-requests --kill-replica --json benchmarks/results/serve_tiny_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+BAD_REQUESTS: list[tuple[str, bytes]] = [
+    ("malformed JSON", b'{"prompt": '),
+    ("missing prompt", b'{"n": 1}'),
+    ("n = 0", b'{"prompt": "a red fox", "n": 0}'),
+    ("n above the limit", b'{"prompt": "a red fox", "n": 1000}'),
+    ("size not a multiple of 8", b'{"prompt": "a red fox", "size": "100x100"}'),
+    ("size outside the built range", b'{"prompt": "a red fox", "size": "4096x4096"}'),
+    ("steps = 0", b'{"prompt": "a red fox", "steps": 0}'),
+    ("wrong type", b'{"prompt": "a red fox", "guidance_scale": "high"}'),
+]
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--engine", required=True, help="engine folder (catome-export build --model tiny writes engines/tiny)")
+    p.add_argument("--requests", type=int, default=200)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--max-batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=4, help="denoising steps per request (default 4)")
+    p.add_argument("--threads", type=int, default=1, help="torch/ORT threads per replica (default 1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--check-direct", action="store_true")
+    p.add_argument("--bad-requests", action="store_true")
+    p.add_argument("--kill-replica", action="store_true")
+    p.add_argument("--kill-requests", type=int, default=24)
+    p.add_argument("--ray-temp", default=None, help="Ray's temp folder (short; default a new /tmp/rs-* removed after)")
+    p.add_argument("--json", default=None, help="write the report here")
+    args = p.parse_args(argv)
+    for name in ("requests", "concurrency", "replicas", "max_batch", "steps", "threads", "kill_requests"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def machine(when: str) -> dict[str, Any]:
+    load = os.getloadavg()
+    out: dict[str, Any] = {f"loadavg_{when}": [round(x, 2) for x in load]}
+    if when == "before":
+        try:
+            import psutil
+
+            out["memory_total_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
+        except ImportError:
+            pass
+        out.update(cpus=os.cpu_count(), cpu=platform.processor() or platform.machine(), system=platform.platform(),
+                   python=platform.python_version())
+    return out
+
+
+def decode_png(b64: str) -> Any:
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+def direct_image(engine: str, threads: int, prompt: str, seed: int, steps: int, guidance: float,
+                 size: tuple[int, int]) -> Any:
+    """The same request as a direct call in this process: Runtime.load + pipeline + generate at batch 1."""
+    import torch
+
+    from catome_export.workflows.generate import ImageRequest, generate, pipeline_for_engine
+    from catome_export.runtime import Runtime
+    from catome_export.runtime.embed import attach
+
+    torch.set_num_threads(threads)
+    with Runtime.load(engine, backend_options={"intra_op_threads": threads}) as runtime:
+        pipe = pipeline_for_engine(runtime)
+        with attach(pipe, runtime):
+            return generate(pipe, ImageRequest(prompt, None, steps, guidance, seed, size[0], size[1]),
+                            stats=runtime).image
+
+
+def replica_states() -> dict[str, int]:
+    from ray import serve
+
+    from catome_export.serve.deployment import DEPLOYMENT_NAME
+    from catome_export.serve.local import APP_NAME
+
+    app = serve.status().applications.get(APP_NAME)
+    if app is None or DEPLOYMENT_NAME not in app.deployments:
+        return {}
+    return {str(k).split(".")[-1]: int(v) for k, v in app.deployments[DEPLOYMENT_NAME].replica_states.items()}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from catome_export.serve import loadtest
+    from catome_export.serve.deployment import build_app
+    from catome_export.serve.local import ray_session, start_app, stop_app
+
+    report: dict[str, Any] = {"machine": machine("before"), "settings": {
+        k: getattr(args, k) for k in ("engine", "requests", "concurrency", "replicas", "max_batch", "steps",
+                                      "threads", "kill_requests")}}
+    import ray
+
+    report["settings"]["ray_version"] = ray.__version__
+    port = args.port
+    t0 = time.perf_counter()
+    with ray_session(temp_dir=args.ray_temp, num_cpus=args.replicas + 2):
+        report["ray_start_s"] = round(time.perf_counter() - t0, 2)
+        try:
+            t1 = time.perf_counter()
+            app = build_app({"engine_dir": args.engine, "replicas": args.replicas, "max_batch": args.max_batch,
+                             "steps": args.steps, "threads": args.threads, "gpus_per_replica": 0})
+            start_app(app, host=loadtest.HOST, port=port, local=True)
+            report["deploy_s"] = round(time.perf_counter() - t1, 2)
+            info = loadtest.get(port, "/v1/engine").body
+            report["engine"] = {k: info.get(k) for k in ("engine", "backend", "device", "sizes", "default_size",
+                                                          "unet_batch", "max_batch")}
+            width, height = (int(x) for x in info["default_size"].split("x"))
+            payload = {"prompt": "a red fox in the snow", "size": info["default_size"]}
+            warm = loadtest.run_load(port, lambda i: {**payload, "seed": i}, 4 * args.replicas, args.replicas)
+            report["warmup"] = warm.summary()
+            pids = set(warm.replica_pids)
+            for _ in range(20):
+                if len(pids) >= args.replicas:
+                    break
+                pids.add(int(loadtest.get(port, "/v1/engine").body["replica_pid"]))
+            if args.check_direct:
+                report["direct"] = check_direct(args, port, payload["prompt"], (height, width))
+            if args.bad_requests:
+                report["bad_requests"] = check_bad_requests(port, payload)
+            with loadtest.MemorySampler(lambda: sorted(pids)) as sampler:
+                load = loadtest.run_load(port, lambda i: {**payload, "seed": 1000 + i}, args.requests,
+                                         args.concurrency)
+            report["load"] = load.summary()
+            report["memory"] = memory_summary(sampler.samples)
+            if args.kill_replica:
+                report["kill"] = check_kill(args, port, payload, sorted(pids))
+            report["replica_states_at_end"] = replica_states()
+        finally:
+            stop_app(local=True)
+    report["machine"].update(machine("after"))
+    report["total_s"] = round(time.perf_counter() - t0, 2)
+    return report
+
+
+def check_direct(args: argparse.Namespace, port: int, prompt: str, size: tuple[int, int]) -> dict[str, Any]:
+    import numpy as np
+
+    from catome_export.defaults import DEFAULT_GUIDANCE
+    from catome_export.serve import loadtest
+
+    seed = 4242
+    reply = loadtest.post(port, "/v1/images/generations", {"prompt": prompt, "seed": seed,
+                                                           "size": f"{size[1]}x{size[0]}"})
+    if reply.status != 200:
+        return {"status": reply.status, "identical": False, "error": reply.body}
+    served = decode_png(reply.body["data"][0]["b64_json"])
+    direct = direct_image(args.engine, args.threads, prompt, seed, args.steps, DEFAULT_GUIDANCE, size)
+    diff = np.abs(served.astype(np.int16) - direct.astype(np.int16))
+    return {"status": reply.status, "seed": seed, "shape": list(served.shape),
+            "identical": bool(served.shape == direct.shape and not diff.any()), "max_abs_diff": int(diff.max()),
+            "batch_images": reply.body["catome"]["images"][0]["batch_images"], "max_batch": args.max_batch}
+
+
+def check_bad_requests(port: int, payload: dict[str, Any]) -> dict[str, Any]:
+    from catome_export.serve import loadtest
+
+    cases = []
+    for name, body in BAD_REQUESTS:
+        reply = loadtest.post(port, "/v1/images/generations", body)
+        error = reply.body.get("error") or {}
+        cases.append({"case": name, "status": reply.status, "type": error.get("type"),
+                      "message": error.get("message")})
+    after = loadtest.post(port, "/v1/images/generations", {**payload, "seed": 7})
+    health = loadtest.get(port, "/-/healthz")
+    return {"cases": cases, "good_request_after": after.status, "healthz": health.status}
+
+
+def memory_summary(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    per_pid: dict[str, list[tuple[float, int]]] = {}
+    for sample in samples:
+        for pid, rss in sample["rss_bytes"].items():
+            per_pid.setdefault(pid, []).append((sample["t_s"], rss))
+    out: dict[str, Any] = {"samples": len(samples), "replicas": {}}
+    for pid, series in per_pid.items():
+        first, last = series[0][1], series[-1][1]
+        warm = series[len(series) // 5][1]  # after the first fifth of the load: sessions and arenas have grown
+        out["replicas"][pid] = {"first_mib": round(first / 2**20, 1), "warm_mib": round(warm / 2**20, 1),
+                                "last_mib": round(last / 2**20, 1),
+                                "max_mib": round(max(r for _, r in series) / 2**20, 1),
+                                "growth_pct": round(100.0 * (last - warm) / warm, 2),
+                                "series_mib": [[t, round(r / 2**20, 1)] for t, r in series[:: max(1, len(series) // 40)]]}
+    return out
+
+
+def check_kill(args: argparse.Namespace, port: int, payload: dict[str, Any], pids: list[int]) -> dict[str, Any]:
+    from catome_export.serve import loadtest
+
+    victim = pids[0]
+    killed_at: list[float] = []
+
+    def during(i: int) -> None:
+        if i == args.kill_requests // 3 and not killed_at:
+            os.kill(victim, signal.SIGKILL)
+            killed_at.append(time.perf_counter())
+
+    load = loadtest.run_load(port, lambda i: {**payload, "seed": 5000 + i}, args.kill_requests, args.concurrency,
+                             during=during)
+    recovered_s = None
+    answered_by: set[int] = set(load.replica_pids)
+    deadline = time.perf_counter() + 240
+    while time.perf_counter() < deadline:
+        states = replica_states()
+        reply = loadtest.post(port, "/v1/images/generations", {**payload, "seed": 9})
+        if reply.status == 200:
+            answered_by.add(int(reply.body["catome"]["replica_pid"]))
+        if states.get("RUNNING", 0) >= args.replicas and reply.status == 200 and len(answered_by - {victim}) >= 1:
+            new = answered_by - set(pids)
+            if new or args.replicas == 1:
+                recovered_s = time.perf_counter() - killed_at[0]
+                break
+        time.sleep(0.5)
+    survivors = [p for p in pids if p != victim]
+    return {"victim_pid": victim, "killed_after_request": args.kill_requests // 3, "load": load.summary(),
+            "recovered_s": None if recovered_s is None else round(recovered_s, 2),
+            "replaced": recovered_s is not None, "new_replica_pids": sorted(answered_by - set(pids)),
+            "survivor_pids_still_answering": sorted(set(survivors) & answered_by), "replica_states": replica_states()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    from catome_export.serve import loadtest
+
+    if not loadtest.in_isolated_network():
+        command = loadtest.isolated_command([sys.executable, str(Path(__file__).resolve()), *argv])
+        try:
+            return subprocess.call(command, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)})
+        except OSError as exc:
+            print(f"error: cannot run in an isolated network namespace ({exc}): this script needs "
+                  "unshare -n (root)", file=sys.stderr)
+            return 1
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    os.environ["RAY_memory_monitor_refresh_ms"] = "0"
+    if args.ray_temp is None:
+        args.ray_temp = tempfile.mkdtemp(prefix="rs-", dir="/tmp")
+        made = True
+    else:
+        made = False
+    args.engine = str(Path(args.engine).resolve())
+    try:
+        report = run(args)
+    finally:
+        if made:
+            import shutil
+
+            shutil.rmtree(args.ray_temp, ignore_errors=True)
+    text = json.dumps(report, indent=2)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + "\n")
+    summary = {k: report[k] for k in ("ray_start_s", "deploy_s") if k in report}
+    summary["load"] = {k: report["load"][k] for k in ("ok", "errors", "p50_s", "p99_s", "throughput_rps")}
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""``catome-export serve``: wrong input is one ``error:`` line and exit 1, before any Ray process starts."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from catome_export.cli.main import main
+
+
+def _run(capsys, *argv: str) -> tuple[int, str]:
+    rc = main(["serve", *argv])
+    err = capsys.readouterr().err.strip()
+    return rc, err
+
+
+def test_a_missing_engine_folder(tmp_path, capsys):
+    rc, err = _run(capsys, str(tmp_path / "nope"))
+    assert rc == 1 and err.startswith("error: engine folder") and "does not exist: build it with" in err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_max_batch_above_the_built_range(tiny_engine, capsys):
+    rc, err = _run(capsys, str(tiny_engine), "--max-batch", "3")
+    assert rc == 1
+    assert err == ("error: --max-batch 3 is above the engine's built batch range 1..2 (images with guidance take "
+                   "two rows each): use --max-batch 2 or less, or rebuild the engine with --max-batch 3")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--replicas", "2", "--min-replicas", "1"],
+     "give --replicas N (a fixed count) or --min-replicas/--max-replicas (autoscaling), not both"),
+    (["--replicas", "0"], "--replicas must be >= 1, got 0"),
+    (["--min-replicas", "3", "--max-replicas", "2"], "--max-replicas 2 is below --min-replicas 3"),
+    (["--port", "70000"], "--port must be in 1..65535, got 70000"),
+    (["--max-batch", "0"], "max_batch must be an integer >= 1, got 0"),
+    (["--steps", "0"], "steps must be an integer >= 1, got 0"),
+])
+def test_bad_options(tiny_engine, capsys, argv, message):
+    rc, err = _run(capsys, str(tiny_engine), *argv)
+    assert rc == 1 and err == f"error: {message}"
+
+
+def test_a_port_in_use(tiny_engine, capsys):
+    pytest.importorskip("ray", reason="ray[serve] is not installed")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        rc, err = _run(capsys, str(tiny_engine), "--port", str(port))
+    assert rc == 1 and err.startswith(f"error: cannot listen on 127.0.0.1:{port} (")
+    assert err.endswith("pass a free --port, or stop what uses it")
+
+
+def test_ray_not_installed(tiny_engine, capsys, monkeypatch):
+    import catome_export.serve.local as local
+
+    monkeypatch.setattr(local, "ray_available", lambda: False)
+    rc, err = _run(capsys, str(tiny_engine))
+    assert rc == 1 and err == 'error: Ray Serve is not installed: pip install "catome-export[serve]" (ray[serve] >= 2.40)'
