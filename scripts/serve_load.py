@@ -69,12 +69,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=4, help="denoising steps per request (default 4)")
     p.add_argument("--threads", type=int, default=1, help="torch/ORT threads per replica (default 1)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--no-cpu-arena", action="store_true",
+                   help="replicas run ONNX Runtime without its CPU memory arena (backend_options cpu_mem_arena=False)")
     p.add_argument("--check-direct", action="store_true")
     p.add_argument("--bad-requests", action="store_true")
     p.add_argument("--kill-replica", action="store_true")
     p.add_argument("--kill-requests", type=int, default=24)
     p.add_argument("--ray-temp", default=None, help="Ray's temp folder (short; default a new /tmp/rs-* removed after)")
     p.add_argument("--json", default=None, help="write the report here")
+    p.add_argument("--note", default=None, help="a note stored in the report (e.g. what else the machine was doing)")
     args = p.parse_args(argv)
     for name in ("requests", "concurrency", "replicas", "max_batch", "steps", "threads", "kill_requests"):
         if getattr(args, name) < 1:
@@ -87,10 +90,10 @@ def machine(when: str) -> dict[str, Any]:
     out: dict[str, Any] = {f"loadavg_{when}": [round(x, 2) for x in load]}
     if when == "before":
         try:
-            import psutil
-
-            out["memory_total_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
-        except ImportError:
+            with open("/proc/meminfo") as f:
+                kib = int(next(line for line in f if line.startswith("MemTotal:")).split()[1])
+            out["memory_total_gib"] = round(kib / 2**20, 1)
+        except (OSError, StopIteration, ValueError):
             pass
         out.update(cpus=os.cpu_count(), cpu=platform.processor() or platform.machine(), system=platform.platform(),
                    python=platform.python_version())
@@ -105,7 +108,7 @@ def decode_png(b64: str) -> Any:
 
 
 def direct_image(engine: str, threads: int, prompt: str, seed: int, steps: int, guidance: float,
-                 size: tuple[int, int]) -> Any:
+                 size: tuple[int, int], arena: bool = True) -> Any:
     """The same request as a direct call in this process: Runtime.load + pipeline + generate at batch 1."""
     import torch
 
@@ -114,7 +117,8 @@ def direct_image(engine: str, threads: int, prompt: str, seed: int, steps: int, 
     from catome_export.runtime.embed import attach
 
     torch.set_num_threads(threads)
-    with Runtime.load(engine, backend_options={"intra_op_threads": threads}) as runtime:
+    options = {"intra_op_threads": threads, **({} if arena else {"cpu_mem_arena": False})}
+    with Runtime.load(engine, backend_options=options) as runtime:
         pipe = pipeline_for_engine(runtime)
         with attach(pipe, runtime):
             return generate(pipe, ImageRequest(prompt, None, steps, guidance, seed, size[0], size[1]),
@@ -138,9 +142,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from catome_export.serve.deployment import build_app
     from catome_export.serve.local import ray_session, start_app, stop_app
 
-    report: dict[str, Any] = {"machine": machine("before"), "settings": {
+    report: dict[str, Any] = {"note": args.note, "machine": machine("before"), "settings": {
         k: getattr(args, k) for k in ("engine", "requests", "concurrency", "replicas", "max_batch", "steps",
-                                      "threads", "kill_requests")}}
+                                      "threads", "kill_requests", "no_cpu_arena")}}
     import ray
 
     report["settings"]["ray_version"] = ray.__version__
@@ -151,7 +155,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             t1 = time.perf_counter()
             app = build_app({"engine_dir": args.engine, "replicas": args.replicas, "max_batch": args.max_batch,
-                             "steps": args.steps, "threads": args.threads, "gpus_per_replica": 0})
+                             "steps": args.steps, "threads": args.threads, "gpus_per_replica": 0,
+                             "backend_options": {"cpu_mem_arena": False} if args.no_cpu_arena else None})
             start_app(app, host=loadtest.HOST, port=port, local=True)
             report["deploy_s"] = round(time.perf_counter() - t1, 2)
             info = loadtest.get(port, "/v1/engine").body
@@ -197,7 +202,8 @@ def check_direct(args: argparse.Namespace, port: int, prompt: str, size: tuple[i
     if reply.status != 200:
         return {"status": reply.status, "identical": False, "error": reply.body}
     served = decode_png(reply.body["data"][0]["b64_json"])
-    direct = direct_image(args.engine, args.threads, prompt, seed, args.steps, DEFAULT_GUIDANCE, size)
+    direct = direct_image(args.engine, args.threads, prompt, seed, args.steps, DEFAULT_GUIDANCE, size,
+                          arena=not args.no_cpu_arena)
     diff = np.abs(served.astype(np.int16) - direct.astype(np.int16))
     return {"status": reply.status, "seed": seed, "shape": list(served.shape),
             "identical": bool(served.shape == direct.shape and not diff.any()), "max_abs_diff": int(diff.max()),

@@ -67,7 +67,7 @@ def calibration_analysis(
     latents: str = "auto",
     scheduler: str = "pndm",
     guidance_scale: float = 7.5,
-    max_downsample: int = 1,
+    max_downsample: int | None = None,
     stride: tuple[int, int] = (2, 2),
     text_embeddings: torch.Tensor | None = None,
 ) -> PairAnalysis:
@@ -108,7 +108,7 @@ def calibrate_schedule(
     latents: str = "auto",
     scheduler: str = "pndm",
     guidance_scale: float = 7.5,
-    max_downsample: int = 1,
+    max_downsample: int | None = None,
     stride: tuple[int, int] = (2, 2),
     text_embeddings: torch.Tensor | None = None,
 ) -> Schedule:

@@ -25,6 +25,7 @@ from catome_export.analysis.schedule_search import (
 )
 from catome_export.analysis.tracking import PairTrace, TrackingConfig, merged_fraction, track_pairs
 from catome_export.errors import CatomeError
+from catome_export.progress import Progress
 from catome_export.merging.schedules import NAMED_SCHEDULES, Schedule, parse_schedule
 from catome_export.models.sites import MergeSite
 
@@ -186,6 +187,7 @@ def analyze_pairs(
     config: TrackingConfig,
     text_embeddings: Sequence[torch.Tensor] | None = None,
     inputs: str | None = None,
+    progress: bool = False,
 ) -> PairAnalysis:
     """Track pairs over one generation per entry of ``text_embeddings`` ([2, L, D] each: uncond, cond).
 
@@ -199,10 +201,22 @@ def analyze_pairs(
     if not text_embeddings:
         raise CatomeError("no text embeddings to track: give at least one (uncond, cond) pair")
     traces: list[PairTrace] = []
-    for i, emb in enumerate(text_embeddings):
-        if len(text_embeddings) > 1:
-            logger.info("tracking pairs: generation %d of %d", i + 1, len(text_embeddings))
-        traces.append(track_pairs(unet, config, emb))
+    bars: list[Progress] = []
+
+    def tick(k: int, n: int, generation: int) -> None:
+        if not bars:  # the scheduler's call count (PLMS repeats one step) is known at the first call
+            bars.append(Progress(len(text_embeddings) * n, "analyze"))
+        bars[0].update(note=f"generation {generation + 1}, U-Net call {k + 1}/{n}")
+
+    try:
+        for i, emb in enumerate(text_embeddings):
+            if len(text_embeddings) > 1:
+                logger.info("tracking pairs: generation %d of %d", i + 1, len(text_embeddings))
+            on_step = (lambda k, n, g=i: tick(k, n, g)) if progress else None
+            traces.append(track_pairs(unet, config, emb, on_step=on_step))
+    finally:
+        for bar in bars:
+            bar.close()
     first = traces[0]
     return PairAnalysis(
         config=config,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -26,7 +27,8 @@ from catome_export.analysis.pairs import NOT_MERGED, consecutive_distances, dist
 from catome_export.defaults import DEFAULT_THRESHOLD
 from catome_export.errors import CatomeError
 from catome_export.merging.matching import match_tokens
-from catome_export.models.sites import MergeSite, find_merge_sites
+from catome_export.models.conditioning import random_added_conditioning
+from catome_export.models.sites import MergeSite, default_merge_level, find_merge_sites
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +71,9 @@ class TrackingConfig:
     """``pndm`` (PLMS, skip_prk_steps) or ``ddim``."""
     guidance_scale: float = 7.5
     """Classifier-free guidance scale."""
-    max_downsample: int = 1
-    """Merge sites: transformer blocks at downsample <= this factor."""
+    max_downsample: int | None = None
+    """Merge sites: transformer blocks at downsample <= this factor; None = the U-Net's own merge level
+    (1 for SD 1.x/2.x, 2 for SDXL: its highest-resolution transformer blocks)."""
     stride: tuple[int, int] = (2, 2)
     """(sy, sx) cell size of the dst grid (dst = top-left token of each cell)."""
 
@@ -190,19 +193,22 @@ def _sample_of(output: object) -> torch.Tensor:
     return sample
 
 
-def track_pairs(unet: torch.nn.Module, config: TrackingConfig, text_embeddings: torch.Tensor) -> PairTrace:
+def track_pairs(unet: torch.nn.Module, config: TrackingConfig, text_embeddings: torch.Tensor,
+                on_step: Callable[[int, int], None] | None = None) -> PairTrace:
     """Run the denoising loop once and record every site's pairs at every U-Net call.
 
     ``text_embeddings`` is [2, L, D]: row 0 unconditional, row 1 conditional
     (one generation with classifier-free guidance, batch 2 per U-Net call).
-    The U-Net is left as it was (hooks removed, no parameter touched).
+    The U-Net is left as it was (hooks removed, no parameter touched). ``on_step(i, n)`` is called after
+    U-Net call i of n (progress).
     """
     if text_embeddings.ndim != 3 or text_embeddings.shape[0] != 2:
         raise CatomeError(f"text embeddings must be [2, L, D] (uncond, cond), got {tuple(text_embeddings.shape)}")
     param = next(unet.parameters())
     device, dtype = param.device, param.dtype
     latent_hw = config.latent_hw or default_latent_hw(unet)
-    sites = find_merge_sites(unet, config.max_downsample)
+    level = default_merge_level(unet) if config.max_downsample is None else config.max_downsample
+    sites = find_merge_sites(unet, level)
     grids = [site.grid(latent_hw) for site in sites]
     modules = dict(unet.named_modules())
     trackers = [_SiteTracker(site, grid, config) for site, grid in zip(sites, grids)]
@@ -212,6 +218,9 @@ def track_pairs(unet: torch.nn.Module, config: TrackingConfig, text_embeddings: 
     latents = make_latents((1, in_channels, *latent_hw), config.latents, config.seed, device=device,
                            dtype=torch.float32) * float(sched.init_noise_sigma)
     emb = text_embeddings.to(device=device, dtype=dtype)
+    added = random_added_conditioning(unet, 2, (latent_hw[0] * 8, latent_hw[1] * 8), seed=config.seed,
+                                      device=device, dtype=dtype)
+    extra = {} if added is None else {"added_cond_kwargs": added}
     timesteps = [int(t) for t in sched.timesteps]
     logger.debug("tracking pairs: %d U-Net calls, latent %dx%d, %s latents, %d sites",
                  len(timesteps), *latent_hw, config.latents, len(sites))
@@ -219,12 +228,14 @@ def track_pairs(unet: torch.nn.Module, config: TrackingConfig, text_embeddings: 
                for site, tr in zip(sites, trackers)]
     try:
         with torch.no_grad():
-            for t in sched.timesteps:
+            for i, t in enumerate(sched.timesteps):
                 model_in = sched.scale_model_input(torch.cat([latents, latents]), t)
-                out = unet(model_in.to(dtype), t, encoder_hidden_states=emb)
+                out = unet(model_in.to(dtype), t, encoder_hidden_states=emb, **extra)
                 noise_uncond, noise_cond = _sample_of(out).float().chunk(2)
                 noise = noise_uncond + config.guidance_scale * (noise_cond - noise_uncond)
                 latents = sched.step(noise, t, latents).prev_sample
+                if on_step is not None:
+                    on_step(i, len(timesteps))
     finally:
         for h in handles:
             h.remove()

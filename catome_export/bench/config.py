@@ -138,6 +138,7 @@ class BenchConfig:
         _positive_int("warmup", self.warmup)
         _positive_int("text length", self.text_len)
         _positive_int("steps", self.steps, 0)
+        _positive_int("seed", self.seed, 0)
         if self.checkpoint_repeats is not None:
             _positive_int("checkpoint repeats", self.checkpoint_repeats, 0)
         if self.threads is not None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import statistics
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -149,15 +149,21 @@ def _check_phases(target: Target, settings: MergeSettings | None, cached: Phase,
         logger.warning("%s: some checkpoint calls did not match at every site", target.name)
 
 
-def measure_interleaved(jobs: list[Job], inputs: Inputs, *, repeats: int, warmup: int) -> list[RowTiming]:
-    """Time ``jobs`` in rotated rounds of (checkpoint call, cached call) each (see the module docstring)."""
+def measure_interleaved(jobs: list[Job], inputs: Inputs, *, repeats: int, warmup: int,
+                        tick: Callable[[str], None] | None = None) -> list[RowTiming]:
+    """Time ``jobs`` in rotated rounds of (checkpoint call, cached call) each (see the module docstring).
+
+    ``tick(note)`` is called after each job's warm-up and after each round (progress: ``len(jobs) + repeats``
+    ticks in all)."""
     timings = [RowTiming(Phase(), Phase(), {}) for _ in jobs]
-    for job in jobs:
+    for k, job in enumerate(jobs):
         job.target.configure(job.settings)
         job.target.new_generation()
         for _ in range(warmup):
             _call(job.target, inputs, None)
         job.target.suspend()
+        if tick is not None:
+            tick(f"warm-up of row {k + 1}/{len(jobs)}")
     n = len(jobs)
     for rnd in range(repeats):
         for i in [(rnd + k) % n for k in range(n)]:
@@ -168,6 +174,8 @@ def measure_interleaved(jobs: list[Job], inputs: Inputs, *, repeats: int, warmup
                 _call(job.target, inputs, timing.checkpoint)
             _call(job.target, inputs, timing.cached)
             job.target.suspend()
+        if tick is not None:
+            tick(f"round {rnd + 1}/{repeats}")
     for job, timing in zip(jobs, timings):
         _check_phases(job.target, job.settings, timing.cached, timing.checkpoint)
         timing.merged = dict(timing.cached.calls[-1].merged) if timing.cached.calls else {}

@@ -39,6 +39,7 @@ from catome_export.bench.rows import build_row, describe, make_inputs, model_dty
 from catome_export.bench.targets import EagerMergeTarget, EagerTarget, EngineTarget, Target, UnstagedTarget
 from catome_export.errors import CatomeError
 from catome_export.merging import MergeSettings
+from catome_export.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,9 @@ class _Session:
         backend, target, detail = named
         cfg = self.config
         inputs = make_inputs(self.unet_config, resolution, cfg)
-        for fraction, threshold in row_settings(cfg, backend):
+        rows = list(row_settings(cfg, backend))
+        bar = Progress(len(rows), f"bench {backend} at {resolution}px", emit=self.progress)
+        for fraction, threshold in rows:
             self.progress(f"timing {describe(backend, resolution, cfg.batch, fraction, threshold)} ...")
             settings = settings_for(backend, self.base_settings, fraction, threshold)
             timing = measure(target, settings, inputs, repeats=cfg.repeats, warmup=cfg.warmup,
@@ -119,6 +122,7 @@ class _Session:
             target.suspend()
             self._loop(target, backend, fraction, threshold, inputs, timing)
             self.add_row(backend, resolution, inputs, fraction, threshold, timing, detail)
+            bar.update(note=describe(backend, resolution, cfg.batch, fraction, threshold))
 
     def run_interleaved(self, targets: list[Named], resolution: int) -> None:
         """All rows of all ``targets`` at one resolution, in rotated rounds."""
@@ -132,7 +136,9 @@ class _Session:
                 meta.append((backend, detail, fraction, threshold))
         self.progress(f"timing {len(jobs)} rows at {resolution}px batch {cfg.batch}: {cfg.warmup} warm-up call(s) "
                       f"each, then {cfg.repeats} interleaved rounds ...")
-        timings = measure_interleaved(jobs, inputs, repeats=cfg.repeats, warmup=cfg.warmup)
+        bar = Progress(len(jobs) + cfg.repeats, f"bench at {resolution}px", emit=self.progress)
+        timings = measure_interleaved(jobs, inputs, repeats=cfg.repeats, warmup=cfg.warmup,
+                                      tick=lambda note: bar.update(note=note))
         for job, (backend, detail, fraction, threshold), timing in zip(jobs, meta, timings):
             self._loop(job.target, backend, fraction, threshold, inputs, timing)
             self.add_row(backend, resolution, inputs, fraction, threshold, timing, detail)

@@ -45,7 +45,7 @@ def _int(text: str) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("analyze", help="pair drift between steps and a least-drift checkpoint schedule (auto:K)",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", help="tiny, sd15, or a local diffusers folder (default: tiny)")
+    p.add_argument("--model", default="tiny", help="tiny, tiny-xl, sd15, sd21, sdxl, or a local diffusers folder (default: tiny)")
     p.add_argument("--weights", choices=Weights.values(), default=str(Weights.PRETRAINED),
                    help="pretrained weights, or the architecture with seeded random weights (tiny: always random)")
     p.add_argument("--steps", type=_int, default=50, help="inference steps (default 50)")
@@ -141,13 +141,17 @@ def run(args: argparse.Namespace) -> int:
     from catome_export.dtypes import precision_dtype
     from catome_export.models import load_unet, model_info
 
-    random_weights = args.model == "tiny" or args.weights == "random"
+    random_weights = args.model in ("tiny", "tiny-xl") or args.weights == "random"
     if random_weights and args.prompts:
         raise CatomeError(
-            "--prompts needs a text encoder, which random weights (and the tiny model) do not have: "
+            "--prompts needs a text encoder, which random weights (and the tiny models) do not have: "
             "leave out --prompts (seeded random text embeddings are used), or use --weights pretrained"
         )
     info = model_info(args.model)
+    if info.added_conditioning and args.prompts:
+        raise CatomeError(
+            f"--prompts encodes with one CLIP text encoder; {args.model} needs SDXL's two (and their pooled "
+            "output): leave out --prompts (seeded random text embeddings and text_embeds are used)")
     device = resolve_device(args.device)
     dtype = precision_dtype(args.dtype)
     if device.type == "cpu" and dtype == torch.float16:
@@ -158,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     budget = args.budget or min(DEFAULT_BUDGET, args.steps)
 
     unet = load_unet(args.model, weights="random" if random_weights else "pretrained", dtype=dtype).to(device)
-    embs, inputs = _text_inputs(args, random_weights, info.source, device, dtype)
+    embs, inputs = _text_inputs(args, random_weights or info.added_conditioning, info.source, device, dtype)
     config = TrackingConfig(steps=args.steps, threshold=args.threshold, latent_hw=(latent, latent), seed=args.seed,
                             latents=latents, scheduler=args.scheduler, guidance_scale=args.guidance)
     weights_note = "random weights" if random_weights else "pretrained weights"
@@ -172,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     if embs is None:
         print("text: seeded random text embeddings (no text encoder); prompts are not used")
 
-    analysis = analyze_pairs(unet, config, embs, inputs)
+    analysis = analyze_pairs(unet, config, embs, inputs, progress=True)
     print("sites: " + ", ".join(f"{s.index}={s.path.replace('.transformer_blocks.0', '')} {g[0]}x{g[1]}"
                                  for s, g in zip(analysis.sites, analysis.grids)))
     _print_table(analysis, args.step_base)

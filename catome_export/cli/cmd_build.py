@@ -88,7 +88,7 @@ def _resolution(text: str) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("build", help="export + audit + verify an engine folder (staged ONNX, TensorRT where present)",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="tiny, sd15, or a local diffusers folder (pipeline or U-Net)")
+    p.add_argument("--model", required=True, help="tiny, sd15, sd21, or a local diffusers folder (pipeline or U-Net); SDXL-style models run eagerly only")
     p.add_argument("--weights", choices=Weights.values(), default=None,
                    help="pretrained (default for sd15 and folders) or random (seeded; the only option for tiny)")
     p.add_argument("--precision", choices=Precision.values(), default=str(Precision.FP32))

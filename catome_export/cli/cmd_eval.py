@@ -6,7 +6,7 @@ import argparse
 import re
 from pathlib import Path
 
-from catome_export.cli.cmd_generate import add_merge_options, add_runtime_options
+from catome_export.cli.cmd_generate import add_merge_options, add_runtime_options, size_or_default
 from catome_export.errors import CatomeError
 
 DEFAULT_IMAGENET = 20
@@ -43,8 +43,8 @@ def run(args: argparse.Namespace) -> int:
                           "catome-export build --model tiny (or pass the folder the build wrote)")
     prompts = _prompts(args)
     # Check the sampling options before loading anything (the default size stands in for a missing one).
-    ImageRequest(prompts[0], None, args.steps, args.guidance, args.seed, args.height or 512,
-                 args.width or args.height or 512)
+    ImageRequest(prompts[0], None, args.steps, args.guidance, args.seed,
+                 *size_or_default(args.height, args.width, (512, 512)))
     model = args.model if args.model is not None or args.engine is not None else "tiny"
     name = Path(args.engine).name if args.engine else _slug(model)
     out = Path(args.out) if args.out else Path("out") / f"eval-{name}"
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         fid_reference=Path(args.fid_ref) if args.fid_ref else None,
     )
     print(f"evaluating {len(prompts)} prompts x methods {', '.join(config.method_list())} -> {out}")
-    report = run_eval(config, log=print)
+    report = run_eval(config, log=print, progress=True)
     print()
     print(report.table())
     print()
@@ -77,7 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "FID | CLIP) into --out.",
     )
     p.add_argument("--model", default=None,
-                   help="tiny (default, offline), sd15 (hub or local cache) or a local pipeline folder; with "
+                   help="tiny (default, offline), tiny-xl (offline), sd15, sd21, sdxl (hub or local cache) or a local pipeline folder; with "
                         "--engine: where the text encoder, VAE and eager baseline come from (default: the engine's "
                         "model)")
     p.add_argument("--engine", default=None, help="an engine folder: adds the engine-baseline and engine methods")

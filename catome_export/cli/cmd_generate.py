@@ -51,6 +51,14 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
                    help="eager model precision: auto = fp16 on CUDA, fp32 on CPU (engines keep their own)")
 
 
+def size_or_default(height: int | None, width: int | None, default_hw: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) as given; a missing height is the default, a missing width the height (or the default).
+    A given 0 stays 0, so the request's check refuses it rather than taking the default."""
+    h = default_hw[0] if height is None else height
+    w = width if width is not None else (height if height is not None else default_hw[1])
+    return h, w
+
+
 def check_merge_flags(args: argparse.Namespace) -> None:
     if args.no_merge and (args.threshold is not None or args.schedule is not None):
         raise CatomeError("--no-merge turns merging off: leave out --threshold and --schedule")
@@ -68,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from catome_export.workflows.generate import ImageRequest, default_resolution, save_png
 
     if args.model is None and args.engine is None:
-        raise CatomeError("say what to run: --model tiny|sd15|<pipeline folder> (eager), or --engine <engine folder>")
+        raise CatomeError("say what to run: --model tiny|tiny-xl|sd15|sd21|sdxl|<pipeline folder> (eager), or --engine <engine folder>")
     if args.prompt is None:
         raise CatomeError("--prompt is missing: pass --prompt \"a photograph of ...\"")
     check_merge_flags(args)
@@ -77,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
                           "catome-export build --model tiny (or pass the folder the build wrote)")
     # Check the request before loading anything (the default size stands in for a missing one).
     ImageRequest(args.prompt, args.negative_prompt, args.steps, args.guidance, args.seed,
-                 args.height or 512, args.width or args.height or 512)
+                 *size_or_default(args.height, args.width, (512, 512)))
     out = Path(args.out) if args.out else Path("out") / f"{_slug(args.prompt)}-seed{args.seed}.png"
     if out.suffix.lower() != ".png":
         raise CatomeError(f"--out must name a .png file, got {str(out)!r}")
@@ -106,8 +114,7 @@ def run(args: argparse.Namespace) -> int:
 def _request(args: argparse.Namespace, default_hw: tuple[int, int]) -> Any:
     from catome_export.workflows.generate import ImageRequest
 
-    height = args.height or default_hw[0]
-    width = args.width or (args.height if args.height else default_hw[1])
+    height, width = size_or_default(args.height, args.width, default_hw)
     return ImageRequest(args.prompt, args.negative_prompt, args.steps, args.guidance, args.seed, height, width)
 
 
@@ -161,7 +168,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", default=None,
-                     help="tiny (bundled, offline), sd15 (hub or local cache) or a local diffusers pipeline folder")
+                     help="tiny, tiny-xl (bundled, offline), sd15, sd21, sdxl (hub or local cache) or a local diffusers pipeline folder")
     src.add_argument("--engine", default=None, help="an engine folder written by catome-export build")
     p.add_argument("--prompt", default=None, help="the text prompt (required)")
     add_sampling_options(p)

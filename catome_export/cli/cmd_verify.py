@@ -24,6 +24,11 @@ def _resolution(text: str) -> int | tuple[int, int]:
 def run(args: argparse.Namespace) -> int:
     from catome_export.runtime.verify import verify_engine
 
+    from catome_export.errors import CatomeError
+
+    for flag, value, minimum in (("--threads", args.threads, 1), ("--seed", args.seed, 0)):
+        if value is not None and value < minimum:
+            raise CatomeError(f"{flag} must be an int >= {minimum}, got {value}")
     if args.json is not None:
         check_writable_file(args.json, "--json")
 

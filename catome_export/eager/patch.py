@@ -32,7 +32,7 @@ import torch
 
 from catome_export.eager.processors import FeedForwardMerger, MergingAttnProcessor, SiteSlot
 from catome_export.defaults import (
-    DEFAULT_MAX_DOWNSAMPLE, DEFAULT_MERGE_SEED, DEFAULT_RATIO, DEFAULT_SCHEDULE, DEFAULT_STEP_BASE, DEFAULT_STRIDE,
+    DEFAULT_MERGE_SEED, DEFAULT_RATIO, DEFAULT_SCHEDULE, DEFAULT_STEP_BASE, DEFAULT_STRIDE,
     DEFAULT_THRESHOLD,
 )
 from catome_export.errors import CatomeError
@@ -40,7 +40,7 @@ from catome_export.merging import MergeController, MergeSettings, StepStats, par
 from catome_export.merging.controller import PlanMatcher
 from catome_export.merging.schedules import AutoSchedule, Schedule, ScheduleSpec, parse_schedule_request
 from catome_export.merging.steps import ResetOnCall
-from catome_export.models.sites import MergeSite, find_merge_sites
+from catome_export.models.sites import MergeSite, default_merge_level, find_merge_sites
 
 logger = logging.getLogger(__name__)
 
@@ -344,6 +344,11 @@ def apply_merging(pipe_or_unet: Any, settings: MergeSettings) -> CatomeHandle:
     return handle
 
 
+def _merge_level(unet: torch.nn.Module, max_downsample: int | None) -> int:
+    """``max_downsample`` as given, or the U-Net's own merge level for None (see :func:`default_merge_level`)."""
+    return default_merge_level(unet) if max_downsample is None else max_downsample
+
+
 def _check_flag(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise CatomeError(f"{name} must be True or False, got {value!r}")
@@ -371,20 +376,21 @@ def _resolve_schedule(schedule: ScheduleSpec | AutoSchedule, step_base: int) -> 
     return request
 
 
-def catome_settings(threshold: float, step_base: int = DEFAULT_STEP_BASE,
-                    max_downsample: int = DEFAULT_MAX_DOWNSAMPLE, stride: tuple[int, int] = DEFAULT_STRIDE,
+def catome_settings(unet: torch.nn.Module, threshold: float, step_base: int = DEFAULT_STEP_BASE,
+                    max_downsample: int | None = None, stride: tuple[int, int] = DEFAULT_STRIDE,
                     random_dst: bool = False, merge_crossattn: bool = False, merge_mlp: bool = False,
                     seed: int = DEFAULT_MERGE_SEED) -> MergeSettings:
     """CA-ToMe settings from :func:`apply_catome`'s options, every one checked, with an every-step schedule.
 
-    (The schedule is replaced by the caller's; checking the rest first means a
-    bad option fails before a possibly long schedule calibration.)
+    ``max_downsample`` None: the U-Net's own merge level. (The schedule is
+    replaced by the caller's; checking the rest first means a bad option fails
+    before a possibly long schedule calibration.)
     """
     if threshold is None:
         raise CatomeError("threshold must be a number in [-1, 1] (1 merges nothing); for a fixed ratio use apply_tome")
     return MergeSettings(
         threshold=threshold, ratio=None, merge_fraction=None, schedule=parse_schedule("every_step", step_base),
-        max_downsample=max_downsample, stride=_check_stride(stride),
+        max_downsample=_merge_level(unet, max_downsample), stride=_check_stride(stride),
         random_dst=_check_flag("random_dst", random_dst), seed=_check_seed(seed),
         merge_crossattn=_check_flag("merge_crossattn", merge_crossattn),
         merge_mlp=_check_flag("merge_mlp", merge_mlp),
@@ -397,21 +403,19 @@ def _no_options_with_settings(given: dict[str, Any], defaults: dict[str, Any]) -
         raise CatomeError(f"pass either settings= or individual options, not both (got settings and {changed})")
 
 
-CATOME_DEFAULTS: dict[str, Any] = dict(threshold=DEFAULT_THRESHOLD, schedule=DEFAULT_SCHEDULE,
-                                       max_downsample=DEFAULT_MAX_DOWNSAMPLE, step_base=DEFAULT_STEP_BASE,
-                                       stride=DEFAULT_STRIDE, random_dst=False, merge_crossattn=False,
-                                       merge_mlp=False, seed=DEFAULT_MERGE_SEED)
+CATOME_DEFAULTS: dict[str, Any] = dict(threshold=DEFAULT_THRESHOLD, schedule=DEFAULT_SCHEDULE, max_downsample=None,
+                                       step_base=DEFAULT_STEP_BASE, stride=DEFAULT_STRIDE, random_dst=False,
+                                       merge_crossattn=False, merge_mlp=False, seed=DEFAULT_MERGE_SEED)
 """Defaults of :func:`apply_catome`'s options (a ``settings=`` call must leave them all as they are)."""
-_TOME_DEFAULTS: dict[str, Any] = dict(ratio=DEFAULT_RATIO, max_downsample=DEFAULT_MAX_DOWNSAMPLE,
-                                      stride=DEFAULT_STRIDE, random_dst=False, merge_crossattn=False, merge_mlp=False,
-                                      seed=DEFAULT_MERGE_SEED)
+_TOME_DEFAULTS: dict[str, Any] = dict(ratio=DEFAULT_RATIO, max_downsample=None, stride=DEFAULT_STRIDE, random_dst=False,
+                                      merge_crossattn=False, merge_mlp=False, seed=DEFAULT_MERGE_SEED)
 
 
 def apply_catome(
     pipe_or_unet: Any,
     threshold: float = DEFAULT_THRESHOLD,
     schedule: ScheduleSpec | AutoSchedule = DEFAULT_SCHEDULE,
-    max_downsample: int = DEFAULT_MAX_DOWNSAMPLE,
+    max_downsample: int | None = None,
     step_base: int = DEFAULT_STEP_BASE,
     stride: tuple[int, int] = DEFAULT_STRIDE,
     random_dst: bool = False,
@@ -432,6 +436,11 @@ def apply_catome(
     fires at loop index k - 1; 0: at loop index k. ``random_dst`` picks a
     random dst per cell from a generator seeded with ``seed`` at every reset
     (tomesd's behaviour); the default is the top-left token (the paper).
+    ``max_downsample``: merge at the transformer blocks of downsample <= this
+    factor; None (default) = the U-Net's own merge level, its
+    highest-resolution transformer blocks (1 for SD 1.x/2.x, 2 for SDXL, which
+    has no attention at the top level). Works the same on SD 1.x, SD 2.x and
+    SDXL pipelines and U-Nets.
     Alternatively pass a ready ``settings=MergeSettings(...)`` and no options.
     """
     given = dict(threshold=threshold, schedule=schedule, max_downsample=max_downsample, step_base=step_base,
@@ -441,8 +450,8 @@ def apply_catome(
         return apply_merging(pipe_or_unet, settings)
     _, unet = split_target(pipe_or_unet)
     refuse_if_patched(unet)
-    checked = catome_settings(threshold, step_base, max_downsample, stride, random_dst, merge_crossattn, merge_mlp,
-                              seed)
+    checked = catome_settings(unet, threshold, step_base, max_downsample, stride, random_dst, merge_crossattn,
+                              merge_mlp, seed)
     built = dataclasses.replace(checked, schedule=_resolve_schedule(schedule, checked.schedule.step_base))
     return apply_merging(pipe_or_unet, built)
 
@@ -450,7 +459,7 @@ def apply_catome(
 def apply_tome(
     pipe_or_unet: Any,
     ratio: float = DEFAULT_RATIO,
-    max_downsample: int = DEFAULT_MAX_DOWNSAMPLE,
+    max_downsample: int | None = None,
     stride: tuple[int, int] = DEFAULT_STRIDE,
     random_dst: bool = False,
     merge_crossattn: bool = False,
@@ -471,9 +480,10 @@ def apply_tome(
         return apply_merging(pipe_or_unet, settings)
     if ratio is None:
         raise CatomeError("ratio must be a number in [0, 1); for an adaptive threshold use apply_catome")
+    _, unet = split_target(pipe_or_unet)
     built = MergeSettings(
         threshold=None, ratio=ratio, merge_fraction=None, schedule=parse_schedule("every_step"),
-        max_downsample=max_downsample, stride=_check_stride(stride),
+        max_downsample=_merge_level(unet, max_downsample), stride=_check_stride(stride),
         random_dst=_check_flag("random_dst", random_dst), seed=_check_seed(seed),
         merge_crossattn=_check_flag("merge_crossattn", merge_crossattn),
         merge_mlp=_check_flag("merge_mlp", merge_mlp),

@@ -71,8 +71,33 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(rank, len(ordered)) - 1]
 
 
+def rss_bytes(pid: int) -> int | None:
+    """Resident memory of a process (VmRSS in /proc), or None where it is gone or unreadable."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def process_commands() -> dict[int, str]:
+    """pid -> command line of every process this PID namespace shows in /proc."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    out[int(entry)] = f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+            except OSError:
+                continue
+    return out
+
+
 class MemorySampler:
-    """Samples the resident memory of the given pids (and of all processes, where psutil sees them) every period."""
+    """Samples the resident memory of the given pids every period."""
 
     def __init__(self, pids: Callable[[], list[int]], period_s: float = 0.5) -> None:
         self.pids = pids
@@ -83,15 +108,12 @@ class MemorySampler:
         self._start = 0.0
 
     def _run(self) -> None:
-        import psutil
-
         while not self._stop.is_set():
             rss = {}
             for pid in self.pids():
-                try:
-                    rss[str(pid)] = psutil.Process(pid).memory_info().rss
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue
+                value = rss_bytes(pid)
+                if value is not None:
+                    rss[str(pid)] = value
             self.samples.append({"t_s": round(time.perf_counter() - self._start, 3), "rss_bytes": rss})
             self._stop.wait(self.period_s)
 

@@ -58,6 +58,10 @@ class ServeOptions:
     """Most images (``n``) per request."""
     threads: int | None = None
     """torch and ONNX Runtime intra-op threads per replica (None: the libraries' defaults)."""
+    backend_options: dict[str, Any] | None = None
+    """Options for the backend (``Runtime.load(..., backend_options=...)``), e.g. ``{"cpu_mem_arena": False}``:
+    ONNX Runtime's CPU arena keeps every buffer size it has met, and CA-ToMe's merge counts make new sizes, so a
+    replica's memory creeps up over many requests with the arena on (see docs/serving.md)."""
 
     def __post_init__(self) -> None:
         for name, lo in (("max_batch", 1), ("steps", 1), ("max_images", 1)):
@@ -67,6 +71,8 @@ class ServeOptions:
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise CatomeError(f"threads must be an integer >= 1, got {self.threads!r}")
+        if self.backend_options is not None and not isinstance(self.backend_options, dict):
+            raise CatomeError(f"backend_options must be a mapping, got {type(self.backend_options).__name__}")
         if isinstance(self.batch_wait_s, bool) or not isinstance(self.batch_wait_s, (int, float)) \
                 or not 0 <= self.batch_wait_s <= 10:
             raise CatomeError(f"batch_wait_s must be a number of seconds in 0..10, got {self.batch_wait_s!r}")
@@ -160,9 +166,11 @@ class ImageService:
         self.options = options
         if options.threads is not None:
             torch.set_num_threads(options.threads)
-        backend_options = {"intra_op_threads": options.threads} if options.threads is not None else None
+        backend_options = dict(options.backend_options or {})
+        if options.threads is not None:
+            backend_options.setdefault("intra_op_threads", options.threads)
         self.runtime = Runtime.load(options.engine_dir, backend=options.backend, device=options.device,
-                                    backend_options=backend_options)
+                                    backend_options=backend_options or None)
         try:
             manifest = self.runtime.manifest
             if manifest is None:

@@ -14,7 +14,7 @@ from typing import Any
 from catome_export import eager
 from catome_export.analysis import calibrate
 from catome_export.defaults import (
-    DEFAULT_MAX_DOWNSAMPLE, DEFAULT_MERGE_SEED, DEFAULT_SCHEDULE, DEFAULT_STEP_BASE, DEFAULT_STRIDE, DEFAULT_THRESHOLD,
+    DEFAULT_MERGE_SEED, DEFAULT_SCHEDULE, DEFAULT_STEP_BASE, DEFAULT_STRIDE, DEFAULT_THRESHOLD,
 )
 from catome_export.eager.patch import CatomeHandle, catome_settings, refuse_if_patched, split_target
 from catome_export.merging import AutoSchedule, MergeSettings, parse_schedule_request
@@ -25,7 +25,7 @@ def apply_catome(
     pipe_or_unet: Any,
     threshold: float = DEFAULT_THRESHOLD,
     schedule: ScheduleSpec | AutoSchedule = DEFAULT_SCHEDULE,
-    max_downsample: int = DEFAULT_MAX_DOWNSAMPLE,
+    max_downsample: int | None = None,
     step_base: int = DEFAULT_STEP_BASE,
     stride: tuple[int, int] = DEFAULT_STRIDE,
     random_dst: bool = False,
@@ -44,8 +44,8 @@ def apply_catome(
         if isinstance(request, AutoSchedule):
             _, unet = split_target(pipe_or_unet)
             refuse_if_patched(unet)
-            checked = catome_settings(threshold, step_base, max_downsample, stride, random_dst, merge_crossattn,
-                                      merge_mlp, seed)  # every option checked before a possibly long calibration
+            checked = catome_settings(unet, threshold, step_base, max_downsample, stride, random_dst,
+                                      merge_crossattn, merge_mlp, seed)  # every option checked before calibrating
             schedule = calibrate.resolve_schedule(request, unet, checked.schedule.step_base,
                                                   threshold=checked.threshold, max_downsample=checked.max_downsample,
                                                   stride=checked.stride)

@@ -24,6 +24,8 @@ Output folder: ``images/<method>/<i>.png``, ``results.json`` and
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 import math
@@ -44,6 +46,7 @@ from catome_export.evaluation.external import (DEFAULT_CLIP_MODEL, Availability,
 from catome_export.evaluation.metrics import psnr, ssim
 from catome_export.export.fsutil import atomic_write_text
 from catome_export.merging import AutoSchedule, MergeSettings, parse_schedule, parse_schedule_request
+from catome_export.models import default_merge_level
 from catome_export.runtime import Runtime
 from catome_export.workflows.eager import apply_catome
 from catome_export.workflows.generate import (
@@ -70,7 +73,7 @@ class EvalConfig:
     out: Path
     """Output folder (created; files in it are replaced)."""
     model: str | None = None
-    """Pipeline source: tiny, sd15 or a local pipeline folder (default: tiny, or with an engine the engine's model)."""
+    """Pipeline source: tiny, tiny-xl, sd15, sd21, sdxl or a local pipeline folder (default: tiny, or with an engine the engine's model)."""
     engine: Path | None = None
     """Engine folder for the engine methods."""
     methods: tuple[str, ...] = ()
@@ -340,6 +343,8 @@ class _MethodSession:
                 handle = apply_catome(pipe, threshold=settings.threshold, schedule=settings.schedule,
                                       step_base=cfg.step_base)
             elif settings is not None:
+                # eval has no merge-level option: the model's own (SD 1.x/2.x: 1, SDXL: 2)
+                settings = dataclasses.replace(settings, max_downsample=default_merge_level(pipe.unet))
                 handle = apply_merging(pipe, settings)
             else:
                 handle = None
@@ -372,12 +377,14 @@ class _MethodSession:
 
 
 # -- running -----------------------------------------------------------------------------
-def run_eval(config: EvalConfig, log: Callable[[str], None] = logger.info, runtime: Any = None) -> EvalReport:
+def run_eval(config: EvalConfig, log: Callable[[str], None] = logger.info, runtime: Any = None,
+             progress: bool = False) -> EvalReport:
     """Generate every method's images, measure them, and write the report into ``config.out``.
 
     ``runtime``: an already loaded :class:`~catome_export.runtime.Runtime` for
     the engine methods, used instead of loading ``config.engine`` (left open;
-    its merge settings are restored at the end).
+    its merge settings are restored at the end). ``progress``: one tick per image on stderr, with an ETA
+    (tqdm on a terminal).
     """
     out = Path(config.out)
     _prepare_out(out)
@@ -392,6 +399,9 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = logger.info, runti
         if ctx.runtime is not None and any(m in ENGINE_METHODS for m in ctx.methods):
             check_engine_shapes(ctx.runtime, requests[0])
         baseline_images: list[np.ndarray] = []
+        from catome_export.progress import Progress
+
+        bar = Progress(len(ctx.methods) * (config.warmup + len(requests)), "eval") if progress else None
         for name in ctx.methods:
             with ctx.method(name) as session:
                 result = MethodResult(name, short_setting(session.settings),
@@ -400,6 +410,8 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = logger.info, runti
                     warm = replace(requests[0], steps=min(config.steps, 3))
                     for _ in range(config.warmup):
                         generate(ctx.pipe, warm, stats=session.stats)
+                        if bar is not None:
+                            bar.update(note=f"{name} warm-up")
                 folder = out / "images" / name
                 for i, request in enumerate(requests):
                     gen = generate(ctx.pipe, request, stats=session.stats)
@@ -409,6 +421,8 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = logger.info, runti
                     result.seconds.append(gen.seconds)
                     history = list(getattr(session.stats, "history", []) or []) if session.stats is not None else []
                     result.merged_fraction.append(session.merged_fraction(history, latent_hw))
+                    if bar is not None:
+                        bar.update(note=f"{name} image {i + 1}/{len(requests)}")
                     if name == "baseline":
                         baseline_images.append(gen.image)
                     else:
@@ -416,6 +430,8 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = logger.info, runti
                         result.ssim.append(ssim(gen.image, baseline_images[i], data_range=255.0))
                 log(f"{name}: {len(requests)} images, {result.seconds_per_image:.3f} s/image -> {folder}")
             results.append(result)
+        if bar is not None:
+            bar.close()
         report = EvalReport(config, results, availability, (height, width))
         _external_metrics(report, out, ctx, log)
     finally:

@@ -149,11 +149,14 @@ def default_resolution(model: str) -> int:
 
 def load_pipeline(model: str, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                   with_unet: bool = True, scheduler: str | None = None) -> Any:
-    """A ``StableDiffusionPipeline`` for ``model``: ``tiny`` (offline), ``sd15`` (hub) or a local pipeline folder.
+    """The diffusers pipeline of ``model``: ``tiny``, ``tiny-xl`` (offline), ``sd15``, ``sd21``, ``sdxl`` (hub), or
+    a local pipeline folder. SDXL-style models give a ``StableDiffusionXLPipeline``, the others a
+    ``StableDiffusionPipeline``.
 
     ``with_unet=False`` leaves the U-Net out where the pipeline loads from
     files (hub or folder): the engine takes its place. ``scheduler`` (tiny
-    only): ``pndm`` (default, PLMS as SD 1.5 ships), ``ddim`` or ``euler``.
+    models only): ``pndm`` (tiny's default, PLMS as SD 1.5 ships), ``ddim`` or
+    ``euler`` (tiny-xl's default, as SDXL ships).
     """
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
@@ -161,39 +164,47 @@ def load_pipeline(model: str, *, device: str | torch.device | None = None, dtype
         from catome_export.models.pipeline import tiny_pipeline
 
         pipe = tiny_pipeline(scheduler or "pndm")
+    elif model == "tiny-xl":
+        from catome_export.models.pipeline import tiny_xl_pipeline
+
+        pipe = tiny_xl_pipeline(scheduler or "euler")
     else:
         if scheduler is not None:
-            raise CatomeError("a scheduler can be chosen for the tiny pipeline only; other models use their own")
+            raise CatomeError("a scheduler can be chosen for the tiny pipelines only; other models use their own")
         pipe = _from_pretrained(model, torch_dtype, with_unet)
     _move(pipe, dev, torch_dtype)
     return pipe
 
 
 def _from_pretrained(model: str, torch_dtype: torch.dtype, with_unet: bool) -> Any:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from catome_export.models import SD15_HUB_ID
+    from catome_export.models import model_info
+    from catome_export.models.registry import HUB_IDS
 
     extra: dict[str, Any] = {} if with_unet else {"unet": None}
-    if model == "sd15":
-        source = SD15_HUB_ID
+    if model in HUB_IDS:
+        source = HUB_IDS[model]
     else:
         path = Path(model)
         if not path.exists():
-            raise CatomeError(f"unknown model {model!r}: use tiny (offline, bundled), sd15 (hub), "
-                              "or a local diffusers pipeline folder")
+            raise CatomeError(f"unknown model {model!r}: use tiny or tiny-xl (offline, bundled), sd15, sd21 or sdxl "
+                              "(hub), or a local diffusers pipeline folder")
         if not (path / "model_index.json").is_file():
             raise CatomeError(f"{model} is not a diffusers pipeline folder (no model_index.json): pass the folder "
-                              "StableDiffusionPipeline.save_pretrained wrote, or use --model tiny / sd15")
+                              "the pipeline's save_pretrained wrote, or use --model tiny / sd15 / sdxl")
         source = str(path)
+    # SDXL-style U-Nets (added conditioning) come with StableDiffusionXLPipeline, the others with
+    # StableDiffusionPipeline (SD 2.x's v-prediction is in its scheduler config).
+    kind = StableDiffusionXLPipeline if model_info(model).added_conditioning else StableDiffusionPipeline
     try:
-        return StableDiffusionPipeline.from_pretrained(source, torch_dtype=torch_dtype, **extra)
+        return kind.from_pretrained(source, torch_dtype=torch_dtype, **extra)
     except Exception as exc:  # hub, cache and file errors come in many types
-        where = "from the hub or its local cache" if model == "sd15" else f"from {source}"
+        where = "from the hub or its local cache" if model in HUB_IDS else f"from {source}"
         detail = " ".join(str(exc).split())[:200]
         raise CatomeError(
             f"cannot load the Stable Diffusion pipeline {source!r} {where} ({type(exc).__name__}: {detail}). "
-            "Offline or without access, use --model tiny (the bundled offline pipeline), or pass a local "
+            "Offline or without access, use --model tiny or tiny-xl (bundled offline pipelines), or pass a local "
             "diffusers pipeline folder"
         ) from None
 

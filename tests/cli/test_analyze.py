@@ -62,3 +62,21 @@ def test_bad_input_exits_1_without_traceback(extra: list[str], message: str,
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err
     assert "Traceback" not in err
+
+
+def test_analyze_tiny_xl_tracks_its_ten_sites(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """SDXL's layout: sites at downsample 2 (8x8 grid at 128 px), seeded text_embeds and time_ids."""
+    out_json = tmp_path / "xl.json"
+    rc = main(["analyze", "--model", "tiny-xl", "--steps", "3", "--resolution", "128", "--budget", "2",
+               "--json", str(out_json)])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    data = json.loads(out_json.read_text())
+    assert len(data["sites"]) == 10 and data["num_calls"] == 4
+    assert "down_blocks.1.attentions.0.transformer_blocks.1 8x8" in printed
+
+
+def test_analyze_prompts_on_an_sdxl_model_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["analyze", "--model", "sdxl", "--prompts", "a cat"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --prompts encodes with one CLIP text encoder; sdxl needs SDXL's two")

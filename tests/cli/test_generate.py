@@ -184,3 +184,16 @@ def test_bad_inputs_exit_1_without_traceback(argv, message, capsys, tmp_path, mo
     assert rc == 1
     assert captured.err.startswith("error: ") and message in captured.err
     assert "Traceback" not in captured.err
+
+
+def test_generate_tiny_xl_merges_at_sdxl_level(tmp_path, capsys):
+    """The SDXL layout through the command line: StableDiffusionXLPipeline, ten sites at downsample 2."""
+    out = tmp_path / "xl.png"
+    rc = main(["generate", "--model", "tiny-xl", "--prompt", "a red car", *SMALL, "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    _check_png(out)
+    lines = _step_lines(captured.out)
+    assert len(lines) == 2 and all(STEP_LINE.match(line) for line in lines)
+    assert "matched [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]" in lines[0]  # ten merge sites, all matching at step 0
+    assert f"wrote {out} (64x64" in captured.out

@@ -20,10 +20,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def main(engine: str, out: str) -> int:
-    import psutil
     from PIL import Image
 
-    from catome_export.serve.loadtest import in_isolated_network, post
+    from catome_export.serve.loadtest import in_isolated_network, post, process_commands
 
     if not in_isolated_network():
         print("refusing to start Ray outside a loopback-only network namespace", file=sys.stderr)
@@ -63,11 +62,8 @@ def main(engine: str, out: str) -> int:
     result["stderr_tail"] = "\n".join(err[-30:])
     time.sleep(2)
     me = os.getpid()
-    left = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        if p.info["pid"] != me and any("ray" in part for part in (p.info["cmdline"] or [])):
-            left.append(" ".join(p.info["cmdline"])[:120])
-    result["ray_processes_left"] = left
+    result["ray_processes_left"] = [cmd[:120] for pid, cmd in process_commands().items()
+                                    if pid != me and "ray" in cmd]
     Path(out).write_text(json.dumps(result, indent=2))
     return 0
 

@@ -109,6 +109,8 @@ def test_options_are_checked():
         ServeOptions.from_dict({})
     with pytest.raises(CatomeError, match="max_batch must be an integer >= 1"):
         ServeOptions("x", max_batch=0)
+    with pytest.raises(CatomeError, match="backend_options must be a mapping, got list"):
+        ServeOptions("x", backend_options=["cpu_mem_arena"])
     with pytest.raises(CatomeError, match="max-batch 3 is above the engine's built batch range 1..2"):
         check_max_batch(3, (1, 2))
     check_max_batch(2, (1, 2))
