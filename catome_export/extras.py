@@ -38,6 +38,7 @@ EXTRAS: dict[str, Extra] = {e.name: e for e in (
                    "ray.serve"),
           "the test suite"),
     Extra("serve", ("ray.serve", "PIL"), "serving engines over HTTP with Ray Serve"),
+    Extra("lint", ("ruff", "mypy"), "the linters (ruff, mypy)"),
 )}
 
 NEEDS: dict[str, tuple[str, ...]] = {

@@ -3,11 +3,14 @@
 # ONNX Runtime CPU, seeded random weights (speed does not depend on the weights; no download needed).
 #
 # Builds (once, then reuses) the staged engine and the unstaged whole-U-Net graph under $WORKDIR
-# (about 7 GB of ONNX; keep it outside the repository), times eager PyTorch, eager CA-ToMe, the staged
-# engine and the unstaged graph at merge fractions 0, 0.5 and 0.75 in 3 interleaved rounds (all four
-# loaded at once), profiles the ONNX Runtime graphs per stage and operator type,
-# and writes benchmarks/results/sd15_cpu_512_b2.{json,png,md}. With the graphs already built it took
-# 12-16 minutes on 2 cores; a first run builds them before.
+# (about 14 GB of ONNX with ONNX Runtime's fused copies; keep it outside the repository), times eager
+# PyTorch, eager CA-ToMe, the staged engine and the unstaged graph on ONNX Runtime's fused graphs
+# (--ort-optimize on), and the staged engine on the standard graphs (engine-unfused: the fusions' effect
+# in the same run), at merge fractions 0, 0.5 and 0.75 in 3 interleaved rounds (all loaded at once),
+# profiles the ONNX Runtime graphs per stage and operator type, and writes
+# benchmarks/results/sd15_cpu_512_b2.{json,png,md}. Without engine-unfused, and with the graphs already
+# built, it took 12-16 minutes on 2 cores; engine-unfused adds three rows (about a third more), and a
+# first run (or an engine built before the fused graphs existed) builds the engine before (about 10 min).
 #
 # ONNX Runtime runs with its default CPU memory settings: one shared arena for every session in the
 # process (all stages and the unstaged graph). Per-session arenas took the engine process to 14.4 GiB
@@ -24,7 +27,8 @@ OUT="${OUT:-benchmarks/results/sd15_cpu_512_b2}"
 catome-export bench \
   --model sd15 --weights random --precision fp32 --device cpu \
   --resolution 512 --batch 2 \
-  --backends "${BACKENDS:-eager,eager-catome,engine,engine-unstaged}" \
+  --backends "${BACKENDS:-eager,eager-catome,engine,engine-unstaged,engine-unfused}" \
+  --ort-optimize on \
   --merge-fractions 0,0.5,0.75 \
   --repeats 3 --warmup 1 \
   --engine-backend ort \

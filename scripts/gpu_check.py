@@ -344,7 +344,8 @@ def chain_part(setup: Setup, resolution: int, variant: str, graphs: bool, steps:
             t = torch.full((BATCH,), setup.timesteps[i % len(setup.timesteps)], dtype=torch.float32,
                            device=backend.device)
             runtime.step(latent, t, ehs)
-            rec = runtime.last_stats
+            history = runtime.history
+            rec = history[-1] if history else None
             if rec is None:
                 raise RuntimeError("the runtime kept no record of the call it just ran")
             return {"matched": any(rec.matched.values()), "merged": {str(k): v for k, v in rec.merged.items()},

@@ -157,7 +157,7 @@ class Soak:
             # a bounded stand-in for a sampler step: the next input depends on this output
             sample = (0.98 * sample - 0.02 * out.clamp(-5.0, 5.0)).contiguous()
             if record:
-                rec = self.runtime.last_stats
+                rec = self.runtime.history[-1]
                 self.step_ms.append(rec.step_ms)
                 row = self.per_resolution.setdefault(resolution, {"ms": [], "merged": []})
                 row["ms"].append(rec.step_ms)

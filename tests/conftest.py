@@ -39,8 +39,9 @@ def _tensorrt_available() -> bool:
 
 
 SLOW_FIXTURES = frozenset({"tiny_engine", "built_engine", "reliability_engine", "engine_copy", "ort_runtime",
-                           "exported", "ort_sessions", "cli_process"})
-"""Fixtures that build or export an engine, or start a CLI process: a test using one is marked ``slow``."""
+                           "exported", "ort_sessions", "built", "auto3", "cli_process", "child_env"})
+"""Fixtures that build or export an engine, calibrate a schedule, or start a Python process: a test using one
+is marked ``slow`` (``pytest -m "not slow"`` leaves it out; the default run keeps it)."""
 
 
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker

@@ -81,6 +81,10 @@ class OrtOptions:
     the caller's current stream after the backend's stream instead (no host wait)."""
     log_severity: int = 3
     """ONNX Runtime log level: 0 verbose .. 4 fatal (3 = errors only)."""
+    fused_graphs: bool = True
+    """Load each stage's ONNX Runtime-fused graph (``stage_<k>.ort.onnx``, ONNX Runtime's own transformer fusions
+    written at build time; catome_export.export.ort_optimize) where the manifest lists one; False, or a folder
+    built with ``--ort-optimize off``, loads the standard graphs (the ones TensorRT builds from)."""
 
     def __post_init__(self) -> None:
         if self.optimization not in _OPT_LEVELS:
@@ -290,6 +294,13 @@ class OrtStageRunner:
         self.session = None
 
 
+def stage_graph_file(stage: StageRecord, options: OrtOptions) -> str:
+    """The graph file ONNX Runtime loads for a manifest stage (see :attr:`OrtOptions.fused_graphs`)."""
+    if options.fused_graphs and stage.ort_optimized is not None:
+        return stage.ort_optimized.file
+    return stage.file
+
+
 def _to_torch(value: Any, device_type: str) -> torch.Tensor:
     """A torch view of an ONNX Runtime output (no copy: numpy view on CPU, DLPack on CUDA)."""
     if device_type == "cpu":
@@ -334,7 +345,7 @@ class OrtBackend:
     def load_stage(self, engine_dir: Path, stage: "StageRecord") -> OrtStageRunner:
         ort = _import_ort()
         spec = stage.spec
-        path = Path(engine_dir) / stage.file
+        path = Path(engine_dir) / stage_graph_file(stage, self.options)
         if not path.is_file():
             raise CatomeError(f"stage file {path} is missing: rebuild the engine with catome-export build")
         try:

@@ -11,7 +11,8 @@ from catome_export.choices import Precision
 from catome_export.defaults import DEFAULT_SCHEDULE
 from catome_export.errors import CatomeError
 
-BACKENDS = ("eager", "eager-tome", "eager-catome", "engine", "engine-unstaged")
+BACKENDS = ("eager", "eager-tome", "eager-catome", "engine", "engine-unstaged", "engine-unfused",
+            "engine-unstaged-unfused")
 """What a benchmark can time.
 
 ``eager``: the plain diffusers U-Net. ``eager-tome``: the eager patch matching
@@ -19,9 +20,13 @@ at every step (no cache, as ToMe). ``eager-catome``: the eager patch with
 cached plans (the checkpoint is the warm-up call; timed calls reuse it).
 ``engine``: the staged graphs through the runtime. ``engine-unstaged``: one
 un-cut ONNX graph of the same U-Net in ONNX Runtime with the same session
-options (no merging), to measure what cutting costs."""
+options (no merging), to measure what cutting costs. ``engine-unfused`` and ``engine-unstaged-unfused``: the same
+two on ONNX Runtime with the standard graphs whatever ``ort_optimize`` says, to time ONNX Runtime's fusions
+against them in the same run."""
 
-MERGING_BACKENDS = ("eager-tome", "eager-catome", "engine")
+MERGING_BACKENDS = ("eager-tome", "eager-catome", "engine", "engine-unfused")
+UNFUSED_BACKENDS = {"engine-unfused": "engine", "engine-unstaged-unfused": "engine-unstaged"}
+"""Backends on the standard graphs -> the backend they are the unfused twin of."""
 """Backends that take a merge fraction or threshold; the others run at merge fraction 0 only."""
 
 LATENT_KINDS = ("smooth", "noise")
@@ -94,6 +99,9 @@ class BenchConfig:
     ort_options: tuple[tuple[str, object], ...] = ()
     """Extra ONNX Runtime backend options (``OrtOptions`` fields, e.g. ``("cpu_mem_arena", False)``) for the
     engine and the unstaged graph alike; threads come from ``threads``."""
+    ort_optimize: bool = True
+    """ONNX Runtime engines and the unstaged graph run ONNX Runtime's fused graphs (built by ``catome-export build``,
+    catome_export.export.ort_optimize); False runs the standard graphs (``--ort-optimize off``)."""
     profile_dir: Path | None = None
     """When set, also profile where the time goes (ONNX Runtime's profiler for the engine's stages and the
     unstaged graph, torch.profiler for eager), traces written here."""
@@ -150,6 +158,11 @@ class BenchConfig:
         if any(k in ("intra_op_threads", "inter_op_threads") for k, _ in opts):
             raise CatomeError("set ONNX Runtime threads with --threads (the same for every backend), "
                               "not with an ONNX Runtime option")
+        if any(k == "fused_graphs" for k, _ in opts):
+            raise CatomeError("choose ONNX Runtime's fused graphs with --ort-optimize on|off, not with an "
+                              "ONNX Runtime option")
+        if not isinstance(self.ort_optimize, bool):
+            raise CatomeError(f"ort_optimize must be true or false (--ort-optimize on|off), got {self.ort_optimize!r}")
         if opts:
             from catome_export.backends.ort import OrtOptions
 
@@ -177,6 +190,6 @@ class BenchConfig:
             "checkpoint_repeats": self.checkpoint_calls, "warmup": self.warmup, "threads": self.threads,
             "device": self.device, "precision": self.precision, "engine_backend": self.engine_backend,
             "text_len": self.text_len, "seed": self.seed,
-            "ort_options": dict(self.ort_options),
+            "ort_options": dict(self.ort_options), "ort_optimize": self.ort_optimize,
             "profile_dir": None if self.profile_dir is None else str(self.profile_dir),
         }

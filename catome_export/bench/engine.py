@@ -1,8 +1,9 @@
 """The engine a benchmark times when no ``--engine`` is given: built once under the work folder, then reused.
 
 A folder is reused when its manifest loads (files and hashes checked), was
-built from the same weights (hash) and precision, and covers every timed
-batch and resolution; otherwise it is rebuilt with ``build_engine``. The
+built from the same weights (hash) and precision, covers every timed
+batch and resolution, and (ONNX Runtime folders, ``--ort-optimize on``) holds
+ONNX Runtime's fused graphs; otherwise it is rebuilt with ``build_engine``. The
 benchmark's build skips the step-by-step parity check (``catome-export
 verify DIR`` runs it), since timing does not depend on it and on SD 1.5 it
 costs many eager and engine steps.
@@ -48,6 +49,9 @@ def reusable(folder: Path, config: BenchConfig, resolutions: Sequence[int], dige
             return f"built in {manifest.precision}"
         if config.engine_backend == "trt" and manifest.engine_backend != "trt":
             return "holds no TensorRT plans"
+        if config.ort_optimize and manifest.engine_backend == "ort" and \
+                not all(s.ort_optimized is not None for s in manifest.stages):
+            return "holds no ONNX Runtime fused graphs"
         for res in resolutions:
             manifest.check_shapes(config.batch, res // 8, res // 8)
     except CatomeError as exc:

@@ -58,7 +58,7 @@ _MATMULS = ("MatMul", "Gemm", "FusedMatMul", "MatMulNBits")
 
 def ort_group(node: str, op: str) -> str:
     """The kind of work of an ONNX Runtime kernel from its node name and op type."""
-    if op in ("MatMul", "FusedMatMul", "Softmax") and not any(p in node for p in _PROJECTIONS):
+    if op in ("MatMul", "FusedMatMul", "Softmax", "MultiHeadAttention", "Attention") and not any(p in node for p in _PROJECTIONS):
         if "attn1/" in node:
             return "self-attention core"
         if "attn2/" in node:
@@ -109,7 +109,7 @@ def profile_engine(engine_dir: Path, inputs: Inputs, fractions: Sequence[float],
     """Per-stage, per-op times of the engine at each merge fraction (cached steps after a checkpoint).
 
     ``ort_options``: :class:`~catome_export.backends.ort.OrtOptions` values (threads included)."""
-    from catome_export.backends.ort import OrtOptions, OrtStageRunner
+    from catome_export.backends.ort import OrtOptions, OrtStageRunner, stage_graph_file
     from catome_export.backends.torch_backend import manifest_dtype
     from catome_export.export.manifest import Manifest
     from catome_export.runtime.runtime import Runtime
@@ -119,7 +119,8 @@ def profile_engine(engine_dir: Path, inputs: Inputs, fractions: Sequence[float],
     options = OrtOptions.from_mapping(ort_options)
     runners = []
     for stage in manifest.stages:
-        session = _profiled_session(Path(engine_dir) / stage.file, options, out_dir / f"stage{stage.index}")
+        session = _profiled_session(Path(engine_dir) / stage_graph_file(stage, options), options,
+                                    out_dir / f"stage{stage.index}")
         runners.append(OrtStageRunner(session, stage.spec, torch.device("cpu"), options))
     base = manifest.merge
     runtime = Runtime(runners, manifest.sites, base, unet_config=manifest.model.unet_config,

@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 
 from catome_export.bench import flops
-from catome_export.bench.config import BenchConfig
+from catome_export.bench.config import UNFUSED_BACKENDS, BenchConfig
 from catome_export.bench.device import device_info, load_average, peak_rss_gib, physical_cores, release_memory, rss_gib
 from catome_export.bench.measure import BENCH_SCHEDULE, Inputs, Job, RowTiming, measure, measure_interleaved, measure_loop
 from catome_export.bench.report import BenchResult, derive_columns
@@ -61,11 +61,15 @@ class _Session:
         self.notes: list[str] = []
         self.device = torch.device(config.device)
         self.threads = config.threads or physical_cores()
-        self.ort_options: dict[str, Any] = {"intra_op_threads": self.threads, **dict(config.ort_options)}
+        self.ort_options: dict[str, Any] = {"intra_op_threads": self.threads, **dict(config.ort_options),
+                                            "fused_graphs": config.ort_optimize}
         self.unet_config: dict[str, Any] = {}
         self.base_settings = MergeSettings(threshold=None, merge_fraction=0.0, schedule=BENCH_SCHEDULE)
         self.engine_dir: Path | None = config.engine_dir
         self.graph: Path | None = None
+        """The unstaged graph: standard ONNX."""
+        self.fused_graph: Path | None = None
+        """The unstaged graph with ONNX Runtime's fusions (``--ort-optimize on`` with engine-unstaged)."""
         self.eager_profile: dict[str, Any] | None = None
 
     def profile_eager(self, unet: torch.nn.Module) -> None:
@@ -148,22 +152,40 @@ class _Session:
         target: Target = EagerTarget(unet) if backend == "eager" else EagerMergeTarget(unet, backend)
         return backend, target, f"torch {torch.__version__} on {self.device}"
 
-    def engine_target(self) -> Named:
+    def engine_target(self, backend: str = "engine") -> Named:
+        """``engine`` (fused graphs as ``--ort-optimize`` says) or ``engine-unfused`` (standard graphs)."""
         cfg = self.config
         assert self.engine_dir is not None
-        target = EngineTarget.load(self.engine_dir, cfg.engine_backend, cfg.device, self.ort_options,
-                                   cfg.stage_timings)
+        options = dict(self.ort_options, fused_graphs=self.ort_options["fused_graphs"] and backend == "engine")
+        target = EngineTarget.load(self.engine_dir, cfg.engine_backend, cfg.device, options, cfg.stage_timings)
+        if options["fused_graphs"] and target.backend_name.startswith("ort") and not _has_fused_graphs(target):
+            target.close()
+            raise CatomeError(f"the engine {self.engine_dir} has no ONNX Runtime fused graphs (built with "
+                              "--ort-optimize off, or before they existed): rebuild it with catome-export build "
+                              "--backend ort, or bench with --ort-optimize off")
         self._adopt_engine_settings(target.base_settings)
-        return "engine", target, target.backend_name
+        return backend, target, target.backend_name + _fusion_note(target.backend_name, options["fused_graphs"])
 
-    def unstaged_target(self) -> Named:
+    def unstaged_target(self, backend: str = "engine-unstaged") -> Named:
+        """``engine-unstaged`` (fused as ``--ort-optimize`` says) or ``engine-unstaged-unfused`` (standard graph)."""
         from catome_export.bench.unstaged import load_unstaged
 
         cfg = self.config
         assert self.graph is not None
+        fused = backend == "engine-unstaged" and self.fused_graph is not None
+        graph = self.fused_graph if fused and self.fused_graph is not None else self.graph
         dtype = "float16" if cfg.precision == "fp16" else "float32"
-        runner, backend = load_unstaged(self.graph, self.unet_config, dtype, cfg.device, self.ort_options)
-        return "engine-unstaged", UnstagedTarget(runner, backend), backend.name
+        runner, ort_backend = load_unstaged(graph, self.unet_config, dtype, cfg.device, self.ort_options)
+        return backend, UnstagedTarget(runner, ort_backend), ort_backend.name + _fusion_note(ort_backend.name, fused)
+
+    def make_target(self, backend: str) -> Named | None:
+        """The engine-side target of ``backend`` where its engine or graph is ready, else None."""
+        base = UNFUSED_BACKENDS.get(backend, backend)
+        if base == "engine" and self.engine_dir is not None:
+            return self.engine_target(backend)
+        if base == "engine-unstaged" and self.graph is not None:
+            return self.unstaged_target(backend)
+        return None
 
     def _adopt_engine_settings(self, settings: MergeSettings) -> None:
         base = self.base_settings
@@ -177,9 +199,22 @@ class _Session:
                                          schedule=BENCH_SCHEDULE)
 
 
+def _fusion_note(backend_name: str, fused: bool) -> str:
+    """What an ONNX Runtime row ran: ONNX Runtime's fused graphs or the standard ones."""
+    if not backend_name.startswith("ort"):
+        return ""
+    return ", ORT-fused graphs" if fused else ", standard graphs"
+
+
+def _has_fused_graphs(target: EngineTarget) -> bool:
+    manifest = target.runtime.manifest
+    stages = manifest.stages if manifest is not None else ()
+    return bool(stages) and all(s.ort_optimized is not None for s in stages)
+
+
 def _check_unstaged_resolutions(config: BenchConfig, resolutions: list[int]) -> None:
     bad = [r for r in resolutions if r % 64]
-    if "engine-unstaged" in config.backends and bad:
+    if bad and ("engine-unstaged" in config.backends or "engine-unstaged-unfused" in config.backends):
         raise CatomeError(f"engine-unstaged needs resolutions divisible by 64 (the whole-U-Net graph is traced for "
                           f"latents divisible by 8), got {bad}: pick other resolutions or leave engine-unstaged out")
 
@@ -189,8 +224,9 @@ def _load_unet(session: _Session) -> torch.nn.Module | None:
     from catome_export.models import load_unet
 
     config = session.config
-    needs = any(b in EAGER_BACKENDS for b in config.backends) or "engine-unstaged" in config.backends or \
-        ("engine" in config.backends and config.engine_dir is None)
+    wanted = {UNFUSED_BACKENDS.get(b, b) for b in config.backends}
+    needs = any(b in EAGER_BACKENDS for b in config.backends) or "engine-unstaged" in wanted or \
+        ("engine" in wanted and config.engine_dir is None)
     if not needs:
         if session.engine_dir is not None:
             session.unet_config = _engine_unet_config(session.engine_dir)
@@ -206,19 +242,23 @@ def _prepare(session: _Session, unet: torch.nn.Module, resolutions: list[int]) -
     from catome_export.models import weights_hash
 
     config, say = session.config, session.progress
-    if "engine" not in config.backends and "engine-unstaged" not in config.backends:
+    wanted = {UNFUSED_BACKENDS.get(b, b) for b in config.backends}
+    if "engine" not in wanted and "engine-unstaged" not in wanted:
         return
     digest = weights_hash(unet)
-    if "engine" in config.backends and session.engine_dir is not None:
+    if "engine" in wanted and session.engine_dir is not None:
         _compare_weights(session, session.engine_dir, digest)
-    if "engine-unstaged" in config.backends:
+    if "engine-unstaged" in wanted:
         from catome_export.bench.engine import work_name
-        from catome_export.bench.unstaged import export_unstaged
+        from catome_export.bench.unstaged import export_unstaged, fused_unstaged
 
         folder = config.workdir / work_name(config) / "unstaged"
         say(f"unstaged graph in {folder} ...")
         session.graph = export_unstaged(unet, folder, digest)
-    if "engine" in config.backends and session.engine_dir is None:
+        if config.ort_optimize and "engine-unstaged" in config.backends:
+            say("ONNX Runtime's fusions on the unstaged graph ...")
+            session.fused_graph = fused_unstaged(session.graph)
+    if "engine" in wanted and session.engine_dir is None:
         from catome_export.bench.engine import ensure_engine
 
         session.engine_dir = ensure_engine(config, resolutions, digest, say)
@@ -241,11 +281,12 @@ def _run_sequential(session: _Session, resolutions: list[int]) -> None:
         _prepare(session, unet, resolutions)
         del unet
         release_memory()
-    for backend, make in (("engine", session.engine_target), ("engine-unstaged", session.unstaged_target)):
-        ready = session.engine_dir if backend == "engine" else session.graph
-        if backend not in config.backends or ready is None:
+    for backend in config.backends:
+        if backend in EAGER_BACKENDS:
             continue
-        named = make()
+        named = session.make_target(backend)
+        if named is None:
+            continue
         try:
             for res in resolutions:
                 session.run_sequential(named, res)
@@ -265,10 +306,10 @@ def _run_interleaved(session: _Session, resolutions: list[int]) -> None:
         for backend in config.backends:
             if backend in EAGER_BACKENDS and unet is not None:
                 targets.append(session.eager_target(backend, unet))
-            elif backend == "engine" and session.engine_dir is not None:
-                targets.append(session.engine_target())
-            elif backend == "engine-unstaged" and session.graph is not None:
-                targets.append(session.unstaged_target())
+            elif backend not in EAGER_BACKENDS:
+                named = session.make_target(backend)
+                if named is not None:
+                    targets.append(named)
         for res in resolutions:
             session.run_interleaved(targets, res)
         for _, target, _ in targets:
@@ -344,7 +385,8 @@ def _profile(session: _Session) -> dict[str, Any] | None:
         release_memory()
     if session.graph is not None:
         session.progress(f"profiling the unstaged graph at {res}px ...")
-        result["unstaged"] = profile_unstaged(session.graph, inputs, calls, session.ort_options, out_dir)
+        graph = session.fused_graph if session.fused_graph is not None else session.graph
+        result["unstaged"] = profile_unstaged(graph, inputs, calls, session.ort_options, out_dir)
         release_memory()
     return result
 

@@ -238,7 +238,8 @@ class EngineTarget(Target):
         return self.runtime.unet(sample, timestep, encoder_hidden_states=text, return_dict=False)[0]
 
     def last_call(self) -> CallStats:
-        rec = self.runtime.last_stats
+        history = self.runtime.history
+        rec = history[-1] if history else None
         stages = list(self._stage_ms) if self._stage_timings else None
         if rec is None:
             return CallStats(stage_ms=stages)

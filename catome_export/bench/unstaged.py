@@ -10,6 +10,9 @@ divisible by 8 and serves latent sizes divisible by 8 (images in multiples of
 
 The graph is cached under the benchmark's work folder, keyed by the weights
 hash and the precision; a ``meta.json`` written last marks a complete export.
+:func:`fused_unstaged` writes ``unet.ort.onnx`` beside it, the same ONNX
+Runtime fusions the engine's stages get at build time
+(catome_export.export.ort_optimize), marked complete by ``ort.json``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 GRAPH_FILE = "unet.onnx"
 META_FILE = "meta.json"
+FUSED_META_FILE = "ort.json"
 TRACE_SHAPE = (2, (16, 16), 7)
 """(batch, latent hw, text length) of the trace: small; every latent size divisible by 8 works afterwards."""
 CONSOLIDATE_BYTES = 1_800_000_000
@@ -150,6 +154,47 @@ def export_unstaged(unet: torch.nn.Module, folder: str | Path, weights_hash: str
         shutil.rmtree(scratch, ignore_errors=True)
     logger.info("unstaged graph exported in %.0f s", time.perf_counter() - start)
     return folder / GRAPH_FILE
+
+
+def _fused_meta(folder: Path) -> dict[str, Any]:
+    from importlib import metadata
+
+    try:
+        source = json.loads((folder / META_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        source = None
+    try:
+        version = metadata.version("onnxruntime")
+    except metadata.PackageNotFoundError:
+        version = None
+    return {"source": source, "onnxruntime": version}
+
+
+def fused_unstaged(graph: Path) -> Path:
+    """``unet.ort.onnx`` beside the unstaged ``graph``: ONNX Runtime's fusions, as the engine's stages get them.
+
+    Reused when ``ort.json`` says it was made from this export with this onnxruntime.
+    """
+    from catome_export.export.fsutil import atomic_write_json
+    from catome_export.export.ort_optimize import optimize_graph, optimized_name
+
+    graph = Path(graph)
+    folder = graph.parent
+    meta = _fused_meta(folder)
+    fused = folder / optimized_name(graph.name)
+    try:
+        if json.loads((folder / FUSED_META_FILE).read_text()) == meta and fused.is_file():
+            logger.info("reusing the fused unstaged graph %s", fused)
+            return fused
+    except (OSError, json.JSONDecodeError):
+        pass
+    (folder / FUSED_META_FILE).unlink(missing_ok=True)
+    start = time.perf_counter()
+    result = optimize_graph(graph)
+    atomic_write_json(folder / FUSED_META_FILE, meta)
+    logger.info("unstaged graph fused in %.0f s (%s)", time.perf_counter() - start,
+                ", ".join(f"{n} {op}" for op, n in result.fused.items()))
+    return folder / result.file
 
 
 def load_unstaged(graph: Path, unet_config: Any, dtype: str, device: str,

@@ -30,6 +30,9 @@ backends:
                    built for --model under --workdir and reused)
   engine-unstaged  the whole U-Net as one ONNX graph in ONNX Runtime with the
                    same session options (merge fraction 0): what cutting costs
+  engine-unfused, engine-unstaged-unfused
+                   the same two on the standard graphs, without ONNX Runtime's
+                   fusions: their effect in the same run (--ort-optimize)
 
 example:
   catome-export bench --model tiny --resolution 256 --repeats 5
@@ -71,6 +74,7 @@ def config_from_args(args: argparse.Namespace):
         interleave=not args.sequential,
         profile_dir=Path(args.profile) if args.profile else None,
         ort_options=tuple(_ort_option(text) for text in args.ort_option or ()),
+        ort_optimize=args.ort_optimize == "on",
     )
 
 
@@ -186,6 +190,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ort-option", action="append", metavar="KEY=VALUE",
                    help="an ONNX Runtime backend option for the engine and the unstaged graph alike "
                         "(e.g. cpu_mem_arena=false, allow_spinning=false); repeatable")
+    p.add_argument("--ort-optimize", choices=("on", "off"), default="on",
+                   help="engine and engine-unstaged on ONNX Runtime run the graphs with ONNX Runtime's own fusions "
+                        "(fused attention, layer norm, Gelu; default on) or the standard graphs (off); add "
+                        "engine-unfused / engine-unstaged-unfused to --backends to time both in one run")
     p.add_argument("--profile", metavar="DIR",
                    help="also profile where the time goes (CPU): the engine's stages and the unstaged graph with "
                         "ONNX Runtime's profiler, eager with torch.profiler; per stage, op type and kind of work; "

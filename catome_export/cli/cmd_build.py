@@ -41,7 +41,7 @@ def options_from_args(args: argparse.Namespace) -> "BuildOptions":
         batch=args.batch, min_batch=args.min_batch, max_batch=args.max_batch, settings=settings,
         schedule=args.schedule, name=args.name, out_dir=args.out, verify=not args.no_verify,
         verify_steps=args.verify_steps, exporter=args.exporter, opt_merge_fraction=args.opt_merge_fraction, cli=cli,
-        force=args.force,
+        force=args.force, ort_optimize=args.ort_optimize == "on",
     )
 
 
@@ -63,8 +63,11 @@ def summary(result: "BuildResult") -> str:
     total = 0
     for stage in m.stages:
         size = stage.total_bytes
-        total += size
         extra = f" + {stage.engine.file}" if stage.engine is not None else ""
+        if stage.ort_optimized is not None:
+            size += stage.ort_optimized.total_bytes
+            extra += f" + {stage.ort_optimized.file}"
+        total += size
         lines.append(f"  {stage.file}{extra}: {size / 1e6:.1f} MB")
     lines.append(f"  total {total / 1e6:.1f} MB")
     lines.append(result.audit.summary())
@@ -111,6 +114,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--opt-merge-fraction", type=float, default=None, metavar="F",
                    help="TensorRT profiles: share of src tokens you expect merged, the shape TensorRT tunes for "
                         "(default 0.5; measure it with catome_export.export.profiles.calibrate_opt_fraction)")
+    p.add_argument("--ort-optimize", choices=("on", "off"), default="on",
+                   help="ONNX Runtime builds: also write each stage with ONNX Runtime's own transformer fusions "
+                        "(stage_<k>.ort.onnx: fused attention, layer norm, Gelu), which the ONNX Runtime backend "
+                        "loads; the standard graphs stay as TensorRT needs them (default on)")
     p.add_argument("--name", default=None, help="engine name (default: the model name)")
     p.add_argument("--out", default=None, metavar="DIR", help="engine folder (default engines/<name>)")
     p.add_argument("--force", action="store_true",

@@ -45,10 +45,13 @@ from catome_export.errors import CatomeError
 from catome_export.export.audit import AuditReport, audit_stages
 from catome_export.export.fsutil import BuildLock, pid_alive
 from catome_export.export.io_names import MODEL_OUTPUT, site_input_name, site_of_input
-from catome_export.export.manifest import MANIFEST_FILE, Manifest, ModelRecord, build_command, tool_versions
+from catome_export.export.manifest import (
+    MANIFEST_FILE, FusedGraph, Manifest, ModelRecord, build_command, tool_versions,
+)
 from catome_export.export.onnx_export import (
     OPSET, ExportedStage, example_inputs, export_stage, ort_max_diff, ort_session,
 )
+from catome_export.export.ort_optimize import OptimizedGraph, optimize_graph
 from catome_export.export.profiles import ShapeRanges
 from catome_export.export.stages import StageSpec, cut_unet
 from catome_export.export.trt_build import build_engines
@@ -147,6 +150,9 @@ class BuildOptions:
     """The flags as given, for the manifest's rebuild command."""
     force: bool = False
     """Replace an existing engine folder even when it holds files no build made (they are removed with it)."""
+    ort_optimize: bool = True
+    """ONNX Runtime builds: also write each stage in ONNX Runtime's fused form (``stage_<k>.ort.onnx``,
+    catome_export.export.ort_optimize), checked like the standard graph and listed in the manifest."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -172,6 +178,8 @@ class BuildOptions:
         for flag in ("verify", "force"):
             if not isinstance(getattr(self, flag), bool):
                 raise CatomeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+        if not isinstance(self.ort_optimize, bool):
+            raise CatomeError(f"ort_optimize must be true or false (--ort-optimize on|off), got {self.ort_optimize!r}")
         _check_int("verify steps", self.verify_steps, 1, 1000)
         f = self.opt_merge_fraction
         if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0):
@@ -189,7 +197,7 @@ class BuildOptions:
                out_dir: str | Path | None = None, verify: bool = True, verify_steps: int = DEFAULT_VERIFY_STEPS,
                exporter: str | Exporter = Exporter.TORCHSCRIPT, opset: int = OPSET,
                opt_merge_fraction: float | None = None, cli: dict[str, Any] | None = None,
-               force: bool = False) -> "BuildOptions":
+               force: bool = False, ort_optimize: bool = True) -> "BuildOptions":
         """Options from loose arguments, with the model's defaults filled in (CatomeError naming any bad one).
 
         ``resolution`` or ``min_resolution``/``max_resolution`` (default: the
@@ -233,13 +241,13 @@ class BuildOptions:
                    batch=(blo, bhi), settings=settings, schedule=auto, name=name, out_dir=out, verify=verify,
                    verify_steps=verify_steps, exporter=exporter, opset=opset,
                    default_resolution=info.default_resolution, opt_merge_fraction=opt_merge_fraction,
-                   cli=dict(cli or {}), force=force)
+                   cli=dict(cli or {}), force=force, ort_optimize=ort_optimize)
 
 
 CREATE_OPTIONS = frozenset({
     "weights", "precision", "backend", "resolution", "min_resolution", "max_resolution", "batch", "min_batch",
     "max_batch", "settings", "schedule", "name", "out_dir", "verify", "verify_steps", "exporter", "opset",
-    "opt_merge_fraction", "cli", "force",
+    "opt_merge_fraction", "cli", "force", "ort_optimize",
 })
 """The keyword arguments of :meth:`BuildOptions.create`."""
 
@@ -333,7 +341,7 @@ def _check_target(target: Path) -> None:
 
 BUILD_FILES = (MANIFEST_FILE, "timing.cache")
 """Files a build writes into the folder besides those its manifest lists."""
-_BUILD_NAME = re.compile(r"^stage_\d+\.(onnx|plan)([._-][\w.-]*)?$")
+_BUILD_NAME = re.compile(r"^stage_\d+\.(onnx|plan|ort\.onnx)([._-][\w.-]*)?$")
 """Names a build gives its stage files (graphs, external data, TensorRT plans), for a manifest it cannot read."""
 
 
@@ -408,6 +416,19 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _keep_unplaced(tmp: Path, target: Path) -> Path:
+    """A finished build that could not be swapped in: renamed to ``<target>.new`` (which no later build
+    cleans up), or left where it is when even that fails."""
+    kept = target.parent / f"{target.name}.new"
+    if kept.exists():
+        return tmp
+    try:
+        os.rename(tmp, kept)
+    except OSError:
+        return tmp
+    return kept
+
+
 # -- the build ----------------------------------------------------------------------------------------------
 def _opt_latent(opts: BuildOptions) -> int:
     lo, hi = opts.resolution
@@ -474,7 +495,13 @@ def build_folder(opts: BuildOptions, progress: Progress | None = None, *,
                                   f"(inspect it with catome-export verify {failed})")
             if not opts.force:
                 _check_foreign(target, False)  # put there while this build ran
-            _swap_into_place(tmp, target)
+            try:
+                _swap_into_place(tmp, target)
+            except CatomeError as exc:  # the finished build is kept, and the message says where
+                keep_tmp = True
+                kept = _keep_unplaced(tmp, target)
+                raise CatomeError(f"{exc}; the finished build is kept in {kept} (move it to {target} yourself, "
+                                  f"or build again)") from None
             keep_tmp = True
         finally:
             if not keep_tmp:
@@ -504,25 +531,34 @@ def _build_into(opts: BuildOptions, folder: Path, backend: EngineBackend, say: P
                      "(add); fp16 graphs run on TensorRT or ONNX Runtime CUDA")
     quick: dict[int, float] | None = {} if check_ort else None
     exported: list[ExportedStage] = []
+    fused: dict[int, OptimizedGraph] = {}
+    fuse = backend == EngineBackend.ORT and opts.ort_optimize
     n = len(stages)
     for spec, module in stages:
         say(f"exporting stage {spec.index + 1}/{n} ({_describe(spec)})")
         item = export_stage(spec, module, examples[spec.index], folder, opset=opts.opset, exporter=opts.exporter)
         line = f"  stage {spec.index + 1}/{n}: {item.file}, {item.seconds:.1f} s, {_mb(item.total_bytes)}"
+        graphs = [(item.file, "the export is broken (try --exporter dynamo)")]
+        if fuse:
+            fused[spec.index] = optimize_graph(folder / item.file)
+            graphs.append((fused[spec.index].file, "ONNX Runtime's fusions changed it (build with --ort-optimize off)"))
+            line += f"; {fused[spec.index].file}: {_describe_fused(fused[spec.index])}"
         if quick is not None:
             try:
-                diff = ort_max_diff(ort_session(folder / item.file), spec, module, examples[spec.index])
+                diffs = [ort_max_diff(ort_session(folder / file), spec, module, examples[spec.index])
+                         for file, _ in graphs]
             except CatomeError as exc:
                 notes.append(f"per-stage ONNX Runtime check skipped ({exc})")
                 quick = None
             else:
-                quick[spec.index] = diff
-                line += f", ORT max |diff| {diff:.1e}"
+                quick[spec.index] = max(diffs)
+                line += ", ORT max |diff| " + " / ".join(f"{d:.1e}" for d in diffs)
                 with torch.no_grad():
                     scale = max(float(t.abs().max()) for t in module(*examples[spec.index]))
-                if not diff <= QUICK_CHECK_TOLERANCE * max(1.0, scale):
-                    raise CatomeError(f"stage {spec.index}'s ONNX graph differs from the torch stage by {diff:.2e} "
-                                      "in ONNX Runtime: the export is broken (try --exporter dynamo)")
+                for (file, fix), diff in zip(graphs, diffs):
+                    if not diff <= QUICK_CHECK_TOLERANCE * max(1.0, scale):
+                        raise CatomeError(f"stage {spec.index}'s ONNX graph {file} differs from the torch stage by "
+                                          f"{diff:.2e} in ONNX Runtime: {fix}")
         say(line)
         exported.append(item)
     audit = audit_stages([folder / e.file for e in exported])
@@ -535,7 +571,9 @@ def _build_into(opts: BuildOptions, folder: Path, backend: EngineBackend, say: P
                               f"{audit.errors[0]}); build with --backend ort, or report the model layout")
         notes.append("the graphs would not parse in TensorRT (see the audit); ONNX Runtime can still run them")
     info = model_info(opts.model)
-    manifest = _make_manifest(opts, unet, sites, stages, exported, settings, audit, info)
+    manifest = _make_manifest(opts, unet, sites, stages, exported, settings, backend, audit, info)
+    manifest.stages = tuple(replace(s, ort_optimized=_fused_record(fused[s.index])) if s.index in fused else s
+                            for s in manifest.stages)
     del unet, stages, examples
     if backend == EngineBackend.TRT:
         _build_trt(folder, manifest, opts, say)
@@ -553,6 +591,18 @@ def _build_into(opts: BuildOptions, folder: Path, backend: EngineBackend, say: P
                                   "VerifyVerdict, so the build cannot tell whether it passed; it was not installed")
     return BuildResult(manifest=manifest, engine_dir=folder, stages=exported, audit=audit, quick_check=quick,
                        verify=verdict, backend=backend, seconds=0.0, notes=notes)
+
+
+def _fused_record(graph: OptimizedGraph) -> FusedGraph:
+    return FusedGraph(file=graph.file, sha256=graph.sha256, bytes=graph.bytes, external_data=graph.external_data,
+                      external_data_sha256=graph.external_data_sha256, external_data_bytes=graph.external_data_bytes,
+                      fused=dict(graph.fused), attention_left=graph.attention_left)
+
+
+def _describe_fused(graph: OptimizedGraph) -> str:
+    ops = ", ".join(f"{count} {op}" for op, count in graph.fused.items()) or "no fused operators"
+    left = f", {graph.attention_left} attention(s) left unfused" if graph.attention_left else ""
+    return f"{ops}{left}, {graph.seconds:.1f} s"
 
 
 def _describe(spec: StageSpec) -> str:
@@ -575,7 +625,7 @@ def _opt_fraction(opts: BuildOptions, settings: MergeSettings) -> float:
 
 def _make_manifest(opts: BuildOptions, unet: torch.nn.Module, sites: list[MergeSite],
                    stages: list[tuple[StageSpec, torch.nn.Module]], exported: list[ExportedStage],
-                   settings: MergeSettings, audit: AuditReport, info: ModelInfo) -> Manifest:
+                   settings: MergeSettings, backend: EngineBackend, audit: AuditReport, info: ModelInfo) -> Manifest:
     channels = {}
     for spec, _ in stages:
         for t in spec.outputs:
@@ -594,6 +644,8 @@ def _make_manifest(opts: BuildOptions, unet: torch.nn.Module, sites: list[MergeS
     cli: dict[str, Any] = {"model": opts.model, "weights": str(opts.weights), "precision": str(opts.precision),
                            "backend": str(opts.backend), "name": opts.name, "out": str(opts.out_dir)}
     cli.update({k: v for k, v in opts.cli.items() if v is not None})
+    if not opts.ort_optimize:
+        cli["ort_optimize"] = "off"
     if lo == hi and "min_resolution" not in cli:
         cli["resolution"] = lo
     else:
@@ -611,7 +663,8 @@ def _make_manifest(opts: BuildOptions, unet: torch.nn.Module, sites: list[MergeS
         shapes=shapes, stages=tuple(e.record(spec) for e, (spec, _) in zip(exported, stages)),
         engine_backend=str(EngineBackend.ORT), trt=None, tools=tool_versions(),
         extra={"build": cli, "build_command": build_command(cli), "audit": audit.to_dict(),
-               "export": {"exporter": str(opts.exporter), "opset": opts.opset}},
+               "export": {"exporter": str(opts.exporter), "opset": opts.opset,
+                          "ort_optimize": backend == EngineBackend.ORT and opts.ort_optimize}},
     )
 
 

@@ -118,6 +118,51 @@ class EngineFile:
 
 
 @dataclass(frozen=True)
+class FusedGraph:
+    """A stage's ONNX Runtime fused graph (``stage_<k>.ort.onnx``, catome_export.export.ort_optimize)."""
+
+    file: str
+    sha256: str | None = None
+    bytes: int | None = None
+    external_data: str | None = None
+    external_data_sha256: str | None = None
+    external_data_bytes: int | None = None
+    fused: dict[str, int] = field(default_factory=dict)
+    """Contrib operator type -> count in the fused graph."""
+    attention_left: int = 0
+    """Softmax nodes left unfused."""
+
+    @property
+    def total_bytes(self) -> int:
+        return (self.bytes or 0) + (self.external_data_bytes or 0)
+
+    def files(self) -> list[tuple[str, int | None, str | None]]:
+        out = [(self.file, self.bytes, self.sha256)]
+        if self.external_data:
+            out.append((self.external_data, self.external_data_bytes, self.external_data_sha256))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"file": self.file, "external_data": self.external_data, "sha256": self.sha256,
+                             "bytes": self.bytes, "fused": dict(self.fused), "attention_left": self.attention_left}
+        if self.external_data is not None:
+            d["external_data_sha256"] = self.external_data_sha256
+            d["external_data_bytes"] = self.external_data_bytes
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "FusedGraph":
+        return cls(file=str(data["file"]), sha256=data.get("sha256"),
+                   bytes=None if data.get("bytes") is None else int(data["bytes"]),
+                   external_data=data.get("external_data") or None,
+                   external_data_sha256=data.get("external_data_sha256"),
+                   external_data_bytes=(None if data.get("external_data_bytes") is None
+                                        else int(data["external_data_bytes"])),
+                   fused={str(k): int(v) for k, v in (data.get("fused") or {}).items()},
+                   attention_left=int(data.get("attention_left") or 0))
+
+
+@dataclass(frozen=True)
 class StageRecord:
     """One stage: its spec and the files that hold it."""
 
@@ -132,6 +177,8 @@ class StageRecord:
     external_data_bytes: int | None = None
     engine: EngineFile | None = None
     """The TensorRT plan (None in an ONNX Runtime build)."""
+    ort_optimized: FusedGraph | None = None
+    """ONNX Runtime's fused form of the graph (ONNX Runtime builds with --ort-optimize on)."""
 
     @property
     def index(self) -> int:
@@ -142,6 +189,8 @@ class StageRecord:
         out = [(self.file, self.bytes, self.sha256)]
         if self.external_data:
             out.append((self.external_data, self.external_data_bytes, self.external_data_sha256))
+        if self.ort_optimized is not None:
+            out.extend(self.ort_optimized.files())
         if self.engine is not None:
             out.append((self.engine.file, self.engine.bytes, self.engine.sha256))
         return out
@@ -159,6 +208,8 @@ class StageRecord:
         spec = self.spec.to_dict()
         d.update({"site": spec["site"], "next_site": spec["next_site"], "inputs": spec["inputs"],
                   "outputs": spec["outputs"], "engine": None if self.engine is None else self.engine.to_dict()})
+        if self.ort_optimized is not None:
+            d["ort_optimized"] = self.ort_optimized.to_dict()
         return d
 
     @classmethod
@@ -166,13 +217,17 @@ class StageRecord:
         engine = data.get("engine")
         if engine is not None and not isinstance(engine, Mapping):
             raise ValueError(f"stage {data.get('index')}: engine is not an object")
+        fused = data.get("ort_optimized")
+        if fused is not None and not isinstance(fused, Mapping):
+            raise ValueError(f"stage {data.get('index')}: ort_optimized is not an object")
         return cls(spec=StageSpec.from_dict(dict(data)), file=str(data["file"]), sha256=data.get("sha256"),
                    bytes=None if data.get("bytes") is None else int(data["bytes"]),
                    external_data=data.get("external_data") or None,
                    external_data_sha256=data.get("external_data_sha256"),
                    external_data_bytes=(None if data.get("external_data_bytes") is None
                                         else int(data["external_data_bytes"])),
-                   engine=None if engine is None else EngineFile.from_dict(engine))
+                   engine=None if engine is None else EngineFile.from_dict(engine),
+                   ort_optimized=None if fused is None else FusedGraph.from_dict(fused))
 
 
 def _site_to_dict(site: MergeSite) -> dict[str, Any]:
@@ -498,7 +553,7 @@ def _first_malformed(data: Mapping[str, Any]) -> str | None:
 
 FLAG_ORDER = ("model", "weights", "precision", "backend", "resolution", "min_resolution", "max_resolution", "batch",
               "min_batch", "max_batch", "threshold", "ratio", "merge_fraction", "schedule", "step_base",
-              "opt_merge_fraction", "name", "out")
+              "opt_merge_fraction", "ort_optimize", "name", "out")
 
 
 def build_command(args: Mapping[str, Any]) -> str:

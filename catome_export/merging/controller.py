@@ -165,7 +165,7 @@ class MergeController:
             if self.validate:
                 plan.validate(x.shape[0], x.shape[1])
             self._cache[site] = plan
-            self._grids[site] = tuple(grid)
+            self._grids[site] = (int(grid[0]), int(grid[1]))
         else:
             plan = cached  # type: ignore[assignment]
         if self.history:

@@ -111,6 +111,8 @@ def count_merged(
         if not math.isfinite(q) or not 0.0 <= q < 1.0:
             raise CatomeError(f"ratio must be in [0, 1), got {ratio}")
         return min(int(num_tokens * q), num_src)
+    if num_merged is None:  # unreachable: exactly one of the three is given (checked above)
+        raise CatomeError("give exactly one of threshold (CA-ToMe) or ratio (ToMe)")
     if int(num_merged) < 0:
         raise CatomeError(f"num_merged must be >= 0, got {num_merged}")
     return min(int(num_merged), num_src)

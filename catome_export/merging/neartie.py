@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 from dataclasses import dataclass
 
 import torch
@@ -148,7 +149,7 @@ class TokenDifference:
     detail: str
     """A one-line account in words."""
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "batch": self.batch, "token": self.token, "dst_a": self.dst_a,
                 "dst_b": self.dst_b, "gap": self.gap, "bound": self.bound, "explained": self.explained,
                 "detail": self.detail}
@@ -203,7 +204,8 @@ def token_destinations(plan: MergePlan) -> torch.Tensor:
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
     x = x.detach().to(torch.float64)
-    return x / x.norm(dim=-1, keepdim=True)
+    unit: torch.Tensor = x / x.norm(dim=-1, keepdim=True)
+    return unit
 
 
 def _node_max(u: torch.Tensor, src_ids: torch.Tensor, dst_ids: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ cache yet always computes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Union
+from typing import Any, Iterable, Union
 
 from catome_export.errors import CatomeError
 
@@ -55,12 +55,12 @@ class Schedule:
     def _set(self) -> frozenset[int]:
         return frozenset(self.checkpoints or ())
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "checkpoints": list(self.checkpoints) if self.checkpoints is not None else None,
                 "step_base": self.step_base}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Schedule":
+    def from_dict(cls, data: dict[str, Any]) -> "Schedule":
         cps = data.get("checkpoints")
         return cls(name=str(data["name"]), checkpoints=None if cps is None else tuple(int(c) for c in cps),
                    step_base=int(data.get("step_base", 1)))
@@ -74,7 +74,7 @@ class Schedule:
 def _check_step_base(step_base: object) -> int:
     if isinstance(step_base, bool) or step_base not in (0, 1):
         raise CatomeError(f"step_base must be 0 (paper numbering) or 1 (authors' code), got {step_base!r}")
-    return int(step_base)  # type: ignore[arg-type]
+    return int(step_base)
 
 
 def _check_list(values: Iterable[object], source: str) -> tuple[int, ...]:

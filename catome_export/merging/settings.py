@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 from dataclasses import asdict, dataclass, field
 
 from catome_export.choices import MergeMode
@@ -66,14 +67,14 @@ class MergeSettings:
             return MergeMode.THRESHOLD
         return MergeMode.RATIO if self.ratio is not None else MergeMode.FRACTION
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["schedule"] = self.schedule.to_dict()
         d["stride"] = list(self.stride)
         return d
 
     @classmethod
-    def from_dict(cls, data: dict) -> "MergeSettings":
+    def from_dict(cls, data: dict[str, Any]) -> "MergeSettings":
         d = dict(data)
         d["schedule"] = Schedule.from_dict(d["schedule"])
         d["stride"] = tuple(d.get("stride", (2, 2)))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -219,9 +220,12 @@ class Runtime:
         self._last_shape = None
 
     def with_schedule(self, schedule: Any) -> None:
-        """Shorthand: keep the settings, change the checkpoint schedule (a name, list, or Schedule)."""
+        """Deprecated: use ``set_settings(replace(runtime.settings, schedule=parse_schedule(...)))``."""
         from catome_export.merging import parse_schedule
 
+        warnings.warn("Runtime.with_schedule is deprecated: use runtime.set_settings(settings), e.g. "
+                      "set_settings(dataclasses.replace(runtime.settings, schedule=parse_schedule(...)))",
+                      DeprecationWarning, stacklevel=2)
         self.set_settings(replace(self.settings, schedule=parse_schedule(schedule, self.settings.schedule.step_base)))
 
     @property
@@ -232,7 +236,8 @@ class Runtime:
 
     @property
     def last_stats(self) -> StepRecord | None:
-        """The record of the last U-Net call, or None before the first."""
+        """Deprecated: use ``runtime.history[-1]``. The record of the last U-Net call, or None before the first."""
+        warnings.warn("Runtime.last_stats is deprecated: use runtime.history[-1]", DeprecationWarning, stacklevel=2)
         hist = self.history
         return hist[-1] if hist else None
 

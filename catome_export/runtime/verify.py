@@ -519,7 +519,7 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
                 want, eager_ms = timer(lambda: eager_unet(model_in, t, encoder_hidden_states=ehs).sample)
                 diff = float((got.float() - want.float()).abs().max())
                 scale = float(want.float().abs().max())
-                mine, theirs = runtime.last_stats, handle.history[-1]
+                mine, theirs = runtime.history[-1], handle.history[-1]
                 merged_eager = dict(theirs.merged)
                 flips: dict[int, int] = {}
                 unexplained: dict[int, int] = {}

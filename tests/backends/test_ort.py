@@ -15,7 +15,7 @@ from catome_export.backends.ort import (  # noqa: E402
     OrtBackend, OrtOptions, check_gpu_version, physical_cores, session_options, version_tuple,
 )
 from catome_export.errors import CatomeError  # noqa: E402
-from catome_export.export.manifest import StageRecord  # noqa: E402
+from catome_export.export.manifest import FusedGraph, StageRecord  # noqa: E402
 from catome_export.export.stages import StageSpec, TensorSpec  # noqa: E402
 
 SPEC = StageSpec(
@@ -294,3 +294,29 @@ def test_cuda_inputs_from_another_stream_are_waited_for(graph_dir, synchronize):
         got = {k: v.clone() for k, v in out.items()}  # read on the caller's stream
     torch.cuda.synchronize()
     _assert_outputs({k: v.cpu() for k, v in got.items()}, {k: v.cpu() for k, v in _expected(feeds).items()})
+
+
+def test_fused_graphs_are_loaded_where_the_manifest_lists_them(tmp_path):
+    """``fused_graphs`` (default on) picks the stage's ``ort_optimized`` file; off, or none listed: the standard one."""
+    from catome_export.backends.ort import stage_graph_file
+
+    _graph(tmp_path / "stage_1.onnx")
+    fused = tmp_path / "stage_1.ort.onnx"
+    model = onnx.load(str(tmp_path / "stage_1.onnx"))
+    model.graph.node[0].input[1] = "three"  # y = 3x: tells the two files apart
+    model.graph.initializer.append(helper.make_tensor("three", TensorProto.FLOAT, [], [3.0]))
+    onnx.save(model, str(fused))
+    entry = StageRecord(SPEC, "stage_1.onnx", ort_optimized=FusedGraph(fused.name))
+    f = _feeds(2, 5, 3, 4)
+    for options, listed, factor in ((OrtOptions(), True, 3), (OrtOptions(fused_graphs=False), True, 2),
+                                    (OrtOptions(), False, 2)):
+        item = entry if listed else StageRecord(SPEC, "stage_1.onnx")
+        assert stage_graph_file(item, options) == ("stage_1.ort.onnx" if factor == 3 else "stage_1.onnx")
+        backend = OrtBackend("cpu", options)
+        try:
+            out = backend.load_stage(tmp_path, item).run(f)
+        finally:
+            backend.close()
+        torch.testing.assert_close(out["y"], f["x"] * factor, rtol=0, atol=0)
+    with pytest.raises(CatomeError, match="fused_graphs must be true or false"):
+        OrtOptions(fused_graphs="yes")

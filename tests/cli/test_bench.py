@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import replace
 
 import pytest
 
@@ -15,7 +17,8 @@ def test_bench_tiny_end_to_end(tmp_path, capsys):
     pytest.importorskip("onnxruntime", reason="the engine backend runs in ONNX Runtime here")
     out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
     code = main(["bench", "--model", "tiny", "--resolution", "128", "--batch", "1", "--repeats", "1",
-                 "--checkpoint-repeats", "1", "--threads", "1", "--backends", "eager,eager-catome,engine",
+                 "--checkpoint-repeats", "1", "--threads", "1", "--backends",
+                 "eager,eager-catome,engine,engine-unfused",
                  "--merge-fractions", "0,0.5", "--workdir", str(tmp_path / "work"),
                  "--json", str(out_json), "--plot", str(out_png)])
     assert code == 0
@@ -29,13 +32,19 @@ def test_bench_tiny_end_to_end(tmp_path, capsys):
     assert data["device"]["threads"] == 1 and data["device"]["gpu"] is None
     rows = data["rows"]
     assert [(r["backend"], r["merge_fraction"]) for r in rows] == [
-        ("eager", 0.0), ("eager-catome", 0.0), ("eager-catome", 0.5), ("engine", 0.0), ("engine", 0.5)]
+        ("eager", 0.0), ("eager-catome", 0.0), ("eager-catome", 0.5), ("engine", 0.0), ("engine", 0.5),
+        ("engine-unfused", 0.0), ("engine-unfused", 0.5)]
+    runs_on = {r["backend"]: r["runs_on"] for r in rows}
+    assert runs_on["engine"] == "ort-cpu, ORT-fused graphs" and runs_on["engine-unfused"] == "ort-cpu, standard graphs"
+    assert data["config"]["ort_optimize"] is True
     for r in rows:
         assert r["resolution"] == 128 and r["batch"] == 1 and r["latent"] == [16, 16]
         assert 0 < r["min_ms"] <= r["median_ms"] <= r["p90_ms"]
         assert len(r["samples_ms"]) == r["repeats"] and min(r["samples_ms"]) == pytest.approx(r["min_ms"], abs=1e-3)
         assert r["ideal_speedup"] >= 1.0 and r["speedup_vs_eager"] > 0 and r["speedup_vs_engine0"] > 0
     engine = {r["merge_fraction"]: r for r in rows if r["backend"] == "engine"}
+    unfused = {r["merge_fraction"]: r for r in rows if r["backend"] == "engine-unfused"}
+    assert unfused[0.5]["merged"] == engine[0.5]["merged"] and unfused[0.5]["speedup_vs_engine0"] > 0
     assert engine[0.5]["merged"] == {str(i): 96 for i in range(5)}
     assert engine[0.0]["merged"] == {str(i): 0 for i in range(5)}
     assert engine[0.5]["ideal_speedup"] > engine[0.0]["ideal_speedup"] == 1.0
@@ -57,9 +66,32 @@ def test_bench_tiny_end_to_end(tmp_path, capsys):
     (["--engine", "/nonexistent/engine"], "is not a folder"),
     (["--backends", "engine-unstaged", "--resolution", "136"], "divisible by 64"),
     (["--ort-option", "shared_arena=yes"], "ORT option shared_arena must be true or false"),
+    (["--ort-option", "fused_graphs=false"], "with --ort-optimize on|off"),
 ])
 def test_bench_bad_input_is_exit_1_without_traceback(argv, match, capsys):
     assert main(["bench", "--model", "tiny", *argv]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err
     assert match in err
+
+
+def test_bench_refuses_an_engine_without_fused_graphs_when_asked_for_them(tmp_path, capsys, built_engine):
+    """--ort-optimize on (the default) on a folder built with --ort-optimize off: exit 1, told what to do."""
+    pytest.importorskip("onnxruntime", reason="the engine backend runs in ONNX Runtime here")
+    from catome_export.export.manifest import Manifest
+
+    folder = tmp_path / "plain"
+    shutil.copytree(built_engine, folder)
+    manifest = Manifest.load(folder)
+    for stage in manifest.stages:
+        (folder / stage.ort_optimized.file).unlink()
+    manifest.stages = tuple(replace(stage, ort_optimized=None) for stage in manifest.stages)
+    manifest.save(folder)
+    argv = ["bench", "--engine", str(folder), "--backends", "engine", "--resolution", "128", "--batch", "1",
+            "--repeats", "1", "--threads", "1", "--merge-fractions", "0"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert "has no ONNX Runtime fused graphs" in err and "--ort-optimize off" in err
+    assert main([*argv, "--ort-optimize", "off"]) == 0
+    assert "| engine | 128 | 1 | 0.00 |" in capsys.readouterr().out

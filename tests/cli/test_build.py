@@ -104,6 +104,7 @@ def test_bad_input_exits_1(argv, match, capsys, tmp_path):
     assert not (tmp_path / "e").exists()
 
 
+@pytest.mark.slow
 def test_resolution_not_multiple_of_8_exits_1_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "catome_export.cli", "build", "--model", "tiny", "--resolution",
                            "100", "--out", str(tmp_path / "e")], capture_output=True, text=True, timeout=300)

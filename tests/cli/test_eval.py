@@ -21,6 +21,7 @@ def no_fid_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
 
 
+@pytest.mark.slow
 def test_eval_tiny_writes_json_with_psnr_ssim_and_the_missing_metrics(tmp_path, capsys, no_fid_weights):
     out = tmp_path / "eval"
     rc = main(["eval", "--model", "tiny", "--imagenet", "2", *SMALL, *NO_CLIP, "--out", str(out)])
@@ -57,6 +58,7 @@ def test_eval_tiny_writes_json_with_psnr_ssim_and_the_missing_metrics(tmp_path, 
     assert "| catome | t=0.7, config3 |" in table
 
 
+@pytest.mark.slow
 def test_eval_tiny_xl_merges_at_its_own_level(tmp_path, capsys, no_fid_weights):
     out = tmp_path / "eval"
     rc = main(["eval", "--model", "tiny-xl", "--imagenet", "1", "--methods", "tome,catome", *SMALL, *NO_CLIP,
@@ -68,6 +70,7 @@ def test_eval_tiny_xl_merges_at_its_own_level(tmp_path, capsys, no_fid_weights):
     assert isinstance(rows["tome"]["psnr"], float) and rows["tome"]["psnr"] < 100  # ToMe 0.5 changed the image
 
 
+@pytest.mark.slow
 def test_eval_prompt_file_and_extra_methods(tmp_path, capsys, no_fid_weights):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red car\n")

@@ -85,3 +85,14 @@ def test_extras_name_the_modules_of_their_pyproject_extra():
             continue
         packages = {re.split(r"[<>=!~ ]", r, maxsplit=1)[0] for r in requirements}
         assert {import_name.get(p, p) for p in packages} <= set(EXTRAS[name].modules) | {"ruff", "mypy"}, name
+
+
+def test_the_extras_table_matches_pyproject():
+    import tomllib
+    from pathlib import Path
+
+    from catome_export.extras import EXTRAS
+
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    declared = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]
+    assert sorted(EXTRAS) == sorted(declared)

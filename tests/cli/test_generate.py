@@ -35,6 +35,7 @@ def _check_png(path, size=(64, 64)) -> None:
     assert leftovers == []
 
 
+@pytest.mark.slow
 def test_generate_tiny_writes_a_png_and_prints_merged_counts(tmp_path, capsys):
     out = tmp_path / "sub" / "car.png"
     rc = main(["generate", "--model", "tiny", "--prompt", "a red car", "--seed", "3", *SMALL, "--out", str(out)])

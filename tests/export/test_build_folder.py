@@ -147,6 +147,7 @@ def test_refuses_a_folder_that_is_not_an_engine(tmp_path):
     assert (target / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_verified_build(tmp_path):
     """A build with the per-stage ONNX Runtime check and the runtime's eager comparison (2 steps)."""
     pytest.importorskip("onnxruntime", reason="ONNX Runtime is not installed (pip install 'catome-export[ort]')")
@@ -161,6 +162,7 @@ def test_verified_build(tmp_path):
     assert Manifest.load(out).manifest_sha256 == result.manifest.manifest_sha256
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rename_fails", [False, True], ids=["moved-aside", "kept-in-place"])
 def test_failed_verification_keeps_the_old_build_and_the_failed_one(tmp_path, monkeypatch, rename_fails):
     target = _folder(tmp_path / "e", "old")
@@ -271,3 +273,22 @@ def test_options_validate_themselves_and_keep_the_cli_strings():
         make_options("tiny", schedule="auto:x")
     with pytest.raises(CatomeError, match="unknown build option"):
         make_options("tiny", resolutoin=128)
+
+
+def test_a_finished_build_that_cannot_be_swapped_in_is_kept(tmp_path, monkeypatch):
+    """The last write of a build (moving the finished folder in) fails: the old build stays, the new one is
+    kept beside it and the error says where."""
+    target = _folder(tmp_path / "e", "old")
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if os.fspath(dst) == os.fspath(target) and ".tmp-" in os.fspath(src):
+            raise PermissionError(13, "Permission denied")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(CatomeError, match="the finished build is kept in") as info:
+        run_build(make_options("tiny", resolution=128, out_dir=target, verify=False))
+    assert (target / MANIFEST_FILE).read_text() == "old"
+    kept = tmp_path / "e.new"
+    assert str(kept) in str(info.value) and Manifest.load(kept).stages

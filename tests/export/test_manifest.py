@@ -9,7 +9,9 @@ from dataclasses import replace
 import pytest
 
 from catome_export.errors import CatomeError
-from catome_export.export.manifest import MANIFEST_FILE, Manifest, build_command, canonical_hash, tool_versions
+from catome_export.export.manifest import (
+    MANIFEST_FILE, FusedGraph, Manifest, build_command, canonical_hash, tool_versions,
+)
 from catome_export.merging import MergeSettings, parse_schedule
 from factories import make_manifest, make_shapes
 
@@ -121,3 +123,35 @@ def test_rebuild_command_format():
                          "max_resolution": 768, "name": "my engine", "verify": None})
     assert cmd == ("catome-export build --model sd15 --weights random --min-resolution 256 --max-resolution 768 "
                    "--name 'my engine'")
+
+
+def _with_fused_graph(engine_dir, index: int = 1) -> str:
+    """List a copy of stage ``index`` as its ONNX Runtime-fused graph in the manifest (as a build does)."""
+    from catome_export.export.fsutil import sha256_file
+
+    manifest = Manifest.load(engine_dir)
+    name = f"stage_{index}.ort.onnx"
+    shutil.copy2(engine_dir / f"stage_{index}.onnx", engine_dir / name)
+    fused = FusedGraph(name, sha256=sha256_file(engine_dir / name), bytes=(engine_dir / name).stat().st_size)
+    manifest.stages = tuple(replace(s, ort_optimized=fused) if s.index == index else s for s in manifest.stages)
+    manifest.save(engine_dir)
+    return name
+
+
+def test_fused_graphs_are_vouched_for_like_the_stage_files(engine_dir):
+    name = _with_fused_graph(engine_dir)
+    assert (name, (engine_dir / name).stat().st_size, Manifest.load(engine_dir).stages[1].ort_optimized.sha256) \
+        in Manifest.load(engine_dir).files()
+    data = bytearray((engine_dir / name).read_bytes())
+    data[-1] ^= 0xFF
+    (engine_dir / name).write_bytes(bytes(data))
+    with pytest.raises(CatomeError, match=r"stage_1.ort.onnx does not match its sha256.*catome-export build"):
+        Manifest.load(engine_dir)
+    (engine_dir / name).unlink()
+    with pytest.raises(CatomeError, match=r"stage_1.ort.onnx is missing.*catome-export build"):
+        Manifest.load(engine_dir)
+
+
+def test_rebuild_command_keeps_ort_optimize_off():
+    assert build_command({"model": "tiny", "ort_optimize": "off", "name": "t"}) == \
+        "catome-export build --model tiny --ort-optimize off --name t"

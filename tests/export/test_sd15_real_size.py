@@ -165,7 +165,7 @@ def test_fp32_engine_runs_and_matches_eager(sd15_fp32):
     # Merging off (t = 1 merges nothing): the engine is the diffusers U-Net itself.
     with Runtime.load(out, backend="ort", device="cpu", settings=replace(built, threshold=1.0)) as runtime:
         got = runtime.step(sample, timestep, text)
-        assert all(r == 0 for r in runtime.last_stats.merged.values())
+        assert all(r == 0 for r in runtime.history[-1].merged.values())
     with torch.no_grad():
         want = unet(sample, timestep, encoder_hidden_states=text).sample
     assert float((got - want).abs().max()) <= TOLERANCE * max(1.0, float(want.abs().max()))

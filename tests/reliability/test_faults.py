@@ -217,6 +217,7 @@ def _dead_pid() -> int:
     return proc.pid
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stale", [False, True], ids=["free", "stale-lock"])
 def test_build_lock_has_one_winner_among_racing_processes(tmp_path, stale):
     """Processes released at once against a free lock, or one left by a dead build: exactly one gets it."""

@@ -75,7 +75,8 @@ CORRUPTIONS: dict[str, Callable[[MergePlan], MergePlan]] = {
 
 def test_the_runtime_controller_validates(runtime):
     assert runtime.controller.validate is True
-    runtime.with_schedule("config3")
+    step_base = runtime.settings.schedule.step_base
+    runtime.set_settings(replace(runtime.settings, schedule=parse_schedule("config3", step_base)))
     assert runtime.controller.validate is True
 
 

@@ -84,6 +84,7 @@ def test_every_plan_keeps_the_contract(case):
         assert r == min(value, src)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(cases(), st.integers(-4, 4), st.booleans())
 def test_unmerge_of_merge_is_identity_on_a_constant_field(case, exponent, negative):

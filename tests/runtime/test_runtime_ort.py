@@ -28,7 +28,7 @@ def _run_both(runtime, handle, ref_unet, latents, ehs, timesteps=TIMESTEPS, atol
         with torch.no_grad():
             want = ref_unet(latents, t, encoder_hidden_states=ehs).sample
         torch.testing.assert_close(got, want, rtol=0, atol=atol)
-        mine, theirs = runtime.last_stats, handle.history[-1]
+        mine, theirs = runtime.history[-1], handle.history[-1]
         assert (mine.step, mine.merged, mine.matched) == (theirs.step, theirs.merged, theirs.matched)
         rows.append(mine)
     return rows

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -25,7 +27,7 @@ def _compare(runtime, handle, ref_unet, latents, ehs, timesteps=TIMESTEPS, atol=
         with torch.no_grad():
             want = ref_unet(latents, torch.tensor(t), ehs).sample
         torch.testing.assert_close(got, want, rtol=0, atol=atol)
-        rows.append((runtime.last_stats, handle.history[-1]))
+        rows.append((runtime.history[-1], handle.history[-1]))
     return rows
 
 
@@ -58,7 +60,7 @@ def test_threshold_one_merges_nothing_and_equals_the_plain_unet(make_runtime, re
         with torch.no_grad():
             want = reference_unet(latents, t, ehs).sample
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
-        assert set(runtime.last_stats.merged.values()) == {0}
+        assert set(runtime.history[-1].merged.values()) == {0}
 
 
 def test_all_src_merged(make_runtime, eager, reference_unet, smooth_latents, text_embeddings, tiny_sites):
@@ -83,7 +85,7 @@ def test_one_runtime_serves_two_resolutions_and_batches(make_runtime, eager, ref
             latents, ehs = smooth_latents(batch, hw, seed=batch), text_embeddings(batch)
             rows = _compare(runtime, handle, reference_unet, latents, ehs, timesteps=TIMESTEPS[:2])
             assert rows[0][0].merged == rows[0][1].merged
-            assert runtime.last_stats.step == 1
+            assert runtime.history[-1].step == 1
 
 
 def test_timestep_forms_and_return_dict(make_runtime, smooth_latents, text_embeddings):
@@ -109,18 +111,19 @@ def test_step_numbering_reset_and_set_step(make_runtime, smooth_latents, text_em
     assert [s.step for s in runtime.history] == [0]
     runtime.set_step(3)
     runtime.unet(latents, 700, ehs)
-    assert runtime.last_stats.step == 3 and all(runtime.last_stats.matched.values())  # step 3 is a checkpoint
+    assert runtime.history[-1].step == 3 and all(runtime.history[-1].matched.values())  # step 3 is a checkpoint
     runtime.unet(latents, 600, ehs)
-    assert runtime.last_stats.step == 4 and not any(runtime.last_stats.matched.values())
+    assert runtime.history[-1].step == 4 and not any(runtime.history[-1].matched.values())
     runtime.reset()
-    assert runtime.history == [] and runtime.last_stats is None
+    assert runtime.history == []
     runtime.unet(latents, 100, ehs)
-    assert runtime.last_stats.step == 0 and all(runtime.last_stats.matched.values())
+    assert runtime.history[-1].step == 0 and all(runtime.history[-1].matched.values())
 
 
 def test_schedule_override_needs_no_rebuild(make_runtime, smooth_latents, text_embeddings):
     runtime = make_runtime(_settings(threshold=0.7))
-    runtime.with_schedule("every_step")
+    step_base = runtime.settings.schedule.step_base
+    runtime.set_settings(replace(runtime.settings, schedule=parse_schedule("every_step", step_base)))
     latents, ehs = smooth_latents(1, (16, 16)), text_embeddings(1)
     for t in (900, 800):
         runtime.unet(latents, t, ehs)
@@ -204,3 +207,13 @@ def test_a_failed_call_keeps_the_records_aligned(make_runtime, smooth_latents, t
     runtime.unet(latents, 700, ehs)
     assert [s.step for s in runtime.history] == [0, 1, 2]
     assert math.isnan(runtime.history[1].step_ms) and runtime.history[2].step_ms > 0
+
+
+def test_deprecated_shorthands_warn_and_match_the_one_way(make_runtime, smooth_latents, text_embeddings):
+    runtime = make_runtime(_settings(threshold=0.7))
+    runtime.unet(smooth_latents(1, (16, 16)), 900, text_embeddings(1))
+    with pytest.warns(DeprecationWarning, match=r"runtime.history\[-1\]"):
+        assert runtime.last_stats == runtime.history[-1]
+    with pytest.warns(DeprecationWarning, match="set_settings"):
+        runtime.with_schedule("every_step")
+    assert runtime.settings.schedule == parse_schedule("every_step", runtime.settings.schedule.step_base)
