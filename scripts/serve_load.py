@@ -291,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ["RAY_memory_monitor_refresh_ms"] = "0"
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")  # a busy machine starts the raylet slowly
     if args.ray_temp is None:
         args.ray_temp = tempfile.mkdtemp(prefix="rs-", dir="/tmp")
         made = True

@@ -327,6 +327,12 @@ def _run_interleaved(session: _Session, resolutions: list[int]) -> None:
 def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None) -> BenchResult:
     """Run the benchmark ``config`` describes; ``progress`` gets one line per step (default: the log)."""
     say = progress or logger.info
+    if config.model is not None:
+        from catome_export.models import model_info
+
+        if model_info(config.model).added_conditioning:
+            raise CatomeError(f"bench does not measure SDXL-style models (added conditioning) yet: time {config.model} "
+                              "with catome-export verify (engine vs eager per step) or generate")
     session = _Session(config, say)
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise CatomeError("--device cuda needs a CUDA device and a CUDA build of torch; none is present here")

@@ -32,7 +32,13 @@ def options_from_args(args: argparse.Namespace) -> "BuildOptions":
     from catome_export.export.build import BuildOptions
     from catome_export.merging import MergeSettings, parse_schedule
 
-    settings = MergeSettings(threshold=args.threshold, schedule=parse_schedule(DEFAULT_SCHEDULE, args.step_base))
+    level = args.max_downsample
+    if level is None:  # the model's own merge level (SD 1.x/2.x: 1, SDXL: 2)
+        from catome_export.models import model_info
+
+        level = model_info(args.model).max_downsample
+    settings = MergeSettings(threshold=args.threshold, schedule=parse_schedule(DEFAULT_SCHEDULE, args.step_base),
+                             max_downsample=level)
     cli = {"threshold": args.threshold, "schedule": args.schedule, "step_base": args.step_base,
            "opt_merge_fraction": args.opt_merge_fraction}
     return BuildOptions.create(
@@ -91,7 +97,8 @@ def _resolution(text: str) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("build", help="export + audit + verify an engine folder (staged ONNX, TensorRT where present)",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="tiny, sd15, sd21, or a local diffusers folder (pipeline or U-Net); SDXL-style models run eagerly only")
+    p.add_argument("--model", required=True,
+                   help="tiny, tiny-xl, sd15, sd21, sdxl, or a local diffusers folder (pipeline or U-Net)")
     p.add_argument("--weights", choices=Weights.values(), default=None,
                    help="pretrained (default for sd15 and folders) or random (seeded; the only option for tiny)")
     p.add_argument("--precision", choices=Precision.values(), default=str(Precision.FP32))
@@ -111,6 +118,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         f"0,10,20, or auto:K (calibrated on the model) (default {DEFAULT_SCHEDULE})")
     p.add_argument("--step-base", type=int, choices=(0, 1), default=DEFAULT_STEP_BASE,
                    help="step number of the first loop index: 1 as the authors' code ran (default), 0 as the paper")
+    p.add_argument("--max-downsample", type=int, choices=(1, 2, 4, 8), default=None,
+                   help="merge level: the transformer blocks at downsample <= this become merge sites (default: the "
+                        "model's own, 1 for SD 1.x/2.x, 2 for SDXL)")
     p.add_argument("--opt-merge-fraction", type=float, default=None, metavar="F",
                    help="TensorRT profiles: share of src tokens you expect merged, the shape TensorRT tunes for "
                         "(default 0.5; measure it with catome_export.export.profiles.calibrate_opt_fraction)")

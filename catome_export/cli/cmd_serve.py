@@ -70,7 +70,13 @@ def _serve(args: argparse.Namespace, options: object, local: bool) -> int:
             app_args[key] = getattr(args, key)
     started = False
     try:
-        with ray_session(args.address, log_to_driver=args.verbose):
+        # A local Ray counts at least one CPU per replica (each asks for one), so that --replicas above the
+        # core count starts them all instead of leaving some waiting for CPUs that never come.
+        import os
+
+        wanted = (args.max_replicas or args.replicas or 1) + 1
+        num_cpus = max(os.cpu_count() or 1, wanted) if local else None
+        with ray_session(args.address, num_cpus=num_cpus, log_to_driver=args.verbose):
             try:
                 app = build_app(app_args)
                 print(f"starting {'a local Ray' if local else 'on ' + args.address} and Serve ...", flush=True)

@@ -210,10 +210,6 @@ class BuildOptions:
         if not isinstance(model, str) or not model:
             raise CatomeError("give a model: tiny, sd15, sd21, or a local diffusers folder")
         info = model_info(model)  # CatomeError for an unknown name or a folder without a U-Net config
-        if info.added_conditioning:
-            raise CatomeError(
-                f"{model} needs SDXL's added conditioning (text_embeds, time_ids), which the engine export does not "
-                "handle yet: run it eagerly (catome-export generate --model sdxl, or apply_catome on the pipeline)")
         if weights is None:
             weights = Weights.RANDOM if model in BUNDLED_ONLY else Weights.PRETRAINED
         weights = Weights.parse(weights, "weights")

@@ -7,6 +7,8 @@ CUDA-graph runner, the profiles and the build read them back):
 ``sample``                 model input [B, 4, H, W]
 ``timestep``               model input [B] float32
 ``encoder_hidden_states``  model input [B, L, D]
+``text_embeds``            model input [B, E] (SDXL-style added conditioning only)
+``time_ids``               model input [B, 6] (SDXL-style added conditioning only)
 ``emb``                    time embedding [B, T] (output of ``time_embedding``)
 ``skip{i}``                i-th skip tensor of the down path (``skip0`` = conv_in)
 ``x{k}``                   input of merge site k's block [B, N{k}, C]
@@ -28,8 +30,14 @@ from catome_export.merging.plan import PLAN_TENSORS
 SAMPLE = "sample"
 TIMESTEP = "timestep"
 TEXT = "encoder_hidden_states"
-MODEL_INPUTS = (SAMPLE, TIMESTEP, TEXT)
-"""Graph input names of the whole model (stage 0 reads the first two; any stage may read the third)."""
+TEXT_EMBEDS = "text_embeds"
+TIME_IDS = "time_ids"
+ADDED_INPUTS = (TEXT_EMBEDS, TIME_IDS)
+"""``added_cond_kwargs`` of an SDXL-style U-Net (``addition_embed_type: text_time``), as graph inputs of stage 0."""
+MODEL_INPUTS = (SAMPLE, TIMESTEP, TEXT, *ADDED_INPUTS)
+"""Graph input names of the whole model (stage 0 reads the first two and, for SDXL-style U-Nets, the added
+conditioning; any stage may read the text). A U-Net without added conditioning has no ``text_embeds``/``time_ids``
+inputs anywhere."""
 MODEL_OUTPUT = "noise_pred"
 """Graph output name of the last stage."""
 EMB = "emb"

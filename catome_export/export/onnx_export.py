@@ -26,6 +26,7 @@ import torch
 from catome_export._version import __version__
 from catome_export.choices import Exporter
 from catome_export.errors import CatomeError
+from catome_export.models.conditioning import conditioning_for_config
 from catome_export.export._threads import torch_threads
 from catome_export.export.external_data import (
     WeightsFile, all_tensors, gather_weights, is_external, needs_external_data, save_graph,
@@ -93,6 +94,9 @@ def example_inputs(stages: Sequence[tuple[StageSpec, StageModule]], sites: Seque
         "encoder_hidden_states": torch.randn(batch, text_len, int(config["cross_attention_dim"]),
                                              generator=gen).to(dtype),
     }
+    added = conditioning_for_config(config, batch, (hw[0] * 8, hw[1] * 8), seed=seed, dtype=dtype)
+    if added is not None:  # SDXL-style U-Net: text_embeds and time_ids feed stage 0
+        feeds.update(added)
     by_index = {s.index: s for s in sites}
 
     def plans(k: int, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -409,6 +409,7 @@ def calibrate_opt_fraction(
 
     from catome_export.eager import apply_merging
     from catome_export.models import find_merge_sites
+    from catome_export.models.conditioning import random_added_conditioning
 
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise CatomeError(f"calibration steps must be an int >= 1, got {steps!r}")
@@ -422,6 +423,8 @@ def calibrate_opt_fraction(
         dim = int(unet.config.cross_attention_dim)
         encoder_hidden_states = torch.randn(b, DEFAULT_TEXT_LEN, dim, generator=gen)
     ehs = encoder_hidden_states.to(device=device, dtype=dtype)
+    added = random_added_conditioning(unet, b, (lh * 8, lw * 8), seed=seed, device=device, dtype=dtype)
+    extra = {} if added is None else {"added_cond_kwargs": added}  # SDXL-style U-Nets
     src_count = {s.index: num_src(s.grid((lh, lw)), settings.stride)
                  for s in find_merge_sites(unet, settings.max_downsample)}
 
@@ -431,7 +434,7 @@ def calibrate_opt_fraction(
     with apply_merging(unet, settings) as handle, torch.no_grad():
         handle.reset()
         for t in scheduler.timesteps:
-            noise = unet(sample, t, encoder_hidden_states=ehs, return_dict=False)[0]
+            noise = unet(sample, t, encoder_hidden_states=ehs, return_dict=False, **extra)[0]
             sample = scheduler.step(noise, t, sample).prev_sample
         history = list(handle.history)
     shares = [r / src_count[site] for stats in history for site, r in stats.merged.items() if src_count.get(site)]

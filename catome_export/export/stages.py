@@ -38,10 +38,12 @@ from catome_export.dtypes import ELEMENT_TYPES
 from catome_export.errors import CatomeError
 from catome_export.export._threads import torch_threads
 from catome_export.export.io_names import (
-    MODEL_INPUTS, MODEL_OUTPUT, SAMPLE, TEXT, TIMESTEP, plan_names, site_input_name, site_of_input,
+    MODEL_INPUTS, MODEL_OUTPUT, SAMPLE, TEXT, TEXT_EMBEDS, TIME_IDS, TIMESTEP, plan_names, site_input_name,
+    site_of_input,
 )
 from catome_export.export.unet_steps import BlockOptions, Step, build_steps
 from catome_export.merging.plan import MergePlan
+from catome_export.models.conditioning import random_added_conditioning
 from catome_export.models.sites import MergeSite
 
 logger = logging.getLogger(__name__)
@@ -190,11 +192,15 @@ def _example_env(unet: torch.nn.Module, dtype: torch.dtype, batch: int, hw: tupl
                  text_len: int) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     cfg = unet.config
-    return {
+    env = {
         SAMPLE: torch.randn(batch, cfg.in_channels, *hw, generator=gen).to(dtype),
         TIMESTEP: torch.full((batch,), 500.0, dtype=torch.float32),
         TEXT: torch.randn(batch, text_len, cfg.cross_attention_dim, generator=gen).to(dtype),
     }
+    added = random_added_conditioning(unet, batch, (hw[0] * 8, hw[1] * 8), dtype=dtype)
+    if added is not None:
+        env[TEXT_EMBEDS], env[TIME_IDS] = added["text_embeds"], added["time_ids"]
+    return env
 
 
 PlanFn = Callable[[int, torch.Tensor], tuple[torch.Tensor, ...]]

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from catome_export.errors import CatomeError
 from catome_export.export.io_names import (
-    EMB, MODEL_OUTPUT, SAMPLE, TEXT, TIMESTEP, plan_names, site_input_name, site_output_name,
-    site_residual_name, skip_name,
+    EMB, MODEL_OUTPUT, SAMPLE, TEXT, TEXT_EMBEDS, TIME_IDS, TIMESTEP, plan_names, site_input_name,
+    site_output_name, site_residual_name, skip_name,
 )
 from catome_export.merging.plan import merge_tokens, unmerge_tokens
 from catome_export.models.sites import MergeSite
@@ -120,7 +120,7 @@ def _check_unet(unet: torch.nn.Module) -> None:
     cfg = unet.config
     unsupported = {
         "class_embed_type": cfg.get("class_embed_type"),
-        "addition_embed_type": cfg.get("addition_embed_type"),
+        "addition_embed_type": None if cfg.get("addition_embed_type") == "text_time" else cfg.get("addition_embed_type"),
         "encoder_hid_dim_type": cfg.get("encoder_hid_dim_type"),
         "time_embedding_act_fn": cfg.get("time_embedding_act_fn"),
     }
@@ -131,7 +131,7 @@ def _check_unet(unet: torch.nn.Module) -> None:
         bad.append("no conv_norm_out")
     if bad:
         raise CatomeError(f"unsupported U-Net configuration ({', '.join(bad)}): only the Stable Diffusion "
-                          "1.x/2.x layout can be exported")
+                          "1.x/2.x and SDXL layouts can be exported")
     for where, blocks, allowed in (("down_blocks", unet.down_blocks, SUPPORTED_DOWN),
                                    ("up_blocks", unet.up_blocks, SUPPORTED_UP)):
         for i, block in enumerate(blocks):
@@ -231,6 +231,19 @@ def _t2d_post(t2d: torch.nn.Module, y: torch.Tensor, residual: torch.Tensor) -> 
     return t2d.proj_out(y) + residual
 
 
+def _text_time_embedding(unet: torch.nn.Module, sample: torch.Tensor, t: torch.Tensor, text_embeds: torch.Tensor,
+                         time_ids: torch.Tensor) -> torch.Tensor:
+    """SDXL's embedding: time embedding + ``add_embedding([text_embeds, add_time_proj(time_ids)])``.
+
+    The same computation as ``UNet2DConditionModel.get_aug_embed`` for
+    ``addition_embed_type="text_time"``.
+    """
+    emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=t), None)
+    time_embeds = unet.add_time_proj(time_ids.flatten()).reshape(text_embeds.shape[0], -1)
+    add_embeds = torch.cat([text_embeds, time_embeds.to(text_embeds.dtype)], dim=-1).to(emb.dtype)
+    return emb + unet.add_embedding(add_embeds)
+
+
 def _upsample(up: torch.nn.Module, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Nearest upsampling to the size of the next skip tensor, then the upsampler's conv.
 
@@ -251,9 +264,15 @@ def build_steps(unet: torch.nn.Module, sites: list[MergeSite], options: BlockOpt
             raise CatomeError(f"merge site {s.index} ({s.path}) is not a module of this U-Net: find the sites with "
                               "find_merge_sites(unet)")
     b = _Builder(unet, sites, options)
-    b.add("time_embedding", (SAMPLE, TIMESTEP), (EMB,),
-          lambda sample, t: unet.time_embedding(unet.get_time_embed(sample=sample, timestep=t), None),
-          {"time_proj": unet.time_proj, "time_embedding": unet.time_embedding})
+    if unet.config.get("addition_embed_type") == "text_time":
+        b.add("time_embedding", (SAMPLE, TIMESTEP, TEXT_EMBEDS, TIME_IDS), (EMB,),
+              lambda sample, t, text_embeds, time_ids: _text_time_embedding(unet, sample, t, text_embeds, time_ids),
+              {"time_proj": unet.time_proj, "time_embedding": unet.time_embedding,
+               "add_time_proj": unet.add_time_proj, "add_embedding": unet.add_embedding})
+    else:
+        b.add("time_embedding", (SAMPLE, TIMESTEP), (EMB,),
+              lambda sample, t: unet.time_embedding(unet.get_time_embed(sample=sample, timestep=t), None),
+              {"time_proj": unet.time_proj, "time_embedding": unet.time_embedding})
     b.add("conv_in", (SAMPLE,), (skip_name(0),), lambda s: unet.conv_in(s), {"conv_in": unet.conv_in})
     skips = [skip_name(0)]
     h = skips[0]

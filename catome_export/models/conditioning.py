@@ -11,11 +11,13 @@ uncropped image at the generated size.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from catome_export.models.registry import added_conditioning_dims
 
-__all__ = ["needs_added_conditioning", "random_added_conditioning"]
+__all__ = ["conditioning_for_config", "needs_added_conditioning", "random_added_conditioning"]
 
 
 def needs_added_conditioning(unet: torch.nn.Module) -> bool:
@@ -31,7 +33,14 @@ def random_added_conditioning(unet: torch.nn.Module, batch: int, image_hw: tuple
     None for a U-Net without added conditioning (SD 1.x/2.x). The same seed
     gives the same tensors in every process.
     """
-    dims = added_conditioning_dims(getattr(unet, "config", {}))
+    return conditioning_for_config(getattr(unet, "config", {}), batch, image_hw, seed, device, dtype)
+
+
+def conditioning_for_config(config: Any, batch: int, image_hw: tuple[int, int], seed: int = 0,
+                            device: torch.device | str | None = None,
+                            dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor] | None:
+    """:func:`random_added_conditioning` from a U-Net config (a dict or a diffusers FrozenDict)."""
+    dims = added_conditioning_dims(config)
     if dims is None:
         return None
     text_dim, n_ids = dims

@@ -32,7 +32,7 @@ from catome_export.backends.base import Backend, StageRunner, StreamOwner
 from catome_export.backends.select import choose_backend
 from catome_export.backends.torch_backend import manifest_dtype
 from catome_export.errors import CatomeError
-from catome_export.export.io_names import MODEL_OUTPUT, SAMPLE, TEXT, TIMESTEP, plan_names
+from catome_export.export.io_names import ADDED_INPUTS, MODEL_OUTPUT, SAMPLE, TEXT, TIMESTEP, plan_names
 from catome_export.export.manifest import Manifest
 from catome_export.merging import MergeController, MergeSettings, MergePlan
 from catome_export.models.sites import MergeSite
@@ -243,14 +243,20 @@ class Runtime:
 
     # -- running ----------------------------------------------------------------------
     def step(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-             timestep_value: float | None = None) -> torch.Tensor:
+             timestep_value: float | None = None, added: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """One U-Net call on validated inputs (``timestep`` float32 [B]); returns ``noise_pred``.
 
         ``timestep_value`` is the scalar the controller numbers steps with
-        (default: the first element of ``timestep``).
+        (default: the first element of ``timestep``). ``added``: an SDXL-style
+        engine's ``text_embeds`` and ``time_ids`` (checked by ``runtime.unet``).
         """
         if self._closed:
             raise CatomeError("this runtime was closed: load the engine again")
+        missing = [n for n in ADDED_INPUTS if n not in (added or {}) and self.chain.input_spec(n) is not None]
+        if missing:
+            raise CatomeError(f"this engine is an SDXL-style U-Net and needs {missing}: call runtime.unet(..., "
+                              "added_cond_kwargs={'text_embeds': ..., 'time_ids': ...}) as StableDiffusionXLPipeline "
+                              "does")
         self._claim("a U-Net call")
         start = time.perf_counter()
         if timestep_value is None:
@@ -274,7 +280,7 @@ class Runtime:
             spent += time.perf_counter() - t0
             return plan
 
-        env = {SAMPLE: sample, TIMESTEP: timestep, TEXT: encoder_hidden_states}
+        env = {SAMPLE: sample, TIMESTEP: timestep, TEXT: encoder_hidden_states, **(added or {})}
         # Every site reuses its cache when this is no checkpoint and the previous call of this generation
         # completed with the same batch and size (it left a plan of these shapes at every site).
         cached_step = not self.settings.schedule.is_checkpoint(step) and self._last_shape == shape

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import inspect
 import logging
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
 from catome_export.errors import CatomeError
+from catome_export.export.io_names import ADDED_INPUTS
 
 if TYPE_CHECKING:
     from catome_export.runtime.runtime import Runtime
@@ -85,6 +87,14 @@ class RuntimeUNet(torch.nn.Module):
         self._in_channels = int(sample.shape[1]) if sample is not None and isinstance(sample.shape[1], int) \
             else int(self._config.get("in_channels", 4))
         self._text_shape = tuple(ehs.shape) if ehs is not None else ("B", "L", self._config.get("cross_attention_dim"))
+        # SDXL-style engines take added_cond_kwargs as graph inputs of stage 0: name -> spec (empty otherwise)
+        self._added = {name: spec for name in ADDED_INPUTS
+                       if (spec := runtime.chain.input_spec(name)) is not None}
+        if self._added:
+            # StableDiffusionXLPipeline checks its time ids against add_embedding.linear_1.in_features: a
+            # shape-only stand-in (the embedding itself runs inside the engine's first stage)
+            width = int(self._config.get("projection_class_embeddings_input_dim") or 0)
+            object.__setattr__(self, "add_embedding", SimpleNamespace(linear_1=SimpleNamespace(in_features=width)))
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -146,21 +156,23 @@ class RuntimeUNet(torch.nn.Module):
                 return_dict: bool = True, **unknown: Any) -> Any:
         """Like ``UNet2DConditionModel.forward`` for what Stable Diffusion passes; one controller step."""
         if unknown:
+            takes = "encoder_hidden_states, added_cond_kwargs" if self._added else "encoder_hidden_states"
             raise CatomeError(f"the engine's U-Net does not take {sorted(unknown)}: it accepts sample, timestep, "
-                              "encoder_hidden_states and return_dict")
+                              f"{takes} and return_dict")
         given = dict(class_labels=class_labels, timestep_cond=timestep_cond, attention_mask=attention_mask,
                      cross_attention_kwargs=cross_attention_kwargs, added_cond_kwargs=added_cond_kwargs,
                      down_block_additional_residuals=down_block_additional_residuals,
                      mid_block_additional_residual=mid_block_additional_residual,
                      down_intrablock_additional_residuals=down_intrablock_additional_residuals,
                      encoder_attention_mask=encoder_attention_mask)
-        used = [k for k in _IGNORED_IF_EMPTY if not _empty(given[k])]
+        used = [k for k in _IGNORED_IF_EMPTY if not _empty(given[k]) and not (k == "added_cond_kwargs" and self._added)]
         if used:
             raise CatomeError(f"the engine's U-Net cannot take {used} (ControlNet, LoRA scales, IP-Adapter, masks and "
                               "class labels are not exported): pass them as None, or use the eager model")
         sample, ehs = self._check(sample, encoder_hidden_states)
+        added = self._check_added(added_cond_kwargs, int(sample.shape[0]))
         t, t_value = self._timesteps(timestep, sample.shape[0])
-        noise_pred = self._runtime.step(sample, t, ehs, timestep_value=t_value)
+        noise_pred = self._runtime.step(sample, t, ehs, timestep_value=t_value, added=added)
         if not return_dict:
             return (noise_pred,)
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
@@ -194,6 +206,35 @@ class RuntimeUNet(torch.nn.Module):
         if self._runtime.shape_check is not None:
             self._runtime.shape_check(int(b), int(h), int(w))
         return sample.detach().contiguous(), ehs.detach().contiguous()
+
+    def _check_added(self, added_cond_kwargs: Any, batch: int) -> dict[str, torch.Tensor] | None:
+        """The ``text_embeds``/``time_ids`` an SDXL-style engine needs, checked; None for other engines."""
+        if not self._added:
+            return None
+        want = ", ".join(f"{n} [B, {spec.shape[1]}]" for n, spec in self._added.items())
+        if not isinstance(added_cond_kwargs, Mapping) or any(n not in added_cond_kwargs for n in self._added):
+            given = sorted(added_cond_kwargs) if isinstance(added_cond_kwargs, Mapping) else type(added_cond_kwargs).__name__
+            raise CatomeError(f"this engine is an SDXL-style U-Net: pass added_cond_kwargs with {want} (got {given}); "
+                              "StableDiffusionXLPipeline does this")
+        extra = sorted(set(added_cond_kwargs) - set(self._added))
+        if extra:
+            raise CatomeError(f"added_cond_kwargs holds {extra}, which the engine does not take: it takes {want}")
+        out = {}
+        for name, spec in self._added.items():
+            t = added_cond_kwargs[name]
+            width = spec.shape[1]
+            if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.shape[0] != batch or \
+                    (isinstance(width, int) and t.shape[1] != width):
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise CatomeError(f"added_cond_kwargs[{name!r}] must be [{batch}, {width}] (batch as sample), got "
+                                  f"{shape}")
+            if not t.is_floating_point():
+                raise CatomeError(f"added_cond_kwargs[{name!r}] is {t.dtype}: pass a floating-point tensor")
+            if not _same_device(t.device, self.device):
+                raise CatomeError(f"added_cond_kwargs[{name!r}] is on {t.device}, the engine runs on {self.device}: "
+                                  "move the inputs there")
+            out[name] = t.detach().to(dtype=spec.torch_dtype).contiguous()
+        return out
 
     def _timesteps(self, timestep: Any, batch: int) -> tuple[torch.Tensor, float | None]:
         """float32 [B] on the engine's device, and the scalar the controller numbers steps with."""

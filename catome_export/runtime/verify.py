@@ -45,6 +45,7 @@ from catome_export.export.manifest import Manifest
 from catome_export.latents import make_latents
 from catome_export.merging import parse_schedule
 from catome_export.merging.plan import MergePlan
+from catome_export.models.conditioning import random_added_conditioning
 from catome_export.models.pipeline import make_scheduler
 from catome_export.runtime.runtime import Runtime
 
@@ -490,6 +491,9 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
         scheduler.set_timesteps(steps)
         gen = torch.Generator().manual_seed(seed + 1)
         ehs = torch.randn(batch, text_len, text_dim, generator=gen).to(device=dev, dtype=dtype)
+        added = random_added_conditioning(eager_unet, batch, (latent_hw[0] * 8, latent_hw[1] * 8), seed=seed + 2,
+                                          device=dev, dtype=dtype)
+        extra = {} if added is None else {"added_cond_kwargs": added}  # SDXL-style: the same for both
         latents = (make_latents((batch, runtime.unet.in_channels, *latent_hw), "smooth", seed)
                    * scheduler.init_noise_sigma).to(device=dev, dtype=dtype)
         timer = _Timer(dev)
@@ -514,9 +518,9 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
                 handle.set_step(i)
                 model_in = scheduler.scale_model_input(latents, t)
                 engine_matches.start_step()
-                got, engine_ms = timer(lambda: runtime.unet(model_in, t, encoder_hidden_states=ehs).sample)
+                got, engine_ms = timer(lambda: runtime.unet(model_in, t, encoder_hidden_states=ehs, **extra).sample)
                 eager_matches.start_step(given=engine_matches.seen)  # eager runs on the engine's plans
-                want, eager_ms = timer(lambda: eager_unet(model_in, t, encoder_hidden_states=ehs).sample)
+                want, eager_ms = timer(lambda: eager_unet(model_in, t, encoder_hidden_states=ehs, **extra).sample)
                 diff = float((got.float() - want.float()).abs().max())
                 scale = float(want.float().abs().max())
                 mine, theirs = runtime.history[-1], handle.history[-1]

@@ -83,7 +83,7 @@ def ray_session(address: str | None = None, temp_dir: str | None = None, num_cpu
     try:
         try:
             ray.init(**kwargs)
-        except (ConnectionError, ValueError, RuntimeError) as exc:
+        except Exception as exc:  # Ray raises plain Exception too (a node that timed out during startup)
             where = f"the Ray cluster at {address}" if address else "a local Ray"
             detail = " ".join(str(exc).split())[:200]
             raise CatomeError(f"cannot start or join {where} ({type(exc).__name__}: {detail}); check the address "

@@ -102,11 +102,11 @@ def test_model_that_is_not_a_unet(capsys, tmp_path):
     assert not (tmp_path / "e").exists()
 
 
-def test_build_of_a_model_with_added_conditioning(capsys, tmp_path):
-    """SDXL-style U-Nets run eagerly; the engine export refuses them up front instead of failing midway."""
-    assert_cli_error(["build", "--model", "tiny-xl", "--out", str(tmp_path / "e")], capsys,
-                     "tiny-xl needs SDXL's added conditioning", "run it eagerly")
-    assert not (tmp_path / "e").exists()
+def test_bench_of_an_sdxl_style_model(capsys, tmp_path):
+    """bench has no SDXL conditioning yet: refused before anything is built or timed."""
+    assert_cli_error(["bench", "--model", "tiny-xl", "--workdir", str(tmp_path / "w")], capsys,
+                     "bench does not measure SDXL-style models", "catome-export verify")
+    assert not (tmp_path / "w").exists()
 
 
 def test_unknown_model_real_process(cli_process, tmp_path):

@@ -45,10 +45,12 @@ def ray_isolation() -> None:
 
 @pytest.fixture
 def ray_env() -> dict[str, str]:
-    """The environment of a Ray test: no usage reports, no memory monitor (other work shares the machine's memory)."""
+    """The environment of a Ray test: no usage reports, no memory monitor (other work shares the machine's memory),
+    a longer wait for the raylet (a busy CI machine starts it slowly)."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, "PYTHONPATH": path, "RAY_USAGE_STATS_ENABLED": "0", "RAY_memory_monitor_refresh_ms": "0"}
+    return {**os.environ, "PYTHONPATH": path, "RAY_USAGE_STATS_ENABLED": "0", "RAY_memory_monitor_refresh_ms": "0",
+            "RAY_raylet_start_wait_time_s": "120"}
 
 
 @pytest.fixture
