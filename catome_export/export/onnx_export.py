@@ -26,7 +26,6 @@ import torch
 from catome_export._version import __version__
 from catome_export.choices import Exporter
 from catome_export.errors import CatomeError
-from catome_export.models.conditioning import conditioning_for_config
 from catome_export.export._threads import torch_threads
 from catome_export.export.external_data import (
     WeightsFile, all_tensors, gather_weights, is_external, needs_external_data, save_graph,
@@ -35,6 +34,7 @@ from catome_export.export.fsutil import sha256_file
 from catome_export.export.manifest import StageRecord
 from catome_export.export.stages import StageModule, StageSpec, run_stages
 from catome_export.merging.matching import match_tokens, partition
+from catome_export.models.conditioning import conditioning_for_config
 from catome_export.models.sites import MergeSite
 
 logger = logging.getLogger(__name__)

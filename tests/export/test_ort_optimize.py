@@ -16,7 +16,7 @@ from catome_export.merging.plan import MergePlan
 pytest.importorskip("onnxruntime", reason="ONNX Runtime is not installed (pip install 'catome-export[ort]')")
 pytest.importorskip("onnxruntime.transformers.optimizer", reason="onnxruntime without its transformer optimizer")
 
-from catome_export.export.ort_optimize import (  # noqa: E402
+from catome_export.export.ort_optimize import (
     _remove_useless_div, _unfold_key_transposes, optimize_graph, optimized_name,
 )
 

@@ -199,6 +199,7 @@ def test_a_planted_wrong_plan_fails_naming_site_step_and_token(tiny_engine, monk
     assert report.to_dict()["plan_failure_steps"] == [1]
 
 
+@pytest.mark.slow
 def test_build_verification_fails_on_a_planted_wrong_plan_and_keeps_the_old_build(tmp_path, monkeypatch):
     from catome_export.export.build import make_options
     from catome_export.workflows.build import run_build
@@ -216,6 +217,7 @@ def test_build_verification_fails_on_a_planted_wrong_plan_and_keeps_the_old_buil
     assert (target / MANIFEST_FILE).read_text() == "old"
 
 
+@pytest.mark.slow
 def test_fifty_steps_of_config3_pass_and_list_their_flips(tiny_engine):
     """The README's check at the tiny engine's largest size: 50 DDIM steps with the manifest's schedule (config3)."""
     report = verify_engine(tiny_engine, steps=50, backend="ort", batch=2, resolution=192, backend_options=ORT_OPTIONS)

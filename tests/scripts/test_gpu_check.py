@@ -71,6 +71,7 @@ def test_python_part_without_cuda_exits_2_and_writes_nothing(gpu_check, tmp_path
     assert not out.exists() and not out.parent.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device: the no-CUDA exit cannot happen")
 def test_shell_script_without_cuda_exits_2_before_installing(tmp_path):
     out = tmp_path / "gpu.json"
@@ -119,6 +120,7 @@ def test_a_failing_part_is_recorded_and_the_next_still_runs(gpu_check, tmp_path)
 
 
 # -- the whole JSON, tiny model on the CPU --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_tiny_cpu_run_writes_one_complete_json(gpu_check, tmp_path):
     out = tmp_path / "nested" / "gpu_check.json"
     log = tmp_path / "pytest.log"
