@@ -18,9 +18,9 @@ from catome_export._version import __version__
 from catome_export.errors import CatomeError
 
 _LAZY = {
-    "apply_catome": "catome_export.eager",
+    "apply_catome": "catome_export.workflows.eager",  # it also calibrates auto:K schedules
     "apply_tome": "catome_export.eager",
-    "build_engine": "catome_export.export.build",
+    "build_engine": "catome_export.workflows.build",  # build and verify
     "Runtime": "catome_export.runtime",
     "MergeSettings": "catome_export.merging",
 }

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from catome_export.export.build import build_engine
-from catome_export.generate import save_png
+from catome_export.workflows.build import build_engine
+from catome_export.workflows.generate import save_png
 from catome_export.models.pipeline import tiny_pipeline
 from catome_export.runtime import Runtime
 from catome_export.runtime.embed import attach

@@ -52,7 +52,7 @@ def child(engine_dir: Path, setting: str, resolution: int, batch: int, calls: in
         hw = (resolution // 8, resolution // 8)
         shapes = runtime.manifest.shapes
         latents = make_latents((batch, 4, *hw), "smooth", 0)
-        ehs = torch.randn(batch, shapes["text_len"], shapes["text_dim"], generator=torch.Generator().manual_seed(1))
+        ehs = torch.randn(batch, shapes.opt_text_len, shapes.text_dim, generator=torch.Generator().manual_seed(1))
         times = []
         faults = 0
         for i in range(calls + 1):
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest.check_shapes(args.batch, args.resolution // 8, args.resolution // 8)
     device = device_info(torch.device("cpu"), torch.get_num_threads())
     device["load_average_1min_before"] = load_average()
-    print(f"engine {args.engine_dir} ({manifest.model['id']}), {args.resolution} px, batch {args.batch}, "
+    print(f"engine {args.engine_dir} ({manifest.model.id}), {args.resolution} px, batch {args.batch}, "
           f"r = 0, {args.calls} timed calls per setting")
     print("| setting | median ms | min ms | minor page faults per call | RSS after load GiB | peak RSS GiB |\n"
           "|---|---|---|---|---|---|")
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
               f"| {row['rss_after_load_gib']} | {row['peak_rss_gib']} |", flush=True)
     device["load_average_1min_after"] = load_average()
     if args.json:
-        config = {"engine_dir": str(args.engine_dir), "model": manifest.model.get("id"),
+        config = {"engine_dir": str(args.engine_dir), "model": manifest.model.id,
                   "resolution": args.resolution, "batch": args.batch, "calls": args.calls}
         args.json.write_text(json.dumps({"device": device, "config": config, "rows": rows}, indent=1) + "\n")
         print(f"wrote {args.json}")

@@ -38,7 +38,7 @@ def one_generation(engine_dir: Path, options: dict, steps: int, batch: int, late
     from catome_export.latents import make_latents
 
     with Runtime.load(engine_dir, backend="ort-cpu", backend_options=options) as runtime:
-        text_len, text_dim = runtime.manifest.shapes["text_len"], runtime.manifest.shapes["text_dim"]
+        text_len, text_dim = runtime.manifest.shapes.opt_text_len, runtime.manifest.shapes.text_dim
         latents = make_latents((batch, 4, *latent_hw), "smooth", 0)
         ehs = torch.randn(batch, text_len, text_dim, generator=torch.Generator().manual_seed(1))
         runtime.unet(latents, 999, ehs)  # warm-up call: session initialisation, first allocations
@@ -70,10 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     from catome_export.export.manifest import Manifest
 
     manifest = Manifest.load(args.engine_dir)
-    opt = manifest.shapes["opt"]
-    hw = (args.resolution // 8,) * 2 if args.resolution else (opt["latent_height"], opt["latent_width"])
+    opt = manifest.shapes
+    hw = (args.resolution // 8,) * 2 if args.resolution else (opt.opt_height, opt.opt_width)
     manifest.check_shapes(args.batch, *hw)
-    print(f"engine {args.engine_dir} ({manifest.model['id']}), batch {args.batch}, latent {hw[0]}x{hw[1]}, "
+    print(f"engine {args.engine_dir} ({manifest.model.id}), batch {args.batch}, latent {hw[0]}x{hw[1]}, "
           f"{args.steps} steps x {args.rounds} rounds, torch threads {torch.get_num_threads()}")
     best: dict[str, float] = {}
     start = time.perf_counter()

@@ -324,6 +324,7 @@ def chain_part(setup: Setup, resolution: int, variant: str, graphs: bool, steps:
     import torch
 
     from catome_export.backends.torch_backend import TorchBackend
+    from catome_export.export.manifest import StageRecord
     from catome_export.export.stages import cut_unet
     from catome_export.runtime.runtime import Runtime
 
@@ -331,7 +332,7 @@ def chain_part(setup: Setup, resolution: int, variant: str, graphs: bool, steps:
         return {"status": "skipped", "reason": "CUDA graphs need a CUDA device"}
     stages = cut_unet(setup.unet, setup.sites, dtype=setup.dtype)  # shares the U-Net's weights
     backend = TorchBackend(None, setup.device, stages=stages)
-    runners = [backend.load_stage(None, {}, spec) for spec, _ in stages]  # type: ignore[arg-type]
+    runners = [backend.load_stage(None, StageRecord(spec, "")) for spec, _ in stages]
     runtime = Runtime(runners, setup.sites, _settings(variant), unet_config=dict(setup.unet.config),
                       dtype=setup.dtype, device=backend.device, backend=backend)
     try:

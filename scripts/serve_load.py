@@ -112,7 +112,7 @@ def direct_image(engine: str, threads: int, prompt: str, seed: int, steps: int, 
     """The same request as a direct call in this process: Runtime.load + pipeline + generate at batch 1."""
     import torch
 
-    from catome_export.generate import ImageRequest, generate, pipeline_for_engine
+    from catome_export.workflows.generate import ImageRequest, generate, pipeline_for_engine
     from catome_export.runtime import Runtime
     from catome_export.runtime.embed import attach
 

@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from catome_export.errors import CatomeError
+
 TEXT_SEED = 1
 
 
@@ -104,8 +106,6 @@ def build_tiny(args: argparse.Namespace) -> tuple[Path, float]:
     """
     import subprocess
 
-    from catome_export.errors import CatomeError
-
     base = args.build_dir or Path(tempfile.mkdtemp(prefix="catome-soak-"))
     out = base / f"tiny-{min(args.resolutions)}-{max(args.resolutions)}"
     cmd = [sys.executable, "-m", "catome_export.cli", "build", "--model", "tiny", "--backend", "ort", "--no-verify",
@@ -133,7 +133,9 @@ class Soak:
         runtime.set_settings(replace(runtime.settings, threshold=args.threshold, ratio=None, merge_fraction=None,
                                      schedule=schedule))
         shapes = runtime.manifest.shapes
-        self.text_shape = (int(shapes["text_len"]), int(shapes["text_dim"]))
+        if shapes.text_dim is None:
+            raise CatomeError("the engine's manifest has no text_dim: rebuild it with catome-export build")
+        self.text_shape = (shapes.opt_text_len, shapes.text_dim)
         self.nonfinite = 0
         self.step_ms: list[float] = []
         self.per_resolution: dict[int, dict[str, list[float]]] = {}
@@ -207,7 +209,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "script": "scripts/soak.py",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "engine": str(engine),
-        "model": runtime.manifest.model.get("id"),
+        "model": runtime.manifest.model.id,
         "backend": runtime.backend.name if runtime.backend is not None else None,
         "device": str(runtime.device),
         "cpu": platform.processor() or platform.machine(),

@@ -60,6 +60,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_trt)
 
 
+def _load_factories() -> ModuleType:
+    """tests/factories.py as the module ``factories`` (``from factories import make_manifest`` in any test)."""
+    if "factories" not in sys.modules:
+        path = Path(__file__).resolve().parent / "factories.py"
+        spec = importlib.util.spec_from_file_location("factories", path)
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        sys.modules["factories"] = module
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return sys.modules["factories"]
+
+
+_load_factories()
+
+
 def _trt_standin_helper() -> ModuleType:
     """tests/standins/trt_standin.py, loaded once by path (the test folders are not packages)."""
     name = "catome_tests_trt_standin"
@@ -169,7 +183,7 @@ def tiny_engine(tmp_path_factory):
     Read-only for tests: those that damage an engine work on a copy.
     """
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
-    from catome_export.export.build import build_engine
+    from catome_export.workflows.build import build_engine
 
     folder = tmp_path_factory.getbasetemp() / "tiny-engine-128-192"
     if not (folder / "manifest.json").is_file():

@@ -22,12 +22,12 @@ import torch
 from catome_export.analysis.result import PairAnalysis, analyze_pairs
 from catome_export.analysis.tracking import TrackingConfig
 from catome_export.errors import CatomeError
-from catome_export.merging.schedules import Schedule, ScheduleSpec, parse_schedule
+from catome_export.defaults import DEFAULT_THRESHOLD
+from catome_export.merging.schedules import (
+    AUTO_PREFIX, AutoSchedule, Schedule, ScheduleSpec, parse_auto_spec, parse_schedule,
+)
 
 logger = logging.getLogger(__name__)
-
-AUTO_PREFIX = "auto:"
-"""Prefix of a calibrated schedule spec: ``auto:K`` with K checkpoints."""
 
 CALIBRATION_OPTIONS = frozenset({
     "steps", "threshold", "ratio", "latent_hw", "seed", "latents", "scheduler", "guidance_scale",
@@ -39,27 +39,9 @@ MIN_MERGED_FRACTION = 0.01
 """Below this fraction of merged tokens, ``latents="auto"`` retries with smooth latents."""
 
 
-def parse_auto_spec(spec: object) -> int | None:
-    """K of an ``auto:K`` spec, None for any other spec; a malformed ``auto:`` spec is a CatomeError.
-
-    Checks only the form (K an int >= 1); :func:`calibrate_schedule` checks K against the steps.
-    """
-    if not isinstance(spec, str):
-        return None
-    key = spec.strip().lower()
-    if not key.startswith(AUTO_PREFIX):
-        return None
-    text = key[len(AUTO_PREFIX):].strip()
-    if not text.isdigit() or int(text) < 1:
-        raise CatomeError(
-            f"schedule {spec!r}: write auto:K with K the number of checkpoints, an int >= 1 (e.g. auto:13)"
-        )
-    return int(text)
-
-
 def is_auto_schedule(spec: object) -> bool:
-    """Whether ``spec`` asks for a calibrated schedule (``auto:K``)."""
-    return isinstance(spec, str) and spec.strip().lower().startswith(AUTO_PREFIX)
+    """Whether ``spec`` asks for a calibrated schedule (``auto:K``, or an :class:`AutoSchedule`)."""
+    return isinstance(spec, AutoSchedule) or (isinstance(spec, str) and spec.strip().lower().startswith(AUTO_PREFIX))
 
 
 def check_budget(k: object, steps: int) -> int:
@@ -78,7 +60,7 @@ def calibration_analysis(
     unet: torch.nn.Module,
     *,
     steps: int = 50,
-    threshold: float | None = 0.7,
+    threshold: float | None = DEFAULT_THRESHOLD,
     ratio: float | None = None,
     latent_hw: tuple[int, int] | None = None,
     seed: int = 0,
@@ -118,7 +100,7 @@ def calibrate_schedule(
     k: int,
     *,
     steps: int = 50,
-    threshold: float | None = 0.7,
+    threshold: float | None = DEFAULT_THRESHOLD,
     ratio: float | None = None,
     step_base: int = 1,
     latent_hw: tuple[int, int] | None = None,
@@ -157,7 +139,7 @@ def calibrate_schedule(
 
 
 def resolve_schedule(
-    spec: ScheduleSpec,
+    spec: ScheduleSpec | AutoSchedule,
     unet: torch.nn.Module | None = None,
     step_base: int = 1,
     **calib: Any,

@@ -24,6 +24,7 @@ import torch
 
 from catome_export.latents import LATENT_KINDS, make_latents
 from catome_export.analysis.pairs import NOT_MERGED, consecutive_distances, distance_matrix, pair_map
+from catome_export.defaults import DEFAULT_THRESHOLD
 from catome_export.errors import CatomeError
 from catome_export.merging.matching import match_tokens
 from catome_export.models.conditioning import random_added_conditioning
@@ -56,7 +57,7 @@ class TrackingConfig:
 
     steps: int = 50
     """Number of inference steps (PLMS makes steps + 1 U-Net calls, DDIM makes steps)."""
-    threshold: float | None = 0.7
+    threshold: float | None = DEFAULT_THRESHOLD
     """CA-ToMe threshold of the matching (exactly one of threshold and ratio)."""
     ratio: float | None = None
     """ToMe fixed ratio of the matching, instead of a threshold."""

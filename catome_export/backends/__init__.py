@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     import torch
 
     from catome_export.backends.base import Backend, StageRunner
+    from catome_export.export.manifest import Manifest
 
 __all__ = ["Backend", "StageRunner", "BackendChoice", "BACKEND_NAMES", "choose_backend", "create_backend"]
 
@@ -39,7 +40,7 @@ def _check_device(name: str, device: "torch.device | str | None", allowed: tuple
     return dev
 
 
-def create_backend(choice: BackendChoice, manifest: Any, device: "torch.device | str | None" = None,
+def create_backend(choice: BackendChoice, manifest: "Manifest | None", device: "torch.device | str | None" = None,
                    options: Mapping[str, Any] | None = None) -> "Backend":
     """The backend ``choice`` names, for the engine described by ``manifest``.
 
@@ -61,7 +62,7 @@ def create_backend(choice: BackendChoice, manifest: Any, device: "torch.device |
 
         return TorchBackend(manifest, _check_device(name, device, ("cpu", "cuda")))
     if name == "trt":
-        if getattr(manifest, "engine_backend", None) != "trt":
+        if manifest is None or manifest.engine_backend != "trt":
             raise CatomeError("this engine folder holds ONNX graphs only, no TensorRT plans: rebuild it with "
                               "catome-export build --backend trt, or run it with --backend ort")
         from catome_export.backends.trt import TrtBackend

@@ -20,6 +20,7 @@ from catome_export.dtypes import ELEMENT_TYPES
 from catome_export.errors import CatomeError
 
 if TYPE_CHECKING:  # the export layer imports torch modules; keep this import for type checkers only
+    from catome_export.export.manifest import StageRecord
     from catome_export.export.stages import StageSpec, TensorSpec
 
 TORCH_DTYPES: dict[str, torch.dtype] = ELEMENT_TYPES
@@ -134,8 +135,8 @@ class Backend(Protocol):
     name: str
     device: torch.device
 
-    def load_stage(self, engine_dir: Path, entry: dict, spec: "StageSpec") -> StageRunner:
-        """Load stage ``spec.index`` of ``engine_dir``; ``entry`` is its item of the manifest's ``stages`` list."""
+    def load_stage(self, engine_dir: Path, stage: "StageRecord") -> StageRunner:
+        """Load ``stage`` (its spec and files, from the manifest) of ``engine_dir``."""
         ...
 
     def close(self) -> None:

@@ -37,6 +37,7 @@ from catome_export.backends.select import version_tuple
 from catome_export.errors import CatomeError
 
 if TYPE_CHECKING:
+    from catome_export.export.manifest import StageRecord
     from catome_export.export.stages import StageSpec
 
 logger = logging.getLogger(__name__)
@@ -293,12 +294,11 @@ class OrtStageRunner:
         self.session = None
 
 
-def stage_graph_file(entry: Mapping[str, Any], options: OrtOptions) -> str:
-    """The graph file ONNX Runtime loads for a manifest stage entry (see :attr:`OrtOptions.fused_graphs`)."""
-    fused = entry.get("ort_optimized")
-    if options.fused_graphs and isinstance(fused, Mapping) and fused.get("file"):
-        return str(fused["file"])
-    return str(entry.get("file", ""))
+def stage_graph_file(stage: StageRecord, options: OrtOptions) -> str:
+    """The graph file ONNX Runtime loads for a manifest stage (see :attr:`OrtOptions.fused_graphs`)."""
+    if options.fused_graphs and stage.ort_optimized is not None:
+        return stage.ort_optimized.file
+    return stage.file
 
 
 def _to_torch(value: Any, device_type: str) -> torch.Tensor:
@@ -342,9 +342,10 @@ class OrtBackend:
         }
         return [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"]
 
-    def load_stage(self, engine_dir: Path, entry: dict, spec: "StageSpec") -> OrtStageRunner:
+    def load_stage(self, engine_dir: Path, stage: "StageRecord") -> OrtStageRunner:
         ort = _import_ort()
-        path = Path(engine_dir) / stage_graph_file(entry, self.options)
+        spec = stage.spec
+        path = Path(engine_dir) / stage_graph_file(stage, self.options)
         if not path.is_file():
             raise CatomeError(f"stage file {path} is missing: rebuild the engine with catome-export build")
         try:

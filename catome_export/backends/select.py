@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from typing import Any
 
 from catome_export.errors import CatomeError
+from catome_export.tensorrt_support import (  # noqa: F401  (re-exported: the backends' and doctor's import path)
+    POLYGRAPHY_SUPPORTED, TRT_INSTALL_HINT, TRT_PIP, TRT_SUPPORTED, import_tensorrt, require_polygraphy,
+    trt_version_problem, version_tuple,
+)
+
+__all__ = ["BACKEND_NAMES", "BackendChoice", "choose_backend", "TRT_INSTALL_HINT", "TRT_PIP", "TRT_SUPPORTED",
+           "import_tensorrt", "trt_version_problem", "version_tuple", "POLYGRAPHY_SUPPORTED", "require_polygraphy"]
 
 BACKEND_NAMES = ("auto", "trt", "ort", "ort-cuda", "ort-cpu", "torch")
 
@@ -38,76 +44,6 @@ def _ort_providers() -> list[str]:
     import onnxruntime
 
     return list(onnxruntime.get_available_providers())
-
-
-TRT_SUPPORTED = ">=10.1,<12"
-"""TensorRT releases this project supports (the ``[trt]`` extra says the same): 10.1 and later 10.x, and 11.x.
-10.1 is the first with ``device_memory_size_v2`` / ``set_device_memory(ptr, size)``; 11 builds fp16 engines only
-from fp16 graphs (strong typing), which is how this project builds them on both."""
-
-TRT_PIP = f"pip install 'tensorrt{TRT_SUPPORTED}' --extra-index-url https://pypi.nvidia.com"
-"""Installs a supported TensorRT on its own (NVIDIA's index hosts the CUDA-specific wheels)."""
-
-TRT_INSTALL_HINT = (f"install it on a machine with an NVIDIA GPU (pip install 'catome-export[trt]', or {TRT_PIP}), "
-                    "or use --backend ort")
-
-POLYGRAPHY_SUPPORTED = ">=0.49"
-"""Polygraphy releases the TensorRT path is tested with (in the ``[trt]`` extra)."""
-
-
-def require_polygraphy() -> None:
-    """Raise a CatomeError saying how to install Polygraphy unless it is importable (the TensorRT path needs it)."""
-    if not _has("polygraphy"):
-        raise CatomeError("the TensorRT path needs Polygraphy, which is not installed: pip install "
-                          f"'catome-export[trt]' (or pip install 'polygraphy{POLYGRAPHY_SUPPORTED}'), or use --backend ort")
-
-
-def version_tuple(version: str) -> tuple[int, ...]:
-    """The leading numeric release of a version string ("1.20.1" -> (1, 20, 1); "1.21.0.dev2025" -> (1, 21, 0))."""
-    parts: list[int] = []
-    for piece in str(version).split("."):
-        digits = ""
-        for ch in piece:
-            if not ch.isdigit():
-                break
-            digits += ch
-        if not digits:
-            break
-        parts.append(int(digits))
-        if len(digits) != len(piece):
-            break
-    return tuple(parts)
-
-
-def trt_version_problem(version: str) -> str | None:
-    """Why TensorRT ``version`` cannot be used here (too old, too new, unreadable), or None when it is supported."""
-    parts = version_tuple(version)
-    if not parts:
-        return f"TensorRT {version!r} has a version this project cannot read; it supports tensorrt{TRT_SUPPORTED}"
-    major, minor = parts[0], parts[1] if len(parts) > 1 else 0
-    if (major, minor) < (10, 1):
-        return f"TensorRT {version} is too old: this project supports tensorrt{TRT_SUPPORTED}"
-    if major >= 12:
-        return f"TensorRT {version} is newer than this project supports (tensorrt{TRT_SUPPORTED})"
-    return None
-
-
-def import_tensorrt() -> Any:
-    """Import ``tensorrt`` (10.1 or later 10.x, or 11.x), or raise CatomeError saying how to install one.
-
-    A broken install (missing CUDA libraries) raises more than ImportError;
-    every failure becomes the same user-facing error.
-    """
-    try:
-        import tensorrt
-    except Exception as exc:  # ImportError, OSError from a missing libnvinfer, ...
-        detail = "" if isinstance(exc, ModuleNotFoundError) else f" ({type(exc).__name__}: {exc})"
-        raise CatomeError(f"TensorRT is not installed or not importable{detail}: {TRT_INSTALL_HINT}") from None
-    version = str(getattr(tensorrt, "__version__", "0"))
-    problem = trt_version_problem(version)
-    if problem is not None:
-        raise CatomeError(f"{problem}: {TRT_PIP} (or pip install 'catome-export[trt]')")
-    return tensorrt
 
 
 def choose_backend(requested: str = "auto") -> BackendChoice:

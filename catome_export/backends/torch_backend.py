@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 
+from catome_export.choices import Precision
 from catome_export.devices import resolve_device
 from catome_export.backends.base import check_outputs, ordered_feeds, torch_dtype
+from catome_export.dtypes import precision_dtype
 from catome_export.errors import CatomeError
-
-if TYPE_CHECKING:
-    from catome_export.export.stages import StageSpec
+from catome_export.export.manifest import Manifest, StageRecord
+from catome_export.export.stages import StageSpec, cut_unet
+from catome_export.models import load_unet, weights_hash
 
 logger = logging.getLogger(__name__)
 
@@ -58,34 +60,23 @@ def _io_names(spec: "StageSpec") -> tuple[list[str], list[str]]:
     return [t.name for t in spec.inputs], [t.name for t in spec.outputs]
 
 
-def _model_section(manifest: Any) -> dict:
-    model = getattr(manifest, "model", None)
-    if not isinstance(model, dict) or "id" not in model:
-        raise CatomeError("the manifest has no model section: rebuild the engine with catome-export build")
-    return model
-
-
-def manifest_dtype(manifest: Any) -> torch.dtype:
+def manifest_dtype(manifest: Manifest) -> torch.dtype:
     """The model dtype of an engine (fp32 or fp16)."""
-    from catome_export.dtypes import precision_dtype
-
-    precision = getattr(manifest, "precision", "fp32")
-    return precision_dtype(precision, ("fp32", "fp16"),
+    precision = manifest.precision
+    return precision_dtype(precision, Precision.values(),
                            f"unknown engine precision {precision!r}: rebuild the engine with --precision fp32 or fp16")
 
 
-def load_reference_unet(manifest: Any, device: torch.device | str = "cpu") -> torch.nn.Module:
+def load_reference_unet(manifest: Manifest, device: torch.device | str = "cpu") -> torch.nn.Module:
     """The U-Net the engine was built from (model id + weights), checked against the manifest's weights hash."""
-    from catome_export.models import load_unet, weights_hash
-
-    model = _model_section(manifest)
-    unet = load_unet(str(model["id"]), weights=str(model.get("weights", "pretrained")), dtype=manifest_dtype(manifest))
-    expected = model.get("weights_hash")
+    model = manifest.model
+    unet = load_unet(model.id, weights=model.weights or "pretrained", dtype=manifest_dtype(manifest))
+    expected = model.weights_hash
     if expected:
         got = weights_hash(unet)
         if got != expected:
             raise CatomeError(
-                f"the weights of model {model['id']!r} ({model.get('weights')}) do not match the ones the engine was "
+                f"the weights of model {model.id!r} ({model.weights}) do not match the ones the engine was "
                 f"built from (weights hash {got[:12]}... vs {str(expected)[:12]}... in the manifest): load the same "
                 "weights, or rebuild the engine with catome-export build"
             )
@@ -97,7 +88,7 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, manifest: Any = None, device: torch.device | str | None = None,
+    def __init__(self, manifest: Manifest | None = None, device: torch.device | str | None = None,
                  stages: Sequence[tuple["StageSpec", torch.nn.Module]] | None = None) -> None:
         self.device = resolve_device(None) if device is None else torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
@@ -112,19 +103,20 @@ class TorchBackend:
 
     def _stage_modules(self) -> dict[int, tuple["StageSpec", torch.nn.Module]]:
         if self._modules is None:
-            from catome_export.export.stages import cut_unet
-            from catome_export.models.sites import MergeSite
 
-            unet = load_reference_unet(self.manifest, self.device)
-            sites = [MergeSite(int(s["index"]), str(s["path"]), int(s["downsample"])) for s in self.manifest.sites]
-            settings = self.manifest.settings()
-            cut = cut_unet(unet, sites, dtype=manifest_dtype(self.manifest),
+            manifest = self.manifest
+            if manifest is None:  # the constructor refuses this; kept for type checkers
+                raise CatomeError("the torch backend needs a manifest (or ready stage modules)")
+            unet = load_reference_unet(manifest, self.device)
+            settings = manifest.merge
+            cut = cut_unet(unet, list(manifest.sites), dtype=manifest_dtype(manifest),
                            merge_crossattn=settings.merge_crossattn, merge_mlp=settings.merge_mlp)
             self._modules = {spec.index: (spec, module.to(self.device).eval()) for spec, module in cut}
-            logger.debug("torch backend: %d stage modules of %s", len(cut), _model_section(self.manifest)["id"])
+            logger.debug("torch backend: %d stage modules of %s", len(cut), manifest.model.id)
         return self._modules
 
-    def load_stage(self, engine_dir: Path, entry: dict, spec: "StageSpec") -> TorchStageRunner:
+    def load_stage(self, engine_dir: Path | None, stage: StageRecord) -> TorchStageRunner:
+        spec = stage.spec
         modules = self._stage_modules()
         if spec.index not in modules:
             raise CatomeError(f"stage {spec.index} of the manifest has no stage module: rebuild the engine")

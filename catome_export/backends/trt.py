@@ -43,6 +43,7 @@ import torch
 from catome_export.backends.base import DeviceStream
 from catome_export.backends.select import import_tensorrt, require_polygraphy
 from catome_export.errors import CatomeError
+from catome_export.export.manifest import Manifest, StageRecord
 
 logger = logging.getLogger(__name__)
 
@@ -327,7 +328,7 @@ class TrtBackend:
 
     name = "trt"
 
-    def __init__(self, manifest: Any = None, device: torch.device | str | None = None, *,
+    def __init__(self, manifest: Manifest | None = None, device: torch.device | str | None = None, *,
                  check_compat: bool = True, trt_module: Any = None) -> None:
         """Load nothing yet: check compatibility, register plugins, make the runtime and the stream.
 
@@ -360,12 +361,11 @@ class TrtBackend:
         self.forks: list[TrtStageRunner] = []
         """Runners made by :meth:`TrtStageRunner.fork` and not closed yet."""
 
-    def load_stage(self, engine_dir: Path, entry: Mapping[str, Any], spec: Any) -> TrtStageRunner:
-        """Deserialise ``entry``'s plan (``entry["engine"]["file"]``, default ``stage_<k>.plan``)."""
+    def load_stage(self, engine_dir: Path, stage: StageRecord) -> TrtStageRunner:
+        """Deserialise ``stage``'s plan (its engine file, default ``stage_<k>.plan``)."""
         engine_dir = Path(engine_dir)
-        engine = entry.get("engine")
-        name = engine.get("file") if isinstance(engine, Mapping) else engine if isinstance(engine, str) else None
-        path = engine_dir / (name or f"stage_{spec.index}.plan")
+        spec = stage.spec
+        path = engine_dir / (stage.engine.file if stage.engine is not None else f"stage_{spec.index}.plan")
         if not path.is_file():
             raise CatomeError(f"{path} is missing: build the TensorRT engines (catome-export build ... --backend trt)"
                               " or load the folder with --backend ort")
@@ -403,6 +403,6 @@ class TrtBackend:
         self.memory.release()
 
 
-def create(manifest: Any = None, device: torch.device | str | None = None) -> TrtBackend:
+def create(manifest: Manifest | None = None, device: torch.device | str | None = None) -> TrtBackend:
     """Factory used by ``create_backend`` for the ``trt`` choice."""
     return TrtBackend(manifest, device)

@@ -22,14 +22,16 @@ TensorRT or a GPU.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from catome_export.backends.select import TRT_PIP, trt_version_problem
 from catome_export.errors import CatomeError
-from catome_export.export.profiles import manifest_field
+from catome_export.export.io_names import SAMPLE
+
+if TYPE_CHECKING:  # the manifest module imports torch; this one stays importable without it
+    from catome_export.export.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 
@@ -69,80 +71,32 @@ class TrtRuntimeInfo:
         return cls(version, name, cc)
 
 
-def _range(value: Any) -> tuple[int, int] | None:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value, value
-    if isinstance(value, (list, tuple)) and len(value) == 2:
-        return int(value[0]), int(value[1])
-    return None
-
-
 def _fmt_range(r: tuple[int, int]) -> str:
     return str(r[0]) if r[0] == r[1] else f"{r[0]}-{r[1]}"
 
 
-def rebuild_command(manifest: Any, engine_dir: str | Path | None = None, **overrides: Any) -> str:
+def rebuild_command(manifest: Manifest, engine_dir: str | Path | None = None, **overrides: Any) -> str:
     """The ``catome-export build ... --backend trt`` command that rebuilds this engine folder here.
 
-    A :class:`~catome_export.export.manifest.Manifest` formats it from the
-    build arguments it recorded; a plain manifest dict gets it reconstructed
-    from its model, precision, merge settings and shape ranges.
-    ``overrides`` replace flags (``min_resolution=...``, ``max_batch=...``).
+    ``overrides`` replace flags (``min_resolution=...``, ``max_batch=...``);
+    see :meth:`Manifest.rebuild_command`.
     """
     overrides = {"backend": "trt", **overrides}
     if engine_dir is not None:
         overrides["out"] = str(engine_dir)
-    method = getattr(manifest, "rebuild_command", None)
-    if callable(method):
-        return str(method(**overrides))
-    from catome_export.export.manifest import build_command
-
-    model = manifest_field(manifest, "model") or {}
-    merge = manifest_field(manifest, "merge") or {}
-    shapes = manifest_field(manifest, "shapes") or {}
-    name = manifest_field(manifest, "name")
-    args: dict[str, Any] = {"model": model.get("id") or name or "MODEL", "weights": model.get("weights"),
-                            "precision": manifest_field(manifest, "precision"), "name": name}
-    for key in ("threshold", "ratio", "merge_fraction"):
-        if merge.get(key) is not None:
-            args[key] = f"{merge[key]:g}"
-            break
-    schedule = merge.get("schedule") or {}
-    if schedule.get("name") and schedule["name"] != "custom":
-        args["schedule"] = schedule["name"]
-    elif schedule.get("checkpoints") is not None:
-        args["schedule"] = ",".join(str(c) for c in schedule["checkpoints"])
-    if schedule.get("step_base") is not None:
-        args["step_base"] = schedule["step_base"]
-    batch, lh, lw = (_range(shapes.get(k)) for k in ("batch", "latent_height", "latent_width"))
-    if batch:
-        args.update(min_batch=batch[0], max_batch=batch[1])
-    if lh and lw:  # the CLI takes square pixel sizes: cover both ranges
-        args.update(min_resolution=8 * min(lh[0], lw[0]), max_resolution=8 * max(lh[1], lw[1]))
-    section = manifest_field(manifest, "trt") or {}
-    frac = section.get("opt_merge_fraction") if isinstance(section, Mapping) else None
-    if frac is None:
-        frac = (shapes.get("opt") or {}).get("merge_fraction")
-    if frac is not None:
-        args["opt_merge_fraction"] = f"{float(frac):g}"
-    if name and "out" not in overrides:
-        args["out"] = f"engines/{name}"
-    args.update(overrides)
-    return build_command(args)
+    return manifest.rebuild_command(**overrides)
 
 
-def _widened(manifest: Any, batch: int, latent_hw: tuple[int, int]) -> dict[str, int]:
+def _widened(manifest: Manifest, batch: int, latent_hw: tuple[int, int]) -> dict[str, int]:
     """Build-flag overrides whose ranges cover the built ones and the requested shape."""
-    shapes = manifest_field(manifest, "shapes") or {}
-    b = _range(shapes.get("batch")) or (batch, batch)
-    lh = _range(shapes.get("latent_height")) or (latent_hw[0], latent_hw[0])
-    lw = _range(shapes.get("latent_width")) or (latent_hw[1], latent_hw[1])
+    s = manifest.shapes
+    b, lh, lw = s.batch, s.latent_height, s.latent_width
     return {"min_batch": min(b[0], batch), "max_batch": max(b[1], batch),
             "min_resolution": 8 * min(lh[0], lw[0], *latent_hw), "max_resolution": 8 * max(lh[1], lw[1], *latent_hw)}
 
 
 def check_shapes_in_profiles(
-    manifest: Any,
+    manifest: Manifest,
     batch: int,
     latent_hw: tuple[int, int],
     *,
@@ -153,18 +107,16 @@ def check_shapes_in_profiles(
     Checks the manifest's ``shapes`` ranges and, where the ``trt`` section
     records the profiles, the ``sample`` input of the first stage.
     """
-    shapes = manifest_field(manifest, "shapes") or {}
+    shapes = manifest.shapes
     lh, lw = latent_hw
-    want = {"batch": batch, "latent_height": lh, "latent_width": lw}
     bad = []
-    for key, value in want.items():
-        r = _range(shapes.get(key))
-        if r is not None and not r[0] <= value <= r[1]:
+    for key, r, value in (("batch", shapes.batch, batch), ("latent_height", shapes.latent_height, lh),
+                          ("latent_width", shapes.latent_width, lw)):
+        if not r[0] <= value <= r[1]:
             bad.append(f"{key} {value} outside the built range {_fmt_range(r)}")
-    trt_section = manifest_field(manifest, "trt") or {}
-    profiles = trt_section.get("profiles") if isinstance(trt_section, Mapping) else None
+    profiles = manifest.trt.profiles if manifest.trt is not None else ()
     if not bad and profiles:
-        sample = (profiles[0] or {}).get("sample")
+        sample = (profiles[0] or {}).get(SAMPLE)
         if sample:
             for axis, label, value in ((0, "batch", batch), (2, "latent_height", lh), (3, "latent_width", lw)):
                 lo, hi = int(sample["min"][axis]), int(sample["max"][axis])
@@ -179,7 +131,7 @@ def check_shapes_in_profiles(
 
 
 def check_trt_compat(
-    manifest: Any,
+    manifest: Manifest,
     runtime_info: TrtRuntimeInfo | None = None,
     *,
     batch: int | None = None,
@@ -194,9 +146,9 @@ def check_trt_compat(
     """
     info = runtime_info if runtime_info is not None else TrtRuntimeInfo.detect()
     cmd = rebuild_command(manifest, engine_dir)
-    backend = manifest_field(manifest, "engine_backend")
-    section = manifest_field(manifest, "trt")
-    if backend != "trt" or not isinstance(section, Mapping):
+    backend = manifest.engine_backend
+    section = manifest.trt
+    if backend != "trt" or section is None:
         raise CatomeError(
             f"this engine folder holds no TensorRT engines (engine_backend {backend!r}): "
             f"build them with: {cmd}  (or load it with --backend ort)"
@@ -209,12 +161,12 @@ def check_trt_compat(
     if info.gpu_name is None:
         raise CatomeError("TensorRT engines need a CUDA device and a CUDA build of torch; none is usable here. "
                           "Load the folder with --backend ort on this machine")
-    built = str(section.get("version") or "")
+    built = section.version or ""
     here = str(info.tensorrt_version)
     problem = trt_version_problem(here)
     if problem is not None:
         raise CatomeError(f"{problem}: {TRT_PIP}, then rebuild the engines: {cmd}")
-    if not section.get("version_compatible") and built != here:
+    if not section.version_compatible and built != here:
         raise CatomeError(
             f"the engines were built with TensorRT {built or 'unknown'} and this machine has TensorRT {here}: "
             "TensorRT plans only load under the exact TensorRT version that built them. "
@@ -224,16 +176,16 @@ def check_trt_compat(
             f"the manifest does not record the TensorRT version of the engines; this machine has TensorRT {here}. "
             f"Rebuild them here: {cmd}"
         )
-    built_cc = str(section.get("compute_capability") or "")
-    hw_compat = str(section.get("hardware_compatibility_level") or "none").lower() not in ("none", "")
+    built_cc = section.compute_capability or ""
+    hw_compat = section.hardware_compatibility_level.lower() not in ("none", "")
     if built_cc != str(info.compute_capability) and not hw_compat:
         raise CatomeError(
             f"the engines were built for compute capability {built_cc or 'unknown'} "
-            f"({section.get('gpu') or 'unknown GPU'}) and this GPU, {info.gpu_name}, has "
+            f"({section.gpu or 'unknown GPU'}) and this GPU, {info.gpu_name}, has "
             f"{info.compute_capability}: TensorRT plans do not run on another GPU architecture. Rebuild them here: "
             f"{cmd}"
         )
-    built_gpu = str(section.get("gpu") or "")
+    built_gpu = section.gpu or ""
     if built_gpu != str(info.gpu_name) and not hw_compat:
         raise CatomeError(
             f"the engines were built on {built_gpu or 'an unknown GPU'} and this GPU is {info.gpu_name}: "

@@ -7,6 +7,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from catome_export.choices import Precision
+from catome_export.defaults import DEFAULT_SCHEDULE
 from catome_export.errors import CatomeError
 
 BACKENDS = ("eager", "eager-tome", "eager-catome", "engine", "engine-unstaged", "engine-unfused",
@@ -28,7 +30,7 @@ UNFUSED_BACKENDS = {"engine-unfused": "engine", "engine-unstaged-unfused": "engi
 """Backends that take a merge fraction or threshold; the others run at merge fraction 0 only."""
 
 LATENT_KINDS = ("smooth", "noise")
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = Precision.values()
 
 
 def default_workdir() -> Path:
@@ -66,7 +68,7 @@ class BenchConfig:
     """Start latents: ``smooth`` (blurred, self-similar) or ``noise``."""
     steps: int = 0
     """When > 0, also time an ``steps``-call denoising loop with ``schedule`` (checkpoint and cached steps mixed)."""
-    schedule: str = "config3"
+    schedule: str = DEFAULT_SCHEDULE
     """Checkpoint schedule of the ``steps`` loop."""
     repeats: int = 5
     """Timed cached-step calls per row."""

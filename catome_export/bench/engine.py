@@ -43,14 +43,14 @@ def reusable(folder: Path, config: BenchConfig, resolutions: Sequence[int], dige
         return "no engine built yet"
     try:
         manifest = Manifest.load(folder)
-        if manifest.model.get("weights_hash") != digest:
+        if manifest.model.weights_hash != digest:
             return "built from other weights"
         if manifest.precision != config.precision:
             return f"built in {manifest.precision}"
         if config.engine_backend == "trt" and manifest.engine_backend != "trt":
             return "holds no TensorRT plans"
         if config.ort_optimize and manifest.engine_backend == "ort" and \
-                not all(isinstance(e.get("ort_optimized"), dict) for e in manifest.stages):
+                not all(s.ort_optimized is not None for s in manifest.stages):
             return "holds no ONNX Runtime fused graphs"
         for res in resolutions:
             manifest.check_shapes(config.batch, res // 8, res // 8)
@@ -62,7 +62,7 @@ def reusable(folder: Path, config: BenchConfig, resolutions: Sequence[int], dige
 def ensure_engine(config: BenchConfig, resolutions: Sequence[int], digest: str,
                   progress: Callable[[str], None]) -> Path:
     """An engine folder for ``config.model`` covering ``resolutions`` and ``config.batch`` (built when needed)."""
-    from catome_export.export.build import build_engine
+    from catome_export.workflows.build import build_engine
 
     folder = config.workdir / work_name(config) / "engine"
     why = reusable(folder, config, resolutions, digest)

@@ -32,9 +32,9 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from catome_export.export.io_names import SAMPLE, TEXT, TIMESTEP
 from catome_export.bench.measure import BENCH_SCHEDULE, Inputs
 from catome_export.errors import CatomeError
+from catome_export.export.io_names import SAMPLE, TEXT, TIMESTEP
 
 logger = logging.getLogger(__name__)
 
@@ -112,17 +112,18 @@ def profile_engine(engine_dir: Path, inputs: Inputs, fractions: Sequence[float],
     from catome_export.backends.ort import OrtOptions, OrtStageRunner, stage_graph_file
     from catome_export.backends.torch_backend import manifest_dtype
     from catome_export.export.manifest import Manifest
-    from catome_export.runtime.runtime import Runtime, manifest_sites
+    from catome_export.runtime.runtime import Runtime
 
     manifest = Manifest.load(engine_dir, check_hashes=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     options = OrtOptions.from_mapping(ort_options)
     runners = []
-    for entry, spec in zip(manifest.stages, manifest.stage_specs()):
-        session = _profiled_session(Path(engine_dir) / stage_graph_file(entry, options), options, out_dir / f"stage{spec.index}")
-        runners.append(OrtStageRunner(session, spec, torch.device("cpu"), options))
-    base = manifest.settings()
-    runtime = Runtime(runners, manifest_sites(manifest), base, unet_config=manifest.model.get("unet_config") or {},
+    for stage in manifest.stages:
+        session = _profiled_session(Path(engine_dir) / stage_graph_file(stage, options), options,
+                                    out_dir / f"stage{stage.index}")
+        runners.append(OrtStageRunner(session, stage.spec, torch.device("cpu"), options))
+    base = manifest.merge
+    runtime = Runtime(runners, manifest.sites, base, unet_config=manifest.model.unet_config,
                       dtype=manifest_dtype(manifest), device="cpu", manifest=manifest, engine_dir=Path(engine_dir))
     windows: dict[float, list[int]] = {}
     done = 0

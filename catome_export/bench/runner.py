@@ -207,9 +207,9 @@ def _fusion_note(backend_name: str, fused: bool) -> str:
 
 
 def _has_fused_graphs(target: EngineTarget) -> bool:
-    manifest = getattr(target.runtime, "manifest", None)
-    stages = getattr(manifest, "stages", None) or []
-    return bool(stages) and all(isinstance(e.get("ort_optimized"), dict) for e in stages)
+    manifest = target.runtime.manifest
+    stages = manifest.stages if manifest is not None else ()
+    return bool(stages) and all(s.ort_optimized is not None for s in stages)
 
 
 def _check_unstaged_resolutions(config: BenchConfig, resolutions: list[int]) -> None:
@@ -411,7 +411,7 @@ def _engine_unet_config(engine_dir: Path) -> dict[str, Any]:
     from catome_export.export.manifest import Manifest
 
     manifest = Manifest.load(engine_dir, check_files=False)
-    cfg = manifest.model.get("unet_config") or {}
+    cfg = manifest.model.unet_config
     if not cfg:
         raise CatomeError(f"the manifest in {engine_dir} has no unet_config: rebuild the engine")
     return dict(cfg)

@@ -22,9 +22,9 @@ from typing import Any, Mapping
 
 import torch
 
-from catome_export.export.io_names import MODEL_OUTPUT, SAMPLE, TEXT, TIMESTEP
 from catome_export.bench.timing import synchronize
 from catome_export.errors import CatomeError
+from catome_export.export.io_names import MODEL_OUTPUT, SAMPLE, TEXT, TIMESTEP
 from catome_export.merging import MergePlan, MergeSettings
 
 logger = logging.getLogger(__name__)

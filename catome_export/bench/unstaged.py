@@ -28,8 +28,9 @@ from typing import Any, Mapping
 
 import torch
 
-from catome_export.export.io_names import MODEL_OUTPUT, SAMPLE, TEXT, TIMESTEP
 from catome_export.errors import CatomeError
+from catome_export.export.io_names import MODEL_OUTPUT, SAMPLE, TEXT, TIMESTEP
+from catome_export.export.manifest import StageRecord
 from catome_export.export.stages import StageSpec, TensorSpec
 
 logger = logging.getLogger(__name__)
@@ -205,7 +206,7 @@ def load_unstaged(graph: Path, unet_config: Any, dtype: str, device: str,
     cfg = dict(unet_config)
     spec = unstaged_spec(dtype, int(cfg["in_channels"]), int(cfg["out_channels"]), int(cfg["cross_attention_dim"]))
     try:
-        runner = backend.load_stage(graph.parent, {"file": graph.name}, spec)
+        runner = backend.load_stage(graph.parent, StageRecord(spec, graph.name))
     except BaseException:
         backend.close()
         raise

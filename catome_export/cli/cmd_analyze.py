@@ -8,6 +8,8 @@ import logging
 import math
 from pathlib import Path
 
+from catome_export.choices import Weights
+from catome_export.defaults import DEFAULT_THRESHOLD
 from catome_export.errors import CatomeError
 from catome_export.export.fsutil import Outputs, atomic_write_with, check_writable_file
 
@@ -44,10 +46,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("analyze", help="pair drift between steps and a least-drift checkpoint schedule (auto:K)",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help="tiny, tiny-xl, sd15, sd21, sdxl, or a local diffusers folder (default: tiny)")
-    p.add_argument("--weights", choices=("pretrained", "random"), default="pretrained",
+    p.add_argument("--weights", choices=Weights.values(), default=str(Weights.PRETRAINED),
                    help="pretrained weights, or the architecture with seeded random weights (tiny: always random)")
     p.add_argument("--steps", type=_int, default=50, help="inference steps (default 50)")
-    p.add_argument("--threshold", type=float, default=0.7, help="CA-ToMe similarity threshold (default 0.7)")
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help=f"CA-ToMe similarity threshold (default {DEFAULT_THRESHOLD})")
     p.add_argument("--resolution", type=_int, default=None,
                    help="image size in pixels, a multiple of 8 (default: the model's, tiny 256, sd15 512)")
     p.add_argument("--seed", type=_int, default=0, help="seed of the start latents and random embeddings")
@@ -77,7 +80,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.steps < 1:
         raise CatomeError(f"--steps must be >= 1, got {args.steps}")
     if not math.isfinite(args.threshold) or not -1.0 <= args.threshold <= 1.0:
-        raise CatomeError(f"--threshold must be in [-1, 1] (0.7 in the paper), got {args.threshold}")
+        raise CatomeError(f"--threshold must be in [-1, 1] ({DEFAULT_THRESHOLD} in the paper), got {args.threshold}")
     if args.budget is not None and not 1 <= args.budget <= args.steps:
         raise CatomeError(f"--budget must be from 1 to --steps ({args.steps}) checkpoints, got {args.budget}")
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from catome_export.choices import Precision
+from catome_export.defaults import DEFAULT_SCHEDULE
 from catome_export.errors import CatomeError
 from catome_export.export.fsutil import Outputs, check_writable_file
 
@@ -97,7 +99,7 @@ def _engine_model(engine_dir: Path) -> dict:
     if not engine_dir.is_dir():
         raise CatomeError(f"--engine {engine_dir} is not a folder: build one with catome-export build, "
                           "or leave --engine out to build one for --model")
-    return dict(Manifest.load(engine_dir, check_files=False).model)
+    return Manifest.load(engine_dir, check_files=False).model.to_dict()
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
@@ -164,7 +166,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="start latents (default smooth: self-similar, so thresholds merge with random weights)")
     p.add_argument("--steps", type=int, default=0, metavar="N",
                    help="also time an N-call denoising loop with --schedule (default 0: off)")
-    p.add_argument("--schedule", default="config3", help="checkpoint schedule of the --steps loop (default config3)")
+    p.add_argument("--schedule", default=DEFAULT_SCHEDULE,
+                   help=f"checkpoint schedule of the --steps loop (default {DEFAULT_SCHEDULE})")
     p.add_argument("--repeats", type=int, default=5, help="timed cached-step calls per row (default 5)")
     p.add_argument("--checkpoint-repeats", type=int, metavar="N",
                    help="with --sequential: timed checkpoint-step calls per merging row (default min(repeats, 3)); "
@@ -173,7 +176,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, metavar="N",
                    help="torch and ONNX Runtime intra-op threads for every backend (default: physical cores)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="fp16 needs --device cuda")
+    p.add_argument("--precision", choices=Precision.values(), default=str(Precision.FP32), help="fp16 needs --device cuda")
     p.add_argument("--engine-backend", default="auto", choices=("auto", "trt", "ort", "ort-cpu", "ort-cuda", "torch"),
                    help="runtime backend of the engine rows (default auto)")
     p.add_argument("--workdir", metavar="DIR", help="where engines and the unstaged graph are built "

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import TYPE_CHECKING
+
+from catome_export.choices import BuildBackend, Exporter, Precision, Weights
+from catome_export.defaults import DEFAULT_SCHEDULE, DEFAULT_STEP_BASE, DEFAULT_THRESHOLD, DEFAULT_VERIFY_STEPS
+
+if TYPE_CHECKING:  # the build pulls in torch; --help must not
+    from catome_export.export.build import BuildOptions, BuildResult
 
 DESCRIPTION = """\
 Cut the U-Net at its merge sites into stages, export each stage as a
@@ -20,58 +27,60 @@ examples:
 """
 
 
-def _settings(args: argparse.Namespace):
+def options_from_args(args: argparse.Namespace) -> "BuildOptions":
+    """The build's options from the parsed flags: the one place the command line becomes a :class:`BuildOptions`."""
+    from catome_export.export.build import BuildOptions
     from catome_export.merging import MergeSettings, parse_schedule
 
-    schedule = args.schedule
-    auto = isinstance(schedule, str) and schedule.strip().lower().startswith("auto:")
-    parsed = parse_schedule("config3" if schedule is None or auto else schedule, args.step_base)
     level = args.max_downsample
     if level is None:  # the model's own merge level (SD 1.x/2.x: 1, SDXL: 2)
         from catome_export.models import model_info
 
         level = model_info(args.model).max_downsample
-    return MergeSettings(threshold=args.threshold, schedule=parsed, max_downsample=level), (schedule if auto else None)
+    settings = MergeSettings(threshold=args.threshold, schedule=parse_schedule(DEFAULT_SCHEDULE, args.step_base),
+                             max_downsample=level)
+    cli = {"threshold": args.threshold, "schedule": args.schedule, "step_base": args.step_base,
+           "opt_merge_fraction": args.opt_merge_fraction}
+    return BuildOptions.create(
+        args.model, weights=args.weights, precision=args.precision, backend=args.backend,
+        resolution=args.resolution, min_resolution=args.min_resolution, max_resolution=args.max_resolution,
+        batch=args.batch, min_batch=args.min_batch, max_batch=args.max_batch, settings=settings,
+        schedule=args.schedule, name=args.name, out_dir=args.out, verify=not args.no_verify,
+        verify_steps=args.verify_steps, exporter=args.exporter, opt_merge_fraction=args.opt_merge_fraction, cli=cli,
+        force=args.force, ort_optimize=args.ort_optimize == "on",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    from catome_export.export.build import make_options, run_build
+    from catome_export.workflows.build import run_build
 
-    settings, auto_spec = _settings(args)
-    cli = {"threshold": args.threshold, "schedule": args.schedule, "step_base": args.step_base,
-           "opt_merge_fraction": args.opt_merge_fraction}
-    opts = make_options(args.model, args.weights, args.precision, args.backend, args.resolution,
-                        args.min_resolution, args.max_resolution, args.batch, args.min_batch, args.max_batch,
-                        settings, args.name, args.out, verify=not args.no_verify, verify_steps=args.verify_steps,
-                        exporter=args.exporter, opt_merge_fraction=args.opt_merge_fraction, cli=cli,
-                        ort_optimize=args.ort_optimize == "on")
+    opts = options_from_args(args)
     log = logging.getLogger("catome_export.build")
-    result = run_build(opts, progress=log.info, schedule_spec=auto_spec, force=args.force)
+    result = run_build(opts, progress=log.info)
     print(summary(result))
     return 0
 
 
-def summary(result) -> str:
+def summary(result: "BuildResult") -> str:
     """The short report printed after a build."""
     m = result.manifest
-    lines = [f"engine: {result.engine_dir} ({m.model['id']}, {m.precision}, {len(m.stages)} stages, "
+    lines = [f"engine: {result.engine_dir} ({m.model.id}, {m.precision}, {len(m.stages)} stages, "
              f"{len(m.sites)} merge sites, engines: {result.backend}, {result.seconds:.0f} s)"]
     total = 0
-    for entry in m.stages:
-        size = entry["bytes"] + (entry.get("external_data_bytes") or 0)
-        extra = f" + {entry['engine']['file']}" if entry.get("engine") else ""
-        fused = entry.get("ort_optimized")
-        if fused:
-            size += fused["bytes"] + (fused.get("external_data_bytes") or 0)
-            extra += f" + {fused['file']}"
+    for stage in m.stages:
+        size = stage.total_bytes
+        extra = f" + {stage.engine.file}" if stage.engine is not None else ""
+        if stage.ort_optimized is not None:
+            size += stage.ort_optimized.total_bytes
+            extra += f" + {stage.ort_optimized.file}"
         total += size
-        lines.append(f"  {entry['file']}{extra}: {size / 1e6:.1f} MB")
+        lines.append(f"  {stage.file}{extra}: {size / 1e6:.1f} MB")
     lines.append(f"  total {total / 1e6:.1f} MB")
     lines.append(result.audit.summary())
     if result.quick_check:
         lines.append(f"ONNX Runtime vs torch per stage: max |diff| {max(result.quick_check.values()):.1e}")
     if result.verify is not None:
-        lines.append(result.verify.summary() if hasattr(result.verify, "summary") else str(result.verify))
+        lines.append(result.verify.summary())
     for note in result.notes:
         lines.append(f"note: {note}")
     lines.append(f"load it with: Runtime.load({str(result.engine_dir)!r}) or catome-export verify {result.engine_dir}")
@@ -90,10 +99,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
                    help="tiny, tiny-xl, sd15, sd21, sdxl, or a local diffusers folder (pipeline or U-Net)")
-    p.add_argument("--weights", choices=("pretrained", "random"), default=None,
+    p.add_argument("--weights", choices=Weights.values(), default=None,
                    help="pretrained (default for sd15 and folders) or random (seeded; the only option for tiny)")
-    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
-    p.add_argument("--backend", choices=("auto", "ort", "trt"), default="auto",
+    p.add_argument("--precision", choices=Precision.values(), default=str(Precision.FP32))
+    p.add_argument("--backend", choices=BuildBackend.values(), default=str(BuildBackend.AUTO),
                    help="engines to build: auto = TensorRT where it runs, else ONNX Runtime (default)")
     p.add_argument("--resolution", type=_resolution, default=None, metavar="N",
                    help="image side in pixels, a multiple of 8 (default: the model's, tiny 256, sd15 512)")
@@ -102,11 +111,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=None, metavar="N", help="one batch size (default: range 1..2)")
     p.add_argument("--min-batch", type=int, default=None, metavar="N")
     p.add_argument("--max-batch", type=int, default=None, metavar="N")
-    p.add_argument("--threshold", type=float, default=0.7, help="CA-ToMe similarity threshold t (default 0.7)")
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help=f"CA-ToMe similarity threshold t (default {DEFAULT_THRESHOLD})")
     p.add_argument("--schedule", default=None,
                    help="checkpoint schedule: config1..config4, adaptive, config_five, every_step, a list like "
-                        "0,10,20, or auto:K (calibrated on the model) (default config3)")
-    p.add_argument("--step-base", type=int, choices=(0, 1), default=1,
+                        f"0,10,20, or auto:K (calibrated on the model) (default {DEFAULT_SCHEDULE})")
+    p.add_argument("--step-base", type=int, choices=(0, 1), default=DEFAULT_STEP_BASE,
                    help="step number of the first loop index: 1 as the authors' code ran (default), 0 as the paper")
     p.add_argument("--max-downsample", type=int, choices=(1, 2, 4, 8), default=None,
                    help="merge level: the transformer blocks at downsample <= this become merge sites (default: the "
@@ -124,8 +134,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="when rebuilding, remove files in the engine folder that no build made (without it the build "
                         "refuses and names them)")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime checks and the eager comparison")
-    p.add_argument("--verify-steps", type=int, default=10, metavar="N", help="steps of the eager comparison (10)")
-    p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
+    p.add_argument("--verify-steps", type=int, default=DEFAULT_VERIFY_STEPS, metavar="N",
+                   help=f"steps of the eager comparison ({DEFAULT_VERIFY_STEPS})")
+    p.add_argument("--exporter", choices=Exporter.values(), default=str(Exporter.TORCHSCRIPT),
                    help="torch.onnx exporter (torchscript: fast and checked; dynamo: slower)")
     p.set_defaults(func=run)
 

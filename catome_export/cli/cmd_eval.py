@@ -32,8 +32,8 @@ def _methods(text: str | None) -> tuple[str, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from catome_export.evaluation.runner import EvalConfig, run_eval
-    from catome_export.generate import ImageRequest
+    from catome_export.workflows.evaluate import EvalConfig, run_eval
+    from catome_export.workflows.generate import ImageRequest
 
     from catome_export.extras import require
 

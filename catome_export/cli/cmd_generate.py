@@ -73,7 +73,7 @@ def _slug(text: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from catome_export.generate import ImageRequest, default_resolution, save_png
+    from catome_export.workflows.generate import ImageRequest, default_resolution, save_png
 
     if args.model is None and args.engine is None:
         raise CatomeError("say what to run: --model tiny|tiny-xl|sd15|sd21|sdxl|<pipeline folder> (eager), or --engine <engine folder>")
@@ -112,15 +112,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _request(args: argparse.Namespace, default_hw: tuple[int, int]) -> Any:
-    from catome_export.generate import ImageRequest
+    from catome_export.workflows.generate import ImageRequest
 
     height, width = size_or_default(args.height, args.width, default_hw)
     return ImageRequest(args.prompt, args.negative_prompt, args.steps, args.guidance, args.seed, height, width)
 
 
 def _run_eager(args: argparse.Namespace, default_resolution: Any) -> tuple[Any, str]:
-    from catome_export.eager import apply_catome
-    from catome_export.generate import describe_settings, generate, load_pipeline
+    from catome_export.workflows.generate import describe_settings, generate, load_pipeline
+    from catome_export.workflows.eager import apply_catome
 
     res = default_resolution(args.model)
     request = _request(args, (res, res))
@@ -136,7 +136,7 @@ def _run_eager(args: argparse.Namespace, default_resolution: Any) -> tuple[Any, 
 
 
 def _run_engine(args: argparse.Namespace) -> tuple[Any, str]:
-    from catome_export.generate import (check_engine_shapes, describe_settings, engine_resolution, generate,
+    from catome_export.workflows.generate import (check_engine_shapes, describe_settings, engine_resolution, generate,
                                          merge_settings_for_engine, pipeline_for_engine)
     from catome_export.runtime import Runtime
     from catome_export.runtime.embed import attach

@@ -31,10 +31,14 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from catome_export.eager.processors import FeedForwardMerger, MergingAttnProcessor, SiteSlot
+from catome_export.defaults import (
+    DEFAULT_MERGE_SEED, DEFAULT_RATIO, DEFAULT_SCHEDULE, DEFAULT_STEP_BASE, DEFAULT_STRIDE,
+    DEFAULT_THRESHOLD,
+)
 from catome_export.errors import CatomeError
 from catome_export.merging import MergeController, MergeSettings, StepStats, parse_schedule
 from catome_export.merging.controller import PlanMatcher
-from catome_export.merging.schedules import Schedule
+from catome_export.merging.schedules import AutoSchedule, Schedule, ScheduleSpec, parse_schedule_request
 from catome_export.merging.steps import ResetOnCall
 from catome_export.models.sites import MergeSite, default_merge_level, find_merge_sites
 
@@ -44,7 +48,7 @@ _ACTIVE: "weakref.WeakKeyDictionary[torch.nn.Module, CatomeHandle]" = weakref.We
 """U-Nets that carry a live patch (applying twice is refused)."""
 
 
-def _split_target(pipe_or_unet: Any) -> tuple[Any | None, torch.nn.Module]:
+def split_target(pipe_or_unet: Any) -> tuple[Any | None, torch.nn.Module]:
     """(pipeline or None, U-Net) of the argument; CatomeError for anything else."""
     from diffusers import UNet2DConditionModel
 
@@ -313,7 +317,7 @@ class _BlockHook:
 
 
 # -- entry points ------------------------------------------------------------------------
-def _refuse_if_patched(unet: torch.nn.Module) -> None:
+def refuse_if_patched(unet: torch.nn.Module) -> None:
     existing = _ACTIVE.get(unet)
     if existing is not None and existing.active:
         raise CatomeError("token merging is already applied to this U-Net: call remove() on the first handle "
@@ -330,8 +334,8 @@ def apply_merging(pipe_or_unet: Any, settings: MergeSettings) -> CatomeHandle:
     """
     if not isinstance(settings, MergeSettings):
         raise CatomeError(f"settings must be a MergeSettings, got {type(settings).__name__}")
-    pipeline, unet = _split_target(pipe_or_unet)
-    _refuse_if_patched(unet)
+    pipeline, unet = split_target(pipe_or_unet)
+    refuse_if_patched(unet)
     sites = find_merge_sites(unet, settings.max_downsample)
     handle = CatomeHandle(unet, settings, sites, pipeline)
     handle._install()
@@ -363,22 +367,34 @@ def _check_stride(stride: object) -> tuple[int, int]:
     return tuple(stride)  # type: ignore[return-value]  # MergeSettings checks the values
 
 
-def _resolve_schedule(schedule: Any, unet: torch.nn.Module, settings: MergeSettings) -> Schedule:
-    """parse_schedule, plus calibrated ``auto:K`` schedules from the analysis package when present.
+def _resolve_schedule(schedule: ScheduleSpec | AutoSchedule, step_base: int) -> Schedule:
+    """The schedule of a spec; an ``auto:K`` one is calibrated on the model, which this layer does not do."""
+    request = parse_schedule_request(schedule, step_base)
+    if isinstance(request, AutoSchedule):
+        raise CatomeError(f"schedule {request.name!r} is calibrated on the model: use catome_export.apply_catome, "
+                          "which calibrates it first, or a named schedule or a list of step numbers")
+    return request
 
-    Calibration runs on the unpatched U-Net with the same threshold, stride,
-    merge levels and step numbering as ``settings``.
+
+def catome_settings(unet: torch.nn.Module, threshold: float, step_base: int = DEFAULT_STEP_BASE,
+                    max_downsample: int | None = None, stride: tuple[int, int] = DEFAULT_STRIDE,
+                    random_dst: bool = False, merge_crossattn: bool = False, merge_mlp: bool = False,
+                    seed: int = DEFAULT_MERGE_SEED) -> MergeSettings:
+    """CA-ToMe settings from :func:`apply_catome`'s options, every one checked, with an every-step schedule.
+
+    ``max_downsample`` None: the U-Net's own merge level. (The schedule is
+    replaced by the caller's; checking the rest first means a bad option fails
+    before a possibly long schedule calibration.)
     """
-    step_base = settings.schedule.step_base
-    if isinstance(schedule, str) and schedule.strip().lower().startswith("auto:"):
-        try:
-            from catome_export.analysis.calibrate import resolve_schedule
-        except ImportError:
-            raise CatomeError(f"schedule {schedule!r} needs the calibration module (catome_export.analysis), "
-                              "which is not available in this install: use a named schedule or a list") from None
-        return resolve_schedule(schedule, unet, step_base, threshold=settings.threshold,
-                                max_downsample=settings.max_downsample, stride=settings.stride)
-    return parse_schedule(schedule, step_base)
+    if threshold is None:
+        raise CatomeError("threshold must be a number in [-1, 1] (1 merges nothing); for a fixed ratio use apply_tome")
+    return MergeSettings(
+        threshold=threshold, ratio=None, merge_fraction=None, schedule=parse_schedule("every_step", step_base),
+        max_downsample=_merge_level(unet, max_downsample), stride=_check_stride(stride),
+        random_dst=_check_flag("random_dst", random_dst), seed=_check_seed(seed),
+        merge_crossattn=_check_flag("merge_crossattn", merge_crossattn),
+        merge_mlp=_check_flag("merge_mlp", merge_mlp),
+    )
 
 
 def _no_options_with_settings(given: dict[str, Any], defaults: dict[str, Any]) -> None:
@@ -387,25 +403,26 @@ def _no_options_with_settings(given: dict[str, Any], defaults: dict[str, Any]) -
         raise CatomeError(f"pass either settings= or individual options, not both (got settings and {changed})")
 
 
-_CATOME_DEFAULTS: dict[str, Any] = dict(threshold=0.7, schedule="config3", max_downsample=None, step_base=1,
-                                        stride=(2, 2), random_dst=False, merge_crossattn=False, merge_mlp=False,
-                                        seed=42)
-_TOME_DEFAULTS: dict[str, Any] = dict(ratio=0.5, max_downsample=None, stride=(2, 2), random_dst=False,
-                                      merge_crossattn=False, merge_mlp=False, seed=42)
+CATOME_DEFAULTS: dict[str, Any] = dict(threshold=DEFAULT_THRESHOLD, schedule=DEFAULT_SCHEDULE, max_downsample=None,
+                                       step_base=DEFAULT_STEP_BASE, stride=DEFAULT_STRIDE, random_dst=False,
+                                       merge_crossattn=False, merge_mlp=False, seed=DEFAULT_MERGE_SEED)
+"""Defaults of :func:`apply_catome`'s options (a ``settings=`` call must leave them all as they are)."""
+_TOME_DEFAULTS: dict[str, Any] = dict(ratio=DEFAULT_RATIO, max_downsample=None, stride=DEFAULT_STRIDE, random_dst=False,
+                                      merge_crossattn=False, merge_mlp=False, seed=DEFAULT_MERGE_SEED)
 
 
 def apply_catome(
     pipe_or_unet: Any,
-    threshold: float = 0.7,
-    schedule: Any = "config3",
+    threshold: float = DEFAULT_THRESHOLD,
+    schedule: ScheduleSpec | AutoSchedule = DEFAULT_SCHEDULE,
     max_downsample: int | None = None,
-    step_base: int = 1,
-    stride: tuple[int, int] = (2, 2),
+    step_base: int = DEFAULT_STEP_BASE,
+    stride: tuple[int, int] = DEFAULT_STRIDE,
     random_dst: bool = False,
     merge_crossattn: bool = False,
     merge_mlp: bool = False,
     *,
-    seed: int = 42,
+    seed: int = DEFAULT_MERGE_SEED,
     settings: MergeSettings | None = None,
 ) -> CatomeHandle:
     """Apply CA-ToMe (adaptive threshold + cached matching) to a pipeline or U-Net.
@@ -414,8 +431,8 @@ def apply_catome(
     (r = max over the batch); 1 merges nothing. ``schedule``: checkpoint steps
     at which matching is recomputed (cached pairs reused in between): a name
     (config1..config4, adaptive, config_five, every_step), a list of step
-    numbers, or ``auto:K`` (calibrated, where the analysis package is
-    installed). ``step_base`` 1 (default, as the authors' code ran): entry k
+    numbers (``auto:K``, calibrated on the model, goes through
+    ``catome_export.apply_catome``, which calibrates it first). ``step_base`` 1 (default, as the authors' code ran): entry k
     fires at loop index k - 1; 0: at loop index k. ``random_dst`` picks a
     random dst per cell from a generator seeded with ``seed`` at every reset
     (tomesd's behaviour); the default is the top-left token (the paper).
@@ -429,33 +446,26 @@ def apply_catome(
     given = dict(threshold=threshold, schedule=schedule, max_downsample=max_downsample, step_base=step_base,
                  stride=stride, random_dst=random_dst, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp, seed=seed)
     if settings is not None:
-        _no_options_with_settings(given, _CATOME_DEFAULTS)
+        _no_options_with_settings(given, CATOME_DEFAULTS)
         return apply_merging(pipe_or_unet, settings)
-    if threshold is None:
-        raise CatomeError("threshold must be a number in [-1, 1] (1 merges nothing); for a fixed ratio use apply_tome")
-    _, unet = _split_target(pipe_or_unet)
-    _refuse_if_patched(unet)
-    checked = MergeSettings(  # every option checked before a possibly long schedule calibration
-        threshold=threshold, ratio=None, merge_fraction=None, schedule=parse_schedule("every_step", step_base),
-        max_downsample=_merge_level(unet, max_downsample), stride=_check_stride(stride),
-        random_dst=_check_flag("random_dst", random_dst), seed=_check_seed(seed),
-        merge_crossattn=_check_flag("merge_crossattn", merge_crossattn),
-        merge_mlp=_check_flag("merge_mlp", merge_mlp),
-    )
-    built = dataclasses.replace(checked, schedule=_resolve_schedule(schedule, unet, checked))
+    _, unet = split_target(pipe_or_unet)
+    refuse_if_patched(unet)
+    checked = catome_settings(unet, threshold, step_base, max_downsample, stride, random_dst, merge_crossattn,
+                              merge_mlp, seed)
+    built = dataclasses.replace(checked, schedule=_resolve_schedule(schedule, checked.schedule.step_base))
     return apply_merging(pipe_or_unet, built)
 
 
 def apply_tome(
     pipe_or_unet: Any,
-    ratio: float = 0.5,
+    ratio: float = DEFAULT_RATIO,
     max_downsample: int | None = None,
-    stride: tuple[int, int] = (2, 2),
+    stride: tuple[int, int] = DEFAULT_STRIDE,
     random_dst: bool = False,
     merge_crossattn: bool = False,
     merge_mlp: bool = False,
     *,
-    seed: int = 42,
+    seed: int = DEFAULT_MERGE_SEED,
     settings: MergeSettings | None = None,
 ) -> CatomeHandle:
     """Apply the ToMe baseline: a fixed ratio, matching at every step (no cache).
@@ -470,7 +480,7 @@ def apply_tome(
         return apply_merging(pipe_or_unet, settings)
     if ratio is None:
         raise CatomeError("ratio must be a number in [0, 1); for an adaptive threshold use apply_catome")
-    _, unet = _split_target(pipe_or_unet)
+    _, unet = split_target(pipe_or_unet)
     built = MergeSettings(
         threshold=None, ratio=ratio, merge_fraction=None, schedule=parse_schedule("every_step"),
         max_downsample=_merge_level(unet, max_downsample), stride=_check_stride(stride),

@@ -1,4 +1,10 @@
-"""``build_engine``: model -> staged ONNX graphs (+ TensorRT engines) -> audited, verified engine folder.
+"""The engine folder build: model -> staged ONNX graphs (+ TensorRT engines) -> audited, verified folder.
+
+:class:`BuildOptions` is the build's only input (validated on construction);
+:func:`build_folder` runs it. The verification that decides whether the
+folder is installed is passed in (:data:`Verifier`, returning a
+:class:`VerifyVerdict`): :mod:`catome_export.workflows.build` gives it the
+runtime's, so this module needs neither the backends nor the runtime.
 
 A build never leaves a folder that a later load would trust half-made, and
 never damages a previous good build:
@@ -22,87 +28,71 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from catome_export.analysis.calibrate import resolve_schedule
+from catome_export.choices import BuildBackend, EngineBackend, Exporter, Precision, Weights
+from catome_export.defaults import (
+    DEFAULT_BATCH_RANGE, DEFAULT_OPT_MERGE_FRACTION, DEFAULT_VERIFY_STEPS, MAX_BATCH, MAX_RESOLUTION, MIN_RESOLUTION,
+)
 from catome_export.dtypes import precision_dtype
 from catome_export.errors import CatomeError
 from catome_export.export.audit import AuditReport, audit_stages
 from catome_export.export.fsutil import BuildLock, pid_alive
 from catome_export.export.io_names import MODEL_OUTPUT, site_input_name, site_of_input
-from catome_export.export.manifest import MANIFEST_FILE, PRECISIONS, Manifest, build_command, tool_versions
-from catome_export.export.ort_optimize import OptimizedGraph, optimize_graph
-from catome_export.export.onnx_export import (
-    EXPORTERS, OPSET, ExportedStage, example_inputs, export_stage, ort_max_diff, ort_session,
+from catome_export.export.manifest import (
+    MANIFEST_FILE, FusedGraph, Manifest, ModelRecord, build_command, tool_versions,
 )
+from catome_export.export.onnx_export import (
+    OPSET, ExportedStage, example_inputs, export_stage, ort_max_diff, ort_session,
+)
+from catome_export.export.ort_optimize import OptimizedGraph, optimize_graph
+from catome_export.export.profiles import ShapeRanges
+from catome_export.export.stages import StageSpec, cut_unet
+from catome_export.export.trt_build import build_engines
+from catome_export.merging.schedules import AutoSchedule, ScheduleSpec, parse_schedule_request
 from catome_export.merging.settings import MergeSettings
+from catome_export.models import MODELS, find_merge_sites, load_unet, model_info, weights_hash
+from catome_export.models.registry import BUNDLED_ONLY, ModelInfo
+from catome_export.models.sites import MergeSite
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
-BUILD_BACKENDS = ("auto", "ort", "trt")
-MIN_RESOLUTION = 64
-MAX_RESOLUTION = 4096
 QUICK_CHECK_TOLERANCE = 1e-4
 """fp32 limit of the per-stage ONNX Runtime check right after export (times max(1, |output|))."""
 
 
 @dataclass(frozen=True)
-class BuildOptions:
-    """Everything a build needs to know (the CLI flags, validated)."""
+class VerifyVerdict:
+    """The eager comparison's outcome as a build needs it: only ``ok`` installs a folder.
 
-    model: str
-    """``tiny``, ``sd15`` or a local diffusers folder."""
-    weights: str
-    """``pretrained`` or ``random``."""
-    precision: str = "fp32"
-    backend: str = "auto"
-    """``auto`` (TensorRT where it runs, else ONNX Runtime), ``ort`` or ``trt``."""
-    resolution: tuple[int, int] = (256, 256)
-    """(min, max) image side in pixels, multiples of 8."""
-    batch: tuple[int, int] = (1, 2)
-    """(min, max) batch size."""
-    settings: MergeSettings = field(default_factory=MergeSettings)
-    name: str = "tiny"
-    out_dir: Path = Path("engines/tiny")
-    verify: bool = True
-    verify_steps: int = 10
-    exporter: str = "torchscript"
-    opset: int = OPSET
-    default_resolution: int = 256
-    """The model's usual resolution (the TensorRT opt shape, clamped into the range)."""
-    opt_merge_fraction: float | None = None
-    """Share of src tokens TensorRT profiles tune for (None: the merge settings' fraction, else 0.5)."""
-    cli: dict = field(default_factory=dict)
-    """The flags as given, for the manifest's rebuild command."""
-    ort_optimize: bool = True
-    """ONNX Runtime builds: also write each stage in ONNX Runtime's fused form (``stage_<k>.ort.onnx``,
-    catome_export.export.ort_optimize), checked like the standard graph and listed in the manifest."""
+    A verifier (see :data:`Verifier`) must return one of these (or None when
+    it cannot run here); anything else stops the build, so a report without a
+    verdict can never install a folder.
+    """
+
+    ok: bool
+    text: str
+    """The comparison's summary (its first line goes into the error of a failed build)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ok, bool):
+            raise TypeError(f"VerifyVerdict.ok must be a bool, got {type(self.ok).__name__}")
+
+    def summary(self) -> str:
+        return self.text
 
 
-@dataclass
-class BuildResult:
-    """What a build made and measured."""
-
-    manifest: Manifest
-    engine_dir: Path
-    stages: list[ExportedStage]
-    audit: AuditReport
-    quick_check: dict[int, float] | None
-    """Per stage, max |ONNX Runtime - torch| at the example shape (None where skipped)."""
-    verify: Any | None
-    """The runtime's VerifyReport (None when skipped)."""
-    backend: str
-    """``ort`` or ``trt``: which engines the folder holds."""
-    seconds: float
-    notes: list[str] = field(default_factory=list)
-    """Things skipped and why."""
+Verifier = Callable[[Path, "BuildOptions", EngineBackend, list[str], Progress], "VerifyVerdict | None"]
+"""``(folder, options, engine backend, notes, progress) -> verdict`` (None: skipped, with a note saying why)."""
 
 
-# -- options ------------------------------------------------------------------------------------------------
 def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
         bound = f">= {lo}" if hi is None else f"in {lo}..{hi}"
@@ -118,75 +108,204 @@ def _check_resolution(name: str, value: Any) -> int:
     return value
 
 
-def make_options(model: str, weights: str | None = None, precision: str = "fp32", backend: str = "auto",
-                 resolution: int | None = None, min_resolution: int | None = None,
-                 max_resolution: int | None = None, batch: int | None = None, min_batch: int | None = None,
-                 max_batch: int | None = None, settings: MergeSettings | None = None, name: str | None = None,
-                 out_dir: str | Path | None = None, verify: bool = True, verify_steps: int = 10,
-                 exporter: str = "torchscript", opset: int = OPSET, opt_merge_fraction: float | None = None,
-                 cli: dict | None = None, ort_optimize: bool = True) -> BuildOptions:
-    """Validate build arguments (CatomeError naming the fix for any bad one) and fill in the defaults."""
-    from catome_export.models import MODELS, model_info
-    from catome_export.models.registry import BUNDLED_ONLY
+def _check_name(name: object) -> str:
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith(".") \
+            or name in ("..",):
+        raise CatomeError(f"engine name {name!r} must be a plain folder name (no slashes, not starting with '.')")
+    return name
 
-    if not isinstance(model, str) or not model:
-        raise CatomeError("give a model: tiny, sd15, sd21, or a local diffusers folder")
-    info = model_info(model)  # CatomeError for an unknown name or a folder without a U-Net config
-    if weights is None:
-        weights = "random" if model in BUNDLED_ONLY else "pretrained"
-    if weights not in ("pretrained", "random"):
-        raise CatomeError(f"weights must be 'pretrained' or 'random', got {weights!r}")
-    if model in BUNDLED_ONLY:
-        weights = "random"  # the tiny models exist only with seeded random weights
-    if precision not in PRECISIONS:
-        raise CatomeError(f"precision must be fp32 or fp16, got {precision!r}")
-    if backend not in BUILD_BACKENDS:
-        raise CatomeError(f"backend must be one of {', '.join(BUILD_BACKENDS)}, got {backend!r}")
-    if exporter not in EXPORTERS:
-        raise CatomeError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
-    _check_int("opset", opset, 17, 21)
-    default = info.default_resolution
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Everything a build needs to know, validated on construction (CatomeError naming the field and the fix).
+
+    Build it from loose arguments (the CLI's flags, ``build_engine``'s keywords)
+    with :meth:`create`, which fills in the model's defaults.
+    """
+
+    model: str
+    """``tiny``, ``sd15`` or a local diffusers folder."""
+    weights: Weights
+    precision: Precision = Precision.FP32
+    backend: BuildBackend = BuildBackend.AUTO
+    """``auto`` (TensorRT where it runs, else ONNX Runtime), ``ort`` or ``trt``."""
+    resolution: tuple[int, int] = (256, 256)
+    """(min, max) image side in pixels, multiples of 8."""
+    batch: tuple[int, int] = DEFAULT_BATCH_RANGE
+    """(min, max) batch size."""
+    settings: MergeSettings = field(default_factory=MergeSettings)
+    schedule: AutoSchedule | None = None
+    """An ``auto:K`` schedule, calibrated on the model before export (it replaces ``settings.schedule``)."""
+    name: str = "tiny"
+    out_dir: Path = Path("engines/tiny")
+    verify: bool = True
+    verify_steps: int = DEFAULT_VERIFY_STEPS
+    exporter: Exporter = Exporter.TORCHSCRIPT
+    opset: int = OPSET
+    default_resolution: int = 256
+    """The model's usual resolution (the TensorRT opt shape, clamped into the range)."""
+    opt_merge_fraction: float | None = None
+    """Share of src tokens TensorRT profiles tune for (None: the merge settings' fraction, else 0.5)."""
+    cli: dict[str, Any] = field(default_factory=dict)
+    """The flags as given, for the manifest's rebuild command."""
+    force: bool = False
+    """Replace an existing engine folder even when it holds files no build made (they are removed with it)."""
+    ort_optimize: bool = True
+    """ONNX Runtime builds: also write each stage in ONNX Runtime's fused form (``stage_<k>.ort.onnx``,
+    catome_export.export.ort_optimize), checked like the standard graph and listed in the manifest."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise CatomeError("give a model: tiny, sd15, sd21, or a local diffusers folder")
+        set_ = object.__setattr__
+        set_(self, "weights", Weights.parse(self.weights, "weights"))
+        set_(self, "precision", Precision.parse(self.precision, "precision"))
+        set_(self, "backend", BuildBackend.parse(self.backend, "backend"))
+        set_(self, "exporter", Exporter.parse(self.exporter, "exporter"))
+        _check_int("opset", self.opset, 17, 21)
+        lo, hi = (_check_resolution(f"{end} resolution", v) for end, v in zip(("min", "max"), self.resolution))
+        if lo > hi:
+            raise CatomeError(f"min resolution {lo} is larger than max resolution {hi}")
+        blo, bhi = (_check_int(f"{end} batch", v, 1, MAX_BATCH) for end, v in zip(("min", "max"), self.batch))
+        if blo > bhi:
+            raise CatomeError(f"min batch {blo} is larger than max batch {bhi}")
+        set_(self, "resolution", (lo, hi))
+        set_(self, "batch", (blo, bhi))
+        if not isinstance(self.settings, MergeSettings):
+            raise CatomeError(f"settings must be a MergeSettings, got {type(self.settings).__name__}")
+        if self.schedule is not None and not isinstance(self.schedule, AutoSchedule):
+            raise CatomeError("schedule must be an auto:K request (AutoSchedule); put a ready schedule in settings")
+        for flag in ("verify", "force"):
+            if not isinstance(getattr(self, flag), bool):
+                raise CatomeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+        if not isinstance(self.ort_optimize, bool):
+            raise CatomeError(f"ort_optimize must be true or false (--ort-optimize on|off), got {self.ort_optimize!r}")
+        _check_int("verify steps", self.verify_steps, 1, 1000)
+        f = self.opt_merge_fraction
+        if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0):
+            raise CatomeError(f"--opt-merge-fraction must be a number in [0, 1], got {f!r}")
+        _check_name(self.name)
+        set_(self, "out_dir", Path(self.out_dir))
+        _check_resolution("default resolution", self.default_resolution)
+
+    @classmethod
+    def create(cls, model: str, weights: str | Weights | None = None, precision: str | Precision = Precision.FP32,
+               backend: str | BuildBackend = BuildBackend.AUTO, resolution: int | None = None,
+               min_resolution: int | None = None, max_resolution: int | None = None, batch: int | None = None,
+               min_batch: int | None = None, max_batch: int | None = None, settings: MergeSettings | None = None,
+               schedule: ScheduleSpec | AutoSchedule | None = None, name: str | None = None,
+               out_dir: str | Path | None = None, verify: bool = True, verify_steps: int = DEFAULT_VERIFY_STEPS,
+               exporter: str | Exporter = Exporter.TORCHSCRIPT, opset: int = OPSET,
+               opt_merge_fraction: float | None = None, cli: dict[str, Any] | None = None,
+               force: bool = False, ort_optimize: bool = True) -> "BuildOptions":
+        """Options from loose arguments, with the model's defaults filled in (CatomeError naming any bad one).
+
+        ``resolution`` or ``min_resolution``/``max_resolution`` (default: the
+        model's); ``batch`` or ``min_batch``/``max_batch`` (default 1..2);
+        ``schedule``: any schedule spec, ``auto:K`` included, in place of
+        ``settings.schedule``; ``name`` defaults to the model's, ``out_dir``
+        to ``engines/<name>``; ``force``: remove files in an existing engine
+        folder that no build made (otherwise the build refuses, naming them).
+        """
+        if not isinstance(model, str) or not model:
+            raise CatomeError("give a model: tiny, sd15, sd21, or a local diffusers folder")
+        info = model_info(model)  # CatomeError for an unknown name or a folder without a U-Net config
+        if weights is None:
+            weights = Weights.RANDOM if model in BUNDLED_ONLY else Weights.PRETRAINED
+        weights = Weights.parse(weights, "weights")
+        if model in BUNDLED_ONLY:
+            weights = Weights.RANDOM  # the tiny models exist only with seeded random weights
+        precision = Precision.parse(precision, "precision")
+        backend = BuildBackend.parse(backend, "backend")
+        exporter = Exporter.parse(exporter, "exporter")
+        _check_int("opset", opset, 17, 21)
+        lo, hi = _resolution_range(resolution, min_resolution, max_resolution, info.default_resolution)
+        blo, bhi = _batch_range(batch, min_batch, max_batch)
+        settings = settings or MergeSettings(max_downsample=info.max_downsample)
+        auto = None
+        if schedule is not None:
+            request = parse_schedule_request(schedule, settings.schedule.step_base)
+            if isinstance(request, AutoSchedule):
+                auto = request
+            else:
+                settings = replace(settings, schedule=request)
+        if name is None:
+            name = model if model in MODELS else (Path(model).resolve().name or "model")
+        name = _check_name(name)
+        out = Path(out_dir) if out_dir is not None else Path("engines") / name
+        return cls(model=model, weights=weights, precision=precision, backend=backend, resolution=(lo, hi),
+                   batch=(blo, bhi), settings=settings, schedule=auto, name=name, out_dir=out, verify=verify,
+                   verify_steps=verify_steps, exporter=exporter, opset=opset,
+                   default_resolution=info.default_resolution, opt_merge_fraction=opt_merge_fraction,
+                   cli=dict(cli or {}), force=force, ort_optimize=ort_optimize)
+
+
+CREATE_OPTIONS = frozenset({
+    "weights", "precision", "backend", "resolution", "min_resolution", "max_resolution", "batch", "min_batch",
+    "max_batch", "settings", "schedule", "name", "out_dir", "verify", "verify_steps", "exporter", "opset",
+    "opt_merge_fraction", "cli", "force", "ort_optimize",
+})
+"""The keyword arguments of :meth:`BuildOptions.create`."""
+
+
+def make_options(model: str, **options: Any) -> BuildOptions:
+    """:meth:`BuildOptions.create` (kept under its old name), refusing unknown options with the valid ones."""
+    unknown = sorted(set(options) - CREATE_OPTIONS)
+    if unknown:
+        raise CatomeError(f"unknown build option(s) {', '.join(unknown)}: use {', '.join(sorted(CREATE_OPTIONS))}")
+    return BuildOptions.create(model, **options)
+
+
+def _resolution_range(resolution: int | None, min_resolution: int | None, max_resolution: int | None,
+                      default: int) -> tuple[int, int]:
     if resolution is not None:
         if min_resolution is not None or max_resolution is not None:
             raise CatomeError("give either --resolution or --min-resolution/--max-resolution, not both")
-        lo = hi = _check_resolution("resolution", resolution)
-    else:
-        lo = _check_resolution("min resolution", min_resolution) if min_resolution is not None else None
-        hi = _check_resolution("max resolution", max_resolution) if max_resolution is not None else None
-        if lo is None and hi is None:
-            lo = hi = default
-        elif lo is None:
-            lo = min(default, hi)  # type: ignore[type-var]
-        elif hi is None:
-            hi = max(default, lo)
-    if lo > hi:  # type: ignore[operator]
+        value = _check_resolution("resolution", resolution)
+        return value, value
+    lo = _check_resolution("min resolution", min_resolution) if min_resolution is not None else None
+    hi = _check_resolution("max resolution", max_resolution) if max_resolution is not None else None
+    if lo is None and hi is not None:
+        return min(default, hi), hi
+    if hi is None and lo is not None:
+        return lo, max(default, lo)
+    if lo is None or hi is None:
+        return default, default
+    if lo > hi:
         raise CatomeError(f"min resolution {lo} is larger than max resolution {hi}")
+    return lo, hi
+
+
+def _batch_range(batch: int | None, min_batch: int | None, max_batch: int | None) -> tuple[int, int]:
     if batch is not None:
         if min_batch is not None or max_batch is not None:
             raise CatomeError("give either --batch or --min-batch/--max-batch, not both")
-        blo = bhi = _check_int("batch", batch, 1, 256)
-    else:
-        blo = _check_int("min batch", 1 if min_batch is None else min_batch, 1, 256)
-        bhi = _check_int("max batch", max(2, blo) if max_batch is None else max_batch, 1, 256)
-        if blo > bhi:
-            raise CatomeError(f"min batch {blo} is larger than max batch {bhi}")
-    _check_int("verify steps", verify_steps, 1, 1000)
-    if opt_merge_fraction is not None and (isinstance(opt_merge_fraction, bool)
-                                           or not isinstance(opt_merge_fraction, (int, float))
-                                           or not 0.0 <= opt_merge_fraction <= 1.0):
-        raise CatomeError(f"--opt-merge-fraction must be a number in [0, 1], got {opt_merge_fraction!r}")
-    if not isinstance(ort_optimize, bool):
-        raise CatomeError(f"ort_optimize must be true or false (--ort-optimize on|off), got {ort_optimize!r}")
-    if name is None:
-        name = model if model in MODELS else (Path(model).resolve().name or "model")
-    if not name or "/" in name or "\\" in name or name.startswith(".") or name in ("..",):
-        raise CatomeError(f"engine name {name!r} must be a plain folder name (no slashes, not starting with '.')")
-    out = Path(out_dir) if out_dir is not None else Path("engines") / name
-    return BuildOptions(model=model, weights=weights, precision=precision, backend=backend, resolution=(lo, hi),
-                        batch=(blo, bhi), settings=settings or MergeSettings(max_downsample=info.max_downsample), name=name, out_dir=out,
-                        verify=bool(verify), verify_steps=verify_steps, exporter=exporter, opset=opset,
-                        default_resolution=default, opt_merge_fraction=opt_merge_fraction, cli=dict(cli or {}),
-                        ort_optimize=ort_optimize)
+        value = _check_int("batch", batch, 1, MAX_BATCH)
+        return value, value
+    blo = _check_int("min batch", DEFAULT_BATCH_RANGE[0] if min_batch is None else min_batch, 1, MAX_BATCH)
+    bhi = _check_int("max batch", max(DEFAULT_BATCH_RANGE[1], blo) if max_batch is None else max_batch, 1, MAX_BATCH)
+    if blo > bhi:
+        raise CatomeError(f"min batch {blo} is larger than max batch {bhi}")
+    return blo, bhi
+
+
+@dataclass
+class BuildResult:
+    """What a build made and measured."""
+
+    manifest: Manifest
+    engine_dir: Path
+    stages: list[ExportedStage]
+    audit: AuditReport
+    quick_check: dict[int, float] | None
+    """Per stage, max |ONNX Runtime - torch| at the example shape (None where skipped)."""
+    verify: VerifyVerdict | None
+    """The eager comparison's verdict (None when skipped)."""
+    backend: EngineBackend
+    """``ort`` or ``trt``: which engines the folder holds."""
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+    """Things skipped and why."""
 
 
 # -- folder handling ----------------------------------------------------------------------------------------
@@ -229,23 +348,17 @@ def foreign_files(target: Path) -> list[str]:
         return []
     ours = set(BUILD_FILES)
     try:
-        data = json.loads((target / MANIFEST_FILE).read_text(encoding="utf-8"))
-        for entry in data.get("stages") or []:
-            engine = entry.get("engine") if isinstance(entry, dict) else None
-            names = (entry.get("file"), entry.get("external_data"), engine.get("file") if isinstance(engine, dict)
-                     else None) if isinstance(entry, dict) else ()
-            ours.update(n for n in names if isinstance(n, str))
-            fused = entry.get("ort_optimized") if isinstance(entry, dict) else None
-            if isinstance(fused, dict):  # ONNX Runtime's fused graph and its weights
-                ours.update(n for n in (fused.get("file"), fused.get("external_data")) if isinstance(n, str))
-    except (OSError, ValueError, AttributeError, TypeError):
-        data = None
+        manifest: Manifest | None = Manifest.load(target, check_files=False)
+    except CatomeError:  # missing, damaged, edited or from another version: judge the stage files by name
+        manifest = None
+    if manifest is not None:
+        ours.update(name for name, _, _ in manifest.files())
     found = []
     for path in sorted(target.rglob("*")):
         if path.is_dir() and not path.is_symlink():
             continue
         rel = path.relative_to(target).as_posix()
-        if rel in ours or (data is None and _BUILD_NAME.match(rel)):
+        if rel in ours or (manifest is None and _BUILD_NAME.match(rel)):
             continue
         found.append(rel)
     return found
@@ -313,46 +426,37 @@ def _keep_unplaced(tmp: Path, target: Path) -> Path:
 
 
 # -- the build ----------------------------------------------------------------------------------------------
-def _resolve_backend(requested: str) -> str:
-    from catome_export.backends.select import choose_backend
-
-    if requested == "trt":
-        choose_backend("trt")  # CatomeError naming TensorRT and how to install it when it cannot run here
-        return "trt"
-    if requested == "auto":
-        try:
-            return "trt" if choose_backend("auto").name == "trt" else "ort"
-        except CatomeError:
-            return "ort"  # no runtime backend at all: the graphs can still be built
-    return "ort"
-
-
 def _opt_latent(opts: BuildOptions) -> int:
     lo, hi = opts.resolution
     return min(max(opts.default_resolution, lo), hi) // 8
 
 
-def _calibrate_schedule(opts: BuildOptions, unet: torch.nn.Module, spec: str, progress: Progress) -> MergeSettings:
-    from catome_export.analysis.calibrate import resolve_schedule
-
+def _calibrate_schedule(opts: BuildOptions, schedule: AutoSchedule, unet: torch.nn.Module,
+                        progress: Progress) -> MergeSettings:
     s = opts.settings
-    progress(f"calibrating schedule {spec} on the model")
-    schedule = resolve_schedule(spec, unet, s.schedule.step_base, threshold=s.threshold, ratio=s.ratio,
+    progress(f"calibrating schedule {schedule.name} on the model")
+    resolved = resolve_schedule(schedule, unet, schedule.step_base, threshold=s.threshold, ratio=s.ratio,
                                 latent_hw=(_opt_latent(opts),) * 2, max_downsample=s.max_downsample,
                                 stride=s.stride)
-    return replace(s, schedule=schedule)
+    return replace(s, schedule=resolved)
 
 
-def run_build(opts: BuildOptions, progress: Progress | None = None, schedule_spec: str | None = None, *,
-              force: bool = False) -> BuildResult:
+def build_folder(opts: BuildOptions, progress: Progress | None = None, *,
+                 engine_backend: EngineBackend = EngineBackend.ORT,
+                 verifier: Verifier | None = None) -> BuildResult:
     """Build the engine folder ``opts.out_dir`` (see the module docstring for the steps and atomicity).
 
-    An existing folder is replaced only when every file in it was made by a build (its manifest lists them);
-    other files are refused before any work starts, unless ``force`` (then they are removed with the old build).
+    ``engine_backend``: the engines to make (``trt``: TensorRT plans too);
+    ``verifier``: the eager comparison that decides whether the folder is
+    installed (:func:`catome_export.workflows.build.run_build` passes the
+    runtime's); without one, a build asked to verify records that it was not.
+    An existing folder is replaced only when every file in it was made by a
+    build (its manifest lists them); other files are refused before any work
+    starts, unless ``opts.force`` (then they are removed with the old build).
     """
     say = progress or logger.info
     start = time.perf_counter()
-    backend = _resolve_backend(opts.backend)
+    backend = EngineBackend.parse(engine_backend, "engine backend")
     target = opts.out_dir
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -362,18 +466,18 @@ def run_build(opts: BuildOptions, progress: Progress | None = None, schedule_spe
     with BuildLock(target.parent / f".{target.name}.lock", str(target)):
         _recover_leftovers(target)
         _check_target(target)
-        _check_foreign(target, force)
+        _check_foreign(target, opts.force)
         tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         keep_tmp = False  # True once tmp is the installed build, or a failed one kept for inspection
         try:
             try:
                 tmp.mkdir()
-                result = _build_into(opts, tmp, backend, say, schedule_spec)
+                result = _build_into(opts, tmp, backend, say, verifier)
             except OSError as exc:
                 raise CatomeError(f"the build failed on a file operation ({exc}): check the free space and "
                                   f"permissions of {target.parent}; {target} was not changed") from exc
-            if result.verify is not None and not getattr(result.verify, "ok", True):
+            if result.verify is not None and not result.verify.ok:
                 failed = target.parent / f".{target.name}.failed"
                 shutil.rmtree(failed, ignore_errors=True)
                 try:
@@ -381,11 +485,11 @@ def run_build(opts: BuildOptions, progress: Progress | None = None, schedule_spe
                 except OSError:
                     failed = tmp
                     keep_tmp = True
-                summary = getattr(result.verify, "summary", lambda: "")()
+                summary = result.verify.summary()
                 raise CatomeError(f"the engine does not match eager CA-ToMe ({summary.splitlines()[0] if summary else ''})"
                                   f"; it was not installed: {target} is unchanged, the failed build is in {failed} "
                                   f"(inspect it with catome-export verify {failed})")
-            if not force:
+            if not opts.force:
                 _check_foreign(target, False)  # put there while this build ran
             try:
                 _swap_into_place(tmp, target)
@@ -405,29 +509,26 @@ def run_build(opts: BuildOptions, progress: Progress | None = None, schedule_spe
     return result
 
 
-def _build_into(opts: BuildOptions, folder: Path, backend: str, say: Progress,
-                schedule_spec: str | None) -> BuildResult:
-    from catome_export.export.stages import cut_unet
-    from catome_export.models import find_merge_sites, load_unet, model_info
-
+def _build_into(opts: BuildOptions, folder: Path, backend: EngineBackend, say: Progress,
+                verifier: Verifier | None) -> BuildResult:
     notes: list[str] = []
     dtype = precision_dtype(opts.precision)
     say(f"loading {opts.model} ({opts.weights} weights, {opts.precision})")
     unet = load_unet(opts.model, weights=opts.weights, dtype=dtype)
     settings = opts.settings
-    if schedule_spec is not None:
-        settings = _calibrate_schedule(replace(opts, settings=settings), unet, schedule_spec, say)
+    if opts.schedule is not None:
+        settings = _calibrate_schedule(opts, opts.schedule, unet, say)
     sites = find_merge_sites(unet, settings.max_downsample)
     stages = cut_unet(unet, sites, dtype, merge_crossattn=settings.merge_crossattn, merge_mlp=settings.merge_mlp)
     examples = example_inputs(stages, sites, unet.config, dtype, stride=settings.stride)
-    check_ort = opts.verify and opts.precision == "fp32"
+    check_ort = opts.verify and opts.precision == Precision.FP32
     if opts.verify and not check_ort:
         notes.append("per-stage ONNX Runtime check skipped: ONNX Runtime's CPU kernels lack fp16 ScatterElements "
                      "(add); fp16 graphs run on TensorRT or ONNX Runtime CUDA")
     quick: dict[int, float] | None = {} if check_ort else None
     exported: list[ExportedStage] = []
     fused: dict[int, OptimizedGraph] = {}
-    fuse = backend == "ort" and opts.ort_optimize
+    fuse = backend == EngineBackend.ORT and opts.ort_optimize
     n = len(stages)
     for spec, module in stages:
         say(f"exporting stage {spec.index + 1}/{n} ({_describe(spec)})")
@@ -461,24 +562,37 @@ def _build_into(opts: BuildOptions, folder: Path, backend: str, say: Progress,
     for finding in audit.errors[:10]:
         say(f"  {finding}")
     if not audit.passed:
-        if backend == "trt":
+        if backend == EngineBackend.TRT:
             raise CatomeError(f"the stage graphs use ops TensorRT cannot parse ({len(audit.errors)} errors, first: "
                               f"{audit.errors[0]}); build with --backend ort, or report the model layout")
         notes.append("the graphs would not parse in TensorRT (see the audit); ONNX Runtime can still run them")
     info = model_info(opts.model)
     manifest = _make_manifest(opts, unet, sites, stages, exported, settings, backend, audit, info)
-    for entry in manifest.stages:
-        if entry["index"] in fused:
-            entry["ort_optimized"] = fused[entry["index"]].entry()
+    manifest.stages = tuple(replace(s, ort_optimized=_fused_record(fused[s.index])) if s.index in fused else s
+                            for s in manifest.stages)
     del unet, stages, examples
-    if backend == "trt":
+    if backend == EngineBackend.TRT:
         _build_trt(folder, manifest, opts, say)
     manifest.save(folder)  # LAST: a folder without a manifest is never loaded
-    report = None
+    verdict = None
     if opts.verify:
-        report = _verify(folder, opts, backend, notes, say)
+        if verifier is None:
+            notes.append("verification skipped: this build was given no verifier (catome_export.workflows.build "
+                         "verifies); check it with catome-export verify")
+            say(notes[-1])
+        else:
+            verdict = verifier(folder, opts, backend, notes, say)
+            if verdict is not None and not isinstance(verdict, VerifyVerdict):
+                raise CatomeError(f"internal: the verifier returned a {type(verdict).__name__}, not a "
+                                  "VerifyVerdict, so the build cannot tell whether it passed; it was not installed")
     return BuildResult(manifest=manifest, engine_dir=folder, stages=exported, audit=audit, quick_check=quick,
-                       verify=report, backend=backend, seconds=0.0, notes=notes)
+                       verify=verdict, backend=backend, seconds=0.0, notes=notes)
+
+
+def _fused_record(graph: OptimizedGraph) -> FusedGraph:
+    return FusedGraph(file=graph.file, sha256=graph.sha256, bytes=graph.bytes, external_data=graph.external_data,
+                      external_data_sha256=graph.external_data_sha256, external_data_bytes=graph.external_data_bytes,
+                      fused=dict(graph.fused), attention_left=graph.attention_left)
 
 
 def _describe_fused(graph: OptimizedGraph) -> str:
@@ -487,7 +601,7 @@ def _describe_fused(graph: OptimizedGraph) -> str:
     return f"{ops}{left}, {graph.seconds:.1f} s"
 
 
-def _describe(spec) -> str:
+def _describe(spec: StageSpec) -> str:
     parts = []
     if spec.site is not None:
         parts.append(f"site {spec.site}")
@@ -502,15 +616,12 @@ def _mb(n: int) -> str:
 def _opt_fraction(opts: BuildOptions, settings: MergeSettings) -> float:
     if opts.opt_merge_fraction is not None:
         return float(opts.opt_merge_fraction)
-    return settings.merge_fraction if settings.merge_fraction is not None else 0.5
+    return settings.merge_fraction if settings.merge_fraction is not None else DEFAULT_OPT_MERGE_FRACTION
 
 
-def _make_manifest(opts: BuildOptions, unet, sites, stages, exported, settings: MergeSettings, backend: str,
-                   audit: AuditReport, info) -> Manifest:
-    import json
-
-    from catome_export.models import weights_hash
-
+def _make_manifest(opts: BuildOptions, unet: torch.nn.Module, sites: list[MergeSite],
+                   stages: list[tuple[StageSpec, torch.nn.Module]], exported: list[ExportedStage],
+                   settings: MergeSettings, backend: EngineBackend, audit: AuditReport, info: ModelInfo) -> Manifest:
     channels = {}
     for spec, _ in stages:
         for t in spec.outputs:
@@ -520,14 +631,14 @@ def _make_manifest(opts: BuildOptions, unet, sites, stages, exported, settings: 
     lo, hi = opts.resolution
     config = json.loads(json.dumps(dict(unet.config), default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
     opt_latent = _opt_latent(opts)
-    shapes = {
-        "batch": list(opts.batch), "latent_height": [lo // 8, hi // 8], "latent_width": [lo // 8, hi // 8],
-        "text_len": info.text_len, "text_dim": int(unet.config.cross_attention_dim),
-        "opt": {"batch": opts.batch[1], "latent_height": opt_latent, "latent_width": opt_latent,
-                "merge_fraction": _opt_fraction(opts, settings)},
-    }
-    cli = {"model": opts.model, "weights": opts.weights, "precision": opts.precision, "backend": opts.backend,
-           "name": opts.name, "out": str(opts.out_dir)}
+    shapes = ShapeRanges(batch=opts.batch, latent_height=(lo // 8, hi // 8), latent_width=(lo // 8, hi // 8),
+                         text_len=(info.text_len, info.text_len), opt_batch=opts.batch[1], opt_height=opt_latent,
+                         opt_width=opt_latent, opt_text_len=info.text_len,
+                         opt_merge_fraction=_opt_fraction(opts, settings),
+                         text_dim=int(unet.config.cross_attention_dim))
+    shapes.validate()
+    cli: dict[str, Any] = {"model": opts.model, "weights": str(opts.weights), "precision": str(opts.precision),
+                           "backend": str(opts.backend), "name": opts.name, "out": str(opts.out_dir)}
     cli.update({k: v for k, v in opts.cli.items() if v is not None})
     if not opts.ort_optimize:
         cli["ort_optimize"] = "off"
@@ -541,100 +652,22 @@ def _make_manifest(opts: BuildOptions, unet, sites, stages, exported, settings: 
         cli.update(min_batch=opts.batch[0], max_batch=opts.batch[1])
     return Manifest(
         name=opts.name,
-        model={"id": opts.model, "weights": opts.weights, "weights_hash": weights_hash(unet), "unet_config": config},
-        precision=opts.precision, merge=settings.to_dict(),
-        sites=[{"index": s.index, "path": s.path, "downsample": s.downsample, "channels": channels.get(s.index)}
-               for s in sites],
-        shapes=shapes, stages=[e.entry(spec) for e, (spec, _) in zip(exported, stages)],
-        engine_backend="ort", trt=None, tools=tool_versions(),
+        model=ModelRecord(id=opts.model, weights=str(opts.weights), weights_hash=weights_hash(unet),
+                          unet_config=config),
+        precision=str(opts.precision), merge=settings,
+        sites=tuple(replace(s, channels=channels.get(s.index)) for s in sites),
+        shapes=shapes, stages=tuple(e.record(spec) for e, (spec, _) in zip(exported, stages)),
+        engine_backend=str(EngineBackend.ORT), trt=None, tools=tool_versions(),
         extra={"build": cli, "build_command": build_command(cli), "audit": audit.to_dict(),
-               "export": {"exporter": opts.exporter, "opset": opts.opset,
-                          "ort_optimize": backend == "ort" and opts.ort_optimize}},
+               "export": {"exporter": str(opts.exporter), "opset": opts.opset,
+                          "ort_optimize": backend == EngineBackend.ORT and opts.ort_optimize}},
     )
 
 
 def _build_trt(folder: Path, manifest: Manifest, opts: BuildOptions, say: Progress) -> None:
     """TensorRT engines for every stage (catome_export.export.trt_build), recorded in the manifest."""
-    try:
-        from catome_export.export.trt_build import build_engines
-    except ImportError as exc:  # pragma: no cover - the module ships with the package
-        raise CatomeError(f"the TensorRT builder is unavailable ({exc}): build with --backend ort") from None
     manifest.engine_dir = folder
-    section = build_engines(folder, manifest, fp16=opts.precision == "fp16",
-                            progress=lambda k, n, msg: say(f"  stage {k + 1}/{n}: {msg}"))
-    engines = {int(e["index"]): {"file": e["file"], "sha256": e["sha256"], "bytes": e["bytes"]}
-               for e in section.get("engines", [])}
-    for entry in manifest.stages:
-        if entry["index"] not in engines:
-            raise CatomeError(f"TensorRT built no engine for stage {entry['index']}: rebuild with --backend trt")
-        entry["engine"] = engines[entry["index"]]
-    manifest.trt = {k: v for k, v in section.items() if k != "engines"}
-    manifest.engine_backend = "trt"
+    built = build_engines(folder, manifest, fp16=opts.precision == Precision.FP16,
+                          progress=lambda k, n, msg: say(f"  stage {k + 1}/{n}: {msg}"))
+    built.apply(manifest)
     manifest.tools = tool_versions()
-
-
-def _verify(folder: Path, opts: BuildOptions, backend: str, notes: list[str], say: Progress) -> Any | None:
-    """The runtime's step-by-step parity check against eager CA-ToMe (skipped where it cannot run)."""
-    try:
-        from catome_export.runtime.verify import verify_engine
-    except ImportError as exc:
-        notes.append(f"verification skipped: catome_export.runtime.verify is unavailable ({exc})")
-        say(notes[-1])
-        return None
-    run_on = "trt" if backend == "trt" else "ort"
-    if run_on == "ort" and opts.precision == "fp16":
-        from catome_export.backends.select import choose_backend
-
-        try:
-            if choose_backend("ort").name != "ort-cuda":
-                notes.append("verification skipped: fp16 graphs do not run on ONNX Runtime CPU (no fp16 "
-                             "ScatterElements add kernel); verify on a GPU with catome-export verify")
-                say(notes[-1])
-                return None
-        except CatomeError as exc:
-            notes.append(f"verification skipped: {exc}")
-            say(notes[-1])
-            return None
-    say(f"verifying against eager CA-ToMe ({opts.verify_steps} steps, backend {run_on})")
-    report = verify_engine(folder, steps=opts.verify_steps, backend=run_on)
-    differences = report.format_differences(limit=5)  # near-tie flips, and any plan difference that fails
-    if differences:
-        say(differences)
-    say(report.summary())
-    return report
-
-
-def build_engine(model: str, weights: str | None = None, precision: str = "fp32", backend: str = "auto",
-                 resolution: int | None = None, min_resolution: int | None = None,
-                 max_resolution: int | None = None, batch: int | None = None, min_batch: int | None = None,
-                 max_batch: int | None = None, settings: MergeSettings | None = None,
-                 out_dir: str | Path | None = None, name: str | None = None, verify: bool = True,
-                 progress: Progress | None = None, force: bool = False, **options: Any) -> Manifest:
-    """Build an engine folder and return its manifest (see :func:`run_build` for the full result).
-
-    ``options``: ``verify_steps``, ``exporter`` (``torchscript`` | ``dynamo``), ``opset``,
-    ``opt_merge_fraction`` (the merge level TensorRT profiles tune for), ``ort_optimize`` (bool: ONNX Runtime's
-    fused graphs beside the standard ones, default True), ``schedule``
-    (a schedule spec, ``auto:K`` included, that replaces ``settings.schedule``). ``force``: remove files in
-    an existing engine folder that no build made (otherwise the build refuses, naming them).
-    """
-    schedule = options.pop("schedule", None)
-    allowed = {"verify_steps", "exporter", "opset", "opt_merge_fraction", "ort_optimize"}
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise CatomeError(f"unknown build option(s) {', '.join(unknown)}: use {', '.join(sorted(allowed))}, schedule")
-    if settings is None:
-        from catome_export.models import model_info
-
-        settings = MergeSettings(max_downsample=model_info(model).max_downsample)  # the model's merge level
-    spec = None
-    if schedule is not None:
-        from catome_export.merging.schedules import parse_schedule
-
-        if isinstance(schedule, str) and schedule.strip().lower().startswith("auto:"):
-            spec = schedule
-        else:
-            settings = replace(settings, schedule=parse_schedule(schedule, settings.schedule.step_base))
-    opts = make_options(model, weights, precision, backend, resolution, min_resolution, max_resolution, batch,
-                        min_batch, max_batch, settings, name, out_dir, verify, **options)
-    return run_build(opts, progress, schedule_spec=spec, force=bool(force)).manifest

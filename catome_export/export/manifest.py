@@ -17,15 +17,20 @@ import json
 import logging
 import platform
 import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from catome_export._version import __version__
+from catome_export.choices import EngineBackend, Precision
 from catome_export.errors import CatomeError
 from catome_export.export.fsutil import atomic_write_text, sha256_file
+from catome_export.export.profiles import ShapeRanges
 from catome_export.export.stages import StageSpec
+from catome_export.merging.settings import MergeSettings
+from catome_export.models.sites import MergeSite
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +39,8 @@ MANIFEST_FILE = "manifest.json"
 CORE_KEYS = ("format_version", "catome_export_version", "name", "model", "precision", "merge", "sites", "shapes",
              "stages", "engine_backend", "trt", "tools", "created")
 """Keys every manifest has, in file order (``manifest_sha256`` comes last; other keys go in between)."""
-PRECISIONS = ("fp32", "fp16")
-ENGINE_BACKENDS = ("ort", "trt")
+PRECISIONS = Precision.values()
+ENGINE_BACKENDS = EngineBackend.values()
 
 
 def tool_versions() -> dict[str, str | None]:
@@ -54,7 +59,7 @@ def tool_versions() -> dict[str, str | None]:
     return versions
 
 
-def canonical_hash(data: dict) -> str:
+def canonical_hash(data: Mapping[str, Any]) -> str:
     """sha256 of the canonical JSON of ``data`` without its ``manifest_sha256`` key."""
     body = {k: v for k, v in data.items() if k != "manifest_sha256"}
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
@@ -67,41 +72,271 @@ def _generic_rebuild(engine_dir: Path) -> str:
     return f"catome-export build --model {model} --name {name} --out {shlex.quote(str(engine_dir))}"
 
 
+# -- the typed parts -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelRecord:
+    """The manifest's ``model`` section: which model, which weights."""
+
+    id: str
+    """``tiny``, ``sd15`` or a local diffusers folder."""
+    weights: str | None = None
+    """``pretrained`` or ``random``."""
+    weights_hash: str | None = None
+    unet_config: dict[str, Any] = field(default_factory=dict)
+    """The U-Net's diffusers config (JSON-ready)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "weights": self.weights, "weights_hash": self.weights_hash,
+                "unet_config": self.unet_config}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelRecord":
+        if not isinstance(data, Mapping) or not isinstance(data.get("id"), str):
+            raise ValueError("the model section is malformed")
+        config = data.get("unet_config") or {}
+        if not isinstance(config, dict):
+            raise ValueError("model.unet_config is not an object")
+        return cls(id=data["id"], weights=data.get("weights"), weights_hash=data.get("weights_hash"),
+                   unet_config=config)
+
+
+@dataclass(frozen=True)
+class EngineFile:
+    """A stage's TensorRT plan (the ``engine`` of a stage record)."""
+
+    file: str
+    sha256: str | None = None
+    bytes: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "sha256": self.sha256, "bytes": self.bytes}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "EngineFile":
+        return cls(file=str(data["file"]), sha256=data.get("sha256"),
+                   bytes=None if data.get("bytes") is None else int(data["bytes"]))
+
+
+@dataclass(frozen=True)
+class FusedGraph:
+    """A stage's ONNX Runtime fused graph (``stage_<k>.ort.onnx``, catome_export.export.ort_optimize)."""
+
+    file: str
+    sha256: str | None = None
+    bytes: int | None = None
+    external_data: str | None = None
+    external_data_sha256: str | None = None
+    external_data_bytes: int | None = None
+    fused: dict[str, int] = field(default_factory=dict)
+    """Contrib operator type -> count in the fused graph."""
+    attention_left: int = 0
+    """Softmax nodes left unfused."""
+
+    @property
+    def total_bytes(self) -> int:
+        return (self.bytes or 0) + (self.external_data_bytes or 0)
+
+    def files(self) -> list[tuple[str, int | None, str | None]]:
+        out = [(self.file, self.bytes, self.sha256)]
+        if self.external_data:
+            out.append((self.external_data, self.external_data_bytes, self.external_data_sha256))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"file": self.file, "external_data": self.external_data, "sha256": self.sha256,
+                             "bytes": self.bytes, "fused": dict(self.fused), "attention_left": self.attention_left}
+        if self.external_data is not None:
+            d["external_data_sha256"] = self.external_data_sha256
+            d["external_data_bytes"] = self.external_data_bytes
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "FusedGraph":
+        return cls(file=str(data["file"]), sha256=data.get("sha256"),
+                   bytes=None if data.get("bytes") is None else int(data["bytes"]),
+                   external_data=data.get("external_data") or None,
+                   external_data_sha256=data.get("external_data_sha256"),
+                   external_data_bytes=(None if data.get("external_data_bytes") is None
+                                        else int(data["external_data_bytes"])),
+                   fused={str(k): int(v) for k, v in (data.get("fused") or {}).items()},
+                   attention_left=int(data.get("attention_left") or 0))
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """One stage: its spec and the files that hold it."""
+
+    spec: StageSpec
+    file: str
+    """Graph file name, ``stage_<k>.onnx``."""
+    sha256: str | None = None
+    bytes: int | None = None
+    external_data: str | None = None
+    """Weights file (``stage_<k>.onnx.data``), None when the weights are inside the graph file."""
+    external_data_sha256: str | None = None
+    external_data_bytes: int | None = None
+    engine: EngineFile | None = None
+    """The TensorRT plan (None in an ONNX Runtime build)."""
+    ort_optimized: FusedGraph | None = None
+    """ONNX Runtime's fused form of the graph (ONNX Runtime builds with --ort-optimize on)."""
+
+    @property
+    def index(self) -> int:
+        return self.spec.index
+
+    def files(self) -> list[tuple[str, int | None, str | None]]:
+        """(file name, bytes, sha256) of every file of this stage."""
+        out = [(self.file, self.bytes, self.sha256)]
+        if self.external_data:
+            out.append((self.external_data, self.external_data_bytes, self.external_data_sha256))
+        if self.ort_optimized is not None:
+            out.extend(self.ort_optimized.files())
+        if self.engine is not None:
+            out.append((self.engine.file, self.engine.bytes, self.engine.sha256))
+        return out
+
+    @property
+    def total_bytes(self) -> int:
+        return (self.bytes or 0) + (self.external_data_bytes or 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"index": self.spec.index, "file": self.file, "external_data": self.external_data,
+                             "sha256": self.sha256, "bytes": self.bytes}
+        if self.external_data is not None:
+            d["external_data_sha256"] = self.external_data_sha256
+            d["external_data_bytes"] = self.external_data_bytes
+        spec = self.spec.to_dict()
+        d.update({"site": spec["site"], "next_site": spec["next_site"], "inputs": spec["inputs"],
+                  "outputs": spec["outputs"], "engine": None if self.engine is None else self.engine.to_dict()})
+        if self.ort_optimized is not None:
+            d["ort_optimized"] = self.ort_optimized.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "StageRecord":
+        engine = data.get("engine")
+        if engine is not None and not isinstance(engine, Mapping):
+            raise ValueError(f"stage {data.get('index')}: engine is not an object")
+        fused = data.get("ort_optimized")
+        if fused is not None and not isinstance(fused, Mapping):
+            raise ValueError(f"stage {data.get('index')}: ort_optimized is not an object")
+        return cls(spec=StageSpec.from_dict(dict(data)), file=str(data["file"]), sha256=data.get("sha256"),
+                   bytes=None if data.get("bytes") is None else int(data["bytes"]),
+                   external_data=data.get("external_data") or None,
+                   external_data_sha256=data.get("external_data_sha256"),
+                   external_data_bytes=(None if data.get("external_data_bytes") is None
+                                        else int(data["external_data_bytes"])),
+                   engine=None if engine is None else EngineFile.from_dict(engine),
+                   ort_optimized=None if fused is None else FusedGraph.from_dict(fused))
+
+
+def _site_to_dict(site: MergeSite) -> dict[str, Any]:
+    return {"index": site.index, "path": site.path, "downsample": site.downsample, "channels": site.channels}
+
+
+def _site_from_dict(data: Mapping[str, Any]) -> MergeSite:
+    channels = data.get("channels")
+    return MergeSite(int(data["index"]), str(data["path"]), int(data["downsample"]),
+                     channels=None if channels is None else int(channels))
+
+
+TRT_KEYS = ("version", "gpu", "compute_capability", "plugins", "plugin_library", "profiles", "opt_merge_fraction",
+            "fp16", "strongly_typed", "builder_optimization_level", "version_compatible",
+            "hardware_compatibility_level", "timing_cache")
+
+
+@dataclass(frozen=True)
+class TrtRecord:
+    """The manifest's ``trt`` section: how and where the TensorRT plans were built."""
+
+    version: str | None = None
+    gpu: str | None = None
+    compute_capability: str | None = None
+    plugins: tuple[str, ...] = ()
+    plugin_library: str | None = None
+    profiles: tuple[dict[str, dict[str, list[int]]], ...] = ()
+    """Per stage, input -> {"min", "opt", "max"} (``profiles_to_json``)."""
+    opt_merge_fraction: float | None = None
+    fp16: bool = False
+    strongly_typed: bool = True
+    builder_optimization_level: int | None = None
+    version_compatible: bool = False
+    hardware_compatibility_level: str = "none"
+    timing_cache: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Keys this version does not know (kept for the round trip)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"version": self.version, "gpu": self.gpu, "compute_capability": self.compute_capability,
+                             "plugins": list(self.plugins), "plugin_library": self.plugin_library,
+                             "profiles": list(self.profiles), "opt_merge_fraction": self.opt_merge_fraction,
+                             "fp16": self.fp16, "strongly_typed": self.strongly_typed,
+                             "builder_optimization_level": self.builder_optimization_level,
+                             "version_compatible": self.version_compatible,
+                             "hardware_compatibility_level": self.hardware_compatibility_level,
+                             "timing_cache": self.timing_cache}
+        d.update({k: v for k, v in self.extra.items() if k not in d})
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrtRecord":
+        if not isinstance(data, Mapping):
+            raise ValueError("the trt section is not an object")
+        frac = data.get("opt_merge_fraction")
+        level = data.get("builder_optimization_level")
+        return cls(
+            version=None if data.get("version") is None else str(data["version"]),
+            gpu=None if data.get("gpu") is None else str(data["gpu"]),
+            compute_capability=None if data.get("compute_capability") is None else str(data["compute_capability"]),
+            plugins=tuple(str(p) for p in data.get("plugins") or ()), plugin_library=data.get("plugin_library"),
+            profiles=tuple(data.get("profiles") or ()), opt_merge_fraction=None if frac is None else float(frac),
+            fp16=bool(data.get("fp16", False)), strongly_typed=bool(data.get("strongly_typed", True)),
+            builder_optimization_level=None if level is None else int(level),
+            version_compatible=bool(data.get("version_compatible", False)),
+            hardware_compatibility_level=str(data.get("hardware_compatibility_level") or "none"),
+            timing_cache=data.get("timing_cache"),
+            extra={k: v for k, v in data.items() if k not in TRT_KEYS},
+        )
+
+
 @dataclass
 class Manifest:
-    """Contents of ``manifest.json`` (see docs/export.md for every key)."""
+    """Contents of ``manifest.json``, parsed into typed parts (see docs/export.md for every key).
+
+    The on-disk format is unchanged by parsing: ``to_dict`` writes back the
+    JSON that ``from_dict`` read (format version :data:`FORMAT_VERSION`).
+    """
 
     name: str
-    model: dict
-    """``{"id", "weights", "weights_hash", "unet_config"}``."""
+    model: ModelRecord
     precision: str
-    merge: dict
-    """``MergeSettings.to_dict()``."""
-    sites: list[dict]
-    """``[{"index", "path", "downsample", "channels"}]``."""
-    shapes: dict
-    """``{"batch": [lo, hi], "latent_height": [lo, hi], "latent_width": [lo, hi], "text_len", "text_dim", "opt": {...}}``."""
-    stages: list[dict]
-    """Per stage: file, external_data, sha256, bytes, site, next_site, inputs, outputs, engine."""
+    """``fp32`` or ``fp16``."""
+    merge: MergeSettings
+    sites: tuple[MergeSite, ...]
+    shapes: ShapeRanges
+    stages: tuple[StageRecord, ...]
     engine_backend: str = "ort"
-    trt: dict | None = None
-    tools: dict = field(default_factory=tool_versions)
+    """``ort`` (ONNX graphs only) or ``trt`` (every stage has a TensorRT plan)."""
+    trt: TrtRecord | None = None
+    tools: dict[str, str | None] = field(default_factory=tool_versions)
     created: str = ""
     format_version: int = FORMAT_VERSION
     catome_export_version: str = __version__
-    extra: dict = field(default_factory=dict)
-    """Other top-level keys (``build``: the build arguments, ``audit``, ``export``)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Other top-level keys (``build``: the build arguments, ``build_command``, ``audit``, ``export``)."""
     manifest_sha256: str = ""
     engine_dir: Path | None = field(default=None, compare=False)
     """Folder it was loaded from or saved to (not stored)."""
 
     # -- (de)serialisation ------------------------------------------------------------
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
             "format_version": self.format_version, "catome_export_version": self.catome_export_version,
-            "name": self.name, "model": self.model, "precision": self.precision, "merge": self.merge,
-            "sites": self.sites, "shapes": self.shapes, "stages": self.stages,
-            "engine_backend": self.engine_backend, "trt": self.trt, "tools": self.tools, "created": self.created,
+            "name": self.name, "model": self.model.to_dict(), "precision": self.precision,
+            "merge": self.merge.to_dict(), "sites": [_site_to_dict(s) for s in self.sites],
+            "shapes": self.shapes.to_dict(), "stages": [s.to_dict() for s in self.stages],
+            "engine_backend": self.engine_backend, "trt": None if self.trt is None else self.trt.to_dict(),
+            "tools": self.tools, "created": self.created,
         }
         for key, value in self.extra.items():
             if key not in d and key != "manifest_sha256":
@@ -122,14 +357,21 @@ class Manifest:
         return path
 
     @classmethod
-    def from_dict(cls, data: dict, engine_dir: Path | None = None) -> "Manifest":
+    def from_dict(cls, data: Mapping[str, Any], engine_dir: Path | None = None) -> "Manifest":
+        """Parse every section (KeyError, TypeError, ValueError or CatomeError on a malformed one)."""
         known = set(CORE_KEYS) | {"manifest_sha256"}
+        stages = data["stages"]
+        sites = data["sites"]
+        if not isinstance(stages, list) or not isinstance(sites, list):
+            raise TypeError("stages and sites must be lists")
+        trt = data.get("trt")
         return cls(
-            name=data["name"], model=data["model"], precision=data["precision"], merge=data["merge"],
-            sites=data["sites"], shapes=data["shapes"], stages=data["stages"],
-            engine_backend=data["engine_backend"], trt=data.get("trt"), tools=data.get("tools") or {},
-            created=data.get("created", ""), format_version=data["format_version"],
-            catome_export_version=data.get("catome_export_version", ""),
+            name=str(data["name"]), model=ModelRecord.from_dict(data["model"]), precision=data["precision"],
+            merge=MergeSettings.from_dict(data["merge"]), sites=tuple(_site_from_dict(s) for s in sites),
+            shapes=ShapeRanges.from_dict(data["shapes"]), stages=tuple(StageRecord.from_dict(e) for e in stages),
+            engine_backend=data["engine_backend"], trt=None if trt is None else TrtRecord.from_dict(trt),
+            tools=dict(data.get("tools") or {}), created=data.get("created", ""),
+            format_version=data["format_version"], catome_export_version=data.get("catome_export_version", ""),
             extra={k: v for k, v in data.items() if k not in known},
             manifest_sha256=data.get("manifest_sha256", ""), engine_dir=engine_dir,
         )
@@ -171,9 +413,12 @@ class Manifest:
         if canonical_hash(data) != data["manifest_sha256"]:
             raise CatomeError(f"{path} was modified or damaged (its manifest_sha256 does not match its contents): "
                               f"rebuild with {generic}")
+        what = _first_malformed(data)
+        if what is not None:
+            raise CatomeError(f"engine {engine_dir}: {what}: rebuild it with {_rebuild_from(data, engine_dir)}")
         try:
             manifest = cls.from_dict(data, engine_dir)
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError, CatomeError) as exc:
             raise CatomeError(f"{path} is malformed ({exc}): rebuild with {generic}") from None
         manifest._validate()
         if check_files:
@@ -189,45 +434,16 @@ class Manifest:
             raise self._fail(f"unknown precision {self.precision!r}")
         if self.engine_backend not in ENGINE_BACKENDS:
             raise self._fail(f"unknown engine_backend {self.engine_backend!r}")
-        if not isinstance(self.stages, list) or not self.stages:
+        if not self.stages:
             raise self._fail("the manifest lists no stages")
-        if not isinstance(self.model, dict) or "id" not in self.model:
-            raise self._fail("the model section is malformed")
-        try:
-            specs = self.stage_specs()
-        except (KeyError, TypeError, ValueError, CatomeError) as exc:
-            raise self._fail(f"a stage spec is malformed ({exc})") from None
-        if [s.index for s in specs] != list(range(len(specs))):
+        if [s.index for s in self.stages] != list(range(len(self.stages))):
             raise self._fail("stage indices are not 0..K in order")
-        try:
-            self.settings()
-        except (KeyError, TypeError, ValueError, CatomeError) as exc:
-            raise self._fail(f"the merge settings are malformed ({exc})") from None
-        try:
-            self.ranges()
-        except (KeyError, TypeError, ValueError) as exc:
-            raise self._fail(f"the shapes section is malformed ({exc})") from None
-        if self.engine_backend == "trt" and not all(isinstance(e.get("engine"), dict) for e in self.stages):
+        if self.engine_backend == "trt" and not all(s.engine is not None for s in self.stages):
             raise self._fail("a TensorRT build lists a stage without an engine file")
 
     def files(self) -> list[tuple[str, int | None, str | None]]:
         """(file name, bytes, sha256) of every artifact the manifest vouches for."""
-        out = []
-        for entry in self.stages:
-            out.append((entry["file"], entry.get("bytes"), entry.get("sha256")))
-            if entry.get("external_data"):
-                out.append((entry["external_data"], entry.get("external_data_bytes"),
-                            entry.get("external_data_sha256")))
-            fused = entry.get("ort_optimized")  # ONNX Runtime's fused graph (export/ort_optimize.py), if built
-            if isinstance(fused, dict) and fused.get("file"):
-                out.append((fused["file"], fused.get("bytes"), fused.get("sha256")))
-                if fused.get("external_data"):
-                    out.append((fused["external_data"], fused.get("external_data_bytes"),
-                                fused.get("external_data_sha256")))
-            engine = entry.get("engine")
-            if isinstance(engine, dict) and engine.get("file"):
-                out.append((engine["file"], engine.get("bytes"), engine.get("sha256")))
-        return out
+        return [f for stage in self.stages for f in stage.files()]
 
     def check_files(self, check_hashes: bool = True) -> None:
         """Every listed file exists with its recorded size (and sha256)."""
@@ -246,52 +462,93 @@ class Manifest:
 
     # -- accessors ------------------------------------------------------------------------
     def stage_specs(self) -> list[StageSpec]:
-        return [StageSpec.from_dict(e) for e in self.stages]
+        return [s.spec for s in self.stages]
 
-    def settings(self):
-        from catome_export.merging.settings import MergeSettings
-
-        return MergeSettings.from_dict(self.merge)
-
-    def ranges(self) -> dict[str, tuple[int, int]]:
-        """Built ranges: batch, latent_height, latent_width as (lo, hi)."""
-        out = {}
-        for key in ("batch", "latent_height", "latent_width"):
-            value = self.shapes[key]
-            lo, hi = (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
-            out[key] = (lo, hi)
-        return out
+    @property
+    def dtype_name(self) -> str:
+        """The stages' float dtype name (``float32`` or ``float16``)."""
+        return "float16" if self.precision == "fp16" else "float32"
 
     def check_shapes(self, batch: int, latent_h: int, latent_w: int) -> None:
         """CatomeError unless (batch, latent size) lies inside the built ranges (naming them and the rebuild)."""
-        r = self.ranges()
-        problems, overrides = [], {}
-        if not r["batch"][0] <= batch <= r["batch"][1]:
-            problems.append(f"batch {batch} is outside the built range {r['batch'][0]}..{r['batch'][1]}")
-            overrides.update(min_batch=min(batch, r["batch"][0]), max_batch=max(batch, r["batch"][1]))
-        for key, value in (("latent_height", latent_h), ("latent_width", latent_w)):
-            lo, hi = r[key]
+        r = self.shapes
+        problems: list[str] = []
+        overrides: dict[str, int] = {}
+        if not r.batch[0] <= batch <= r.batch[1]:
+            problems.append(f"batch {batch} is outside the built range {r.batch[0]}..{r.batch[1]}")
+            overrides.update(min_batch=min(batch, r.batch[0]), max_batch=max(batch, r.batch[1]))
+        for key, (lo, hi), value in (("latent_height", r.latent_height, latent_h),
+                                     ("latent_width", r.latent_width, latent_w)):
             if not lo <= value <= hi:
                 problems.append(f"{key.replace('_', ' ')} {value} ({value * 8} px) is outside the built range "
                                 f"{lo}..{hi} ({lo * 8}..{hi * 8} px)")
         if problems:
-            lows = [r["latent_height"][0], r["latent_width"][0], latent_h, latent_w]
-            highs = [r["latent_height"][1], r["latent_width"][1], latent_h, latent_w]
+            lows = [r.latent_height[0], r.latent_width[0], latent_h, latent_w]
+            highs = [r.latent_height[1], r.latent_width[1], latent_h, latent_w]
             if any("latent" in p for p in problems):
                 overrides.update(min_resolution=8 * min(lows), max_resolution=8 * max(highs))
             raise CatomeError(f"engine {self.name}: {'; '.join(problems)}. Use a size inside the range, or rebuild "
                               f"for it: {self.rebuild_command(**overrides)}")
 
     def rebuild_command(self, **overrides: Any) -> str:
-        """The ``catome-export build`` command that makes this folder again (with ``overrides`` of its flags)."""
-        args = dict(self.extra.get("build") or {})
-        if not args:
-            args = {"model": self.model.get("id", "MODEL"), "weights": self.model.get("weights"),
-                    "precision": self.precision, "name": self.name}
-            if self.engine_dir is not None:
-                args["out"] = str(self.engine_dir)
+        """The ``catome-export build`` command that makes this folder again (with ``overrides`` of its flags).
+
+        It formats the build arguments the manifest recorded; a manifest
+        without them gets them reconstructed from its model, precision, merge
+        settings, shape ranges and TensorRT section.
+        """
+        recorded = self.extra.get("build")
+        if isinstance(recorded, Mapping) and recorded:
+            return build_command({**recorded, **overrides})
+        s, merge = self.shapes, self.merge
+        args: dict[str, Any] = {"model": self.model.id or self.name, "weights": self.model.weights,
+                                "precision": self.precision, "name": self.name}
+        for key in ("threshold", "ratio", "merge_fraction"):
+            value = getattr(merge, key)
+            if value is not None:
+                args[key] = f"{value:g}"
+                break
+        schedule = merge.schedule
+        args["schedule"] = schedule.name if schedule.name != "custom" else ",".join(str(c) for c in
+                                                                                     schedule.checkpoints)
+        args["step_base"] = schedule.step_base
+        args.update(min_batch=s.batch[0], max_batch=s.batch[1],  # the CLI takes square pixel sizes: cover both
+                    min_resolution=8 * min(s.latent_height[0], s.latent_width[0]),
+                    max_resolution=8 * max(s.latent_height[1], s.latent_width[1]))
+        frac = self.trt.opt_merge_fraction if self.trt is not None else None
+        if frac is None:
+            frac = s.opt_merge_fraction
+        if frac is not None:
+            args["opt_merge_fraction"] = f"{float(frac):g}"
+        args["out"] = str(self.engine_dir) if self.engine_dir is not None else f"engines/{self.name}"
         args.update(overrides)
         return build_command(args)
+
+
+def _rebuild_from(data: Mapping[str, Any], engine_dir: Path) -> str:
+    """The rebuild command of a manifest dict that does not parse: its recorded build arguments, else its model."""
+    recorded = data.get("build")
+    if isinstance(recorded, Mapping) and recorded:
+        return build_command(recorded)
+    model = data.get("model") if isinstance(data.get("model"), Mapping) else {}
+    return build_command({"model": model.get("id", "MODEL"), "weights": model.get("weights"),
+                          "precision": data.get("precision"), "name": data.get("name"), "out": str(engine_dir)})
+
+
+def _first_malformed(data: Mapping[str, Any]) -> str | None:
+    """The first section of a manifest dict that does not parse, in the words the load error uses."""
+    if not isinstance(data.get("stages"), list) or not data["stages"]:
+        return "the manifest lists no stages"
+    if not isinstance(data.get("model"), Mapping) or "id" not in data["model"]:
+        return "the model section is malformed"
+    for what, parse in (("a stage spec is malformed", lambda: [StageRecord.from_dict(e) for e in data["stages"]]),
+                        ("the merge settings are malformed", lambda: MergeSettings.from_dict(data["merge"])),
+                        ("the shapes section is malformed", lambda: ShapeRanges.from_dict(data["shapes"]))):
+        try:
+            parse()
+        except (KeyError, TypeError, ValueError, AttributeError, CatomeError) as exc:
+            return f"{what} ({exc})"
+    return None
 
 
 FLAG_ORDER = ("model", "weights", "precision", "backend", "resolution", "min_resolution", "max_resolution", "batch",
@@ -299,7 +556,7 @@ FLAG_ORDER = ("model", "weights", "precision", "backend", "resolution", "min_res
               "opt_merge_fraction", "ort_optimize", "name", "out")
 
 
-def build_command(args: dict) -> str:
+def build_command(args: Mapping[str, Any]) -> str:
     """Format build arguments as a ``catome-export build`` command line (``None`` values left out)."""
     args = dict(args)
     if "min_resolution" in args or "max_resolution" in args:

@@ -24,12 +24,14 @@ from typing import Sequence
 import torch
 
 from catome_export._version import __version__
+from catome_export.choices import Exporter
 from catome_export.errors import CatomeError
 from catome_export.export._threads import torch_threads
 from catome_export.export.external_data import (
     WeightsFile, all_tensors, gather_weights, is_external, needs_external_data, save_graph,
 )
 from catome_export.export.fsutil import sha256_file
+from catome_export.export.manifest import StageRecord
 from catome_export.export.stages import StageModule, StageSpec, run_stages
 from catome_export.merging.matching import match_tokens, partition
 from catome_export.models.conditioning import conditioning_for_config
@@ -39,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 OPSET = 17
 """ONNX opset of the exported graphs (ScatterElements with a reduction needs >= 16; LayerNormalization 17)."""
-EXPORTERS = ("torchscript", "dynamo")
+EXPORTERS = Exporter.values()
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 """Stages whose weights exceed this many bytes keep them in ``stage_<k>.onnx.data`` (margin under 2 GB)."""
 EXAMPLE_SHAPE = (2, (16, 16), 7)
@@ -64,17 +66,11 @@ class ExportedStage:
     seconds: float
     """Export time."""
 
-    def entry(self, spec: StageSpec) -> dict:
-        """The manifest ``stages`` item for this file and its spec."""
-        d = {"index": self.index, "file": self.file, "external_data": self.external_data,
-             "sha256": self.sha256, "bytes": self.bytes}
-        if self.external_data is not None:
-            d["external_data_sha256"] = self.external_data_sha256
-            d["external_data_bytes"] = self.external_data_bytes
-        spec_d = spec.to_dict()
-        d.update({"site": spec_d["site"], "next_site": spec_d["next_site"], "inputs": spec_d["inputs"],
-                  "outputs": spec_d["outputs"], "engine": None})
-        return d
+    def record(self, spec: StageSpec) -> StageRecord:
+        """The manifest's record of this file and its spec."""
+        return StageRecord(spec=spec, file=self.file, sha256=self.sha256, bytes=self.bytes,
+                           external_data=self.external_data, external_data_sha256=self.external_data_sha256,
+                           external_data_bytes=self.external_data_bytes)
 
     @property
     def total_bytes(self) -> int:

@@ -54,16 +54,17 @@ import re
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
+from catome_export.defaults import DEFAULT_OPT_MERGE_FRACTION, DEFAULT_TEXT_LEN
 from catome_export.errors import CatomeError
 
+if TYPE_CHECKING:  # the manifest module imports ShapeRanges from here
+    from catome_export.export.manifest import Manifest
+    from catome_export.export.stages import StageSpec
+    from catome_export.models.sites import MergeSite
+
 logger = logging.getLogger(__name__)
-
-DEFAULT_OPT_MERGE_FRACTION = 0.5
-"""Opt merge level when neither the flag nor the manifest gives one."""
-
-DEFAULT_TEXT_LEN = 77
 
 Shape = tuple[int, ...]
 ProfileShapes = tuple[Shape, Shape, Shape]
@@ -96,6 +97,26 @@ class ShapeRanges:
     """Text length TensorRT tunes for."""
     opt_merge_fraction: float | None = None
     """Expected merged share of src tokens (None: not given)."""
+    text_dim: int | None = None
+    """Width of the text embeddings (recorded by a build; None where not known)."""
+    opt_text_len_given: bool = False
+    """The opt text length was written out (kept so that a manifest reads back as it was written)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest's ``shapes`` section (inverse of :meth:`from_dict`)."""
+        lo, hi = self.text_len
+        d: dict[str, Any] = {"batch": list(self.batch), "latent_height": list(self.latent_height),
+                             "latent_width": list(self.latent_width), "text_len": lo if lo == hi else [lo, hi]}
+        if self.text_dim is not None:
+            d["text_dim"] = self.text_dim
+        opt: dict[str, Any] = {"batch": self.opt_batch, "latent_height": self.opt_height,
+                               "latent_width": self.opt_width}
+        if self.opt_text_len_given:
+            opt["text_len"] = self.opt_text_len
+        if self.opt_merge_fraction is not None:
+            opt["merge_fraction"] = self.opt_merge_fraction
+        d["opt"] = opt
+        return d
 
     @classmethod
     def from_dict(cls, shapes: Mapping[str, Any]) -> "ShapeRanges":
@@ -117,6 +138,8 @@ class ShapeRanges:
             opt_width=int(opt.get("latent_width", lw[1])),
             opt_text_len=int(opt.get("text_len", text[1])),
             opt_merge_fraction=None if frac is None else float(frac),
+            text_dim=None if shapes.get("text_dim") is None else int(shapes["text_dim"]),
+            opt_text_len_given="text_len" in opt,
         )
         ranges.validate()
         return ranges
@@ -158,6 +181,10 @@ class SiteGeometry:
 
     def grid(self, h: int, w: int) -> tuple[int, int]:
         return -(-h // self.downsample), -(-w // self.downsample)
+
+
+SiteLike = Union["MergeSite", SiteGeometry]
+"""A merge site as profiles see it: its index and downsample factor."""
 
 
 def num_dst(grid: tuple[int, int], stride: tuple[int, int] = (2, 2)) -> int:
@@ -246,54 +273,7 @@ def resolve_dim(dim: str | int, env: DimEnv, extra: Mapping[str, DimRule] | None
                       "H2/W2/H4/W4/H8/W8, N{k}, K{k}, R{k}; pass a rule for it (extra_dims)")
 
 
-def manifest_field(obj: Any, key: str) -> Any:
-    """A manifest field, whether the manifest is a dict or an object with attributes (None if absent)."""
-    if isinstance(obj, Mapping):
-        return obj.get(key)
-    if hasattr(obj, key):
-        return getattr(obj, key)
-    data = getattr(obj, "data", None)
-    if isinstance(data, Mapping):
-        return data.get(key)
-    to_dict = getattr(obj, "to_dict", None)
-    if callable(to_dict):
-        return to_dict().get(key)
-    return None
-
-
-def _specs_and_context(manifest_or_specs: Any) -> tuple[list[Any], Any]:
-    if isinstance(manifest_or_specs, (list, tuple)):
-        return list(manifest_or_specs), None
-    stage_specs = getattr(manifest_or_specs, "stage_specs", None)
-    if callable(stage_specs):
-        return list(stage_specs()), manifest_or_specs
-    raise CatomeError("compute_profiles needs a Manifest or a list of StageSpec")
-
-
-def sites_from(manifest: Any) -> dict[int, SiteGeometry]:
-    """Merge-site geometry from a manifest's ``sites`` list (dicts or MergeSite objects)."""
-    out: dict[int, SiteGeometry] = {}
-    for site in manifest_field(manifest, "sites") or []:
-        index = site["index"] if isinstance(site, Mapping) else site.index
-        ds = site.get("downsample", 1) if isinstance(site, Mapping) else getattr(site, "downsample", 1)
-        out[int(index)] = SiteGeometry(int(index), int(ds))
-    return out
-
-
-def _stride_from(manifest: Any) -> tuple[int, int] | None:
-    settings = getattr(manifest, "settings", None)
-    if callable(settings):
-        try:
-            return tuple(settings().stride)  # type: ignore[return-value]
-        except Exception:  # a damaged merge section is reported by Manifest.load, not here
-            pass
-    merge = manifest_field(manifest, "merge")
-    if isinstance(merge, Mapping) and merge.get("stride"):
-        return tuple(int(s) for s in merge["stride"])  # type: ignore[return-value]
-    return None
-
-
-def _spec_sites(specs: Sequence[Any]) -> dict[int, SiteGeometry]:
+def _spec_sites(specs: Sequence[StageSpec]) -> dict[int, SiteGeometry]:
     """Sites named by the specs' symbolic dims, at downsample 1 (when no manifest gives their geometry)."""
     found: set[int] = set()
     for spec in specs:
@@ -306,11 +286,11 @@ def _spec_sites(specs: Sequence[Any]) -> dict[int, SiteGeometry]:
 
 
 def compute_profiles(
-    manifest_or_specs: Any,
+    manifest_or_specs: Manifest | Sequence[StageSpec],
     shapes: Mapping[str, Any] | ShapeRanges | None = None,
     opt_merge_fraction: float | None = None,
     *,
-    sites: Sequence[Any] | Mapping[int, SiteGeometry] | None = None,
+    sites: Sequence[SiteLike] | None = None,
     stride: tuple[int, int] | None = None,
     extra_dims: Mapping[str, DimRule] | None = None,
 ) -> list[StageProfile]:
@@ -318,19 +298,23 @@ def compute_profiles(
 
     ``manifest_or_specs``: a Manifest (its stage specs, sites, stride and
     shapes are used) or a list of StageSpec. ``shapes``: the shape ranges
-    (the manifest's ``shapes`` dict); taken from the manifest when None.
-    ``opt_merge_fraction``: expected merged share of the src tokens for the
-    opt corner; defaults to ``shapes["opt"]["merge_fraction"]``, then
-    :data:`DEFAULT_OPT_MERGE_FRACTION`. ``sites``: MergeSite objects, dicts
-    with index/downsample, or SiteGeometry; defaults to the manifest's sites
-    (or downsample 1 for every site the specs name). ``stride``: the dst cell
+    (a ShapeRanges, or the manifest's ``shapes`` dict); taken from the
+    manifest when None. ``opt_merge_fraction``: expected merged share of
+    the src tokens for the opt corner; defaults to the ranges' opt merge
+    fraction, then :data:`DEFAULT_OPT_MERGE_FRACTION`. ``sites``: MergeSite
+    or SiteGeometry objects; defaults to the manifest's sites (or
+    downsample 1 for every site the specs name). ``stride``: the dst cell
     size; defaults to the manifest's merge settings, then (2, 2).
     """
-    specs, manifest = _specs_and_context(manifest_or_specs)
+    if isinstance(manifest_or_specs, (list, tuple)):
+        specs, manifest = list(manifest_or_specs), None
+    else:
+        manifest = manifest_or_specs
+        specs = manifest.stage_specs()
     if shapes is None:
-        shapes = manifest_field(manifest, "shapes") if manifest is not None else None
-        if shapes is None:
+        if manifest is None:
             raise CatomeError("compute_profiles needs the shape ranges (the manifest's 'shapes' section)")
+        shapes = manifest.shapes
     ranges = shapes if isinstance(shapes, ShapeRanges) else ShapeRanges.from_dict(shapes)
 
     fraction = opt_merge_fraction if opt_merge_fraction is not None else ranges.opt_merge_fraction
@@ -341,23 +325,11 @@ def compute_profiles(
             math.isfinite(fraction) and 0.0 <= fraction <= 1.0):
         raise CatomeError(f"--opt-merge-fraction must be a number in [0, 1], got {fraction!r}")
 
-    if sites is None:
-        geometry = sites_from(manifest) if manifest is not None else {}
-        if not geometry:
-            geometry = _spec_sites(specs)
-    elif isinstance(sites, Mapping):
-        geometry = dict(sites)
-    else:
-        geometry = {}
-        for s in sites:
-            if isinstance(s, SiteGeometry):
-                geometry[s.index] = s
-            elif isinstance(s, Mapping):
-                geometry[int(s["index"])] = SiteGeometry(int(s["index"]), int(s.get("downsample", 1)))
-            else:
-                geometry[int(s.index)] = SiteGeometry(int(s.index), int(getattr(s, "downsample", 1)))
+    if sites is None and manifest is not None:
+        sites = manifest.sites
+    geometry = {s.index: SiteGeometry(s.index, s.downsample) for s in sites or ()} or _spec_sites(specs)
     if stride is None:
-        stride = (_stride_from(manifest) if manifest is not None else None) or (2, 2)
+        stride = manifest.merge.stride if manifest is not None else (2, 2)
     stride = (int(stride[0]), int(stride[1]))
 
     envs = {

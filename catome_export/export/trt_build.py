@@ -25,13 +25,18 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from catome_export.errors import CatomeError
+from catome_export.tensorrt_support import import_tensorrt, require_polygraphy
 from catome_export.export.fsutil import atomic_write_bytes, sha256_file
-from catome_export.export.profiles import StageProfile, compute_profiles, profiles_to_json
+from catome_export.export.manifest import EngineFile, Manifest, TrtRecord
+from catome_export.export.profiles import (
+    DEFAULT_OPT_MERGE_FRACTION, StageProfile, compute_profiles, profiles_to_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -93,29 +98,7 @@ def scan_onnx_ops(onnx_path: Path) -> dict[str, Any]:
 
 
 def _import_tensorrt() -> Any:
-    from catome_export.backends.select import choose_backend, import_tensorrt
-
-    choose_backend("trt")  # raises CatomeError naming TensorRT and the install command, or the missing GPU
-    return import_tensorrt()
-
-
-def _stage_entries(manifest: Any) -> list[Mapping[str, Any]]:
-    stages = getattr(manifest, "stages", None)
-    if stages is None and isinstance(manifest, Mapping):
-        stages = manifest.get("stages")
-    if stages is None:
-        to_dict = getattr(manifest, "to_dict", None)
-        stages = to_dict().get("stages") if callable(to_dict) else None
-    if not stages:
-        raise CatomeError("the manifest lists no stages: rebuild the engine folder (catome-export build ...)")
-    return [s if isinstance(s, Mapping) else s.to_dict() for s in stages]
-
-
-def _precision(manifest: Any) -> str:
-    value = getattr(manifest, "precision", None)
-    if value is None and isinstance(manifest, Mapping):
-        value = manifest.get("precision")
-    return str(value or "fp32")
+    return import_tensorrt()  # CatomeError naming TensorRT and the install command
 
 
 def shared_timing_cache(trt_version: str, gpu_name: str, compute_capability: str) -> Path | None:
@@ -141,20 +124,39 @@ def gpu_info() -> tuple[str, str]:
     """(name, "major.minor" compute capability) of the current CUDA device."""
     import torch
 
+    if not torch.cuda.is_available():
+        raise CatomeError("TensorRT needs a CUDA device and a CUDA build of torch; use --backend ort on this machine")
     index = torch.cuda.current_device()
     return torch.cuda.get_device_name(index), ".".join(str(v) for v in torch.cuda.get_device_capability(index))
 
 
+@dataclass(frozen=True)
+class TrtBuild:
+    """What :func:`build_engines` made: the manifest's ``trt`` record and one plan per stage, in stage order."""
+
+    record: TrtRecord
+    engines: tuple[EngineFile, ...]
+
+    def apply(self, manifest: Manifest) -> None:
+        """Record the plans in ``manifest`` (its ``trt`` section, every stage's engine, ``engine_backend`` trt)."""
+        if len(self.engines) != len(manifest.stages):
+            raise CatomeError(f"TensorRT built {len(self.engines)} engines for {len(manifest.stages)} stages: "
+                              "rebuild with --backend trt")
+        manifest.stages = tuple(replace(s, engine=e) for s, e in zip(manifest.stages, self.engines))
+        manifest.trt = self.record
+        manifest.engine_backend = "trt"
+
+
 def build_engines(
     engine_dir: str | Path,
-    manifest: Any,
+    manifest: Manifest,
     *,
     fp16: bool,
     builder_optimization_level: int = 3,
     opt_merge_fraction: float | None = None,
     timing_cache: str | Path | None = None,
     progress: Progress | None = None,
-) -> dict[str, Any]:
+) -> TrtBuild:
     """Build ``stage_<k>.plan`` for every stage of ``manifest`` in ``engine_dir``; return the ``trt`` section.
 
     ``fp16``: build fp16 engines; they come from the fp16 export (the
@@ -169,32 +171,28 @@ def build_engines(
     (:func:`shared_timing_cache`), which is updated at the end.
     ``progress(k, n, message)`` is called before and after each stage.
 
-    The returned dict holds the TensorRT version, GPU name, compute
-    capability, plugins, profiles, build flags, and per-stage ``engines``
-    entries (``{"index", "file", "sha256", "bytes"}``) for the manifest's
-    ``stages[k]["engine"]``.
+    The result holds the ``trt`` record (TensorRT version, GPU name, compute
+    capability, plugins, profiles, build flags) and one :class:`EngineFile`
+    per stage; :meth:`TrtBuild.apply` puts both into a manifest.
     """
     engine_dir = Path(engine_dir)
     if isinstance(builder_optimization_level, bool) or builder_optimization_level not in range(0, 6):
         raise CatomeError(f"builder optimisation level must be an int in 0..5, got {builder_optimization_level!r}")
     trt = _import_tensorrt()
-    from catome_export.backends.select import require_polygraphy
-
     require_polygraphy()
     from polygraphy.backend.trt import CreateConfig, NetworkFromOnnxPath, Profile, engine_bytes_from_network
     from polygraphy.backend.trt import util as trt_util
     from polygraphy.exception import PolygraphyException
 
-    entries = _stage_entries(manifest)
+    entries = manifest.stages
+    if not entries:
+        raise CatomeError("the manifest lists no stages: rebuild the engine folder (catome-export build ...)")
     profiles = compute_profiles(manifest, None, opt_merge_fraction)
-    if len(profiles) != len(entries):
-        raise CatomeError(f"the manifest has {len(entries)} stages but {len(profiles)} stage specs: "
-                          "rebuild the engine folder (catome-export build ...)")
     cache_path = Path(timing_cache) if timing_cache is not None else engine_dir / "timing.cache"
     name, cc = gpu_info()
     shared = shared_timing_cache(str(trt.__version__), name, cc)
     seed = cache_path if cache_path.is_file() else shared if shared is not None and shared.is_file() else None
-    precision = _precision(manifest)
+    precision = manifest.precision
     if fp16 and precision != "fp16":
         raise CatomeError("fp16 TensorRT engines are built from the fp16 ONNX export (TensorRT 11 has no fp16 "
                           "builder flag): export the stages in fp16 (catome-export build ... --precision fp16 "
@@ -203,10 +201,10 @@ def build_engines(
     trt_logger = trt_util.get_trt_logger()
     plugins_loaded = False
     all_plugins: set[str] = set()
-    engines: list[dict[str, Any]] = []
-    for i, (entry, profile) in enumerate(zip(entries, profiles)):
-        index = int(entry.get("index", i))
-        onnx_path = engine_dir / str(entry.get("file") or f"stage_{index}.onnx")
+    engines: list[EngineFile] = []
+    for entry, profile in zip(entries, profiles):
+        index = entry.index
+        onnx_path = engine_dir / entry.file
         if not onnx_path.is_file():
             raise CatomeError(f"{onnx_path} is missing: export the stages first (catome-export build ...)")
         ops = scan_onnx_ops(onnx_path)
@@ -227,8 +225,7 @@ def build_engines(
                           PolygraphyException)
         plan_path = engine_dir / plan_file(index)
         atomic_write_bytes(plan_path, data)
-        engines.append({"index": index, "file": plan_path.name, "sha256": sha256_file(plan_path),
-                        "bytes": plan_path.stat().st_size})
+        engines.append(EngineFile(plan_path.name, sha256_file(plan_path), plan_path.stat().st_size))
         logger.info("stage %d: %s (%.1f MB)", index, plan_path.name, plan_path.stat().st_size / 1e6)
         if progress:
             progress(index, len(entries), f"built {plan_path.name}")
@@ -238,31 +235,28 @@ def build_engines(
             atomic_write_bytes(shared, cache_path.read_bytes())
         except OSError as exc:  # the shared copy only speeds up later builds
             logger.debug("could not update the shared timing cache %s: %s", shared, exc)
-    return {
-        "version": str(trt.__version__),
-        "gpu": name,
-        "compute_capability": cc,
-        "plugins": sorted(all_plugins),
-        "plugin_library": PLUGIN_LIBRARY if all_plugins else None,
-        "profiles": profiles_to_json(profiles),
-        "opt_merge_fraction": _opt_fraction(manifest, opt_merge_fraction),
-        "fp16": use_fp16,
-        "strongly_typed": True,
-        "builder_optimization_level": builder_optimization_level,
-        "version_compatible": False,
-        "hardware_compatibility_level": "none",
-        "timing_cache": cache_path.name if cache_path.parent == engine_dir else str(cache_path),
-        "engines": engines,
-    }
+    record = TrtRecord(
+        version=str(trt.__version__),
+        gpu=name,
+        compute_capability=cc,
+        plugins=tuple(sorted(all_plugins)),
+        plugin_library=PLUGIN_LIBRARY if all_plugins else None,
+        profiles=tuple(profiles_to_json(profiles)),
+        opt_merge_fraction=_opt_fraction(manifest, opt_merge_fraction),
+        fp16=use_fp16,
+        strongly_typed=True,
+        builder_optimization_level=builder_optimization_level,
+        version_compatible=False,
+        hardware_compatibility_level="none",
+        timing_cache=cache_path.name if cache_path.parent == engine_dir else str(cache_path),
+    )
+    return TrtBuild(record, tuple(engines))
 
 
-def _opt_fraction(manifest: Any, given: float | None) -> float:
-    from catome_export.export.profiles import DEFAULT_OPT_MERGE_FRACTION, ShapeRanges, manifest_field
-
+def _opt_fraction(manifest: Manifest, given: float | None) -> float:
     if given is not None:
         return float(given)
-    shapes = manifest_field(manifest, "shapes")
-    frac = ShapeRanges.from_dict(shapes).opt_merge_fraction if shapes else None
+    frac = manifest.shapes.opt_merge_fraction
     return DEFAULT_OPT_MERGE_FRACTION if frac is None else frac
 
 

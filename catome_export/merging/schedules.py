@@ -117,7 +117,7 @@ def parse_schedule(spec: ScheduleSpec, step_base: int = 1) -> Schedule:
             return Schedule(EVERY_STEP, None, step_base)
         if key in NAMED_SCHEDULES:
             return Schedule(key, NAMED_SCHEDULES[key], step_base)
-        if key.startswith("auto:"):
+        if key.startswith(AUTO_PREFIX):
             raise CatomeError(
                 f"schedule {spec!r} needs a calibration run: pass it to apply_catome or build, "
                 "which calibrate on the model"
@@ -129,3 +129,56 @@ def parse_schedule(spec: ScheduleSpec, step_base: int = 1) -> Schedule:
     if isinstance(spec, (list, tuple, range)):
         return Schedule("custom", _check_list(spec, repr(list(spec))), step_base)
     raise CatomeError(f"schedule must be a name or a list of step numbers, got {type(spec).__name__}")
+
+
+AUTO_PREFIX = "auto:"
+"""Prefix of a calibrated schedule spec: ``auto:K`` with K checkpoints."""
+
+
+@dataclass(frozen=True)
+class AutoSchedule:
+    """``auto:K``: a schedule of K checkpoints that is calibrated on the model before use.
+
+    It holds the request until calibration (``catome_export.analysis.calibrate``)
+    turns it into a :class:`Schedule`; nothing runs with it directly.
+    """
+
+    checkpoints: int
+    """K, the number of checkpoints (an int >= 1; checked against the steps at calibration)."""
+    step_base: int = 1
+
+    @property
+    def name(self) -> str:
+        return f"{AUTO_PREFIX}{self.checkpoints}"
+
+
+ScheduleRequest = Union[Schedule, AutoSchedule]
+"""A parsed schedule spec: a ready schedule, or an ``auto:K`` one still to calibrate."""
+
+
+def parse_auto_spec(spec: object) -> int | None:
+    """K of an ``auto:K`` spec, None for any other spec; a malformed ``auto:`` spec is a CatomeError.
+
+    Checks only the form (K an int >= 1); calibration checks K against the steps.
+    """
+    if isinstance(spec, AutoSchedule):
+        return spec.checkpoints
+    if not isinstance(spec, str):
+        return None
+    key = spec.strip().lower()
+    if not key.startswith(AUTO_PREFIX):
+        return None
+    text = key[len(AUTO_PREFIX):].strip()
+    if not text.isdigit() or int(text) < 1:
+        raise CatomeError(
+            f"schedule {spec!r}: write auto:K with K the number of checkpoints, an int >= 1 (e.g. auto:13)"
+        )
+    return int(text)
+
+
+def parse_schedule_request(spec: ScheduleSpec | AutoSchedule, step_base: int = 1) -> ScheduleRequest:
+    """Any schedule spec: an :class:`AutoSchedule` for ``auto:K``, else what :func:`parse_schedule` gives."""
+    k = parse_auto_spec(spec)
+    if k is not None:
+        return AutoSchedule(k, _check_step_base(step_base))
+    return parse_schedule(spec, step_base)  # type: ignore[arg-type]  # an AutoSchedule has returned above

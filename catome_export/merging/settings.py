@@ -6,6 +6,10 @@ import math
 from typing import Any
 from dataclasses import asdict, dataclass, field
 
+from catome_export.choices import MergeMode
+from catome_export.defaults import (
+    DEFAULT_MAX_DOWNSAMPLE, DEFAULT_MERGE_SEED, DEFAULT_SCHEDULE, DEFAULT_STRIDE, DEFAULT_THRESHOLD,
+)
 from catome_export.errors import CatomeError
 from catome_export.merging.schedules import Schedule, parse_schedule
 
@@ -14,21 +18,21 @@ from catome_export.merging.schedules import Schedule, parse_schedule
 class MergeSettings:
     """How tokens are merged. Exactly one of threshold, ratio and merge_fraction is set."""
 
-    threshold: float | None = 0.7
+    threshold: float | None = DEFAULT_THRESHOLD
     """CA-ToMe adaptive threshold t in [-1, 1]: r = max over the batch of #(node_max >= t); t >= 1 merges nothing."""
     ratio: float | None = None
     """ToMe fixed ratio in [0, 1): r = min(int(N * ratio), #src)."""
     merge_fraction: float | None = None
     """Forced r = round(fraction * #src) in [0, 1], for speed measurements independent of weights."""
-    schedule: Schedule = field(default_factory=lambda: parse_schedule("config3"))
+    schedule: Schedule = field(default_factory=lambda: parse_schedule(DEFAULT_SCHEDULE))
     """Checkpoint steps at which matching is recomputed (cached plans reused in between)."""
-    max_downsample: int = 1
+    max_downsample: int = DEFAULT_MAX_DOWNSAMPLE
     """Merge in transformer blocks whose level is downsampled by at most this factor."""
-    stride: tuple[int, int] = (2, 2)
+    stride: tuple[int, int] = DEFAULT_STRIDE
     """(sy, sx) cell size of the dst grid."""
     random_dst: bool = False
     """Random dst per cell (tomesd) instead of the top-left token (paper)."""
-    seed: int = 42
+    seed: int = DEFAULT_MERGE_SEED
     """Seed of the random-dst generator (reseeded at every reset)."""
     merge_crossattn: bool = False
     """Also merge around cross-attention (attn2)."""
@@ -58,8 +62,10 @@ class MergeSettings:
         object.__setattr__(self, "stride", st)
 
     @property
-    def mode(self) -> str:
-        return "threshold" if self.threshold is not None else "ratio" if self.ratio is not None else "fraction"
+    def mode(self) -> MergeMode:
+        if self.threshold is not None:
+            return MergeMode.THRESHOLD
+        return MergeMode.RATIO if self.ratio is not None else MergeMode.FRACTION
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

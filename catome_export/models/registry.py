@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from catome_export.choices import Weights
 from catome_export.errors import CatomeError
 
 logger = logging.getLogger(__name__)
@@ -234,7 +235,7 @@ def load_unet(name_or_path: str, weights: str = "pretrained", dtype: torch.dtype
     (offline). A path: a local diffusers folder (pipeline or U-Net);
     ``weights="random"`` uses its config only.
     """
-    if weights not in ("pretrained", "random"):
+    if weights not in Weights.values():
         raise CatomeError(f"weights must be 'pretrained' or 'random', got {weights!r}")
     torch_dtype = _parse_dtype(dtype)
     if name_or_path in BUNDLED_ONLY:

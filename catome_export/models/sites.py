@@ -15,7 +15,7 @@ see [B, N, C] tokens either way.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,6 +31,8 @@ class MergeSite:
     """Module path of the BasicTransformerBlock, e.g. ``down_blocks.0.attentions.0.transformer_blocks.0``."""
     downsample: int
     """Downsample factor of the block's level relative to the latent (1 = full resolution)."""
+    channels: int | None = field(default=None, compare=False)
+    """Width of the block's tokens (recorded by a build; None where not known)."""
 
     def grid(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
         """Token grid (h, w) of this site for a latent of ``latent_hw``."""

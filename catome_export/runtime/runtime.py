@@ -27,9 +27,13 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
+from catome_export.backends import create_backend
 from catome_export.backends.base import Backend, StageRunner, StreamOwner
+from catome_export.backends.select import choose_backend
+from catome_export.backends.torch_backend import manifest_dtype
 from catome_export.errors import CatomeError
 from catome_export.export.io_names import ADDED_INPUTS, MODEL_OUTPUT, SAMPLE, TEXT, TIMESTEP, plan_names
+from catome_export.export.manifest import Manifest
 from catome_export.merging import MergeController, MergeSettings, MergePlan
 from catome_export.models.sites import MergeSite
 from catome_export.runtime.chain import StageChain
@@ -67,7 +71,7 @@ class Runtime:
     def __init__(self, runners: Sequence[StageRunner], sites: Sequence[MergeSite], settings: MergeSettings, *,
                  unet_config: Mapping[str, Any], dtype: torch.dtype, device: torch.device | str,
                  backend: Backend | None = None, shape_check: ShapeCheck | None = None,
-                 manifest: Any = None, engine_dir: Path | None = None) -> None:
+                 manifest: Manifest | None = None, engine_dir: Path | None = None) -> None:
         self.chain = StageChain(runners)
         self.sites = {s.index: s for s in sites}
         missing = [k for k in self.chain.sites if k not in self.sites]
@@ -107,15 +111,11 @@ class Runtime:
         ``intra_op_threads``). ``cuda_graphs``: replay cached steps as CUDA
         graphs (TensorRT or torch backend on a GPU; see :meth:`enable_cuda_graphs`).
         """
-        from catome_export.backends import create_backend
-        from catome_export.backends.select import choose_backend
-        from catome_export.backends.torch_backend import manifest_dtype
-        from catome_export.export.manifest import Manifest
 
         engine_dir = Path(engine_dir)
         manifest = Manifest.load(engine_dir)
         choice = choose_backend(backend)
-        if backend == "auto" and choice.name == "trt" and getattr(manifest, "engine_backend", None) != "trt":
+        if backend == "auto" and choice.name == "trt" and manifest.engine_backend != "trt":
             choice = choose_backend("ort")
             logger.info("the engine folder holds no TensorRT plans: using %s", choice.reason)
         if backend in ("auto", "ort") and choice.name != "ort-cpu" and device is not None \
@@ -125,15 +125,14 @@ class Runtime:
         be = create_backend(choice, manifest, device=device, options=backend_options)
         runners: list[StageRunner] = []
         try:
-            specs = manifest.stage_specs()
-            for entry, spec in zip(manifest.stages, specs):
-                runners.append(be.load_stage(engine_dir, entry, spec))
-            built = manifest.settings()
+            for stage in manifest.stages:
+                runners.append(be.load_stage(engine_dir, stage))
+            built = manifest.merge
             if settings is not None:
                 _check_same_graphs(built, settings)
             runtime = cls(
-                runners, manifest_sites(manifest), settings or built,
-                unet_config=manifest.model.get("unet_config") or {}, dtype=manifest_dtype(manifest),
+                runners, manifest.sites, settings or built,
+                unet_config=manifest.model.unet_config, dtype=manifest_dtype(manifest),
                 device=be.device, backend=be, shape_check=manifest.check_shapes, manifest=manifest,
                 engine_dir=engine_dir,
             )
@@ -421,11 +420,3 @@ def _check_same_graphs(built: MergeSettings, settings: Any) -> None:
         raise CatomeError(f"{', '.join(changed)}: max_downsample, merge_crossattn and merge_mlp are built into the "
                           "graphs; rebuild the engine with catome-export build to change them")
 
-
-def manifest_sites(manifest: Any) -> list[MergeSite]:
-    """The merge sites listed in a manifest."""
-    try:
-        return [MergeSite(int(s["index"]), str(s["path"]), int(s["downsample"])) for s in manifest.sites]
-    except (KeyError, TypeError, ValueError):
-        raise CatomeError("the manifest's sites list is malformed: rebuild the engine with catome-export build") \
-            from None

@@ -38,10 +38,16 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from catome_export.backends.torch_backend import load_reference_unet
+from catome_export.eager import apply_merging
 from catome_export.errors import CatomeError
+from catome_export.export.manifest import Manifest
 from catome_export.latents import make_latents
+from catome_export.merging import parse_schedule
 from catome_export.merging.plan import MergePlan
 from catome_export.models.conditioning import random_added_conditioning
+from catome_export.models.pipeline import make_scheduler
+from catome_export.runtime.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -336,29 +342,17 @@ def _latent_hw(resolution: Any, default: tuple[int, int]) -> tuple[int, int]:
     return px[0] // 8, px[1] // 8
 
 
-def _default_shape(manifest: Any) -> tuple[int, tuple[int, int]]:
-    """(batch, latent hw) to verify at: the build's opt shape, else the smallest built shape."""
-    shapes = getattr(manifest, "shapes", None) or {}
-    opt = shapes.get("opt") or {}
-
-    def pick(key: str, opt_key: str) -> int:
-        if opt.get(opt_key):
-            return int(opt[opt_key])
-        rng = shapes.get(key)
-        if isinstance(rng, (list, tuple)) and rng:
-            return int(rng[0])
-        raise CatomeError(f"the manifest has no {key} range: rebuild the engine with catome-export build")
-
-    return pick("batch", "batch"), (pick("latent_height", "latent_height"), pick("latent_width", "latent_width"))
+def _default_shape(manifest: Manifest) -> tuple[int, tuple[int, int]]:
+    """(batch, latent hw) to verify at: the build's opt shape."""
+    s = manifest.shapes
+    return s.opt_batch, (s.opt_height, s.opt_width)
 
 
-def _text_shape(manifest: Any) -> tuple[int, int]:
-    shapes = getattr(manifest, "shapes", None) or {}
-    try:
-        return int(shapes["text_len"]), int(shapes["text_dim"])
-    except (KeyError, TypeError, ValueError):
-        raise CatomeError("the manifest has no text_len/text_dim: rebuild the engine with catome-export build") \
-            from None
+def _text_shape(manifest: Manifest) -> tuple[int, int]:
+    s = manifest.shapes
+    if s.text_dim is None:
+        raise CatomeError("the manifest has no text_dim: rebuild the engine with catome-export build")
+    return s.opt_text_len, s.text_dim
 
 
 @dataclass(frozen=True)
@@ -458,12 +452,6 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
     rows, other differences fail the step). Raises CatomeError when the eager
     model's weights differ from the ones the engine was built from.
     """
-    from catome_export.backends.torch_backend import load_reference_unet
-    from catome_export.eager import apply_merging
-    from catome_export.export.manifest import Manifest
-    from catome_export.merging import parse_schedule
-    from catome_export.models.pipeline import make_scheduler
-    from catome_export.runtime.runtime import Runtime
 
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise CatomeError(f"steps must be an int >= 1, got {steps!r}")
@@ -478,7 +466,7 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
         raise CatomeError(f"merge tolerance must be a fraction in [0, 1], got {merge_tolerance!r}")
     engine_dir = Path(engine_dir)
     manifest = Manifest.load(engine_dir)
-    settings = manifest.settings()
+    settings = manifest.merge
     if schedule is not None:
         settings = replace(settings, schedule=parse_schedule(schedule, settings.schedule.step_base))
     default_batch, default_hw = _default_shape(manifest)
@@ -487,7 +475,7 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
     batch = default_batch if batch is None else batch
     latent_hw = _latent_hw(resolution, default_hw)
     manifest.check_shapes(batch, latent_hw[0], latent_hw[1])
-    precision = str(getattr(manifest, "precision", "fp32"))
+    precision = manifest.precision
     tol = float(DEFAULT_TOLERANCE.get(precision, 1e-4) if tolerance is None else tolerance)
     r_tol = float(DEFAULT_MERGE_TOLERANCE.get(precision, 0.0) if merge_tolerance is None else merge_tolerance)
     text_len, text_dim = _text_shape(manifest)

@@ -68,7 +68,7 @@ class EngineLimits:
     def from_ranges(cls, ranges: dict[str, tuple[int, int]], *, default_size: tuple[int, int] | None,
                     default_steps: int, default_guidance: float, max_images: int,
                     threshold_allowed: bool) -> "EngineLimits":
-        """From a manifest's ``ranges()`` (batch, latent_height, latent_width as latent (lo, hi))."""
+        """From the built ranges (a manifest's ``shapes``: batch, latent_height, latent_width as latent (lo, hi))."""
         height = (ranges["latent_height"][0] * 8, ranges["latent_height"][1] * 8)
         width = (ranges["latent_width"][0] * 8, ranges["latent_width"][1] * 8)
         if default_size is None or not (height[0] <= default_size[0] <= height[1]

@@ -12,7 +12,7 @@ guidance scale and threshold) and runs each group in chunks of at most
 one number per U-Net batch (the paper's semantics), so an image generated in
 a chunk of several can differ by a few pixel levels from the same request
 alone; with ``max_batch=1`` every image equals a direct
-:func:`catome_export.generate.generate` call with the same seed.
+:func:`catome_export.workflows.generate.generate` call with the same seed.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def engine_batch_range(engine_dir: str | Path) -> tuple[int, int]:
     """The U-Net batch range an engine folder was built for (from its manifest), checked before any replica starts."""
     from catome_export.export.manifest import Manifest
 
-    return Manifest.load(engine_dir, check_hashes=False).ranges()["batch"]
+    return Manifest.load(engine_dir, check_hashes=False).shapes.batch
 
 
 def check_max_batch(max_batch: int, batch_range: tuple[int, int]) -> None:
@@ -159,7 +159,7 @@ class ImageService:
     """A loaded engine and its pipeline; call from one thread (see the module docstring)."""
 
     def __init__(self, options: ServeOptions) -> None:
-        from catome_export.generate import engine_resolution, pipeline_for_engine
+        from catome_export.workflows.generate import engine_resolution, pipeline_for_engine
         from catome_export.runtime import Runtime
         from catome_export.runtime.embed import attach
 
@@ -173,7 +173,10 @@ class ImageService:
                                     backend_options=backend_options or None)
         try:
             manifest = self.runtime.manifest
-            ranges = manifest.ranges()
+            if manifest is None:
+                raise CatomeError("the engine runtime has no manifest: load it with Runtime.load(engine folder)")
+            shapes = manifest.shapes
+            ranges = {"batch": shapes.batch, "latent_height": shapes.latent_height, "latent_width": shapes.latent_width}
             check_max_batch(options.max_batch, ranges["batch"])
             self.default_settings = self.runtime.settings
             self.limits = EngineLimits.from_ranges(
@@ -206,7 +209,8 @@ class ImageService:
         import os
 
         m = self.runtime.manifest
-        return {"engine": m.name, "model": (m.model or {}).get("id"), "precision": m.precision,
+        return {"engine": m.name if m is not None else None, "model": m.model.id if m is not None else None,
+                "precision": m.precision if m is not None else None,
                 "backend": getattr(self.runtime.backend, "name", None), "device": str(self.runtime.device),
                 "sizes": self.limits.size_text(), "default_size": f"{self.limits.default_size[1]}x"
                 f"{self.limits.default_size[0]}", "unet_batch": list(self.limits.batch),

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 from catome_export.backends import BackendChoice, create_backend
 from catome_export.errors import CatomeError
+from factories import make_manifest
 
-ORT_MANIFEST = SimpleNamespace(engine_backend="ort")
+ORT_MANIFEST = make_manifest()
 
 
 def test_ort_cpu_backend_with_options():

@@ -15,6 +15,7 @@ from catome_export.backends.ort import (  # noqa: E402
     OrtBackend, OrtOptions, check_gpu_version, physical_cores, session_options, version_tuple,
 )
 from catome_export.errors import CatomeError  # noqa: E402
+from catome_export.export.manifest import FusedGraph, StageRecord  # noqa: E402
 from catome_export.export.stages import StageSpec, TensorSpec  # noqa: E402
 
 SPEC = StageSpec(
@@ -81,7 +82,7 @@ def _expected(f: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("b,n,r,k", [(1, 6, 3, 4), (2, 5, 0, 5), (2, 4, 2, 0), (3, 7, 7, 1)])
 def test_runner_matches_torch_including_empty_tensors(graph_dir, io_binding, b, n, r, k):
     backend = OrtBackend("cpu", OrtOptions(intra_op_threads=1, io_binding=io_binding))
-    runner = backend.load_stage(graph_dir, {"file": "stage_1.onnx"}, SPEC)
+    runner = backend.load_stage(graph_dir, StageRecord(SPEC, "stage_1.onnx"))
     feeds = _feeds(b, n, r, k)
     _assert_outputs(runner.run(feeds), _expected(feeds))
     backend.close()
@@ -90,7 +91,7 @@ def test_runner_matches_torch_including_empty_tensors(graph_dir, io_binding, b, 
 def test_runner_shapes_change_between_runs(graph_dir):
     """One session serves different B, N, R, K (the dynamic dims change at every checkpoint)."""
     backend = OrtBackend("cpu", OrtOptions(intra_op_threads=1))
-    runner = backend.load_stage(graph_dir, {"file": "stage_1.onnx"}, SPEC)
+    runner = backend.load_stage(graph_dir, StageRecord(SPEC, "stage_1.onnx"))
     for i, dims in enumerate([(2, 8, 3, 5), (2, 8, 0, 8), (1, 3, 2, 1), (2, 8, 3, 5)]):
         feeds = _feeds(*dims, seed=i)
         _assert_outputs(runner.run(feeds), _expected(feeds))
@@ -99,7 +100,7 @@ def test_runner_shapes_change_between_runs(graph_dir):
 def test_outputs_survive_the_next_run(graph_dir):
     """Outputs are views of ONNX Runtime memory: they must stay valid after later runs."""
     backend = OrtBackend("cpu", OrtOptions(intra_op_threads=1))
-    runner = backend.load_stage(graph_dir, {"file": "stage_1.onnx"}, SPEC)
+    runner = backend.load_stage(graph_dir, StageRecord(SPEC, "stage_1.onnx"))
     first_feeds = _feeds(2, 6, 2, 3, seed=1)
     first = {k: v.clone() for k, v in runner.run(first_feeds).items()}
     kept = runner.run(first_feeds)
@@ -111,7 +112,7 @@ def test_outputs_survive_the_next_run(graph_dir):
 
 def test_wrong_dtype_and_missing_input_are_catome_errors(graph_dir):
     backend = OrtBackend("cpu", OrtOptions(intra_op_threads=1))
-    runner = backend.load_stage(graph_dir, {"file": "stage_1.onnx"}, SPEC)
+    runner = backend.load_stage(graph_dir, StageRecord(SPEC, "stage_1.onnx"))
     feeds = _feeds(1, 4, 1, 2)
     bad = dict(feeds, idx=feeds["idx"].int())
     with pytest.raises(CatomeError, match="idx.*int64"):
@@ -123,7 +124,7 @@ def test_wrong_dtype_and_missing_input_are_catome_errors(graph_dir):
 
 def test_non_contiguous_inputs_are_handled(graph_dir):
     backend = OrtBackend("cpu", OrtOptions(intra_op_threads=1))
-    runner = backend.load_stage(graph_dir, {"file": "stage_1.onnx"}, SPEC)
+    runner = backend.load_stage(graph_dir, StageRecord(SPEC, "stage_1.onnx"))
     feeds = _feeds(4, 6, 2, 3)
     feeds["x"] = torch.randn(6, 4).t()  # a transposed view
     out = runner.run(feeds)
@@ -133,13 +134,13 @@ def test_non_contiguous_inputs_are_handled(graph_dir):
 def test_load_errors(graph_dir, tmp_path):
     backend = OrtBackend("cpu")
     with pytest.raises(CatomeError, match="missing.*rebuild"):
-        backend.load_stage(tmp_path, {"file": "stage_9.onnx"}, SPEC)
+        backend.load_stage(tmp_path, StageRecord(SPEC, "stage_9.onnx"))
     (tmp_path / "stage_1.onnx").write_bytes(b"not an onnx graph")
     with pytest.raises(CatomeError, match="cannot load.*rebuild"):
-        backend.load_stage(tmp_path, {"file": "stage_1.onnx"}, SPEC)
+        backend.load_stage(tmp_path, StageRecord(SPEC, "stage_1.onnx"))
     other = StageSpec(1, 0, None, SPEC.inputs[:3] + (TensorSpec("other", "float32", ("B",)),), SPEC.outputs)
     with pytest.raises(CatomeError, match="do not match the manifest"):
-        backend.load_stage(graph_dir, {"file": "stage_1.onnx"}, other)
+        backend.load_stage(graph_dir, StageRecord(other, "stage_1.onnx"))
 
 
 def test_options_are_validated_and_applied():
@@ -188,7 +189,7 @@ def test_shared_and_per_session_arenas_give_the_same_outputs(graph_dir):
     outs = []
     for shared in (True, False):
         backend = OrtBackend("cpu", OrtOptions(shared_arena=shared))
-        runner = backend.load_stage(graph_dir, {"file": "stage_1.onnx"}, SPEC)
+        runner = backend.load_stage(graph_dir, StageRecord(SPEC, "stage_1.onnx"))
         outs.append([runner.run(_feeds(2, 6, 3, 4, seed=s)) for s in (3, 4, 3)])
         backend.close()
     for got in outs:
@@ -233,7 +234,7 @@ def test_cpu_backend_does_not_check_the_gpu_release(monkeypatch, graph_dir):
     monkeypatch.setattr(ort, "__version__", "1.18.0")
     backend = OrtBackend("cpu", OrtOptions(intra_op_threads=1))
     assert backend.stream.stream is None and backend.providers() == ["CPUExecutionProvider"]
-    runner = backend.load_stage(graph_dir, {"file": "stage_1.onnx"}, SPEC)
+    runner = backend.load_stage(graph_dir, StageRecord(SPEC, "stage_1.onnx"))
     feeds = _feeds(2, 5, 1, 3)
     _assert_outputs(runner.run(feeds), _expected(feeds))
 
@@ -249,7 +250,7 @@ def _cuda_backend():
 @pytest.mark.gpu
 def test_cuda_runner_matches_torch(graph_dir):
     backend = _cuda_backend()
-    runner = backend.load_stage(graph_dir, {"file": "stage_1.onnx"}, SPEC)
+    runner = backend.load_stage(graph_dir, StageRecord(SPEC, "stage_1.onnx"))
     for dims in [(2, 8, 3, 5), (2, 8, 0, 8)]:
         feeds = {k: v.cuda() for k, v in _feeds(*dims).items()}
         out = runner.run(feeds)
@@ -262,7 +263,7 @@ def test_cuda_sessions_compute_on_the_backends_own_stream(graph_dir):
     """Every session gets the backend's stream (not the legacy default stream 0, which ONNX Runtime would take
     as "none given") as its ``user_compute_stream``."""
     backend = _cuda_backend()
-    runner = backend.load_stage(graph_dir, {"file": "stage_1.onnx"}, SPEC)
+    runner = backend.load_stage(graph_dir, StageRecord(SPEC, "stage_1.onnx"))
     handle = backend.stream.handle
     assert handle not in (0, torch.cuda.default_stream().cuda_stream)
     options = runner.session.get_provider_options()["CUDAExecutionProvider"]
@@ -279,7 +280,7 @@ def test_cuda_inputs_from_another_stream_are_waited_for(graph_dir, synchronize):
     if not torch.cuda.is_available() or "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("needs a CUDA device and onnxruntime-gpu")
     backend = OrtBackend("cuda", OrtOptions(synchronize=synchronize))
-    runner = backend.load_stage(graph_dir, {"file": "stage_1.onnx"}, SPEC)
+    runner = backend.load_stage(graph_dir, StageRecord(SPEC, "stage_1.onnx"))
     caller = torch.cuda.Stream()
     big = torch.randn(4096, 4096, device="cuda")
     torch.cuda.synchronize()
@@ -305,15 +306,15 @@ def test_fused_graphs_are_loaded_where_the_manifest_lists_them(tmp_path):
     model.graph.node[0].input[1] = "three"  # y = 3x: tells the two files apart
     model.graph.initializer.append(helper.make_tensor("three", TensorProto.FLOAT, [], [3.0]))
     onnx.save(model, str(fused))
-    entry = {"file": "stage_1.onnx", "ort_optimized": {"file": fused.name}}
+    entry = StageRecord(SPEC, "stage_1.onnx", ort_optimized=FusedGraph(fused.name))
     f = _feeds(2, 5, 3, 4)
     for options, listed, factor in ((OrtOptions(), True, 3), (OrtOptions(fused_graphs=False), True, 2),
                                     (OrtOptions(), False, 2)):
-        item = entry if listed else {"file": "stage_1.onnx"}
+        item = entry if listed else StageRecord(SPEC, "stage_1.onnx")
         assert stage_graph_file(item, options) == ("stage_1.ort.onnx" if factor == 3 else "stage_1.onnx")
         backend = OrtBackend("cpu", options)
         try:
-            out = backend.load_stage(tmp_path, item, SPEC).run(f)
+            out = backend.load_stage(tmp_path, item).run(f)
         finally:
             backend.close()
         torch.testing.assert_close(out["y"], f["x"] * factor, rtol=0, atol=0)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import ModuleType
 
 import onnx
 import pytest
@@ -30,7 +30,9 @@ from onnx import TensorProto, helper
 from catome_export.backends.base import DeviceStream
 from catome_export.backends.trt import ALIGNMENT, SharedDeviceMemory, TrtBackend, aligned, aligned_empty
 from catome_export.errors import CatomeError
+from catome_export.export.manifest import EngineFile, StageRecord
 from catome_export.export.stages import StageSpec, TensorSpec, plan_specs
+from factories import make_manifest
 
 C = 8
 """Channels of the test stage's tokens."""
@@ -94,7 +96,7 @@ def _load(trt: ModuleType, tmp_path: Path, plan: bytes, spec: StageSpec | None =
     spec = spec or _site_spec()
     (tmp_path / name).write_bytes(plan)
     backend = backend or TrtBackend(None, "cpu", trt_module=trt)
-    runner = backend.load_stage(tmp_path, {"index": spec.index, "engine": {"file": name}}, spec)
+    runner = backend.load_stage(tmp_path, StageRecord(spec, "stage.onnx", engine=EngineFile(name)))
     return backend, runner
 
 
@@ -240,10 +242,10 @@ def test_missing_or_unloadable_plan(trt, tmp_path):
     backend = TrtBackend(None, "cpu", trt_module=trt)
     spec = _site_spec()
     with pytest.raises(CatomeError, match="--backend trt"):
-        backend.load_stage(tmp_path, {"index": 1, "engine": None}, spec)
+        backend.load_stage(tmp_path, StageRecord(spec, "stage_1.onnx"))
     (tmp_path / "stage_1.plan").write_bytes(b"garbage")
     with pytest.raises(CatomeError, match="could not load"):
-        backend.load_stage(tmp_path, {"index": 1, "engine": None}, spec)
+        backend.load_stage(tmp_path, StageRecord(spec, "stage_1.onnx"))
 
 
 def test_enqueue_on_the_default_stream_is_refused_and_reported(trt, plan, tmp_path, monkeypatch):
@@ -330,7 +332,7 @@ def test_create_backend_refuses_folder_without_plans():
     from catome_export.backends.select import BackendChoice
 
     with pytest.raises(CatomeError, match="no TensorRT plans"):
-        create_backend(BackendChoice("trt", "test"), SimpleNamespace(engine_backend="ort"))
+        create_backend(BackendChoice("trt", "test"), make_manifest())
 
 
 @pytest.mark.gpu

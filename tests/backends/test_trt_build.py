@@ -14,7 +14,8 @@ from onnx import TensorProto, helper
 
 from catome_export.backends import select
 from catome_export.errors import CatomeError
-from catome_export.export.trt_build import build_engines, plan_file, scan_onnx_ops
+from catome_export.export.trt_build import TrtBuild, build_engines, plan_file, scan_onnx_ops
+from factories import make_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -75,13 +76,13 @@ def test_scan_damaged_file(tmp_path):
 def test_build_without_tensorrt_names_it(monkeypatch, tmp_path):
     monkeypatch.setattr(select, "_has", lambda module: module != "tensorrt")
     with pytest.raises(CatomeError) as err:
-        build_engines(tmp_path, {"stages": []}, fp16=False)
+        build_engines(tmp_path, make_manifest(), fp16=False)
     assert "TensorRT" in str(err.value) and "pip install" in str(err.value)
 
 
 def test_build_rejects_bad_optimisation_level(tmp_path):
     with pytest.raises(CatomeError, match="0..5"):
-        build_engines(tmp_path, {"stages": []}, fp16=False, builder_optimization_level=7)
+        build_engines(tmp_path, make_manifest(), fp16=False, builder_optimization_level=7)
 
 
 def test_plan_file_name():
@@ -117,17 +118,17 @@ def test_build_writes_plans_cache_and_trt_section(tmp_path):
     assert main(["build", "--model", "tiny", "--backend", "trt", "--out", str(out)]) == 0
     manifest = Manifest.load(out)
     section = manifest.trt
-    assert section["version"] and section["gpu"] and section["compute_capability"]
-    assert section["plugins"] == ["ScatterElements(reduction=add)"]
-    assert len(section["profiles"]) == len(manifest.stages)
+    assert section.version and section.gpu and section.compute_capability
+    assert section.plugins == ("ScatterElements(reduction=add)",)
+    assert len(section.profiles) == len(manifest.stages)
     cache = out / "timing.cache"
     assert cache.is_file() and cache.stat().st_size > 0
     again = build_engines(out, manifest, fp16=False)
-    assert [e["file"] for e in again["engines"]] == [plan_file(i) for i in range(len(manifest.stages))]
-    for e in again["engines"]:
-        assert (out / e["file"]).stat().st_size == e["bytes"]
+    assert [e.file for e in again.engines] == [plan_file(i) for i in range(len(manifest.stages))]
+    for e in again.engines:
+        assert (out / e.file).stat().st_size == e.bytes
     assert not list(out.glob("*.tmp")) and not list(out.glob("*.lock"))
-    json.dumps(again)  # the section is JSON-ready
+    json.dumps(again.record.to_dict())  # the section is JSON-ready
 
 
 def test_shared_timing_cache_is_per_version_and_gpu(monkeypatch, tmp_path):
@@ -183,10 +184,10 @@ def trt_machine(tensorrt_standin, monkeypatch, tmp_path):
     return tensorrt_standin
 
 
-def _plans(folder: Path, section: dict) -> list[dict]:
+def _plans(folder: Path, built: TrtBuild) -> list[dict]:
     from tensorrt._formats import describe_plan
 
-    return [describe_plan((folder / e["file"]).read_bytes()) for e in section["engines"]]
+    return [describe_plan((folder / e.file).read_bytes()) for e in built.engines]
 
 
 def _no_lock_or_temp_files(*folders: Path) -> None:
@@ -208,16 +209,17 @@ def test_fp32_build_of_tiny_through_polygraphy(trt_machine, tiny_onnx_fp32, tmp_
     trt = trt_machine
     folder = _copy(tiny_onnx_fp32, tmp_path)
     manifest = Manifest.load(folder)
-    section = build_engines(folder, manifest, fp16=False, builder_optimization_level=2)
-    plans = _plans(folder, section)
-    assert len(plans) == len(manifest.stages) == len(section["engines"])
+    built = build_engines(folder, manifest, fp16=False, builder_optimization_level=2)
+    section = built.record
+    plans = _plans(folder, built)
+    assert len(plans) == len(manifest.stages) == len(built.engines)
     expected = compute_profiles(manifest, None, None)
-    assert section["profiles"] == profiles_to_json(expected)
-    assert (section["version"], section["fp16"], section["strongly_typed"]) == (trt.__version__, False, True)
+    assert list(section.profiles) == profiles_to_json(expected)
+    assert (section.version, section.fp16, section.strongly_typed) == (trt.__version__, False, True)
     trt.init_libnvinfer_plugins(None, "")
     runtime = trt.Runtime(trt.Logger())
-    for stage, plan, profile, entry in zip(manifest.stages, plans, expected, section["engines"]):
-        stage = stage if isinstance(stage, dict) else stage.to_dict()
+    for stage, plan, profile, entry in zip(manifest.stages, plans, expected, built.engines):
+        stage = stage.to_dict()
         assert plan["version"] == trt.__version__ and plan["strongly_typed"] is True
         assert not any(f in plan["builder_flags"] for f in ("FP16", "BF16", "INT8", "FP8"))
         assert _float_io(plan) == {"FLOAT"} and plan["fp16_kernels"] is False
@@ -225,15 +227,15 @@ def test_fp32_build_of_tiny_through_polygraphy(trt_machine, tiny_onnx_fp32, tmp_
         names = {t["name"] for t in plan["io"]}
         assert names == {t["name"] for t in stage["inputs"]} | {t["name"] for t in stage["outputs"]}
         assert plan["profiles"] == [{k: [list(v) for v in shapes] for k, shapes in profile.items()}]
-        engine = runtime.deserialize_cuda_engine((folder / entry["file"]).read_bytes())
+        engine = runtime.deserialize_cuda_engine((folder / entry.file).read_bytes())
         assert engine is not None and engine.num_optimization_profiles == 1
         for name, shapes in profile.items():
             assert [tuple(d) for d in engine.get_tensor_profile_shape(name, 0)] == [tuple(v) for v in shapes]
     merging = [p for p in plans if any(t["name"].endswith("_src_idx") for t in p["io"])]
     assert merging and all(p["plugins"] == ["ScatterElements"] for p in merging)
-    assert section["plugins"] == ["ScatterElements(reduction=add)"]
+    assert section.plugins == ("ScatterElements(reduction=add)",)
     _no_lock_or_temp_files(folder, tmp_path / "user-cache")
-    json.dumps(section)
+    json.dumps(section.to_dict())
 
 
 def test_fp16_build_is_strongly_typed_from_the_fp16_export(trt_machine, tiny_onnx_fp16, tmp_path):
@@ -245,9 +247,9 @@ def test_fp16_build_is_strongly_typed_from_the_fp16_export(trt_machine, tiny_onn
     folder = _copy(tiny_onnx_fp16, tmp_path)
     manifest = Manifest.load(folder)
     assert manifest.precision == "fp16"
-    section = build_engines(folder, manifest, fp16=True)
-    assert section["fp16"] is True and section["strongly_typed"] is True
-    for plan in _plans(folder, section):
+    built = build_engines(folder, manifest, fp16=True)
+    assert built.record.fp16 is True and built.record.strongly_typed is True
+    for plan in _plans(folder, built):
         assert plan["strongly_typed"] and plan["fp16_kernels"] and "HALF" in _float_io(plan)
         assert "FP16" not in plan["builder_flags"]
     if trt.__version__.startswith("11."):
@@ -354,9 +356,7 @@ def test_plans_load_only_under_the_exact_version_that_built_them(trt_machine, tr
     trt = trt_machine
     folder = _copy(tiny_onnx_fp32, tmp_path)
     manifest = Manifest.load(folder)
-    section = build_engines(folder, manifest, fp16=False)
-    manifest.trt = {k: v for k, v in section.items() if k != "engines"}
-    manifest.engine_backend = "trt"
+    build_engines(folder, manifest, fp16=False).apply(manifest)
     built = trt.__version__
     major, minor, patch, build = built.split(".")
     later = f"{major}.{minor}.{int(patch) + 1}.{build}"

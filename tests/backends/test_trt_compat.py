@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import copy
 import shlex
+from dataclasses import replace
 
 import pytest
 
 from catome_export.errors import CatomeError
+from catome_export.export.manifest import Manifest
+from catome_export.merging import MergeSettings, parse_schedule
+from factories import make_manifest, make_shapes, make_trt
 from catome_export.backends.trt_compat import (
     TrtRuntimeInfo, check_shapes_in_profiles, check_trt_compat, rebuild_command,
 )
@@ -15,37 +18,18 @@ from catome_export.backends.trt_compat import (
 H100 = TrtRuntimeInfo("10.3.0", "NVIDIA H100 80GB HBM3", "9.0")
 
 
-def _manifest(**trt_overrides) -> dict:
-    trt = {"version": "10.3.0", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0",
-           "plugins": ["ScatterElements(reduction=add)"], "opt_merge_fraction": 0.75,
-           "profiles": [{"sample": {"min": [1, 4, 32, 32], "opt": [2, 4, 64, 64], "max": [2, 4, 96, 96]}}]}
-    trt.update(trt_overrides)
-    return {
-        "format_version": 1, "name": "sd15-trt",
-        "model": {"id": "sd15", "weights": "random", "weights_hash": "0" * 64},
-        "precision": "fp16",
-        "merge": {"threshold": 0.7, "ratio": None, "merge_fraction": None,
-                  "schedule": {"name": "config3", "checkpoints": [0, 8], "step_base": 1},
-                  "max_downsample": 1, "stride": [2, 2]},
-        "shapes": {"batch": [1, 2], "latent_height": [32, 96], "latent_width": [32, 96], "text_len": 77,
-                   "opt": {"batch": 2, "latent_height": 64, "latent_width": 64, "merge_fraction": 0.75}},
-        "engine_backend": "trt",
-        "trt": trt,
-    }
+def _manifest(**trt_overrides) -> Manifest:
+    """An sd15 fp16 TensorRT build for an H100 (``trt_overrides`` replace fields of its trt record)."""
+    profiles = ({"sample": {"min": [1, 4, 32, 32], "opt": [2, 4, 64, 64], "max": [2, 4, 96, 96]}},)
+    return make_manifest(name="sd15-trt", model="sd15", weights="random", precision="fp16",
+                         merge=MergeSettings(threshold=0.7, schedule=parse_schedule("config3", 1)),
+                         shapes=make_shapes((1, 2), (32, 96), opt_latent=(64, 64), merge_fraction=0.75),
+                         trt=make_trt(**{"profiles": profiles, **trt_overrides}))
 
 
-class AttrManifest:
-    """A manifest with attributes (like the Manifest dataclass) instead of keys."""
-
-    def __init__(self, data: dict) -> None:
-        for k, v in data.items():
-            setattr(self, k, v)
-
-
-@pytest.mark.parametrize("wrap", [dict, AttrManifest], ids=["dict", "attrs"])
-def test_same_machine_passes(wrap):
-    check_trt_compat(wrap(_manifest()), H100)
-    check_trt_compat(wrap(_manifest()), H100, batch=2, latent_hw=(64, 96))
+def test_same_machine_passes():
+    check_trt_compat(_manifest(), H100)
+    check_trt_compat(_manifest(), H100, batch=2, latent_hw=(64, 96))
 
 
 @pytest.mark.parametrize("here", ["10.3.1.post2", "10.3.0.1", "10.4.0", "11.1.0.106"])
@@ -106,7 +90,7 @@ def test_missing_gpu_refused():
 
 def test_folder_without_trt_engines_refused():
     m = _manifest()
-    m["engine_backend"], m["trt"] = "ort", None
+    m.engine_backend, m.trt = "ort", None
     with pytest.raises(CatomeError, match="no TensorRT engines") as err:
         check_trt_compat(m, H100)
     assert "--backend trt" in str(err.value)
@@ -124,8 +108,8 @@ def test_shapes_outside_the_ranges_refused(batch, hw, what):
 
 
 def test_shapes_checked_against_the_trt_profile_too():
-    m = _manifest()
-    m["trt"]["profiles"][0]["sample"]["max"] = [2, 4, 80, 96]  # narrower than the manifest's ranges
+    narrower = {"sample": {"min": [1, 4, 32, 32], "opt": [2, 4, 64, 64], "max": [2, 4, 80, 96]}}
+    m = _manifest(profiles=(narrower,))  # narrower than the manifest's ranges
     check_shapes_in_profiles(m, 2, (80, 96))
     with pytest.raises(CatomeError, match="TensorRT profile"):
         check_shapes_in_profiles(m, 2, (88, 96))
@@ -137,7 +121,7 @@ def _flags(cmd: str) -> dict[str, str]:
     return {args[i][2:]: args[i + 1] for i in range(2, len(args) - 1, 2)}
 
 
-def test_rebuild_command_from_a_manifest_dict():
+def test_rebuild_command_from_a_manifest_without_recorded_build_arguments():
     flags = _flags(rebuild_command(_manifest(), "engines/sd15 trt"))
     assert flags["model"] == "sd15" and flags["weights"] == "random"
     assert flags["backend"] == "trt" and flags["precision"] == "fp16"
@@ -149,8 +133,8 @@ def test_rebuild_command_from_a_manifest_dict():
 
 
 def test_rebuild_command_custom_schedule():
-    m = copy.deepcopy(_manifest())
-    m["merge"].update(schedule={"name": "custom", "checkpoints": [0, 3, 9], "step_base": 0})
+    m = _manifest()
+    m.merge = replace(m.merge, schedule=parse_schedule("0,3,9", 0))
     flags = _flags(rebuild_command(m))
     assert flags["schedule"] == "0,3,9" and flags["step-base"] == "0" and flags["out"] == "engines/sd15-trt"
 
@@ -166,13 +150,9 @@ def test_rebuild_command_every_flag_is_one_the_build_command_takes():
 
 
 def test_real_manifest_formats_its_recorded_build_with_trt():
-    from catome_export.export.manifest import Manifest
-
-    data = _manifest()
-    manifest = Manifest(name=data["name"], model=data["model"], precision=data["precision"], merge=data["merge"],
-                        sites=[], shapes=data["shapes"], stages=[], engine_backend="trt", trt=data["trt"],
-                        extra={"build": {"model": "sd15", "weights": "random", "precision": "fp16",
-                                         "backend": "ort", "min_resolution": 256, "max_resolution": 768}})
+    manifest = _manifest()
+    manifest.extra["build"] = {"model": "sd15", "weights": "random", "precision": "fp16", "backend": "ort",
+                               "min_resolution": 256, "max_resolution": 768}
     flags = _flags(rebuild_command(manifest, "engines/here"))
     assert flags["backend"] == "trt" and flags["out"] == "engines/here" and flags["min-resolution"] == "256"
     check_trt_compat(manifest, H100)

@@ -6,21 +6,22 @@ folder, so it is built once per session.
 
 ``tiny_engine_runtime(settings=None)``: a runtime over the tiny U-Net's stage
 modules (torch backend), standing in for a loaded engine folder. The stages
-are cut once per session; each call gives a fresh Runtime with a
-manifest-like object that names the model and the optimal profile, as
+are cut once per session; each call gives a fresh Runtime with a real
+manifest (tests/factories.py) that names the model and the optimal profile, as
 ``Runtime.load`` would.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
-from types import SimpleNamespace
 from typing import Any, Callable
 
 import pytest
 import torch
 
+from catome_export.export.manifest import StageRecord
 from catome_export.merging import MergeSettings, parse_schedule
+from factories import make_manifest, make_shapes, make_stages
 
 LATENT = 8
 """Latent side of the stand-in engine's optimal profile (64 px images)."""
@@ -43,13 +44,11 @@ def make_tiny_runtime(settings: MergeSettings | None = None) -> Any:
 
     unet, sites, stages = _stages()
     settings = settings or MergeSettings(threshold=0.7, schedule=parse_schedule("config3"))
-    manifest = SimpleNamespace(
-        model={"id": "tiny", "weights": "random"},
-        shapes={"opt": {"batch": 2, "latent_height": LATENT, "latent_width": LATENT}},
-        settings=lambda: settings,
-    )
+    manifest = make_manifest(model="tiny", weights="random", weights_hash=None, merge=settings, sites=sites,
+                             shapes=make_shapes((1, 2), (LATENT, LATENT)),
+                             stages=make_stages(spec for spec, _ in stages))
     backend = TorchBackend(None, "cpu", stages=stages)
-    runners = [backend.load_stage(None, {}, spec) for spec, _ in stages]  # type: ignore[arg-type]
+    runners = [backend.load_stage(None, StageRecord(spec, "")) for spec, _ in stages]
     return Runtime(runners, sites, settings, unet_config=dict(unet.config), dtype=torch.float32, device="cpu",
                    backend=backend, manifest=manifest)
 

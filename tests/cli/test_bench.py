@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 
@@ -82,8 +83,9 @@ def test_bench_refuses_an_engine_without_fused_graphs_when_asked_for_them(tmp_pa
     folder = tmp_path / "plain"
     shutil.copytree(built_engine, folder)
     manifest = Manifest.load(folder)
-    for entry in manifest.stages:
-        (folder / entry.pop("ort_optimized")["file"]).unlink()
+    for stage in manifest.stages:
+        (folder / stage.ort_optimized.file).unlink()
+    manifest.stages = tuple(replace(stage, ort_optimized=None) for stage in manifest.stages)
     manifest.save(folder)
     argv = ["bench", "--engine", str(folder), "--backends", "engine", "--resolution", "128", "--batch", "1",
             "--repeats", "1", "--threads", "1", "--merge-fractions", "0"]

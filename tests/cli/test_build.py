@@ -32,8 +32,8 @@ def test_build_tiny_end_to_end(built):
     manifest = Manifest.load(out)
     assert len(manifest.stages) == 6 and len(manifest.sites) == 5
     assert sorted(p.name for p in out.iterdir()) == [MANIFEST_FILE] + [f"stage_{k}.onnx" for k in range(6)]
-    assert manifest.shapes["latent_height"] == [16, 16] and manifest.shapes["batch"] == [1, 2]
-    assert manifest.model["weights"] == "random" and manifest.extra["audit"]["passed"] is True
+    assert manifest.shapes.latent_height == (16, 16) and manifest.shapes.batch == (1, 2)
+    assert manifest.model.weights == "random" and manifest.extra["audit"]["passed"] is True
     assert manifest.rebuild_command().startswith("catome-export build --model tiny --weights random")
     assert "TensorRT operator audit: pass" in stdout and "stage_2.onnx" in stdout
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp folder, no lock left

@@ -87,7 +87,7 @@ def test_eval_prompt_file_and_extra_methods(tmp_path, capsys, no_fid_weights):
 
 
 def test_run_eval_with_engine_methods_restores_the_engine_settings(tmp_path, tiny_engine_runtime):
-    from catome_export.evaluation.runner import EvalConfig, run_eval
+    from catome_export.workflows.evaluate import EvalConfig, run_eval
 
     runtime = tiny_engine_runtime()
     own = runtime.settings
@@ -145,7 +145,7 @@ def test_bad_inputs_exit_1_without_traceback(argv, message, capsys, tmp_path, mo
 
 
 def test_eval_config_needs_prompts(tmp_path):
-    from catome_export.evaluation.runner import EvalConfig
+    from catome_export.workflows.evaluate import EvalConfig
 
     with pytest.raises(CatomeError, match="no prompts"):
         EvalConfig(prompts=(), out=tmp_path)

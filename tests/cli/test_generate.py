@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from catome_export.cli.main import main
+from catome_export.export.manifest import ModelRecord
 
 SMALL = ["--steps", "2", "--height", "64", "--width", "64"]
 STEP_LINE = re.compile(r"^step +(\d+)  merged (\[[\d, ]+\]|-)  (matched \[[\d, ]*\]  )?[\d.]+ ms$")
@@ -116,7 +117,7 @@ def test_an_engine_of_a_folder_model_loads_the_pipeline_without_its_unet(pipelin
 
     def fake_load(engine_dir, backend="auto", device=None, **kwargs):
         runtime = tiny_engine_runtime()
-        runtime.manifest.model = {"id": str(pipeline_folder), "weights": "pretrained"}
+        runtime.manifest.model = ModelRecord(id=str(pipeline_folder), weights="pretrained")
         seen.append(runtime)
         return runtime
 

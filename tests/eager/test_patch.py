@@ -9,7 +9,7 @@ import torch
 
 from catome_export.eager import CatomeHandle, apply_catome, apply_merging, apply_tome
 from catome_export.errors import CatomeError
-from catome_export.merging import MergePlan, MergeSettings, match_tokens, parse_schedule
+from catome_export.merging import AutoSchedule, MergePlan, MergeSettings, match_tokens, parse_schedule
 from catome_export.models import find_merge_sites, load_unet
 
 LATENT = (16, 16)
@@ -334,23 +334,16 @@ def test_settings_must_be_merge_settings(unet):
         apply_merging(unet, {"threshold": 0.7})
 
 
-def test_auto_schedule_is_resolved_or_refused_clearly(unet, monkeypatch):
-    """`auto:K` goes to the analysis package's resolve_schedule; without it the error says what to use."""
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_analysis(name, *args, **kwargs):
-        if name.startswith("catome_export.analysis"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_analysis)
-    with pytest.raises(CatomeError, match="named schedule"):
+def test_auto_schedule_is_refused_clearly_by_the_eager_layer(unet):
+    """The eager layer does not calibrate: `auto:K` there is a CatomeError that says what to use."""
+    with pytest.raises(CatomeError, match="catome_export.apply_catome.*named schedule"):
         apply_catome(unet, schedule="auto:4")
+    with apply_catome(unet, schedule="config3"):  # nothing was patched by the refused call
+        pass
 
 
 def test_auto_schedule_is_calibrated_with_the_same_settings(unet, monkeypatch):
+    import catome_export
     from catome_export.analysis import calibrate
 
     seen = {}
@@ -360,9 +353,10 @@ def test_auto_schedule_is_calibrated_with_the_same_settings(unet, monkeypatch):
         return parse_schedule([1, 7], step_base)
 
     monkeypatch.setattr(calibrate, "resolve_schedule", fake_resolve)
-    with apply_catome(unet, threshold=0.6, schedule="auto:2", step_base=0, stride=(3, 2)) as handle:
+    with catome_export.apply_catome(unet, threshold=0.6, schedule="auto:2", step_base=0, stride=(3, 2)) as handle:
         assert handle.settings.schedule.checkpoints == (1, 7) and handle.settings.schedule.step_base == 0
-    assert seen == dict(spec="auto:2", model=unet, step_base=0, threshold=0.6, max_downsample=1, stride=(3, 2))
+    assert seen == dict(spec=AutoSchedule(2, step_base=0), model=unet, step_base=0, threshold=0.6, max_downsample=1,
+                        stride=(3, 2))
 
 
 @pytest.mark.gpu

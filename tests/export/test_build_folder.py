@@ -10,9 +10,12 @@ import time
 import pytest
 
 from catome_export.errors import CatomeError
-from catome_export.export.build import _recover_leftovers, _swap_into_place, make_options, run_build
+from catome_export.export.build import (
+    VerifyVerdict, _recover_leftovers, _swap_into_place, build_folder, make_options,
+)
 from catome_export.export.fsutil import BuildLock
 from catome_export.export.manifest import MANIFEST_FILE, Manifest
+from catome_export.workflows.build import run_build
 
 
 def test_options_defaults():
@@ -162,17 +165,8 @@ def test_verified_build(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("rename_fails", [False, True], ids=["moved-aside", "kept-in-place"])
 def test_failed_verification_keeps_the_old_build_and_the_failed_one(tmp_path, monkeypatch, rename_fails):
-    import catome_export.export.build as build
-
     target = _folder(tmp_path / "e", "old")
-
-    class FailedReport:
-        ok = False
-
-        def summary(self) -> str:
-            return "step 3: max |diff| 1.0 over the tolerance"
-
-    monkeypatch.setattr(build, "_verify", lambda *args, **kwargs: FailedReport())
+    failed = VerifyVerdict(ok=False, text="step 3: max |diff| 1.0 over the tolerance")
     real_rename = os.rename
 
     def rename(src, dst):
@@ -182,10 +176,34 @@ def test_failed_verification_keeps_the_old_build_and_the_failed_one(tmp_path, mo
 
     monkeypatch.setattr(os, "rename", rename)
     with pytest.raises(CatomeError, match="does not match eager CA-ToMe") as info:
-        run_build(make_options("tiny", resolution=128, out_dir=target, verify=True))
+        build_folder(make_options("tiny", resolution=128, out_dir=target, verify=True),
+                     verifier=lambda *args: failed)
+    assert "step 3: max |diff| 1.0" in str(info.value)
     assert (target / MANIFEST_FILE).read_text() == "old"  # the installed build is untouched
     kept = next(tmp_path.glob(".e.tmp-*")) if rename_fails else tmp_path / ".e.failed"
     assert str(kept) in str(info.value) and Manifest.load(kept).stages  # the failed build stays for inspection
+
+
+def test_a_verify_report_without_a_verdict_never_installs(tmp_path):
+    """Fail closed: a verifier whose report is not a VerifyVerdict (here: no ``ok`` at all) stops the build, and
+    neither the new build nor a failed folder is installed; the old build stays."""
+    target = _folder(tmp_path / "e", "old")
+    opts = make_options("tiny", resolution=128, batch=1, out_dir=target, verify=True)
+
+    class Report:  # what a verifier that forgot the verdict might hand back
+        def summary(self) -> str:
+            return "all steps within the tolerance"
+
+    with pytest.raises(CatomeError, match="not a VerifyVerdict.*not installed"):
+        build_folder(opts, verifier=lambda *args: Report())
+    assert (target / MANIFEST_FILE).read_text() == "old"
+    assert not list(tmp_path.glob(".e.tmp-*")) and not (tmp_path / ".e.failed").exists()
+
+
+def test_a_verdict_is_a_bool():
+    assert VerifyVerdict(ok=True, text="fine").summary() == "fine"
+    with pytest.raises(TypeError, match="bool"):
+        VerifyVerdict(ok="yes", text="fine")  # type: ignore[arg-type]
 
 
 def _user_files(folder) -> None:
@@ -225,10 +243,36 @@ def test_rebuild_keeps_files_it_did_not_make_unless_forced(tmp_path, tiny_engine
         run_build(opts)
     assert (folder / "my_notes.txt").read_text() == "mine" and (folder / "calib" / "data.bin").is_file()
     assert (folder / MANIFEST_FILE).read_bytes() == before  # the old build untouched
-    result = run_build(opts, force=True)
+    result = run_build(make_options("tiny", resolution=128, out_dir=folder, verify=False, force=True))
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         [MANIFEST_FILE] + [name for name, _, _ in result.manifest.files()])
     Manifest.load(folder)
+
+
+def test_options_validate_themselves_and_keep_the_cli_strings():
+    """BuildOptions checks every field on construction (naming it and the valid values); its closed sets are
+    str enums that compare, print and serialise as the CLI's strings."""
+    import json
+
+    from catome_export.choices import Precision
+    from catome_export.export.build import BuildOptions
+    from catome_export.merging import AutoSchedule
+
+    with pytest.raises(CatomeError, match=r"precision must be one of fp32, fp16, got 'int8'"):
+        make_options("tiny", precision="int8")
+    with pytest.raises(CatomeError, match=r"min batch must be an int in 1\.\.256, got 0"):
+        BuildOptions(model="tiny", weights="random", batch=(0, 2))
+    with pytest.raises(CatomeError, match=r"weights must be one of pretrained, random"):
+        BuildOptions(model="tiny", weights="seeded")
+    opts = make_options("tiny", precision="fp16")
+    assert opts.precision is Precision.FP16 and opts.precision == "fp16" and f"{opts.precision}" == "fp16"
+    assert json.dumps({"precision": opts.precision}) == '{"precision": "fp16"}'
+    auto = make_options("tiny", schedule="auto:3")
+    assert auto.schedule == AutoSchedule(3, step_base=1) and auto.settings.schedule.name == "config3"
+    with pytest.raises(CatomeError, match="auto:K"):
+        make_options("tiny", schedule="auto:x")
+    with pytest.raises(CatomeError, match="unknown build option"):
+        make_options("tiny", resolutoin=128)
 
 
 def test_a_finished_build_that_cannot_be_swapped_in_is_kept(tmp_path, monkeypatch):

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 
 from catome_export.errors import CatomeError
-from catome_export.export.manifest import MANIFEST_FILE, Manifest, build_command, canonical_hash
+from catome_export.export.manifest import (
+    MANIFEST_FILE, FusedGraph, Manifest, build_command, canonical_hash, tool_versions,
+)
 from catome_export.merging import MergeSettings, parse_schedule
+from factories import make_manifest, make_shapes
 
 
 @pytest.fixture
@@ -21,17 +25,14 @@ def engine_dir(tmp_path, exported, export_stages, export_sites):
     for item in items:
         shutil.copy2(folder / item.file, target / item.file)
     settings = MergeSettings(threshold=0.6, schedule=parse_schedule("config2", 0))
-    manifest = Manifest(
-        name="tiny", model={"id": "tiny", "weights": "random", "weights_hash": "0" * 64, "unet_config": {"a": 1}},
-        precision="fp32", merge=settings.to_dict(),
-        sites=[{"index": s.index, "path": s.path, "downsample": s.downsample, "channels": 32} for s in export_sites],
-        shapes={"batch": [1, 2], "latent_height": [16, 32], "latent_width": [16, 32], "text_len": 77,
-                "text_dim": 32, "opt": {"batch": 2, "latent_height": 32, "latent_width": 32, "merge_fraction": 0.5}},
-        stages=[item.entry(spec) for item, (spec, _) in zip(items, export_stages)],
-        extra={"build": {"model": "tiny", "weights": "random", "precision": "fp32", "min_resolution": 128,
-                         "max_resolution": 256, "min_batch": 1, "max_batch": 2, "name": "tiny",
-                         "out": str(target)}},
+    manifest = make_manifest(
+        name="tiny", model="tiny", weights="random", unet_config={"a": 1}, merge=settings,
+        sites=[replace(s, channels=32) for s in export_sites], shapes=make_shapes((1, 2), (16, 32)),
+        stages=[item.record(spec) for item, (spec, _) in zip(items, export_stages)],
+        build={"model": "tiny", "weights": "random", "precision": "fp32", "min_resolution": 128,
+               "max_resolution": 256, "min_batch": 1, "max_batch": 2, "name": "tiny", "out": str(target)},
     )
+    manifest.tools = tool_versions()
     manifest.save(target)
     return target
 
@@ -44,7 +45,7 @@ def test_round_trip(engine_dir, export_stages):
                               "sites", "shapes", "stages", "engine_backend", "trt", "tools", "created"]
     assert list(raw)[-1] == "manifest_sha256" and raw["manifest_sha256"] == canonical_hash(raw)
     assert loaded.stage_specs() == [spec for spec, _ in export_stages]
-    settings = loaded.settings()
+    settings = loaded.merge
     assert settings.threshold == 0.6 and settings.schedule.step_base == 0 and settings.schedule.name == "config2"
     assert raw["tools"]["torch"] and raw["engine_backend"] == "ort" and raw["trt"] is None
     assert not [p for p in engine_dir.iterdir() if p.name.endswith(".tmp")]
@@ -131,16 +132,15 @@ def _with_fused_graph(engine_dir, index: int = 1) -> str:
     manifest = Manifest.load(engine_dir)
     name = f"stage_{index}.ort.onnx"
     shutil.copy2(engine_dir / f"stage_{index}.onnx", engine_dir / name)
-    manifest.stages[index]["ort_optimized"] = {"file": name, "external_data": None,
-                                               "sha256": sha256_file(engine_dir / name),
-                                               "bytes": (engine_dir / name).stat().st_size}
+    fused = FusedGraph(name, sha256=sha256_file(engine_dir / name), bytes=(engine_dir / name).stat().st_size)
+    manifest.stages = tuple(replace(s, ort_optimized=fused) if s.index == index else s for s in manifest.stages)
     manifest.save(engine_dir)
     return name
 
 
 def test_fused_graphs_are_vouched_for_like_the_stage_files(engine_dir):
     name = _with_fused_graph(engine_dir)
-    assert (name, (engine_dir / name).stat().st_size, Manifest.load(engine_dir).stages[1]["ort_optimized"]["sha256"]) \
+    assert (name, (engine_dir / name).stat().st_size, Manifest.load(engine_dir).stages[1].ort_optimized.sha256) \
         in Manifest.load(engine_dir).files()
     data = bytearray((engine_dir / name).read_bytes())
     data[-1] ^= 0xFF

@@ -111,7 +111,7 @@ def test_external_data(tmp_path, exported, export_stages, tiny_unet, export_site
     data = tmp_path / item.external_data
     assert data.stat().st_size == item.external_data_bytes > 0
     assert (tmp_path / item.file).stat().st_size < item.external_data_bytes
-    entry = item.entry(spec)
+    entry = item.record(spec).to_dict()
     assert entry["external_data"] == item.external_data
     assert entry["external_data_sha256"] == item.external_data_sha256 == sha256_file(data)
     assert entry["sha256"] == sha256_file(tmp_path / item.file)

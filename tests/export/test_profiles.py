@@ -17,6 +17,8 @@ from catome_export.export.profiles import (
 from catome_export.export.stages import StageSpec, TensorSpec, plan_specs
 from catome_export.latents import make_latents
 from catome_export.merging import MergePlan, MergeSettings, match_tokens, partition
+from catome_export.models.sites import MergeSite
+from factories import make_manifest, make_stages
 
 
 def _site_stage_specs(num_sites: int, channels: int, text_dim: int) -> list[StageSpec]:
@@ -114,16 +116,13 @@ def test_tiny_real_specs_every_dim_resolves(tiny_specs):
         assert p[f"site{k}_src_idx"][2][1] == num_src((24, 40))
 
 
-def test_manifest_object_supplies_specs_shapes_sites_and_stride():
-    class FakeManifest:
-        shapes = _shapes(lh=(10, 10), lw=(10, 10), opt=(1, 10, 10), fraction=1.0)
-        sites = [{"index": 0, "path": "p", "downsample": 1, "channels": 8}]
-        merge = {"stride": [1, 2]}
-
-        def stage_specs(self):
-            return _site_stage_specs(1, 8, 32)
-
-    prof = compute_profiles(FakeManifest())
+def test_manifest_supplies_specs_shapes_sites_and_stride():
+    manifest = make_manifest(shapes=ShapeRanges.from_dict(_shapes(lh=(10, 10), lw=(10, 10), opt=(1, 10, 10),
+                                                                  fraction=1.0)),
+                             sites=[MergeSite(0, "p", 1, channels=8)],
+                             merge=MergeSettings(threshold=0.7, stride=(1, 2)),
+                             stages=make_stages(_site_stage_specs(1, 8, 32)))
+    prof = compute_profiles(manifest)
     # stride (1, 2) on 10x10: 50 dst, 50 src
     assert prof[1]["site0_keep_idx"] == ((1, 50), (1, 50), (2, 100))
     assert prof[1]["site0_src_idx"] == ((1, 1), (1, 50), (2, 50))

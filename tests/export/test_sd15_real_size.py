@@ -145,7 +145,7 @@ def test_fp32_engine_runs_and_matches_eager(sd15_fp32):
     unet = load_unet("sd15", weights="random")
     sites = find_merge_sites(unet)
     stages = cut_unet(unet, sites)
-    built = Manifest.load(out, check_hashes=False).settings()
+    built = Manifest.load(out, check_hashes=False).merge
     sample, timestep, text = _inputs(batch=2, seed=0)
 
     # Half of every site's src tokens merged, two calls: the first matches, the second may reuse the cache.

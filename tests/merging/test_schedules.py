@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from catome_export.errors import CatomeError
-from catome_export.merging import NAMED_SCHEDULES, Schedule, parse_schedule
+from catome_export.merging import NAMED_SCHEDULES, AutoSchedule, Schedule, parse_schedule, parse_schedule_request
 
 # The lists of catome-semantics.md (paper Table II and the authors' package), typed in again here.
 SPEC_LISTS = {
@@ -103,6 +103,19 @@ def test_bad_step_base(base):
 def test_auto_schedule_needs_calibration():
     with pytest.raises(CatomeError, match="calibration"):
         parse_schedule("auto:4")
+
+
+def test_schedule_requests_hold_auto_until_calibration():
+    """Every spec is parsed in one place: auto:K becomes an AutoSchedule (K and step_base), the rest a Schedule."""
+    assert parse_schedule_request(" Auto:4 ", 0) == AutoSchedule(4, step_base=0)
+    assert parse_schedule_request(AutoSchedule(2), 1).name == "auto:2"
+    assert parse_schedule_request("config3", 0) == parse_schedule("config3", 0)
+    assert parse_schedule_request([3, 1], 1) == Schedule("custom", (1, 3), 1)
+    for bad in ("auto:", "auto:0", "auto:-2", "auto:x"):
+        with pytest.raises(CatomeError, match="auto:K"):
+            parse_schedule_request(bad)
+    with pytest.raises(CatomeError, match="step_base"):
+        parse_schedule_request("auto:3", 2)
 
 
 def test_round_trip():

@@ -39,7 +39,7 @@ def assert_loads(folder: Path) -> None:
     from catome_export.runtime import Runtime
 
     manifest = Manifest.load(folder)
-    latent = manifest.ranges()["latent_height"][0]
+    latent = manifest.shapes.latent_height[0]
     with Runtime.load(folder, backend="ort", backend_options={"intra_op_threads": 1}) as runtime:
         gen = torch.Generator().manual_seed(0)
         sample, text = torch.randn(1, 4, latent, latent, generator=gen), torch.randn(1, 77, 32, generator=gen)
@@ -161,7 +161,7 @@ def test_two_builds_at_once_are_refused_or_serialised(good_build, child_env, tmp
         assert_good_engine(target, hashes)
     else:  # serialised: the folder holds the last finished build
         assert_loads(target)
-        assert Manifest.load(target).ranges()["latent_height"] == (8, 8)
+        assert Manifest.load(target).shapes.latent_height == (8, 8)
 
 
 @pytest.mark.parametrize("point", ["stage-export", "manifest-write"])

@@ -43,7 +43,7 @@ def test_a_write_that_fails_at_the_end_keeps_the_result(command, tmp_path, capsy
         target = folder / "fox.png"
         argv = ["generate", "--model", "tiny", "--prompt", "a fox", "--steps", "2", "--height", "64",
                 "--out", str(target)]
-        _break_folder_after(monkeypatch, "catome_export.generate", "generate", folder)
+        _break_folder_after(monkeypatch, "catome_export.workflows.generate", "generate", folder)
     elif command == "analyze-json":
         target = folder / "a.json"
         argv = ["analyze", "--model", "tiny", "--steps", "3", "--resolution", "64", "--json", str(target)]
@@ -62,7 +62,7 @@ def test_a_write_that_fails_at_the_end_keeps_the_result(command, tmp_path, capsy
         target = folder / "results.json"
         argv = ["eval", "--model", "tiny", "--imagenet", "1", "--steps", "2", "--height", "64", "--warmup", "0",
                 "--out", str(folder)]
-        _break_folder_after(monkeypatch, "catome_export.evaluation.runner", "_external_metrics", folder)
+        _break_folder_after(monkeypatch, "catome_export.workflows.evaluate", "_external_metrics", folder)
     assert main(argv) == 1
     err = capsys.readouterr().err
     kept = _kept(err)

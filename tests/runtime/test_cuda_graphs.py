@@ -15,6 +15,7 @@ import torch
 from onnx import TensorProto, helper
 
 from catome_export.errors import CatomeError
+from catome_export.export.manifest import StageRecord
 from catome_export.merging import MergeSettings, match_tokens, merge_tokens, parse_schedule, unmerge_tokens
 from catome_export.runtime.cuda_graphs import (
     ChainGraphCache, ChainGraphRunner, GraphChain, GraphEntry, GraphKey, TorchCudaGraphCapture, graph_chain,
@@ -302,7 +303,7 @@ def _trt_stages(trt, helper, folder: Path):
     runners = []
     for spec, model, profiles in zip(specs, (_stage0_onnx(), _stage1_onnx()), (p0, p1)):
         (folder / f"stage_{spec.index}.plan").write_bytes(helper.build_plan(trt, model, profiles))
-        runners.append(backend.load_stage(folder, {"index": spec.index, "engine": None}, spec))
+        runners.append(backend.load_stage(folder, StageRecord(spec, f"stage_{spec.index}.onnx")))
     return backend, runners, [MergeSite(0, "down_blocks.0.attentions.0.transformer_blocks.0", 1)]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -108,7 +109,7 @@ def test_weights_that_differ_from_the_build_are_refused(tiny_engine, tmp_path):
     other = tmp_path / "other-weights"
     shutil.copytree(tiny_engine, other)
     manifest = Manifest.load(other)
-    manifest.model = dict(manifest.model, weights_hash="0" * 64)
+    manifest.model = replace(manifest.model, weights_hash="0" * 64)
     manifest.save(other)
     assert json.loads((other / "manifest.json").read_text())["model"]["weights_hash"] == "0" * 64
     with pytest.raises(CatomeError, match="weights .* do not match"):

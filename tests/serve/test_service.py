@@ -32,7 +32,7 @@ def service(tiny_engine):
 
 
 def test_batch_one_is_identical_to_a_direct_generate_call(tiny_engine, service):
-    from catome_export.generate import ImageRequest, generate, pipeline_for_engine
+    from catome_export.workflows.generate import ImageRequest, generate, pipeline_for_engine
     from catome_export.runtime import Runtime
     from catome_export.runtime.embed import attach
 

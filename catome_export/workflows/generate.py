@@ -232,12 +232,12 @@ def pipeline_for_engine(runtime: Any, model: str | None = None, scheduler: str |
     what :func:`~catome_export.runtime.embed.attach` checks the engine
     against). Attach the runtime afterwards.
     """
-    manifest = getattr(runtime, "manifest", None)
-    built_from = (getattr(manifest, "model", None) or {}).get("id") if manifest is not None else None
+    manifest = runtime.manifest
+    built_from = manifest.model.id if manifest is not None else None
     source = model or built_from
     if source is None:
         raise CatomeError("the engine's manifest names no model: pass --model to say which pipeline to use")
-    weights = (getattr(manifest, "model", None) or {}).get("weights")
+    weights = manifest.model.weights if manifest is not None else None
     if weights == "random" and source != "tiny":
         logger.warning("the engine was built from random weights: the images are noise (speed work only)")
     pipe = load_pipeline(source, device=runtime.device, dtype=runtime.dtype, with_unet=source == "tiny",
@@ -255,14 +255,10 @@ def check_engine_shapes(runtime: Any, request: "ImageRequest") -> None:
 
 def engine_resolution(runtime: Any) -> tuple[int, int] | None:
     """The image size of the engine's optimal profile (latent * 8), or None when the manifest has none."""
-    shapes = getattr(getattr(runtime, "manifest", None), "shapes", None)
-    opt = shapes.get("opt") if isinstance(shapes, dict) else None
-    if not isinstance(opt, dict):
+    manifest = runtime.manifest
+    if manifest is None:
         return None
-    try:
-        return int(opt["latent_height"]) * 8, int(opt["latent_width"]) * 8
-    except (KeyError, TypeError, ValueError):
-        return None
+    return manifest.shapes.opt_height * 8, manifest.shapes.opt_width * 8
 
 
 # -- generation --------------------------------------------------------------------------
@@ -359,7 +355,7 @@ def save_png(image: np.ndarray | Any, path: str | Path) -> Path:
 def merge_settings_for_engine(settings: Any, threshold: float | None, schedule: str | None, step_base: int,
                               no_merge: bool) -> Any:
     """The engine's merge settings with the command line's overrides applied (no rebuild needed)."""
-    from catome_export.merging import parse_schedule
+    from catome_export.merging import AutoSchedule, parse_schedule_request
 
     if no_merge:
         return replace(settings, threshold=1.0, ratio=None, merge_fraction=None)
@@ -367,10 +363,11 @@ def merge_settings_for_engine(settings: Any, threshold: float | None, schedule: 
     if threshold is not None:
         out = replace(out, threshold=threshold, ratio=None, merge_fraction=None)
     if schedule is not None:
-        if schedule.strip().lower().startswith("auto:"):
+        request = parse_schedule_request(schedule, step_base)
+        if isinstance(request, AutoSchedule):
             raise CatomeError("auto:K schedules are calibrated on the eager model: run catome-export analyze on the "
                               "model and pass the checkpoint list it prints as --schedule")
-        out = replace(out, schedule=parse_schedule(schedule, step_base))
+        out = replace(out, schedule=request)
     return out
 
 

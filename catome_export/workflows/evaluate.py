@@ -35,10 +35,24 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from catome_export._version import __version__
+from catome_export.backends.torch_backend import load_reference_unet
+from catome_export.defaults import DEFAULT_RATIO, DEFAULT_SCHEDULE, DEFAULT_THRESHOLD
+from catome_export.devices import resolve_device
+from catome_export.eager import apply_merging
 from catome_export.errors import CatomeError
 from catome_export.evaluation.external import (DEFAULT_CLIP_MODEL, Availability, ClipScorer, InceptionFeatures,
                                                clip_availability, fid_availability, frechet_distance)
 from catome_export.evaluation.metrics import psnr, ssim
+from catome_export.export.fsutil import atomic_write_text
+from catome_export.merging import AutoSchedule, MergeSettings, parse_schedule, parse_schedule_request
+from catome_export.models import default_merge_level
+from catome_export.runtime import Runtime
+from catome_export.workflows.eager import apply_catome
+from catome_export.workflows.generate import (
+    ImageRequest, check_engine_shapes, default_resolution, engine_resolution, generate, load_pipeline,
+    merge_settings_for_engine, save_png,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +83,7 @@ class EvalConfig:
     schedule: str | None = None
     """Checkpoint schedule (default config3 for eager CA-ToMe, the engine's own for the engine)."""
     step_base: int = 1
-    ratio: float = 0.5
+    ratio: float = DEFAULT_RATIO
     """ToMe's fixed ratio."""
     steps: int = 50
     guidance: float = 7.5
@@ -96,8 +110,6 @@ class EvalConfig:
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise CatomeError(f"warmup must be an int >= 0, got {self.warmup!r}")
         # Checked here, before any pipeline is loaded, so a typo fails in a second, not after a model load.
-        from catome_export.merging import MergeSettings
-
         if self.threshold is not None:
             MergeSettings(threshold=self.threshold)
         MergeSettings(threshold=None, ratio=self.ratio)
@@ -180,8 +192,6 @@ class EvalReport:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        from catome_export._version import __version__
-
         cfg = self.config
         return {
             "catome_export_version": __version__,
@@ -227,11 +237,17 @@ def short_setting(settings: Any) -> str:
     return f"fraction {settings.merge_fraction:g}, {cache}"
 
 
-def eager_settings(method: str, config: EvalConfig) -> Any:
-    """The MergeSettings of an eager method (None for the baseline)."""
-    from catome_export.merging import MergeSettings, parse_schedule
+@dataclass(frozen=True)
+class CalibratedCatome:
+    """CA-ToMe with an ``auto:K`` schedule: calibrated on the pipeline's U-Net when the method is applied."""
 
-    threshold = 0.7 if config.threshold is None else config.threshold
+    threshold: float
+    schedule: AutoSchedule
+
+
+def eager_settings(method: str, config: EvalConfig) -> MergeSettings | CalibratedCatome | None:
+    """The merge settings of an eager method (None for the baseline; an ``auto:K`` schedule still to calibrate)."""
+    threshold = DEFAULT_THRESHOLD if config.threshold is None else config.threshold
     if method == "baseline":
         return None
     if method == "tome":
@@ -239,10 +255,10 @@ def eager_settings(method: str, config: EvalConfig) -> Any:
     if method == "adaptive":
         return MergeSettings(threshold=threshold, schedule=parse_schedule("every_step", config.step_base))
     if method == "catome":
-        schedule = config.schedule or "config3"
-        if schedule.strip().lower().startswith("auto:"):
-            return ("auto", threshold, schedule)
-        return MergeSettings(threshold=threshold, schedule=parse_schedule(schedule, config.step_base))
+        request = parse_schedule_request(config.schedule or DEFAULT_SCHEDULE, config.step_base)
+        if isinstance(request, AutoSchedule):
+            return CalibratedCatome(threshold, request)
+        return MergeSettings(threshold=threshold, schedule=request)
     raise CatomeError(f"{method} is not an eager method")
 
 
@@ -250,9 +266,6 @@ class _Context:
     """The pipeline(s) and the engine runtime shared by every method of one evaluation."""
 
     def __init__(self, config: EvalConfig, runtime: Any = None) -> None:
-        from catome_export.devices import resolve_device
-        from catome_export.generate import load_pipeline
-
         self.config = config
         self.runtime: Any = runtime
         self._owns_runtime = runtime is None
@@ -261,8 +274,6 @@ class _Context:
         if runtime is None and config.engine is None and any(m in ENGINE_METHODS for m in methods):
             raise CatomeError("the engine methods need --engine <engine folder>")
         if runtime is None and config.engine is not None:
-            from catome_export.runtime import Runtime
-
             if not Path(config.engine).is_dir():
                 raise CatomeError(f"engine folder {str(config.engine)!r} does not exist: build one with "
                                   "catome-export build --model tiny (or pass the folder the build wrote)")
@@ -270,20 +281,17 @@ class _Context:
             self.runtime = Runtime.load(config.engine, backend=config.backend, device=device)
         try:
             if self.runtime is not None:
-                manifest = getattr(self.runtime, "manifest", None)
-                manifest_model = (getattr(manifest, "model", None) or {}).get("id")
+                manifest = self.runtime.manifest
+                manifest_model = manifest.model.id if manifest is not None else None
                 source = config.model or manifest_model
                 if source is None:
                     raise CatomeError("the engine's manifest names no model: pass --model")
                 eager = any(m in EAGER_METHODS for m in methods)
-                built_from = getattr(manifest, "model", None)
-                reference = eager and isinstance(built_from, dict) and bool(built_from.get("weights_hash"))
+                reference = eager and manifest is not None and bool(manifest.model.weights_hash)
                 self.pipe = load_pipeline(source, device=self.runtime.device, dtype=self.runtime.dtype,
                                           with_unet=eager and not reference)
                 if reference:
                     # The eager methods run the very U-Net the engine was built from (weights hash checked).
-                    from catome_export.backends.torch_backend import load_reference_unet
-
                     self.pipe.unet = load_reference_unet(manifest, self.runtime.device)
                 self.source = source
             else:
@@ -298,8 +306,6 @@ class _Context:
         """The engine's own settings, before any method changed them."""
 
     def resolution(self) -> tuple[int, int]:
-        from catome_export.generate import default_resolution, engine_resolution
-
         cfg = self.config
         default = engine_resolution(self.runtime) if self.runtime is not None else None
         if default is None:
@@ -330,14 +336,12 @@ class _MethodSession:
         self._undo: Callable[[], None] = lambda: None
 
     def __enter__(self) -> "_MethodSession":
-        from catome_export.eager import apply_catome, apply_merging
-        from catome_export.models import default_merge_level
-
         cfg, pipe = self.ctx.config, self.ctx.pipe
         if self.name in EAGER_METHODS:
             settings = eager_settings(self.name, cfg)
-            if isinstance(settings, tuple):  # calibrated auto:K schedule
-                handle = apply_catome(pipe, threshold=settings[1], schedule=settings[2], step_base=cfg.step_base)
+            if isinstance(settings, CalibratedCatome):
+                handle = apply_catome(pipe, threshold=settings.threshold, schedule=settings.schedule,
+                                      step_base=cfg.step_base)
             elif settings is not None:
                 # eval has no merge-level option: the model's own (SD 1.x/2.x: 1, SDXL: 2)
                 settings = dataclasses.replace(settings, max_downsample=default_merge_level(pipe.unet))
@@ -348,7 +352,6 @@ class _MethodSession:
                 self.stats, self.settings, self.sites = handle, handle.settings, list(handle.sites)
                 self._undo = handle.remove
             return self
-        from catome_export.generate import merge_settings_for_engine
         from catome_export.runtime.embed import attach
 
         runtime = self.ctx.runtime
@@ -383,8 +386,6 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = logger.info, runti
     its merge settings are restored at the end). ``progress``: one tick per image on stderr, with an ETA
     (tqdm on a terminal).
     """
-    from catome_export.generate import ImageRequest, generate, save_png
-
     out = Path(config.out)
     _prepare_out(out)
     availability = [fid_availability(), clip_availability(config.clip_model)]
@@ -396,8 +397,6 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = logger.info, runti
                                  height, width) for i, p in enumerate(config.prompts)]
         latent_hw = (height // 8, width // 8)
         if ctx.runtime is not None and any(m in ENGINE_METHODS for m in ctx.methods):
-            from catome_export.generate import check_engine_shapes
-
             check_engine_shapes(ctx.runtime, requests[0])
         baseline_images: list[np.ndarray] = []
         from catome_export.progress import Progress
@@ -512,6 +511,4 @@ def _prepare_out(out: Path) -> None:
 
 def _write_text(path: Path, text: str) -> None:
     """Atomic text write (temp file + rename)."""
-    from catome_export.export.fsutil import atomic_write_text
-
     atomic_write_text(path, text)
