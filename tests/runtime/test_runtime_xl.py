@@ -20,7 +20,7 @@ SIZE = 128  # pixels: latent 16x16, inside the built range
 @pytest.fixture(scope="module")
 def xl_engine(tmp_path_factory):
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
-    from catome_export.export.build import build_engine
+    from catome_export.workflows.build import build_engine
 
     folder = tmp_path_factory.getbasetemp() / "tiny-xl-engine-128-192"
     if not (folder / "manifest.json").is_file():
