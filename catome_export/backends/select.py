@@ -6,7 +6,7 @@ import importlib.util
 from dataclasses import dataclass
 
 from catome_export.errors import CatomeError
-from catome_export.tensorrt_support import (  # noqa: F401  (re-exported: the backends' and doctor's import path)
+from catome_export.tensorrt_support import (
     POLYGRAPHY_SUPPORTED, TRT_INSTALL_HINT, TRT_PIP, TRT_SUPPORTED, import_tensorrt, require_polygraphy,
     trt_version_problem, version_tuple,
 )

@@ -383,6 +383,7 @@ def test_cli_build_trt_with_standin_but_no_gpu_exits_1(trt_standin_helper, tmp_p
     assert "CUDA device" in proc.stderr and "not installed" not in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("major", ["10", "11"])
 def test_doctor_reports_the_standin_version_as_supported(trt_standin_helper, major):
     proc = subprocess.run([sys.executable, "-m", "catome_export.cli", "doctor"], capture_output=True, text=True,

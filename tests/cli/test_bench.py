@@ -13,6 +13,7 @@ from catome_export.cli.main import main
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_bench_tiny_end_to_end(tmp_path, capsys):
     pytest.importorskip("onnxruntime", reason="the engine backend runs in ONNX Runtime here")
     out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import io
 import re
 
@@ -53,6 +55,7 @@ def test_eval_shows_progress_per_image(capsys, tmp_path):
     assert _complete(ticks) and ticks[-1] == (6, 6)  # 2 methods x (1 warm-up + 2 images)
 
 
+@pytest.mark.slow
 def test_bench_shows_progress_per_row_and_round(capsys):
     argv = ["bench", "--model", "tiny", "--backends", "eager,eager-catome", "--merge-fractions", "0,0.5",
             "--resolution", "64", "--repeats", "2", "--warmup", "1", "--no-stage-timings"]

@@ -275,6 +275,7 @@ def test_options_validate_themselves_and_keep_the_cli_strings():
         make_options("tiny", resolutoin=128)
 
 
+@pytest.mark.slow
 def test_a_finished_build_that_cannot_be_swapped_in_is_kept(tmp_path, monkeypatch):
     """The last write of a build (moving the finished folder in) fails: the old build stays, the new one is
     kept beside it and the error says where."""

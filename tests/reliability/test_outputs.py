@@ -35,6 +35,7 @@ def _break_folder_after(monkeypatch, module: str, name: str, folder: Path) -> No
     monkeypatch.setattr(mod, name, wrapped)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["generate", "analyze-json", "bench-json", "verify-json", "eval"])
 def test_a_write_that_fails_at_the_end_keeps_the_result(command, tmp_path, capsys, monkeypatch, request):
     folder = tmp_path / "out"
