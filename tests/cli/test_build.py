@@ -31,7 +31,10 @@ def test_build_tiny_end_to_end(built):
     assert code == 0
     manifest = Manifest.load(out)
     assert len(manifest.stages) == 6 and len(manifest.sites) == 5
-    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_FILE] + [f"stage_{k}.onnx" for k in range(6)]
+    # the standard graphs (TensorRT builds from these) and, for ONNX Runtime, its fused form of each
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [MANIFEST_FILE] + [f"stage_{k}.onnx" for k in range(6)] + [f"stage_{k}.ort.onnx" for k in range(6)])
+    assert [s.ort_optimized.file for s in manifest.stages if s.ort_optimized] == [f"stage_{k}.ort.onnx" for k in range(6)]
     assert manifest.shapes.latent_height == (16, 16) and manifest.shapes.batch == (1, 2)
     assert manifest.model.weights == "random" and manifest.extra["audit"]["passed"] is True
     assert manifest.rebuild_command().startswith("catome-export build --model tiny --weights random")
