@@ -509,8 +509,11 @@ class Manifest:
                 args[key] = f"{value:g}"
                 break
         schedule = merge.schedule
-        args["schedule"] = schedule.name if schedule.name != "custom" else ",".join(str(c) for c in
-                                                                                     schedule.checkpoints)
+        checkpoints = schedule.checkpoints
+        if schedule.name == "custom" and checkpoints is not None:
+            args["schedule"] = ",".join(str(c) for c in checkpoints)
+        else:
+            args["schedule"] = schedule.name
         args["step_base"] = schedule.step_base
         args.update(min_batch=s.batch[0], max_batch=s.batch[1],  # the CLI takes square pixel sizes: cover both
                     min_resolution=8 * min(s.latent_height[0], s.latent_width[0]),
@@ -530,7 +533,9 @@ def _rebuild_from(data: Mapping[str, Any], engine_dir: Path) -> str:
     recorded = data.get("build")
     if isinstance(recorded, Mapping) and recorded:
         return build_command(recorded)
-    model = data.get("model") if isinstance(data.get("model"), Mapping) else {}
+    model = data.get("model")
+    if not isinstance(model, Mapping):
+        model = {}
     return build_command({"model": model.get("id", "MODEL"), "weights": model.get("weights"),
                           "precision": data.get("precision"), "name": data.get("name"), "out": str(engine_dir)})
 

@@ -9,7 +9,7 @@ skip tensors do not outlive their use.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
@@ -17,6 +17,9 @@ from catome_export.backends.base import StageRunner
 from catome_export.errors import CatomeError
 from catome_export.export.io_names import MODEL_INPUTS, MODEL_OUTPUT, plan_names, site_input_name
 from catome_export.merging.plan import MergePlan
+
+if TYPE_CHECKING:
+    from catome_export.export.stages import TensorSpec
 
 PlanHook = Callable[[int, torch.Tensor], MergePlan]
 """``(site, x) -> plan``: called after the stage that outputs ``x{site}``."""
@@ -42,7 +45,7 @@ class StageChain:
         """Merge sites in the order the chain reaches them."""
         return [s.next_site for s in self.specs if s.next_site is not None]
 
-    def input_spec(self, name: str):
+    def input_spec(self, name: str) -> TensorSpec | None:
         """The first TensorSpec named ``name`` among the stages' inputs, or None."""
         for spec in self.specs:
             for t in spec.inputs:

@@ -274,7 +274,7 @@ class TorchCudaGraphCapture:
 
     def capture(self, chain: Chain, static_inputs: Mapping[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
         current = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
+        side = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]  # torch.cuda.Stream.__new__ is unannotated
         side.wait_stream(current)
         with torch.cuda.stream(side):
             for _ in range(self.warmup):

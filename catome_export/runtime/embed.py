@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Any
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 import torch
 
@@ -90,9 +91,19 @@ class _BarThatReleases:
         return getattr(self._bar, name)
 
 
+class _HoldsGenerations(Protocol):
+    """A runtime whose generation a thread holds (:meth:`~catome_export.runtime.Runtime.generation`)."""
+
+    def reset(self) -> None: ...
+
+    def generation(self) -> AbstractContextManager[Any]: ...
+
+
 class _GenerationOnCall(ResetOnCall):
     """``ResetOnCall`` for an attached runtime: the pipeline's call holds the runtime's generation (waiting for
     another thread's) from its progress bar's opening to its close."""
+
+    target: _HoldsGenerations
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         holding = self.target.generation()
@@ -191,7 +202,8 @@ class Attachment:
     @property
     def history(self) -> list[Any]:
         """The runtime's per-step records of the current generation (step, merged r per site, times)."""
-        return self._runtime.history
+        history: list[Any] = self._runtime.history
+        return history
 
     def reset(self) -> None:
         """Start a new generation on the runtime (what every ``pipe(...)`` call does by itself)."""

@@ -341,7 +341,7 @@ class Runtime:
                 raise CatomeError(f"CUDA graphs run with the trt or torch backend, not {name or 'this one'} "
                                   "(ONNX Runtime allocates its outputs itself)")
             capture = TorchCudaGraphCapture(self.device, stream=self._stream())
-        memory = getattr(self.backend, "memory", None)
+        memory: Any = getattr(self.backend, "memory", None)
         generation = (lambda: memory.generation) if hasattr(memory, "generation") else None
         if self._graphs is not None:
             self._graphs.invalidate(reason="CUDA graphs enabled again")
@@ -368,7 +368,8 @@ class Runtime:
             plans[site] = plan
             env.update(zip(plan_names(site), plans[site].tensors()))
         key = ChainGraphCache.key(batch, latent_hw, {k: p.num_merged for k, p in plans.items()})
-        return self._graphs.run(key, env, plan_versions=plans)[MODEL_OUTPUT]
+        outputs: dict[str, torch.Tensor] = self._graphs.run(key, env, plan_versions=plans)
+        return outputs[MODEL_OUTPUT]
 
     def attach(self, pipe: Any) -> Any:
         """Put ``runtime.unet`` into a diffusers pipeline; every ``pipe(...)`` call then resets the caches.

@@ -62,7 +62,7 @@ def full_unet_config(config: Mapping[str, Any]) -> dict[str, Any]:
 def _frozen(config: Mapping[str, Any]) -> Any:
     from diffusers.configuration_utils import FrozenDict
 
-    return FrozenDict(full_unet_config(config))
+    return FrozenDict(full_unet_config(config))  # type: ignore[no-untyped-call]  # diffusers' FrozenDict is unannotated
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -75,6 +75,8 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 class RuntimeUNet(torch.nn.Module):
     """Stands in for ``pipe.unet``; every call is one step of the runtime's controller."""
+
+    _runtime: "Runtime"
 
     def __init__(self, runtime: "Runtime", unet_config: Mapping[str, Any]) -> None:
         super().__init__()

@@ -88,7 +88,7 @@ class PlanDifference:
             where += f", batch item {self.batch}, token {self.token}"
         return f"{where}: {self.detail}"
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"site": self.site, "step": self.step, "batch": self.batch, "token": self.token, "kind": self.kind,
                 "explained": self.explained, "gap": self.gap, "bound": self.bound, "detail": self.detail}
 
@@ -150,7 +150,7 @@ class VerifyRow:
     def ok(self) -> bool:
         return self.within_tolerance and self.same_merging and self.plans_explained
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"step": self.step, "timestep": self.timestep, "max_abs_diff": self.max_abs_diff, "scale": self.scale,
                 "limit": self.limit, "merged_engine": _keys_str(self.merged_engine),
                 "merged_eager": _keys_str(self.merged_eager), "matched_engine": _keys_str(self.matched_engine),
@@ -310,7 +310,7 @@ class VerifyReport:
             lines.append(f"... and {len(diffs) - limit} more (see the JSON report)")
         return "\n".join(lines)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"engine_dir": self.engine_dir, "backend": self.backend, "precision": self.precision,
                 "batch": self.batch, "latent_hw": list(self.latent_hw), "schedule": self.schedule,
                 "tolerance": self.tolerance, "merge_tolerance": self.merge_tolerance, "ok": self.ok,
@@ -385,7 +385,7 @@ class _MatchRecorder:
 
     def __call__(self, site: int, x: torch.Tensor, grid: tuple[int, int]) -> MergePlan:
         src_ids, dst_ids = self.controller.partition_for(x, grid)
-        own = self.controller.compute_plan(x, grid)
+        own: MergePlan = self.controller.compute_plan(x, grid)
         self.seen[site] = _SiteMatch(x.detach().clone(), own, src_ids, dst_ids)
         theirs = self.given.get(site) if self.given is not None else None
         if theirs is None:  # not given (the engine did not match here): the matched flags will differ
@@ -498,9 +498,9 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
                    * scheduler.init_noise_sigma).to(device=dev, dtype=dtype)
         timer = _Timer(dev)
         slack = {}
-        for site in runtime.sites.values():
-            gh, gw = site.grid(latent_hw)
-            slack[site.index] = int(r_tol * gh * gw)
+        for merge_site in runtime.sites.values():
+            gh, gw = merge_site.grid(latent_hw)
+            slack[merge_site.index] = int(r_tol * gh * gw)
         runtime.reset()
         handle.reset()
         engine_matches = _MatchRecorder(runtime.controller)
