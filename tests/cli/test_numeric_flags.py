@@ -11,7 +11,7 @@ from catome_export.cli.main import main
 @pytest.fixture
 def no_work(monkeypatch):
     import catome_export.bench.runner as bench_runner
-    import catome_export.export.build as build
+    import catome_export.workflows.build as build
     import catome_export.models.registry as registry
     import catome_export.runtime.runtime as runtime
 

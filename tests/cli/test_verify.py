@@ -97,7 +97,7 @@ def test_verify_threads_zero_is_an_error(tiny_engine, capsys):
     args[args.index("--threads") + 1] = "0"
     assert main(["verify", str(tiny_engine), *args, "--quiet"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "intra-op threads must be an int >= 1" in err and "got 0" in err
+    assert err.startswith("error: ") and "--threads must be an int >= 1" in err and "got 0" in err
 
 
 @pytest.mark.parametrize("load,busy", [(0.0, False), (1e4, True)], ids=["idle", "busy"])
