@@ -46,7 +46,7 @@ from catome_export.export.audit import AuditReport, audit_stages
 from catome_export.export.fsutil import BuildLock, pid_alive
 from catome_export.export.io_names import MODEL_OUTPUT, site_input_name, site_of_input
 from catome_export.export.manifest import (
-    MANIFEST_FILE, FusedGraph, Manifest, ModelRecord, build_command, tool_versions,
+    MANIFEST_FILE, Manifest, ModelRecord, build_command, tool_versions,
 )
 from catome_export.export.onnx_export import (
     OPSET, ExportedStage, example_inputs, export_stage, ort_max_diff, ort_session,
@@ -568,7 +568,7 @@ def _build_into(opts: BuildOptions, folder: Path, backend: EngineBackend, say: P
         notes.append("the graphs would not parse in TensorRT (see the audit); ONNX Runtime can still run them")
     info = model_info(opts.model)
     manifest = _make_manifest(opts, unet, sites, stages, exported, settings, backend, audit, info)
-    manifest.stages = tuple(replace(s, ort_optimized=_fused_record(fused[s.index])) if s.index in fused else s
+    manifest.stages = tuple(replace(s, ort_optimized=fused[s.index].record()) if s.index in fused else s
                             for s in manifest.stages)
     del unet, stages, examples
     if backend == EngineBackend.TRT:
@@ -587,12 +587,6 @@ def _build_into(opts: BuildOptions, folder: Path, backend: EngineBackend, say: P
                                   "VerifyVerdict, so the build cannot tell whether it passed; it was not installed")
     return BuildResult(manifest=manifest, engine_dir=folder, stages=exported, audit=audit, quick_check=quick,
                        verify=verdict, backend=backend, seconds=0.0, notes=notes)
-
-
-def _fused_record(graph: OptimizedGraph) -> FusedGraph:
-    return FusedGraph(file=graph.file, sha256=graph.sha256, bytes=graph.bytes, external_data=graph.external_data,
-                      external_data_sha256=graph.external_data_sha256, external_data_bytes=graph.external_data_bytes,
-                      fused=dict(graph.fused), attention_left=graph.attention_left)
 
 
 def _describe_fused(graph: OptimizedGraph) -> str:

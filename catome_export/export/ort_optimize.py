@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from catome_export.errors import CatomeError
+from catome_export.export.manifest import FusedGraph
 
 logger = logging.getLogger(__name__)
 
@@ -87,14 +88,16 @@ class OptimizedGraph:
     """Softmax nodes left unfused (attention cores no pass matched)."""
     seconds: float = 0.0
 
+    def record(self) -> FusedGraph:
+        """The stage's ``ort_optimized`` manifest record."""
+        return FusedGraph(file=self.file, sha256=self.sha256, bytes=self.bytes, external_data=self.external_data,
+                          external_data_sha256=self.external_data_sha256,
+                          external_data_bytes=self.external_data_bytes, fused=dict(self.fused),
+                          attention_left=self.attention_left)
+
     def entry(self) -> dict[str, Any]:
-        """The stage's ``ort_optimized`` manifest item."""
-        d: dict[str, Any] = {"file": self.file, "external_data": self.external_data, "sha256": self.sha256,
-                             "bytes": self.bytes, "fused": dict(self.fused), "attention_left": self.attention_left}
-        if self.external_data is not None:
-            d["external_data_sha256"] = self.external_data_sha256
-            d["external_data_bytes"] = self.external_data_bytes
-        return d
+        """The stage's ``ort_optimized`` manifest item, as written to manifest.json."""
+        return self.record().to_dict()
 
 
 def _import_optimizer() -> Any:
