@@ -2,7 +2,8 @@
 
 Counts the matrix work of one U-Net call from the model's config alone:
 every convolution (``Cin * k * k`` MACs per output element), every linear
-layer (``in * out`` per row), and the two attention products of every
+layer (``in * out`` per row; SDXL's added-conditioning embedding included),
+and the two attention products of every
 attention layer (``Q K^T`` and ``A V``: ``Nq * Nk * C`` each, summed over
 heads). Normalisations, activations, softmax, the sinusoidal timestep
 projection and the merge/unmerge gathers are elementwise and left out, the
@@ -158,6 +159,20 @@ class _Counter:
                     num_dst = (hw[0] // self.stride[0]) * (hw[1] // self.stride[1])
                     self.parts["matching"] += b * (n - num_dst) * num_dst * c  # cosine similarity src x dst
 
+    def added_embedding(self) -> None:
+        """SDXL's added conditioning (``addition_embed_type: text_time``): ``add_time_proj`` is sinusoidal (no
+        MACs); ``add_embedding`` maps [text_embeds, time_ids features] (projection_class_embeddings_input_dim
+        wide) through linear_1 and linear_2 to the time-embedding width."""
+        kind = self.cfg.get("addition_embed_type")
+        if kind is None:
+            return
+        if kind != "text_time":
+            raise CatomeError(f"the FLOP model knows addition_embed_type text_time (SDXL), not {kind!r}")
+        width = int(self.cfg.get("projection_class_embeddings_input_dim") or 0)
+        if width <= 0:
+            raise CatomeError("config: addition_embed_type text_time needs projection_class_embeddings_input_dim")
+        self.parts["linear"] += self.shape.batch * (width * self.temb_dim + self.temb_dim * self.temb_dim)
+
     # -- the model --------------------------------------------------------------------
     def run(self) -> None:
         cfg = self.cfg
@@ -189,6 +204,7 @@ class _Counter:
 
         # time embedding: sinusoidal projection (no MACs), linear_1, linear_2
         self.parts["linear"] += b * (chans[0] * self.temb_dim + self.temb_dim * self.temb_dim)
+        self.added_embedding()
         hw = self.latent_hw
         self.parts["conv"] += _conv(b, hw, in_ch, chans[0], k_in)
         skips = [chans[0]]

@@ -1,4 +1,5 @@
-"""The analytic MAC model against torch's FlopCounterMode (tiny with real tensors, SD 1.5 on the meta device)."""
+"""The analytic MAC model against torch's FlopCounterMode (tiny and tiny-xl with real tensors, SD 1.5 and SDXL on
+the meta device)."""
 
 from __future__ import annotations
 
@@ -21,13 +22,23 @@ def _bmm_attention(unet: torch.nn.Module) -> None:
 
 def _measured_flops(unet: torch.nn.Module, batch: int, hw: tuple[int, int], text_len: int,
                     device: str = "cpu") -> int:
+    from catome_export.models.conditioning import random_added_conditioning
+
     dim = unet.config.cross_attention_dim
     sample = torch.randn(batch, 4, *hw, device=device)
     timestep = torch.full((batch,), 500.0, device=device)
     text = torch.randn(batch, text_len, dim, device=device)
+    added = random_added_conditioning(unet, batch, (hw[0] * 8, hw[1] * 8), device=device)  # SDXL-style only
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        unet(sample, timestep, text)
+        unet(sample, timestep, text, added_cond_kwargs=added)
     return int(counter.get_total_flops())
+
+
+@pytest.fixture
+def tiny_xl_unet() -> torch.nn.Module:
+    from catome_export.models import load_unet
+
+    return load_unet("tiny-xl", "random")
 
 
 @pytest.mark.parametrize("batch,hw,text_len", [(2, (8, 8), 77), (1, (13, 21), 5)])
@@ -73,6 +84,52 @@ def test_sd15_matches_flop_counter_on_meta_device():
     assert model.flops == pytest.approx(measured, rel=0.01)
 
 
+@pytest.mark.parametrize("batch,hw,text_len", [(2, (16, 16), 77), (1, (13, 21), 5)])
+def test_tiny_xl_unmerged_matches_flop_counter(tiny_xl_unet, batch, hw, text_len):
+    """SDXL's layout: no top-level attention, depth 2, and the added-conditioning embedding (add_embedding)."""
+    _bmm_attention(tiny_xl_unet)
+    measured = _measured_flops(tiny_xl_unet, batch, hw, text_len)
+    model = unet_macs(tiny_xl_unet.config, hw, batch, text_len=text_len, max_downsample=2)
+    assert model.flops == measured  # exact: add_embedding is ~0.01% of tiny-xl's work, below any tolerance
+    cfg = dict(tiny_xl_unet.config)
+    temb = 4 * cfg["block_out_channels"][0]
+    add_embedding = batch * (cfg["projection_class_embeddings_input_dim"] * temb + temb * temb)
+    plain = unet_macs({**cfg, "addition_embed_type": None}, hw, batch, text_len=text_len, max_downsample=2)
+    assert model.total - plain.total == add_embedding > 0
+
+
+def test_tiny_xl_merged_matches_flop_counter(tiny_xl_unet):
+    """Forced merging at SDXL's merge level (2): ten sites, two per Transformer2DModel."""
+    from catome_export.eager import apply_merging
+
+    _bmm_attention(tiny_xl_unet)
+    hw, batch, text_len = (16, 24), 1, 5
+    settings = MergeSettings(threshold=None, merge_fraction=0.5, schedule=parse_schedule("every_step"),
+                             max_downsample=2)
+    with apply_merging(tiny_xl_unet, settings) as handle:
+        measured = _measured_flops(tiny_xl_unet, batch, hw, text_len)
+        merged = dict(handle.history[-1].merged)
+    grids = site_grids(tiny_xl_unet.config, hw, max_downsample=2)
+    assert grids == [(8, 12)] * 10
+    assert merged == merged_for_fraction(grids, 0.5) and all(r > 0 for r in merged.values())
+    with_matching = unet_macs(tiny_xl_unet.config, hw, batch, text_len=text_len, merged=merged, matching=True,
+                              max_downsample=2)
+    assert with_matching.flops == pytest.approx(measured, rel=0.01)
+
+
+def test_sdxl_matches_flop_counter_on_meta_device():
+    from diffusers import UNet2DConditionModel
+
+    cfg = bundled_config("sdxl")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(cfg)
+    _bmm_attention(unet)
+    measured = _measured_flops(unet, 2, (128, 128), 77, device="meta")
+    model = unet_macs(cfg, (128, 128), 2, max_downsample=2)
+    assert model.flops == pytest.approx(measured, rel=0.01)
+    assert site_grids(cfg, (128, 128), max_downsample=2) == [(64, 64)] * 10
+
+
 def test_sd15_sites_and_ideal_speedup():
     cfg = bundled_config("sd15")
     grids = site_grids(cfg, (64, 64))
@@ -110,3 +167,5 @@ def test_errors_are_catome_errors():
         merged_for_fraction([(4, 4)], 1.5)
     with pytest.raises(CatomeError):
         unet_macs(cfg, (0, 16), 1)
+    with pytest.raises(CatomeError, match="addition_embed_type text_time"):
+        unet_macs({**cfg, "addition_embed_type": "image"}, (16, 16), 1)
