@@ -49,7 +49,7 @@ class BenchConfig:
     """What to time, at which shapes, how often."""
 
     model: str = "tiny"
-    """Registry name (``tiny``, ``sd15``) or a local diffusers folder."""
+    """Registry name (``tiny``, ``tiny-xl``, ``sd15``, ``sd21``, ``sdxl``) or a local diffusers folder."""
     weights: str = "random"
     """``random`` (seeded, the architecture only: speed does not depend on weights) or ``pretrained``."""
     engine_dir: Path | None = None

@@ -49,6 +49,8 @@ class Inputs:
     sample: torch.Tensor
     timestep: torch.Tensor
     text: torch.Tensor
+    added: dict[str, torch.Tensor] | None = None
+    """SDXL-style added conditioning (``added_cond_kwargs``: ``text_embeds``, ``time_ids``), None for SD 1.x/2.x."""
 
     @property
     def batch(self) -> int:
@@ -109,7 +111,7 @@ class RowTiming:
 def _call(target: Target, inputs: Inputs, phase: Phase | None) -> None:
     out: list[float] = []
     with timed(target.device, out):
-        target(inputs.sample, inputs.timestep, inputs.text)
+        target(inputs.sample, inputs.timestep, inputs.text, inputs.added)
     if phase is not None:
         phase.add(out[0], target.last_call())
 
@@ -193,7 +195,7 @@ def measure_loop(target: Target, settings: MergeSettings | None, inputs: Inputs,
     for t in timesteps:
         ts = torch.full_like(inputs.timestep, t)
         with timed(target.device, out):
-            target(inputs.sample, ts, inputs.text)
+            target(inputs.sample, ts, inputs.text, inputs.added)
         stats = target.last_call()
         checkpoints += int(any(stats.matched.values()))
         controller += stats.controller_ms

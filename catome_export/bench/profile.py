@@ -132,11 +132,13 @@ def profile_engine(engine_dir: Path, inputs: Inputs, fractions: Sequence[float],
             runtime.set_settings(replace(base, threshold=None, ratio=None, merge_fraction=float(f),
                                          schedule=BENCH_SCHEDULE))
             runtime.reset()
-            runtime.unet(inputs.sample, inputs.timestep, encoder_hidden_states=inputs.text)  # checkpoint
+            runtime.unet(inputs.sample, inputs.timestep, encoder_hidden_states=inputs.text,
+                         added_cond_kwargs=inputs.added)  # checkpoint
             done += 1
             windows[f] = list(range(done, done + calls))
             for _ in range(calls):
-                runtime.unet(inputs.sample, inputs.timestep, encoder_hidden_states=inputs.text)
+                runtime.unet(inputs.sample, inputs.timestep, encoder_hidden_states=inputs.text,
+                         added_cond_kwargs=inputs.added)
                 done += 1
         traces = [Path(r.session.end_profiling()) for r in runners]
     finally:
@@ -160,9 +162,11 @@ def profile_unstaged(graph: Path, inputs: Inputs, calls: int, ort_options: Mappi
     options = OrtOptions.from_mapping(ort_options)
     session = _profiled_session(graph, options, out_dir / "unstaged")
     dtype = "float16" if inputs.sample.dtype == torch.float16 else "float32"
-    spec = unstaged_spec(dtype, int(inputs.sample.shape[1]), int(inputs.sample.shape[1]), int(inputs.text.shape[-1]))
+    added = {k: int(v.shape[-1]) for k, v in (inputs.added or {}).items()}
+    spec = unstaged_spec(dtype, int(inputs.sample.shape[1]), int(inputs.sample.shape[1]), int(inputs.text.shape[-1]),
+                         added)
     runner = OrtStageRunner(session, spec, torch.device("cpu"), options)
-    feeds = {SAMPLE: inputs.sample, TIMESTEP: inputs.timestep, TEXT: inputs.text}
+    feeds = {SAMPLE: inputs.sample, TIMESTEP: inputs.timestep, TEXT: inputs.text, **(inputs.added or {})}
     for _ in range(calls + 1):
         runner.run(feeds)
     trace = Path(session.end_profiling())
@@ -200,11 +204,11 @@ def profile_eager(unet: torch.nn.Module, inputs: Inputs, calls: int) -> dict[str
 
     text_len = int(inputs.text.shape[1])
     with torch.inference_mode():
-        unet(inputs.sample, inputs.timestep, inputs.text)
+        unet(inputs.sample, inputs.timestep, inputs.text, added_cond_kwargs=inputs.added)
         start = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             for _ in range(calls):
-                unet(inputs.sample, inputs.timestep, inputs.text)
+                unet(inputs.sample, inputs.timestep, inputs.text, added_cond_kwargs=inputs.added)
         wall = (time.perf_counter() - start) * 1e3 / calls
     ops: dict[str, float] = {}
     groups: dict[str, float] = {}

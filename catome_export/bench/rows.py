@@ -19,8 +19,13 @@ def model_dtype(config: BenchConfig) -> torch.dtype:
 
 
 def make_inputs(unet_config: Any, resolution: int, config: BenchConfig) -> Inputs:
-    """Seeded latents (smooth or noise), a constant timestep and random text embeddings at one resolution."""
+    """Seeded latents (smooth or noise), a constant timestep and random text embeddings at one resolution.
+
+    SDXL-style U-Nets (``addition_embed_type: text_time``) also get their added conditioning: seeded random
+    ``text_embeds`` [B, projection width] and the ``time_ids`` [B, 6] of an uncropped image at ``resolution``
+    (original size, crop top-left (0, 0), target size), as ``StableDiffusionXLPipeline`` builds them."""
     from catome_export.latents import make_latents
+    from catome_export.models.conditioning import conditioning_for_config
 
     cfg = dict(unet_config)
     lat = resolution // 8
@@ -31,7 +36,9 @@ def make_inputs(unet_config: Any, resolution: int, config: BenchConfig) -> Input
     gen = torch.Generator().manual_seed(config.seed + 1)
     text = torch.randn(config.batch, config.text_len, int(cfg["cross_attention_dim"]), generator=gen)
     timestep = torch.full((config.batch,), TIMESTEP, dtype=torch.float32, device=device)
-    return Inputs(sample, timestep, text.to(device=device, dtype=dtype))
+    added = conditioning_for_config(cfg, config.batch, (resolution, resolution), seed=config.seed + 2,
+                                    device=device, dtype=dtype)
+    return Inputs(sample, timestep, text.to(device=device, dtype=dtype), added)
 
 
 def settings_for(backend: str, base: MergeSettings, fraction: float | None, threshold: float | None,

@@ -37,6 +37,7 @@ from catome_export.bench.measure import BENCH_SCHEDULE, Inputs, Job, RowTiming, 
 from catome_export.bench.report import BenchResult, derive_columns
 from catome_export.bench.rows import build_row, describe, make_inputs, model_dtype, row_settings, settings_for
 from catome_export.bench.targets import EagerMergeTarget, EagerTarget, EngineTarget, Target, UnstagedTarget
+from catome_export.defaults import DEFAULT_MAX_DOWNSAMPLE
 from catome_export.errors import CatomeError
 from catome_export.merging import MergeSettings
 from catome_export.progress import Progress
@@ -64,7 +65,10 @@ class _Session:
         self.ort_options: dict[str, Any] = {"intra_op_threads": self.threads, **dict(config.ort_options),
                                             "fused_graphs": config.ort_optimize}
         self.unet_config: dict[str, Any] = {}
-        self.base_settings = MergeSettings(threshold=None, merge_fraction=0.0, schedule=BENCH_SCHEDULE)
+        self.base_settings = MergeSettings(threshold=None, merge_fraction=0.0, schedule=BENCH_SCHEDULE,
+                                           max_downsample=_model_merge_level(config))
+        """Merge options of every merging row: the model's own merge level (SDXL-style: 2), the defaults otherwise;
+        replaced by the engine's when it was built with others."""
         self.engine_dir: Path | None = config.engine_dir
         self.graph: Path | None = None
         """The unstaged graph: standard ONNX."""
@@ -199,6 +203,13 @@ class _Session:
                                          schedule=BENCH_SCHEDULE)
 
 
+def _model_merge_level(config: BenchConfig) -> int:
+    """The model's default merge level (1 for SD 1.x/2.x, 2 for SDXL-style U-Nets, whose top level has no attention)."""
+    from catome_export.models import model_info
+
+    return model_info(config.model).max_downsample if config.model is not None else DEFAULT_MAX_DOWNSAMPLE
+
+
 def _fusion_note(backend_name: str, fused: bool) -> str:
     """What an ONNX Runtime row ran: ONNX Runtime's fused graphs or the standard ones."""
     if not backend_name.startswith("ort"):
@@ -327,12 +338,6 @@ def _run_interleaved(session: _Session, resolutions: list[int]) -> None:
 def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None) -> BenchResult:
     """Run the benchmark ``config`` describes; ``progress`` gets one line per step (default: the log)."""
     say = progress or logger.info
-    if config.model is not None:
-        from catome_export.models import model_info
-
-        if model_info(config.model).added_conditioning:
-            raise CatomeError(f"bench does not measure SDXL-style models (added conditioning) yet: time {config.model} "
-                              "with catome-export verify (engine vs eager per step) or generate")
     session = _Session(config, say)
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise CatomeError("--device cuda needs a CUDA device and a CUDA build of torch; none is present here")

@@ -44,6 +44,11 @@ class CallStats:
     """Per-stage wall times (engines with stage timing on)."""
 
 
+def _added(added: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """``added_cond_kwargs`` of a call: SDXL-style models' ``text_embeds`` and ``time_ids``, None for SD 1.x/2.x."""
+    return None if added is None else dict(added)
+
+
 class Target:
     """A U-Net-like thing to time (base class; see the concrete targets below)."""
 
@@ -61,7 +66,9 @@ class Target:
     def new_generation(self) -> None:
         """The next call is loop index 0 (empty caches: matching runs)."""
 
-    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                 added: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """One U-Net call; ``added``: the SDXL-style added conditioning (``text_embeds``, ``time_ids``) or None."""
         raise NotImplementedError
 
     def last_call(self) -> CallStats:
@@ -83,9 +90,10 @@ class EagerTarget(Target):
         super().__init__(unet.device)
         self.unet = unet
 
-    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                 added: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         with torch.inference_mode():
-            return self.unet(sample, timestep, text, return_dict=False)[0]
+            return self.unet(sample, timestep, text, added_cond_kwargs=_added(added), return_dict=False)[0]
 
 
 class _TimedController:
@@ -142,10 +150,11 @@ class EagerMergeTarget(Target):
             raise CatomeError(f"backend {self.name} was not configured with merge settings")
         return self.handle
 
-    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                 added: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         self._require()
         with torch.inference_mode():
-            return self.unet(sample, timestep, text, return_dict=False)[0]
+            return self.unet(sample, timestep, text, added_cond_kwargs=_added(added), return_dict=False)[0]
 
     def last_call(self) -> CallStats:
         handle = self._require()
@@ -233,9 +242,11 @@ class EngineTarget(Target):
     def new_generation(self) -> None:
         self.runtime.reset()
 
-    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                 added: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         self._stage_ms.clear()
-        return self.runtime.unet(sample, timestep, encoder_hidden_states=text, return_dict=False)[0]
+        return self.runtime.unet(sample, timestep, encoder_hidden_states=text, added_cond_kwargs=_added(added),
+                                 return_dict=False)[0]
 
     def last_call(self) -> CallStats:
         history = self.runtime.history
@@ -259,8 +270,9 @@ class UnstagedTarget(Target):
         self.runner = runner
         self.backend = backend
 
-    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        feeds = {SAMPLE: sample, TIMESTEP: timestep, TEXT: text}
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                 added: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        feeds = {SAMPLE: sample, TIMESTEP: timestep, TEXT: text, **(added or {})}
         return self.runner.run(feeds)[MODEL_OUTPUT]
 
     def close(self) -> None:

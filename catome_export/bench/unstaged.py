@@ -4,7 +4,8 @@ Exported with the staged export's settings (TorchScript exporter, the same
 opset, constant folding, dynamic batch / latent size / text length) and run
 through the ONNX Runtime backend's own stage runner (same session options,
 same IO binding), so the only difference from the staged engine at merge
-fraction 0 is the cutting itself. The graph is traced at a latent size
+fraction 0 is the cutting itself. SDXL-style U-Nets take ``text_embeds`` and
+``time_ids`` as two more graph inputs, as the engine's stage 0 does. The graph is traced at a latent size
 divisible by 8 and serves latent sizes divisible by 8 (images in multiples of
 64 pixels): diffusers' U-Net takes another branch for other sizes.
 
@@ -29,7 +30,7 @@ from typing import Any, Mapping
 import torch
 
 from catome_export.errors import CatomeError
-from catome_export.export.io_names import MODEL_OUTPUT, SAMPLE, TEXT, TIMESTEP
+from catome_export.export.io_names import ADDED_INPUTS, MODEL_OUTPUT, SAMPLE, TEXT, TIMESTEP
 from catome_export.export.manifest import StageRecord
 from catome_export.export.stages import StageSpec, TensorSpec
 
@@ -45,23 +46,39 @@ CONSOLIDATE_BYTES = 1_800_000_000
 
 
 class _WholeUNet(torch.nn.Module):
-    """(sample, timestep, encoder_hidden_states) -> noise_pred, the model IO of the staged graphs."""
+    """(sample, timestep, encoder_hidden_states[, text_embeds, time_ids]) -> noise_pred, the staged graphs' model IO.
+
+    SDXL-style U-Nets take their added conditioning as two more inputs, as the staged engine's stage 0 does."""
 
     def __init__(self, unet: torch.nn.Module) -> None:
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        return self.unet(sample, timestep, text, return_dict=False)[0]
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                *added: torch.Tensor) -> torch.Tensor:
+        added_cond = dict(zip(ADDED_INPUTS, added)) if added else None
+        return self.unet(sample, timestep, text, added_cond_kwargs=added_cond, return_dict=False)[0]
 
 
-def unstaged_spec(dtype: str, in_channels: int, out_channels: int, text_dim: int) -> StageSpec:
-    """The IO of the whole U-Net as a one-stage spec (model inputs in, ``noise_pred`` out)."""
+def _added_dims(unet_config: Any) -> dict[str, int]:
+    """Added-conditioning input -> width (``text_embeds``, ``time_ids``) of an SDXL-style config, else empty."""
+    from catome_export.models.registry import added_conditioning_dims
+
+    dims = added_conditioning_dims(dict(unet_config))
+    return {} if dims is None else dict(zip(ADDED_INPUTS, dims))
+
+
+def unstaged_spec(dtype: str, in_channels: int, out_channels: int, text_dim: int,
+                  added: Mapping[str, int] | None = None) -> StageSpec:
+    """The IO of the whole U-Net as a one-stage spec (model inputs in, ``noise_pred`` out).
+
+    ``added``: width of each added-conditioning input (``text_embeds``, ``time_ids``) of an SDXL-style U-Net."""
     return StageSpec(
         index=0, site=None, next_site=None,
         inputs=(TensorSpec(SAMPLE, dtype, ("B", in_channels, "H", "W")),
                 TensorSpec(TIMESTEP, "float32", ("B",)),
-                TensorSpec(TEXT, dtype, ("B", "L", text_dim))),
+                TensorSpec(TEXT, dtype, ("B", "L", text_dim)),
+                *(TensorSpec(name, dtype, ("B", int(width))) for name, width in (added or {}).items())),
         outputs=(TensorSpec(MODEL_OUTPUT, dtype, ("B", out_channels, "H", "W")),),
     )
 
@@ -76,17 +93,22 @@ def _dtype_name(unet: torch.nn.Module) -> str:
 def _spec_of(unet: torch.nn.Module) -> StageSpec:
     cfg = unet.config
     return unstaged_spec(_dtype_name(unet), int(cfg.in_channels), int(cfg.out_channels),
-                         int(cfg.cross_attention_dim))
+                         int(cfg.cross_attention_dim), _added_dims(cfg))
 
 
 def _trace_args(unet: torch.nn.Module) -> tuple[torch.Tensor, ...]:
+    from catome_export.models.conditioning import random_added_conditioning
+
     batch, (h, w), text_len = TRACE_SHAPE
     gen = torch.Generator().manual_seed(0)
     cfg = unet.config
-    device, dtype = unet.device, unet.dtype
+    weight = next(unet.parameters())
+    device, dtype = weight.device, weight.dtype
+    added = random_added_conditioning(unet, batch, (h * 8, w * 8), device=device, dtype=dtype)
     return (torch.randn(batch, cfg.in_channels, h, w, generator=gen).to(device, dtype),
             torch.linspace(999.0, 1.0, batch, dtype=torch.float32).to(device),
-            torch.randn(batch, text_len, cfg.cross_attention_dim, generator=gen).to(device, dtype))
+            torch.randn(batch, text_len, cfg.cross_attention_dim, generator=gen).to(device, dtype),
+            *(added[name] for name in ADDED_INPUTS if added is not None))
 
 
 def _meta(weights_hash: str, dtype: str) -> dict[str, Any]:
@@ -204,7 +226,8 @@ def load_unstaged(graph: Path, unet_config: Any, dtype: str, device: str,
 
     backend = OrtBackend(device, OrtOptions.from_mapping(ort_options))
     cfg = dict(unet_config)
-    spec = unstaged_spec(dtype, int(cfg["in_channels"]), int(cfg["out_channels"]), int(cfg["cross_attention_dim"]))
+    spec = unstaged_spec(dtype, int(cfg["in_channels"]), int(cfg["out_channels"]), int(cfg["cross_attention_dim"]),
+                         _added_dims(cfg))
     try:
         runner = backend.load_stage(graph.parent, StageRecord(spec, graph.name))
     except BaseException:

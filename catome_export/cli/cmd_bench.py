@@ -20,7 +20,9 @@ round to round so that a busy machine slows every row alike; median, min and
 p90 of the cached steps, and the controller's share of both kinds. --merge-fractions forces r per
 site (speed independent of weights); --threshold also times the adaptive path
 on smooth latents. Prints a markdown table; --json and --plot save the rows
-and a latency-vs-merge-fraction plot.
+and a latency-vs-merge-fraction plot. SDXL-style models (tiny-xl, sdxl) get
+seeded added conditioning (text_embeds, time_ids of an uncropped image at the
+resolution) and merge at their own level (2).
 
 backends:
   eager            the plain diffusers U-Net (merge fraction 0)
@@ -150,7 +152,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engine", metavar="DIR", help="a built engine folder for the engine backend "
                    "(default: build one for --model under --workdir, reused when it fits)")
-    p.add_argument("--model", help="tiny, sd15, or a local diffusers folder (default: the --engine's model, else tiny)")
+    p.add_argument("--model", help="tiny, tiny-xl, sd15, sd21, sdxl, or a local diffusers folder (default: the "
+                                    "--engine's model, else tiny)")
     p.add_argument("--weights", choices=("random", "pretrained"),
                    help="seeded random weights (speed does not depend on them; the default without --engine) "
                         "or pretrained")

@@ -29,7 +29,7 @@ class FakeTarget(Target):
         self.log.append("new")
         self.since_reset = 0
 
-    def __call__(self, sample, timestep, text):
+    def __call__(self, sample, timestep, text, added=None):
         self.log.append("call" + self.tag)
         self.since_reset += 1
         return sample

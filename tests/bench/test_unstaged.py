@@ -37,3 +37,33 @@ def test_export_run_and_reuse(tiny_unet, tmp_path):
     assert export_unstaged(tiny_unet, folder, digest) == graph and graph.stat().st_mtime_ns == mtime
     assert cached_graph(folder, "other-weights", "float32") is None
     assert cached_graph(folder, digest, "float16") is None
+
+
+def test_sdxl_style_export_takes_the_added_conditioning(tmp_path):
+    """tiny-xl: text_embeds and time_ids are graph inputs, and the graph matches the torch U-Net given them."""
+    from catome_export.models import load_unet
+    from catome_export.models.conditioning import random_added_conditioning
+
+    unet = load_unet("tiny-xl", "random")
+    graph = export_unstaged(unet, tmp_path / "unstaged")
+    runner, backend = load_unstaged(graph, unet.config, "float32", "cpu", {"intra_op_threads": 1})
+    try:
+        assert [t.name for t in runner.spec.inputs][3:] == ["text_embeds", "time_ids"]
+        for batch, hw in ((1, (16, 16)), (2, (8, 24))):
+            gen = torch.Generator().manual_seed(batch)
+            sample = torch.randn(batch, 4, *hw, generator=gen)
+            timestep = torch.full((batch,), 321.0)
+            text = torch.randn(batch, 5, 64, generator=gen)
+            added = random_added_conditioning(unet, batch, (hw[0] * 8, hw[1] * 8), seed=batch)
+            bigger = {**added, "time_ids": added["time_ids"] * 2}  # another image size
+            feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": text}
+            got = runner.run({**feeds, **added})["noise_pred"]
+            got_bigger = runner.run({**feeds, **bigger})["noise_pred"]
+            with torch.no_grad():
+                want = unet(sample, timestep, text, added_cond_kwargs=added).sample
+                want_bigger = unet(sample, timestep, text, added_cond_kwargs=bigger).sample
+            assert float((got - want).abs().max()) < 1e-4
+            assert float((got_bigger - want_bigger).abs().max()) < 1e-4
+            assert float((got_bigger - got).abs().max()) > 1e-3  # the graph reads time_ids
+    finally:
+        backend.close()

@@ -96,3 +96,100 @@ def test_bench_refuses_an_engine_without_fused_graphs_when_asked_for_them(tmp_pa
     assert "has no ONNX Runtime fused graphs" in err and "--ort-optimize off" in err
     assert main([*argv, "--ort-optimize", "off"]) == 0
     assert "| engine | 128 | 1 | 0.00 |" in capsys.readouterr().out
+
+
+XL_SIZE = 128
+"""tiny-xl at 128 px: a 16x16 latent, its ten merge sites on the 8x8 grid of downsample 2."""
+
+
+@pytest.fixture(scope="module")
+def xl_bench(tmp_path_factory):
+    """``catome-export bench --model tiny-xl`` with the default backends (eager, eager-catome, engine)."""
+    pytest.importorskip("onnxruntime", reason="the engine backend runs in ONNX Runtime here")
+    root = tmp_path_factory.mktemp("xl-bench")
+    out_json = root / "r.json"
+    code = main(["bench", "--model", "tiny-xl", "--resolution", str(XL_SIZE), "--repeats", "1",
+                 "--checkpoint-repeats", "1", "--threads", "1", "--merge-fractions", "0,0.5",
+                 "--workdir", str(root / "work"), "--json", str(out_json)])
+    assert code == 0
+    return json.loads(out_json.read_text()), root / "work"
+
+
+def test_bench_tiny_xl_end_to_end(xl_bench):
+    """SDXL-style model: every default backend times rows; merging happens at the model's merge level (2)."""
+    data, _ = xl_bench
+    rows = data["rows"]
+    assert data["config"]["backends"] == ["eager", "eager-catome", "engine"]
+    assert [(r["backend"], r["merge_fraction"]) for r in rows] == [
+        ("eager", 0.0), ("eager-catome", 0.0), ("eager-catome", 0.5), ("engine", 0.0), ("engine", 0.5)]
+    for r in rows:
+        assert r["resolution"] == XL_SIZE and r["batch"] == 2 and r["latent"] == [16, 16]
+        assert 0 < r["min_ms"] <= r["median_ms"]
+    # ten sites (depth 2 in down_blocks.1 and up_blocks.1, ... at downsample 2), 8x8 grid: 48 src, round(0.5 * 48)
+    for backend in ("engine", "eager-catome"):
+        by_fraction = {r["merge_fraction"]: r for r in rows if r["backend"] == backend}
+        assert by_fraction[0.5]["merged"] == {str(i): 24 for i in range(10)}
+        assert by_fraction[0.0]["merged"] == {str(i): 0 for i in range(10)}
+        assert by_fraction[0.5]["ideal_speedup"] > by_fraction[0.0]["ideal_speedup"] == 1.0
+    engine = {r["merge_fraction"]: r for r in rows if r["backend"] == "engine"}
+    assert len(engine[0.5]["stage_ms"]) == 11 and engine[0.5]["checkpoint_repeats"] == 1
+    assert not [n for n in data["notes"] if "other merge options" in n]
+
+
+def test_bench_tiny_xl_engine_and_unstaged_match_eager_at_fraction_0(xl_bench):
+    """The inputs a row times, added conditioning included, reach every target alike: at merge fraction 0 the
+    engine and the unstaged graph give the eager U-Net's output."""
+    from catome_export.bench.config import BenchConfig
+    from catome_export.bench.measure import BENCH_SCHEDULE
+    from catome_export.bench.rows import make_inputs
+    from catome_export.bench.targets import EagerTarget, EngineTarget, UnstagedTarget
+    from catome_export.bench.unstaged import export_unstaged, load_unstaged
+    from catome_export.merging import MergeSettings
+    from catome_export.models import load_unet
+
+    _, workdir = xl_bench
+    config = BenchConfig(model="tiny-xl", workdir=workdir)
+    unet = load_unet("tiny-xl", "random")
+    inputs = make_inputs(unet.config, XL_SIZE, config)
+    assert inputs.added is not None
+    assert inputs.added["text_embeds"].shape == (2, 32)
+    assert inputs.added["time_ids"].tolist() == [[XL_SIZE, XL_SIZE, 0, 0, XL_SIZE, XL_SIZE]] * 2
+    want = EagerTarget(unet)(inputs.sample, inputs.timestep, inputs.text, inputs.added)
+    engine = EngineTarget.load(workdir / "tiny-xl-random-fp32" / "engine", "ort", "cpu", {"intra_op_threads": 1})
+    graph = export_unstaged(unet, workdir / "unstaged-check")
+    runner, backend = load_unstaged(graph, unet.config, "float32", "cpu", {"intra_op_threads": 1})
+    try:
+        engine.configure(MergeSettings(threshold=None, merge_fraction=0.0, schedule=BENCH_SCHEDULE, max_downsample=2))
+        engine.new_generation()
+        got = engine(inputs.sample, inputs.timestep, inputs.text, inputs.added)
+        unstaged = UnstagedTarget(runner, backend)(inputs.sample, inputs.timestep, inputs.text, inputs.added)
+    finally:
+        engine.close()
+        backend.close()
+    assert float((got - want).abs().max()) < 1e-4
+    assert float((unstaged - want).abs().max()) < 1e-4
+    assert float(want.abs().max()) > 1e-2
+    other = EagerTarget(unet)(inputs.sample, inputs.timestep, inputs.text,
+                              {**inputs.added, "time_ids": inputs.added["time_ids"] * 2})
+    assert float((other - want).abs().max()) > 1e-3  # the conditioning the rows carry changes the output
+
+
+def test_bench_tiny_xl_sequential_with_engine_unstaged_and_profiles(xl_bench, tmp_path):
+    """engine-unstaged on an SDXL-style model (its graph takes text_embeds and time_ids), the eager patch at the
+    model's merge level in a sequential run (its rows run before any engine is loaded), and the profiles."""
+    from catome_export.bench.config import BenchConfig
+    from catome_export.bench.runner import run_bench
+
+    _, workdir = xl_bench
+    config = BenchConfig(model="tiny-xl", backends=("eager", "eager-catome", "engine", "engine-unstaged"),
+                         resolutions=(XL_SIZE,), merge_fractions=(0.5,), repeats=1, checkpoint_repeats=1, threads=1,
+                         workdir=workdir, interleave=False, profile_dir=tmp_path / "profile")
+    result = run_bench(config, progress=lambda line: None)
+    rows = result.rows
+    assert [r["backend"] for r in rows] == ["eager", "eager-catome", "engine", "engine-unstaged"]
+    assert rows[1]["merged"] == rows[2]["merged"] == {str(i): 24 for i in range(10)}
+    assert rows[3]["runs_on"] == "ort-cpu, ORT-fused graphs" and rows[3]["median_ms"] > 0
+    assert (workdir / "tiny-xl-random-fp32" / "unstaged" / "unet.onnx").is_file()
+    profile = result.profile
+    assert profile is not None and profile["eager"]["run_ms"] > 0 and profile["unstaged"]["run_ms"] > 0
+    assert len(profile["engine"]["0.5"]["stages"]) == 11

@@ -102,13 +102,6 @@ def test_model_that_is_not_a_unet(capsys, tmp_path):
     assert not (tmp_path / "e").exists()
 
 
-def test_bench_of_an_sdxl_style_model(capsys, tmp_path):
-    """bench has no SDXL conditioning yet: refused before anything is built or timed."""
-    assert_cli_error(["bench", "--model", "tiny-xl", "--workdir", str(tmp_path / "w")], capsys,
-                     "bench does not measure SDXL-style models", "catome-export verify")
-    assert not (tmp_path / "w").exists()
-
-
 def test_unknown_model_real_process(cli_process, tmp_path):
     proc = cli_process(["build", "--model", "nosuchmodel", "--out", str(tmp_path / "e")])
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
