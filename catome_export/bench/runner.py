@@ -37,7 +37,6 @@ from catome_export.bench.measure import BENCH_SCHEDULE, Inputs, Job, RowTiming, 
 from catome_export.bench.report import BenchResult, derive_columns
 from catome_export.bench.rows import build_row, describe, make_inputs, model_dtype, row_settings, settings_for
 from catome_export.bench.targets import EagerMergeTarget, EagerTarget, EngineTarget, Target, UnstagedTarget
-from catome_export.defaults import DEFAULT_MAX_DOWNSAMPLE
 from catome_export.errors import CatomeError
 from catome_export.merging import MergeSettings
 from catome_export.progress import Progress
@@ -65,16 +64,24 @@ class _Session:
         self.ort_options: dict[str, Any] = {"intra_op_threads": self.threads, **dict(config.ort_options),
                                             "fused_graphs": config.ort_optimize}
         self.unet_config: dict[str, Any] = {}
-        self.base_settings = MergeSettings(threshold=None, merge_fraction=0.0, schedule=BENCH_SCHEDULE,
-                                           max_downsample=_model_merge_level(config))
-        """Merge options of every merging row: the model's own merge level (SDXL-style: 2), the defaults otherwise;
-        replaced by the engine's when it was built with others."""
+        self.base_settings = MergeSettings(threshold=None, merge_fraction=0.0, schedule=BENCH_SCHEDULE)
+        """Merge options of every merging row: the defaults at the model's own merge level (set with the U-Net
+        config, :meth:`set_unet_config`); replaced by the engine's when it was built with others."""
         self.engine_dir: Path | None = config.engine_dir
         self.graph: Path | None = None
         """The unstaged graph: standard ONNX."""
         self.fused_graph: Path | None = None
         """The unstaged graph with ONNX Runtime's fusions (``--ort-optimize on`` with engine-unstaged)."""
         self.eager_profile: dict[str, Any] | None = None
+
+    def set_unet_config(self, unet_config: dict[str, Any]) -> None:
+        """The U-Net config of the rows, and its merge level: the highest-resolution transformer level (1 for
+        SD 1.x/2.x, 2 for SDXL-style U-Nets, whose top level has no attention), as each model's registry entry
+        and ``build`` take it."""
+        from catome_export.models.registry import top_attention_level
+
+        self.unet_config = unet_config
+        self.base_settings = replace(self.base_settings, max_downsample=top_attention_level(unet_config))
 
     def profile_eager(self, unet: torch.nn.Module) -> None:
         """torch.profiler summary of the eager U-Net at the first resolution (with ``profile_dir``)."""
@@ -203,13 +210,6 @@ class _Session:
                                          schedule=BENCH_SCHEDULE)
 
 
-def _model_merge_level(config: BenchConfig) -> int:
-    """The model's default merge level (1 for SD 1.x/2.x, 2 for SDXL-style U-Nets, whose top level has no attention)."""
-    from catome_export.models import model_info
-
-    return model_info(config.model).max_downsample if config.model is not None else DEFAULT_MAX_DOWNSAMPLE
-
-
 def _fusion_note(backend_name: str, fused: bool) -> str:
     """What an ONNX Runtime row ran: ONNX Runtime's fused graphs or the standard ones."""
     if not backend_name.startswith("ort"):
@@ -240,11 +240,11 @@ def _load_unet(session: _Session) -> torch.nn.Module | None:
         ("engine" in wanted and config.engine_dir is None)
     if not needs:
         if session.engine_dir is not None:
-            session.unet_config = _engine_unet_config(session.engine_dir)
+            session.set_unet_config(_engine_unet_config(session.engine_dir))
         return None
     session.progress(f"loading {config.model} ({config.weights} weights, {config.precision}) ...")
     unet = load_unet(config.model, config.weights, model_dtype(config)).to(config.device)
-    session.unet_config = dict(unet.config)
+    session.set_unet_config(dict(unet.config))
     return unet
 
 

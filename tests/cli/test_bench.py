@@ -193,3 +193,19 @@ def test_bench_tiny_xl_sequential_with_engine_unstaged_and_profiles(xl_bench, tm
     profile = result.profile
     assert profile is not None and profile["eager"]["run_ms"] > 0 and profile["unstaged"]["run_ms"] > 0
     assert len(profile["engine"]["0.5"]["stages"]) == 11
+
+
+def test_bench_tiny_xl_engine_folder_alone(xl_bench, tmp_path):
+    """--engine on an SDXL-style engine, no torch model loaded: the model, its conditioning and its merge level
+    come from the manifest (no note about other merge options)."""
+    _, workdir = xl_bench
+    out_json = tmp_path / "r.json"
+    code = main(["bench", "--engine", str(workdir / "tiny-xl-random-fp32" / "engine"), "--backends", "engine",
+                 "--resolution", str(XL_SIZE), "--repeats", "1", "--threads", "1", "--merge-fractions", "0.5",
+                 "--json", str(out_json)])
+    assert code == 0
+    data = json.loads(out_json.read_text())
+    assert data["config"]["model"] == "tiny-xl"
+    assert [r["merged"] for r in data["rows"]] == [{str(i): 24 for i in range(10)}]
+    assert data["rows"][0]["ideal_speedup"] > 1.0
+    assert not [n for n in data["notes"] if "other merge options" in n]
