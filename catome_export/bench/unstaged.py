@@ -129,8 +129,6 @@ def cached_graph(folder: Path, weights_hash: str, dtype: str) -> Path | None:
 
 def export_unstaged(unet: torch.nn.Module, folder: str | Path, weights_hash: str | None = None) -> Path:
     """Export ``unet`` whole to ``folder/unet.onnx`` (reused when a matching export is there)."""
-    import onnx
-
     from catome_export.export.fsutil import atomic_write_json
     from catome_export.export.onnx_export import OPSET, check_stage_file
     from catome_export.models import weights_hash as hash_weights
@@ -157,12 +155,7 @@ def export_unstaged(unet: torch.nn.Module, folder: str | Path, weights_hash: str
                               input_names=list(spec.input_names), output_names=list(spec.output_names),
                               dynamic_axes={t.name: t.dynamic_axes() for t in (*spec.inputs, *spec.outputs)})
         if sum(p.numel() * p.element_size() for p in unet.parameters()) > CONSOLIDATE_BYTES:
-            model = onnx.load(str(scratch / GRAPH_FILE), load_external_data=True)
-            for path in scratch.iterdir():
-                path.unlink()
-            onnx.save_model(model, str(scratch / GRAPH_FILE), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=f"{GRAPH_FILE}.data", size_threshold=1024)
-            del model
+            _consolidate(scratch / GRAPH_FILE)
         check_stage_file(scratch / GRAPH_FILE)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(scratch, folder)
@@ -176,6 +169,26 @@ def export_unstaged(unet: torch.nn.Module, folder: str | Path, weights_hash: str
         shutil.rmtree(scratch, ignore_errors=True)
     logger.info("unstaged graph exported in %.0f s", time.perf_counter() - start)
     return folder / GRAPH_FILE
+
+
+def _consolidate(graph: Path) -> None:
+    """Gather the graph's weights (the exporter's one file per tensor above 2 GB) into ``unet.onnx.data``.
+
+    One tensor is in memory at a time (SDXL's are 10 GB in fp32, beside the torch U-Net); the files the
+    exporter wrote are removed afterwards."""
+    import onnx
+
+    from catome_export.export.external_data import gather_weights, save_graph
+
+    folder = graph.parent
+    data = folder / f"{GRAPH_FILE}.data"
+    model = onnx.load(str(graph), load_external_data=False)
+    gather_weights(model, folder, data)
+    save_graph(model, graph)
+    del model
+    for path in folder.iterdir():
+        if path not in (graph, data):
+            path.unlink()
 
 
 def _fused_meta(folder: Path) -> dict[str, Any]:

@@ -67,3 +67,36 @@ def test_sdxl_style_export_takes_the_added_conditioning(tmp_path):
             assert float((got_bigger - got).abs().max()) > 1e-3  # the graph reads time_ids
     finally:
         backend.close()
+
+
+def test_weights_are_gathered_one_tensor_at_a_time(tiny_unet, tmp_path, monkeypatch):
+    """The > 2 GB layout (the exporter's one file per tensor) ends as unet.onnx + unet.onnx.data, same outputs."""
+    import onnx
+
+    from catome_export.bench import unstaged
+
+    graph = export_unstaged(tiny_unet, tmp_path / "inline")
+    folder = tmp_path / "split"
+    folder.mkdir()
+    onnx.save_model(onnx.load(str(graph)), str(folder / "unet.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=False, size_threshold=1024)
+    assert len(list(folder.iterdir())) > 10
+    loaded: list[bool] = []
+    real_load = onnx.load
+    monkeypatch.setattr(onnx, "load", lambda *a, **kw: loaded.append(kw.get("load_external_data", True)) or
+                        real_load(*a, **kw))
+    unstaged._consolidate(folder / "unet.onnx")
+    monkeypatch.undo()
+    assert loaded == [False]
+    assert sorted(p.name for p in folder.iterdir()) == ["unet.onnx", "unet.onnx.data"]
+    gen = torch.Generator().manual_seed(3)
+    feeds = {"sample": torch.randn(1, 4, 16, 16, generator=gen), "timestep": torch.full((1,), 321.0),
+             "encoder_hidden_states": torch.randn(1, 5, 32, generator=gen)}
+    outs = []
+    for path in (graph, folder / "unet.onnx"):
+        runner, backend = load_unstaged(path, tiny_unet.config, "float32", "cpu", {"intra_op_threads": 1})
+        try:
+            outs.append(runner.run(feeds)["noise_pred"])
+        finally:
+            backend.close()
+    assert torch.equal(outs[0], outs[1])
