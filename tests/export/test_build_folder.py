@@ -143,7 +143,7 @@ def test_refuses_a_folder_that_is_not_an_engine(tmp_path):
     target.mkdir()
     (target / "notes.txt").write_text("mine")
     with pytest.raises(CatomeError, match="not an engine folder"):
-        run_build(make_options("tiny", resolution=128, out_dir=target, verify=False))
+        run_build(make_options("tiny", resolution=128, out_dir=target, verify=False, ort_optimize=False))
     assert (target / "notes.txt").read_text() == "mine"
 
 
@@ -176,7 +176,7 @@ def test_failed_verification_keeps_the_old_build_and_the_failed_one(tmp_path, mo
 
     monkeypatch.setattr(os, "rename", rename)
     with pytest.raises(CatomeError, match="does not match eager CA-ToMe") as info:
-        build_folder(make_options("tiny", resolution=128, out_dir=target, verify=True),
+        build_folder(make_options("tiny", resolution=128, out_dir=target, verify=True, ort_optimize=False),
                      verifier=lambda *args: failed)
     assert "step 3: max |diff| 1.0" in str(info.value)
     assert (target / MANIFEST_FILE).read_text() == "old"  # the installed build is untouched
@@ -188,7 +188,7 @@ def test_a_verify_report_without_a_verdict_never_installs(tmp_path):
     """Fail closed: a verifier whose report is not a VerifyVerdict (here: no ``ok`` at all) stops the build, and
     neither the new build nor a failed folder is installed; the old build stays."""
     target = _folder(tmp_path / "e", "old")
-    opts = make_options("tiny", resolution=128, batch=1, out_dir=target, verify=True)
+    opts = make_options("tiny", resolution=128, batch=1, out_dir=target, verify=True, ort_optimize=False)
 
     class Report:  # what a verifier that forgot the verdict might hand back
         def summary(self) -> str:
@@ -238,12 +238,12 @@ def test_rebuild_keeps_files_it_did_not_make_unless_forced(tmp_path, tiny_engine
     shutil.copytree(tiny_engine, folder)
     _user_files(folder)
     before = (folder / MANIFEST_FILE).read_bytes()
-    opts = make_options("tiny", resolution=128, out_dir=folder, verify=False)
+    opts = make_options("tiny", resolution=128, out_dir=folder, verify=False, ort_optimize=False)
     with pytest.raises(CatomeError, match=r"holds files no build made \(calib/data.bin, my_notes.txt\).*--force"):
         run_build(opts)
     assert (folder / "my_notes.txt").read_text() == "mine" and (folder / "calib" / "data.bin").is_file()
     assert (folder / MANIFEST_FILE).read_bytes() == before  # the old build untouched
-    result = run_build(make_options("tiny", resolution=128, out_dir=folder, verify=False, force=True))
+    result = run_build(make_options("tiny", resolution=128, out_dir=folder, verify=False, force=True, ort_optimize=False))
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         [MANIFEST_FILE] + [name for name, _, _ in result.manifest.files()])
     Manifest.load(folder)
@@ -289,7 +289,7 @@ def test_a_finished_build_that_cannot_be_swapped_in_is_kept(tmp_path, monkeypatc
 
     monkeypatch.setattr(os, "rename", rename)
     with pytest.raises(CatomeError, match="the finished build is kept in") as info:
-        run_build(make_options("tiny", resolution=128, out_dir=target, verify=False))
+        run_build(make_options("tiny", resolution=128, out_dir=target, verify=False, ort_optimize=False))
     assert (target / MANIFEST_FILE).read_text() == "old"
     kept = tmp_path / "e.new"
     assert str(kept) in str(info.value) and Manifest.load(kept).stages
