@@ -34,7 +34,7 @@ EXTRAS: dict[str, Extra] = {e.name: e for e in (
     Extra("trt", ("tensorrt", "polygraphy"), "TensorRT engines (NVIDIA GPU)"),
     Extra("eval", ("transformers", "PIL", "scipy", "matplotlib"),
           "generate and eval (text encoder, images, FID/CLIP where their weights are cached), --plot"),
-    Extra("test", ("pytest", "hypothesis", "onnxruntime", "polygraphy", "transformers", "PIL", "scipy", "matplotlib",
+    Extra("test", ("pytest", "xdist", "hypothesis", "onnxruntime", "polygraphy", "transformers", "PIL", "scipy", "matplotlib",
                    "ray.serve"),
           "the test suite"),
     Extra("serve", ("ray.serve", "PIL"), "serving engines over HTTP with Ray Serve"),

@@ -17,16 +17,25 @@
 # resident at this shape, and no arena made each step about 2x slower (3.2 million minor page faults
 # per call); the shared arena is no slower than per-session ones at 5.85 GiB (scripts/bench_ort_memory.py).
 #
-# usage: scripts/bench_sd15_cpu.sh [extra catome-export bench flags, e.g. --threads 1]
+# At 1024 px (16384 tokens at the top level, where merging pays most), batch 1 and the engine and eager
+# only: RESOLUTION=1024 BATCH=1 BACKENDS=eager,engine scripts/bench_sd15_cpu.sh (writes
+# sd15_cpu_1024_b1.*; the engine built for 512 px does not cover 1024, so a second one is built, in its own
+# work folder).
+#
+# usage: [RESOLUTION=512] [BATCH=2] [BACKENDS=...] [WORKDIR=...] [OUT=...] scripts/bench_sd15_cpu.sh
+#        [extra catome-export bench flags, e.g. --threads 1]
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-WORKDIR="${WORKDIR:-${TMPDIR:-/tmp}/catome-bench}"
-OUT="${OUT:-benchmarks/results/sd15_cpu_512_b2}"
+RESOLUTION="${RESOLUTION:-512}"
+# one work folder per resolution: an engine built for one size range is rebuilt, not reused, for another
+WORKDIR="${WORKDIR:-${TMPDIR:-/tmp}/catome-bench$([ "$RESOLUTION" = 512 ] || echo "-$RESOLUTION")}"
+BATCH="${BATCH:-2}"
+OUT="${OUT:-benchmarks/results/sd15_cpu_${RESOLUTION}_b${BATCH}}"
 
 catome-export bench \
   --model sd15 --weights random --precision fp32 --device cpu \
-  --resolution 512 --batch 2 \
+  --resolution "$RESOLUTION" --batch "$BATCH" \
   --backends "${BACKENDS:-eager,eager-catome,engine,engine-unstaged,engine-unfused}" \
   --ort-optimize on \
   --merge-fractions 0,0.5,0.75 \

@@ -78,7 +78,7 @@ def test_extras_name_the_modules_of_their_pyproject_extra():
 
     from catome_export.extras import EXTRAS
 
-    import_name = {"pillow": "PIL", "onnxruntime-gpu": "onnxruntime", "ray[serve]": "ray.serve"}
+    import_name = {"pillow": "PIL", "onnxruntime-gpu": "onnxruntime", "ray[serve]": "ray.serve", "pytest-xdist": "xdist"}
     pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
     for name, requirements in pyproject["project"]["optional-dependencies"].items():
         if name not in EXTRAS:
