@@ -45,8 +45,31 @@ SLOW_FIXTURES = frozenset({"tiny_engine", "built_engine", "reliability_engine", 
 test using one (directly or through another fixture) is marked ``slow`` (``pytest -m "not slow"`` leaves it out; the default run keeps it)."""
 
 
+LONGEST_FILES = ("tests/export/test_sd15_real_size_fp16.py", "tests/export/test_sd15_real_size.py",
+                 "tests/serve/test_serve_ray.py", "tests/export/test_build_folder.py", "tests/cli/test_bench.py",
+                 "tests/backends/test_trt_build.py")
+"""The test files that take longest (minutes each on 2 cores), longest first: collected first, so that the parallel
+run (pytest-xdist, a file per worker at a time) starts them at once instead of leaving one to run alone at the end."""
+
+
+def _longest_first(items: list[pytest.Item]) -> None:
+    """Stable reorder of ``items``: the files of LONGEST_FILES first, in its order; the rest keep theirs."""
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    root = Path(__file__).resolve().parent.parent
+
+    def key(item: pytest.Item) -> int:
+        try:
+            rel = Path(str(item.path)).resolve().relative_to(root).as_posix()
+        except ValueError:
+            return len(rank)
+        return rank.get(rel, len(rank))
+
+    items.sort(key=key)
+
+
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _longest_first(items)
     for item in items:
         if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)

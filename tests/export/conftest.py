@@ -42,3 +42,64 @@ def ort_sessions(exported) -> dict:
 
     folder, items = exported
     return {item.index: ort_session(folder / item.file) for item in items}
+
+
+# -- SD 1.5 at its real size (test_sd15_real_size.py, test_sd15_real_size_fp16.py) ------------------------------
+
+SD15_RESOLUTION = 64
+"""Image side in pixels of the real-size builds: the CLI's minimum (an 8 x 8 latent)."""
+
+
+@pytest.fixture(scope="session")
+def sd15_parameters() -> int:
+    """Parameter count of SD 1.5's U-Net (the bundled config, built on the meta device: no memory, no init)."""
+    from diffusers import UNet2DConditionModel
+
+    from catome_export.models import bundled_config
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(bundled_config("sd15"))
+    return sum(p.numel() for p in unet.parameters())
+
+
+def _weight_bytes(folder: Path, manifest) -> dict[int, int]:
+    import onnx
+
+    from catome_export.export.external_data import tensor_nbytes
+
+    total: dict[int, int] = {}
+    for entry in manifest.stages:
+        model = onnx.load(str(folder / entry.file), load_external_data=False)
+        for t in model.graph.initializer:
+            total[t.data_type] = total.get(t.data_type, 0) + tensor_nbytes(t, folder)
+    return total
+
+
+@pytest.fixture(scope="session")
+def weight_bytes():
+    """``weight_bytes(folder, manifest)``: ONNX data type -> bytes of the initializers of that type over all stage
+    files (sized, not loaded)."""
+    return _weight_bytes
+
+
+def _build_sd15(out: Path, *extra: str) -> str:
+    import gc
+    import io
+    from contextlib import redirect_stdout
+
+    from catome_export.cli.main import main
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        code = main(["build", "--model", "sd15", "--weights", "random", "--backend", "ort", "--resolution",
+                     str(SD15_RESOLUTION), "--no-verify", "--out", str(out), *extra])
+    gc.collect()
+    assert code == 0, buf.getvalue()[-2000:]
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def build_sd15():
+    """``build_sd15(out, *extra_flags)``: ``catome-export build --model sd15 --weights random --backend ort`` at
+    64 px without verification; returns its stdout (asserts exit code 0)."""
+    return _build_sd15

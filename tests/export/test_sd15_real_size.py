@@ -11,9 +11,8 @@ changes nothing in the graphs and keeps the runs short.
   records; ``Runtime.load`` runs it, compared with the torch stages on the
   engine's own plans (so a near-tie in matching cannot hide or fake a
   difference) and, with merging off, with the diffusers U-Net itself.
-- fp16, graphs only (ONNX Runtime's CPU kernels lack fp16 ScatterElements
-  add): every stage passes the ONNX checker, its weights are fp16 and its
-  IO is the one the manifest records.
+- fp16: in test_sd15_real_size_fp16.py (a file of its own, so that the two
+  builds can run on two test workers at once).
 
 Cost (``/usr/bin/time -v python -m pytest -q -p no:cacheprovider
 tests/export/test_sd15_real_size.py`` on a 2-core x86-64 CPU with 24 GiB,
@@ -25,16 +24,12 @@ build alone peaks at 4.6 GB.
 
 from __future__ import annotations
 
-import gc
-import io
-from contextlib import redirect_stdout
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from catome_export.cli.main import main
 from catome_export.export.external_data import PROTO_LIMIT
 from catome_export.export.fsutil import sha256_file
 from catome_export.export.manifest import MANIFEST_FILE, Manifest
@@ -43,55 +38,19 @@ pytestmark = pytest.mark.slow
 ort = pytest.importorskip("onnxruntime", reason="ONNX Runtime is not installed (pip install 'catome-export[ort]')")
 
 RESOLUTION = 64
-"""Image side in pixels: the CLI's minimum."""
+"""Image side in pixels: the CLI's minimum, as the build_sd15 fixture (tests/export/conftest.py) builds."""
 TOLERANCE = 1e-4
 """The build's fp32 limit (times max(1, max |reference|)), as in its verification."""
 
 
 @pytest.fixture(scope="module")
-def sd15_parameters() -> int:
-    """Parameter count of SD 1.5's U-Net (the bundled config, built on the meta device: no memory, no init)."""
-    from diffusers import UNet2DConditionModel
-
-    from catome_export.models import bundled_config
-
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(bundled_config("sd15"))
-    return sum(p.numel() for p in unet.parameters())
-
-
-def _weight_bytes(folder: Path, manifest: Manifest) -> dict[int, int]:
-    """ONNX data type -> bytes of the initializers of that type over all stage files (sized, not loaded)."""
-    import onnx
-
-    from catome_export.export.external_data import tensor_nbytes
-
-    total: dict[int, int] = {}
-    for entry in manifest.stages:
-        model = onnx.load(str(folder / entry.file), load_external_data=False)
-        for t in model.graph.initializer:
-            total[t.data_type] = total.get(t.data_type, 0) + tensor_nbytes(t, folder)
-    return total
-
-
-def _build(out: Path, *extra: str) -> str:
-    buf = io.StringIO()
-    with redirect_stdout(buf):
-        code = main(["build", "--model", "sd15", "--weights", "random", "--backend", "ort", "--resolution",
-                     str(RESOLUTION), "--no-verify", "--out", str(out), *extra])
-    gc.collect()
-    assert code == 0, buf.getvalue()[-2000:]
-    return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def sd15_fp32(tmp_path_factory) -> tuple[Path, str]:
+def sd15_fp32(tmp_path_factory, build_sd15) -> tuple[Path, str]:
     """(folder, build output) of ``catome-export build --model sd15 --weights random --backend ort`` at 64 px."""
     out = tmp_path_factory.mktemp("sd15_fp32") / "sd15"
-    return out, _build(out)
+    return out, build_sd15(out)
 
 
-def test_fp32_build_keeps_the_large_stage_in_one_external_file(sd15_fp32, sd15_parameters):
+def test_fp32_build_keeps_the_large_stage_in_one_external_file(sd15_fp32, sd15_parameters, weight_bytes):
     import onnx
 
     out, stdout = sd15_fp32
@@ -105,7 +64,7 @@ def test_fp32_build_keeps_the_large_stage_in_one_external_file(sd15_fp32, sd15_p
     assert entry.external_data_bytes == data.stat().st_size > PROTO_LIMIT
     assert entry.external_data_sha256 == sha256_file(data)
     assert (out / entry.file).stat().st_size < 50_000_000  # the graph alone
-    weights = _weight_bytes(out, manifest)
+    weights = weight_bytes(out, manifest)
     # Every weight once. Not exactly: the exporter keeps one copy of identical initializers, and freshly
     # initialised norm layers are all ones and zeros (0.02 % of the bytes here).
     assert 0.999 < weights[onnx.TensorProto.FLOAT] / (4 * sd15_parameters) < 1.001
@@ -173,41 +132,3 @@ def test_fp32_engine_runs_and_matches_eager(sd15_fp32):
     with torch.no_grad():
         want = unet(sample, timestep, encoder_hidden_states=text).sample
     assert float((got - want).abs().max()) <= TOLERANCE * max(1.0, float(want.abs().max()))
-
-
-@pytest.fixture(scope="module")
-def sd15_fp16(tmp_path_factory) -> tuple[Path, str]:
-    out = tmp_path_factory.mktemp("sd15_fp16") / "sd15"
-    # ONNX Runtime's fusions do not fuse the fp16 export's attention (see export/ort_optimize.py): this fixture checks
-    # the fp16 graphs themselves, so it builds without the fused copies
-    return out, _build(out, "--precision", "fp16", "--ort-optimize", "off")
-
-
-def test_fp16_export_is_valid_onnx_with_fp16_weights_and_the_manifest_io(sd15_fp16, sd15_parameters):
-    import onnx
-
-    from catome_export.export.onnx_export import check_stage_file
-
-    out, _ = sd15_fp16
-    manifest = Manifest.load(out, check_files=True, check_hashes=True)
-    assert manifest.precision == "fp16" and len(manifest.stages) == 6
-    elem = {"float16": onnx.TensorProto.FLOAT16, "float32": onnx.TensorProto.FLOAT, "int64": onnx.TensorProto.INT64}
-    for entry in manifest.stages:
-        path = out / entry.file
-        check_stage_file(path)
-        model = onnx.load(str(path), load_external_data=False)
-        for io_kind, values in (("inputs", model.graph.input), ("outputs", model.graph.output)):
-            want = [(t["name"], elem[t["dtype"]], list(t["shape"])) for t in entry.to_dict()[io_kind]]
-            seen = [(v.name, v.type.tensor_type.elem_type, [d.dim_param or d.dim_value for d in
-                                                             v.type.tensor_type.shape.dim]) for v in values]
-            if io_kind == "outputs":  # the exporter names some static output dims itself: compare the rank
-                want = [(name, dtype, len(shape)) for name, dtype, shape in want]
-                seen = [(name, dtype, len(shape)) for name, dtype, shape in seen]
-            assert seen == want, (entry.index, io_kind)
-        for t in model.graph.initializer:
-            if t.data_type == onnx.TensorProto.FLOAT:
-                # fp32 tensors left in an fp16 graph are small constants (the sinusoidal time embedding's
-                # frequencies and the like), never weights.
-                assert len(t.raw_data) <= 4096, (entry.index, t.name, list(t.dims))
-    weights = _weight_bytes(out, manifest)
-    assert 0.999 < weights[onnx.TensorProto.FLOAT16] / (2 * sd15_parameters) < 1.001  # as in fp32
