@@ -262,7 +262,7 @@ def summary(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from catome_export.errors import CatomeError
-    from catome_export.export.fsutil import atomic_write_json
+    from catome_export.fsutil import atomic_write_json
 
     args = parse_args(argv)
     try:

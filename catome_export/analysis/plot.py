@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from catome_export.export.fsutil import atomic_write_with
+from catome_export.fsutil import atomic_write_with
 from catome_export.analysis.result import PairAnalysis
 from catome_export.errors import CatomeError
 

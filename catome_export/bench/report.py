@@ -97,7 +97,7 @@ class BenchResult:
                 "profile": self.profile}
 
     def save_json(self, path: str | Path) -> Path:
-        from catome_export.export.fsutil import atomic_write_json
+        from catome_export.fsutil import atomic_write_json
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -177,7 +177,7 @@ class BenchResult:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        from catome_export.export.fsutil import atomic_write_bytes
+        from catome_export.fsutil import atomic_write_bytes
 
         path = Path(path)
         fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)

@@ -129,7 +129,7 @@ def cached_graph(folder: Path, weights_hash: str, dtype: str) -> Path | None:
 
 def export_unstaged(unet: torch.nn.Module, folder: str | Path, weights_hash: str | None = None) -> Path:
     """Export ``unet`` whole to ``folder/unet.onnx`` (reused when a matching export is there)."""
-    from catome_export.export.fsutil import atomic_write_json
+    from catome_export.fsutil import atomic_write_json
     from catome_export.export.onnx_export import OPSET, check_stage_file
     from catome_export.models import weights_hash as hash_weights
 
@@ -210,7 +210,7 @@ def fused_unstaged(graph: Path) -> Path:
 
     Reused when ``ort.json`` says it was made from this export with this onnxruntime.
     """
-    from catome_export.export.fsutil import atomic_write_json
+    from catome_export.fsutil import atomic_write_json
     from catome_export.export.ort_optimize import optimize_graph, optimized_name
 
     graph = Path(graph)

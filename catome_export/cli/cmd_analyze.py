@@ -11,7 +11,7 @@ from pathlib import Path
 from catome_export.choices import Weights
 from catome_export.defaults import DEFAULT_THRESHOLD
 from catome_export.errors import CatomeError
-from catome_export.export.fsutil import Outputs, atomic_write_with, check_writable_file
+from catome_export.fsutil import Outputs, atomic_write_with, check_writable_file
 
 logger = logging.getLogger(__name__)
 

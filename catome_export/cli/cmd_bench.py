@@ -9,7 +9,7 @@ from pathlib import Path
 from catome_export.choices import Precision
 from catome_export.defaults import DEFAULT_SCHEDULE
 from catome_export.errors import CatomeError
-from catome_export.export.fsutil import Outputs, check_writable_file
+from catome_export.fsutil import Outputs, check_writable_file
 
 DESCRIPTION = """\
 Time one U-Net call per backend, resolution and merge setting: a warm-up

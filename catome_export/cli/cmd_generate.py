@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from catome_export.errors import CatomeError
-from catome_export.export.fsutil import Outputs, check_writable_file
+from catome_export.fsutil import Outputs, check_writable_file
 from catome_export.defaults import DEFAULT_GUIDANCE, DEFAULT_SCHEDULE, DEFAULT_SEED, DEFAULT_STEPS, DEFAULT_THRESHOLD
 
 logger = logging.getLogger(__name__)

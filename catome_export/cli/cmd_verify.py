@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from catome_export.backends.select import BACKEND_NAMES
-from catome_export.export.fsutil import Outputs, check_writable_file
+from catome_export.fsutil import Outputs, check_writable_file
 
 
 def _resolution(text: str) -> int | tuple[int, int]:

@@ -43,7 +43,7 @@ from catome_export.defaults import (
 from catome_export.dtypes import precision_dtype
 from catome_export.errors import CatomeError
 from catome_export.export.audit import AuditReport, audit_stages
-from catome_export.export.fsutil import BuildLock, pid_alive
+from catome_export.fsutil import BuildLock, pid_alive
 from catome_export.export.io_names import MODEL_OUTPUT, site_input_name, site_of_input
 from catome_export.export.manifest import (
     MANIFEST_FILE, Manifest, ModelRecord, build_command, tool_versions,

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from catome_export.errors import CatomeError
-from catome_export.export.fsutil import atomic_open, atomic_write_bytes
+from catome_export.fsutil import atomic_open, atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from typing import Any
 from catome_export._version import __version__
 from catome_export.choices import EngineBackend, Precision
 from catome_export.errors import CatomeError
-from catome_export.export.fsutil import atomic_write_text, sha256_file
+from catome_export.fsutil import atomic_write_text, sha256_file
 from catome_export.export.profiles import ShapeRanges
 from catome_export.export.stages import StageSpec
 from catome_export.merging.settings import MergeSettings

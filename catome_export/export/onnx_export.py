@@ -30,7 +30,7 @@ from catome_export.export._threads import torch_threads
 from catome_export.export.external_data import (
     WeightsFile, all_tensors, gather_weights, is_external, needs_external_data, save_graph,
 )
-from catome_export.export.fsutil import sha256_file
+from catome_export.fsutil import sha256_file
 from catome_export.export.manifest import StageRecord
 from catome_export.export.stages import StageModule, StageSpec, run_stages
 from catome_export.merging.matching import match_tokens, partition

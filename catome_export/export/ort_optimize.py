@@ -286,7 +286,7 @@ def optimize_graph(src: str | Path, out_dir: str | Path | None = None) -> Optimi
     import onnx
 
     from catome_export.export.external_data import gather_weights, is_external, all_tensors, save_graph
-    from catome_export.export.fsutil import sha256_file
+    from catome_export.fsutil import sha256_file
     from catome_export.export.onnx_export import check_stage_file
 
     src = Path(src)

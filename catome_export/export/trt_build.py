@@ -32,7 +32,7 @@ from typing import Any
 
 from catome_export.errors import CatomeError
 from catome_export.tensorrt_support import import_tensorrt, require_polygraphy
-from catome_export.export.fsutil import atomic_write_bytes, sha256_file
+from catome_export.fsutil import atomic_write_bytes, sha256_file
 from catome_export.export.manifest import EngineFile, Manifest, TrtRecord
 from catome_export.export.profiles import (
     DEFAULT_OPT_MERGE_FRACTION, StageProfile, compute_profiles, profiles_to_json,

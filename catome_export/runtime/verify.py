@@ -580,7 +580,7 @@ def _load_average() -> float | None:
 
 def write_report_json(report: VerifyReport, path: str | Path) -> None:
     """Write ``report.to_dict()`` as JSON (atomically: temp file + rename)."""
-    from catome_export.export.fsutil import atomic_write_json
+    from catome_export.fsutil import atomic_write_json
 
     try:
         atomic_write_json(path, report.to_dict())

@@ -44,7 +44,7 @@ from catome_export.errors import CatomeError
 from catome_export.evaluation.external import (DEFAULT_CLIP_MODEL, Availability, ClipScorer, InceptionFeatures,
                                                clip_availability, fid_availability, frechet_distance)
 from catome_export.evaluation.metrics import psnr, ssim
-from catome_export.export.fsutil import atomic_write_text
+from catome_export.fsutil import atomic_write_text
 from catome_export.merging import AutoSchedule, MergeSettings, parse_schedule, parse_schedule_request
 from catome_export.models import default_merge_level
 from catome_export.runtime import Runtime
@@ -438,7 +438,7 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = logger.info, runti
         if runtime is not None and ctx.engine_settings is not None:
             runtime.set_settings(ctx.engine_settings)
         ctx.close()
-    from catome_export.export.fsutil import Outputs
+    from catome_export.fsutil import Outputs
 
     outputs = Outputs()  # a folder that became unwritable during the run: the results are kept elsewhere
     text = json.dumps(report.to_dict(), indent=2) + "\n"
@@ -500,7 +500,7 @@ def _load_folder(folder: Path) -> np.ndarray:
 def _prepare_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise CatomeError(f"--out {str(out)!r} is a file: pass a folder for the images and results")
-    from catome_export.export.fsutil import check_writable_dir
+    from catome_export.fsutil import check_writable_dir
 
     check_writable_dir(out, "--out")  # before any model is loaded: images are written from the first one on
     try:

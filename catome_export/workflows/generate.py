@@ -31,7 +31,7 @@ from catome_export.defaults import DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS
 from catome_export.devices import resolve_device
 from catome_export.dtypes import precision_dtype
 from catome_export.errors import CatomeError
-from catome_export.export.fsutil import atomic_write_bytes
+from catome_export.fsutil import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 

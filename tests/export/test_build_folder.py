@@ -13,7 +13,7 @@ from catome_export.errors import CatomeError
 from catome_export.export.build import (
     VerifyVerdict, _recover_leftovers, _swap_into_place, build_folder, make_options,
 )
-from catome_export.export.fsutil import BuildLock
+from catome_export.fsutil import BuildLock
 from catome_export.export.manifest import MANIFEST_FILE, Manifest
 from catome_export.workflows.build import run_build
 

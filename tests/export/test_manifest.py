@@ -127,7 +127,7 @@ def test_rebuild_command_format():
 
 def _with_fused_graph(engine_dir, index: int = 1) -> str:
     """List a copy of stage ``index`` as its ONNX Runtime-fused graph in the manifest (as a build does)."""
-    from catome_export.export.fsutil import sha256_file
+    from catome_export.fsutil import sha256_file
 
     manifest = Manifest.load(engine_dir)
     name = f"stage_{index}.ort.onnx"

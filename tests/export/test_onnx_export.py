@@ -10,7 +10,7 @@ import torch
 from catome_export.errors import CatomeError
 from catome_export.export import external_data, onnx_export
 from catome_export.export.external_data import gather_weights, needs_external_data, tensor_nbytes, weights_bytes
-from catome_export.export.fsutil import sha256_file
+from catome_export.fsutil import sha256_file
 from catome_export.export.onnx_export import (
     check_stage_file, example_inputs, export_stage, ort_max_diff, ort_session,
 )

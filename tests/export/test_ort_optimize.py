@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from catome_export.errors import CatomeError
-from catome_export.export.fsutil import sha256_file
+from catome_export.fsutil import sha256_file
 from catome_export.export.onnx_export import example_inputs, export_stage, ort_max_diff, ort_session
 from catome_export.merging.matching import match_tokens, partition
 from catome_export.merging.plan import MergePlan

@@ -31,7 +31,7 @@ import pytest
 import torch
 
 from catome_export.export.external_data import PROTO_LIMIT
-from catome_export.export.fsutil import sha256_file
+from catome_export.fsutil import sha256_file
 from catome_export.export.manifest import MANIFEST_FILE, Manifest
 
 pytestmark = pytest.mark.slow

@@ -435,7 +435,7 @@ def test_unwritable_output_is_refused_before_the_run(command, kind, tmp_path, ca
 
 
 def test_writable_output_check_creates_nothing(tmp_path):
-    from catome_export.export.fsutil import check_writable_file
+    from catome_export.fsutil import check_writable_file
 
     target = tmp_path / "a" / "b" / "out.json"
     assert check_writable_file(target, "--json") == target

@@ -197,7 +197,7 @@ def test_failed_rebuild_keeps_the_good_build(good_build, monkeypatch, capsys, po
 
 # -- the build lock under a real race -----------------------------------------------------------------------
 def _race(path: str, start, done, results) -> None:
-    from catome_export.export.fsutil import BuildLock
+    from catome_export.fsutil import BuildLock
 
     lock = BuildLock(path, "the engine")
     start.wait()

@@ -96,7 +96,7 @@ def test_eval_out_is_checked_before_any_model_loads(kind, tmp_path, capsys, monk
 
 def test_outputs_keeps_what_it_cannot_write_where_asked(tmp_path):
     from catome_export.errors import CatomeError
-    from catome_export.export.fsutil import Outputs
+    from catome_export.fsutil import Outputs
 
     blocker = tmp_path / "file"
     blocker.write_text("x")

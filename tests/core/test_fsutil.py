@@ -8,7 +8,7 @@ import stat
 import pytest
 
 from catome_export.errors import CatomeError
-from catome_export.export.fsutil import atomic_open, atomic_write_bytes, atomic_write_json, atomic_write_with
+from catome_export.fsutil import atomic_open, atomic_write_bytes, atomic_write_json, atomic_write_with
 
 
 def test_atomic_open_moves_the_whole_file_into_place(tmp_path):
