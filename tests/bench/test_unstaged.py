@@ -13,6 +13,7 @@ from catome_export.bench.unstaged import META_FILE, cached_graph, export_unstage
 from catome_export.models import weights_hash
 
 
+@pytest.mark.slow
 def test_export_run_and_reuse(tiny_unet, tmp_path):
     folder = tmp_path / "unstaged"
     digest = weights_hash(tiny_unet)
@@ -39,6 +40,7 @@ def test_export_run_and_reuse(tiny_unet, tmp_path):
     assert cached_graph(folder, digest, "float16") is None
 
 
+@pytest.mark.slow
 def test_sdxl_style_export_takes_the_added_conditioning(tmp_path):
     """tiny-xl: text_embeds and time_ids are graph inputs, and the graph matches the torch U-Net given them."""
     from catome_export.models import load_unet
@@ -69,6 +71,7 @@ def test_sdxl_style_export_takes_the_added_conditioning(tmp_path):
         backend.close()
 
 
+@pytest.mark.slow
 def test_weights_are_gathered_one_tensor_at_a_time(tiny_unet, tmp_path, monkeypatch):
     """The > 2 GB layout (the exporter's one file per tensor) ends as unet.onnx + unet.onnx.data, same outputs."""
     import onnx

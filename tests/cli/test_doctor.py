@@ -36,6 +36,7 @@ def test_version():
     assert out.stdout.strip() == f"catome-export {__version__}"
 
 
+@pytest.mark.slow
 def test_doctor_reports_and_exits_by_core_packages():
     out = run_cli("doctor")
     assert out.returncode == 0, out.stdout + out.stderr  # torch, diffusers and onnx are installed here

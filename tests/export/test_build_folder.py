@@ -184,6 +184,7 @@ def test_failed_verification_keeps_the_old_build_and_the_failed_one(tmp_path, mo
     assert str(kept) in str(info.value) and Manifest.load(kept).stages  # the failed build stays for inspection
 
 
+@pytest.mark.slow
 def test_a_verify_report_without_a_verdict_never_installs(tmp_path):
     """Fail closed: a verifier whose report is not a VerifyVerdict (here: no ``ok`` at all) stops the build, and
     neither the new build nor a failed folder is installed; the old build stays."""

@@ -139,6 +139,7 @@ def test_fp16_export(tmp_path, tiny_unet, export_sites):
     assert audit_stages(tmp_path).passed
 
 
+@pytest.mark.slow
 def test_dynamo_exporter(tmp_path, tiny_unet, export_stages, export_sites):
     """The dynamo exporter gives the same results (last stage: merge site 4 with r = 0 and r = all)."""
     spec, module = export_stages[-1]

@@ -23,6 +23,7 @@ TINY_SITES = [
 ]
 
 
+@pytest.mark.slow
 def test_random_weights_are_identical_across_processes(tiny_unet):
     code = "from catome_export.models import load_unet, weights_hash; print(weights_hash(load_unet('tiny', 'random')))"
     env = {**os.environ, "PYTHONHASHSEED": "7"}
