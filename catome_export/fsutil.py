@@ -94,14 +94,22 @@ def check_writable_file(path: str | Path, flag: str) -> Path:
         folder = folder.parent
     if not folder.is_dir():
         raise CatomeError(f"cannot write {flag} {target}: {folder} is a file, not a folder; choose another place")
+    failure = _write_probe(folder)
+    if failure is not None:
+        raise CatomeError(f"cannot write {flag} {target}: {folder} is not writable ({failure.strerror or failure}); "
+                          "choose a writable place")
+    return target
+
+
+def _write_probe(folder: Path) -> OSError | None:
+    """Create and remove a temp file in ``folder``: None when that works, else the error."""
     try:
         fd, probe = tempfile.mkstemp(prefix=".catome-write-check.", dir=folder)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise CatomeError(f"cannot write {flag} {target}: {folder} is not writable ({exc.strerror or exc}); "
-                          "choose a writable place") from None
-    return target
+        return exc
+    return None
 
 
 def check_writable_dir(path: str | Path, flag: str) -> Path:
@@ -111,13 +119,10 @@ def check_writable_dir(path: str | Path, flag: str) -> Path:
     if target.exists() and not target.is_dir():
         raise CatomeError(f"{flag} {target} is a file, not a folder: choose a folder")
     if target.is_dir():
-        try:
-            fd, probe = tempfile.mkstemp(prefix=".catome-write-check.", dir=target)
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as exc:
-            raise CatomeError(f"cannot write {flag} {target}: the folder is not writable ({exc.strerror or exc}); "
-                              "choose a writable place") from None
+        failure = _write_probe(target)
+        if failure is not None:
+            raise CatomeError(f"cannot write {flag} {target}: the folder is not writable "
+                              f"({failure.strerror or failure}); choose a writable place")
         return target
     check_writable_file(target, flag)
     return target

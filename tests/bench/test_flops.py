@@ -72,16 +72,20 @@ def test_tiny_merged_matches_flop_counter(fresh_tiny_unet, options):
     assert without.total < unet_macs(fresh_tiny_unet.config, hw, batch, text_len=text_len).total
 
 
-def test_sd15_matches_flop_counter_on_meta_device():
+@pytest.mark.parametrize("model,hw,level,sites", [("sd15", (64, 64), 1, [(64, 64)] * 5),
+                                                  ("sdxl", (128, 128), 2, [(64, 64)] * 10)])
+def test_real_layouts_match_flop_counter_on_meta_device(model, hw, level, sites):
+    """SD 1.5 and SDXL at their native latent sizes, built on the meta device (no memory, no init)."""
     from diffusers import UNet2DConditionModel
 
-    cfg = bundled_config("sd15")
+    cfg = bundled_config(model)
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(cfg)
     _bmm_attention(unet)
-    measured = _measured_flops(unet, 2, (64, 64), 77, device="meta")
-    model = unet_macs(cfg, (64, 64), 2)
-    assert model.flops == pytest.approx(measured, rel=0.01)
+    measured = _measured_flops(unet, 2, hw, 77, device="meta")
+    model_macs = unet_macs(cfg, hw, 2, max_downsample=level)
+    assert model_macs.flops == pytest.approx(measured, rel=0.01)
+    assert site_grids(cfg, hw, max_downsample=level) == sites
 
 
 @pytest.mark.parametrize("batch,hw,text_len", [(2, (16, 16), 77), (1, (13, 21), 5)])
@@ -115,19 +119,6 @@ def test_tiny_xl_merged_matches_flop_counter(tiny_xl_unet):
     with_matching = unet_macs(tiny_xl_unet.config, hw, batch, text_len=text_len, merged=merged, matching=True,
                               max_downsample=2)
     assert with_matching.flops == pytest.approx(measured, rel=0.01)
-
-
-def test_sdxl_matches_flop_counter_on_meta_device():
-    from diffusers import UNet2DConditionModel
-
-    cfg = bundled_config("sdxl")
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(cfg)
-    _bmm_attention(unet)
-    measured = _measured_flops(unet, 2, (128, 128), 77, device="meta")
-    model = unet_macs(cfg, (128, 128), 2, max_downsample=2)
-    assert model.flops == pytest.approx(measured, rel=0.01)
-    assert site_grids(cfg, (128, 128), max_downsample=2) == [(64, 64)] * 10
 
 
 def test_sd15_sites_and_ideal_speedup():
