@@ -138,7 +138,7 @@ def profile_engine(engine_dir: Path, inputs: Inputs, fractions: Sequence[float],
             windows[f] = list(range(done, done + calls))
             for _ in range(calls):
                 runtime.unet(inputs.sample, inputs.timestep, encoder_hidden_states=inputs.text,
-                         added_cond_kwargs=inputs.added)
+                             added_cond_kwargs=inputs.added)
                 done += 1
         traces = [Path(r.session.end_profiling()) for r in runners]
     finally:

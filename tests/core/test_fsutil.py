@@ -11,6 +11,13 @@ from catome_export.errors import CatomeError
 from catome_export.fsutil import atomic_open, atomic_write_bytes, atomic_write_json, atomic_write_with
 
 
+def assert_default_file_mode(path) -> None:
+    """``path`` has the mode a plain ``open(path, "w")`` would give it (0o666 less the umask), not mkstemp's 0o600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
 def test_atomic_open_moves_the_whole_file_into_place(tmp_path):
     target = tmp_path / "weights.data"
     target.write_bytes(b"old")
@@ -20,9 +27,7 @@ def test_atomic_open_moves_the_whole_file_into_place(tmp_path):
         fh.write(b"contents")
     assert target.read_bytes() == b"new contents"
     assert [p.name for p in tmp_path.iterdir()] == ["weights.data"]
-    umask = os.umask(0)
-    os.umask(umask)
-    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
+    assert_default_file_mode(target)
 
 
 def test_atomic_open_leaves_the_old_file_and_no_temp_file_on_error(tmp_path):
@@ -54,9 +59,7 @@ def test_atomic_write_with_a_writer_that_takes_a_file_name(tmp_path):
     assert atomic_write_with(target, write) == target
     assert target.read_bytes() == b"new" and not seen[0].exists()
     assert [p.name for p in tmp_path.iterdir()] == ["plot.png"]
-    umask = os.umask(0)
-    os.umask(umask)
-    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
+    assert_default_file_mode(target)
 
 
 def test_atomic_write_with_keeps_the_old_file_and_names_the_path_on_errors(tmp_path):
