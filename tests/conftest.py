@@ -46,7 +46,7 @@ SLOW_FIXTURES = frozenset({"tiny_engine", "built_engine", "reliability_engine", 
 test using one (directly or through another fixture) is marked ``slow`` (``pytest -m "not slow"`` leaves it out; the default run keeps it)."""
 
 
-LONGEST_FILES = ("tests/export/test_sd15_real_size_fp16.py", "tests/export/test_sd15_real_size.py",
+LONGEST_FILES = ("tests/export/test_sd21_real_size_fp16.py", "tests/export/test_sd15_real_size.py",
                  "tests/serve/test_serve_ray.py", "tests/export/test_build_folder.py", "tests/cli/test_bench.py",
                  "tests/backends/test_trt_build.py")
 """The test files that take longest (minutes each on 2 cores), longest first: collected first, so that the parallel

@@ -109,8 +109,11 @@ class TorchBackend:
                 raise CatomeError("the torch backend needs a manifest (or ready stage modules)")
             unet = load_reference_unet(manifest, self.device)
             settings = manifest.merge
+            export = manifest.extra.get("export")
+            limit = export.get("max_stage_bytes") if isinstance(export, dict) else None  # absent: not cut by size
             cut = cut_unet(unet, list(manifest.sites), dtype=manifest_dtype(manifest),
-                           merge_crossattn=settings.merge_crossattn, merge_mlp=settings.merge_mlp)
+                           merge_crossattn=settings.merge_crossattn, merge_mlp=settings.merge_mlp,
+                           max_stage_bytes=int(limit) if isinstance(limit, int) and limit > 0 else None)
             self._modules = {spec.index: (spec, module.to(self.device).eval()) for spec, module in cut}
             logger.debug("torch backend: %d stage modules of %s", len(cut), manifest.model.id)
         return self._modules

@@ -53,7 +53,7 @@ from catome_export.export.onnx_export import (
 )
 from catome_export.export.ort_optimize import OptimizedGraph, optimize_graph
 from catome_export.export.profiles import ShapeRanges
-from catome_export.export.stages import StageSpec, cut_unet
+from catome_export.export.stages import MAX_STAGE_BYTES, StageSpec, cut_unet
 from catome_export.export.trt_build import build_engines
 from catome_export.merging.schedules import AutoSchedule, ScheduleSpec, parse_schedule_request
 from catome_export.merging.settings import MergeSettings
@@ -515,11 +515,14 @@ def _build_into(opts: BuildOptions, folder: Path, backend: EngineBackend, say: P
     dtype = precision_dtype(opts.precision)
     say(f"loading {opts.model} ({opts.weights} weights, {opts.precision})")
     unet = load_unet(opts.model, weights=opts.weights, dtype=dtype)
+    _check_free_space(folder, unet, dtype, fused=backend == EngineBackend.ORT and opts.ort_optimize,
+                      trt=backend == EngineBackend.TRT)
     settings = opts.settings
     if opts.schedule is not None:
         settings = _calibrate_schedule(opts, opts.schedule, unet, say)
     sites = find_merge_sites(unet, settings.max_downsample)
-    stages = cut_unet(unet, sites, dtype, merge_crossattn=settings.merge_crossattn, merge_mlp=settings.merge_mlp)
+    stages = cut_unet(unet, sites, dtype, merge_crossattn=settings.merge_crossattn, merge_mlp=settings.merge_mlp,
+                      max_stage_bytes=MAX_STAGE_BYTES)
     examples = example_inputs(stages, sites, unet.config, dtype, stride=settings.stride)
     check_ort = opts.verify and opts.precision == Precision.FP32
     if opts.verify and not check_ort:
@@ -589,6 +592,38 @@ def _build_into(opts: BuildOptions, folder: Path, backend: EngineBackend, say: P
                        verify=verdict, backend=backend, seconds=0.0, notes=notes)
 
 
+FREE_SPACE_MARGIN = 1.05, 256 << 20
+"""(factor, bytes) over the estimated size of a build that the folder's disk must have free."""
+
+
+def _check_free_space(folder: Path, unet: torch.nn.Module, dtype: torch.dtype, *, fused: bool, trt: bool) -> None:
+    """Refuse, before the export, a build that cannot fit on the disk it is written to.
+
+    The build writes the weights once as the stage graphs, once more as ONNX
+    Runtime's fused copies (``--ort-optimize on``), or once more as TensorRT
+    plans (about the weights' size); an existing build in the target folder
+    stays until the new one replaces it.
+    """
+    weights = sum(p.numel() for p in unet.parameters()) * torch.empty((), dtype=dtype).element_size()
+    parts = [("the stage graphs", weights)]
+    if fused:
+        parts.append(("ONNX Runtime's fused copies", weights))
+    if trt:
+        parts.append(("TensorRT plans, about", weights))
+    need = int(sum(n for _, n in parts) * FREE_SPACE_MARGIN[0]) + FREE_SPACE_MARGIN[1]
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        hint = "; --ort-optimize off writes the weights once (the ONNX Runtime backend then runs the standard " \
+               "graphs)" if fused else ""
+        detail = ", ".join(f"{what} {_gb(n)}" for what, n in parts)
+        raise CatomeError(f"this build writes about {_gb(need)} ({detail}, and a margin) but {folder.parent} has "
+                          f"{_gb(free)} free: free some space or choose an --out on a larger disk{hint}")
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
 def _describe_fused(graph: OptimizedGraph) -> str:
     ops = ", ".join(f"{count} {op}" for op, count in graph.fused.items()) or "no fused operators"
     left = f", {graph.attention_left} attention(s) left unfused" if graph.attention_left else ""
@@ -599,7 +634,12 @@ def _describe(spec: StageSpec) -> str:
     parts = []
     if spec.site is not None:
         parts.append(f"site {spec.site}")
-    parts.append(f"-> {site_input_name(spec.next_site)}" if spec.next_site is not None else f"-> {MODEL_OUTPUT}")
+    if spec.next_site is not None:
+        parts.append(f"-> {site_input_name(spec.next_site)}")
+    elif MODEL_OUTPUT in spec.output_names:
+        parts.append(f"-> {MODEL_OUTPUT}")
+    else:
+        parts.append("part of a stage cut by size")
     return ", ".join(parts)
 
 
@@ -654,7 +694,8 @@ def _make_manifest(opts: BuildOptions, unet: torch.nn.Module, sites: list[MergeS
         engine_backend=str(EngineBackend.ORT), trt=None, tools=tool_versions(),
         extra={"build": cli, "build_command": build_command(cli), "audit": audit.to_dict(),
                "export": {"exporter": str(opts.exporter), "opset": opts.opset,
-                          "ort_optimize": backend == EngineBackend.ORT and opts.ort_optimize}},
+                          "ort_optimize": backend == EngineBackend.ORT and opts.ort_optimize,
+                          "max_stage_bytes": MAX_STAGE_BYTES}},
     )
 
 

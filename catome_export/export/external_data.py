@@ -189,7 +189,8 @@ class WeightsFile:
     sha256: str
 
 
-def gather_weights(model, base: Path, data_path: Path, size_threshold: int = INLINE_SIZE_THRESHOLD) -> WeightsFile:
+def gather_weights(model, base: Path, data_path: Path, size_threshold: int = INLINE_SIZE_THRESHOLD, *,
+                   consume: bool = False) -> WeightsFile:
     """Move every initializer of ``size_threshold`` bytes or more, and every tensor already external, into the one
     file ``data_path``.
 
@@ -200,6 +201,10 @@ def gather_weights(model, base: Path, data_path: Path, size_threshold: int = INL
     beside ``data_path`` under a temporary name, flushed to disk and moved
     into place, and hashed while written. The model's references are
     rewritten to ``data_path.name`` with offset and length.
+
+    ``consume``: ``base`` is a scratch folder (the exporter's per-tensor
+    files); each of its files is deleted once the last tensor in it is
+    copied, so the weights are on disk once, not twice, while they are gathered.
     """
     import onnx
 
@@ -207,11 +212,22 @@ def gather_weights(model, base: Path, data_path: Path, size_threshold: int = INL
     digest = hashlib.sha256()
     offset = 0
     moved = 0
+    tensors = [(t, True) for t in model.graph.initializer] + [(t, False) for t in attribute_tensors(model)]
+    readers: dict[Path, int] = {}
+    if consume:
+        for t, _ in tensors:
+            if is_external(t):
+                source = ExternalRef.of(t).path(base)
+                readers[source] = readers.get(source, 0) + 1
     with atomic_open(data_path) as out:
-        tensors = [(t, True) for t in model.graph.initializer] + [(t, False) for t in attribute_tensors(model)]
         for t, initializer in tensors:
             if is_external(t):
+                source = ExternalRef.of(t).path(base)
                 data = _read_external(t, base)
+                if consume:
+                    readers[source] -= 1
+                    if readers[source] == 0 and source.resolve() != data_path.resolve():
+                        source.unlink()
             elif initializer and t.HasField("raw_data") and len(t.raw_data) >= size_threshold:
                 data = t.raw_data
             else:

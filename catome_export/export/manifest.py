@@ -30,6 +30,7 @@ from catome_export.fsutil import atomic_write_text, sha256_file
 from catome_export.export.profiles import ShapeRanges
 from catome_export.export.stages import StageSpec
 from catome_export.merging.settings import MergeSettings
+from catome_export.models.registry import MODELS
 from catome_export.models.sites import MergeSite
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def canonical_hash(data: Mapping[str, Any]) -> str:
 
 def _generic_rebuild(engine_dir: Path) -> str:
     name = engine_dir.name or "NAME"
-    model = name if name in ("tiny", "sd15") else "MODEL"
+    model = name if name in MODELS else "MODEL"  # engines/<registry name> is that model's default folder
     return f"catome-export build --model {model} --name {name} --out {shlex.quote(str(engine_dir))}"
 
 

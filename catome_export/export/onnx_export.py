@@ -174,7 +174,8 @@ def export_stage(spec: StageSpec, module: torch.nn.Module, args: tuple[torch.Ten
                      written_external, "external" if external else "inline")
         weights: WeightsFile | None = None
         if external:
-            weights = gather_weights(model, scratch, data_path)  # data first: the graph refers to it
+            # data first: the graph refers to it; the exporter's files go as they are copied (disk: 1x the weights)
+            weights = gather_weights(model, scratch, data_path, consume=True)
             save_graph(model, target)
         else:
             save_graph(model, target)

@@ -58,9 +58,10 @@ CPU_FUSIONS_OFF = ("enable_group_norm", "enable_skip_group_norm", "enable_nhwc_c
                    "enable_bias_add", "group_norm_channels_last", "enable_packed_qkv", "enable_packed_kv")
 """U-Net fusions whose operators have CUDA kernels only (or whose packed layouts the CPU kernel lacks)."""
 
-SMALL_WEIGHT_BYTES = 8 << 20
-"""External weights up to this size are read in for the fusions (SD 1.5's largest attention projection,
-1280 x 1280 fp32, is 6.6 MB); larger ones are copied from file to file without being held."""
+SMALL_WEIGHT_BYTES = 16 << 20
+"""External weights up to this size are read in for the fusions, which read every attention projection (SD 1.5's
+largest, 1280 x 1280 fp32, is 6.6 MB; SDXL's cross-attention key and value, 2048 x 1280, 10.5 MB); larger ones
+(convolutions, feed-forward matrices) are copied from file to file without being held."""
 
 _patch_lock = threading.Lock()
 

@@ -2,7 +2,11 @@
 
 Stage 0 runs from the time embedding up to the input ``x0`` of site 0; stage
 k (k >= 1) runs site k-1's block (merge -> attn1 -> unmerge, attn2, ff) and
-everything up to ``x{k}``; the last stage ends with ``noise_pred``. A stage's
+everything up to ``x{k}``; the last stage ends with ``noise_pred``. A stage
+whose weights exceed ``max_stage_bytes`` (SDXL's middle, 9.5 GB in fp32) is
+cut further, between its steps, into pieces that run no merge site: each
+piece is exported, optimized, checked and built on its own, so no step of the
+build holds more than a piece's weights beside the U-Net. A stage's
 inputs are the names it reads before writing them; its outputs are the names
 it writes that a later stage reads (liveness over the flat step list of
 :mod:`.unet_steps`). Inputs a stage needs from earlier stages are found by
@@ -148,6 +152,11 @@ class StageModule(torch.nn.Module):
         return tuple(env[n] for n in self.spec.output_names)
 
 
+MAX_STAGE_BYTES = 4_000_000_000
+"""Default weight size above which a stage is cut into pieces (SD 1.x/2.x's largest stage, 3.3 GB in fp32, stays
+whole; SDXL's 9.5 GB middle becomes three pieces)."""
+
+
 def _split(steps: list[Step]) -> list[list[Step]]:
     """Cut the step list in front of every site block step."""
     groups: list[list[Step]] = [[]]
@@ -156,6 +165,52 @@ def _split(steps: list[Step]) -> list[list[Step]]:
             groups.append([])
         groups[-1].append(step)
     return groups
+
+
+def _step_bytes(step: Step, element_size: int, seen: set[int]) -> int:
+    """Bytes of the parameters and buffers ``step`` calls that no earlier step (``seen``) counted."""
+    total = 0
+    for module in step.modules.values():
+        for t in (*module.parameters(), *module.buffers()):
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * (element_size if t.is_floating_point() else t.element_size())
+    return total
+
+
+def split_by_size(groups: list[list[Step]], max_bytes: int | None, element_size: int) -> list[list[Step]]:
+    """Cut every group whose weights exceed ``max_bytes`` into about equal pieces, between steps.
+
+    A piece ends before the step that would take it over ``max_bytes``, or
+    once it holds its share (the group's weights over the number of pieces
+    needed). A single step larger than ``max_bytes`` is a piece of its own.
+    The site block step stays first in its group's first piece.
+    """
+    if max_bytes is None:
+        return groups
+    if max_bytes <= 0:
+        raise CatomeError(f"max_stage_bytes must be > 0, got {max_bytes}")
+    out: list[list[Step]] = []
+    for group in groups:
+        seen: set[int] = set()
+        sizes = [_step_bytes(step, element_size, seen) for step in group]
+        total = sum(sizes)
+        if total <= max_bytes:
+            out.append(group)
+            continue
+        share = total / -(-total // max_bytes)
+        pieces: list[list[Step]] = [[]]
+        held = 0
+        for step, size in zip(group, sizes):
+            if pieces[-1] and (held + size > max_bytes or held >= share):
+                pieces.append([])
+                held = 0
+            pieces[-1].append(step)
+            held += size
+        logger.info("a stage of %.2f GB of weights is cut into %d pieces (max_stage_bytes %d)", total / 1e9,
+                    len(pieces), max_bytes)
+        out.extend(pieces)
+    return out
 
 
 def _liveness(groups: list[list[Step]]) -> list[tuple[list[str], list[str]]]:
@@ -304,12 +359,16 @@ def plan_specs(site: int) -> tuple[TensorSpec, ...]:
 
 
 def cut_unet(unet: torch.nn.Module, sites: list[MergeSite], dtype: torch.dtype = torch.float32, *,
-             merge_crossattn: bool = False, merge_mlp: bool = False) -> list[tuple[StageSpec, StageModule]]:
+             merge_crossattn: bool = False, merge_mlp: bool = False,
+             max_stage_bytes: int | None = None) -> list[tuple[StageSpec, StageModule]]:
     """Cut ``unet`` at ``sites`` into ``len(sites) + 1`` stages: ``[(spec, module), ...]``.
 
     The modules share the U-Net's weights (a converted copy when ``dtype``
     differs from the U-Net's). ``merge_crossattn`` / ``merge_mlp`` also merge
-    around attn2 / ff with the same plan.
+    around attn2 / ff with the same plan. ``max_stage_bytes``: cut a stage
+    whose weights (in ``dtype``) exceed it into pieces without a merge site
+    (:func:`split_by_size`; the build passes :data:`MAX_STAGE_BYTES`); None
+    keeps one stage per site.
     """
     if not sites:
         raise CatomeError("no merge sites: nothing to cut (find them with find_merge_sites(unet))")
@@ -320,7 +379,7 @@ def cut_unet(unet: torch.nn.Module, sites: list[MergeSite], dtype: torch.dtype =
         unet = copy.deepcopy(unet).to(dtype)
     unet = unet.eval()
     steps = build_steps(unet, sites, BlockOptions(merge_crossattn, merge_mlp))
-    groups = _split(steps)
+    groups = split_by_size(_split(steps), max_stage_bytes, torch.empty((), dtype=dtype).element_size())
     io = _liveness(groups)
     plan_tensors = {n for s in sites for n in plan_names(s.index)}
     carried = {n for ins, outs in io for n in (*ins, *outs)} - plan_tensors
@@ -330,7 +389,7 @@ def cut_unet(unet: torch.nn.Module, sites: list[MergeSite], dtype: torch.dtype =
     result = []
     for index, (group, (inputs, outputs)) in enumerate(zip(groups, io)):
         site = group[0].site
-        next_site = sites[index].index if index < len(sites) else None
+        next_site = groups[index + 1][0].site if index + 1 < len(groups) else None
         if next_site is not None:
             x_next = site_input_name(next_site)
             if x_next not in outputs:

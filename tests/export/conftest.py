@@ -44,22 +44,33 @@ def ort_sessions(exported) -> dict:
     return {item.index: ort_session(folder / item.file) for item in items}
 
 
-# -- SD 1.5 at its real size (test_sd15_real_size.py, test_sd15_real_size_fp16.py) ------------------------------
+# -- SD 1.5 and SD 2.1 at their real size (test_sd15_real_size.py, test_sd21_real_size_fp16.py) ------------------
 
 SD15_RESOLUTION = 64
 """Image side in pixels of the real-size builds: the CLI's minimum (an 8 x 8 latent)."""
 
 
-@pytest.fixture(scope="session")
-def sd15_parameters() -> int:
-    """Parameter count of SD 1.5's U-Net (the bundled config, built on the meta device: no memory, no init)."""
+def _parameters(model: str) -> int:
     from diffusers import UNet2DConditionModel
 
     from catome_export.models import bundled_config
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(bundled_config("sd15"))
+        unet = UNet2DConditionModel.from_config(bundled_config(model))
     return sum(p.numel() for p in unet.parameters())
+
+
+@pytest.fixture(scope="session")
+def unet_parameters():
+    """``unet_parameters(model)``: parameter count of a registry model's U-Net (its bundled config, built on the
+    meta device: no memory, no init)."""
+    return _parameters
+
+
+@pytest.fixture(scope="session")
+def sd15_parameters() -> int:
+    """Parameter count of SD 1.5's U-Net."""
+    return _parameters("sd15")
 
 
 def _weight_bytes(folder: Path, manifest) -> dict[int, int]:
@@ -82,7 +93,7 @@ def weight_bytes():
     return _weight_bytes
 
 
-def _build_sd15(out: Path, *extra: str) -> str:
+def _build_real(model: str, out: Path, *extra: str) -> str:
     import gc
     import io
     from contextlib import redirect_stdout
@@ -91,7 +102,7 @@ def _build_sd15(out: Path, *extra: str) -> str:
 
     buf = io.StringIO()
     with redirect_stdout(buf):
-        code = main(["build", "--model", "sd15", "--weights", "random", "--backend", "ort", "--resolution",
+        code = main(["build", "--model", model, "--weights", "random", "--backend", "ort", "--resolution",
                      str(SD15_RESOLUTION), "--no-verify", "--out", str(out), *extra])
     gc.collect()
     assert code == 0, buf.getvalue()[-2000:]
@@ -99,7 +110,13 @@ def _build_sd15(out: Path, *extra: str) -> str:
 
 
 @pytest.fixture(scope="session")
+def build_real():
+    """``build_real(model, out, *extra_flags)``: ``catome-export build --model <model> --weights random --backend
+    ort`` at 64 px without verification; returns its stdout (asserts exit code 0)."""
+    return _build_real
+
+
+@pytest.fixture(scope="session")
 def build_sd15():
-    """``build_sd15(out, *extra_flags)``: ``catome-export build --model sd15 --weights random --backend ort`` at
-    64 px without verification; returns its stdout (asserts exit code 0)."""
-    return _build_sd15
+    """``build_sd15(out, *extra_flags)``: :func:`build_real` of ``sd15``."""
+    return lambda out, *extra: _build_real("sd15", out, *extra)

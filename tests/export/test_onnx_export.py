@@ -254,6 +254,40 @@ def test_weights_in_files_without_length_are_gathered_into_one(tmp_path):
     assert all(np.array_equal(got[k], v) for k, v in arrays.items())
 
 
+def test_gathering_with_consume_deletes_each_scratch_file_after_its_last_tensor(tmp_path):
+    """The build gathers the exporter's per-tensor files with consume=True: the weights are on disk once. A file two
+    tensors share goes only after the second is copied; without consume nothing is deleted."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    arrays = _arrays()
+    for consume in (False, True):
+        scratch = tmp_path / f"scratch-{consume}"
+        scratch.mkdir()
+        model = _model(arrays)
+        _write_like_torchscript(model, scratch)
+        b = next(t for t in model.graph.initializer if t.name == "b")
+        ab = arrays["a"].tobytes() + arrays["b"].tobytes()
+        (scratch / "ab").write_bytes(ab)  # "a" and "b" both in one file, at offsets
+        for t, offset in ((model.graph.initializer[0], 0), (b, arrays["a"].nbytes)):
+            del t.external_data[:]
+            for key, value in (("location", "ab"), ("offset", str(offset)), ("length", str(arrays[t.name].nbytes))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+        (scratch / "a").unlink()
+        (scratch / "b").unlink()
+        out = tmp_path / f"out-{consume}"
+        out.mkdir()
+        written = gather_weights(model, scratch, out / "m.onnx.data", consume=consume)
+        left = sorted(p.name for p in scratch.iterdir())
+        assert left == ([] if consume else ["ab", "c"]), consume
+        assert written.bytes == len(ab) + arrays["c"].nbytes
+        onnx.save_model(model, str(out / "m.onnx"))
+        got = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out / "m.onnx")).graph.initializer}
+        assert all(np.array_equal(got[k], v) for k, v in arrays.items())
+
+
 def test_inline_weights_below_the_size_threshold_stay_in_the_graph(tmp_path):
     import onnx
 

@@ -261,6 +261,14 @@ def test_engine_folder_missing(tmp_path, capsys):
     assert_cli_error(["verify", str(missing)], capsys, "does not exist", "catome-export build")
 
 
+@pytest.mark.parametrize("name, model", [("sdxl", "sdxl"), ("sd21", "sd21"), ("tiny-xl", "tiny-xl"),
+                                         ("my-engine", "MODEL")])
+def test_missing_engine_folder_names_its_model_when_the_folder_is_a_registry_name(tmp_path, name, model):
+    with pytest.raises(catome_export.CatomeError, match=f"build it with catome-export build --model {model} "
+                                                        f"--name {name} "):
+        _load(tmp_path / "engines" / name)
+
+
 def test_half_made_engine_folder(engine_copy, capsys):
     """A folder without manifest.json (what a killed build leaves) is never loaded."""
     (engine_copy / "manifest.json").unlink()
@@ -338,6 +346,28 @@ def test_unwritable_out_folder(tmp_path, capsys):
     blocker.write_text("")
     assert_cli_error(["build", "--model", "tiny", "--resolution", "128", "--no-verify",
                       "--out", str(blocker / "engine")], capsys, "cannot create the folder", "writable folder")
+
+
+@pytest.mark.parametrize("ort_optimize, needles", [
+    ("on", ("the stage graphs", "ONNX Runtime's fused copies", "--ort-optimize off")),
+    ("off", ("the stage graphs",))])
+def test_a_build_that_cannot_fit_on_its_disk_is_refused_before_the_export(engine_copy, capsys, monkeypatch,
+                                                                          ort_optimize, needles):
+    """Free space is checked once the U-Net is loaded (its size known), before any stage is written: the existing
+    build is untouched and no temporary folder is left."""
+    import collections
+
+    from catome_export.export import build as build_module
+
+    before = {p.name: p.read_bytes() for p in engine_copy.iterdir()}
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(build_module.shutil, "disk_usage", lambda path: usage(1 << 40, (1 << 40) - (1 << 20), 1 << 20))
+    last = assert_cli_error(["build", "--model", "tiny", "--resolution", "128", "--no-verify", "--ort-optimize",
+                             ort_optimize, "--out", str(engine_copy)], capsys,
+                            "this build writes about", "0.0 GB free", "choose an --out on a larger disk", *needles)
+    assert ("--ort-optimize off" in last) == (ort_optimize == "on")
+    assert {p.name: p.read_bytes() for p in engine_copy.iterdir()} == before
+    assert sorted(p.name for p in engine_copy.parent.iterdir()) == ["tiny"]
 
 
 # -- runtime.unet inputs -----------------------------------------------------------------------------------
