@@ -94,6 +94,9 @@ class BenchConfig:
     interleave: bool = True
     """Time all rows of a shape in rotated rounds with every backend loaded (fair on a busy machine), or one
     backend at a time (less memory)."""
+    one_at_a_time: bool = False
+    """With ``interleave``: load one backend at a time (as sequential, for less memory) and time each backend's
+    rows in rotated rounds."""
     stage_timings: bool = True
     """Time every stage of ``engine`` too (one synchronisation per stage on CUDA)."""
     ort_options: tuple[tuple[str, object], ...] = ()
@@ -149,6 +152,10 @@ class BenchConfig:
         _positive_int("seed", self.seed, 0)
         if self.checkpoint_repeats is not None:
             _positive_int("checkpoint repeats", self.checkpoint_repeats, 0)
+        if self.one_at_a_time and not self.interleave:
+            raise CatomeError("--one-at-a-time and --sequential both load one backend at a time; choose one: "
+                              "--one-at-a-time times a backend's rows in interleaved rounds, --sequential one "
+                              "after the other")
         if self.threads is not None:
             _positive_int("threads", self.threads)
         if self.engine_dir is not None:
@@ -187,6 +194,7 @@ class BenchConfig:
             "backends": list(self.backends), "resolutions": list(self.resolutions), "batch": self.batch,
             "merge_fractions": list(self.merge_fractions), "threshold": self.threshold, "latents": self.latents,
             "steps": self.steps, "schedule": self.schedule, "repeats": self.repeats, "interleave": self.interleave,
+            "one_at_a_time": self.one_at_a_time,
             "checkpoint_repeats": self.checkpoint_calls, "warmup": self.warmup, "threads": self.threads,
             "device": self.device, "precision": self.precision, "engine_backend": self.engine_backend,
             "text_len": self.text_len, "seed": self.seed,

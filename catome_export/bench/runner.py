@@ -13,6 +13,13 @@ row (eager rows on the torch U-Net, which is then freed; the engine's; the
 unstaged graph's): less memory, but rows timed minutes apart see different
 loads on a shared machine.
 
+One at a time (``one_at_a_time=True``, with ``interleave``): backends are
+loaded one after the other as in the sequential mode, but each backend's own
+rows (its merge fractions) are timed in rotated rounds, so the ratios between
+them come from one interleaved run; only rows of different backends are
+minutes apart. For models whose backends do not fit in memory together
+(SDXL in fp32 holds 10.3 GB of weights in torch and as much again in the engine).
+
 Threads: ``torch.set_num_threads(N)`` for the eager backends and ONNX
 Runtime's intra-op threads = N for the engine and the unstaged graph, the
 same N for all (default: the physical cores). The 1-minute load average is
@@ -285,7 +292,7 @@ def _run_sequential(session: _Session, resolutions: list[int]) -> None:
                 named = session.eager_target(backend, unet)
                 try:
                     for res in resolutions:
-                        session.run_sequential(named, res)
+                        _time_rows(session, named, res)
                 finally:
                     named[1].close()
         session.profile_eager(unet)
@@ -300,10 +307,18 @@ def _run_sequential(session: _Session, resolutions: list[int]) -> None:
             continue
         try:
             for res in resolutions:
-                session.run_sequential(named, res)
+                _time_rows(session, named, res)
         finally:
             named[1].close()
             release_memory()
+
+
+def _time_rows(session: _Session, named: Named, resolution: int) -> None:
+    """One backend's rows: in rotated rounds (one at a time) or one after the other (sequential)."""
+    if session.config.interleave:
+        session.run_interleaved([named], resolution)
+    else:
+        session.run_sequential(named, resolution)
 
 
 def _run_interleaved(session: _Session, resolutions: list[int]) -> None:
@@ -348,7 +363,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
     load_before = load_average()
     started = time.perf_counter()
     try:
-        if config.interleave:
+        if config.interleave and not config.one_at_a_time:
             _run_interleaved(session, resolutions)
         else:
             _run_sequential(session, resolutions)

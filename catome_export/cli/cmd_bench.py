@@ -73,7 +73,7 @@ def config_from_args(args: argparse.Namespace):
         warmup=args.warmup, threads=args.threads, device=args.device, precision=args.precision,
         engine_backend=args.engine_backend, workdir=Path(args.workdir) if args.workdir else default_workdir(),
         text_len=args.text_len, seed=args.seed, stage_timings=not args.no_stage_timings,
-        interleave=not args.sequential,
+        interleave=not args.sequential, one_at_a_time=args.one_at_a_time,
         profile_dir=Path(args.profile) if args.profile else None,
         ort_options=tuple(_ort_option(text) for text in args.ort_option or ()),
         ort_optimize=args.ort_optimize == "on",
@@ -189,6 +189,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sequential", action="store_true",
                    help="time one backend at a time instead of interleaved rounds with every backend loaded "
                         "(less memory; rows minutes apart see different loads on a busy machine)")
+    p.add_argument("--one-at-a-time", action="store_true",
+                   help="load one backend at a time, as --sequential does (for models whose backends do not fit "
+                        "in memory together: SDXL in fp32 needs about 21 GB for eager and the engine at once), "
+                        "but time each backend's own rows (its merge fractions) in interleaved rounds")
     p.add_argument("--no-stage-timings", action="store_true", help="do not time the engine's stages one by one")
     p.add_argument("--ort-option", action="append", metavar="KEY=VALUE",
                    help="an ONNX Runtime backend option for the engine and the unstaged graph alike "

@@ -40,14 +40,14 @@ def options_from_args(args: argparse.Namespace) -> "BuildOptions":
     settings = MergeSettings(threshold=args.threshold, schedule=parse_schedule(DEFAULT_SCHEDULE, args.step_base),
                              max_downsample=level)
     cli = {"threshold": args.threshold, "schedule": args.schedule, "step_base": args.step_base,
-           "opt_merge_fraction": args.opt_merge_fraction}
+           "opt_merge_fraction": args.opt_merge_fraction, "max_stage_gb": args.max_stage_gb}
     return BuildOptions.create(
         args.model, weights=args.weights, precision=args.precision, backend=args.backend,
         resolution=args.resolution, min_resolution=args.min_resolution, max_resolution=args.max_resolution,
         batch=args.batch, min_batch=args.min_batch, max_batch=args.max_batch, settings=settings,
         schedule=args.schedule, name=args.name, out_dir=args.out, verify=not args.no_verify,
         verify_steps=args.verify_steps, exporter=args.exporter, opt_merge_fraction=args.opt_merge_fraction, cli=cli,
-        force=args.force, ort_optimize=args.ort_optimize == "on",
+        force=args.force, ort_optimize=args.ort_optimize == "on", max_stage_gb=args.max_stage_gb,
     )
 
 
@@ -128,6 +128,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="ONNX Runtime builds: also write each stage with ONNX Runtime's own transformer fusions "
                         "(stage_<k>.ort.onnx: fused attention, layer norm, Gelu), which the ONNX Runtime backend "
                         "loads; the standard graphs stay as TensorRT needs them (default on)")
+    p.add_argument("--max-stage-gb", type=float, default=None, metavar="GB",
+                   help="cut a stage whose weights exceed GB into pieces that are exported, checked and built one "
+                        "at a time (default 4: SD 1.x/2.x stay one stage per merge site, SDXL's 9.5 GB middle "
+                        "becomes 3 pieces; the fp32 SDXL build then peaks at about 21 GB of memory, 2 lowers that)")
     p.add_argument("--name", default=None, help="engine name (default: the model name)")
     p.add_argument("--out", default=None, metavar="DIR", help="engine folder (default engines/<name>)")
     p.add_argument("--force", action="store_true",

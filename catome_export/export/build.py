@@ -153,6 +153,13 @@ class BuildOptions:
     ort_optimize: bool = True
     """ONNX Runtime builds: also write each stage in ONNX Runtime's fused form (``stage_<k>.ort.onnx``,
     catome_export.export.ort_optimize), checked like the standard graph and listed in the manifest."""
+    max_stage_gb: float | None = None
+    """Cut stages whose weights exceed this many GB (1e9 bytes) into pieces (None: 4, :data:`MAX_STAGE_BYTES`):
+    lower it to build a large model (SDXL) in less memory."""
+
+    @property
+    def max_stage_bytes(self) -> int:
+        return MAX_STAGE_BYTES if self.max_stage_gb is None else int(self.max_stage_gb * 1e9)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -184,6 +191,10 @@ class BuildOptions:
         f = self.opt_merge_fraction
         if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0):
             raise CatomeError(f"--opt-merge-fraction must be a number in [0, 1], got {f!r}")
+        g = self.max_stage_gb
+        if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 < g <= 1000):
+            raise CatomeError(f"--max-stage-gb must be a number of GB in (0, 1000], got {g!r} (default "
+                              f"{MAX_STAGE_BYTES / 1e9:g}; lower builds a large model in less memory)")
         _check_name(self.name)
         set_(self, "out_dir", Path(self.out_dir))
         _check_resolution("default resolution", self.default_resolution)
@@ -197,7 +208,8 @@ class BuildOptions:
                out_dir: str | Path | None = None, verify: bool = True, verify_steps: int = DEFAULT_VERIFY_STEPS,
                exporter: str | Exporter = Exporter.TORCHSCRIPT, opset: int = OPSET,
                opt_merge_fraction: float | None = None, cli: dict[str, Any] | None = None,
-               force: bool = False, ort_optimize: bool = True) -> "BuildOptions":
+               force: bool = False, ort_optimize: bool = True,
+               max_stage_gb: float | None = None) -> "BuildOptions":
         """Options from loose arguments, with the model's defaults filled in (CatomeError naming any bad one).
 
         ``resolution`` or ``min_resolution``/``max_resolution`` (default: the
@@ -237,13 +249,13 @@ class BuildOptions:
                    batch=(blo, bhi), settings=settings, schedule=auto, name=name, out_dir=out, verify=verify,
                    verify_steps=verify_steps, exporter=exporter, opset=opset,
                    default_resolution=info.default_resolution, opt_merge_fraction=opt_merge_fraction,
-                   cli=dict(cli or {}), force=force, ort_optimize=ort_optimize)
+                   cli=dict(cli or {}), force=force, ort_optimize=ort_optimize, max_stage_gb=max_stage_gb)
 
 
 CREATE_OPTIONS = frozenset({
     "weights", "precision", "backend", "resolution", "min_resolution", "max_resolution", "batch", "min_batch",
     "max_batch", "settings", "schedule", "name", "out_dir", "verify", "verify_steps", "exporter", "opset",
-    "opt_merge_fraction", "cli", "force", "ort_optimize",
+    "opt_merge_fraction", "cli", "force", "ort_optimize", "max_stage_gb",
 })
 """The keyword arguments of :meth:`BuildOptions.create`."""
 
@@ -522,7 +534,7 @@ def _build_into(opts: BuildOptions, folder: Path, backend: EngineBackend, say: P
         settings = _calibrate_schedule(opts, opts.schedule, unet, say)
     sites = find_merge_sites(unet, settings.max_downsample)
     stages = cut_unet(unet, sites, dtype, merge_crossattn=settings.merge_crossattn, merge_mlp=settings.merge_mlp,
-                      max_stage_bytes=MAX_STAGE_BYTES)
+                      max_stage_bytes=opts.max_stage_bytes)
     examples = example_inputs(stages, sites, unet.config, dtype, stride=settings.stride)
     check_ort = opts.verify and opts.precision == Precision.FP32
     if opts.verify and not check_ort:
@@ -695,7 +707,7 @@ def _make_manifest(opts: BuildOptions, unet: torch.nn.Module, sites: list[MergeS
         extra={"build": cli, "build_command": build_command(cli), "audit": audit.to_dict(),
                "export": {"exporter": str(opts.exporter), "opset": opts.opset,
                           "ort_optimize": backend == EngineBackend.ORT and opts.ort_optimize,
-                          "max_stage_bytes": MAX_STAGE_BYTES}},
+                          "max_stage_bytes": opts.max_stage_bytes}},
     )
 
 

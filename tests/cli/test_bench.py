@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 
 from catome_export.cli.main import main
+from catome_export.errors import CatomeError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -193,6 +194,37 @@ def test_bench_tiny_xl_sequential_with_engine_unstaged_and_profiles(xl_bench, tm
     profile = result.profile
     assert profile is not None and profile["eager"]["run_ms"] > 0 and profile["unstaged"]["run_ms"] > 0
     assert len(profile["engine"]["0.5"]["stages"]) == 11
+
+
+def test_bench_one_at_a_time_interleaves_each_backends_rows_alone(xl_bench, monkeypatch):
+    """--one-at-a-time: each backend is loaded after the previous one is closed, and its own rows (merge fractions)
+    are timed in one set of rotated rounds."""
+    from catome_export.bench import runner
+    from catome_export.bench.config import BenchConfig
+
+    _, workdir = xl_bench
+    rounds: list[tuple[int, int]] = []  # per measure_interleaved call: (distinct targets, rows)
+    real_interleaved = runner.measure_interleaved
+
+    def spy(jobs, inputs, **kwargs):
+        targets = {id(j.target) for j in jobs}
+        rounds.append((len(targets), len(jobs)))
+        return real_interleaved(jobs, inputs, **kwargs)
+
+    def no_sequential(*args, **kwargs):
+        raise AssertionError("rows timed one after the other")
+
+    monkeypatch.setattr(runner, "measure_interleaved", spy)
+    monkeypatch.setattr(runner, "measure", no_sequential)
+    config = BenchConfig(model="tiny-xl", backends=("eager", "eager-catome", "engine"), resolutions=(XL_SIZE,),
+                         merge_fractions=(0.0, 0.5), repeats=1, threads=1, workdir=workdir, one_at_a_time=True)
+    result = runner.run_bench(config, progress=lambda line: None)
+    assert rounds == [(1, 1), (1, 2), (1, 2)]  # eager: one row; eager-catome and engine: two rows each
+    assert [(r["backend"], r["merge_fraction"]) for r in result.rows] == [
+        ("eager", 0.0), ("eager-catome", 0.0), ("eager-catome", 0.5), ("engine", 0.0), ("engine", 0.5)]
+    assert result.rows[-1]["merged"] == {str(i): 24 for i in range(10)} and result.config["one_at_a_time"]
+    with pytest.raises(CatomeError, match="choose one"):
+        BenchConfig(model="tiny-xl", interleave=False, one_at_a_time=True)
 
 
 def test_bench_tiny_xl_engine_folder_alone(xl_bench, tmp_path):
