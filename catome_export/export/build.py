@@ -44,6 +44,7 @@ from catome_export.dtypes import precision_dtype
 from catome_export.errors import CatomeError
 from catome_export.export.audit import AuditReport, audit_stages
 from catome_export.fsutil import BuildLock, pid_alive
+from catome_export.memory import check_available, gb, verify_need
 from catome_export.export.io_names import MODEL_OUTPUT, site_input_name, site_of_input
 from catome_export.export.manifest import (
     MANIFEST_FILE, Manifest, ModelRecord, build_command, tool_versions,
@@ -529,6 +530,11 @@ def _build_into(opts: BuildOptions, folder: Path, backend: EngineBackend, say: P
     unet = load_unet(opts.model, weights=opts.weights, dtype=dtype)
     _check_free_space(folder, unet, dtype, fused=backend == EngineBackend.ORT and opts.ort_optimize,
                       trt=backend == EngineBackend.TRT)
+    if opts.verify and verifier is not None and backend == EngineBackend.ORT and not torch.cuda.is_available():
+        weights = _weight_bytes(unet, dtype)  # the eager reference and the engine, both on the CPU, after the export
+        check_available(verify_need(weights), f"verifying this build on the CPU (the eager U-Net, {gb(weights)}, and "
+                        "the engine in ONNX Runtime at once)", "build with --no-verify here and check the engine with "
+                        "catome-export verify on a machine with more memory, or close other programs", held=weights)
     settings = opts.settings
     if opts.schedule is not None:
         settings = _calibrate_schedule(opts, opts.schedule, unet, say)
@@ -616,7 +622,7 @@ def _check_free_space(folder: Path, unet: torch.nn.Module, dtype: torch.dtype, *
     plans (about the weights' size); an existing build in the target folder
     stays until the new one replaces it.
     """
-    weights = sum(p.numel() for p in unet.parameters()) * torch.empty((), dtype=dtype).element_size()
+    weights = _weight_bytes(unet, dtype)
     parts = [("the stage graphs", weights)]
     if fused:
         parts.append(("ONNX Runtime's fused copies", weights))
@@ -632,8 +638,12 @@ def _check_free_space(folder: Path, unet: torch.nn.Module, dtype: torch.dtype, *
                           f"{_gb(free)} free: free some space or choose an --out on a larger disk{hint}")
 
 
+def _weight_bytes(unet: torch.nn.Module, dtype: torch.dtype) -> int:
+    return sum(p.numel() for p in unet.parameters()) * torch.empty((), dtype=dtype).element_size()
+
+
 def _gb(n: int) -> str:
-    return f"{n / 1e9:.1f} GB"
+    return gb(n)
 
 
 def _describe_fused(graph: OptimizedGraph) -> str:

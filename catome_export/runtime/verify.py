@@ -40,8 +40,10 @@ import torch
 
 from catome_export.backends.torch_backend import load_reference_unet
 from catome_export.eager import apply_merging
+from catome_export.devices import parse_device
 from catome_export.errors import CatomeError
 from catome_export.export.manifest import Manifest
+from catome_export.memory import check_available, gb, verify_need
 from catome_export.latents import make_latents
 from catome_export.merging import parse_schedule
 from catome_export.merging.plan import MergePlan
@@ -479,6 +481,12 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
     tol = float(DEFAULT_TOLERANCE.get(precision, 1e-4) if tolerance is None else tolerance)
     r_tol = float(DEFAULT_MERGE_TOLERANCE.get(precision, 0.0) if merge_tolerance is None else merge_tolerance)
     text_len, text_dim = _text_shape(manifest)
+    on_cpu = parse_device(device).type == "cpu" if device not in (None, "auto") else not torch.cuda.is_available()
+    if on_cpu and backend in ("auto", "ort", "ort-cpu"):
+        weights = sum(s.total_bytes for s in manifest.stages)
+        check_available(verify_need(weights), f"verifying {engine_dir} on the CPU (the eager U-Net and the engine in "
+                        f"ONNX Runtime at once, {gb(weights)} of weights each)",
+                        "verify on a machine with more memory (or on a GPU), or close other programs")
 
     runtime = Runtime.load(engine_dir, backend=backend, device=device, settings=settings,
                            backend_options=backend_options)

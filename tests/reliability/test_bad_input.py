@@ -370,6 +370,23 @@ def test_a_build_that_cannot_fit_on_its_disk_is_refused_before_the_export(engine
     assert sorted(p.name for p in engine_copy.parent.iterdir()) == ["tiny"]
 
 
+def test_a_verification_that_cannot_fit_in_memory_is_refused_before_the_work(engine_copy, capsys, monkeypatch):
+    """On the CPU, verifying needs the eager U-Net and the engine at once: a build asked to verify is refused before
+    its export (nothing changed), and catome-export verify before loading anything, each naming what to do."""
+    from catome_export import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: 1 << 20)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    before = {p.name: p.read_bytes() for p in engine_copy.iterdir()}
+    assert_cli_error(["build", "--model", "tiny", "--resolution", "128", "--out", str(engine_copy)], capsys,
+                     "verifying this build on the CPU", "needs at least", "available", "--no-verify",
+                     "catome-export verify on a machine with more memory")
+    assert {p.name: p.read_bytes() for p in engine_copy.iterdir()} == before
+    assert sorted(p.name for p in engine_copy.parent.iterdir()) == ["tiny"]
+    assert_cli_error(["verify", str(engine_copy), "--steps", "1"], capsys, f"verifying {engine_copy} on the CPU",
+                     "needs at least", "verify on a machine with more memory (or on a GPU)")
+
+
 # -- runtime.unet inputs -----------------------------------------------------------------------------------
 def test_runtime_unet_accepts_good_inputs(ort_runtime):
     """The inputs the bad-input rows below spoil run fine as they are."""
