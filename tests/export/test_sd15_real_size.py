@@ -11,8 +11,9 @@ changes nothing in the graphs and keeps the runs short.
   records; ``Runtime.load`` runs it, compared with the torch stages on the
   engine's own plans (so a near-tie in matching cannot hide or fake a
   difference) and, with merging off, with the diffusers U-Net itself.
-- fp16: in test_sd15_real_size_fp16.py (a file of its own, so that the two
-  builds can run on two test workers at once).
+- fp16: SD 2.1's architecture (the same size, SD 2.x's layout) in
+  test_sd21_real_size_fp16.py, a file of its own, so that the two builds can
+  run on two test workers at once.
 
 Cost (``/usr/bin/time -v python -m pytest -q -p no:cacheprovider
 tests/export/test_sd15_real_size.py`` on a 2-core x86-64 CPU with 24 GiB,
