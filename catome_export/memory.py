@@ -16,10 +16,11 @@ MEMINFO = Path("/proc/meminfo")
 MARGIN = 1 << 30
 """Bytes kept free beyond the estimate: the interpreter, torch's and ONNX Runtime's libraries, one call's activations."""
 ORT_CPU_ENGINE_FACTOR = 1.5
-"""Resident memory of an engine in ONNX Runtime CPU per byte of its weights, at least: SDXL's fp32 engine (10.3 GB
-of weights) held more than 13.9 GB while its sessions were still loading, when the kernel stopped a build's
-verification on a 24 GiB machine (ONNX Runtime keeps prepacked and reordered copies of matmul and convolution
-weights)."""
+"""Memory of an engine in ONNX Runtime CPU per byte of its weights, with room for both models' activations during a
+comparison. Measured on SDXL in fp32 (10.3 GB of weights): a process running only the engine at 1024 px, batch 2
+held 12.9 GB (1.26 times the weights, the interpreter and one call's activations included); a build's verification
+(the eager U-Net and the engine) was stopped by the kernel at 24.9 GB, so the two need more than 2.4 times the
+weights."""
 
 
 def verify_need(weight_bytes: int) -> int:

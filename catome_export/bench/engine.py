@@ -17,13 +17,14 @@ from typing import Callable, Sequence
 
 from catome_export.bench.config import BenchConfig
 from catome_export.errors import CatomeError
+from catome_export.models.registry import MODELS
 
 logger = logging.getLogger(__name__)
 
 
 def work_name(config: BenchConfig) -> str:
     """Folder name under the work folder for a model, its weights and precision."""
-    model = config.model if config.model in ("tiny", "sd15") else (Path(config.model).resolve().name or "model")
+    model = config.model if config.model in MODELS else (Path(config.model).resolve().name or "model")
     return f"{model}-{config.weights}-{config.precision}"
 
 

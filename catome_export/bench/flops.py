@@ -260,7 +260,7 @@ def _count(config: Any, latent_hw: tuple[int, int], batch: int, text_len: int, t
                           f"{latent_hw}, {batch}, {text_len}")
     dim = int(text_dim if text_dim is not None else cfg.get("cross_attention_dim", 768))
     counter = _Counter(cfg, (h, w), _Shape(batch, text_len, dim), merged, max_downsample,
-                       merge_crossattn, merge_mlp, matching, tuple(stride))
+                       merge_crossattn, merge_mlp, matching, (int(stride[0]), int(stride[1])))
     counter.run()
     unknown = sorted(set(merged) - {s.index for s in counter.sites})
     if unknown:

@@ -151,12 +151,19 @@ def _check_phases(target: Target, settings: MergeSettings | None, cached: Phase,
         logger.warning("%s: some checkpoint calls did not match at every site", target.name)
 
 
+def interleaved_calls(jobs: list[Job], repeats: int, warmup: int) -> int:
+    """U-Net calls :func:`measure_interleaved` makes: each job's warm-ups, then per round a checkpoint and a cached
+    call per merging job and a cached call per other job."""
+    return len(jobs) * warmup + repeats * sum(2 if job.target.merges else 1 for job in jobs)
+
+
 def measure_interleaved(jobs: list[Job], inputs: Inputs, *, repeats: int, warmup: int,
-                        tick: Callable[[str], None] | None = None) -> list[RowTiming]:
+                        tick: Callable[[str, int], None] | None = None) -> list[RowTiming]:
     """Time ``jobs`` in rotated rounds of (checkpoint call, cached call) each (see the module docstring).
 
-    ``tick(note)`` is called after each job's warm-up and after each round (progress: ``len(jobs) + repeats``
-    ticks in all)."""
+    ``tick(note, calls)`` is called after each job's warm-up and after each round with the number of U-Net calls
+    made since the last tick (:func:`interleaved_calls` in all), so that progress and its ETA count calls, and a
+    round of many calls is not taken for one warm-up call."""
     timings = [RowTiming(Phase(), Phase(), {}) for _ in jobs]
     for k, job in enumerate(jobs):
         job.target.configure(job.settings)
@@ -165,7 +172,7 @@ def measure_interleaved(jobs: list[Job], inputs: Inputs, *, repeats: int, warmup
             _call(job.target, inputs, None)
         job.target.suspend()
         if tick is not None:
-            tick(f"warm-up of row {k + 1}/{len(jobs)}")
+            tick(f"warm-up of row {k + 1}/{len(jobs)}", warmup)
     n = len(jobs)
     for rnd in range(repeats):
         for i in [(rnd + k) % n for k in range(n)]:
@@ -177,7 +184,7 @@ def measure_interleaved(jobs: list[Job], inputs: Inputs, *, repeats: int, warmup
             _call(job.target, inputs, timing.cached)
             job.target.suspend()
         if tick is not None:
-            tick(f"round {rnd + 1}/{repeats}")
+            tick(f"round {rnd + 1}/{repeats}", sum(2 if job.target.merges else 1 for job in jobs))
     for job, timing in zip(jobs, timings):
         _check_phases(job.target, job.settings, timing.cached, timing.checkpoint)
         timing.merged = dict(timing.cached.calls[-1].merged) if timing.cached.calls else {}

@@ -40,7 +40,9 @@ import torch
 from catome_export.bench import flops
 from catome_export.bench.config import UNFUSED_BACKENDS, BenchConfig
 from catome_export.bench.device import device_info, load_average, peak_rss_gib, physical_cores, release_memory, rss_gib
-from catome_export.bench.measure import BENCH_SCHEDULE, Inputs, Job, RowTiming, measure, measure_interleaved, measure_loop
+from catome_export.bench.measure import (
+    BENCH_SCHEDULE, Inputs, Job, RowTiming, interleaved_calls, measure, measure_interleaved, measure_loop,
+)
 from catome_export.bench.report import BenchResult, derive_columns
 from catome_export.bench.rows import build_row, describe, make_inputs, model_dtype, row_settings, settings_for
 from catome_export.bench.targets import EagerMergeTarget, EagerTarget, EngineTarget, Target, UnstagedTarget
@@ -158,9 +160,10 @@ class _Session:
                 meta.append((backend, detail, fraction, threshold))
         self.progress(f"timing {len(jobs)} rows at {resolution}px batch {cfg.batch}: {cfg.warmup} warm-up call(s) "
                       f"each, then {cfg.repeats} interleaved rounds ...")
-        bar = Progress(len(jobs) + cfg.repeats, f"bench at {resolution}px", emit=self.progress)
+        bar = Progress(interleaved_calls(jobs, cfg.repeats, cfg.warmup), f"bench calls at {resolution}px",
+                       emit=self.progress)
         timings = measure_interleaved(jobs, inputs, repeats=cfg.repeats, warmup=cfg.warmup,
-                                      tick=lambda note: bar.update(note=note))
+                                      tick=lambda note, calls: bar.update(calls, note=note))
         for job, (backend, detail, fraction, threshold), timing in zip(jobs, meta, timings):
             self._loop(job.target, backend, fraction, threshold, inputs, timing)
             self.add_row(backend, resolution, inputs, fraction, threshold, timing, detail)
@@ -302,14 +305,14 @@ def _run_sequential(session: _Session, resolutions: list[int]) -> None:
     for backend in config.backends:
         if backend in EAGER_BACKENDS:
             continue
-        named = session.make_target(backend)
-        if named is None:
+        loaded = session.make_target(backend)
+        if loaded is None:
             continue
         try:
             for res in resolutions:
-                _time_rows(session, named, res)
+                _time_rows(session, loaded, res)
         finally:
-            named[1].close()
+            loaded[1].close()
             release_memory()
 
 
@@ -421,9 +424,9 @@ def _compare_weights(session: _Session, engine_dir: Path, digest: str) -> None:
     from catome_export.export.manifest import Manifest
 
     built = Manifest.load(engine_dir, check_files=False).model
-    if built.get("weights_hash") != digest:
-        session.notes.append(f"the engine in {engine_dir} was built from other weights ({built.get('id')}, "
-                             f"{built.get('weights')}) than the eager rows ({session.config.model}, "
+    if built.weights_hash != digest:
+        session.notes.append(f"the engine in {engine_dir} was built from other weights ({built.id}, "
+                             f"{built.weights}) than the eager rows ({session.config.model}, "
                              f"{session.config.weights}): the speed comparison holds only for the same architecture")
 
 

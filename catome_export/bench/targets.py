@@ -87,7 +87,7 @@ class EagerTarget(Target):
     name = "eager"
 
     def __init__(self, unet: torch.nn.Module) -> None:
-        super().__init__(unet.device)
+        super().__init__(next(unet.parameters()).device)
         self.unet = unet
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
@@ -126,7 +126,7 @@ class EagerMergeTarget(Target):
     merges = True
 
     def __init__(self, unet: torch.nn.Module, name: str) -> None:
-        super().__init__(unet.device)
+        super().__init__(next(unet.parameters()).device)
         self.unet = unet
         self.name = name
         self.handle: Any = None

@@ -85,13 +85,14 @@ def unstaged_spec(dtype: str, in_channels: int, out_channels: int, text_dim: int
 
 def _dtype_name(unet: torch.nn.Module) -> str:
     names = {torch.float32: "float32", torch.float16: "float16"}
-    if unet.dtype not in names:
-        raise CatomeError(f"the unstaged graph is exported in float32 or float16, not {unet.dtype}")
-    return names[unet.dtype]
+    dtype = next(unet.parameters()).dtype
+    if dtype not in names:
+        raise CatomeError(f"the unstaged graph is exported in float32 or float16, not {dtype}")
+    return names[dtype]
 
 
 def _spec_of(unet: torch.nn.Module) -> StageSpec:
-    cfg = unet.config
+    cfg: Any = unet.config
     return unstaged_spec(_dtype_name(unet), int(cfg.in_channels), int(cfg.out_channels),
                          int(cfg.cross_attention_dim), _added_dims(cfg))
 
@@ -101,7 +102,7 @@ def _trace_args(unet: torch.nn.Module) -> tuple[torch.Tensor, ...]:
 
     batch, (h, w), text_len = TRACE_SHAPE
     gen = torch.Generator().manual_seed(0)
-    cfg = unet.config
+    cfg: Any = unet.config
     weight = next(unet.parameters())
     device, dtype = weight.device, weight.dtype
     added = random_added_conditioning(unet, batch, (h * 8, w * 8), device=device, dtype=dtype)

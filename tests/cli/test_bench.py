@@ -216,9 +216,16 @@ def test_bench_one_at_a_time_interleaves_each_backends_rows_alone(xl_bench, monk
 
     monkeypatch.setattr(runner, "measure_interleaved", spy)
     monkeypatch.setattr(runner, "measure", no_sequential)
+    engine = workdir / "tiny-xl-random-fp32" / "engine"  # given as --engine: its weights are compared with eager's
+    assert (engine / "manifest.json").is_file()
     config = BenchConfig(model="tiny-xl", backends=("eager", "eager-catome", "engine"), resolutions=(XL_SIZE,),
-                         merge_fractions=(0.0, 0.5), repeats=1, threads=1, workdir=workdir, one_at_a_time=True)
+                         merge_fractions=(0.0, 0.5), repeats=1, threads=1, workdir=workdir, one_at_a_time=True,
+                         engine_dir=engine)
     result = runner.run_bench(config, progress=lambda line: None)
+    assert not [n for n in result.notes if "other weights" in n], result.notes
+    session = runner._Session(config, lambda line: None)
+    runner._compare_weights(session, engine, "0" * 64)  # an engine of other weights is said, not refused
+    assert any("was built from other weights (tiny-xl, random)" in n for n in session.notes), session.notes
     assert rounds == [(1, 1), (1, 2), (1, 2)]  # eager: one row; eager-catome and engine: two rows each
     assert [(r["backend"], r["merge_fraction"]) for r in result.rows] == [
         ("eager", 0.0), ("eager-catome", 0.0), ("eager-catome", 0.5), ("engine", 0.0), ("engine", 0.5)]
