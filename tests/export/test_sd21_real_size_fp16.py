@@ -44,6 +44,8 @@ def test_fp16_export_is_valid_onnx_with_fp16_weights_and_the_manifest_io(sd21_fp
     manifest = Manifest.load(out, check_files=True, check_hashes=True)
     assert manifest.precision == "fp16" and len(manifest.stages) == 6 and manifest.model.id == "sd21"
     assert manifest.shapes.text_dim == 1024 and manifest.merge.max_downsample == 1
+    audit = manifest.extra["audit"]  # the TensorRT operator audit of SD 2.x's stages
+    assert audit["passed"] and audit["errors"] == 0, audit["findings"][:5]
     elem = {"float16": onnx.TensorProto.FLOAT16, "float32": onnx.TensorProto.FLOAT, "int64": onnx.TensorProto.INT64}
     for entry in manifest.stages:
         path = out / entry.file
