@@ -154,7 +154,12 @@ def _check_phases(target: Target, settings: MergeSettings | None, cached: Phase,
 def interleaved_calls(jobs: list[Job], repeats: int, warmup: int) -> int:
     """U-Net calls :func:`measure_interleaved` makes: each job's warm-ups, then per round a checkpoint and a cached
     call per merging job and a cached call per other job."""
-    return len(jobs) * warmup + repeats * sum(2 if job.target.merges else 1 for job in jobs)
+    return len(jobs) * warmup + repeats * _round_calls(jobs)
+
+
+def _round_calls(jobs: list[Job]) -> int:
+    """U-Net calls of one interleaved round: a checkpoint and a cached call per merging job, a cached call else."""
+    return sum(2 if job.target.merges else 1 for job in jobs)
 
 
 def measure_interleaved(jobs: list[Job], inputs: Inputs, *, repeats: int, warmup: int,
@@ -184,7 +189,7 @@ def measure_interleaved(jobs: list[Job], inputs: Inputs, *, repeats: int, warmup
             _call(job.target, inputs, timing.cached)
             job.target.suspend()
         if tick is not None:
-            tick(f"round {rnd + 1}/{repeats}", sum(2 if job.target.merges else 1 for job in jobs))
+            tick(f"round {rnd + 1}/{repeats}", _round_calls(jobs))
     for job, timing in zip(jobs, timings):
         _check_phases(job.target, job.settings, timing.cached, timing.checkpoint)
         timing.merged = dict(timing.cached.calls[-1].merged) if timing.cached.calls else {}

@@ -130,8 +130,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "loads; the standard graphs stay as TensorRT needs them (default on)")
     p.add_argument("--max-stage-gb", type=float, default=None, metavar="GB",
                    help="cut a stage whose weights exceed GB into pieces that are exported, checked and built one "
-                        "at a time (default 4: SD 1.x/2.x stay one stage per merge site, SDXL's 9.5 GB middle "
-                        "becomes 3 pieces; the fp32 SDXL build then peaks at about 21 GB of memory, 2 lowers that)")
+                        "at a time (default 4: SD 1.x/2.x stay one stage per merge site, SDXL's 9.6 GB middle "
+                        "becomes 3 pieces, and its fp32 build peaked at 20.8 GiB on a 2-core CPU; a lower value "
+                        "holds less at once)")
     p.add_argument("--name", default=None, help="engine name (default: the model name)")
     p.add_argument("--out", default=None, metavar="DIR", help="engine folder (default engines/<name>)")
     p.add_argument("--force", action="store_true",

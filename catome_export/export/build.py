@@ -528,10 +528,11 @@ def _build_into(opts: BuildOptions, folder: Path, backend: EngineBackend, say: P
     dtype = precision_dtype(opts.precision)
     say(f"loading {opts.model} ({opts.weights} weights, {opts.precision})")
     unet = load_unet(opts.model, weights=opts.weights, dtype=dtype)
-    _check_free_space(folder, unet, dtype, fused=backend == EngineBackend.ORT and opts.ort_optimize,
+    weights = sum(p.numel() for p in unet.parameters()) * torch.empty((), dtype=dtype).element_size()
+    _check_free_space(folder, weights, fused=backend == EngineBackend.ORT and opts.ort_optimize,
                       trt=backend == EngineBackend.TRT)
     if opts.verify and verifier is not None and backend == EngineBackend.ORT and not torch.cuda.is_available():
-        weights = _weight_bytes(unet, dtype)  # the eager reference and the engine, both on the CPU, after the export
+        # the eager reference and the engine, both on the CPU, after the export
         check_available(verify_need(weights), f"verifying this build on the CPU (the eager U-Net, {gb(weights)}, and "
                         "the engine in ONNX Runtime at once)", "build with --no-verify here and check the engine with "
                         "catome-export verify on a machine with more memory, or close other programs", held=weights)
@@ -614,15 +615,14 @@ FREE_SPACE_MARGIN = 1.05, 256 << 20
 """(factor, bytes) over the estimated size of a build that the folder's disk must have free."""
 
 
-def _check_free_space(folder: Path, unet: torch.nn.Module, dtype: torch.dtype, *, fused: bool, trt: bool) -> None:
+def _check_free_space(folder: Path, weights: int, *, fused: bool, trt: bool) -> None:
     """Refuse, before the export, a build that cannot fit on the disk it is written to.
 
     The build writes the weights once as the stage graphs, once more as ONNX
     Runtime's fused copies (``--ort-optimize on``), or once more as TensorRT
     plans (about the weights' size); an existing build in the target folder
-    stays until the new one replaces it.
+    stays until the new one replaces it. ``weights``: bytes of the U-Net's weights at the build's precision.
     """
-    weights = _weight_bytes(unet, dtype)
     parts = [("the stage graphs", weights)]
     if fused:
         parts.append(("ONNX Runtime's fused copies", weights))
@@ -633,17 +633,9 @@ def _check_free_space(folder: Path, unet: torch.nn.Module, dtype: torch.dtype, *
     if free < need:
         hint = "; --ort-optimize off writes the weights once (the ONNX Runtime backend then runs the standard " \
                "graphs)" if fused else ""
-        detail = ", ".join(f"{what} {_gb(n)}" for what, n in parts)
-        raise CatomeError(f"this build writes about {_gb(need)} ({detail}, and a margin) but {folder.parent} has "
-                          f"{_gb(free)} free: free some space or choose an --out on a larger disk{hint}")
-
-
-def _weight_bytes(unet: torch.nn.Module, dtype: torch.dtype) -> int:
-    return sum(p.numel() for p in unet.parameters()) * torch.empty((), dtype=dtype).element_size()
-
-
-def _gb(n: int) -> str:
-    return gb(n)
+        detail = ", ".join(f"{what} {gb(n)}" for what, n in parts)
+        raise CatomeError(f"this build writes about {gb(need)} ({detail}, and a margin) but {folder.parent} has "
+                          f"{gb(free)} free: free some space or choose an --out on a larger disk{hint}")
 
 
 def _describe_fused(graph: OptimizedGraph) -> str:

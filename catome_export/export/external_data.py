@@ -222,9 +222,9 @@ def gather_weights(model, base: Path, data_path: Path, size_threshold: int = INL
     with atomic_open(data_path) as out:
         for t, initializer in tensors:
             if is_external(t):
-                source = ExternalRef.of(t).path(base)
                 data = _read_external(t, base)
                 if consume:
+                    source = ExternalRef.of(t).path(base)
                     readers[source] -= 1
                     if readers[source] == 0 and source.resolve() != data_path.resolve():
                         source.unlink()

@@ -3,7 +3,7 @@
 Stage 0 runs from the time embedding up to the input ``x0`` of site 0; stage
 k (k >= 1) runs site k-1's block (merge -> attn1 -> unmerge, attn2, ff) and
 everything up to ``x{k}``; the last stage ends with ``noise_pred``. A stage
-whose weights exceed ``max_stage_bytes`` (SDXL's middle, 9.5 GB in fp32) is
+whose weights exceed ``max_stage_bytes`` (SDXL's middle, 9.6 GB in fp32) is
 cut further, between its steps, into pieces that run no merge site: each
 piece is exported, optimized, checked and built on its own, so no step of the
 build holds more than a piece's weights beside the U-Net. A stage's
@@ -154,7 +154,7 @@ class StageModule(torch.nn.Module):
 
 MAX_STAGE_BYTES = 4_000_000_000
 """Default weight size above which a stage is cut into pieces (SD 1.x/2.x's largest stage, 3.3 GB in fp32, stays
-whole; SDXL's 9.5 GB middle becomes three pieces)."""
+whole; SDXL's 9.6 GB middle becomes three pieces)."""
 
 
 def _split(steps: list[Step]) -> list[list[Step]]:
