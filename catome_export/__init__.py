@@ -20,6 +20,8 @@ from catome_export.errors import CatomeError
 _LAZY = {
     "apply_catome": "catome_export.workflows.eager",  # it also calibrates auto:K schedules
     "apply_tome": "catome_export.eager",
+    "apply_deepcache": "catome_export.eager",
+    "FeatureCacheSettings": "catome_export.featurecache",
     "build_engine": "catome_export.workflows.build",  # build and verify
     "Runtime": "catome_export.runtime",
     "MergeSettings": "catome_export.merging",

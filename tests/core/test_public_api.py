@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-PUBLIC = ["apply_catome", "apply_tome", "build_engine", "Runtime", "MergeSettings", "CatomeError"]
+PUBLIC = ["apply_catome", "apply_tome", "apply_deepcache", "FeatureCacheSettings", "build_engine", "Runtime", "MergeSettings", "CatomeError"]
 
 
 def test_import_is_light_and_every_public_name_resolves():
