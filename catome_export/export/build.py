@@ -47,19 +47,21 @@ from catome_export.fsutil import BuildLock, pid_alive
 from catome_export.memory import check_available, gb, verify_need
 from catome_export.export.io_names import MODEL_OUTPUT, site_input_name, site_of_input
 from catome_export.export.manifest import (
-    MANIFEST_FILE, Manifest, ModelRecord, build_command, tool_versions,
+    MANIFEST_FILE, FeatureCacheRecord, Manifest, ModelRecord, build_command, tool_versions,
 )
 from catome_export.export.onnx_export import (
     OPSET, ExportedStage, example_inputs, export_stage, ort_max_diff, ort_session,
 )
 from catome_export.export.ort_optimize import OptimizedGraph, optimize_graph
 from catome_export.export.profiles import ShapeRanges
-from catome_export.export.stages import MAX_STAGE_BYTES, StageSpec, cut_unet
+from catome_export.export.stages import MAX_STAGE_BYTES, StageSpec, cached_branches, cut_unet
+from catome_export.featurecache import FeatureCacheSettings, UNetLayout, parse_feature_cache
+from catome_export.featurecache.branches import check_branch
 from catome_export.export.trt_build import build_engines
 from catome_export.merging.schedules import AutoSchedule, ScheduleSpec, parse_schedule_request
 from catome_export.merging.settings import MergeSettings
 from catome_export.models import MODELS, find_merge_sites, load_unet, model_info, weights_hash
-from catome_export.models.registry import BUNDLED_ONLY, ModelInfo
+from catome_export.models.registry import BUNDLED_ONLY, ModelInfo, unet_config_of
 from catome_export.models.sites import MergeSite
 
 logger = logging.getLogger(__name__)
@@ -154,9 +156,20 @@ class BuildOptions:
     ort_optimize: bool = True
     """ONNX Runtime builds: also write each stage in ONNX Runtime's fused form (``stage_<k>.ort.onnx``,
     catome_export.export.ort_optimize), checked like the standard graph and listed in the manifest."""
+    feature_cache: FeatureCacheSettings | None = None
+    """DeepCache-style feature caching the engine runs by default (None: off; a runtime can still turn on any
+    branch in ``cache_branches``). Its branch is always among the branches cut for."""
+    cache_branches: tuple[int, ...] = ()
+    """More feature-cache branches to cut the stages for (so a runtime may pick them without a rebuild)."""
     max_stage_gb: float | None = None
     """Cut stages whose weights exceed this many GB (1e9 bytes) into pieces (None: 4, :data:`MAX_STAGE_BYTES`):
     lower it to build a large model (SDXL) in less memory."""
+
+    @property
+    def branches(self) -> tuple[int, ...]:
+        """Every feature-cache branch the stages are cut for: ``cache_branches`` and the default's branch."""
+        extra = () if self.feature_cache is None else (self.feature_cache.branch,)
+        return tuple(sorted(set(self.cache_branches) | set(extra)))
 
     @property
     def max_stage_bytes(self) -> int:
@@ -198,6 +211,14 @@ class BuildOptions:
                               f"{MAX_STAGE_BYTES / 1e9:g}; lower builds a large model in less memory)")
         _check_name(self.name)
         set_(self, "out_dir", Path(self.out_dir))
+        if self.feature_cache is not None and not isinstance(self.feature_cache, FeatureCacheSettings):
+            raise CatomeError(f"feature_cache must be a FeatureCacheSettings or None, got "
+                              f"{type(self.feature_cache).__name__}")
+        branches = tuple(self.cache_branches)
+        for b in branches:
+            if isinstance(b, bool) or not isinstance(b, int) or b < 0:
+                raise CatomeError(f"cache branches must be ints >= 0, got {list(branches)!r}")
+        set_(self, "cache_branches", tuple(sorted(set(branches))))
         _check_resolution("default resolution", self.default_resolution)
 
     @classmethod
@@ -210,7 +231,8 @@ class BuildOptions:
                exporter: str | Exporter = Exporter.TORCHSCRIPT, opset: int = OPSET,
                opt_merge_fraction: float | None = None, cli: dict[str, Any] | None = None,
                force: bool = False, ort_optimize: bool = True,
-               max_stage_gb: float | None = None) -> "BuildOptions":
+               max_stage_gb: float | None = None, feature_cache: FeatureCacheSettings | str | None = None,
+               cache_branches: tuple[int, ...] | list[int] = ()) -> "BuildOptions":
         """Options from loose arguments, with the model's defaults filled in (CatomeError naming any bad one).
 
         ``resolution`` or ``min_resolution``/``max_resolution`` (default: the
@@ -219,6 +241,8 @@ class BuildOptions:
         ``settings.schedule``; ``name`` defaults to the model's, ``out_dir``
         to ``engines/<name>``; ``force``: remove files in an existing engine
         folder that no build made (otherwise the build refuses, naming them).
+        ``feature_cache``: DeepCache-style caching (a FeatureCacheSettings or
+        ``"I,b"``), checked against the model's blocks here, before any work.
         """
         if not isinstance(model, str) or not model:
             raise CatomeError("give a model: tiny, sd15, sd21, or a local diffusers folder")
@@ -246,17 +270,24 @@ class BuildOptions:
             name = model if model in MODELS else (Path(model).resolve().name or "model")
         name = _check_name(name)
         out = Path(out_dir) if out_dir is not None else Path("engines") / name
+        if isinstance(feature_cache, str):
+            feature_cache = parse_feature_cache(feature_cache)
+        layout = UNetLayout.from_config(unet_config_of(model))
+        for b in (*cache_branches, *(() if not isinstance(feature_cache, FeatureCacheSettings)
+                                     else (feature_cache.branch,))):
+            check_branch(b, layout)
         return cls(model=model, weights=weights, precision=precision, backend=backend, resolution=(lo, hi),
                    batch=(blo, bhi), settings=settings, schedule=auto, name=name, out_dir=out, verify=verify,
                    verify_steps=verify_steps, exporter=exporter, opset=opset,
                    default_resolution=info.default_resolution, opt_merge_fraction=opt_merge_fraction,
-                   cli=dict(cli or {}), force=force, ort_optimize=ort_optimize, max_stage_gb=max_stage_gb)
+                   cli=dict(cli or {}), force=force, ort_optimize=ort_optimize, max_stage_gb=max_stage_gb,
+                   feature_cache=feature_cache, cache_branches=tuple(cache_branches))
 
 
 CREATE_OPTIONS = frozenset({
     "weights", "precision", "backend", "resolution", "min_resolution", "max_resolution", "batch", "min_batch",
     "max_batch", "settings", "schedule", "name", "out_dir", "verify", "verify_steps", "exporter", "opset",
-    "opt_merge_fraction", "cli", "force", "ort_optimize", "max_stage_gb",
+    "opt_merge_fraction", "cli", "force", "ort_optimize", "max_stage_gb", "feature_cache", "cache_branches",
 })
 """The keyword arguments of :meth:`BuildOptions.create`."""
 
@@ -541,7 +572,7 @@ def _build_into(opts: BuildOptions, folder: Path, backend: EngineBackend, say: P
         settings = _calibrate_schedule(opts, opts.schedule, unet, say)
     sites = find_merge_sites(unet, settings.max_downsample)
     stages = cut_unet(unet, sites, dtype, merge_crossattn=settings.merge_crossattn, merge_mlp=settings.merge_mlp,
-                      max_stage_bytes=opts.max_stage_bytes)
+                      max_stage_bytes=opts.max_stage_bytes, cache_branches=opts.branches)
     examples = example_inputs(stages, sites, unet.config, dtype, stride=settings.stride)
     check_ort = opts.verify and opts.precision == Precision.FP32
     if opts.verify and not check_ort:
@@ -706,6 +737,8 @@ def _make_manifest(opts: BuildOptions, unet: torch.nn.Module, sites: list[MergeS
         sites=tuple(replace(s, channels=channels.get(s.index)) for s in sites),
         shapes=shapes, stages=tuple(e.record(spec) for e, (spec, _) in zip(exported, stages)),
         engine_backend=str(EngineBackend.ORT), trt=None, tools=tool_versions(),
+        feature_cache=None if not opts.branches else FeatureCacheRecord(
+            cached_branches(stages, opts.branches, UNetLayout.of(unet)), opts.feature_cache),
         extra={"build": cli, "build_command": build_command(cli), "audit": audit.to_dict(),
                "export": {"exporter": str(opts.exporter), "opset": opts.opset,
                           "ort_optimize": backend == EngineBackend.ORT and opts.ort_optimize,

@@ -28,7 +28,8 @@ from catome_export.choices import EngineBackend, Precision
 from catome_export.errors import CatomeError
 from catome_export.fsutil import atomic_write_text, sha256_file
 from catome_export.export.profiles import ShapeRanges
-from catome_export.export.stages import StageSpec
+from catome_export.export.stages import CachedBranch, StageSpec
+from catome_export.featurecache import FeatureCacheSettings
 from catome_export.merging.settings import MergeSettings
 from catome_export.models.registry import MODELS
 from catome_export.models.sites import MergeSite
@@ -300,6 +301,32 @@ class TrtRecord:
         )
 
 
+@dataclass(frozen=True)
+class FeatureCacheRecord:
+    """The feature-cache branches an engine was cut for (``feature_cache`` in the manifest; absent: none)."""
+
+    branches: tuple[CachedBranch, ...]
+    settings: FeatureCacheSettings | None = None
+    """The caching a runtime uses unless told otherwise (the build's ``--feature-cache``); None: off."""
+
+    def branch(self, branch: int) -> CachedBranch | None:
+        return next((b for b in self.branches if b.branch == branch), None)
+
+    @property
+    def branch_ids(self) -> tuple[int, ...]:
+        return tuple(b.branch for b in self.branches)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"branches": [b.to_dict() for b in self.branches],
+                "settings": None if self.settings is None else self.settings.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "FeatureCacheRecord":
+        settings = data.get("settings")
+        return cls(branches=tuple(CachedBranch.from_dict(b) for b in data["branches"]),
+                   settings=None if settings is None else FeatureCacheSettings.from_dict(settings))
+
+
 @dataclass
 class Manifest:
     """Contents of ``manifest.json``, parsed into typed parts (see docs/export.md for every key).
@@ -323,6 +350,8 @@ class Manifest:
     created: str = ""
     format_version: int = FORMAT_VERSION
     catome_export_version: str = __version__
+    feature_cache: FeatureCacheRecord | None = None
+    """The feature-cache branches the stages were cut for (None: an engine without feature caching)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Other top-level keys (``build``: the build arguments, ``build_command``, ``audit``, ``export``)."""
     manifest_sha256: str = ""
@@ -339,6 +368,8 @@ class Manifest:
             "engine_backend": self.engine_backend, "trt": None if self.trt is None else self.trt.to_dict(),
             "tools": self.tools, "created": self.created,
         }
+        if self.feature_cache is not None:
+            d["feature_cache"] = self.feature_cache.to_dict()
         for key, value in self.extra.items():
             if key not in d and key != "manifest_sha256":
                 d[key] = value
@@ -360,18 +391,20 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], engine_dir: Path | None = None) -> "Manifest":
         """Parse every section (KeyError, TypeError, ValueError or CatomeError on a malformed one)."""
-        known = set(CORE_KEYS) | {"manifest_sha256"}
+        known = set(CORE_KEYS) | {"manifest_sha256", "feature_cache"}
         stages = data["stages"]
         sites = data["sites"]
         if not isinstance(stages, list) or not isinstance(sites, list):
             raise TypeError("stages and sites must be lists")
         trt = data.get("trt")
+        cache = data.get("feature_cache")
         return cls(
             name=str(data["name"]), model=ModelRecord.from_dict(data["model"]), precision=data["precision"],
             merge=MergeSettings.from_dict(data["merge"]), sites=tuple(_site_from_dict(s) for s in sites),
             shapes=ShapeRanges.from_dict(data["shapes"]), stages=tuple(StageRecord.from_dict(e) for e in stages),
             engine_backend=data["engine_backend"], trt=None if trt is None else TrtRecord.from_dict(trt),
             tools=dict(data.get("tools") or {}), created=data.get("created", ""),
+            feature_cache=None if cache is None else FeatureCacheRecord.from_dict(cache),
             format_version=data["format_version"], catome_export_version=data.get("catome_export_version", ""),
             extra={k: v for k, v in data.items() if k not in known},
             manifest_sha256=data.get("manifest_sha256", ""), engine_dir=engine_dir,
@@ -441,6 +474,14 @@ class Manifest:
             raise self._fail("stage indices are not 0..K in order")
         if self.engine_backend == "trt" and not all(s.engine is not None for s in self.stages):
             raise self._fail("a TensorRT build lists a stage without an engine file")
+        if self.feature_cache is not None:
+            for b in self.feature_cache.branches:
+                if not b.stages or any(not 0 <= i < len(self.stages) for i in b.stages):
+                    raise self._fail(f"feature-cache branch {b.branch} lists stages outside 0..{len(self.stages) - 1}")
+            default = self.feature_cache.settings
+            if default is not None and self.feature_cache.branch(default.branch) is None:
+                raise self._fail(f"the default feature cache uses branch {default.branch}, which the stages were "
+                                 "not cut for")
 
     def files(self) -> list[tuple[str, int | None, str | None]]:
         """(file name, bytes, sha256) of every artifact the manifest vouches for."""

@@ -46,6 +46,8 @@ from catome_export.export.io_names import (
     site_of_input,
 )
 from catome_export.export.unet_steps import BlockOptions, Step, build_steps
+from catome_export.featurecache import UNetLayout, cached_tensors, is_skipped, position_of
+from catome_export.featurecache.branches import StepIO as StepIOView, check_branch
 from catome_export.merging.plan import MergePlan
 from catome_export.models.conditioning import random_added_conditioning
 from catome_export.models.sites import MergeSite
@@ -165,6 +167,70 @@ def _split(steps: list[Step]) -> list[list[Step]]:
             groups.append([])
         groups[-1].append(step)
     return groups
+
+
+def cut_for_branches(groups: list[list[Step]], steps: list[Step], branches: tuple[int, ...],
+                     layout: UNetLayout) -> list[list[Step]]:
+    """Cut ``groups`` where a cached call of any of ``branches`` starts or stops skipping steps (feature caching),
+    so every stage either runs on a cached call or is skipped whole."""
+    cuts: set[int] = set()
+    for branch in branches:
+        check_branch(branch, layout)
+        skipped = [is_skipped(position_of(step.name, layout), branch) for step in steps]
+        for before, after, step in zip(skipped, skipped[1:], steps[1:]):
+            if before != after:
+                cuts.add(id(step))
+    out: list[list[Step]] = []
+    for group in groups:
+        out.append([])
+        for step in group:
+            if out[-1] and id(step) in cuts:
+                out.append([])
+            out[-1].append(step)
+    return out
+
+
+@dataclass(frozen=True)
+class CachedBranch:
+    """What a cached call of one feature-cache branch runs: the stages of the shallow branch, and the tensors
+    kept from the last full call that they read."""
+
+    branch: int
+    stages: tuple[int, ...]
+    """Indices of the stages a cached call runs (the others are skipped)."""
+    cached: tuple[str, ...]
+    """Names of the tensors a cached call reads from the last full call."""
+
+    def to_dict(self) -> dict:
+        return {"branch": self.branch, "stages": list(self.stages), "cached": list(self.cached)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CachedBranch":
+        return cls(branch=int(d["branch"]), stages=tuple(int(i) for i in d["stages"]),
+                   cached=tuple(str(n) for n in d["cached"]))
+
+
+def cached_branches(stages: list[tuple[StageSpec, "StageModule"]], branches: tuple[int, ...],
+                    layout: UNetLayout) -> tuple[CachedBranch, ...]:
+    """The :class:`CachedBranch` of every branch in ``branches`` for a chain cut with :func:`cut_for_branches`."""
+    steps = [step for _, module in stages for step in module._steps]
+    io = [StepIOView(s.name, s.reads, s.writes) for s in steps]
+    out = []
+    for branch in branches:
+        runs = []
+        for spec, module in stages:
+            flags = {is_skipped(position_of(step.name, layout), branch) for step in module._steps}
+            if len(flags) != 1:
+                raise CatomeError(f"internal: stage {spec.index} is only partly skipped by cache branch {branch}")
+            if flags == {False}:
+                runs.append(spec.index)
+        cached = cached_tensors(io, branch, layout)
+        outputs = {t.name for spec, _ in stages if spec.index not in runs for t in spec.outputs}
+        missing = [n for n in cached if n not in outputs]
+        if missing:
+            raise CatomeError(f"internal: cache branch {branch} needs {missing}, which no skipped stage returns")
+        out.append(CachedBranch(branch, tuple(runs), cached))
+    return tuple(out)
 
 
 def _step_bytes(step: Step, element_size: int, seen: set[int]) -> int:
@@ -360,7 +426,8 @@ def plan_specs(site: int) -> tuple[TensorSpec, ...]:
 
 def cut_unet(unet: torch.nn.Module, sites: list[MergeSite], dtype: torch.dtype = torch.float32, *,
              merge_crossattn: bool = False, merge_mlp: bool = False,
-             max_stage_bytes: int | None = None) -> list[tuple[StageSpec, StageModule]]:
+             max_stage_bytes: int | None = None,
+             cache_branches: tuple[int, ...] = ()) -> list[tuple[StageSpec, StageModule]]:
     """Cut ``unet`` at ``sites`` into ``len(sites) + 1`` stages: ``[(spec, module), ...]``.
 
     The modules share the U-Net's weights (a converted copy when ``dtype``
@@ -368,7 +435,10 @@ def cut_unet(unet: torch.nn.Module, sites: list[MergeSite], dtype: torch.dtype =
     around attn2 / ff with the same plan. ``max_stage_bytes``: cut a stage
     whose weights (in ``dtype``) exceed it into pieces without a merge site
     (:func:`split_by_size`; the build passes :data:`MAX_STAGE_BYTES`); None
-    keeps one stage per site.
+    keeps one stage per site. ``cache_branches``: feature-cache branches
+    (DeepCache's ``cache_branch_id``) the chain is also cut for, so a cached
+    call of each runs whole stages (:func:`cut_for_branches`; what each runs:
+    :func:`cached_branches`).
     """
     if not sites:
         raise CatomeError("no merge sites: nothing to cut (find them with find_merge_sites(unet))")
@@ -379,7 +449,10 @@ def cut_unet(unet: torch.nn.Module, sites: list[MergeSite], dtype: torch.dtype =
         unet = copy.deepcopy(unet).to(dtype)
     unet = unet.eval()
     steps = build_steps(unet, sites, BlockOptions(merge_crossattn, merge_mlp))
-    groups = split_by_size(_split(steps), max_stage_bytes, torch.empty((), dtype=dtype).element_size())
+    groups = _split(steps)
+    if cache_branches:
+        groups = cut_for_branches(groups, steps, tuple(cache_branches), UNetLayout.of(unet))
+    groups = split_by_size(groups, max_stage_bytes, torch.empty((), dtype=dtype).element_size())
     io = _liveness(groups)
     plan_tensors = {n for s in sites for n in plan_names(s.index)}
     carried = {n for ins, outs in io for n in (*ins, *outs)} - plan_tensors

@@ -210,6 +210,13 @@ def _local_unet_dir(path: Path) -> Path:
     )
 
 
+def unet_config_of(name_or_path: str) -> dict[str, Any]:
+    """The U-Net config of a registry name (its bundled config) or a local diffusers folder, read without weights."""
+    if name_or_path in MODELS:
+        return bundled_config(name_or_path)
+    return _local_unet_config(Path(name_or_path))
+
+
 def _local_unet_config(path: Path) -> dict[str, Any]:
     folder = _local_unet_dir(path)
     try:

@@ -9,7 +9,7 @@ skip tensors do not outlive their use.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Collection, Sequence
 
 import torch
 
@@ -38,7 +38,8 @@ class StageChain:
         self.runners = list(runners)
         self.specs = [r.spec for r in self.runners]
         self._check()
-        self._free_after = self._liveness()
+        self._free_after = self._liveness(range(len(self.specs)))
+        self._subsets: dict[tuple[int, ...], list[tuple[str, ...]]] = {}
 
     @property
     def sites(self) -> list[int]:
@@ -80,25 +81,53 @@ class StageChain:
         if ran != seen_sites:
             raise _broken(f"sites {sorted(seen_sites - ran)} get a plan but no stage runs them")
 
-    def _liveness(self) -> list[tuple[str, ...]]:
-        """Per stage, the names no later stage reads (dropped from the environment after it)."""
+    def _liveness(self, order: Sequence[int]) -> list[tuple[str, ...]]:
+        """Per stage of ``order``, the names no later stage of ``order`` reads (dropped after it)."""
         last_read: dict[str, int] = {}
-        for pos, spec in enumerate(self.specs):
-            for t in spec.inputs:
+        for pos, index in enumerate(order):
+            for t in self.specs[index].inputs:
                 last_read[t.name] = pos
-        free: list[list[str]] = [[] for _ in self.specs]
+        free: list[list[str]] = [[] for _ in order]
         for name, pos in last_read.items():
             free[pos].append(name)
         return [tuple(names) for names in free]
 
-    def run(self, env: dict[str, torch.Tensor], plan_hook: PlanHook) -> torch.Tensor:
-        """Walk every stage; ``env`` starts with the model inputs. Returns ``noise_pred``."""
-        for runner, spec, free in zip(self.runners, self.specs, self._free_after):
+    def check_subset(self, stages: Sequence[int], provided: Collection[str]) -> None:
+        """CatomeError unless walking only ``stages`` (in chain order) works from the model inputs and
+        ``provided`` (tensors kept from a full walk): what a cached feature-cache call runs."""
+        if list(stages) != sorted(set(stages)) or not stages or stages[-1] != len(self.specs) - 1:
+            raise _broken(f"a feature-cache walk lists stages {list(stages)}")
+        available = set(MODEL_INPUTS) | set(provided)
+        for index in stages:
+            spec = self.specs[index]
+            if spec.site is not None and site_input_name(spec.site) not in available:
+                raise _broken(f"a feature-cache walk runs site {spec.site} without its input")
+            missing = [t.name for t in spec.inputs if t.name not in available
+                       and (spec.site is None or t.name not in plan_names(spec.site))]
+            if missing:
+                raise _broken(f"a feature-cache walk reaches stage {index} without {missing}")
+            available |= {t.name for t in spec.outputs}
+
+    def run(self, env: dict[str, torch.Tensor], plan_hook: PlanHook, *, stages: Sequence[int] | None = None,
+            keep: Collection[str] = (), kept: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Walk every stage (or only ``stages``, in chain order: a cached feature-cache call); ``env`` starts with
+        the model inputs (and, for a partial walk, the kept tensors it reads). Outputs named in ``keep`` are also
+        put in ``kept`` (what the next cached call reads). Returns ``noise_pred``."""
+        if stages is None:
+            order: Sequence[int] = range(len(self.specs))
+            frees = self._free_after
+        else:
+            order = tuple(stages)
+            frees = self._subsets.get(order) or self._subsets.setdefault(order, self._liveness(order))
+        for index, free in zip(order, frees):
+            runner, spec = self.runners[index], self.specs[index]
             outputs = runner.run({t.name: env[t.name] for t in spec.inputs})
             for name in free:
                 env.pop(name, None)
             for t in spec.outputs:
                 env[t.name] = outputs[t.name]
+                if kept is not None and t.name in keep:
+                    kept[t.name] = outputs[t.name]
             if spec.next_site is not None:
                 site = spec.next_site
                 plan = plan_hook(site, env[site_input_name(site)])

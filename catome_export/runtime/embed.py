@@ -144,6 +144,9 @@ class Attachment:
         try:
             pipe.unet = unet
             self._fix_sample_size_flag(unet)
+            if callable(getattr(runtime, "set_timesteps", None)) and getattr(pipe, "scheduler", None) is not None:
+                # feature caching numbers calls by their timestep's place in the scheduler's timesteps
+                runtime.set_timesteps(lambda: getattr(pipe.scheduler, "timesteps", None))
             holds = callable(getattr(runtime, "generation", None))
             self._progress_bar = (_GenerationOnCall if holds else ResetOnCall).install(pipe, runtime)
             if self._progress_bar is None:
@@ -168,6 +171,8 @@ class Attachment:
 
     def _uninstall(self) -> None:
         pipe = self._pipe
+        if callable(getattr(self._runtime, "set_timesteps", None)):
+            self._runtime.set_timesteps(None)
         if self._progress_bar is not None:
             if not self._progress_bar.remove():
                 logger.warning("the pipeline's progress_bar was replaced while the engine was attached; "

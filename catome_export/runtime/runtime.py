@@ -33,7 +33,9 @@ from catome_export.backends.select import choose_backend
 from catome_export.backends.torch_backend import manifest_dtype
 from catome_export.errors import CatomeError
 from catome_export.export.io_names import ADDED_INPUTS, MODEL_OUTPUT, SAMPLE, TEXT, TIMESTEP, plan_names
-from catome_export.export.manifest import Manifest
+from catome_export.export.manifest import FeatureCacheRecord, Manifest
+from catome_export.featurecache import CacheClock, FeatureCacheSettings
+from catome_export.featurecache.clock import Timesteps
 from catome_export.merging import MergeController, MergeSettings, MergePlan
 from catome_export.models.sites import MergeSite
 from catome_export.runtime.chain import StageChain
@@ -59,6 +61,9 @@ class StepRecord:
     """Wall time of the whole call (on CUDA, synchronised at the end of the call)."""
     controller_ms: float = 0.0
     """Time spent getting plans from the controller and feeding them (matching, cache look-ups)."""
+    cached_features: bool = False
+    """True when the call ran only the feature cache's shallow branch on the deep features of the last full call
+    (DeepCache's cached step); False for a full call."""
 
 
 class Runtime:
@@ -71,7 +76,8 @@ class Runtime:
     def __init__(self, runners: Sequence[StageRunner], sites: Sequence[MergeSite], settings: MergeSettings, *,
                  unet_config: Mapping[str, Any], dtype: torch.dtype, device: torch.device | str,
                  backend: Backend | None = None, shape_check: ShapeCheck | None = None,
-                 manifest: Manifest | None = None, engine_dir: Path | None = None) -> None:
+                 manifest: Manifest | None = None, engine_dir: Path | None = None,
+                 feature_cache: FeatureCacheSettings | None | str = "engine") -> None:
         self.chain = StageChain(runners)
         self.sites = {s.index: s for s in sites}
         missing = [k for k in self.chain.sites if k not in self.sites]
@@ -93,6 +99,19 @@ class Runtime:
         self._graphs: Any = None
         self._last_shape: tuple[int, int, int] | None = None
         self._owner = GenerationOwner()
+        self.cache_record: FeatureCacheRecord | None = None if manifest is None else manifest.feature_cache
+        """The feature-cache branches the engine's stages were cut for (None: none)."""
+        if self.cache_record is not None:
+            for branch in self.cache_record.branches:
+                self.chain.check_subset(branch.stages, branch.cached)
+        self._cache_settings: FeatureCacheSettings | None = None
+        self._timesteps: Timesteps = lambda: None
+        self._clock: CacheClock | None = None
+        self._kept: dict[str, torch.Tensor] = {}
+        self._kept_key: tuple[int, ...] | None = None
+        self._kinds: list[bool] = []
+        self._set_feature_cache(self.cache_record.settings if feature_cache == "engine" and self.cache_record
+                                else None if feature_cache == "engine" else feature_cache)  # type: ignore[arg-type]
         from catome_export.runtime.unet import RuntimeUNet
 
         self.unet = RuntimeUNet(self, unet_config)
@@ -102,7 +121,7 @@ class Runtime:
     @classmethod
     def load(cls, engine_dir: str | Path, backend: str = "auto", device: torch.device | str | None = None, *,
              settings: MergeSettings | None = None, backend_options: Mapping[str, Any] | None = None,
-             cuda_graphs: bool = False) -> "Runtime":
+             cuda_graphs: bool = False, feature_cache: FeatureCacheSettings | None | str = "engine") -> "Runtime":
         """Load the engine in ``engine_dir`` on a backend: auto, trt, ort, ort-cuda, ort-cpu or torch.
 
         ``settings`` overrides the manifest's merge settings (threshold,
@@ -134,7 +153,7 @@ class Runtime:
                 runners, manifest.sites, settings or built,
                 unet_config=manifest.model.unet_config, dtype=manifest_dtype(manifest),
                 device=be.device, backend=be, shape_check=manifest.check_shapes, manifest=manifest,
-                engine_dir=engine_dir,
+                engine_dir=engine_dir, feature_cache=feature_cache,
             )
             if cuda_graphs:
                 runtime.enable_cuda_graphs()
@@ -159,6 +178,14 @@ class Runtime:
         self.controller.reset()
         self._timings = []
         self._last_shape = None
+        self._reset_features()
+
+    def _reset_features(self) -> None:
+        if self._clock is not None:
+            self._clock.reset()
+        self._kept = {}
+        self._kept_key = None
+        self._kinds = []
 
     def set_step(self, index: int) -> None:
         """Pin the 0-based loop index of the next U-Net call (custom loops; 0 starts a new generation)."""
@@ -210,14 +237,70 @@ class Runtime:
         which keeps plan validation on."""
         return self._controller
 
-    def set_settings(self, settings: MergeSettings) -> None:
-        """Use other merge settings from the next call on (threshold, schedule...); starts a new generation."""
+    def set_settings(self, settings: MergeSettings, *, feature_cache: FeatureCacheSettings | None | str = "keep") -> None:
+        """Use other merge settings from the next call on (threshold, schedule...); starts a new generation.
+
+        ``feature_cache``: also change the feature caching (settings, None for off; ``"keep"``, the default,
+        leaves it as it is): any interval, and a branch the engine was cut for."""
         _check_same_graphs(self.settings, settings)
+        if feature_cache != "keep":
+            self._check_feature_cache(feature_cache)
         self._claim("set_settings()")
         self.settings = settings
         self._controller = MergeController(settings, len(self.sites), validate=True)
         self._timings = []
         self._last_shape = None
+        if feature_cache != "keep":
+            self._set_feature_cache(feature_cache)  # type: ignore[arg-type]
+        self._reset_features()
+
+    # -- feature caching --------------------------------------------------------------
+    @property
+    def feature_cache(self) -> FeatureCacheSettings | None:
+        """The DeepCache-style caching in use (None: every call runs the whole chain)."""
+        return self._cache_settings
+
+    def set_feature_cache(self, settings: FeatureCacheSettings | None) -> None:
+        """Use other feature caching from the next call on (None: off); starts a new generation."""
+        self._check_feature_cache(settings)
+        self._claim("set_feature_cache()")
+        self._set_feature_cache(settings)
+        self._reset_state()
+
+    def set_timesteps(self, timesteps: Sequence[Any] | Timesteps | None) -> None:
+        """Where feature caching looks up a call's position (DeepCache: the index of its timestep in
+        ``scheduler.timesteps``): a sequence, a callable returning one, or None to number calls by loop index.
+        ``attach`` sets it to the pipeline scheduler's timesteps."""
+        if timesteps is None:
+            self._timesteps = lambda: None
+        elif callable(timesteps):
+            self._timesteps = timesteps
+        else:
+            fixed = list(timesteps)
+            self._timesteps = lambda: fixed
+        if self._clock is not None:
+            self._clock.timesteps = self._timesteps
+
+    def _check_feature_cache(self, settings: Any) -> None:
+        if settings is None:
+            return
+        if not isinstance(settings, FeatureCacheSettings):
+            raise CatomeError(f"feature cache must be a FeatureCacheSettings or None, got {type(settings).__name__}")
+        if not settings.caches:
+            return
+        cut = () if self.cache_record is None else self.cache_record.branch_ids
+        if settings.branch not in cut:
+            have = f"branches {list(cut)}" if cut else "no feature-cache branch"
+            raise CatomeError(f"this engine was cut for {have}; feature-cache branch {settings.branch} needs a "
+                              f"rebuild with catome-export build ... --cache-branches {settings.branch} (or "
+                              f"--feature-cache I,{settings.branch})")
+
+    def _set_feature_cache(self, settings: FeatureCacheSettings | None) -> None:
+        self._check_feature_cache(settings)
+        self._cache_settings = settings if settings is not None and settings.caches else None
+        self._clock = None if self._cache_settings is None else CacheClock(self._cache_settings, self._timesteps)
+        self._kept = {}
+        self._kept_key = None
 
     def with_schedule(self, schedule: Any) -> None:
         """Deprecated: use ``set_settings(replace(runtime.settings, schedule=parse_schedule(...)))``."""
@@ -231,8 +314,10 @@ class Runtime:
     @property
     def history(self) -> list[StepRecord]:
         """One record per U-Net call of the current generation."""
-        return [StepRecord(s.step, dict(s.merged), dict(s.matched), t[0], t[1])
-                for s, t in zip(self.controller.history, self._timings)]
+        kinds = self._kinds if self._clock is not None else []
+        return [StepRecord(s.step, dict(s.merged), dict(s.matched), t[0], t[1],
+                           cached_features=bool(kinds[i]) if i < len(kinds) else False)
+                for i, (s, t) in enumerate(zip(self.controller.history, self._timings))]
 
     @property
     def last_stats(self) -> StepRecord | None:
@@ -265,8 +350,15 @@ class Runtime:
         if self.controller.counter.new_generation:
             self._timings = []
             self._last_shape = None
+            self._reset_features()
         latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
         shape = (int(sample.shape[0]), *latent_hw)
+        try:
+            features = self._feature_step(timestep_value, step, (*shape, int(encoder_hidden_states.shape[1])))
+        except BaseException:
+            self._timings.append((float("nan"), float("nan")))  # keep records aligned with the controller's steps
+            self._kinds.append(False)
+            raise
         spent = 0.0
 
         def plan_hook(site: int, x: torch.Tensor) -> MergePlan:
@@ -288,13 +380,13 @@ class Runtime:
         try:
             stream = self._stream()
             if stream is None:
-                noise_pred = self._run_chain(env, latent_hw, plan_hook, cached_step)
+                noise_pred = self._run_chain(env, latent_hw, plan_hook, cached_step, features)
             else:
                 caller = torch.cuda.current_stream(self.device)
                 stream.wait_stream(caller)
                 try:
                     with torch.cuda.stream(stream):
-                        noise_pred = self._run_chain(env, latent_hw, plan_hook, cached_step)
+                        noise_pred = self._run_chain(env, latent_hw, plan_hook, cached_step, features)
                     noise_pred.record_stream(caller)
                 finally:
                     caller.wait_stream(stream)
@@ -302,17 +394,48 @@ class Runtime:
                 torch.cuda.synchronize(self.device)
         except BaseException:
             self._timings.append((float("nan"), float("nan")))  # keep records aligned with the controller's steps
+            if features is not None:  # a failed full call leaves no usable features
+                self._kept = {}
+                self._kept_key = None
             raise
         self._last_shape = shape
         self._timings.append(((time.perf_counter() - start) * 1e3, spent * 1e3))
         return noise_pred
 
+    def _feature_step(self, timestep_value: float | None, step: int, key: tuple[int, ...]) -> bool | None:
+        """This call's kind under feature caching: True for a cached call, False for a full one, None when
+        caching is off."""
+        if self._clock is None:
+            return None
+        ready = bool(self._kept) and self._kept_key == key
+        full = self._clock.begin(timestep_value, step, ready)
+        if full:
+            self._kept = {}
+            self._kept_key = key
+        self._kinds.append(not full)
+        return not full
+
     def _run_chain(self, env: dict[str, torch.Tensor], latent_hw: tuple[int, int], plan_hook: Any,
-                   cached_step: bool) -> torch.Tensor:
-        """The chain of one call: a graph replay on a cached step with graphs on, else stage by stage."""
+                   cached_step: bool, features: bool | None = None) -> torch.Tensor:
+        """The chain of one call: with feature caching, the whole chain keeping the deep features (full call) or
+        the shallow branch on them (cached call); else a graph replay on a cached step with graphs on, else stage
+        by stage."""
+        if features is not None:
+            branch = self._branch()
+            if features:
+                env.update(self._kept)
+                return self.chain.run(env, plan_hook, stages=branch.stages)
+            return self.chain.run(env, plan_hook, keep=branch.cached, kept=self._kept)
         if self._graphs is not None and cached_step:
             return self._replay(env, latent_hw)
         return self.chain.run(env, plan_hook)
+
+    def _branch(self) -> Any:
+        settings, record = self._cache_settings, self.cache_record
+        found = None if settings is None or record is None else record.branch(settings.branch)
+        if found is None:  # _check_feature_cache refuses this before
+            raise CatomeError("internal: feature caching is on without a branch the engine was cut for")
+        return found
 
     def _stream(self) -> "torch.cuda.Stream | None":
         """The backend's own CUDA stream, which a call runs on; None where there is none (CPU, torch backend)."""
@@ -406,8 +529,9 @@ class Runtime:
 
     def __repr__(self) -> str:
         name = self.backend.name if self.backend is not None else "custom"
+        cache = "" if self._cache_settings is None else f", {self._cache_settings.describe()}"
         return (f"Runtime({name} on {self.device}, {len(self.chain.runners)} stages, {len(self.sites)} sites, "
-                f"{self.settings.mode}, {self.settings.schedule.describe()})")
+                f"{self.settings.mode}, {self.settings.schedule.describe()}{cache})")
 
 
 def _check_same_graphs(built: MergeSettings, settings: Any) -> None:
