@@ -24,6 +24,8 @@ examples:
   catome-export build --model sd15 --weights random     SD 1.5 layout, seeded weights (offline)
   catome-export build --model sd15 --min-resolution 512 --max-resolution 768 --max-batch 4
   catome-export build --model ./my-sd-folder --precision fp16 --backend trt
+  catome-export build --model sd15 --weights random --feature-cache 3,0
+                                    + DeepCache-style feature caching (interval 3, branch 0) with CA-ToMe
 """
 
 
@@ -40,7 +42,8 @@ def options_from_args(args: argparse.Namespace) -> "BuildOptions":
     settings = MergeSettings(threshold=args.threshold, schedule=parse_schedule(DEFAULT_SCHEDULE, args.step_base),
                              max_downsample=level)
     cli = {"threshold": args.threshold, "schedule": args.schedule, "step_base": args.step_base,
-           "opt_merge_fraction": args.opt_merge_fraction, "max_stage_gb": args.max_stage_gb}
+           "opt_merge_fraction": args.opt_merge_fraction, "max_stage_gb": args.max_stage_gb,
+           "feature_cache": args.feature_cache, "cache_branches": args.cache_branches}
     return BuildOptions.create(
         args.model, weights=args.weights, precision=args.precision, backend=args.backend,
         resolution=args.resolution, min_resolution=args.min_resolution, max_resolution=args.max_resolution,
@@ -48,7 +51,19 @@ def options_from_args(args: argparse.Namespace) -> "BuildOptions":
         schedule=args.schedule, name=args.name, out_dir=args.out, verify=not args.no_verify,
         verify_steps=args.verify_steps, exporter=args.exporter, opt_merge_fraction=args.opt_merge_fraction, cli=cli,
         force=args.force, ort_optimize=args.ort_optimize == "on", max_stage_gb=args.max_stage_gb,
+        feature_cache=args.feature_cache, cache_branches=_branches(args.cache_branches),
     )
+
+
+def _branches(text: str | None) -> tuple[int, ...]:
+    from catome_export.errors import CatomeError
+
+    if not text:
+        return ()
+    try:
+        return tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise CatomeError(f"--cache-branches takes branch ids like 0,1,3, got {text!r}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -133,6 +148,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "at a time (default 4: SD 1.x/2.x stay one stage per merge site, SDXL's 9.6 GB middle "
                         "becomes 3 pieces, and its fp32 build peaked at 20.8 GiB on a 2-core CPU; a lower value "
                         "holds less at once)")
+    p.add_argument("--feature-cache", "--deepcache", default=None, metavar="I,b",
+                   help="DeepCache-style feature caching the engine runs by default: every I-th call runs the whole "
+                        "U-Net, the calls between run only the shallow branch b (cache_interval, cache_branch_id of "
+                        "DeepCacheSDHelper; 0 = shallowest, most saved) on the deep features of the last full call; "
+                        "'I' alone means branch 0, 'full:0,5,9;b' lists the full calls (default off)")
+    p.add_argument("--cache-branches", default=None, metavar="B,B",
+                   help="more feature-cache branches to cut the stages for, so a runtime can switch to them without "
+                        "a rebuild (default: only --feature-cache's branch)")
     p.add_argument("--name", default=None, help="engine name (default: the model name)")
     p.add_argument("--out", default=None, metavar="DIR", help="engine folder (default engines/<name>)")
     p.add_argument("--force", action="store_true",

@@ -721,6 +721,10 @@ def _make_manifest(opts: BuildOptions, unet: torch.nn.Module, sites: list[MergeS
     cli.update({k: v for k, v in opts.cli.items() if v is not None})
     if not opts.ort_optimize:
         cli["ort_optimize"] = "off"
+    if opts.feature_cache is not None:
+        cli["feature_cache"] = opts.feature_cache.flag()
+    extra_branches = [b for b in opts.cache_branches if opts.feature_cache is None or b != opts.feature_cache.branch]
+    cli["cache_branches"] = ",".join(map(str, extra_branches)) or None
     if lo == hi and "min_resolution" not in cli:
         cli["resolution"] = lo
     else:

@@ -600,7 +600,7 @@ def _first_malformed(data: Mapping[str, Any]) -> str | None:
 
 FLAG_ORDER = ("model", "weights", "precision", "backend", "resolution", "min_resolution", "max_resolution", "batch",
               "min_batch", "max_batch", "threshold", "ratio", "merge_fraction", "schedule", "step_base",
-              "opt_merge_fraction", "ort_optimize", "max_stage_gb", "name", "out")
+              "opt_merge_fraction", "ort_optimize", "max_stage_gb", "feature_cache", "cache_branches", "name", "out")
 
 
 def build_command(args: Mapping[str, Any]) -> str:

@@ -67,6 +67,12 @@ class FeatureCacheSettings:
                 else f"interval {self.interval}")
         return f"feature cache ({when}, branch {self.branch})"
 
+    def flag(self) -> str:
+        """The command-line spelling (``--feature-cache``) that :func:`parse_feature_cache` reads back."""
+        if self.full_steps is not None:
+            return f"full:{','.join(map(str, self.full_steps))};{self.branch}"
+        return f"{self.interval},{self.branch}"
+
     def to_dict(self) -> dict[str, Any]:
         return {"interval": self.interval, "branch": self.branch,
                 "full_steps": None if self.full_steps is None else list(self.full_steps)}

@@ -39,7 +39,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from catome_export.backends.torch_backend import load_reference_unet
-from catome_export.eager import apply_merging
+from catome_export.eager import apply_deepcache, apply_merging
+from catome_export.featurecache import FeatureCacheSettings
 from catome_export.devices import parse_device
 from catome_export.errors import CatomeError
 from catome_export.export.manifest import Manifest
@@ -125,6 +126,15 @@ class VerifyRow:
     """Site -> tokens whose merge differs from eager's own plan beyond any near-tie."""
     plan_differences: tuple[PlanDifference, ...] = ()
     """The differences in detail, unexplained first (at most MAX_DIFFERENCES_PER_STEP per step)."""
+    cached_engine: bool = False
+    """The engine ran this call from its feature cache (only the shallow branch)."""
+    cached_eager: bool = False
+    """Eager (the DeepCache-semantics patch) ran this call from its feature cache."""
+
+    @property
+    def same_call_kind(self) -> bool:
+        """Both sides ran this call in full, or both from the feature cache."""
+        return self.cached_engine == self.cached_eager
 
     @property
     def within_tolerance(self) -> bool:
@@ -150,7 +160,7 @@ class VerifyRow:
 
     @property
     def ok(self) -> bool:
-        return self.within_tolerance and self.same_merging and self.plans_explained
+        return self.within_tolerance and self.same_merging and self.plans_explained and self.same_call_kind
 
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.step, "timestep": self.timestep, "max_abs_diff": self.max_abs_diff, "scale": self.scale,
@@ -160,7 +170,8 @@ class VerifyRow:
                 "eager_ms": self.eager_ms, "r_slack": _keys_str(self.r_slack),
                 "r_near_tie": sorted(self.r_near_tie), "plan_flips": _keys_str(self.plan_flips),
                 "plan_unexplained": _keys_str(self.plan_unexplained),
-                "plan_differences": [d.to_dict() for d in self.plan_differences], "ok": self.ok}
+                "plan_differences": [d.to_dict() for d in self.plan_differences],
+                "cached_engine": self.cached_engine, "cached_eager": self.cached_eager, "ok": self.ok}
 
 
 def _keys_str(d: Mapping[int, Any]) -> dict[str, Any]:
@@ -266,6 +277,12 @@ class VerifyReport:
             first = [d for d in self.unexplained if d.token >= 0] or self.unexplained
             parts.append(f"plans differ from eager's own beyond a near-tie at steps {_short(self.plan_failure_steps)}"
                          + (f", first at {first[0].describe()}" if first else ""))
+        kind = [r.step for r in self.rows if not r.same_call_kind]
+        if kind:
+            parts.append(f"full and feature-cached calls differ from eager at steps {_short(kind)}")
+        cached = [r.step for r in self.rows if r.cached_engine]
+        if cached:
+            parts.append(f"{len(cached)} of {len(self.rows)} calls ran from the feature cache")
         if self.merge_mismatch_steps:
             parts.append(f"r or matching differ from eager at steps {_short(self.merge_mismatch_steps)}")
         elif self.rows and all(r.merged_engine == r.merged_eager for r in self.rows):
@@ -289,6 +306,9 @@ class VerifyReport:
             cells = []
             for k in sites:
                 mine, theirs = r.merged_engine.get(k), r.merged_eager.get(k)
+                if mine is None and theirs is None:
+                    cells.append(f"{'-':>11}")  # the site did not run (a feature-cached call)
+                    continue
                 cell = f"{mine}{'*' if r.matched_engine.get(k) else ''}"
                 if r.plan_flips.get(k):
                     cell += f"~{r.plan_flips[k]}"
@@ -297,11 +317,13 @@ class VerifyReport:
                 if mine != theirs or r.matched_engine.get(k) != r.matched_eager.get(k):
                     cell += f"!{theirs}{'*' if r.matched_eager.get(k) else ''}"
                 cells.append(f"{cell:>11}")
-            lines.append(f"{r.step:>4} {r.timestep:>6.0f} {r.max_abs_diff:>9.2e} {r.limit:>8.1e}  " + " ".join(cells)
-                         + f" {r.engine_ms:>8.1f} {r.eager_ms:>8.1f}  {'ok' if r.ok else 'FAIL'}")
+            kind = ("c" if r.cached_engine else " ") + ("" if r.same_call_kind else "!")
+            lines.append(f"{r.step:>4}{kind:<2}{r.timestep:>5.0f} {r.max_abs_diff:>9.2e} {r.limit:>8.1e}  "
+                         + " ".join(cells) + f" {r.engine_ms:>8.1f} {r.eager_ms:>8.1f}  {'ok' if r.ok else 'FAIL'}")
         lines.append("r = tokens merged per site (engine); * = matched at this step; ~n = n tokens flipped by "
                      "near-ties against eager's own plan; ? = a plan difference no near-tie explains; "
-                     "!x = eager's own r (x) differs")
+                     "!x = eager's own r (x) differs; c = a feature-cached call (shallow branch only; a site that "
+                     "did not run shows no r); c! = eager's call kind differs")
         return "\n".join(lines)
 
     def format_differences(self, limit: int = 20) -> str:
@@ -437,7 +459,8 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
                   batch: int | None = None, resolution: Any = None, tolerance: float | None = None, *,
                   merge_tolerance: float | None = None, device: torch.device | str | None = None,
                   backend_options: Mapping[str, Any] | None = None,
-                  progress: Callable[[VerifyRow], None] | None = None) -> VerifyReport:
+                  progress: Callable[[VerifyRow], None] | None = None,
+                  feature_cache: FeatureCacheSettings | None | str = "engine") -> VerifyReport:
     """Run the engine and eager CA-ToMe side by side over ``steps`` U-Net calls and compare them.
 
     ``schedule`` overrides the manifest's checkpoint schedule (a name or a
@@ -453,6 +476,12 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
     compared with the engine's separately (near-tie flips are reported in the
     rows, other differences fail the step). Raises CatomeError when the eager
     model's weights differ from the ones the engine was built from.
+
+    ``feature_cache``: DeepCache-style caching on both sides (settings, None
+    for off, ``"engine"`` (default) for the build's own): the engine's
+    shorter walks against eager with :func:`catome_export.eager.apply_deepcache`,
+    call by call; a call that is full on one side and cached on the other
+    fails its step.
     """
 
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -489,14 +518,18 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
                         "verify on a machine with more memory (or on a GPU), or close other programs")
 
     runtime = Runtime.load(engine_dir, backend=backend, device=device, settings=settings,
-                           backend_options=backend_options)
+                           backend_options=backend_options, feature_cache=feature_cache)
     handle = None
+    cache_handle = None
     try:
         dev, dtype = runtime.device, runtime.dtype
         eager_unet = load_reference_unet(manifest, dev)
         handle = apply_merging(eager_unet, settings)
         scheduler = make_scheduler("ddim")
         scheduler.set_timesteps(steps)
+        if runtime.feature_cache is not None:
+            runtime.set_timesteps(scheduler.timesteps)
+            cache_handle = apply_deepcache(eager_unet, settings=runtime.feature_cache, timesteps=scheduler.timesteps)
         gen = torch.Generator().manual_seed(seed + 1)
         ehs = torch.randn(batch, text_len, text_dim, generator=gen).to(device=dev, dtype=dtype)
         added = random_added_conditioning(eager_unet, batch, (latent_hw[0] * 8, latent_hw[1] * 8), seed=seed + 2,
@@ -524,6 +557,8 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
             for i, t in enumerate(scheduler.timesteps):
                 runtime.set_step(i)
                 handle.set_step(i)
+                if cache_handle is not None:
+                    cache_handle.set_step(i)
                 model_in = scheduler.scale_model_input(latents, t)
                 engine_matches.start_step()
                 got, engine_ms = timer(lambda: runtime.unet(model_in, t, encoder_hidden_states=ehs, **extra).sample)
@@ -556,7 +591,9 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
                                 r_slack=slack, r_near_tie=frozenset(near_tie_r),
                                 plan_flips={k: v for k, v in flips.items() if v},
                                 plan_unexplained={k: v for k, v in unexplained.items() if v},
-                                plan_differences=tuple(found[:MAX_DIFFERENCES_PER_STEP]))
+                                plan_differences=tuple(found[:MAX_DIFFERENCES_PER_STEP]),
+                                cached_engine=mine.cached_features,
+                                cached_eager=cache_handle is not None and not cache_handle.history[-1].full)
                 rows.append(row)
                 load = _load_average()
                 if load is not None:
@@ -568,11 +605,15 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
                 latents = scheduler.step(want, t, latents).prev_sample
         return VerifyReport(engine_dir=str(engine_dir), backend=runtime.backend.name if runtime.backend else "custom",
                             precision=precision, batch=batch, latent_hw=latent_hw,
-                            schedule=settings.schedule.describe(), tolerance=tol, rows=tuple(rows),
+                            schedule=settings.schedule.describe() + ("" if runtime.feature_cache is None else
+                                                                     f", {runtime.feature_cache.describe()}"),
+                            tolerance=tol, rows=tuple(rows),
                             merge_tolerance=r_tol, load_avg=max(loads) if loads else None,
                             cpus=os.cpu_count())
     finally:
         runtime.controller.set_matcher(None)
+        if cache_handle is not None:
+            cache_handle.remove()
         if handle is not None:
             handle.remove()
         runtime.close()
