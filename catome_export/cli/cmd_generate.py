@@ -28,6 +28,37 @@ def add_merge_options(p: argparse.ArgumentParser) -> None:
                         "0: at loop index k, as the paper's lists read")
 
 
+FEATURE_CACHE_HELP = ("DeepCache-style feature caching: I,b runs every I-th call in full and the calls between "
+                      "only on the shallow branch b (cache_interval, cache_branch_id of DeepCacheSDHelper; 0 = "
+                      "shallowest); 'I' = branch 0; 'full:0,5,9;b' lists the full calls; off = none")
+
+
+def add_feature_cache_option(p: argparse.ArgumentParser, engine_default: bool) -> None:
+    """--feature-cache (shared by generate, verify, eval, bench and serve)."""
+    default = "default: the engine's own, set at build; eager: off" if engine_default else "default off"
+    p.add_argument("--feature-cache", "--deepcache", default=None, metavar="I,b", help=f"{FEATURE_CACHE_HELP} ({default})")
+
+
+def feature_cache_arg(args: argparse.Namespace, engine: bool) -> Any:
+    """The parsed --feature-cache: FeatureCacheSettings, None (off), or "engine" (not given, with an engine)."""
+    from catome_export.featurecache import parse_feature_cache
+
+    text = getattr(args, "feature_cache", None)
+    if text is None:
+        return "engine" if engine else None
+    return parse_feature_cache(text)
+
+
+def check_eager_feature_cache(settings: Any, model: str) -> None:
+    """CatomeError naming the valid range when the branch does not exist on ``model`` (before it loads)."""
+    from catome_export.featurecache import UNetLayout
+    from catome_export.featurecache.branches import check_branch
+    from catome_export.models.registry import unet_config_of
+
+    if settings is not None and settings != "engine":
+        check_branch(settings.branch, UNetLayout.from_config(unet_config_of(model)))
+
+
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
     """--steps, --guidance, --seed, --height, --width, --negative-prompt (shared with eval)."""
     p.add_argument("--negative-prompt", default=None, help="what to steer away from")
@@ -90,14 +121,17 @@ def run(args: argparse.Namespace) -> int:
     if out.suffix.lower() != ".png":
         raise CatomeError(f"--out must name a .png file, got {str(out)!r}")
     check_writable_file(out, "--out")
+    cache = feature_cache_arg(args, engine=args.engine is not None)
+    if args.engine is None:
+        check_eager_feature_cache(cache, args.model)
     from catome_export.extras import require
 
     require("generate", "generate")  # the pipeline's text encoder and the PNG writer, before any model loads
 
     if args.engine is not None:
-        gen, what = _run_engine(args)
+        gen, what = _run_engine(args, cache)
     else:
-        gen, what = _run_eager(args, default_resolution)
+        gen, what = _run_eager(args, default_resolution, cache)
     for line in gen.step_lines():
         print(line)
     merged_steps = sum(1 for s in gen.steps if any(s.merged.values()))
@@ -118,31 +152,37 @@ def _request(args: argparse.Namespace, default_hw: tuple[int, int]) -> Any:
     return ImageRequest(args.prompt, args.negative_prompt, args.steps, args.guidance, args.seed, height, width)
 
 
-def _run_eager(args: argparse.Namespace, default_resolution: Any) -> tuple[Any, str]:
+def _run_eager(args: argparse.Namespace, default_resolution: Any, cache: Any = None) -> tuple[Any, str]:
+    from contextlib import nullcontext
+
+    from catome_export.eager import apply_deepcache
     from catome_export.workflows.generate import describe_settings, generate, load_pipeline
     from catome_export.workflows.eager import apply_catome
 
     res = default_resolution(args.model)
     request = _request(args, (res, res))
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
-    if args.no_merge:
-        return generate(pipe, request, progress=True), "no merging, eager torch"
-    threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
-    schedule = DEFAULT_SCHEDULE if args.schedule is None else args.schedule
-    with apply_catome(pipe, threshold=threshold, schedule=schedule, step_base=args.step_base) as handle:
-        gen = generate(pipe, request, stats=handle, progress=True)
-        what = f"{describe_settings(handle.settings)}, eager torch"
+    caching = nullcontext() if cache is None else apply_deepcache(pipe, settings=cache)
+    suffix = "" if cache is None else f", {cache.describe()}"
+    with caching:
+        if args.no_merge:
+            return generate(pipe, request, progress=True), f"no merging{suffix}, eager torch"
+        threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+        schedule = DEFAULT_SCHEDULE if args.schedule is None else args.schedule
+        with apply_catome(pipe, threshold=threshold, schedule=schedule, step_base=args.step_base) as handle:
+            gen = generate(pipe, request, stats=handle, progress=True)
+            what = f"{describe_settings(handle.settings)}{suffix}, eager torch"
     return gen, what
 
 
-def _run_engine(args: argparse.Namespace) -> tuple[Any, str]:
+def _run_engine(args: argparse.Namespace, cache: Any = "engine") -> tuple[Any, str]:
     from catome_export.workflows.generate import (check_engine_shapes, describe_settings, engine_resolution, generate,
                                          merge_settings_for_engine, pipeline_for_engine)
     from catome_export.runtime import Runtime
     from catome_export.runtime.embed import attach
 
     device = None if args.device == "auto" else args.device
-    with Runtime.load(args.engine, backend=args.backend, device=device) as runtime:
+    with Runtime.load(args.engine, backend=args.backend, device=device, feature_cache=cache) as runtime:
         settings = merge_settings_for_engine(runtime.settings, args.threshold, args.schedule, args.step_base,
                                              args.no_merge)
         if settings != runtime.settings:
@@ -154,7 +194,8 @@ def _run_engine(args: argparse.Namespace) -> tuple[Any, str]:
         backend = getattr(getattr(runtime, "backend", None), "name", "engine")
         with attach(pipe, runtime) as attached:
             gen = generate(pipe, request, stats=attached, progress=True)
-        return gen, f"{describe_settings(runtime.settings)}, engine on {backend}"
+        suffix = "" if runtime.feature_cache is None else f", {runtime.feature_cache.describe()}"
+        return gen, f"{describe_settings(runtime.settings)}{suffix}, engine on {backend}"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -174,6 +215,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_sampling_options(p)
     add_merge_options(p)
     p.add_argument("--no-merge", action="store_true", help="run without token merging (the baseline)")
+    add_feature_cache_option(p, engine_default=True)
     add_runtime_options(p)
     p.add_argument("--out", default=None, help="PNG file to write (default out/<prompt>-seed<seed>.png)")
     p.set_defaults(func=run)

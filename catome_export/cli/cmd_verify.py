@@ -32,9 +32,12 @@ def run(args: argparse.Namespace) -> int:
     if args.json is not None:
         check_writable_file(args.json, "--json")
 
+    from catome_export.cli.cmd_generate import feature_cache_arg
+
+    cache = feature_cache_arg(args, engine=True)
     report = verify_engine(args.engine_dir, steps=args.steps, schedule=args.schedule, backend=args.backend,
                            seed=args.seed, batch=args.batch, resolution=args.resolution, tolerance=args.tolerance,
-                           merge_tolerance=args.merge_tolerance,
+                           merge_tolerance=args.merge_tolerance, feature_cache=cache,
                            backend_options={"intra_op_threads": args.threads} if args.threads is not None else None)
     if not args.quiet:
         print(report.format_table())
@@ -85,6 +88,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "fraction of its tokens, besides what near-ties explain (default 0 for fp32 engines, "
                         "0.01 for fp16)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: physical cores)")
+    from catome_export.cli.cmd_generate import add_feature_cache_option
+
+    add_feature_cache_option(p, engine_default=True)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="print the summary only, not the per-step table")
     p.set_defaults(func=run)

@@ -133,6 +133,7 @@ class Runtime:
 
         engine_dir = Path(engine_dir)
         manifest = Manifest.load(engine_dir)
+        check_feature_cache(manifest.feature_cache, feature_cache)  # before any stage loads
         choice = choose_backend(backend)
         if backend == "auto" and choice.name == "trt" and manifest.engine_backend != "trt":
             choice = choose_backend("ort")
@@ -282,18 +283,7 @@ class Runtime:
             self._clock.timesteps = self._timesteps
 
     def _check_feature_cache(self, settings: Any) -> None:
-        if settings is None:
-            return
-        if not isinstance(settings, FeatureCacheSettings):
-            raise CatomeError(f"feature cache must be a FeatureCacheSettings or None, got {type(settings).__name__}")
-        if not settings.caches:
-            return
-        cut = () if self.cache_record is None else self.cache_record.branch_ids
-        if settings.branch not in cut:
-            have = f"branches {list(cut)}" if cut else "no feature-cache branch"
-            raise CatomeError(f"this engine was cut for {have}; feature-cache branch {settings.branch} needs a "
-                              f"rebuild with catome-export build ... --cache-branches {settings.branch} (or "
-                              f"--feature-cache I,{settings.branch})")
+        check_feature_cache(self.cache_record, settings)
 
     def _set_feature_cache(self, settings: FeatureCacheSettings | None) -> None:
         self._check_feature_cache(settings)
@@ -532,6 +522,22 @@ class Runtime:
         cache = "" if self._cache_settings is None else f", {self._cache_settings.describe()}"
         return (f"Runtime({name} on {self.device}, {len(self.chain.runners)} stages, {len(self.sites)} sites, "
                 f"{self.settings.mode}, {self.settings.schedule.describe()}{cache})")
+
+
+def check_feature_cache(record: FeatureCacheRecord | None, settings: Any) -> None:
+    """CatomeError unless ``settings`` (FeatureCacheSettings or None) can run on an engine cut as ``record`` says."""
+    if settings is None or settings == "engine":
+        return
+    if not isinstance(settings, FeatureCacheSettings):
+        raise CatomeError(f"feature cache must be a FeatureCacheSettings or None, got {type(settings).__name__}")
+    if not settings.caches:
+        return
+    cut = () if record is None else record.branch_ids
+    if settings.branch not in cut:
+        have = f"branches {list(cut)}" if cut else "no feature-cache branch"
+        raise CatomeError(f"this engine was cut for {have}; feature-cache branch {settings.branch} needs a "
+                          f"rebuild with catome-export build ... --cache-branches {settings.branch} (or "
+                          f"--feature-cache I,{settings.branch})")
 
 
 def _check_same_graphs(built: MergeSettings, settings: Any) -> None:
