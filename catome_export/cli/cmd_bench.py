@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 from pathlib import Path
 
 from catome_export.choices import Precision
 from catome_export.defaults import DEFAULT_SCHEDULE
 from catome_export.errors import CatomeError
 from catome_export.fsutil import Outputs, check_writable_file
+
+DEFAULT_BACKENDS = "eager,eager-catome,engine"
+DEFAULT_FRACTIONS = "0,0.5,0.75"
 
 DESCRIPTION = """\
 Time one U-Net call per backend, resolution and merge setting: a warm-up
@@ -58,7 +62,8 @@ def config_from_args(args: argparse.Namespace):
     """The :class:`BenchConfig` of parsed arguments."""
     from catome_export.bench.config import BenchConfig, default_workdir
 
-    fractions: tuple = _list(args.merge_fractions, float, "--merge-fractions") if args.merge_fractions else ()
+    given_fractions = DEFAULT_FRACTIONS if args.merge_fractions is None else args.merge_fractions
+    fractions: tuple = _list(given_fractions, float, "--merge-fractions") if given_fractions else ()
     resolutions = tuple(args.resolution or ())
     model, weights = args.model, args.weights
     if args.engine and (model is None or weights is None):
@@ -67,7 +72,8 @@ def config_from_args(args: argparse.Namespace):
         weights = weights or engine_model.get("weights")
     return BenchConfig(
         model=model or "tiny", weights=weights or "random", engine_dir=Path(args.engine) if args.engine else None,
-        backends=_list(args.backends, str, "--backends"), resolutions=resolutions, batch=args.batch,
+        backends=_list(args.backends or DEFAULT_BACKENDS, str, "--backends"), resolutions=resolutions,
+        batch=args.batch,
         merge_fractions=fractions, threshold=args.threshold, latents=args.latents, steps=args.steps,
         schedule=args.schedule, repeats=args.repeats, checkpoint_repeats=args.checkpoint_repeats,
         warmup=args.warmup, threads=args.threads, device=args.device, precision=args.precision,
@@ -118,10 +124,69 @@ def _check_outputs(args: argparse.Namespace) -> None:
         require("plot", "--plot")
 
 
+def generation_config_from_args(args: argparse.Namespace) -> Any:
+    """Generation mode's settings from the flags (``--generation N``)."""
+    from catome_export.bench.config import default_workdir
+    from catome_export.bench.generation import GENERATION_BACKENDS, GenerationConfig
+    from catome_export.featurecache import FeatureCacheSettings, parse_feature_cache
+
+    cache = parse_feature_cache(args.feature_cache) if args.feature_cache else FeatureCacheSettings(3, 0)
+    if cache is None:
+        raise CatomeError("generation mode compares rows with and without feature caching: give --feature-cache I,b "
+                          "(default 3,0), not off")
+    given = _list(args.backends, str, "--backends") if args.backends is not None else GENERATION_BACKENDS
+    model, weights = args.model, args.weights
+    if args.engine and (model is None or weights is None):
+        engine_model = _engine_model(Path(args.engine))
+        model = model or engine_model.get("id")
+        weights = weights or engine_model.get("weights")
+    resolutions = args.resolution or [None]
+    if len(resolutions) > 1:
+        raise CatomeError("generation mode times one resolution: give one --resolution")
+    fractions = _list(args.merge_fractions, float, "--merge-fractions") if args.merge_fractions else (0.0, 0.75)
+    if args.threshold is not None or args.steps:
+        raise CatomeError("generation mode times forced merge fractions over whole generations: leave out "
+                          "--threshold and --steps")
+    return GenerationConfig(
+        model=model or "tiny", weights=weights or "random", engine_dir=Path(args.engine) if args.engine else None,
+        backends=tuple(given), resolution=resolutions[0], batch=args.batch, steps=args.generation,
+        rounds=args.rounds, merge_fractions=tuple(fractions), feature_cache=cache, device=args.device,
+        threads=args.threads, engine_backend=args.engine_backend,
+        workdir=Path(args.workdir) if args.workdir else default_workdir() / "generation", seed=args.seed,
+        latents=args.latents, text_len=args.text_len)
+
+
+def run_generation(args: argparse.Namespace) -> int:
+    from catome_export.bench.generation import run_generation_bench
+
+    if args.plot:
+        raise CatomeError("--plot draws latency against merge fraction per call; generation mode writes a table and "
+                          "--json")
+    config = generation_config_from_args(args)
+    result = run_generation_bench(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print(f"# {config.model} on {result.device.get('name', config.device)}")
+    print()
+    print(result.markdown(), end="")
+    for note in result.notes:
+        print(f"\nnote: {note}")
+    if args.json:
+        outputs = Outputs()
+        written = outputs.save(args.json, result.save_json, "--json")
+        if written is not None:
+            print(f"\nwrote {written}")
+        outputs.finish()
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from catome_export.bench.runner import run_bench
 
     _check_outputs(args)
+    if args.generation:
+        return run_generation(args)
+    if args.feature_cache:
+        raise CatomeError("--feature-cache changes the cost of each call with the step: time it with --generation N "
+                          "(whole N-step generations)")
     config = config_from_args(args)
     if config.engine_dir is not None and not config.engine_dir.is_dir():
         raise CatomeError(f"--engine {config.engine_dir} is not a folder: build one with catome-export build, "
@@ -157,13 +222,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", choices=("random", "pretrained"),
                    help="seeded random weights (speed does not depend on them; the default without --engine) "
                         "or pretrained")
-    p.add_argument("--backends", default="eager,eager-catome,engine", metavar="LIST",
-                   help=f"comma-separated, from {', '.join(BACKENDS)} (default: eager,eager-catome,engine)")
+    p.add_argument("--backends", default=None, metavar="LIST",
+                   help=f"comma-separated, from {', '.join(BACKENDS)} (default: eager,eager-catome,engine); "
+                        "generation mode: from eager, eager-deepcache, engine (default all three)")
     p.add_argument("--resolution", type=int, nargs="+", metavar="N",
                    help="image sizes in pixels, multiples of 8 (default: the model's, 256 tiny / 512 sd15)")
     p.add_argument("--batch", type=int, default=2, help="U-Net batch (default 2: one image with CFG)")
-    p.add_argument("--merge-fractions", default="0,0.5,0.75", metavar="LIST",
-                   help="forced share of src tokens merged per site (default 0,0.5,0.75); '' with --threshold only")
+    p.add_argument("--merge-fractions", default=None, metavar="LIST",
+                   help=f"forced share of src tokens merged per site (default {DEFAULT_FRACTIONS}; generation mode "
+                        "0,0.75); '' with --threshold only")
     p.add_argument("--threshold", type=float, help="also time the adaptive path at this CA-ToMe threshold")
     p.add_argument("--latents", choices=("smooth", "noise"), default="smooth",
                    help="start latents (default smooth: self-similar, so thresholds merge with random weights)")
@@ -205,6 +272,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also profile where the time goes (CPU): the engine's stages and the unstaged graph with "
                         "ONNX Runtime's profiler, eager with torch.profiler; per stage, op type and kind of work; "
                         "traces go to DIR, the summary to the table and the JSON")
+    p.add_argument("--generation", type=int, default=0, metavar="N",
+                   help="generation mode: time whole N-step DDIM generations (e.g. 50) of eager, eager with the "
+                        "DeepCache package's helper, and the engine at each merge fraction without and with "
+                        "--feature-cache; reports the mean U-Net time per step (default 0: per-call mode)")
+    p.add_argument("--rounds", type=int, default=2, metavar="N",
+                   help="generation mode: generations per row, in rounds with the row order rotated (default 2)")
+    p.add_argument("--feature-cache", "--deepcache", default=None, metavar="I,b",
+                   help="generation mode: the feature cache of the cached rows (cache_interval, cache_branch_id as "
+                        "in DeepCacheSDHelper; default 3,0)")
     p.add_argument("--json", metavar="FILE", help="write the rows and the device to this .json file")
     p.add_argument("--plot", metavar="FILE", help="write latency against merge fraction to this .png file")
     p.set_defaults(func=run)
