@@ -164,7 +164,7 @@ class _Loop:
                                              seed=config.seed + 2, device=device)
         self.device = device
 
-    def run(self, call: Callable[..., torch.Tensor], kind: Callable[[], bool]) -> list[tuple[float, bool]]:
+    def run(self, call: Callable[..., Any], kind: Callable[[], bool]) -> list[tuple[float, bool]]:
         """One generation; ``kind()`` after a call says whether it was a cached call."""
         latents = self.latents * self.scheduler.init_noise_sigma
         extra = {} if self.added is None else {"added_cond_kwargs": self.added}
@@ -292,7 +292,7 @@ def _time_row(row: GenRow, loop: _Loop, unet: Any, runtime: Any, helper: Any,
         for i, (ms, _) in enumerate(calls):  # DDIM timesteps do not repeat: position = loop index
             marked.append((ms, not config.feature_cache.is_full(i - start)))
         return marked
-    settings = replace(runtime.settings, threshold=None, ratio=None, merge_fraction=float(row.fraction))
+    settings = replace(runtime.settings, threshold=None, ratio=None, merge_fraction=float(row.fraction or 0.0))
     runtime.set_settings(settings, feature_cache=row.cache)
     runtime.reset()
     calls = loop.run(runtime.unet, lambda: runtime.history[-1].cached_features)
