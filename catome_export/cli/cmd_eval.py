@@ -32,6 +32,7 @@ def _methods(text: str | None) -> tuple[str, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from catome_export.cli.cmd_generate import feature_cache_arg
     from catome_export.workflows.evaluate import EvalConfig, run_eval
     from catome_export.workflows.generate import ImageRequest
 
@@ -55,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         width=args.width, negative_prompt=args.negative_prompt, warmup=args.warmup, backend=args.backend,
         device=args.device, dtype=args.dtype, clip_model=args.clip_model,
         fid_reference=Path(args.fid_ref) if args.fid_ref else None,
+        feature_cache=feature_cache_arg(args, engine=True),
     )
     print(f"evaluating {len(prompts)} prompts x methods {', '.join(config.method_list())} -> {out}")
     report = run_eval(config, log=print, progress=True)
@@ -89,8 +91,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--imagenet-order", choices=("spaced", "first"), default="spaced",
                    help="spaced (default): classes floor(i*1000/N); first: classes 0..N-1; N > 1000 repeats classes")
     p.add_argument("--methods", default=None,
-                   help="comma-separated: baseline, tome, adaptive, catome, engine-baseline, engine (default: "
-                        "baseline,catome; with --engine: baseline,engine-baseline,engine); baseline always runs")
+                   help="comma-separated: baseline, tome, adaptive, catome, deepcache (DeepCache-style feature "
+                        "caching alone), catome-deepcache (both), engine-baseline, engine (default: baseline,catome; "
+                        "with --engine: baseline,engine-baseline,engine); baseline always runs")
+    p.add_argument("--feature-cache", "--deepcache", default=None, metavar="I,b",
+                   help="feature cache of the deepcache methods (default 3,0) and of the engine methods (default: "
+                        "the engine's own; off turns it off)")
     add_merge_options(p)
     p.add_argument("--ratio", type=float, default=0.5, help="ToMe's fixed merge ratio for the tome method (default 0.5)")
     p.add_argument("--negative-prompt", default=None, help="negative prompt for every image")

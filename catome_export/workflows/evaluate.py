@@ -48,6 +48,8 @@ from catome_export.fsutil import atomic_write_text
 from catome_export.merging import AutoSchedule, MergeSettings, parse_schedule, parse_schedule_request
 from catome_export.models import default_merge_level
 from catome_export.runtime import Runtime
+from catome_export.eager import apply_deepcache
+from catome_export.featurecache import FeatureCacheSettings
 from catome_export.workflows.eager import apply_catome
 from catome_export.workflows.generate import (
     ImageRequest, check_engine_shapes, default_resolution, engine_resolution, generate, load_pipeline,
@@ -56,8 +58,10 @@ from catome_export.workflows.generate import (
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("baseline", "tome", "adaptive", "catome", "engine-baseline", "engine")
-EAGER_METHODS = ("baseline", "tome", "adaptive", "catome")
+METHODS = ("baseline", "tome", "adaptive", "catome", "deepcache", "catome-deepcache", "engine-baseline", "engine")
+EAGER_METHODS = ("baseline", "tome", "adaptive", "catome", "deepcache", "catome-deepcache")
+CACHING_METHODS = ("deepcache", "catome-deepcache")
+"""Eager methods with DeepCache-style feature caching (``EvalConfig.feature_cache``)."""
 ENGINE_METHODS = ("engine-baseline", "engine")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FID_SIZE = 299
@@ -100,6 +104,9 @@ class EvalConfig:
     clip_model: str = DEFAULT_CLIP_MODEL
     fid_reference: Path | None = None
     """Folder of real images for FID; without it FID is measured against the baseline images."""
+    feature_cache: FeatureCacheSettings | None | str = "engine"
+    """Feature caching of the deepcache methods (default interval 3, branch 0) and of the engine methods (default
+    ``"engine"``: the engine's own); None turns it off for the engine."""
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -254,12 +261,20 @@ def eager_settings(method: str, config: EvalConfig) -> MergeSettings | Calibrate
         return MergeSettings(threshold=None, ratio=config.ratio, schedule=parse_schedule("every_step"))
     if method == "adaptive":
         return MergeSettings(threshold=threshold, schedule=parse_schedule("every_step", config.step_base))
-    if method == "catome":
+    if method == "deepcache":
+        return None
+    if method in ("catome", "catome-deepcache"):
         request = parse_schedule_request(config.schedule or DEFAULT_SCHEDULE, config.step_base)
         if isinstance(request, AutoSchedule):
             return CalibratedCatome(threshold, request)
         return MergeSettings(threshold=threshold, schedule=request)
     raise CatomeError(f"{method} is not an eager method")
+
+
+def eager_feature_cache(config: EvalConfig) -> FeatureCacheSettings:
+    """The feature cache of the eager deepcache methods: the configured one, else interval 3, branch 0."""
+    cache = config.feature_cache
+    return cache if isinstance(cache, FeatureCacheSettings) else FeatureCacheSettings(3, 0)
 
 
 class _Context:
@@ -351,13 +366,26 @@ class _MethodSession:
             if handle is not None:
                 self.stats, self.settings, self.sites = handle, handle.settings, list(handle.sites)
                 self._undo = handle.remove
+            if self.name in CACHING_METHODS:
+                cache = eager_feature_cache(cfg)
+                try:
+                    caching = apply_deepcache(pipe, settings=cache)
+                except BaseException:
+                    self._undo()
+                    raise
+                undo_merge = self._undo
+
+                def undo() -> None:
+                    caching.remove()
+                    undo_merge()
+                self._undo = undo
             return self
         from catome_export.runtime.embed import attach
 
         runtime = self.ctx.runtime
         settings = merge_settings_for_engine(self.ctx.engine_settings, cfg.threshold, cfg.schedule, cfg.step_base,
                                              no_merge=self.name == "engine-baseline")
-        runtime.set_settings(settings)
+        runtime.set_settings(settings, feature_cache="keep" if cfg.feature_cache == "engine" else cfg.feature_cache)
         attachment = attach(pipe, runtime)
         self.stats, self.settings = attachment, settings
         self.sites = sorted(runtime.sites.values(), key=lambda s: s.index)
