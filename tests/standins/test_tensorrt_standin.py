@@ -85,6 +85,34 @@ def test_parser_reads_the_graph_and_refuses_what_tensorrt_refuses(trt, tmp_path)
     assert not ok and "INT64" in str(parser.get_error(0))
 
 
+_LAYER_PRECISION_MEMBERS = ("precision", "precision_is_set", "reset_precision", "set_output_type",
+                            "output_type_is_set", "reset_output_type")
+
+
+def test_layers_have_no_precision_members_in_11(trt, tmp_path):
+    """TensorRT 11 removed ILayer's per-layer precision members (pyGraph.cpp, v11.1); 10.x has them (deprecated in
+    10.12). Polygraphy 0.49 reads ``layer.precision_is_set`` for every layer, which raises on 11."""
+    eleven = trt.__version__.startswith("11.")
+    _, _, _, network, _ = _build(trt, _model(tmp_path / "m.onnx"))
+    layers = list(network)
+    assert layers and all(isinstance(layer, trt.ILayer) for layer in layers)
+    for name in _LAYER_PRECISION_MEMBERS:
+        assert hasattr(trt.ILayer, name) is not eleven, name
+        assert all(hasattr(layer, name) is not eleven for layer in layers), name
+    for name in ("name", "type", "metadata", "num_inputs", "num_outputs", "get_output_type"):
+        assert all(hasattr(layer, name) for layer in layers), name
+    if eleven:
+        with pytest.raises(AttributeError):
+            [layer.name for layer in network if layer.precision_is_set]  # what Polygraphy 0.49's CreateConfig does
+    else:
+        layer = layers[0]
+        assert layer.precision_is_set is False
+        layer.precision = trt.float16
+        assert layer.precision_is_set and layer.precision == trt.float16
+        layer.reset_precision()
+        assert not layer.precision_is_set
+
+
 def test_build_without_profile_for_a_dynamic_input_fails(trt, tmp_path):
     _, _, builder, network, _ = _build(trt, _model(tmp_path / "m.onnx"))
     assert builder.build_serialized_network(network, builder.create_builder_config()) is None
