@@ -2,17 +2,24 @@
 
 On a step where every merge site reuses its cached plan (no checkpoint),
 the whole stage chain is a pure function of the model inputs (``sample``,
-``timestep``, ``encoder_hidden_states``) and the plan tensors of every
-site, with shapes fixed by (batch, latent size, r per site). Such a step is
-captured once as one ``torch.cuda.CUDAGraph`` and replayed afterwards, which
-removes the per-stage launch and binding overhead of the Python walk.
+``timestep``, ``encoder_hidden_states``, and an SDXL model's added
+conditioning) and the plan tensors of every site, with shapes fixed by
+(batch, latent size, r per site) and the shapes of the conditioning (the
+text length varies between prompts). Such a step is captured once as one
+``torch.cuda.CUDAGraph`` and replayed afterwards, which removes the
+per-stage launch and binding overhead of the Python walk.
 
 The rule (what makes a replay valid)
 ------------------------------------
 1. A graph is keyed by shapes only: :class:`GraphKey` = (batch, latent
-   height, latent width, r per site). r fixes every ``K{k}``/``R{k}`` dim, so
-   the key fixes every tensor shape in the chain. Another key means another
-   graph (from the cache, or captured now).
+   height, latent width, r per site, and the shape of every model input by
+   name). r fixes every ``K{k}``/``R{k}`` dim (the plan tensors'); the model
+   input shapes fix the rest, the text length above all: graphs outlive a
+   generation and in ratio mode r repeats, so a prompt of another token
+   length must not find a graph captured for the last one. The key
+   therefore fixes every tensor shape in the chain. Another key means another graph (from the cache, or captured
+   now). A key made from (batch, latent size, r) alone is completed from
+   the inputs of the run (:meth:`GraphKey.with_inputs`).
 2. A graph reads its inputs from static buffers, by address. The model
    inputs are copied into them before every replay. The plan tensors are
    copied in only when the site's plan *version* differs from the version
@@ -65,7 +72,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
@@ -86,15 +93,41 @@ def same_version(a: Any, b: Any) -> bool:
     return type(a) is type(b) and isinstance(a, (int, str)) and a == b
 
 
+InputShapes = tuple[tuple[str, tuple[int, ...]], ...]
+"""(name, shape) of every model input of a chain run, sorted by name."""
+
+
+def input_shapes(inputs: Mapping[str, torch.Tensor]) -> InputShapes:
+    """The shapes of the model inputs among ``inputs`` (every input but the ``site{k}_*`` plan tensors, whose
+    shapes r per site fixes) as a key part: (name, shape) pairs sorted by name."""
+    return tuple(sorted((name, tuple(int(d) for d in t.shape)) for name, t in inputs.items()
+                        if site_of(name) is None))
+
+
 @dataclass(frozen=True)
 class GraphKey:
-    """What fixes every shape in the chain: batch, latent size and r per site."""
+    """What fixes every shape in the chain: batch, latent size, r per site and the shape of every model input."""
 
     batch: int
     height: int
     width: int
     merged: tuple[int, ...]
     """r per site, in site order."""
+    inputs: InputShapes = ()
+    """(name, shape) of every model input, sorted by name: ``sample``, ``timestep``, the text
+    (``encoder_hidden_states``, whose length varies with the prompt) and any added conditioning
+    (``text_embeds``, ``time_ids``). Empty in a key not yet completed (:meth:`with_inputs`)."""
+
+    def with_inputs(self, inputs: Mapping[str, torch.Tensor]) -> "GraphKey":
+        """This key completed with the model input shapes of ``inputs``; CatomeError when it holds other ones."""
+        shapes = input_shapes(inputs)
+        if not self.inputs:
+            return replace(self, inputs=shapes)
+        if self.inputs != shapes:
+            changed = sorted(set(self.inputs) ^ set(shapes))
+            raise CatomeError(f"internal: the CUDA graph key does not describe the inputs of the run (differs in "
+                              f"{changed})")
+        return self
 
 
 @dataclass(eq=False)
@@ -156,8 +189,10 @@ class ChainGraphCache:
         self.plan_copies = 0
 
     @staticmethod
-    def key(batch: int, latent_hw: tuple[int, int], r_per_site: Sequence[int] | Mapping[int, int]) -> GraphKey:
-        """The key of a chain run. ``r_per_site``: r in site order, or a {site: r} mapping.
+    def key(batch: int, latent_hw: tuple[int, int], r_per_site: Sequence[int] | Mapping[int, int],
+            inputs: Mapping[str, torch.Tensor] | None = None) -> GraphKey:
+        """The key of a chain run. ``r_per_site``: r in site order, or a {site: r} mapping. ``inputs``: the
+        run's chain inputs, whose shapes complete the key (else :meth:`ChainGraphRunner.run` completes it).
 
         Plan versions are deliberately not part of the key (rule 2): new
         plans with the same r reuse the graph after a copy.
@@ -168,7 +203,8 @@ class ChainGraphCache:
             merged = tuple(int(r) for r in r_per_site)
         if batch < 1 or latent_hw[0] < 1 or latent_hw[1] < 1 or any(r < 0 for r in merged):
             raise CatomeError(f"bad CUDA graph key: batch {batch}, latent {latent_hw}, r {merged}")
-        return GraphKey(int(batch), int(latent_hw[0]), int(latent_hw[1]), merged)
+        key = GraphKey(int(batch), int(latent_hw[0]), int(latent_hw[1]), merged)
+        return key if inputs is None else key.with_inputs(inputs)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -313,13 +349,20 @@ class ChainGraphRunner:
         self.cache = ChainGraphCache(max_graphs, on_drop=GraphEntry.release)
         self.memory_generation = memory_generation
         self.captures = 0
+        self._input_names: frozenset[str] | None = None
+        """The names of the chain's inputs, fixed by the first run (the key tells shapes apart, not chains)."""
 
     def _generation(self) -> int:
         return int(self.memory_generation()) if self.memory_generation is not None else 0
 
     def run(self, key: GraphKey, inputs: Mapping[str, torch.Tensor],
             plan_versions: Mapping[int, Any]) -> dict[str, torch.Tensor]:
-        """Replay (capturing first if needed) the graph of ``key`` on ``inputs``; returns fresh output tensors."""
+        """Replay (capturing first if needed) the graph of ``key`` on ``inputs``; returns fresh output tensors.
+
+        ``key`` is completed with the shapes of ``inputs`` (rule 1), so a run whose text length differs from an
+        earlier one's gets a graph of its own."""
+        self._check_names(inputs)
+        key = key.with_inputs(inputs)
         generation = self._generation()
         entry = self.cache.lookup(key)
         if entry is not None and entry.memory_generation != generation:
@@ -332,6 +375,15 @@ class ChainGraphRunner:
         self.capture_impl.replay(entry.graph)
         entry.replays += 1
         return {name: t.clone() for name, t in entry.static_outputs.items()}
+
+    def _check_names(self, inputs: Mapping[str, torch.Tensor]) -> None:
+        """CatomeError unless ``inputs`` names the same tensors as every earlier run (one chain per runner)."""
+        names = frozenset(inputs)
+        if self._input_names is None:
+            self._input_names = names
+        elif names != self._input_names:
+            raise CatomeError(f"CUDA graph inputs changed ({sorted(names ^ self._input_names)}): the graph key does "
+                              "not describe the chain")
 
     def _capture(self, key: GraphKey, inputs: Mapping[str, torch.Tensor], plan_versions: Mapping[int, Any],
                  generation: int) -> GraphEntry:

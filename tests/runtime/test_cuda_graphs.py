@@ -418,3 +418,62 @@ def test_runtime_checkpoints_run_on_contexts_no_graph_was_captured_on(tensorrt_s
     assert len(backend.forks) == 2
     runtime.close()
     assert backend.forks == [] and all(r.context is None for r in runners)
+
+
+# -- the key covers every input shape: the text length (and any added conditioning) can change between prompts --------
+
+def text_chain(inputs):
+    """The one-site chain, conditioned on text of any length (mean over tokens) and on an added embedding."""
+    out = chain(inputs)["noise_pred"]
+    cond = inputs["encoder_hidden_states"].mean(dim=(1, 2)) + inputs["text_embeds"].sum(dim=1)
+    return {"noise_pred": out + cond[:, None, None]}
+
+
+def _text_inputs(seed: int, plan, length: int, added: int = 3):
+    gen = torch.Generator().manual_seed(200 + seed)
+    inputs = _inputs(seed, plan)
+    inputs["encoder_hidden_states"] = torch.randn(2, length, 8, generator=gen)
+    inputs["text_embeds"] = torch.randn(2, added, generator=gen)
+    return inputs
+
+
+def test_key_includes_every_input_shape():
+    plan = _plan(0, 5)
+    a, b = _text_inputs(1, plan, 77), _text_inputs(1, plan, 154)
+    key_a, key_b = (ChainGraphCache.key(2, GRID, [5], inputs=x) for x in (a, b))
+    assert key_a != key_b and key_a == ChainGraphCache.key(2, GRID, [5], inputs=_text_inputs(2, plan, 77))
+    assert ChainGraphCache.key(2, GRID, [5], inputs=_text_inputs(1, plan, 77, added=4)) != key_a
+    assert dict(key_a.inputs)["encoder_hidden_states"] == (2, 77, 8)
+    # a key made without the inputs is completed from them; a key made with other inputs does not fit
+    assert _key(plan).with_inputs(a) == key_a
+    with pytest.raises(CatomeError, match="does not describe"):
+        key_a.with_inputs(b)
+
+
+def test_another_text_length_with_the_same_r_captures_another_graph(eager_capture):
+    """Graphs outlive a generation and, in ratio mode, r repeats: a second prompt of another token length (or
+    another added-conditioning shape) must not replay a graph captured for the first one's shapes."""
+    runner = ChainGraphRunner(lambda: GraphChain(text_chain), eager_capture)
+    plan = _plan(0, 5)
+    for seed, length, added in ((1, 77, 3), (2, 77, 3), (3, 154, 3), (4, 77, 3), (5, 154, 3), (6, 154, 5)):
+        inputs = _text_inputs(seed, plan, length, added)
+        out = runner.run(_key(plan), inputs, {0: plan})  # the caller's key knows nothing of the text
+        torch.testing.assert_close(out["noise_pred"], text_chain(inputs)["noise_pred"])
+    assert (eager_capture.captures, eager_capture.replays) == (3, 6)
+    assert sorted(dict(k.inputs)["encoder_hidden_states"][1] for k in runner.cache.keys()) == [77, 154, 154]
+
+
+def test_tensorrt_graphs_of_two_text_lengths_keep_their_own_contexts(tensorrt_standin, trt_standin_helper, tmp_path):
+    """With TensorRT stages, prompts of 77 and 20 tokens at the same r alternate: each length replays a graph
+    captured on contexts of its own, with the shapes it was captured with (the guard checks every replay)."""
+    backend, runners, _ = _trt_stages(tensorrt_standin, trt_standin_helper, tmp_path)
+    guard = ContextGuardCapture()
+    graphs = ChainGraphRunner(lambda: graph_chain(runners), guard, memory_generation=lambda: backend.memory.generation)
+    for seed, length in enumerate((77, 20, 77, 20, 20)):
+        inputs, plan = _stage_inputs(seed, 8)
+        inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"][:, :length]
+        graphs.run(ChainGraphCache.key(2, (8, 8), [plan.num_merged]), inputs, {0: plan})
+    assert guard.violations == [] and (guard.captures, guard.replays) == (2, 5)
+    assert len(backend.forks) == 4  # two stages for each of the two graphs
+    graphs.invalidate("test")
+    assert backend.forks == []
