@@ -477,3 +477,154 @@ def test_tensorrt_graphs_of_two_text_lengths_keep_their_own_contexts(tensorrt_st
     assert len(backend.forks) == 4  # two stages for each of the two graphs
     graphs.invalidate("test")
     assert backend.forks == []
+
+
+# -- a failed capture falls back to plain runs; nothing is freed before the streams are synchronised -----------------
+
+class ClosingRunner:
+    """Stands for a forked runner of a graph's chain: records when it is closed."""
+
+    def __init__(self, events: list[str], name: str) -> None:
+        self.events, self.name = events, name
+
+    def close(self) -> None:
+        self.events.append(f"close {self.name}")
+
+
+class RecordingChains:
+    """A chain factory whose chains each own one :class:`ClosingRunner` and count their runs."""
+
+    def __init__(self, events: list[str]) -> None:
+        self.events = events
+        self.made = 0
+        self.runs: list[int] = []
+
+    def __call__(self) -> GraphChain:
+        index = self.made
+        self.made += 1
+
+        def run(inputs):
+            self.runs.append(index)
+            return chain(inputs)
+
+        return GraphChain(run, (ClosingRunner(self.events, f"chain{index}"),))
+
+
+class SynchronizingCapture:
+    """The eager capture double plus the optional ``synchronize()``; ``fail``: captures end with a CUDA error after
+    the chain ran under capture, as a capture whose stage did something not permitted while capturing does."""
+
+    def __init__(self, events: list[str], fail: bool = False) -> None:
+        self.events, self.fail = events, fail
+        self.captures = self.replays = 0
+
+    def capture(self, chain_fn, static_inputs):
+        self.captures += 1
+        outputs = {k: torch.empty_like(v) for k, v in chain_fn(static_inputs).items()}
+        if self.fail:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        return (chain_fn, static_inputs, outputs), outputs
+
+    def replay(self, handle) -> None:
+        self.replays += 1
+        chain_fn, static_inputs, outputs = handle
+        for k, v in chain_fn(static_inputs).items():
+            outputs[k].copy_(v)
+
+    def synchronize(self) -> None:
+        self.events.append("synchronize")
+
+
+def test_a_failed_capture_falls_back_to_stage_by_stage_with_one_warning(caplog):
+    """As trtexec does when a capture fails: the step still runs (plain enqueues), one warning names the real error,
+    no capture is tried again, and every later cached step runs stage by stage, on every key."""
+    events: list[str] = []
+    chains = RecordingChains(events)
+    capture = SynchronizingCapture(events, fail=True)
+    runner = ChainGraphRunner(chains, capture)
+    with caplog.at_level("WARNING", logger="catome_export.runtime.cuda_graphs"):
+        for seed, r in ((0, 9), (1, 9), (2, 4), (3, 9)):
+            plan = _plan(seed, r)
+            inputs = _inputs(seed, plan)
+            out = runner.run(_key(plan), inputs, {0: plan})
+            torch.testing.assert_close(out["noise_pred"], chain(inputs)["noise_pred"])
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "operation not permitted when stream is capturing" in warnings[0].getMessage()
+    assert "stage by stage" in warnings[0].getMessage()
+    assert capture.captures == 1 and capture.replays == 0 and runner.captures == 0 and len(runner.cache) == 0
+    assert "operation not permitted" in runner.capture_failure
+    # the failed capture's chain was closed after a synchronize; one chain of its own runs every later step
+    assert chains.made == 2 and chains.runs == [0, 1, 1, 1, 1]
+    assert events == ["synchronize", "close chain0"]
+    runner.invalidate("closing")
+    assert events[2:] == ["synchronize", "close chain1"] and runner.plain_chain is None
+
+
+def test_capture_failure_names_the_error_raised_under_capture():
+    """torch.cuda.graph's exit ends the capture and raises its own error after a failure inside it; the error
+    reported is the one the chain raised (here TensorRT's refused enqueue), chained as the cause."""
+    from catome_export.runtime.cuda_graphs import GraphCaptureError, capture_chain
+
+    class GraphContext:
+        """Like ``torch.cuda.graph``: ``capture_end`` in ``__exit__`` fails once the capture was invalidated."""
+
+        def __init__(self, end_fails: bool) -> None:
+            self.end_fails = end_fails
+
+        def __enter__(self):
+            return None
+
+        def __exit__(self, *exc):
+            if self.end_fails:
+                raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+    def refused(inputs):
+        raise CatomeError("TensorRT failed to run stage 2 (stage_2.plan): see the TensorRT log above")
+
+    with pytest.raises(GraphCaptureError) as err:
+        capture_chain(GraphContext(end_fails=True), refused, {})
+    assert "TensorRT failed to run stage 2" in str(err.value) and "capture failed" in str(err.value)
+    assert isinstance(err.value.__cause__, CatomeError)
+    with pytest.raises(GraphCaptureError, match="previous error during capture"):  # the chain ran; the end failed
+        capture_chain(GraphContext(end_fails=True), chain, _inputs(0, _plan(0, 3)))
+    plan = _plan(0, 3)
+    out = capture_chain(GraphContext(end_fails=False), chain, _inputs(0, plan))
+    torch.testing.assert_close(out["noise_pred"], chain(_inputs(0, plan))["noise_pred"])
+
+
+def test_graphs_are_freed_only_after_their_streams_are_synchronised():
+    """Before an evicted or invalidated graph's runners are closed, the capture's streams are synchronised: a replay
+    still in flight never runs on freed contexts, activations or scratch memory."""
+    events: list[str] = []
+    chains = RecordingChains(events)
+    runner = ChainGraphRunner(chains, SynchronizingCapture(events), max_graphs=1)
+    for seed, r in ((0, 9), (1, 4), (2, 4)):
+        plan = _plan(seed, r)
+        runner.run(_key(plan), _inputs(seed, plan), {0: plan})
+    assert events == ["synchronize", "close chain0"]  # r 9 -> 4 evicted the first graph
+    runner.invalidate("test")
+    assert events == ["synchronize", "close chain0", "synchronize", "close chain1"]
+
+
+def test_a_stage_error_outside_the_capture_is_raised_and_graphs_stay_on(caplog):
+    """A CatomeError from the capture implementation that is not a GraphCaptureError (a stage failing in the warm-up,
+    as it would without graphs) reaches the caller unchanged; the next run captures as usual."""
+    events: list[str] = []
+
+    class WarmupFails(SynchronizingCapture):
+        def capture(self, chain_fn, static_inputs):
+            if not self.captures:
+                self.captures += 1
+                raise CatomeError("stage 1: input 'x0' of shape [2, 99, 4] lies outside the engine's profile")
+            return super().capture(chain_fn, static_inputs)
+
+    capture = WarmupFails(events)
+    runner = ChainGraphRunner(RecordingChains(events), capture)
+    plan = _plan(0, 5)
+    with caplog.at_level("WARNING"), pytest.raises(CatomeError, match="outside the engine's profile"):
+        runner.run(_key(plan), _inputs(1, plan), {0: plan})
+    assert runner.capture_failure is None and not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert events == ["synchronize", "close chain0"]
+    inputs = _inputs(2, plan)
+    torch.testing.assert_close(runner.run(_key(plan), inputs, {0: plan})["noise_pred"], chain(inputs)["noise_pred"])
+    assert runner.captures == 1 and capture.replays == 1
