@@ -22,8 +22,13 @@ TRT_PIP = f"pip install 'tensorrt{TRT_SUPPORTED}' --extra-index-url https://pypi
 TRT_INSTALL_HINT = (f"install it on a machine with an NVIDIA GPU (pip install 'catome-export[trt]', or {TRT_PIP}), "
                     "or use --backend ort")
 
-POLYGRAPHY_SUPPORTED = ">=0.49"
-"""Polygraphy releases the TensorRT path is tested with (in the ``[trt]`` extra)."""
+POLYGRAPHY_SUPPORTED = ">=0.50"
+"""Polygraphy releases the TensorRT path is tested with (in the ``[trt]`` extra). 0.49.x reads each layer's
+``precision_is_set`` in ``CreateConfig`` without a guard, and TensorRT 11 removed that member, so 0.49 cannot
+build for TensorRT 11 (:func:`polygraphy_problem`); 0.50 and later skip it."""
+
+POLYGRAPHY_FOR_TRT11 = (0, 50)
+"""Oldest Polygraphy release that builds for TensorRT 11."""
 
 
 def require_polygraphy() -> None:
@@ -31,6 +36,27 @@ def require_polygraphy() -> None:
     if importlib.util.find_spec("polygraphy") is None:
         raise CatomeError("the TensorRT path needs Polygraphy, which is not installed: pip install "
                           f"'catome-export[trt]' (or pip install 'polygraphy{POLYGRAPHY_SUPPORTED}'), or use --backend ort")
+
+
+def polygraphy_version() -> str:
+    """``polygraphy.__version__`` ("unknown" when the installed package does not say)."""
+    import polygraphy
+
+    return str(getattr(polygraphy, "__version__", "unknown"))
+
+
+def polygraphy_problem(trt_version: str, polygraphy_ver: str) -> str | None:
+    """Why this Polygraphy cannot build engines with TensorRT ``trt_version``, or None when the pair works.
+
+    Polygraphy before 0.50 reads ``ILayer.precision_is_set`` for every layer of the network in ``CreateConfig``;
+    TensorRT 11 has no such member, so every build would end in an AttributeError.
+    """
+    trt_parts, poly_parts = version_tuple(trt_version), version_tuple(polygraphy_ver)
+    if not trt_parts or trt_parts[0] < 11 or (poly_parts and poly_parts[:2] >= POLYGRAPHY_FOR_TRT11):
+        return None
+    need = ".".join(str(v) for v in POLYGRAPHY_FOR_TRT11)
+    return (f"Polygraphy {polygraphy_ver} cannot build TensorRT {trt_version} engines (it reads per-layer precisions, "
+            f"which TensorRT 11 removed): upgrade it, pip install 'polygraphy>={need}'")
 
 
 def version_tuple(version: str) -> tuple[int, ...]:

@@ -114,6 +114,11 @@ class DeviceStream:
         finally:
             caller.wait_stream(self.stream)
 
+    def synchronize(self) -> None:
+        """Wait until everything enqueued on this stream has finished (before freeing memory or state it uses)."""
+        if self.stream is not None:
+            self.stream.synchronize()
+
     def allocating(self) -> ContextManager[object]:
         """Make this stream current, so buffers the backend keeps for its own work (scratch memory) belong to it."""
         if self.stream is None:

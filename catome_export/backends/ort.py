@@ -11,7 +11,12 @@ Runtime values of the right shape instead.
 
 On CUDA the backend owns a stream (:class:`~catome_export.backends.base.DeviceStream`)
 and gives it to every session as the CUDA provider's ``user_compute_stream``
-(ONNX Runtime takes the stream per session, not per run). Each run first
+(ONNX Runtime takes the stream per session, not per run). Sessions of fp32
+stages run with TF32 off (``use_tf32=0``), so they compute what the fp32
+model computes; fp16 stages keep the provider's defaults. ONNX Runtime only
+warns when its CUDA provider cannot load (a CUDA or cuDNN library missing)
+and builds a CPU session instead, so every session is checked for the CUDA
+provider right after it is made, and refused with the fix when it lacks it. Each run first
 waits for the caller's current stream, which produced the inputs; with
 ``synchronize`` on (the default) ONNX Runtime waits for its stream before
 the run returns, with it off the caller's stream waits for the backend's
@@ -44,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 _NUMPY_DTYPES: dict[torch.dtype, type] = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 _OPT_LEVELS = ("disable", "basic", "extended", "all")
+
+CUDA_PROVIDER = "CUDAExecutionProvider"
 
 MIN_GPU_VERSION = (1, 21)
 """Oldest onnxruntime-gpu whose ``OrtValue._get_c_value()`` supports ``__dlpack__`` (outputs handed to torch)."""
@@ -294,6 +301,39 @@ class OrtStageRunner:
         self.session = None
 
 
+def computes_in_fp32(spec: "StageSpec") -> bool:
+    """True unless the stage's graph carries fp16 tensors (an fp16 export; its plan weights stay fp32)."""
+    return not any(t.dtype == "float16" for t in (*spec.inputs, *spec.outputs))
+
+
+def check_cuda_session(ort: Any, session: Any, path: Path) -> None:
+    """CatomeError, with the fix, unless ``session`` really runs on the CUDA provider.
+
+    ONNX Runtime lists the CUDA provider as available whenever onnxruntime-gpu is installed, but when the
+    provider library cannot load (CUDA or cuDNN missing or of another major version) it only logs a warning
+    and makes a CPU-only session, whose first CUDA-bound input then fails.
+    """
+    active = list(session.get_providers())
+    if CUDA_PROVIDER in active:
+        return
+    build = ""
+    try:
+        from onnxruntime.capi import build_and_package_info as info
+
+        cuda, cudnn = getattr(info, "cuda_version", None), getattr(info, "cudnn_version", None)
+        build = f" (CUDA {cuda}, cuDNN {cudnn})" if cuda and cudnn else f" (CUDA {cuda})" if cuda else ""
+    except Exception:  # noqa: BLE001 - the versions only make the hint more precise
+        build = ""
+    preload = (" or call onnxruntime.preload_dlls() before loading the engine to load the ones installed with "
+               "torch or the nvidia-* pip packages;" if hasattr(ort, "preload_dlls") else "")
+    version = getattr(ort, "__version__", "?")
+    raise CatomeError(f"ONNX Runtime could not load its CUDA provider for {path.name} (the session runs on "
+                      f"{', '.join(active) or 'no provider'}; ONNX Runtime's warning above names the missing "
+                      f"library): install the CUDA and cuDNN major versions onnxruntime-gpu {version} was built "
+                      f"for{build} (https://onnxruntime.ai/docs/execution-providers/CUDA-ExecutionProvider.html"
+                      f"#requirements),{preload} or use --backend ort-cpu")
+
+
 def stage_graph_file(stage: StageRecord, options: OrtOptions) -> str:
     """The graph file ONNX Runtime loads for a manifest stage (see :attr:`OrtOptions.fused_graphs`)."""
     if options.fused_graphs and stage.ort_optimized is not None:
@@ -330,8 +370,11 @@ class OrtBackend:
         """CUDA: the stream every session computes on (no stream on the CPU)."""
         self._runners: list[OrtStageRunner] = []
 
-    def providers(self) -> list[Any]:
-        """Execution providers for a session: CUDA on the backend's stream (plus CPU fallback), or CPU."""
+    def providers(self, fp32: bool = True) -> list[Any]:
+        """Execution providers for a session: CUDA on the backend's stream (plus CPU fallback), or CPU.
+
+        ``fp32``: the stage computes in fp32, so TF32 is turned off (``use_tf32=0``); fp16 stages keep the
+        provider's default."""
         if self.device.type != "cuda":
             return ["CPUExecutionProvider"]
         cuda_opts = {
@@ -340,7 +383,9 @@ class OrtBackend:
             "arena_extend_strategy": "kSameAsRequested",
             "do_copy_in_default_stream": "1",
         }
-        return [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"]
+        if fp32:
+            cuda_opts["use_tf32"] = "0"
+        return [(CUDA_PROVIDER, cuda_opts), "CPUExecutionProvider"]
 
     def load_stage(self, engine_dir: Path, stage: "StageRecord") -> OrtStageRunner:
         ort = _import_ort()
@@ -350,10 +395,12 @@ class OrtBackend:
             raise CatomeError(f"stage file {path} is missing: rebuild the engine with catome-export build")
         try:
             session = ort.InferenceSession(str(path), sess_options=session_options(self.options, self.device.type),
-                                           providers=self.providers())
+                                           providers=self.providers(fp32=computes_in_fp32(spec)))
         except Exception as exc:  # ORT raises its own exception types for damaged or unsupported graphs
             raise CatomeError(f"ONNX Runtime cannot load {path} ({type(exc).__name__}: {str(exc)[:300]}); "
                               "rebuild the engine with catome-export build") from None
+        if self.device.type == "cuda":
+            check_cuda_session(ort, session, path)
         runner = OrtStageRunner(session, spec, self.device, self.options, self.stream)
         self._runners.append(runner)
         logger.debug("loaded %s on %s (%s)", path.name, self.name, session.get_providers())

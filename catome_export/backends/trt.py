@@ -7,7 +7,8 @@
   shared device buffer as large as the largest stage needs
   (``device_memory_size_v2``), set before their first enqueue. Every context
   of a backend enqueues on the backend's one stream, so two contexts never
-  use that buffer at the same time.
+  use that buffer at the same time. The buffer is replaced or freed, and a
+  context destroyed, only after that stream has finished its work.
 - The backend owns its CUDA stream (:class:`~catome_export.backends.base.DeviceStream`,
   never the legacy default stream): ``execute_async_v3`` runs on it, after
   the caller's current stream (which produced the inputs), and the caller's
@@ -122,7 +123,8 @@ class SharedDeviceMemory:
     ``generation`` changes whenever the buffer is reallocated, so a context
     (or a captured CUDA graph) that points at the old buffer knows to rebind.
     The buffer is allocated on the backend's stream, the only one that uses
-    it, so the allocator never hands its memory to other work too early.
+    it, so the allocator never hands its memory to other work too early; an
+    old buffer is dropped only after that stream has finished with it.
     """
 
     def __init__(self, device: torch.device, stream: DeviceStream | None = None) -> None:
@@ -138,6 +140,7 @@ class SharedDeviceMemory:
     def reserve(self, nbytes: int) -> None:
         """Make the buffer at least ``nbytes`` large (never shrinks)."""
         if nbytes > self.nbytes:
+            self._settle()
             with self.stream.allocating() if self.stream is not None else _nullcontext():
                 self.buffer = aligned_empty((int(nbytes),), torch.uint8, self.device)
             self.generation += 1
@@ -147,7 +150,13 @@ class SharedDeviceMemory:
     def address(self) -> int:
         return 0 if self.buffer is None else int(self.buffer.data_ptr())
 
+    def _settle(self) -> None:
+        """Wait until no enqueued work can still use the buffer, before it is dropped."""
+        if self.buffer is not None and self.stream is not None:
+            self.stream.synchronize()
+
     def release(self) -> None:
+        self._settle()
         self.buffer = None
         self.generation += 1
 
@@ -312,7 +321,10 @@ class TrtStageRunner:
         return outputs
 
     def close(self) -> None:
-        """Release the context; a runner :meth:`TrtBackend.load_stage` returned also releases its forks."""
+        """Release the context, once the backend's stream finished the work enqueued on it; a runner
+        :meth:`TrtBackend.load_stage` returned also releases its forks."""
+        if self.context is not None:
+            self.backend.stream.synchronize()
         if self.parent is None:
             for fork in [f for f in self.backend.forks if f.parent is self]:
                 fork.close()

@@ -18,6 +18,9 @@ is written atomically.
 
 ``tensorrt`` is imported only inside :func:`build_engines`; without it the
 function raises :class:`CatomeError` naming TensorRT and how to install it.
+With TensorRT 11 it refuses Polygraphy older than 0.50 up front (0.49.x reads
+``ILayer.precision_is_set``, which 11 removed), and an AttributeError from
+inside Polygraphy (another such API gap) becomes a CatomeError too.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from catome_export.errors import CatomeError
-from catome_export.tensorrt_support import import_tensorrt, require_polygraphy
+from catome_export.tensorrt_support import (
+    import_tensorrt, polygraphy_problem, polygraphy_version, require_polygraphy,
+)
 from catome_export.fsutil import atomic_write_bytes, sha256_file
 from catome_export.export.manifest import EngineFile, Manifest, TrtRecord
 from catome_export.export.profiles import (
@@ -180,6 +185,7 @@ def build_engines(
         raise CatomeError(f"builder optimisation level must be an int in 0..5, got {builder_optimization_level!r}")
     trt = _import_tensorrt()
     require_polygraphy()
+    _check_polygraphy(str(trt.__version__))
     from polygraphy.backend.trt import CreateConfig, NetworkFromOnnxPath, Profile, engine_bytes_from_network
     from polygraphy.backend.trt import util as trt_util
     from polygraphy.exception import PolygraphyException
@@ -253,6 +259,13 @@ def build_engines(
     return TrtBuild(record, tuple(engines))
 
 
+def _check_polygraphy(trt_version: str) -> None:
+    """CatomeError naming the upgrade unless the installed Polygraphy can build with this TensorRT."""
+    problem = polygraphy_problem(trt_version, polygraphy_version())
+    if problem is not None:
+        raise CatomeError(problem)
+
+
 def _opt_fraction(manifest: Manifest, given: float | None) -> float:
     if given is not None:
         return float(given)
@@ -282,6 +295,11 @@ def _build_one(trt: Any, onnx_path: Path, index: int, profile: StageProfile, lev
         raise CatomeError(f"TensorRT {version} could not build stage {index} ({onnx_path.name}): {exc}. See the "
                           "TensorRT messages above; check that the graph passes 'catome-export verify' with ONNX "
                           "Runtime") from None
+    except AttributeError as exc:  # a TensorRT binding the installed Polygraphy expects is missing
+        raise CatomeError(f"TensorRT {version} could not build stage {index} ({onnx_path.name}): Polygraphy "
+                          f"{polygraphy_version()} uses a TensorRT API this TensorRT lacks ({exc}): install a "
+                          "Polygraphy that supports it (pip install -U polygraphy; TensorRT 11 needs polygraphy>=0.50)"
+                          ) from None
     if engine is None:
         raise CatomeError(f"TensorRT {version} returned no engine for stage {index} ({onnx_path.name}): see the "
                           "TensorRT messages above")

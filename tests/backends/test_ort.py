@@ -320,3 +320,122 @@ def test_fused_graphs_are_loaded_where_the_manifest_lists_them(tmp_path):
         torch.testing.assert_close(out["y"], f["x"] * factor, rtol=0, atol=0)
     with pytest.raises(CatomeError, match="fused_graphs must be true or false"):
         OrtOptions(fused_graphs="yes")
+
+
+# -- the CUDA provider: refused when it did not load, TF32 off for fp32 stages (CPU machine playing a CUDA one) ------
+
+FP32_SPEC = StageSpec(
+    index=1, site=0, next_site=None,
+    inputs=SPEC.inputs[:3] + (TensorSpec("h", "float32", ("B", "N")),),
+    outputs=SPEC.outputs[:3] + (TensorSpec("h2", "float32", ("B", "N")),),
+)
+
+
+def _fp32_graph(path: Path) -> Path:
+    """The test graph with ``h`` and ``h2`` in fp32: a stage of an fp32 export."""
+    _graph(path)
+    model = onnx.load(str(path))
+    for vi in list(model.graph.input) + list(model.graph.output):
+        if vi.name in ("h", "h2"):
+            vi.type.tensor_type.elem_type = TensorProto.FLOAT
+    onnx.save(model, str(path))
+    return path
+
+
+class _HostStream:
+    """Stands for the backend's CUDA stream on a machine without one."""
+
+    def __init__(self, device) -> None:
+        self.device, self.stream = device, None
+
+    @property
+    def handle(self) -> int:
+        return 0x7F00
+
+    def ordered(self):
+        from contextlib import nullcontext
+
+        return nullcontext()
+
+
+@pytest.fixture
+def cuda_machine(monkeypatch):
+    """onnxruntime-gpu as seen on a CUDA machine: torch has a GPU, the CUDA provider is listed as available."""
+    import onnxruntime as ort
+
+    from catome_export.backends import ort as ort_backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "__version__", "1.22.0")
+    monkeypatch.setattr(ort_backend, "DeviceStream", _HostStream)
+    return ort
+
+
+class _RecordingSessions:
+    """Replaces ``onnxruntime.InferenceSession``: records the providers each session was asked for and makes a
+    real (CPU) session; ``cuda_loads`` says whether the session then reports the CUDA provider as active, with
+    the options it was given, as a real one does."""
+
+    def __init__(self, real, cuda_loads: bool) -> None:
+        self.real, self.cuda_loads = real, cuda_loads
+        self.asked: list[list] = []
+
+    def __call__(self, path, sess_options=None, providers=None, **kwargs):
+        self.asked.append(list(providers or []))
+        session = self.real(path, sess_options=sess_options, providers=["CPUExecutionProvider"])
+        if not self.cuda_loads:
+            return session
+        cuda = dict(next(p[1] for p in providers if isinstance(p, tuple) and p[0] == "CUDAExecutionProvider"))
+        session.get_providers = lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        session.get_provider_options = lambda: {"CUDAExecutionProvider": cuda, "CPUExecutionProvider": {}}
+        return session
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
+def test_a_cuda_session_whose_provider_did_not_load_is_refused(cuda_machine, graph_dir, monkeypatch):
+    """ONNX Runtime only warns when the CUDA provider cannot load and makes a CPU session (the real
+    InferenceSession does exactly that here): the backend refuses it at load, in one line naming the fix, instead of
+    failing at the first bound input."""
+    ort = cuda_machine
+    backend = OrtBackend("cuda:0", OrtOptions(intra_op_threads=1))
+    with pytest.raises(CatomeError) as err:
+        backend.load_stage(graph_dir, StageRecord(SPEC, "stage_1.onnx"))
+    msg = str(err.value)
+    assert "could not load its CUDA provider for stage_1.onnx" in msg and "CPUExecutionProvider" in msg
+    assert "CUDA and cuDNN" in msg and "onnxruntime-gpu 1.22.0" in msg and "--backend ort-cpu" in msg
+    assert "onnxruntime.preload_dlls()" in msg and "\n" not in msg
+    monkeypatch.delattr(ort, "preload_dlls", raising=False)  # older releases have no preload_dlls
+    with pytest.raises(CatomeError) as err:
+        backend.load_stage(graph_dir, StageRecord(SPEC, "stage_1.onnx"))
+    assert "preload_dlls" not in str(err.value) and "CUDA and cuDNN" in str(err.value)
+
+
+def test_fp32_cuda_sessions_run_with_tf32_off_and_fp16_ones_as_they_are(cuda_machine, graph_dir, tmp_path,
+                                                                       monkeypatch):
+    """The providers reaching InferenceSession: an fp32 stage's CUDA options turn TF32 off (use_tf32=0), next to
+    the backend's stream and device; an fp16 stage's leave TF32 to the provider; the active session reports them."""
+    ort = cuda_machine
+    sessions = _RecordingSessions(ort.InferenceSession, cuda_loads=True)
+    monkeypatch.setattr(ort, "InferenceSession", sessions)
+    _fp32_graph(tmp_path / "stage_1.onnx")
+    backend = OrtBackend("cuda:0", OrtOptions(intra_op_threads=1))
+    fp32 = backend.load_stage(tmp_path, StageRecord(FP32_SPEC, "stage_1.onnx"))
+    fp16 = backend.load_stage(graph_dir, StageRecord(SPEC, "stage_1.onnx"))
+    (name32, opts32), cpu32 = sessions.asked[0]
+    (name16, opts16), cpu16 = sessions.asked[1]
+    assert name32 == name16 == "CUDAExecutionProvider" and cpu32 == cpu16 == "CPUExecutionProvider"
+    assert opts32["use_tf32"] == "0" and "use_tf32" not in opts16
+    for opts in (opts32, opts16):
+        assert opts["device_id"] == "0" and opts["user_compute_stream"] == str(0x7F00)
+    assert fp32.session.get_provider_options()["CUDAExecutionProvider"]["use_tf32"] == "0"
+    assert "use_tf32" not in fp16.session.get_provider_options()["CUDAExecutionProvider"]
+    assert backend.providers() == backend.providers(fp32=True) and backend.providers(fp32=False) != backend.providers()
+
+
+@pytest.mark.gpu
+def test_real_fp32_cuda_session_has_tf32_off(tmp_path):
+    backend = _cuda_backend()
+    runner = backend.load_stage(_fp32_graph(tmp_path / "stage_1.onnx").parent, StageRecord(FP32_SPEC, "stage_1.onnx"))
+    assert "CUDAExecutionProvider" in runner.session.get_providers()
+    assert runner.session.get_provider_options()["CUDAExecutionProvider"]["use_tf32"] == "0"

@@ -304,6 +304,45 @@ def test_shared_memory_generation():
     assert mem.generation == g + 1 and mem.nbytes == 20 and mem.address % ALIGNMENT == 0
 
 
+class RecordingStream(DeviceStream):
+    """A CPU DeviceStream that records each synchronize (with what the backend still held at that moment)."""
+
+    def __init__(self, events: list, held) -> None:
+        super().__init__(torch.device("cpu"))
+        self.events, self.held = events, held
+
+    def synchronize(self) -> None:
+        self.events.append(("synchronize", self.held()))
+
+
+def test_scratch_memory_is_dropped_only_after_its_stream_finished():
+    """The old scratch buffer (grown, or released) is dropped only after the stream that uses it was synchronised."""
+    events: list = []
+    mem = SharedDeviceMemory(torch.device("cpu"))
+    mem.stream = RecordingStream(events, lambda: mem.address)
+    mem.reserve(512)
+    assert events == []  # nothing to free yet
+    first = mem.address
+    mem.reserve(4096)
+    assert events == [("synchronize", first)]  # the old buffer was still held when the stream was waited for
+    second = mem.address
+    mem.release()
+    assert events[1:] == [("synchronize", second)] and mem.nbytes == 0
+
+
+def test_contexts_are_destroyed_only_after_the_backends_stream_finished(trt, plan, tmp_path):
+    backend, runner = _load(trt, tmp_path, plan)
+    fork = runner.fork()
+    events: list = []
+    backend.stream = RecordingStream(events, lambda: (runner.context is not None, fork.context is not None))
+    fork.close()
+    assert events == [("synchronize", (True, True))]
+    runner.close()
+    assert events[1:] == [("synchronize", (True, False))]
+    backend.close()
+    assert len(events) == 2  # every context was closed already
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int64, torch.uint8, torch.bool])
 @pytest.mark.parametrize("shape", [(), (1,), (3, 5), (2, 7, 9), (0, 4)])
 def test_aligned_allocation(dtype, shape):

@@ -337,6 +337,65 @@ def test_parser_refusal_is_a_catome_error_and_keeps_old_plans(trt_machine, tiny_
     assert (folder / plan_file(last)).read_bytes() == b"previous"
 
 
+def test_polygraphy_049_is_refused_up_front_for_tensorrt_11(trt_machine, tiny_onnx_fp32, tmp_path, monkeypatch):
+    """Polygraphy 0.49.x reads every layer's ``precision_is_set``, which TensorRT 11 removed: with 11 the build stops
+    before parsing anything, in one line naming the upgrade; with 10 that Polygraphy builds as before."""
+    import polygraphy
+
+    from catome_export.export.manifest import Manifest
+
+    trt = trt_machine
+    monkeypatch.setattr(polygraphy, "__version__", "0.49.9")
+    folder = _copy(tiny_onnx_fp32, tmp_path)
+    manifest = Manifest.load(folder)
+    if trt.__version__.startswith("11."):
+        with pytest.raises(CatomeError) as err:
+            build_engines(folder, manifest, fp16=False)
+        msg = str(err.value)
+        assert "0.49.9" in msg and trt.__version__ in msg and "pip install 'polygraphy>=0.50'" in msg
+        assert "\n" not in msg
+        assert not list(folder.glob("*.plan")) and not (folder / "timing.cache").exists()
+    else:
+        built = build_engines(folder, manifest, fp16=False)
+        assert len(built.engines) == len(manifest.stages)
+
+
+def test_attribute_error_inside_polygraphy_is_a_catome_error(trt_machine, tiny_onnx_fp32, tmp_path, monkeypatch):
+    """A Polygraphy that reads a TensorRT member the installed TensorRT lacks (0.49's unguarded
+    ``layer.precision_is_set``, played here on top of the installed release) fails the build with a CatomeError
+    naming the fix, never a raw AttributeError."""
+    import polygraphy.backend.trt as poly_trt
+
+    from catome_export.export.manifest import Manifest
+
+    trt = trt_machine
+    real = poly_trt.CreateConfig
+
+    class UnguardedCreateConfig:
+        """``CreateConfig`` as Polygraphy 0.49.x runs it: the layers' precisions are read without a guard."""
+
+        def __init__(self, **kwargs):
+            self.inner = real(**kwargs)
+
+        def __call__(self, builder, network):
+            _ = {layer.name: layer.precision.name for layer in network
+                 if layer.precision_is_set and not layer.type == trt.LayerType.SHAPE}
+            return self.inner(builder, network)
+
+    monkeypatch.setattr(poly_trt, "CreateConfig", UnguardedCreateConfig)
+    folder = _copy(tiny_onnx_fp32, tmp_path)
+    manifest = Manifest.load(folder)
+    if trt.__version__.startswith("11."):
+        with pytest.raises(CatomeError) as err:
+            build_engines(folder, manifest, fp16=False)
+        msg = str(err.value)
+        assert "stage 0" in msg and trt.__version__ in msg and "precision_is_set" in msg
+        assert "polygraphy>=0.50" in msg and "\n" not in msg
+        assert not list(folder.glob("*.plan"))
+    else:  # 10.x still has the member (deprecated)
+        assert len(build_engines(folder, manifest, fp16=False).engines) == len(manifest.stages)
+
+
 def test_build_missing_onnx(trt_machine, tiny_onnx_fp32, tmp_path):
     from catome_export.export.manifest import Manifest
 

@@ -159,3 +159,21 @@ def test_tensorrt_path_without_polygraphy_says_how_to_install_it(monkeypatch):
     with pytest.raises(CatomeError, match=r"needs Polygraphy.*pip install 'catome-export\[trt\]'") as err:
         require_polygraphy()
     assert f"polygraphy{POLYGRAPHY_SUPPORTED}" in str(err.value)
+
+
+@pytest.mark.parametrize("trt_version, polygraphy, refused", [
+    ("11.1.0.106", "0.49.9", True),
+    ("11.0.0.114", "0.49.27", True),
+    ("11.1.0.106", "0.50.3", False),
+    ("11.1.0.106", "0.53.6", False),
+    ("10.13.0.35", "0.49.9", False),
+    ("10.1.0.27", "0.49.0", False),
+])
+def test_polygraphy_before_050_cannot_build_for_tensorrt_11(trt_version, polygraphy, refused):
+    from catome_export.tensorrt_support import POLYGRAPHY_SUPPORTED, polygraphy_problem
+
+    problem = polygraphy_problem(trt_version, polygraphy)
+    assert (problem is not None) is refused
+    if refused:
+        assert trt_version in problem and polygraphy in problem and "pip install 'polygraphy>=0.50'" in problem
+    assert POLYGRAPHY_SUPPORTED == ">=0.50"  # the [trt] extra installs a release that builds for 10 and 11

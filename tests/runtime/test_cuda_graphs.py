@@ -418,3 +418,213 @@ def test_runtime_checkpoints_run_on_contexts_no_graph_was_captured_on(tensorrt_s
     assert len(backend.forks) == 2
     runtime.close()
     assert backend.forks == [] and all(r.context is None for r in runners)
+
+
+# -- the key covers every input shape: the text length (and any added conditioning) can change between prompts --------
+
+def text_chain(inputs):
+    """The one-site chain, conditioned on text of any length (mean over tokens) and on an added embedding."""
+    out = chain(inputs)["noise_pred"]
+    cond = inputs["encoder_hidden_states"].mean(dim=(1, 2)) + inputs["text_embeds"].sum(dim=1)
+    return {"noise_pred": out + cond[:, None, None]}
+
+
+def _text_inputs(seed: int, plan, length: int, added: int = 3):
+    gen = torch.Generator().manual_seed(200 + seed)
+    inputs = _inputs(seed, plan)
+    inputs["encoder_hidden_states"] = torch.randn(2, length, 8, generator=gen)
+    inputs["text_embeds"] = torch.randn(2, added, generator=gen)
+    return inputs
+
+
+def test_key_includes_every_input_shape():
+    plan = _plan(0, 5)
+    a, b = _text_inputs(1, plan, 77), _text_inputs(1, plan, 154)
+    key_a, key_b = (ChainGraphCache.key(2, GRID, [5], inputs=x) for x in (a, b))
+    assert key_a != key_b and key_a == ChainGraphCache.key(2, GRID, [5], inputs=_text_inputs(2, plan, 77))
+    assert ChainGraphCache.key(2, GRID, [5], inputs=_text_inputs(1, plan, 77, added=4)) != key_a
+    assert dict(key_a.inputs)["encoder_hidden_states"] == (2, 77, 8)
+    # a key made without the inputs is completed from them; a key made with other inputs does not fit
+    assert _key(plan).with_inputs(a) == key_a
+    with pytest.raises(CatomeError, match="does not describe"):
+        key_a.with_inputs(b)
+
+
+def test_another_text_length_with_the_same_r_captures_another_graph(eager_capture):
+    """Graphs outlive a generation and, in ratio mode, r repeats: a second prompt of another token length (or
+    another added-conditioning shape) must not replay a graph captured for the first one's shapes."""
+    runner = ChainGraphRunner(lambda: GraphChain(text_chain), eager_capture)
+    plan = _plan(0, 5)
+    for seed, length, added in ((1, 77, 3), (2, 77, 3), (3, 154, 3), (4, 77, 3), (5, 154, 3), (6, 154, 5)):
+        inputs = _text_inputs(seed, plan, length, added)
+        out = runner.run(_key(plan), inputs, {0: plan})  # the caller's key knows nothing of the text
+        torch.testing.assert_close(out["noise_pred"], text_chain(inputs)["noise_pred"])
+    assert (eager_capture.captures, eager_capture.replays) == (3, 6)
+    assert sorted(dict(k.inputs)["encoder_hidden_states"][1] for k in runner.cache.keys()) == [77, 154, 154]
+
+
+def test_tensorrt_graphs_of_two_text_lengths_keep_their_own_contexts(tensorrt_standin, trt_standin_helper, tmp_path):
+    """With TensorRT stages, prompts of 77 and 20 tokens at the same r alternate: each length replays a graph
+    captured on contexts of its own, with the shapes it was captured with (the guard checks every replay)."""
+    backend, runners, _ = _trt_stages(tensorrt_standin, trt_standin_helper, tmp_path)
+    guard = ContextGuardCapture()
+    graphs = ChainGraphRunner(lambda: graph_chain(runners), guard, memory_generation=lambda: backend.memory.generation)
+    for seed, length in enumerate((77, 20, 77, 20, 20)):
+        inputs, plan = _stage_inputs(seed, 8)
+        inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"][:, :length]
+        graphs.run(ChainGraphCache.key(2, (8, 8), [plan.num_merged]), inputs, {0: plan})
+    assert guard.violations == [] and (guard.captures, guard.replays) == (2, 5)
+    assert len(backend.forks) == 4  # two stages for each of the two graphs
+    graphs.invalidate("test")
+    assert backend.forks == []
+
+
+# -- a failed capture falls back to plain runs; nothing is freed before the streams are synchronised -----------------
+
+class ClosingRunner:
+    """Stands for a forked runner of a graph's chain: records when it is closed."""
+
+    def __init__(self, events: list[str], name: str) -> None:
+        self.events, self.name = events, name
+
+    def close(self) -> None:
+        self.events.append(f"close {self.name}")
+
+
+class RecordingChains:
+    """A chain factory whose chains each own one :class:`ClosingRunner` and count their runs."""
+
+    def __init__(self, events: list[str]) -> None:
+        self.events = events
+        self.made = 0
+        self.runs: list[int] = []
+
+    def __call__(self) -> GraphChain:
+        index = self.made
+        self.made += 1
+
+        def run(inputs):
+            self.runs.append(index)
+            return chain(inputs)
+
+        return GraphChain(run, (ClosingRunner(self.events, f"chain{index}"),))
+
+
+class SynchronizingCapture:
+    """The eager capture double plus the optional ``synchronize()``; ``fail``: captures end with a CUDA error after
+    the chain ran under capture, as a capture whose stage did something not permitted while capturing does."""
+
+    def __init__(self, events: list[str], fail: bool = False) -> None:
+        self.events, self.fail = events, fail
+        self.captures = self.replays = 0
+
+    def capture(self, chain_fn, static_inputs):
+        self.captures += 1
+        outputs = {k: torch.empty_like(v) for k, v in chain_fn(static_inputs).items()}
+        if self.fail:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        return (chain_fn, static_inputs, outputs), outputs
+
+    def replay(self, handle) -> None:
+        self.replays += 1
+        chain_fn, static_inputs, outputs = handle
+        for k, v in chain_fn(static_inputs).items():
+            outputs[k].copy_(v)
+
+    def synchronize(self) -> None:
+        self.events.append("synchronize")
+
+
+def test_a_failed_capture_falls_back_to_stage_by_stage_with_one_warning(caplog):
+    """As trtexec does when a capture fails: the step still runs (plain enqueues), one warning names the real error,
+    no capture is tried again, and every later cached step runs stage by stage, on every key."""
+    events: list[str] = []
+    chains = RecordingChains(events)
+    capture = SynchronizingCapture(events, fail=True)
+    runner = ChainGraphRunner(chains, capture)
+    with caplog.at_level("WARNING", logger="catome_export.runtime.cuda_graphs"):
+        for seed, r in ((0, 9), (1, 9), (2, 4), (3, 9)):
+            plan = _plan(seed, r)
+            inputs = _inputs(seed, plan)
+            out = runner.run(_key(plan), inputs, {0: plan})
+            torch.testing.assert_close(out["noise_pred"], chain(inputs)["noise_pred"])
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "operation not permitted when stream is capturing" in warnings[0].getMessage()
+    assert "stage by stage" in warnings[0].getMessage()
+    assert capture.captures == 1 and capture.replays == 0 and runner.captures == 0 and len(runner.cache) == 0
+    assert "operation not permitted" in runner.capture_failure
+    # the failed capture's chain was closed after a synchronize; one chain of its own runs every later step
+    assert chains.made == 2 and chains.runs == [0, 1, 1, 1, 1]
+    assert events == ["synchronize", "close chain0"]
+    runner.invalidate("closing")
+    assert events[2:] == ["synchronize", "close chain1"] and runner.plain_chain is None
+
+
+def test_capture_failure_names_the_error_raised_under_capture():
+    """torch.cuda.graph's exit ends the capture and raises its own error after a failure inside it; the error
+    reported is the one the chain raised (here TensorRT's refused enqueue), chained as the cause."""
+    from catome_export.runtime.cuda_graphs import GraphCaptureError, capture_chain
+
+    class GraphContext:
+        """Like ``torch.cuda.graph``: ``capture_end`` in ``__exit__`` fails once the capture was invalidated."""
+
+        def __init__(self, end_fails: bool) -> None:
+            self.end_fails = end_fails
+
+        def __enter__(self):
+            return None
+
+        def __exit__(self, *exc):
+            if self.end_fails:
+                raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+    def refused(inputs):
+        raise CatomeError("TensorRT failed to run stage 2 (stage_2.plan): see the TensorRT log above")
+
+    with pytest.raises(GraphCaptureError) as err:
+        capture_chain(GraphContext(end_fails=True), refused, {})
+    assert "TensorRT failed to run stage 2" in str(err.value) and "capture failed" in str(err.value)
+    assert isinstance(err.value.__cause__, CatomeError)
+    with pytest.raises(GraphCaptureError, match="previous error during capture"):  # the chain ran; the end failed
+        capture_chain(GraphContext(end_fails=True), chain, _inputs(0, _plan(0, 3)))
+    plan = _plan(0, 3)
+    out = capture_chain(GraphContext(end_fails=False), chain, _inputs(0, plan))
+    torch.testing.assert_close(out["noise_pred"], chain(_inputs(0, plan))["noise_pred"])
+
+
+def test_graphs_are_freed_only_after_their_streams_are_synchronised():
+    """Before an evicted or invalidated graph's runners are closed, the capture's streams are synchronised: a replay
+    still in flight never runs on freed contexts, activations or scratch memory."""
+    events: list[str] = []
+    chains = RecordingChains(events)
+    runner = ChainGraphRunner(chains, SynchronizingCapture(events), max_graphs=1)
+    for seed, r in ((0, 9), (1, 4), (2, 4)):
+        plan = _plan(seed, r)
+        runner.run(_key(plan), _inputs(seed, plan), {0: plan})
+    assert events == ["synchronize", "close chain0"]  # r 9 -> 4 evicted the first graph
+    runner.invalidate("test")
+    assert events == ["synchronize", "close chain0", "synchronize", "close chain1"]
+
+
+def test_a_stage_error_outside_the_capture_is_raised_and_graphs_stay_on(caplog):
+    """A CatomeError from the capture implementation that is not a GraphCaptureError (a stage failing in the warm-up,
+    as it would without graphs) reaches the caller unchanged; the next run captures as usual."""
+    events: list[str] = []
+
+    class WarmupFails(SynchronizingCapture):
+        def capture(self, chain_fn, static_inputs):
+            if not self.captures:
+                self.captures += 1
+                raise CatomeError("stage 1: input 'x0' of shape [2, 99, 4] lies outside the engine's profile")
+            return super().capture(chain_fn, static_inputs)
+
+    capture = WarmupFails(events)
+    runner = ChainGraphRunner(RecordingChains(events), capture)
+    plan = _plan(0, 5)
+    with caplog.at_level("WARNING"), pytest.raises(CatomeError, match="outside the engine's profile"):
+        runner.run(_key(plan), _inputs(1, plan), {0: plan})
+    assert runner.capture_failure is None and not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert events == ["synchronize", "close chain0"]
+    inputs = _inputs(2, plan)
+    torch.testing.assert_close(runner.run(_key(plan), inputs, {0: plan})["noise_pred"], chain(inputs)["noise_pred"])
+    assert runner.captures == 1 and capture.replays == 1

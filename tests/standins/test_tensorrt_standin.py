@@ -85,6 +85,34 @@ def test_parser_reads_the_graph_and_refuses_what_tensorrt_refuses(trt, tmp_path)
     assert not ok and "INT64" in str(parser.get_error(0))
 
 
+_LAYER_PRECISION_MEMBERS = ("precision", "precision_is_set", "reset_precision", "set_output_type",
+                            "output_type_is_set", "reset_output_type")
+
+
+def test_layers_have_no_precision_members_in_11(trt, tmp_path):
+    """TensorRT 11 removed ILayer's per-layer precision members (pyGraph.cpp, v11.1); 10.x has them (deprecated in
+    10.12). Polygraphy 0.49 reads ``layer.precision_is_set`` for every layer, which raises on 11."""
+    eleven = trt.__version__.startswith("11.")
+    _, _, _, network, _ = _build(trt, _model(tmp_path / "m.onnx"))
+    layers = list(network)
+    assert layers and all(isinstance(layer, trt.ILayer) for layer in layers)
+    for name in _LAYER_PRECISION_MEMBERS:
+        assert hasattr(trt.ILayer, name) is not eleven, name
+        assert all(hasattr(layer, name) is not eleven for layer in layers), name
+    for name in ("name", "type", "metadata", "num_inputs", "num_outputs", "get_output_type"):
+        assert all(hasattr(layer, name) for layer in layers), name
+    if eleven:
+        with pytest.raises(AttributeError):
+            [layer.name for layer in network if layer.precision_is_set]  # what Polygraphy 0.49's CreateConfig does
+    else:
+        layer = layers[0]
+        assert layer.precision_is_set is False
+        layer.precision = trt.float16
+        assert layer.precision_is_set and layer.precision == trt.float16
+        layer.reset_precision()
+        assert not layer.precision_is_set
+
+
 def test_build_without_profile_for_a_dynamic_input_fails(trt, tmp_path):
     _, _, builder, network, _ = _build(trt, _model(tmp_path / "m.onnx"))
     assert builder.build_serialized_network(network, builder.create_builder_config()) is None
@@ -137,8 +165,16 @@ def test_user_managed_context_needs_device_memory(trt, engine):
     for k, name in enumerate(("data", "idx", "upd", "out")):
         ctx.set_tensor_address(name, 256 * (k + 1))
     assert not ctx.execute_async_v3(7)
-    ctx.set_device_memory(1 << 20, engine.device_memory_size_v2 - 1)  # too small: refused
+    needed = ctx.update_device_memory_size_for_shapes()
+    assert 0 < needed < engine.device_memory_size_v2  # the engine's size is an upper bound over the profile
+    ctx.set_device_memory(1 << 20, needed - 1)  # too small for these shapes: enqueue refuses
     assert not ctx.execute_async_v3(7)
+    ctx.set_device_memory(1 << 20, needed)  # enough for these shapes, below the upper bound: accepted
+    assert ctx.execute_async_v3(7)
+    for name, shape in (("data", (2, 4, 3)), ("idx", (2, 4, 3)), ("upd", (2, 4, 3))):
+        ctx.set_input_shape(name, shape)
+    assert ctx.update_device_memory_size_for_shapes() > needed
+    assert not ctx.execute_async_v3(7)  # larger shapes need more than was set
     ctx.set_device_memory(1 << 20, engine.device_memory_size_v2)
     assert ctx.execute_async_v3(7)
     static = engine.create_execution_context()
@@ -147,3 +183,20 @@ def test_user_managed_context_needs_device_memory(trt, engine):
     for k, name in enumerate(("data", "idx", "upd", "out")):
         static.set_tensor_address(name, 256 * (k + 1))
     assert static.execute_async_v3(7)
+
+
+def test_engine_members_follow_the_bindings(trt, engine):
+    """11.1 keeps the tensor-format queries (pyCore.cpp) and drops the v1 memory queries; 10.x has both."""
+    eleven = trt.__version__.startswith("11.")
+    for name in ("get_tensor_format", "get_tensor_components_per_element", "get_tensor_format_desc",
+                 "get_tensor_vectorized_dim", "get_tensor_bytes_per_component", "device_memory_size_v2",
+                 "get_device_memory_size_for_profile_v2"):
+        assert hasattr(trt.ICudaEngine, name), name
+    for name in ("device_memory_size", "get_device_memory_size_for_profile"):
+        assert hasattr(trt.ICudaEngine, name) is not eleven, name
+    assert engine.get_tensor_format("data") == trt.TensorFormat.LINEAR
+    assert engine.get_tensor_format("data", 0) == trt.TensorFormat.LINEAR
+    assert engine.get_tensor_components_per_element("data") == 1 and engine.get_tensor_vectorized_dim("data") == -1
+    assert engine.get_device_memory_size_for_profile_v2(0) <= engine.device_memory_size_v2
+    if not eleven:
+        assert engine.get_device_memory_size_for_profile(0) == engine.get_device_memory_size_for_profile_v2(0)

@@ -10,8 +10,8 @@ bindings (``python/src/infer/pyCore.cpp``, ``pyFoundationalTypes.cpp``,
 ``tensorrt/__init__.py`` in NVIDIA/TensorRT): 11.x lacks the precision
 builder flags (FP16, BF16, INT8, FP8, INT4, FP4, OBEY/PREFER_PRECISION_CONSTRAINTS),
 ``NetworkDefinitionCreationFlag.EXPLICIT_BATCH``, ``QuantizationFlag``,
-``Builder.platform_has_fast_fp16``, ``ICudaEngine.device_memory_size`` and the
-other members removed in 11, and treats every network as strongly typed.
+``Builder.platform_has_fast_fp16``, ``ICudaEngine.device_memory_size``, ``ILayer.precision`` /
+``precision_is_set`` and the other members removed in 11, and treats every network as strongly typed.
 Nothing here knows the code under test. A built plan is JSON describing what
 was built (:func:`tensorrt._formats.describe_plan`); no kernels run.
 """

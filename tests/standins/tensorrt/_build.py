@@ -103,17 +103,68 @@ class ITensor:
 
 
 class ILayer:
+    """``trt.ILayer``: name, type, metadata, inputs and outputs; in 10.x also the per-layer precision members
+    (deprecated in 10.12), which 11.x removed from the bindings (``pyGraph.cpp``)."""
+
     def __init__(self, name: str, type: Any, op: str, num_inputs: int, num_outputs: int) -> None:
         self.name = name
-        self.type = type
-        self.precision = DataType.FLOAT
-        self.precision_is_set = False
-        self.num_inputs = num_inputs
-        self.num_outputs = num_outputs
+        self._type = type
+        self._num_inputs = num_inputs
+        self._num_outputs = num_outputs
         self.metadata = op
+        self._precision = DataType.FLOAT
+        self._precision_is_set = False
+        self._output_types: dict[int, Any] = {}
+
+    @property
+    def type(self) -> Any:
+        return self._type
+
+    @property
+    def num_inputs(self) -> int:
+        return self._num_inputs
+
+    @property
+    def num_outputs(self) -> int:
+        return self._num_outputs
+
+    def get_output_type(self, index: int) -> Any:
+        return self._output_types.get(index, DataType.FLOAT)
+
+    # deprecated in 10.12 ("Superseded by strong typing"), removed in 11
+    @property
+    def precision(self) -> Any:
+        return self._precision
+
+    @precision.setter
+    def precision(self, dtype: Any) -> None:
+        _check_enum(dtype, DataType, "precision")
+        self._precision = dtype
+        self._precision_is_set = True
+
+    @property
+    def precision_is_set(self) -> bool:
+        return self._precision_is_set
 
     def reset_precision(self) -> None:
-        self.precision_is_set = False
+        self._precision = DataType.FLOAT
+        self._precision_is_set = False
+
+    def set_output_type(self, index: int, dtype: Any) -> None:
+        _check_enum(dtype, DataType, "set_output_type")
+        self._output_types[index] = dtype
+
+    def output_type_is_set(self, index: int) -> bool:
+        return index in self._output_types
+
+    def reset_output_type(self, index: int) -> None:
+        self._output_types.pop(index, None)
+
+
+if MAJOR >= 11:
+    for _name in ("precision", "precision_is_set", "reset_precision", "set_output_type", "output_type_is_set",
+                  "reset_output_type"):
+        delattr(ILayer, _name)
 
 
 class INetworkDefinition:

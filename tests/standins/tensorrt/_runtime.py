@@ -14,13 +14,16 @@ of ``include/NvInferRuntime.h``:
 - ``get_tensor_shape`` of an output has -1 for runtime dimensions until every
   input shape is set; outputs are then resolved from the ONNX dimension
   names and expressions the parser recorded (-1 where they cannot be).
-- ``set_device_memory(ptr, size)`` needs a 256-byte aligned address and at
-  least ``device_memory_size_v2`` bytes (null only when that size is 0).
+- ``set_device_memory(ptr, size)`` needs a 256-byte aligned address (null
+  only when ``device_memory_size_v2`` is 0). ``device_memory_size_v2`` and
+  ``get_device_memory_size_for_profile_v2`` are upper bounds (the header's
+  words): the size must cover what the current input shapes need
+  (``update_device_memory_size_for_shapes``), which enqueue checks.
 - ``execute_async_v3(stream_handle)`` returns False (nothing runs) unless
   every input shape is set, named dimensions agree, every I/O tensor has a
   non-null address (zero-volume tensors included), and, for a context made
   with ``ExecutionContextAllocationStrategy.USER_MANAGED``, device memory is
-  set. It also refuses the legacy default stream (handle 0, or
+  set and large enough for the current shapes. It also refuses the legacy default stream (handle 0, or
   ``cudaStreamLegacy``, handle 1 in ``cuda_runtime_api.h``): TensorRT accepts
   it but warns it adds device-wide synchronisations; the stand-in makes that
   an error on purpose so code under test must use a stream it owns.
@@ -166,17 +169,39 @@ class ICudaEngine:
             raise RuntimeError(f"get_tensor_profile_shape: {name!r} is not an input of profile {profile_index}")
         return [Dims(s) for s in self._plan["profiles"][profile_index][name]]
 
+    def get_tensor_format_desc(self, name: str, profile_index: int = 0) -> str:
+        return "Row major linear FP32 format (kLINEAR)" if name in self._io else ""
+
+    def get_tensor_vectorized_dim(self, name: str, profile_index: int = 0) -> int:
+        return -1  # linear formats are not vectorized
+
+    def _scratch_bytes(self, shapes: dict[str, Any]) -> int:
+        """Scratch memory the stand-in's kernels need for input ``shapes`` (grows with their volume)."""
+        total = 0
+        for name, shape in shapes.items():
+            itemsize = getattr(DataType, self._io[name]["dtype"]).itemsize or 1
+            total += int(_volume(shape) * itemsize)
+        return _align(4 * total + 4096)
+
     @property
     def device_memory_size_v2(self) -> int:
+        """Upper bound of the scratch memory over every profile and shape."""
         return int(self._plan["device_memory_size"])
 
     def get_device_memory_size_for_profile_v2(self, profile_index: int) -> int:
-        return int(self._plan["device_memory_size"])
+        """Upper bound of the scratch memory over the shapes of one profile."""
+        if not 0 <= profile_index < self.num_optimization_profiles:
+            return 0
+        profile = self._plan["profiles"][profile_index]
+        return self._scratch_bytes({name: shapes[2] for name, shapes in profile.items() if name in self._io})
 
     # deprecated in 10.1, removed in 11
     @property
     def device_memory_size(self) -> int:
         return int(self._plan["device_memory_size"])
+
+    def get_device_memory_size_for_profile(self, profile_index: int) -> int:
+        return self.get_device_memory_size_for_profile_v2(profile_index)
 
     @property
     def has_implicit_batch_dimension(self) -> bool:
@@ -202,10 +227,20 @@ class ICudaEngine:
 
 
 if MAJOR >= 11:
-    for _name in ("device_memory_size", "has_implicit_batch_dimension",
-                  "create_execution_context_without_device_memory", "get_tensor_format",
-                  "get_tensor_components_per_element"):
+    for _name in ("device_memory_size", "get_device_memory_size_for_profile", "has_implicit_batch_dimension",
+                  "create_execution_context_without_device_memory"):
         delattr(ICudaEngine, _name)
+
+
+def _volume(shape: Any) -> int:
+    v = 1
+    for d in shape:
+        v *= max(int(d), 0)
+    return v
+
+
+def _align(n: int, to: int = ALIGNMENT) -> int:
+    return (int(n) + to - 1) // to * to
 
 
 _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
@@ -364,23 +399,24 @@ class IExecutionContext:
         return self._addresses.get(name, 0)
 
     def set_device_memory(self, memory: int, size: int) -> None:
-        """``setDeviceMemoryV2``: aligned memory of at least ``device_memory_size_v2`` bytes (null only when that
-        size is 0); errors are logged and leave the context without memory, as TensorRT does."""
+        """``setDeviceMemoryV2``: aligned memory (null only when ``device_memory_size_v2`` is 0) of ``size`` bytes,
+        which must be large enough for the input shapes it runs with (enqueue checks; the engine's sizes are upper
+        bounds). Errors are logged and leave the context without memory, as TensorRT does."""
         where = "IExecutionContext::setDeviceMemoryV2"
-        memory, size, needed = int(memory), int(size), self.engine.device_memory_size_v2
+        memory, size, reported = int(memory), int(size), self.engine.device_memory_size_v2
         if self._strategy != ExecutionContextAllocationStrategy.USER_MANAGED:
             api_error(self._logger, where, "the context was not created with USER_MANAGED allocation")
             return
-        if memory == 0 and needed > 0:
-            api_error(self._logger, where, f"null memory, but the engine needs {needed} bytes")
+        if memory == 0 and reported > 0:
+            api_error(self._logger, where, f"null memory, but the engine reports {reported} bytes")
             self._memory = None
             return
         if memory % ALIGNMENT:
             api_error(self._logger, where, f"the address {memory:#x} is not {ALIGNMENT}-byte aligned")
             self._memory = None
             return
-        if size < needed:
-            api_error(self._logger, where, f"{size} bytes given, the engine needs {needed}")
+        if size < 0:
+            api_error(self._logger, where, f"negative size {size}")
             self._memory = None
             return
         self._memory = (memory, size)
@@ -391,7 +427,10 @@ class IExecutionContext:
     device_memory = property(None, _set_device_memory_v1)
 
     def update_device_memory_size_for_shapes(self) -> int:
-        return self.engine.device_memory_size_v2
+        """Scratch bytes the current input shapes need (0, the error value, until every input shape is set)."""
+        if self.infer_shapes():
+            return 0
+        return self.engine._scratch_bytes({t["name"]: self._resolved(t) for t in self._inputs()})
 
     # -- execution
     def _problems(self) -> list[str]:
@@ -401,9 +440,13 @@ class IExecutionContext:
             if not self._addresses.get(name):
                 problems.append(f"{name} has no address (every input and output needs a non-null address, "
                                 "also when it holds no elements)")
-        if self._strategy == ExecutionContextAllocationStrategy.USER_MANAGED and self._memory is None \
-                and self.engine.device_memory_size_v2 > 0:
-            problems.append("the context was created with USER_MANAGED allocation and no device memory was set")
+        if self._strategy == ExecutionContextAllocationStrategy.USER_MANAGED and self.engine.device_memory_size_v2 > 0:
+            needed = self.update_device_memory_size_for_shapes()
+            if self._memory is None:
+                problems.append("the context was created with USER_MANAGED allocation and no device memory was set")
+            elif needed and self._memory[1] < needed:
+                problems.append(f"the device memory set holds {self._memory[1]} bytes, the current input shapes "
+                                f"need {needed}")
         return problems
 
     def execute_async_v3(self, stream_handle: int) -> bool:
