@@ -57,6 +57,8 @@ BATCH = 2
 TEXT_LEN = 77
 FORCED_FRACTION = 0.5
 SCHEDULE = "config3"
+FEATURE_CACHE = (3, 0)
+"""Interval and branch of the generation-mode rows (DeepCache's cache_interval, cache_branch_id)."""
 
 
 @dataclass
@@ -195,7 +197,11 @@ def summarise(calls: list[dict[str, Any]]) -> dict[str, Any]:
         return round(statistics.median(r["ms"] for r in rows), 3) if rows else None
 
     out: dict[str, Any] = {"calls": len(calls), "median_ms": med(calls),
-                           "min_ms": min((c["ms"] for c in calls), default=None)}
+                           "min_ms": min((c["ms"] for c in calls), default=None),
+                           "mean_ms": round(statistics.fmean(c["ms"] for c in calls), 3) if calls else None}
+    if any("cached_features" in c for c in calls):
+        out["median_full_ms"] = med([c for c in calls if not c.get("cached_features")])
+        out["median_feature_cached_ms"] = med([c for c in calls if c.get("cached_features")])
     if any("matched" in c for c in calls):
         out["median_matched_ms"] = med([c for c in calls if c.get("matched")])
         out["median_cached_ms"] = med([c for c in calls if "matched" in c and not c["matched"]])
@@ -281,13 +287,16 @@ def _settings(variant: str) -> Any:
 
 
 def eager_part(setup: Setup, resolution: int, variant: str, steps: int, warmup: int,
-               deadline: Deadline) -> dict[str, Any]:
+               deadline: Deadline, cache: bool = False) -> dict[str, Any]:
     import torch
 
     from catome_export import apply_catome
+    from catome_export.eager import apply_deepcache
 
     latent, ehs = setup.inputs(resolution, smooth=variant == "catome-t0.7-smooth")
     handle = apply_catome(setup.unet, settings=_settings(variant)) if variant != "plain" else None
+    caching = (apply_deepcache(setup.unet, FEATURE_CACHE[0], FEATURE_CACHE[1], timesteps=setup.timesteps)
+               if cache else None)
     try:
         def call(i: int) -> dict[str, Any]:
             t = torch.full((BATCH,), setup.timesteps[i % len(setup.timesteps)], device=setup.device)
@@ -298,17 +307,30 @@ def eager_part(setup: Setup, resolution: int, variant: str, steps: int, warmup: 
             last = handle.history[-1]
             return {"matched": any(last.matched.values()), "merged": {str(k): v for k, v in last.merged.items()}}
 
-        if handle is not None:
-            handle.reset()
+        for h in (handle, caching):
+            if h is not None:
+                h.reset()
         timed_generation(call, warmup, deadline, setup.device)  # warm-up: kernels, allocator, autotuning
-        if handle is not None:
-            handle.reset()
+        for h in (handle, caching):
+            if h is not None:
+                h.reset()
         calls, truncated = timed_generation(call, steps, deadline, setup.device)
+        if caching is not None:
+            for rec, kind in zip(calls, caching.history):
+                rec["cached_features"] = not kind.full
     finally:
+        if caching is not None:
+            caching.remove()
         if handle is not None:
             handle.remove()
     return {"calls": calls, "truncated": truncated, "summary": summarise(calls),
-            "merge": "none" if handle is None else _merge_note(variant)}
+            "merge": "none" if handle is None else _merge_note(variant),
+            "feature_cache": _cache_note() if cache else None}
+
+
+def _cache_note() -> str:
+    return (f"DeepCache semantics, interval {FEATURE_CACHE[0]}, branch {FEATURE_CACHE[1]}: mean ms per step over the "
+            "whole DDIM schedule is the generation figure (summary.mean_ms)")
 
 
 def _merge_note(variant: str) -> str:
@@ -320,7 +342,7 @@ def _merge_note(variant: str) -> str:
 
 
 def chain_part(setup: Setup, resolution: int, variant: str, graphs: bool, steps: int, warmup: int,
-               deadline: Deadline) -> dict[str, Any]:
+               deadline: Deadline, cache: bool = False) -> dict[str, Any]:
     import torch
 
     from catome_export.backends.torch_backend import TorchBackend
@@ -330,11 +352,19 @@ def chain_part(setup: Setup, resolution: int, variant: str, graphs: bool, steps:
 
     if graphs and setup.device != "cuda":
         return {"status": "skipped", "reason": "CUDA graphs need a CUDA device"}
-    stages = cut_unet(setup.unet, setup.sites, dtype=setup.dtype)  # shares the U-Net's weights
+    from catome_export.export.manifest import FeatureCacheRecord
+    from catome_export.export.stages import cached_branches
+    from catome_export.featurecache import FeatureCacheSettings, UNetLayout
+
+    branches = (FEATURE_CACHE[1],) if cache else ()
+    stages = cut_unet(setup.unet, setup.sites, dtype=setup.dtype, cache_branches=branches)  # shares the weights
     backend = TorchBackend(None, setup.device, stages=stages)
     runners = [backend.load_stage(None, StageRecord(spec, "")) for spec, _ in stages]
+    record = (FeatureCacheRecord(cached_branches(stages, branches, UNetLayout.of(setup.unet)),
+                                 FeatureCacheSettings(*FEATURE_CACHE)) if cache else None)
     runtime = Runtime(runners, setup.sites, _settings(variant), unet_config=dict(setup.unet.config),
-                      dtype=setup.dtype, device=backend.device, backend=backend)
+                      dtype=setup.dtype, device=backend.device, backend=backend, cache_record=record)
+    runtime.set_timesteps(setup.timesteps)
     try:
         if graphs:
             runtime.enable_cuda_graphs()
@@ -349,7 +379,8 @@ def chain_part(setup: Setup, resolution: int, variant: str, graphs: bool, steps:
             if rec is None:
                 raise RuntimeError("the runtime kept no record of the call it just ran")
             return {"matched": any(rec.matched.values()), "merged": {str(k): v for k, v in rec.merged.items()},
-                    "runtime_step_ms": round(rec.step_ms, 3), "controller_ms": round(rec.controller_ms, 3)}
+                    "runtime_step_ms": round(rec.step_ms, 3), "controller_ms": round(rec.controller_ms, 3),
+                    "cached_features": rec.cached_features}
 
         runtime.reset()
         timed_generation(call, warmup, deadline, setup.device)
@@ -358,7 +389,7 @@ def chain_part(setup: Setup, resolution: int, variant: str, graphs: bool, steps:
     finally:
         runtime.close()
     return {"calls": calls, "truncated": truncated, "summary": summarise(calls), "merge": _merge_note(variant),
-            "cuda_graphs": graphs, "backend": "torch"}
+            "cuda_graphs": graphs, "backend": "torch", "feature_cache": _cache_note() if cache else None}
 
 
 # -- running the parts ----------------------------------------------------------------------------------------------
@@ -451,6 +482,16 @@ def main(argv: list[str] | None = None) -> int:
                 plan.append((f"chain/{res}/{variant}/{'cuda-graphs' if graphs else 'no-graphs'}",
                              lambda d, res=res, v=variant, g=graphs: chain_part(setup, res, v, g, args.steps,
                                                                                    args.warmup, d)))
+    for res in args.resolutions[:1]:  # generation mode: whole DDIM schedules with DeepCache-style feature caching
+        plan.append((f"generation/{res}/eager/plain",
+                     lambda d, res=res: eager_part(setup, res, "plain", args.steps, args.warmup, d)))
+        plan.append((f"generation/{res}/eager/deepcache",
+                     lambda d, res=res: eager_part(setup, res, "plain", args.steps, args.warmup, d, cache=True)))
+        for variant in ("nothing-merged", "catome-forced"):
+            for cache in (False, True):
+                plan.append((f"generation/{res}/chain/{variant}/{'cache' if cache else 'no-cache'}",
+                             lambda d, res=res, v=variant, c=cache: chain_part(setup, res, v, False, args.steps,
+                                                                               args.warmup, d, cache=c)))
     for i, (name, fn) in enumerate(plan):
         if deadline.left() <= 0:
             report.data["parts"][name] = {"status": "skipped", "reason": "the run's time budget was spent"}

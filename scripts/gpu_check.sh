@@ -8,7 +8,10 @@
 #      and the checkout is used through PYTHONPATH;
 #   2. runs `pytest -m gpu`;
 #   3. runs scripts/gpu_check.py: eager fp16 SD 1.5 (random weights, SDPA) at 512 and 1024 px with and without
-#      CA-ToMe, and the torch-backend stage chain with and without CUDA graphs, every call timed; it writes ONE
+#      CA-ToMe, the torch-backend stage chain with and without CUDA graphs, and generation mode (whole DDIM
+#      schedules at the first resolution: eager, eager with DeepCache-style feature caching (3,0), the stage
+#      chain without and with it, unmerged and CA-ToMe-forced; summary.mean_ms is the per-step figure), every
+#      call timed; it writes ONE
 #      JSON with the device description, the install and pytest results, every call's milliseconds and medians.
 #
 # A machine that cannot reach a package index (a lent GPU machine often cannot) may lack pure-Python needs

@@ -77,7 +77,8 @@ class Runtime:
                  unet_config: Mapping[str, Any], dtype: torch.dtype, device: torch.device | str,
                  backend: Backend | None = None, shape_check: ShapeCheck | None = None,
                  manifest: Manifest | None = None, engine_dir: Path | None = None,
-                 feature_cache: FeatureCacheSettings | None | str = "engine") -> None:
+                 feature_cache: FeatureCacheSettings | None | str = "engine",
+                 cache_record: FeatureCacheRecord | None = None) -> None:
         self.chain = StageChain(runners)
         self.sites = {s.index: s for s in sites}
         missing = [k for k in self.chain.sites if k not in self.sites]
@@ -99,8 +100,10 @@ class Runtime:
         self._graphs: Any = None
         self._last_shape: tuple[int, int, int] | None = None
         self._owner = GenerationOwner()
-        self.cache_record: FeatureCacheRecord | None = None if manifest is None else manifest.feature_cache
-        """The feature-cache branches the engine's stages were cut for (None: none)."""
+        self.cache_record: FeatureCacheRecord | None = (cache_record if cache_record is not None or manifest is None
+                                                        else manifest.feature_cache)
+        """The feature-cache branches the engine's stages were cut for (None: none; ``cache_record`` gives it
+        for runners made without a manifest)."""
         if self.cache_record is not None:
             for branch in self.cache_record.branches:
                 self.chain.check_subset(branch.stages, branch.cached)

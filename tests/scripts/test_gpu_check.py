@@ -90,9 +90,14 @@ def test_summary_medians(gpu_check):
     calls = [{"ms": 5.0, "matched": True}, {"ms": 1.0, "matched": False}, {"ms": 3.0, "matched": False},
              {"ms": 2.0, "matched": False}]
     s = gpu_check.summarise(calls)
-    assert s == {"calls": 4, "median_ms": 2.5, "min_ms": 1.0, "median_matched_ms": 5.0, "median_cached_ms": 2.0}
+    assert s == {"calls": 4, "median_ms": 2.5, "min_ms": 1.0, "mean_ms": 2.75, "median_matched_ms": 5.0,
+                 "median_cached_ms": 2.0}
     plain = gpu_check.summarise([{"ms": 4.0}, {"ms": 6.0}])
-    assert plain == {"calls": 2, "median_ms": 5.0, "min_ms": 4.0}
+    assert plain == {"calls": 2, "median_ms": 5.0, "min_ms": 4.0, "mean_ms": 5.0}
+    cached = gpu_check.summarise([{"ms": 9.0, "cached_features": False}, {"ms": 1.0, "cached_features": True},
+                                  {"ms": 2.0, "cached_features": True}])
+    assert cached == {"calls": 3, "median_ms": 2.0, "min_ms": 1.0, "mean_ms": 4.0, "median_full_ms": 9.0,
+                      "median_feature_cached_ms": 1.5}
 
 
 def test_timed_generation_stops_at_the_deadline_after_one_call(gpu_check):
@@ -137,9 +142,15 @@ def test_tiny_cpu_run_writes_one_complete_json(gpu_check, tmp_path):
     assert len(data["config"]["merge_sites"]) == 5
 
     parts = data["parts"]
+    generation = {"generation/64/eager/plain", "generation/64/eager/deepcache",
+                  "generation/64/chain/nothing-merged/no-cache", "generation/64/chain/nothing-merged/cache",
+                  "generation/64/chain/catome-forced/no-cache", "generation/64/chain/catome-forced/cache"}
     assert set(parts) == {"eager/64/plain", "eager/64/catome-forced", "eager/64/catome-t0.7-smooth",
                           "chain/64/catome-forced/no-graphs", "chain/64/catome-forced/cuda-graphs",
-                          "chain/64/nothing-merged/no-graphs", "chain/64/nothing-merged/cuda-graphs"}
+                          "chain/64/nothing-merged/no-graphs", "chain/64/nothing-merged/cuda-graphs", *generation}
+    for name in generation:  # 3 DDIM calls with interval 3: full, cached, cached
+        kinds = [c.get("cached_features", False) for c in parts[name]["calls"]]
+        assert kinds == ([False, True, True] if name.endswith(("deepcache", "/cache")) else [False] * 3), name
     for name, part in parts.items():
         if name.endswith("cuda-graphs"):
             assert part["status"] == "skipped" and "CUDA" in part["reason"]
