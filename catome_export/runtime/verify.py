@@ -551,8 +551,9 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
         threshold = settings.threshold if settings.mode == "threshold" else None
         rows: list[VerifyRow] = []
         loads: list[float] = []
-        logger.info("verifying %s on %s over %d steps (batch %d, latent %dx%d, %s)", engine_dir, runtime.backend.name
-                    if runtime.backend else "?", steps, batch, latent_hw[0], latent_hw[1], settings.schedule.describe())
+        logger.info("verifying %s on %s over %d steps (batch %d, latent %dx%d, %s%s)", engine_dir, runtime.backend.name
+                    if runtime.backend else "?", steps, batch, latent_hw[0], latent_hw[1], settings.schedule.describe(),
+                    "" if runtime.feature_cache is None else f", {runtime.feature_cache.describe()}")
         with torch.no_grad():
             for i, t in enumerate(scheduler.timesteps):
                 runtime.set_step(i)
