@@ -684,7 +684,7 @@ def _describe(spec: StageSpec) -> str:
     elif MODEL_OUTPUT in spec.output_names:
         parts.append(f"-> {MODEL_OUTPUT}")
     else:
-        parts.append("part of a stage cut by size")
+        parts.append("a piece without a merge site (cut for the feature cache or by size)")
     return ", ".join(parts)
 
 

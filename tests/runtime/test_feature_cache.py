@@ -147,3 +147,25 @@ def test_parse_feature_cache_spellings():
     assert parse_feature_cache("full:0,4,9;1") == FeatureCacheSettings(branch=1, full_steps=(0, 4, 9))
     for s in (FeatureCacheSettings(4, 3), FeatureCacheSettings(branch=2, full_steps=(0, 7))):
         assert parse_feature_cache(s.flag()) == s
+
+
+@pytest.mark.slow
+def test_verify_50_steps_with_caching_on_tiny(engine):
+    report = verify_engine(engine, steps=50, backend="ort-cpu", device="cpu")
+    assert report.ok, report.summary()
+    assert sum(r.cached_engine for r in report.rows) == 33  # interval 3 over 50 DDIM calls: 17 full, 33 cached
+
+
+@pytest.mark.slow
+def test_verify_50_steps_with_caching_on_tiny_xl(tmp_path):
+    out = tmp_path / "tiny-xl-fc"
+    build_engine("tiny-xl", out_dir=out, resolution=SIZE, verify=False, ort_optimize=False, feature_cache="3,0",
+                 cache_branches=(4,))
+    report = verify_engine(out, steps=50, backend="ort-cpu", device="cpu")
+    assert report.ok, report.summary()
+    assert sum(r.cached_engine for r in report.rows) == 33
+    # branch 0 skips SDXL's level-2 merge sites on cached calls; branch 4 (block 1, layer 1) keeps some of them
+    assert all(not r.merged_engine for r in report.rows if r.cached_engine)
+    deeper = verify_engine(out, steps=12, backend="ort-cpu", device="cpu", feature_cache=FeatureCacheSettings(3, 4))
+    assert deeper.ok, deeper.summary()
+    assert any(r.merged_engine for r in deeper.rows if r.cached_engine)
