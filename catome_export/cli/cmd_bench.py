@@ -164,18 +164,27 @@ def run_generation(args: argparse.Namespace) -> int:
                           "--json")
     config = generation_config_from_args(args)
     result = run_generation_bench(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
-    print(f"# {config.model} on {result.device.get('name', config.device)}")
+    _print_result(f"{config.model} on {result.device.get('name', config.device)}", result, args)
+    return 0
+
+
+def _print_result(title: str, result: Any, args: argparse.Namespace) -> None:
+    """The table, the notes and the files a benchmark result writes (--json, and --plot where it draws one)."""
+    print(f"# {title}")
     print()
     print(result.markdown(), end="")
     for note in result.notes:
         print(f"\nnote: {note}")
+    outputs = Outputs()
     if args.json:
-        outputs = Outputs()
         written = outputs.save(args.json, result.save_json, "--json")
         if written is not None:
             print(f"\nwrote {written}")
-        outputs.finish()
-    return 0
+    if args.plot:
+        written = outputs.save(args.plot, result.save_plot, "--plot")
+        if written is not None:
+            print(f"wrote {written}")
+    outputs.finish()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -192,21 +201,7 @@ def run(args: argparse.Namespace) -> int:
         raise CatomeError(f"--engine {config.engine_dir} is not a folder: build one with catome-export build, "
                           "or leave --engine out to build one for --model")
     result = run_bench(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
-    print(f"# {result.config.get('model')} on {result.header()}")
-    print()
-    print(result.markdown(), end="")
-    for note in result.notes:
-        print(f"\nnote: {note}")
-    outputs = Outputs()
-    if args.json:
-        written = outputs.save(args.json, result.save_json, "--json")
-        if written is not None:
-            print(f"\nwrote {written}")
-    if args.plot:
-        written = outputs.save(args.plot, result.save_plot, "--plot")
-        if written is not None:
-            print(f"wrote {written}")
-    outputs.finish()
+    _print_result(f"{result.config.get('model')} on {result.header()}", result, args)
     return 0
 
 

@@ -25,11 +25,11 @@ usual.
 from __future__ import annotations
 
 import logging
-import weakref
 from typing import Any, Callable, Sequence
 
 import torch
 
+from catome_export.eager._handle import PatchHandle
 from catome_export.errors import CatomeError
 from catome_export.featurecache import (
     BlockPosition, CacheClock, FeatureCacheSettings, UNetLayout, is_skipped, position_of,
@@ -40,8 +40,6 @@ from catome_export.featurecache.settings import DEFAULT_CACHE_BRANCH, DEFAULT_CA
 from catome_export.merging.steps import ResetOnCall, StepCounter
 
 logger = logging.getLogger(__name__)
-
-_ACTIVE: "weakref.WeakKeyDictionary[torch.nn.Module, DeepCacheHandle]" = weakref.WeakKeyDictionary()
 
 
 def wrapped_modules(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -111,16 +109,18 @@ def _timestep_value(timestep: Any) -> float | None:
     return None
 
 
-class DeepCacheHandle:
+class DeepCacheHandle(PatchHandle):
     """A live feature-caching patch on one U-Net; ``remove()`` restores the model exactly.
 
     ``history`` lists, per U-Net call of the current generation, whether it
     ran in full and its DeepCache position.
     """
 
+    _what = "feature caching"
+
     def __init__(self, unet: torch.nn.Module, settings: FeatureCacheSettings, pipeline: Any | None,
                  timesteps: Sequence[Any] | Callable[[], Sequence[Any] | None] | None) -> None:
-        self._unet = unet
+        super().__init__(unet)
         self._settings = settings
         self._pipeline = pipeline
         self.layout = UNetLayout.of(unet)
@@ -133,7 +133,6 @@ class DeepCacheHandle:
         self._installed: list[tuple[torch.nn.Module, _CachedForward, bool, Any]] = []
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._progress_bar: ResetOnCall | None = None
-        self._active = False
 
     def _timesteps_source(self, timesteps: Any) -> Callable[[], Sequence[Any] | None]:
         if callable(timesteps):
@@ -163,7 +162,7 @@ class DeepCacheHandle:
         except BaseException:
             self._uninstall()
             raise
-        self._active = True
+        self._register()
 
     def _uninstall(self) -> None:
         for hook in self._hooks:
@@ -213,10 +212,6 @@ class DeepCacheHandle:
         return self._settings
 
     @property
-    def active(self) -> bool:
-        return self._active
-
-    @property
     def history(self) -> list[CallRecord]:
         """Per U-Net call of the current generation: ``full`` and DeepCache's ``position``."""
         return list(self.clock.calls)
@@ -230,21 +225,6 @@ class DeepCacheHandle:
         """Pin the loop index of the next U-Net call (custom loops without scheduler timesteps); 0 also starts a
         new generation."""
         self._counter.set_step(index)
-
-    def remove(self) -> None:
-        """Undo the patch: every wrapped forward, the hooks and the pipeline's progress bar as they were."""
-        if not self._active:
-            return
-        self._uninstall()
-        self._active = False
-        if _ACTIVE.get(self._unet) is self:
-            del _ACTIVE[self._unet]
-
-    def __enter__(self) -> "DeepCacheHandle":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
 
     def __repr__(self) -> str:
         state = "active" if self._active else "removed"
@@ -281,13 +261,9 @@ def apply_deepcache(pipe_or_unet: Any, interval: int = DEFAULT_CACHE_INTERVAL, b
     elif (interval, branch, full_steps) != (DEFAULT_CACHE_INTERVAL, DEFAULT_CACHE_BRANCH, None):
         raise CatomeError("pass either settings= or interval/branch/full_steps, not both")
     pipeline, unet = split_target(pipe_or_unet)
-    existing = _ACTIVE.get(unet)
-    if existing is not None and existing.active:
-        raise CatomeError("feature caching is already applied to this U-Net: call remove() on the first handle "
-                          "before applying again")
+    DeepCacheHandle.refuse_if_patched(unet)
     if getattr(unet, "mid_block", None) is None:
         raise CatomeError("feature caching needs a U-Net with a mid block (the deepest features it caches)")
     handle = DeepCacheHandle(unet, settings, pipeline, timesteps)
     handle._install()
-    _ACTIVE[unet] = handle
     return handle

@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import weakref
 from typing import Any, Iterable, Sequence
 
 import torch
 
+from catome_export.eager._handle import PatchHandle
 from catome_export.eager.processors import FeedForwardMerger, MergingAttnProcessor, SiteSlot
 from catome_export.defaults import (
     DEFAULT_MERGE_SEED, DEFAULT_RATIO, DEFAULT_SCHEDULE, DEFAULT_STEP_BASE, DEFAULT_STRIDE,
@@ -44,8 +44,6 @@ from catome_export.models.sites import MergeSite, default_merge_level, find_merg
 
 logger = logging.getLogger(__name__)
 
-_ACTIVE: "weakref.WeakKeyDictionary[torch.nn.Module, CatomeHandle]" = weakref.WeakKeyDictionary()
-"""U-Nets that carry a live patch (applying twice is refused)."""
 
 
 def split_target(pipe_or_unet: Any) -> tuple[Any | None, torch.nn.Module]:
@@ -71,7 +69,7 @@ def _timestep_value(timestep: Any) -> float | None:
     return None
 
 
-class CatomeHandle:
+class CatomeHandle(PatchHandle):
     """A live CA-ToMe (or ToMe) patch on one U-Net; ``remove()`` restores the model exactly.
 
     Use it as a context manager to remove the patch on exit::
@@ -81,9 +79,11 @@ class CatomeHandle:
         print(handle.history[-1].merged)
     """
 
+    _what = "token merging"
+
     def __init__(self, unet: torch.nn.Module, settings: MergeSettings, sites: Sequence[MergeSite],
                  pipeline: Any | None = None) -> None:
-        self._unet = unet
+        super().__init__(unet)
         self._settings = settings
         self._sites = tuple(sites)
         self._pipeline = pipeline
@@ -96,7 +96,6 @@ class CatomeHandle:
         """Where each of ``_hooks`` sits (for the message when one was removed by someone else)."""
         self._processors: list[tuple[torch.nn.Module, Any, MergingAttnProcessor]] = []
         self._progress_bar: ResetOnCall | None = None
-        self._active = False
 
     # -- installation -----------------------------------------------------------------
     def _install(self) -> None:
@@ -124,7 +123,7 @@ class CatomeHandle:
         except BaseException:
             self._uninstall()
             raise
-        self._active = True
+        self._register()
 
     def _hook(self, where: str, handle: torch.utils.hooks.RemovableHandle) -> None:
         self._hooks.append(handle)
@@ -231,11 +230,6 @@ class CatomeHandle:
         return self._unet
 
     @property
-    def active(self) -> bool:
-        """True until :meth:`remove`."""
-        return self._active
-
-    @property
     def history(self) -> list[StepStats]:
         """Per U-Net call of the current generation: loop index, r per site index, matched flags."""
         return self.controller.history
@@ -269,19 +263,10 @@ class CatomeHandle:
 
     def remove(self) -> None:
         """Undo the patch: hooks, processors and wrapped methods as they were. Safe to call twice."""
-        if not self._active:
-            return
-        self._uninstall()
-        self._active = False
-        if _ACTIVE.get(self._unet) is self:
-            del _ACTIVE[self._unet]
-        logger.debug("token merging removed from %d sites", len(self._sites))
-
-    def __enter__(self) -> "CatomeHandle":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
+        was_active = self._active
+        super().remove()
+        if was_active:
+            logger.debug("token merging removed from %d sites", len(self._sites))
 
     def __repr__(self) -> str:
         state = "active" if self._active else "removed"
@@ -318,10 +303,7 @@ class _BlockHook:
 
 # -- entry points ------------------------------------------------------------------------
 def refuse_if_patched(unet: torch.nn.Module) -> None:
-    existing = _ACTIVE.get(unet)
-    if existing is not None and existing.active:
-        raise CatomeError("token merging is already applied to this U-Net: call remove() on the first handle "
-                          "(or leave its `with` block) before applying again")
+    CatomeHandle.refuse_if_patched(unet)
 
 
 def apply_merging(pipe_or_unet: Any, settings: MergeSettings) -> CatomeHandle:
@@ -339,7 +321,6 @@ def apply_merging(pipe_or_unet: Any, settings: MergeSettings) -> CatomeHandle:
     sites = find_merge_sites(unet, settings.max_downsample)
     handle = CatomeHandle(unet, settings, sites, pipeline)
     handle._install()
-    _ACTIVE[unet] = handle
     logger.debug("token merging applied at %d sites: %s, %s", len(sites), settings.mode, settings.schedule.describe())
     return handle
 

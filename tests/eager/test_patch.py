@@ -30,9 +30,9 @@ def clean(unet):
     yield
     after = _state(unet)
     if after != before:
-        from catome_export.eager import patch
+        from catome_export.eager.patch import CatomeHandle
 
-        handle = patch._ACTIVE.get(unet)
+        handle = CatomeHandle._registry.get(unet)
         if handle is not None:
             handle.remove()
         pytest.fail("the test left the U-Net patched")
