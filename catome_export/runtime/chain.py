@@ -92,6 +92,18 @@ class StageChain:
             free[pos].append(name)
         return [tuple(names) for names in free]
 
+    def external_inputs(self, stages: Sequence[int]) -> list[str]:
+        """Names the walk of ``stages`` reads that none of them returns (model inputs, kept tensors, plans)."""
+        made: set[str] = set()
+        out: list[str] = []
+        for index in stages:
+            spec = self.specs[index]
+            for t in spec.inputs:
+                if t.name not in made and t.name not in out:
+                    out.append(t.name)
+            made |= {t.name for t in spec.outputs}
+        return out
+
     def check_subset(self, stages: Sequence[int], provided: Collection[str]) -> None:
         """CatomeError unless walking only ``stages`` (in chain order) works from the model inputs and
         ``provided`` (tensors kept from a full walk): what a cached feature-cache call runs."""

@@ -98,6 +98,8 @@ class Runtime:
         self._timings: list[tuple[float, float]] = []
         self._closed = False
         self._graphs: Any = None
+        self._shallow_graphs: dict[int, Any] = {}
+        """Per feature-cache branch, the graph runner of its cached calls (with CUDA graphs on)."""
         self._last_shape: tuple[int, int, int] | None = None
         self._owner = GenerationOwner()
         self.cache_record: FeatureCacheRecord | None = (cache_record if cache_record is not None or manifest is None
@@ -417,6 +419,10 @@ class Runtime:
             branch = self._branch()
             if features:
                 env.update(self._kept)
+                if self._graphs is not None and cached_step:
+                    replayed = self._replay_shallow(env, latent_hw, branch)
+                    if replayed is not None:
+                        return replayed
                 return self.chain.run(env, plan_hook, stages=branch.stages)
             return self.chain.run(env, plan_hook, keep=branch.cached, kept=self._kept)
         if self._graphs is not None and cached_step:
@@ -461,9 +467,20 @@ class Runtime:
         generation = (lambda: memory.generation) if hasattr(memory, "generation") else None
         if self._graphs is not None:
             self._graphs.invalidate(reason="CUDA graphs enabled again")
+        self._drop_shallow_graphs("CUDA graphs enabled again")
         runners = list(self.chain.runners)
         self._graphs = ChainGraphRunner(lambda: graph_chain(runners), capture, max_graphs=max_graphs,
                                         memory_generation=generation)
+
+    def _drop_shallow_graphs(self, reason: str) -> None:
+        for runner in self._shallow_graphs.values():
+            runner.invalidate(reason=reason)
+        self._shallow_graphs = {}
+
+    @property
+    def shallow_graph_runners(self) -> dict[int, Any]:
+        """Per feature-cache branch, the CUDA-graph runner of its cached calls (empty until one replayed)."""
+        return dict(self._shallow_graphs)
 
     @property
     def graph_runner(self) -> Any:
@@ -485,6 +502,37 @@ class Runtime:
             env.update(zip(plan_names(site), plans[site].tensors()))
         key = ChainGraphCache.key(batch, latent_hw, {k: p.num_merged for k, p in plans.items()})
         outputs: dict[str, torch.Tensor] = self._graphs.run(key, env, plan_versions=plans)
+        return outputs[MODEL_OUTPUT]
+
+    def _replay_shallow(self, env: dict[str, torch.Tensor], latent_hw: tuple[int, int],
+                        branch: Any) -> torch.Tensor | None:
+        """A feature-cached call whose shallow sites all reuse their plans, as a captured graph of the shallow
+        stages (its own graph runner per branch, so its key and inputs are its own); None when a site must match
+        (the call then runs stage by stage)."""
+        from catome_export.runtime.cuda_graphs import ChainGraphCache, ChainGraphRunner, graph_chain
+
+        batch = int(env[SAMPLE].shape[0])
+        plans: dict[int, MergePlan] = {}
+        for index in branch.stages:
+            site = self.chain.specs[index].site
+            if site is None:
+                continue
+            plan = self.controller.cached_plan(site, batch, self.sites[site].grid(latent_hw), self.device)
+            if plan is None:
+                return None
+            plans[site] = plan
+        for site, plan in plans.items():
+            env.update(zip(plan_names(site), plan.tensors()))
+        runner = self._shallow_graphs.get(branch.branch)
+        if runner is None:
+            stages = [self.chain.runners[i] for i in branch.stages]
+            runner = ChainGraphRunner(lambda: graph_chain(stages), self._graphs.capture_impl,
+                                      max_graphs=self._graphs.cache.max_entries,
+                                      memory_generation=self._graphs.memory_generation)
+            self._shallow_graphs[branch.branch] = runner
+        inputs = {name: env[name] for name in self.chain.external_inputs(branch.stages) if name in env}
+        key = ChainGraphCache.key(batch, latent_hw, {k: p.num_merged for k, p in plans.items()})
+        outputs: dict[str, torch.Tensor] = runner.run(key, inputs, plan_versions=plans)
         return outputs[MODEL_OUTPUT]
 
     def attach(self, pipe: Any) -> Any:
@@ -510,6 +558,7 @@ class Runtime:
         if self._graphs is not None:
             self._graphs.invalidate(reason="runtime closed")
             self._graphs = None
+        self._drop_shallow_graphs("runtime closed")
         self.chain.close()
         if self.backend is not None:
             self.backend.close()
