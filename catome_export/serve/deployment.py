@@ -27,8 +27,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from catome_export.errors import CatomeError
-from catome_export.serve.protocol import ImageJob, RequestError, error_body, parse_request
-from catome_export.serve.service import ImageResult, ImageService, ServeOptions, check_max_batch, engine_batch_range
+from catome_export.serve.protocol import ImageJob, RequestError, error_body, parse_request, render
+from catome_export.serve.service import (ImageResult, ImageService, ServeOptions, check_max_batch, engine_batch_range,
+                                         generation_answer)
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +40,16 @@ BATCH_LIMIT = 256
 """Upper bound of ``max_batch`` the batching decorator is declared with; each replica lowers it to its option."""
 
 
+class _AsciiJSONResponse(JSONResponse):
+    """JSON written by :func:`~catome_export.serve.protocol.render` (ASCII: a request's unencodable text, echoed in
+    an error, cannot break the answer)."""
+
+    def render(self, content: Any) -> bytes:
+        return render(content)
+
+
 def _json(body: dict[str, Any], status: int = 200) -> Response:
-    return JSONResponse(body, status_code=status)
+    return _AsciiJSONResponse(body, status_code=status)
 
 
 @serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=32, health_check_period_s=5, health_check_timeout_s=30,
@@ -59,6 +68,14 @@ class ImageDeployment:
         self.generate_batch.set_batch_wait_timeout_s(self.options.batch_wait_s)
 
     async def __call__(self, request: Request) -> Response:
+        try:
+            return await self._route(request)
+        except Exception as exc:  # never Starlette's plain-text 500: the API's error shape, the cause in the log
+            logger.exception("answering %s %s failed", request.method, request.url.path)
+            return _json(error_body(f"the replica failed to answer ({type(exc).__name__}); retry the request",
+                                    kind="server_error"), 500)
+
+    async def _route(self, request: Request) -> Response:
         path = request.url.path.rstrip("/") or "/"
         if path == GENERATIONS_PATH:
             if request.method != "POST":
@@ -73,20 +90,14 @@ class ImageDeployment:
         try:
             request = parse_request(body, self.limits)
         except RequestError as exc:
-            return _json(error_body(str(exc), exc.param), 400)
+            return _json(error_body(str(exc), exc.param), exc.status)
         created = int(time.time())
         now = time.perf_counter()
         results = await asyncio.gather(*(self.generate_batch((job, now)) for job in request.jobs()))
-        for result in results:
-            if isinstance(result, RequestError):
-                return _json(error_body(str(result), result.param), 400)
-            if isinstance(result, Exception):
-                logger.error("a generation failed: %s: %s", type(result).__name__, result)
-                return _json(error_body(f"the engine failed ({type(result).__name__}); retry the request",
-                                        kind="server_error"), 500)
-        images: list[ImageResult] = list(results)
-        return _json({"created": created, "data": [{"b64_json": r.b64_png()} for r in images],
-                      "catome": {"replica_pid": self._info["replica_pid"], "images": [r.stats() for r in images]}})
+        status, answer = generation_answer(list(results), created)
+        if status == 200:
+            answer["catome"] = {"replica_pid": self._info["replica_pid"], **answer["catome"]}
+        return _json(answer, status)
 
     @serve.batch(max_batch_size=BATCH_LIMIT, batch_wait_timeout_s=0.01)
     async def generate_batch(self, items: list[tuple[ImageJob, float]]) -> list[ImageResult | Exception]:

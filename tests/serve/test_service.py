@@ -1,4 +1,6 @@
-"""The replica's work without Ray: batch-1 identity with a direct call, grouping and chunking, health, options."""
+"""The replica's work without Ray: batch-1 identity with a direct call, grouping and chunking, health, options, and
+faults: a request's own faults (text the tokenizer cannot read, steps the scheduler cannot run, NaN images) fail that
+request only and leave the replica healthy; the engine's faults fail its health check."""
 
 from __future__ import annotations
 
@@ -8,8 +10,9 @@ import numpy as np
 import pytest
 
 from catome_export.errors import CatomeError
-from catome_export.serve.protocol import ImageJob, RequestError
-from catome_export.serve.service import ImageService, ServeOptions, check_max_batch
+from catome_export.serve.protocol import ImageJob, RequestError, render
+from catome_export.serve.service import (ImageResult, ImageService, ServeOptions, check_max_batch,
+                                         generation_answer, scheduler_step_limit)
 
 pytest.importorskip("PIL", reason="pillow is not installed")
 
@@ -20,8 +23,9 @@ def _pixels(png: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
 
 
-def _job(seed: int, guidance: float = 7.5, threshold: float | None = None, size: int = 128) -> ImageJob:
-    return ImageJob("a red fox", None, seed, 2, guidance, size, size, threshold)
+def _job(seed: int, guidance: float = 7.5, threshold: float | None = None, size: int = 128, steps: int = 2,
+         prompt: str = "a red fox", negative: str | None = None) -> ImageJob:
+    return ImageJob(prompt, negative, seed, steps, guidance, size, size, threshold)
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +104,7 @@ def test_service_limits_come_from_the_manifest(service):
     limits = service.limits
     assert (limits.height, limits.width, limits.batch) == ((128, 192), (128, 192), (1, 2))
     assert limits.threshold_allowed and limits.default_steps == 2
+    assert (limits.max_steps, limits.scheduler) == (999, "PNDMScheduler")  # from the pipeline's scheduler
 
 
 def test_options_are_checked():
@@ -114,3 +119,129 @@ def test_options_are_checked():
     with pytest.raises(CatomeError, match="max-batch 3 is above the engine's built batch range 1..2"):
         check_max_batch(3, (1, 2))
     check_max_batch(2, (1, 2))
+
+
+# -- a request's faults are the request's -------------------------------------------------------------------------
+
+def _denoise(scheduler, steps: int) -> None:
+    """The pipeline's denoising loop over ``scheduler`` with a stand-in model (zeros)."""
+    import torch
+
+    scheduler.set_timesteps(steps)
+    sample = torch.zeros(1, 4, 2, 2)
+    for t in scheduler.timesteps:
+        scheduler.scale_model_input(sample, t)
+        sample = scheduler.step(torch.zeros_like(sample), t, sample).prev_sample
+
+
+@pytest.mark.parametrize("name, limit", [("pndm", 999), ("ddim", 999), ("euler", 1000)])
+def test_the_step_limit_is_asked_of_the_scheduler_and_exact(name, limit):
+    from catome_export.models.pipeline import tiny_pipeline
+
+    scheduler = tiny_pipeline(name).scheduler
+    assert scheduler_step_limit(scheduler) == limit
+    assert scheduler.num_inference_steps is None  # asked of copies: the pipeline's own is untouched
+    _denoise(scheduler, limit)
+    if limit < scheduler.config.num_train_timesteps:  # one more step is what broke replicas (PNDM: IndexError)
+        with pytest.raises(IndexError):
+            _denoise(scheduler, limit + 1)
+
+
+def test_default_steps_the_scheduler_cannot_run_are_refused_at_load(tiny_engine):
+    with pytest.raises(CatomeError, match=r"--steps 1000 is more than the pipeline's PNDMScheduler runs \(999\): "
+                                          "use --steps 999 or fewer"):
+        ImageService(ServeOptions(str(tiny_engine), backend="ort", steps=1000, threads=1))
+
+
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
+def test_text_the_tokenizer_cannot_read_fails_that_job_only(service, field):
+    bad = _job(3, prompt="\ud800 fox") if field == "prompt" else _job(3, negative="a \udfff")
+    results = service.run_jobs([bad, _job(4)])
+    assert isinstance(results[0], RequestError) and results[0].param == field and results[0].status == 400
+    assert str(results[0]).startswith(f"{field} cannot be tokenized (")
+    assert isinstance(results[1], ImageResult)
+    service.check_health()
+
+
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
+def test_a_lone_surrogate_is_a_400_naming_the_field(service, field):
+    status, body = service.answer(('{"prompt": "a fox", "' + field + '": "\\ud800"}').encode())
+    assert status == 400 and body["error"]["param"] == field
+    assert body["error"]["message"].startswith(f"{field} contains a lone surrogate \\ud800 at character 0")
+    service.check_health()
+
+
+def test_steps_the_scheduler_cannot_run_are_the_requests_fault(service):
+    status, body = service.answer(b'{"prompt": "a fox", "steps": 1000}')
+    assert status == 400 and body["error"]["param"] == "steps" and "1..999" in body["error"]["message"]
+    [before] = service.run_jobs([_job(8)])
+    # past validation (as a fault it does not know of would be): the request's fault, answered 422
+    [result] = service.run_jobs([_job(8, steps=1000)])
+    assert isinstance(result, RequestError) and result.status == 422
+    assert "IndexError" in str(result) and "a check generation succeeded" in str(result)
+    service.check_health()
+    [after] = service.run_jobs([_job(8)])
+    np.testing.assert_array_equal(_pixels(after.png), _pixels(before.png))
+
+
+def test_a_nan_image_is_never_answered_as_an_image(service):
+    status, body = service.answer(b'{"prompt": "a fox", "guidance_scale": 1e30}')
+    assert status == 400 and body["error"]["param"] == "guidance_scale"
+    # past validation: the pipeline makes NaN pixels (once cast to a black PNG and answered 200)
+    [result] = service.run_jobs([_job(9, guidance=1e30)])
+    assert isinstance(result, RequestError) and result.status == 422
+    assert "NaN or infinite pixels" in str(result)
+    assert generation_answer([result], 0)[0] == 422
+    service.check_health()
+
+
+def test_one_job_at_fault_in_a_shared_call_fails_alone(service, monkeypatch):
+    real = service.pipe
+
+    def fails_on_poison(**kwargs):
+        if "poison" in kwargs["prompt"]:
+            raise ValueError("cannot embed this prompt")
+        return real(**kwargs)
+
+    monkeypatch.setattr(service, "pipe", fails_on_poison)
+    good, bad = _job(21, guidance=1.0), _job(22, guidance=1.0, prompt="poison")  # two per call (max_batch 2)
+    results = service.run_jobs([good, bad])
+    assert isinstance(results[0], ImageResult) and results[0].batch_images == 1  # retried alone
+    assert isinstance(results[1], RequestError) and results[1].status == 422 and "ValueError" in str(results[1])
+    service.check_health()
+    [alone] = service.run_jobs([good])
+    np.testing.assert_array_equal(_pixels(results[0].png), _pixels(alone.png))
+
+
+def test_nan_images_from_the_engine_itself_fail_its_health(tiny_engine, monkeypatch):
+    svc = ImageService(ServeOptions(str(tiny_engine), backend="ort", steps=2, threads=1))
+    try:
+        real = svc.pipe
+
+        def nan_engine(**kwargs):
+            output = real(**kwargs)
+            output.images[...] = np.nan
+            return output
+
+        monkeypatch.setattr(svc, "pipe", nan_engine)
+        [result] = svc.run_jobs([_job(1)])
+        assert not isinstance(result, RequestError)  # the check generation is NaN too: the engine's fault
+        status, body = generation_answer([result], 0)
+        assert status == 500 and body["error"]["type"] == "server_error"
+        with pytest.raises(CatomeError, match="the engine failed and cannot be trusted: NonFiniteImage: 49152 of "
+                                              "49152 pixel values are NaN or infinite"):
+            svc.check_health()
+    finally:
+        svc.close()
+
+
+@pytest.mark.parametrize("raw, param", [
+    (b'{"prompt": "a fox", "seed": ' + b"9" * 5000 + b"}", None),
+    (b"[" * 100_000, None),
+    (b'{"prompt": "a fox", "\\ud800": 1}', "\ud800"),
+], ids=["5000-digit integer", "100000-deep nesting", "lone surrogate field name"])
+def test_bodies_json_cannot_take_are_400s_in_the_api_shape(service, raw, param):
+    status, body = service.answer(raw)
+    assert status == 400 and body["error"]["type"] == "invalid_request_error" and body["error"]["param"] == param
+    render(body).decode("ascii")
+    service.check_health()
