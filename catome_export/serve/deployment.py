@@ -52,12 +52,30 @@ def _json(body: dict[str, Any], status: int = 200) -> Response:
     return _AsciiJSONResponse(body, status_code=status)
 
 
+def _log_to_the_replica_file() -> None:
+    """Inside a Serve replica: this package's log records (INFO and up) go to the replica's own Serve log file
+    (``logs/serve/replica_*.log`` of the Ray session), beside Serve's lines; the replica's pid is there ("replica
+    pid N: engine ... loaded", and every failure line), not in any response. Outside a replica (tests that make
+    the deployment's class in-process) nothing changes."""
+    try:
+        serve.get_replica_context()
+    except Exception:  # RayServeException: not in a replica
+        return
+    package = logging.getLogger("catome_export")
+    for handler in logging.getLogger("ray.serve").handlers:
+        if handler not in package.handlers:
+            package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    package.propagate = False
+
+
 @serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=32, health_check_period_s=5, health_check_timeout_s=30,
                   graceful_shutdown_timeout_s=5)
 class ImageDeployment:
     """A replica: one engine, its pipeline, one runtime thread; answers the images API over HTTP."""
 
     def __init__(self, options: dict[str, Any]) -> None:
+        _log_to_the_replica_file()
         self.options = ServeOptions.from_dict(options)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catome-runtime")
         # The service is built on the runtime thread too: the engine is only ever touched from that thread.
@@ -95,8 +113,6 @@ class ImageDeployment:
         now = time.perf_counter()
         results = await asyncio.gather(*(self.generate_batch((job, now)) for job in request.jobs()))
         status, answer = generation_answer(list(results), created)
-        if status == 200:
-            answer["catome"] = {"replica_pid": self._info["replica_pid"], **answer["catome"]}
         return _json(answer, status)
 
     @serve.batch(max_batch_size=BATCH_LIMIT, batch_wait_timeout_s=0.01)

@@ -308,7 +308,7 @@ class ImageService:
                 "max_batch": self.options.max_batch, "max_images": self.limits.max_images,
                 "default_steps": self.limits.default_steps, "max_steps": self.limits.max_steps,
                 "scheduler": self.limits.scheduler, "threshold_allowed": self.limits.threshold_allowed,
-                "merge": self.default_settings.to_dict(), "replica_pid": os.getpid()}
+                "merge": self.default_settings.to_dict()}
 
     # -- generation -------------------------------------------------------------------
     def answer(self, body: bytes | str) -> tuple[int, dict[str, Any]]:

@@ -111,3 +111,9 @@ def test_an_unexpected_error_is_a_json_500(replica, monkeypatch):
     assert status == 500 and body["error"] == {"message": "the replica failed to answer (RuntimeError); retry the "
                                                           "request", "type": "server_error", "param": None,
                                                "code": None}
+
+
+def test_the_engine_endpoint_names_no_process(replica):
+    status, body = _call(replica, b"", method="GET", path="/v1/engine")
+    assert status == 200 and body["engine"] == "tiny" and body["max_steps"] == 999
+    assert "replica_pid" not in body

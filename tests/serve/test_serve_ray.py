@@ -39,6 +39,8 @@ def test_service_end_to_end(tiny_engine, tmp_path, ray_isolation, ray_env, ray_t
     direct = report["direct"]
     assert direct["status"] == 200 and direct["batch_images"] == 1
     assert direct["identical"], direct
+    assert direct["catome_fields"] == ["images"] and "replica_pid" not in report["engine_fields"]  # pids: logs only
+    assert len(report["replica_pids"]) == 2  # found in the replicas' Serve log files
 
     bad = report["bad_requests"]
     assert len(bad["cases"]) == 8

@@ -213,9 +213,18 @@ def test_one_job_at_fault_in_a_shared_call_fails_alone(service, monkeypatch):
     np.testing.assert_array_equal(_pixels(results[0].png), _pixels(alone.png))
 
 
-def test_nan_images_from_the_engine_itself_fail_its_health(tiny_engine, monkeypatch):
+def test_nan_images_from_the_engine_itself_fail_its_health_and_the_log_names_the_pid(tiny_engine, monkeypatch,
+                                                                                    caplog):
+    import logging
+    import os
+
+    from catome_export.serve.loadtest import REPLICA_PID_LINE
+
+    caplog.set_level(logging.INFO, logger="catome_export")
     svc = ImageService(ServeOptions(str(tiny_engine), backend="ort", steps=2, threads=1))
     try:
+        # the line the load test finds a replica's pid by (responses name no process)
+        assert [int(m.group(1)) for m in map(REPLICA_PID_LINE.search, caplog.messages) if m] == [os.getpid()]
         real = svc.pipe
 
         def nan_engine(**kwargs):
@@ -231,6 +240,7 @@ def test_nan_images_from_the_engine_itself_fail_its_health(tiny_engine, monkeypa
         with pytest.raises(CatomeError, match="the engine failed and cannot be trusted: NonFiniteImage: 49152 of "
                                               "49152 pixel values are NaN or infinite"):
             svc.check_health()
+        assert any(f"replica pid {os.getpid()} reports itself unhealthy" in m for m in caplog.messages)
     finally:
         svc.close()
 
@@ -245,3 +255,12 @@ def test_bodies_json_cannot_take_are_400s_in_the_api_shape(service, raw, param):
     assert status == 400 and body["error"]["type"] == "invalid_request_error" and body["error"]["param"] == param
     render(body).decode("ascii")
     service.check_health()
+
+
+def test_responses_name_no_process(service):
+    import json
+
+    assert "replica_pid" not in service.info()
+    status, body = service.answer(b'{"prompt": "a red fox", "size": "128x128", "steps": 2}')
+    assert status == 200 and set(body) == {"created", "data", "catome"} and set(body["catome"]) == {"images"}
+    assert "replica_pid" not in json.dumps(body)
