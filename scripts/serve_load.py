@@ -160,8 +160,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             start_app(app, host=loadtest.HOST, port=port, local=True)
             report["deploy_s"] = round(time.perf_counter() - t1, 2)
             info = loadtest.get(port, "/v1/engine").body
-            report["engine"] = {k: info.get(k) for k in ("engine", "backend", "device", "sizes", "default_size",
-                                                          "unet_batch", "max_batch")}
+            report["engine"] = {k: info.get(k) for k in ("engine", "engine_sha256", "backend", "device", "sizes",
+                                                          "default_size", "unet_batch", "max_batch")}
             width, height = (int(x) for x in info["default_size"].split("x"))
             payload = {"prompt": "a red fox in the snow", "size": info["default_size"]}
             report["engine_fields"] = sorted(info)

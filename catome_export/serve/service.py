@@ -14,6 +14,12 @@ a chunk of several can differ by a few pixel levels from the same request
 alone; with ``max_batch=1`` every image equals a direct
 :func:`catome_export.workflows.generate.generate` call with the same seed.
 
+Engine identity: the application is deployed with the sha256 of the engine
+folder's manifest.json (``ServeOptions.engine_sha256``, recorded by
+:func:`catome_export.serve.deployment.build_app`); a replica checks it before it
+loads anything and refuses another engine (:class:`EngineMismatch`). The hash
+is in ``GET /v1/engine`` and in every answer's stats.
+
 Faults: a request's own faults stay the request's. Validation
 (:mod:`~catome_export.serve.protocol`, and the tokenizers here) refuses what it
 can up front; the most steps a request may ask for comes from the pipeline's
@@ -32,6 +38,7 @@ import copy
 import io
 import logging
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -50,6 +57,7 @@ DEFAULT_MAX_IMAGES = 8
 """Most images one request may ask for (``n``) unless the options say otherwise."""
 STEP_LIMIT_DRY_RUNS = 8
 """Most step counts :func:`scheduler_step_limit` runs a scheduler through before it gives up."""
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 CHECK_PROMPT = "a photograph"
 """Prompt of the check generation that tells an engine fault from a request's (see the module docstring)."""
 
@@ -78,6 +86,9 @@ class ServeOptions:
     """Options for the backend (``Runtime.load(..., backend_options=...)``), e.g. ``{"cpu_mem_arena": False}``:
     ONNX Runtime's CPU arena keeps every buffer size it has met, and CA-ToMe's merge counts make new sizes, so a
     replica's memory creeps up over many requests with the arena on (see docs/serving.md)."""
+    engine_sha256: str | None = None
+    """sha256 (hex) of the engine folder's manifest.json the application was deployed with: a replica whose folder
+    holds another engine refuses to serve (None: not pinned; ``build_app`` always pins it)."""
 
     def __post_init__(self) -> None:
         for name, lo in (("max_batch", 1), ("steps", 1), ("max_images", 1)):
@@ -92,6 +103,10 @@ class ServeOptions:
         if isinstance(self.batch_wait_s, bool) or not isinstance(self.batch_wait_s, (int, float)) \
                 or not 0 <= self.batch_wait_s <= 10:
             raise CatomeError(f"batch_wait_s must be a number of seconds in 0..10, got {self.batch_wait_s!r}")
+        if self.engine_sha256 is not None and (not isinstance(self.engine_sha256, str)
+                                               or _SHA256.fullmatch(self.engine_sha256) is None):
+            raise CatomeError(f"engine_sha256 must be 64 lowercase hex digits (sha256sum ENGINE_DIR/manifest.json), "
+                              f"got {self.engine_sha256!r}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ServeOptions":
@@ -106,6 +121,60 @@ class ServeOptions:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def manifest_sha256(engine_dir: str | Path) -> str:
+    """sha256 (hex) of ``engine_dir/manifest.json``: the engine's identity, as the application pins it."""
+    from catome_export.export.manifest import MANIFEST_FILE
+    from catome_export.fsutil import sha256_file
+
+    folder = Path(engine_dir)
+    if not folder.is_dir():
+        raise CatomeError(f"engine folder {folder} does not exist: build it with catome-export build")
+    path = folder / MANIFEST_FILE
+    try:
+        return sha256_file(path)
+    except OSError as exc:
+        raise CatomeError(f"cannot read {path} ({exc.strerror or type(exc).__name__}): serve a finished build "
+                          "(catome-export build writes manifest.json last)") from None
+
+
+class EngineMismatch(CatomeError):
+    """The engine folder holds another engine than the application was deployed with."""
+
+
+def check_engine_identity(engine_dir: str | Path, expected: str | None) -> str:
+    """The folder's manifest hash; :class:`EngineMismatch` (naming both hashes and what to do) when it is not
+    ``expected``."""
+    actual = manifest_sha256(engine_dir)
+    if expected is not None and actual != expected:
+        raise EngineMismatch(
+            f"engine folder {engine_dir} holds another engine than the application was deployed with: its "
+            f"manifest.json has sha256 {actual}, the deployment pinned {expected}. The folder was changed after "
+            "deployment; a served folder must never be rebuilt in place: build the new engine into a new folder and "
+            "redeploy with that folder (docs/serving.md, \"Rolling out a new engine\")")
+    return actual
+
+
+def pin_engine(options: ServeOptions) -> ServeOptions:
+    """``options`` with the engine pinned: ``engine_sha256`` is the sha256 of the folder's manifest.json.
+
+    Where the folder is on this machine its hash is recorded (a given ``engine_sha256`` must match it). Where it
+    is not (a cluster whose GPU machines alone hold it) the hash must be given, so that every replica can check it
+    serves that engine.
+    """
+    if Path(options.engine_dir).exists():
+        actual = manifest_sha256(options.engine_dir)
+        if options.engine_sha256 not in (None, actual):
+            raise CatomeError(f"engine_sha256 {options.engine_sha256} is not the engine in {options.engine_dir} "
+                              f"(its manifest.json has sha256 {actual}): deploy the folder that holds the engine you "
+                              "mean, or leave engine_sha256 out to pin the one there")
+        return replace(options, engine_sha256=actual)
+    if options.engine_sha256 is None:
+        raise CatomeError(f"engine folder {options.engine_dir} is not on this machine, so its engine cannot be pinned "
+                          "here: give engine_sha256 (--engine-sha256; sha256sum ENGINE_DIR/manifest.json on a machine "
+                          "that has the folder), and every replica checks it serves that engine")
+    return options
 
 
 def engine_batch_range(engine_dir: str | Path) -> tuple[int, int]:
@@ -251,6 +320,8 @@ class ImageService:
         from catome_export.runtime.embed import attach
 
         self.options = options
+        # the engine's identity, checked against the deployment's before anything is loaded
+        self.engine_sha256 = check_engine_identity(options.engine_dir, options.engine_sha256)
         if options.threads is not None:
             torch.set_num_threads(options.threads)
         backend_options = dict(options.backend_options or {})
@@ -285,9 +356,10 @@ class ImageService:
         self._failure: str | None = None
         self._closed = False
         backend = getattr(self.runtime.backend, "name", "engine")
-        logger.info("replica pid %d: engine %s loaded on %s (%s): sizes %s, batch %d..%d, max %d images per call, "
-                    "1..%d steps (%s)", os.getpid(), manifest.name, backend, self.runtime.device,
-                    self.limits.size_text(), *self.limits.batch, options.max_batch, max_steps, scheduler)
+        logger.info("replica pid %d: engine %s loaded on %s (%s): manifest sha256 %s, sizes %s, batch %d..%d, max %d "
+                    "images per call, 1..%d steps (%s)", os.getpid(), manifest.name, backend, self.runtime.device,
+                    self.engine_sha256, self.limits.size_text(), *self.limits.batch, options.max_batch, max_steps,
+                    scheduler)
 
     # -- health -----------------------------------------------------------------------
     def check_health(self) -> None:
@@ -300,7 +372,8 @@ class ImageService:
     def info(self) -> dict[str, Any]:
         """What clients may ask for: sizes, batch, defaults (``GET /v1/engine``)."""
         m = self.runtime.manifest
-        return {"engine": m.name if m is not None else None, "model": m.model.id if m is not None else None,
+        return {"engine": m.name if m is not None else None, "engine_sha256": self.engine_sha256,
+                "model": m.model.id if m is not None else None,
                 "precision": m.precision if m is not None else None,
                 "backend": getattr(self.runtime.backend, "name", None), "device": str(self.runtime.device),
                 "sizes": self.limits.size_text(), "default_size": f"{self.limits.default_size[1]}x"
@@ -317,7 +390,7 @@ class ImageService:
             request = parse_request(body, self.limits)
         except RequestError as exc:
             return exc.status, error_body(str(exc), exc.param)
-        return generation_answer(self.run_jobs(request.jobs()), int(time.time()))
+        return generation_answer(self.run_jobs(request.jobs()), int(time.time()), self.engine_sha256)
 
     def chunk_size(self, job: ImageJob) -> int:
         """Images per pipeline call for jobs like ``job``: ``max_batch``, capped by the built batch range."""
@@ -461,9 +534,11 @@ class ImageService:
             self.runtime.close()
 
 
-def generation_answer(results: list[ImageResult | Exception], created: int) -> tuple[int, dict[str, Any]]:
-    """HTTP status and body for a request's job results: the images, or the first job's error (a
-    :class:`RequestError` with its own status; any other exception an engine failure, 500)."""
+def generation_answer(results: list[ImageResult | Exception], created: int,
+                      engine_sha256: str) -> tuple[int, dict[str, Any]]:
+    """HTTP status and body for a request's job results: the images (their stats naming the engine by its manifest
+    hash), or the first job's error (a :class:`RequestError` with its own status; any other exception an engine
+    failure, 500)."""
     for result in results:
         if isinstance(result, RequestError):
             return result.status, error_body(str(result), result.param)
@@ -473,4 +548,4 @@ def generation_answer(results: list[ImageResult | Exception], created: int) -> t
                                    kind="server_error")
     images = [r for r in results if isinstance(r, ImageResult)]
     return 200, {"created": created, "data": [{"b64_json": r.b64_png()} for r in images],
-                 "catome": {"images": [r.stats() for r in images]}}
+                 "catome": {"engine_sha256": engine_sha256, "images": [r.stats() for r in images]}}

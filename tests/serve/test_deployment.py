@@ -113,7 +113,43 @@ def test_an_unexpected_error_is_a_json_500(replica, monkeypatch):
                                                "code": None}
 
 
-def test_the_engine_endpoint_names_no_process(replica):
+def test_the_engine_endpoint_names_no_process(replica, tiny_engine):
+    import hashlib
+
     status, body = _call(replica, b"", method="GET", path="/v1/engine")
     assert status == 200 and body["engine"] == "tiny" and body["max_steps"] == 999
     assert "replica_pid" not in body
+    assert body["engine_sha256"] == hashlib.sha256((tiny_engine / "manifest.json").read_bytes()).hexdigest()
+
+
+def test_build_app_pins_the_engine(tiny_engine):
+    import hashlib
+
+    from catome_export.serve.deployment import app_options
+
+    options, scaling = app_options({"engine_dir": str(tiny_engine), "replicas": 2})
+    assert options.engine_sha256 == hashlib.sha256((tiny_engine / "manifest.json").read_bytes()).hexdigest()
+    assert scaling == {"replicas": 2}
+    with pytest.raises(CatomeError, match="is not the engine in"):
+        app_options({"engine_dir": str(tiny_engine), "engine_sha256": "0" * 64})
+
+
+def test_a_replica_started_on_another_engine_serves_nothing(tiny_engine, caplog):
+    import logging
+
+    from catome_export.serve.deployment import ImageDeployment
+
+    caplog.set_level(logging.ERROR, logger="catome_export")
+    made = ImageDeployment.func_or_class({"engine_dir": str(tiny_engine), "backend": "ort", "steps": 2,
+                                          "engine_sha256": "0" * 64})
+    try:
+        [line] = [m for m in caplog.messages if "refuses to serve" in m]
+        assert f"the deployment pinned {'0' * 64}" in line and "build the new engine into a new folder" in line
+        for method, path in (("GET", "/v1/engine"), ("POST", "/v1/images/generations")):
+            status, body = _call(made, b'{"prompt": "a fox"}', method=method, path=path)
+            assert status == 503 and body["error"]["type"] == "server_error"
+            assert "started on another engine than the application was deployed with" in body["error"]["message"]
+        with pytest.raises(CatomeError, match=f"the deployment pinned {'0' * 64}"):
+            asyncio.run(made.check_health())
+    finally:
+        made._executor.shutdown(wait=True)

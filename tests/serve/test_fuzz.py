@@ -128,7 +128,7 @@ def test_no_body_breaks_the_replica(service):
         assert json.loads(text) == body
         if status == 200:
             assert body["data"] and all(_pixels(d["b64_json"]).ndim == 3 for d in body["data"])
-            assert set(body["catome"]) == {"images"}  # no replica_pid
+            assert set(body["catome"]) == {"engine_sha256", "images"}  # no replica_pid
         else:
             error = body["error"]
             assert error["type"] == "invalid_request_error" and error["message"]

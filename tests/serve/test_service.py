@@ -11,8 +11,8 @@ import pytest
 
 from catome_export.errors import CatomeError
 from catome_export.serve.protocol import ImageJob, RequestError, render
-from catome_export.serve.service import (ImageResult, ImageService, ServeOptions, check_max_batch,
-                                         generation_answer, scheduler_step_limit)
+from catome_export.serve.service import (EngineMismatch, ImageResult, ImageService, ServeOptions, check_max_batch,
+                                         generation_answer, pin_engine, scheduler_step_limit)
 
 pytest.importorskip("PIL", reason="pillow is not installed")
 
@@ -28,9 +28,17 @@ def _job(seed: int, guidance: float = 7.5, threshold: float | None = None, size:
     return ImageJob(prompt, negative, seed, steps, guidance, size, size, threshold)
 
 
+def _sha256(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 @pytest.fixture(scope="module")
 def service(tiny_engine):
-    svc = ImageService(ServeOptions(str(tiny_engine), backend="ort", max_batch=2, steps=2, threads=1))
+    pinned = _sha256(tiny_engine / "manifest.json")  # as the application pins it at deploy
+    svc = ImageService(ServeOptions(str(tiny_engine), backend="ort", max_batch=2, steps=2, threads=1,
+                                    engine_sha256=pinned))
     yield svc
     svc.close()
 
@@ -191,7 +199,7 @@ def test_a_nan_image_is_never_answered_as_an_image(service):
     [result] = service.run_jobs([_job(9, guidance=1e30)])
     assert isinstance(result, RequestError) and result.status == 422
     assert "NaN or infinite pixels" in str(result)
-    assert generation_answer([result], 0)[0] == 422
+    assert generation_answer([result], 0, "0" * 64)[0] == 422
     service.check_health()
 
 
@@ -235,7 +243,7 @@ def test_nan_images_from_the_engine_itself_fail_its_health_and_the_log_names_the
         monkeypatch.setattr(svc, "pipe", nan_engine)
         [result] = svc.run_jobs([_job(1)])
         assert not isinstance(result, RequestError)  # the check generation is NaN too: the engine's fault
-        status, body = generation_answer([result], 0)
+        status, body = generation_answer([result], 0, "0" * 64)
         assert status == 500 and body["error"]["type"] == "server_error"
         with pytest.raises(CatomeError, match="the engine failed and cannot be trusted: NonFiniteImage: 49152 of "
                                               "49152 pixel values are NaN or infinite"):
@@ -262,5 +270,47 @@ def test_responses_name_no_process(service):
 
     assert "replica_pid" not in service.info()
     status, body = service.answer(b'{"prompt": "a red fox", "size": "128x128", "steps": 2}')
-    assert status == 200 and set(body) == {"created", "data", "catome"} and set(body["catome"]) == {"images"}
+    assert status == 200 and set(body) == {"created", "data", "catome"}
+    assert set(body["catome"]) == {"engine_sha256", "images"}
     assert "replica_pid" not in json.dumps(body)
+
+
+# -- the engine is pinned ------------------------------------------------------------------------------------------
+
+def test_the_served_engine_is_named_by_its_manifest_hash(tiny_engine, service):
+    expected = _sha256(tiny_engine / "manifest.json")
+    assert service.engine_sha256 == expected and service.info()["engine_sha256"] == expected
+    status, body = service.answer(b'{"prompt": "a red fox", "size": "128x128", "steps": 2}')
+    assert status == 200 and body["catome"]["engine_sha256"] == expected
+
+
+def test_a_replica_refuses_an_engine_rebuilt_in_place(tiny_engine, tmp_path):
+    import shutil
+
+    folder = tmp_path / "engine"
+    shutil.copytree(tiny_engine, folder)
+    deployed = pin_engine(ServeOptions(str(folder), backend="ort", steps=2, threads=1))
+    assert deployed.engine_sha256 == _sha256(folder / "manifest.json")
+    with open(folder / "manifest.json", "a") as f:  # the folder changes after deployment
+        f.write("\n")
+    now = _sha256(folder / "manifest.json")
+    with pytest.raises(EngineMismatch) as info:
+        ImageService(deployed)
+    message = str(info.value)
+    assert f"its manifest.json has sha256 {now}, the deployment pinned {deployed.engine_sha256}" in message
+    assert "build the new engine into a new folder and redeploy with that folder" in message
+
+
+def test_pinning_at_deploy(tiny_engine, tmp_path):
+    here = _sha256(tiny_engine / "manifest.json")
+    assert pin_engine(ServeOptions(str(tiny_engine))).engine_sha256 == here
+    assert pin_engine(ServeOptions(str(tiny_engine), engine_sha256=here)).engine_sha256 == here
+    with pytest.raises(CatomeError, match=f"engine_sha256 {'a' * 64} is not the engine in .*sha256 {here}"):
+        pin_engine(ServeOptions(str(tiny_engine), engine_sha256="a" * 64))
+    elsewhere = str(tmp_path / "on-the-gpu-machines")  # a folder only the cluster's machines hold
+    with pytest.raises(CatomeError, match="is not on this machine, so its engine cannot be pinned here: give "
+                                          "engine_sha256"):
+        pin_engine(ServeOptions(elsewhere))
+    assert pin_engine(ServeOptions(elsewhere, engine_sha256=here)).engine_sha256 == here
+    with pytest.raises(CatomeError, match="engine_sha256 must be 64 lowercase hex digits"):
+        ServeOptions(elsewhere, engine_sha256="ABC")
