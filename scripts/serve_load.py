@@ -160,17 +160,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             start_app(app, host=loadtest.HOST, port=port, local=True)
             report["deploy_s"] = round(time.perf_counter() - t1, 2)
             info = loadtest.get(port, "/v1/engine").body
-            report["engine"] = {k: info.get(k) for k in ("engine", "backend", "device", "sizes", "default_size",
-                                                          "unet_batch", "max_batch")}
+            report["engine"] = {k: info.get(k) for k in ("engine", "engine_sha256", "backend", "device", "sizes",
+                                                          "default_size", "unet_batch", "max_batch")}
             width, height = (int(x) for x in info["default_size"].split("x"))
             payload = {"prompt": "a red fox in the snow", "size": info["default_size"]}
+            report["engine_fields"] = sorted(info)
             warm = loadtest.run_load(port, lambda i: {**payload, "seed": i}, 4 * args.replicas, args.replicas)
             report["warmup"] = warm.summary()
-            pids = set(warm.replica_pids)
-            for _ in range(20):
-                if len(pids) >= args.replicas:
-                    break
-                pids.add(int(loadtest.get(port, "/v1/engine").body["replica_pid"]))
+            pids = replica_pids(args.ray_temp, args.replicas)
+            report["replica_pids"] = pids
             if args.check_direct:
                 report["direct"] = check_direct(args, port, payload["prompt"], (height, width))
             if args.bad_requests:
@@ -181,13 +179,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             report["load"] = load.summary()
             report["memory"] = memory_summary(sampler.samples)
             if args.kill_replica:
-                report["kill"] = check_kill(args, port, payload, sorted(pids))
+                report["kill"] = check_kill(args, port, payload, pids)
             report["replica_states_at_end"] = replica_states()
         finally:
             stop_app(local=True)
     report["machine"].update(machine("after"))
     report["total_s"] = round(time.perf_counter() - t0, 2)
     return report
+
+
+def replica_pids(ray_temp: str, replicas: int, timeout_s: float = 120.0) -> list[int]:
+    """The replicas' pids, from their Serve log files (responses name no process), once all have loaded."""
+    from catome_export.serve import loadtest
+
+    deadline = time.monotonic() + timeout_s
+    pids = loadtest.live_replica_pids(ray_temp)
+    while len(pids) < replicas and time.monotonic() < deadline:
+        time.sleep(0.5)
+        pids = loadtest.live_replica_pids(ray_temp)
+    return pids
+
+
+def answering_pids(ray_temp: str, request_ids: list[str], wait_s: float = 10.0) -> set[int]:
+    """Pids of the replicas that answered these requests (Serve logs a request's id just after answering it)."""
+    from catome_export.serve import loadtest
+
+    deadline = time.monotonic() + wait_s
+    found = loadtest.answered_by(ray_temp, request_ids)
+    while len(found) < len(request_ids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        found = loadtest.answered_by(ray_temp, request_ids)
+    return set(found.values())
 
 
 def check_direct(args: argparse.Namespace, port: int, prompt: str, size: tuple[int, int]) -> dict[str, Any]:
@@ -207,7 +229,8 @@ def check_direct(args: argparse.Namespace, port: int, prompt: str, size: tuple[i
     diff = np.abs(served.astype(np.int16) - direct.astype(np.int16))
     return {"status": reply.status, "seed": seed, "shape": list(served.shape),
             "identical": bool(served.shape == direct.shape and not diff.any()), "max_abs_diff": int(diff.max()),
-            "batch_images": reply.body["catome"]["images"][0]["batch_images"], "max_batch": args.max_batch}
+            "batch_images": reply.body["catome"]["images"][0]["batch_images"], "max_batch": args.max_batch,
+            "catome_fields": sorted(reply.body["catome"])}
 
 
 def check_bad_requests(port: int, payload: dict[str, Any]) -> dict[str, Any]:
@@ -255,13 +278,15 @@ def check_kill(args: argparse.Namespace, port: int, payload: dict[str, Any], pid
     load = loadtest.run_load(port, lambda i: {**payload, "seed": 5000 + i}, args.kill_requests, args.concurrency,
                              during=during)
     recovered_s = None
-    answered_by: set[int] = set(load.replica_pids)
+    request_ids = list(load.request_ids)
+    answered_by = answering_pids(args.ray_temp, request_ids)
     deadline = time.perf_counter() + 240
     while time.perf_counter() < deadline:
         states = replica_states()
         reply = loadtest.post(port, "/v1/images/generations", {**payload, "seed": 9})
-        if reply.status == 200:
-            answered_by.add(int(reply.body["catome"]["replica_pid"]))
+        if reply.status == 200 and reply.request_id:
+            request_ids.append(reply.request_id)
+            answered_by = answering_pids(args.ray_temp, request_ids, wait_s=2.0)
         if states.get("RUNNING", 0) >= args.replicas and reply.status == 200 and len(answered_by - {victim}) >= 1:
             new = answered_by - set(pids)
             if new or args.replicas == 1:

@@ -17,7 +17,10 @@ images API; PNG as base64) on Ray Serve: one replica holds one runtime and
 its pipeline (one GPU each where there are GPUs), batches requests up to
 --max-batch, is health-checked and restarted by Serve. Without --address a
 local Ray is started and stopped with the command; with --address the
-application joins that cluster (and is deleted from it on Ctrl-C).
+application joins that cluster (and is deleted from it on Ctrl-C). The
+engine is pinned at deploy (the sha256 of its manifest.json): a replica
+whose folder holds another engine refuses to serve. To roll out a new
+engine, build it into a new folder and deploy that folder.
 
 examples:
   catome-export serve engines/tiny
@@ -36,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from catome_export.serve.local import check_port_free, require_ray
-    from catome_export.serve.service import ServeOptions, check_max_batch, engine_batch_range
+    from catome_export.serve.service import ServeOptions, check_max_batch, engine_batch_range, pin_engine
 
     if not 1 <= args.port <= 65535:
         raise CatomeError(f"--port must be in 1..65535, got {args.port}")
@@ -50,10 +53,11 @@ def run(args: argparse.Namespace) -> int:
     engine_dir = Path(args.engine_dir).expanduser().resolve()
     options = ServeOptions(engine_dir=str(engine_dir), backend=args.backend, device=args.device,
                            max_batch=args.max_batch, steps=args.steps, max_images=args.max_images,
-                           threads=args.threads)
+                           threads=args.threads, engine_sha256=args.engine_sha256)
     local = args.address is None
     if local or engine_dir.exists():  # a joined cluster may hold the folder on its GPU machines only
         check_max_batch(options.max_batch, engine_batch_range(engine_dir))
+    options = pin_engine(options)  # the replicas refuse any other engine
     require_ray()
     if local:
         check_port_free(args.host, args.port)
@@ -116,4 +120,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", default="auto", help="engine backend in each replica (default auto)")
     p.add_argument("--device", default=None, help="device in each replica (default: cuda where it has a GPU)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads per replica (torch and ORT)")
+    p.add_argument("--engine-sha256", default=None, metavar="HASH",
+                   help="sha256 of ENGINE_DIR/manifest.json the replicas must find (default: computed here; needed "
+                        "with --address when the folder is on the cluster's machines only)")
     p.set_defaults(func=run)

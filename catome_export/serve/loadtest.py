@@ -4,6 +4,10 @@
 - :func:`run_load`: ``requests`` generation requests, ``concurrency`` at a time;
   latency per request, errors, and the resident memory of the replicas sampled
   while it runs.
+- :func:`replica_logs`, :func:`live_replica_pids`, :func:`answered_by`: which
+  replica processes there are and which one answered a request, from Serve's
+  log file of each replica (responses name no process: the replica logs its pid,
+  and Serve logs every request's ``x-request-id`` there).
 - :func:`isolated_command`: the command line that runs a script in a network
   namespace with only a loopback interface (and its own PID namespace, so every
   process Ray starts ends with it).
@@ -14,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shlex
 import statistics
 import threading
@@ -22,6 +27,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 logger = logging.getLogger(__name__)
@@ -34,6 +40,8 @@ class Reply:
     status: int
     body: dict[str, Any]
     seconds: float
+    request_id: str | None = None
+    """Serve's ``x-request-id`` of the answer (the replica's log file names it)."""
 
 
 def _call(method: str, port: int, path: str, data: bytes | None, timeout: float) -> Reply:
@@ -42,9 +50,9 @@ def _call(method: str, port: int, path: str, data: bytes | None, timeout: float)
     start = time.perf_counter()
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            raw, status = response.read(), response.status
+            raw, status, request_id = response.read(), response.status, response.headers.get("x-request-id")
     except urllib.error.HTTPError as exc:
-        raw, status = exc.read(), exc.code
+        raw, status, request_id = exc.read(), exc.code, exc.headers.get("x-request-id")
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
         return Reply(0, {"error": {"message": f"{type(exc).__name__}: {exc}"}}, time.perf_counter() - start)
     seconds = time.perf_counter() - start
@@ -52,7 +60,7 @@ def _call(method: str, port: int, path: str, data: bytes | None, timeout: float)
         body = json.loads(raw) if raw else {}
     except json.JSONDecodeError:
         body = {"raw": raw[:200].decode("utf-8", "replace")}
-    return Reply(status, body if isinstance(body, dict) else {"raw": body}, seconds)
+    return Reply(status, body if isinstance(body, dict) else {"raw": body}, seconds, request_id)
 
 
 def post(port: int, path: str, payload: dict[str, Any] | bytes, timeout: float = 300.0) -> Reply:
@@ -135,7 +143,8 @@ class LoadResult:
     latencies_s: list[float] = field(default_factory=list)
     statuses: dict[str, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
-    replica_pids: list[int] = field(default_factory=list)
+    request_ids: list[str] = field(default_factory=list)
+    """``x-request-id`` of every answered request (:func:`answered_by` finds the replica of each)."""
 
     def summary(self) -> dict[str, Any]:
         ok = self.latencies_s
@@ -145,7 +154,6 @@ class LoadResult:
             "first_errors": self.errors[:5], "throughput_rps": round(len(ok) / self.wall_s, 3) if self.wall_s else 0,
             "p50_s": round(percentile(ok, 50), 4) if ok else None, "p99_s": round(percentile(ok, 99), 4) if ok else None,
             "mean_s": round(statistics.fmean(ok), 4) if ok else None, "max_s": round(max(ok), 4) if ok else None,
-            "replica_pids": sorted(set(self.replica_pids)),
         }
 
 
@@ -163,9 +171,8 @@ def run_load(port: int, payload: Callable[[int], dict[str, Any]], requests: int,
             result.statuses[str(reply.status)] = result.statuses.get(str(reply.status), 0) + 1
             if reply.status == 200 and len(reply.body.get("data", [])) == payload(i).get("n", 1):
                 result.latencies_s.append(reply.seconds)
-                pid = (reply.body.get("catome") or {}).get("replica_pid")
-                if pid is not None:
-                    result.replica_pids.append(int(pid))
+                if reply.request_id:
+                    result.request_ids.append(reply.request_id)
             else:
                 message = (reply.body.get("error") or {}).get("message") if isinstance(reply.body, dict) else None
                 result.errors.append(f"request {i}: HTTP {reply.status}: {message or str(reply.body)[:200]}")
@@ -175,6 +182,53 @@ def run_load(port: int, payload: Callable[[int], dict[str, Any]], requests: int,
         list(pool.map(one, range(requests)))
     result.wall_s = time.perf_counter() - start
     return result
+
+
+REPLICA_PID_LINE = re.compile(r"replica pid (\d+): engine ")
+"""The line a replica logs when its engine is loaded (catome_export.serve.service)."""
+
+
+@dataclass
+class ReplicaLog:
+    """Serve's log file of one replica."""
+
+    path: Path
+    pid: int | None
+    """From the replica's "replica pid N: engine ... loaded" line; None until it has loaded."""
+    text: str
+
+
+def replica_logs(ray_temp: str | Path) -> list[ReplicaLog]:
+    """Every replica's Serve log file of the Ray session whose temp folder is ``ray_temp``
+    (``session_latest/logs/serve/replica_*.log``), replicas that have died included."""
+    folder = Path(ray_temp) / "session_latest" / "logs" / "serve"
+    logs = []
+    for path in sorted(folder.glob("replica_*.log")):
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        found = REPLICA_PID_LINE.search(text)
+        logs.append(ReplicaLog(path, int(found.group(1)) if found else None, text))
+    return logs
+
+
+def live_replica_pids(ray_temp: str | Path) -> list[int]:
+    """Pids of the replicas that have loaded their engine and still run (in this PID namespace)."""
+    return sorted(log.pid for log in replica_logs(ray_temp) if log.pid is not None and rss_bytes(log.pid) is not None)
+
+
+def answered_by(ray_temp: str | Path, request_ids: list[str]) -> dict[str, int]:
+    """request id -> pid of the replica whose log names it (Serve logs each request's id in its replica's file);
+    ids not (yet) in any log are left out."""
+    logs = [(log.pid, log.text) for log in replica_logs(ray_temp) if log.pid is not None]
+    out = {}
+    for request_id in request_ids:
+        for pid, text in logs:
+            if request_id in text:
+                out[request_id] = pid
+                break
+    return out
 
 
 def in_isolated_network() -> bool:

@@ -5,9 +5,14 @@ Requests follow OpenAI's images API (``POST /v1/images/generations``):
 plus the extensions ``seed``, ``steps``, ``guidance_scale``,
 ``negative_prompt`` and ``threshold``. :func:`parse_request` checks a raw body
 against the limits of the loaded engine (:class:`EngineLimits`: its built
-resolution and batch ranges, read from the engine's manifest) and raises
-:class:`RequestError` with a message that says what to send instead; the
-service answers that with HTTP 400 and :func:`error_body`.
+resolution and batch ranges, read from the engine's manifest, and the most
+steps its scheduler runs) and raises :class:`RequestError` with a message that
+says what to send instead; the service answers that with HTTP 400 and
+:func:`error_body`. A body that is not JSON at all (malformed, not UTF-8, a
+number of more digits than Python reads, nesting deeper than the parser goes)
+is a :class:`RequestError` too, never another exception. :func:`render` writes
+a response body as ASCII JSON, so that no text a request sent (a lone
+surrogate, say) can make the answer itself fail.
 
 A request of ``n`` images becomes ``n`` :class:`ImageJob` s (seeds ``seed``,
 ``seed + 1``, ...), each batched on its own by the replica.
@@ -26,8 +31,9 @@ from catome_export.errors import CatomeError
 
 MAX_PROMPT_CHARS = 10_000
 """Longest prompt accepted (the text encoder reads 77 tokens of it anyway)."""
-MAX_STEPS = 1000
-"""Most denoising steps a request may ask for (the schedulers are trained on 1000 timesteps)."""
+MAX_GUIDANCE = 100.0
+"""Largest guidance scale accepted: far above useful values (images saturate past ~30), small enough that the
+guided noise estimate ``uncond + scale * (text - uncond)`` stays finite in fp32 (1e30 made NaN images)."""
 MAX_SEED = 2**63 - 1
 ALLOWED_FIELDS = ("prompt", "n", "size", "response_format", "seed", "steps", "guidance_scale", "negative_prompt",
                   "threshold", "model", "user")
@@ -36,11 +42,16 @@ _SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
 
 
 class RequestError(CatomeError):
-    """A request the service refuses (HTTP 400); ``param`` names the field at fault, where there is one."""
+    """A request the service refuses; ``param`` names the field at fault, where there is one.
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    ``status`` is the HTTP status: 400 for a request validation refuses, 422 for a valid-looking request whose
+    generation failed on its own inputs while the engine kept working.
+    """
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
         super().__init__(message)
         self.param = param
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -57,17 +68,22 @@ class EngineLimits:
     """(height, width) used when a request gives no size: the engine's optimal profile."""
     default_steps: int
     """Denoising steps when a request gives none."""
+    max_steps: int
+    """Most denoising steps the pipeline's scheduler runs (found by asking it; see
+    :func:`catome_export.serve.service.scheduler_step_limit`)."""
     default_guidance: float
     """Guidance scale when a request gives none."""
     max_images: int
     """Most images (``n``) one request may ask for."""
     threshold_allowed: bool
     """Whether ``threshold`` may be set per request (engines built in threshold mode)."""
+    scheduler: str = "scheduler"
+    """The pipeline's scheduler (its class name), as messages about ``steps`` name it."""
 
     @classmethod
     def from_ranges(cls, ranges: dict[str, tuple[int, int]], *, default_size: tuple[int, int] | None,
-                    default_steps: int, default_guidance: float, max_images: int,
-                    threshold_allowed: bool) -> "EngineLimits":
+                    default_steps: int, max_steps: int, default_guidance: float, max_images: int,
+                    threshold_allowed: bool, scheduler: str = "scheduler") -> "EngineLimits":
         """From the built ranges (a manifest's ``shapes``: batch, latent_height, latent_width as latent (lo, hi))."""
         height = (ranges["latent_height"][0] * 8, ranges["latent_height"][1] * 8)
         width = (ranges["latent_width"][0] * 8, ranges["latent_width"][1] * 8)
@@ -75,8 +91,9 @@ class EngineLimits:
                                         and width[0] <= default_size[1] <= width[1]):
             default_size = (height[1], width[1])
         return cls(batch=(int(ranges["batch"][0]), int(ranges["batch"][1])), height=height, width=width,
-                   default_size=default_size, default_steps=default_steps, default_guidance=default_guidance,
-                   max_images=max_images, threshold_allowed=threshold_allowed)
+                   default_size=default_size, default_steps=default_steps, max_steps=max_steps,
+                   default_guidance=default_guidance, max_images=max_images, threshold_allowed=threshold_allowed,
+                   scheduler=scheduler)
 
     def size_text(self) -> str:
         """``128x128..192x192`` (width x height, as the ``size`` field is written)."""
@@ -131,14 +148,37 @@ def unet_rows(guidance: float) -> int:
     return 2 if guidance > 1 else 1
 
 
-def parse_request(body: bytes | str, limits: EngineLimits) -> GenerationRequest:
-    """Validate a raw JSON body; :class:`RequestError` (one line saying what to send) on anything wrong."""
+def render(body: dict[str, Any]) -> bytes:
+    """A response body as JSON bytes: ASCII only (``\\uXXXX`` escapes), so text from a request that UTF-8 cannot
+    encode (a lone surrogate) cannot make the answer fail."""
+    return json.dumps(body, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+def _json_problem(exc: Exception) -> str:
+    """What kept a body from being read as JSON, in a few words (no advice meant for a server's programmer)."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+    if isinstance(exc, UnicodeDecodeError):
+        return "it is not UTF-8 text"
+    if isinstance(exc, ValueError) and "integer string conversion" in str(exc):
+        return "an integer has more digits than Python reads (4300 by default)"
+    return type(exc).__name__
+
+
+def _load_json(body: bytes | str, limits: EngineLimits) -> Any:
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
-        raise RequestError(f"the body is not valid JSON ({type(exc).__name__}): send a JSON object like "
+        return json.loads(body)
+    except (ValueError, RecursionError, TypeError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise RequestError(f"the body is not valid JSON ({_json_problem(exc)}): send a JSON object like "
                            '{"prompt": "a red fox", "size": "' + f"{limits.default_size[1]}x{limits.default_size[0]}"
                            + '"}') from None
+
+
+def parse_request(body: bytes | str, limits: EngineLimits) -> GenerationRequest:
+    """Validate a raw JSON body; :class:`RequestError` (one line saying what to send) on anything wrong."""
+    data = _load_json(body, limits)
     if not isinstance(data, dict):
         raise RequestError(f"the body must be a JSON object, got {type(data).__name__}")
     unknown = sorted(k for k in data if k not in ALLOWED_FIELDS)
@@ -151,21 +191,19 @@ def parse_request(body: bytes | str, limits: EngineLimits) -> GenerationRequest:
         raise RequestError("prompt is missing: send {\"prompt\": \"a photograph of ...\"}", "prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise RequestError(f"prompt must be a non-empty string, got {_show(prompt)}", "prompt")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise RequestError(f"prompt has {len(prompt)} characters, at most {MAX_PROMPT_CHARS} are accepted", "prompt")
+    _check_text("prompt", prompt)
     negative = data.get("negative_prompt")
     if negative is not None and not isinstance(negative, str):
         raise RequestError(f"negative_prompt must be a string or null, got {_show(negative)}", "negative_prompt")
-    if negative is not None and len(negative) > MAX_PROMPT_CHARS:
-        raise RequestError(f"negative_prompt has {len(negative)} characters, at most {MAX_PROMPT_CHARS} are accepted",
-                           "negative_prompt")
+    if negative is not None:
+        _check_text("negative_prompt", negative)
 
     fmt = data.get("response_format", "b64_json")
     if fmt != "b64_json":
         raise RequestError(f"response_format {_show(fmt)} is not supported: use \"b64_json\" (PNG, base64)",
                            "response_format")
     n = _int_field(data, "n", 1, 1, limits.max_images)
-    steps = _int_field(data, "steps", limits.default_steps, 1, MAX_STEPS)
+    steps = _steps(data, limits)
     seed = data.get("seed")
     seed = random.randint(0, 2**31 - 1) if seed is None else _int_field(data, "seed", 0, 0, MAX_SEED - n)
     height, width = _size(data.get("size"), limits)
@@ -174,18 +212,50 @@ def parse_request(body: bytes | str, limits: EngineLimits) -> GenerationRequest:
     return GenerationRequest(prompt, negative, n, seed, steps, guidance, height, width, threshold)
 
 
+def _check_text(name: str, text: str) -> None:
+    """Prompt text the tokenizer can read: at most MAX_PROMPT_CHARS characters, every one encodable as UTF-8."""
+    if len(text) > MAX_PROMPT_CHARS:
+        raise RequestError(f"{name} has {len(text)} characters, at most {MAX_PROMPT_CHARS} are accepted", name)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RequestError(f"{name} contains a lone surrogate {ascii(text[exc.start])[1:-1]} at character "
+                           f"{exc.start}, which is not Unicode text: in JSON a \\uD800-\\uDFFF escape must be "
+                           "one half of a high-low pair (\\ud83e\\udd8a is one character); send the text as "
+                           "UTF-8 or escape whole characters", name) from None
+
+
 def _show(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, (bytes, bytearray)) else repr(value)
+    try:
+        text = json.dumps(value) if not isinstance(value, (bytes, bytearray)) else repr(value)
+    except (ValueError, RecursionError, TypeError):
+        text = f"a {type(value).__name__}"
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _int_field(data: dict, name: str, default: int, lo: int, hi: int) -> int:
+def _number(value: Any) -> float | None:
+    """A JSON number as a finite float, or None (not a number, a bool, NaN, infinite, or an int too large)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _int_field(data: dict, name: str, default: int, lo: int, hi: int, why: str = "") -> int:
     value = data.get(name, default)
     if value is None:
         value = default
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise RequestError(f"{name} must be an integer in {lo}..{hi}, got {_show(value)}", name)
+        raise RequestError(f"{name} must be an integer in {lo}..{hi}{why}, got {_show(value)}", name)
     return value
+
+
+def _steps(data: dict, limits: EngineLimits) -> int:
+    why = f" ({limits.max_steps} is the most the pipeline's {limits.scheduler} runs)"
+    return _int_field(data, "steps", limits.default_steps, 1, limits.max_steps, why)
 
 
 def _size(value: Any, limits: EngineLimits) -> tuple[int, int]:
@@ -210,10 +280,11 @@ def _size(value: Any, limits: EngineLimits) -> tuple[int, int]:
 
 
 def _guidance(value: Any, limits: EngineLimits) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise RequestError(f"guidance_scale must be a number >= 0 (7.5 is usual; <= 1 turns guidance off), "
-                           f"got {_show(value)}", "guidance_scale")
-    rows = unet_rows(float(value))
+    number = _number(value)
+    if number is None or not 0 <= number <= MAX_GUIDANCE:
+        raise RequestError(f"guidance_scale must be a number in 0..{MAX_GUIDANCE:g} (7.5 is usual; <= 1 turns "
+                           f"guidance off), got {_show(value)}", "guidance_scale")
+    rows = unet_rows(number)
     lo, hi = limits.batch
     if rows > hi:
         raise RequestError(f"guidance_scale {value} runs the U-Net at batch {rows} per image, but the engine is built "
@@ -223,7 +294,7 @@ def _guidance(value: Any, limits: EngineLimits) -> float:
         raise RequestError(f"guidance_scale {value} runs the U-Net at batch {rows} per image, but the engine is built "
                            f"for batch {lo}..{hi}: send guidance_scale > 1, or serve an engine built with "
                            f"--min-batch {rows}", "guidance_scale")
-    return float(value)
+    return number
 
 
 def _threshold(value: Any, limits: EngineLimits) -> float | None:
@@ -232,8 +303,8 @@ def _threshold(value: Any, limits: EngineLimits) -> float | None:
     if not limits.threshold_allowed:
         raise RequestError("threshold cannot be set for this engine (it merges by ratio or a forced fraction, "
                            "not by threshold): leave threshold out", "threshold")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not -1 <= value <= 1:
+    number = _number(value)
+    if number is None or not -1 <= number <= 1:
         raise RequestError(f"threshold must be a number in [-1, 1] (1 merges nothing), got {_show(value)}",
                            "threshold")
-    return float(value)
+    return number

@@ -42,6 +42,12 @@ def test_bad_options(tiny_engine, capsys, argv, message):
     assert rc == 1 and err == f"error: {message}"
 
 
+def test_another_engine_than_the_folder_holds(tiny_engine, capsys):
+    rc, err = _run(capsys, str(tiny_engine), "--engine-sha256", "0" * 64)
+    assert rc == 1 and err.startswith(f"error: engine_sha256 {'0' * 64} is not the engine in {tiny_engine} (its "
+                                      "manifest.json has sha256 ")
+
+
 def test_a_port_in_use(tiny_engine, capsys):
     pytest.importorskip("ray", reason="ray[serve] is not installed")
     with socket.socket() as busy:

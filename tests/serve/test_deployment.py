@@ -1,6 +1,10 @@
-"""The deployment's options and the application builder, without starting Ray."""
+"""The deployment's options and the application builder, and the deployment object answering in-process, without
+starting Ray."""
 
 from __future__ import annotations
+
+import asyncio
+import json
 
 import pytest
 
@@ -45,3 +49,107 @@ def test_build_app_checks_the_engine_before_any_replica(tiny_engine, tmp_path):
         build_app({"engine_dir": str(tiny_engine), "max_btach": 2})
     app = build_app({"engine_dir": str(tiny_engine), "max_batch": 2, "min_replicas": 1, "max_replicas": 2})
     assert type(app).__name__ == "Application"
+
+
+@pytest.fixture(scope="module")
+def replica(tiny_engine):
+    """The deployment's class (what Serve runs in each replica), made in this process without Ray."""
+    from catome_export.serve.deployment import ImageDeployment
+
+    made = ImageDeployment.func_or_class({"engine_dir": str(tiny_engine), "backend": "ort", "steps": 2, "threads": 1})
+    yield made
+    made._executor.submit(made._service.close).result(timeout=60)
+    made._executor.shutdown(wait=True)
+
+
+def _call(replica, body: bytes, method: str = "POST", path: str = "/v1/images/generations") -> tuple[int, dict]:
+    """One HTTP request through the deployment's handler: status and the body's JSON (which must be ASCII)."""
+    from starlette.requests import Request
+
+    sent = False
+
+    async def receive() -> dict:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    scope = {"type": "http", "method": method, "path": path, "headers": [], "query_string": b"", "root_path": "",
+             "scheme": "http", "server": ("127.0.0.1", 8000)}
+    response = asyncio.run(replica(Request(scope, receive)))
+    return response.status_code, json.loads(response.body.decode("ascii"))
+
+
+@pytest.mark.parametrize("raw, param", [
+    (b'{"prompt": "a fox", "n": ' + b"1" * 5000 + b"}", None),
+    (b"[" * 100_000, None),
+    (b'{"prompt": ' * 100_000, None),
+    (b'{"prompt": "a fox", "\\ud800": 1}', "\ud800"),
+    (b'{"prompt": "\\ud800"}', "prompt"),
+    (b'{"prompt": "a fox", "negative_prompt": "\\udc00"}', "negative_prompt"),
+    (b'{"prompt": "a fox", "steps": 1000}', "steps"),
+    (b'{"prompt": "a fox", "guidance_scale": 1e308}', "guidance_scale"),
+], ids=["5000-digit integer", "100000-deep array", "100000-deep object", "lone surrogate field name",
+        "lone surrogate prompt", "lone surrogate negative_prompt", "steps 1000", "guidance 1e308"])
+def test_the_deployment_answers_bad_bodies_400_in_the_api_shape(replica, raw, param):
+    status, body = _call(replica, raw)
+    assert status == 400, body
+    assert body["error"]["type"] == "invalid_request_error" and body["error"]["param"] == param
+    assert body["error"]["message"] and "\n" not in body["error"]["message"]
+    replica._service.check_health()
+
+
+def test_an_unexpected_error_is_a_json_500(replica, monkeypatch):
+    import catome_export.serve.deployment as deployment
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(deployment, "parse_request", broken)
+    status, body = _call(replica, b'{"prompt": "a fox"}')
+    assert status == 500 and body["error"] == {"message": "the replica failed to answer (RuntimeError); retry the "
+                                                          "request", "type": "server_error", "param": None,
+                                               "code": None}
+
+
+def test_the_engine_endpoint_names_no_process(replica, tiny_engine):
+    import hashlib
+
+    status, body = _call(replica, b"", method="GET", path="/v1/engine")
+    assert status == 200 and body["engine"] == "tiny" and body["max_steps"] == 999
+    assert "replica_pid" not in body
+    assert body["engine_sha256"] == hashlib.sha256((tiny_engine / "manifest.json").read_bytes()).hexdigest()
+
+
+def test_build_app_pins_the_engine(tiny_engine):
+    import hashlib
+
+    from catome_export.serve.deployment import app_options
+
+    options, scaling = app_options({"engine_dir": str(tiny_engine), "replicas": 2})
+    assert options.engine_sha256 == hashlib.sha256((tiny_engine / "manifest.json").read_bytes()).hexdigest()
+    assert scaling == {"replicas": 2}
+    with pytest.raises(CatomeError, match="is not the engine in"):
+        app_options({"engine_dir": str(tiny_engine), "engine_sha256": "0" * 64})
+
+
+def test_a_replica_started_on_another_engine_serves_nothing(tiny_engine, caplog):
+    import logging
+
+    from catome_export.serve.deployment import ImageDeployment
+
+    caplog.set_level(logging.ERROR, logger="catome_export")
+    made = ImageDeployment.func_or_class({"engine_dir": str(tiny_engine), "backend": "ort", "steps": 2,
+                                          "engine_sha256": "0" * 64})
+    try:
+        [line] = [m for m in caplog.messages if "refuses to serve" in m]
+        assert f"the deployment pinned {'0' * 64}" in line and "build the new engine into a new folder" in line
+        for method, path in (("GET", "/v1/engine"), ("POST", "/v1/images/generations")):
+            status, body = _call(made, b'{"prompt": "a fox"}', method=method, path=path)
+            assert status == 503 and body["error"]["type"] == "server_error"
+            assert "started on another engine than the application was deployed with" in body["error"]["message"]
+        with pytest.raises(CatomeError, match=f"the deployment pinned {'0' * 64}"):
+            asyncio.run(made.check_health())
+    finally:
+        made._executor.shutdown(wait=True)

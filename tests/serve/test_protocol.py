@@ -6,14 +6,15 @@ import json
 
 import pytest
 
-from catome_export.serve.protocol import EngineLimits, RequestError, error_body, parse_request
+from catome_export.serve.protocol import EngineLimits, RequestError, error_body, parse_request, render
 
 
-def limits(batch: tuple[int, int] = (1, 2), threshold_allowed: bool = True) -> EngineLimits:
+def limits(batch: tuple[int, int] = (1, 2), threshold_allowed: bool = True, max_steps: int = 1000) -> EngineLimits:
     """The tiny test engine's limits: 128..192 px, U-Net batch 1..2."""
     return EngineLimits.from_ranges({"batch": batch, "latent_height": (16, 24), "latent_width": (16, 24)},
-                                    default_size=(192, 192), default_steps=20, default_guidance=7.5, max_images=4,
-                                    threshold_allowed=threshold_allowed)
+                                    default_size=(192, 192), default_steps=20, max_steps=max_steps,
+                                    default_guidance=7.5, max_images=4, threshold_allowed=threshold_allowed,
+                                    scheduler="PNDMScheduler")
 
 
 def body(**fields) -> bytes:
@@ -58,9 +59,9 @@ def test_defaults_come_from_the_engine():
     (body(size="120x128"), "outside the engine's built range", "size"),
     (body(size="big"), "size must be a string \"WIDTHxHEIGHT\"", "size"),
     (body(size=128), "size must be a string", "size"),
-    (body(guidance_scale="7"), "guidance_scale must be a number >= 0", "guidance_scale"),
-    (body(guidance_scale=-1), "guidance_scale must be a number >= 0", "guidance_scale"),
-    (b'{"prompt": "a", "guidance_scale": NaN}', "guidance_scale must be a number >= 0", "guidance_scale"),
+    (body(guidance_scale="7"), "guidance_scale must be a number in 0..100", "guidance_scale"),
+    (body(guidance_scale=-1), "guidance_scale must be a number in 0..100", "guidance_scale"),
+    (b'{"prompt": "a", "guidance_scale": NaN}', "guidance_scale must be a number in 0..100", "guidance_scale"),
     (body(threshold=1.5), "threshold must be a number in [-1, 1]", "threshold"),
     (body(threshold="0.7"), "threshold must be a number in [-1, 1]", "threshold"),
     (body(negative_prompt=3), "negative_prompt must be a string or null", "negative_prompt"),
@@ -92,3 +93,73 @@ def test_threshold_only_where_the_engine_merges_by_threshold():
 def test_error_body_has_openai_shape():
     assert error_body("bad", "n") == {"error": {"message": "bad", "type": "invalid_request_error", "param": "n",
                                                 "code": None}}
+
+
+# -- regressions: each of these got past validation (or out of parse_request as another exception) before ----------
+
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
+@pytest.mark.parametrize("text, at", [("\\ud800", 0), ("a fox \\udfff", 6), ("\\udd8a\\ud83e", 0)])
+def test_a_lone_surrogate_is_refused_naming_the_field(field, text, at):
+    raw = ('{"prompt": "a fox", "' + field + '": "' + text + '"}').encode()
+    with pytest.raises(RequestError) as info:
+        parse_request(raw, limits())
+    assert info.value.param == field and info.value.status == 400
+    assert str(info.value).startswith(f"{field} contains a lone surrogate \\u")
+    assert f"at character {at}," in str(info.value)
+    render(error_body(str(info.value), info.value.param)).decode("ascii")
+
+
+def test_a_surrogate_pair_is_one_character_and_accepted():
+    req = parse_request(b'{"prompt": "a fox \\ud83e\\udd8a", "negative_prompt": "\\ud83d\\ude00"}', limits())
+    assert req.prompt == "a fox \U0001f98a" and req.negative_prompt == "\U0001f600"
+
+
+def test_steps_are_limited_by_what_the_scheduler_runs():
+    with pytest.raises(RequestError) as info:
+        parse_request(body(steps=1000), limits(max_steps=999))
+    assert str(info.value) == ("steps must be an integer in 1..999 (999 is the most the pipeline's PNDMScheduler "
+                               "runs), got 1000")
+    assert info.value.param == "steps"
+    assert parse_request(body(steps=999), limits(max_steps=999)).steps == 999
+
+
+@pytest.mark.parametrize("raw", [body(guidance_scale=1e30), body(guidance_scale=1e308), body(guidance_scale=100.5),
+                                 body(guidance_scale=10**400), body(guidance_scale=-(10**400)),
+                                 b'{"prompt": "a", "guidance_scale": Infinity}', b'{"prompt": "a", "guidance_scale": 1e999}'],
+                         ids=["1e30", "1e308", "100.5", "10**400", "-10**400", "Infinity", "1e999"])
+def test_guidance_is_bounded_so_that_it_cannot_overflow(raw):
+    with pytest.raises(RequestError) as info:
+        parse_request(raw, limits())
+    assert info.value.param == "guidance_scale"
+    assert str(info.value).startswith("guidance_scale must be a number in 0..100 (7.5 is usual")
+    assert parse_request(body(guidance_scale=100), limits()).guidance == 100.0
+
+
+@pytest.mark.parametrize("raw", [body(threshold=10**400), b'{"prompt": "a", "threshold": -1e999}'],
+                         ids=["10**400", "-1e999"])
+def test_a_threshold_too_large_for_a_float_is_a_request_error(raw):
+    with pytest.raises(RequestError, match=r"threshold must be a number in \[-1, 1\]"):
+        parse_request(raw, limits())
+
+
+@pytest.mark.parametrize("raw, problem", [
+    (b'{"prompt": "a fox", "seed": ' + b"7" * 5000 + b"}", "an integer has more digits than Python reads"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (b'{"prompt": ' * 100_000, "nested too deeply"),
+    (b'{"prompt": "a fox"', "Expecting ',' delimiter at line 1 column 19"),
+    (b"\xff\xfe\x00", "it is not UTF-8 text"),
+], ids=["5000-digit integer", "100000-deep array", "100000-deep object", "cut short", "not UTF-8"])
+def test_any_json_parse_failure_is_a_request_error(raw, problem):
+    with pytest.raises(RequestError) as info:
+        parse_request(raw, limits())
+    message = str(info.value)
+    assert message.startswith(f"the body is not valid JSON ({problem}") and info.value.status == 400
+    assert "set_int_max_str_digits" not in message and "\n" not in message
+
+
+def test_render_writes_ascii_json_whatever_a_request_sent():
+    bad = {"error": {"message": "unknown field(s) '\\ud800'", "type": "invalid_request_error", "param": "\ud800",
+                     "code": None}}
+    raw = render(bad)
+    raw.decode("ascii")
+    assert json.loads(raw) == bad

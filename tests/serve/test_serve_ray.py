@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -39,6 +40,9 @@ def test_service_end_to_end(tiny_engine, tmp_path, ray_isolation, ray_env, ray_t
     direct = report["direct"]
     assert direct["status"] == 200 and direct["batch_images"] == 1
     assert direct["identical"], direct
+    assert direct["catome_fields"] == ["engine_sha256", "images"] and "replica_pid" not in report["engine_fields"]
+    assert report["engine"]["engine_sha256"] == hashlib.sha256((tiny_engine / "manifest.json").read_bytes()).hexdigest()
+    assert len(report["replica_pids"]) == 2  # found in the replicas' Serve log files
 
     bad = report["bad_requests"]
     assert len(bad["cases"]) == 8
