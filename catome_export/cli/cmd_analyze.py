@@ -47,13 +47,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help="tiny, tiny-xl, sd15, sd21, sdxl, or a local diffusers folder (default: tiny)")
     p.add_argument("--weights", choices=Weights.values(), default=str(Weights.PRETRAINED),
-                   help="pretrained weights, or the architecture with seeded random weights (tiny: always random)")
+                   help="pretrained weights, or the architecture with seeded random weights (tiny: always random) (default: pretrained, random for the tiny models)")
     p.add_argument("--steps", type=_int, default=50, help="inference steps (default 50)")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                    help=f"CA-ToMe similarity threshold (default {DEFAULT_THRESHOLD})")
     p.add_argument("--resolution", type=_int, default=None,
                    help="image size in pixels, a multiple of 8 (default: the model's, tiny 256, sd15 512)")
-    p.add_argument("--seed", type=_int, default=0, help="seed of the start latents and random embeddings")
+    p.add_argument("--seed", type=_int, default=0, help="seed of the start latents and random embeddings (default 0)")
     p.add_argument("--latents", choices=("smooth", "noise"), default=None,
                    help="start latents: smooth (blurred seeded noise) or noise (default: smooth for random "
                         "weights, noise for pretrained)")
@@ -67,12 +67,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="pndm = PLMS as in the paper (steps + 1 U-Net calls), or ddim (default pndm)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--prompts", nargs="+", default=None, metavar="PROMPT",
-                   help="prompts, one generation each (needs pretrained weights with a text encoder)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+                   help="prompts, one generation each (needs pretrained weights with a text encoder) (default: none, random embeddings)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N (default auto)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="U-Net dtype (default fp32)")
-    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write every number to FILE (JSON)")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write every number to FILE (JSON) (default: none)")
     p.add_argument("--plot", type=Path, default=None, metavar="FILE",
-                   help="write the Jaccard distance between consecutive steps per site to FILE (PNG)")
+                   help="write the Jaccard distance between consecutive steps per site to FILE (PNG) (default: none)")
     p.set_defaults(func=run)
 
 

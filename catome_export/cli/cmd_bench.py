@@ -226,7 +226,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--merge-fractions", default=None, metavar="LIST",
                    help=f"forced share of src tokens merged per site (default {DEFAULT_FRACTIONS}; generation mode "
                         "0,0.75); '' with --threshold only")
-    p.add_argument("--threshold", type=float, help="also time the adaptive path at this CA-ToMe threshold")
+    p.add_argument("--threshold", type=float, help="also time the adaptive path at this CA-ToMe threshold (default: none, forced fractions only)")
     p.add_argument("--latents", choices=("smooth", "noise"), default="smooth",
                    help="start latents (default smooth: self-similar, so thresholds merge with random weights)")
     p.add_argument("--steps", type=int, default=0, metavar="N",
@@ -241,13 +241,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, metavar="N",
                    help="torch and ONNX Runtime intra-op threads for every backend (default: physical cores)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--precision", choices=Precision.values(), default=str(Precision.FP32), help="fp16 needs --device cuda")
+    p.add_argument("--precision", choices=Precision.values(), default=str(Precision.FP32), help="fp16 needs --device cuda (default fp32)")
     p.add_argument("--engine-backend", default="auto", choices=("auto", "trt", "ort", "ort-cpu", "ort-cuda", "torch"),
                    help="runtime backend of the engine rows (default auto)")
     p.add_argument("--workdir", metavar="DIR", help="where engines and the unstaged graph are built "
                    "(default: <tmp>/catome-bench; sd15 needs about 7 GB)")
     p.add_argument("--text-len", type=int, default=77, help="tokens of the text embeddings (default 77)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the latents and text embeddings")
+    p.add_argument("--seed", type=int, default=0, help="seed of the latents and text embeddings (default 0)")
     p.add_argument("--sequential", action="store_true",
                    help="time one backend at a time instead of interleaved rounds with every backend loaded "
                         "(less memory; rows minutes apart see different loads on a busy machine)")
@@ -258,7 +258,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-stage-timings", action="store_true", help="do not time the engine's stages one by one")
     p.add_argument("--ort-option", action="append", metavar="KEY=VALUE",
                    help="an ONNX Runtime backend option for the engine and the unstaged graph alike "
-                        "(e.g. cpu_mem_arena=false, allow_spinning=false); repeatable")
+                        "(e.g. cpu_mem_arena=false, allow_spinning=false); repeatable (default: none)")
     p.add_argument("--ort-optimize", choices=("on", "off"), default="on",
                    help="engine and engine-unstaged on ONNX Runtime run the graphs with ONNX Runtime's own fusions "
                         "(fused attention, layer norm, Gelu; default on) or the standard graphs (off); add "
@@ -266,7 +266,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", metavar="DIR",
                    help="also profile where the time goes (CPU): the engine's stages and the unstaged graph with "
                         "ONNX Runtime's profiler, eager with torch.profiler; per stage, op type and kind of work; "
-                        "traces go to DIR, the summary to the table and the JSON")
+                        "traces go to DIR, the summary to the table and the JSON (default: no profile)")
     p.add_argument("--generation", type=int, default=0, metavar="N",
                    help="generation mode: time whole N-step DDIM generations (e.g. 50) of eager, eager with the "
                         "DeepCache package's helper, and the engine at each merge fraction without and with "
@@ -276,6 +276,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--feature-cache", "--deepcache", default=None, metavar="I,b",
                    help="generation mode: the feature cache of the cached rows (cache_interval, cache_branch_id as "
                         "in DeepCacheSDHelper; default 3,0)")
-    p.add_argument("--json", metavar="FILE", help="write the rows and the device to this .json file")
-    p.add_argument("--plot", metavar="FILE", help="write latency against merge fraction to this .png file")
+    p.add_argument("--json", metavar="FILE", help="write the rows and the device to this .json file (default: none)")
+    p.add_argument("--plot", metavar="FILE", help="write latency against merge fraction to this .png file (default: none)")
     p.set_defaults(func=run)

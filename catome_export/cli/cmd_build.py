@@ -116,16 +116,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="tiny, tiny-xl, sd15, sd21, sdxl, or a local diffusers folder (pipeline or U-Net)")
     p.add_argument("--weights", choices=Weights.values(), default=None,
                    help="pretrained (default for sd15 and folders) or random (seeded; the only option for tiny)")
-    p.add_argument("--precision", choices=Precision.values(), default=str(Precision.FP32))
+    p.add_argument("--precision", choices=Precision.values(), default=str(Precision.FP32), help="fp32 or fp16 graphs (fp16 engines run on a GPU; default fp32)")
     p.add_argument("--backend", choices=BuildBackend.values(), default=str(BuildBackend.AUTO),
                    help="engines to build: auto = TensorRT where it runs, else ONNX Runtime (default)")
     p.add_argument("--resolution", type=_resolution, default=None, metavar="N",
                    help="image side in pixels, a multiple of 8 (default: the model's, tiny 256, sd15 512)")
-    p.add_argument("--min-resolution", type=_resolution, default=None, metavar="N")
-    p.add_argument("--max-resolution", type=_resolution, default=None, metavar="N")
+    p.add_argument("--min-resolution", type=_resolution, default=None, metavar="N", help="smallest image side the engine takes, pixels (default: --resolution, or the model's)")
+    p.add_argument("--max-resolution", type=_resolution, default=None, metavar="N", help="largest image side the engine takes, pixels (default: --resolution, or the model's)")
     p.add_argument("--batch", type=int, default=None, metavar="N", help="one batch size (default: range 1..2)")
-    p.add_argument("--min-batch", type=int, default=None, metavar="N")
-    p.add_argument("--max-batch", type=int, default=None, metavar="N")
+    p.add_argument("--min-batch", type=int, default=None, metavar="N", help="smallest U-Net batch the engine takes (default 1)")
+    p.add_argument("--max-batch", type=int, default=None, metavar="N", help="largest U-Net batch the engine takes (default 2: one image with CFG)")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                    help=f"CA-ToMe similarity threshold t (default {DEFAULT_THRESHOLD})")
     p.add_argument("--schedule", default=None,
@@ -163,8 +163,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "refuses and names them)")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime checks and the eager comparison")
     p.add_argument("--verify-steps", type=int, default=DEFAULT_VERIFY_STEPS, metavar="N",
-                   help=f"steps of the eager comparison ({DEFAULT_VERIFY_STEPS})")
+                   help=f"steps of the eager comparison (default {DEFAULT_VERIFY_STEPS})")
     p.add_argument("--exporter", choices=Exporter.values(), default=str(Exporter.TORCHSCRIPT),
-                   help="torch.onnx exporter (torchscript: fast and checked; dynamo: slower)")
+                   help="torch.onnx exporter (torchscript: fast and checked; dynamo: slower) (default torchscript)")
     p.set_defaults(func=run)
 

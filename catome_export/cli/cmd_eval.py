@@ -82,9 +82,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="tiny (default, offline), tiny-xl (offline), sd15, sd21, sdxl (hub or local cache) or a local pipeline folder; with "
                         "--engine: where the text encoder, VAE and eager baseline come from (default: the engine's "
                         "model)")
-    p.add_argument("--engine", default=None, help="an engine folder: adds the engine-baseline and engine methods")
+    p.add_argument("--engine", default=None, help="an engine folder: adds the engine-baseline and engine methods (default: none, eager methods only)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompts", default=None, help="prompt file: one prompt per line, or a JSON list of strings")
+    src.add_argument("--prompts", default=None, help="prompt file: one prompt per line, or a JSON list of strings (default: --imagenet's class prompts)")
     src.add_argument("--imagenet", type=int, default=None,
                      help=f"N prompts \"A high-quality photograph of a {{class}}.\" over ImageNet-1k classes "
                           f"(default {DEFAULT_IMAGENET}; N evenly spaced classes, see --imagenet-order)")
@@ -99,7 +99,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "the engine's own; off turns it off)")
     add_merge_options(p)
     p.add_argument("--ratio", type=float, default=0.5, help="ToMe's fixed merge ratio for the tome method (default 0.5)")
-    p.add_argument("--negative-prompt", default=None, help="negative prompt for every image")
+    p.add_argument("--negative-prompt", default=None, help="negative prompt for every image (default: none)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
@@ -109,7 +109,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="untimed generations per method before timing (at most 3 steps each; default 1)")
     add_runtime_options(p)
     p.add_argument("--clip-model", default="openai/clip-vit-large-patch14",
-                   help="CLIP model for the CLIP score: a Hugging Face id already in the local cache, or a folder")
+                   help="CLIP model for the CLIP score: a Hugging Face id already in the local cache, or a folder (default openai/clip-vit-large-patch14)")
     p.add_argument("--fid-ref", default=None,
                    help="folder of real images for FID (e.g. ImageNet val); default: FID against the baseline images")
     p.add_argument("--out", default=None, help="output folder (default out/eval-<model or engine>)")

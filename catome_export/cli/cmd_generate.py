@@ -61,7 +61,7 @@ def check_eager_feature_cache(settings: Any, model: str) -> None:
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
     """--steps, --guidance, --seed, --height, --width, --negative-prompt (shared with eval)."""
-    p.add_argument("--negative-prompt", default=None, help="what to steer away from")
+    p.add_argument("--negative-prompt", default=None, help="what to steer away from (default: none)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps (default {DEFAULT_STEPS})")
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
                    help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE})")
@@ -79,7 +79,7 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
                         "torch (default auto)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda[:N] (default auto)")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16"),
-                   help="eager model precision: auto = fp16 on CUDA, fp32 on CPU (engines keep their own)")
+                   help="eager model precision: auto = fp16 on CUDA, fp32 on CPU (engines keep their own) (default auto)")
 
 
 def size_or_default(height: int | None, width: int | None, default_hw: tuple[int, int]) -> tuple[int, int]:
@@ -209,8 +209,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", default=None,
-                     help="tiny, tiny-xl (bundled, offline), sd15, sd21, sdxl (hub or local cache) or a local diffusers pipeline folder")
-    src.add_argument("--engine", default=None, help="an engine folder written by catome-export build")
+                     help="tiny, tiny-xl (bundled, offline), sd15, sd21, sdxl (hub or local cache) or a local diffusers pipeline folder (default: none; give --model or --engine)")
+    src.add_argument("--engine", default=None, help="an engine folder written by catome-export build (default: none; give --model or --engine)")
     p.add_argument("--prompt", default=None, help="the text prompt (required)")
     add_sampling_options(p)
     add_merge_options(p)

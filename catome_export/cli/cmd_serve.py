@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from catome_export.serve.local import check_port_free, require_ray
-    from catome_export.serve.service import ServeOptions, check_max_batch, engine_batch_range, pin_engine
+    from catome_export.serve.service import (ServeOptions, check_feature_cache_option, check_max_batch,
+                                             engine_batch_range, pin_engine)
 
     if not 1 <= args.port <= 65535:
         raise CatomeError(f"--port must be in 1..65535, got {args.port}")
@@ -53,10 +54,12 @@ def run(args: argparse.Namespace) -> int:
     engine_dir = Path(args.engine_dir).expanduser().resolve()
     options = ServeOptions(engine_dir=str(engine_dir), backend=args.backend, device=args.device,
                            max_batch=args.max_batch, steps=args.steps, max_images=args.max_images,
-                           threads=args.threads, engine_sha256=args.engine_sha256)
+                           threads=args.threads, engine_sha256=args.engine_sha256,
+                           feature_cache=args.feature_cache)
     local = args.address is None
     if local or engine_dir.exists():  # a joined cluster may hold the folder on its GPU machines only
         check_max_batch(options.max_batch, engine_batch_range(engine_dir))
+        check_feature_cache_option(engine_dir, options.feature_cache)
     options = pin_engine(options)  # the replicas refuse any other engine
     require_ray()
     if local:
@@ -107,8 +110,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address the HTTP proxy binds (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--replicas", type=int, default=None, metavar="N", help="a fixed number of replicas (default 1)")
-    p.add_argument("--min-replicas", type=int, default=None, metavar="N", help="autoscaling: fewest replicas")
-    p.add_argument("--max-replicas", type=int, default=None, metavar="M", help="autoscaling: most replicas")
+    p.add_argument("--min-replicas", type=int, default=None, metavar="N", help="autoscaling: fewest replicas (default: no autoscaling)")
+    p.add_argument("--max-replicas", type=int, default=None, metavar="M", help="autoscaling: most replicas (default: no autoscaling)")
     p.add_argument("--max-batch", type=int, default=1, metavar="N",
                    help="most images per engine call (dynamic batching; default 1: images identical to a direct "
                         "call; larger batches share one merge count r per step, which changes pixels slightly)")
@@ -116,10 +119,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"denoising steps of a request that names none (default {DEFAULT_STEPS})")
     p.add_argument("--max-images", type=int, default=8, metavar="N", help="most images (n) per request (default 8)")
     p.add_argument("--address", default=None,
-                   help="join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting a local Ray")
+                   help="join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting a local Ray (default: a local cluster on this machine)")
     p.add_argument("--backend", default="auto", help="engine backend in each replica (default auto)")
     p.add_argument("--device", default=None, help="device in each replica (default: cuda where it has a GPU)")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads per replica (torch and ORT)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads per replica (torch and ORT) (default: the libraries' own)")
+    p.add_argument("--feature-cache", "--deepcache", default=None, metavar="I,b",
+                   help="DeepCache-style feature caching of every generation: I,b (interval, branch), 'full:0,5;b' "
+                        "or off (default: the engine's own, set at build; the branch must be one it was cut for)")
     p.add_argument("--engine-sha256", default=None, metavar="HASH",
                    help="sha256 of ENGINE_DIR/manifest.json the replicas must find (default: computed here; needed "
                         "with --address when the folder is on the cluster's machines only)")

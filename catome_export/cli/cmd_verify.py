@@ -6,6 +6,7 @@ Exit 1 above tolerance, when merging differs, or when a plan differs from eager'
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from catome_export.backends.select import BACKEND_NAMES
 from catome_export.fsutil import Outputs, check_writable_file
@@ -22,8 +23,6 @@ def _resolution(text: str) -> int | tuple[int, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from catome_export.runtime.verify import verify_engine
-
     from catome_export.errors import CatomeError
 
     for flag, value, minimum in (("--threads", args.threads, 1), ("--seed", args.seed, 0)):
@@ -35,10 +34,12 @@ def run(args: argparse.Namespace) -> int:
     from catome_export.cli.cmd_generate import feature_cache_arg
 
     cache = feature_cache_arg(args, engine=True)
-    report = verify_engine(args.engine_dir, steps=args.steps, schedule=args.schedule, backend=args.backend,
-                           seed=args.seed, batch=args.batch, resolution=args.resolution, tolerance=args.tolerance,
-                           merge_tolerance=args.merge_tolerance, feature_cache=cache,
-                           backend_options={"intra_op_threads": args.threads} if args.threads is not None else None)
+    from catome_export.progress import Progress
+    from catome_export.workflows.build import verify_note
+
+    bar = Progress(args.steps, "verify")
+    with bar:
+        report = _verify(args, cache, lambda row: bar.update(note=verify_note(row)))
     if not args.quiet:
         print(report.format_table())
         differences = report.format_differences()
@@ -55,6 +56,15 @@ def run(args: argparse.Namespace) -> int:
             print(f"report written to {written}")
         outputs.finish()
     return 0 if report.ok else 1
+
+
+def _verify(args: argparse.Namespace, cache: Any, progress: Any) -> Any:
+    from catome_export.runtime.verify import verify_engine
+
+    return verify_engine(args.engine_dir, steps=args.steps, schedule=args.schedule, backend=args.backend,
+                         seed=args.seed, batch=args.batch, resolution=args.resolution, tolerance=args.tolerance,
+                         merge_tolerance=args.merge_tolerance, feature_cache=cache, progress=progress,
+                         backend_options={"intra_op_threads": args.threads} if args.threads is not None else None)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -74,7 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=50, help="U-Net calls to compare (default 50)")
     p.add_argument("--schedule", default=None,
                    help="checkpoint schedule to use instead of the engine's: a name (config1..4, adaptive, "
-                        "config_five, every_step) or a list like 0,10,20")
+                        "config_five, every_step) or a list like 0,10,20 (default: the engine's own)")
     p.add_argument("--backend", default="auto", choices=BACKEND_NAMES, help="engine backend (default auto)")
     p.add_argument("--seed", type=int, default=0, help="seed of the latents and text embeddings (default 0)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default: the build's opt batch)")
@@ -91,6 +101,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     from catome_export.cli.cmd_generate import add_feature_cache_option
 
     add_feature_cache_option(p, engine_default=True)
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON (default: none)")
     p.add_argument("-q", "--quiet", action="store_true", help="print the summary only, not the per-step table")
     p.set_defaults(func=run)

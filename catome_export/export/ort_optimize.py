@@ -206,6 +206,37 @@ def _unfold_key_transposes(onnx_model: Any) -> int:
     return count
 
 
+@contextlib.contextmanager
+def _quiet_optimizer() -> Iterator[None]:
+    """Hold what ONNX Runtime's optimizer prints (its progress bars and fusion counts, on the process's stdout and
+    stderr) and pass it to this module's debug log (``--verbose``), so a build's own output stays readable."""
+    import os
+    import sys
+    import tempfile
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with tempfile.TemporaryFile(mode="w+b") as held:
+        saved = [os.dup(1), os.dup(2)]
+        try:
+            os.dup2(held.fileno(), 1)
+            os.dup2(held.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+        finally:
+            for fd in saved:
+                os.close(fd)
+        held.seek(0)
+        text = held.read().decode(errors="replace").strip()
+    if text:
+        logger.debug("ONNX Runtime's optimizer said:\n%s", text)
+
+
 def fuse_model(model: Any) -> Any:
     """The ModelProto ``model`` after ONNX Runtime's fusions (see the module docstring); ``model`` is reused."""
     optimizer = _import_optimizer()
@@ -213,7 +244,7 @@ def fuse_model(model: Any) -> Any:
 
     producer = (model.producer_name, model.producer_version)
     model.producer_name = "pytorch"  # what the optimizer expects of a U-Net export (else it warns; nothing else)
-    with _patched_optimizer():
+    with _patched_optimizer(), _quiet_optimizer():
         unet = optimizer.optimize_model(model, model_type="unet", opt_level=0, use_gpu=False,
                                         optimization_options=fusion_options("unet"))
         unfolded = _unfold_key_transposes(OnnxModel(unet.model))

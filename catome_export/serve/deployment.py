@@ -93,6 +93,15 @@ class ImageDeployment:
             logger.error("replica pid %d refuses to serve and fails its health checks: %s", os.getpid(), exc)
             return
         self.limits = self._service.limits
+        # readiness: Serve routes to a replica once this constructor returns, so the warm-up runs here (a failed
+        # warm-up fails the start, and Serve tries another replica); liveness is check_health, every 5 s
+        try:
+            self._executor.submit(self._service.warm_up).result()
+        except BaseException:
+            self._executor.submit(self._service.close).result()
+            self._executor.shutdown(wait=True)
+            self._service = None
+            raise
         self._info = self._executor.submit(self._service.info).result()
         self.generate_batch.set_max_batch_size(self.options.max_batch)
         self.generate_batch.set_batch_wait_timeout_s(self.options.batch_wait_s)

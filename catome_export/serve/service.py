@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from catome_export.errors import CatomeError
+from catome_export.featurecache import parse_feature_cache
 from catome_export.defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from catome_export.serve.protocol import EngineLimits, ImageJob, RequestError, error_body, parse_request, unet_rows
 
@@ -86,6 +87,9 @@ class ServeOptions:
     """Options for the backend (``Runtime.load(..., backend_options=...)``), e.g. ``{"cpu_mem_arena": False}``:
     ONNX Runtime's CPU arena keeps every buffer size it has met, and CA-ToMe's merge counts make new sizes, so a
     replica's memory creeps up over many requests with the arena on (see docs/serving.md)."""
+    feature_cache: str | None = None
+    """DeepCache-style feature caching of every generation: ``"I,b"``, ``"full:...;b"`` or ``"off"`` (None: the
+    engine's own, set at build); its branch must be one the engine was cut for."""
     engine_sha256: str | None = None
     """sha256 (hex) of the engine folder's manifest.json the application was deployed with: a replica whose folder
     holds another engine refuses to serve (None: not pinned; ``build_app`` always pins it)."""
@@ -103,6 +107,10 @@ class ServeOptions:
         if isinstance(self.batch_wait_s, bool) or not isinstance(self.batch_wait_s, (int, float)) \
                 or not 0 <= self.batch_wait_s <= 10:
             raise CatomeError(f"batch_wait_s must be a number of seconds in 0..10, got {self.batch_wait_s!r}")
+        if self.feature_cache is not None:
+            if not isinstance(self.feature_cache, str):
+                raise CatomeError(f"feature_cache must be a string like '3,0' or 'off', got {self.feature_cache!r}")
+            parse_feature_cache(self.feature_cache)  # a bad value fails here, before any replica starts
         if self.engine_sha256 is not None and (not isinstance(self.engine_sha256, str)
                                                or _SHA256.fullmatch(self.engine_sha256) is None):
             raise CatomeError(f"engine_sha256 must be 64 lowercase hex digits (sha256sum ENGINE_DIR/manifest.json), "
@@ -175,6 +183,16 @@ def pin_engine(options: ServeOptions) -> ServeOptions:
                           "here: give engine_sha256 (--engine-sha256; sha256sum ENGINE_DIR/manifest.json on a machine "
                           "that has the folder), and every replica checks it serves that engine")
     return options
+
+
+def check_feature_cache_option(engine_dir: str | Path, feature_cache: str | None) -> None:
+    """CatomeError, before any replica starts, when ``feature_cache`` needs a branch the engine was not cut for."""
+    if feature_cache is None:
+        return
+    from catome_export.export.manifest import Manifest
+    from catome_export.runtime.runtime import check_feature_cache
+
+    check_feature_cache(Manifest.load(engine_dir, check_hashes=False).feature_cache, parse_feature_cache(feature_cache))
 
 
 def engine_batch_range(engine_dir: str | Path) -> tuple[int, int]:
@@ -327,8 +345,9 @@ class ImageService:
         backend_options = dict(options.backend_options or {})
         if options.threads is not None:
             backend_options.setdefault("intra_op_threads", options.threads)
+        cache = "engine" if options.feature_cache is None else parse_feature_cache(options.feature_cache)
         self.runtime = Runtime.load(options.engine_dir, backend=options.backend, device=options.device,
-                                    backend_options=backend_options or None)
+                                    backend_options=backend_options or None, feature_cache=cache)
         try:
             manifest = self.runtime.manifest
             if manifest is None:
@@ -355,6 +374,8 @@ class ImageService:
             raise
         self._failure: str | None = None
         self._closed = False
+        self.warm_up_s: float | None = None
+        """Seconds of the warm-up generation (None until :meth:`warm_up` ran)."""
         backend = getattr(self.runtime.backend, "name", "engine")
         logger.info("replica pid %d: engine %s loaded on %s (%s): manifest sha256 %s, sizes %s, batch %d..%d, max %d "
                     "images per call, 1..%d steps (%s)", os.getpid(), manifest.name, backend, self.runtime.device,
@@ -372,7 +393,9 @@ class ImageService:
     def info(self) -> dict[str, Any]:
         """What clients may ask for: sizes, batch, defaults (``GET /v1/engine``)."""
         m = self.runtime.manifest
+        cache = self.runtime.feature_cache
         return {"engine": m.name if m is not None else None, "engine_sha256": self.engine_sha256,
+                "feature_cache": None if cache is None else cache.to_dict(), "warm_up_s": self.warm_up_s,
                 "model": m.model.id if m is not None else None,
                 "precision": m.precision if m is not None else None,
                 "backend": getattr(self.runtime.backend, "name", None), "device": str(self.runtime.device),
@@ -455,6 +478,23 @@ class ImageService:
         if len(jobs) > 1:  # the engine works: run each job alone, so that only the one at fault fails
             return [result for job, queued in zip(jobs, enqueued) for result in self._run_guarded([job], [queued])]
         return [_request_fault(fault)]
+
+    def warm_up(self) -> float:
+        """One small generation at the default size (2 steps), so the first client request does not pay for the
+        engine's first run (ONNX Runtime's and TensorRT's allocations, kernel selection); seconds it took.
+        CatomeError when it fails: the replica never reports ready."""
+        lo, hi = self.limits.batch
+        guidance = next(g for g in (self.limits.default_guidance, 7.5, 1.0) if lo <= unet_rows(g) <= hi)
+        height, width = self.limits.default_size
+        job = ImageJob(CHECK_PROMPT, None, 0, min(2, self.limits.max_steps), guidance, height, width, None)
+        start = time.perf_counter()
+        try:
+            self._run_chunk([job], [start])
+        except Exception as exc:
+            raise CatomeError(f"the warm-up generation failed ({_describe(exc)}): the replica does not start") from exc
+        self.warm_up_s = time.perf_counter() - start
+        logger.info("replica pid %d: warm-up generation took %.2f s", os.getpid(), self.warm_up_s)
+        return self.warm_up_s
 
     def _make_check_job(self) -> ImageJob:
         """A small generation known to work on a sound engine: the smallest built size, two steps, no threshold."""

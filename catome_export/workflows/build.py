@@ -54,13 +54,23 @@ def verify_build(folder: Path, opts: BuildOptions, backend: EngineBackend, notes
             say(notes[-1])
             return None
     say(f"verifying against eager CA-ToMe ({opts.verify_steps} steps, backend {run_on})")
-    report = verify_engine(folder, steps=opts.verify_steps, backend=run_on)
+    from catome_export.progress import Progress as StepProgress
+
+    with StepProgress(opts.verify_steps, "verify", emit=say) as bar:
+        report = verify_engine(folder, steps=opts.verify_steps, backend=run_on,
+                               progress=lambda row: bar.update(note=verify_note(row)))
     differences = report.format_differences(limit=5)  # near-tie flips, and any plan difference that fails
     if differences:
         say(differences)
     summary = report.summary()
     say(summary)
     return VerifyVerdict(ok=report.ok, text=summary)
+
+
+def verify_note(row: Any) -> str:
+    """The progress note of one verified step: its difference and kind."""
+    kind = ", feature-cached" if row.cached_engine else ""
+    return f"step {row.step}: max |diff| {row.max_abs_diff:.2g}{kind}{'' if row.ok else ', FAILED'}"
 
 
 def run_build(opts: BuildOptions, progress: Progress | None = None) -> BuildResult:

@@ -169,3 +169,24 @@ def test_verify_50_steps_with_caching_on_tiny_xl(tmp_path):
     deeper = verify_engine(out, steps=12, backend="ort-cpu", device="cpu", feature_cache=FeatureCacheSettings(3, 4))
     assert deeper.ok, deeper.summary()
     assert any(r.merged_engine for r in deeper.rows if r.cached_engine)
+
+
+def test_a_replica_serves_with_the_engines_feature_cache(engine):
+    pytest.importorskip("PIL", reason="the service encodes PNGs")
+    from catome_export.serve.protocol import ImageJob
+    from catome_export.serve.service import ImageService, ServeOptions
+
+    svc = ImageService(ServeOptions(engine, backend="ort", steps=4, threads=1))
+    try:
+        assert svc.info()["feature_cache"] == {"interval": 3, "branch": 0, "full_steps": None}
+        (result,) = svc.run_jobs([ImageJob(prompt="a fox", negative_prompt=None, seed=1, steps=4, guidance=7.5,
+                                           height=SIZE, width=SIZE, threshold=None)])
+        assert not isinstance(result, Exception), result
+        assert any(h.cached_features for h in svc.runtime.history)
+    finally:
+        svc.close()
+    off = ImageService(ServeOptions(engine, backend="ort", steps=4, threads=1, feature_cache="off"))
+    try:
+        assert off.info()["feature_cache"] is None
+    finally:
+        off.close()

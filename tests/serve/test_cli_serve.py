@@ -36,6 +36,10 @@ def test_max_batch_above_the_built_range(tiny_engine, capsys):
     (["--port", "70000"], "--port must be in 1..65535, got 70000"),
     (["--max-batch", "0"], "max_batch must be an integer >= 1, got 0"),
     (["--steps", "0"], "steps must be an integer >= 1, got 0"),
+    (["--feature-cache", "3,x"], "give the feature cache as INTERVAL,BRANCH (e.g. 3,0), INTERVAL, off, or "
+                                 "full:0,2,5;BRANCH (got '3,x')"),
+    (["--feature-cache", "3,0"], "this engine was cut for no feature-cache branch; feature-cache branch 0 needs a "
+                                 "rebuild with catome-export build ... --cache-branches 0 (or --feature-cache I,0)"),
 ])
 def test_bad_options(tiny_engine, capsys, argv, message):
     rc, err = _run(capsys, str(tiny_engine), *argv)

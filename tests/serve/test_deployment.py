@@ -122,6 +122,27 @@ def test_the_engine_endpoint_names_no_process(replica, tiny_engine):
     assert body["engine_sha256"] == hashlib.sha256((tiny_engine / "manifest.json").read_bytes()).hexdigest()
 
 
+def test_a_replica_is_warmed_up_before_it_is_ready(replica):
+    """The constructor (after which Serve routes requests to the replica) ran one small generation."""
+    status, body = _call(replica, b"", method="GET", path="/v1/engine")
+    assert status == 200 and body["warm_up_s"] is not None and body["warm_up_s"] > 0
+    assert replica._service.warm_up_s == body["warm_up_s"]
+
+
+def test_a_failed_warm_up_fails_the_start(tiny_engine, monkeypatch):
+    from catome_export.serve.deployment import ImageDeployment, app_options
+    from catome_export.serve.service import ImageService
+
+    def broken(self, jobs, enqueued):
+        raise RuntimeError("ORT session lost")
+
+    monkeypatch.setattr(ImageService, "_run_chunk", broken)
+    options, _ = app_options({"engine_dir": str(tiny_engine), "backend": "ort", "steps": 2, "threads": 1})
+    cls = ImageDeployment.func_or_class
+    with pytest.raises(CatomeError, match="the warm-up generation failed"):
+        cls(options.to_dict())
+
+
 def test_build_app_pins_the_engine(tiny_engine):
     import hashlib
 
