@@ -34,7 +34,7 @@ from catome_export.backends.torch_backend import manifest_dtype
 from catome_export.errors import CatomeError
 from catome_export.export.io_names import ADDED_INPUTS, MODEL_OUTPUT, SAMPLE, TEXT, TIMESTEP, plan_names
 from catome_export.export.manifest import FeatureCacheRecord, Manifest
-from catome_export.featurecache import CacheClock, FeatureCacheSettings
+from catome_export.featurecache import CacheClock, FeatureCacheSettings, parse_feature_cache
 from catome_export.featurecache.clock import Timesteps
 from catome_export.merging import MergeController, MergeSettings, MergePlan
 from catome_export.models.sites import MergeSite
@@ -115,6 +115,7 @@ class Runtime:
         self._kept: dict[str, torch.Tensor] = {}
         self._kept_key: tuple[int, ...] | None = None
         self._kinds: list[bool] = []
+        feature_cache = feature_cache_value(feature_cache)
         self._set_feature_cache(self.cache_record.settings if feature_cache == "engine" and self.cache_record
                                 else None if feature_cache == "engine" else feature_cache)  # type: ignore[arg-type]
         from catome_export.runtime.unet import RuntimeUNet
@@ -249,6 +250,7 @@ class Runtime:
         ``feature_cache``: also change the feature caching (settings, None for off; ``"keep"``, the default,
         leaves it as it is): any interval, and a branch the engine was cut for."""
         _check_same_graphs(self.settings, settings)
+        feature_cache = feature_cache_value(feature_cache)
         if feature_cache != "keep":
             self._check_feature_cache(feature_cache)
         self._claim("set_settings()")
@@ -266,11 +268,15 @@ class Runtime:
         """The DeepCache-style caching in use (None: every call runs the whole chain)."""
         return self._cache_settings
 
-    def set_feature_cache(self, settings: FeatureCacheSettings | None) -> None:
-        """Use other feature caching from the next call on (None: off); starts a new generation."""
-        self._check_feature_cache(settings)
+    def set_feature_cache(self, settings: FeatureCacheSettings | str | None) -> None:
+        """Use other feature caching from the next call on (None or ``"off"``: off; ``"I,b"`` is parsed); starts a
+        new generation."""
+        parsed = feature_cache_value(settings)
+        if parsed in ("engine", "keep"):
+            raise CatomeError("set_feature_cache takes FeatureCacheSettings, 'I,b', 'off' or None")
+        self._check_feature_cache(parsed)
         self._claim("set_feature_cache()")
-        self._set_feature_cache(settings)
+        self._set_feature_cache(parsed)
         self._reset_state()
 
     def set_timesteps(self, timesteps: Sequence[Any] | Timesteps | None) -> None:
@@ -576,8 +582,16 @@ class Runtime:
                 f"{self.settings.mode}, {self.settings.schedule.describe()}{cache})")
 
 
+def feature_cache_value(value: Any) -> Any:
+    """``value`` with a command-line spelling (``"3,0"``, ``"off"``) parsed; ``"engine"`` / ``"keep"`` as they are."""
+    if isinstance(value, str) and value not in ("engine", "keep"):
+        return parse_feature_cache(value)
+    return value
+
+
 def check_feature_cache(record: FeatureCacheRecord | None, settings: Any) -> None:
     """CatomeError unless ``settings`` (FeatureCacheSettings or None) can run on an engine cut as ``record`` says."""
+    settings = feature_cache_value(settings)
     if settings is None or settings == "engine":
         return
     if not isinstance(settings, FeatureCacheSettings):
