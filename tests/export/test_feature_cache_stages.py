@@ -11,13 +11,19 @@ from catome_export.errors import CatomeError
 from catome_export.export.io_names import MODEL_OUTPUT
 from catome_export.export.stages import cached_branches, cut_unet, run_stages
 from catome_export.featurecache import UNetLayout, is_skipped, position_of
-from catome_export.models import find_merge_sites, load_unet
+from catome_export.models import bundled_config, find_merge_sites, load_unet
+from catome_export.models.registry import random_unet
 from catome_export.models.conditioning import random_added_conditioning
 
 
-@pytest.fixture(scope="module", params=["tiny", "tiny-xl"])
+@pytest.fixture(scope="module", params=["tiny", "tiny-sd2", "tiny-xl"])
 def model(request):
-    unet = load_unet(request.param, "random")
+    if request.param == "tiny-sd2":  # SD 2.x's differences: linear projections, heads per level, upcast attention
+        config = {**bundled_config("tiny"), "use_linear_projection": True, "attention_head_dim": [1, 2, 2, 2],
+                  "upcast_attention": True}
+        unet = random_unet(config).eval().requires_grad_(False)
+    else:
+        unet = load_unet(request.param, "random")
     return unet, find_merge_sites(unet, 2 if request.param == "tiny-xl" else 1)
 
 
