@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from catome_export.eager._handle import PatchHandle
+from catome_export.eager.patch import _timestep_value, split_target
 from catome_export.errors import CatomeError
 from catome_export.featurecache import (
     BlockPosition, CacheClock, FeatureCacheSettings, UNetLayout, is_skipped, position_of,
@@ -99,14 +100,6 @@ class _CachedForward:
         if self.skip and not handle.call_is_cached:
             handle._outputs[self.path] = out
         return out
-
-
-def _timestep_value(timestep: Any) -> float | None:
-    if isinstance(timestep, torch.Tensor):
-        return float(timestep.reshape(-1)[0]) if timestep.numel() else None
-    if isinstance(timestep, (int, float)):
-        return float(timestep)
-    return None
 
 
 class DeepCacheHandle(PatchHandle):
@@ -251,8 +244,6 @@ def apply_deepcache(pipe_or_unet: Any, interval: int = DEFAULT_CACHE_INTERVAL, b
 
     Use the handle as a context manager, or call ``handle.remove()``.
     """
-    from catome_export.eager.patch import split_target
-
     if settings is None:
         settings = FeatureCacheSettings(interval=interval, branch=branch,
                                         full_steps=None if full_steps is None else tuple(full_steps))
