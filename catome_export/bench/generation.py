@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import platform
 import statistics
 import time
@@ -33,7 +34,7 @@ from typing import Any, Callable
 
 import torch
 
-from catome_export.bench.device import device_info
+from catome_export.bench.device import device_info, load_average
 from catome_export.bench.timing import synchronize
 from catome_export.errors import CatomeError
 from catome_export.featurecache import FeatureCacheSettings
@@ -270,9 +271,10 @@ def run_generation_bench(config: GenerationConfig, progress: Callable[[str], Non
     finally:
         if runtime is not None:
             runtime.close()
-    load = _load_average()
-    if load is not None and os_cpus() and load > os_cpus() + 0.5:
-        notes.append(f"the machine was busy (1-minute load average {load:.1f} on {os_cpus()} CPUs)")
+    load = load_average()
+    cpus = os.cpu_count() or 1
+    if load is not None and load > cpus + 0.5:
+        notes.append(f"the machine was busy (1-minute load average {load:.1f} on {cpus} CPUs)")
     return GenerationResult(config=config, resolution=resolution, timings=[timings[r] for r in rows],
                             device=device_info(device, threads), notes=notes, load_avg=load)
 
@@ -287,32 +289,14 @@ def _time_row(row: GenRow, loop: _Loop, unet: Any, runtime: Any, helper: Any,
             calls = loop.run(unet, lambda: False)
         finally:
             helper.disable()
-        start = 0
-        marked = []
-        for i, (ms, _) in enumerate(calls):  # DDIM timesteps do not repeat: position = loop index
-            marked.append((ms, not config.feature_cache.is_full(i - start)))
-        return marked
+        # DDIM timesteps do not repeat: a call's position is its loop index, the first call the start
+        return [(ms, not config.feature_cache.is_full(i)) for i, (ms, _) in enumerate(calls)]
     settings = replace(runtime.settings, threshold=None, ratio=None, merge_fraction=float(row.fraction or 0.0))
     runtime.set_settings(settings, feature_cache=row.cache)
     runtime.reset()
     calls = loop.run(runtime.unet, lambda: runtime.history[-1].cached_features)
     runtime.release()
     return calls
-
-
-def _load_average() -> float | None:
-    try:
-        import os
-
-        return os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return None
-
-
-def os_cpus() -> int:
-    import os
-
-    return os.cpu_count() or 1
 
 
 @dataclass

@@ -46,23 +46,17 @@ logger = logging.getLogger(__name__)
 def wrapped_modules(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """(module path, module) of every module ``DeepCacheSDHelper.wrap_modules`` wraps, in its order."""
     out: list[tuple[str, torch.nn.Module]] = []
-    for i, block in enumerate(unet.down_blocks):  # type: ignore[union-attr]
-        for j, m in enumerate(getattr(block, "attentions", None) or []):
-            out.append((f"down_blocks.{i}.attentions.{j}", m))
-        for j, m in enumerate(getattr(block, "resnets", None) or []):
-            out.append((f"down_blocks.{i}.resnets.{j}", m))
-        for j, m in enumerate(getattr(block, "downsamplers", None) or []):
-            out.append((f"down_blocks.{i}.downsamplers.{j}", m))
-        out.append((f"down_blocks.{i}", block))
+
+    def blocks(path: str, samplers: str) -> None:
+        for i, block in enumerate(getattr(unet, path)):
+            for kind in ("attentions", "resnets", samplers):
+                for j, m in enumerate(getattr(block, kind, None) or []):
+                    out.append((f"{path}.{i}.{kind}.{j}", m))
+            out.append((f"{path}.{i}", block))
+
+    blocks("down_blocks", "downsamplers")
     out.append(("mid_block", unet.mid_block))  # type: ignore[arg-type]
-    for i, block in enumerate(unet.up_blocks):  # type: ignore[union-attr]
-        for j, m in enumerate(getattr(block, "attentions", None) or []):
-            out.append((f"up_blocks.{i}.attentions.{j}", m))
-        for j, m in enumerate(getattr(block, "resnets", None) or []):
-            out.append((f"up_blocks.{i}.resnets.{j}", m))
-        for j, m in enumerate(getattr(block, "upsamplers", None) or []):
-            out.append((f"up_blocks.{i}.upsamplers.{j}", m))
-        out.append((f"up_blocks.{i}", block))
+    blocks("up_blocks", "upsamplers")
     return out
 
 
