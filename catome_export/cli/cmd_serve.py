@@ -11,6 +11,10 @@ from catome_export.defaults import DEFAULT_STEPS
 
 logger = logging.getLogger(__name__)
 
+# the limits' defaults, as catome_export.serve.deployment has them (that module needs Ray; this one must not)
+DEFAULT_MAX_QUEUED = 32
+DEFAULT_REQUEST_TIMEOUT_S = 300.0
+
 DESCRIPTION = """\
 Serve an engine folder over HTTP (POST /v1/images/generations, OpenAI's
 images API; PNG as base64) on Ray Serve: one replica holds one runtime and
@@ -21,6 +25,10 @@ application joins that cluster (and is deleted from it on Ctrl-C). The
 engine is pinned at deploy (the sha256 of its manifest.json): a replica
 whose folder holds another engine refuses to serve. To roll out a new
 engine, build it into a new folder and deploy that folder.
+
+Every error is JSON in OpenAI's shape: a full queue is answered 429 and a
+stopping service or a lost replica 503 (both with Retry-After), a request
+older than --request-timeout 504.
 
 examples:
   catome-export serve engines/tiny
@@ -51,6 +59,11 @@ def run(args: argparse.Namespace) -> int:
     _positive("--max-replicas", args.max_replicas)
     if args.min_replicas is not None and args.max_replicas is not None and args.max_replicas < args.min_replicas:
         raise CatomeError(f"--max-replicas {args.max_replicas} is below --min-replicas {args.min_replicas}")
+    _positive("--max-ongoing-requests", args.max_ongoing_requests)
+    if not (args.max_queued_requests >= 1 or args.max_queued_requests == -1):
+        raise CatomeError(f"--max-queued-requests must be >= 1, or -1 for no limit, got {args.max_queued_requests}")
+    if not 0 < args.request_timeout < float("inf"):
+        raise CatomeError(f"--request-timeout must be a number of seconds > 0, got {args.request_timeout:g}")
     engine_dir = Path(args.engine_dir).expanduser().resolve()
     options = ServeOptions(engine_dir=str(engine_dir), backend=args.backend, device=args.device,
                            max_batch=args.max_batch, steps=args.steps, max_images=args.max_images,
@@ -72,9 +85,10 @@ def _serve(args: argparse.Namespace, options: object, local: bool) -> int:
     from catome_export.serve.local import ray_session, start_app, stop_app, wait_forever
 
     app_args = dict(options.to_dict())  # type: ignore[attr-defined]
-    for key in ("replicas", "min_replicas", "max_replicas"):
+    for key in ("replicas", "min_replicas", "max_replicas", "max_ongoing_requests", "max_queued_requests"):
         if getattr(args, key) is not None:
             app_args[key] = getattr(args, key)
+    app_args["request_timeout_s"] = args.request_timeout
     started = False
     try:
         # A local Ray counts at least one CPU per replica (each asks for one), so that --replicas above the
@@ -126,6 +140,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--feature-cache", "--deepcache", default=None, metavar="I,b",
                    help="DeepCache-style feature caching of every generation: I,b (interval, branch), 'full:0,5;b' "
                         "or off (default: the engine's own, set at build; the branch must be one it was cut for)")
+    p.add_argument("--max-ongoing-requests", type=int, default=None, metavar="N",
+                   help="requests one replica works on or batches at a time (default: twice --max-batch, so the "
+                        "next batch gathers while one runs)")
+    p.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED, metavar="N",
+                   help="requests waiting for a free replica; one more is answered 429 with Retry-After (default "
+                        f"{DEFAULT_MAX_QUEUED}; -1: no limit)")
+    p.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT_S, metavar="S",
+                   help="seconds from a request's arrival to its answer; an older request is answered 504 and its "
+                        f"queued work dropped (default {DEFAULT_REQUEST_TIMEOUT_S:g})")
     p.add_argument("--engine-sha256", default=None, metavar="HASH",
                    help="sha256 of ENGINE_DIR/manifest.json the replicas must find (default: computed here; needed "
                         "with --address when the folder is on the cluster's machines only)")

@@ -546,6 +546,8 @@ class ImageService:
         if self.runtime.device.type == "cuda":
             torch.cuda.synchronize(self.runtime.device)
         seconds = time.perf_counter() - start
+        logger.info("replica pid %d: %d image(s) %dx%d, %d steps in %.2f s", os.getpid(), len(jobs), first.width,
+                    first.height, first.steps, seconds)
         images = np.asarray(output.images if hasattr(output, "images") else output[0], dtype=np.float64)
         if not np.isfinite(images).all():  # NaN would be cast to black pixels: never answer it as an image
             raise NonFiniteImage(f"{int((~np.isfinite(images)).sum())} of {images.size} pixel values are NaN or "
