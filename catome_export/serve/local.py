@@ -19,7 +19,7 @@ import socket
 import tempfile
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from catome_export.errors import CatomeError
 
@@ -127,18 +127,84 @@ def stop_app(local: bool) -> None:
         logger.warning("stopping Serve: %s: %s", type(exc).__name__, exc)
 
 
-def wait_forever(poll_s: float = 1.0) -> None:
-    """Sleep until Ctrl-C or SIGTERM (both raise KeyboardInterrupt, also where the shell started us with SIGINT
-    ignored, as it does for background jobs)."""
-    import signal
+class StopSignals:
+    """While active: Ctrl-C and SIGTERM raise KeyboardInterrupt in the main thread (also where the shell started
+    us with SIGINT ignored, as it does for background jobs); after :meth:`ignore` they are ignored, so that a stop
+    already under way (Serve's and Ray's shutdown) is not cut short. The previous handlers come back on exit.
 
-    def _stop(signum: int, frame: Any) -> None:
+    ``ray.init`` installs a SIGTERM handler of its own in the driver (it prints a stack trace and aborts, leaving
+    Ray's processes behind): call :meth:`arm` again once Ray has started."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self) -> None:
+        self._previous: dict[int, Any] = {}
+
+    @staticmethod
+    def _raise(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while True:
-            time.sleep(poll_s)
-    finally:
-        for sig, handler in previous.items():
+    def arm(self) -> None:
+        import signal
+
+        for name in self.SIGNALS:
+            sig = getattr(signal, name)
+            previous = signal.signal(sig, self._raise)
+            self._previous.setdefault(sig, previous)
+
+    def __enter__(self) -> "StopSignals":
+        self.arm()
+        return self
+
+    def ignore(self) -> None:
+        import signal
+
+        for sig in self._previous:
+            signal.signal(sig, signal.SIG_IGN)
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def wait_forever(poll_s: float = 1.0) -> None:
+    """Sleep until interrupted (inside :class:`StopSignals`: Ctrl-C or SIGTERM raise KeyboardInterrupt)."""
+    while True:
+        time.sleep(poll_s)
+
+
+def drain_app(timeout_s: float, announce: Callable[[int], None] | None = None,
+              poll_s: float = 0.2) -> tuple[int, int]:
+    """Stop the application taking requests and let those in flight finish, for up to ``timeout_s``; then answer
+    those still in flight 503 (the ingress's ``drain``, ``in_flight`` and ``abort``). ``announce(n)`` is called
+    with the number in flight when the drain begins. Returns (in flight at the start, answered 503 at the end).
+
+    A KeyboardInterrupt (Ctrl-C again) cuts the wait short: whatever is still in flight is answered 503 first."""
+    from ray import serve
+
+    handle = serve.get_app_handle(APP_NAME)
+    in_flight = started = handle.drain.remote().result(timeout_s=30)
+    if announce is not None:
+        announce(started)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while in_flight and time.monotonic() < deadline:
+            time.sleep(poll_s)
+            in_flight = handle.in_flight.remote().result(timeout_s=30)
+    except KeyboardInterrupt:
+        in_flight = handle.in_flight.remote().result(timeout_s=30)
+    aborted = 0
+    if in_flight:
+        aborted = handle.abort.remote().result(timeout_s=30)
+    try:
+        settle = time.monotonic() + 10  # the answers of the aborted requests leave the ingress
+        while in_flight and time.monotonic() < settle:
+            time.sleep(poll_s)
+            in_flight = handle.in_flight.remote().result(timeout_s=30)
+        if started:
+            time.sleep(0.5)  # the last answers pass through Serve's proxy before it is stopped
+    except KeyboardInterrupt:  # yet another Ctrl-C: every request has its answer already, stop now
+        pass
+    return started, aborted
