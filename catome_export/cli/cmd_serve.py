@@ -31,6 +31,8 @@ Every error is JSON in OpenAI's shape: a full queue is answered 429 and a
 stopping service or a lost replica 503 (both with Retry-After), a request
 older than --request-timeout 504. Ctrl-C or SIGTERM drains: new requests get
 503, those in flight get --drain-timeout seconds to finish, then Ray stops.
+A local Ray listens on 127.0.0.1 (the HTTP proxy on --host); the command
+names the few ports Ray Serve binds to every interface when it starts.
 
 examples:
   catome-export serve engines/tiny
@@ -109,6 +111,8 @@ def _serve(args: argparse.Namespace, options: object, local: bool) -> int:
                     print(f"starting {'a local Ray' if local else 'on ' + args.address} and Serve ...", flush=True)
                     start_app(app, host=args.host, port=args.port, local=local)
                     started = True
+                    if local:
+                        _report_exposure(args.port)
                     shown = f"[{args.host}]" if ":" in args.host else args.host
                     print(f"serving {options.engine_dir} at http://{shown}:{args.port}/v1/images/generations "  # type: ignore[attr-defined]
                           "(Ctrl-C stops)", flush=True)
@@ -126,6 +130,23 @@ def _serve(args: argparse.Namespace, options: object, local: bool) -> int:
                   "from the cluster", file=sys.stderr)
             return 130
     return 0
+
+
+def _report_exposure(port: int) -> None:
+    """One line naming every port of the local Ray that listens beyond loopback (docs/serving.md, "What listens
+    where"): Ray Serve binds each replica's gRPC server, for calls between deployments, to every interface."""
+    from catome_export.serve.local import exposed_ports
+
+    exposed = exposed_ports((port,))
+    if not exposed:
+        return
+    listed = ", ".join(f"{address} ({name})" for address, name in exposed)
+    why = "Ray binds them so"
+    if all(name.startswith("ray::ServeReplica") for _, name in exposed):
+        why = ("each Serve replica's gRPC server for calls between deployments; they take only calls carrying "
+               "this Ray session's authentication token")
+    print(f"note: {len(exposed)} port(s) of the local Ray listen beyond 127.0.0.1, as Ray offers no option to bind "
+          f"them to loopback ({why}): {listed}", file=sys.stderr, flush=True)
 
 
 def _drain(timeout_s: float) -> None:

@@ -10,7 +10,9 @@
   and Serve logs every request's ``x-request-id`` there).
 - :func:`isolated_command`: the command line that runs a script in a network
   namespace with only a loopback interface (and its own PID namespace, so every
-  process Ray starts ends with it).
+  process Ray starts ends with it); :func:`listening_addresses` lists what
+  listens there.
+- :func:`busiest`: which replica process is working (CPU time over a moment).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ class Reply:
     seconds: float
     request_id: str | None = None
     """Serve's ``x-request-id`` of the answer (the replica's log file names it)."""
+    headers: dict[str, str] = field(default_factory=dict)
+    """The answer's headers, names in lower case."""
 
 
 def _call(method: str, port: int, path: str, data: bytes | None, timeout: float) -> Reply:
@@ -50,9 +54,9 @@ def _call(method: str, port: int, path: str, data: bytes | None, timeout: float)
     start = time.perf_counter()
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            raw, status, request_id = response.read(), response.status, response.headers.get("x-request-id")
+            raw, status, headers = response.read(), response.status, response.headers
     except urllib.error.HTTPError as exc:
-        raw, status, request_id = exc.read(), exc.code, exc.headers.get("x-request-id")
+        raw, status, headers = exc.read(), exc.code, exc.headers
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
         return Reply(0, {"error": {"message": f"{type(exc).__name__}: {exc}"}}, time.perf_counter() - start)
     seconds = time.perf_counter() - start
@@ -60,7 +64,8 @@ def _call(method: str, port: int, path: str, data: bytes | None, timeout: float)
         body = json.loads(raw) if raw else {}
     except json.JSONDecodeError:
         body = {"raw": raw[:200].decode("utf-8", "replace")}
-    return Reply(status, body if isinstance(body, dict) else {"raw": body}, seconds, request_id)
+    return Reply(status, body if isinstance(body, dict) else {"raw": body}, seconds, headers.get("x-request-id"),
+                 {k.lower(): v for k, v in headers.items()})
 
 
 def post(port: int, path: str, payload: dict[str, Any] | bytes, timeout: float = 300.0) -> Reply:
@@ -231,6 +236,57 @@ def answered_by(ray_temp: str | Path, request_ids: list[str]) -> dict[str, int]:
     return out
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) a process has used, from /proc; None where it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def busiest(pids: list[int], window_s: float = 0.5) -> tuple[int | None, float]:
+    """The pid that used the most CPU time over ``window_s`` (the replica working on a request) and that time."""
+    before = {pid: cpu_seconds(pid) for pid in pids}
+    time.sleep(window_s)
+    used = {pid: (cpu_seconds(pid) or 0.0) - (before[pid] or 0.0) for pid in pids if before[pid] is not None}
+    if not used:
+        return None, 0.0
+    pid = max(used, key=lambda p: used[p])
+    return pid, used[pid]
+
+
+def listening_addresses() -> dict[str, str]:
+    """``address:port`` -> process name of every listening TCP socket in this network namespace (``ss -ltnp``)."""
+    import subprocess
+
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    found = {}
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) >= 4:
+            name = re.search(r'\(\("([^"]*)"', line)
+            found[fields[3]] = name.group(1) if name else ""
+    return dict(sorted(found.items()))
+
+
+def is_loopback(address: str) -> bool:
+    """Whether ``address:port`` (as ``ss`` writes it) is on a loopback address: 127.0.0.0/8 or ::1."""
+    import ipaddress
+
+    host = address.rsplit(":", 1)[0].strip("[]").split("%")[0]
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:  # "*" (every address)
+        return False
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
+
+
+NODE_ADDRESS = "10.254.0.1"
+"""The address :func:`isolated_command` gives the namespace's loopback interface with ``node_address=True``."""
+
+
 def in_isolated_network() -> bool:
     """True where the only network interface is loopback (a fresh ``unshare -n`` namespace with lo up)."""
     try:
@@ -241,7 +297,14 @@ def in_isolated_network() -> bool:
     return sorted(line.split(":")[0].strip() for line in lines if ":" in line) == ["lo"]
 
 
-def isolated_command(argv: list[str]) -> list[str]:
-    """``argv`` run inside new network and PID namespaces with only loopback up (needs root or user namespaces)."""
-    inner = "ip link set lo up && exec " + " ".join(shlex.quote(a) for a in argv)
+def isolated_command(argv: list[str], node_address: bool = False) -> list[str]:
+    """``argv`` run inside new network and PID namespaces with only loopback up (needs root or user namespaces).
+
+    ``node_address``: the loopback interface also gets :data:`NODE_ADDRESS` and the default route, so that this
+    namespace looks like a machine on a network (Ray takes the address of the default route for the node's) while
+    every packet still stays on loopback: which of Ray's ports would listen on a machine's network address shows."""
+    setup = "ip link set lo up"
+    if node_address:
+        setup += f" && ip addr add {NODE_ADDRESS}/32 dev lo && ip route add default dev lo"
+    inner = setup + " && exec " + " ".join(shlex.quote(a) for a in argv)
     return ["unshare", "-n", "-p", "-f", "--mount-proc", "sh", "-c", inner]

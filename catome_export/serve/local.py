@@ -26,6 +26,7 @@ from catome_export.errors import CatomeError
 logger = logging.getLogger(__name__)
 
 APP_NAME = "catome"
+LOOPBACK = "127.0.0.1"
 SOCKET_PATH_ROOM = 50
 """Longest Ray temp folder accepted: Ray adds about 45 characters of socket path under it (limit 107)."""
 
@@ -53,6 +54,26 @@ def check_port_free(host: str, port: int) -> None:
                               "or stop what uses it") from None
 
 
+SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _node_address_loopback() -> None:
+    """Make a local Ray take 127.0.0.1 as its node address, so that its own servers (GCS, raylet, object manager,
+    workers, dashboard and runtime-env agents) listen on loopback instead of this machine's network address.
+
+    Ray binds them to the node address, and ``ray.init(_node_ip_address="127.0.0.1")`` alone is not enough: Ray
+    replaces a loopback address with the machine's own address (``resolve_ip_for_localhost``) unless it runs as a
+    single-machine Ray, as it does on macOS and Windows. ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` is that switch
+    (read by every Ray process at import, so it goes into the environment the Ray processes inherit, and into the
+    already imported module here); on Linux it changes nothing else."""
+    import sys
+
+    os.environ[SINGLE_MACHINE_ENV] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        setattr(constants, "ENABLE_RAY_CLUSTER", False)
+
+
 @contextmanager
 def ray_session(address: str | None = None, temp_dir: str | None = None, num_cpus: int | None = None,
                 log_to_driver: bool = False) -> Iterator[None]:
@@ -75,7 +96,9 @@ def ray_session(address: str | None = None, temp_dir: str | None = None, num_cpu
             with open(os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
                 f.write(secrets.token_hex(32))
         os.environ["RAY_AUTH_TOKEN_PATH"] = token  # inherited by every Ray process this session starts
-        kwargs.update(include_dashboard=False, num_cpus=num_cpus, _temp_dir=str(temp_dir))
+        _node_address_loopback()
+        kwargs.update(include_dashboard=False, num_cpus=num_cpus, _temp_dir=str(temp_dir),
+                      _node_ip_address=LOOPBACK)
     else:
         kwargs["address"] = address
     import ray
@@ -125,6 +148,87 @@ def stop_app(local: bool) -> None:
             serve.delete(APP_NAME)
     except Exception as exc:  # stopping must go on whatever Serve says
         logger.warning("stopping Serve: %s: %s", type(exc).__name__, exc)
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """pid -> name (its command line's first word) of ``root`` and every process below it."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    out = {}
+    for pid in parents:
+        ancestor: int | None = pid
+        hops = 0
+        while ancestor and ancestor != root and hops < 64:
+            ancestor, hops = parents.get(ancestor), hops + 1
+        if ancestor == root:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    out[pid] = f.read().split(b"\0")[0].decode("utf-8", "replace").strip() or str(pid)
+            except OSError:
+                continue
+    return out
+
+
+def _listening_sockets() -> dict[int, str]:
+    """socket inode -> ``address:port`` of every listening TCP socket in this network namespace (/proc/net)."""
+    import ipaddress
+
+    out = {}
+    for name, width in (("tcp", 8), ("tcp6", 32)):
+        try:
+            with open(f"/proc/net/{name}") as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 10 or fields[3] != "0A":  # 0A: LISTEN
+                continue
+            hex_address, hex_port = fields[1].split(":")
+            raw = bytes.fromhex(hex_address)
+            packed = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # little-endian 32-bit words
+            address = ipaddress.ip_address(packed)
+            shown = f"[{address}]" if width == 32 else str(address)
+            out[int(fields[9])] = f"{shown}:{int(hex_port, 16)}"
+    return out
+
+
+def exposed_ports(exclude_ports: tuple[int, ...] = ()) -> list[tuple[str, str]]:
+    """(``address:port``, process) of every TCP port that this process and its children (a local Ray's
+    processes) listen on beyond loopback, except ``exclude_ports`` (the HTTP port, whose address is the user's
+    choice)."""
+    import ipaddress
+
+    sockets = _listening_sockets()
+    found = []
+    for pid, name in _descendants(os.getpid()).items():
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:  # closed meanwhile (listdir's own, for one)
+                continue
+            if not link.startswith("socket:["):
+                continue
+            address = sockets.get(int(link[8:-1]))
+            if address is None:
+                continue
+            host, port = address.rsplit(":", 1)
+            ip = ipaddress.ip_address(host.strip("[]"))
+            mapped = getattr(ip, "ipv4_mapped", None)
+            if (mapped or ip).is_loopback or int(port) in exclude_ports:
+                continue
+            found.append((address, name))
+    return sorted(set(found))
 
 
 class StopSignals:
