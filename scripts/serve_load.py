@@ -294,9 +294,10 @@ def check_kill(args: argparse.Namespace, port: int, payload: dict[str, Any], pid
     victim, busy_s = None, 0.0
     deadline = time.monotonic() + 60
     while victim is None and time.monotonic() < deadline and long_thread.is_alive():
-        pid, used = loadtest.busiest(pids)
-        if used >= 0.2:  # the replica generating the long request's image
-            victim, busy_s = pid, used
+        used = loadtest.cpu_use(pids)
+        ranked = sorted(used, key=lambda pid: used[pid], reverse=True)
+        if ranked and used[ranked[0]] >= 0.05 and all(used[ranked[0]] >= 3 * used[p] for p in ranked[1:]):
+            victim, busy_s = ranked[0], used[ranked[0]]  # the replica generating the long request's image
     victim = victim or pids[0]
     killed_at: list[float] = []
 

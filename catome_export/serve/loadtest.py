@@ -12,7 +12,7 @@
   namespace with only a loopback interface (and its own PID namespace, so every
   process Ray starts ends with it); :func:`listening_addresses` lists what
   listens there.
-- :func:`busiest`: which replica process is working (CPU time over a moment).
+- :func:`cpu_use`: which replica process is working (CPU time over a moment).
 """
 
 from __future__ import annotations
@@ -246,15 +246,14 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
-def busiest(pids: list[int], window_s: float = 0.5) -> tuple[int | None, float]:
-    """The pid that used the most CPU time over ``window_s`` (the replica working on a request) and that time."""
+def cpu_use(pids: list[int], window_s: float = 0.5) -> dict[int, float]:
+    """CPU seconds each of ``pids`` used over ``window_s`` (a replica working on a request uses a core; an idle
+    one next to nothing); pids that are gone are left out."""
     before = {pid: cpu_seconds(pid) for pid in pids}
     time.sleep(window_s)
-    used = {pid: (cpu_seconds(pid) or 0.0) - (before[pid] or 0.0) for pid in pids if before[pid] is not None}
-    if not used:
-        return None, 0.0
-    pid = max(used, key=lambda p: used[p])
-    return pid, used[pid]
+    after = {pid: cpu_seconds(pid) for pid in pids}
+    return {pid: after[pid] - before[pid] for pid in pids  # type: ignore[operator]
+            if before[pid] is not None and after[pid] is not None}
 
 
 def listening_addresses() -> dict[str, str]:

@@ -189,17 +189,19 @@ def phases(ray_temp: str, proc: subprocess.Popen, stderr_path: Path) -> dict[str
     out["queue_full"] = summary(c)
     b_socket.close()
     out["queued_request"] = summary(a.wait())
-    # 2. time-out: D needs 8 images of 1 L each, over the 8 s limit: 504, and its images not yet started are dropped
-    d_payload = {**work(8, 4, n=8), "seed": 4}
+    # 2. time-out: D needs 8 images of 2 L each, far over the 8 s limit: 504, and its images not yet started are
+    # dropped
+    d_payload = {**work(16, 4, n=8), "seed": 4}
     out["timeout"] = {**summary(post(PORT, "/v1/images/generations", d_payload)), "n": d_payload["n"]}
-    time.sleep(2 * UNIT_S + 1)  # the pipeline call under way when it timed out ends
+    # the pipeline call under way when it timed out ends before this small one runs
+    out["after_timeout"] = summary(post(PORT, "/v1/images/generations", {**base, "seed": 8, "steps": 2}))
     out["disconnected_generations"] = generations(ray_temp, b_payload["steps"])
     out["timed_out_generations"] = generations(ray_temp, d_payload["steps"])
     out["timed_out_images"] = d_payload["n"]
-    # 3. SIGTERM with E running (about 1 L: finishes within the drain) and F waiting (4 L: does not)
+    # 3. SIGTERM with E running (about 1 L: finishes within the drain) and F waiting (8 images, 10 L: does not)
     e = Background({**work(1, 5), "seed": 5})
     time.sleep(0.5)
-    f = Background({**work(4, 6), "seed": 6})
+    f = Background({**work(10, 6, n=8), "seed": 6})
     time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
     signalled = time.monotonic()

@@ -66,7 +66,7 @@ def test_service_end_to_end(tiny_engine, tmp_path, ray_isolation, ray_env, ray_t
     # the replica killed was generating the long request's image: the request, which names its seed, was sent
     # once more and answered; every request of the load was answered (JSON, never Serve's empty 500)
     long = kill["long_request"]
-    assert long["victim_was_busy_s"] >= 0.2 and long["killed_after_s"] < long["seconds"], long
+    assert long["victim_was_busy_s"] >= 0.05 and long["killed_after_s"] < long["seconds"], long
     assert long["status"] == 200 and long["images"] == 1, long
     assert kill["load"]["errors"] == 0, kill["load"]["first_errors"]
     assert kill["new_replica_pids"] and kill["victim_pid"] not in kill["new_replica_pids"]
@@ -137,6 +137,7 @@ def test_cli_serve_limits_drain_and_exposure(tiny_engine, tmp_path, ray_isolatio
     timeout = result["timeout"]
     assert timeout["status"] == 504 and timeout["error_code"] == "timeout" and timeout["json"], timeout
     assert 7.5 <= timeout["seconds"] < 12, timeout
+    assert result["after_timeout"]["status"] == 200, result["after_timeout"]
     assert result["timed_out_generations"] < result["timed_out_images"], result
 
     # SIGTERM: new requests 503 (shutting_down, Retry-After), the one in flight that can finish within
