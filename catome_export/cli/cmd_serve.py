@@ -56,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not 1 <= args.port <= 65535:
         raise CatomeError(f"--port must be in 1..65535, got {args.port}")
+    if args.metrics_port is not None and not 1 <= args.metrics_port <= 65535:
+        raise CatomeError(f"--metrics-port must be in 1..65535, got {args.metrics_port}")
     if args.replicas is not None and (args.min_replicas is not None or args.max_replicas is not None):
         raise CatomeError("give --replicas N (a fixed count) or --min-replicas/--max-replicas (autoscaling), not both")
     _positive("--replicas", args.replicas)
@@ -104,7 +106,8 @@ def _serve(args: argparse.Namespace, options: object, local: bool) -> int:
 
             wanted = (args.max_replicas or args.replicas or 1) + 1
             num_cpus = max(os.cpu_count() or 1, wanted) if local else None
-            with ray_session(args.address, num_cpus=num_cpus, log_to_driver=args.verbose):
+            with ray_session(args.address, num_cpus=num_cpus, log_to_driver=args.verbose,
+                             metrics_port=args.metrics_port if local else None):
                 signals.arm()  # over the SIGTERM handler ray.init installs
                 try:
                     app = build_app(app_args)
@@ -113,6 +116,7 @@ def _serve(args: argparse.Namespace, options: object, local: bool) -> int:
                     started = True
                     if local:
                         _report_exposure(args.port)
+                        _report_metrics()
                     shown = f"[{args.host}]" if ":" in args.host else args.host
                     print(f"serving {options.engine_dir} at http://{shown}:{args.port}/v1/images/generations "  # type: ignore[attr-defined]
                           "(Ctrl-C stops)", flush=True)
@@ -147,6 +151,14 @@ def _report_exposure(port: int) -> None:
                "this Ray session's authentication token")
     print(f"note: {len(exposed)} port(s) of the local Ray listen beyond 127.0.0.1, as Ray offers no option to bind "
           f"them to loopback ({why}): {listed}", file=sys.stderr, flush=True)
+
+
+def _report_metrics() -> None:
+    from catome_export.serve.local import metrics_url
+
+    url = metrics_url()
+    if url is not None:
+        print(f"metrics: {url} (Prometheus; docs/serving.md, \"Metrics\")", flush=True)
 
 
 def _drain(timeout_s: float) -> None:
@@ -205,6 +217,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="on Ctrl-C or SIGTERM: seconds the requests in flight have to finish before they are "
                         f"answered 503 and Ray stops; new requests are answered 503 meanwhile (default "
                         f"{DEFAULT_DRAIN_TIMEOUT_S:g})")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="N",
+                   help="port of a local Ray's Prometheus metrics, on 127.0.0.1 (default: a free port, printed at "
+                        "start)")
     p.add_argument("--engine-sha256", default=None, metavar="HASH",
                    help="sha256 of ENGINE_DIR/manifest.json the replicas must find (default: computed here; needed "
                         "with --address when the folder is on the cluster's machines only)")

@@ -44,6 +44,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from catome_export.errors import CatomeError
+from catome_export.serve.metrics import IngressMetrics, ReplicaMetrics, in_a_replica, outcome_of
 from catome_export.serve.protocol import ImageJob, RequestError, error_body, parse_request, render
 from catome_export.serve.service import (EngineMismatch, ImageResult, ImageService, ServeOptions, check_max_batch,
                                          engine_batch_range, generation_answer, pin_engine)
@@ -103,6 +104,7 @@ class ImageDeployment:
         self.options = ServeOptions.from_dict(options)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catome-runtime")
         self._service: ImageService | None = None
+        self._metrics = ReplicaMetrics() if in_a_replica() else None
         self._refusal: str | None = None
         """Why this replica serves nothing (its folder holds another engine than the deployed one), or None."""
         try:
@@ -172,7 +174,10 @@ class ImageDeployment:
         jobs = [job for job, _ in items]
         enqueued = [t for _, t in items]
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._serving().run_jobs, jobs, enqueued)
+        results = await loop.run_in_executor(self._executor, self._serving().run_jobs, jobs, enqueued)
+        if self._metrics is not None:
+            self._metrics.record(results)
+        return results
 
     async def check_health(self) -> None:
         """Raises (and Serve replaces the replica) when the engine is unusable or not the deployed one."""
@@ -239,20 +244,31 @@ class Ingress:
         self._draining = False
         self._abort = asyncio.Event()
         self._in_flight = 0
+        self._metrics = IngressMetrics() if in_a_replica() else None
 
     async def __call__(self, request: Request) -> Response:
         arrived = time.monotonic()
         if self._draining:
+            self._count("shutting_down")
             return _error(503, "the service is stopping and takes no new requests; retry the request",
                           "shutting_down", self.retry_after_s)
         self._in_flight += 1
+        outcome = "disconnected"  # unless an answer comes: Serve cancels this call when the client goes away
         try:
             body = await request.body()
-            return await self._forward(request.method, request.url.path, body, arrived + self.request_timeout_s)
+            response, outcome = await self._forward(request.method, request.url.path, body,
+                                                    arrived + self.request_timeout_s)
+            return response
         finally:
             self._in_flight -= 1
+            self._count(outcome)
 
-    async def _forward(self, method: str, path: str, body: bytes, deadline: float) -> Response:
+    def _count(self, outcome: str) -> None:
+        if self._metrics is not None:
+            self._metrics.request(outcome)
+
+    async def _forward(self, method: str, path: str, body: bytes, deadline: float) -> tuple[Response, str]:
+        """The answer and its outcome (:data:`~catome_export.serve.metrics.OUTCOMES`)."""
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
         tries = 0
@@ -260,31 +276,35 @@ class Ingress:
             tries += 1
             try:
                 status, content = await self._within(self._images.respond.remote(method, path, body), deadline)
-                return _json(content, status)
+                return _json(content, status), outcome_of(status)
             except BackPressureError:
                 return _error(429, "every replica is busy and the queue of waiting requests is full; retry the "
-                                   "request later", "queue_full", self.retry_after_s)
+                                   "request later", "queue_full", self.retry_after_s), "queue_full"
             except _TimedOut:
                 return _error(504, f"the request was not answered within the service's request timeout "
                                    f"({self.request_timeout_s:g} s) and was dropped; retry it later, or with fewer "
-                                   "images or steps", "timeout")
+                                   "images or steps", "timeout"), "timeout"
             except _Aborted:
                 return _error(503, "the service stopped before this request was answered; retry the request",
-                              "shutting_down", self.retry_after_s)
+                              "shutting_down", self.retry_after_s), "shutting_down"
             except DeploymentUnavailableError:
                 return _error(503, "the image deployment is unavailable (it failed to start; the service's log "
-                                   "says more); retry the request later", "unavailable", self.retry_after_s)
+                                   "says more); retry the request later", "unavailable",
+                              self.retry_after_s), "unavailable"
             except Exception as exc:
                 if not _replica_lost(exc):
                     logger.exception("forwarding %s %s failed", method, path)
-                    return _error(500, f"the service failed to answer ({type(exc).__name__}); retry the request")
+                    return _error(500, f"the service failed to answer ({type(exc).__name__}); retry the "
+                                       "request"), "error"
                 if tries == 1 and deadline > time.monotonic() and names_a_seed(method, body):
                     logger.warning("the replica answering %s %s was lost (%s); sending the request once more",
                                    method, path, type(exc).__name__)
+                    if self._metrics is not None:
+                        self._metrics.resend()
                     continue
                 logger.warning("the replica answering %s %s was lost (%s)", method, path, type(exc).__name__)
                 return _error(503, "the replica that was answering this request stopped before it answered; "
-                                   "retry the request", "replica_lost", self.retry_after_s)
+                                   "retry the request", "replica_lost", self.retry_after_s), "replica_lost"
 
     async def _within(self, response: Any, deadline: float) -> Any:
         """The handle call's result, unless the deadline passes or the drain is aborted first; on either, or when

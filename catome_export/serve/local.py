@@ -76,8 +76,9 @@ def _node_address_loopback() -> None:
 
 @contextmanager
 def ray_session(address: str | None = None, temp_dir: str | None = None, num_cpus: int | None = None,
-                log_to_driver: bool = False) -> Iterator[None]:
+                log_to_driver: bool = False, metrics_port: int | None = None) -> Iterator[None]:
     """``ray.init`` (a local Ray when ``address`` is None, else join that cluster); ``ray.shutdown`` on exit.
+    ``metrics_port``: where a local Ray exports Prometheus metrics (None: a free port it picks).
 
     A local Ray gets a fresh authentication token in its temp folder; a temp folder made here is removed at the end.
     """
@@ -99,6 +100,8 @@ def ray_session(address: str | None = None, temp_dir: str | None = None, num_cpu
         _node_address_loopback()
         kwargs.update(include_dashboard=False, num_cpus=num_cpus, _temp_dir=str(temp_dir),
                       _node_ip_address=LOOPBACK)
+        if metrics_port is not None:
+            kwargs["_metrics_export_port"] = metrics_port
     else:
         kwargs["address"] = address
     import ray
@@ -135,6 +138,16 @@ def start_app(app: Any, *, host: str, port: int, local: bool, timeout_s: float =
             raise CatomeError(f"the application failed to start: {' '.join(str(status.message).split())[:500]}")
         time.sleep(0.5)
     raise CatomeError(f"the application did not start within {timeout_s:.0f} s: look at Ray's logs")
+
+
+def metrics_url() -> str | None:
+    """Where this machine's Ray node exports Prometheus metrics (catome_export.serve.metrics), or None."""
+    import ray
+
+    for node in ray.nodes():
+        if node.get("Alive") and node.get("NodeManagerAddress") == LOOPBACK and node.get("MetricsExportPort"):
+            return f"http://{LOOPBACK}:{node['MetricsExportPort']}/metrics"
+    return None
 
 
 def stop_app(local: bool) -> None:

@@ -207,3 +207,53 @@ def test_draining_answers_new_requests_503_and_abort_answers_those_in_flight():
         assert images.responses[0].cancelled and await front.in_flight() == 0
 
     asyncio.run(scenario())
+
+
+class Outcomes:
+    """Stands in for the ingress's metrics: the outcomes it counted."""
+
+    def __init__(self) -> None:
+        self.counted: list[str] = []
+        self.resent = 0
+
+    def request(self, outcome: str) -> None:
+        self.counted.append(outcome)
+
+    def resend(self) -> None:
+        self.resent += 1
+
+
+def test_every_request_is_counted_by_its_outcome():
+    from ray.exceptions import ActorDiedError
+    from ray.serve.exceptions import BackPressureError
+
+    cases = [(answers(200, {}), b"{}", "ok"), (answers(400, {}), b"{}", "invalid"),
+             (answers(500, {}), b"{}", "failed"), (raises(BackPressureError(1, 1)), b"{}", "queue_full"),
+             (raises(ActorDiedError()), b"{}", "replica_lost"), (raises(RuntimeError("x")), b"{}", "error")]
+    for behaviour, body, outcome in cases:
+        front = ingress(FakeImages(behaviour))
+        front._metrics = counted = Outcomes()
+        call(front, body)
+        assert counted.counted == [outcome], (outcome, counted.counted)
+    front = ingress(FakeImages(raises(ActorDiedError()), answers(200, {})))
+    front._metrics = counted = Outcomes()
+    call(front, b'{"seed": 1}')
+    assert counted.counted == ["ok"] and counted.resent == 1
+    front = ingress(FakeImages(hangs()), request_timeout_s=0.1)
+    front._metrics = counted = Outcomes()
+    call(front)
+    assert counted.counted == ["timeout"]
+
+    async def gone() -> list[str]:
+        front = ingress(FakeImages(hangs()))
+        front._metrics = counted = Outcomes()
+        task = asyncio.ensure_future(front(request(b"{}")))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await front.drain()
+        await front(request(b"{}"))
+        return counted.counted
+
+    assert asyncio.run(gone()) == ["disconnected", "shutting_down"]
