@@ -18,7 +18,9 @@ already is in one; needs root), deploys the engine, and then:
    request must still be answered (sent once more to another replica), every
    answer must be JSON, and Serve must replace the replica without restarting
    the application (how long that takes).
-5. What listens where: every TCP port of the namespace (``ss -ltnp``), and the
+5. Metrics: the service's Prometheus metrics, scraped over loopback once the
+   ingress has counted the requests answered.
+6. What listens where: every TCP port of the namespace (``ss -ltnp``), and the
    local Ray's ports beyond loopback as ``catome-export serve`` reports them.
    ``--node-address`` gives the namespace's loopback a network address and the
    default route, as a machine on a network has.
@@ -195,6 +197,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if args.kill_replica:
                 report["kill"] = check_kill(args, port, payload, pids)
             report["replica_states_at_end"] = replica_states()
+            ok = report["warmup"]["ok"] + report["load"]["ok"]
+            report["metrics"] = check_metrics(ok, 8 if args.bad_requests else 0)
         finally:
             stop_app(local=True)
     report["machine"].update(machine("after"))
@@ -276,6 +280,28 @@ def memory_summary(samples: list[dict[str, Any]]) -> dict[str, Any]:
                                 "growth_pct": round(100.0 * (last - warm) / warm, 2),
                                 "series_mib": [[t, round(r / 2**20, 1)] for t, r in series[:: max(1, len(series) // 40)]]}
     return out
+
+
+def check_metrics(ok: int, invalid: int, timeout_s: float = 60.0) -> dict[str, Any]:
+    """The service's Prometheus metrics, scraped (over loopback) once the ingress has counted at least ``ok``
+    answered requests and ``invalid`` bad ones (Ray exports records within about ten seconds)."""
+    from catome_export.serve import loadtest
+    from catome_export.serve.local import metrics_url
+
+    url = metrics_url()
+    if url is None:
+        return {"url": None}
+    start = time.monotonic()
+    sums: dict[str, float] = {}
+    while time.monotonic() - start < timeout_s:
+        sums = loadtest.metric_sums(loadtest.scrape(url))
+        if sums.get("ray_catome_requests_total{outcome=ok}", 0) >= ok and \
+                sums.get("ray_catome_requests_total{outcome=invalid}", 0) >= invalid and \
+                sums.get("ray_catome_images_total", 0) > 0:
+            break
+        time.sleep(2)
+    return {"url": url, "seconds": round(time.monotonic() - start, 1), "expected_ok": ok,
+            "expected_invalid": invalid, "sums": sums}
 
 
 def check_kill(args: argparse.Namespace, port: int, payload: dict[str, Any], pids: list[int]) -> dict[str, Any]:

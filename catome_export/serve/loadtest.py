@@ -13,6 +13,7 @@
   process Ray starts ends with it); :func:`listening_addresses` lists what
   listens there.
 - :func:`cpu_use`: which replica process is working (CPU time over a moment).
+- :func:`scrape`, :func:`metric_sums`: the service's Prometheus metrics.
 """
 
 from __future__ import annotations
@@ -234,6 +235,42 @@ def answered_by(ray_temp: str | Path, request_ids: list[str]) -> dict[str, int]:
                 out[request_id] = pid
                 break
     return out
+
+
+_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$')
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def scrape(url: str, timeout: float = 10.0) -> list[tuple[str, dict[str, str], float]]:
+    """The samples of a Prometheus text export at ``url`` (on 127.0.0.1): (name, labels, value)."""
+    if not url.startswith(f"http://{HOST}:"):
+        raise ValueError(f"only {HOST} is scraped, not {url}")
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        text = response.read().decode("utf-8", "replace")
+    samples = []
+    for line in text.splitlines():
+        found = _SAMPLE.match(line.strip()) if line and not line.startswith("#") else None
+        if found:
+            labels = dict(_LABEL.findall(found.group(2) or ""))
+            try:
+                samples.append((found.group(1), labels, float(found.group(3))))
+            except ValueError:
+                continue
+    return samples
+
+
+def metric_sums(samples: list[tuple[str, dict[str, str], float]], prefix: str = "ray_catome_",
+                by: tuple[str, ...] = ("outcome", "site")) -> dict[str, float]:
+    """Sum of each metric starting with ``prefix`` over its series, split by the labels in ``by`` where present:
+    ``{"ray_catome_requests_total{outcome=ok}": 12.0, ...}`` (histogram buckets left out)."""
+    out: dict[str, float] = {}
+    for name, labels, value in samples:
+        if not name.startswith(prefix) or name.endswith("_bucket"):
+            continue
+        split = ",".join(f"{k}={labels[k]}" for k in by if k in labels)
+        key = f"{name}{{{split}}}" if split else name
+        out[key] = out.get(key, 0.0) + value
+    return dict(sorted(out.items()))
 
 
 def cpu_seconds(pid: int) -> float | None:

@@ -135,7 +135,9 @@ def main(engine: str, out: str) -> int:
             result["images"] = len(data)
             if data:
                 result["png_size"] = list(Image.open(io.BytesIO(base64.b64decode(data[0]["b64_json"]))).size)
-            result.update(phases(ray_temp or "", proc, stderr_path))
+            metrics = wait_for_line(stdout_path, "metrics: ", proc, 5)
+            result["metrics_line"] = metrics
+            result.update(phases(ray_temp or "", proc, stderr_path, metrics))
     finally:
         if proc.poll() is None and "drain_line" not in result:  # not signalled yet (a phase failed)
             proc.send_signal(signal.SIGTERM)
@@ -157,7 +159,27 @@ def main(engine: str, out: str) -> int:
     return 0
 
 
-def phases(ray_temp: str, proc: subprocess.Popen, stderr_path: Path) -> dict[str, Any]:
+def outcomes(metrics: str | None, timeout_s: float = 40.0) -> dict[str, float]:
+    """Requests by outcome, as the metrics URL the command printed exports them, once the time-out is counted
+    (Ray exports records within about ten seconds)."""
+    from catome_export.serve.loadtest import metric_sums, scrape
+
+    if metrics is None:
+        return {}
+    url = metrics.split()[1]
+    counted: dict[str, float] = {}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        sums = metric_sums(scrape(url), by=("outcome",))
+        counted = {k.split("outcome=")[1].rstrip("}"): v for k, v in sums.items()
+                   if k.startswith("ray_catome_requests_total{outcome=")}
+        if counted.get("timeout"):
+            break
+        time.sleep(2)
+    return counted
+
+
+def phases(ray_temp: str, proc: subprocess.Popen, stderr_path: Path, metrics: str | None) -> dict[str, Any]:
     from catome_export.serve.loadtest import post
 
     out: dict[str, Any] = {}
@@ -198,6 +220,7 @@ def phases(ray_temp: str, proc: subprocess.Popen, stderr_path: Path) -> dict[str
     out["disconnected_generations"] = generations(ray_temp, b_payload["steps"])
     out["timed_out_generations"] = generations(ray_temp, d_payload["steps"])
     out["timed_out_images"] = d_payload["n"]
+    out["outcomes"] = outcomes(metrics)
     # 3. SIGTERM with E running (about 1 L: finishes within the drain) and F waiting (8 images, 10 L: does not)
     e = Background({**work(1, 5), "seed": 5})
     time.sleep(0.5)

@@ -3,8 +3,8 @@
 - ``test_service_end_to_end``: 2 replicas of the tiny engine; an image identical to a direct call at batch 1, bad
   requests answered 400 in OpenAI's error shape while the replica keeps serving, /-/healthz, a small load without
   errors, the replica generating a seeded request's image killed (the request still answered, a replacement
-  started while the other one keeps answering), and what listens where (loopback, but for the Serve replicas' gRPC
-  servers).
+  started while the other one keeps answering), the Prometheus metrics, and what listens where (loopback, but for
+  the Serve replicas' gRPC servers).
 - ``test_memory_is_flat_over_a_longer_load`` (slow): resident memory of a replica over 40 requests, with ONNX
   Runtime's CPU arena off (with it on, memory creeps up as the arena meets new merge counts; docs/serving.md).
 - ``test_cli_serve_limits_drain_and_exposure`` (slow): ``catome-export serve ENGINE`` with one replica taking one
@@ -73,6 +73,21 @@ def test_service_end_to_end(tiny_engine, tmp_path, ray_isolation, ray_env, ray_t
     assert kill["survivor_pids_still_answering"], kill
     assert report["replica_states_at_end"] == {"RUNNING": 2}
 
+    # Prometheus metrics through Ray Serve's metrics API, scraped over loopback: requests by outcome (the ingress),
+    # images, queue and generation time, steps, batch size, r per merge site, U-Net calls (the replicas)
+    metrics = report["metrics"]
+    assert metrics["url"].startswith("http://127.0.0.1:") and metrics["url"].endswith("/metrics"), metrics
+    sums = metrics["sums"]
+    assert sums["ray_catome_requests_total{outcome=ok}"] >= metrics["expected_ok"], sums
+    assert sums["ray_catome_requests_total{outcome=invalid}"] >= 8, sums
+    assert sums["ray_catome_resent_requests_total"] >= 1, sums  # the long request, after its replica was killed
+    assert sums["ray_catome_images_total"] >= 1, sums
+    for histogram in ("queue_seconds", "generation_seconds", "steps", "batch_images"):
+        assert sums[f"ray_catome_{histogram}_count"] >= 1, (histogram, sums)
+    assert sums["ray_catome_steps_sum"] >= 2 * sums["ray_catome_steps_count"], sums  # 2 steps or more per call
+    sites = [k for k in sums if k.startswith("ray_catome_merged_tokens_count{site=")]
+    assert sites and sums["ray_catome_unet_calls_total"] >= 2, sums
+
     # what listens where, in a namespace whose loopback also carries a network address as a machine's would:
     # Ray's own servers on loopback; beyond it only the Serve replicas' gRPC servers (Serve binds them to every
     # interface), which is what the command line reports
@@ -139,6 +154,12 @@ def test_cli_serve_limits_drain_and_exposure(tiny_engine, tmp_path, ray_isolatio
     assert 7.5 <= timeout["seconds"] < 12, timeout
     assert result["after_timeout"]["status"] == 200, result["after_timeout"]
     assert result["timed_out_generations"] < result["timed_out_images"], result
+
+    # the outcomes counted in the metrics the command's URL exports
+    assert result["metrics_line"].startswith("metrics: http://127.0.0.1:"), result["metrics_line"]
+    outcomes = result["outcomes"]
+    assert outcomes.get("queue_full", 0) >= 1 and outcomes.get("timeout", 0) >= 1, outcomes
+    assert outcomes.get("disconnected", 0) >= 1 and outcomes.get("ok", 0) >= 4, outcomes
 
     # SIGTERM: new requests 503 (shutting_down, Retry-After), the one in flight that can finish within
     # --drain-timeout 4 does, the other is answered 503 at the drain timeout; then Ray stops
