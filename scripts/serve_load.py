@@ -12,9 +12,18 @@ already is in one; needs root), deploys the engine, and then:
 3. Load: ``--requests`` requests, ``--concurrency`` at a time: p50/p99
    latency, errors, resident memory of every replica sampled over time
    (growth measured from the end of the first fifth of the load to its end).
-4. ``--kill-replica``: another ``--kill-requests`` requests; one replica is
-   killed (SIGKILL) in the middle; how long until Serve has replaced it and
-   the service answers again, without restarting the application.
+4. ``--kill-replica``: a long request that names its seed (``--long-steps``
+   at the smallest size) starts; the replica working on it (the one using CPU)
+   is killed (SIGKILL) while another ``--kill-requests`` requests run: the long
+   request must still be answered (sent once more to another replica), every
+   answer must be JSON, and Serve must replace the replica without restarting
+   the application (how long that takes).
+5. Metrics: the service's Prometheus metrics, scraped over loopback once the
+   ingress has counted the requests answered.
+6. What listens where: every TCP port of the namespace (``ss -ltnp``), and the
+   local Ray's ports beyond loopback as ``catome-export serve`` reports them.
+   ``--node-address`` gives the namespace's loopback a network address and the
+   default route, as a machine on a network has.
 
 Writes a JSON report (``--json``) with the machine, its load average before
 and after, and every figure. Ray's files and token live in a short temporary
@@ -75,11 +84,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--bad-requests", action="store_true")
     p.add_argument("--kill-replica", action="store_true")
     p.add_argument("--kill-requests", type=int, default=24)
+    p.add_argument("--long-steps", type=int, default=120,
+                   help="steps of the long request whose replica --kill-replica kills (default 120)")
+    p.add_argument("--node-address", action="store_true",
+                   help="the namespace's loopback also carries a network address and the default route")
     p.add_argument("--ray-temp", default=None, help="Ray's temp folder (short; default a new /tmp/rs-* removed after)")
     p.add_argument("--json", default=None, help="write the report here")
     p.add_argument("--note", default=None, help="a note stored in the report (e.g. what else the machine was doing)")
     args = p.parse_args(argv)
-    for name in ("requests", "concurrency", "replicas", "max_batch", "steps", "threads", "kill_requests"):
+    for name in ("requests", "concurrency", "replicas", "max_batch", "steps", "threads", "kill_requests",
+                 "long_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
@@ -140,7 +154,7 @@ def replica_states() -> dict[str, int]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from catome_export.serve import loadtest
     from catome_export.serve.deployment import build_app
-    from catome_export.serve.local import ray_session, start_app, stop_app
+    from catome_export.serve.local import exposed_ports, ray_session, start_app, stop_app
 
     report: dict[str, Any] = {"note": args.note, "machine": machine("before"), "settings": {
         k: getattr(args, k) for k in ("engine", "requests", "concurrency", "replicas", "max_batch", "steps",
@@ -159,6 +173,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                              "backend_options": {"cpu_mem_arena": False} if args.no_cpu_arena else None})
             start_app(app, host=loadtest.HOST, port=port, local=True)
             report["deploy_s"] = round(time.perf_counter() - t1, 2)
+            report["listening"] = loadtest.listening_addresses()
+            report["exposed"] = [list(x) for x in exposed_ports((port,))]
             info = loadtest.get(port, "/v1/engine").body
             report["engine"] = {k: info.get(k) for k in ("engine", "engine_sha256", "backend", "device", "sizes",
                                                           "default_size", "unet_batch", "max_batch")}
@@ -181,6 +197,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if args.kill_replica:
                 report["kill"] = check_kill(args, port, payload, pids)
             report["replica_states_at_end"] = replica_states()
+            ok = report["warmup"]["ok"] + report["load"]["ok"]
+            report["metrics"] = check_metrics(ok, 8 if args.bad_requests else 0)
         finally:
             stop_app(local=True)
     report["machine"].update(machine("after"))
@@ -264,10 +282,49 @@ def memory_summary(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def check_metrics(ok: int, invalid: int, timeout_s: float = 60.0) -> dict[str, Any]:
+    """The service's Prometheus metrics, scraped (over loopback) once the ingress has counted at least ``ok``
+    answered requests and ``invalid`` bad ones (Ray exports records within about ten seconds)."""
+    from catome_export.serve import loadtest
+    from catome_export.serve.local import metrics_url
+
+    url = metrics_url()
+    if url is None:
+        return {"url": None}
+    start = time.monotonic()
+    sums: dict[str, float] = {}
+    while time.monotonic() - start < timeout_s:
+        sums = loadtest.metric_sums(loadtest.scrape(url))
+        if sums.get("ray_catome_requests_total{outcome=ok}", 0) >= ok and \
+                sums.get("ray_catome_requests_total{outcome=invalid}", 0) >= invalid and \
+                sums.get("ray_catome_images_total", 0) > 0:
+            break
+        time.sleep(2)
+    return {"url": url, "seconds": round(time.monotonic() - start, 1), "expected_ok": ok,
+            "expected_invalid": invalid, "sums": sums}
+
+
 def check_kill(args: argparse.Namespace, port: int, payload: dict[str, Any], pids: list[int]) -> dict[str, Any]:
+    import threading
+
     from catome_export.serve import loadtest
 
-    victim = pids[0]
+    info = loadtest.get(port, "/v1/engine").body
+    smallest = info["sizes"].split("..")[0]
+    long_payload = {**payload, "size": smallest, "seed": 4321, "steps": args.long_steps}
+    long_reply: list[Any] = []
+    sent = time.perf_counter()
+    long_thread = threading.Thread(target=lambda: long_reply.append(
+        loadtest.post(port, "/v1/images/generations", long_payload)))
+    long_thread.start()
+    victim, busy_s = None, 0.0
+    deadline = time.monotonic() + 60
+    while victim is None and time.monotonic() < deadline and long_thread.is_alive():
+        used = loadtest.cpu_use(pids)
+        ranked = sorted(used, key=lambda pid: used[pid], reverse=True)
+        if ranked and used[ranked[0]] >= 0.05 and all(used[ranked[0]] >= 3 * used[p] for p in ranked[1:]):
+            victim, busy_s = ranked[0], used[ranked[0]]  # the replica generating the long request's image
+    victim = victim or pids[0]
     killed_at: list[float] = []
 
     def during(i: int) -> None:
@@ -277,6 +334,8 @@ def check_kill(args: argparse.Namespace, port: int, payload: dict[str, Any], pid
 
     load = loadtest.run_load(port, lambda i: {**payload, "seed": 5000 + i}, args.kill_requests, args.concurrency,
                              during=during)
+    long_thread.join(timeout=600)
+    long = long_reply[0] if long_reply else None
     recovered_s = None
     request_ids = list(load.request_ids)
     answered_by = answering_pids(args.ray_temp, request_ids)
@@ -294,7 +353,15 @@ def check_kill(args: argparse.Namespace, port: int, payload: dict[str, Any], pid
                 break
         time.sleep(0.5)
     survivors = [p for p in pids if p != victim]
+    long_summary: dict[str, Any] = {"status": None}
+    if long is not None:
+        error = long.body.get("error") if isinstance(long.body, dict) else None
+        long_summary = {"status": long.status, "images": len(long.body.get("data", [])), "json": "raw" not in long.body,
+                        "error_code": (error or {}).get("code"), "seconds": round(long.seconds, 2),
+                        "killed_after_s": round(killed_at[0] - sent, 2) if killed_at else None,
+                        "victim_was_busy_s": round(busy_s, 2), "retry_after": long.headers.get("retry-after")}
     return {"victim_pid": victim, "killed_after_request": args.kill_requests // 3, "load": load.summary(),
+            "long_request": long_summary,
             "recovered_s": None if recovered_s is None else round(recovered_s, 2),
             "replaced": recovered_s is not None, "new_replica_pids": sorted(answered_by - set(pids)),
             "survivor_pids_still_answering": sorted(set(survivors) & answered_by), "replica_states": replica_states()}
@@ -306,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     from catome_export.serve import loadtest
 
     if not loadtest.in_isolated_network():
-        command = loadtest.isolated_command([sys.executable, str(Path(__file__).resolve()), *argv])
+        command = loadtest.isolated_command([sys.executable, str(Path(__file__).resolve()), *argv],
+                                            node_address=args.node_address)
         try:
             return subprocess.call(command, env={**os.environ, "PYTHONPATH": os.pathsep.join(
                 p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)})

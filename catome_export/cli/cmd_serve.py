@@ -11,6 +11,11 @@ from catome_export.defaults import DEFAULT_STEPS
 
 logger = logging.getLogger(__name__)
 
+# the limits' defaults, as catome_export.serve.deployment has them (that module needs Ray; this one must not)
+DEFAULT_MAX_QUEUED = 32
+DEFAULT_REQUEST_TIMEOUT_S = 300.0
+DEFAULT_DRAIN_TIMEOUT_S = 20.0
+
 DESCRIPTION = """\
 Serve an engine folder over HTTP (POST /v1/images/generations, OpenAI's
 images API; PNG as base64) on Ray Serve: one replica holds one runtime and
@@ -21,6 +26,13 @@ application joins that cluster (and is deleted from it on Ctrl-C). The
 engine is pinned at deploy (the sha256 of its manifest.json): a replica
 whose folder holds another engine refuses to serve. To roll out a new
 engine, build it into a new folder and deploy that folder.
+
+Every error is JSON in OpenAI's shape: a full queue is answered 429 and a
+stopping service or a lost replica 503 (both with Retry-After), a request
+older than --request-timeout 504. Ctrl-C or SIGTERM drains: new requests get
+503, those in flight get --drain-timeout seconds to finish, then Ray stops.
+A local Ray listens on 127.0.0.1 (the HTTP proxy on --host); the command
+names the few ports Ray Serve binds to every interface when it starts.
 
 examples:
   catome-export serve engines/tiny
@@ -44,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not 1 <= args.port <= 65535:
         raise CatomeError(f"--port must be in 1..65535, got {args.port}")
+    if args.metrics_port is not None and not 1 <= args.metrics_port <= 65535:
+        raise CatomeError(f"--metrics-port must be in 1..65535, got {args.metrics_port}")
     if args.replicas is not None and (args.min_replicas is not None or args.max_replicas is not None):
         raise CatomeError("give --replicas N (a fixed count) or --min-replicas/--max-replicas (autoscaling), not both")
     _positive("--replicas", args.replicas)
@@ -51,6 +65,13 @@ def run(args: argparse.Namespace) -> int:
     _positive("--max-replicas", args.max_replicas)
     if args.min_replicas is not None and args.max_replicas is not None and args.max_replicas < args.min_replicas:
         raise CatomeError(f"--max-replicas {args.max_replicas} is below --min-replicas {args.min_replicas}")
+    _positive("--max-ongoing-requests", args.max_ongoing_requests)
+    if not (args.max_queued_requests >= 1 or args.max_queued_requests == -1):
+        raise CatomeError(f"--max-queued-requests must be >= 1, or -1 for no limit, got {args.max_queued_requests}")
+    if not 0 < args.request_timeout < float("inf"):
+        raise CatomeError(f"--request-timeout must be a number of seconds > 0, got {args.request_timeout:g}")
+    if not 0 <= args.drain_timeout < float("inf"):
+        raise CatomeError(f"--drain-timeout must be a number of seconds >= 0, got {args.drain_timeout:g}")
     engine_dir = Path(args.engine_dir).expanduser().resolve()
     options = ServeOptions(engine_dir=str(engine_dir), backend=args.backend, device=args.device,
                            max_batch=args.max_batch, steps=args.steps, max_images=args.max_images,
@@ -69,38 +90,95 @@ def run(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace, options: object, local: bool) -> int:
     from catome_export.serve.deployment import build_app
-    from catome_export.serve.local import ray_session, start_app, stop_app, wait_forever
+    from catome_export.serve.local import StopSignals, ray_session, start_app, stop_app, wait_forever
 
     app_args = dict(options.to_dict())  # type: ignore[attr-defined]
-    for key in ("replicas", "min_replicas", "max_replicas"):
+    for key in ("replicas", "min_replicas", "max_replicas", "max_ongoing_requests", "max_queued_requests"):
         if getattr(args, key) is not None:
             app_args[key] = getattr(args, key)
+    app_args["request_timeout_s"] = args.request_timeout
     started = False
-    try:
-        # A local Ray counts at least one CPU per replica (each asks for one), so that --replicas above the
-        # core count starts them all instead of leaving some waiting for CPUs that never come.
-        import os
+    with StopSignals() as signals:
+        try:
+            # A local Ray counts at least one CPU per replica (each asks for one), so that --replicas above the
+            # core count starts them all instead of leaving some waiting for CPUs that never come.
+            import os
 
-        wanted = (args.max_replicas or args.replicas or 1) + 1
-        num_cpus = max(os.cpu_count() or 1, wanted) if local else None
-        with ray_session(args.address, num_cpus=num_cpus, log_to_driver=args.verbose):
-            try:
-                app = build_app(app_args)
-                print(f"starting {'a local Ray' if local else 'on ' + args.address} and Serve ...", flush=True)
-                start_app(app, host=args.host, port=args.port, local=local)
-                started = True
-                shown = f"[{args.host}]" if ":" in args.host else args.host
-                print(f"serving {options.engine_dir} at http://{shown}:{args.port}/v1/images/generations "  # type: ignore[attr-defined]
-                      "(Ctrl-C stops)", flush=True)
-                wait_forever()
-            finally:
-                if started or local:
-                    stop_app(local)
-    except KeyboardInterrupt:
-        print("stopped: Serve and Ray were shut down" if local else "stopped: the application was deleted "
-              "from the cluster", file=sys.stderr)
-        return 130
+            wanted = (args.max_replicas or args.replicas or 1) + 1
+            num_cpus = max(os.cpu_count() or 1, wanted) if local else None
+            with ray_session(args.address, num_cpus=num_cpus, log_to_driver=args.verbose,
+                             metrics_port=args.metrics_port if local else None):
+                signals.arm()  # over the SIGTERM handler ray.init installs
+                try:
+                    app = build_app(app_args)
+                    print(f"starting {'a local Ray' if local else 'on ' + args.address} and Serve ...", flush=True)
+                    start_app(app, host=args.host, port=args.port, local=local)
+                    started = True
+                    if local:
+                        _report_exposure(args.port)
+                        _report_metrics()
+                    shown = f"[{args.host}]" if ":" in args.host else args.host
+                    print(f"serving {options.engine_dir} at http://{shown}:{args.port}/v1/images/generations "  # type: ignore[attr-defined]
+                          "(Ctrl-C stops)", flush=True)
+                    try:
+                        wait_forever()
+                    except KeyboardInterrupt:
+                        _drain(args.drain_timeout)
+                        raise
+                finally:
+                    signals.ignore()  # the stop itself runs to its end
+                    if started or local:
+                        stop_app(local)
+        except KeyboardInterrupt:
+            print("stopped: Serve and Ray were shut down" if local else "stopped: the application was deleted "
+                  "from the cluster", file=sys.stderr)
+            return 130
     return 0
+
+
+def _report_exposure(port: int) -> None:
+    """One line naming every port of the local Ray that listens beyond loopback (docs/serving.md, "What listens
+    where"): Ray Serve binds each replica's gRPC server, for calls between deployments, to every interface."""
+    from catome_export.serve.local import exposed_ports
+
+    exposed = exposed_ports((port,))
+    if not exposed:
+        return
+    listed = ", ".join(f"{address} ({name})" for address, name in exposed)
+    why = "Ray binds them so"
+    if all(name.startswith("ray::ServeReplica") for _, name in exposed):
+        why = ("each Serve replica's gRPC server for calls between deployments; they take only calls carrying "
+               "this Ray session's authentication token")
+    print(f"note: {len(exposed)} port(s) of the local Ray listen beyond 127.0.0.1, as Ray offers no option to bind "
+          f"them to loopback ({why}): {listed}", file=sys.stderr, flush=True)
+
+
+def _report_metrics() -> None:
+    from catome_export.serve.local import metrics_url
+
+    url = metrics_url()
+    if url is not None:
+        print(f"metrics: {url} (Prometheus; docs/serving.md, \"Metrics\")", flush=True)
+
+
+def _drain(timeout_s: float) -> None:
+    """Ctrl-C or SIGTERM: no new requests; those in flight get ``timeout_s`` to finish, then an answer 503."""
+    from catome_export.serve.local import drain_app
+
+    def announce(in_flight: int) -> None:
+        print(f"stopping: new requests are answered 503; waiting up to {timeout_s:g} s for {in_flight} request(s) "
+              "in flight (Ctrl-C again: answer them 503 now)", file=sys.stderr, flush=True)
+
+    try:
+        started, aborted = drain_app(timeout_s, announce)
+    except Exception as exc:  # the stop goes on whatever the drain met
+        print(f"draining failed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); stopping now",
+              file=sys.stderr, flush=True)
+        return
+    if started and not aborted:
+        print("drained: every request in flight was answered", file=sys.stderr, flush=True)
+    elif aborted:
+        print(f"drain timeout: {aborted} request(s) still in flight were answered 503", file=sys.stderr, flush=True)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -126,6 +204,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--feature-cache", "--deepcache", default=None, metavar="I,b",
                    help="DeepCache-style feature caching of every generation: I,b (interval, branch), 'full:0,5;b' "
                         "or off (default: the engine's own, set at build; the branch must be one it was cut for)")
+    p.add_argument("--max-ongoing-requests", type=int, default=None, metavar="N",
+                   help="requests one replica works on or batches at a time (default: twice --max-batch, so the "
+                        "next batch gathers while one runs)")
+    p.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED, metavar="N",
+                   help="requests waiting for a free replica; one more is answered 429 with Retry-After (default "
+                        f"{DEFAULT_MAX_QUEUED}; -1: no limit)")
+    p.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT_S, metavar="S",
+                   help="seconds from a request's arrival to its answer; an older request is answered 504 and its "
+                        f"queued work dropped (default {DEFAULT_REQUEST_TIMEOUT_S:g})")
+    p.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT_S, metavar="S",
+                   help="on Ctrl-C or SIGTERM: seconds the requests in flight have to finish before they are "
+                        f"answered 503 and Ray stops; new requests are answered 503 meanwhile (default "
+                        f"{DEFAULT_DRAIN_TIMEOUT_S:g})")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="N",
+                   help="port of a local Ray's Prometheus metrics, on 127.0.0.1 (default: a free port, printed at "
+                        "start)")
     p.add_argument("--engine-sha256", default=None, metavar="HASH",
                    help="sha256 of ENGINE_DIR/manifest.json the replicas must find (default: computed here; needed "
                         "with --address when the folder is on the cluster's machines only)")

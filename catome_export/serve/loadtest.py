@@ -10,7 +10,10 @@
   and Serve logs every request's ``x-request-id`` there).
 - :func:`isolated_command`: the command line that runs a script in a network
   namespace with only a loopback interface (and its own PID namespace, so every
-  process Ray starts ends with it).
+  process Ray starts ends with it); :func:`listening_addresses` lists what
+  listens there.
+- :func:`cpu_use`: which replica process is working (CPU time over a moment).
+- :func:`scrape`, :func:`metric_sums`: the service's Prometheus metrics.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ class Reply:
     seconds: float
     request_id: str | None = None
     """Serve's ``x-request-id`` of the answer (the replica's log file names it)."""
+    headers: dict[str, str] = field(default_factory=dict)
+    """The answer's headers, names in lower case."""
 
 
 def _call(method: str, port: int, path: str, data: bytes | None, timeout: float) -> Reply:
@@ -50,9 +55,9 @@ def _call(method: str, port: int, path: str, data: bytes | None, timeout: float)
     start = time.perf_counter()
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            raw, status, request_id = response.read(), response.status, response.headers.get("x-request-id")
+            raw, status, headers = response.read(), response.status, response.headers
     except urllib.error.HTTPError as exc:
-        raw, status, request_id = exc.read(), exc.code, exc.headers.get("x-request-id")
+        raw, status, headers = exc.read(), exc.code, exc.headers
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
         return Reply(0, {"error": {"message": f"{type(exc).__name__}: {exc}"}}, time.perf_counter() - start)
     seconds = time.perf_counter() - start
@@ -60,7 +65,8 @@ def _call(method: str, port: int, path: str, data: bytes | None, timeout: float)
         body = json.loads(raw) if raw else {}
     except json.JSONDecodeError:
         body = {"raw": raw[:200].decode("utf-8", "replace")}
-    return Reply(status, body if isinstance(body, dict) else {"raw": body}, seconds, request_id)
+    return Reply(status, body if isinstance(body, dict) else {"raw": body}, seconds, headers.get("x-request-id"),
+                 {k.lower(): v for k, v in headers.items()})
 
 
 def post(port: int, path: str, payload: dict[str, Any] | bytes, timeout: float = 300.0) -> Reply:
@@ -231,6 +237,92 @@ def answered_by(ray_temp: str | Path, request_ids: list[str]) -> dict[str, int]:
     return out
 
 
+_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$')
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def scrape(url: str, timeout: float = 10.0) -> list[tuple[str, dict[str, str], float]]:
+    """The samples of a Prometheus text export at ``url`` (on 127.0.0.1): (name, labels, value)."""
+    if not url.startswith(f"http://{HOST}:"):
+        raise ValueError(f"only {HOST} is scraped, not {url}")
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        text = response.read().decode("utf-8", "replace")
+    samples = []
+    for line in text.splitlines():
+        found = _SAMPLE.match(line.strip()) if line and not line.startswith("#") else None
+        if found:
+            labels = dict(_LABEL.findall(found.group(2) or ""))
+            try:
+                samples.append((found.group(1), labels, float(found.group(3))))
+            except ValueError:
+                continue
+    return samples
+
+
+def metric_sums(samples: list[tuple[str, dict[str, str], float]], prefix: str = "ray_catome_",
+                by: tuple[str, ...] = ("outcome", "site")) -> dict[str, float]:
+    """Sum of each metric starting with ``prefix`` over its series, split by the labels in ``by`` where present:
+    ``{"ray_catome_requests_total{outcome=ok}": 12.0, ...}`` (histogram buckets left out)."""
+    out: dict[str, float] = {}
+    for name, labels, value in samples:
+        if not name.startswith(prefix) or name.endswith("_bucket"):
+            continue
+        split = ",".join(f"{k}={labels[k]}" for k in by if k in labels)
+        key = f"{name}{{{split}}}" if split else name
+        out[key] = out.get(key, 0.0) + value
+    return dict(sorted(out.items()))
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) a process has used, from /proc; None where it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def cpu_use(pids: list[int], window_s: float = 0.5) -> dict[int, float]:
+    """CPU seconds each of ``pids`` used over ``window_s`` (a replica working on a request uses a core; an idle
+    one next to nothing); pids that are gone are left out."""
+    before = {pid: cpu_seconds(pid) for pid in pids}
+    time.sleep(window_s)
+    after = {pid: cpu_seconds(pid) for pid in pids}
+    return {pid: after[pid] - before[pid] for pid in pids  # type: ignore[operator]
+            if before[pid] is not None and after[pid] is not None}
+
+
+def listening_addresses() -> dict[str, str]:
+    """``address:port`` -> process name of every listening TCP socket in this network namespace (``ss -ltnp``)."""
+    import subprocess
+
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    found = {}
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) >= 4:
+            name = re.search(r'\(\("([^"]*)"', line)
+            found[fields[3]] = name.group(1) if name else ""
+    return dict(sorted(found.items()))
+
+
+def is_loopback(address: str) -> bool:
+    """Whether ``address:port`` (as ``ss`` writes it) is on a loopback address: 127.0.0.0/8 or ::1."""
+    import ipaddress
+
+    host = address.rsplit(":", 1)[0].strip("[]").split("%")[0]
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:  # "*" (every address)
+        return False
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
+
+
+NODE_ADDRESS = "10.254.0.1"
+"""The address :func:`isolated_command` gives the namespace's loopback interface with ``node_address=True``."""
+
+
 def in_isolated_network() -> bool:
     """True where the only network interface is loopback (a fresh ``unshare -n`` namespace with lo up)."""
     try:
@@ -241,7 +333,14 @@ def in_isolated_network() -> bool:
     return sorted(line.split(":")[0].strip() for line in lines if ":" in line) == ["lo"]
 
 
-def isolated_command(argv: list[str]) -> list[str]:
-    """``argv`` run inside new network and PID namespaces with only loopback up (needs root or user namespaces)."""
-    inner = "ip link set lo up && exec " + " ".join(shlex.quote(a) for a in argv)
+def isolated_command(argv: list[str], node_address: bool = False) -> list[str]:
+    """``argv`` run inside new network and PID namespaces with only loopback up (needs root or user namespaces).
+
+    ``node_address``: the loopback interface also gets :data:`NODE_ADDRESS` and the default route, so that this
+    namespace looks like a machine on a network (Ray takes the address of the default route for the node's) while
+    every packet still stays on loopback: which of Ray's ports would listen on a machine's network address shows."""
+    setup = "ip link set lo up"
+    if node_address:
+        setup += f" && ip addr add {NODE_ADDRESS}/32 dev lo && ip route add default dev lo"
+    inner = setup + " && exec " + " ".join(shlex.quote(a) for a in argv)
     return ["unshare", "-n", "-p", "-f", "--mount-proc", "sh", "-c", inner]

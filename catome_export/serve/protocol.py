@@ -138,9 +138,11 @@ class GenerationRequest:
                          self.width, self.threshold) for i in range(self.n)]
 
 
-def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict[str, Any]:
-    """``{"error": {"message", "type", "param", "code"}}`` as OpenAI's API answers errors."""
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error",
+               code: str | None = None) -> dict[str, Any]:
+    """``{"error": {"message", "type", "param", "code"}}`` as OpenAI's API answers errors; ``code`` names a
+    condition a client may act on (``queue_full``, ``timeout``, ``replica_lost``, ``shutting_down``), else None."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def unet_rows(guidance: float) -> int:

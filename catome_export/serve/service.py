@@ -299,6 +299,10 @@ class ImageResult:
     """Wall time of the pipeline call (text encoding, denoising, VAE decode)."""
     step_ms: list[float]
     """U-Net time per step (the runtime's own record)."""
+    call: int = 0
+    """Number of the pipeline call that made it, in this service (the images of one call share it)."""
+    cached_steps: int = 0
+    """U-Net calls of that pipeline call that ran only the feature cache's shallow branch."""
 
     def stats(self) -> dict[str, Any]:
         return {"seed": self.seed, "batch_images": self.batch_images, "merged": self.merged,
@@ -374,6 +378,7 @@ class ImageService:
             raise
         self._failure: str | None = None
         self._closed = False
+        self._calls = 0
         self.warm_up_s: float | None = None
         """Seconds of the warm-up generation (None until :meth:`warm_up` ran)."""
         backend = getattr(self.runtime.backend, "name", "engine")
@@ -546,6 +551,8 @@ class ImageService:
         if self.runtime.device.type == "cuda":
             torch.cuda.synchronize(self.runtime.device)
         seconds = time.perf_counter() - start
+        logger.info("replica pid %d: %d image(s) %dx%d, %d steps in %.2f s", os.getpid(), len(jobs), first.width,
+                    first.height, first.steps, seconds)
         images = np.asarray(output.images if hasattr(output, "images") else output[0], dtype=np.float64)
         if not np.isfinite(images).all():  # NaN would be cast to black pixels: never answer it as an image
             raise NonFiniteImage(f"{int((~np.isfinite(images)).sum())} of {images.size} pixel values are NaN or "
@@ -555,12 +562,15 @@ class ImageService:
         merged = [[int(rec.merged.get(k, 0)) for k in sites] for rec in history]
         matched = [rec.step for rec in history if any(rec.matched.values())]
         step_ms = [float(rec.step_ms) for rec in history]
+        cached_steps = sum(1 for rec in history if rec.cached_features)
+        self._calls += 1
         results = []
         for job, image, queued in zip(jobs, images, enqueued):
             pixels = np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
             results.append(ImageResult(png=png_bytes(pixels), seed=job.seed, batch_images=len(jobs), merged=merged,
                                        matched_steps=matched, queue_ms=(start - queued) * 1e3,
-                                       generation_ms=seconds * 1e3, step_ms=step_ms))
+                                       generation_ms=seconds * 1e3, step_ms=step_ms, call=self._calls,
+                                       cached_steps=cached_steps))
         return results
 
     # -- lifetime ---------------------------------------------------------------------

@@ -34,6 +34,11 @@ def test_max_batch_above_the_built_range(tiny_engine, capsys):
     (["--replicas", "0"], "--replicas must be >= 1, got 0"),
     (["--min-replicas", "3", "--max-replicas", "2"], "--max-replicas 2 is below --min-replicas 3"),
     (["--port", "70000"], "--port must be in 1..65535, got 70000"),
+    (["--metrics-port", "0"], "--metrics-port must be in 1..65535, got 0"),
+    (["--max-ongoing-requests", "0"], "--max-ongoing-requests must be >= 1, got 0"),
+    (["--max-queued-requests", "0"], "--max-queued-requests must be >= 1, or -1 for no limit, got 0"),
+    (["--request-timeout", "0"], "--request-timeout must be a number of seconds > 0, got 0"),
+    (["--drain-timeout", "-1"], "--drain-timeout must be a number of seconds >= 0, got -1"),
     (["--max-batch", "0"], "max_batch must be an integer >= 1, got 0"),
     (["--steps", "0"], "steps must be an integer >= 1, got 0"),
     (["--feature-cache", "3,x"], "give the feature cache as INTERVAL,BRANCH (e.g. 3,0), INTERVAL, off, or "

@@ -28,6 +28,38 @@ def test_fixed_replicas_and_autoscaling():
     assert deployment_options()["ray_actor_options"]["num_gpus"] == 0.0
 
 
+def test_backpressure_limits_and_their_defaults():
+    """Serve's own backpressure: a replica holds two batches' worth of requests, the ingress's handle queues 32 more
+    (then 429); the command line's defaults are the deployment's."""
+    from catome_export.cli import cmd_serve
+    from catome_export.serve import deployment
+
+    default = deployment.deployment_options(max_batch=3)
+    assert default["max_ongoing_requests"] == 6 and default["max_queued_requests"] == 32
+    given = deployment.deployment_options(max_ongoing_requests=1, max_queued_requests=-1)
+    assert given["max_ongoing_requests"] == 1 and given["max_queued_requests"] == -1
+    assert (cmd_serve.DEFAULT_MAX_QUEUED, cmd_serve.DEFAULT_REQUEST_TIMEOUT_S) == \
+        (deployment.DEFAULT_MAX_QUEUED, deployment.DEFAULT_REQUEST_TIMEOUT_S)
+    for bad, message in (({"max_ongoing_requests": 0}, "max_ongoing_requests must be an integer >= 1, got 0"),
+                         ({"max_queued_requests": 0}, "max_queued_requests must be an integer >= 1, or -1 for no "
+                                                      "limit, got 0")):
+        with pytest.raises(CatomeError, match=message):
+            deployment.deployment_options(**bad)
+
+
+def test_the_application_is_the_ingress_in_front_of_the_image_deployment(tiny_engine):
+    from catome_export.serve.deployment import DEPLOYMENT_NAME, INGRESS_NAME, build_app
+
+    app = build_app({"engine_dir": str(tiny_engine), "max_queued_requests": 4, "request_timeout_s": 9})
+    ingress = app._bound_deployment
+    assert ingress.name == INGRESS_NAME and ingress.init_kwargs == {"request_timeout_s": 9}
+    assert ingress.ray_actor_options["num_cpus"] == 0
+    [images] = [a._bound_deployment for a in ingress.init_args]
+    assert images.name == DEPLOYMENT_NAME and images.max_queued_requests == 4 and images.max_ongoing_requests == 2
+    with pytest.raises(CatomeError, match="request_timeout_s must be a number of seconds > 0, got 0"):
+        build_app({"engine_dir": str(tiny_engine), "request_timeout_s": 0})
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"replicas": 2, "min_replicas": 1}, "not both"),
     ({"replicas": 0}, "replicas must be an integer >= 1, got 0"),
@@ -63,22 +95,9 @@ def replica(tiny_engine):
 
 
 def _call(replica, body: bytes, method: str = "POST", path: str = "/v1/images/generations") -> tuple[int, dict]:
-    """One HTTP request through the deployment's handler: status and the body's JSON (which must be ASCII)."""
-    from starlette.requests import Request
-
-    sent = False
-
-    async def receive() -> dict:
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    scope = {"type": "http", "method": method, "path": path, "headers": [], "query_string": b"", "root_path": "",
-             "scheme": "http", "server": ("127.0.0.1", 8000)}
-    response = asyncio.run(replica(Request(scope, receive)))
-    return response.status_code, json.loads(response.body.decode("ascii"))
+    """One request as the ingress forwards it to a replica: status and the body's JSON (which must be ASCII)."""
+    status, content = asyncio.run(replica.respond(method, path, body))
+    return status, json.loads(content.decode("ascii"))
 
 
 @pytest.mark.parametrize("raw, param", [
