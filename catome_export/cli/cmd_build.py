@@ -52,6 +52,7 @@ def options_from_args(args: argparse.Namespace) -> "BuildOptions":
         verify_steps=args.verify_steps, exporter=args.exporter, opt_merge_fraction=args.opt_merge_fraction, cli=cli,
         force=args.force, ort_optimize=args.ort_optimize == "on", max_stage_gb=args.max_stage_gb,
         feature_cache=args.feature_cache, cache_branches=_branches(args.cache_branches),
+        controlnet=args.controlnet,
     )
 
 
@@ -156,6 +157,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-branches", default=None, metavar="B,B",
                    help="more feature-cache branches to cut the stages for, so a runtime can switch to them without "
                         "a rebuild (default: only --feature-cache's branch)")
+    p.add_argument("--controlnet", action="store_true",
+                   help="take ControlNet's residuals as engine inputs, so runtime.unet serves "
+                        "StableDiffusionControlNetPipeline / StableDiffusionXLControlNetPipeline (the ControlNet runs "
+                        "eagerly; docs/controlnet.md); default: off, the engine refuses them")
     p.add_argument("--name", default=None, help="engine name (default: the model name)")
     p.add_argument("--out", default=None, metavar="DIR", help="engine folder (default engines/<name>)")
     p.add_argument("--force", action="store_true",

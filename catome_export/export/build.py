@@ -45,6 +45,7 @@ from catome_export.errors import CatomeError
 from catome_export.export.audit import AuditReport, audit_stages
 from catome_export.fsutil import BuildLock, pid_alive
 from catome_export.memory import check_available, gb, verify_need
+from catome_export.export.controlnet import ControlNetInputs, ControlNetRecord
 from catome_export.export.io_names import MODEL_OUTPUT, site_input_name, site_of_input
 from catome_export.export.manifest import (
     MANIFEST_FILE, FeatureCacheRecord, Manifest, ModelRecord, build_command, tool_versions,
@@ -164,6 +165,10 @@ class BuildOptions:
     max_stage_gb: float | None = None
     """Cut stages whose weights exceed this many GB (1e9 bytes) into pieces (None: 4, :data:`MAX_STAGE_BYTES`):
     lower it to build a large model (SDXL) in less memory."""
+    controlnet: bool = False
+    """Add ControlNet's residuals as inputs of the stages that consume them (``controlnet_down{i}``,
+    ``controlnet_mid``), so ``runtime.unet`` takes ``down_block_additional_residuals`` and
+    ``mid_block_additional_residual`` (docs/controlnet.md)."""
 
     @property
     def branches(self) -> tuple[int, ...]:
@@ -196,7 +201,7 @@ class BuildOptions:
             raise CatomeError(f"settings must be a MergeSettings, got {type(self.settings).__name__}")
         if self.schedule is not None and not isinstance(self.schedule, AutoSchedule):
             raise CatomeError("schedule must be an auto:K request (AutoSchedule); put a ready schedule in settings")
-        for flag in ("verify", "force"):
+        for flag in ("verify", "force", "controlnet"):
             if not isinstance(getattr(self, flag), bool):
                 raise CatomeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if not isinstance(self.ort_optimize, bool):
@@ -232,7 +237,7 @@ class BuildOptions:
                opt_merge_fraction: float | None = None, cli: dict[str, Any] | None = None,
                force: bool = False, ort_optimize: bool = True,
                max_stage_gb: float | None = None, feature_cache: FeatureCacheSettings | str | None = None,
-               cache_branches: tuple[int, ...] | list[int] = ()) -> "BuildOptions":
+               cache_branches: tuple[int, ...] | list[int] = (), controlnet: bool = False) -> "BuildOptions":
         """Options from loose arguments, with the model's defaults filled in (CatomeError naming any bad one).
 
         ``resolution`` or ``min_resolution``/``max_resolution`` (default: the
@@ -243,6 +248,7 @@ class BuildOptions:
         folder that no build made (otherwise the build refuses, naming them).
         ``feature_cache``: DeepCache-style caching (a FeatureCacheSettings or
         ``"I,b"``), checked against the model's blocks here, before any work.
+        ``controlnet``: the engine takes ControlNet residuals (docs/controlnet.md).
         """
         if not isinstance(model, str) or not model:
             raise CatomeError("give a model: tiny, sd15, sd21, or a local diffusers folder")
@@ -281,13 +287,14 @@ class BuildOptions:
                    verify_steps=verify_steps, exporter=exporter, opset=opset,
                    default_resolution=info.default_resolution, opt_merge_fraction=opt_merge_fraction,
                    cli=dict(cli or {}), force=force, ort_optimize=ort_optimize, max_stage_gb=max_stage_gb,
-                   feature_cache=feature_cache, cache_branches=tuple(cache_branches))
+                   feature_cache=feature_cache, cache_branches=tuple(cache_branches), controlnet=controlnet)
 
 
 CREATE_OPTIONS = frozenset({
     "weights", "precision", "backend", "resolution", "min_resolution", "max_resolution", "batch", "min_batch",
     "max_batch", "settings", "schedule", "name", "out_dir", "verify", "verify_steps", "exporter", "opset",
     "opt_merge_fraction", "cli", "force", "ort_optimize", "max_stage_gb", "feature_cache", "cache_branches",
+    "controlnet",
 })
 """The keyword arguments of :meth:`BuildOptions.create`."""
 
@@ -572,7 +579,7 @@ def _build_into(opts: BuildOptions, folder: Path, backend: EngineBackend, say: P
         settings = _calibrate_schedule(opts, opts.schedule, unet, say)
     sites = find_merge_sites(unet, settings.max_downsample)
     stages = cut_unet(unet, sites, dtype, merge_crossattn=settings.merge_crossattn, merge_mlp=settings.merge_mlp,
-                      max_stage_bytes=opts.max_stage_bytes, cache_branches=opts.branches)
+                      max_stage_bytes=opts.max_stage_bytes, cache_branches=opts.branches, controlnet=opts.controlnet)
     examples = example_inputs(stages, sites, unet.config, dtype, stride=settings.stride)
     check_ort = opts.verify and opts.precision == Precision.FP32
     if opts.verify and not check_ort:
@@ -725,6 +732,8 @@ def _make_manifest(opts: BuildOptions, unet: torch.nn.Module, sites: list[MergeS
         cli["feature_cache"] = opts.feature_cache.flag()
     extra_branches = [b for b in opts.cache_branches if opts.feature_cache is None or b != opts.feature_cache.branch]
     cli["cache_branches"] = ",".join(map(str, extra_branches)) or None
+    if opts.controlnet:
+        cli["controlnet"] = True
     if lo == hi and "min_resolution" not in cli:
         cli["resolution"] = lo
     else:
@@ -743,11 +752,19 @@ def _make_manifest(opts: BuildOptions, unet: torch.nn.Module, sites: list[MergeS
         engine_backend=str(EngineBackend.ORT), trt=None, tools=tool_versions(),
         feature_cache=None if not opts.branches else FeatureCacheRecord(
             cached_branches(stages, opts.branches, UNetLayout.of(unet)), opts.feature_cache),
+        controlnet=_controlnet_record(stages) if opts.controlnet else None,
         extra={"build": cli, "build_command": build_command(cli), "audit": audit.to_dict(),
                "export": {"exporter": str(opts.exporter), "opset": opts.opset,
                           "ort_optimize": backend == EngineBackend.ORT and opts.ort_optimize,
                           "max_stage_bytes": opts.max_stage_bytes}},
     )
+
+
+def _controlnet_record(stages: list[tuple[StageSpec, torch.nn.Module]]) -> ControlNetRecord:
+    found = ControlNetInputs.of([spec for spec, _ in stages])
+    if found is None:
+        raise CatomeError("internal: a --controlnet build cut stages without ControlNet residual inputs")
+    return found.record()
 
 
 def _build_trt(folder: Path, manifest: Manifest, opts: BuildOptions, say: Progress) -> None:

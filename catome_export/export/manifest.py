@@ -27,6 +27,7 @@ from catome_export._version import __version__
 from catome_export.choices import EngineBackend, Precision
 from catome_export.errors import CatomeError
 from catome_export.fsutil import atomic_write_text, sha256_file
+from catome_export.export.controlnet import ControlNetRecord
 from catome_export.export.profiles import ShapeRanges
 from catome_export.export.stages import CachedBranch, StageSpec
 from catome_export.featurecache import FeatureCacheSettings
@@ -352,6 +353,8 @@ class Manifest:
     catome_export_version: str = __version__
     feature_cache: FeatureCacheRecord | None = None
     """The feature-cache branches the stages were cut for (None: an engine without feature caching)."""
+    controlnet: ControlNetRecord | None = None
+    """The ControlNet residual inputs (``build --controlnet``; None: an engine without them)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Other top-level keys (``build``: the build arguments, ``build_command``, ``audit``, ``export``)."""
     manifest_sha256: str = ""
@@ -370,6 +373,8 @@ class Manifest:
         }
         if self.feature_cache is not None:
             d["feature_cache"] = self.feature_cache.to_dict()
+        if self.controlnet is not None:
+            d["controlnet"] = self.controlnet.to_dict()
         for key, value in self.extra.items():
             if key not in d and key != "manifest_sha256":
                 d[key] = value
@@ -391,13 +396,14 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], engine_dir: Path | None = None) -> "Manifest":
         """Parse every section (KeyError, TypeError, ValueError or CatomeError on a malformed one)."""
-        known = set(CORE_KEYS) | {"manifest_sha256", "feature_cache"}
+        known = set(CORE_KEYS) | {"manifest_sha256", "feature_cache", "controlnet"}
         stages = data["stages"]
         sites = data["sites"]
         if not isinstance(stages, list) or not isinstance(sites, list):
             raise TypeError("stages and sites must be lists")
         trt = data.get("trt")
         cache = data.get("feature_cache")
+        controlnet = data.get("controlnet")
         return cls(
             name=str(data["name"]), model=ModelRecord.from_dict(data["model"]), precision=data["precision"],
             merge=MergeSettings.from_dict(data["merge"]), sites=tuple(_site_from_dict(s) for s in sites),
@@ -405,6 +411,7 @@ class Manifest:
             engine_backend=data["engine_backend"], trt=None if trt is None else TrtRecord.from_dict(trt),
             tools=dict(data.get("tools") or {}), created=data.get("created", ""),
             feature_cache=None if cache is None else FeatureCacheRecord.from_dict(cache),
+            controlnet=None if controlnet is None else ControlNetRecord.from_dict(controlnet),
             format_version=data["format_version"], catome_export_version=data.get("catome_export_version", ""),
             extra={k: v for k, v in data.items() if k not in known},
             manifest_sha256=data.get("manifest_sha256", ""), engine_dir=engine_dir,
@@ -482,6 +489,10 @@ class Manifest:
             if default is not None and self.feature_cache.branch(default.branch) is None:
                 raise self._fail(f"the default feature cache uses branch {default.branch}, which the stages were "
                                  "not cut for")
+        if self.controlnet is not None:
+            problem = self.controlnet.problem(self.stage_specs())
+            if problem is not None:
+                raise self._fail(problem)
 
     def files(self) -> list[tuple[str, int | None, str | None]]:
         """(file name, bytes, sha256) of every artifact the manifest vouches for."""
@@ -566,6 +577,8 @@ class Manifest:
         if frac is not None:
             args["opt_merge_fraction"] = f"{float(frac):g}"
         args["out"] = str(self.engine_dir) if self.engine_dir is not None else f"engines/{self.name}"
+        if self.controlnet is not None:
+            args["controlnet"] = True
         args.update(overrides)
         return build_command(args)
 
@@ -600,7 +613,8 @@ def _first_malformed(data: Mapping[str, Any]) -> str | None:
 
 FLAG_ORDER = ("model", "weights", "precision", "backend", "resolution", "min_resolution", "max_resolution", "batch",
               "min_batch", "max_batch", "threshold", "ratio", "merge_fraction", "schedule", "step_base",
-              "opt_merge_fraction", "ort_optimize", "max_stage_gb", "feature_cache", "cache_branches", "name", "out")
+              "opt_merge_fraction", "ort_optimize", "max_stage_gb", "feature_cache", "cache_branches", "name", "out",
+              "controlnet")
 
 
 def build_command(args: Mapping[str, Any]) -> str:
@@ -614,6 +628,9 @@ def build_command(args: Mapping[str, Any]) -> str:
     for key in FLAG_ORDER:
         value = args.get(key)
         if value is None or value is False:
+            continue
+        if value is True:  # a switch (--controlnet)
+            parts.append(f"--{key.replace('_', '-')}")
             continue
         parts += [f"--{key.replace('_', '-')}", shlex.quote(str(value))]
     return " ".join(parts)
