@@ -571,7 +571,7 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
                 if cache_handle is not None:
                     cache_handle.set_step(i)
                 model_in = scheduler.scale_model_input(latents, t)
-                call = dict(extra)
+                call: dict[str, Any] = dict(extra)
                 if runtime.controlnet is not None:  # new seeded residuals at every step, the same for both
                     down, mid = random_residuals(runtime.controlnet, batch, latent_hw, seed=seed + 3 + i, dtype=dtype,
                                                  device=dev)

@@ -102,3 +102,13 @@ def test_feature_cache_default_is_off(controlnet_engine):
     with Runtime.load(out, backend="ort-cpu", device="cpu") as runtime:
         assert runtime.feature_cache is None and runtime.controlnet is not None
         runtime.set_feature_cache(FeatureCacheSettings(2, 0))
+
+
+def test_tensorrt_profiles_size_the_residuals(controlnet_engine):
+    from catome_export.export.profiles import compute_profiles
+
+    out, _ = controlnet_engine
+    m = Manifest.load(out)
+    profiles = {name: corners for profile in compute_profiles(m) for name, corners in profile.items()}
+    assert profiles["controlnet_mid"] == ((1, 64, 2, 2), (2, 64, 2, 2), (2, 64, 2, 2))  # 128 px: latent 16 / 8
+    assert profiles["controlnet_down0"] == ((1, 32, 16, 16), (2, 32, 16, 16), (2, 32, 16, 16))
