@@ -96,7 +96,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "with --engine: baseline,engine-baseline,engine); baseline always runs")
     p.add_argument("--feature-cache", "--deepcache", default=None, metavar="I,b",
                    help="feature cache of the deepcache methods (default 3,0) and of the engine methods (default: "
-                        "the engine's own; off turns it off)")
+                        "the engine's own; off turns it off for the engine and cannot go with the deepcache methods)")
     add_merge_options(p)
     p.add_argument("--ratio", type=float, default=0.5, help="ToMe's fixed merge ratio for the tome method (default 0.5)")
     p.add_argument("--negative-prompt", default=None, help="negative prompt for every image (default: none)")

@@ -106,7 +106,7 @@ class EvalConfig:
     """Folder of real images for FID; without it FID is measured against the baseline images."""
     feature_cache: FeatureCacheSettings | None | str = "engine"
     """Feature caching of the deepcache methods (default interval 3, branch 0) and of the engine methods (default
-    ``"engine"``: the engine's own); None turns it off for the engine."""
+    ``"engine"``: the engine's own); None turns it off for the engine, and refuses the deepcache methods."""
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -116,6 +116,10 @@ class EvalConfig:
             raise CatomeError(f"unknown methods {unknown}: use {', '.join(METHODS)}")
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise CatomeError(f"warmup must be an int >= 0, got {self.warmup!r}")
+        caching = [m for m in self.methods if m in CACHING_METHODS]
+        if self.feature_cache is None and caching:
+            raise CatomeError(f"feature caching is off (--feature-cache off), but the methods {', '.join(caching)} "
+                              "are feature caching: drop them from --methods, or give their cache as I,b")
         # Checked here, before any pipeline is loaded, so a typo fails in a second, not after a model load.
         if self.threshold is not None:
             MergeSettings(threshold=self.threshold)

@@ -134,6 +134,8 @@ def test_eval_outside_the_engines_range_exits_1(built_engine, tmp_path, capsys):
     (["--warmup", "-1"], "warmup"),
     (["--threshold", "1.5"], "threshold must be a number in [-1, 1]"),
     (["--ratio", "1"], "ratio must be a number in [0, 1)"),
+    (["--methods", "baseline,deepcache", "--feature-cache", "off"], "methods deepcache are feature caching"),
+    (["--methods", "catome-deepcache", "--feature-cache", "off"], "methods catome-deepcache are feature caching"),
 ])
 def test_bad_inputs_exit_1_without_traceback(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
