@@ -105,7 +105,7 @@ def test_latency_line_says_what_it_compares_and_warns_when_busy(load, busy, tiny
                                                                  monkeypatch):
     import catome_export.runtime.verify as verify
 
-    monkeypatch.setattr(verify, "_load_average", lambda: load)
+    monkeypatch.setattr(verify, "load_average", lambda: load)
     report = tmp_path / "report.json"
     assert main(["verify", str(tiny_engine), *ARGS, "--quiet", "--json", str(report)]) == 0
     out = capsys.readouterr().out
