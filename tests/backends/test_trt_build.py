@@ -337,6 +337,19 @@ def test_parser_refusal_is_a_catome_error_and_keeps_old_plans(trt_machine, tiny_
     assert (folder / plan_file(last)).read_bytes() == b"previous"
 
 
+def _fails_on_11_builds_on_10(trt, folder, manifest, *expected: str) -> None:
+    """With TensorRT 11 the build fails in one line holding ``expected`` (the TensorRT version too) and leaves no
+    plan; with 10.x (which still has the members 0.49 reads, deprecated) it builds every stage."""
+    if trt.__version__.startswith("11."):
+        with pytest.raises(CatomeError) as err:
+            build_engines(folder, manifest, fp16=False)
+        msg = str(err.value)
+        assert all(part in msg for part in (*expected, trt.__version__)) and "\n" not in msg, msg
+        assert not list(folder.glob("*.plan"))
+    else:
+        assert len(build_engines(folder, manifest, fp16=False).engines) == len(manifest.stages)
+
+
 def test_polygraphy_049_is_refused_up_front_for_tensorrt_11(trt_machine, tiny_onnx_fp32, tmp_path, monkeypatch):
     """Polygraphy 0.49.x reads every layer's ``precision_is_set``, which TensorRT 11 removed: with 11 the build stops
     before parsing anything, in one line naming the upgrade; with 10 that Polygraphy builds as before."""
@@ -348,16 +361,8 @@ def test_polygraphy_049_is_refused_up_front_for_tensorrt_11(trt_machine, tiny_on
     monkeypatch.setattr(polygraphy, "__version__", "0.49.9")
     folder = _copy(tiny_onnx_fp32, tmp_path)
     manifest = Manifest.load(folder)
-    if trt.__version__.startswith("11."):
-        with pytest.raises(CatomeError) as err:
-            build_engines(folder, manifest, fp16=False)
-        msg = str(err.value)
-        assert "0.49.9" in msg and trt.__version__ in msg and "pip install 'polygraphy>=0.50'" in msg
-        assert "\n" not in msg
-        assert not list(folder.glob("*.plan")) and not (folder / "timing.cache").exists()
-    else:
-        built = build_engines(folder, manifest, fp16=False)
-        assert len(built.engines) == len(manifest.stages)
+    _fails_on_11_builds_on_10(trt, folder, manifest, "0.49.9", "pip install 'polygraphy>=0.50'")
+    assert trt.__version__.startswith("10.") or not (folder / "timing.cache").exists()
 
 
 def test_attribute_error_inside_polygraphy_is_a_catome_error(trt_machine, tiny_onnx_fp32, tmp_path, monkeypatch):
@@ -385,15 +390,7 @@ def test_attribute_error_inside_polygraphy_is_a_catome_error(trt_machine, tiny_o
     monkeypatch.setattr(poly_trt, "CreateConfig", UnguardedCreateConfig)
     folder = _copy(tiny_onnx_fp32, tmp_path)
     manifest = Manifest.load(folder)
-    if trt.__version__.startswith("11."):
-        with pytest.raises(CatomeError) as err:
-            build_engines(folder, manifest, fp16=False)
-        msg = str(err.value)
-        assert "stage 0" in msg and trt.__version__ in msg and "precision_is_set" in msg
-        assert "polygraphy>=0.50" in msg and "\n" not in msg
-        assert not list(folder.glob("*.plan"))
-    else:  # 10.x still has the member (deprecated)
-        assert len(build_engines(folder, manifest, fp16=False).engines) == len(manifest.stages)
+    _fails_on_11_builds_on_10(trt, folder, manifest, "stage 0", "precision_is_set", "polygraphy>=0.50")
 
 
 def test_build_missing_onnx(trt_machine, tiny_onnx_fp32, tmp_path):
