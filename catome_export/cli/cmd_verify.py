@@ -9,17 +9,8 @@ import argparse
 from typing import Any
 
 from catome_export.backends.select import BACKEND_NAMES
+from catome_export.cli.vocab import image_size
 from catome_export.fsutil import Outputs, check_writable_file
-
-
-def _resolution(text: str) -> int | tuple[int, int]:
-    try:
-        if "x" in text.lower():
-            h, w = text.lower().split("x", 1)
-            return int(h), int(w)
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"resolution must be N or HxW in pixels, got {text!r}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,7 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", default="auto", choices=BACKEND_NAMES, help="engine backend (default auto)")
     p.add_argument("--seed", type=int, default=0, help="seed of the latents and text embeddings (default 0)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default: the build's opt batch)")
-    p.add_argument("--resolution", type=_resolution, default=None,
+    p.add_argument("--resolution", type=image_size, default=None, metavar="N|HxW",
                    help="image size in pixels, N or HxW (default: the build's opt size)")
     p.add_argument("--tolerance", type=float, default=None,
                    help="limit of max|diff| as a multiple of max(1, max|eager output|) "

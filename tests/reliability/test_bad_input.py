@@ -211,7 +211,7 @@ def test_resolution_not_a_multiple_of_8(reliability_engine, capsys, tmp_path):
     assert_cli_error(["build", "--model", "tiny", "--resolution", "100", "--out", str(tmp_path / "e")], capsys,
                      "not a multiple of 8", "96 or 104")
     assert_cli_error(["verify", str(reliability_engine), "--resolution", "100"], capsys, "multiples of 8")
-    assert_cli_error(["generate", "--engine", str(reliability_engine), "--prompt", "a cat", "--height", "100",
+    assert_cli_error(["generate", "--engine", str(reliability_engine), "--prompt", "a cat", "--resolution", "100",
                       "--out", str(tmp_path / "x.png")], capsys, "multiple of 8", "96 or 104")
 
 
