@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         methods=_methods(args.methods), threshold=args.threshold, schedule=args.schedule, step_base=args.step_base,
         ratio=args.ratio, steps=args.steps, guidance=args.guidance, seed=args.seed, height=requested_size(args)[0],
         width=requested_size(args)[1], negative_prompt=args.negative_prompt, warmup=args.warmup, backend=args.backend,
-        device=args.device, dtype=args.dtype, clip_model=args.clip_model,
+        device=args.device, dtype=args.precision, clip_model=args.clip_model,
         fid_reference=Path(args.fid_ref) if args.fid_ref else None,
         feature_cache=feature_cache_arg(args, engine=True),
     )

@@ -75,13 +75,14 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_runtime_options(p: argparse.ArgumentParser) -> None:
-    """--backend, --device, --dtype (shared with eval)."""
+    """--backend, --device, --precision (shared with eval)."""
     p.add_argument("--backend", default="auto",
                    help="engine backend: auto (TensorRT, then ORT CUDA, then ORT CPU), trt, ort, ort-cuda, ort-cpu, "
                         "torch (default auto)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda[:N] (default auto)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16"),
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16"),
                    help="eager model precision: auto = fp16 on CUDA, fp32 on CPU (engines keep their own) (default auto)")
+    deprecate(p, "--dtype", "--precision")
 
 
 def requested_size(args: argparse.Namespace) -> tuple[int | None, int | None]:
@@ -168,7 +169,7 @@ def _run_eager(args: argparse.Namespace, default_resolution: Any, cache: Any = N
 
     res = default_resolution(args.model)
     request = _request(args, (res, res))
-    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.precision)
     caching = nullcontext() if cache is None else apply_deepcache(pipe, settings=cache)
     suffix = "" if cache is None else f", {cache.describe()}"
     with caching:
