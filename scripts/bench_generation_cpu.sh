@@ -24,7 +24,7 @@ ENGINE="${ENGINE:-$WORKDIR/$MODEL-$RESOLUTION-b$BATCH-fc${CACHE#*,}}"
 OUT="${OUT:-benchmarks/results/${MODEL}_cpu_${RESOLUTION}_b${BATCH}_generation}"
 
 if [ ! -f "$ENGINE/manifest.json" ]; then
-  catome-export build --model "$MODEL" --weights random --precision fp32 --backend ort \
+  catome-export build --model "$MODEL" --weights random --precision fp32 --engine-kind ort \
     --resolution "$RESOLUTION" --batch "$BATCH" --feature-cache "$CACHE" --out "$ENGINE" >&2
 fi
 catome-export bench --generation "$STEPS" --rounds "$ROUNDS" --feature-cache "$CACHE" \
