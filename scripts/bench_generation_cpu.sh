@@ -29,5 +29,5 @@ if [ ! -f "$ENGINE/manifest.json" ]; then
 fi
 catome-export bench --generation "$STEPS" --rounds "$ROUNDS" --feature-cache "$CACHE" \
   --engine "$ENGINE" --model "$MODEL" --weights random --resolution "$RESOLUTION" --batch "$BATCH" \
-  --device cpu --engine-backend ort --merge-fractions 0,0.75 \
+  --device cpu --backend ort --merge-fractions 0,0.75 \
   --json "$OUT.json" "$@" | tee "$OUT.md"

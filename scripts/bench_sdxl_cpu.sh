@@ -38,7 +38,7 @@ catome-export bench \
   --ort-optimize on \
   --merge-fractions 0,0.5,0.75 \
   --repeats "${REPEATS:-2}" --warmup 1 \
-  --engine-backend ort \
+  --backend ort \
   --workdir "$WORKDIR" \
   --json "$OUT.json" --plot "$OUT.png" \
   "$@" | tee "$OUT.md"
