@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.drain_timeout < float("inf"):
         raise CatomeError(f"--drain-timeout must be a number of seconds >= 0, got {args.drain_timeout:g}")
     engine_dir = Path(args.engine_dir).expanduser().resolve()
-    options = ServeOptions(engine_dir=str(engine_dir), backend=args.backend, device=args.device,
+    options = ServeOptions(engine_dir=str(engine_dir), backend=args.backend,
+                           device=None if args.device == "auto" else args.device,
                            max_batch=args.max_batch, steps=args.steps, max_images=args.max_images,
                            threads=args.threads, engine_sha256=args.engine_sha256,
                            feature_cache=args.feature_cache)
@@ -199,7 +200,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--address", default=None,
                    help="join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting a local Ray (default: a local cluster on this machine)")
     p.add_argument("--backend", default="auto", help="engine backend in each replica (default auto)")
-    p.add_argument("--device", default=None, help="device in each replica (default: cuda where it has a GPU)")
+    p.add_argument("--device", default="auto",
+                   help="device in each replica: auto (cuda where it has a GPU), cpu or cuda[:N] (default auto)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads per replica (torch and ORT) (default: the libraries' own)")
     p.add_argument("--feature-cache", "--deepcache", default=None, metavar="I,b",
                    help="DeepCache-style feature caching of every generation: I,b (interval, branch), 'full:0,5;b' "

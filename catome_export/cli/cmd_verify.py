@@ -55,6 +55,7 @@ def _verify(args: argparse.Namespace, cache: Any, progress: Any) -> Any:
     return verify_engine(args.engine_dir, steps=args.steps, schedule=args.schedule, backend=args.backend,
                          seed=args.seed, batch=args.batch, resolution=args.resolution, tolerance=args.tolerance,
                          merge_tolerance=args.merge_tolerance, feature_cache=cache, progress=progress,
+                         device=None if args.device == "auto" else args.device,
                          backend_options={"intra_op_threads": args.threads} if args.threads is not None else None)
 
 
@@ -88,6 +89,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="allowed difference of the merged count r per site from eager's own matching, as a "
                         "fraction of its tokens, besides what near-ties explain (default 0 for fp32 engines, "
                         "0.01 for fp16)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda[:N] (default auto)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: physical cores)")
     from catome_export.cli.cmd_generate import add_feature_cache_option
 
