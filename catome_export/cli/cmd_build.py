@@ -99,7 +99,7 @@ def summary(result: "BuildResult") -> str:
         lines.append(result.verify.summary())
     for note in result.notes:
         lines.append(f"note: {note}")
-    lines.append(f"load it with: Runtime.load({str(result.engine_dir)!r}) or catome-export verify {result.engine_dir}")
+    lines.append(f"load it with: Runtime.load({str(result.engine_dir)!r}) or catome-export verify --engine {result.engine_dir}")
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""``catome-export verify ENGINE_DIR``: the engine against eager CA-ToMe, step by step.
+"""``catome-export verify --engine DIR``: the engine against eager CA-ToMe, step by step.
 
 Exit 1 above tolerance, when merging differs, or when a plan differs from eager's own beyond a near-tie.
 """
@@ -9,13 +9,14 @@ import argparse
 from typing import Any
 
 from catome_export.backends.select import BACKEND_NAMES
-from catome_export.cli.vocab import image_size
+from catome_export.cli.vocab import deprecate, engine_folder, image_size
 from catome_export.fsutil import Outputs, check_writable_file
 
 
 def run(args: argparse.Namespace) -> int:
     from catome_export.errors import CatomeError
 
+    engine_folder(args, "verify")  # before anything runs
     for flag, value, minimum in (("--threads", args.threads, 1), ("--seed", args.seed, 0)):
         if value is not None and value < minimum:
             raise CatomeError(f"{flag} must be an int >= {minimum}, got {value}")
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace, cache: Any, progress: Any) -> Any:
     from catome_export.runtime.verify import verify_engine
 
-    return verify_engine(args.engine_dir, steps=args.steps, schedule=args.schedule, backend=args.backend,
+    return verify_engine(engine_folder(args, "verify"), steps=args.steps, schedule=args.schedule, backend=args.backend,
                          seed=args.seed, batch=args.batch, resolution=args.resolution, tolerance=args.tolerance,
                          merge_tolerance=args.merge_tolerance, feature_cache=cache, progress=progress,
                          device=None if args.device == "auto" else args.device,
@@ -72,7 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "median latency of both. Exit 1 when a step is above the tolerance, matches at other steps "
                     "than eager, or has a plan difference no near-tie explains.",
     )
-    p.add_argument("engine_dir", metavar="ENGINE_DIR", help="engine folder written by catome-export build")
+    p.add_argument("--engine", default=None, metavar="DIR", help="engine folder written by catome-export build (required)")
+    deprecate(p, "ENGINE_DIR", "--engine", use="--engine DIR")
     p.add_argument("--steps", type=int, default=50, help="U-Net calls to compare (default 50)")
     p.add_argument("--schedule", default=None,
                    help="checkpoint schedule to use instead of the engine's: a name (config1..4, adaptive, "

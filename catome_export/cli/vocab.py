@@ -53,7 +53,7 @@ class Concept:
 
 CONCEPTS: tuple[Concept, ...] = (
     Concept("image size", "--resolution", "resolution",
-            "the model's native size (tiny 256, SD 1.5 512, SDXL 1024), or the engine's optimal profile",
+            "the model's native size (tiny 256, SD 1.5 512, SD 2.1 768, SDXL 1024), or the engine's optimal profile",
             ("build", "verify", "generate", "eval", "bench", "analyze"),
             "pixels, multiples of 8: `N` (square) or `HxW` (height first) in verify, generate and eval; "
             "`N` in build and analyze; `N [N ...]` in bench; build also takes `--min-resolution` and "
@@ -77,13 +77,14 @@ CONCEPTS: tuple[Concept, ...] = (
     Concept("device", "--device", "device", "auto (cuda when available, else cpu)",
             ("verify", "generate", "eval", "bench", "serve", "analyze"), DEVICES,
             others=("--gpu", "--cuda", "--cpu")),
-    Concept("engine folder", "--engine", "engine", "none (commands that need one say so)",
+    Concept("engine folder", "--engine", "engine",
+            "none: verify and serve need one; generate and eval run eager without; bench builds one for --model",
             ("verify", "generate", "eval", "bench", "serve"), "a folder written by catome-export build",
-            old=("ENGINE_DIR",), others=("--engine-dir", "--engine-folder")),
+            old=("ENGINE_DIR",), others=("--engine-dir", "--engine-folder", "engine_dir")),
     Concept("seed", "--seed", "seed", "0", ("verify", "generate", "eval", "bench", "analyze"),
             "an int >= 0 (eval: image i uses seed + i)", others=("--random-seed", "--rng-seed")),
-    Concept("output", "--out", "out", "per command: engines/<name> (build), out/<prompt>-seed<seed>.png "
-            "(generate), out/eval-<name> (eval)", ("build", "generate", "eval"),
+    Concept("output", "--out", "out", "per command: `engines/<name>` (build), `out/<prompt>-seed<seed>.png` "
+            "(generate), `out/eval-<name>` (eval)", ("build", "generate", "eval"),
             "a folder (build, eval) or a .png file (generate); reports: `--json FILE`, `--plot FILE`",
             others=("--output", "-o", "--output-dir", "--out-dir")),
 )
@@ -159,6 +160,16 @@ def deprecate(parser: argparse.ArgumentParser, old: str, new: str, *, use: str |
         parser.add_argument(target.dest, action=Deprecated, new=use or new, merge=merge, **kwargs)
 
 
+def engine_folder(args: argparse.Namespace, command: str) -> str:
+    """The ``--engine`` folder of a command that needs one (or the old positional), or the error naming the flag."""
+    from catome_export.errors import CatomeError
+
+    if args.engine is None:
+        raise CatomeError(f"{command} needs an engine folder: --engine DIR (a folder catome-export build wrote, "
+                          "e.g. engines/tiny)")
+    return str(args.engine)
+
+
 def image_size(text: str) -> tuple[int, int]:
     """``--resolution``'s value where a command takes any shape: ``N`` (square) or ``HxW``, as (height, width)."""
     try:
@@ -190,8 +201,8 @@ def markdown_table() -> str:
     """The vocabulary as docs/cli.md shows it."""
     lines = ["| concept | spelling | default | commands | takes | old spellings |", "|---|---|---|---|---|---|"]
     for c in CONCEPTS:
-        lines.append(f"| {c.name} | `{c.flag}` | {c.default} | {', '.join(c.commands)} | {c.values} | "
-                     f"{', '.join(f'`{o}`' for o in c.old) or '-'} |")
+        old = ", ".join(f"`{o}`" + ("" if o.startswith("-") else " (positional)") for o in c.old)
+        lines.append(f"| {c.name} | `{c.flag}` | {c.default} | {', '.join(c.commands)} | {c.values} | {old or '-'} |")
     return "\n".join(lines) + "\n"
 
 

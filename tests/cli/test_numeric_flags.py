@@ -70,7 +70,7 @@ VERIFY_CASES = [(["--steps", "0"], "steps"), (["--batch", "0"], "batch"), (["--t
 
 @pytest.mark.parametrize("flag,needle", VERIFY_CASES, ids=["=".join(f) for f, _ in VERIFY_CASES])
 def test_out_of_range_verify_flags_are_refused(flag, needle, tiny_engine, capsys, no_work):
-    assert main(["verify", str(tiny_engine), *flag]) == 1
+    assert main(["verify", "--engine", str(tiny_engine), *flag]) == 1
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and needle in lines[0], err

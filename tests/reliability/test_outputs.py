@@ -57,7 +57,7 @@ def test_a_write_that_fails_at_the_end_keeps_the_result(command, tmp_path, capsy
     elif command == "verify-json":
         engine = request.getfixturevalue("tiny_engine")
         target = folder / "v.json"
-        argv = ["verify", str(engine), "--steps", "2", "--threads", "1", "--quiet", "--json", str(target)]
+        argv = ["verify", "--engine", str(engine), "--steps", "2", "--threads", "1", "--quiet", "--json", str(target)]
         _break_folder_after(monkeypatch, "catome_export.runtime.verify", "verify_engine", folder)
     else:
         target = folder / "results.json"
