@@ -1,4 +1,4 @@
-"""Run inside a loopback-only namespace by test_serve_ray.py: ``catome-export serve ENGINE`` with small limits, then
+"""Run inside a loopback-only namespace by test_serve_ray.py: ``catome-export serve --engine ENGINE`` with small limits, then
 requests that meet each limit, then SIGTERM while requests are in flight.
 
 Usage: python cli_scenario.py ENGINE_DIR OUT_JSON. Writes what happened as JSON (the test asserts on it).
