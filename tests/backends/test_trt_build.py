@@ -98,7 +98,7 @@ def test_cli_build_trt_without_tensorrt_exits_1(tmp_path):
     if not _has_build_command():
         pytest.skip("the build command is not part of this checkout")
     proc = subprocess.run(
-        [sys.executable, "-m", "catome_export.cli", "build", "--model", "tiny", "--backend", "trt",
+        [sys.executable, "-m", "catome_export.cli", "build", "--model", "tiny", "--engine-kind", "trt",
          "--out", str(tmp_path / "tiny")],
         capture_output=True, text=True, timeout=600, cwd=REPO,
     )
@@ -115,7 +115,7 @@ def test_build_writes_plans_cache_and_trt_section(tmp_path):
     from catome_export.export.manifest import Manifest
 
     out = tmp_path / "tiny"
-    assert main(["build", "--model", "tiny", "--backend", "trt", "--out", str(out)]) == 0
+    assert main(["build", "--model", "tiny", "--engine-kind", "trt", "--out", str(out)]) == 0
     manifest = Manifest.load(out)
     section = manifest.trt
     assert section.version and section.gpu and section.compute_capability
@@ -150,7 +150,7 @@ def _build_tiny(out: Path, precision: str) -> Path:
     """The tiny model's stages exported to ONNX (ORT build, no verification): what a TensorRT build starts from."""
     from catome_export.cli.main import main
 
-    assert main(["build", "--model", "tiny", "--backend", "ort", "--precision", precision, "--no-verify",
+    assert main(["build", "--model", "tiny", "--engine-kind", "ort", "--precision", precision, "--no-verify",
                  "--out", str(out)]) == 0
     return out
 
@@ -423,13 +423,13 @@ def test_plans_load_only_under_the_exact_version_that_built_them(trt_machine, tr
     with pytest.raises(CatomeError) as err:
         check_trt_compat(manifest, TrtRuntimeInfo(later, "Stand-in GPU (sm90)", "9.0"))
     msg = str(err.value)
-    assert built in msg and later in msg and "exact" in msg and "--backend trt" in msg
+    assert built in msg and later in msg and "exact" in msg and "--engine-kind trt" in msg
 
 
 def test_cli_build_trt_with_standin_but_no_gpu_exits_1(trt_standin_helper, tmp_path):
     """The real command with the stand-in importable: TensorRT is found, the missing CUDA device is named."""
     proc = subprocess.run(
-        [sys.executable, "-m", "catome_export.cli", "build", "--model", "tiny", "--backend", "trt",
+        [sys.executable, "-m", "catome_export.cli", "build", "--model", "tiny", "--engine-kind", "trt",
          "--out", str(tmp_path / "tiny")],
         capture_output=True, text=True, timeout=600, cwd=REPO, env=trt_standin_helper.subprocess_env("11"),
     )

@@ -9,7 +9,7 @@
   requests, then the application redeployed with small limits and more clients than fit (200s and 429s).
 - ``test_memory_is_flat_over_a_longer_load`` (slow): resident memory of a replica over 40 requests, with ONNX
   Runtime's CPU arena off (with it on, memory creeps up as the arena meets new merge counts; docs/serving.md).
-- ``test_cli_serve_limits_drain_and_exposure`` (slow): ``catome-export serve ENGINE`` with one replica taking one
+- ``test_cli_serve_limits_drain_and_exposure`` (slow): ``catome-export serve --engine ENGINE`` with one replica taking one
   request and one waiting: the queue's limit (429), the request timeout (504), a client that goes away, SIGTERM's
   drain (exit 130, no Ray process left), and the ports the command names at start.
 """
