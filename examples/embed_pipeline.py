@@ -1,6 +1,7 @@
 """Embed a CA-ToMe engine in a diffusers pipeline, end to end, with the public API only.
 
-1. build the model's engine into a temporary folder with ``build_engine``;
+1. build the model's engine into a temporary folder with ``build_engine``
+   (or take one built before, ``--engine``);
 2. load it (TensorRT where it runs, else ONNX Runtime) and attach it to the
    model's ``StableDiffusionPipeline``, loaded without its eager U-Net:
    ``pipe(...)`` now runs the engine, each call starting at step 0 with
@@ -11,6 +12,7 @@
 
     python examples/embed_pipeline.py --out out/embedded.png       # SD 1.5 from the hub (or its local cache)
     python examples/embed_pipeline.py --model path/to/pipeline --size 256 --steps 10
+    python examples/embed_pipeline.py --engine engines/sd15    # an engine built before (catome-export build)
 
 ``--model`` is a hub id or a local diffusers pipeline folder (``save_pretrained``
 output). On a CPU an SD 1.5 build at 512 px takes minutes; a small folder
@@ -57,38 +59,39 @@ def main() -> None:
                                                               "(default: 512)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: 0)")
     parser.add_argument("--out", default="out/embedded.png", help="the image (default: out/embedded.png)")
-    parser.add_argument("--ort-optimize", choices=("on", "off"), default="on",
-                        help="also write ONNX Runtime's fused graphs, faster on a CPU; off builds quicker "
-                             "(default: on)")
+    parser.add_argument("--engine", metavar="DIR", help="an engine folder built from --model before, used instead "
+                                                         "of building one (default: build one)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        engine_dir = Path(tmp) / "engine"
-        print(f"building {args.model} for {args.size}x{args.size} into {engine_dir} ...")
-        # verify=False: a quick example; leave it on (the default) to check the engine against eager CA-ToMe
-        build_engine(args.model, resolution=args.size, out_dir=engine_dir, verify=False,
-                     ort_optimize=args.ort_optimize == "on")
+        engine_dir = Path(args.engine) if args.engine else Path(tmp) / "engine"
+        if not args.engine:
+            print(f"building {args.model} for {args.size}x{args.size} into {engine_dir} ...")
+            # verify=False: a quick example; leave it on (the default) to check the engine against eager CA-ToMe
+            build_engine(args.model, resolution=args.size, out_dir=engine_dir, verify=False)
+        run(args, engine_dir)
 
-        pipe = StableDiffusionPipeline.from_pretrained(args.model, unet=None)
-        pipe.set_progress_bar_config(disable=True)
-        with Runtime.load(engine_dir) as runtime:
-            print(runtime)
-            with runtime.attach(pipe) as attached:  # pipe.unet is the engine until the block ends
-                image = pipe(args.prompt, num_inference_steps=args.steps, height=args.size, width=args.size,
-                             generator=torch.Generator().manual_seed(args.seed)).images[0]
-                for record in attached.history:
-                    merged = [record.merged[k] for k in sorted(record.merged)]
-                    print(f"step {record.step:2d}: merged {merged}, {record.step_ms:.1f} ms")
-            print(f"detached: pipe.unet is {pipe.unet}")  # None again: the pipeline was loaded without it
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            image.save(args.out)
-            print(f"wrote {args.out}")
 
-            latents = custom_loop(pipe, runtime, args.prompt, args.steps, args.size, args.seed)
-            steps = [r.step for r in runtime.history]
-            print(f"custom loop: {len(steps)} engine steps numbered {steps[0]}..{steps[-1]}, "
-                  f"final latent {tuple(latents.shape)}")
+def run(args: argparse.Namespace, engine_dir: Path) -> None:
+    pipe = StableDiffusionPipeline.from_pretrained(args.model, unet=None)
+    pipe.set_progress_bar_config(disable=True)
+    with Runtime.load(engine_dir) as runtime:
+        print(runtime)
+        with runtime.attach(pipe) as attached:  # pipe.unet is the engine until the block ends
+            image = pipe(args.prompt, num_inference_steps=args.steps, height=args.size, width=args.size,
+                         generator=torch.Generator().manual_seed(args.seed)).images[0]
+            for record in attached.history:
+                merged = [record.merged[k] for k in sorted(record.merged)]
+                print(f"step {record.step:2d}: merged {merged}, {record.step_ms:.1f} ms")
+        print(f"detached: pipe.unet is {pipe.unet}")  # None again: the pipeline was loaded without it
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        image.save(args.out)
+        print(f"wrote {args.out}")
 
+        latents = custom_loop(pipe, runtime, args.prompt, args.steps, args.size, args.seed)
+        steps = [r.step for r in runtime.history]
+        print(f"custom loop: {len(steps)} engine steps numbered {steps[0]}..{steps[-1]}, "
+              f"final latent {tuple(latents.shape)}")
 
 if __name__ == "__main__":
     main()
