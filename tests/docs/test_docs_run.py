@@ -209,6 +209,10 @@ def test_every_catome_export_command_in_the_docs_parses():
             continue
         if args.command is None:
             problems.append(f"{where}: catome-export {' '.join(argv)}: no command")
+        old = sorted(getattr(args, "_deprecated_seen", ()))
+        if old and not where.startswith("docs/cli.md"):
+            problems.append(f"{where}: catome-export {' '.join(argv)}: deprecated spelling {', '.join(old)} "
+                            "(docs/cli.md names the current one)")
     assert not problems, "\n".join(problems)
 
 
@@ -217,6 +221,7 @@ def test_the_command_check_fails_on_a_renamed_flag():
 
     parser = build_parser()
     assert _parse(parser, ["build", "--model", "tiny"]).command == "build"
+    assert getattr(_parse(parser, ["generate", "--model", "tiny", "--dtype", "fp32"]), "_deprecated_seen") == {"--dtype"}
     with pytest.raises(_ParseError, match="unrecognized arguments: --resoluton"):
         _parse(parser, ["build", "--model", "tiny", "--resoluton", "64"])
     block = Block(REPO / "README.md", 1, "bash", 'pip install -e ".[ort]" && catome-export build --model tiny  # x\n'
