@@ -125,7 +125,7 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
                 raise
             data = torch.load(str(path), map_location="cpu", weights_only=True)  # the legacy (non-zip) format
     except Exception as exc:  # noqa: BLE001 - zip, pickle and OS errors
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        if "Unsupported global" in str(exc):  # a pickled class or function, not garbage
             raise CatomeError(f"{path} holds Python objects besides tensors, which are not loaded here because "
                               "unpickling can run code: convert it to .safetensors with a tool you trust, or use "
                               "the .safetensors release of the model") from None

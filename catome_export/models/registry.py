@@ -353,6 +353,18 @@ def _from_hub(hub_id: str, name: str):
         ) from None
 
 
+def _from_local(folder: Path):
+    from diffusers import UNet2DConditionModel
+
+    try:
+        return UNet2DConditionModel.from_pretrained(str(folder))
+    except Exception as exc:
+        raise CatomeError(
+            f"cannot load the U-Net weights in {folder} ({type(exc).__name__}: {exc}). "
+            "Check the folder, or use --weights random to build its architecture with seeded weights"
+        ) from None
+
+
 def weights_hash(unet: torch.nn.Module) -> str:
     """sha256 over the U-Net's parameters and buffers (names, shapes, dtypes, bytes)."""
     digest = hashlib.sha256()
