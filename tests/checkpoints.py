@@ -136,3 +136,28 @@ def write_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor]) -> Path
     else:
         torch.save({"state_dict": contiguous}, target)
     return target
+
+
+def ldm_open_clip_state_dict(encoder: torch.nn.Module,
+                             prefix: str = "conditioner.embedders.1.model.") -> dict[str, torch.Tensor]:
+    """OpenCLIP-layout tensors (SD 2.x's ``cond_stage_model.model.*``, SDXL's second encoder) of a CLIP text model.
+
+    q, k and v go into one ``in_proj`` as OpenCLIP keeps them; the text projection is stored transposed.
+    """
+    own = {k if hasattr(encoder, "text_model") or k.startswith("text_projection") else f"text_model.{k}":
+           v.detach().clone() for k, v in encoder.state_dict().items()}
+    out = {f"{prefix}positional_embedding": own["text_model.embeddings.position_embedding.weight"],
+           f"{prefix}token_embedding.weight": own["text_model.embeddings.token_embedding.weight"],
+           f"{prefix}ln_final.weight": own["text_model.final_layer_norm.weight"],
+           f"{prefix}ln_final.bias": own["text_model.final_layer_norm.bias"]}
+    if "text_projection.weight" in own:
+        out[f"{prefix}text_projection"] = own["text_projection.weight"].T.contiguous()
+    for i in range(encoder.config.num_hidden_layers):
+        src, dst = f"text_model.encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+        for new, old in (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"),
+                         ("mlp.fc2", "mlp.c_proj"), ("self_attn.out_proj", "attn.out_proj")):
+            for leaf in ("weight", "bias"):
+                out[f"{dst}{old}.{leaf}"] = own[f"{src}{new}.{leaf}"]
+        for leaf in ("weight", "bias"):
+            out[f"{dst}attn.in_proj_{leaf}"] = torch.cat([own[f"{src}self_attn.{p}_proj.{leaf}"] for p in "qkv"])
+    return out

@@ -86,5 +86,5 @@ def load_from_hub(repo_id: str, probe_file: str, load: Callable[[bool], T], what
         logger.debug("cache load of %s failed: %s: %s", repo_id, type(exc).__name__, exc)
         from huggingface_hub import constants
 
-        raise CatomeError(f"cannot load {what}: {access.reason}, and it is not in the local Hugging Face cache "
-                          f"({constants.HF_HUB_CACHE}). {ways_out}") from None
+        raise CatomeError(f"cannot load {what}: {access.reason}; not in the local Hugging Face cache "
+                          f"({constants.HF_HUB_CACHE}) either. {ways_out}") from None

@@ -342,7 +342,8 @@ def _from_hub(hub_id: str, name: str):
         return UNet2DConditionModel.from_pretrained(hub_id, subfolder="unet", local_files_only=local_only)
 
     try:
-        return load_from_hub(hub_id, "unet/config.json", load, f"the U-Net of {hub_id!r}", offline_ways_out(name))
+        return load_from_hub(hub_id, "unet/config.json", load, f"pretrained weights of {hub_id!r}",
+                             offline_ways_out(name))
     except CatomeError:
         raise
     except Exception as exc:  # hub and cache errors come in many types

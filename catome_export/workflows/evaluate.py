@@ -312,8 +312,9 @@ class _Context:
                 eager = any(m in EAGER_METHODS for m in methods)
                 reference = eager and manifest is not None and bool(manifest.model.weights_hash)
                 weights = config.weights
-                if config.model is not None and manifest is not None:
-                    check_model_fits(manifest, config.model, weights)
+                if config.model is not None:
+                    check_model_fits(dict(self.runtime.unet.config), manifest_model or "the engine's model",
+                                     config.model, weights)
                 elif manifest is not None and is_checkpoint_path(manifest.model.weights):
                     weights = manifest.model.weights  # the text encoder and VAE of the file it was built from
                 self.pipe = load_pipeline(source, weights=weights, device=self.runtime.device,

@@ -22,7 +22,7 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -284,8 +284,8 @@ def pipeline_for_engine(runtime: Any, model: str | None = None, scheduler: str |
             raise CatomeError(f"the engine was built from {built_weights}, which is gone, and its text encoder and "
                               f"VAE come from that file: pass --model (and --weights) to say where they come from")
         weights = built_weights
-    if model is not None and manifest is not None:
-        check_model_fits(manifest, model, weights)
+    if model is not None:
+        check_model_fits(dict(runtime.unet.config), built_from or "the engine's model", model, weights)
     if built_weights == "random" and source != "tiny" and model is None:
         logger.warning("the engine was built from random weights: the images are noise (speed work only)")
     pipe = load_pipeline(source, weights=weights, device=runtime.device, dtype=runtime.dtype,
@@ -301,17 +301,17 @@ _CONFIG_DEFAULTS = {"in_channels": 4, "out_channels": 4, "cross_attention_dim": 
 """diffusers' defaults of :data:`FITTING_CONFIG` keys a config may leave out."""
 
 
-def check_model_fits(manifest: Any, model: str, weights: str | Path | None = None) -> None:
+def check_model_fits(engine_config: Mapping[str, Any], built_from: str, model: str,
+                     weights: str | Path | None = None) -> None:
     """CatomeError (one line) when ``model``'s U-Net config differs from the engine's on :data:`FITTING_CONFIG`.
 
-    Read from the configs alone (the bundled one, the folder's, the
+    ``engine_config``: the engine's U-Net config (``runtime.unet.config``, the
+    manifest's ``model.unet_config``); ``built_from`` names its model in the
+    message. Read from the configs alone (the bundled one, the folder's, the
     checkpoint's detected architecture), before any weights load.
     """
     from catome_export.models.registry import resolve_source, unet_config_of
 
-    engine_config = manifest.model.unet_config or {}
-    if not engine_config:
-        return  # an old manifest without the config: attach() checks the loaded U-Net
     arch, _ = resolve_source(model, weights)
     mine = unet_config_of(arch)
     for key in FITTING_CONFIG:
@@ -319,8 +319,8 @@ def check_model_fits(manifest: Any, model: str, weights: str | Path | None = Non
         if theirs != ours:
             raise CatomeError(
                 f"--model {model} does not fit the engine: its U-Net has {key}={ours}, the engine's (built from "
-                f"{manifest.model.id}) has {theirs}; the text encoder and VAE must be of the engine's architecture: "
-                f"pass a model of that architecture, or leave --model out to use the engine's own ({manifest.model.id})")
+                f"{built_from}) has {theirs}; the text encoder and VAE must be of the engine's architecture: "
+                f"pass a model of that architecture, or leave --model out to use the engine's own ({built_from})")
 
 
 def check_engine_shapes(runtime: Any, request: "ImageRequest") -> None:

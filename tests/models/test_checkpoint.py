@@ -12,7 +12,9 @@ from catome_export.errors import CatomeError
 from catome_export.models import load_unet, model_info, weights_hash
 from catome_export.models.checkpoint import fingerprint_of_config
 from catome_export.models.registry import MODELS, bundled_config, resolve_source
-from checkpoints import ldm_clip_state_dict, ldm_unet_state_dict, ldm_vae_state_dict, write_checkpoint
+from checkpoints import (
+    ldm_clip_state_dict, ldm_open_clip_state_dict, ldm_unet_state_dict, ldm_vae_state_dict, write_checkpoint,
+)
 
 
 def _perturbed(unet: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -207,3 +209,29 @@ def test_a_pipeline_takes_unet_vae_and_text_encoder_from_one_file(tmp_path):
     pipe = load_pipeline("tiny", weights=str(unet_only), device="cpu")
     _assert_same(pipe.unet, source.unet)
     _assert_same(pipe.vae, tiny_pipeline().vae)  # the file has no VAE: the model's own stays
+
+
+def test_an_sdxl_layout_file_fills_both_text_encoders(tmp_path):
+    """SDXL's file: CLIP ViT-L under conditioner.embedders.0.transformer, OpenCLIP under conditioner.embedders.1.model."""
+    from catome_export.models.pipeline import tiny_xl_pipeline
+    from catome_export.workflows.generate import load_pipeline
+
+    source = tiny_xl_pipeline(seed=7)
+    state = {**ldm_unet_state_dict(source.unet), **ldm_vae_state_dict(source.vae),
+             **ldm_clip_state_dict(source.text_encoder, "conditioner.embedders.0.transformer."),
+             **ldm_open_clip_state_dict(source.text_encoder_2, "conditioner.embedders.1.model.")}
+    pipe = load_pipeline(str(write_checkpoint(tmp_path / "xl.safetensors", state)), device="cpu")
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        _assert_same(getattr(pipe, name), getattr(source, name))
+
+
+def test_an_sd2_layout_text_encoder_is_read_from_its_openclip_keys(tmp_path):
+    """SD 2.x files keep the text encoder in OpenCLIP's layout under cond_stage_model.model (q, k, v in one)."""
+    from catome_export.models.pipeline import tiny_pipeline
+    from catome_export.workflows.generate import load_pipeline
+
+    source = tiny_pipeline(seed=9)
+    state = {**ldm_unet_state_dict(source.unet),
+             **ldm_open_clip_state_dict(source.text_encoder, "cond_stage_model.model.")}
+    pipe = load_pipeline("tiny", weights=str(write_checkpoint(tmp_path / "sd2.safetensors", state)), device="cpu")
+    _assert_same(pipe.text_encoder, source.text_encoder)
