@@ -169,7 +169,7 @@ def parse_weights(value: str | Path | Weights) -> WeightsSpec:
         return Weights(value)
     if is_checkpoint_path(value):
         return check_checkpoint_file(value)
-    raise CatomeError(f"weights must be 'pretrained', 'random' or a single-file checkpoint (.safetensors or "
+    raise CatomeError(f"weights must be one of pretrained, random, or a single-file checkpoint (.safetensors or "
                       f".ckpt), got {str(value)!r}")
 
 
@@ -257,9 +257,9 @@ def _local_unet_dir(path: Path) -> Path:
     if (path / "config.json").is_file():
         return path
     raise CatomeError(
-        f"unknown model {str(path)!r}: use one of {', '.join(repr(n) for n in MODELS)}, a local diffusers folder "
-        "(a pipeline folder with unet/config.json, or a U-Net folder with config.json), or a single-file checkpoint "
-        "(.safetensors/.ckpt; e.g. --model sd15 --weights model.safetensors)"
+        f"unknown model {str(path)!r}: use one of {', '.join(repr(n) for n in MODELS)}, or a local diffusers folder "
+        "(a pipeline folder with unet/config.json, or a U-Net folder with config.json); a single-file checkpoint "
+        "(.safetensors/.ckpt) works too (e.g. --model sd15 --weights model.safetensors)"
     )
 
 

@@ -168,7 +168,7 @@ def test_a_pickle_with_python_objects_is_not_executed(tmp_path):
 
 @pytest.mark.parametrize("model,weights,message", [
     ("tiny", "/no/such/model.safetensors", "no such file"),
-    ("tiny", "model.bin", "weights must be 'pretrained', 'random' or a single-file checkpoint"),
+    ("tiny", "model.bin", r"weights must be one of pretrained, random, or a single-file checkpoint"),
     ("/no/such/model.safetensors", None, "--model '/no/such/model.safetensors': no such file"),
 ])
 def test_bad_paths_are_one_line_errors(model, weights, message):
@@ -235,3 +235,15 @@ def test_an_sd2_layout_text_encoder_is_read_from_its_openclip_keys(tmp_path):
              **ldm_open_clip_state_dict(source.text_encoder, "cond_stage_model.model.")}
     pipe = load_pipeline("tiny", weights=str(write_checkpoint(tmp_path / "sd2.safetensors", state)), device="cpu")
     _assert_same(pipe.text_encoder, source.text_encoder)
+
+
+def test_an_engine_whose_checkpoint_moved_says_so(tiny_file, tmp_path):
+    from catome_export.backends.torch_backend import load_reference_unet
+    from factories import make_manifest
+
+    path, unet = tiny_file
+    manifest = make_manifest(model="tiny", weights=str(path), weights_hash=weights_hash(unet))
+    assert weights_hash(load_reference_unet(manifest)) == weights_hash(unet)
+    gone = make_manifest(model="tiny", weights=str(tmp_path / "moved.safetensors"))
+    with pytest.raises(CatomeError, match="built from the checkpoint .*moved.safetensors, which is not there any more"):
+        load_reference_unet(gone)
