@@ -179,3 +179,22 @@ def test_an_unreachable_hub_fails_in_seconds_with_the_ways_out(offline_flag, tmp
     assert "local diffusers folder" in build_line
     assert "--model tiny" in generate["err"]
     assert not (tmp_path / "engine").exists() and not (tmp_path / "x.png").exists()
+
+
+def test_bench_and_eval_take_checkpoints(full_file, tmp_path, capsys):
+    from catome_export.bench.engine import work_name
+    from catome_export.cli.cmd_bench import config_from_args
+    from catome_export.cli.main import build_parser
+
+    path, _ = full_file
+    for argv in (["--model", str(path)], ["--model", "tiny", "--weights", str(path)]):
+        config = config_from_args(build_parser().parse_args(["bench", *argv, "--workdir", str(tmp_path)]))
+        assert (config.model, config.weights) == ("tiny", str(path))
+        assert work_name(config) == "tiny-tiny-finetune-fp32"  # a folder name, not a path
+    line = _one_line_error(main(["bench", "--model", "sd15", "--weights", str(path), "--workdir", str(tmp_path)]),
+                           capsys.readouterr().err)
+    assert "does not fit sd15" in line and "--model tiny --weights" in line
+    (tmp_path / "engine").mkdir()
+    line = _one_line_error(main(["eval", "--engine", str(tmp_path / "engine"), "--weights", str(path), "--imagenet",
+                                 "1", "--out", str(tmp_path / "ev")]), capsys.readouterr().err)
+    assert "give --model too" in line  # with --engine the model defaults to the engine's: the file needs a model
