@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 from catome_export.choices import Weights
+from catome_export.cli.vocab import deprecate
 from catome_export.defaults import DEFAULT_THRESHOLD
 from catome_export.errors import CatomeError
 from catome_export.fsutil import Outputs, atomic_write_with, check_writable_file
@@ -72,7 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", nargs="+", default=None, metavar="PROMPT",
                    help="prompts, one generation each (needs pretrained weights with a text encoder) (default: none, random embeddings)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N (default auto)")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="U-Net dtype (default fp32)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32", help="U-Net precision (default fp32)")
+    deprecate(p, "--dtype", "--precision")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write every number to FILE (JSON) (default: none)")
     p.add_argument("--plot", type=Path, default=None, metavar="FILE",
                    help="write the Jaccard distance between consecutive steps per site to FILE (PNG) (default: none)")
@@ -163,9 +165,9 @@ def run(args: argparse.Namespace) -> int:
             f"--prompts encodes with one CLIP text encoder; {args.model} needs SDXL's two (and their pooled "
             "output): leave out --prompts (seeded random text embeddings and text_embeds are used)")
     device = resolve_device(args.device)
-    dtype = precision_dtype(args.dtype)
+    dtype = precision_dtype(args.precision)
     if device.type == "cpu" and dtype == torch.float16:
-        raise CatomeError("--dtype fp16 needs a CUDA device: use fp32 or bf16 on the CPU")
+        raise CatomeError("--precision fp16 needs a CUDA device: use fp32 or bf16 on the CPU")
     resolution = args.resolution or info.default_resolution
     latent = resolution // 8
     latents = args.latents or ("smooth" if random_weights else "noise")

@@ -7,7 +7,9 @@ import sys
 from typing import Any
 from pathlib import Path
 
+from catome_export.backends.select import BACKEND_NAMES
 from catome_export.choices import Precision
+from catome_export.cli.vocab import deprecate
 from catome_export.defaults import DEFAULT_SCHEDULE
 from catome_export.errors import CatomeError
 from catome_export.fsutil import Outputs, check_writable_file
@@ -72,8 +74,8 @@ def config_from_args(args: argparse.Namespace):
         batch=args.batch,
         merge_fractions=fractions, threshold=args.threshold, latents=args.latents, steps=args.steps,
         schedule=args.schedule, repeats=args.repeats, checkpoint_repeats=args.checkpoint_repeats,
-        warmup=args.warmup, threads=args.threads, device=args.device, precision=args.precision,
-        engine_backend=args.engine_backend, workdir=Path(args.workdir) if args.workdir else default_workdir(),
+        warmup=args.warmup, threads=args.threads, device=_device(args.device), precision=args.precision,
+        engine_backend=args.backend, workdir=Path(args.workdir) if args.workdir else default_workdir(),
         text_len=args.text_len, seed=args.seed, stage_timings=not args.no_stage_timings,
         interleave=not args.sequential, one_at_a_time=args.one_at_a_time,
         profile_dir=Path(args.profile) if args.profile else None,
@@ -98,6 +100,15 @@ def _model_and_weights(args: argparse.Namespace) -> tuple[str | None, str | None
         model = model or engine_model.get("id")
         weights = weights or engine_model.get("weights")
     return model, weights
+
+
+def _device(name: str) -> str:
+    """``auto``: ``cuda`` when a CUDA device is usable, else ``cpu``; any other name as given (the config checks it)."""
+    if name != "auto":
+        return name
+    from catome_export.devices import resolve_device
+
+    return str(resolve_device(name))
 
 
 def _ort_option(text: str) -> tuple[str, object]:
@@ -160,8 +171,8 @@ def generation_config_from_args(args: argparse.Namespace) -> Any:
     return GenerationConfig(
         model=model or "tiny", weights=weights or "random", engine_dir=Path(args.engine) if args.engine else None,
         backends=tuple(given), resolution=resolutions[0], batch=args.batch, steps=args.generation,
-        rounds=args.rounds, merge_fractions=tuple(fractions), feature_cache=cache, device=args.device,
-        threads=args.threads, engine_backend=args.engine_backend,
+        rounds=args.rounds, merge_fractions=tuple(fractions), feature_cache=cache, device=_device(args.device),
+        threads=args.threads, engine_backend=args.backend,
         workdir=Path(args.workdir) if args.workdir else default_workdir() / "generation", seed=args.seed,
         latents=args.latents, text_len=args.text_len)
 
@@ -251,10 +262,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed calls first, the first a checkpoint (default 1)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="torch and ONNX Runtime intra-op threads for every backend (default: physical cores)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--precision", choices=Precision.values(), default=str(Precision.FP32), help="fp16 needs --device cuda (default fp32)")
-    p.add_argument("--engine-backend", default="auto", choices=("auto", "trt", "ort", "ort-cpu", "ort-cuda", "torch"),
+    p.add_argument("--backend", default="auto", choices=BACKEND_NAMES,
                    help="runtime backend of the engine rows (default auto)")
+    deprecate(p, "--engine-backend", "--backend")
     p.add_argument("--workdir", metavar="DIR", help="where engines and the unstaged graph are built "
                    "(default: <tmp>/catome-bench; sd15 needs about 7 GB)")
     p.add_argument("--text-len", type=int, default=77, help="tokens of the text embeddings (default 77)")

@@ -623,7 +623,7 @@ def _build_into(opts: BuildOptions, folder: Path, backend: EngineBackend, say: P
     if not audit.passed:
         if backend == EngineBackend.TRT:
             raise CatomeError(f"the stage graphs use ops TensorRT cannot parse ({len(audit.errors)} errors, first: "
-                              f"{audit.errors[0]}); build with --backend ort, or report the model layout")
+                              f"{audit.errors[0]}); build with --engine-kind ort, or report the model layout")
         notes.append("the graphs would not parse in TensorRT (see the audit); ONNX Runtime can still run them")
     info = model_info(opts.model)
     manifest = _make_manifest(opts, unet, sites, stages, exported, settings, backend, audit, info)

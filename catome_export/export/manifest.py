@@ -603,6 +603,10 @@ FLAG_ORDER = ("model", "weights", "precision", "backend", "resolution", "min_res
               "opt_merge_fraction", "ort_optimize", "max_stage_gb", "feature_cache", "cache_branches", "name", "out")
 
 
+FLAG_NAMES = {"backend": "engine-kind"}
+"""Build arguments whose flag is not the key with dashes (``backend`` is recorded, ``--engine-kind`` is the flag)."""
+
+
 def build_command(args: Mapping[str, Any]) -> str:
     """Format build arguments as a ``catome-export build`` command line (``None`` values left out)."""
     args = dict(args)
@@ -615,5 +619,5 @@ def build_command(args: Mapping[str, Any]) -> str:
         value = args.get(key)
         if value is None or value is False:
             continue
-        parts += [f"--{key.replace('_', '-')}", shlex.quote(str(value))]
+        parts += [f"--{FLAG_NAMES.get(key, key.replace('_', '-'))}", shlex.quote(str(value))]
     return " ".join(parts)

@@ -111,7 +111,7 @@ class EvalConfig:
     """Folder of real images for FID; without it FID is measured against the baseline images."""
     feature_cache: FeatureCacheSettings | None | str = "engine"
     """Feature caching of the deepcache methods (default interval 3, branch 0) and of the engine methods (default
-    ``"engine"``: the engine's own); None turns it off for the engine."""
+    ``"engine"``: the engine's own); None turns it off for the engine, and refuses the deepcache methods."""
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -124,6 +124,10 @@ class EvalConfig:
         if self.weights is not None and self.model is None:
             raise CatomeError("--weights names the weights of --model's architecture: give --model too (e.g. "
                               "--model sd15 --weights model.safetensors)")
+        caching = [m for m in self.methods if m in CACHING_METHODS]
+        if self.feature_cache is None and caching:
+            raise CatomeError(f"feature caching is off (--feature-cache off), but the methods {', '.join(caching)} "
+                              "are feature caching: drop them from --methods, or give their cache as I,b")
         # Checked here, before any pipeline is loaded, so a typo fails in a second, not after a model load.
         if self.threshold is not None:
             MergeSettings(threshold=self.threshold)

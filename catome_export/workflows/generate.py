@@ -131,15 +131,6 @@ def format_step(report: StepReport) -> str:
 
 
 # -- pipelines ---------------------------------------------------------------------------
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``None``/``auto``: float16 on CUDA, float32 on CPU."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None or dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return precision_dtype(dtype, ("fp32", "fp16"), f"unknown dtype {dtype!r}: use auto, fp32 or fp16")
-
-
 def default_resolution(model: str) -> int:
     """The model's native image size in pixels (256 for tiny, 512 for SD 1.5)."""
     from catome_export.models import model_info
@@ -171,7 +162,8 @@ def load_pipeline(model: str, *, weights: str | Path | None = None, device: str 
     from catome_export.models.registry import BUNDLED_ONLY, load_unet, resolve_source
 
     dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
+    torch_dtype = precision_dtype(dtype, ("auto", "fp32", "fp16"), f"unknown dtype {dtype!r}: use auto, fp32 or fp16",
+                                  device=dev)
     arch, spec = resolve_source(model, weights)
     if spec == Weights.RANDOM and arch not in BUNDLED_ONLY:
         raise CatomeError("--weights random gives an image pipeline whose images are noise: generate and eval take "
