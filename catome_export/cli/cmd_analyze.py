@@ -46,9 +46,12 @@ def _int(text: str) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("analyze", help="pair drift between steps and a least-drift checkpoint schedule (auto:K)",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", help="tiny, tiny-xl, sd15, sd21, sdxl, or a local diffusers folder (default: tiny)")
-    p.add_argument("--weights", choices=Weights.values(), default=str(Weights.PRETRAINED),
-                   help="pretrained weights, or the architecture with seeded random weights (tiny: always random) (default: pretrained, random for the tiny models)")
+    p.add_argument("--model", default="tiny", help="tiny, tiny-xl, sd15, sd21, sdxl, a local diffusers folder, or a "
+                                                   "single-file checkpoint (.safetensors/.ckpt) (default: tiny)")
+    p.add_argument("--weights", default=None, metavar="pretrained|random|FILE",
+                   help="pretrained weights, the architecture with seeded random weights, or a single-file checkpoint "
+                        "(.safetensors/.ckpt) of --model's architecture; prompts are still encoded with the "
+                        "architecture's own text encoder (default: pretrained, random for the tiny models)")
     p.add_argument("--steps", type=_int, default=50, help="inference steps (default 50)")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                    help=f"CA-ToMe similarity threshold (default {DEFAULT_THRESHOLD})")
@@ -143,13 +146,20 @@ def run(args: argparse.Namespace) -> int:
     from catome_export.dtypes import precision_dtype
     from catome_export.models import load_unet, model_info
 
-    random_weights = args.model in ("tiny", "tiny-xl") or args.weights == "random"
+    from catome_export.models.registry import BUNDLED_ONLY, resolve_source
+
+    model, spec = resolve_source(args.model, args.weights)
+    if spec is None:
+        spec = Weights.RANDOM if model in BUNDLED_ONLY else Weights.PRETRAINED
+    if model in BUNDLED_ONLY and spec == Weights.PRETRAINED:
+        spec = Weights.RANDOM  # the tiny models exist only with seeded random weights (or a checkpoint's)
+    random_weights = spec == Weights.RANDOM
     if random_weights and args.prompts:
         raise CatomeError(
             "--prompts needs a text encoder, which random weights (and the tiny models) do not have: "
             "leave out --prompts (seeded random text embeddings are used), or use --weights pretrained"
         )
-    info = model_info(args.model)
+    info = model_info(model)
     if info.added_conditioning and args.prompts:
         raise CatomeError(
             f"--prompts encodes with one CLIP text encoder; {args.model} needs SDXL's two (and their pooled "
@@ -163,12 +173,12 @@ def run(args: argparse.Namespace) -> int:
     latents = args.latents or ("smooth" if random_weights else "noise")
     budget = args.budget or min(DEFAULT_BUDGET, args.steps)
 
-    unet = load_unet(args.model, weights="random" if random_weights else "pretrained", dtype=dtype).to(device)
+    unet = load_unet(model, weights=spec, dtype=dtype).to(device)
     embs, inputs = _text_inputs(args, random_weights or info.added_conditioning, info.source, device, dtype)
     config = TrackingConfig(steps=args.steps, threshold=args.threshold, latent_hw=(latent, latent), seed=args.seed,
                             latents=latents, scheduler=args.scheduler, guidance_scale=args.guidance)
-    weights_note = "random weights" if random_weights else "pretrained weights"
-    print(f"model {args.model} ({weights_note}), {resolution} px = {latent}x{latent} latent, "
+    weights_note = f"weights of {spec.name}" if isinstance(spec, Path) else f"{spec} weights"
+    print(f"model {model} ({weights_note}), {resolution} px = {latent}x{latent} latent, "
           f"{args.scheduler} {args.steps} steps, CFG {args.guidance:g}, t={args.threshold:g}, seed {args.seed}")
     if latents == "smooth":
         why = "the default for random weights" if args.latents is None else "as asked"
@@ -206,8 +216,8 @@ def run(args: argparse.Namespace) -> int:
     outputs = Outputs()
     if args.json is not None:
         data = {
-            "model": args.model,
-            "weights": "random" if random_weights else "pretrained",
+            "model": model,
+            "weights": str(spec),
             "resolution": resolution,
             "latent_hw": [latent, latent],
             "step_base": args.step_base,

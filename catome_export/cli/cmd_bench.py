@@ -67,11 +67,7 @@ def config_from_args(args: argparse.Namespace):
     given_fractions = DEFAULT_FRACTIONS if args.merge_fractions is None else args.merge_fractions
     fractions: tuple = _list(given_fractions, float, "--merge-fractions") if given_fractions else ()
     resolutions = tuple(args.resolution or ())
-    model, weights = args.model, args.weights
-    if args.engine and (model is None or weights is None):
-        engine_model = _engine_model(Path(args.engine))
-        model = model or engine_model.get("id")
-        weights = weights or engine_model.get("weights")
+    model, weights = _model_and_weights(args)
     return BenchConfig(
         model=model or "tiny", weights=weights or "random", engine_dir=Path(args.engine) if args.engine else None,
         backends=_list(args.backends or DEFAULT_BACKENDS, str, "--backends"), resolutions=resolutions,
@@ -86,6 +82,24 @@ def config_from_args(args: argparse.Namespace):
         ort_options=tuple(_ort_option(text) for text in args.ort_option or ()),
         ort_optimize=args.ort_optimize == "on",
     )
+
+
+def _model_and_weights(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(architecture, weights) from --model/--weights (a checkpoint file as the model: its architecture, the file),
+    the --engine's where not given."""
+    model, weights = args.model, args.weights
+    if model is not None:
+        from catome_export.models.registry import resolve_source
+
+        model, spec = resolve_source(model, weights)
+        weights = None if spec is None else str(spec)
+    elif weights is not None and not args.engine:
+        raise CatomeError("--weights names the weights of --model's architecture: give --model too")
+    if args.engine and (model is None or weights is None):
+        engine_model = _engine_model(Path(args.engine))
+        model = model or engine_model.get("id")
+        weights = weights or engine_model.get("weights")
+    return model, weights
 
 
 def _device(name: str) -> str:
@@ -146,11 +160,7 @@ def generation_config_from_args(args: argparse.Namespace) -> Any:
         raise CatomeError("generation mode compares rows with and without feature caching: give --feature-cache I,b "
                           "(default 3,0), not off")
     given = _list(args.backends, str, "--backends") if args.backends is not None else GENERATION_BACKENDS
-    model, weights = args.model, args.weights
-    if args.engine and (model is None or weights is None):
-        engine_model = _engine_model(Path(args.engine))
-        model = model or engine_model.get("id")
-        weights = weights or engine_model.get("weights")
+    model, weights = _model_and_weights(args)
     resolutions = args.resolution or [None]
     if len(resolutions) > 1:
         raise CatomeError("generation mode times one resolution: give one --resolution")
@@ -223,11 +233,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engine", metavar="DIR", help="a built engine folder for the engine backend "
                    "(default: build one for --model under --workdir, reused when it fits)")
-    p.add_argument("--model", help="tiny, tiny-xl, sd15, sd21, sdxl, or a local diffusers folder (default: the "
-                                    "--engine's model, else tiny)")
-    p.add_argument("--weights", choices=("random", "pretrained"),
-                   help="seeded random weights (speed does not depend on them; the default without --engine) "
-                        "or pretrained")
+    p.add_argument("--model", help="tiny, tiny-xl, sd15, sd21, sdxl, a local diffusers folder, or a single-file "
+                                    "checkpoint (.safetensors/.ckpt) (default: the --engine's model, else tiny)")
+    p.add_argument("--weights", metavar="random|pretrained|FILE",
+                   help="seeded random weights (speed does not depend on them; the default without --engine), "
+                        "pretrained, or a single-file checkpoint of --model's architecture (default: random, with "
+                        "--engine the engine's)")
     p.add_argument("--backends", default=None, metavar="LIST",
                    help=f"comma-separated, from {', '.join(BACKENDS)} (default: eager,eager-catome,engine); "
                         "generation mode: from eager, eager-deepcache, engine (default all three)")

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     name = Path(args.engine).name if args.engine else _slug(model)
     out = Path(args.out) if args.out else Path("out") / f"eval-{name}"
     config = EvalConfig(
-        prompts=tuple(prompts), out=out, model=model, engine=Path(args.engine) if args.engine else None,
+        prompts=tuple(prompts), out=out, model=model, weights=args.weights, engine=Path(args.engine) if args.engine else None,
         methods=_methods(args.methods), threshold=args.threshold, schedule=args.schedule, step_base=args.step_base,
         ratio=args.ratio, steps=args.steps, guidance=args.guidance, seed=args.seed, height=requested_size(args)[0],
         width=requested_size(args)[1], negative_prompt=args.negative_prompt, warmup=args.warmup, backend=args.backend,
@@ -80,9 +80,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "FID | CLIP) into --out.",
     )
     p.add_argument("--model", default=None,
-                   help="tiny (default, offline), tiny-xl (offline), sd15, sd21, sdxl (hub or local cache) or a local pipeline folder; with "
-                        "--engine: where the text encoder, VAE and eager baseline come from (default: the engine's "
-                        "model)")
+                   help="tiny (default, offline), tiny-xl (offline), sd15, sd21, sdxl (hub or local cache), a local "
+                        "pipeline folder or a single-file checkpoint (.safetensors/.ckpt); with --engine: where the "
+                        "text encoder, VAE and eager baseline come from, its U-Net config fitting the engine's "
+                        "(default: the engine's model)")
+    p.add_argument("--weights", default=None, metavar="pretrained|FILE",
+                   help="pretrained, or a single-file checkpoint (.safetensors/.ckpt) of --model's architecture "
+                        "(default: pretrained)")
     p.add_argument("--engine", default=None, help="an engine folder: adds the engine-baseline and engine methods (default: none, eager methods only)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompts", default=None, help="prompt file: one prompt per line, or a JSON list of strings (default: --imagenet's class prompts)")

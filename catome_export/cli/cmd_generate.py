@@ -119,6 +119,9 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt is None:
         raise CatomeError("--prompt is missing: pass --prompt \"a photograph of ...\"")
     check_merge_flags(args)
+    if args.weights is not None and args.model is None:
+        raise CatomeError("--weights names the weights of --model's architecture: give --model too (e.g. --model "
+                          "sd15 --weights model.safetensors)")
     if args.engine is not None and not Path(args.engine).is_dir():
         raise CatomeError(f"engine folder {args.engine!r} does not exist: build one with "
                           "catome-export build --model tiny (or pass the folder the build wrote)")
@@ -169,7 +172,7 @@ def _run_eager(args: argparse.Namespace, default_resolution: Any, cache: Any = N
 
     res = default_resolution(args.model)
     request = _request(args, (res, res))
-    pipe = load_pipeline(args.model, device=args.device, dtype=args.precision)
+    pipe = load_pipeline(args.model, weights=args.weights, device=args.device, dtype=args.precision)
     caching = nullcontext() if cache is None else apply_deepcache(pipe, settings=cache)
     suffix = "" if cache is None else f", {cache.describe()}"
     with caching:
@@ -198,7 +201,7 @@ def _run_engine(args: argparse.Namespace, cache: Any = "engine") -> tuple[Any, s
         hw = engine_resolution(runtime) or (512, 512)
         request = _request(args, hw)
         check_engine_shapes(runtime, request)
-        pipe = pipeline_for_engine(runtime)
+        pipe = pipeline_for_engine(runtime, args.model, weights=args.weights)
         backend = getattr(getattr(runtime, "backend", None), "name", "engine")
         with attach(pipe, runtime) as attached:
             gen = generate(pipe, request, stats=attached, progress=True)
@@ -210,15 +213,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate", help="generate an image from a prompt (eager CA-ToMe or an engine)",
         description="Generate one image with a Stable Diffusion pipeline whose U-Net runs eager CA-ToMe "
-                    "(--model) or an engine built by catome-export build (--engine). Prints one line per step "
+                    "(--model) or an engine built by catome-export build (--engine; with --model as well, the engine's "
+                    "U-Net runs inside --model's pipeline). Prints one line per step "
                     "(tokens merged per site, sites that recomputed their matching, step time) and writes a PNG. "
                     "The tiny model runs offline: its text encoder and VAE are small random stand-ins, so its "
                     "images are noise-shaped whatever the prompt.",
     )
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", default=None,
-                     help="tiny, tiny-xl (bundled, offline), sd15, sd21, sdxl (hub or local cache) or a local diffusers pipeline folder (default: none; give --model or --engine)")
-    src.add_argument("--engine", default=None, help="an engine folder written by catome-export build (default: none; give --model or --engine)")
+    p.add_argument("--model", default=None,
+                   help="tiny, tiny-xl (bundled, offline), sd15, sd21, sdxl (hub or local cache), a local diffusers "
+                        "pipeline folder, or a single-file checkpoint (.safetensors/.ckpt); with --engine: where the "
+                        "text encoder, VAE, tokenizer and scheduler come from, its U-Net config fitting the engine's "
+                        "(default: none; give --model or --engine, with --engine the engine's own model)")
+    p.add_argument("--weights", default=None, metavar="pretrained|FILE",
+                   help="pretrained, or a single-file checkpoint (.safetensors/.ckpt) of --model's architecture: "
+                        "its U-Net, and its VAE and text encoder where it has them (default: pretrained)")
+    p.add_argument("--engine", default=None, help="an engine folder written by catome-export build; its U-Net "
+                   "replaces the model's (default: none; give --model or --engine)")
     p.add_argument("--prompt", default=None, help="the text prompt (required)")
     add_sampling_options(p)
     add_merge_options(p)
