@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from catome_export.errors import CatomeError
@@ -28,3 +30,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if dev.type not in DEVICE_TYPES:
         raise CatomeError(f"unsupported device {device!r}: use cpu or cuda[:N]")
     return dev
+
+
+def load_average() -> float | None:
+    """The machine's 1-minute load average, or None where the OS does not report one (timings taken while it
+    exceeds the CPU count are marked busy)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None

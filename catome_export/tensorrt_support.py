@@ -31,11 +31,13 @@ POLYGRAPHY_FOR_TRT11 = (0, 50)
 """Oldest Polygraphy release that builds for TensorRT 11."""
 
 
-def require_polygraphy() -> None:
-    """Raise a CatomeError saying how to install Polygraphy unless it is importable (the TensorRT path needs it)."""
+def require_polygraphy(way_out: str = "use --backend ort") -> None:
+    """Raise a CatomeError saying how to install Polygraphy unless it is importable (the TensorRT path needs it).
+
+    ``way_out``: the other path the message offers (a build's is ``build with --engine-kind ort``)."""
     if importlib.util.find_spec("polygraphy") is None:
         raise CatomeError("the TensorRT path needs Polygraphy, which is not installed: pip install "
-                          f"'catome-export[trt]' (or pip install 'polygraphy{POLYGRAPHY_SUPPORTED}'), or use --backend ort")
+                          f"'catome-export[trt]' (or pip install 'polygraphy{POLYGRAPHY_SUPPORTED}'), or {way_out}")
 
 
 def polygraphy_version() -> str:

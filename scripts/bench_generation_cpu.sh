@@ -24,10 +24,10 @@ ENGINE="${ENGINE:-$WORKDIR/$MODEL-$RESOLUTION-b$BATCH-fc${CACHE#*,}}"
 OUT="${OUT:-benchmarks/results/${MODEL}_cpu_${RESOLUTION}_b${BATCH}_generation}"
 
 if [ ! -f "$ENGINE/manifest.json" ]; then
-  catome-export build --model "$MODEL" --weights random --precision fp32 --backend ort \
+  catome-export build --model "$MODEL" --weights random --precision fp32 --engine-kind ort \
     --resolution "$RESOLUTION" --batch "$BATCH" --feature-cache "$CACHE" --out "$ENGINE" >&2
 fi
 catome-export bench --generation "$STEPS" --rounds "$ROUNDS" --feature-cache "$CACHE" \
   --engine "$ENGINE" --model "$MODEL" --weights random --resolution "$RESOLUTION" --batch "$BATCH" \
-  --device cpu --engine-backend ort --merge-fractions 0,0.75 \
+  --device cpu --backend ort --merge-fractions 0,0.75 \
   --json "$OUT.json" "$@" | tee "$OUT.md"

@@ -40,7 +40,7 @@ catome-export bench \
   --ort-optimize on \
   --merge-fractions 0,0.5,0.75 \
   --repeats 3 --warmup 1 \
-  --engine-backend ort \
+  --backend ort \
   --workdir "$WORKDIR" \
   --profile "$WORKDIR/profile" \
   --json "$OUT.json" --plot "$OUT.png" \

@@ -26,7 +26,7 @@ OUT="${OUT:-benchmarks/results/sdxl_cpu_${RESOLUTION}_b${BATCH}}"
 ENGINE="$WORKDIR/engine"
 
 if [ ! -f "$ENGINE/manifest.json" ]; then
-  catome-export build --model sdxl --weights random --precision fp32 --backend ort \
+  catome-export build --model sdxl --weights random --precision fp32 --engine-kind ort \
     --min-resolution 512 --max-resolution "$RESOLUTION" --min-batch 1 --max-batch "$BATCH" \
     --no-verify --out "$ENGINE"
 fi
@@ -38,7 +38,7 @@ catome-export bench \
   --ort-optimize on \
   --merge-fractions 0,0.5,0.75 \
   --repeats "${REPEATS:-2}" --warmup 1 \
-  --engine-backend ort \
+  --backend ort \
   --workdir "$WORKDIR" \
   --json "$OUT.json" --plot "$OUT.png" \
   "$@" | tee "$OUT.md"

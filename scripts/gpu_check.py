@@ -392,6 +392,96 @@ def chain_part(setup: Setup, resolution: int, variant: str, graphs: bool, steps:
             "cuda_graphs": graphs, "backend": "torch", "feature_cache": _cache_note() if cache else None}
 
 
+# -- TensorRT, where its wheels are carried in -----------------------------------------------------------------------
+TRT_PROMPTS = ("a fox", "a red fox in the snow at dawn, photographed from far away with a long lens, film grain")
+"""Two prompts of different token lengths for the CUDA-graph part (the pipeline pads both to the engine's text
+length: a graph captured for one must serve the other, or be its own, never fail)."""
+
+
+def tensorrt_missing() -> str | None:
+    """Why the TensorRT part cannot run here (None when ``tensorrt`` and ``polygraphy`` import)."""
+    import importlib.util
+
+    missing = [name for name in ("tensorrt", "polygraphy") if importlib.util.find_spec(name) is None]
+    if missing:
+        return (f"{' and '.join(missing)} not importable: carry their wheels in (GPU_CHECK_WHEELS) to run the "
+                "TensorRT build, verify and CUDA-graph part")
+    return None
+
+
+def tensorrt_part(device: str, steps: int, deadline: Deadline, work_dir: Path | None = None) -> dict[str, Any]:
+    """Build the tiny engine with TensorRT (fp16), ``verify`` it, and generate two prompts of different token
+    lengths through the engine with CUDA graphs on, in ratio mode (the merge counts repeat from step to step, so
+    cached steps replay graphs across prompts)."""
+    import numpy as np
+    import torch
+
+    why = tensorrt_missing()
+    if why is not None:
+        return {"status": "skipped", "reason": why}
+    if device != "cuda":
+        return {"status": "skipped", "reason": "TensorRT engines run on a CUDA device"}
+    import tensorrt
+    import polygraphy
+
+    from catome_export.merging import MergeSettings
+    from catome_export.runtime import Runtime
+    from catome_export.runtime.embed import attach
+    from catome_export.runtime.verify import verify_engine
+    from catome_export.workflows.build import build_engine
+    from catome_export.workflows.generate import pipeline_for_engine
+
+    result: dict[str, Any] = {"tensorrt": tensorrt.__version__, "polygraphy": polygraphy.__version__}
+    own_dir = work_dir is None
+    folder = Path(tempfile.mkdtemp(prefix="gpu_check_trt.")) if own_dir else Path(work_dir)  # type: ignore[arg-type]
+    try:
+        engine_dir = folder / "tiny_trt"
+        t0 = time.perf_counter()
+        build_engine("tiny", backend="trt", precision="fp16", out_dir=engine_dir, verify=True, force=True)
+        result["build_s"] = round(time.perf_counter() - t0, 2)
+        if deadline.left() <= 0:
+            result["truncated"] = True
+            return result
+        t0 = time.perf_counter()
+        report = verify_engine(engine_dir, steps=steps, backend="trt", device="cuda")
+        result["verify"] = {"ok": report.ok, "steps": len(report.rows), "max_abs_diff": report.max_diff,
+                            "tolerance": report.tolerance, "failed_steps": report.failed_steps,
+                            "merge_mismatch_steps": report.merge_mismatch_steps,
+                            "flipped_tokens": report.flipped_tokens, "wall_s": round(time.perf_counter() - t0, 2)}
+        if deadline.left() <= 0:
+            result["truncated"] = True
+            return result
+        generations = []
+        settings = MergeSettings(threshold=None, ratio=0.5)
+        with Runtime.load(engine_dir, backend="trt", device="cuda", cuda_graphs=True, settings=settings) as runtime:
+            pipe = pipeline_for_engine(runtime)
+            pipe.set_progress_bar_config(disable=True)
+            with attach(pipe, runtime):
+                for i, prompt in enumerate(TRT_PROMPTS):
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    with torch.no_grad():
+                        images = pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=7.5,
+                                      generator=torch.Generator("cpu").manual_seed(100 + i), output_type="np").images
+                    torch.cuda.synchronize()
+                    runner = runtime.graph_runner
+                    generations.append({
+                        "prompt_tokens": len(pipe.tokenizer(prompt).input_ids),
+                        "wall_s": round(time.perf_counter() - t0, 3),
+                        "finite": bool(np.isfinite(np.asarray(images, dtype=np.float64)).all()),
+                        "graph_keys": len(runner.cache) if runner is not None else 0,
+                        "captures": runner.captures if runner is not None else 0,
+                        "capture_failure": runner.capture_failure if runner is not None else None})
+        result["cuda_graphs"] = {"merge": "ToMe ratio 0.5 (the same r every step)", "generations": generations}
+        failed = (not report.ok or any(not g["finite"] for g in generations)
+                  or any(g["capture_failure"] for g in generations))
+        result["status"] = "failed" if failed else "ok"
+        return result
+    finally:
+        if own_dir:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 # -- running the parts ----------------------------------------------------------------------------------------------
 
 def run_part(report: Report, name: str, fn: Callable[[], dict[str, Any]]) -> None:
@@ -492,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
                 plan.append((f"generation/{res}/chain/{variant}/{'cache' if cache else 'no-cache'}",
                              lambda d, res=res, v=variant, c=cache: chain_part(setup, res, v, False, args.steps,
                                                                                args.warmup, d, cache=c)))
+    plan.append(("tensorrt/tiny", lambda d: tensorrt_part(args.device, args.steps, d)))
     for i, (name, fn) in enumerate(plan):
         if deadline.left() <= 0:
             report.data["parts"][name] = {"status": "skipped", "reason": "the run's time budget was spent"}

@@ -11,8 +11,11 @@
 #      CA-ToMe, the torch-backend stage chain with and without CUDA graphs, and generation mode (whole DDIM
 #      schedules at the first resolution: eager, eager with DeepCache-style feature caching (3,0), the stage
 #      chain without and with it, unmerged and CA-ToMe-forced; summary.mean_ms is the per-step figure), every
-#      call timed; it writes ONE
-#      JSON with the device description, the install and pytest results, every call's milliseconds and medians.
+#      call timed; and, where `tensorrt` and `polygraphy` import (their wheels carried in, see below), a
+#      TensorRT fp16 build of the tiny engine, `verify` on it, and two prompts of different token lengths
+#      generated through it with CUDA graphs on (part "tensorrt/tiny"; skipped with the reason otherwise);
+#      it writes ONE JSON with the device description, the install and pytest results, every call's
+#      milliseconds and medians.
 #
 # A machine that cannot reach a package index (a lent GPU machine often cannot) may lack pure-Python needs
 # such as diffusers and polygraphy: download their wheels beforehand into a folder (pip download --no-deps

@@ -108,7 +108,7 @@ def build_tiny(args: argparse.Namespace) -> tuple[Path, float]:
 
     base = args.build_dir or Path(tempfile.mkdtemp(prefix="catome-soak-"))
     out = base / f"tiny-{min(args.resolutions)}-{max(args.resolutions)}"
-    cmd = [sys.executable, "-m", "catome_export.cli", "build", "--model", "tiny", "--backend", "ort", "--no-verify",
+    cmd = [sys.executable, "-m", "catome_export.cli", "build", "--model", "tiny", "--engine-kind", "ort", "--no-verify",
            "--min-resolution", str(min(args.resolutions)), "--max-resolution", str(max(args.resolutions)),
            "--min-batch", "1", "--max-batch", str(max(args.batch, 2)), "--out", str(out)]
     start = time.perf_counter()

@@ -84,18 +84,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_trt)
 
 
-def _load_factories() -> ModuleType:
-    """tests/factories.py as the module ``factories`` (``from factories import make_manifest`` in any test)."""
-    if "factories" not in sys.modules:
-        path = Path(__file__).resolve().parent / "factories.py"
-        spec = importlib.util.spec_from_file_location("factories", path)
+def _load_helper(name: str) -> ModuleType:
+    """tests/<name>.py as the module ``name`` (``from factories import make_manifest``, ``from checkpoints import
+    ldm_unet_state_dict`` in any test)."""
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parent / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.modules["factories"] = module
+        sys.modules[name] = module
         spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return sys.modules["factories"]
+    return sys.modules[name]
 
 
-_load_factories()
+_load_helper("factories")
+_load_helper("checkpoints")
 
 
 def _trt_standin_helper() -> ModuleType:

@@ -9,7 +9,7 @@ imported lazily.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -31,9 +31,23 @@ def encode_prompts(
         from transformers import CLIPTextModel, CLIPTokenizer
     except ImportError:
         raise CatomeError("prompts need transformers: pip install 'catome-export[eval]'") from None
+    from pathlib import Path
+
+    from catome_export.models.hub import load_from_hub
+
+    def load(local_only: bool) -> tuple[Any, Any]:
+        return (CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=local_only),
+                CLIPTextModel.from_pretrained(source, subfolder="text_encoder", local_files_only=local_only))
+
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
-        encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder")
+        if Path(source).is_dir():
+            tokenizer, encoder = load(True)
+        else:  # a hub id: out of reach, the cache only, in seconds
+            tokenizer, encoder = load_from_hub(source, "text_encoder/config.json", load,
+                                               f"the text encoder of {source!r}",
+                                               "Leave out --prompts to use random embeddings, or pass a local folder")
+    except CatomeError:
+        raise
     except Exception as exc:  # hub, cache and file errors come in many types
         raise CatomeError(
             f"cannot load the text encoder of {source!r} ({type(exc).__name__}); prompts need a pipeline with "

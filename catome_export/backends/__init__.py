@@ -64,7 +64,7 @@ def create_backend(choice: BackendChoice, manifest: "Manifest | None", device: "
     if name == "trt":
         if manifest is None or manifest.engine_backend != "trt":
             raise CatomeError("this engine folder holds ONNX graphs only, no TensorRT plans: rebuild it with "
-                              "catome-export build --backend trt, or run it with --backend ort")
+                              "catome-export build --engine-kind trt, or run it with --backend ort")
         from catome_export.backends.trt import TrtBackend
 
         return TrtBackend(manifest, device=_check_device(name, device, ("cuda",)))

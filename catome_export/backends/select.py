@@ -46,8 +46,25 @@ def _ort_providers() -> list[str]:
     return list(onnxruntime.get_available_providers())
 
 
-def choose_backend(requested: str = "auto") -> BackendChoice:
-    """Resolve a requested backend name to one that can run here, or raise CatomeError saying what to install."""
+def choose_backend(requested: str = "auto", *, engine_backend: str | None = None,
+                   device: object = None) -> BackendChoice:
+    """Resolve a requested backend name to one that can run here, or raise CatomeError saying what to install.
+
+    The one place a run backend is chosen. With ``engine_backend`` (what the engine folder holds, ``ort`` or
+    ``trt``), ``auto`` does not pick TensorRT for a folder without TensorRT plans; with a CPU ``device`` (a
+    ``torch.device`` or its name), ``auto`` and ``ort`` take ONNX Runtime's CPU provider whatever else is here.
+    """
+    choice = _choose(requested)
+    if requested == "auto" and choice.name == "trt" and engine_backend is not None and engine_backend != "trt":
+        choice = _choose("ort")
+        choice = BackendChoice(choice.name, f"the engine folder holds no TensorRT plans: {choice.reason}")
+    if requested in ("auto", "ort") and choice.name != "ort-cpu" and device is not None \
+            and str(device).split(":")[0] == "cpu":
+        choice = _choose("ort-cpu")  # a CPU device asked for: the CPU provider, whatever else is here
+    return choice
+
+
+def _choose(requested: str) -> BackendChoice:
     if requested not in BACKEND_NAMES:
         raise CatomeError(f"unknown backend {requested!r}: use one of {', '.join(BACKEND_NAMES)}")
     if requested == "torch":

@@ -69,7 +69,12 @@ def manifest_dtype(manifest: Manifest) -> torch.dtype:
 
 def load_reference_unet(manifest: Manifest, device: torch.device | str = "cpu") -> torch.nn.Module:
     """The U-Net the engine was built from (model id + weights), checked against the manifest's weights hash."""
+    from catome_export.models.checkpoint import is_checkpoint_path
+
     model = manifest.model
+    if is_checkpoint_path(model.weights) and not Path(str(model.weights)).is_file():
+        raise CatomeError(f"the engine was built from the checkpoint {model.weights}, which is not there any more: "
+                          "put the file back (the eager reference is loaded from it), or rebuild the engine")
     unet = load_unet(model.id, weights=model.weights or "pretrained", dtype=manifest_dtype(manifest))
     expected = model.weights_hash
     if expected:

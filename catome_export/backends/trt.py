@@ -221,7 +221,7 @@ class TrtStageRunner:
             raise CatomeError(
                 f"{self.path.name} does not match its stage spec (engine inputs {sorted(self.inputs)}, outputs "
                 f"{sorted(self.outputs)}; spec inputs {sorted(want_in)}, outputs {sorted(want_out)}): the plan is "
-                "stale, rebuild the engines (catome-export build ... --backend trt)"
+                "stale, rebuild the engines (catome-export build ... --engine-kind trt)"
             )
         unused = want_in - set(self.inputs)
         if unused and self.parent is None:
@@ -253,7 +253,7 @@ class TrtStageRunner:
             raise CatomeError(
                 f"stage {self.spec.index}: input {name!r} of shape {list(shape)} lies outside the engine's "
                 f"profile (min {list(lo)}, max {list(hi)}): use a batch and resolution inside the built range, or "
-                "rebuild with wider ranges (catome-export build ... --backend trt)"
+                "rebuild with wider ranges (catome-export build ... --engine-kind trt)"
             )
         self._shapes[name] = shape
 
@@ -264,7 +264,7 @@ class TrtStageRunner:
             raise CatomeError(f"TensorRT refused address {address:#x} for tensor {name!r} of stage "
                               f"{self.spec.index} ({self.path.name}; it needs a non-null, {ALIGNMENT}-byte aligned "
                               "address of a known tensor): see the TensorRT log above; if the plan's tensor names "
-                              "changed, rebuild the engines (catome-export build ... --backend trt)")
+                              "changed, rebuild the engines (catome-export build ... --engine-kind trt)")
 
     def _bind_memory(self) -> None:
         memory = self.backend.memory
@@ -379,14 +379,14 @@ class TrtBackend:
         spec = stage.spec
         path = engine_dir / (stage.engine.file if stage.engine is not None else f"stage_{spec.index}.plan")
         if not path.is_file():
-            raise CatomeError(f"{path} is missing: build the TensorRT engines (catome-export build ... --backend trt)"
+            raise CatomeError(f"{path} is missing: build the TensorRT engines (catome-export build ... --engine-kind trt)"
                               " or load the folder with --backend ort")
         with self._on_device():
             cuda_engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
             if cuda_engine is None:
                 raise CatomeError(f"TensorRT could not load {path} (built by another TensorRT version or for "
                                   "another GPU?): rebuild the engines on this machine "
-                                  "(catome-export build ... --backend trt)")
+                                  "(catome-export build ... --engine-kind trt)")
             runner = TrtStageRunner(self, cuda_engine, spec, path)
             # never bind a null scratch address, even for an engine that needs none
             self.memory.reserve(max(runner.memory_bytes, MIN_SCRATCH_BYTES))

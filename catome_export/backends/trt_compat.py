@@ -76,7 +76,7 @@ def _fmt_range(r: tuple[int, int]) -> str:
 
 
 def rebuild_command(manifest: Manifest, engine_dir: str | Path | None = None, **overrides: Any) -> str:
-    """The ``catome-export build ... --backend trt`` command that rebuilds this engine folder here.
+    """The ``catome-export build ... --engine-kind trt`` command that rebuilds this engine folder here.
 
     ``overrides`` replace flags (``min_resolution=...``, ``max_batch=...``);
     see :meth:`Manifest.rebuild_command`.

@@ -51,7 +51,8 @@ class BenchConfig:
     model: str = "tiny"
     """Registry name (``tiny``, ``tiny-xl``, ``sd15``, ``sd21``, ``sdxl``) or a local diffusers folder."""
     weights: str = "random"
-    """``random`` (seeded, the architecture only: speed does not depend on weights) or ``pretrained``."""
+    """``random`` (seeded, the architecture only: speed does not depend on weights), ``pretrained``, or the path of a
+    single-file checkpoint of ``model``'s architecture."""
     engine_dir: Path | None = None
     """A built engine folder for ``engine``; None builds one under ``workdir`` (reused when it fits)."""
     backends: tuple[str, ...] = ("eager", "eager-catome", "engine")
@@ -133,8 +134,9 @@ class BenchConfig:
         t = self.threshold
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not -1 <= t <= 1):
             raise CatomeError(f"threshold must be a number in [-1, 1], got {t!r}")
-        if self.weights not in ("random", "pretrained"):
-            raise CatomeError(f"weights must be 'random' or 'pretrained', got {self.weights!r}")
+        from catome_export.models.registry import parse_weights
+
+        parse_weights(self.weights)  # random, pretrained or an existing checkpoint file
         if self.latents not in LATENT_KINDS:
             raise CatomeError(f"latents must be one of {', '.join(LATENT_KINDS)}, got {self.latents!r}")
         if self.precision not in PRECISIONS:

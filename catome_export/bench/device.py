@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from catome_export.devices import load_average  # noqa: F401  (re-exported: bench.device is where the bench reads machine facts)
+
 
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo`` on Linux, ``platform`` elsewhere)."""
@@ -27,14 +29,6 @@ def physical_cores() -> int:
     from catome_export.backends.ort import physical_cores as cores
 
     return cores()
-
-
-def load_average() -> float | None:
-    """The 1-minute load average, or None where the OS does not report one."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        return None
 
 
 def _version(module: str) -> str | None:

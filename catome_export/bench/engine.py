@@ -24,8 +24,11 @@ logger = logging.getLogger(__name__)
 
 def work_name(config: BenchConfig) -> str:
     """Folder name under the work folder for a model, its weights and precision."""
+    from catome_export.models.checkpoint import is_checkpoint_path
+
     model = config.model if config.model in MODELS else (Path(config.model).resolve().name or "model")
-    return f"{model}-{config.weights}-{config.precision}"
+    weights = Path(config.weights).stem if is_checkpoint_path(config.weights) else config.weights
+    return f"{model}-{weights}-{config.precision}"
 
 
 def _build_backend(config: BenchConfig) -> str:

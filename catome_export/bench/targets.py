@@ -217,9 +217,8 @@ class EngineTarget(Target):
         from catome_export.export.manifest import Manifest
         from catome_export.runtime import Runtime
 
-        choice = choose_backend(backend).name
-        if choice == "trt" and Manifest.load(engine_dir, check_files=False).engine_backend != "trt":
-            choice = choose_backend("ort").name  # as Runtime.load does for a folder without TensorRT plans
+        engine_backend = Manifest.load(engine_dir, check_files=False).engine_backend
+        choice = choose_backend(backend, engine_backend=engine_backend, device=device).name  # as Runtime.load picks
         options = dict(ort_options) if choice.startswith("ort") else None
         runtime = Runtime.load(engine_dir, backend=choice, device=device, backend_options=options)
         logger.info("engine %s on %s", engine_dir, runtime.backend.name if runtime.backend else runtime.device)

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 from catome_export.choices import Weights
+from catome_export.cli.vocab import deprecate
 from catome_export.defaults import DEFAULT_THRESHOLD
 from catome_export.errors import CatomeError
 from catome_export.fsutil import Outputs, atomic_write_with, check_writable_file
@@ -45,9 +46,12 @@ def _int(text: str) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("analyze", help="pair drift between steps and a least-drift checkpoint schedule (auto:K)",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", help="tiny, tiny-xl, sd15, sd21, sdxl, or a local diffusers folder (default: tiny)")
-    p.add_argument("--weights", choices=Weights.values(), default=str(Weights.PRETRAINED),
-                   help="pretrained weights, or the architecture with seeded random weights (tiny: always random) (default: pretrained, random for the tiny models)")
+    p.add_argument("--model", default="tiny", help="tiny, tiny-xl, sd15, sd21, sdxl, a local diffusers folder, or a "
+                                                   "single-file checkpoint (.safetensors/.ckpt) (default: tiny)")
+    p.add_argument("--weights", default=None, metavar="pretrained|random|FILE",
+                   help="pretrained weights, the architecture with seeded random weights, or a single-file checkpoint "
+                        "(.safetensors/.ckpt) of --model's architecture; prompts are still encoded with the "
+                        "architecture's own text encoder (default: pretrained, random for the tiny models)")
     p.add_argument("--steps", type=_int, default=50, help="inference steps (default 50)")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                    help=f"CA-ToMe similarity threshold (default {DEFAULT_THRESHOLD})")
@@ -69,7 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", nargs="+", default=None, metavar="PROMPT",
                    help="prompts, one generation each (needs pretrained weights with a text encoder) (default: none, random embeddings)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N (default auto)")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="U-Net dtype (default fp32)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32", help="U-Net precision (default fp32)")
+    deprecate(p, "--dtype", "--precision")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write every number to FILE (JSON) (default: none)")
     p.add_argument("--plot", type=Path, default=None, metavar="FILE",
                    help="write the Jaccard distance between consecutive steps per site to FILE (PNG) (default: none)")
@@ -141,32 +146,39 @@ def run(args: argparse.Namespace) -> int:
     from catome_export.dtypes import precision_dtype
     from catome_export.models import load_unet, model_info
 
-    random_weights = args.model in ("tiny", "tiny-xl") or args.weights == "random"
+    from catome_export.models.registry import BUNDLED_ONLY, resolve_source
+
+    model, spec = resolve_source(args.model, args.weights)
+    if spec is None:
+        spec = Weights.RANDOM if model in BUNDLED_ONLY else Weights.PRETRAINED
+    if model in BUNDLED_ONLY and spec == Weights.PRETRAINED:
+        spec = Weights.RANDOM  # the tiny models exist only with seeded random weights (or a checkpoint's)
+    random_weights = spec == Weights.RANDOM
     if random_weights and args.prompts:
         raise CatomeError(
             "--prompts needs a text encoder, which random weights (and the tiny models) do not have: "
             "leave out --prompts (seeded random text embeddings are used), or use --weights pretrained"
         )
-    info = model_info(args.model)
+    info = model_info(model)
     if info.added_conditioning and args.prompts:
         raise CatomeError(
             f"--prompts encodes with one CLIP text encoder; {args.model} needs SDXL's two (and their pooled "
             "output): leave out --prompts (seeded random text embeddings and text_embeds are used)")
     device = resolve_device(args.device)
-    dtype = precision_dtype(args.dtype)
+    dtype = precision_dtype(args.precision)
     if device.type == "cpu" and dtype == torch.float16:
-        raise CatomeError("--dtype fp16 needs a CUDA device: use fp32 or bf16 on the CPU")
+        raise CatomeError("--precision fp16 needs a CUDA device: use fp32 or bf16 on the CPU")
     resolution = args.resolution or info.default_resolution
     latent = resolution // 8
     latents = args.latents or ("smooth" if random_weights else "noise")
     budget = args.budget or min(DEFAULT_BUDGET, args.steps)
 
-    unet = load_unet(args.model, weights="random" if random_weights else "pretrained", dtype=dtype).to(device)
+    unet = load_unet(model, weights=spec, dtype=dtype).to(device)
     embs, inputs = _text_inputs(args, random_weights or info.added_conditioning, info.source, device, dtype)
     config = TrackingConfig(steps=args.steps, threshold=args.threshold, latent_hw=(latent, latent), seed=args.seed,
                             latents=latents, scheduler=args.scheduler, guidance_scale=args.guidance)
-    weights_note = "random weights" if random_weights else "pretrained weights"
-    print(f"model {args.model} ({weights_note}), {resolution} px = {latent}x{latent} latent, "
+    weights_note = f"weights of {spec.name}" if isinstance(spec, Path) else f"{spec} weights"
+    print(f"model {model} ({weights_note}), {resolution} px = {latent}x{latent} latent, "
           f"{args.scheduler} {args.steps} steps, CFG {args.guidance:g}, t={args.threshold:g}, seed {args.seed}")
     if latents == "smooth":
         why = "the default for random weights" if args.latents is None else "as asked"
@@ -204,8 +216,8 @@ def run(args: argparse.Namespace) -> int:
     outputs = Outputs()
     if args.json is not None:
         data = {
-            "model": args.model,
-            "weights": "random" if random_weights else "pretrained",
+            "model": model,
+            "weights": str(spec),
             "resolution": resolution,
             "latent_hw": [latent, latent],
             "step_base": args.step_base,

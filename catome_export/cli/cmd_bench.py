@@ -7,7 +7,9 @@ import sys
 from typing import Any
 from pathlib import Path
 
+from catome_export.backends.select import BACKEND_NAMES
 from catome_export.choices import Precision
+from catome_export.cli.vocab import deprecate
 from catome_export.defaults import DEFAULT_SCHEDULE
 from catome_export.errors import CatomeError
 from catome_export.fsutil import Outputs, check_writable_file
@@ -65,25 +67,48 @@ def config_from_args(args: argparse.Namespace):
     given_fractions = DEFAULT_FRACTIONS if args.merge_fractions is None else args.merge_fractions
     fractions: tuple = _list(given_fractions, float, "--merge-fractions") if given_fractions else ()
     resolutions = tuple(args.resolution or ())
-    model, weights = args.model, args.weights
-    if args.engine and (model is None or weights is None):
-        engine_model = _engine_model(Path(args.engine))
-        model = model or engine_model.get("id")
-        weights = weights or engine_model.get("weights")
+    model, weights = _model_and_weights(args)
     return BenchConfig(
         model=model or "tiny", weights=weights or "random", engine_dir=Path(args.engine) if args.engine else None,
         backends=_list(args.backends or DEFAULT_BACKENDS, str, "--backends"), resolutions=resolutions,
         batch=args.batch,
         merge_fractions=fractions, threshold=args.threshold, latents=args.latents, steps=args.steps,
         schedule=args.schedule, repeats=args.repeats, checkpoint_repeats=args.checkpoint_repeats,
-        warmup=args.warmup, threads=args.threads, device=args.device, precision=args.precision,
-        engine_backend=args.engine_backend, workdir=Path(args.workdir) if args.workdir else default_workdir(),
+        warmup=args.warmup, threads=args.threads, device=_device(args.device), precision=args.precision,
+        engine_backend=args.backend, workdir=Path(args.workdir) if args.workdir else default_workdir(),
         text_len=args.text_len, seed=args.seed, stage_timings=not args.no_stage_timings,
         interleave=not args.sequential, one_at_a_time=args.one_at_a_time,
         profile_dir=Path(args.profile) if args.profile else None,
         ort_options=tuple(_ort_option(text) for text in args.ort_option or ()),
         ort_optimize=args.ort_optimize == "on",
     )
+
+
+def _model_and_weights(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(architecture, weights) from --model/--weights (a checkpoint file as the model: its architecture, the file),
+    the --engine's where not given."""
+    model, weights = args.model, args.weights
+    if model is not None:
+        from catome_export.models.registry import resolve_source
+
+        model, spec = resolve_source(model, weights)
+        weights = None if spec is None else str(spec)
+    elif weights is not None and not args.engine:
+        raise CatomeError("--weights names the weights of --model's architecture: give --model too")
+    if args.engine and (model is None or weights is None):
+        engine_model = _engine_model(Path(args.engine))
+        model = model or engine_model.get("id")
+        weights = weights or engine_model.get("weights")
+    return model, weights
+
+
+def _device(name: str) -> str:
+    """``auto``: ``cuda`` when a CUDA device is usable, else ``cpu``; any other name as given (the config checks it)."""
+    if name != "auto":
+        return name
+    from catome_export.devices import resolve_device
+
+    return str(resolve_device(name))
 
 
 def _ort_option(text: str) -> tuple[str, object]:
@@ -135,11 +160,7 @@ def generation_config_from_args(args: argparse.Namespace) -> Any:
         raise CatomeError("generation mode compares rows with and without feature caching: give --feature-cache I,b "
                           "(default 3,0), not off")
     given = _list(args.backends, str, "--backends") if args.backends is not None else GENERATION_BACKENDS
-    model, weights = args.model, args.weights
-    if args.engine and (model is None or weights is None):
-        engine_model = _engine_model(Path(args.engine))
-        model = model or engine_model.get("id")
-        weights = weights or engine_model.get("weights")
+    model, weights = _model_and_weights(args)
     resolutions = args.resolution or [None]
     if len(resolutions) > 1:
         raise CatomeError("generation mode times one resolution: give one --resolution")
@@ -150,8 +171,8 @@ def generation_config_from_args(args: argparse.Namespace) -> Any:
     return GenerationConfig(
         model=model or "tiny", weights=weights or "random", engine_dir=Path(args.engine) if args.engine else None,
         backends=tuple(given), resolution=resolutions[0], batch=args.batch, steps=args.generation,
-        rounds=args.rounds, merge_fractions=tuple(fractions), feature_cache=cache, device=args.device,
-        threads=args.threads, engine_backend=args.engine_backend,
+        rounds=args.rounds, merge_fractions=tuple(fractions), feature_cache=cache, device=_device(args.device),
+        threads=args.threads, engine_backend=args.backend,
         workdir=Path(args.workdir) if args.workdir else default_workdir() / "generation", seed=args.seed,
         latents=args.latents, text_len=args.text_len)
 
@@ -212,11 +233,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engine", metavar="DIR", help="a built engine folder for the engine backend "
                    "(default: build one for --model under --workdir, reused when it fits)")
-    p.add_argument("--model", help="tiny, tiny-xl, sd15, sd21, sdxl, or a local diffusers folder (default: the "
-                                    "--engine's model, else tiny)")
-    p.add_argument("--weights", choices=("random", "pretrained"),
-                   help="seeded random weights (speed does not depend on them; the default without --engine) "
-                        "or pretrained")
+    p.add_argument("--model", help="tiny, tiny-xl, sd15, sd21, sdxl, a local diffusers folder, or a single-file "
+                                    "checkpoint (.safetensors/.ckpt) (default: the --engine's model, else tiny)")
+    p.add_argument("--weights", metavar="random|pretrained|FILE",
+                   help="seeded random weights (speed does not depend on them; the default without --engine), "
+                        "pretrained, or a single-file checkpoint of --model's architecture (default: random, with "
+                        "--engine the engine's)")
     p.add_argument("--backends", default=None, metavar="LIST",
                    help=f"comma-separated, from {', '.join(BACKENDS)} (default: eager,eager-catome,engine); "
                         "generation mode: from eager, eager-deepcache, engine (default all three)")
@@ -240,10 +262,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed calls first, the first a checkpoint (default 1)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="torch and ONNX Runtime intra-op threads for every backend (default: physical cores)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--precision", choices=Precision.values(), default=str(Precision.FP32), help="fp16 needs --device cuda (default fp32)")
-    p.add_argument("--engine-backend", default="auto", choices=("auto", "trt", "ort", "ort-cpu", "ort-cuda", "torch"),
+    p.add_argument("--backend", default="auto", choices=BACKEND_NAMES,
                    help="runtime backend of the engine rows (default auto)")
+    deprecate(p, "--engine-backend", "--backend")
     p.add_argument("--workdir", metavar="DIR", help="where engines and the unstaged graph are built "
                    "(default: <tmp>/catome-bench; sd15 needs about 7 GB)")
     p.add_argument("--text-len", type=int, default=77, help="tokens of the text embeddings (default 77)")

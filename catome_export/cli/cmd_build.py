@@ -6,8 +6,15 @@ import argparse
 import logging
 from typing import TYPE_CHECKING
 
-from catome_export.choices import BuildBackend, Exporter, Precision, Weights
+from catome_export.choices import BuildBackend, Exporter, Precision
+from catome_export.cli.vocab import deprecate
 from catome_export.defaults import DEFAULT_SCHEDULE, DEFAULT_STEP_BASE, DEFAULT_THRESHOLD, DEFAULT_VERIFY_STEPS
+
+WEIGHTS_HELP = ("pretrained (default for sd15/sd21/sdxl and folders: the hub, its cache or the folder), random "
+                "(seeded; the only choice for tiny and tiny-xl without a file), or a single-file checkpoint "
+                "(.safetensors/.ckpt, original or diffusers layout) of --model's architecture, e.g. --model sd15 "
+                "--weights model.safetensors")
+"""--weights help, shared by the commands that load a U-Net."""
 
 if TYPE_CHECKING:  # the build pulls in torch; --help must not
     from catome_export.export.build import BuildOptions, BuildResult
@@ -23,7 +30,9 @@ examples:
   catome-export build --model tiny                      quick start (about a minute on a CPU)
   catome-export build --model sd15 --weights random     SD 1.5 layout, seeded weights (offline)
   catome-export build --model sd15 --min-resolution 512 --max-resolution 768 --max-batch 4
-  catome-export build --model ./my-sd-folder --precision fp16 --backend trt
+  catome-export build --model ./my-sd-folder --precision fp16 --engine-kind trt
+  catome-export build --model sd15 --weights ./dreamshaper_8.safetensors
+                                    a single-file (A1111/Civitai) checkpoint, offline; engine named after the file
   catome-export build --model sd15 --weights random --feature-cache 3,0
                                     + DeepCache-style feature caching (interval 3, branch 0) with CA-ToMe
 """
@@ -45,7 +54,7 @@ def options_from_args(args: argparse.Namespace) -> "BuildOptions":
            "opt_merge_fraction": args.opt_merge_fraction, "max_stage_gb": args.max_stage_gb,
            "feature_cache": args.feature_cache, "cache_branches": args.cache_branches}
     return BuildOptions.create(
-        args.model, weights=args.weights, precision=args.precision, backend=args.backend,
+        args.model, weights=args.weights, precision=args.precision, backend=args.engine_kind,
         resolution=args.resolution, min_resolution=args.min_resolution, max_resolution=args.max_resolution,
         batch=args.batch, min_batch=args.min_batch, max_batch=args.max_batch, settings=settings,
         schedule=args.schedule, name=args.name, out_dir=args.out, verify=not args.no_verify,
@@ -99,7 +108,7 @@ def summary(result: "BuildResult") -> str:
         lines.append(result.verify.summary())
     for note in result.notes:
         lines.append(f"note: {note}")
-    lines.append(f"load it with: Runtime.load({str(result.engine_dir)!r}) or catome-export verify {result.engine_dir}")
+    lines.append(f"load it with: Runtime.load({str(result.engine_dir)!r}) or catome-export verify --engine {result.engine_dir}")
     return "\n".join(lines)
 
 
@@ -114,12 +123,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("build", help="export + audit + verify an engine folder (staged ONNX, TensorRT where present)",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
-                   help="tiny, tiny-xl, sd15, sd21, sdxl, or a local diffusers folder (pipeline or U-Net)")
-    p.add_argument("--weights", choices=Weights.values(), default=None,
-                   help="pretrained (default for sd15 and folders) or random (seeded; the only option for tiny)")
+                   help="tiny, tiny-xl, sd15, sd21, sdxl, a local diffusers folder (pipeline or U-Net), or a "
+                        "single-file checkpoint (.safetensors/.ckpt; its architecture is detected) (required)")
+    p.add_argument("--weights", default=None, metavar="pretrained|random|FILE",
+                   help=WEIGHTS_HELP)
     p.add_argument("--precision", choices=Precision.values(), default=str(Precision.FP32), help="fp32 or fp16 graphs (fp16 engines run on a GPU; default fp32)")
-    p.add_argument("--backend", choices=BuildBackend.values(), default=str(BuildBackend.AUTO),
-                   help="engines to build: auto = TensorRT where it runs, else ONNX Runtime (default)")
+    p.add_argument("--engine-kind", choices=BuildBackend.values(), default=str(BuildBackend.AUTO),
+                   help="engines to build: auto = TensorRT where it runs, else ONNX Runtime (default); ort = ONNX "
+                        "graphs only; trt = TensorRT plans too")
+    deprecate(p, "--backend", "--engine-kind")
     p.add_argument("--resolution", type=_resolution, default=None, metavar="N",
                    help="image side in pixels, a multiple of 8 (default: the model's, tiny 256, sd15 512)")
     p.add_argument("--min-resolution", type=_resolution, default=None, metavar="N", help="smallest image side the engine takes, pixels (default: --resolution, or the model's)")

@@ -6,7 +6,8 @@ import argparse
 import re
 from pathlib import Path
 
-from catome_export.cli.cmd_generate import add_merge_options, add_runtime_options, size_or_default
+from catome_export.cli.cmd_generate import add_merge_options, add_runtime_options, requested_size, size_or_default
+from catome_export.cli.vocab import deprecate, image_size, set_side
 from catome_export.errors import CatomeError
 
 DEFAULT_IMAGENET = 20
@@ -45,16 +46,16 @@ def run(args: argparse.Namespace) -> int:
     prompts = _prompts(args)
     # Check the sampling options before loading anything (the default size stands in for a missing one).
     ImageRequest(prompts[0], None, args.steps, args.guidance, args.seed,
-                 *size_or_default(args.height, args.width, (512, 512)))
+                 *size_or_default(*requested_size(args), (512, 512)))
     model = args.model if args.model is not None or args.engine is not None else "tiny"
     name = Path(args.engine).name if args.engine else _slug(model)
     out = Path(args.out) if args.out else Path("out") / f"eval-{name}"
     config = EvalConfig(
-        prompts=tuple(prompts), out=out, model=model, engine=Path(args.engine) if args.engine else None,
+        prompts=tuple(prompts), out=out, model=model, weights=args.weights, engine=Path(args.engine) if args.engine else None,
         methods=_methods(args.methods), threshold=args.threshold, schedule=args.schedule, step_base=args.step_base,
-        ratio=args.ratio, steps=args.steps, guidance=args.guidance, seed=args.seed, height=args.height,
-        width=args.width, negative_prompt=args.negative_prompt, warmup=args.warmup, backend=args.backend,
-        device=args.device, dtype=args.dtype, clip_model=args.clip_model,
+        ratio=args.ratio, steps=args.steps, guidance=args.guidance, seed=args.seed, height=requested_size(args)[0],
+        width=requested_size(args)[1], negative_prompt=args.negative_prompt, warmup=args.warmup, backend=args.backend,
+        device=args.device, dtype=args.precision, clip_model=args.clip_model,
         fid_reference=Path(args.fid_ref) if args.fid_ref else None,
         feature_cache=feature_cache_arg(args, engine=True),
     )
@@ -79,9 +80,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "FID | CLIP) into --out.",
     )
     p.add_argument("--model", default=None,
-                   help="tiny (default, offline), tiny-xl (offline), sd15, sd21, sdxl (hub or local cache) or a local pipeline folder; with "
-                        "--engine: where the text encoder, VAE and eager baseline come from (default: the engine's "
-                        "model)")
+                   help="tiny (default, offline), tiny-xl (offline), sd15, sd21, sdxl (hub or local cache), a local "
+                        "pipeline folder or a single-file checkpoint (.safetensors/.ckpt); with --engine: where the "
+                        "text encoder, VAE and eager baseline come from, its U-Net config fitting the engine's "
+                        "(default: the engine's model)")
+    p.add_argument("--weights", default=None, metavar="pretrained|FILE",
+                   help="pretrained, or a single-file checkpoint (.safetensors/.ckpt) of --model's architecture "
+                        "(default: pretrained)")
     p.add_argument("--engine", default=None, help="an engine folder: adds the engine-baseline and engine methods (default: none, eager methods only)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompts", default=None, help="prompt file: one prompt per line, or a JSON list of strings (default: --imagenet's class prompts)")
@@ -96,15 +101,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "with --engine: baseline,engine-baseline,engine); baseline always runs")
     p.add_argument("--feature-cache", "--deepcache", default=None, metavar="I,b",
                    help="feature cache of the deepcache methods (default 3,0) and of the engine methods (default: "
-                        "the engine's own; off turns it off)")
+                        "the engine's own; off turns it off for the engine and cannot go with the deepcache methods)")
     add_merge_options(p)
     p.add_argument("--ratio", type=float, default=0.5, help="ToMe's fixed merge ratio for the tome method (default 0.5)")
     p.add_argument("--negative-prompt", default=None, help="negative prompt for every image (default: none)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
-    p.add_argument("--height", type=int, default=None, help="image height, a multiple of 8 (default: native)")
-    p.add_argument("--width", type=int, default=None, help="image width, a multiple of 8 (default as --height)")
+    p.add_argument("--resolution", type=image_size, default=None, metavar="N|HxW",
+                   help="image size in pixels, multiples of 8: N (square) or HxW (default: native)")
+    deprecate(p, "--height", "--resolution", use="--resolution HxW", type=int, metavar="H", merge=set_side(0))
+    deprecate(p, "--width", "--resolution", use="--resolution HxW", type=int, metavar="W", merge=set_side(1))
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed generations per method before timing (at most 3 steps each; default 1)")
     add_runtime_options(p)

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from catome_export.cli.vocab import deprecate, image_size, set_side
 from catome_export.errors import CatomeError
 from catome_export.fsutil import Outputs, check_writable_file
 from catome_export.defaults import DEFAULT_GUIDANCE, DEFAULT_SCHEDULE, DEFAULT_SEED, DEFAULT_STEPS, DEFAULT_THRESHOLD
@@ -60,26 +61,33 @@ def check_eager_feature_cache(settings: Any, model: str) -> None:
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
-    """--steps, --guidance, --seed, --height, --width, --negative-prompt (shared with eval)."""
+    """--steps, --guidance, --seed, --resolution, --negative-prompt (shared with eval)."""
     p.add_argument("--negative-prompt", default=None, help="what to steer away from (default: none)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps (default {DEFAULT_STEPS})")
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
                    help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE})")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed of the initial noise (default {DEFAULT_SEED})")
-    p.add_argument("--height", type=int, default=None,
-                   help="image height in pixels, a multiple of 8 (default: the model's native size, or the "
-                        "engine's optimal profile)")
-    p.add_argument("--width", type=int, default=None, help="image width in pixels, a multiple of 8 (default as --height)")
+    p.add_argument("--resolution", type=image_size, default=None, metavar="N|HxW",
+                   help="image size in pixels, multiples of 8: N (square) or HxW (default: the model's native size, "
+                        "or the engine's optimal profile)")
+    deprecate(p, "--height", "--resolution", use="--resolution HxW", type=int, metavar="H", merge=set_side(0))
+    deprecate(p, "--width", "--resolution", use="--resolution HxW", type=int, metavar="W", merge=set_side(1))
 
 
 def add_runtime_options(p: argparse.ArgumentParser) -> None:
-    """--backend, --device, --dtype (shared with eval)."""
+    """--backend, --device, --precision (shared with eval)."""
     p.add_argument("--backend", default="auto",
                    help="engine backend: auto (TensorRT, then ORT CUDA, then ORT CPU), trt, ort, ort-cuda, ort-cpu, "
                         "torch (default auto)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda[:N] (default auto)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16"),
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16"),
                    help="eager model precision: auto = fp16 on CUDA, fp32 on CPU (engines keep their own) (default auto)")
+    deprecate(p, "--dtype", "--precision")
+
+
+def requested_size(args: argparse.Namespace) -> tuple[int | None, int | None]:
+    """(height, width) of ``--resolution`` (or the old ``--height``/``--width``); None where not given."""
+    return args.resolution if args.resolution is not None else (None, None)
 
 
 def size_or_default(height: int | None, width: int | None, default_hw: tuple[int, int]) -> tuple[int, int]:
@@ -111,12 +119,15 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt is None:
         raise CatomeError("--prompt is missing: pass --prompt \"a photograph of ...\"")
     check_merge_flags(args)
+    if args.weights is not None and args.model is None:
+        raise CatomeError("--weights names the weights of --model's architecture: give --model too (e.g. --model "
+                          "sd15 --weights model.safetensors)")
     if args.engine is not None and not Path(args.engine).is_dir():
         raise CatomeError(f"engine folder {args.engine!r} does not exist: build one with "
                           "catome-export build --model tiny (or pass the folder the build wrote)")
     # Check the request before loading anything (the default size stands in for a missing one).
     ImageRequest(args.prompt, args.negative_prompt, args.steps, args.guidance, args.seed,
-                 *size_or_default(args.height, args.width, (512, 512)))
+                 *size_or_default(*requested_size(args), (512, 512)))
     out = Path(args.out) if args.out else Path("out") / f"{_slug(args.prompt)}-seed{args.seed}.png"
     if out.suffix.lower() != ".png":
         raise CatomeError(f"--out must name a .png file, got {str(out)!r}")
@@ -148,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
 def _request(args: argparse.Namespace, default_hw: tuple[int, int]) -> Any:
     from catome_export.workflows.generate import ImageRequest
 
-    height, width = size_or_default(args.height, args.width, default_hw)
+    height, width = size_or_default(*requested_size(args), default_hw)
     return ImageRequest(args.prompt, args.negative_prompt, args.steps, args.guidance, args.seed, height, width)
 
 
@@ -161,7 +172,7 @@ def _run_eager(args: argparse.Namespace, default_resolution: Any, cache: Any = N
 
     res = default_resolution(args.model)
     request = _request(args, (res, res))
-    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    pipe = load_pipeline(args.model, weights=args.weights, device=args.device, dtype=args.precision)
     caching = nullcontext() if cache is None else apply_deepcache(pipe, settings=cache)
     suffix = "" if cache is None else f", {cache.describe()}"
     with caching:
@@ -190,7 +201,7 @@ def _run_engine(args: argparse.Namespace, cache: Any = "engine") -> tuple[Any, s
         hw = engine_resolution(runtime) or (512, 512)
         request = _request(args, hw)
         check_engine_shapes(runtime, request)
-        pipe = pipeline_for_engine(runtime)
+        pipe = pipeline_for_engine(runtime, args.model, weights=args.weights)
         backend = getattr(getattr(runtime, "backend", None), "name", "engine")
         with attach(pipe, runtime) as attached:
             gen = generate(pipe, request, stats=attached, progress=True)
@@ -202,15 +213,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate", help="generate an image from a prompt (eager CA-ToMe or an engine)",
         description="Generate one image with a Stable Diffusion pipeline whose U-Net runs eager CA-ToMe "
-                    "(--model) or an engine built by catome-export build (--engine). Prints one line per step "
+                    "(--model) or an engine built by catome-export build (--engine; with --model as well, the engine's "
+                    "U-Net runs inside --model's pipeline). Prints one line per step "
                     "(tokens merged per site, sites that recomputed their matching, step time) and writes a PNG. "
                     "The tiny model runs offline: its text encoder and VAE are small random stand-ins, so its "
                     "images are noise-shaped whatever the prompt.",
     )
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", default=None,
-                     help="tiny, tiny-xl (bundled, offline), sd15, sd21, sdxl (hub or local cache) or a local diffusers pipeline folder (default: none; give --model or --engine)")
-    src.add_argument("--engine", default=None, help="an engine folder written by catome-export build (default: none; give --model or --engine)")
+    p.add_argument("--model", default=None,
+                   help="tiny, tiny-xl (bundled, offline), sd15, sd21, sdxl (hub or local cache), a local diffusers "
+                        "pipeline folder, or a single-file checkpoint (.safetensors/.ckpt); with --engine: where the "
+                        "text encoder, VAE, tokenizer and scheduler come from, its U-Net config fitting the engine's "
+                        "(default: none; give --model or --engine, with --engine the engine's own model)")
+    p.add_argument("--weights", default=None, metavar="pretrained|FILE",
+                   help="pretrained, or a single-file checkpoint (.safetensors/.ckpt) of --model's architecture: "
+                        "its U-Net, and its VAE and text encoder where it has them (default: pretrained)")
+    p.add_argument("--engine", default=None, help="an engine folder written by catome-export build; its U-Net "
+                   "replaces the model's (default: none; give --model or --engine)")
     p.add_argument("--prompt", default=None, help="the text prompt (required)")
     add_sampling_options(p)
     add_merge_options(p)

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from catome_export.cli.vocab import deprecate, engine_folder
 from catome_export.errors import CatomeError
 from catome_export.defaults import DEFAULT_STEPS
 
@@ -35,9 +36,9 @@ A local Ray listens on 127.0.0.1 (the HTTP proxy on --host); the command
 names the few ports Ray Serve binds to every interface when it starts.
 
 examples:
-  catome-export serve engines/tiny
-  catome-export serve engines/sd15 --replicas 4 --max-batch 2
-  catome-export serve /shared/engines/sd15 --address ray://head:10001 --min-replicas 1 --max-replicas 8
+  catome-export serve --engine engines/tiny
+  catome-export serve --engine engines/sd15 --replicas 4 --max-batch 2
+  catome-export serve --engine /shared/engines/sd15 --address ray://head:10001 --min-replicas 1 --max-replicas 8
   curl -s 127.0.0.1:8000/v1/images/generations -d '{"prompt": "a red fox", "size": "256x256"}'
 """
 
@@ -72,8 +73,9 @@ def run(args: argparse.Namespace) -> int:
         raise CatomeError(f"--request-timeout must be a number of seconds > 0, got {args.request_timeout:g}")
     if not 0 <= args.drain_timeout < float("inf"):
         raise CatomeError(f"--drain-timeout must be a number of seconds >= 0, got {args.drain_timeout:g}")
-    engine_dir = Path(args.engine_dir).expanduser().resolve()
-    options = ServeOptions(engine_dir=str(engine_dir), backend=args.backend, device=args.device,
+    engine_dir = Path(engine_folder(args, "serve")).expanduser().resolve()
+    options = ServeOptions(engine_dir=str(engine_dir), backend=args.backend,
+                           device=None if args.device == "auto" else args.device,
                            max_batch=args.max_batch, steps=args.steps, max_images=args.max_images,
                            threads=args.threads, engine_sha256=args.engine_sha256,
                            feature_cache=args.feature_cache)
@@ -184,7 +186,8 @@ def _drain(timeout_s: float) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve an engine over HTTP (OpenAI images API) on Ray Serve",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("engine_dir", metavar="ENGINE_DIR", help="an engine folder written by catome-export build")
+    p.add_argument("--engine", default=None, metavar="DIR", help="an engine folder written by catome-export build (required)")
+    deprecate(p, "ENGINE_DIR", "--engine", use="--engine DIR")
     p.add_argument("--host", default="127.0.0.1", help="address the HTTP proxy binds (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--replicas", type=int, default=None, metavar="N", help="a fixed number of replicas (default 1)")
@@ -199,7 +202,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--address", default=None,
                    help="join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting a local Ray (default: a local cluster on this machine)")
     p.add_argument("--backend", default="auto", help="engine backend in each replica (default auto)")
-    p.add_argument("--device", default=None, help="device in each replica (default: cuda where it has a GPU)")
+    p.add_argument("--device", default="auto",
+                   help="device in each replica: auto (cuda where it has a GPU), cpu or cuda[:N] (default auto)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads per replica (torch and ORT) (default: the libraries' own)")
     p.add_argument("--feature-cache", "--deepcache", default=None, metavar="I,b",
                    help="DeepCache-style feature caching of every generation: I,b (interval, branch), 'full:0,5;b' "
@@ -221,6 +225,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="port of a local Ray's Prometheus metrics, on 127.0.0.1 (default: a free port, printed at "
                         "start)")
     p.add_argument("--engine-sha256", default=None, metavar="HASH",
-                   help="sha256 of ENGINE_DIR/manifest.json the replicas must find (default: computed here; needed "
+                   help="sha256 of the --engine folder's manifest.json the replicas must find (default: computed here; needed "
                         "with --address when the folder is on the cluster's machines only)")
     p.set_defaults(func=run)

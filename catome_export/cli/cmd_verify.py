@@ -1,4 +1,4 @@
-"""``catome-export verify ENGINE_DIR``: the engine against eager CA-ToMe, step by step.
+"""``catome-export verify --engine DIR``: the engine against eager CA-ToMe, step by step.
 
 Exit 1 above tolerance, when merging differs, or when a plan differs from eager's own beyond a near-tie.
 """
@@ -9,22 +9,14 @@ import argparse
 from typing import Any
 
 from catome_export.backends.select import BACKEND_NAMES
+from catome_export.cli.vocab import deprecate, engine_folder, image_size
 from catome_export.fsutil import Outputs, check_writable_file
-
-
-def _resolution(text: str) -> int | tuple[int, int]:
-    try:
-        if "x" in text.lower():
-            h, w = text.lower().split("x", 1)
-            return int(h), int(w)
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"resolution must be N or HxW in pixels, got {text!r}") from None
 
 
 def run(args: argparse.Namespace) -> int:
     from catome_export.errors import CatomeError
 
+    engine_folder(args, "verify")  # before anything runs
     for flag, value, minimum in (("--threads", args.threads, 1), ("--seed", args.seed, 0)):
         if value is not None and value < minimum:
             raise CatomeError(f"{flag} must be an int >= {minimum}, got {value}")
@@ -61,9 +53,10 @@ def run(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace, cache: Any, progress: Any) -> Any:
     from catome_export.runtime.verify import verify_engine
 
-    return verify_engine(args.engine_dir, steps=args.steps, schedule=args.schedule, backend=args.backend,
+    return verify_engine(engine_folder(args, "verify"), steps=args.steps, schedule=args.schedule, backend=args.backend,
                          seed=args.seed, batch=args.batch, resolution=args.resolution, tolerance=args.tolerance,
                          merge_tolerance=args.merge_tolerance, feature_cache=cache, progress=progress,
+                         device=None if args.device == "auto" else args.device,
                          backend_options={"intra_op_threads": args.threads} if args.threads is not None else None)
 
 
@@ -80,7 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "median latency of both. Exit 1 when a step is above the tolerance, matches at other steps "
                     "than eager, or has a plan difference no near-tie explains.",
     )
-    p.add_argument("engine_dir", metavar="ENGINE_DIR", help="engine folder written by catome-export build")
+    p.add_argument("--engine", default=None, metavar="DIR", help="engine folder written by catome-export build (required)")
+    deprecate(p, "ENGINE_DIR", "--engine", use="--engine DIR")
     p.add_argument("--steps", type=int, default=50, help="U-Net calls to compare (default 50)")
     p.add_argument("--schedule", default=None,
                    help="checkpoint schedule to use instead of the engine's: a name (config1..4, adaptive, "
@@ -88,7 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", default="auto", choices=BACKEND_NAMES, help="engine backend (default auto)")
     p.add_argument("--seed", type=int, default=0, help="seed of the latents and text embeddings (default 0)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default: the build's opt batch)")
-    p.add_argument("--resolution", type=_resolution, default=None,
+    p.add_argument("--resolution", type=image_size, default=None, metavar="N|HxW",
                    help="image size in pixels, N or HxW (default: the build's opt size)")
     p.add_argument("--tolerance", type=float, default=None,
                    help="limit of max|diff| as a multiple of max(1, max|eager output|) "
@@ -97,6 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="allowed difference of the merged count r per site from eager's own matching, as a "
                         "fraction of its tokens, besides what near-ties explain (default 0 for fp32 engines, "
                         "0.01 for fp16)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda[:N] (default auto)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: physical cores)")
     from catome_export.cli.cmd_generate import add_feature_cache_option
 

@@ -25,11 +25,11 @@ Make a Stable Diffusion U-Net faster with Cached Adaptive Token Merging
 ONNX Runtime engines, and drive them from a Python controller.
 
 typical use:
-  catome-export doctor                     what is installed and usable here
-  catome-export build --model tiny         export + verify the bundled tiny model
-  catome-export build --model sd15         SD 1.5 from the hub (or --weights random)
-  catome-export verify engines/tiny        engine vs eager CA-ToMe, step by step
-  catome-export serve engines/tiny         HTTP images API on Ray Serve
+  catome-export doctor                        what is installed and usable here
+  catome-export build --model tiny            export + verify the bundled tiny model
+  catome-export build --model sd15            SD 1.5 from the hub (or --weights random)
+  catome-export verify --engine engines/tiny  engine vs eager CA-ToMe, step by step
+  catome-export serve --engine engines/tiny   HTTP images API on Ray Serve
 """
 
 

@@ -62,7 +62,9 @@ from catome_export.export.trt_build import build_engines
 from catome_export.merging.schedules import AutoSchedule, ScheduleSpec, parse_schedule_request
 from catome_export.merging.settings import MergeSettings
 from catome_export.models import MODELS, find_merge_sites, load_unet, model_info, weights_hash
-from catome_export.models.registry import BUNDLED_ONLY, ModelInfo, unet_config_of
+from catome_export.models.registry import (
+    BUNDLED_ONLY, ModelInfo, WeightsSpec, parse_weights, resolve_source, unet_config_of,
+)
 from catome_export.models.sites import MergeSite
 
 logger = logging.getLogger(__name__)
@@ -128,8 +130,10 @@ class BuildOptions:
     """
 
     model: str
-    """``tiny``, ``sd15`` or a local diffusers folder."""
-    weights: Weights
+    """``tiny``, ``sd15`` or a local diffusers folder (the architecture; a checkpoint file given as the model is
+    resolved by :meth:`create` into its architecture and ``weights``)."""
+    weights: WeightsSpec
+    """``pretrained``, ``random``, or the absolute path of a single-file checkpoint of ``model``'s architecture."""
     precision: Precision = Precision.FP32
     backend: BuildBackend = BuildBackend.AUTO
     """``auto`` (TensorRT where it runs, else ONNX Runtime), ``ort`` or ``trt``."""
@@ -184,7 +188,7 @@ class BuildOptions:
         if not isinstance(self.model, str) or not self.model:
             raise CatomeError("give a model: tiny, sd15, sd21, or a local diffusers folder")
         set_ = object.__setattr__
-        set_(self, "weights", Weights.parse(self.weights, "weights"))
+        set_(self, "weights", parse_weights(self.weights))
         set_(self, "precision", Precision.parse(self.precision, "precision"))
         set_(self, "backend", BuildBackend.parse(self.backend, "backend"))
         set_(self, "exporter", Exporter.parse(self.exporter, "exporter"))
@@ -227,7 +231,7 @@ class BuildOptions:
         _check_resolution("default resolution", self.default_resolution)
 
     @classmethod
-    def create(cls, model: str, weights: str | Weights | None = None, precision: str | Precision = Precision.FP32,
+    def create(cls, model: str, weights: str | Path | Weights | None = None, precision: str | Precision = Precision.FP32,
                backend: str | BuildBackend = BuildBackend.AUTO, resolution: int | None = None,
                min_resolution: int | None = None, max_resolution: int | None = None, batch: int | None = None,
                min_batch: int | None = None, max_batch: int | None = None, settings: MergeSettings | None = None,
@@ -240,7 +244,10 @@ class BuildOptions:
                cache_branches: tuple[int, ...] | list[int] = (), controlnet: bool = False) -> "BuildOptions":
         """Options from loose arguments, with the model's defaults filled in (CatomeError naming any bad one).
 
-        ``resolution`` or ``min_resolution``/``max_resolution`` (default: the
+        ``model``: a registry name, a local diffusers folder, or a single-file
+        checkpoint (its architecture detected); ``weights``: ``pretrained``,
+        ``random`` or a checkpoint file of ``model``'s architecture (the
+        engine is then named after the file). ``resolution`` or ``min_resolution``/``max_resolution`` (default: the
         model's); ``batch`` or ``min_batch``/``max_batch`` (default 1..2);
         ``schedule``: any schedule spec, ``auto:K`` included, in place of
         ``settings.schedule``; ``name`` defaults to the model's, ``out_dir``
@@ -250,14 +257,11 @@ class BuildOptions:
         ``"I,b"``), checked against the model's blocks here, before any work.
         ``controlnet``: the engine takes ControlNet residuals (docs/controlnet.md).
         """
-        if not isinstance(model, str) or not model:
-            raise CatomeError("give a model: tiny, sd15, sd21, or a local diffusers folder")
+        model, given = resolve_source(model, weights)  # a checkpoint file as the model: its architecture, its weights
         info = model_info(model)  # CatomeError for an unknown name or a folder without a U-Net config
-        if weights is None:
-            weights = Weights.RANDOM if model in BUNDLED_ONLY else Weights.PRETRAINED
-        weights = Weights.parse(weights, "weights")
-        if model in BUNDLED_ONLY:
-            weights = Weights.RANDOM  # the tiny models exist only with seeded random weights
+        weights = given if given is not None else Weights.RANDOM if model in BUNDLED_ONLY else Weights.PRETRAINED
+        if model in BUNDLED_ONLY and weights == Weights.PRETRAINED:
+            weights = Weights.RANDOM  # the tiny models exist only with seeded random weights (or a checkpoint's)
         precision = Precision.parse(precision, "precision")
         backend = BuildBackend.parse(backend, "backend")
         exporter = Exporter.parse(exporter, "exporter")
@@ -272,6 +276,8 @@ class BuildOptions:
                 auto = request
             else:
                 settings = replace(settings, schedule=request)
+        if name is None and isinstance(weights, Path):
+            name = weights.stem  # a checkpoint: the file's name (a plain sd15 build keeps engines/sd15)
         if name is None:
             name = model if model in MODELS else (Path(model).resolve().name or "model")
         name = _check_name(name)
@@ -624,7 +630,7 @@ def _build_into(opts: BuildOptions, folder: Path, backend: EngineBackend, say: P
     if not audit.passed:
         if backend == EngineBackend.TRT:
             raise CatomeError(f"the stage graphs use ops TensorRT cannot parse ({len(audit.errors)} errors, first: "
-                              f"{audit.errors[0]}); build with --backend ort, or report the model layout")
+                              f"{audit.errors[0]}); build with --engine-kind ort, or report the model layout")
         notes.append("the graphs would not parse in TensorRT (see the audit); ONNX Runtime can still run them")
     info = model_info(opts.model)
     manifest = _make_manifest(opts, unet, sites, stages, exported, settings, backend, audit, info)

@@ -617,6 +617,10 @@ FLAG_ORDER = ("model", "weights", "precision", "backend", "resolution", "min_res
               "controlnet")
 
 
+FLAG_NAMES = {"backend": "engine-kind"}
+"""Build arguments whose flag is not the key with dashes (``backend`` is recorded, ``--engine-kind`` is the flag)."""
+
+
 def build_command(args: Mapping[str, Any]) -> str:
     """Format build arguments as a ``catome-export build`` command line (``None`` values left out)."""
     args = dict(args)
@@ -629,8 +633,9 @@ def build_command(args: Mapping[str, Any]) -> str:
         value = args.get(key)
         if value is None or value is False:
             continue
+        flag = f"--{FLAG_NAMES.get(key, key.replace('_', '-'))}"
         if value is True:  # a switch (--controlnet)
-            parts.append(f"--{key.replace('_', '-')}")
+            parts.append(flag)
             continue
-        parts += [f"--{key.replace('_', '-')}", shlex.quote(str(value))]
+        parts += [flag, shlex.quote(str(value))]
     return " ".join(parts)

@@ -130,7 +130,8 @@ def gpu_info() -> tuple[str, str]:
     import torch
 
     if not torch.cuda.is_available():
-        raise CatomeError("TensorRT needs a CUDA device and a CUDA build of torch; use --backend ort on this machine")
+        raise CatomeError("TensorRT needs a CUDA device and a CUDA build of torch; build with --engine-kind ort on "
+                          "this machine")
     index = torch.cuda.current_device()
     return torch.cuda.get_device_name(index), ".".join(str(v) for v in torch.cuda.get_device_capability(index))
 
@@ -146,7 +147,7 @@ class TrtBuild:
         """Record the plans in ``manifest`` (its ``trt`` section, every stage's engine, ``engine_backend`` trt)."""
         if len(self.engines) != len(manifest.stages):
             raise CatomeError(f"TensorRT built {len(self.engines)} engines for {len(manifest.stages)} stages: "
-                              "rebuild with --backend trt")
+                              "rebuild with --engine-kind trt")
         manifest.stages = tuple(replace(s, engine=e) for s, e in zip(manifest.stages, self.engines))
         manifest.trt = self.record
         manifest.engine_backend = "trt"
@@ -184,7 +185,7 @@ def build_engines(
     if isinstance(builder_optimization_level, bool) or builder_optimization_level not in range(0, 6):
         raise CatomeError(f"builder optimisation level must be an int in 0..5, got {builder_optimization_level!r}")
     trt = _import_tensorrt()
-    require_polygraphy()
+    require_polygraphy("build with --engine-kind ort")
     _check_polygraphy(str(trt.__version__))
     from polygraphy.backend.trt import CreateConfig, NetworkFromOnnxPath, Profile, engine_bytes_from_network
     from polygraphy.backend.trt import util as trt_util
@@ -202,7 +203,7 @@ def build_engines(
     if fp16 and precision != "fp16":
         raise CatomeError("fp16 TensorRT engines are built from the fp16 ONNX export (TensorRT 11 has no fp16 "
                           "builder flag): export the stages in fp16 (catome-export build ... --precision fp16 "
-                          "--backend trt)")
+                          "--engine-kind trt)")
     use_fp16 = precision == "fp16"
     trt_logger = trt_util.get_trt_logger()
     plugins_loaded = False

@@ -2,7 +2,11 @@
 
 ``weights="pretrained"`` loads real weights (hub download or a local diffusers
 folder); ``weights="random"`` builds the architecture from its config with
-seeded weights, identical in every process, for tests and speed work.
+seeded weights, identical in every process, for tests and speed work; a
+single-file checkpoint (``.safetensors``/``.ckpt``, see
+:mod:`catome_export.models.checkpoint`) as ``weights`` fills the named
+architecture with its weights, and as the model itself names its own
+architecture (detected from its tensor shapes).
 
 Where the bundled configs come from (the hub's ``unet/config.json`` of each
 model, as mirrored in public code; fields that only restate diffusers'
@@ -34,7 +38,7 @@ import logging
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import torch
 
@@ -151,6 +155,50 @@ def top_attention_level(config: Any) -> int:
                       "use a Stable Diffusion U-Net (SD 1.x, 2.x or SDXL layout)")
 
 
+WeightsSpec = Union[Weights, Path]
+"""Parsed weights: ``Weights.PRETRAINED``, ``Weights.RANDOM`` or the absolute path of a single-file checkpoint."""
+
+
+def parse_weights(value: str | Path | Weights) -> WeightsSpec:
+    """``pretrained``, ``random`` or a checkpoint file (absolute path), else CatomeError saying what is taken."""
+    from catome_export.models.checkpoint import check_checkpoint_file, is_checkpoint_path
+
+    if isinstance(value, Weights):
+        return value
+    if isinstance(value, str) and value in Weights.values():
+        return Weights(value)
+    if is_checkpoint_path(value):
+        return check_checkpoint_file(value)
+    raise CatomeError(f"weights must be one of pretrained, random, or a single-file checkpoint (.safetensors or "
+                      f".ckpt), got {str(value)!r}")
+
+
+def resolve_source(model: str, weights: str | Path | Weights | None = None) -> tuple[str, WeightsSpec | None]:
+    """(architecture, weights) of ``--model``/``--weights``: a checkpoint file given as the model names its own.
+
+    The architecture is a registry name or a local folder; a checkpoint file
+    as ``model`` becomes (the registry name its U-Net fits, the file).
+    ``weights`` None stays None (the caller's default applies).
+    """
+    from catome_export.models.checkpoint import check_checkpoint_file, detect_architecture, is_checkpoint_path
+
+    if not isinstance(model, str) or not model:
+        raise CatomeError("give a model: tiny, tiny-xl, sd15, sd21, sdxl, a local diffusers folder or a "
+                          "single-file checkpoint")
+    if is_checkpoint_path(model):
+        file = check_checkpoint_file(model, "--model")
+        if weights is not None and parse_weights(weights) not in (Weights.PRETRAINED, file):
+            raise CatomeError(f"--model {model} is a checkpoint file, which holds the weights: leave out --weights, "
+                              "or name the architecture as --model (e.g. --model sd15 --weights FILE)")
+        return detect_architecture(model), file
+    spec = None if weights is None else parse_weights(weights)
+    if isinstance(spec, Path):
+        from catome_export.models.checkpoint import check_checkpoint_fits
+
+        check_checkpoint_fits(spec, unet_config_of(model), model)  # before anything loads
+    return model, spec
+
+
 def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     from catome_export.dtypes import precision_dtype
 
@@ -176,6 +224,10 @@ def model_info(name_or_path: str) -> ModelInfo:
     """
     if name_or_path in MODELS:
         return MODELS[name_or_path]
+    from catome_export.models.checkpoint import detect_architecture, is_checkpoint_path
+
+    if is_checkpoint_path(name_or_path):
+        return MODELS[detect_architecture(name_or_path)]
     path = Path(name_or_path)
     cfg = _local_unet_config(path)
     added = added_conditioning_dims(cfg)
@@ -206,7 +258,8 @@ def _local_unet_dir(path: Path) -> Path:
         return path
     raise CatomeError(
         f"unknown model {str(path)!r}: use one of {', '.join(repr(n) for n in MODELS)}, or a local diffusers folder "
-        "(a pipeline folder with unet/config.json, or a U-Net folder with config.json)"
+        "(a pipeline folder with unet/config.json, or a U-Net folder with config.json); a single-file checkpoint "
+        "(.safetensors/.ckpt) works too (e.g. --model sd15 --weights model.safetensors)"
     )
 
 
@@ -214,6 +267,10 @@ def unet_config_of(name_or_path: str) -> dict[str, Any]:
     """The U-Net config of a registry name (its bundled config) or a local diffusers folder, read without weights."""
     if name_or_path in MODELS:
         return bundled_config(name_or_path)
+    from catome_export.models.checkpoint import detect_architecture, is_checkpoint_path
+
+    if is_checkpoint_path(name_or_path):
+        return bundled_config(detect_architecture(name_or_path))
     return _local_unet_config(Path(name_or_path))
 
 
@@ -233,25 +290,34 @@ def _local_unet_config(path: Path) -> dict[str, Any]:
     return cfg
 
 
-def load_unet(name_or_path: str, weights: str = "pretrained", dtype: torch.dtype | str = torch.float32):
+def load_unet(name_or_path: str, weights: str | Path | Weights = "pretrained",
+              dtype: torch.dtype | str = torch.float32):
     """Load a diffusers ``UNet2DConditionModel`` in eval mode.
 
     ``tiny``, ``tiny-xl``: bundled configs; only random weights exist, so
     ``pretrained`` is taken as random. ``sd15``, ``sd21``, ``sdxl``: the hub
-    (or the local cache), or the bundled config with ``weights="random"``
-    (offline). A path: a local diffusers folder (pipeline or U-Net);
-    ``weights="random"`` uses its config only.
+    (or the local cache; offline it fails in seconds), or the bundled config
+    with ``weights="random"`` (offline). A path: a local diffusers folder
+    (pipeline or U-Net); ``weights="random"`` uses its config only.
+    ``weights`` a single-file checkpoint (``.safetensors``/``.ckpt``, original
+    LDM layout or a diffusers U-Net file): the named architecture with the
+    file's weights, offline. ``name_or_path`` a checkpoint file: its own
+    architecture (detected), its weights.
     """
-    if weights not in Weights.values():
-        raise CatomeError(f"weights must be 'pretrained' or 'random', got {weights!r}")
+    arch, spec = resolve_source(name_or_path, weights)
+    spec = Weights.PRETRAINED if spec is None else spec
     torch_dtype = _parse_dtype(dtype)
-    if name_or_path in BUNDLED_ONLY:
-        unet = random_unet(bundled_config(name_or_path))
-    elif name_or_path in HUB_IDS:
-        unet = random_unet(bundled_config(name_or_path)) if weights == "random" else _from_hub(HUB_IDS[name_or_path])
+    if isinstance(spec, Path):
+        from catome_export.models.checkpoint import unet_from_checkpoint
+
+        return unet_from_checkpoint(spec, unet_config_of(arch), arch, torch_dtype)
+    if arch in BUNDLED_ONLY:
+        unet = random_unet(bundled_config(arch))
+    elif arch in HUB_IDS:
+        unet = random_unet(bundled_config(arch)) if spec == Weights.RANDOM else _from_hub(HUB_IDS[arch], arch)
     else:
-        path = Path(name_or_path)
-        if weights == "random":
+        path = Path(arch)
+        if spec == Weights.RANDOM:
             unet = random_unet(_local_unet_config(path))
         else:
             unet = _from_local(_local_unet_dir(path))
@@ -260,15 +326,31 @@ def load_unet(name_or_path: str, weights: str = "pretrained", dtype: torch.dtype
     return unet.eval().requires_grad_(False)
 
 
-def _from_hub(hub_id: str):
+def offline_ways_out(name: str) -> str:
+    """The ways to load ``name`` (a hub model) without the hub, as the end of an error message."""
+    return (f"Ways out: HF_HUB_OFFLINE=1 with the model already in the cache, a local diffusers folder "
+            f"(--model ./folder), --weights random (same architecture, seeded weights), or a single-file "
+            f"checkpoint (--model {name} --weights model.safetensors)")
+
+
+def _from_hub(hub_id: str, name: str):
     from diffusers import UNet2DConditionModel
 
+    from catome_export.models.hub import load_from_hub
+
+    def load(local_only: bool):
+        return UNet2DConditionModel.from_pretrained(hub_id, subfolder="unet", local_files_only=local_only)
+
     try:
-        return UNet2DConditionModel.from_pretrained(hub_id, subfolder="unet")
+        return load_from_hub(hub_id, "unet/config.json", load, f"pretrained weights of {hub_id!r}",
+                             offline_ways_out(name))
+    except CatomeError:
+        raise
     except Exception as exc:  # hub and cache errors come in many types
+        detail = " ".join(str(exc).split())[:160]
         raise CatomeError(
-            f"cannot load pretrained weights of {hub_id!r} ({type(exc).__name__}). Offline or without access, "
-            "use --weights random (same architecture, seeded weights) or pass a local diffusers folder as the model"
+            f"cannot load pretrained weights of {hub_id!r} ({type(exc).__name__}: {detail}). "
+            f"{offline_ways_out(name)}"
         ) from None
 
 

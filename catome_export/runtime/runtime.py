@@ -144,13 +144,7 @@ class Runtime:
         engine_dir = Path(engine_dir)
         manifest = Manifest.load(engine_dir)
         check_feature_cache(manifest.feature_cache, feature_cache)  # before any stage loads
-        choice = choose_backend(backend)
-        if backend == "auto" and choice.name == "trt" and manifest.engine_backend != "trt":
-            choice = choose_backend("ort")
-            logger.info("the engine folder holds no TensorRT plans: using %s", choice.reason)
-        if backend in ("auto", "ort") and choice.name != "ort-cpu" and device is not None \
-                and str(device).split(":")[0] == "cpu":
-            choice = choose_backend("ort-cpu")  # a CPU device asked for: the CPU provider, whatever else is here
+        choice = choose_backend(backend, engine_backend=manifest.engine_backend, device=device)
         logger.info("backend: %s", choice.reason)
         be = create_backend(choice, manifest, device=device, options=backend_options)
         runners: list[StageRunner] = []

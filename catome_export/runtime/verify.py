@@ -43,10 +43,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from catome_export.backends.select import choose_backend
 from catome_export.backends.torch_backend import load_reference_unet
 from catome_export.eager import apply_deepcache, apply_merging
 from catome_export.featurecache import FeatureCacheSettings
-from catome_export.devices import parse_device
+from catome_export.devices import load_average
 from catome_export.errors import CatomeError
 from catome_export.export.controlnet import random_residuals
 from catome_export.export.manifest import Manifest
@@ -520,8 +521,7 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
     tol = float(DEFAULT_TOLERANCE.get(precision, 1e-4) if tolerance is None else tolerance)
     r_tol = float(DEFAULT_MERGE_TOLERANCE.get(precision, 0.0) if merge_tolerance is None else merge_tolerance)
     text_len, text_dim = _text_shape(manifest)
-    on_cpu = parse_device(device).type == "cpu" if device not in (None, "auto") else not torch.cuda.is_available()
-    if on_cpu and backend in ("auto", "ort", "ort-cpu"):
+    if choose_backend(backend, engine_backend=manifest.engine_backend, device=device).name == "ort-cpu":
         weights = sum(s.total_bytes for s in manifest.stages)
         check_available(verify_need(weights), f"verifying {engine_dir} on the CPU (the eager U-Net and the engine in "
                         f"ONNX Runtime at once, {gb(weights)} of weights each)",
@@ -611,7 +611,7 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
                                 cached_engine=mine.cached_features,
                                 cached_eager=cache_handle is not None and not cache_handle.history[-1].full)
                 rows.append(row)
-                load = _load_average()
+                load = load_average()
                 if load is not None:
                     loads.append(load)
                 logger.debug("step %d: max|diff| %.3g, r %s, near-tie flips %s", i, diff, row.merged_engine,
@@ -634,14 +634,6 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
         if handle is not None:
             handle.remove()
         runtime.close()
-
-
-def _load_average() -> float | None:
-    """The 1-minute load average (None where the platform has none)."""
-    try:
-        return float(os.getloadavg()[0])
-    except (AttributeError, OSError):
-        return None
 
 
 def write_report_json(report: VerifyReport, path: str | Path) -> None:

@@ -28,7 +28,10 @@ logger = logging.getLogger(__name__)
 def resolve_engine_backend(requested: BuildBackend) -> EngineBackend:
     """The engines a build makes here: TensorRT when asked (or, for ``auto``, where it runs), else ONNX Runtime."""
     if requested == BuildBackend.TRT:
-        choose_backend("trt")  # CatomeError naming TensorRT and how to install it when it cannot run here
+        try:
+            choose_backend("trt")  # CatomeError naming TensorRT and how to install it when it cannot run here
+        except CatomeError as exc:  # its way out names the run flag; a build's is --engine-kind
+            raise CatomeError(str(exc).replace("use --backend ort", "build with --engine-kind ort")) from None
         return EngineBackend.TRT
     if requested == BuildBackend.AUTO:
         try:

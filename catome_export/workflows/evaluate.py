@@ -51,9 +51,10 @@ from catome_export.runtime import Runtime
 from catome_export.eager import apply_deepcache
 from catome_export.featurecache import FeatureCacheSettings
 from catome_export.workflows.eager import apply_catome
+from catome_export.models.checkpoint import is_checkpoint_path
 from catome_export.workflows.generate import (
-    ImageRequest, check_engine_shapes, default_resolution, engine_resolution, generate, load_pipeline,
-    merge_settings_for_engine, save_png,
+    ImageRequest, check_engine_shapes, check_model_fits, default_resolution, engine_resolution, generate,
+    load_pipeline, merge_settings_for_engine, save_png,
 )
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,11 @@ class EvalConfig:
     out: Path
     """Output folder (created; files in it are replaced)."""
     model: str | None = None
-    """Pipeline source: tiny, tiny-xl, sd15, sd21, sdxl or a local pipeline folder (default: tiny, or with an engine the engine's model)."""
+    """Pipeline source: tiny, tiny-xl, sd15, sd21, sdxl, a local pipeline folder or a single-file checkpoint (default:
+    tiny, or with an engine the engine's model)."""
+    weights: str | None = None
+    """``pretrained`` (None: the default) or a single-file checkpoint of ``model``'s architecture (its U-Net, and its
+    VAE and text encoders where it has them)."""
     engine: Path | None = None
     """Engine folder for the engine methods."""
     methods: tuple[str, ...] = ()
@@ -106,7 +111,7 @@ class EvalConfig:
     """Folder of real images for FID; without it FID is measured against the baseline images."""
     feature_cache: FeatureCacheSettings | None | str = "engine"
     """Feature caching of the deepcache methods (default interval 3, branch 0) and of the engine methods (default
-    ``"engine"``: the engine's own); None turns it off for the engine."""
+    ``"engine"``: the engine's own); None turns it off for the engine, and refuses the deepcache methods."""
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -116,6 +121,13 @@ class EvalConfig:
             raise CatomeError(f"unknown methods {unknown}: use {', '.join(METHODS)}")
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise CatomeError(f"warmup must be an int >= 0, got {self.warmup!r}")
+        if self.weights is not None and self.model is None:
+            raise CatomeError("--weights names the weights of --model's architecture: give --model too (e.g. "
+                              "--model sd15 --weights model.safetensors)")
+        caching = [m for m in self.methods if m in CACHING_METHODS]
+        if self.feature_cache is None and caching:
+            raise CatomeError(f"feature caching is off (--feature-cache off), but the methods {', '.join(caching)} "
+                              "are feature caching: drop them from --methods, or give their cache as I,b")
         # Checked here, before any pipeline is loaded, so a typo fails in a second, not after a model load.
         if self.threshold is not None:
             MergeSettings(threshold=self.threshold)
@@ -303,15 +315,21 @@ class _Context:
                     raise CatomeError("the engine's manifest names no model: pass --model")
                 eager = any(m in EAGER_METHODS for m in methods)
                 reference = eager and manifest is not None and bool(manifest.model.weights_hash)
-                self.pipe = load_pipeline(source, device=self.runtime.device, dtype=self.runtime.dtype,
-                                          with_unet=eager and not reference)
+                weights = config.weights
+                if config.model is not None:
+                    check_model_fits(dict(self.runtime.unet.config), manifest_model or "the engine's model",
+                                     config.model, weights)
+                elif manifest is not None and is_checkpoint_path(manifest.model.weights):
+                    weights = manifest.model.weights  # the text encoder and VAE of the file it was built from
+                self.pipe = load_pipeline(source, weights=weights, device=self.runtime.device,
+                                          dtype=self.runtime.dtype, with_unet=eager and not reference)
                 if reference:
                     # The eager methods run the very U-Net the engine was built from (weights hash checked).
                     self.pipe.unet = load_reference_unet(manifest, self.runtime.device)
                 self.source = source
             else:
-                self.pipe = load_pipeline(config.model or "tiny", device=resolve_device(config.device),
-                                          dtype=config.dtype)
+                self.pipe = load_pipeline(config.model or "tiny", weights=config.weights,
+                                          device=resolve_device(config.device), dtype=config.dtype)
                 self.source = config.model or "tiny"
         except BaseException:
             self.close()

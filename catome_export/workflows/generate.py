@@ -22,7 +22,7 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -131,15 +131,6 @@ def format_step(report: StepReport) -> str:
 
 
 # -- pipelines ---------------------------------------------------------------------------
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``None``/``auto``: float16 on CUDA, float32 on CPU."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None or dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return precision_dtype(dtype, ("fp32", "fp16"), f"unknown dtype {dtype!r}: use auto, fp32 or fp16")
-
-
 def default_resolution(model: str) -> int:
     """The model's native image size in pixels (256 for tiny, 512 for SD 1.5)."""
     from catome_export.models import model_info
@@ -147,31 +138,60 @@ def default_resolution(model: str) -> int:
     return int(model_info(model).default_resolution)
 
 
-def load_pipeline(model: str, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-                  with_unet: bool = True, scheduler: str | None = None) -> Any:
-    """The diffusers pipeline of ``model``: ``tiny``, ``tiny-xl`` (offline), ``sd15``, ``sd21``, ``sdxl`` (hub), or
-    a local pipeline folder. SDXL-style models give a ``StableDiffusionXLPipeline``, the others a
-    ``StableDiffusionPipeline``.
+def load_pipeline(model: str, *, weights: str | Path | None = None, device: str | torch.device | None = None,
+                  dtype: str | torch.dtype | None = None, with_unet: bool = True, scheduler: str | None = None) -> Any:
+    """The diffusers pipeline of ``model``: ``tiny``, ``tiny-xl`` (offline), ``sd15``, ``sd21``, ``sdxl`` (hub), a
+    local pipeline folder, or a single-file checkpoint. SDXL-style models give a ``StableDiffusionXLPipeline``,
+    the others a ``StableDiffusionPipeline``.
+
+    ``weights``: ``pretrained`` (default) or a single-file checkpoint
+    (``.safetensors``/``.ckpt``) of ``model``'s architecture; a checkpoint
+    file as ``model`` names its own architecture. With a checkpoint, the
+    U-Net comes from the file, and so do the VAE and the text encoders where
+    the file carries them (diffusers' converters for the original layout);
+    the tokenizers, the scheduler and what the file lacks come from
+    ``model``'s own pipeline (bundled for the tiny models, else the hub or
+    its cache, or the folder).
 
     ``with_unet=False`` leaves the U-Net out where the pipeline loads from
-    files (hub or folder): the engine takes its place. ``scheduler`` (tiny
-    models only): ``pndm`` (tiny's default, PLMS as SD 1.5 ships), ``ddim`` or
-    ``euler`` (tiny-xl's default, as SDXL ships).
+    files (hub, folder or checkpoint): the engine takes its place.
+    ``scheduler`` (tiny models only): ``pndm`` (tiny's default, PLMS as SD 1.5
+    ships), ``ddim`` or ``euler`` (tiny-xl's default, as SDXL ships).
     """
+    from catome_export.choices import Weights
+    from catome_export.models.registry import BUNDLED_ONLY, load_unet, resolve_source
+
     dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
-    if model == "tiny":
+    torch_dtype = precision_dtype(dtype, ("auto", "fp32", "fp16"), f"unknown dtype {dtype!r}: use auto, fp32 or fp16",
+                                  device=dev)
+    arch, spec = resolve_source(model, weights)
+    if spec == Weights.RANDOM and arch not in BUNDLED_ONLY:
+        raise CatomeError("--weights random gives an image pipeline whose images are noise: generate and eval take "
+                          "pretrained weights or a checkpoint file (random weights are for build and bench)")
+    checkpoint = spec if isinstance(spec, Path) else None
+    unet = load_unet(arch, checkpoint) if checkpoint is not None and with_unet else None
+    if arch == "tiny":
         from catome_export.models.pipeline import tiny_pipeline
 
-        pipe = tiny_pipeline(scheduler or "pndm")
-    elif model == "tiny-xl":
+        pipe = tiny_pipeline(scheduler or "pndm", unet=unet)
+    elif arch == "tiny-xl":
         from catome_export.models.pipeline import tiny_xl_pipeline
 
-        pipe = tiny_xl_pipeline(scheduler or "euler")
+        pipe = tiny_xl_pipeline(scheduler or "euler", unet=unet)
     else:
         if scheduler is not None:
             raise CatomeError("a scheduler can be chosen for the tiny pipelines only; other models use their own")
-        pipe = _from_pretrained(model, torch_dtype, with_unet)
+        pipe = _from_pretrained(arch, torch_dtype, with_unet and checkpoint is None)
+        if unet is not None:
+            pipe.unet = unet
+    if checkpoint is not None:
+        from catome_export.models.checkpoint import load_components
+
+        replaced = load_components(pipe, checkpoint)
+        kept = [n for n in ("vae", "text_encoder", "text_encoder_2")
+                if getattr(pipe, n, None) is not None and n not in replaced]
+        logger.info("%s: U-Net%s from the file%s", checkpoint.name, "".join(f", {n}" for n in replaced),
+                    f"; {', '.join(kept)} from {arch}" if kept else "")
     _move(pipe, dev, torch_dtype)
     return pipe
 
@@ -180,32 +200,38 @@ def _from_pretrained(model: str, torch_dtype: torch.dtype, with_unet: bool) -> A
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from catome_export.models import model_info
+    from catome_export.models.hub import load_from_hub
     from catome_export.models.registry import HUB_IDS
 
     extra: dict[str, Any] = {} if with_unet else {"unet": None}
-    if model in HUB_IDS:
-        source = HUB_IDS[model]
-    else:
+    if model not in HUB_IDS:
         path = Path(model)
         if not path.exists():
             raise CatomeError(f"unknown model {model!r}: use tiny or tiny-xl (offline, bundled), sd15, sd21 or sdxl "
-                              "(hub), or a local diffusers pipeline folder")
+                              "(hub), a local diffusers pipeline folder, or a single-file checkpoint "
+                              "(.safetensors/.ckpt)")
         if not (path / "model_index.json").is_file():
             raise CatomeError(f"{model} is not a diffusers pipeline folder (no model_index.json): pass the folder "
                               "the pipeline's save_pretrained wrote, or use --model tiny / sd15 / sdxl")
-        source = str(path)
     # SDXL-style U-Nets (added conditioning) come with StableDiffusionXLPipeline, the others with
     # StableDiffusionPipeline (SD 2.x's v-prediction is in its scheduler config).
     kind = StableDiffusionXLPipeline if model_info(model).added_conditioning else StableDiffusionPipeline
+    ways_out = ("Ways out: --model tiny or tiny-xl (bundled offline pipelines), HF_HUB_OFFLINE=1 with the model "
+                "already in the cache, or a local diffusers pipeline folder")
     try:
-        return kind.from_pretrained(source, torch_dtype=torch_dtype, **extra)
+        if model in HUB_IDS:
+            source = HUB_IDS[model]
+            return load_from_hub(source, "model_index.json", lambda local: kind.from_pretrained(
+                source, torch_dtype=torch_dtype, local_files_only=local, **extra),
+                f"the Stable Diffusion pipeline {source!r}", ways_out)
+        return kind.from_pretrained(model, torch_dtype=torch_dtype, **extra)
+    except CatomeError:
+        raise
     except Exception as exc:  # hub, cache and file errors come in many types
-        where = "from the hub or its local cache" if model in HUB_IDS else f"from {source}"
+        where = f"{HUB_IDS[model]!r} from the hub or its local cache" if model in HUB_IDS else repr(model)
         detail = " ".join(str(exc).split())[:200]
         raise CatomeError(
-            f"cannot load the Stable Diffusion pipeline {source!r} {where} ({type(exc).__name__}: {detail}). "
-            "Offline or without access, use --model tiny or tiny-xl (bundled offline pipelines), or pass a local "
-            "diffusers pipeline folder"
+            f"cannot load the Stable Diffusion pipeline {where} ({type(exc).__name__}: {detail}). {ways_out}"
         ) from None
 
 
@@ -223,26 +249,70 @@ def _move(pipe: Any, device: torch.device, dtype: torch.dtype) -> None:
             component.to(dtype=dtype)
 
 
-def pipeline_for_engine(runtime: Any, model: str | None = None, scheduler: str | None = None) -> Any:
-    """The pipeline around an engine (text encoder, VAE, scheduler), on the engine's device and dtype.
+def pipeline_for_engine(runtime: Any, model: str | None = None, scheduler: str | None = None,
+                        weights: str | Path | None = None) -> Any:
+    """The pipeline around an engine (text encoder, VAE, tokenizer, scheduler), on the engine's device and dtype.
 
-    ``model`` (default: the model the engine was built from) names where the
-    other components come from. The U-Net is left out when the pipeline
-    loads from files; the tiny pipeline keeps its small eager U-Net (it is
-    what :func:`~catome_export.runtime.embed.attach` checks the engine
-    against). Attach the runtime afterwards.
+    ``model`` (default: the model the engine was built from, with the
+    checkpoint file it was built from, if any) names where the other
+    components come from: a registry name, a local pipeline folder or a
+    single-file checkpoint; ``weights``: a checkpoint file of ``model``'s
+    architecture. Its U-Net must fit the engine's (:func:`check_model_fits`).
+    The U-Net is left out when the pipeline loads from files; the tiny
+    pipeline keeps its small eager U-Net (it is what
+    :func:`~catome_export.runtime.embed.attach` checks the engine against).
+    Attach the runtime afterwards.
     """
+    from catome_export.models.checkpoint import is_checkpoint_path
+
     manifest = runtime.manifest
     built_from = manifest.model.id if manifest is not None else None
     source = model or built_from
     if source is None:
         raise CatomeError("the engine's manifest names no model: pass --model to say which pipeline to use")
-    weights = manifest.model.weights if manifest is not None else None
-    if weights == "random" and source != "tiny":
+    built_weights = manifest.model.weights if manifest is not None else None
+    if model is None and weights is None and is_checkpoint_path(built_weights):
+        if not Path(str(built_weights)).is_file():
+            raise CatomeError(f"the engine was built from {built_weights}, which is gone, and its text encoder and "
+                              f"VAE come from that file: pass --model (and --weights) to say where they come from")
+        weights = built_weights
+    if model is not None:
+        check_model_fits(dict(runtime.unet.config), built_from or "the engine's model", model, weights)
+    if built_weights == "random" and source != "tiny" and model is None:
         logger.warning("the engine was built from random weights: the images are noise (speed work only)")
-    pipe = load_pipeline(source, device=runtime.device, dtype=runtime.dtype, with_unet=source == "tiny",
-                         scheduler=scheduler)
+    pipe = load_pipeline(source, weights=weights, device=runtime.device, dtype=runtime.dtype,
+                         with_unet=source == "tiny", scheduler=scheduler)
     return pipe
+
+
+FITTING_CONFIG = ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type",
+                  "projection_class_embeddings_input_dim", "addition_time_embed_dim")
+"""U-Net config keys on which the pipeline's model and an engine must agree (what the pipeline feeds the U-Net)."""
+
+_CONFIG_DEFAULTS = {"in_channels": 4, "out_channels": 4, "cross_attention_dim": 1280}
+"""diffusers' defaults of :data:`FITTING_CONFIG` keys a config may leave out."""
+
+
+def check_model_fits(engine_config: Mapping[str, Any], built_from: str, model: str,
+                     weights: str | Path | None = None) -> None:
+    """CatomeError (one line) when ``model``'s U-Net config differs from the engine's on :data:`FITTING_CONFIG`.
+
+    ``engine_config``: the engine's U-Net config (``runtime.unet.config``, the
+    manifest's ``model.unet_config``); ``built_from`` names its model in the
+    message. Read from the configs alone (the bundled one, the folder's, the
+    checkpoint's detected architecture), before any weights load.
+    """
+    from catome_export.models.registry import resolve_source, unet_config_of
+
+    arch, _ = resolve_source(model, weights)
+    mine = unet_config_of(arch)
+    for key in FITTING_CONFIG:
+        theirs, ours = engine_config.get(key, _CONFIG_DEFAULTS.get(key)), mine.get(key, _CONFIG_DEFAULTS.get(key))
+        if theirs != ours:
+            raise CatomeError(
+                f"--model {model} does not fit the engine: its U-Net has {key}={ours}, the engine's (built from "
+                f"{built_from}) has {theirs}; the text encoder and VAE must be of the engine's architecture: "
+                f"pass a model of that architecture, or leave --model out to use the engine's own ({built_from})")
 
 
 def check_engine_shapes(runtime: Any, request: "ImageRequest") -> None:

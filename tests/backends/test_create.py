@@ -33,7 +33,7 @@ def test_device_and_option_errors():
 
 
 def test_trt_needs_an_engine_folder_with_plans():
-    with pytest.raises(CatomeError, match="no TensorRT plans.*--backend trt"):
+    with pytest.raises(CatomeError, match="no TensorRT plans.*--engine-kind trt"):
         create_backend(BackendChoice("trt", "test"), ORT_MANIFEST)
 
 

@@ -241,7 +241,7 @@ def test_dropped_unused_input_is_fine_but_unknown_io_is_not(trt, tmp_path, build
 def test_missing_or_unloadable_plan(trt, tmp_path):
     backend = TrtBackend(None, "cpu", trt_module=trt)
     spec = _site_spec()
-    with pytest.raises(CatomeError, match="--backend trt"):
+    with pytest.raises(CatomeError, match="--engine-kind trt"):
         backend.load_stage(tmp_path, StageRecord(spec, "stage_1.onnx"))
     (tmp_path / "stage_1.plan").write_bytes(b"garbage")
     with pytest.raises(CatomeError, match="could not load"):
@@ -425,7 +425,7 @@ def test_tiny_engines_match_onnx_runtime(tmp_path):
     from catome_export.runtime.runtime import Runtime
 
     out = tmp_path / "tiny"
-    assert main(["build", "--model", "tiny", "--backend", "trt", "--out", str(out), "--min-resolution", "192",
+    assert main(["build", "--model", "tiny", "--engine-kind", "trt", "--out", str(out), "--min-resolution", "192",
                  "--max-resolution", "320"]) == 0
     with Runtime.load(out, backend="trt") as trt_rt, Runtime.load(out, backend="ort-cpu") as ort_rt:
         sites = sorted(trt_rt.sites)
@@ -446,7 +446,7 @@ def test_tiny_trt_runtime_merges_on_smooth_latents(tmp_path):
     from catome_export.runtime.runtime import Runtime
 
     out = tmp_path / "tiny"
-    assert main(["build", "--model", "tiny", "--backend", "trt", "--out", str(out), "--no-verify"]) == 0
+    assert main(["build", "--model", "tiny", "--engine-kind", "trt", "--out", str(out), "--no-verify"]) == 0
     gen = torch.Generator().manual_seed(0)
     low = torch.randn(2, 4, 8, 8, generator=gen)
     latent = torch.nn.functional.interpolate(low, size=(32, 32), mode="bilinear").cuda()
@@ -471,7 +471,7 @@ def test_cuda_graph_replay_of_trt_chain_matches_direct_runs(tmp_path):
     from catome_export.runtime.runtime import Runtime
 
     out = tmp_path / "tiny"
-    assert main(["build", "--model", "tiny", "--backend", "trt", "--out", str(out)]) == 0
+    assert main(["build", "--model", "tiny", "--engine-kind", "trt", "--out", str(out)]) == 0
     with Runtime.load(out, backend="trt") as rt:
         runners = rt.chain.runners
         sites = sorted(rt.sites)

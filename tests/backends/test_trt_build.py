@@ -98,7 +98,7 @@ def test_cli_build_trt_without_tensorrt_exits_1(tmp_path):
     if not _has_build_command():
         pytest.skip("the build command is not part of this checkout")
     proc = subprocess.run(
-        [sys.executable, "-m", "catome_export.cli", "build", "--model", "tiny", "--backend", "trt",
+        [sys.executable, "-m", "catome_export.cli", "build", "--model", "tiny", "--engine-kind", "trt",
          "--out", str(tmp_path / "tiny")],
         capture_output=True, text=True, timeout=600, cwd=REPO,
     )
@@ -115,7 +115,7 @@ def test_build_writes_plans_cache_and_trt_section(tmp_path):
     from catome_export.export.manifest import Manifest
 
     out = tmp_path / "tiny"
-    assert main(["build", "--model", "tiny", "--backend", "trt", "--out", str(out)]) == 0
+    assert main(["build", "--model", "tiny", "--engine-kind", "trt", "--out", str(out)]) == 0
     manifest = Manifest.load(out)
     section = manifest.trt
     assert section.version and section.gpu and section.compute_capability
@@ -150,7 +150,7 @@ def _build_tiny(out: Path, precision: str) -> Path:
     """The tiny model's stages exported to ONNX (ORT build, no verification): what a TensorRT build starts from."""
     from catome_export.cli.main import main
 
-    assert main(["build", "--model", "tiny", "--backend", "ort", "--precision", precision, "--no-verify",
+    assert main(["build", "--model", "tiny", "--engine-kind", "ort", "--precision", precision, "--no-verify",
                  "--out", str(out)]) == 0
     return out
 
@@ -337,6 +337,19 @@ def test_parser_refusal_is_a_catome_error_and_keeps_old_plans(trt_machine, tiny_
     assert (folder / plan_file(last)).read_bytes() == b"previous"
 
 
+def _fails_on_11_builds_on_10(trt, folder, manifest, *expected: str) -> None:
+    """With TensorRT 11 the build fails in one line holding ``expected`` (the TensorRT version too) and leaves no
+    plan; with 10.x (which still has the members 0.49 reads, deprecated) it builds every stage."""
+    if trt.__version__.startswith("11."):
+        with pytest.raises(CatomeError) as err:
+            build_engines(folder, manifest, fp16=False)
+        msg = str(err.value)
+        assert all(part in msg for part in (*expected, trt.__version__)) and "\n" not in msg, msg
+        assert not list(folder.glob("*.plan"))
+    else:
+        assert len(build_engines(folder, manifest, fp16=False).engines) == len(manifest.stages)
+
+
 def test_polygraphy_049_is_refused_up_front_for_tensorrt_11(trt_machine, tiny_onnx_fp32, tmp_path, monkeypatch):
     """Polygraphy 0.49.x reads every layer's ``precision_is_set``, which TensorRT 11 removed: with 11 the build stops
     before parsing anything, in one line naming the upgrade; with 10 that Polygraphy builds as before."""
@@ -348,16 +361,8 @@ def test_polygraphy_049_is_refused_up_front_for_tensorrt_11(trt_machine, tiny_on
     monkeypatch.setattr(polygraphy, "__version__", "0.49.9")
     folder = _copy(tiny_onnx_fp32, tmp_path)
     manifest = Manifest.load(folder)
-    if trt.__version__.startswith("11."):
-        with pytest.raises(CatomeError) as err:
-            build_engines(folder, manifest, fp16=False)
-        msg = str(err.value)
-        assert "0.49.9" in msg and trt.__version__ in msg and "pip install 'polygraphy>=0.50'" in msg
-        assert "\n" not in msg
-        assert not list(folder.glob("*.plan")) and not (folder / "timing.cache").exists()
-    else:
-        built = build_engines(folder, manifest, fp16=False)
-        assert len(built.engines) == len(manifest.stages)
+    _fails_on_11_builds_on_10(trt, folder, manifest, "0.49.9", "pip install 'polygraphy>=0.50'")
+    assert trt.__version__.startswith("10.") or not (folder / "timing.cache").exists()
 
 
 def test_attribute_error_inside_polygraphy_is_a_catome_error(trt_machine, tiny_onnx_fp32, tmp_path, monkeypatch):
@@ -385,15 +390,7 @@ def test_attribute_error_inside_polygraphy_is_a_catome_error(trt_machine, tiny_o
     monkeypatch.setattr(poly_trt, "CreateConfig", UnguardedCreateConfig)
     folder = _copy(tiny_onnx_fp32, tmp_path)
     manifest = Manifest.load(folder)
-    if trt.__version__.startswith("11."):
-        with pytest.raises(CatomeError) as err:
-            build_engines(folder, manifest, fp16=False)
-        msg = str(err.value)
-        assert "stage 0" in msg and trt.__version__ in msg and "precision_is_set" in msg
-        assert "polygraphy>=0.50" in msg and "\n" not in msg
-        assert not list(folder.glob("*.plan"))
-    else:  # 10.x still has the member (deprecated)
-        assert len(build_engines(folder, manifest, fp16=False).engines) == len(manifest.stages)
+    _fails_on_11_builds_on_10(trt, folder, manifest, "stage 0", "precision_is_set", "polygraphy>=0.50")
 
 
 def test_build_missing_onnx(trt_machine, tiny_onnx_fp32, tmp_path):
@@ -426,13 +423,13 @@ def test_plans_load_only_under_the_exact_version_that_built_them(trt_machine, tr
     with pytest.raises(CatomeError) as err:
         check_trt_compat(manifest, TrtRuntimeInfo(later, "Stand-in GPU (sm90)", "9.0"))
     msg = str(err.value)
-    assert built in msg and later in msg and "exact" in msg and "--backend trt" in msg
+    assert built in msg and later in msg and "exact" in msg and "--engine-kind trt" in msg
 
 
 def test_cli_build_trt_with_standin_but_no_gpu_exits_1(trt_standin_helper, tmp_path):
     """The real command with the stand-in importable: TensorRT is found, the missing CUDA device is named."""
     proc = subprocess.run(
-        [sys.executable, "-m", "catome_export.cli", "build", "--model", "tiny", "--backend", "trt",
+        [sys.executable, "-m", "catome_export.cli", "build", "--model", "tiny", "--engine-kind", "trt",
          "--out", str(tmp_path / "tiny")],
         capture_output=True, text=True, timeout=600, cwd=REPO, env=trt_standin_helper.subprocess_env("11"),
     )

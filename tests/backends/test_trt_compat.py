@@ -39,7 +39,7 @@ def test_any_other_tensorrt_version_refused(here):
         check_trt_compat(_manifest(), TrtRuntimeInfo(here, H100.gpu_name, "9.0"))
     msg = str(err.value)
     assert "10.3.0" in msg and here in msg and "exact" in msg
-    assert "catome-export build --model sd15" in msg and "--backend trt" in msg
+    assert "catome-export build --model sd15" in msg and "--engine-kind trt" in msg
     assert "pip install 'tensorrt==10.3.0'" in msg
 
 
@@ -48,7 +48,7 @@ def test_unsupported_tensorrt_here_refused(here):
     with pytest.raises(CatomeError) as err:
         check_trt_compat(_manifest(), TrtRuntimeInfo(here, H100.gpu_name, "9.0"))
     msg = str(err.value)
-    assert here in msg and "tensorrt>=10.1,<12" in msg and "--backend trt" in msg
+    assert here in msg and "tensorrt>=10.1,<12" in msg and "--engine-kind trt" in msg
 
 
 def test_manifest_without_version_refused():
@@ -63,7 +63,7 @@ def test_version_compatible_build_accepts_other_version():
 def test_other_compute_capability_refused():
     with pytest.raises(CatomeError, match=r"compute capability 9\.0.*8\.9") as err:
         check_trt_compat(_manifest(), TrtRuntimeInfo("10.3.0", "NVIDIA L40S", "8.9"))
-    assert "--backend trt" in str(err.value)
+    assert "--engine-kind trt" in str(err.value)
 
 
 def test_other_gpu_model_same_capability_refused():
@@ -93,7 +93,7 @@ def test_folder_without_trt_engines_refused():
     m.engine_backend, m.trt = "ort", None
     with pytest.raises(CatomeError, match="no TensorRT engines") as err:
         check_trt_compat(m, H100)
-    assert "--backend trt" in str(err.value)
+    assert "--engine-kind trt" in str(err.value)
 
 
 @pytest.mark.parametrize("batch, hw, what", [
@@ -124,7 +124,7 @@ def _flags(cmd: str) -> dict[str, str]:
 def test_rebuild_command_from_a_manifest_without_recorded_build_arguments():
     flags = _flags(rebuild_command(_manifest(), "engines/sd15 trt"))
     assert flags["model"] == "sd15" and flags["weights"] == "random"
-    assert flags["backend"] == "trt" and flags["precision"] == "fp16"
+    assert flags["engine-kind"] == "trt" and flags["precision"] == "fp16"
     assert flags["threshold"] == "0.7" and flags["schedule"] == "config3" and flags["step-base"] == "1"
     assert (flags["min-batch"], flags["max-batch"]) == ("1", "2")
     assert (flags["min-resolution"], flags["max-resolution"]) == ("256", "768")
@@ -145,7 +145,7 @@ def test_rebuild_command_every_flag_is_one_the_build_command_takes():
     parser = build_parser()
     args = shlex.split(rebuild_command(_manifest(), "engines/x"))[1:]
     parsed = parser.parse_args(args)
-    assert parsed.backend == "trt" and parsed.min_resolution == 256 and parsed.max_batch == 2
+    assert parsed.engine_kind == "trt" and parsed.min_resolution == 256 and parsed.max_batch == 2
     assert parsed.opt_merge_fraction == 0.75
 
 
@@ -154,9 +154,9 @@ def test_real_manifest_formats_its_recorded_build_with_trt():
     manifest.extra["build"] = {"model": "sd15", "weights": "random", "precision": "fp16", "backend": "ort",
                                "min_resolution": 256, "max_resolution": 768}
     flags = _flags(rebuild_command(manifest, "engines/here"))
-    assert flags["backend"] == "trt" and flags["out"] == "engines/here" and flags["min-resolution"] == "256"
+    assert flags["engine-kind"] == "trt" and flags["out"] == "engines/here" and flags["min-resolution"] == "256"
     check_trt_compat(manifest, H100)
-    with pytest.raises(CatomeError, match="--backend trt"):
+    with pytest.raises(CatomeError, match="--engine-kind trt"):
         check_trt_compat(manifest, TrtRuntimeInfo("10.3.1", H100.gpu_name, "9.0"))
 
 

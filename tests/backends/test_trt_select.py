@@ -75,6 +75,27 @@ def test_ort_cuda_without_provider(machine):
         choose_backend("ort-cuda")
 
 
+@pytest.mark.parametrize("requested, engine, device, expected", [
+    ("auto", "ort", None, "ort-cuda"),  # a folder without TensorRT plans: auto does not pick TensorRT
+    ("auto", "trt", None, "trt"),
+    ("auto", None, None, "trt"),  # no folder named: what runs here
+    ("auto", "trt", "cpu", "ort-cpu"),  # a CPU device: ONNX Runtime's CPU provider
+    ("ort", "ort", "cpu", "ort-cpu"),
+    ("ort", "ort", "cuda:0", "ort-cuda"),
+    ("trt", "ort", None, "trt"),  # asked for by name: no substitute (the folder's load says what is missing)
+    ("ort-cuda", "ort", "cpu", "ort-cuda"),  # asked for by name: the device check is the backend's
+    ("torch", "trt", "cpu", "torch"),
+])
+def test_the_engine_folder_and_the_device_narrow_the_choice(machine, requested, engine, device, expected):
+    import torch
+
+    machine(tensorrt=True, cuda=True, providers=WITH_CUDA)
+    choice = choose_backend(requested, engine_backend=engine, device=device)
+    assert choice.name == expected and choice.reason
+    dev = None if device is None else torch.device(device)
+    assert choose_backend(requested, engine_backend=engine, device=dev).name == expected  # a torch.device alike
+
+
 def test_unknown_backend():
     with pytest.raises(CatomeError, match="unknown backend"):
         choose_backend("tensorflow")

@@ -121,7 +121,7 @@ def test_trt_backend_without_tensorrt_names_it(capsys, tmp_path):
 
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("TensorRT is installed here: the missing-TensorRT message cannot be seen")
-    code = main(["build", "--model", "tiny", "--backend", "trt", "--out", str(tmp_path / "e")])
+    code = main(["build", "--model", "tiny", "--engine-kind", "trt", "--out", str(tmp_path / "e")])
     assert code == 1 and "TensorRT" in capsys.readouterr().err
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 from catome_export.cli.main import main
 from catome_export.errors import CatomeError
 
-SMALL = ["--steps", "2", "--height", "64", "--width", "64", "--warmup", "0"]
+SMALL = ["--steps", "2", "--resolution", "64", "--warmup", "0"]
 NO_CLIP = ["--clip-model", "catome-export-tests/no-such-clip-model"]
 
 
@@ -106,7 +106,7 @@ def test_run_eval_with_engine_methods_restores_the_engine_settings(tmp_path, tin
 def test_eval_a_built_engine_against_the_model_it_was_built_from(built_engine, tmp_path, capsys, no_fid_weights):
     out = tmp_path / "eval"
     rc = main(["eval", "--engine", str(built_engine), "--backend", "ort", "--imagenet", "1", "--steps", "2",
-               "--height", "128", "--width", "128", "--warmup", "0", *NO_CLIP, "--out", str(out)])
+               "--resolution", "128", "--warmup", "0", *NO_CLIP, "--out", str(out)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     data = json.loads((out / "results.json").read_text())
@@ -118,7 +118,7 @@ def test_eval_a_built_engine_against_the_model_it_was_built_from(built_engine, t
 
 def test_eval_outside_the_engines_range_exits_1(built_engine, tmp_path, capsys):
     rc = main(["eval", "--engine", str(built_engine), "--backend", "ort", "--imagenet", "1", "--steps", "2",
-               "--height", "64", "--width", "64", "--warmup", "0", *NO_CLIP, "--out", str(tmp_path / "o")])
+               "--resolution", "64", "--warmup", "0", *NO_CLIP, "--out", str(tmp_path / "o")])
     captured = capsys.readouterr()
     assert rc == 1 and captured.err.startswith("error: ") and "catome-export build" in captured.err
 
@@ -129,11 +129,13 @@ def test_eval_outside_the_engines_range_exits_1(built_engine, tmp_path, capsys):
     (["--prompts", "/no/such/prompts.txt"], "does not exist"),
     (["--methods", "baseline,fast"], "unknown methods"),
     (["--methods", "engine"], "need --engine"),
-    (["--height", "60"], "multiple of 8"),
+    (["--resolution", "60"], "multiple of 8"),
     (["--steps", "0"], "steps must be"),
     (["--warmup", "-1"], "warmup"),
     (["--threshold", "1.5"], "threshold must be a number in [-1, 1]"),
     (["--ratio", "1"], "ratio must be a number in [0, 1)"),
+    (["--methods", "baseline,deepcache", "--feature-cache", "off"], "methods deepcache are feature caching"),
+    (["--methods", "catome-deepcache", "--feature-cache", "off"], "methods catome-deepcache are feature caching"),
 ])
 def test_bad_inputs_exit_1_without_traceback(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -10,7 +10,7 @@ from PIL import Image
 from catome_export.cli.main import main
 from catome_export.export.manifest import ModelRecord
 
-SMALL = ["--steps", "2", "--height", "64", "--width", "64"]
+SMALL = ["--steps", "2", "--resolution", "64"]
 STEP_LINE = re.compile(r"^step +(\d+)  merged (\[[\d, ]+\]|-)  (matched \[[\d, ]*\]  )?[\d.]+ ms$")
 
 
@@ -82,7 +82,7 @@ def test_generate_with_an_engine_runtime(tmp_path, capsys, monkeypatch, tiny_eng
 def test_generate_with_a_built_engine_folder(built_engine, tmp_path, capsys):
     out = tmp_path / "engine.png"
     rc = main(["generate", "--engine", str(built_engine), "--backend", "ort", "--prompt", "a red car", "--steps", "2",
-               "--height", "128", "--width", "128", "--out", str(out)])
+               "--resolution", "128", "--out", str(out)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     _check_png(out, (128, 128))
@@ -93,7 +93,7 @@ def test_generate_with_a_built_engine_folder(built_engine, tmp_path, capsys):
 
 def test_generate_outside_the_engines_range_exits_1(built_engine, tmp_path, capsys):
     rc = main(["generate", "--engine", str(built_engine), "--backend", "ort", "--prompt", "a red car", "--steps", "2",
-               "--height", "64", "--width", "64", "--out", str(tmp_path / "x.png")])
+               "--resolution", "64", "--out", str(tmp_path / "x.png")])
     captured = capsys.readouterr()
     assert rc == 1 and captured.err.startswith("error: ") and "Traceback" not in captured.err
     assert "catome-export build" in captured.err  # names the rebuild command
@@ -167,8 +167,8 @@ def test_generate_without_merging_prints_no_counts(tmp_path, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--model", "tiny"], "--prompt is missing"),
     (["--prompt", "x"], "say what to run"),
-    (["--model", "tiny", "--prompt", "x", "--height", "65"], "multiple of 8"),
-    (["--model", "tiny", "--prompt", "x", "--width", "100"], "multiple of 8"),
+    (["--model", "tiny", "--prompt", "x", "--resolution", "65"], "multiple of 8"),
+    (["--model", "tiny", "--prompt", "x", "--resolution", "64x100"], "multiple of 8"),
     (["--model", "tiny", "--prompt", "x", "--steps", "0"], "steps must be"),
     (["--model", "tiny", "--prompt", "   "], "prompt is empty"),
     (["--engine", "/no/such/engine/dir", "--prompt", "x"], "does not exist"),

@@ -33,9 +33,9 @@ ANALYZE = ["analyze", "--model", "tiny"]
 CASES = [
     (GENERATE, ["--steps", "0"], "steps"), (GENERATE, ["--steps", "-3"], "steps"),
     (GENERATE, ["--seed", "-1"], "seed"), (GENERATE, ["--guidance", "nan"], "guidance"),
-    (GENERATE, ["--height", "0"], "height"), (GENERATE, ["--width", "-8"], "width"),
+    (GENERATE, ["--resolution", "0"], "height"), (GENERATE, ["--resolution", "64x-8"], "width"),
     (EVAL, ["--imagenet", "0"], "ImageNet prompts"), (EVAL, ["--steps", "0"], "steps"), (EVAL, ["--seed", "-1"], "seed"),
-    (EVAL, ["--warmup", "-1"], "warmup"), (EVAL, ["--height", "0"], "height"), (EVAL, ["--ratio", "1.5"], "ratio"),
+    (EVAL, ["--warmup", "-1"], "warmup"), (EVAL, ["--resolution", "0"], "height"), (EVAL, ["--ratio", "1.5"], "ratio"),
     (EVAL, ["--guidance", "inf"], "guidance"),
     (BENCH, ["--batch", "0"], "batch"), (BENCH, ["--repeats", "0"], "repeats"), (BENCH, ["--warmup", "-1"], "warmup"),
     (BENCH, ["--threads", "0"], "threads"), (BENCH, ["--steps", "-1"], "steps"), (BENCH, ["--text-len", "0"], "text"),
@@ -70,7 +70,7 @@ VERIFY_CASES = [(["--steps", "0"], "steps"), (["--batch", "0"], "batch"), (["--t
 
 @pytest.mark.parametrize("flag,needle", VERIFY_CASES, ids=["=".join(f) for f, _ in VERIFY_CASES])
 def test_out_of_range_verify_flags_are_refused(flag, needle, tiny_engine, capsys, no_work):
-    assert main(["verify", str(tiny_engine), *flag]) == 1
+    assert main(["verify", "--engine", str(tiny_engine), *flag]) == 1
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and needle in lines[0], err

@@ -49,7 +49,7 @@ def test_analyze_shows_progress_per_step(capsys):
 
 
 def test_eval_shows_progress_per_image(capsys, tmp_path):
-    assert main(["eval", "--model", "tiny", "--imagenet", "2", "--steps", "2", "--height", "64", "--warmup", "1",
+    assert main(["eval", "--model", "tiny", "--imagenet", "2", "--steps", "2", "--resolution", "64", "--warmup", "1",
                  "--out", str(tmp_path / "eval")]) == 0
     ticks = _ticks(capsys.readouterr().err, "eval")
     assert _complete(ticks) and ticks[-1] == (6, 6)  # 2 methods x (1 warm-up + 2 images)

@@ -16,7 +16,7 @@ ARGS = ["--steps", "3", "--backend", "ort", "--threads", "1", "--batch", "1", "-
 
 def test_verify_good_engine_exits_0(tiny_engine, capsys, tmp_path):
     report = tmp_path / "report.json"
-    assert main(["verify", str(tiny_engine), *ARGS, "--json", str(report)]) == 0
+    assert main(["verify", "--engine", str(tiny_engine), *ARGS, "--json", str(report)]) == 0
     out = capsys.readouterr().out
     assert "max|diff|" in out and "verify OK: 3 steps" in out and "latency per step" in out
     rows = [line for line in out.splitlines() if line.split() and line.split()[0].isdigit()]
@@ -48,7 +48,7 @@ def test_verify_prints_plan_differences(explained, capsys, monkeypatch, tmp_path
 
     monkeypatch.setattr(verify, "verify_engine", lambda *a, **k: _report_with(explained))
     out_json = tmp_path / "r.json"
-    assert main(["verify", str(tmp_path), "--json", str(out_json)]) == (0 if explained else 1)
+    assert main(["verify", "--engine", str(tmp_path), "--json", str(out_json)]) == (0 if explained else 1)
     out = capsys.readouterr().out
     data = json.loads(out_json.read_text())
     if explained:
@@ -66,7 +66,7 @@ def test_verify_above_tolerance_exits_1(tiny_engine, capsys, monkeypatch):
 
     original = Runtime.step
     monkeypatch.setattr(Runtime, "step", lambda self, *a, **k: original(self, *a, **k) * 1.01 + 1e-3)
-    assert main(["verify", str(tiny_engine), *ARGS, "--quiet"]) == 1
+    assert main(["verify", "--engine", str(tiny_engine), *ARGS, "--quiet"]) == 1
     out = capsys.readouterr().out
     assert "verify FAILED" in out and "above the limit" in out
     assert "max|diff|" not in out  # --quiet: no table
@@ -76,7 +76,7 @@ def test_verify_damaged_engine_exits_1_without_traceback(tiny_engine, tmp_path):
     damaged = tmp_path / "damaged"
     shutil.copytree(tiny_engine, damaged)
     (damaged / "stage_5.onnx").write_bytes(b"truncated")
-    proc = subprocess.run([sys.executable, "-m", "catome_export.cli", "verify", str(damaged), *ARGS],
+    proc = subprocess.run([sys.executable, "-m", "catome_export.cli", "verify", "--engine", str(damaged), *ARGS],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: ") and "catome-export build" in proc.stderr
@@ -84,10 +84,10 @@ def test_verify_damaged_engine_exits_1_without_traceback(tiny_engine, tmp_path):
 
 
 def test_verify_bad_arguments_exit_1(tmp_path, capsys):
-    assert main(["verify", str(tmp_path / "missing")]) == 1
+    assert main(["verify", "--engine", str(tmp_path / "missing")]) == 1
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
-        main(["verify", str(tmp_path), "--resolution", "big"])
+        main(["verify", "--engine", str(tmp_path), "--resolution", "big"])
     assert info.value.code == 2
 
 
@@ -95,7 +95,7 @@ def test_verify_threads_zero_is_an_error(tiny_engine, capsys):
     """--threads 0 is refused with the valid range (it used to be dropped silently, running on every core)."""
     args = list(ARGS)
     args[args.index("--threads") + 1] = "0"
-    assert main(["verify", str(tiny_engine), *args, "--quiet"]) == 1
+    assert main(["verify", "--engine", str(tiny_engine), *args, "--quiet"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--threads must be an int >= 1" in err and "got 0" in err
 
@@ -105,9 +105,9 @@ def test_latency_line_says_what_it_compares_and_warns_when_busy(load, busy, tiny
                                                                  monkeypatch):
     import catome_export.runtime.verify as verify
 
-    monkeypatch.setattr(verify, "_load_average", lambda: load)
+    monkeypatch.setattr(verify, "load_average", lambda: load)
     report = tmp_path / "report.json"
-    assert main(["verify", str(tiny_engine), *ARGS, "--quiet", "--json", str(report)]) == 0
+    assert main(["verify", "--engine", str(tiny_engine), *ARGS, "--quiet", "--json", str(report)]) == 0
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if line.startswith("latency per step"))
     assert "vs eager CA-ToMe reference" in line and "no speedup over plain PyTorch" in line

@@ -36,4 +36,9 @@ def test_precision_dtype():
         precision_dtype("bf16", ("fp32", "fp16"))
     with pytest.raises(CatomeError, match="rebuild"):
         precision_dtype("fp8", ("fp32", "fp16"), "unknown engine precision 'fp8': rebuild")
+    assert precision_dtype("auto", ("auto", "fp32"), device="cpu") is torch.float32
+    assert precision_dtype(None, ("auto", "fp32"), device=torch.device("cpu")) is torch.float32
+    assert precision_dtype("auto", ("auto", "fp16"), device="cuda:1") is torch.float16  # named, not used: no GPU needed
+    with pytest.raises(CatomeError, match=r"use fp32, fp16 or bf16"):
+        precision_dtype("auto", device="cuda")  # auto only where the caller allows it
     assert ELEMENT_TYPES == {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}

@@ -102,7 +102,7 @@ def _build_real(model: str, out: Path, *extra: str) -> str:
 
     buf = io.StringIO()
     with redirect_stdout(buf):
-        code = main(["build", "--model", model, "--weights", "random", "--backend", "ort", "--resolution",
+        code = main(["build", "--model", model, "--weights", "random", "--engine-kind", "ort", "--resolution",
                      str(SD15_RESOLUTION), "--no-verify", "--out", str(out), *extra])
     gc.collect()
     assert code == 0, buf.getvalue()[-2000:]
@@ -111,7 +111,7 @@ def _build_real(model: str, out: Path, *extra: str) -> str:
 
 @pytest.fixture(scope="session")
 def build_real():
-    """``build_real(model, out, *extra_flags)``: ``catome-export build --model <model> --weights random --backend
+    """``build_real(model, out, *extra_flags)``: ``catome-export build --model <model> --weights random --engine-kind
     ort`` at 64 px without verification; returns its stdout (asserts exit code 0)."""
     return _build_real
 

@@ -46,7 +46,7 @@ TOLERANCE = 1e-4
 
 @pytest.fixture(scope="module")
 def sd15_fp32(tmp_path_factory, build_sd15) -> tuple[Path, str]:
-    """(folder, build output) of ``catome-export build --model sd15 --weights random --backend ort`` at 64 px."""
+    """(folder, build output) of ``catome-export build --model sd15 --weights random --engine-kind ort`` at 64 px."""
     out = tmp_path_factory.mktemp("sd15_fp32") / "sd15"
     return out, build_sd15(out)
 

@@ -210,8 +210,8 @@ def test_resolution_not_a_multiple_of_8(reliability_engine, capsys, tmp_path):
         make_options("tiny", resolution=100)
     assert_cli_error(["build", "--model", "tiny", "--resolution", "100", "--out", str(tmp_path / "e")], capsys,
                      "not a multiple of 8", "96 or 104")
-    assert_cli_error(["verify", str(reliability_engine), "--resolution", "100"], capsys, "multiples of 8")
-    assert_cli_error(["generate", "--engine", str(reliability_engine), "--prompt", "a cat", "--height", "100",
+    assert_cli_error(["verify", "--engine", str(reliability_engine), "--resolution", "100"], capsys, "multiples of 8")
+    assert_cli_error(["generate", "--engine", str(reliability_engine), "--prompt", "a cat", "--resolution", "100",
                       "--out", str(tmp_path / "x.png")], capsys, "multiple of 8", "96 or 104")
 
 
@@ -226,7 +226,7 @@ def test_resolution_outside_the_built_range(ort_runtime, latent):
 
 
 def test_resolution_outside_the_built_range_cli(reliability_engine, capsys):
-    assert_cli_error(["verify", str(reliability_engine), "--resolution", "256", "--steps", "1"], capsys,
+    assert_cli_error(["verify", "--engine", str(reliability_engine), "--resolution", "256", "--steps", "1"], capsys,
                      "outside the built range", "--max-resolution 256")
 
 
@@ -241,8 +241,8 @@ def test_batch_zero_or_above_the_built_range(ort_runtime, batch):
 def test_batch_on_the_command_line(reliability_engine, capsys, tmp_path):
     assert_cli_error(["build", "--model", "tiny", "--batch", "0", "--out", str(tmp_path / "e")], capsys,
                      "batch must be an int in 1..256, got 0")
-    assert_cli_error(["verify", str(reliability_engine), "--batch", "0"], capsys, "batch must be an int >= 1")
-    assert_cli_error(["verify", str(reliability_engine), "--batch", "3", "--steps", "1"], capsys,
+    assert_cli_error(["verify", "--engine", str(reliability_engine), "--batch", "0"], capsys, "batch must be an int >= 1")
+    assert_cli_error(["verify", "--engine", str(reliability_engine), "--batch", "3", "--steps", "1"], capsys,
                      "batch 3 is outside the built range 1..2", "--max-batch 3")
 
 
@@ -258,7 +258,7 @@ def test_engine_folder_missing(tmp_path, capsys):
     with pytest.raises(catome_export.CatomeError, match="engine folder .* does not exist: build it with "
                                                         "catome-export build"):
         _load(missing)
-    assert_cli_error(["verify", str(missing)], capsys, "does not exist", "catome-export build")
+    assert_cli_error(["verify", "--engine", str(missing)], capsys, "does not exist", "catome-export build")
 
 
 @pytest.mark.parametrize("name, model", [("sdxl", "sdxl"), ("sd21", "sd21"), ("tiny-xl", "tiny-xl"),
@@ -274,13 +274,13 @@ def test_half_made_engine_folder(engine_copy, capsys):
     (engine_copy / "manifest.json").unlink()
     with pytest.raises(catome_export.CatomeError, match=r"has no manifest.json \(not a finished build\)"):
         _load(engine_copy)
-    assert_cli_error(["verify", str(engine_copy)], capsys, "not a finished build")
+    assert_cli_error(["verify", "--engine", str(engine_copy)], capsys, "not a finished build")
 
 
 def test_engine_path_is_a_file(engine_copy, capsys):
     with pytest.raises(catome_export.CatomeError, match="is a file, not an engine folder: pass its folder"):
         _load(engine_copy / "manifest.json")
-    assert_cli_error(["verify", str(engine_copy / "stage_0.onnx")], capsys, "is a file, not an engine folder")
+    assert_cli_error(["verify", "--engine", str(engine_copy / "stage_0.onnx")], capsys, "is a file, not an engine folder")
 
 
 def test_truncated_stage_file(engine_copy, capsys):
@@ -290,7 +290,7 @@ def test_truncated_stage_file(engine_copy, capsys):
     with pytest.raises(catome_export.CatomeError, match="stage_2.onnx has .* bytes, the manifest records .* "
                                                         r"\(truncated or replaced\): rebuild it with catome-export build"):
         _load(engine_copy)
-    assert_cli_error(["verify", str(engine_copy)], capsys, "truncated", "rebuild it with catome-export build")
+    assert_cli_error(["verify", "--engine", str(engine_copy)], capsys, "truncated", "rebuild it with catome-export build")
 
 
 def test_corrupted_stage_file(engine_copy, capsys):
@@ -301,7 +301,7 @@ def test_corrupted_stage_file(engine_copy, capsys):
     with pytest.raises(catome_export.CatomeError, match=r"stage_3.onnx does not match its sha256 in the manifest "
                                                         r"\(damaged or replaced\): rebuild it"):
         _load(engine_copy)
-    assert_cli_error(["verify", str(engine_copy)], capsys, "does not match its sha256")
+    assert_cli_error(["verify", "--engine", str(engine_copy)], capsys, "does not match its sha256")
 
 
 def _edit_manifest(folder, edit) -> None:
@@ -316,7 +316,7 @@ def test_manifest_from_another_version(engine_copy, capsys):
     with pytest.raises(catome_export.CatomeError, match="has format_version 2; this catome-export .* reads version 1: "
                                                         "rebuild with catome-export build --model tiny"):
         _load(engine_copy)
-    assert_cli_error(["verify", str(engine_copy)], capsys, "format_version 2", "rebuild with")
+    assert_cli_error(["verify", "--engine", str(engine_copy)], capsys, "format_version 2", "rebuild with")
 
 
 def test_manifest_edited_by_hand(engine_copy, capsys):
@@ -324,7 +324,7 @@ def test_manifest_edited_by_hand(engine_copy, capsys):
     with pytest.raises(catome_export.CatomeError, match=r"was modified or damaged \(its manifest_sha256 does not "
                                                         "match its contents\\): rebuild with catome-export build"):
         _load(engine_copy)
-    assert_cli_error(["verify", str(engine_copy)], capsys, "was modified or damaged")
+    assert_cli_error(["verify", "--engine", str(engine_copy)], capsys, "was modified or damaged")
 
 
 def test_manifest_not_json(engine_copy, capsys):
@@ -336,7 +336,7 @@ def test_manifest_not_json(engine_copy, capsys):
 
 def test_damaged_engine_real_process(engine_copy, cli_process):
     (engine_copy / "stage_1.onnx").write_bytes(b"not an onnx graph")
-    proc = cli_process(["verify", str(engine_copy), "--steps", "1"])
+    proc = cli_process(["verify", "--engine", str(engine_copy), "--steps", "1"])
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: engine ")
 
@@ -383,7 +383,7 @@ def test_a_verification_that_cannot_fit_in_memory_is_refused_before_the_work(eng
                      "catome-export verify on a machine with more memory")
     assert {p.name: p.read_bytes() for p in engine_copy.iterdir()} == before
     assert sorted(p.name for p in engine_copy.parent.iterdir()) == ["tiny"]
-    assert_cli_error(["verify", str(engine_copy), "--steps", "1"], capsys, f"verifying {engine_copy} on the CPU",
+    assert_cli_error(["verify", "--engine", str(engine_copy), "--steps", "1"], capsys, f"verifying {engine_copy} on the CPU",
                      "needs at least", "verify on a machine with more memory (or on a GPU)")
 
 
@@ -469,7 +469,7 @@ def test_unwritable_output_is_refused_before_the_run(command, kind, tmp_path, ca
         "bench-json": ["bench", "--model", "tiny", "--json", str(_unwritable(kind, tmp_path, "b.json"))],
         "bench-plot": ["bench", "--model", "tiny", "--plot", str(_unwritable(kind, tmp_path, "b.png"))],
         "analyze-plot": ["analyze", "--model", "tiny", "--plot", str(_unwritable(kind, tmp_path, "p.png"))],
-        "verify-json": ["verify", str(tmp_path), "--json", str(_unwritable(kind, tmp_path, "v.json"))],
+        "verify-json": ["verify", "--engine", str(tmp_path), "--json", str(_unwritable(kind, tmp_path, "v.json"))],
     }[command]
     if command == "analyze-plot" and kind == "under-a-file":
         expected = "does not exist"  # analyze asks for an existing folder first

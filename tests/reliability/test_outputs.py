@@ -42,7 +42,7 @@ def test_a_write_that_fails_at_the_end_keeps_the_result(command, tmp_path, capsy
     folder.mkdir()
     if command == "generate":
         target = folder / "fox.png"
-        argv = ["generate", "--model", "tiny", "--prompt", "a fox", "--steps", "2", "--height", "64",
+        argv = ["generate", "--model", "tiny", "--prompt", "a fox", "--steps", "2", "--resolution", "64",
                 "--out", str(target)]
         _break_folder_after(monkeypatch, "catome_export.workflows.generate", "generate", folder)
     elif command == "analyze-json":
@@ -57,11 +57,11 @@ def test_a_write_that_fails_at_the_end_keeps_the_result(command, tmp_path, capsy
     elif command == "verify-json":
         engine = request.getfixturevalue("tiny_engine")
         target = folder / "v.json"
-        argv = ["verify", str(engine), "--steps", "2", "--threads", "1", "--quiet", "--json", str(target)]
+        argv = ["verify", "--engine", str(engine), "--steps", "2", "--threads", "1", "--quiet", "--json", str(target)]
         _break_folder_after(monkeypatch, "catome_export.runtime.verify", "verify_engine", folder)
     else:
         target = folder / "results.json"
-        argv = ["eval", "--model", "tiny", "--imagenet", "1", "--steps", "2", "--height", "64", "--warmup", "0",
+        argv = ["eval", "--model", "tiny", "--imagenet", "1", "--steps", "2", "--resolution", "64", "--warmup", "0",
                 "--out", str(folder)]
         _break_folder_after(monkeypatch, "catome_export.workflows.evaluate", "_external_metrics", folder)
     assert main(argv) == 1

@@ -147,7 +147,9 @@ def test_tiny_cpu_run_writes_one_complete_json(gpu_check, tmp_path):
                   "generation/64/chain/catome-forced/no-cache", "generation/64/chain/catome-forced/cache"}
     assert set(parts) == {"eager/64/plain", "eager/64/catome-forced", "eager/64/catome-t0.7-smooth",
                           "chain/64/catome-forced/no-graphs", "chain/64/catome-forced/cuda-graphs",
-                          "chain/64/nothing-merged/no-graphs", "chain/64/nothing-merged/cuda-graphs", *generation}
+                          "chain/64/nothing-merged/no-graphs", "chain/64/nothing-merged/cuda-graphs", *generation,
+                          "tensorrt/tiny"}
+    assert parts.pop("tensorrt/tiny")["status"] == "skipped"
     for name in generation:  # 3 DDIM calls with interval 3: full, cached, cached
         kinds = [c.get("cached_features", False) for c in parts[name]["calls"]]
         assert kinds == ([False, True, True] if name.endswith(("deepcache", "/cache")) else [False] * 3), name
@@ -167,3 +169,21 @@ def test_tiny_cpu_run_writes_one_complete_json(gpu_check, tmp_path):
     nothing = parts["chain/64/nothing-merged/no-graphs"]["calls"]
     assert all(r == 0 for c in nothing for r in c["merged"].values())
     assert "matched" not in parts["eager/64/plain"]["calls"][0]
+
+
+# -- the TensorRT part ----------------------------------------------------------------------------------------------
+def test_tensorrt_part_names_what_is_missing(gpu_check, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorrt" else real(name, *a))
+    why = gpu_check.tensorrt_missing()
+    assert why is not None and why.startswith("tensorrt not importable") and "GPU_CHECK_WHEELS" in why
+    part = gpu_check.tensorrt_part("cuda", 3, gpu_check.Deadline.after(60))
+    assert part == {"status": "skipped", "reason": why}
+
+
+def test_tensorrt_part_needs_cuda_even_with_the_packages(gpu_check, monkeypatch):
+    monkeypatch.setattr(gpu_check, "tensorrt_missing", lambda: None)
+    part = gpu_check.tensorrt_part("cpu", 3, gpu_check.Deadline.after(60))
+    assert part["status"] == "skipped" and "CUDA" in part["reason"]

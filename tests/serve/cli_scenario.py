@@ -1,4 +1,4 @@
-"""Run inside a loopback-only namespace by test_serve_ray.py: ``catome-export serve ENGINE`` with small limits, then
+"""Run inside a loopback-only namespace by test_serve_ray.py: ``catome-export serve --engine ENGINE`` with small limits, then
 requests that meet each limit, then SIGTERM while requests are in flight.
 
 Usage: python cli_scenario.py ENGINE_DIR OUT_JSON. Writes what happened as JSON (the test asserts on it).
@@ -117,7 +117,7 @@ def main(engine: str, out: str) -> int:
         return 2
     stdout_path, stderr_path = Path(out).with_suffix(".log"), Path(out).with_suffix(".err")
     with open(stdout_path, "w") as stdout, open(stderr_path, "w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "catome_export.cli.main", "serve", engine, "--steps", "2",
+        proc = subprocess.Popen([sys.executable, "-m", "catome_export.cli.main", "serve", "--engine", engine, "--steps", "2",
                                  "--threads", "1", "--max-ongoing-requests", "1", "--max-queued-requests", "1",
                                  "--request-timeout", str(REQUEST_TIMEOUT_S), "--drain-timeout",
                                  str(DRAIN_TIMEOUT_S)], stdout=stdout, stderr=stderr, cwd=str(ROOT))

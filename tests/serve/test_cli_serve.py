@@ -10,7 +10,7 @@ from catome_export.cli.main import main
 
 
 def _run(capsys, *argv: str) -> tuple[int, str]:
-    rc = main(["serve", *argv])
+    rc = main(["serve", "--engine", *argv])  # the engine folder first
     err = capsys.readouterr().err.strip()
     return rc, err
 

@@ -2,12 +2,14 @@
 
 - ``test_service_end_to_end``: 2 replicas of the tiny engine; an image identical to a direct call at batch 1, bad
   requests answered 400 in OpenAI's error shape while the replica keeps serving, /-/healthz, a small load without
-  errors, the replica generating a seeded request's image killed (the request still answered, a replacement
+  errors (every third request a bad body, answered 4xx; the metrics count what the clients saw), the replica generating a seeded request's image killed (the request still answered, a replacement
   started while the other one keeps answering), the Prometheus metrics, and what listens where (loopback, but for
   the Serve replicas' gRPC servers).
+- ``test_a_timed_mixed_load_then_a_queue_overflow`` (slow): the load for a while with bad bodies among the good
+  requests, then the application redeployed with small limits and more clients than fit (200s and 429s).
 - ``test_memory_is_flat_over_a_longer_load`` (slow): resident memory of a replica over 40 requests, with ONNX
   Runtime's CPU arena off (with it on, memory creeps up as the arena meets new merge counts; docs/serving.md).
-- ``test_cli_serve_limits_drain_and_exposure`` (slow): ``catome-export serve ENGINE`` with one replica taking one
+- ``test_cli_serve_limits_drain_and_exposure`` (slow): ``catome-export serve --engine ENGINE`` with one replica taking one
   request and one waiting: the queue's limit (429), the request timeout (504), a client that goes away, SIGTERM's
   drain (exit 130, no Ray process left), and the ports the command names at start.
 """
@@ -39,27 +41,36 @@ def _load(engine, tmp_path, ray_env, ray_temp_dir, *extra: str, timeout: int = 9
 def test_service_end_to_end(tiny_engine, tmp_path, ray_isolation, ray_env, ray_temp_dir):
     from catome_export.serve.loadtest import is_loopback
 
-    report = _load(tiny_engine, tmp_path, ray_env, ray_temp_dir, "--requests", "6", "--concurrency", "3",
-                   "--replicas", "2", "--check-direct", "--bad-requests", "--kill-replica", "--kill-requests", "4",
-                   "--node-address")
+    from catome_export.serve.loadtest import BAD_REQUESTS
+
+    report = _load(tiny_engine, tmp_path, ray_env, ray_temp_dir, "--requests", "9", "--bad-every", "3",
+                   "--concurrency", "3", "--replicas", "2", "--check-direct", "--bad-requests", "--kill-replica",
+                   "--kill-requests", "4", "--node-address")
+    assert report["checks"] and all(report["checks"].values()), report["checks"]  # the script exits 1 otherwise
 
     direct = report["direct"]
     assert direct["status"] == 200 and direct["batch_images"] == 1
     assert direct["identical"], direct
     assert direct["catome_fields"] == ["engine_sha256", "images"] and "replica_pid" not in report["engine_fields"]
     assert report["engine"]["engine_sha256"] == hashlib.sha256((tiny_engine / "manifest.json").read_bytes()).hexdigest()
-    assert len(report["replica_pids"]) == 2  # found in the replicas' Serve log files
+    assert len(report["replica_pids_from_logs"]) == 2  # found in the replicas' Serve log files
 
     bad = report["bad_requests"]
-    assert len(bad["cases"]) == 8
+    assert len(bad["cases"]) == len(BAD_REQUESTS)
     for case in bad["cases"]:
         assert case["status"] == 400 and case["type"] == "invalid_request_error", case
         assert case["message"] and "\n" not in case["message"]
     assert bad["good_request_after"] == 200 and bad["healthz"] == 200
 
+    # the load: 6 good requests answered, every 3rd request a bad body answered 4xx, all in the API's shape; the
+    # ingress's metrics counted what the clients saw
     load = report["load"]
     assert load["ok"] == 6 and load["errors"] == 0, load["first_errors"]
-    assert 0 < load["p50_s"] <= load["p99_s"]
+    assert 0 < load["p50_s"] <= load["p99_s"] <= load["max_s"]
+    assert load["bad"]["sent"] == 3 and load["bad"]["all_4xx"] and load["not_api_shape"] == 0, load["bad"]
+    assert load["metrics"]["consistent"] and load["metrics"]["client"] == {"images": 6, "invalid": 3, "ok": 6}, \
+        load["metrics"]
+    assert load["replica_states_after"] == {"RUNNING": 2} and load["healthz_after"] == 200
 
     kill = report["kill"]
     assert kill["replaced"], kill
@@ -69,6 +80,9 @@ def test_service_end_to_end(tiny_engine, tmp_path, ray_isolation, ray_env, ray_t
     assert long["victim_was_busy_s"] >= 0.05 and long["killed_after_s"] < long["seconds"], long
     assert long["status"] == 200 and long["images"] == 1, long
     assert kill["load"]["errors"] == 0, kill["load"]["first_errors"]
+    # every answer JSON in the API's shape, never a plain-text 500; a request lost with the replica (one without
+    # a seed) a 503 replica_lost with Retry-After
+    assert kill["plain_text_500s"] == 0 and not kill["not_api_shape"] and not kill["other_non_200"], kill
     assert kill["new_replica_pids"] and kill["victim_pid"] not in kill["new_replica_pids"]
     assert kill["survivor_pids_still_answering"], kill
     assert report["replica_states_at_end"] == {"RUNNING": 2}
@@ -79,7 +93,7 @@ def test_service_end_to_end(tiny_engine, tmp_path, ray_isolation, ray_env, ray_t
     assert metrics["url"].startswith("http://127.0.0.1:") and metrics["url"].endswith("/metrics"), metrics
     sums = metrics["sums"]
     assert sums["ray_catome_requests_total{outcome=ok}"] >= metrics["expected_ok"], sums
-    assert sums["ray_catome_requests_total{outcome=invalid}"] >= 8, sums
+    assert sums["ray_catome_requests_total{outcome=invalid}"] >= len(BAD_REQUESTS) + 3, sums
     assert sums["ray_catome_resent_requests_total"] >= 1, sums  # the long request, after its replica was killed
     assert sums["ray_catome_images_total"] >= 1, sums
     for histogram in ("queue_seconds", "generation_seconds", "steps", "batch_images"):
@@ -108,6 +122,27 @@ def test_memory_is_flat_over_a_longer_load(tiny_engine, tmp_path, ray_isolation,
     [replica] = report["memory"]["replicas"].values()
     assert report["memory"]["samples"] >= 5
     assert abs(replica["growth_pct"]) < 5.0, replica
+
+
+@pytest.mark.slow
+def test_a_timed_mixed_load_then_a_queue_overflow(tiny_engine, tmp_path, ray_isolation, ray_env, ray_temp_dir):
+    """The load for a while, every other request a bad body; then the application redeployed with one request per
+    replica and two queued, and four times as many clients as fit: 200s and 429s, each in the API's shape."""
+    report = _load(tiny_engine, tmp_path, ray_env, ray_temp_dir, "--duration", "8", "--concurrency", "2",
+                   "--bad-every", "2", "--replicas", "1", "--overflow", "--overflow-requests", "12")
+    assert all(report["checks"].values()), report["checks"]
+    load = report["load"]
+    assert load["asked"] == {"requests": None, "duration_s": 8.0, "bad_every": 2}
+    assert load["ok"] >= 1 and load["errors"] == 0 and load["bad"]["sent"] >= 1 and load["bad"]["all_4xx"], load
+    assert load["limits"] == {"max_ongoing_requests": 2, "max_queued_requests": 32, "request_timeout_s": 300.0,
+                              "replicas": 1, "capacity": 34}
+    assert load["metrics"]["consistent"], load["metrics"]
+    over = report["overflow"]
+    assert over["limits"]["capacity"] == 3 and over["clients"] == 12 and over["requests"] == 12
+    assert over["counts"]["200"] >= 1 and over["counts"]["429"] >= 1 and over["not_api_shape"] == 0, over
+    assert sum(over["counts"].values()) == 12
+    assert over["retry_after"].get("5", 0) == over["counts"]["429"] + over["counts"]["503"], over
+    assert over["replica_states_after"] == {"RUNNING": 1}
 
 
 @pytest.mark.slow
