@@ -210,7 +210,9 @@ def tiny_controlnet(unet: torch.nn.Module, seed: int = RANDOM_SEED) -> Any:
         for conv in (*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
                      controlnet.controlnet_cond_embedding.conv_out):
             conv.reset_parameters()
-    return controlnet.to(dtype=unet.dtype).eval().requires_grad_(False)
+    if controlnet.dtype != unet.dtype:
+        controlnet = controlnet.to(dtype=unet.dtype)
+    return controlnet.eval().requires_grad_(False)
 
 
 def controlnet_pipeline(pipe: Any, controlnet: Any) -> Any:
