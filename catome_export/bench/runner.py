@@ -117,7 +117,7 @@ class _Session:
                 threshold: float | None, timing: RowTiming, detail: str) -> None:
         grids = flops.site_grids(self.unet_config, inputs.latent_hw, self.base_settings.max_downsample)
         row = build_row(backend, resolution, inputs, fraction, threshold, timing, grids, self.base_settings.stride,
-                        detail)
+                        detail, r_multiple=self.base_settings.r_multiple)
         row["load_average_1min"] = load_average()
         row["rss_gib"] = rss_gib()
         self.rows.append(row)
