@@ -33,7 +33,8 @@ def add_merge_options(p: argparse.ArgumentParser) -> None:
 
 R_MULTIPLE_HELP = ("round each merge site's r down to a multiple of Q, merging the Q*floor(r/Q) best-scoring src "
                    "tokens: bounded shape variety (at most about N/Q shapes per site of N tokens, so TensorRT "
-                   "kernels and CUDA graphs are reused and ONNX Runtime's CPU arena stops growing); 1 = off")
+                   "kernels and CUDA graphs can be reused and ONNX Runtime's CPU arena meets fewer buffer sizes); "
+                   "1 = off")
 
 
 def add_r_multiple_option(p: argparse.ArgumentParser, engine_default: bool, eager: bool = False) -> None:

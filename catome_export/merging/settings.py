@@ -42,7 +42,8 @@ class MergeSettings:
     r_multiple: int = DEFAULT_R_MULTIPLE
     """Bounded shape variety: each site's r (whatever the mode) is rounded down to a multiple q of this, merging
     the q * floor(r / q) best-scoring src tokens, so a site of N tokens sees at most about N / q distinct shapes
-    (reused TensorRT kernels and CUDA graphs, a bounded ONNX Runtime CPU arena). 1 (default): off, r as counted."""
+    (TensorRT kernels and CUDA graphs reused, fewer buffer sizes in ONNX Runtime's CPU arena). 1 (default): off,
+    r as counted."""
 
     def __post_init__(self) -> None:
         modes = [v is not None for v in (self.threshold, self.ratio, self.merge_fraction)]

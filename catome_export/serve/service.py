@@ -92,8 +92,8 @@ class ServeOptions:
     engine's own, set at build); its branch must be one the engine was cut for."""
     r_multiple: int | None = None
     """Round each merge site's r down to a multiple of this (``MergeSettings.r_multiple``; None: the engine's own,
-    set at build). A replica then meets at most about N / q shapes per site of N tokens, which bounds ONNX
-    Runtime's CPU arena with the arena on (see docs/serving.md)."""
+    set at build). A replica then meets at most about N / q shapes per site of N tokens, which bounds the buffer
+    sizes ONNX Runtime's CPU arena keeps with the arena on (see docs/serving.md)."""
     engine_sha256: str | None = None
     """sha256 (hex) of the engine folder's manifest.json the application was deployed with: a replica whose folder
     holds another engine refuses to serve (None: not pinned; ``build_app`` always pins it)."""
