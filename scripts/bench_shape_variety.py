@@ -128,7 +128,7 @@ def child(args: argparse.Namespace) -> int:
             break
         g = int(order["generation"])
         seed = args.seed + 1000 * g
-        sigma = SIGMAS[g % len(SIGMAS)]
+        sigma = args.sigmas[g % len(args.sigmas)]
         latents = _start_latents((1, runtime.unet.in_channels, *hw), seed, sigma)
         gen = torch.Generator().manual_seed(seed + 1)
         ehs = torch.randn(batch, text_len, text_dim, generator=gen)  # [empty prompt, prompt]
@@ -162,8 +162,10 @@ def child(args: argparse.Namespace) -> int:
 # -- the parent ---------------------------------------------------------------------------------------------------
 class Child:
     def __init__(self, args: argparse.Namespace, q: int) -> None:
+        sigmas = ",".join(f"{s:g}" for s in args.sigmas)
         cmd = [sys.executable, os.path.abspath(__file__), "--child", "--engine", str(args.engine), "--q", str(q),
-               "--steps", str(args.steps), "--threads", str(args.threads), "--seed", str(args.seed)]
+               "--steps", str(args.steps), "--threads", str(args.threads), "--seed", str(args.seed),
+               "--sigmas", sigmas]
         self.q = q
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.ready = self._read()
@@ -274,6 +276,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sequential", action="store_true", help="one child after the other (default: interleaved)")
     p.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime threads per child (default 2)")
     p.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
+    p.add_argument("--sigmas", default=",".join(f"{s:g}" for s in SIGMAS),
+                   help="blur widths of the start latents, cycled by generation; 0 is white noise, which merges "
+                        "little with random weights (default %(default)s)")
     p.add_argument("--label", default=None, help="title of the .md (default: the engine folder's name)")
     p.add_argument("--json", type=Path, default=None, help="result JSON (default: none)")
     p.add_argument("--md", type=Path, default=None, help="short markdown summary (default: none)")
@@ -284,6 +289,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    sigmas = args.sigmas
+    args.sigmas = [float(v) for v in sigmas.split(",") if v.strip()]
     if args.child:
         return child(args)
     qs = [int(v) for v in args.r_multiples.split(",") if v.strip()]
@@ -328,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         "label": args.label or args.engine.name, "engine": str(args.engine), "model": manifest.model.id,
         "weights": manifest.model.weights, "latent_hw": first["latent_hw"], "batch": first["batch"],
         "steps": args.steps, "generations_asked": args.generations, "budget_s": args.budget_s,
-        "threads": args.threads, "backend": "ort-cpu", "ort_options": "defaults (cpu_mem_arena on, shared arena)",
+        "threads": args.threads, "sigmas": args.sigmas, "backend": "ort-cpu", "ort_options": "defaults (cpu_mem_arena on, shared arena)",
         "mode": "sequential (one child after the other)" if args.sequential else
                 "interleaved (both children loaded, one generation each in turn)",
         "loadavg_before": before, "loadavg_after": after, "wall_s": round(time.time() - started, 1),
