@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING
 
 from catome_export.choices import BuildBackend, Exporter, Precision
 from catome_export.cli.vocab import deprecate
-from catome_export.defaults import DEFAULT_SCHEDULE, DEFAULT_STEP_BASE, DEFAULT_THRESHOLD, DEFAULT_VERIFY_STEPS
+from catome_export.defaults import (
+    DEFAULT_R_MULTIPLE, DEFAULT_SCHEDULE, DEFAULT_STEP_BASE, DEFAULT_THRESHOLD, DEFAULT_VERIFY_STEPS,
+)
 
 WEIGHTS_HELP = ("pretrained (default for sd15/sd21/sdxl and folders: the hub, its cache or the folder), random "
                 "(seeded; the only choice for tiny and tiny-xl without a file), or a single-file checkpoint "
@@ -48,9 +50,13 @@ def options_from_args(args: argparse.Namespace) -> "BuildOptions":
         from catome_export.models import model_info
 
         level = model_info(args.model).max_downsample
+    from catome_export.cli.cmd_generate import r_multiple_arg
+
+    q = r_multiple_arg(args)
     settings = MergeSettings(threshold=args.threshold, schedule=parse_schedule(DEFAULT_SCHEDULE, args.step_base),
-                             max_downsample=level)
+                             max_downsample=level, r_multiple=DEFAULT_R_MULTIPLE if q is None else q)
     cli = {"threshold": args.threshold, "schedule": args.schedule, "step_base": args.step_base,
+           "r_multiple": None if q in (None, DEFAULT_R_MULTIPLE) else q,
            "opt_merge_fraction": args.opt_merge_fraction, "max_stage_gb": args.max_stage_gb,
            "feature_cache": args.feature_cache, "cache_branches": args.cache_branches}
     return BuildOptions.create(
@@ -145,6 +151,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         f"0,10,20, or auto:K (calibrated on the model) (default {DEFAULT_SCHEDULE})")
     p.add_argument("--step-base", type=int, choices=(0, 1), default=DEFAULT_STEP_BASE,
                    help="step number of the first loop index: 1 as the authors' code ran (default), 0 as the paper")
+    from catome_export.cli.cmd_generate import add_r_multiple_option
+
+    add_r_multiple_option(p, engine_default=False)
     p.add_argument("--max-downsample", type=int, choices=(1, 2, 4, 8), default=None,
                    help="merge level: the transformer blocks at downsample <= this become merge sites (default: the "
                         "model's own, 1 for SD 1.x/2.x, 2 for SDXL)")

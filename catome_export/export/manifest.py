@@ -557,6 +557,8 @@ class Manifest:
         else:
             args["schedule"] = schedule.name
         args["step_base"] = schedule.step_base
+        if merge.r_multiple != 1:
+            args["r_multiple"] = merge.r_multiple
         args.update(min_batch=s.batch[0], max_batch=s.batch[1],  # the CLI takes square pixel sizes: cover both
                     min_resolution=8 * min(s.latent_height[0], s.latent_width[0]),
                     max_resolution=8 * max(s.latent_height[1], s.latent_width[1]))
@@ -600,7 +602,7 @@ def _first_malformed(data: Mapping[str, Any]) -> str | None:
 
 FLAG_ORDER = ("model", "weights", "precision", "backend", "resolution", "min_resolution", "max_resolution", "batch",
               "min_batch", "max_batch", "threshold", "ratio", "merge_fraction", "schedule", "step_base",
-              "opt_merge_fraction", "ort_optimize", "max_stage_gb", "feature_cache", "cache_branches", "name", "out")
+              "r_multiple", "opt_merge_fraction", "ort_optimize", "max_stage_gb", "feature_cache", "cache_branches", "name", "out")
 
 
 FLAG_NAMES = {"backend": "engine-kind"}

@@ -141,3 +141,17 @@ def test_ctrl_c_while_the_commands_load_exits_130_without_traceback(monkeypatch,
     monkeypatch.setattr(cli_main.importlib, "import_module", interrupted)
     assert cli_main.main(["build", "--model", "tiny"]) == 130
     assert capsys.readouterr().err.strip() == "interrupted: nothing was started"
+
+
+def test_r_multiple_reaches_the_build_settings_and_its_recorded_arguments(tmp_path):
+    from catome_export.cli.cmd_build import options_from_args
+    from catome_export.cli.main import build_parser
+
+    def options(*extra: str):
+        args = build_parser().parse_args(["build", "--model", "tiny", "--out", str(tmp_path / "e"), *extra])
+        return options_from_args(args)
+
+    rounded = options("--r-multiple", "64")
+    assert rounded.settings.r_multiple == 64 and rounded.cli["r_multiple"] == 64
+    plain = options()
+    assert plain.settings.r_multiple == 1 and plain.cli["r_multiple"] is None
