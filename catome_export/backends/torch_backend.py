@@ -68,7 +68,8 @@ def manifest_dtype(manifest: Manifest) -> torch.dtype:
 
 
 def load_reference_unet(manifest: Manifest, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The U-Net the engine was built from (model id + weights), checked against the manifest's weights hash."""
+    """The U-Net the engine was built from (model id + weights), checked against the manifest's weights hash, with
+    the LoRA the engine computes (its manifest's ``lora.active``) fused as the build fuses it."""
     model = manifest.model
     unet = load_unet(model.id, weights=model.weights or "pretrained", dtype=manifest_dtype(manifest))
     expected = model.weights_hash
@@ -80,6 +81,10 @@ def load_reference_unet(manifest: Manifest, device: torch.device | str = "cpu") 
                 f"built from (weights hash {got[:12]}... vs {str(expected)[:12]}... in the manifest): load the same "
                 "weights, or rebuild the engine with catome-export build"
             )
+    if manifest.lora is not None and manifest.lora.active:  # the LoRA the engine computes, fused the same way
+        from catome_export.lora.refit import fuse_active
+
+        fuse_active(unet, manifest, manifest.engine_dir or Path("."))
     return unet.to(device)
 
 
