@@ -30,6 +30,9 @@ import sys
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's catome_export, as the commands below (run from REPO) use
+
 
 def load() -> float:
     return round(os.getloadavg()[0], 2)
@@ -41,7 +44,7 @@ def run(cmd: list[str], log: Path) -> dict:
     with open(log, "a") as fh:
         fh.write(f"$ {shlex.join(cmd)}\n")
         fh.flush()
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
     seconds = time.perf_counter() - start
     if proc.returncode:
         raise SystemExit(f"{shlex.join(cmd)} failed ({proc.returncode}); see {log}")

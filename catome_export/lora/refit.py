@@ -195,9 +195,9 @@ def plan_refit(engine_dir: Path, manifest: Manifest, specs: Sequence[LoraSpec],
     a runtime swapped in memory passes its own)."""
     record = require_lora_record(manifest)
     assert record.weights_map is not None
-    targets = targets_from_config(manifest.model.unet_config)
-    loras = load_loras(specs, targets)
     wmap = WeightsMap.load(engine_dir / record.weights_map.file)
+    targets = wmap.targets if wmap.targets is not None else targets_from_config(manifest.model.unet_config)
+    loras = load_loras(specs, targets)
     std, every = engine_graph_files(manifest)
     for spec, lora in loras:
         wmap.check_params([m.param for m in lora.modules.values()], std, f"LoRA {spec.path}")
@@ -224,6 +224,18 @@ def plan_refit(engine_dir: Path, manifest: Manifest, specs: Sequence[LoraSpec],
                      previous=previous)
 
 
+def _check_inputs(engine_dir: Path, manifest: Manifest, record: LoraRecord) -> None:
+    """The sha256 of every file a refit reads whole (the weights map, the base and overrides files, the standard
+    stage graphs; the external weights files, of which it reads only the weights it changes, and the fused
+    graphs, which it does not read, are checked by every load)."""
+    files = [f for f in (record.weights_map, record.base, record.overrides) if f is not None]
+    files += [EngineFile(s.file, s.sha256, s.bytes) for s in manifest.stages]
+    for f in files:
+        if f.sha256 and sha256_file(engine_dir / f.file) != f.sha256:
+            raise CatomeError(f"engine {engine_dir}: {f.file} does not match its sha256 in the manifest (damaged or "
+                              f"replaced): rebuild it with {manifest.rebuild_command()}")
+
+
 def overrides_name(data: bytes) -> str:
     import hashlib
 
@@ -240,8 +252,10 @@ def refit_engine(engine_dir: str | Path, loras: Any, progress: Progress | None =
     specs = resolve_specs(loras)
     require_lora_record(Manifest.load(engine_dir, check_files=False))
     with BuildLock(engine_dir.parent / f".{engine_dir.name}.lock", str(engine_dir)):
-        manifest = Manifest.load(engine_dir)  # as it is now that the folder is ours
+        # as it is now that the folder is ours; sizes checked, hashes left to every load (which checks them all)
+        manifest = Manifest.load(engine_dir, check_hashes=False)
         record = require_lora_record(manifest)
+        _check_inputs(engine_dir, manifest, record)
         plan = plan_refit(engine_dir, manifest, specs)
         say(f"refit {engine_dir}: LoRA {record.describe()} -> {plan.describe()} ({len(plan.changed)} weights "
             f"change, {len(plan.overrides)} differ from the graphs)")

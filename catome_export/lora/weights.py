@@ -113,8 +113,11 @@ def build_map(unet: torch.nn.Module, folder: Path, graph_files: Iterable[str]) -
         graphs[file] = entries
         del model
     weights = sorted({p for ps in table.values() for p, _ in ps})
+    from catome_export.lora.files import lora_targets
+
+    targets = {name: [t.kind, list(t.shape), t.groups] for name, t in lora_targets(unet).items()}
     return {"format": MAP_FORMAT, "graphs": graphs, "ambiguous": sorted(ambiguous),
-            "unmapped": [p for p in weights if p not in found and p not in ambiguous]}
+            "unmapped": [p for p in weights if p not in found and p not in ambiguous], "targets": targets}
 
 
 def write_map(data: Mapping[str, Any], path: Path) -> None:
@@ -132,6 +135,8 @@ class WeightsMap:
     unmapped: frozenset[str] = frozenset()
     places: dict[str, list[tuple[str, str, int]]] = field(default_factory=dict)
     """param -> [(graph file, initializer, piece index)]."""
+    targets: dict[str, Any] | None = None
+    """The U-Net's Linear and Conv2d layers (module path -> Target), what a LoRA is checked against."""
 
     @classmethod
     def load(cls, path: Path) -> "WeightsMap":
@@ -141,8 +146,13 @@ class WeightsMap:
             raise CatomeError(f"cannot read the engine's weights map {path} ({exc}): rebuild the engine") from None
         if not isinstance(data, dict) or data.get("format") != MAP_FORMAT:
             raise CatomeError(f"{path} is not a weights map this version reads: rebuild the engine")
+        from catome_export.lora.files import Target
+
+        targets = data.get("targets")
         out = cls(graphs=data["graphs"], ambiguous=frozenset(data.get("ambiguous") or ()),
-                  unmapped=frozenset(data.get("unmapped") or ()))
+                  unmapped=frozenset(data.get("unmapped") or ()),
+                  targets=None if targets is None else {k: Target(str(v[0]), tuple(int(d) for d in v[1]), int(v[2]))
+                                                        for k, v in targets.items()})
         for file, entries in out.graphs.items():
             for name, entry in entries.items():
                 for i, (param, _) in enumerate(entry["pieces"]):

@@ -29,7 +29,7 @@ def _build(folder: Path, lora: list[str], verify: bool = False) -> Path:
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory, lora_files) -> dict[str, Path]:
+def lora_engines(tmp_path_factory, lora_files) -> dict[str, Path]:
     pytest.importorskip("onnxruntime")
     root = tmp_path_factory.mktemp("lora-engines")
     return {
@@ -72,28 +72,28 @@ def _equal(xs, ys) -> bool:
     return all(torch.equal(x, y) for x, y in zip(xs, ys))
 
 
-def test_build_records_the_lora_and_verifies(engines, lora_files):
+def test_build_records_the_lora_and_verifies(lora_engines, lora_files):
     from catome_export.export.manifest import Manifest
 
-    m = Manifest.load(engines["a"])
+    m = Manifest.load(lora_engines["a"])
     assert m.lora is not None and [(Path(e.source), e.scale) for e in m.lora.active] == [(lora_files["a"], SCALE_A)]
     entry = m.lora.active[0]
     assert entry.sha256 == hashlib.sha256(lora_files["a"].read_bytes()).hexdigest()
-    assert (engines["a"] / entry.file).read_bytes() == lora_files["a"].read_bytes()  # the engine keeps a copy
+    assert (lora_engines["a"] / entry.file).read_bytes() == lora_files["a"].read_bytes()  # the engine keeps a copy
     assert m.lora.built_with[0].sha256 == entry.sha256 and m.lora.base is not None and m.lora.overrides is None
     assert f"--lora {lora_files['a']}:{SCALE_A:g}" in m.extra["build_command"]
-    base = Manifest.load(engines["base"])
+    base = Manifest.load(lora_engines["base"])
     assert base.lora is not None and base.lora.active == () and base.lora.weights_map is not None
     assert m.model.weights_hash == base.model.weights_hash  # the base weights' hash: the LoRA is recorded apart
 
 
-def test_old_manifest_without_lora_section_loads_and_refit_names_the_rebuild(engines, tmp_path):
+def test_old_manifest_without_lora_section_loads_and_refit_names_the_rebuild(lora_engines, tmp_path):
     import json
 
     from catome_export.export.manifest import MANIFEST_FILE, Manifest, canonical_hash
     from catome_export.lora.refit import refit_engine
 
-    folder = _copy(engines["base"], tmp_path)
+    folder = _copy(lora_engines["base"], tmp_path)
     data = json.loads((folder / MANIFEST_FILE).read_text())
     del data["lora"]
     data["manifest_sha256"] = canonical_hash(data)
@@ -104,7 +104,7 @@ def test_old_manifest_without_lora_section_loads_and_refit_names_the_rebuild(eng
         refit_engine(folder, "none")
 
 
-def test_engine_with_lora_fused_at_build_matches_eager_fuse_lora(engines, lora_files, smooth_latents,
+def test_engine_with_lora_fused_at_build_matches_eager_fuse_lora(lora_engines, lora_files, smooth_latents,
                                                                   text_embeddings):
     """The pipeline with the engine == the pipeline with diffusers' load_lora_weights + fuse_lora and eager
     CA-ToMe: final latents within the verify tolerance."""
@@ -121,7 +121,7 @@ def test_engine_with_lora_fused_at_build_matches_eager_fuse_lora(engines, lora_f
         return pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=STEPS, height=128,
                     width=128, latents=smooth_latents(1, (16, 16)), guidance_scale=7.5, output_type="latent").images
 
-    with _load(engines["a"]) as runtime:
+    with _load(lora_engines["a"]) as runtime:
         with apply_merging(pipe, runtime.settings) as handle:
             want = generate()
             eager_merged = [s.merged for s in handle.history]
@@ -136,18 +136,18 @@ def test_engine_with_lora_fused_at_build_matches_eager_fuse_lora(engines, lora_f
     assert (plain - want).abs().max() > 1e-2  # the LoRA really changes the result
 
 
-def test_refit_to_another_lora_equals_a_fresh_build_and_back_to_none_is_the_base(engines, lora_files, tmp_path,
+def test_refit_to_another_lora_equals_a_fresh_build_and_back_to_none_is_the_base(lora_engines, lora_files, tmp_path,
                                                                                   smooth_latents, text_embeddings):
     from catome_export.cli.main import main
     from catome_export.export.manifest import Manifest
     from catome_export.runtime.verify import verify_engine
 
-    folder = _copy(engines["a"], tmp_path)
+    folder = _copy(lora_engines["a"], tmp_path)
     assert main(["refit", str(folder), "--lora", f"{lora_files['b']}:{SCALE_B}"]) == 0
     m = Manifest.load(folder)
     assert [(Path(e.source), e.scale) for e in m.lora.active] == [(lora_files["b"], SCALE_B)]
     assert m.lora.overrides is not None and not any(p.name.startswith(".") for p in folder.iterdir())
-    fresh = _run(engines["b"], smooth_latents, text_embeddings)
+    fresh = _run(lora_engines["b"], smooth_latents, text_embeddings)
     refit = _run(folder, smooth_latents, text_embeddings)
     assert _equal(refit, fresh)  # the very initializers a build with b exports: bit for bit
     report = verify_engine(folder, steps=3, backend="ort-cpu")  # the eager reference gets b fused too
@@ -155,20 +155,20 @@ def test_refit_to_another_lora_equals_a_fresh_build_and_back_to_none_is_the_base
     assert main(["refit", str(folder), "--none"]) == 0
     m = Manifest.load(folder)
     assert m.lora.active == () and m.lora.overrides is not None  # the graphs hold a: the base comes back as overrides
-    assert _equal(_run(folder, smooth_latents, text_embeddings), _run(engines["base"], smooth_latents,
+    assert _equal(_run(folder, smooth_latents, text_embeddings), _run(lora_engines["base"], smooth_latents,
                                                                       text_embeddings))
 
 
-def test_base_engine_refit_to_a_lora_and_back_to_none_bit_for_bit(engines, lora_files, tmp_path, smooth_latents,
+def test_base_engine_refit_to_a_lora_and_back_to_none_bit_for_bit(lora_engines, lora_files, tmp_path, smooth_latents,
                                                                   text_embeddings):
     from catome_export.cli.main import main
     from catome_export.export.manifest import Manifest
 
-    folder = _copy(engines["base"], tmp_path)
+    folder = _copy(lora_engines["base"], tmp_path)
     before = _snapshot(folder)
     base = _run(folder, smooth_latents, text_embeddings)
     assert main(["refit", str(folder), "--lora", f"{lora_files['a']}:{SCALE_A}"]) == 0
-    assert _equal(_run(folder, smooth_latents, text_embeddings), _run(engines["a"], smooth_latents, text_embeddings))
+    assert _equal(_run(folder, smooth_latents, text_embeddings), _run(lora_engines["a"], smooth_latents, text_embeddings))
     assert main(["refit", str(folder), "--none"]) == 0
     m = Manifest.load(folder)
     assert m.lora.active == () and m.lora.overrides is None
@@ -178,8 +178,8 @@ def test_base_engine_refit_to_a_lora_and_back_to_none_bit_for_bit(engines, lora_
     assert _equal(_run(folder, smooth_latents, text_embeddings), base)
 
 
-def test_set_lora_swaps_in_memory_without_touching_the_folder(engines, lora_files, smooth_latents, text_embeddings):
-    folder = engines["base"]
+def test_set_lora_swaps_in_memory_without_touching_the_folder(lora_engines, lora_files, smooth_latents, text_embeddings):
+    folder = lora_engines["base"]
     before = _snapshot(folder)
     with _load(folder) as runtime:
         base = _outputs(runtime, smooth_latents, text_embeddings)
@@ -192,16 +192,16 @@ def test_set_lora_swaps_in_memory_without_touching_the_folder(engines, lora_file
         assert _equal(_outputs(runtime, smooth_latents, text_embeddings), with_b)  # a failed swap changes nothing
         assert runtime.set_lora(None) == "none"
         back = _outputs(runtime, smooth_latents, text_embeddings)
-    assert _equal(with_a, _run(engines["a"], smooth_latents, text_embeddings))
-    assert _equal(with_b, _run(engines["b"], smooth_latents, text_embeddings))
+    assert _equal(with_a, _run(lora_engines["a"], smooth_latents, text_embeddings))
+    assert _equal(with_b, _run(lora_engines["b"], smooth_latents, text_embeddings))
     assert _equal(back, base)
     assert _snapshot(folder) == before
 
 
-def test_set_lora_save_refits_the_folder(engines, lora_files, tmp_path, smooth_latents, text_embeddings):
+def test_set_lora_save_refits_the_folder(lora_engines, lora_files, tmp_path, smooth_latents, text_embeddings):
     from catome_export.export.manifest import Manifest
 
-    folder = _copy(engines["base"], tmp_path)
+    folder = _copy(lora_engines["base"], tmp_path)
     with _load(folder) as runtime:
         runtime.set_lora(f"{lora_files['b']}:{SCALE_B}", save=True)
         swapped = _outputs(runtime, smooth_latents, text_embeddings)
@@ -209,7 +209,7 @@ def test_set_lora_save_refits_the_folder(engines, lora_files, tmp_path, smooth_l
     assert _equal(_run(folder, smooth_latents, text_embeddings), swapped)
 
 
-def test_key_mismatch_is_one_line_before_any_change(engines, lora_files, tmp_path, capsys):
+def test_key_mismatch_is_one_line_before_any_change(lora_engines, lora_files, tmp_path, capsys):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -220,7 +220,7 @@ def test_key_mismatch_is_one_line_before_any_change(engines, lora_files, tmp_pat
     bad = tmp_path / "other-model.safetensors"
     save_file(tensors, str(bad))
     first = sorted(k for k in tensors if "up_blocks.9." in k)[0]
-    folder = _copy(engines["base"], tmp_path)
+    folder = _copy(lora_engines["base"], tmp_path)
     before = _snapshot(folder)
     capsys.readouterr()
     assert main(["refit", str(folder), "--lora", f"{bad}:0.5"]) == 1
@@ -239,11 +239,11 @@ def test_key_mismatch_is_one_line_before_any_change(engines, lora_files, tmp_pat
         assert runtime.lora == "none"
 
 
-def test_refit_failure_leaves_the_engine_unchanged(engines, lora_files, tmp_path, monkeypatch, smooth_latents,
+def test_refit_failure_leaves_the_engine_unchanged(lora_engines, lora_files, tmp_path, monkeypatch, smooth_latents,
                                                    text_embeddings):
     from catome_export.lora import refit as refit_module
 
-    folder = _copy(engines["a"], tmp_path)
+    folder = _copy(lora_engines["a"], tmp_path)
     before = _snapshot(folder)
     outputs = _run(folder, smooth_latents, text_embeddings)
     with pytest.raises(CatomeError, match="test hook"):
@@ -260,11 +260,11 @@ def test_refit_failure_leaves_the_engine_unchanged(engines, lora_files, tmp_path
     assert _equal(_run(folder, smooth_latents, text_embeddings), outputs)
 
 
-def test_damaged_overrides_file_is_refused_with_the_rebuild(engines, lora_files, tmp_path):
+def test_damaged_overrides_file_is_refused_with_the_rebuild(lora_engines, lora_files, tmp_path):
     from catome_export.export.manifest import Manifest
     from catome_export.lora.refit import refit_engine
 
-    folder = _copy(engines["base"], tmp_path)
+    folder = _copy(lora_engines["base"], tmp_path)
     m = refit_engine(folder, f"{lora_files['a']}:{SCALE_A}")
     path = folder / m.lora.overrides.file
     data = bytearray(path.read_bytes())
@@ -272,3 +272,5 @@ def test_damaged_overrides_file_is_refused_with_the_rebuild(engines, lora_files,
     path.write_bytes(bytes(data))
     with pytest.raises(CatomeError, match="does not match its sha256"):
         Manifest.load(folder)
+    with pytest.raises(CatomeError, match=f"{m.lora.overrides.file} does not match its sha256.*rebuild it with"):
+        refit_engine(folder, None)  # a refit checks every file it reads before it writes anything

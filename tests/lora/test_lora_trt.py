@@ -17,7 +17,7 @@ from catome_export.errors import CatomeError
 
 
 @pytest.fixture(scope="module")
-def ort_engine(tmp_path_factory) -> Path:
+def lora_ort_engine(tmp_path_factory) -> Path:
     pytest.importorskip("onnxruntime")
     from catome_export.workflows.build import build_engine
 
@@ -37,13 +37,13 @@ def trt_machine(tensorrt_standin, monkeypatch, tmp_path):
     return tensorrt_standin
 
 
-def _trt_folder(ort_engine: Path, tmp_path: Path, *, refittable: bool = True) -> Path:
+def _trt_folder(lora_ort_engine: Path, tmp_path: Path, *, refittable: bool = True) -> Path:
     """The ORT engine's graphs with TensorRT plans built as ``build --backend trt [--refittable]`` builds them."""
     from catome_export.export.manifest import Manifest
     from catome_export.export.trt_build import build_engines
 
     folder = tmp_path / "engine"
-    shutil.copytree(ort_engine, folder)
+    shutil.copytree(lora_ort_engine, folder)
     manifest = Manifest.load(folder)
     built = build_engines(folder, manifest, fp16=False, refittable=refittable)
     built.apply(manifest)
@@ -86,14 +86,14 @@ def _held(runners) -> list[dict[str, str | None]]:
     return [{n: w["digest"] for n, w in r.engine._weights.items()} for r in runners]
 
 
-def test_refittable_build_strips_and_every_load_refits_from_the_graphs(trt_machine, ort_engine, tmp_path,
+def test_refittable_build_strips_and_every_load_refits_from_the_graphs(trt_machine, lora_ort_engine, tmp_path,
                                                                        lora_files):
     from tensorrt._formats import describe_plan
 
     from catome_export.lora.refit import InitializerOverrides, refit_engine
 
     trt = trt_machine
-    folder = _trt_folder(ort_engine, tmp_path)
+    folder = _trt_folder(lora_ort_engine, tmp_path)
     manifest, backend, runners = _load(trt, folder)
     assert manifest.lora.refittable and manifest.lora.stripped
     for stage, runner in zip(manifest.stages, runners):
@@ -123,7 +123,7 @@ def test_refittable_build_strips_and_every_load_refits_from_the_graphs(trt_machi
     backend.close()
 
 
-def test_plans_with_weights_are_refit_on_disk_under_new_names(trt_machine, ort_engine, tmp_path, lora_files,
+def test_plans_with_weights_are_refit_on_disk_under_new_names(trt_machine, lora_ort_engine, tmp_path, lora_files,
                                                               monkeypatch):
     from tensorrt._formats import describe_plan
 
@@ -132,7 +132,7 @@ def test_plans_with_weights_are_refit_on_disk_under_new_names(trt_machine, ort_e
     from catome_export.lora.refit import InitializerOverrides, refit_engine
 
     monkeypatch.setattr(trt_build, "strip_plan_supported", lambda trt: False)
-    folder = _trt_folder(ort_engine, tmp_path)
+    folder = _trt_folder(lora_ort_engine, tmp_path)
     before = Manifest.load(folder)
     assert before.lora.refittable and not before.lora.stripped
     new = refit_engine(folder, f"{lora_files['b']}:1.5")
@@ -154,10 +154,10 @@ def test_plans_with_weights_are_refit_on_disk_under_new_names(trt_machine, ort_e
     backend.close()
 
 
-def test_engine_built_without_refittable_is_refused_unchanged(trt_machine, ort_engine, tmp_path, lora_files):
+def test_engine_built_without_refittable_is_refused_unchanged(trt_machine, lora_ort_engine, tmp_path, lora_files):
     from catome_export.lora.refit import refit_engine
 
-    folder = _trt_folder(ort_engine, tmp_path, refittable=False)
+    folder = _trt_folder(lora_ort_engine, tmp_path, refittable=False)
     before = _snapshot(folder)
     with pytest.raises(CatomeError, match="built without --refittable: rebuild with catome-export build .*"
                                           "--refittable"):
@@ -165,13 +165,13 @@ def test_engine_built_without_refittable_is_refused_unchanged(trt_machine, ort_e
     assert _snapshot(folder) == before
 
 
-def test_set_lora_refits_the_loaded_engines_and_rolls_back_on_failure(trt_machine, ort_engine, tmp_path,
+def test_set_lora_refits_the_loaded_engines_and_rolls_back_on_failure(trt_machine, lora_ort_engine, tmp_path,
                                                                       lora_files, monkeypatch):
     import torch
 
     from catome_export.runtime.runtime import Runtime
 
-    folder = _trt_folder(ort_engine, tmp_path)
+    folder = _trt_folder(lora_ort_engine, tmp_path)
     manifest, backend, runners = _load(trt_machine, folder)
     runtime = Runtime(runners, manifest.sites, manifest.merge, unet_config=manifest.model.unet_config,
                       dtype=torch.float32, device=backend.device, backend=backend, manifest=manifest,
