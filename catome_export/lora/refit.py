@@ -348,8 +348,10 @@ def fuse_active(unet: torch.nn.Module, manifest: Manifest, engine_dir: Path) -> 
 
 # -- a loaded runtime -------------------------------------------------------------------------------------------
 def apply_to_runtime(runtime: Any, loras: Any, *, save: bool = False) -> str:
-    """``Runtime.set_lora``: swap the LoRA of a loaded engine in place (and on disk with ``save``); returns the
-    new LoRA's description. Nothing changes when any step fails."""
+    """``Runtime.set_lora``: swap the LoRA of a loaded engine in place (and on disk with ``save``: the folder is
+    refit first, atomically, then the loaded engine); returns the new LoRA's description. A LoRA that does not
+    fit, or a failed refit of the folder, changes nothing; the loaded engine changes only once all its new
+    sessions exist (ONNX Runtime) or gets its previous weights back (TensorRT)."""
     engine_dir, manifest = runtime.engine_dir, runtime.manifest
     if engine_dir is None or manifest is None:
         raise CatomeError("set_lora needs a runtime loaded from an engine folder (Runtime.load)")
