@@ -37,6 +37,8 @@ examples:
                                     a single-file (A1111/Civitai) checkpoint, offline; engine named after the file
   catome-export build --model sd15 --weights random --feature-cache 3,0
                                     + DeepCache-style feature caching (interval 3, branch 0) with CA-ToMe
+  catome-export build --model sd15 --lora style.safetensors:0.8
+                                    + a diffusers LoRA fused into the U-Net (swap it later: catome-export refit)
 """
 
 
@@ -67,6 +69,7 @@ def options_from_args(args: argparse.Namespace) -> "BuildOptions":
         verify_steps=args.verify_steps, exporter=args.exporter, opt_merge_fraction=args.opt_merge_fraction, cli=cli,
         force=args.force, ort_optimize=args.ort_optimize == "on", max_stage_gb=args.max_stage_gb,
         feature_cache=args.feature_cache, cache_branches=_branches(args.cache_branches),
+        lora=tuple(args.lora or ()), refittable=args.refittable,
     )
 
 
@@ -106,6 +109,8 @@ def summary(result: "BuildResult") -> str:
         total += size
         lines.append(f"  {stage.file}{extra}: {size / 1e6:.1f} MB")
     lines.append(f"  total {total / 1e6:.1f} MB")
+    if m.lora is not None and m.lora.active:
+        lines.append(f"LoRA fused: {m.lora.describe()}")
     lines.append(result.audit.summary())
     if result.quick_check:
         lines.append(f"ONNX Runtime vs torch per stage: max |diff| {max(result.quick_check.values()):.1e}")
@@ -177,6 +182,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-branches", default=None, metavar="B,B",
                    help="more feature-cache branches to cut the stages for, so a runtime can switch to them without "
                         "a rebuild (default: only --feature-cache's branch)")
+    p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
+                   help="fuse a diffusers-format LoRA (.safetensors, as pipe.save_lora_weights writes it) into the "
+                        "U-Net before export, with SCALE as fuse_lora(lora_scale=...) (default 1); repeat for more, "
+                        "fused in order; swap later without a rebuild with catome-export refit (default none)")
+    p.add_argument("--refittable", action="store_true",
+                   help="TensorRT builds: plans whose weights catome-export refit can replace (BuilderFlag.REFIT, "
+                        "and STRIP_PLAN where TensorRT has it); ONNX Runtime engines are always refittable "
+                        "(default off)")
     p.add_argument("--name", default=None, help="engine name (default: the model name)")
     p.add_argument("--out", default=None, metavar="DIR", help="engine folder (default engines/<name>)")
     p.add_argument("--force", action="store_true",

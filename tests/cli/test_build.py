@@ -33,7 +33,8 @@ def test_build_tiny_end_to_end(built):
     assert len(manifest.stages) == 6 and len(manifest.sites) == 5
     # the standard graphs (TensorRT builds from these) and, for ONNX Runtime, its fused form of each
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [MANIFEST_FILE] + [f"stage_{k}.onnx" for k in range(6)] + [f"stage_{k}.ort.onnx" for k in range(6)])
+        [MANIFEST_FILE, "lora_map.json"] + [f"stage_{k}.onnx" for k in range(6)]
+        + [f"stage_{k}.ort.onnx" for k in range(6)])
     assert [s.ort_optimized.file for s in manifest.stages if s.ort_optimized] == [f"stage_{k}.ort.onnx" for k in range(6)]
     assert manifest.shapes.latent_height == (16, 16) and manifest.shapes.batch == (1, 2)
     assert manifest.model.weights == "random" and manifest.extra["audit"]["passed"] is True
