@@ -704,10 +704,10 @@ def build_command(args: Mapping[str, Any]) -> str:
         value = args.get(key)
         if value is None or value is False:
             continue
-              "r_multiple", "opt_merge_fraction", "ort_optimize", "max_stage_gb", "feature_cache", "cache_branches",
-              "lora", "refittable", "name", "out")
-
-
-FLAG_NAMES = {"backend": "engine-kind"}
-"""Build arguments whose flag is not the key with dashes (``backend`` is recorded, ``--engine-kind`` is the flag)."""
+        flag = f"--{FLAG_NAMES.get(key, key.replace('_', '-'))}"
+        if value is True:  # a switch (--refittable)
+            parts.append(flag)
+            continue
+        for item in value if isinstance(value, (list, tuple)) else (value,):  # repeatable flags (--lora)
+            parts += [flag, shlex.quote(str(item))]
     return " ".join(parts)
