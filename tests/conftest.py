@@ -41,7 +41,7 @@ def _tensorrt_available() -> bool:
 SLOW_FIXTURES = frozenset({"tiny_engine", "built_engine", "reliability_engine", "engine_copy", "ort_runtime",
                            "exported", "ort_sessions", "built", "auto3", "cli_process", "child_env",
                            "ray_isolation", "ray_env", "ray_temp_dir", "xl_engine", "xl_bench", "tiny_onnx_fp32",
-                           "tiny_onnx_fp16", "lora_engines", "lora_ort_engine"})
+                           "tiny_onnx_fp16", "lora_engines", "lora_ort_engine", "controlnet_engine"})
 """Fixtures that build or export an engine, calibrate a schedule, or start a Python process or a Ray cluster: a
 test using one (directly or through another fixture) is marked ``slow`` (``pytest -m "not slow"`` leaves it out; the default run keeps it)."""
 

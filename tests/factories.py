@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from catome_export.export.controlnet import ControlNetRecord
 from catome_export.export.manifest import EngineFile, Manifest, ModelRecord, StageRecord, TrtRecord
 from catome_export.export.profiles import ShapeRanges
 from catome_export.export.stages import StageSpec, TensorSpec, plan_specs
@@ -67,7 +68,8 @@ def make_manifest(*, name: str = "tiny", model: str = "tiny", weights: str = "ra
                   precision: str = "fp32", merge: MergeSettings | None = None,
                   sites: Sequence[MergeSite] | None = None, shapes: ShapeRanges | None = None,
                   stages: Sequence[StageRecord] | None = None, trt: TrtRecord | None = None,
-                  build: dict[str, Any] | None = None, **extra: Any) -> Manifest:
+                  build: dict[str, Any] | None = None, controlnet: ControlNetRecord | None = None,
+                  **extra: Any) -> Manifest:
     """A real Manifest from its parts; ``trt`` given: a TensorRT build (every stage gets a plan)."""
     sites = tuple(sites) if sites is not None else (MergeSite(0, SITE_PATH, 1, channels=8),)
     if stages is None:
@@ -80,5 +82,5 @@ def make_manifest(*, name: str = "tiny", model: str = "tiny", weights: str = "ra
         precision=precision,
         merge=merge or MergeSettings(threshold=0.7, schedule=parse_schedule("config3")),
         sites=sites, shapes=shapes or make_shapes(), stages=tuple(stages),
-        engine_backend="trt" if trt is not None else "ort", trt=trt, tools={}, extra=extra,
+        engine_backend="trt" if trt is not None else "ort", trt=trt, tools={}, controlnet=controlnet, extra=extra,
     )

@@ -124,7 +124,8 @@ class TorchBackend:
             cut = cut_unet(unet, list(manifest.sites), dtype=manifest_dtype(manifest),
                            merge_crossattn=settings.merge_crossattn, merge_mlp=settings.merge_mlp,
                            max_stage_bytes=int(limit) if isinstance(limit, int) and limit > 0 else None,
-                           cache_branches=() if manifest.feature_cache is None else manifest.feature_cache.branch_ids)
+                           cache_branches=() if manifest.feature_cache is None else manifest.feature_cache.branch_ids,
+                           controlnet=manifest.controlnet is not None)
             self._modules = {spec.index: (spec, module.to(self.device).eval()) for spec, module in cut}
             logger.debug("torch backend: %d stage modules of %s", len(cut), manifest.model.id)
         return self._modules

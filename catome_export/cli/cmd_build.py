@@ -70,6 +70,7 @@ def options_from_args(args: argparse.Namespace) -> "BuildOptions":
         force=args.force, ort_optimize=args.ort_optimize == "on", max_stage_gb=args.max_stage_gb,
         feature_cache=args.feature_cache, cache_branches=_branches(args.cache_branches),
         lora=tuple(args.lora or ()), refittable=args.refittable,
+        controlnet=args.controlnet,
     )
 
 
@@ -190,6 +191,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="TensorRT builds: plans whose weights catome-export refit can replace (BuilderFlag.REFIT, "
                         "and STRIP_PLAN where TensorRT has it); ONNX Runtime engines are always refittable "
                         "(default off)")
+    p.add_argument("--controlnet", action="store_true",
+                   help="take ControlNet's residuals as engine inputs, so runtime.unet serves "
+                        "StableDiffusionControlNetPipeline / StableDiffusionXLControlNetPipeline (the ControlNet runs "
+                        "eagerly; docs/controlnet.md); default: off, the engine refuses them")
     p.add_argument("--name", default=None, help="engine name (default: the model name)")
     p.add_argument("--out", default=None, metavar="DIR", help="engine folder (default engines/<name>)")
     p.add_argument("--force", action="store_true",

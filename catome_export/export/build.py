@@ -45,6 +45,7 @@ from catome_export.errors import CatomeError
 from catome_export.export.audit import AuditReport, audit_stages
 from catome_export.fsutil import BuildLock, pid_alive
 from catome_export.memory import check_available, gb, verify_need
+from catome_export.export.controlnet import ControlNetInputs, ControlNetRecord
 from catome_export.export.io_names import MODEL_OUTPUT, site_input_name, site_of_input
 from catome_export.export.manifest import (
     MANIFEST_FILE, FeatureCacheRecord, Manifest, ModelRecord, build_command, tool_versions,
@@ -176,6 +177,10 @@ class BuildOptions:
     refittable: bool = False
     """TensorRT builds: plans whose weights a refit can replace (``--refittable``: BuilderFlag.REFIT, and
     STRIP_PLAN where the TensorRT version has it), so ``catome-export refit`` swaps LoRAs without a rebuild."""
+    controlnet: bool = False
+    """Add ControlNet's residuals as inputs of the stages that consume them (``controlnet_down{i}``,
+    ``controlnet_mid``), so ``runtime.unet`` takes ``down_block_additional_residuals`` and
+    ``mid_block_additional_residual`` (docs/controlnet.md)."""
 
     @property
     def branches(self) -> tuple[int, ...]:
@@ -208,7 +213,7 @@ class BuildOptions:
             raise CatomeError(f"settings must be a MergeSettings, got {type(self.settings).__name__}")
         if self.schedule is not None and not isinstance(self.schedule, AutoSchedule):
             raise CatomeError("schedule must be an auto:K request (AutoSchedule); put a ready schedule in settings")
-        for flag in ("verify", "force"):
+        for flag in ("verify", "force", "controlnet"):
             if not isinstance(getattr(self, flag), bool):
                 raise CatomeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if not isinstance(self.ort_optimize, bool):
@@ -251,7 +256,7 @@ class BuildOptions:
                force: bool = False, ort_optimize: bool = True,
                max_stage_gb: float | None = None, feature_cache: FeatureCacheSettings | str | None = None,
                cache_branches: tuple[int, ...] | list[int] = (), lora: Any = (),
-               refittable: bool = False) -> "BuildOptions":
+               refittable: bool = False, controlnet: bool = False) -> "BuildOptions":
         """Options from loose arguments, with the model's defaults filled in (CatomeError naming any bad one).
 
         ``model``: a registry name, a local diffusers folder, or a single-file
@@ -265,8 +270,9 @@ class BuildOptions:
         folder that no build made (otherwise the build refuses, naming them).
         ``feature_cache``: DeepCache-style caching (a FeatureCacheSettings or
         ``"I,b"``), checked against the model's blocks here, before any work.
-        ``lora``: LoRA files to fuse (``"FILE[:SCALE]"`` strings or LoraSpec, one or a list), read and checked
+        ``lora``: LoRA files to fuse (``"FILE[:SCALE]"`` strings or LoRA specs, one or a list), read and checked
         against the model's layers here, before any work; ``refittable``: TensorRT plans a refit can change.
+        ``controlnet``: the engine takes ControlNet residuals (docs/controlnet.md).
         """
         model, given = resolve_source(model, weights)  # a checkpoint file as the model: its architecture, its weights
         info = model_info(model)  # CatomeError for an unknown name or a folder without a U-Net config
@@ -306,14 +312,14 @@ class BuildOptions:
                    default_resolution=info.default_resolution, opt_merge_fraction=opt_merge_fraction,
                    cli=dict(cli or {}), force=force, ort_optimize=ort_optimize, max_stage_gb=max_stage_gb,
                    feature_cache=feature_cache, cache_branches=tuple(cache_branches), loras=loras,
-                   refittable=refittable)
+                   refittable=refittable, controlnet=controlnet)
 
 
 CREATE_OPTIONS = frozenset({
     "weights", "precision", "backend", "resolution", "min_resolution", "max_resolution", "batch", "min_batch",
     "max_batch", "settings", "schedule", "name", "out_dir", "verify", "verify_steps", "exporter", "opset",
     "opt_merge_fraction", "cli", "force", "ort_optimize", "max_stage_gb", "feature_cache", "cache_branches",
-    "lora", "refittable",
+    "lora", "refittable", "controlnet",
 })
 """The keyword arguments of :meth:`BuildOptions.create`."""
 
@@ -612,7 +618,7 @@ def _build_into(opts: BuildOptions, folder: Path, backend: EngineBackend, say: P
         settings = _calibrate_schedule(opts, opts.schedule, unet, say)
     sites = find_merge_sites(unet, settings.max_downsample)
     stages = cut_unet(unet, sites, dtype, merge_crossattn=settings.merge_crossattn, merge_mlp=settings.merge_mlp,
-                      max_stage_bytes=opts.max_stage_bytes, cache_branches=opts.branches)
+                      max_stage_bytes=opts.max_stage_bytes, cache_branches=opts.branches, controlnet=opts.controlnet)
     examples = example_inputs(stages, sites, unet.config, dtype, stride=settings.stride)
     check_ort = opts.verify and opts.precision == Precision.FP32
     if opts.verify and not check_ort:
@@ -772,6 +778,8 @@ def _make_manifest(opts: BuildOptions, unet: torch.nn.Module, sites: list[MergeS
     cli["cache_branches"] = ",".join(map(str, extra_branches)) or None
     cli["lora"] = [spec.flag() for spec in opts.loras] or None
     cli["refittable"] = opts.refittable or None
+    if opts.controlnet:
+        cli["controlnet"] = True
     if lo == hi and "min_resolution" not in cli:
         cli["resolution"] = lo
     else:
@@ -791,6 +799,7 @@ def _make_manifest(opts: BuildOptions, unet: torch.nn.Module, sites: list[MergeS
         engine_backend=str(EngineBackend.ORT), trt=None, tools=tool_versions(),
         feature_cache=None if not opts.branches else FeatureCacheRecord(
             cached_branches(stages, opts.branches, UNetLayout.of(unet)), opts.feature_cache),
+        controlnet=_controlnet_record(stages) if opts.controlnet else None,
         extra={"build": cli, "build_command": build_command(cli), "audit": audit.to_dict(),
                "export": {"exporter": str(opts.exporter), "opset": opts.opset,
                           "ort_optimize": backend == EngineBackend.ORT and opts.ort_optimize,
@@ -807,6 +816,13 @@ def _fuse_loras(unet: torch.nn.Module, opts: BuildOptions, folder: Path, say: Pr
 
     say("fusing LoRA " + " + ".join(f"{s.path.name}:{s.scale:g}" for s in opts.loras) + " into the U-Net")
     return fuse_for_build(unet, opts.loras, folder)
+
+
+def _controlnet_record(stages: list[tuple[StageSpec, torch.nn.Module]]) -> ControlNetRecord:
+    found = ControlNetInputs.of([spec for spec, _ in stages])
+    if found is None:
+        raise CatomeError("internal: a --controlnet build cut stages without ControlNet residual inputs")
+    return found.record()
 
 
 def _build_trt(folder: Path, manifest: Manifest, opts: BuildOptions, say: Progress) -> None:

@@ -16,9 +16,16 @@ CUDA-graph runner, the profiles and the build read them back):
 ``site{k}_out``            output of site k's block (internal to its stage)
 ``site{k}_{plan}``         the five plan tensors of site k (``PLAN_TENSORS``)
 ``noise_pred``             model output [B, 4, H, W]
+``controlnet_down{i}``     ControlNet residual added to ``skip{i}`` [B, C, Hd, Wd]
+                           (engines built with ``--controlnet`` only)
+``controlnet_mid``         ControlNet residual added to the mid block's output
+                           (engines built with ``--controlnet`` only)
 =========================  =====================================================
 
-Other names (``h{n}``) are internal to one stage.
+Other names (``h{n}``) are internal to one stage. The ControlNet residuals are
+model inputs like ``sample``: ``controlnet_down{i}`` is the i-th entry of
+diffusers' ``down_block_additional_residuals`` (one per skip tensor, in the
+down path's order), ``controlnet_mid`` its ``mid_block_additional_residual``.
 """
 
 from __future__ import annotations
@@ -41,9 +48,12 @@ inputs anywhere."""
 MODEL_OUTPUT = "noise_pred"
 """Graph output name of the last stage."""
 EMB = "emb"
+CONTROLNET_MID = "controlnet_mid"
+"""ControlNet's ``mid_block_additional_residual`` as a graph input (engines built with ``--controlnet``)."""
 
 _SITE_INPUT = re.compile(r"^x(\d+)$")
 _SITE_TENSOR = re.compile(r"^site(\d+)_")
+_CONTROLNET_DOWN = re.compile(r"^controlnet_down(\d+)$")
 
 
 def site_input_name(site: int) -> str:
@@ -81,3 +91,25 @@ def site_of(name: str) -> int | None:
 def skip_name(i: int) -> str:
     """The ``i``-th skip tensor of the down path (``skip0`` is conv_in's output)."""
     return f"skip{i}"
+
+
+def controlnet_down_name(i: int) -> str:
+    """The graph input of ControlNet's ``down_block_additional_residuals[i]`` (added to ``skip{i}``)."""
+    return f"controlnet_down{i}"
+
+
+def controlnet_down_index(name: str) -> int | None:
+    """``controlnet_down3`` -> 3; None for any other name."""
+    m = _CONTROLNET_DOWN.match(name)
+    return int(m.group(1)) if m else None
+
+
+def is_controlnet_input(name: str) -> bool:
+    """True for the ControlNet residual inputs (``controlnet_down{i}``, ``controlnet_mid``)."""
+    return name == CONTROLNET_MID or _CONTROLNET_DOWN.match(name) is not None
+
+
+def is_model_input(name: str) -> bool:
+    """True for a graph input the caller feeds (``MODEL_INPUTS`` and the ControlNet residuals), as opposed to a
+    tensor one stage hands the next or a plan tensor."""
+    return name in MODEL_INPUTS or is_controlnet_input(name)

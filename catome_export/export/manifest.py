@@ -27,6 +27,7 @@ from catome_export._version import __version__
 from catome_export.choices import EngineBackend, Precision
 from catome_export.errors import CatomeError
 from catome_export.fsutil import atomic_write_text, sha256_file
+from catome_export.export.controlnet import ControlNetRecord
 from catome_export.export.profiles import ShapeRanges
 from catome_export.export.stages import CachedBranch, StageSpec
 from catome_export.featurecache import FeatureCacheSettings
@@ -429,6 +430,8 @@ class Manifest:
     """The feature-cache branches the stages were cut for (None: an engine without feature caching)."""
     lora: LoraRecord | None = None
     """The LoRA the engine computes and what a refit needs (None: a manifest from before LoRA support)."""
+    controlnet: ControlNetRecord | None = None
+    """The ControlNet residual inputs (``build --controlnet``; None: an engine without them)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Other top-level keys (``build``: the build arguments, ``build_command``, ``audit``, ``export``)."""
     manifest_sha256: str = ""
@@ -449,6 +452,8 @@ class Manifest:
             d["feature_cache"] = self.feature_cache.to_dict()
         if self.lora is not None:
             d["lora"] = self.lora.to_dict()
+        if self.controlnet is not None:
+            d["controlnet"] = self.controlnet.to_dict()
         for key, value in self.extra.items():
             if key not in d and key != "manifest_sha256":
                 d[key] = value
@@ -470,7 +475,7 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], engine_dir: Path | None = None) -> "Manifest":
         """Parse every section (KeyError, TypeError, ValueError or CatomeError on a malformed one)."""
-        known = set(CORE_KEYS) | {"manifest_sha256", "feature_cache", "lora"}
+        known = set(CORE_KEYS) | {"manifest_sha256", "feature_cache", "lora", "controlnet"}
         stages = data["stages"]
         sites = data["sites"]
         if not isinstance(stages, list) or not isinstance(sites, list):
@@ -478,6 +483,7 @@ class Manifest:
         trt = data.get("trt")
         cache = data.get("feature_cache")
         lora = data.get("lora")
+        controlnet = data.get("controlnet")
         return cls(
             name=str(data["name"]), model=ModelRecord.from_dict(data["model"]), precision=data["precision"],
             merge=MergeSettings.from_dict(data["merge"]), sites=tuple(_site_from_dict(s) for s in sites),
@@ -486,6 +492,7 @@ class Manifest:
             tools=dict(data.get("tools") or {}), created=data.get("created", ""),
             feature_cache=None if cache is None else FeatureCacheRecord.from_dict(cache),
             lora=None if lora is None else LoraRecord.from_dict(lora),
+            controlnet=None if controlnet is None else ControlNetRecord.from_dict(controlnet),
             format_version=data["format_version"], catome_export_version=data.get("catome_export_version", ""),
             extra={k: v for k, v in data.items() if k not in known},
             manifest_sha256=data.get("manifest_sha256", ""), engine_dir=engine_dir,
@@ -563,6 +570,10 @@ class Manifest:
             if default is not None and self.feature_cache.branch(default.branch) is None:
                 raise self._fail(f"the default feature cache uses branch {default.branch}, which the stages were "
                                  "not cut for")
+        if self.controlnet is not None:
+            problem = self.controlnet.problem(self.stage_specs())
+            if problem is not None:
+                raise self._fail(problem)
 
     def files(self) -> list[tuple[str, int | None, str | None]]:
         """(file name, bytes, sha256) of every artifact the manifest vouches for."""
@@ -650,6 +661,8 @@ class Manifest:
         if frac is not None:
             args["opt_merge_fraction"] = f"{float(frac):g}"
         args["out"] = str(self.engine_dir) if self.engine_dir is not None else f"engines/{self.name}"
+        if self.controlnet is not None:
+            args["controlnet"] = True
         args.update(overrides)
         return build_command(args)
 
@@ -685,7 +698,7 @@ def _first_malformed(data: Mapping[str, Any]) -> str | None:
 FLAG_ORDER = ("model", "weights", "precision", "backend", "resolution", "min_resolution", "max_resolution", "batch",
               "min_batch", "max_batch", "threshold", "ratio", "merge_fraction", "schedule", "step_base",
               "r_multiple", "opt_merge_fraction", "ort_optimize", "max_stage_gb", "feature_cache", "cache_branches",
-              "lora", "refittable", "name", "out")
+              "lora", "refittable", "name", "out", "controlnet")
 
 
 FLAG_NAMES = {"backend": "engine-kind"}

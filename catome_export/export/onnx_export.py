@@ -27,6 +27,7 @@ from catome_export._version import __version__
 from catome_export.choices import Exporter
 from catome_export.errors import CatomeError
 from catome_export.export._threads import torch_threads
+from catome_export.export.controlnet import ControlNetInputs, random_residuals, residual_feeds
 from catome_export.export.external_data import (
     WeightsFile, all_tensors, gather_weights, is_external, needs_external_data, save_graph,
 )
@@ -97,6 +98,9 @@ def example_inputs(stages: Sequence[tuple[StageSpec, StageModule]], sites: Seque
     added = conditioning_for_config(config, batch, (hw[0] * 8, hw[1] * 8), seed=seed, dtype=dtype)
     if added is not None:  # SDXL-style U-Net: text_embeds and time_ids feed stage 0
         feeds.update(added)
+    controlnet = ControlNetInputs.of([spec for spec, _ in stages])
+    if controlnet is not None:  # --controlnet: seeded residuals, so the traced additions see non-zero values
+        feeds.update(residual_feeds(*random_residuals(controlnet, batch, hw, seed=seed + 1, dtype=dtype)))
     by_index = {s.index: s for s in sites}
 
     def plans(k: int, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -42,8 +42,8 @@ from catome_export.dtypes import ELEMENT_TYPES
 from catome_export.errors import CatomeError
 from catome_export.export._threads import torch_threads
 from catome_export.export.io_names import (
-    MODEL_INPUTS, MODEL_OUTPUT, SAMPLE, TEXT, TEXT_EMBEDS, TIME_IDS, TIMESTEP, plan_names, site_input_name,
-    site_of_input,
+    MODEL_INPUTS, MODEL_OUTPUT, SAMPLE, TEXT, TEXT_EMBEDS, TIME_IDS, TIMESTEP, is_model_input, plan_names,
+    site_input_name, site_of_input,
 )
 from catome_export.export.unet_steps import BlockOptions, Step, build_steps
 from catome_export.featurecache import UNetLayout, cached_tensors, is_skipped, position_of
@@ -333,13 +333,27 @@ def identity_plan(site: int, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return MergePlan.identity(x.shape[0], x.shape[1], x.device).tensors()
 
 
-def run_steps(steps: list[Step], env: dict[str, torch.Tensor], plans: PlanFn = identity_plan) -> dict:
-    """Walk ``steps`` over ``env`` (model inputs), asking ``plans`` for each site's plan before its block."""
+ResidualFn = Callable[[str, torch.Tensor], torch.Tensor]
+"""(ControlNet residual input name, the tensor it is added to) -> the residual."""
+
+
+def zero_residual(name: str, like: torch.Tensor) -> torch.Tensor:
+    """A zero ControlNet residual (a :data:`ResidualFn`): what the U-Net computes without ControlNet."""
+    return torch.zeros_like(like)
+
+
+def run_steps(steps: list[Step], env: dict[str, torch.Tensor], plans: PlanFn = identity_plan,
+              residuals: ResidualFn = zero_residual) -> dict:
+    """Walk ``steps`` over ``env`` (model inputs), asking ``plans`` for each site's plan before its block and
+    ``residuals`` for each ControlNet residual that ``env`` lacks (steps built with ``controlnet=True``)."""
     for step in steps:
         if step.site is not None:
             names = plan_names(step.site)
             if names[0] not in env:
                 env.update(zip(names, plans(step.site, env[site_input_name(step.site)])))
+        for name, like in step.residuals:
+            if name not in env:
+                env[name] = residuals(name, env[like])
         step.run(env)
     return env
 
@@ -427,7 +441,7 @@ def plan_specs(site: int) -> tuple[TensorSpec, ...]:
 def cut_unet(unet: torch.nn.Module, sites: list[MergeSite], dtype: torch.dtype = torch.float32, *,
              merge_crossattn: bool = False, merge_mlp: bool = False,
              max_stage_bytes: int | None = None,
-             cache_branches: tuple[int, ...] = ()) -> list[tuple[StageSpec, StageModule]]:
+             cache_branches: tuple[int, ...] = (), controlnet: bool = False) -> list[tuple[StageSpec, StageModule]]:
     """Cut ``unet`` at ``sites`` into ``len(sites) + 1`` stages: ``[(spec, module), ...]``.
 
     The modules share the U-Net's weights (a converted copy when ``dtype``
@@ -438,7 +452,9 @@ def cut_unet(unet: torch.nn.Module, sites: list[MergeSite], dtype: torch.dtype =
     keeps one stage per site. ``cache_branches``: feature-cache branches
     (DeepCache's ``cache_branch_id``) the chain is also cut for, so a cached
     call of each runs whole stages (:func:`cut_for_branches`; what each runs:
-    :func:`cached_branches`).
+    :func:`cached_branches`). ``controlnet``: the stages that consume the skip tensors and the mid block's output
+    also take ControlNet's residuals as inputs (``controlnet_down{i}``, ``controlnet_mid``; see
+    :mod:`.unet_steps`).
     """
     if not sites:
         raise CatomeError("no merge sites: nothing to cut (find them with find_merge_sites(unet))")
@@ -448,7 +464,7 @@ def cut_unet(unet: torch.nn.Module, sites: list[MergeSite], dtype: torch.dtype =
         logger.info("converting a copy of the U-Net to %s for export", dtype)
         unet = copy.deepcopy(unet).to(dtype)
     unet = unet.eval()
-    steps = build_steps(unet, sites, BlockOptions(merge_crossattn, merge_mlp))
+    steps = build_steps(unet, sites, BlockOptions(merge_crossattn, merge_mlp), controlnet=controlnet)
     groups = _split(steps)
     if cache_branches:
         groups = cut_for_branches(groups, steps, tuple(cache_branches), UNetLayout.of(unet))
@@ -477,10 +493,10 @@ def cut_unet(unet: torch.nn.Module, sites: list[MergeSite], dtype: torch.dtype =
 
 def _check_available(stages: list[tuple[StageSpec, Any]]) -> None:
     """Every stage input is a model input, one of its own plan tensors, or an earlier stage's output."""
-    have = set(MODEL_INPUTS)
+    have: set[str] = set()
     for spec, _ in stages:
         own = set(plan_names(spec.site)) if spec.site is not None else set()
-        missing = [n for n in spec.input_names if n not in have and n not in own]
+        missing = [n for n in spec.input_names if n not in have and n not in own and not is_model_input(n)]
         if missing:
             raise CatomeError(f"stage {spec.index} reads {missing} that no earlier stage makes: unsupported layout")
         have.update(spec.output_names)

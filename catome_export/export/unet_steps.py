@@ -15,6 +15,16 @@ Transformer2DModel is called whole.
 
 The names of the tensors that can cross a cut follow
 :mod:`catome_export.export.io_names`.
+
+With ``controlnet=True`` the up path's concatenation steps also read the
+ControlNet residuals, exactly where ``UNet2DConditionModel.forward`` adds
+them: ``controlnet_down{i}`` is added to the skip tensor ``skip{i}`` as the
+up path takes it (diffusers adds all of them to ``down_block_res_samples``
+after the down path, which only the up path reads afterwards), and
+``controlnet_mid`` to the mid block's output in the first concatenation of
+the up path (its only reader). Keeping each addition in the step that
+consumes its sum keeps DeepCache's semantics on a cached call as they are:
+a residual is used exactly when the module that reads its sum runs.
 """
 
 from __future__ import annotations
@@ -27,8 +37,8 @@ import torch.nn.functional as F
 
 from catome_export.errors import CatomeError
 from catome_export.export.io_names import (
-    EMB, MODEL_OUTPUT, SAMPLE, TEXT, TEXT_EMBEDS, TIME_IDS, TIMESTEP, plan_names, site_input_name,
-    site_output_name, site_residual_name, skip_name,
+    CONTROLNET_MID, EMB, MODEL_OUTPUT, SAMPLE, TEXT, TEXT_EMBEDS, TIME_IDS, TIMESTEP, controlnet_down_name,
+    plan_names, site_input_name, site_output_name, site_residual_name, skip_name,
 )
 from catome_export.merging.plan import merge_tokens, unmerge_tokens
 from catome_export.models.sites import MergeSite
@@ -53,6 +63,8 @@ class Step:
     """Module path -> the real submodule ``fn`` calls (registered on the stage module)."""
     site: int | None = None
     """Merge site whose block this step runs (its plan tensors are among ``reads``)."""
+    residuals: tuple[tuple[str, str], ...] = ()
+    """(ControlNet residual input, name of the tensor it is added to) for each residual among ``reads``."""
 
     def run(self, env: dict[str, torch.Tensor]) -> None:
         out = self.fn(*(env[n] for n in self.reads))
@@ -169,8 +181,9 @@ class _Builder:
         return f"h{self._n}"
 
     def add(self, name: str, reads: tuple[str, ...], writes: tuple[str, ...], fn: Callable,
-            modules: dict[str, torch.nn.Module], site: int | None = None) -> None:
-        self.steps.append(Step(name, reads, writes, fn, modules, site))
+            modules: dict[str, torch.nn.Module], site: int | None = None,
+            residuals: tuple[tuple[str, str], ...] = ()) -> None:
+        self.steps.append(Step(name, reads, writes, fn, modules, site, residuals))
 
     # -- pieces --------------------------------------------------------------------------
     def resnet(self, path: str, module: torch.nn.Module, h: str, out: str | None = None) -> str:
@@ -255,8 +268,26 @@ def _upsample(up: torch.nn.Module, x: torch.Tensor, like: torch.Tensor) -> torch
     return up.conv(F.interpolate(x, size=like.shape[-2:], mode="nearest"))
 
 
-def build_steps(unet: torch.nn.Module, sites: list[MergeSite], options: BlockOptions = BlockOptions()) -> list[Step]:
-    """The U-Net as a flat list of steps; site block steps carry their site index."""
+def _cat(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, skip], dim=1)
+
+
+def _cat_residual(x: torch.Tensor, skip: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """diffusers' ``down_block_res_sample + down_block_additional_residual``, then the up block's concatenation."""
+    return torch.cat([x, skip + residual], dim=1)
+
+
+def _cat_residuals(x: torch.Tensor, mid: torch.Tensor, skip: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``sample + mid_block_additional_residual`` after the mid block, then the first concatenation."""
+    return torch.cat([x + mid, skip + residual], dim=1)
+
+
+def build_steps(unet: torch.nn.Module, sites: list[MergeSite], options: BlockOptions = BlockOptions(), *,
+                controlnet: bool = False) -> list[Step]:
+    """The U-Net as a flat list of steps; site block steps carry their site index.
+
+    ``controlnet``: the up path's concatenations also read the ControlNet residuals (see the module docstring).
+    """
     _check_unet(unet)
     known = {path for path, _ in unet.named_modules()}
     for s in sites:
@@ -299,6 +330,7 @@ def build_steps(unet: torch.nn.Module, sites: list[MergeSite], options: BlockOpt
         for j, (attn, resnet) in enumerate(zip(mid.attentions, mid.resnets[1:])):
             h = b.transformer(f"mid_block.attentions.{j}", attn, h)
             h = b.resnet(f"mid_block.resnets.{j + 1}", resnet, h)
+    mid_pending = controlnet  # mid_block_additional_residual goes into the first concatenation of the up path
     for i, block in enumerate(unet.up_blocks):
         attns = getattr(block, "attentions", None)
         for j, resnet in enumerate(block.resnets):
@@ -306,7 +338,17 @@ def build_steps(unet: torch.nn.Module, sites: list[MergeSite], options: BlockOpt
                 raise CatomeError(f"up_blocks.{i} needs more skip tensors than the down path makes")
             skip = skips.pop()
             cat = b.fresh()
-            b.add(f"up_blocks.{i}.cat{j}", (h, skip), (cat,), lambda x, s: torch.cat([x, s], dim=1), {})
+            name = f"up_blocks.{i}.cat{j}"
+            if not controlnet:
+                b.add(name, (h, skip), (cat,), _cat, {})
+            else:
+                residual = controlnet_down_name(len(skips))  # skips[len(skips)] was just popped
+                if mid_pending:
+                    b.add(name, (h, CONTROLNET_MID, skip, residual), (cat,), _cat_residuals, {},
+                          residuals=((CONTROLNET_MID, h), (residual, skip)))
+                    mid_pending = False
+                else:
+                    b.add(name, (h, skip, residual), (cat,), _cat_residual, {}, residuals=((residual, skip),))
             h = b.resnet(f"up_blocks.{i}.resnets.{j}", resnet, cat)
             if attns is not None:
                 h = b.transformer(f"up_blocks.{i}.attentions.{j}", attns[j], h)

@@ -189,3 +189,47 @@ def tiny_xl_pipeline(scheduler: str = "euler", seed: int = RANDOM_SEED, unet: to
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_controlnet(unet: torch.nn.Module, seed: int = RANDOM_SEED) -> Any:
+    """A ``ControlNetModel`` made from ``unet`` (``ControlNetModel.from_unet``: its down path and mid block, copied)
+    with seeded weights where diffusers starts it at zero.
+
+    A fresh ControlNet's output convolutions (``controlnet_down_blocks``,
+    ``controlnet_mid_block``) and the last convolution of its conditioning
+    embedding are zero, so its residuals are zero and a test of where they
+    are added could not fail; here they get PyTorch's default (seeded)
+    initialisation instead, so every residual is non-zero. Works for the SD
+    1.x/2.x and SDXL layouts (``tiny``, ``tiny-xl``).
+    """
+    from diffusers import ControlNetModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        controlnet = ControlNetModel.from_unet(unet)
+        for conv in (*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                     controlnet.controlnet_cond_embedding.conv_out):
+            conv.reset_parameters()
+    if controlnet.dtype != unet.dtype:
+        controlnet = controlnet.to(dtype=unet.dtype)
+    return controlnet.eval().requires_grad_(False)
+
+
+def controlnet_pipeline(pipe: Any, controlnet: Any) -> Any:
+    """The ``StableDiffusionControlNetPipeline`` (or ``StableDiffusionXLControlNetPipeline`` for an SDXL pipeline)
+    with ``pipe``'s components and ``controlnet`` (one ``ControlNetModel``, a list of them, or a
+    ``MultiControlNetModel``)."""
+    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline
+
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        parts = {k: v for k, v in pipe.components.items() if k in (
+            "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler",
+            "feature_extractor", "image_encoder")}
+        out = StableDiffusionXLControlNetPipeline(**parts, controlnet=controlnet, add_watermarker=False)
+    else:
+        parts = {k: v for k, v in pipe.components.items() if k in (
+            "vae", "text_encoder", "tokenizer", "unet", "scheduler", "safety_checker", "feature_extractor",
+            "image_encoder")}
+        out = StableDiffusionControlNetPipeline(**parts, controlnet=controlnet, requires_safety_checker=False)
+    out.set_progress_bar_config(disable=True)
+    return out

@@ -15,7 +15,7 @@ import torch
 
 from catome_export.backends.base import StageRunner
 from catome_export.errors import CatomeError
-from catome_export.export.io_names import MODEL_INPUTS, MODEL_OUTPUT, plan_names, site_input_name
+from catome_export.export.io_names import MODEL_OUTPUT, is_model_input, plan_names, site_input_name
 from catome_export.merging.plan import MergePlan
 
 if TYPE_CHECKING:
@@ -55,14 +55,14 @@ class StageChain:
         return None
 
     def _check(self) -> None:
-        available = set(MODEL_INPUTS)
+        available: set[str] = set()
         seen_sites: set[int] = set()
         for pos, spec in enumerate(self.specs):
             if spec.index != pos:
                 raise _broken(f"stage at position {pos} has index {spec.index}")
             if spec.site is not None and spec.site not in seen_sites:
                 raise _broken(f"stage {pos} runs site {spec.site} before any stage returns x{spec.site}")
-            missing = [t.name for t in spec.inputs if t.name not in available]
+            missing = [t.name for t in spec.inputs if t.name not in available and not is_model_input(t.name)]
             if missing:
                 raise _broken(f"stage {pos} reads {missing}, which no earlier stage returns")
             outputs = {t.name for t in spec.outputs}
@@ -109,12 +109,12 @@ class StageChain:
         ``provided`` (tensors kept from a full walk): what a cached feature-cache call runs."""
         if list(stages) != sorted(set(stages)) or not stages or stages[-1] != len(self.specs) - 1:
             raise _broken(f"a feature-cache walk lists stages {list(stages)}")
-        available = set(MODEL_INPUTS) | set(provided)
+        available = set(provided)
         for index in stages:
             spec = self.specs[index]
             if spec.site is not None and site_input_name(spec.site) not in available:
                 raise _broken(f"a feature-cache walk runs site {spec.site} without its input")
-            missing = [t.name for t in spec.inputs if t.name not in available
+            missing = [t.name for t in spec.inputs if t.name not in available and not is_model_input(t.name)
                        and (spec.site is None or t.name not in plan_names(spec.site))]
             if missing:
                 raise _broken(f"a feature-cache walk reaches stage {index} without {missing}")

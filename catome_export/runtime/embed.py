@@ -254,6 +254,14 @@ def _check_compatible(pipe: Any, runtime_unet: Any) -> None:
             )
 
 
+def _check_controlnet(pipe: Any, runtime: Any) -> None:
+    """CatomeError when a ControlNet pipeline gets an engine built without ControlNet inputs (its first U-Net call
+    would be refused)."""
+    if getattr(pipe, "controlnet", None) is not None and hasattr(runtime, "controlnet") and runtime.controlnet is None:
+        raise CatomeError(f"{type(pipe).__name__} feeds its U-Net ControlNet residuals, which this engine was built "
+                          "without: rebuild it with catome-export build ... --controlnet (docs/controlnet.md)")
+
+
 def _check_devices(pipe: Any, runtime: Any) -> None:
     device = getattr(runtime, "device", None)
     if device is None:
@@ -287,6 +295,7 @@ def attach(pipe: Any, runtime: Any) -> Attachment:
     if current is not None and current.active:
         raise CatomeError("this pipeline already carries an engine: detach it before attaching another")
     _check_compatible(pipe, unet)
+    _check_controlnet(pipe, runtime)
     _check_devices(pipe, runtime)
     attachment = Attachment(pipe, runtime)
     attachment._install()

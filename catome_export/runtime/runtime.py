@@ -32,6 +32,7 @@ from catome_export.backends.base import Backend, StageRunner, StreamOwner
 from catome_export.backends.select import choose_backend
 from catome_export.backends.torch_backend import manifest_dtype
 from catome_export.errors import CatomeError
+from catome_export.export.controlnet import ControlNetInputs
 from catome_export.export.io_names import ADDED_INPUTS, MODEL_OUTPUT, SAMPLE, TEXT, TIMESTEP, plan_names
 from catome_export.export.manifest import FeatureCacheRecord, Manifest
 from catome_export.featurecache import CacheClock, FeatureCacheSettings, parse_feature_cache
@@ -80,6 +81,9 @@ class Runtime:
                  feature_cache: FeatureCacheSettings | None | str = "engine",
                  cache_record: FeatureCacheRecord | None = None) -> None:
         self.chain = StageChain(runners)
+        self.controlnet: ControlNetInputs | None = ControlNetInputs.of(self.chain.specs)
+        """The ControlNet residual inputs of an engine built with ``--controlnet`` (None: it takes none)."""
+        self._zero_residuals: tuple[tuple[Any, ...], dict[str, torch.Tensor]] | None = None
         self.sites = {s.index: s for s in sites}
         missing = [k for k in self.chain.sites if k not in self.sites]
         if missing:
@@ -331,15 +335,22 @@ class Runtime:
 
     # -- running ----------------------------------------------------------------------
     def step(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-             timestep_value: float | None = None, added: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+             timestep_value: float | None = None, added: dict[str, torch.Tensor] | None = None,
+             controlnet: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """One U-Net call on validated inputs (``timestep`` float32 [B]); returns ``noise_pred``.
 
         ``timestep_value`` is the scalar the controller numbers steps with
         (default: the first element of ``timestep``). ``added``: an SDXL-style
         engine's ``text_embeds`` and ``time_ids`` (checked by ``runtime.unet``).
+        ``controlnet``: the ControlNet residual inputs by graph name (``controlnet_down{i}``, ``controlnet_mid``;
+        checked by ``runtime.unet``) of an engine built with ``--controlnet``; None feeds zeros, which is the
+        U-Net without ControlNet.
         """
         if self._closed:
             raise CatomeError("this runtime was closed: load the engine again")
+        if controlnet is not None and self.controlnet is None:
+            raise CatomeError("this engine was built without --controlnet and takes no ControlNet residuals: "
+                              "rebuild it with catome-export build ... --controlnet")
         missing = [n for n in ADDED_INPUTS if n not in (added or {}) and self.chain.input_spec(n) is not None]
         if missing:
             raise CatomeError(f"this engine is an SDXL-style U-Net and needs {missing}: call runtime.unet(..., "
@@ -376,6 +387,8 @@ class Runtime:
             return plan
 
         env = {SAMPLE: sample, TIMESTEP: timestep, TEXT: encoder_hidden_states, **(added or {})}
+        if self.controlnet is not None:
+            env.update(controlnet if controlnet is not None else self._zeros(shape, sample))
         # Every site reuses its cache when this is no checkpoint and the previous call of this generation
         # completed with the same batch and size (it left a plan of these shapes at every site).
         cached_step = not self.settings.schedule.is_checkpoint(step) and self._last_shape == shape
@@ -404,6 +417,18 @@ class Runtime:
         self._last_shape = shape
         self._timings.append(((time.perf_counter() - start) * 1e3, spent * 1e3))
         return noise_pred
+
+    def _zeros(self, shape: tuple[int, int, int], sample: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Zero ControlNet residuals for a call without them (kept while the shape stays; no stage writes its
+        inputs)."""
+        key = (shape, sample.dtype, sample.device)
+        if self._zero_residuals is None or self._zero_residuals[0] != key:
+            assert self.controlnet is not None
+            down, mid = self.controlnet.shapes(shape[0], shape[1:])
+            feeds = {t.name: torch.zeros(s, dtype=t.torch_dtype, device=sample.device)
+                     for t, s in zip((*self.controlnet.down, self.controlnet.mid), (*down, mid))}
+            self._zero_residuals = (key, feeds)
+        return dict(self._zero_residuals[1])
 
     def _feature_step(self, timestep_value: float | None, step: int, key: tuple[int, ...]) -> bool | None:
         """This call's kind under feature caching: True for a cached call, False for a full one, None when

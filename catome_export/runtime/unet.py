@@ -3,7 +3,9 @@
 It takes the arguments of ``UNet2DConditionModel.forward`` that Stable
 Diffusion uses, checks them (dtype, device, shapes, the engine's built
 range) and runs one step of its :class:`~catome_export.runtime.runtime.Runtime`.
-It carries what pipelines read from ``pipe.unet``: ``config`` (the full U-Net
+An engine built with ``--controlnet`` also takes ControlNet's
+``down_block_additional_residuals`` and ``mid_block_additional_residual``
+(docs/controlnet.md). It carries what pipelines read from ``pipe.unet``: ``config`` (the full U-Net
 config with attribute access), ``dtype``, ``device``, ``in_channels``; an
 empty buffer on the engine's device makes pipelines find the right device.
 The engine cannot move: ``.to()`` to another device or dtype keeps it where
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from catome_export.errors import CatomeError
+from catome_export.export.controlnet import ControlNetInputs, resolve_shape
 from catome_export.export.io_names import ADDED_INPUTS
 
 if TYPE_CHECKING:
@@ -30,7 +33,9 @@ logger = logging.getLogger(__name__)
 _IGNORED_IF_EMPTY = ("class_labels", "timestep_cond", "attention_mask", "cross_attention_kwargs",
                      "added_cond_kwargs", "down_block_additional_residuals", "mid_block_additional_residual",
                      "down_intrablock_additional_residuals", "encoder_attention_mask")
-"""Keyword arguments of the diffusers U-Net that the engine cannot take: accepted only when None or empty."""
+"""Keyword arguments of the diffusers U-Net that the engine cannot take: accepted only when None or empty
+(ControlNet's two residual arguments are taken by an engine built with ``--controlnet``)."""
+_CONTROLNET_KWARGS = ("down_block_additional_residuals", "mid_block_additional_residual")
 
 
 class EngineFeatureError(CatomeError, AttributeError):
@@ -92,6 +97,7 @@ class RuntimeUNet(torch.nn.Module):
         # SDXL-style engines take added_cond_kwargs as graph inputs of stage 0: name -> spec (empty otherwise)
         self._added = {name: spec for name in ADDED_INPUTS
                        if (spec := runtime.chain.input_spec(name)) is not None}
+        self._controlnet: ControlNetInputs | None = runtime.controlnet
         if self._added:
             # StableDiffusionXLPipeline checks its time ids against add_embedding.linear_1.in_features: a
             # shape-only stand-in (the embedding itself runs inside the engine's first stage)
@@ -159,6 +165,8 @@ class RuntimeUNet(torch.nn.Module):
         """Like ``UNet2DConditionModel.forward`` for what Stable Diffusion passes; one controller step."""
         if unknown:
             takes = "encoder_hidden_states, added_cond_kwargs" if self._added else "encoder_hidden_states"
+            if self._controlnet is not None:
+                takes += ", down_block_additional_residuals, mid_block_additional_residual"
             raise CatomeError(f"the engine's U-Net does not take {sorted(unknown)}: it accepts sample, timestep, "
                               f"{takes} and return_dict")
         given = dict(class_labels=class_labels, timestep_cond=timestep_cond, attention_mask=attention_mask,
@@ -167,14 +175,21 @@ class RuntimeUNet(torch.nn.Module):
                      mid_block_additional_residual=mid_block_additional_residual,
                      down_intrablock_additional_residuals=down_intrablock_additional_residuals,
                      encoder_attention_mask=encoder_attention_mask)
-        used = [k for k in _IGNORED_IF_EMPTY if not _empty(given[k]) and not (k == "added_cond_kwargs" and self._added)]
+        used = [k for k in _IGNORED_IF_EMPTY if not _empty(given[k]) and not (k == "added_cond_kwargs" and self._added)
+                and not (k in _CONTROLNET_KWARGS and self._controlnet is not None)]
         if used:
-            raise CatomeError(f"the engine's U-Net cannot take {used} (ControlNet, LoRA scales, IP-Adapter, masks and "
-                              "class labels are not exported): pass them as None, or use the eager model")
+            hint = ""
+            if self._controlnet is None and any(k in _CONTROLNET_KWARGS for k in used):
+                hint = ("; this engine was built without ControlNet inputs: for ControlNet, rebuild it with "
+                        "catome-export build ... --controlnet")
+            raise CatomeError(f"the engine's U-Net cannot take {used} (ControlNet without --controlnet, LoRA scales, "
+                              "IP-Adapter, masks and class labels are not exported): pass them as None, or use the "
+                              f"eager model{hint}")
         sample, ehs = self._check(sample, encoder_hidden_states)
         added = self._check_added(added_cond_kwargs, int(sample.shape[0]))
+        residuals = self._check_controlnet(down_block_additional_residuals, mid_block_additional_residual, sample)
         t, t_value = self._timesteps(timestep, sample.shape[0])
-        noise_pred = self._runtime.step(sample, t, ehs, timestep_value=t_value, added=added)
+        noise_pred = self._runtime.step(sample, t, ehs, timestep_value=t_value, added=added, controlnet=residuals)
         if not return_dict:
             return (noise_pred,)
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
@@ -236,6 +251,42 @@ class RuntimeUNet(torch.nn.Module):
                 raise CatomeError(f"added_cond_kwargs[{name!r}] is on {t.device}, the engine runs on {self.device}: "
                                   "move the inputs there")
             out[name] = t.detach().to(dtype=spec.torch_dtype).contiguous()
+        return out
+
+    def _check_controlnet(self, down: Any, mid: Any, sample: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """ControlNet's residuals as graph inputs (checked against the engine's shapes at this call's batch and
+        size), or None when neither is given (the runtime then feeds zeros: the U-Net without ControlNet)."""
+        if self._controlnet is None or (_empty(down) and _empty(mid)):
+            return None
+        cn = self._controlnet
+        n = len(cn.down)
+        if _empty(mid):
+            raise CatomeError("down_block_additional_residuals without mid_block_additional_residual is diffusers' "
+                              "deprecated T2I-Adapter form, which the engine does not take: pass both, as "
+                              "ControlNetModel returns them (down_block_res_samples, mid_block_res_sample)")
+        if _empty(down):
+            raise CatomeError("mid_block_additional_residual without down_block_additional_residuals (which "
+                              "diffusers' U-Net ignores): pass both, as ControlNetModel returns them, or neither")
+        if not isinstance(down, (tuple, list)) or len(down) != n:
+            got = f"{len(down)} tensors" if isinstance(down, (tuple, list)) else type(down).__name__
+            raise CatomeError(f"down_block_additional_residuals must be a tuple of {n} tensors (one per skip tensor "
+                              f"of this U-Net's down path, as its ControlNet returns them), got {got}")
+        batch, hw = int(sample.shape[0]), (int(sample.shape[2]), int(sample.shape[3]))
+        out: dict[str, torch.Tensor] = {}
+        for label, spec, t in (*((f"down_block_additional_residuals[{i}]", s, d)
+                                 for i, (s, d) in enumerate(zip(cn.down, down))),
+                               ("mid_block_additional_residual", cn.mid, mid)):
+            want = resolve_shape(spec, batch, hw)
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != want:
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise CatomeError(f"{label} must be a {list(want)} tensor at this sample's batch and size (a "
+                                  f"ControlNet of the engine's model, on the same latents), got {shape}")
+            if not t.is_floating_point():
+                raise CatomeError(f"{label} is {t.dtype}: pass a floating-point tensor")
+            if not _same_device(t.device, self.device):
+                raise CatomeError(f"{label} is on {t.device}, the engine runs on {self.device}: run the ControlNet "
+                                  "there (or move its outputs)")
+            out[spec.name] = t.detach().to(dtype=spec.torch_dtype).contiguous()
         return out
 
     def _timesteps(self, timestep: Any, batch: int) -> tuple[torch.Tensor, float | None]:

@@ -23,6 +23,11 @@ Two questions are kept apart:
   named by site, step and token. r may differ where near-ties at the threshold
   explain it, or within ``merge_tolerance`` of the site's tokens.
 
+An engine built with ``--controlnet`` gets seeded ControlNet residuals at
+every step (new ones each step, the same on both sides, as
+``down_block_additional_residuals`` / ``mid_block_additional_residual``), so
+the additions inside the engine are compared with diffusers' own.
+
 Default tolerances: 1e-4 for fp32 engines, 2e-2 for fp16 (see docs/runtime.md).
 """
 
@@ -44,6 +49,7 @@ from catome_export.eager import apply_deepcache, apply_merging
 from catome_export.featurecache import FeatureCacheSettings
 from catome_export.devices import load_average
 from catome_export.errors import CatomeError
+from catome_export.export.controlnet import random_residuals
 from catome_export.export.manifest import Manifest
 from catome_export.memory import check_available, gb, verify_need
 from catome_export.latents import make_latents
@@ -199,6 +205,8 @@ class VerifyReport:
     """Logical CPUs of the machine (``os.cpu_count()``)."""
     r_multiple: int = 1
     """Both sides rounded r down to a multiple of this (``MergeSettings.r_multiple``; 1: off)."""
+    controlnet_inputs: int = 0
+    """ControlNet residual inputs fed seeded values at every step (0: an engine built without ``--controlnet``)."""
 
     @property
     def busy(self) -> bool:
@@ -295,6 +303,8 @@ class VerifyReport:
         elif self.rows:
             slack = " or within the merge tolerance" if any(v for r in self.rows for v in r.r_slack.values()) else ""
             parts.append(f"r per site equal or differing by near-ties{slack} at every step")
+        if self.controlnet_inputs:
+            parts.append(f"{self.controlnet_inputs} ControlNet residual inputs fed seeded values at every step")
         if self.flip_steps:
             parts.append(f"near-tie flips ({self.flipped_tokens} tokens) at steps {_short(self.flip_steps)}")
         elif self.rows and not self.plan_failure_steps:
@@ -345,7 +355,7 @@ class VerifyReport:
                 "tolerance": self.tolerance, "merge_tolerance": self.merge_tolerance, "r_multiple": self.r_multiple,
                 "ok": self.ok,
                 "max_diff": self.max_diff, "flip_steps": self.flip_steps, "flipped_tokens": self.flipped_tokens,
-                "plan_failure_steps": self.plan_failure_steps,
+                "plan_failure_steps": self.plan_failure_steps, "controlnet_inputs": self.controlnet_inputs,
                 "engine_ms": self.engine_ms, "eager_ms": self.eager_ms,
                 "timing": {"compares": "engine vs eager CA-ToMe reference (with its own matching)",
                            "load_avg_max": self.load_avg, "cpus": self.cpus, "busy": self.busy},
@@ -573,10 +583,15 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
                 if cache_handle is not None:
                     cache_handle.set_step(i)
                 model_in = scheduler.scale_model_input(latents, t)
+                call: dict[str, Any] = dict(extra)
+                if runtime.controlnet is not None:  # new seeded residuals at every step, the same for both
+                    down, mid = random_residuals(runtime.controlnet, batch, latent_hw, seed=seed + 3 + i, dtype=dtype,
+                                                 device=dev)
+                    call.update(down_block_additional_residuals=tuple(down), mid_block_additional_residual=mid)
                 engine_matches.start_step()
-                got, engine_ms = timer(lambda: runtime.unet(model_in, t, encoder_hidden_states=ehs, **extra).sample)
+                got, engine_ms = timer(lambda: runtime.unet(model_in, t, encoder_hidden_states=ehs, **call).sample)
                 eager_matches.start_step(given=engine_matches.seen)  # eager runs on the engine's plans
-                want, eager_ms = timer(lambda: eager_unet(model_in, t, encoder_hidden_states=ehs, **extra).sample)
+                want, eager_ms = timer(lambda: eager_unet(model_in, t, encoder_hidden_states=ehs, **call).sample)
                 diff = float((got.float() - want.float()).abs().max())
                 scale = float(want.float().abs().max())
                 mine, theirs = runtime.history[-1], handle.history[-1]
@@ -623,7 +638,8 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
                                                                      f", {runtime.feature_cache.describe()}"),
                             tolerance=tol, rows=tuple(rows),
                             merge_tolerance=r_tol, load_avg=max(loads) if loads else None,
-                            cpus=os.cpu_count(), r_multiple=settings.r_multiple)
+                            cpus=os.cpu_count(), r_multiple=settings.r_multiple,
+                            controlnet_inputs=0 if runtime.controlnet is None else len(runtime.controlnet.names))
     finally:
         runtime.controller.set_matcher(None)
         if cache_handle is not None:

@@ -170,3 +170,35 @@ def test_r_multiple_is_recorded_and_old_manifests_load_with_q1(engine_dir):
     assert Manifest.from_dict(rounded.to_dict()).merge.r_multiple == 64
     assert "--r-multiple 64" in rounded.rebuild_command() and "--r-multiple" not in make_manifest().rebuild_command()
     assert "--step-base 1 --r-multiple 64" in build_command({"step_base": 1, "r_multiple": 64})
+def test_controlnet_section_is_optional_and_typed():
+    from catome_export.export.controlnet import ControlNetRecord
+    from catome_export.export.stages import TensorSpec
+    from factories import make_stages, site_stage_specs
+
+    old = make_manifest()
+    data = old.to_dict()
+    assert "controlnet" not in data  # an engine without the option writes no section ...
+    assert Manifest.from_dict(data).controlnet is None  # ... and folders built before it load as before
+    assert "--controlnet" not in old.rebuild_command()
+    specs = site_stage_specs(1)
+    names = ("controlnet_down0", "controlnet_down1", "controlnet_mid")
+    specs[-1] = replace(specs[-1], inputs=specs[-1].inputs + tuple(TensorSpec(n, "float32", ("B", 8, "H", "W"))
+                                                                  for n in names))
+    record = ControlNetRecord(down=names[:2])
+    m = make_manifest(stages=make_stages(specs), controlnet=record)
+    data = m.to_dict()
+    assert data["controlnet"] == {"down": list(names[:2]), "mid": "controlnet_mid"}
+    back = Manifest.from_dict(data)
+    assert back.controlnet == record
+    back._validate()
+    assert back.rebuild_command().endswith("--controlnet")
+    assert build_command({"model": "tiny", "controlnet": True, "name": "t"}) == \
+        "catome-export build --model tiny --name t --controlnet"
+    wrong = Manifest.from_dict({**data, "controlnet": {"down": list(names[:1]), "mid": "controlnet_mid"}})
+    with pytest.raises(CatomeError, match="lists 1 down residuals, the stages take 2.*rebuild it with"):
+        wrong._validate()
+    plain = Manifest.from_dict({**make_manifest().to_dict(), "controlnet": {"down": ["controlnet_down0"]}})
+    with pytest.raises(CatomeError, match="no stage takes"):
+        plain._validate()
+    with pytest.raises(ValueError, match="controlnet section is malformed"):
+        Manifest.from_dict({**data, "controlnet": {"down": "controlnet_down0"}})
