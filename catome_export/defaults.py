@@ -20,6 +20,8 @@ DEFAULT_STEP_BASE = 1
 DEFAULT_MAX_DOWNSAMPLE = 1
 DEFAULT_STRIDE = (2, 2)
 DEFAULT_MERGE_SEED = 42
+DEFAULT_R_MULTIPLE = 1
+"""r is rounded down to a multiple of this at every site (1: off, r as counted)."""
 
 DEFAULT_BATCH_RANGE = (1, 2)
 """The batch range an engine is built for when none is given."""

@@ -41,14 +41,14 @@ def _tensorrt_available() -> bool:
 SLOW_FIXTURES = frozenset({"tiny_engine", "built_engine", "reliability_engine", "engine_copy", "ort_runtime",
                            "exported", "ort_sessions", "built", "auto3", "cli_process", "child_env",
                            "ray_isolation", "ray_env", "ray_temp_dir", "xl_engine", "xl_bench", "tiny_onnx_fp32",
-                           "tiny_onnx_fp16", "controlnet_engine"})
+                           "tiny_onnx_fp16", "lora_engines", "lora_ort_engine", "controlnet_engine"})
 """Fixtures that build or export an engine, calibrate a schedule, or start a Python process or a Ray cluster: a
 test using one (directly or through another fixture) is marked ``slow`` (``pytest -m "not slow"`` leaves it out; the default run keeps it)."""
 
 
 LONGEST_FILES = ("tests/export/test_sd21_real_size_fp16.py", "tests/export/test_sd15_real_size.py",
                  "tests/serve/test_serve_ray.py", "tests/export/test_build_folder.py", "tests/cli/test_bench.py",
-                 "tests/backends/test_trt_build.py")
+                 "tests/backends/test_trt_build.py", "tests/lora/test_lora_engine.py")
 """The test files that take longest (minutes each on 2 cores), longest first: collected first, so that the parallel
 run (pytest-xdist, a file per worker at a time) starts them at once instead of leaving one to run alone at the end."""
 

@@ -228,6 +228,8 @@ class OrtStageRunner:
             self._run_options = _import_ort().RunOptions()
             self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         self.stream = stream if stream is not None else DeviceStream(device)
+        self.initializers: list[Any] = []
+        """Replaced initializers (a refit LoRA's weights) the session reads: kept alive with it."""
         self._check_signature()
 
     def _check_signature(self) -> None:
@@ -299,6 +301,7 @@ class OrtStageRunner:
     def close(self) -> None:
         self._empty.clear()
         self.session = None
+        self.initializers = []
 
 
 def computes_in_fp32(spec: "StageSpec") -> bool:
@@ -369,6 +372,9 @@ class OrtBackend:
         self.stream = DeviceStream(dev)
         """CUDA: the stream every session computes on (no stream on the CPU)."""
         self._runners: list[OrtStageRunner] = []
+        self.initializer_overrides: Any = None
+        """Weights that differ from the graphs' (a refit LoRA; catome_export.lora.refit.InitializerOverrides):
+        each session is built from its graph file with them in place of the graph's initializers."""
 
     def providers(self, fp32: bool = True) -> list[Any]:
         """Execution providers for a session: CUDA on the backend's stream (plus CPU fallback), or CPU.
@@ -393,8 +399,15 @@ class OrtBackend:
         path = Path(engine_dir) / stage_graph_file(stage, self.options)
         if not path.is_file():
             raise CatomeError(f"stage file {path} is missing: rebuild the engine with catome-export build")
+        so = session_options(self.options, self.device.type)
+        kept: list[Any] = []
+        if self.initializer_overrides is not None:
+            for name, array in self.initializer_overrides.for_file(path.name).items():
+                value = ort.OrtValue.ortvalue_from_numpy(array)
+                kept.append((array, value))  # ONNX Runtime reads them while the session lives
+                so.add_initializer(name, value)
         try:
-            session = ort.InferenceSession(str(path), sess_options=session_options(self.options, self.device.type),
+            session = ort.InferenceSession(str(path), sess_options=so,
                                            providers=self.providers(fp32=computes_in_fp32(spec)))
         except Exception as exc:  # ORT raises its own exception types for damaged or unsupported graphs
             raise CatomeError(f"ONNX Runtime cannot load {path} ({type(exc).__name__}: {str(exc)[:300]}); "
@@ -402,6 +415,7 @@ class OrtBackend:
         if self.device.type == "cuda":
             check_cuda_session(ort, session, path)
         runner = OrtStageRunner(session, spec, self.device, self.options, self.stream)
+        runner.initializers = kept
         self._runners.append(runner)
         logger.debug("loaded %s on %s (%s)", path.name, self.name, session.get_providers())
         return runner

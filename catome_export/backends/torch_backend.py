@@ -68,7 +68,8 @@ def manifest_dtype(manifest: Manifest) -> torch.dtype:
 
 
 def load_reference_unet(manifest: Manifest, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The U-Net the engine was built from (model id + weights), checked against the manifest's weights hash."""
+    """The U-Net the engine was built from (model id + weights), checked against the manifest's weights hash, with
+    the LoRA the engine computes (its manifest's ``lora.active``) fused as the build fuses it."""
     from catome_export.models.checkpoint import is_checkpoint_path
 
     model = manifest.model
@@ -85,6 +86,10 @@ def load_reference_unet(manifest: Manifest, device: torch.device | str = "cpu") 
                 f"built from (weights hash {got[:12]}... vs {str(expected)[:12]}... in the manifest): load the same "
                 "weights, or rebuild the engine with catome-export build"
             )
+    if manifest.lora is not None and manifest.lora.active:  # the LoRA the engine computes, fused the same way
+        from catome_export.lora.refit import fuse_active
+
+        fuse_active(unet, manifest, manifest.engine_dir or Path("."))
     return unet.to(device)
 
 

@@ -372,6 +372,9 @@ class TrtBackend:
         """The runners :meth:`load_stage` returned (eager runs), in load order."""
         self.forks: list[TrtStageRunner] = []
         """Runners made by :meth:`TrtStageRunner.fork` and not closed yet."""
+        self.initializer_overrides: Any = None
+        """Weights that differ from the graphs' (a refit LoRA; catome_export.lora.refit.InitializerOverrides),
+        refit into weight-stripped plans at load."""
 
     def load_stage(self, engine_dir: Path, stage: StageRecord) -> TrtStageRunner:
         """Deserialise ``stage``'s plan (its engine file, default ``stage_<k>.plan``)."""
@@ -388,10 +391,57 @@ class TrtBackend:
                                   "another GPU?): rebuild the engines on this machine "
                                   "(catome-export build ... --engine-kind trt)")
             runner = TrtStageRunner(self, cuda_engine, spec, path)
+            if self.manifest is not None and self.manifest.lora is not None and self.manifest.lora.stripped:
+                # a weight-stripped plan: its weights come from the stage graph, and a refit LoRA's from the
+                # overrides (TensorRT names refittable weights after the graph's initializers)
+                overrides = {} if self.initializer_overrides is None else \
+                    self.initializer_overrides.for_file(stage.file)
+                self.refit_stage(runner, overrides, onnx_path=engine_dir / stage.file)
             # never bind a null scratch address, even for an engine that needs none
             self.memory.reserve(max(runner.memory_bytes, MIN_SCRATCH_BYTES))
         self.runners.append(runner)
         return runner
+
+    def refit_stage(self, runner: TrtStageRunner, weights: Mapping[str, Any], *,
+                    onnx_path: Path | None = None) -> None:
+        """Refit ``runner``'s engine (built refittable) with ``weights`` (ONNX initializer name -> array in the
+        graph's layout), after every weight of ``onnx_path`` where given (a weight-stripped plan): the TensorRT
+        Refitter, ``set_named_weights`` then ``refit_cuda_engine``. Forks share the engine, so they see it too."""
+        import numpy as np
+
+        trt = self.trt
+        self.stream.synchronize()  # no work of the engine may be pending while it is refit
+        where = runner.path.name
+        with self._on_device():
+            if not getattr(runner.engine, "refittable", False):
+                raise CatomeError(f"{where} was built without --refittable: its weights cannot be swapped; rebuild "
+                                  "the engine with catome-export build ... --backend trt --refittable")
+            try:
+                refitter = trt.Refitter(runner.engine, self.logger)
+            except TypeError as exc:
+                raise CatomeError(f"TensorRT cannot refit {where} ({exc}): rebuild the engine with --refittable") \
+                    from None
+            if onnx_path is not None:
+                parser = trt.OnnxParserRefitter(refitter, self.logger)
+                if not parser.refit_from_file(str(onnx_path)):
+                    errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+                    raise CatomeError(f"TensorRT could not take the weights of {onnx_path.name} for {where} "
+                                      f"({errors or 'see the TensorRT messages above'}): rebuild the engine")
+            kept = []  # TensorRT reads the arrays until refit_cuda_engine returns
+            for name, array in weights.items():
+                data = np.ascontiguousarray(array)
+                kept.append(data)
+                if not refitter.set_named_weights(name, trt.Weights(data)):
+                    raise CatomeError(f"TensorRT refused the new weights {name} of {where} (see its message above): "
+                                      "the LoRA's weights do not fit the engine; rebuild it")
+            missing = list(refitter.get_missing_weights())
+            if missing:
+                raise CatomeError(f"TensorRT needs {len(missing)} more weights to refit {where} (e.g. {missing[0]}): "
+                                  "rebuild the engine with --refittable")
+            if not refitter.refit_cuda_engine():
+                raise CatomeError(f"TensorRT could not refit {where} (see its message above); the engine may hold "
+                                  "some new weights: load the engine again")
+            del kept
 
     def fork(self, runner: TrtStageRunner) -> TrtStageRunner:
         """A runner of ``runner``'s engine with a context of its own (see :meth:`TrtStageRunner.fork`)."""

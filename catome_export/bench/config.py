@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from catome_export.choices import Precision
-from catome_export.defaults import DEFAULT_SCHEDULE
+from catome_export.defaults import DEFAULT_R_MULTIPLE, DEFAULT_SCHEDULE
 from catome_export.errors import CatomeError
 
 BACKENDS = ("eager", "eager-tome", "eager-catome", "engine", "engine-unstaged", "engine-unfused",
@@ -65,6 +65,8 @@ class BenchConfig:
     """Forced r per site = round(f * #src): speed independent of weights and inputs."""
     threshold: float | None = None
     """Also time the adaptive path at this CA-ToMe threshold (r from the inputs; use smooth latents)."""
+    r_multiple: int = DEFAULT_R_MULTIPLE
+    """Every merging row rounds r down to a multiple of this (``MergeSettings.r_multiple``; 1: off)."""
     latents: str = "smooth"
     """Start latents: ``smooth`` (blurred, self-similar) or ``noise``."""
     steps: int = 0
@@ -131,6 +133,7 @@ class BenchConfig:
         if not fractions and self.threshold is None:
             raise CatomeError("give at least one merge fraction (e.g. 0,0.5,0.75) or a --threshold")
         object.__setattr__(self, "merge_fractions", tuple(float(f) for f in fractions))
+        _positive_int("r_multiple", self.r_multiple)
         t = self.threshold
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not -1 <= t <= 1):
             raise CatomeError(f"threshold must be a number in [-1, 1], got {t!r}")
@@ -194,7 +197,8 @@ class BenchConfig:
             "model": self.model, "weights": self.weights,
             "engine_dir": None if self.engine_dir is None else str(self.engine_dir),
             "backends": list(self.backends), "resolutions": list(self.resolutions), "batch": self.batch,
-            "merge_fractions": list(self.merge_fractions), "threshold": self.threshold, "latents": self.latents,
+            "merge_fractions": list(self.merge_fractions), "threshold": self.threshold,
+            "r_multiple": self.r_multiple, "latents": self.latents,
             "steps": self.steps, "schedule": self.schedule, "repeats": self.repeats, "interleave": self.interleave,
             "one_at_a_time": self.one_at_a_time,
             "checkpoint_repeats": self.checkpoint_calls, "warmup": self.warmup, "threads": self.threads,

@@ -68,6 +68,8 @@ class GenerationConfig:
     seed: int = 0
     latents: str = "smooth"
     text_len: int = 77
+    r_multiple: int = 1
+    """The engine rows round r down to a multiple of this (``MergeSettings.r_multiple``; 1: off)."""
 
     def __post_init__(self) -> None:
         unknown = [b for b in self.backends if b not in GENERATION_BACKENDS]
@@ -82,6 +84,8 @@ class GenerationConfig:
         if not isinstance(self.feature_cache, FeatureCacheSettings) or not self.feature_cache.caches:
             raise CatomeError("generation mode compares rows with and without feature caching: give a feature cache "
                               "that caches (interval >= 2, e.g. --feature-cache 3,0)")
+        if isinstance(self.r_multiple, bool) or not isinstance(self.r_multiple, int) or self.r_multiple < 1:
+            raise CatomeError(f"r_multiple must be an integer >= 1 (1: off), got {self.r_multiple!r}")
         if self.resolution is not None and (self.resolution < 16 or self.resolution % 8):
             raise CatomeError(f"resolution must be a multiple of 8 of at least 16 pixels, got {self.resolution}")
 
@@ -92,7 +96,7 @@ class GenerationConfig:
                 "steps": self.steps, "rounds": self.rounds, "merge_fractions": list(self.merge_fractions),
                 "feature_cache": self.feature_cache.to_dict(), "scheduler": "ddim", "device": self.device,
                 "threads": self.threads, "engine_backend": self.engine_backend, "seed": self.seed,
-                "latents": self.latents, "text_len": self.text_len}
+                "latents": self.latents, "text_len": self.text_len, "r_multiple": self.r_multiple}
 
 
 @dataclass(frozen=True)
@@ -292,7 +296,8 @@ def _time_row(row: GenRow, loop: _Loop, unet: Any, runtime: Any, helper: Any,
             helper.disable()
         # DDIM timesteps do not repeat: a call's position is its loop index, the first call the start
         return [(ms, not config.feature_cache.is_full(i)) for i, (ms, _) in enumerate(calls)]
-    settings = replace(runtime.settings, threshold=None, ratio=None, merge_fraction=float(row.fraction or 0.0))
+    settings = replace(runtime.settings, threshold=None, ratio=None, merge_fraction=float(row.fraction or 0.0),
+                       r_multiple=config.r_multiple)
     runtime.set_settings(settings, feature_cache=row.cache)
     runtime.reset()
     calls = loop.run(runtime.unet, lambda: runtime.history[-1].cached_features)

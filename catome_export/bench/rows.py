@@ -68,8 +68,12 @@ def row_settings(config: BenchConfig, backend: str) -> list[tuple[float | None, 
 
 
 def build_row(backend: str, resolution: int, inputs: Inputs, fraction: float | None, threshold: float | None,
-              timing: RowTiming, grids: list[tuple[int, int]], stride: tuple[int, int], backend_detail: str) -> dict:
-    """The JSON row of one timing: latencies, r per site, controller shares, stage times."""
+              timing: RowTiming, grids: list[tuple[int, int]], stride: tuple[int, int], backend_detail: str,
+              r_multiple: int = 1) -> dict:
+    """The JSON row of one timing: latencies, r per site, controller shares, stage times.
+
+    ``merge_fraction`` is the requested fraction, or the realised one where r was rounded to a multiple of
+    ``r_multiple`` > 1 (or came from a threshold)."""
     cached = timing.cached.summary
     assert cached is not None
     num_src = {i: h * w - (h // stride[0]) * (w // stride[1]) for i, (h, w) in enumerate(grids)}
@@ -78,7 +82,7 @@ def build_row(backend: str, resolution: int, inputs: Inputs, fraction: float | N
     row: dict[str, Any] = {
         "backend": backend, "runs_on": backend_detail, "resolution": resolution,
         "latent": list(inputs.latent_hw), "batch": inputs.batch,
-        "merge_fraction": round(realised if fraction is None else fraction, 4),
+        "merge_fraction": round(realised if fraction is None or r_multiple != 1 else fraction, 4),
         "requested_merge_fraction": fraction, "threshold": threshold,
         "merged": {str(k): v for k, v in merged.items()},
         **cached.to_dict(), "repeats": cached.count,

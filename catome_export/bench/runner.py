@@ -73,7 +73,8 @@ class _Session:
         self.ort_options: dict[str, Any] = {"intra_op_threads": self.threads, **dict(config.ort_options),
                                             "fused_graphs": config.ort_optimize}
         self.unet_config: dict[str, Any] = {}
-        self.base_settings = MergeSettings(threshold=None, merge_fraction=0.0, schedule=BENCH_SCHEDULE)
+        self.base_settings = MergeSettings(threshold=None, merge_fraction=0.0, schedule=BENCH_SCHEDULE,
+                                           r_multiple=config.r_multiple)
         """Merge options of every merging row: the defaults at the model's own merge level (set with the U-Net
         config, :meth:`set_unet_config`); replaced by the engine's when it was built with others."""
         self.engine_dir: Path | None = config.engine_dir
@@ -116,7 +117,7 @@ class _Session:
                 threshold: float | None, timing: RowTiming, detail: str) -> None:
         grids = flops.site_grids(self.unet_config, inputs.latent_hw, self.base_settings.max_downsample)
         row = build_row(backend, resolution, inputs, fraction, threshold, timing, grids, self.base_settings.stride,
-                        detail)
+                        detail, r_multiple=self.base_settings.r_multiple)
         row["load_average_1min"] = load_average()
         row["rss_gib"] = rss_gib()
         self.rows.append(row)
@@ -217,7 +218,7 @@ class _Session:
                               f"{settings.merge_crossattn}, merge_mlp {settings.merge_mlp}, stride {settings.stride}); "
                               "rows timed after loading it use them")
             self.base_settings = replace(settings, threshold=None, ratio=None, merge_fraction=0.0,
-                                         schedule=BENCH_SCHEDULE)
+                                         schedule=BENCH_SCHEDULE, r_multiple=base.r_multiple)
 
 
 def _fusion_note(backend_name: str, fused: bool) -> str:

@@ -72,7 +72,8 @@ def config_from_args(args: argparse.Namespace):
         model=model or "tiny", weights=weights or "random", engine_dir=Path(args.engine) if args.engine else None,
         backends=_list(args.backends or DEFAULT_BACKENDS, str, "--backends"), resolutions=resolutions,
         batch=args.batch,
-        merge_fractions=fractions, threshold=args.threshold, latents=args.latents, steps=args.steps,
+        merge_fractions=fractions, threshold=args.threshold, r_multiple=_r_multiple(args), latents=args.latents,
+        steps=args.steps,
         schedule=args.schedule, repeats=args.repeats, checkpoint_repeats=args.checkpoint_repeats,
         warmup=args.warmup, threads=args.threads, device=_device(args.device), precision=args.precision,
         engine_backend=args.backend, workdir=Path(args.workdir) if args.workdir else default_workdir(),
@@ -174,7 +175,15 @@ def generation_config_from_args(args: argparse.Namespace) -> Any:
         rounds=args.rounds, merge_fractions=tuple(fractions), feature_cache=cache, device=_device(args.device),
         threads=args.threads, engine_backend=args.backend,
         workdir=Path(args.workdir) if args.workdir else default_workdir() / "generation", seed=args.seed,
-        latents=args.latents, text_len=args.text_len)
+        latents=args.latents, text_len=args.text_len, r_multiple=_r_multiple(args))
+
+
+def _r_multiple(args: argparse.Namespace) -> int:
+    from catome_export.cli.cmd_generate import r_multiple_arg
+    from catome_export.defaults import DEFAULT_R_MULTIPLE
+
+    q = r_multiple_arg(args)
+    return DEFAULT_R_MULTIPLE if q is None else q
 
 
 def run_generation(args: argparse.Namespace) -> int:
@@ -249,6 +258,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"forced share of src tokens merged per site (default {DEFAULT_FRACTIONS}; generation mode "
                         "0,0.75); '' with --threshold only")
     p.add_argument("--threshold", type=float, help="also time the adaptive path at this CA-ToMe threshold (default: none, forced fractions only)")
+    from catome_export.cli.cmd_generate import R_MULTIPLE_HELP
+
+    p.add_argument("--r-multiple", default=None, metavar="Q",
+                   help=f"{R_MULTIPLE_HELP}; applies to every merging row, forced fractions included, whatever the "
+                        "engine was built with (default 1)")
     p.add_argument("--latents", choices=("smooth", "noise"), default="smooth",
                    help="start latents (default smooth: self-similar, so thresholds merge with random weights)")
     p.add_argument("--steps", type=int, default=0, metavar="N",

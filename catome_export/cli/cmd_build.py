@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING
 
 from catome_export.choices import BuildBackend, Exporter, Precision
 from catome_export.cli.vocab import deprecate
-from catome_export.defaults import DEFAULT_SCHEDULE, DEFAULT_STEP_BASE, DEFAULT_THRESHOLD, DEFAULT_VERIFY_STEPS
+from catome_export.defaults import (
+    DEFAULT_R_MULTIPLE, DEFAULT_SCHEDULE, DEFAULT_STEP_BASE, DEFAULT_THRESHOLD, DEFAULT_VERIFY_STEPS,
+)
 
 WEIGHTS_HELP = ("pretrained (default for sd15/sd21/sdxl and folders: the hub, its cache or the folder), random "
                 "(seeded; the only choice for tiny and tiny-xl without a file), or a single-file checkpoint "
@@ -35,6 +37,8 @@ examples:
                                     a single-file (A1111/Civitai) checkpoint, offline; engine named after the file
   catome-export build --model sd15 --weights random --feature-cache 3,0
                                     + DeepCache-style feature caching (interval 3, branch 0) with CA-ToMe
+  catome-export build --model sd15 --lora style.safetensors:0.8
+                                    + a diffusers LoRA fused into the U-Net (swap it later: catome-export refit)
 """
 
 
@@ -48,9 +52,13 @@ def options_from_args(args: argparse.Namespace) -> "BuildOptions":
         from catome_export.models import model_info
 
         level = model_info(args.model).max_downsample
+    from catome_export.cli.cmd_generate import r_multiple_arg
+
+    q = r_multiple_arg(args)
     settings = MergeSettings(threshold=args.threshold, schedule=parse_schedule(DEFAULT_SCHEDULE, args.step_base),
-                             max_downsample=level)
+                             max_downsample=level, r_multiple=DEFAULT_R_MULTIPLE if q is None else q)
     cli = {"threshold": args.threshold, "schedule": args.schedule, "step_base": args.step_base,
+           "r_multiple": None if q in (None, DEFAULT_R_MULTIPLE) else q,
            "opt_merge_fraction": args.opt_merge_fraction, "max_stage_gb": args.max_stage_gb,
            "feature_cache": args.feature_cache, "cache_branches": args.cache_branches}
     return BuildOptions.create(
@@ -61,6 +69,7 @@ def options_from_args(args: argparse.Namespace) -> "BuildOptions":
         verify_steps=args.verify_steps, exporter=args.exporter, opt_merge_fraction=args.opt_merge_fraction, cli=cli,
         force=args.force, ort_optimize=args.ort_optimize == "on", max_stage_gb=args.max_stage_gb,
         feature_cache=args.feature_cache, cache_branches=_branches(args.cache_branches),
+        lora=tuple(args.lora or ()), refittable=args.refittable,
         controlnet=args.controlnet,
     )
 
@@ -101,6 +110,8 @@ def summary(result: "BuildResult") -> str:
         total += size
         lines.append(f"  {stage.file}{extra}: {size / 1e6:.1f} MB")
     lines.append(f"  total {total / 1e6:.1f} MB")
+    if m.lora is not None and m.lora.active:
+        lines.append(f"LoRA fused: {m.lora.describe()}")
     lines.append(result.audit.summary())
     if result.quick_check:
         lines.append(f"ONNX Runtime vs torch per stage: max |diff| {max(result.quick_check.values()):.1e}")
@@ -146,6 +157,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         f"0,10,20, or auto:K (calibrated on the model) (default {DEFAULT_SCHEDULE})")
     p.add_argument("--step-base", type=int, choices=(0, 1), default=DEFAULT_STEP_BASE,
                    help="step number of the first loop index: 1 as the authors' code ran (default), 0 as the paper")
+    from catome_export.cli.cmd_generate import add_r_multiple_option
+
+    add_r_multiple_option(p, engine_default=False)
     p.add_argument("--max-downsample", type=int, choices=(1, 2, 4, 8), default=None,
                    help="merge level: the transformer blocks at downsample <= this become merge sites (default: the "
                         "model's own, 1 for SD 1.x/2.x, 2 for SDXL)")
@@ -169,6 +183,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-branches", default=None, metavar="B,B",
                    help="more feature-cache branches to cut the stages for, so a runtime can switch to them without "
                         "a rebuild (default: only --feature-cache's branch)")
+    p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
+                   help="fuse a diffusers-format LoRA (.safetensors, as pipe.save_lora_weights writes it) into the "
+                        "U-Net before export, with SCALE as fuse_lora(lora_scale=...) (default 1); repeat for more, "
+                        "fused in order; swap later without a rebuild with catome-export refit (default none)")
+    p.add_argument("--refittable", action="store_true",
+                   help="TensorRT builds: plans whose weights catome-export refit can replace (BuilderFlag.REFIT, "
+                        "and STRIP_PLAN where TensorRT has it); ONNX Runtime engines are always refittable "
+                        "(default off)")
     p.add_argument("--controlnet", action="store_true",
                    help="take ControlNet's residuals as engine inputs, so runtime.unet serves "
                         "StableDiffusionControlNetPipeline / StableDiffusionXLControlNetPipeline (the ControlNet runs "

@@ -11,7 +11,9 @@ from typing import Any
 from catome_export.cli.vocab import deprecate, image_size, set_side
 from catome_export.errors import CatomeError
 from catome_export.fsutil import Outputs, check_writable_file
-from catome_export.defaults import DEFAULT_GUIDANCE, DEFAULT_SCHEDULE, DEFAULT_SEED, DEFAULT_STEPS, DEFAULT_THRESHOLD
+from catome_export.defaults import (
+    DEFAULT_GUIDANCE, DEFAULT_R_MULTIPLE, DEFAULT_SCHEDULE, DEFAULT_SEED, DEFAULT_STEPS, DEFAULT_THRESHOLD,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +29,36 @@ def add_merge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step-base", type=int, choices=(0, 1), default=1,
                    help="1 (default): schedule entry k fires at loop index k-1, as the authors' code ran; "
                         "0: at loop index k, as the paper's lists read")
+
+
+R_MULTIPLE_HELP = ("round each merge site's r down to a multiple of Q, merging the Q*floor(r/Q) best-scoring src "
+                   "tokens: bounded shape variety (at most about N/Q shapes per site of N tokens, so TensorRT "
+                   "kernels and CUDA graphs can be reused and ONNX Runtime's CPU arena meets fewer buffer sizes); "
+                   "1 = off")
+
+
+def add_r_multiple_option(p: argparse.ArgumentParser, engine_default: bool, eager: bool = False) -> None:
+    """--r-multiple (shared by build, verify, generate, bench and serve); ``eager``: the command also runs eager."""
+    default = f"default {DEFAULT_R_MULTIPLE}"
+    if engine_default:
+        default = (f"default: the engine's own, set at build ({DEFAULT_R_MULTIPLE} for engines built before this "
+                   "flag)" + (f"; eager: {DEFAULT_R_MULTIPLE}" if eager else ""))
+    p.add_argument("--r-multiple", default=None, metavar="Q", help=f"{R_MULTIPLE_HELP} ({default})")
+
+
+def r_multiple_arg(args: argparse.Namespace) -> int | None:
+    """The parsed --r-multiple (None: not given); a one-line CatomeError for anything but an integer >= 1."""
+    text = getattr(args, "r_multiple", None)
+    if text is None:
+        return None
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise CatomeError(f"--r-multiple must be a whole number >= 1 (1 is off; e.g. 64 rounds r down to multiples "
+                          f"of 64), got {text!r}")
+    return value
 
 
 FEATURE_CACHE_HELP = ("DeepCache-style feature caching: I,b runs every I-th call in full and the calls between "
@@ -99,8 +131,10 @@ def size_or_default(height: int | None, width: int | None, default_hw: tuple[int
 
 
 def check_merge_flags(args: argparse.Namespace) -> None:
-    if args.no_merge and (args.threshold is not None or args.schedule is not None):
-        raise CatomeError("--no-merge turns merging off: leave out --threshold and --schedule")
+    if args.no_merge and (args.threshold is not None or args.schedule is not None
+                          or getattr(args, "r_multiple", None) is not None):
+        raise CatomeError("--no-merge turns merging off: leave out --threshold, --schedule and --r-multiple")
+    r_multiple_arg(args)
     if args.threshold is not None:  # checked before any pipeline or engine is loaded
         from catome_export.merging import MergeSettings
 
@@ -180,7 +214,9 @@ def _run_eager(args: argparse.Namespace, default_resolution: Any, cache: Any = N
             return generate(pipe, request, progress=True), f"no merging{suffix}, eager torch"
         threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
         schedule = DEFAULT_SCHEDULE if args.schedule is None else args.schedule
-        with apply_catome(pipe, threshold=threshold, schedule=schedule, step_base=args.step_base) as handle:
+        q = r_multiple_arg(args)
+        with apply_catome(pipe, threshold=threshold, schedule=schedule, step_base=args.step_base,
+                          r_multiple=DEFAULT_R_MULTIPLE if q is None else q) as handle:
             gen = generate(pipe, request, stats=handle, progress=True)
             what = f"{describe_settings(handle.settings)}{suffix}, eager torch"
     return gen, what
@@ -195,7 +231,7 @@ def _run_engine(args: argparse.Namespace, cache: Any = "engine") -> tuple[Any, s
     device = None if args.device == "auto" else args.device
     with Runtime.load(args.engine, backend=args.backend, device=device, feature_cache=cache) as runtime:
         settings = merge_settings_for_engine(runtime.settings, args.threshold, args.schedule, args.step_base,
-                                             args.no_merge)
+                                             args.no_merge, r_multiple=r_multiple_arg(args))
         if settings != runtime.settings:
             runtime.set_settings(settings)
         hw = engine_resolution(runtime) or (512, 512)
@@ -232,6 +268,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", default=None, help="the text prompt (required)")
     add_sampling_options(p)
     add_merge_options(p)
+    add_r_multiple_option(p, engine_default=True, eager=True)
     p.add_argument("--no-merge", action="store_true", help="run without token merging (the baseline)")
     add_feature_cache_option(p, engine_default=True)
     add_runtime_options(p)

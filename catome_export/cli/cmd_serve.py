@@ -51,6 +51,7 @@ def _positive(name: str, value: int | None, lo: int = 1) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from catome_export.cli.cmd_generate import r_multiple_arg
     from catome_export.serve.local import check_port_free, require_ray
     from catome_export.serve.service import (ServeOptions, check_feature_cache_option, check_max_batch,
                                              engine_batch_range, pin_engine)
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
                            device=None if args.device == "auto" else args.device,
                            max_batch=args.max_batch, steps=args.steps, max_images=args.max_images,
                            threads=args.threads, engine_sha256=args.engine_sha256,
-                           feature_cache=args.feature_cache)
+                           feature_cache=args.feature_cache, r_multiple=r_multiple_arg(args))
     local = args.address is None
     if local or engine_dir.exists():  # a joined cluster may hold the folder on its GPU machines only
         check_max_batch(options.max_batch, engine_batch_range(engine_dir))
@@ -208,6 +209,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--feature-cache", "--deepcache", default=None, metavar="I,b",
                    help="DeepCache-style feature caching of every generation: I,b (interval, branch), 'full:0,5;b' "
                         "or off (default: the engine's own, set at build; the branch must be one it was cut for)")
+    from catome_export.cli.cmd_generate import add_r_multiple_option
+
+    add_r_multiple_option(p, engine_default=True)
     p.add_argument("--max-ongoing-requests", type=int, default=None, metavar="N",
                    help="requests one replica works on or batches at a time (default: twice --max-batch, so the "
                         "next batch gathers while one runs)")

@@ -25,13 +25,16 @@ def run(args: argparse.Namespace) -> int:
 
     from catome_export.cli.cmd_generate import feature_cache_arg
 
+    from catome_export.cli.cmd_generate import r_multiple_arg
+
     cache = feature_cache_arg(args, engine=True)
+    q = r_multiple_arg(args)
     from catome_export.progress import Progress
     from catome_export.workflows.build import verify_note
 
     bar = Progress(args.steps, "verify")
     with bar:
-        report = _verify(args, cache, lambda row: bar.update(note=verify_note(row)))
+        report = _verify(args, cache, lambda row: bar.update(note=verify_note(row)), q)
     if not args.quiet:
         print(report.format_table())
         differences = report.format_differences()
@@ -50,13 +53,13 @@ def run(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def _verify(args: argparse.Namespace, cache: Any, progress: Any) -> Any:
+def _verify(args: argparse.Namespace, cache: Any, progress: Any, r_multiple: int | None = None) -> Any:
     from catome_export.runtime.verify import verify_engine
 
     return verify_engine(engine_folder(args, "verify"), steps=args.steps, schedule=args.schedule, backend=args.backend,
                          seed=args.seed, batch=args.batch, resolution=args.resolution, tolerance=args.tolerance,
                          merge_tolerance=args.merge_tolerance, feature_cache=cache, progress=progress,
-                         device=None if args.device == "auto" else args.device,
+                         device=None if args.device == "auto" else args.device, r_multiple=r_multiple,
                          backend_options={"intra_op_threads": args.threads} if args.threads is not None else None)
 
 
@@ -93,9 +96,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "0.01 for fp16)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda[:N] (default auto)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: physical cores)")
-    from catome_export.cli.cmd_generate import add_feature_cache_option
+    from catome_export.cli.cmd_generate import add_feature_cache_option, add_r_multiple_option
 
     add_feature_cache_option(p, engine_default=True)
+    add_r_multiple_option(p, engine_default=True)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON (default: none)")
     p.add_argument("-q", "--quiet", action="store_true", help="print the summary only, not the per-step table")
     p.set_defaults(func=run)

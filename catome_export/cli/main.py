@@ -16,7 +16,7 @@ import warnings
 from catome_export._version import __version__
 from catome_export.errors import CatomeError
 
-COMMANDS = ("build", "verify", "bench", "generate", "analyze", "eval", "serve", "doctor")
+COMMANDS = ("build", "refit", "verify", "bench", "generate", "analyze", "eval", "serve", "doctor")
 """Subcommands in --help order; a module that does not exist yet is left out."""
 
 DESCRIPTION = """\
@@ -29,6 +29,7 @@ typical use:
   catome-export build --model tiny            export + verify the bundled tiny model
   catome-export build --model sd15            SD 1.5 from the hub (or --weights random)
   catome-export verify --engine engines/tiny  engine vs eager CA-ToMe, step by step
+  catome-export refit --engine engines/tiny --lora style.safetensors:0.8   swap the LoRA, no re-export
   catome-export serve --engine engines/tiny   HTTP images API on Ray Serve
 """
 

@@ -32,7 +32,7 @@ import torch
 from catome_export.eager._handle import PatchHandle
 from catome_export.eager.processors import FeedForwardMerger, MergingAttnProcessor, SiteSlot
 from catome_export.defaults import (
-    DEFAULT_MERGE_SEED, DEFAULT_RATIO, DEFAULT_SCHEDULE, DEFAULT_STEP_BASE, DEFAULT_STRIDE,
+    DEFAULT_MERGE_SEED, DEFAULT_R_MULTIPLE, DEFAULT_RATIO, DEFAULT_SCHEDULE, DEFAULT_STEP_BASE, DEFAULT_STRIDE,
     DEFAULT_THRESHOLD,
 )
 from catome_export.errors import CatomeError
@@ -360,7 +360,7 @@ def _resolve_schedule(schedule: ScheduleSpec | AutoSchedule, step_base: int) -> 
 def catome_settings(unet: torch.nn.Module, threshold: float, step_base: int = DEFAULT_STEP_BASE,
                     max_downsample: int | None = None, stride: tuple[int, int] = DEFAULT_STRIDE,
                     random_dst: bool = False, merge_crossattn: bool = False, merge_mlp: bool = False,
-                    seed: int = DEFAULT_MERGE_SEED) -> MergeSettings:
+                    seed: int = DEFAULT_MERGE_SEED, r_multiple: int = DEFAULT_R_MULTIPLE) -> MergeSettings:
     """CA-ToMe settings from :func:`apply_catome`'s options, every one checked, with an every-step schedule.
 
     ``max_downsample`` None: the U-Net's own merge level. (The schedule is
@@ -374,7 +374,7 @@ def catome_settings(unet: torch.nn.Module, threshold: float, step_base: int = DE
         max_downsample=_merge_level(unet, max_downsample), stride=_check_stride(stride),
         random_dst=_check_flag("random_dst", random_dst), seed=_check_seed(seed),
         merge_crossattn=_check_flag("merge_crossattn", merge_crossattn),
-        merge_mlp=_check_flag("merge_mlp", merge_mlp),
+        merge_mlp=_check_flag("merge_mlp", merge_mlp), r_multiple=r_multiple,
     )
 
 
@@ -386,10 +386,12 @@ def _no_options_with_settings(given: dict[str, Any], defaults: dict[str, Any]) -
 
 CATOME_DEFAULTS: dict[str, Any] = dict(threshold=DEFAULT_THRESHOLD, schedule=DEFAULT_SCHEDULE, max_downsample=None,
                                        step_base=DEFAULT_STEP_BASE, stride=DEFAULT_STRIDE, random_dst=False,
-                                       merge_crossattn=False, merge_mlp=False, seed=DEFAULT_MERGE_SEED)
+                                       merge_crossattn=False, merge_mlp=False, seed=DEFAULT_MERGE_SEED,
+                                       r_multiple=DEFAULT_R_MULTIPLE)
 """Defaults of :func:`apply_catome`'s options (a ``settings=`` call must leave them all as they are)."""
 _TOME_DEFAULTS: dict[str, Any] = dict(ratio=DEFAULT_RATIO, max_downsample=None, stride=DEFAULT_STRIDE, random_dst=False,
-                                      merge_crossattn=False, merge_mlp=False, seed=DEFAULT_MERGE_SEED)
+                                      merge_crossattn=False, merge_mlp=False, seed=DEFAULT_MERGE_SEED,
+                                      r_multiple=DEFAULT_R_MULTIPLE)
 
 
 def apply_catome(
@@ -404,6 +406,7 @@ def apply_catome(
     merge_mlp: bool = False,
     *,
     seed: int = DEFAULT_MERGE_SEED,
+    r_multiple: int = DEFAULT_R_MULTIPLE,
     settings: MergeSettings | None = None,
 ) -> CatomeHandle:
     """Apply CA-ToMe (adaptive threshold + cached matching) to a pipeline or U-Net.
@@ -420,19 +423,22 @@ def apply_catome(
     ``max_downsample``: merge at the transformer blocks of downsample <= this
     factor; None (default) = the U-Net's own merge level, its
     highest-resolution transformer blocks (1 for SD 1.x/2.x, 2 for SDXL, which
-    has no attention at the top level). Works the same on SD 1.x, SD 2.x and
-    SDXL pipelines and U-Nets.
+    has no attention at the top level). ``r_multiple`` q > 1 rounds each
+    site's r down to a multiple of q (the q * floor(r / q) best-scoring src
+    merge; bounded shape variety, as an engine with the same setting does).
+    Works the same on SD 1.x, SD 2.x and SDXL pipelines and U-Nets.
     Alternatively pass a ready ``settings=MergeSettings(...)`` and no options.
     """
     given = dict(threshold=threshold, schedule=schedule, max_downsample=max_downsample, step_base=step_base,
-                 stride=stride, random_dst=random_dst, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp, seed=seed)
+                 stride=stride, random_dst=random_dst, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp, seed=seed,
+                 r_multiple=r_multiple)
     if settings is not None:
         _no_options_with_settings(given, CATOME_DEFAULTS)
         return apply_merging(pipe_or_unet, settings)
     _, unet = split_target(pipe_or_unet)
     refuse_if_patched(unet)
     checked = catome_settings(unet, threshold, step_base, max_downsample, stride, random_dst, merge_crossattn,
-                              merge_mlp, seed)
+                              merge_mlp, seed, r_multiple)
     built = dataclasses.replace(checked, schedule=_resolve_schedule(schedule, checked.schedule.step_base))
     return apply_merging(pipe_or_unet, built)
 
@@ -447,15 +453,17 @@ def apply_tome(
     merge_mlp: bool = False,
     *,
     seed: int = DEFAULT_MERGE_SEED,
+    r_multiple: int = DEFAULT_R_MULTIPLE,
     settings: MergeSettings | None = None,
 ) -> CatomeHandle:
     """Apply the ToMe baseline: a fixed ratio, matching at every step (no cache).
 
-    r = min(int(N * ratio), number of src tokens) at every merge site and step.
-    Other options as in :func:`apply_catome`.
+    r = min(int(N * ratio), number of src tokens) at every merge site and step
+    (rounded down to a multiple of ``r_multiple``). Other options as in
+    :func:`apply_catome`.
     """
     given = dict(ratio=ratio, max_downsample=max_downsample, stride=stride, random_dst=random_dst,
-                 merge_crossattn=merge_crossattn, merge_mlp=merge_mlp, seed=seed)
+                 merge_crossattn=merge_crossattn, merge_mlp=merge_mlp, seed=seed, r_multiple=r_multiple)
     if settings is not None:
         _no_options_with_settings(given, _TOME_DEFAULTS)
         return apply_merging(pipe_or_unet, settings)
@@ -467,6 +475,6 @@ def apply_tome(
         max_downsample=_merge_level(unet, max_downsample), stride=_check_stride(stride),
         random_dst=_check_flag("random_dst", random_dst), seed=_check_seed(seed),
         merge_crossattn=_check_flag("merge_crossattn", merge_crossattn),
-        merge_mlp=_check_flag("merge_mlp", merge_mlp),
+        merge_mlp=_check_flag("merge_mlp", merge_mlp), r_multiple=r_multiple,
     )
     return apply_merging(pipe_or_unet, built)

@@ -59,6 +59,7 @@ from catome_export.export.stages import MAX_STAGE_BYTES, StageSpec, cached_branc
 from catome_export.featurecache import FeatureCacheSettings, UNetLayout, parse_feature_cache
 from catome_export.featurecache.branches import check_branch
 from catome_export.export.trt_build import build_engines
+from catome_export.lora.refit import lora_record
 from catome_export.merging.schedules import AutoSchedule, ScheduleSpec, parse_schedule_request
 from catome_export.merging.settings import MergeSettings
 from catome_export.models import MODELS, find_merge_sites, load_unet, model_info, weights_hash
@@ -66,6 +67,7 @@ from catome_export.models.registry import (
     BUNDLED_ONLY, ModelInfo, WeightsSpec, parse_weights, resolve_source, unet_config_of,
 )
 from catome_export.models.sites import MergeSite
+from catome_export.lora.files import LoraSpec, load_loras, parse_lora_arg, targets_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +171,12 @@ class BuildOptions:
     max_stage_gb: float | None = None
     """Cut stages whose weights exceed this many GB (1e9 bytes) into pieces (None: 4, :data:`MAX_STAGE_BYTES`):
     lower it to build a large model (SDXL) in less memory."""
+    loras: tuple[LoraSpec, ...] = ()
+    """Diffusers-format LoRA files fused into the U-Net before export, each with its scale (``--lora FILE[:SCALE]``,
+    in order); catome_export.lora."""
+    refittable: bool = False
+    """TensorRT builds: plans whose weights a refit can replace (``--refittable``: BuilderFlag.REFIT, and
+    STRIP_PLAN where the TensorRT version has it), so ``catome-export refit`` swaps LoRAs without a rebuild."""
     controlnet: bool = False
     """Add ControlNet's residuals as inputs of the stages that consume them (``controlnet_down{i}``,
     ``controlnet_mid``), so ``runtime.unet`` takes ``down_block_additional_residuals`` and
@@ -228,6 +236,12 @@ class BuildOptions:
             if isinstance(b, bool) or not isinstance(b, int) or b < 0:
                 raise CatomeError(f"cache branches must be ints >= 0, got {list(branches)!r}")
         set_(self, "cache_branches", tuple(sorted(set(branches))))
+        if not isinstance(self.loras, (tuple, list)) or not all(isinstance(x, LoraSpec) for x in self.loras):
+            raise CatomeError(f"loras must be LoraSpec values (BuildOptions.create parses FILE[:SCALE]), got "
+                              f"{self.loras!r}")
+        set_(self, "loras", tuple(self.loras))
+        if not isinstance(self.refittable, bool):
+            raise CatomeError(f"refittable must be True or False, got {self.refittable!r}")
         _check_resolution("default resolution", self.default_resolution)
 
     @classmethod
@@ -241,7 +255,8 @@ class BuildOptions:
                opt_merge_fraction: float | None = None, cli: dict[str, Any] | None = None,
                force: bool = False, ort_optimize: bool = True,
                max_stage_gb: float | None = None, feature_cache: FeatureCacheSettings | str | None = None,
-               cache_branches: tuple[int, ...] | list[int] = (), controlnet: bool = False) -> "BuildOptions":
+               cache_branches: tuple[int, ...] | list[int] = (), lora: Any = (),
+               refittable: bool = False, controlnet: bool = False) -> "BuildOptions":
         """Options from loose arguments, with the model's defaults filled in (CatomeError naming any bad one).
 
         ``model``: a registry name, a local diffusers folder, or a single-file
@@ -255,6 +270,8 @@ class BuildOptions:
         folder that no build made (otherwise the build refuses, naming them).
         ``feature_cache``: DeepCache-style caching (a FeatureCacheSettings or
         ``"I,b"``), checked against the model's blocks here, before any work.
+        ``lora``: LoRA files to fuse (``"FILE[:SCALE]"`` strings or LoRA specs, one or a list), read and checked
+        against the model's layers here, before any work; ``refittable``: TensorRT plans a refit can change.
         ``controlnet``: the engine takes ControlNet residuals (docs/controlnet.md).
         """
         model, given = resolve_source(model, weights)  # a checkpoint file as the model: its architecture, its weights
@@ -288,19 +305,21 @@ class BuildOptions:
         for b in (*cache_branches, *(() if not isinstance(feature_cache, FeatureCacheSettings)
                                      else (feature_cache.branch,))):
             check_branch(b, layout)
+        loras = _parse_loras(lora, model)
         return cls(model=model, weights=weights, precision=precision, backend=backend, resolution=(lo, hi),
                    batch=(blo, bhi), settings=settings, schedule=auto, name=name, out_dir=out, verify=verify,
                    verify_steps=verify_steps, exporter=exporter, opset=opset,
                    default_resolution=info.default_resolution, opt_merge_fraction=opt_merge_fraction,
                    cli=dict(cli or {}), force=force, ort_optimize=ort_optimize, max_stage_gb=max_stage_gb,
-                   feature_cache=feature_cache, cache_branches=tuple(cache_branches), controlnet=controlnet)
+                   feature_cache=feature_cache, cache_branches=tuple(cache_branches), loras=loras,
+                   refittable=refittable, controlnet=controlnet)
 
 
 CREATE_OPTIONS = frozenset({
     "weights", "precision", "backend", "resolution", "min_resolution", "max_resolution", "batch", "min_batch",
     "max_batch", "settings", "schedule", "name", "out_dir", "verify", "verify_steps", "exporter", "opset",
     "opt_merge_fraction", "cli", "force", "ort_optimize", "max_stage_gb", "feature_cache", "cache_branches",
-    "controlnet",
+    "lora", "refittable", "controlnet",
 })
 """The keyword arguments of :meth:`BuildOptions.create`."""
 
@@ -311,6 +330,18 @@ def make_options(model: str, **options: Any) -> BuildOptions:
     if unknown:
         raise CatomeError(f"unknown build option(s) {', '.join(unknown)}: use {', '.join(sorted(CREATE_OPTIONS))}")
     return BuildOptions.create(model, **options)
+
+
+def _parse_loras(lora: Any, model: str) -> tuple[LoraSpec, ...]:
+    """``--lora`` values as LoraSpecs, every file read and checked against the model's layers (CatomeError naming
+    the first key that does not fit)."""
+    if lora is None or lora == ():
+        return ()
+    items = [lora] if isinstance(lora, (str, Path, LoraSpec)) else list(lora)
+    specs = tuple(parse_lora_arg(str(x) if isinstance(x, Path) else x) for x in items)
+    if specs:
+        load_loras(specs, targets_from_config(unet_config_of(model)))
+    return specs
 
 
 def _resolution_range(resolution: int | None, min_resolution: int | None, max_resolution: int | None,
@@ -394,7 +425,7 @@ def _check_target(target: Path) -> None:
 
 BUILD_FILES = (MANIFEST_FILE, "timing.cache")
 """Files a build writes into the folder besides those its manifest lists."""
-_BUILD_NAME = re.compile(r"^stage_\d+\.(onnx|plan|ort\.onnx)([._-][\w.-]*)?$")
+_BUILD_NAME = re.compile(r"^(stage_\d+\.(onnx|plan|ort\.onnx)([._-][\w.-]*)?|lora_[\w.-]+)$")
 """Names a build gives its stage files (graphs, external data, TensorRT plans), for a manifest it cannot read."""
 
 
@@ -572,6 +603,8 @@ def _build_into(opts: BuildOptions, folder: Path, backend: EngineBackend, say: P
     dtype = precision_dtype(opts.precision)
     say(f"loading {opts.model} ({opts.weights} weights, {opts.precision})")
     unet = load_unet(opts.model, weights=opts.weights, dtype=dtype)
+    base_hash = weights_hash(unet)
+    lora_files = _fuse_loras(unet, opts, folder, say)
     weights = sum(p.numel() for p in unet.parameters()) * torch.empty((), dtype=dtype).element_size()
     _check_free_space(folder, weights, fused=backend == EngineBackend.ORT and opts.ort_optimize,
                       trt=backend == EngineBackend.TRT)
@@ -633,7 +666,11 @@ def _build_into(opts: BuildOptions, folder: Path, backend: EngineBackend, say: P
                               f"{audit.errors[0]}); build with --engine-kind ort, or report the model layout")
         notes.append("the graphs would not parse in TensorRT (see the audit); ONNX Runtime can still run them")
     info = model_info(opts.model)
-    manifest = _make_manifest(opts, unet, sites, stages, exported, settings, backend, audit, info)
+    manifest = _make_manifest(opts, unet, sites, stages, exported, settings, backend, audit, info,
+                              base_hash=base_hash)
+    graph_files = [e.file for e in exported] + [g.file for g in fused.values()]
+    manifest.lora = lora_record(unet, folder, graph_files, lora_files, refittable=opts.refittable
+                                and backend == EngineBackend.TRT)
     manifest.stages = tuple(replace(s, ort_optimized=fused[s.index].record()) if s.index in fused else s
                             for s in manifest.stages)
     del unet, stages, examples
@@ -713,7 +750,8 @@ def _opt_fraction(opts: BuildOptions, settings: MergeSettings) -> float:
 
 def _make_manifest(opts: BuildOptions, unet: torch.nn.Module, sites: list[MergeSite],
                    stages: list[tuple[StageSpec, torch.nn.Module]], exported: list[ExportedStage],
-                   settings: MergeSettings, backend: EngineBackend, audit: AuditReport, info: ModelInfo) -> Manifest:
+                   settings: MergeSettings, backend: EngineBackend, audit: AuditReport, info: ModelInfo, *,
+                   base_hash: str | None = None) -> Manifest:
     channels = {}
     for spec, _ in stages:
         for t in spec.outputs:
@@ -738,6 +776,8 @@ def _make_manifest(opts: BuildOptions, unet: torch.nn.Module, sites: list[MergeS
         cli["feature_cache"] = opts.feature_cache.flag()
     extra_branches = [b for b in opts.cache_branches if opts.feature_cache is None or b != opts.feature_cache.branch]
     cli["cache_branches"] = ",".join(map(str, extra_branches)) or None
+    cli["lora"] = [spec.flag() for spec in opts.loras] or None
+    cli["refittable"] = opts.refittable or None
     if opts.controlnet:
         cli["controlnet"] = True
     if lo == hi and "min_resolution" not in cli:
@@ -750,7 +790,8 @@ def _make_manifest(opts: BuildOptions, unet: torch.nn.Module, sites: list[MergeS
         cli.update(min_batch=opts.batch[0], max_batch=opts.batch[1])
     return Manifest(
         name=opts.name,
-        model=ModelRecord(id=opts.model, weights=str(opts.weights), weights_hash=weights_hash(unet),
+        model=ModelRecord(id=opts.model, weights=str(opts.weights),
+                          weights_hash=base_hash if base_hash is not None else weights_hash(unet),
                           unet_config=config),
         precision=str(opts.precision), merge=settings,
         sites=tuple(replace(s, channels=channels.get(s.index)) for s in sites),
@@ -766,6 +807,17 @@ def _make_manifest(opts: BuildOptions, unet: torch.nn.Module, sites: list[MergeS
     )
 
 
+def _fuse_loras(unet: torch.nn.Module, opts: BuildOptions, folder: Path, say: Progress) -> Any:
+    """Fuse ``opts.loras`` into the U-Net (catome_export.lora), keeping the base values of the weights they change
+    and a copy of each file in the folder; None without LoRAs."""
+    if not opts.loras:
+        return None
+    from catome_export.lora.refit import fuse_for_build
+
+    say("fusing LoRA " + " + ".join(f"{s.path.name}:{s.scale:g}" for s in opts.loras) + " into the U-Net")
+    return fuse_for_build(unet, opts.loras, folder)
+
+
 def _controlnet_record(stages: list[tuple[StageSpec, torch.nn.Module]]) -> ControlNetRecord:
     found = ControlNetInputs.of([spec for spec, _ in stages])
     if found is None:
@@ -776,7 +828,10 @@ def _controlnet_record(stages: list[tuple[StageSpec, torch.nn.Module]]) -> Contr
 def _build_trt(folder: Path, manifest: Manifest, opts: BuildOptions, say: Progress) -> None:
     """TensorRT engines for every stage (catome_export.export.trt_build), recorded in the manifest."""
     manifest.engine_dir = folder
-    built = build_engines(folder, manifest, fp16=opts.precision == Precision.FP16,
+    built = build_engines(folder, manifest, fp16=opts.precision == Precision.FP16, refittable=opts.refittable,
                           progress=lambda k, n, msg: say(f"  stage {k + 1}/{n}: {msg}"))
     built.apply(manifest)
+    if manifest.lora is not None and opts.refittable:
+        manifest.lora = replace(manifest.lora, refittable=True,
+                                stripped=bool(built.record.extra.get("strip_plan", False)))
     manifest.tools = tool_versions()

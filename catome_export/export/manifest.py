@@ -328,6 +328,81 @@ class FeatureCacheRecord:
                    settings=None if settings is None else FeatureCacheSettings.from_dict(settings))
 
 
+@dataclass(frozen=True)
+class LoraEntry:
+    """One LoRA of an engine: where it came from, its copy in the engine folder, its sha256 and scale."""
+
+    source: str
+    """The file as given (``--lora``, ``set_lora``)."""
+    sha256: str
+    scale: float = 1.0
+    file: str | None = None
+    """Its copy in the engine folder (``lora_<sha256[:12]>.safetensors``; None where it is not kept)."""
+    bytes: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "sha256": self.sha256, "scale": self.scale, "file": self.file,
+                "bytes": self.bytes}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "LoraEntry":
+        return cls(source=str(data["source"]), sha256=str(data["sha256"]), scale=float(data.get("scale", 1.0)),
+                   file=data.get("file") or None, bytes=None if data.get("bytes") is None else int(data["bytes"]))
+
+
+@dataclass(frozen=True)
+class LoraRecord:
+    """The manifest's ``lora`` section (absent in manifests from before LoRA support: no refit).
+
+    ``active`` is what the engine computes: the graphs hold the weights of ``built_with`` (fused at build,
+    with the untouched values of those weights in ``base``), and ``overrides`` holds every weight whose
+    active value differs from the graphs' (written by a refit; TensorRT plans are refit in place).
+    """
+
+    active: tuple[LoraEntry, ...] = ()
+    built_with: tuple[LoraEntry, ...] = ()
+    weights_map: EngineFile | None = None
+    """``lora_map.json``: U-Net weight -> initializers of the stage graphs (catome_export.lora.weights)."""
+    base: EngineFile | None = None
+    """The base values of the weights ``built_with`` changed (safetensors; None when built without a LoRA)."""
+    overrides: EngineFile | None = None
+    """Active values that differ from the graphs' (safetensors; None: the graphs' own)."""
+    refittable: bool = False
+    """TensorRT plans built refittable (``--refittable``)."""
+    stripped: bool = False
+    """TensorRT plans built without their weights (STRIP_PLAN): every load refits them from the graphs."""
+
+    def files(self) -> list[tuple[str, int | None, str | None]]:
+        out = [(f.file, f.bytes, f.sha256) for f in (self.weights_map, self.base, self.overrides) if f is not None]
+        out.extend((e.file, e.bytes, e.sha256) for e in self.active if e.file)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"active": [e.to_dict() for e in self.active], "built_with": [e.to_dict() for e in self.built_with],
+                "weights_map": None if self.weights_map is None else self.weights_map.to_dict(),
+                "base": None if self.base is None else self.base.to_dict(),
+                "overrides": None if self.overrides is None else self.overrides.to_dict(),
+                "refittable": self.refittable, "stripped": self.stripped}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "LoraRecord":
+        if not isinstance(data, Mapping):
+            raise ValueError("the lora section is not an object")
+
+        def file(key: str) -> EngineFile | None:
+            value = data.get(key)
+            return None if value is None else EngineFile.from_dict(value)
+
+        return cls(active=tuple(LoraEntry.from_dict(e) for e in data.get("active") or ()),
+                   built_with=tuple(LoraEntry.from_dict(e) for e in data.get("built_with") or ()),
+                   weights_map=file("weights_map"), base=file("base"), overrides=file("overrides"),
+                   refittable=bool(data.get("refittable", False)), stripped=bool(data.get("stripped", False)))
+
+    def describe(self) -> str:
+        """``none`` or ``a.safetensors:0.8 + b.safetensors:1``."""
+        return " + ".join(f"{Path(e.source).name}:{e.scale:g}" for e in self.active) or "none"
+
+
 @dataclass
 class Manifest:
     """Contents of ``manifest.json``, parsed into typed parts (see docs/export.md for every key).
@@ -353,6 +428,8 @@ class Manifest:
     catome_export_version: str = __version__
     feature_cache: FeatureCacheRecord | None = None
     """The feature-cache branches the stages were cut for (None: an engine without feature caching)."""
+    lora: LoraRecord | None = None
+    """The LoRA the engine computes and what a refit needs (None: a manifest from before LoRA support)."""
     controlnet: ControlNetRecord | None = None
     """The ControlNet residual inputs (``build --controlnet``; None: an engine without them)."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -373,6 +450,8 @@ class Manifest:
         }
         if self.feature_cache is not None:
             d["feature_cache"] = self.feature_cache.to_dict()
+        if self.lora is not None:
+            d["lora"] = self.lora.to_dict()
         if self.controlnet is not None:
             d["controlnet"] = self.controlnet.to_dict()
         for key, value in self.extra.items():
@@ -396,13 +475,14 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], engine_dir: Path | None = None) -> "Manifest":
         """Parse every section (KeyError, TypeError, ValueError or CatomeError on a malformed one)."""
-        known = set(CORE_KEYS) | {"manifest_sha256", "feature_cache", "controlnet"}
+        known = set(CORE_KEYS) | {"manifest_sha256", "feature_cache", "lora", "controlnet"}
         stages = data["stages"]
         sites = data["sites"]
         if not isinstance(stages, list) or not isinstance(sites, list):
             raise TypeError("stages and sites must be lists")
         trt = data.get("trt")
         cache = data.get("feature_cache")
+        lora = data.get("lora")
         controlnet = data.get("controlnet")
         return cls(
             name=str(data["name"]), model=ModelRecord.from_dict(data["model"]), precision=data["precision"],
@@ -411,6 +491,7 @@ class Manifest:
             engine_backend=data["engine_backend"], trt=None if trt is None else TrtRecord.from_dict(trt),
             tools=dict(data.get("tools") or {}), created=data.get("created", ""),
             feature_cache=None if cache is None else FeatureCacheRecord.from_dict(cache),
+            lora=None if lora is None else LoraRecord.from_dict(lora),
             controlnet=None if controlnet is None else ControlNetRecord.from_dict(controlnet),
             format_version=data["format_version"], catome_export_version=data.get("catome_export_version", ""),
             extra={k: v for k, v in data.items() if k not in known},
@@ -496,7 +577,8 @@ class Manifest:
 
     def files(self) -> list[tuple[str, int | None, str | None]]:
         """(file name, bytes, sha256) of every artifact the manifest vouches for."""
-        return [f for stage in self.stages for f in stage.files()]
+        out = [f for stage in self.stages for f in stage.files()]
+        return out + (self.lora.files() if self.lora is not None else [])
 
     def check_files(self, check_hashes: bool = True) -> None:
         """Every listed file exists with its recorded size (and sha256)."""
@@ -568,6 +650,8 @@ class Manifest:
         else:
             args["schedule"] = schedule.name
         args["step_base"] = schedule.step_base
+        if merge.r_multiple != 1:
+            args["r_multiple"] = merge.r_multiple
         args.update(min_batch=s.batch[0], max_batch=s.batch[1],  # the CLI takes square pixel sizes: cover both
                     min_resolution=8 * min(s.latent_height[0], s.latent_width[0]),
                     max_resolution=8 * max(s.latent_height[1], s.latent_width[1]))
@@ -613,8 +697,8 @@ def _first_malformed(data: Mapping[str, Any]) -> str | None:
 
 FLAG_ORDER = ("model", "weights", "precision", "backend", "resolution", "min_resolution", "max_resolution", "batch",
               "min_batch", "max_batch", "threshold", "ratio", "merge_fraction", "schedule", "step_base",
-              "opt_merge_fraction", "ort_optimize", "max_stage_gb", "feature_cache", "cache_branches", "name", "out",
-              "controlnet")
+              "r_multiple", "opt_merge_fraction", "ort_optimize", "max_stage_gb", "feature_cache", "cache_branches",
+              "lora", "refittable", "name", "out", "controlnet")
 
 
 FLAG_NAMES = {"backend": "engine-kind"}
@@ -634,8 +718,9 @@ def build_command(args: Mapping[str, Any]) -> str:
         if value is None or value is False:
             continue
         flag = f"--{FLAG_NAMES.get(key, key.replace('_', '-'))}"
-        if value is True:  # a switch (--controlnet)
+        if value is True:  # a switch (--refittable)
             parts.append(flag)
             continue
-        parts += [flag, shlex.quote(str(value))]
+        for item in value if isinstance(value, (list, tuple)) else (value,):  # repeatable flags (--lora)
+            parts += [flag, shlex.quote(str(item))]
     return " ".join(parts)

@@ -162,6 +162,7 @@ def build_engines(
     opt_merge_fraction: float | None = None,
     timing_cache: str | Path | None = None,
     progress: Progress | None = None,
+    refittable: bool = False,
 ) -> TrtBuild:
     """Build ``stage_<k>.plan`` for every stage of ``manifest`` in ``engine_dir``; return the ``trt`` section.
 
@@ -176,6 +177,8 @@ def build_engines(
     build starts from the per-user cache of this TensorRT and GPU
     (:func:`shared_timing_cache`), which is updated at the end.
     ``progress(k, n, message)`` is called before and after each stage.
+    ``refittable``: plans whose weights a Refitter can replace (BuilderFlag.REFIT; with STRIP_PLAN too where
+    this TensorRT has it, so the plans carry no weights and every load refits them from the graphs).
 
     The result holds the ``trt`` record (TensorRT version, GPU name, compute
     capability, plugins, profiles, build flags) and one :class:`EngineFile`
@@ -205,6 +208,7 @@ def build_engines(
                           "builder flag): export the stages in fp16 (catome-export build ... --precision fp16 "
                           "--engine-kind trt)")
     use_fp16 = precision == "fp16"
+    strip = refittable and strip_plan_supported(trt)
     trt_logger = trt_util.get_trt_logger()
     plugins_loaded = False
     all_plugins: set[str] = set()
@@ -229,7 +233,7 @@ def build_engines(
         source = cache_path if cache_path.is_file() else seed
         data = _build_one(trt, onnx_path, index, profile, builder_optimization_level, source, cache_path,
                           CreateConfig, NetworkFromOnnxPath, Profile, engine_bytes_from_network,
-                          PolygraphyException)
+                          PolygraphyException, refit=(refittable, strip))
         plan_path = engine_dir / plan_file(index)
         atomic_write_bytes(plan_path, data)
         engines.append(EngineFile(plan_path.name, sha256_file(plan_path), plan_path.stat().st_size))
@@ -256,8 +260,14 @@ def build_engines(
         version_compatible=False,
         hardware_compatibility_level="none",
         timing_cache=cache_path.name if cache_path.parent == engine_dir else str(cache_path),
+        extra={"refittable": refittable, "strip_plan": strip} if refittable else {},
     )
     return TrtBuild(record, tuple(engines))
+
+
+def strip_plan_supported(trt: Any) -> bool:
+    """Whether this TensorRT can build weight-stripped plans (``BuilderFlag.STRIP_PLAN``, 10.0 and later)."""
+    return hasattr(getattr(trt, "BuilderFlag", None), "STRIP_PLAN") and hasattr(trt, "OnnxParserRefitter")
 
 
 def _check_polygraphy(trt_version: str) -> None:
@@ -277,7 +287,7 @@ def _opt_fraction(manifest: Manifest, given: float | None) -> float:
 def _build_one(trt: Any, onnx_path: Path, index: int, profile: StageProfile, level: int, source: Path | None,
                cache_path: Path,
                CreateConfig: Any, NetworkFromOnnxPath: Any, Profile: Any, engine_bytes_from_network: Any,
-               PolygraphyException: type) -> bytes:
+               PolygraphyException: type, refit: tuple[bool, bool] = (False, False)) -> bytes:
     """Parse (strongly typed), configure and build one stage, the timing cache seeded from ``source``; save the
     grown cache atomically."""
     poly_profile = Profile()
@@ -289,7 +299,8 @@ def _build_one(trt: Any, onnx_path: Path, index: int, profile: StageProfile, lev
         # (the parser's default; listed because setting flags replaces the defaults).
         builder, network, parser = NetworkFromOnnxPath(
             str(onnx_path), flags=[trt.OnnxParserFlag.NATIVE_INSTANCENORM], strongly_typed=True)()
-        config = CreateConfig(profiles=[poly_profile], builder_optimization_level=level)(builder, network)
+        extra = {"refittable": True, "strip_plan": refit[1]} if refit[0] else {}
+        config = CreateConfig(profiles=[poly_profile], builder_optimization_level=level, **extra)(builder, network)
         _attach_timing_cache(config, source)
         engine = engine_bytes_from_network((builder, network, parser), config=config)
     except PolygraphyException as exc:

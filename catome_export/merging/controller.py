@@ -103,14 +103,19 @@ class MergeController:
         return self._generator
 
     def compute_plan(self, x: torch.Tensor, grid: tuple[int, int]) -> MergePlan:
-        """Match on ``x`` [B, N, C] with this controller's settings (no caching)."""
+        """Match on ``x`` [B, N, C] with this controller's settings (no caching).
+
+        The one matching call of the engine's controller and the eager patch
+        alike, r rounded down to a multiple of ``settings.r_multiple`` inside it.
+        """
         s = self.settings
         gen = self._generator_for(x.device) if x.shape[0] % 2 == 0 else None
         if s.merge_fraction is not None:
             num_src = partition(grid, s.stride, None, x.device)[0].numel()
             return match_tokens(x, grid, num_merged=int(round(s.merge_fraction * num_src)), stride=s.stride,
-                                generator=gen)
-        return match_tokens(x, grid, threshold=s.threshold, ratio=s.ratio, stride=s.stride, generator=gen)
+                                generator=gen, multiple=s.r_multiple)
+        return match_tokens(x, grid, threshold=s.threshold, ratio=s.ratio, stride=s.stride, generator=gen,
+                            multiple=s.r_multiple)
 
     def partition_for(self, x: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The (src, dst) token ids that :meth:`compute_plan` on ``x`` would use next.

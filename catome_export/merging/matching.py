@@ -82,6 +82,24 @@ def _check_args(metric: torch.Tensor, grid: tuple[int, int], stride: tuple[int, 
         raise CatomeError("metric has an empty batch")
 
 
+def check_r_multiple(multiple: object) -> int:
+    """``multiple`` as an int >= 1, else a CatomeError saying what to give."""
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise CatomeError(f"r_multiple must be an integer >= 1 (1: r as counted, off), got {multiple!r}")
+    return multiple
+
+
+def round_merged(r: int, multiple: int = 1) -> int:
+    """``r`` rounded down to a multiple of ``multiple``: ``multiple * (r // multiple)`` (``multiple`` 1: ``r``).
+
+    The one place r is rounded (bounded shape variety): :func:`count_merged`
+    applies it to the counted r, so the engine's controller and the eager
+    patch, which both match through :func:`match_tokens`, round alike.
+    """
+    q = check_r_multiple(multiple)
+    return r if q == 1 else q * (r // q)
+
+
 def count_merged(
     node_max: torch.Tensor,
     num_tokens: int,
@@ -89,15 +107,23 @@ def count_merged(
     threshold: float | None = None,
     ratio: float | None = None,
     num_merged: int | None = None,
+    multiple: int = 1,
 ) -> int:
-    """r for a batch: exactly one of threshold, ratio or an explicit count.
+    """r for a batch: exactly one of threshold, ratio or an explicit count, rounded down to a multiple of ``multiple``.
 
     threshold: r = max over the batch of #(node_max >= t); t >= 1 merges nothing.
     ratio: r = min(int(N * ratio), #src). num_merged: min(num_merged, #src).
+    ``multiple`` q (default 1, off): r becomes q * floor(r / q), so a site
+    takes at most #src / q + 1 distinct values of r.
     """
     given = [v is not None for v in (threshold, ratio, num_merged)]
     if sum(given) != 1:
         raise CatomeError("give exactly one of threshold (CA-ToMe) or ratio (ToMe)")
+    return round_merged(_count(node_max, num_tokens, threshold, ratio, num_merged), multiple)
+
+
+def _count(node_max: torch.Tensor, num_tokens: int, threshold: float | None, ratio: float | None,
+           num_merged: int | None) -> int:
     num_src = int(node_max.shape[-1])
     if threshold is not None:
         t = float(threshold)
@@ -127,6 +153,7 @@ def match_tokens(
     num_merged: int | None = None,
     stride: tuple[int, int] = (2, 2),
     generator: torch.Generator | None = None,
+    multiple: int = 1,
 ) -> MergePlan:
     """Match the tokens of ``metric`` [B, N, C] on an (h, w) grid and return the plan.
 
@@ -135,14 +162,18 @@ def match_tokens(
     (ToMe: r = min(int(N * ratio), #src)); ``num_merged`` forces r directly
     (benchmarks). ``generator`` picks a random dst per cell (tomesd's
     behaviour); without it dst is the top-left token of each cell (the paper).
+    ``multiple`` q rounds r down to a multiple of q (see :func:`count_merged`):
+    the q * floor(r / q) best-scoring src are merged.
     """
     _check_args(metric, grid, stride)
+    check_r_multiple(multiple)
     b, n, _ = metric.shape
     device = metric.device
     src_ids, dst_ids = partition(grid, stride, generator, device)
     num_src, num_dst = src_ids.numel(), dst_ids.numel()
     if num_dst == 0 or num_src == 0:
-        count_merged(metric.new_zeros(b, 0), n, threshold=threshold, ratio=ratio, num_merged=num_merged)
+        count_merged(metric.new_zeros(b, 0), n, threshold=threshold, ratio=ratio, num_merged=num_merged,
+                     multiple=multiple)
         return MergePlan.identity(b, n, device)
 
     # no_grad, not inference_mode: plan tensors must stay usable as gather indices under autograd.
@@ -150,7 +181,7 @@ def match_tokens(
         m = metric / metric.norm(dim=-1, keepdim=True)
         scores = m.index_select(1, src_ids) @ m.index_select(1, dst_ids).transpose(-1, -2)  # [B, Ns, Nd]
         node_max, node_idx = scores.max(dim=-1)
-        r = count_merged(node_max, n, threshold=threshold, ratio=ratio, num_merged=num_merged)
+        r = count_merged(node_max, n, threshold=threshold, ratio=ratio, num_merged=num_merged, multiple=multiple)
         if r == 0:
             return MergePlan.identity(b, n, device)
         edge_idx = node_max.float().argsort(dim=-1, descending=True, stable=True)  # [B, Ns]

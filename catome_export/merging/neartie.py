@@ -53,7 +53,12 @@ i can differ from ``nm(i)`` on either side.
 - Differing r (threshold mode, r = max over the batch of #(node_max >= t)):
   explained when both lie in ``[max_b #(nm - E >= t), max_b #(nm + E >= t)]``.
   With a fixed count (ratio, merge fraction) r does not depend on the scores
-  and must be equal.
+  and must be equal. Where r is rounded down to a multiple of q
+  (``MergeSettings.r_multiple``), both sides' r must be multiples of q and lie
+  in that interval with both ends rounded down alike (the rounding is
+  monotone, so a count anywhere in the interval rounds into it); the merged
+  sets are then the first r of the sort, so a token merged on one side only
+  is judged at the r-th place, as above.
 - A merged token that is not a src of the partition, or a dst that is not a
   dst of it, is never explained.
 
@@ -72,6 +77,7 @@ from dataclasses import dataclass
 
 import torch
 
+from catome_export.merging.matching import check_r_multiple, round_merged
 from catome_export.merging.plan import MergePlan
 
 logger = logging.getLogger(__name__)
@@ -218,18 +224,21 @@ def _node_max(u: torch.Tensor, src_ids: torch.Tensor, dst_ids: torch.Tensor) -> 
 
 def compare_plans(x_a: torch.Tensor, plan_a: MergePlan, x_b: torch.Tensor, plan_b: MergePlan,
                   src_ids: torch.Tensor, dst_ids: torch.Tensor, *, threshold: float | None,
-                  roundoff: float, names: tuple[str, str] = ("side a", "side b")) -> PlanComparison:
+                  roundoff: float, names: tuple[str, str] = ("side a", "side b"),
+                  multiple: int = 1) -> PlanComparison:
     """Compare the plans two sides matched on ``x_a`` / ``x_b`` [B, N, C] and explain each difference.
 
     ``src_ids`` / ``dst_ids``: the partition both sides matched on.
     ``threshold``: CA-ToMe's t (r from a count of scores), or None where r is
     a fixed count. ``roundoff``: the larger unit roundoff of the two sides'
-    score computations (:func:`unit_roundoff`). Pure tensor logic; reads a
+    score computations (:func:`unit_roundoff`). ``multiple``: the q both
+    sides rounded r down to (``MergeSettings.r_multiple``; 1: none). Pure tensor logic; reads a
     few scalars back to the host, and the full float64 score rows only where
     the merged sets or r differ.
     """
     if x_a.shape != x_b.shape or x_a.ndim != 3:
         raise ValueError(f"inputs must both be [B, N, C], got {tuple(x_a.shape)} and {tuple(x_b.shape)}")
+    check_r_multiple(multiple)
     bsz, n, c = x_a.shape
     device = x_b.device
     x_a = x_a.to(device)
@@ -257,7 +266,7 @@ def compare_plans(x_a: torch.Tensor, plan_a: MergePlan, x_b: torch.Tensor, plan_
 
     found: list[TokenDifference] = []
     if not same_r:
-        found.append(_explain_r(nm, err, r_a, r_b, threshold, names))
+        found.append(_explain_r(nm, err, r_a, r_b, threshold, names, multiple))
     differ = (dest_a != dest_b).nonzero().tolist()
     for b, tok in differ:
         a_dst, b_dst = int(dest_a[b, tok]), int(dest_b[b, tok])
@@ -273,8 +282,9 @@ def compare_plans(x_a: torch.Tensor, plan_a: MergePlan, x_b: torch.Tensor, plan_
         if a_dst >= 0 and b_dst >= 0:
             found.append(_explain_dst(u_b, d, b, tok, a_dst, b_dst, delta, names))
         else:
-            found.append(_explain_membership(nm, err, b, tok, int(pos[tok]), a_dst, b_dst, r_a, r_b, threshold,
-                                             names))
+            # with r rounded, the merged set ends at the r-th place of the sort, not at the threshold
+            found.append(_explain_membership(nm, err, b, tok, int(pos[tok]), a_dst, b_dst, r_a, r_b,
+                                             threshold if multiple == 1 else None, names))
     result = PlanComparison(r_a, r_b, tuple(found), max_d, delta)
     if result.unexplained:
         logger.debug("plans differ beyond near-ties: %s", result.unexplained[0].detail)
@@ -323,14 +333,18 @@ def _explain_membership(nm: torch.Tensor | None, err: torch.Tensor, b: int, tok:
 
 
 def _explain_r(nm: torch.Tensor | None, err: torch.Tensor, r_a: int, r_b: int, threshold: float | None,
-               names: tuple[str, str]) -> TokenDifference:
+               names: tuple[str, str], multiple: int = 1) -> TokenDifference:
     if threshold is None or nm is None:
         return TokenDifference(KIND_R, -1, -1, r_a, r_b, float(r_a - r_b), 0.0, False,
                                f"r is {r_a} on {names[0]} and {r_b} on {names[1]}, and with a fixed count "
                                "it cannot differ")
-    lo = int((nm - err >= threshold).sum(dim=-1).max())
-    hi = int((nm + err >= threshold).sum(dim=-1).max())
-    ok = lo <= r_a <= hi and lo <= r_b <= hi
+    lo = round_merged(int((nm - err >= threshold).sum(dim=-1).max()), multiple)
+    hi = round_merged(int((nm + err >= threshold).sum(dim=-1).max()), multiple)
+    aligned = r_a % multiple == 0 and r_b % multiple == 0
+    ok = aligned and lo <= r_a <= hi and lo <= r_b <= hi
+    rounded = "" if multiple == 1 else f" (counts rounded down to multiples of {multiple})"
+    misaligned = "" if aligned else f"; r must be a multiple of {multiple} on both sides"
     return TokenDifference(KIND_R, -1, -1, r_a, r_b, float(r_a - r_b), float(hi - lo), ok,
                            f"r is {r_a} on {names[0]} and {r_b} on {names[1]}; scores within their possible error of "
-                           f"t = {threshold:g} allow r in [{lo}, {hi}] ({'a near-tie' if ok else 'not a near-tie'})")
+                           f"t = {threshold:g} allow r in [{lo}, {hi}]{rounded}{misaligned} "
+                           f"({'a near-tie' if ok else 'not a near-tie'})")

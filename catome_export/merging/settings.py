@@ -8,9 +8,10 @@ from dataclasses import asdict, dataclass, field
 
 from catome_export.choices import MergeMode
 from catome_export.defaults import (
-    DEFAULT_MAX_DOWNSAMPLE, DEFAULT_MERGE_SEED, DEFAULT_SCHEDULE, DEFAULT_STRIDE, DEFAULT_THRESHOLD,
+    DEFAULT_MAX_DOWNSAMPLE, DEFAULT_MERGE_SEED, DEFAULT_R_MULTIPLE, DEFAULT_SCHEDULE, DEFAULT_STRIDE, DEFAULT_THRESHOLD,
 )
 from catome_export.errors import CatomeError
+from catome_export.merging.matching import check_r_multiple
 from catome_export.merging.schedules import Schedule, parse_schedule
 
 
@@ -38,6 +39,11 @@ class MergeSettings:
     """Also merge around cross-attention (attn2)."""
     merge_mlp: bool = False
     """Also merge around the feed-forward block."""
+    r_multiple: int = DEFAULT_R_MULTIPLE
+    """Bounded shape variety: each site's r (whatever the mode) is rounded down to a multiple q of this, merging
+    the q * floor(r / q) best-scoring src tokens, so a site of N tokens sees at most about N / q distinct shapes
+    (TensorRT kernels and CUDA graphs reused, fewer buffer sizes in ONNX Runtime's CPU arena). 1 (default): off,
+    r as counted."""
 
     def __post_init__(self) -> None:
         modes = [v is not None for v in (self.threshold, self.ratio, self.merge_fraction)]
@@ -60,6 +66,7 @@ class MergeSettings:
         if len(st) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in st) or st == (1, 1):
             raise CatomeError(f"stride must be two positive ints (not 1x1), got {self.stride!r}")
         object.__setattr__(self, "stride", st)
+        check_r_multiple(self.r_multiple)
 
     @property
     def mode(self) -> MergeMode:
@@ -78,4 +85,5 @@ class MergeSettings:
         d = dict(data)
         d["schedule"] = Schedule.from_dict(d["schedule"])
         d["stride"] = tuple(d.get("stride", (2, 2)))
+        d.setdefault("r_multiple", DEFAULT_R_MULTIPLE)  # manifests written before r_multiple existed: off
         return cls(**d)

@@ -106,6 +106,10 @@ class Runtime:
         """Per feature-cache branch, the graph runner of its cached calls (with CUDA graphs on)."""
         self._last_shape: tuple[int, int, int] | None = None
         self._owner = GenerationOwner()
+        self._lora_active: Any = None
+        """The LoRA entries set by :meth:`set_lora` (None: the manifest's)."""
+        self._lora_overrides: Any = None
+        """Weights that differ from the graphs' after :meth:`set_lora` (None: the manifest's overrides file)."""
         self.cache_record: FeatureCacheRecord | None = (cache_record if cache_record is not None or manifest is None
                                                         else manifest.feature_cache)
         """The feature-cache branches the engine's stages were cut for (None: none; ``cache_record`` gives it
@@ -147,6 +151,10 @@ class Runtime:
         choice = choose_backend(backend, engine_backend=manifest.engine_backend, device=device)
         logger.info("backend: %s", choice.reason)
         be = create_backend(choice, manifest, device=device, options=backend_options)
+        if hasattr(be, "initializer_overrides"):  # ONNX Runtime: a refit LoRA's weights in place of the graphs'
+            from catome_export.lora.refit import InitializerOverrides
+
+            be.initializer_overrides = InitializerOverrides.of(engine_dir, manifest)
         runners: list[StageRunner] = []
         try:
             for stage in manifest.stages:
@@ -573,6 +581,48 @@ class Runtime:
         from catome_export.runtime.embed import attach
 
         return attach(pipe, self)
+
+    # -- LoRA -------------------------------------------------------------------------
+    @property
+    def lora(self) -> str:
+        """The LoRA the engine computes now: ``none`` or ``file.safetensors:SCALE`` (joined by `` + ``)."""
+        entries = self._lora_active if self._lora_active is not None else (
+            self.manifest.lora.active if self.manifest is not None and self.manifest.lora is not None else ())
+        return " + ".join(f"{Path(e.source).name}:{e.scale:g}" for e in entries) or "none"
+
+    def set_lora(self, loras: Any, *, save: bool = False) -> str:
+        """Swap the engine's LoRA in place, without a re-export; starts a new generation. Returns :attr:`lora`.
+
+        ``loras``: None or ``"none"`` (the base weights, bit for bit), ``"FILE[:SCALE]"``, a
+        :class:`~catome_export.lora.LoraSpec`, a ``(file, scale)`` pair, or a list of them (fused in order).
+        ONNX Runtime: the sessions of the stages whose weights change are made again from the same graphs with
+        the new initializers; TensorRT: the plans (built ``--refittable``) are refit. A LoRA whose keys do not
+        fit the model is a CatomeError before anything changes. ``save``: also refit the engine folder on disk
+        (``catome-export refit``), so the next load computes the same LoRA and ``verify`` checks it.
+        """
+        from catome_export.lora.refit import apply_to_runtime
+
+        self._claim("set_lora()")
+        apply_to_runtime(self, loras, save=save)
+        self._reset_state()
+        return self.lora
+
+    def replace_runners(self, runners: Mapping[int, StageRunner]) -> None:
+        """Put new runners in place of the chain's stages with those indices (same specs; the old ones are closed,
+        CUDA graphs captured with them dropped)."""
+        graphs = self._graphs
+        if graphs is not None:
+            graphs.invalidate(reason="stages replaced")
+            self._graphs = None
+        self._drop_shallow_graphs("stages replaced")
+        for index, runner in runners.items():
+            old = self.chain.runners[index]
+            if runner.spec != old.spec:
+                raise CatomeError(f"internal: the new runner of stage {index} has another spec")
+            self.chain.runners[index] = runner
+            old.close()
+        if graphs is not None:
+            self.enable_cuda_graphs(graphs.capture_impl, graphs.cache.max_entries)
 
     # -- lifetime ---------------------------------------------------------------------
     def close(self) -> None:

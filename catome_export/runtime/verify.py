@@ -203,6 +203,8 @@ class VerifyReport:
     """Highest 1-minute load average seen while timing (None where the platform has none)."""
     cpus: int | None = None
     """Logical CPUs of the machine (``os.cpu_count()``)."""
+    r_multiple: int = 1
+    """Both sides rounded r down to a multiple of this (``MergeSettings.r_multiple``; 1: off)."""
     controlnet_inputs: int = 0
     """ControlNet residual inputs fed seeded values at every step (0: an engine built without ``--controlnet``)."""
 
@@ -280,6 +282,8 @@ class VerifyReport:
         verdict = "OK" if self.ok else "FAILED"
         parts = [f"verify {verdict}: {len(self.rows)} steps, max |diff| {self.max_diff:.3g} "
                  f"(tolerance {self.tolerance:g} x max(1, |eager|))"]
+        if self.r_multiple != 1:
+            parts.append(f"r rounded down to multiples of {self.r_multiple} on both sides")
         if self.failed_steps:
             parts.append(f"above the limit at steps {_short(self.failed_steps)}")
         if self.plan_failure_steps:
@@ -348,7 +352,8 @@ class VerifyReport:
     def to_dict(self) -> dict[str, Any]:
         return {"engine_dir": self.engine_dir, "backend": self.backend, "precision": self.precision,
                 "batch": self.batch, "latent_hw": list(self.latent_hw), "schedule": self.schedule,
-                "tolerance": self.tolerance, "merge_tolerance": self.merge_tolerance, "ok": self.ok,
+                "tolerance": self.tolerance, "merge_tolerance": self.merge_tolerance, "r_multiple": self.r_multiple,
+                "ok": self.ok,
                 "max_diff": self.max_diff, "flip_steps": self.flip_steps, "flipped_tokens": self.flipped_tokens,
                 "plan_failure_steps": self.plan_failure_steps, "controlnet_inputs": self.controlnet_inputs,
                 "engine_ms": self.engine_ms, "eager_ms": self.eager_ms,
@@ -429,7 +434,7 @@ class _MatchRecorder:
 
 
 def _compare_site(site: int, step: int, engine: _SiteMatch, eager: _SiteMatch, threshold: float | None,
-                  device_type: str) -> tuple[Any, list[PlanDifference]]:
+                  device_type: str, r_multiple: int = 1) -> tuple[Any, list[PlanDifference]]:
     """The engine's plan against eager's own at one site and step: (PlanComparison or None, differences)."""
     from catome_export.merging.neartie import compare_plans, unit_roundoff
 
@@ -439,7 +444,7 @@ def _compare_site(site: int, step: int, engine: _SiteMatch, eager: _SiteMatch, t
                                      "the engine and eager matched on different src/dst partitions")]
     roundoff = max(unit_roundoff(engine.x.dtype, device_type), unit_roundoff(eager.x.dtype, device_type))
     result = compare_plans(engine.x, engine.own, eager.x, eager.own, eager.src_ids, eager.dst_ids,
-                           threshold=threshold, roundoff=roundoff, names=SIDE_NAMES)
+                           threshold=threshold, roundoff=roundoff, names=SIDE_NAMES, multiple=r_multiple)
     diffs = [PlanDifference(site, step, d.batch, d.token, d.kind, d.explained, d.gap, d.bound, d.detail)
              for d in result.differences]
     return result, diffs
@@ -471,7 +476,8 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
                   merge_tolerance: float | None = None, device: torch.device | str | None = None,
                   backend_options: Mapping[str, Any] | None = None,
                   progress: Callable[[VerifyRow], None] | None = None,
-                  feature_cache: FeatureCacheSettings | None | str = "engine") -> VerifyReport:
+                  feature_cache: FeatureCacheSettings | None | str = "engine",
+                  r_multiple: int | None = None) -> VerifyReport:
     """Run the engine and eager CA-ToMe side by side over ``steps`` U-Net calls and compare them.
 
     ``schedule`` overrides the manifest's checkpoint schedule (a name or a
@@ -493,6 +499,10 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
     shorter walks against eager with :func:`catome_export.eager.apply_deepcache`,
     call by call; a call that is full on one side and cached on the other
     fails its step.
+
+    ``r_multiple``: round r down to a multiple of this on both sides instead
+    of the manifest's ``merge.r_multiple`` (None: the manifest's; 1 for
+    engines built before the setting existed).
     """
 
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -511,6 +521,8 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
     settings = manifest.merge
     if schedule is not None:
         settings = replace(settings, schedule=parse_schedule(schedule, settings.schedule.step_base))
+    if r_multiple is not None:
+        settings = replace(settings, r_multiple=r_multiple)
     default_batch, default_hw = _default_shape(manifest)
     if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
         raise CatomeError(f"batch must be an int >= 1, got {batch!r}")
@@ -591,7 +603,8 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
                 for site in sorted(set(engine_matches.seen) & set(eager_matches.seen)):
                     own = eager_matches.seen[site]
                     merged_eager[site] = own.own.num_merged
-                    result, diffs = _compare_site(site, i, engine_matches.seen[site], own, threshold, dev.type)
+                    result, diffs = _compare_site(site, i, engine_matches.seen[site], own, threshold, dev.type,
+                                                  settings.r_multiple)
                     diffs = [_within_slack(d, slack.get(site, 0)) for d in diffs]
                     token_diffs = [d for d in diffs if d.kind != "r"]
                     flips[site] = sum(d.explained for d in token_diffs)
@@ -625,7 +638,7 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
                                                                      f", {runtime.feature_cache.describe()}"),
                             tolerance=tol, rows=tuple(rows),
                             merge_tolerance=r_tol, load_avg=max(loads) if loads else None,
-                            cpus=os.cpu_count(),
+                            cpus=os.cpu_count(), r_multiple=settings.r_multiple,
                             controlnet_inputs=0 if runtime.controlnet is None else len(runtime.controlnet.names))
     finally:
         runtime.controller.set_matcher(None)

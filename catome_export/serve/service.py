@@ -90,6 +90,10 @@ class ServeOptions:
     feature_cache: str | None = None
     """DeepCache-style feature caching of every generation: ``"I,b"``, ``"full:...;b"`` or ``"off"`` (None: the
     engine's own, set at build); its branch must be one the engine was cut for."""
+    r_multiple: int | None = None
+    """Round each merge site's r down to a multiple of this (``MergeSettings.r_multiple``; None: the engine's own,
+    set at build). A replica then meets at most about N / q shapes per site of N tokens, which bounds the buffer
+    sizes ONNX Runtime's CPU arena keeps with the arena on (see docs/serving.md)."""
     engine_sha256: str | None = None
     """sha256 (hex) of the engine folder's manifest.json the application was deployed with: a replica whose folder
     holds another engine refuses to serve (None: not pinned; ``build_app`` always pins it)."""
@@ -111,6 +115,9 @@ class ServeOptions:
             if not isinstance(self.feature_cache, str):
                 raise CatomeError(f"feature_cache must be a string like '3,0' or 'off', got {self.feature_cache!r}")
             parse_feature_cache(self.feature_cache)  # a bad value fails here, before any replica starts
+        if self.r_multiple is not None and (isinstance(self.r_multiple, bool) or not isinstance(self.r_multiple, int)
+                                            or self.r_multiple < 1):
+            raise CatomeError(f"r_multiple must be an integer >= 1 (1: off), got {self.r_multiple!r}")
         if self.engine_sha256 is not None and (not isinstance(self.engine_sha256, str)
                                                or _SHA256.fullmatch(self.engine_sha256) is None):
             raise CatomeError(f"engine_sha256 must be 64 lowercase hex digits (sha256sum ENGINE_DIR/manifest.json), "
@@ -350,8 +357,14 @@ class ImageService:
         if options.threads is not None:
             backend_options.setdefault("intra_op_threads", options.threads)
         cache = "engine" if options.feature_cache is None else parse_feature_cache(options.feature_cache)
+        settings = None
+        if options.r_multiple is not None:  # the engine's own merge settings, r rounded as the options say
+            from catome_export.export.manifest import Manifest
+
+            built = Manifest.load(options.engine_dir, check_files=False).merge
+            settings = replace(built, r_multiple=options.r_multiple)
         self.runtime = Runtime.load(options.engine_dir, backend=options.backend, device=options.device,
-                                    backend_options=backend_options or None, feature_cache=cache)
+                                    backend_options=backend_options or None, feature_cache=cache, settings=settings)
         try:
             manifest = self.runtime.manifest
             if manifest is None:

@@ -423,13 +423,15 @@ def save_png(image: np.ndarray | Any, path: str | Path) -> Path:
 
 # -- merge settings ----------------------------------------------------------------------
 def merge_settings_for_engine(settings: Any, threshold: float | None, schedule: str | None, step_base: int,
-                              no_merge: bool) -> Any:
+                              no_merge: bool, r_multiple: int | None = None) -> Any:
     """The engine's merge settings with the command line's overrides applied (no rebuild needed)."""
     from catome_export.merging import AutoSchedule, parse_schedule_request
 
     if no_merge:
         return replace(settings, threshold=1.0, ratio=None, merge_fraction=None)
     out = settings
+    if r_multiple is not None:
+        out = replace(out, r_multiple=r_multiple)
     if threshold is not None:
         out = replace(out, threshold=threshold, ratio=None, merge_fraction=None)
     if schedule is not None:
@@ -448,7 +450,12 @@ def describe_settings(settings: Any) -> str:
     if settings.mode == "threshold":
         if settings.threshold >= 1:
             return "no merging (t=1)"
-        return f"CA-ToMe t={settings.threshold:g}, {settings.schedule.describe()}"
+        return f"CA-ToMe t={settings.threshold:g}, {settings.schedule.describe()}{_rounding(settings)}"
     if settings.mode == "ratio":
-        return f"ToMe ratio {settings.ratio:g}, {settings.schedule.describe()}"
-    return f"forced merge fraction {settings.merge_fraction:g}, {settings.schedule.describe()}"
+        return f"ToMe ratio {settings.ratio:g}, {settings.schedule.describe()}{_rounding(settings)}"
+    return f"forced merge fraction {settings.merge_fraction:g}, {settings.schedule.describe()}{_rounding(settings)}"
+
+
+def _rounding(settings: Any) -> str:
+    q = getattr(settings, "r_multiple", 1)
+    return "" if q == 1 else f", r in multiples of {q}"

@@ -49,3 +49,10 @@ def test_bad_values(kwargs, match):
 def test_threshold_alone_is_enough():
     cfg = BenchConfig(merge_fractions=(), threshold=0.7)
     assert cfg.merge_fractions == () and cfg.threshold == 0.7
+
+
+def test_r_multiple():
+    assert BenchConfig().r_multiple == 1 and BenchConfig(r_multiple=64).to_dict()["r_multiple"] == 64
+    for bad in (0, 1.5, True):
+        with pytest.raises(CatomeError, match="r_multiple must be an int >= 1"):
+            BenchConfig(r_multiple=bad)

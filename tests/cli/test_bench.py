@@ -248,3 +248,16 @@ def test_bench_tiny_xl_engine_folder_alone(xl_bench, tmp_path):
     assert [r["merged"] for r in data["rows"]] == [{str(i): 24 for i in range(10)}]
     assert data["rows"][0]["ideal_speedup"] > 1.0
     assert not [n for n in data["notes"] if "other merge options" in n]
+
+
+def test_bench_r_multiple_rounds_the_forced_fractions(tmp_path, capsys):
+    out_json = tmp_path / "r.json"
+    code = main(["bench", "--model", "tiny", "--resolution", "128", "--batch", "1", "--repeats", "1",
+                 "--threads", "1", "--backends", "eager-catome", "--merge-fractions", "0.5", "--r-multiple", "40",
+                 "--workdir", str(tmp_path / "work"), "--json", str(out_json)])
+    assert code == 0, capsys.readouterr().err
+    data = json.loads(out_json.read_text())
+    assert data["config"]["r_multiple"] == 40
+    (row,) = data["rows"]
+    assert row["merged"] == {str(i): 80 for i in range(5)}  # round(0.5 * 192) = 96 -> 80
+    assert row["merge_fraction"] == round(80 / 192, 4) and row["requested_merge_fraction"] == 0.5

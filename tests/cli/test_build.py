@@ -33,7 +33,8 @@ def test_build_tiny_end_to_end(built):
     assert len(manifest.stages) == 6 and len(manifest.sites) == 5
     # the standard graphs (TensorRT builds from these) and, for ONNX Runtime, its fused form of each
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [MANIFEST_FILE] + [f"stage_{k}.onnx" for k in range(6)] + [f"stage_{k}.ort.onnx" for k in range(6)])
+        [MANIFEST_FILE, "lora_map.json"] + [f"stage_{k}.onnx" for k in range(6)]
+        + [f"stage_{k}.ort.onnx" for k in range(6)])
     assert [s.ort_optimized.file for s in manifest.stages if s.ort_optimized] == [f"stage_{k}.ort.onnx" for k in range(6)]
     assert manifest.shapes.latent_height == (16, 16) and manifest.shapes.batch == (1, 2)
     assert manifest.model.weights == "random" and manifest.extra["audit"]["passed"] is True
@@ -141,3 +142,17 @@ def test_ctrl_c_while_the_commands_load_exits_130_without_traceback(monkeypatch,
     monkeypatch.setattr(cli_main.importlib, "import_module", interrupted)
     assert cli_main.main(["build", "--model", "tiny"]) == 130
     assert capsys.readouterr().err.strip() == "interrupted: nothing was started"
+
+
+def test_r_multiple_reaches_the_build_settings_and_its_recorded_arguments(tmp_path):
+    from catome_export.cli.cmd_build import options_from_args
+    from catome_export.cli.main import build_parser
+
+    def options(*extra: str):
+        args = build_parser().parse_args(["build", "--model", "tiny", "--out", str(tmp_path / "e"), *extra])
+        return options_from_args(args)
+
+    rounded = options("--r-multiple", "64")
+    assert rounded.settings.r_multiple == 64 and rounded.cli["r_multiple"] == 64
+    plain = options()
+    assert plain.settings.r_multiple == 1 and plain.cli["r_multiple"] is None

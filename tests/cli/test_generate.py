@@ -198,3 +198,29 @@ def test_generate_tiny_xl_merges_at_sdxl_level(tmp_path, capsys):
     assert len(lines) == 2 and all(STEP_LINE.match(line) for line in lines)
     assert "matched [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]" in lines[0]  # ten merge sites, all matching at step 0
     assert f"wrote {out} (64x64" in captured.out
+
+
+def test_generate_with_an_engine_runtime_and_r_multiple(tmp_path, capsys, monkeypatch, tiny_engine_runtime):
+    from catome_export.runtime import Runtime
+
+    loaded = []
+
+    def fake_load(engine_dir, backend="auto", device=None, **kwargs):
+        loaded.append(tiny_engine_runtime())
+        return loaded[-1]
+
+    monkeypatch.setattr(Runtime, "load", staticmethod(fake_load))
+    engine_dir = tmp_path / "engine"
+    engine_dir.mkdir()
+    rc = main(["generate", "--engine", str(engine_dir), "--prompt", "a red car", "--steps", "2", "--threshold",
+               "0.3", "--schedule", "every_step", "--r-multiple", "8", "--out", str(tmp_path / "e.png")])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    runtime = loaded[0]
+    assert runtime.settings.r_multiple == 8 and "r in multiples of 8" in captured.out
+    counts = [r for record in runtime.history for r in record.merged.values()]
+    assert counts and any(counts) and all(r % 8 == 0 for r in counts)
+    rc = main(["generate", "--engine", str(engine_dir), "--prompt", "a red car", "--no-merge", "--r-multiple", "8",
+               "--out", str(tmp_path / "f.png")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "leave out --threshold, --schedule and --r-multiple" in err

@@ -43,6 +43,8 @@ CASES = [
     (BENCH, ["--checkpoint-repeats", "-1"], "checkpoint"), (BENCH, ["--threshold", "2"], "threshold"),
     (BUILD, ["--verify-steps", "0"], "verify steps"), (BUILD, ["--batch", "0"], "batch"),
     (BUILD, ["--threshold", "nan"], "threshold"), (BUILD, ["--opt-merge-fraction", "2"], "merge-fraction"),
+    (BUILD, ["--r-multiple", "0"], "--r-multiple"), (BUILD, ["--r-multiple", "1.5"], "--r-multiple"),
+    (GENERATE, ["--r-multiple", "-64"], "--r-multiple"), (BENCH, ["--r-multiple", "x"], "--r-multiple"),
     (ANALYZE, ["--steps", "0"], "steps"), (ANALYZE, ["--resolution", "0"], "resolution"),
     (ANALYZE, ["--seed", "-1"], "seed"), (ANALYZE, ["--budget", "0"], "budget"),
     (ANALYZE, ["--guidance", "nan"], "guidance"), (ANALYZE, ["--threshold", "2"], "threshold"),
@@ -65,7 +67,7 @@ def test_out_of_range_numeric_flags_are_refused(base, flag, needle, tmp_path, ca
 
 VERIFY_CASES = [(["--steps", "0"], "steps"), (["--batch", "0"], "batch"), (["--tolerance", "-1"], "tolerance"),
                 (["--merge-tolerance", "2"], "tolerance"), (["--threads", "0"], "threads"),
-                (["--seed", "-1"], "seed")]
+                (["--seed", "-1"], "seed"), (["--r-multiple", "0"], "--r-multiple")]
 
 
 @pytest.mark.parametrize("flag,needle", VERIFY_CASES, ids=["=".join(f) for f, _ in VERIFY_CASES])

@@ -306,6 +306,8 @@ def test_repr_and_properties(unet):
     (dict(random_dst="yes"), "random_dst"),
     (dict(merge_mlp=1), "merge_mlp"),
     (dict(seed=-1), "seed"),
+    (dict(r_multiple=0), "r_multiple"),
+    (dict(r_multiple=8.0), "r_multiple"),
 ])
 def test_bad_catome_options(unet, kwargs, match):
     with pytest.raises(CatomeError, match=match):
@@ -422,3 +424,24 @@ def test_partition_for_describes_the_next_match_without_advancing(unet, inputs):
         if plan.num_merged:
             assert torch.equal(plan.keep_idx[0, -dst.numel():], dst)  # the dst tokens the match used
             assert bool(torch.isin(plan.src_idx, src).all())
+
+
+def test_r_multiple_rounds_r_in_the_eager_patch(unet, inputs):
+    x, emb = inputs
+    with apply_catome(unet, threshold=0.7, schedule="every_step") as raw:
+        call(unet, x, 500, emb)
+        counted = dict(raw.last_merged)
+    q = 16
+    assert any(r % q for r in counted.values())  # the rounding has something to change here
+    with apply_catome(unet, threshold=0.7, schedule="every_step", r_multiple=q) as rounded:
+        out = call(unet, x, 500, emb)
+        assert rounded.settings.r_multiple == q
+        assert rounded.last_merged == {k: q * (r // q) for k, r in counted.items()}
+    with apply_tome(unet, ratio=0.3, r_multiple=q) as tome:
+        call(unet, x, 500, emb)
+        assert tome.settings.r_multiple == q and all(r % q == 0 for r in tome.last_merged.values())
+    s = MergeSettings(threshold=0.7, schedule=parse_schedule("every_step"), r_multiple=q)
+    with apply_catome(unet, settings=s):
+        assert torch.equal(call(unet, x, 500, emb), out)
+    with pytest.raises(CatomeError, match="not both"):
+        apply_catome(unet, r_multiple=q, settings=s)

@@ -157,6 +157,19 @@ def test_rebuild_command_keeps_ort_optimize_off():
         "catome-export build --model tiny --ort-optimize off --name t"
 
 
+def test_r_multiple_is_recorded_and_old_manifests_load_with_q1(engine_dir):
+    manifest = Manifest.load(engine_dir)
+    data = json.loads((engine_dir / "manifest.json").read_text())
+    assert data["merge"]["r_multiple"] == manifest.merge.r_multiple == 1
+    # a manifest written before r_multiple existed: the key absent, the hash over what is there
+    del data["merge"]["r_multiple"]
+    data["manifest_sha256"] = canonical_hash(data)
+    (engine_dir / "manifest.json").write_text(json.dumps(data, indent=2))
+    assert Manifest.load(engine_dir).merge.r_multiple == 1
+    rounded = make_manifest(merge=MergeSettings(r_multiple=64))
+    assert Manifest.from_dict(rounded.to_dict()).merge.r_multiple == 64
+    assert "--r-multiple 64" in rounded.rebuild_command() and "--r-multiple" not in make_manifest().rebuild_command()
+    assert "--step-base 1 --r-multiple 64" in build_command({"step_base": 1, "r_multiple": 64})
 def test_controlnet_section_is_optional_and_typed():
     from catome_export.export.controlnet import ControlNetRecord
     from catome_export.export.stages import TensorSpec

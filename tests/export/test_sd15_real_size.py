@@ -74,7 +74,8 @@ def test_fp32_build_keeps_the_large_stage_in_one_external_file(sd15_fp32, sd15_p
     assert [s.ort_optimized.file if s.ort_optimized else None for s in manifest.stages] == [
         f"stage_{k}.ort.onnx" for k in range(6)]
     fused = [name for s in manifest.stages if s.ort_optimized for name, _, _ in s.ort_optimized.files()]
-    assert names == sorted([MANIFEST_FILE, "stage_2.onnx.data"] + [f"stage_{k}.onnx" for k in range(6)] + fused)
+    assert names == sorted([MANIFEST_FILE, "stage_2.onnx.data", "lora_map.json"] + [f"stage_{k}.onnx" for k in range(6)]
+                           + fused)
     assert "TensorRT operator audit: pass" in stdout
 
 

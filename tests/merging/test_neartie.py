@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from catome_export.errors import CatomeError
 from catome_export.merging import MergePlan, match_tokens, partition
 from catome_export.merging.neartie import (KIND_A_ONLY, KIND_B_ONLY, KIND_DST, KIND_NOT_DST, KIND_R,
                                            compare_plans, score_rounding_bound, token_destinations, unit_roundoff)
@@ -192,3 +193,49 @@ def test_r_zero_placeholder_self_merge_reads_as_nothing_merged():
     src, dst = partition((2, 4))
     result = compare_plans(x, placeholder, x, MergePlan.identity(1, n), src, dst, threshold=0.9, roundoff=FP32)
     assert result.same
+
+
+def _exact_node_max(x: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    u = x.double() / x.double().norm(dim=-1, keepdim=True)
+    return (u[:, src] @ u[:, dst].transpose(-1, -2)).amax(dim=-1)[0]
+
+
+def test_rounded_r_differing_by_a_near_tie_at_the_threshold_is_explained():
+    """q = 4, t exactly at the 8th best score: one side counts 8 (r = 8), the other 7 (r = 4)."""
+    x = smooth_metric(5, grid=(16, 16))
+    src, dst = partition((16, 16))
+    ranked = _exact_node_max(x, src, dst).sort(descending=True).values
+    t = float(ranked[7])
+    bound = 2 * (score_rounding_bound(x.shape[-1], FP32) + 4 * score_rounding_bound(x.shape[-1], 2.0 ** -53))
+    assert ranked[6] - t > bound and t - ranked[8] > bound  # only the 8th score is near t
+    eight, four = match_tokens(x, (16, 16), num_merged=8), match_tokens(x, (16, 16), num_merged=4)
+    result = compare_plans(x, eight, x.clone(), four, src, dst, threshold=t, roundoff=FP32, multiple=4)
+    assert result.r_explained and not result.unexplained, [d.detail for d in result.unexplained]
+    (r_diff,) = [d for d in result.differences if d.kind == KIND_R]
+    assert "[4, 8]" in r_diff.detail and "multiples of 4" in r_diff.detail
+    assert sorted(d.kind for d in result.flips) == [KIND_A_ONLY] * 4  # the 5th..8th best, merged on one side
+    # the same plans compared as if r had not been rounded: 4 is no count the scores allow
+    unrounded = compare_plans(x, eight, x.clone(), four, src, dst, threshold=t, roundoff=FP32)
+    assert not unrounded.r_explained
+
+
+def test_rounded_r_differences_that_are_not_near_ties_fail():
+    x = smooth_metric(5, grid=(16, 16))
+    src, dst = partition((16, 16))
+    t = float(_exact_node_max(x, src, dst).sort(descending=True).values[7])
+    eight = match_tokens(x, (16, 16), num_merged=8)
+    # a whole multiple fewer (0 instead of 4 or 8), and a count that is no multiple of q at all
+    for other in (0, 6):
+        result = compare_plans(x, eight, x.clone(), match_tokens(x, (16, 16), num_merged=other), src, dst,
+                               threshold=t, roundoff=FP32, multiple=4)
+        assert not result.r_explained, other
+        (r_diff,) = [d for d in result.unexplained if d.kind == KIND_R]
+        assert "not a near-tie" in r_diff.detail
+    # far from any score: t midway between the 4th and 5th best, both sides r = 4 only
+    ranked = _exact_node_max(x, src, dst).sort(descending=True).values
+    far = float(ranked[3] + ranked[4]) / 2
+    result = compare_plans(x, eight, x.clone(), match_tokens(x, (16, 16), num_merged=4), src, dst,
+                           threshold=far, roundoff=FP32, multiple=4)
+    assert not result.r_explained
+    with pytest.raises(CatomeError, match="r_multiple"):
+        compare_plans(x, eight, x.clone(), eight, src, dst, threshold=t, roundoff=FP32, multiple=0)

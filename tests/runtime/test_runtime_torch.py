@@ -217,3 +217,31 @@ def test_deprecated_shorthands_warn_and_match_the_one_way(make_runtime, smooth_l
     with pytest.warns(DeprecationWarning, match="set_settings"):
         runtime.with_schedule("every_step")
     assert runtime.settings.schedule == parse_schedule("every_step", runtime.settings.schedule.step_base)
+
+
+def test_r_multiple_runtime_equals_eager_and_bounds_the_shapes_over_generations(make_runtime, eager, reference_unet,
+                                                                                smooth_latents, text_embeddings,
+                                                                                tiny_sites):
+    """Several generations with other latents each (r varies): the runtime's r are the eager patch's, rounded
+    alike, and the distinct (site, r) shapes stay within sum over sites of #src // q + 1 (<= N / q per site)."""
+    q = 16
+    hw = (16, 16)
+    shapes: dict[int, set[tuple[int, int]]] = {1: set(), q: set()}
+    for multiple in shapes:
+        settings = _settings(threshold=0.7, schedule=parse_schedule("every_step"), r_multiple=multiple)
+        runtime = make_runtime(settings)
+        with eager(settings) as handle:
+            for generation in range(4):
+                latents = smooth_latents(2, hw, seed=generation, kernel=1 + 2 * generation)
+                runtime.reset()
+                handle.reset()
+                for mine, theirs in _compare(runtime, handle, reference_unet, latents, text_embeddings(2),
+                                             timesteps=(901, 701, 501)):
+                    assert mine.merged == theirs.merged
+                    shapes[multiple] |= set(mine.merged.items())
+    assert all(r % q == 0 for _, r in shapes[q])
+    num_src = {s.index: partition(s.grid(hw))[0].numel() for s in tiny_sites}
+    bound = sum(n // q + 1 for n in num_src.values())
+    tokens = sum(s.grid(hw)[0] * s.grid(hw)[1] for s in tiny_sites)
+    assert len(shapes[q]) <= bound <= tokens // q
+    assert len(shapes[1]) > len(shapes[q])  # the same inputs met more shapes without rounding

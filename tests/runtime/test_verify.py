@@ -231,3 +231,50 @@ def test_fifty_steps_of_config3_pass_and_list_their_flips(tiny_engine):
         assert f"near-tie flips ({report.flipped_tokens} tokens)" in summary
     else:
         assert "plans equal to eager's own at every match" in summary
+
+
+R_MULTIPLE = 16
+"""q for the tiny engine at 128 px: 256 tokens (192 src) per top-level site, so at most 13 values of r."""
+
+
+def test_r_multiple_engine_equals_eager_through_verify(tiny_engine):
+    common = dict(steps=3, schedule="every_step", backend="ort", batch=2, resolution=128,
+                  backend_options=ORT_OPTIONS)
+    raw = verify_engine(tiny_engine, **common)
+    report = verify_engine(tiny_engine, r_multiple=R_MULTIPLE, **common)
+    assert report.ok, report.summary() + "\n" + report.format_differences()
+    assert report.r_multiple == R_MULTIPLE and report.to_dict()["r_multiple"] == R_MULTIPLE
+    assert f"r rounded down to multiples of {R_MULTIPLE}" in report.summary()
+    rounded = [r for row in report.rows for r in row.merged_engine.values()]
+    assert all(r % R_MULTIPLE == 0 for r in rounded) and any(rounded)
+    counted = [r for row in raw.rows for r in row.merged_engine.values()]
+    assert any(r % R_MULTIPLE for r in counted)  # the rounding really changed r at these inputs
+    # eager's own matching rounds alike: the r columns agree site by site and step by step
+    assert all(row.merged_engine == row.merged_eager for row in report.rows)
+    assert raw.r_multiple == 1 and "rounded" not in raw.summary()
+
+
+def test_r_multiple_a_difference_that_is_no_near_tie_still_fails(tiny_engine, monkeypatch):
+    """The engine's controller merges one multiple of q fewer at loop index 1: rounded alike on both sides,
+    the difference is still no near-tie, and verify names it."""
+    from catome_export.merging import MergeController, match_tokens
+
+    original = MergeController.compute_plan
+    lowered: list[tuple[int, int]] = []
+
+    def compute_plan(self, x, grid):
+        plan = original(self, x, grid)
+        if self.validate and self.step == 1 and plan.num_merged >= R_MULTIPLE:
+            lowered.append((plan.num_merged, plan.num_merged - R_MULTIPLE))
+            return match_tokens(x, grid, num_merged=plan.num_merged - R_MULTIPLE, stride=self.settings.stride)
+        return plan
+
+    monkeypatch.setattr(MergeController, "compute_plan", compute_plan)
+    report = verify_engine(tiny_engine, steps=2, schedule="every_step", backend="ort", batch=1, resolution=128,
+                           backend_options=ORT_OPTIONS, r_multiple=R_MULTIPLE)
+    assert lowered
+    assert not report.ok and report.merge_mismatch_steps == [1] and report.failed_steps == []
+    r_diffs = [d for d in report.rows[1].plan_differences if d.kind == "r"]
+    assert r_diffs and not any(d.explained for d in r_diffs)
+    assert "not a near-tie" in r_diffs[0].detail and f"multiples of {R_MULTIPLE}" in r_diffs[0].detail
+    assert "r or matching differ from eager at steps [1]" in report.summary()

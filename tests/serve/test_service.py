@@ -124,6 +124,10 @@ def test_options_are_checked():
         ServeOptions("x", max_batch=0)
     with pytest.raises(CatomeError, match="backend_options must be a mapping, got list"):
         ServeOptions("x", backend_options=["cpu_mem_arena"])
+    for bad in (0, 2.5, True, "64"):
+        with pytest.raises(CatomeError, match="r_multiple must be an integer >= 1"):
+            ServeOptions("x", r_multiple=bad)
+    assert ServeOptions.from_dict({"engine_dir": "x", "r_multiple": 64}).r_multiple == 64
     with pytest.raises(CatomeError, match="max-batch 3 is above the engine's built batch range 1..2"):
         check_max_batch(3, (1, 2))
     check_max_batch(2, (1, 2))
@@ -314,3 +318,17 @@ def test_pinning_at_deploy(tiny_engine, tmp_path):
     assert pin_engine(ServeOptions(elsewhere, engine_sha256=here)).engine_sha256 == here
     with pytest.raises(CatomeError, match="engine_sha256 must be 64 lowercase hex digits"):
         ServeOptions(elsewhere, engine_sha256="ABC")
+
+
+def test_r_multiple_rounds_every_request(tiny_engine):
+    svc = ImageService(ServeOptions(str(tiny_engine), backend="ort", steps=2, threads=1, r_multiple=16))
+    try:
+        assert svc.runtime.settings.r_multiple == 16 and svc.info()["merge"]["r_multiple"] == 16
+        [result] = svc.run_jobs([_job(3)])
+        assert not isinstance(result, Exception)
+        counts = [r for step in result.merged for r in step]
+        assert counts and all(r % 16 == 0 for r in counts)
+        [result] = svc.run_jobs([_job(4, threshold=0.5)])  # a request's own threshold keeps the rounding
+        assert all(r % 16 == 0 for step in result.merged for r in step)
+    finally:
+        svc.close()

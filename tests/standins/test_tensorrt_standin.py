@@ -200,3 +200,96 @@ def test_engine_members_follow_the_bindings(trt, engine):
     assert engine.get_device_memory_size_for_profile_v2(0) <= engine.device_memory_size_v2
     if not eleven:
         assert engine.get_device_memory_size_for_profile(0) == engine.get_device_memory_size_for_profile_v2(0)
+
+
+# -- refitting (python/src/infer/pyCore.cpp py::class_<IRefitter>, parsers/pyOnnx.cpp OnnxParserRefitter) ----------
+def _matmul_model(path: Path, weight) -> Path:
+    import numpy as np
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 2])
+    w = helper.make_tensor("w", TensorProto.FLOAT, [3, 2], np.asarray(weight, dtype=np.float32).ravel().tolist())
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 2])
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Reshape", ["m", "shape"], ["y"])]
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y], initializer=[w, shape]),
+                                opset_imports=[helper.make_opsetid("", 18)]), path)
+    return path
+
+
+def _engine(trt, model: Path, *flags: str):
+    builder = trt.Builder(trt.Logger())
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, trt.Logger())
+    assert parser.parse_from_file(str(model))
+    config = builder.create_builder_config()
+    for flag in flags:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    profile = builder.create_optimization_profile()
+    profile.set_shape("x", (1, 3), (2, 3), (4, 3))
+    config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    return trt.Runtime(trt.Logger()).deserialize_cuda_engine(plan), plan
+
+
+def test_refitter_follows_the_bindings(trt, tmp_path):
+    import numpy as np
+    from tensorrt._formats import describe_plan
+
+    eleven = trt.__version__.startswith("11.")
+    model = _matmul_model(tmp_path / "m.onnx", np.arange(6).reshape(3, 2))
+    plain, _ = _engine(trt, model)
+    assert plain.refittable is False
+    with pytest.raises(TypeError, match="nullptr"):
+        trt.Refitter(plain, trt.Logger())  # createInferRefitter returns null for an engine built without REFIT
+    engine, plan = _engine(trt, model, "REFIT")
+    assert engine.refittable and describe_plan(plan)["refit"]["stripped"] is False
+    refitter = trt.Refitter(engine, trt.Logger())
+    assert refitter.get_all_weights() == ["w"]  # the float initializers, named after them; int64 shapes are not
+    assert refitter.get_missing_weights() == [] and refitter.get_all()[1] == [trt.WeightsRole.CONSTANT]
+    proto = refitter.get_weights_prototype("w")
+    assert (proto.dtype, proto.size) == (trt.DataType.FLOAT, 6) and refitter.get_weights_prototype("nope").size == -1
+    assert not refitter.set_named_weights("nope", np.zeros(6, dtype=np.float32))
+    assert not refitter.set_named_weights("w", np.zeros(5, dtype=np.float32))  # size differs from the prototype
+    assert not refitter.set_named_weights("w", np.zeros(6, dtype=np.float16))  # dtype differs
+    new = np.full((3, 2), 2.0, dtype=np.float32)
+    assert refitter.set_named_weights("w", trt.Weights(new))
+    assert refitter.get_named_weights("w").numpy() is new and refitter.get_weights_location("w") == trt.TensorLocation.HOST
+    assert refitter.refit_cuda_engine()
+    refit = describe_plan(engine.serialize())["refit"]["weights"]["w"]["digest"]
+    assert refit != describe_plan(plan)["refit"]["weights"]["w"]["digest"]
+    assert refitter.unset_named_weights("w") and not refitter.unset_named_weights("w")
+    assert hasattr(refitter, "get_dynamic_range") is not eleven  # deprecated in 10.1, removed in 11
+    assert refitter.max_threads >= 1 and refitter.weights_validation is True
+    bad = np.full((3, 2), np.nan, dtype=np.float32)
+    assert refitter.set_named_weights("w", bad) and not refitter.refit_cuda_engine()  # validation rejects NaN
+
+
+def test_weight_stripped_engine_needs_a_refit_before_it_runs(trt, tmp_path):
+    import numpy as np
+    from tensorrt._formats import describe_plan
+
+    model = _matmul_model(tmp_path / "m.onnx", np.arange(6).reshape(3, 2))
+    engine, plan = _engine(trt, model, "REFIT", "STRIP_PLAN")
+    assert describe_plan(plan)["refit"]["stripped"] is True
+    assert describe_plan(plan)["refit"]["weights"]["w"]["digest"] is None  # no weights in the plan
+    context = engine.create_execution_context()
+    context.set_input_shape("x", (2, 3))
+    for name in ("x", "y"):
+        context.set_tensor_address(name, 4096)
+    assert not context.execute_async_v3(7)  # never refit: the stand-in refuses
+    refitter = trt.Refitter(engine, trt.Logger())
+    assert refitter.get_missing_weights() == ["w"]
+    assert not refitter.refit_cuda_engine()  # get_missing_weights() != 0 before the call
+    parser = trt.OnnxParserRefitter(refitter, trt.Logger())
+    assert parser.refit_from_file(str(model)) and parser.num_errors == 0
+    assert refitter.get_missing_weights() == [] and refitter.refit_cuda_engine()
+    assert context.execute_async_v3(7)
+    assert describe_plan(engine.serialize())["refit"]["weights"]["w"]["digest"] is None  # serialized stripped again
+    other = _matmul_model(tmp_path / "other.onnx", np.zeros((3, 2)))
+    onnx_model = onnx.load(str(other))
+    del onnx_model.graph.initializer[0]
+    onnx.save(onnx_model, str(other))
+    parser2 = trt.OnnxParserRefitter(trt.Refitter(engine, trt.Logger()), trt.Logger())
+    assert not parser2.refit_from_file(str(other)) and parser2.num_errors == 1
+    parser2.clear_errors()
+    assert parser2.num_errors == 0

@@ -12,6 +12,8 @@ builder flags (FP16, BF16, INT8, FP8, INT4, FP4, OBEY/PREFER_PRECISION_CONSTRAIN
 ``NetworkDefinitionCreationFlag.EXPLICIT_BATCH``, ``QuantizationFlag``,
 ``Builder.platform_has_fast_fp16``, ``ICudaEngine.device_memory_size``, ``ILayer.precision`` /
 ``precision_is_set`` and the other members removed in 11, and treats every network as strongly typed.
+Refitting (``Refitter``, ``OnnxParserRefitter``, ``Weights``, ``WeightsRole``; ``_refit.py``) follows
+``py::class_<IRefitter>`` and the parser refitter of the same sources.
 Nothing here knows the code under test. A built plan is JSON describing what
 was built (:func:`tensorrt._formats.describe_plan`); no kernels run.
 """
@@ -31,6 +33,7 @@ from ._build import (  # noqa: F401
     ParserError,
 )
 from ._runtime import ICudaEngine, IExecutionContext, Runtime  # noqa: F401
+from ._refit import OnnxParserRefitter, Refitter, Weights, WeightsRole  # noqa: F401
 
 if QuantizationFlag is None:  # removed in 11
     del QuantizationFlag

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _formats
+from ._refit import onnx_weights
 from ._core import IHostMemory, Severity, api_error, as_buffer, get_plugin_registry, log
 from ._enums import (
     BuilderFlag, DataType, DeviceType, Dims, EngineCapability, ErrorCode, HardwareCompatibilityLevel, LayerType,
@@ -181,6 +182,8 @@ class INetworkDefinition:
         self._plugins: set[str] = set()
         self._output_dim_exprs: dict[str, list[str | int]] = {}
         self._source = ""
+        self._weights: dict[str, dict[str, Any]] = {}
+        """Refittable weights (float initializers of the parsed ONNX graph): name -> dtype, count, digest."""
 
     # flags
     def get_flag(self, flag: Any) -> bool:
@@ -606,9 +609,19 @@ class Builder:
             "version_compatible": config.get_flag(BuilderFlag.VERSION_COMPATIBLE),
             "device_memory_size": _align(4 * max_bytes + 4096),
             "timing_cache_used": cache is not None,
+            "refit": self._refit_record(network, config),
         }
         log(self.logger, Severity.INFO, f"Engine built: {len(io)} I/O tensors, {len(profiles)} profile(s)")
         return IHostMemory(_formats.encode_plan(plan))
+
+    @staticmethod
+    def _refit_record(network: INetworkDefinition, config: IBuilderConfig) -> dict[str, Any]:
+        """Refittable (REFIT or REFIT_IDENTICAL) and stripped (STRIP_PLAN: no weight values in the plan)."""
+        refittable = any(hasattr(BuilderFlag, f) and config.get_flag(getattr(BuilderFlag, f))
+                         for f in ("REFIT", "REFIT_IDENTICAL"))
+        stripped = refittable and config.get_flag(BuilderFlag.STRIP_PLAN)
+        weights = {n: {**w, "digest": None if stripped else w["digest"]} for n, w in network._weights.items()}
+        return {"refittable": refittable, "stripped": stripped, "weights": weights if refittable else {}}
 
     @staticmethod
     def _timing_keys(network: INetworkDefinition, profiles: list[dict], fp16: bool) -> set[str]:
@@ -877,5 +890,6 @@ class OnnxParser:
         net._plugins |= plugins
         net._output_dim_exprs.update(exprs)
         net._source = os.path.basename(source)
+        net._weights.update(onnx_weights(proto, folder))
         net.name = graph.name or net.name
         return True

@@ -113,7 +113,12 @@ class ICudaEngine:
         self._order = [t["name"] for t in plan["io"]]
         self.name = plan.get("source", "")
         self.num_layers = int(plan.get("layers", 0))
-        self.refittable = False
+        refit = plan.get("refit") or {}
+        self.refittable = bool(refit.get("refittable", False))
+        self._stripped = bool(refit.get("stripped", False))
+        self._weights: dict[str, dict[str, Any]] = {n: dict(w) for n, w in (refit.get("weights") or {}).items()}
+        """Refittable weights: name -> dtype, count, digest of the values it holds (None: none yet, stripped)."""
+        self._refits = 0
         self.engine_capability = EngineCapability.STANDARD
 
     @property
@@ -217,7 +222,12 @@ class ICudaEngine:
         return IExecutionContext(self, strategy)
 
     def serialize(self) -> IHostMemory:
-        return IHostMemory(self._raw)
+        if not self._refits:
+            return IHostMemory(self._raw)
+        plan = dict(self._plan)  # a refit engine serializes what it holds now (a stripped one still without weights)
+        plan["refit"] = {**plan["refit"], "weights": {n: {**w, "digest": None if self._stripped else w["digest"]}
+                                                      for n, w in self._weights.items()}}
+        return IHostMemory(_formats.encode_plan(plan))
 
     def __enter__(self) -> "ICudaEngine":
         return self
@@ -436,6 +446,10 @@ class IExecutionContext:
     def _problems(self) -> list[str]:
         problems = [f"the shape of input {n} is not set" for n in self.infer_shapes()]
         problems += self._named_conflicts()
+        lacking = [n for n, w in self.engine._weights.items() if w["digest"] is None]
+        if lacking:
+            problems.append(f"the engine was built weight-stripped and {len(lacking)} weights were never refit "
+                            f"(e.g. {lacking[0]!r}; the stand-in refuses to run it)")
         for name in self.engine._order:
             if not self._addresses.get(name):
                 problems.append(f"{name} has no address (every input and output needs a non-null address, "
