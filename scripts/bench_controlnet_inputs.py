@@ -37,6 +37,16 @@ from typing import Any, Mapping
 import torch
 
 
+def _commit() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def _load_average() -> float | None:
     from catome_export.bench.device import load_average
 
@@ -148,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         "backend": "ort-cpu", "threads": threads, "cpu": cpu_model(), "cpus": os.cpu_count(),
         "python": platform.python_version(), "torch": torch.__version__,
         "load_average_1min": {"before": load_before, "after": load_after, "per_round": round_loads},
-        "seconds": round(time.time() - started, 1), "note": args.note, "rows": [],
+        "seconds": round(time.time() - started, 1), "note": args.note,
+        "command": " ".join(["python", "scripts/bench_controlnet_inputs.py", *(argv if argv is not None else sys.argv[1:])]),
+        "commit": _commit(), "rows": [],
     }
     for (name, path, residuals), timing in zip(rows, timings):
         ms = timing.cached.step_ms
@@ -171,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"ONNX Runtime CPU, {threads} threads, {result['cpu']} ({result['cpus']} CPUs); {args.repeats} "
                  f"interleaved rounds after {args.warmup} warm-up call(s) per row; load average (1 min) "
                  f"{load_before} before, {load_after} after. {args.note}".rstrip(), "",
+                 f"Command: `{result['command']}` (commit {result['commit']}).", "",
                  "| row | median ms | min ms | p90 ms | median / plain | min / plain | median of round ratios |",
                  "|---|---|---|---|---|---|---|"]
         for row in result["rows"]:
