@@ -35,7 +35,7 @@ EXTRAS: dict[str, Extra] = {e.name: e for e in (
     Extra("eval", ("transformers", "PIL", "scipy", "matplotlib"),
           "generate and eval (text encoder, images, FID/CLIP where their weights are cached), --plot"),
     Extra("test", ("pytest", "xdist", "hypothesis", "onnxruntime", "polygraphy", "transformers", "PIL", "scipy", "matplotlib",
-                   "ray.serve", "DeepCache"),
+                   "ray.serve", "DeepCache", "peft"),
           "the test suite"),
     Extra("serve", ("ray.serve", "PIL"), "serving engines over HTTP with Ray Serve"),
     Extra("lint", ("ruff", "mypy"), "the linters (ruff, mypy)"),
