@@ -77,7 +77,7 @@ def test_ray_not_installed(tiny_engine, capsys, monkeypatch):
 
 
 def test_r_multiple_is_checked_and_reaches_the_replicas_options(tiny_engine, capsys, monkeypatch):
-    rc, err = _run(capsys, "--engine", str(tiny_engine), "--r-multiple", "0")
+    rc, err = _run(capsys, str(tiny_engine), "--r-multiple", "0")
     assert rc == 1 and err.startswith("error: --r-multiple must be a whole number >= 1") and len(err.splitlines()) == 1
     import catome_export.cli.cmd_serve as cmd_serve
     import catome_export.serve.local as local
@@ -86,8 +86,8 @@ def test_r_multiple_is_checked_and_reaches_the_replicas_options(tiny_engine, cap
     monkeypatch.setattr(local, "require_ray", lambda: None)
     monkeypatch.setattr(local, "check_port_free", lambda host, port: None)
     monkeypatch.setattr(cmd_serve, "_serve", lambda args, options, is_local: seen.append(options) or 0)
-    rc, err = _run(capsys, "--engine", str(tiny_engine), "--r-multiple", "64")
+    rc, err = _run(capsys, str(tiny_engine), "--r-multiple", "64")
     assert rc == 0, err
     assert seen[0].r_multiple == 64 and seen[0].to_dict()["r_multiple"] == 64
-    rc, _ = _run(capsys, "--engine", str(tiny_engine))
+    rc, _ = _run(capsys, str(tiny_engine))
     assert rc == 0 and seen[1].r_multiple is None  # the engine's own
