@@ -135,6 +135,19 @@ def tensorrt_standin(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyP
 
 
 @pytest.fixture
+def trt_machine(tensorrt_standin: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> ModuleType:
+    """A machine with the stand-in TensorRT (10 and 11) and its one GPU (CUDA presence faked: no GPU here); per-user
+    cache in tmp."""
+    from catome_export.backends import select
+    from catome_export.export import trt_build
+
+    monkeypatch.setattr(select, "_cuda_available", lambda: True)
+    monkeypatch.setattr(trt_build, "gpu_info", lambda: ("Stand-in GPU (sm90)", "9.0"))
+    monkeypatch.setenv("CATOME_EXPORT_CACHE", str(tmp_path / "user-cache"))
+    return tensorrt_standin
+
+
+@pytest.fixture
 def tensorrt10(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
     yield from _standin(monkeypatch, "10")
 

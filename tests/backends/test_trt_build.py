@@ -173,17 +173,6 @@ def _copy(folder: Path, tmp_path: Path) -> Path:
     return dst
 
 
-@pytest.fixture
-def trt_machine(tensorrt_standin, monkeypatch, tmp_path):
-    """A machine with the stand-in TensorRT and its one GPU (CUDA presence faked: no GPU here); per-user cache in tmp."""
-    from catome_export.export import trt_build
-
-    monkeypatch.setattr(select, "_cuda_available", lambda: True)
-    monkeypatch.setattr(trt_build, "gpu_info", lambda: ("Stand-in GPU (sm90)", "9.0"))
-    monkeypatch.setenv("CATOME_EXPORT_CACHE", str(tmp_path / "user-cache"))
-    return tensorrt_standin
-
-
 def _plans(folder: Path, built: TrtBuild) -> list[dict]:
     from tensorrt._formats import describe_plan
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from catome_export.backends import select
 from catome_export.errors import CatomeError
 
 
@@ -25,16 +24,6 @@ def lora_ort_engine(tmp_path_factory) -> Path:
     build_engine("tiny", backend="ort", resolution=128, min_batch=1, max_batch=2, out_dir=folder, verify=False,
                  ort_optimize=False)
     return folder
-
-
-@pytest.fixture
-def trt_machine(tensorrt_standin, monkeypatch, tmp_path):
-    from catome_export.export import trt_build
-
-    monkeypatch.setattr(select, "_cuda_available", lambda: True)
-    monkeypatch.setattr(trt_build, "gpu_info", lambda: ("Stand-in GPU (sm90)", "9.0"))
-    monkeypatch.setenv("CATOME_EXPORT_CACHE", str(tmp_path / "user-cache"))
-    return tensorrt_standin
 
 
 def _trt_folder(lora_ort_engine: Path, tmp_path: Path, *, refittable: bool = True) -> Path:
