@@ -245,13 +245,17 @@ class RuntimeUNet(torch.nn.Module):
                 shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise CatomeError(f"added_cond_kwargs[{name!r}] must be [{batch}, {width}] (batch as sample), got "
                                   f"{shape}")
-            if not t.is_floating_point():
-                raise CatomeError(f"added_cond_kwargs[{name!r}] is {t.dtype}: pass a floating-point tensor")
-            if not _same_device(t.device, self.device):
-                raise CatomeError(f"added_cond_kwargs[{name!r}] is on {t.device}, the engine runs on {self.device}: "
-                                  "move the inputs there")
-            out[name] = t.detach().to(dtype=spec.torch_dtype).contiguous()
+            out[name] = self._engine_input(f"added_cond_kwargs[{name!r}]", t, spec, "move the inputs there")
         return out
+
+    def _engine_input(self, label: str, t: torch.Tensor, spec: Any, move: str) -> torch.Tensor:
+        """``t`` (already checked for shape) as the engine's input ``spec``: a floating-point tensor on the engine's
+        device, cast to the input's dtype; ``move`` says what to do about a tensor on another device."""
+        if not t.is_floating_point():
+            raise CatomeError(f"{label} is {t.dtype}: pass a floating-point tensor")
+        if not _same_device(t.device, self.device):
+            raise CatomeError(f"{label} is on {t.device}, the engine runs on {self.device}: {move}")
+        return t.detach().to(dtype=spec.torch_dtype).contiguous()
 
     def _check_controlnet(self, down: Any, mid: Any, sample: torch.Tensor) -> dict[str, torch.Tensor] | None:
         """ControlNet's residuals as graph inputs (checked against the engine's shapes at this call's batch and
@@ -281,12 +285,7 @@ class RuntimeUNet(torch.nn.Module):
                 shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise CatomeError(f"{label} must be a {list(want)} tensor at this sample's batch and size (a "
                                   f"ControlNet of the engine's model, on the same latents), got {shape}")
-            if not t.is_floating_point():
-                raise CatomeError(f"{label} is {t.dtype}: pass a floating-point tensor")
-            if not _same_device(t.device, self.device):
-                raise CatomeError(f"{label} is on {t.device}, the engine runs on {self.device}: run the ControlNet "
-                                  "there (or move its outputs)")
-            out[spec.name] = t.detach().to(dtype=spec.torch_dtype).contiguous()
+            out[spec.name] = self._engine_input(label, t, spec, "run the ControlNet there (or move its outputs)")
         return out
 
     def _timesteps(self, timestep: Any, batch: int) -> tuple[torch.Tensor, float | None]:
