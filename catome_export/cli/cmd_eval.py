@@ -6,7 +6,8 @@ import argparse
 import re
 from pathlib import Path
 
-from catome_export.cli.cmd_generate import add_merge_options, add_runtime_options, requested_size, size_or_default
+from catome_export.cli.cmd_generate import (add_merge_options, add_r_multiple_option, add_runtime_options, requested_size,
+                                           size_or_default)
 from catome_export.cli.vocab import deprecate, image_size, set_side
 from catome_export.errors import CatomeError
 
@@ -33,7 +34,7 @@ def _methods(text: str | None) -> tuple[str, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from catome_export.cli.cmd_generate import feature_cache_arg
+    from catome_export.cli.cmd_generate import feature_cache_arg, r_multiple_arg
     from catome_export.workflows.evaluate import EvalConfig, run_eval
     from catome_export.workflows.generate import ImageRequest
 
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         width=requested_size(args)[1], negative_prompt=args.negative_prompt, warmup=args.warmup, backend=args.backend,
         device=args.device, dtype=args.precision, clip_model=args.clip_model,
         fid_reference=Path(args.fid_ref) if args.fid_ref else None,
-        feature_cache=feature_cache_arg(args, engine=True),
+        feature_cache=feature_cache_arg(args, engine=True), r_multiple=r_multiple_arg(args),
     )
     print(f"evaluating {len(prompts)} prompts x methods {', '.join(config.method_list())} -> {out}")
     report = run_eval(config, log=print, progress=True)
@@ -103,6 +104,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="feature cache of the deepcache methods (default 3,0) and of the engine methods (default: "
                         "the engine's own; off turns it off for the engine and cannot go with the deepcache methods)")
     add_merge_options(p)
+    add_r_multiple_option(p, engine_default=True, eager=True)
     p.add_argument("--ratio", type=float, default=0.5, help="ToMe's fixed merge ratio for the tome method (default 0.5)")
     p.add_argument("--negative-prompt", default=None, help="negative prompt for every image (default: none)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")

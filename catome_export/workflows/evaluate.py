@@ -112,6 +112,9 @@ class EvalConfig:
     feature_cache: FeatureCacheSettings | None | str = "engine"
     """Feature caching of the deepcache methods (default interval 3, branch 0) and of the engine methods (default
     ``"engine"``: the engine's own); None turns it off for the engine, and refuses the deepcache methods."""
+    r_multiple: int | None = None
+    """Round each site's r down to a multiple of this (``MergeSettings.r_multiple``); None: 1 (off) for the eager
+    methods, the engine's own for the engine methods."""
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -132,6 +135,8 @@ class EvalConfig:
         if self.threshold is not None:
             MergeSettings(threshold=self.threshold)
         MergeSettings(threshold=None, ratio=self.ratio)
+        if self.r_multiple is not None:
+            MergeSettings(r_multiple=self.r_multiple)
 
     def method_list(self, with_engine: bool | None = None) -> list[str]:
         """The methods to run, baseline first, each once."""
@@ -266,6 +271,13 @@ class CalibratedCatome:
 
 def eager_settings(method: str, config: EvalConfig) -> MergeSettings | CalibratedCatome | None:
     """The merge settings of an eager method (None for the baseline; an ``auto:K`` schedule still to calibrate)."""
+    settings = _eager_settings(method, config)
+    if isinstance(settings, MergeSettings) and config.r_multiple is not None:
+        return dataclasses.replace(settings, r_multiple=config.r_multiple)
+    return settings
+
+
+def _eager_settings(method: str, config: EvalConfig) -> MergeSettings | CalibratedCatome | None:
     threshold = DEFAULT_THRESHOLD if config.threshold is None else config.threshold
     if method == "baseline":
         return None
@@ -374,7 +386,7 @@ class _MethodSession:
             settings = eager_settings(self.name, cfg)
             if isinstance(settings, CalibratedCatome):
                 handle = apply_catome(pipe, threshold=settings.threshold, schedule=settings.schedule,
-                                      step_base=cfg.step_base)
+                                      step_base=cfg.step_base, r_multiple=cfg.r_multiple or 1)
             elif settings is not None:
                 # eval has no merge-level option: the model's own (SD 1.x/2.x: 1, SDXL: 2)
                 settings = dataclasses.replace(settings, max_downsample=default_merge_level(pipe.unet))
@@ -402,7 +414,7 @@ class _MethodSession:
 
         runtime = self.ctx.runtime
         settings = merge_settings_for_engine(self.ctx.engine_settings, cfg.threshold, cfg.schedule, cfg.step_base,
-                                             no_merge=self.name == "engine-baseline")
+                                             no_merge=self.name == "engine-baseline", r_multiple=cfg.r_multiple)
         runtime.set_settings(settings, feature_cache="keep" if cfg.feature_cache == "engine" else cfg.feature_cache)
         attachment = attach(pipe, runtime)
         self.stats, self.settings = attachment, settings

@@ -161,3 +161,32 @@ def test_bad_merge_values_fail_before_any_model_load(flag, value, message, capsy
     rc = main(["eval", "--model", str(tmp_path / "no-such-pipeline"), flag, value, "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 1 and message in err and "no-such-pipeline" not in err
+
+
+def test_eval_r_multiple_reaches_the_eager_and_the_engine_methods(tmp_path, tiny_engine_runtime):
+    from catome_export.workflows.evaluate import EvalConfig, eager_settings, run_eval
+
+    runtime = tiny_engine_runtime()
+    own = runtime.settings
+    config = EvalConfig(prompts=("a red car",), out=tmp_path / "eval", model="tiny", steps=2, warmup=0,
+                        height=64, width=64, clip_model="catome-export-tests/no-such-clip-model",
+                        methods=("baseline", "adaptive", "engine"), r_multiple=16)
+    assert eager_settings("adaptive", config).r_multiple == 16
+    assert eager_settings("tome", config).r_multiple == 16
+    seen = []
+    runtime.set_settings = (lambda set_settings: lambda settings, **kw: (seen.append(settings),
+                                                                          set_settings(settings, **kw))[1])(
+        runtime.set_settings)
+    report = run_eval(config, runtime=runtime)
+    assert [s.r_multiple for s in seen[:1]] == [16]  # the engine method ran rounded ...
+    assert runtime.settings == own  # ... and the engine's own settings came back afterwards
+    rows = {row["method"]: row for row in report.rows()}
+    assert set(rows) == {"baseline", "adaptive", "engine"}
+    runtime.close()
+
+
+def test_eval_bad_r_multiple_exits_1_before_any_model_load(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc = main(["eval", "--model", str(tmp_path / "no-such-pipeline"), "--r-multiple", "0", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "--r-multiple must be a whole number" in err and "no-such-pipeline" not in err
