@@ -22,7 +22,10 @@ CUDA-graph runner, the profiles and the build read them back):
                            (engines built with ``--controlnet`` only)
 =========================  =====================================================
 
-Other names (``h{n}``) are internal to one stage. The ControlNet residuals are
+Any other tensor is named by the step that writes it, ``{module path}.out``
+(``up_blocks.1.resnets.2.out``, ``up_blocks.1.cat0.out``): such a name crosses a
+cut where the stage chain is cut between sites, for the feature cache (the deep
+outputs a cached call reuses) or by size. The ControlNet residuals are
 model inputs like ``sample``: ``controlnet_down{i}`` is the i-th entry of
 diffusers' ``down_block_additional_residuals`` (one per skip tensor, in the
 down path's order), ``controlnet_mid`` its ``mid_block_additional_residual``.

@@ -174,11 +174,12 @@ class _Builder:
         self.steps: list[Step] = []
         self.options = options
         self.site_of = {s.path: s.index for s in sites}
-        self._n = 0
 
-    def fresh(self) -> str:
-        self._n += 1
-        return f"h{self._n}"
+    @staticmethod
+    def fresh(path: str) -> str:
+        """The name of the tensor step ``path`` writes (``up_blocks.1.resnets.2.out``): a stage boundary between
+        two steps (a merge site's, the feature cache's, a size cut's) names a tensor by the module that made it."""
+        return f"{path}.out"
 
     def add(self, name: str, reads: tuple[str, ...], writes: tuple[str, ...], fn: Callable,
             modules: dict[str, torch.nn.Module], site: int | None = None,
@@ -187,7 +188,7 @@ class _Builder:
 
     # -- pieces --------------------------------------------------------------------------
     def resnet(self, path: str, module: torch.nn.Module, h: str, out: str | None = None) -> str:
-        out = out or self.fresh()
+        out = out or self.fresh(path)
         self.add(path, (h, EMB), (out,), lambda x, emb: module(x, emb), {path: module})
         return out
 
@@ -196,7 +197,7 @@ class _Builder:
         _check_transformer(path, t2d)
         block_paths = [f"{path}.transformer_blocks.{j}" for j in range(len(t2d.transformer_blocks))]
         site_ids = [self.site_of.get(p) for p in block_paths]
-        out = out or self.fresh()
+        out = out or self.fresh(path)
         if all(s is None for s in site_ids):
             self.add(path, (h, TEXT), (out,),
                      lambda x, ehs: t2d(x, encoder_hidden_states=ehs, return_dict=False)[0], {path: t2d})
@@ -337,8 +338,8 @@ def build_steps(unet: torch.nn.Module, sites: list[MergeSite], options: BlockOpt
             if not skips:
                 raise CatomeError(f"up_blocks.{i} needs more skip tensors than the down path makes")
             skip = skips.pop()
-            cat = b.fresh()
             name = f"up_blocks.{i}.cat{j}"
+            cat = b.fresh(name)
             if not controlnet:
                 b.add(name, (h, skip), (cat,), _cat, {})
             else:
@@ -358,7 +359,7 @@ def build_steps(unet: torch.nn.Module, sites: list[MergeSite], options: BlockOpt
             for j, up in enumerate(block.upsamplers):
                 path = f"up_blocks.{i}.upsamplers.{j}"
                 _check_upsampler(path, up)
-                out = b.fresh()
+                out = b.fresh(path)
                 b.add(path, (h, skips[-1]), (out,), lambda x, like, _u=up: _upsample(_u, x, like), {path: up})
                 h = out
     if skips:

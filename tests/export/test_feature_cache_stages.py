@@ -86,3 +86,23 @@ def test_a_branch_the_model_does_not_have_is_refused(model):
     n = UNetLayout.of(unet).num_branches
     with pytest.raises(CatomeError, match=rf"branches 0\.\.{n - 1}"):
         cut_unet(unet, sites, cache_branches=(n,))
+
+
+def test_tensors_across_the_cache_cuts_are_named_by_the_module_that_made_them(model):
+    import re
+
+    from catome_export.export.io_names import EMB, is_model_input, site_of
+
+    unet, sites = model
+    layout = UNetLayout.of(unet)
+    modules = {path for path, _ in unet.named_modules()}
+    stages = cut_unet(unet, sites, cache_branches=tuple(range(layout.num_branches)))
+    (record,) = cached_branches(stages, (0,), layout)
+    crossing = {t.name for spec, _ in stages for t in spec.inputs} - {EMB}
+    crossing = {n for n in crossing if not is_model_input(n) and site_of(n) is None
+                and not re.fullmatch(r"(skip|x)\d+", n)}
+    assert crossing and set(record.cached) <= crossing | {n for n in record.cached if n.startswith("skip")}
+    for name in crossing:
+        assert name.endswith(".out"), name  # no anonymous h{n}
+        path = name[:-len(".out")]
+        assert path in modules or re.fullmatch(r"up_blocks\.\d+\.cat\d+", path), name
