@@ -104,6 +104,9 @@ class Runtime:
         self._graphs: Any = None
         self._shallow_graphs: dict[int, Any] = {}
         """Per feature-cache branch, the graph runner of its cached calls (with CUDA graphs on)."""
+        self._keeping_graphs: dict[int, Any] = {}
+        """Per feature-cache branch, the graph runner of its full calls: the whole chain, with the deep outputs the
+        next cached calls read among the graph's outputs (with CUDA graphs on)."""
         self._last_shape: tuple[int, int, int] | None = None
         self._owner = GenerationOwner()
         self._lora_active: Any = None
@@ -457,6 +460,10 @@ class Runtime:
                     if replayed is not None:
                         return replayed
                 return self.chain.run(env, plan_hook, stages=branch.stages)
+            if self._graphs is not None and cached_step:
+                replayed = self._replay_keeping(env, latent_hw, branch)
+                if replayed is not None:
+                    return replayed
             return self.chain.run(env, plan_hook, keep=branch.cached, kept=self._kept)
         if self._graphs is not None and cached_step:
             return self._replay(env, latent_hw)
@@ -506,14 +513,22 @@ class Runtime:
                                         memory_generation=generation)
 
     def _drop_shallow_graphs(self, reason: str) -> None:
-        for runner in self._shallow_graphs.values():
+        """Drop the graph runners of feature-cached calls and of the full calls that keep their features."""
+        for runner in (*self._shallow_graphs.values(), *self._keeping_graphs.values()):
             runner.invalidate(reason=reason)
         self._shallow_graphs = {}
+        self._keeping_graphs = {}
 
     @property
     def shallow_graph_runners(self) -> dict[int, Any]:
         """Per feature-cache branch, the CUDA-graph runner of its cached calls (empty until one replayed)."""
         return dict(self._shallow_graphs)
+
+    @property
+    def keeping_graph_runners(self) -> dict[int, Any]:
+        """Per feature-cache branch, the CUDA-graph runner of its full calls, which also output the deep features
+        the cached calls reuse (empty until one replayed)."""
+        return dict(self._keeping_graphs)
 
     @property
     def graph_runner(self) -> Any:
@@ -537,6 +552,46 @@ class Runtime:
         outputs: dict[str, torch.Tensor] = self._graphs.run(key, env, plan_versions=plans)
         return outputs[MODEL_OUTPUT]
 
+    def _cached_plans(self, sites: Sequence[int], env: dict[str, torch.Tensor], latent_hw: tuple[int, int],
+                      batch: int) -> dict[int, MergePlan] | None:
+        """The cached plans of ``sites``, fed into ``env``; None (``env`` untouched) when one site has none."""
+        plans: dict[int, MergePlan] = {}
+        for site in sites:
+            plan = self.controller.cached_plan(site, batch, self.sites[site].grid(latent_hw), self.device)
+            if plan is None:
+                return None
+            plans[site] = plan
+        for site, plan in plans.items():
+            env.update(zip(plan_names(site), plan.tensors()))
+        return plans
+
+    def _replay_keeping(self, env: dict[str, torch.Tensor], latent_hw: tuple[int, int],
+                        branch: Any) -> torch.Tensor | None:
+        """A full call of feature caching on a step where every site reuses its plan, as a captured graph of the
+        whole chain whose outputs also hold the deep features the next cached calls read (its own graph runner per
+        branch: the outputs, and so the graph, differ from a plain call's). The runner returns copies of the
+        graph's outputs on the device, so the next replay cannot change the kept features. None when a site must
+        match (the call then runs stage by stage)."""
+        from catome_export.runtime.cuda_graphs import ChainGraphCache, ChainGraphRunner, graph_chain
+
+        batch = int(env[SAMPLE].shape[0])
+        plans = self._cached_plans(self.chain.sites, env, latent_hw, batch)
+        if plans is None:
+            return None
+        runner = self._keeping_graphs.get(branch.branch)
+        if runner is None:
+            runners, outputs = list(self.chain.runners), (MODEL_OUTPUT, *branch.cached)
+            runner = ChainGraphRunner(lambda: graph_chain(runners, outputs), self._graphs.capture_impl,
+                                      max_graphs=self._graphs.cache.max_entries,
+                                      memory_generation=self._graphs.memory_generation)
+            self._keeping_graphs[branch.branch] = runner
+        inputs = {name: env[name] for name in self.chain.external_inputs(range(len(self.chain.specs)))
+                  if name in env}
+        key = ChainGraphCache.key(batch, latent_hw, {k: p.num_merged for k, p in plans.items()})
+        result: dict[str, torch.Tensor] = runner.run(key, inputs, plan_versions=plans)
+        self._kept.update({name: result[name] for name in branch.cached})
+        return result[MODEL_OUTPUT]
+
     def _replay_shallow(self, env: dict[str, torch.Tensor], latent_hw: tuple[int, int],
                         branch: Any) -> torch.Tensor | None:
         """A feature-cached call whose shallow sites all reuse their plans, as a captured graph of the shallow
@@ -545,17 +600,10 @@ class Runtime:
         from catome_export.runtime.cuda_graphs import ChainGraphCache, ChainGraphRunner, graph_chain
 
         batch = int(env[SAMPLE].shape[0])
-        plans: dict[int, MergePlan] = {}
-        for index in branch.stages:
-            site = self.chain.specs[index].site
-            if site is None:
-                continue
-            plan = self.controller.cached_plan(site, batch, self.sites[site].grid(latent_hw), self.device)
-            if plan is None:
-                return None
-            plans[site] = plan
-        for site, plan in plans.items():
-            env.update(zip(plan_names(site), plan.tensors()))
+        sites = [site for site in (self.chain.specs[i].site for i in branch.stages) if site is not None]
+        plans = self._cached_plans(sites, env, latent_hw, batch)
+        if plans is None:
+            return None
         runner = self._shallow_graphs.get(branch.branch)
         if runner is None:
             stages = [self.chain.runners[i] for i in branch.stages]

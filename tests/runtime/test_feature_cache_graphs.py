@@ -47,10 +47,11 @@ def test_cached_calls_replay_the_shallow_chain(tiny_unet, tiny_sites, smooth_lat
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
         assert [(h.step, h.merged, h.matched, h.cached_features) for h in graphed.history] == want_history
-    # cached calls 1 and 5 reuse every plan (call 3 is a checkpoint: it matches stage by stage); full calls keep
-    # the deep features stage by stage: 2 replays per generation, all on the shallow chain's own runner
-    shallow = graphed.shallow_graph_runners[0]
-    assert eager_capture.replays == 4 and shallow.captures >= 1
+    # cached calls 1 and 5 reuse every plan (call 3 is a checkpoint: it matches stage by stage) and replay the
+    # shallow chain; full calls 2 and 4 reuse every plan too and replay the whole chain with the deep features among
+    # its outputs (call 0 is a checkpoint): 4 replays per generation, each kind on a runner of its own
+    shallow, keeping = graphed.shallow_graph_runners[0], graphed.keeping_graph_runners[0]
+    assert eager_capture.replays == 8 and shallow.captures >= 1 and keeping.captures >= 1
     assert graphed.graph_runner.captures == 0
     graphed.close()
-    assert graphed.shallow_graph_runners == {}
+    assert graphed.shallow_graph_runners == {} and graphed.keeping_graph_runners == {}
