@@ -29,6 +29,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from catome_export.checks import check_int
 from catome_export.eager._handle import PatchHandle
 from catome_export.eager.processors import FeedForwardMerger, MergingAttnProcessor, SiteSlot
 from catome_export.defaults import (
@@ -337,9 +338,7 @@ def _check_flag(name: str, value: object) -> bool:
 
 
 def _check_seed(seed: object) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise CatomeError(f"seed must be an int >= 0, got {seed!r}")
-    return seed
+    return check_int("seed", seed, 0)
 
 
 def _check_stride(stride: object) -> tuple[int, int]:

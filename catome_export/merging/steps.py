@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Protocol
 
+from catome_export.checks import check_int
+
 
 class StepCounter:
     """Loop-index bookkeeping for code that only sees U-Net calls."""
@@ -29,11 +31,7 @@ class StepCounter:
 
     def set_step(self, index: int) -> None:
         """Pin the loop index of the next call (0-based); later calls count on from it."""
-        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-            from catome_export.errors import CatomeError
-
-            raise CatomeError(f"step index must be an int >= 0, got {index!r}")
-        self._pinned = index
+        self._pinned = check_int("step index", index, 0)
 
     def advance(self, timestep: float | None) -> int:
         """The loop index of this call. Sets ``new_generation`` when a generation starts here."""

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
+from catome_export.checks import check_float
 from catome_export.backends import create_backend
 from catome_export.backends.base import Backend, StageRunner, StreamOwner
 from catome_export.backends.select import choose_backend
@@ -240,9 +241,8 @@ class Runtime:
 
     @wait_timeout_s.setter
     def wait_timeout_s(self, value: float | None) -> None:
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
-            raise CatomeError(f"wait_timeout_s must be None or a number of seconds >= 0, got {value!r}")
-        self._owner.wait_timeout_s = None if value is None else float(value)
+        self._owner.wait_timeout_s = None if value is None else check_float(
+            "wait_timeout_s", value, 0, finite=False, unit="seconds", hint="or None: no limit")
 
     @property
     def controller(self) -> MergeController:

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from catome_export.checks import check_float, check_int
 from catome_export.errors import CatomeError
 from catome_export.featurecache import parse_feature_cache
 from catome_export.defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS
@@ -99,25 +100,19 @@ class ServeOptions:
     holds another engine refuses to serve (None: not pinned; ``build_app`` always pins it)."""
 
     def __post_init__(self) -> None:
-        for name, lo in (("max_batch", 1), ("steps", 1), ("max_images", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-                raise CatomeError(f"{name} must be an integer >= {lo}, got {value!r}")
-        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
-                                         or self.threads < 1):
-            raise CatomeError(f"threads must be an integer >= 1, got {self.threads!r}")
+        for name, value in (("max_batch", self.max_batch), ("steps", self.steps), ("max_images", self.max_images)):
+            check_int(name, value, 1)
+        if self.threads is not None:
+            check_int("threads", self.threads, 1)
         if self.backend_options is not None and not isinstance(self.backend_options, dict):
             raise CatomeError(f"backend_options must be a mapping, got {type(self.backend_options).__name__}")
-        if isinstance(self.batch_wait_s, bool) or not isinstance(self.batch_wait_s, (int, float)) \
-                or not 0 <= self.batch_wait_s <= 10:
-            raise CatomeError(f"batch_wait_s must be a number of seconds in 0..10, got {self.batch_wait_s!r}")
+        check_float("batch_wait_s", self.batch_wait_s, 0, 10, unit="seconds")
         if self.feature_cache is not None:
             if not isinstance(self.feature_cache, str):
                 raise CatomeError(f"feature_cache must be a string like '3,0' or 'off', got {self.feature_cache!r}")
             parse_feature_cache(self.feature_cache)  # a bad value fails here, before any replica starts
-        if self.r_multiple is not None and (isinstance(self.r_multiple, bool) or not isinstance(self.r_multiple, int)
-                                            or self.r_multiple < 1):
-            raise CatomeError(f"r_multiple must be an integer >= 1 (1: off), got {self.r_multiple!r}")
+        if self.r_multiple is not None:
+            check_int("r_multiple", self.r_multiple, 1, hint="1: off")
         if self.engine_sha256 is not None and (not isinstance(self.engine_sha256, str)
                                                or _SHA256.fullmatch(self.engine_sha256) is None):
             raise CatomeError(f"engine_sha256 must be 64 lowercase hex digits (sha256sum ENGINE_DIR/manifest.json), "

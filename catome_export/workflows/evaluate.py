@@ -35,6 +35,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from catome_export.checks import check_int
 from catome_export._version import __version__
 from catome_export.backends.torch_backend import load_reference_unet
 from catome_export.defaults import DEFAULT_RATIO, DEFAULT_SCHEDULE, DEFAULT_THRESHOLD
@@ -122,8 +123,7 @@ class EvalConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise CatomeError(f"unknown methods {unknown}: use {', '.join(METHODS)}")
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
-            raise CatomeError(f"warmup must be an int >= 0, got {self.warmup!r}")
+        check_int("warmup", self.warmup, 0)
         if self.weights is not None and self.model is None:
             raise CatomeError("--weights names the weights of --model's architecture: give --model too (e.g. "
                               "--model sd15 --weights model.safetensors)")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 from catome_export.defaults import DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS
 from catome_export.devices import resolve_device
 from catome_export.dtypes import precision_dtype
+from catome_export.checks import check_float, check_int
 from catome_export.errors import CatomeError
 from catome_export.fsutil import atomic_write_bytes
 
@@ -62,22 +62,14 @@ class ImageRequest:
             raise CatomeError("the prompt is empty: pass --prompt \"a photograph of ...\"")
         if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
             raise CatomeError(f"the negative prompt must be a string, got {type(self.negative_prompt).__name__}")
-        _check_int("steps", self.steps, 1)
-        _check_int("seed", self.seed, 0)
-        if isinstance(self.guidance, bool) or not isinstance(self.guidance, (int, float)) \
-                or not math.isfinite(self.guidance) or self.guidance < 0:
-            raise CatomeError(f"guidance must be a number >= 0 (7.5 is usual; <= 1 turns it off), got {self.guidance!r}")
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            _check_int(name, value, 8)
+        check_int("steps", self.steps, 1)
+        check_int("seed", self.seed, 0)
+        check_float("guidance", self.guidance, 0, hint="7.5 is usual; <= 1 turns it off")
+        for name, value in (("height", self.height), ("width", self.width)):
+            check_int(name, value, 8)
             if value % 8:
                 raise CatomeError(f"{name} must be a multiple of 8 (the VAE downsamples by 8), got {value}: "
                                   f"use {value - value % 8} or {value - value % 8 + 8}")
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise CatomeError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -120,12 +120,12 @@ def test_options_are_checked():
         ServeOptions.from_dict({"engine_dir": "x", "max_btach": 2})
     with pytest.raises(CatomeError, match="engine_dir is missing"):
         ServeOptions.from_dict({})
-    with pytest.raises(CatomeError, match="max_batch must be an integer >= 1"):
+    with pytest.raises(CatomeError, match="max_batch must be an int >= 1"):
         ServeOptions("x", max_batch=0)
     with pytest.raises(CatomeError, match="backend_options must be a mapping, got list"):
         ServeOptions("x", backend_options=["cpu_mem_arena"])
     for bad in (0, 2.5, True, "64"):
-        with pytest.raises(CatomeError, match="r_multiple must be an integer >= 1"):
+        with pytest.raises(CatomeError, match="r_multiple must be an int >= 1"):
             ServeOptions("x", r_multiple=bad)
     assert ServeOptions.from_dict({"engine_dir": "x", "r_multiple": 64}).r_multiple == 64
     with pytest.raises(CatomeError, match="max-batch 3 is above the engine's built batch range 1..2"):
