@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -309,15 +308,6 @@ class Runtime:
         self._kept = {}
         self._kept_key = None
 
-    def with_schedule(self, schedule: Any) -> None:
-        """Deprecated: use ``set_settings(replace(runtime.settings, schedule=parse_schedule(...)))``."""
-        from catome_export.merging import parse_schedule
-
-        warnings.warn("Runtime.with_schedule is deprecated: use runtime.set_settings(settings), e.g. "
-                      "set_settings(dataclasses.replace(runtime.settings, schedule=parse_schedule(...)))",
-                      DeprecationWarning, stacklevel=2)
-        self.set_settings(replace(self.settings, schedule=parse_schedule(schedule, self.settings.schedule.step_base)))
-
     @property
     def history(self) -> list[StepRecord]:
         """One record per U-Net call of the current generation."""
@@ -325,13 +315,6 @@ class Runtime:
         return [StepRecord(s.step, dict(s.merged), dict(s.matched), t[0], t[1],
                            cached_features=bool(kinds[i]) if i < len(kinds) else False)
                 for i, (s, t) in enumerate(zip(self.controller.history, self._timings))]
-
-    @property
-    def last_stats(self) -> StepRecord | None:
-        """Deprecated: use ``runtime.history[-1]``. The record of the last U-Net call, or None before the first."""
-        warnings.warn("Runtime.last_stats is deprecated: use runtime.history[-1]", DeprecationWarning, stacklevel=2)
-        hist = self.history
-        return hist[-1] if hist else None
 
     # -- running ----------------------------------------------------------------------
     def step(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,

@@ -209,14 +209,15 @@ def test_a_failed_call_keeps_the_records_aligned(make_runtime, smooth_latents, t
     assert math.isnan(runtime.history[1].step_ms) and runtime.history[2].step_ms > 0
 
 
-def test_deprecated_shorthands_warn_and_match_the_one_way(make_runtime, smooth_latents, text_embeddings):
+def test_the_schedule_changes_through_set_settings_and_the_last_step_is_history(make_runtime, smooth_latents,
+                                                                               text_embeddings):
     runtime = make_runtime(_settings(threshold=0.7))
     runtime.unet(smooth_latents(1, (16, 16)), 900, text_embeddings(1))
-    with pytest.warns(DeprecationWarning, match=r"runtime.history\[-1\]"):
-        assert runtime.last_stats == runtime.history[-1]
-    with pytest.warns(DeprecationWarning, match="set_settings"):
-        runtime.with_schedule("every_step")
-    assert runtime.settings.schedule == parse_schedule("every_step", runtime.settings.schedule.step_base)
+    assert runtime.history[-1].step == 0 and runtime.history[-1].matched
+    every = parse_schedule("every_step", runtime.settings.schedule.step_base)
+    runtime.set_settings(replace(runtime.settings, schedule=every))
+    assert runtime.settings.schedule == every
+    assert not hasattr(runtime, "with_schedule") and not hasattr(type(runtime), "last_stats")  # 0.1.0 shims, removed
 
 
 def test_r_multiple_runtime_equals_eager_and_bounds_the_shapes_over_generations(make_runtime, eager, reference_unet,
