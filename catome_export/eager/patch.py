@@ -36,7 +36,7 @@ from catome_export.defaults import (
     DEFAULT_THRESHOLD,
 )
 from catome_export.errors import CatomeError
-from catome_export.merging import MergeController, MergeSettings, StepStats, parse_schedule
+from catome_export.merging import MergeController, MergeSettings, StepRecord, parse_schedule
 from catome_export.merging.controller import PlanMatcher
 from catome_export.merging.steps import ResetOnCall
 from catome_export.models.sites import MergeSite, default_merge_level, find_merge_sites
@@ -229,7 +229,7 @@ class CatomeHandle(PatchHandle):
         return self._unet
 
     @property
-    def history(self) -> list[StepStats]:
+    def history(self) -> list[StepRecord]:
         """Per U-Net call of the current generation: loop index, r per site index, matched flags."""
         return self.controller.history
 

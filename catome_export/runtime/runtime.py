@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -38,6 +37,7 @@ from catome_export.export.manifest import FeatureCacheRecord, Manifest
 from catome_export.featurecache import CacheClock, FeatureCacheSettings, parse_feature_cache
 from catome_export.featurecache.clock import Timesteps
 from catome_export.merging import MergeController, MergeSettings, MergePlan
+from catome_export.merging.steps import StepRecord
 from catome_export.models.sites import MergeSite
 from catome_export.runtime.chain import StageChain
 from catome_export.runtime.ownership import GenerationOwner
@@ -46,25 +46,6 @@ logger = logging.getLogger(__name__)
 
 ShapeCheck = Callable[[int, int, int], None]
 """``(batch, latent_h, latent_w) -> None``, raising CatomeError outside the built range."""
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    """What one U-Net call did: merging per site and where its time went."""
-
-    step: int
-    """0-based loop index in the current generation."""
-    merged: dict[int, int] = field(default_factory=dict)
-    """Site index -> r (tokens merged away) at this step."""
-    matched: dict[int, bool] = field(default_factory=dict)
-    """Site index -> True where matching ran (checkpoint or empty cache), False where the cache was reused."""
-    step_ms: float = 0.0
-    """Wall time of the whole call (on CUDA, synchronised at the end of the call)."""
-    controller_ms: float = 0.0
-    """Time spent getting plans from the controller and feeding them (matching, cache look-ups)."""
-    cached_features: bool = False
-    """True when the call ran only the feature cache's shallow branch on the deep features of the last full call
-    (DeepCache's cached step); False for a full call."""
 
 
 class Runtime:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -32,6 +32,7 @@ from catome_export.dtypes import precision_dtype
 from catome_export.checks import check_float, check_int
 from catome_export.errors import CatomeError
 from catome_export.fsutil import atomic_write_bytes
+from catome_export.merging.steps import StepHistory, StepRecord
 
 logger = logging.getLogger(__name__)
 
@@ -72,24 +73,6 @@ class ImageRequest:
                                   f"use {value - value % 8} or {value - value % 8 + 8}")
 
 
-@dataclass(frozen=True)
-class StepReport:
-    """One denoising step: merged tokens per site and its wall time."""
-
-    step: int
-    """0-based loop index."""
-    merged: dict[int, int] = field(default_factory=dict)
-    """Site index -> r (tokens merged away); empty without merging."""
-    matched: dict[int, bool] = field(default_factory=dict)
-    """Site index -> True where matching ran, False where the cached plan was reused."""
-    seconds: float = 0.0
-    """Wall time of the step (U-Net call and scheduler update)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "merged": {str(k): v for k, v in sorted(self.merged.items())},
-                "matched": {str(k): v for k, v in sorted(self.matched.items())}, "seconds": self.seconds}
-
-
 @dataclass
 class Generation:
     """One generated image and how it was made."""
@@ -98,8 +81,9 @@ class Generation:
     """uint8 ``[H, W, 3]``."""
     seconds: float
     """Wall time of the whole ``pipe(...)`` call (text encoding, denoising, VAE decode)."""
-    steps: list[StepReport]
-    """One report per denoising step."""
+    steps: list[StepRecord]
+    """One record per denoising step: the merging of its U-Net call (where ``stats`` kept any) and the step's
+    wall time in ``step_ms``."""
 
     def pil(self) -> Any:
         from PIL import Image
@@ -111,14 +95,14 @@ class Generation:
         return [format_step(s) for s in self.steps]
 
 
-def format_step(report: StepReport) -> str:
+def format_step(report: StepRecord) -> str:
     """``step   3  merged [12, 10, 0, 9, 11]  matched [0, 1]  41.2 ms``."""
     merged = [report.merged[k] for k in sorted(report.merged)]
     matched = [k for k in sorted(report.matched) if report.matched[k]]
     parts = [f"step {report.step:3d}"]
     parts.append(f"merged {merged}" if merged else "merged -")
     parts.append(f"matched {matched}" if report.matched else "")
-    parts.append(f"{report.seconds * 1e3:.1f} ms")
+    parts.append(f"{report.step_ms:.1f} ms")
     return "  ".join(p for p in parts if p)
 
 
@@ -354,8 +338,10 @@ def _sync(pipe: Any) -> None:
         torch.cuda.synchronize(device)
 
 
-def generate(pipe: Any, request: ImageRequest, *, stats: Any = None, progress: bool = False) -> Generation:
-    """Generate one image; ``stats``: an eager handle, a runtime or an attachment (anything with ``.history``).
+def generate(pipe: Any, request: ImageRequest, *, stats: StepHistory | None = None,
+             progress: bool = False) -> Generation:
+    """Generate one image; ``stats``: an eager handle, a runtime or an attachment, whose records of the U-Net
+    calls the report takes (None: steps with their times only).
 
     The first step's time includes the text encoding; the VAE decode is in
     the total only. ``progress`` shows diffusers' own progress bar.
@@ -380,16 +366,11 @@ def generate(pipe: Any, request: ImageRequest, *, stats: Any = None, progress: b
     images = output.images if hasattr(output, "images") else output[0]
     image = np.clip(np.round(np.asarray(images[0], dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
     durations = clock.durations(start)
-    history = list(getattr(stats, "history", None) or []) if stats is not None else []
+    history = list(stats.history) if stats is not None else []
     reports = []
     for i, dt in enumerate(durations):
-        rec = history[i] if i < len(history) else None
-        reports.append(StepReport(
-            step=int(getattr(rec, "step", i)),
-            merged=dict(getattr(rec, "merged", {}) or {}),
-            matched=dict(getattr(rec, "matched", {}) or {}),
-            seconds=dt,
-        ))
+        rec = history[i] if i < len(history) else StepRecord(i)
+        reports.append(replace(rec, merged=dict(rec.merged), matched=dict(rec.matched), step_ms=dt * 1e3))
     return Generation(image=image, seconds=seconds, steps=reports)
 
 

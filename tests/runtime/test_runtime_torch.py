@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from catome_export.errors import CatomeError
-from catome_export.merging import MergeSettings, parse_schedule
+from catome_export.merging import MergeSettings, StepRecord, parse_schedule
 from catome_export.merging.matching import partition
 
 TIMESTEPS = (901, 801, 701, 601, 501)
@@ -48,6 +48,9 @@ def test_runtime_matches_eager_over_checkpoint_and_cached_steps(make_runtime, ea
     assert any(r > 0 for r in rows[0][0].merged.values()), "smooth latents must merge at t=0.7"
     # cached steps reuse the checkpoint's r
     assert rows[1][0].merged == rows[0][0].merged and rows[4][0].merged == rows[2][0].merged
+    # one record type on both sides; the eager patch times nothing
+    assert all(type(m) is type(t) is StepRecord and t.step_ms == t.controller_ms == 0.0 for m, t in rows)
+    assert rows[0][0].to_dict()["merged"] == {str(k): r for k, r in sorted(rows[0][0].merged.items())}
     assert len(runtime.history) == len(TIMESTEPS)
 
 
