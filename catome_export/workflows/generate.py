@@ -332,10 +332,50 @@ class _StepClock:
         return out
 
 
-def _sync(pipe: Any) -> None:
-    device = getattr(pipe, "device", torch.device("cpu"))
-    if isinstance(device, torch.device) and device.type == "cuda":
+def _sync(pipe: Any, device: torch.device | None) -> None:
+    if device is None:
+        found = getattr(pipe, "device", None)
+        device = found if isinstance(found, torch.device) else None
+    if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@dataclass
+class PipelineRun:
+    """One ``pipe(...)`` call, timed by the step clock."""
+
+    images: np.ndarray
+    """float64 ``[N, H, W, 3]`` in [0, 1], as the pipeline returned them (``output_type="np"``)."""
+    start: float
+    """``time.perf_counter()`` when the call started."""
+    seconds: float
+    """Wall time of the call (text encoding, denoising, VAE decode); on CUDA synchronised before and after."""
+    step_seconds: list[float]
+    """Wall time of each denoising step, from diffusers' ``callback_on_step_end`` (the first step's includes
+    the text encoding; the VAE decode is in ``seconds`` only)."""
+
+
+def run_pipeline(pipe: Any, *, device: torch.device | None = None, **kwargs: Any) -> PipelineRun:
+    """``pipe(**kwargs)`` under ``torch.no_grad`` with ``output_type="np"`` and the one step clock.
+
+    The one place generate and serve call a pipeline. ``device``: the CUDA device to synchronise on around
+    the call (None: the pipeline's own ``device``).
+    """
+    clock = _StepClock()
+    _sync(pipe, device)
+    start = time.perf_counter()
+    clock.begin()
+    with torch.no_grad():
+        output = pipe(**kwargs, output_type="np", callback_on_step_end=clock)
+    _sync(pipe, device)
+    seconds = time.perf_counter() - start
+    images = np.asarray(output.images if hasattr(output, "images") else output[0], dtype=np.float64)
+    return PipelineRun(images=images, start=start, seconds=seconds, step_seconds=clock.durations(start))
+
+
+def to_pixels(image: np.ndarray) -> np.ndarray:
+    """A float image in [0, 1] (one ``[H, W, 3]`` or a batch) as uint8: scaled by 255, rounded, clipped."""
+    return np.clip(np.round(np.asarray(image, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
 
 
 def generate(pipe: Any, request: ImageRequest, *, stats: StepHistory | None = None,
@@ -349,29 +389,17 @@ def generate(pipe: Any, request: ImageRequest, *, stats: StepHistory | None = No
     if not isinstance(request, ImageRequest):
         raise CatomeError(f"request must be an ImageRequest, got {type(request).__name__}")
     pipe.set_progress_bar_config(disable=not progress)
-    clock = _StepClock()
-    generator = torch.Generator("cpu").manual_seed(request.seed)
-    kwargs: dict[str, Any] = dict(
-        prompt=request.prompt, negative_prompt=request.negative_prompt, num_inference_steps=request.steps,
-        guidance_scale=float(request.guidance), height=request.height, width=request.width, generator=generator,
-        output_type="np", callback_on_step_end=clock,
+    run = run_pipeline(
+        pipe, prompt=request.prompt, negative_prompt=request.negative_prompt, num_inference_steps=request.steps,
+        guidance_scale=float(request.guidance), height=request.height, width=request.width,
+        generator=torch.Generator("cpu").manual_seed(request.seed),
     )
-    _sync(pipe)
-    start = time.perf_counter()
-    clock.begin()
-    with torch.no_grad():
-        output = pipe(**kwargs)
-    _sync(pipe)
-    seconds = time.perf_counter() - start
-    images = output.images if hasattr(output, "images") else output[0]
-    image = np.clip(np.round(np.asarray(images[0], dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
-    durations = clock.durations(start)
     history = list(stats.history) if stats is not None else []
     reports = []
-    for i, dt in enumerate(durations):
+    for i, dt in enumerate(run.step_seconds):
         rec = history[i] if i < len(history) else StepRecord(i)
         reports.append(replace(rec, merged=dict(rec.merged), matched=dict(rec.matched), step_ms=dt * 1e3))
-    return Generation(image=image, seconds=seconds, steps=reports)
+    return Generation(image=to_pixels(run.images[0]), seconds=run.seconds, steps=reports)
 
 
 def save_png(image: np.ndarray | Any, path: str | Path) -> Path:
