@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from catome_export.checks import check_int
 from catome_export.analysis.result import PairAnalysis, analyze_pairs
 from catome_export.analysis.tracking import TrackingConfig
 from catome_export.errors import CatomeError
@@ -46,8 +47,7 @@ def is_auto_schedule(spec: object) -> bool:
 
 def check_budget(k: object, steps: int) -> int:
     """K as an int in [1, steps], or a CatomeError saying what to give."""
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise CatomeError(f"the checkpoint count K of auto:K must be an int, got {k!r}")
+    k = check_int("the checkpoint count K of auto:K", k)
     if not 1 <= k <= steps:
         raise CatomeError(
             f"auto:{k} asks for {k} checkpoints in {steps} steps: K must be from 1 to {steps} "

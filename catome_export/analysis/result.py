@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from catome_export.checks import check_int
 from catome_export.analysis.inputs import random_text_embeddings
 from catome_export.analysis.schedule_search import (
     optimal_checkpoints,
@@ -131,11 +132,7 @@ class PairAnalysis:
         return self._score(f"uniform:{budget}", to_step_numbers(loops, step_base), step_base, loops)
 
     def check_budget(self, budget: int) -> None:
-        if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= self.num_calls:
-            raise CatomeError(
-                f"checkpoint budget must be an int from 1 to {self.num_calls} (the U-Net calls of the run), "
-                f"got {budget!r}"
-            )
+        check_int("checkpoint budget", budget, 1, self.num_calls, hint="the U-Net calls of the run")
 
     def compare(self, budget: int, step_base: int = 1) -> list[ScheduleScore]:
         """The proposal for ``budget``, an evenly spaced list of that size, and the paper's lists.

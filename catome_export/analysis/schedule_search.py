@@ -23,6 +23,7 @@ from typing import Iterable
 
 import numpy as np
 
+from catome_export.checks import check_int
 from catome_export.errors import CatomeError
 from catome_export.merging.schedules import Schedule
 
@@ -66,9 +67,8 @@ def optimal_checkpoints(cost: np.ndarray, k: int) -> SearchResult:
     """
     c = _check_cost(cost)
     t = c.shape[0]
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= t:
-        raise CatomeError(f"the checkpoint budget must be an int in [1, {t}] (the number of steps), got {k!r}")
-    k = int(k)
+    k = check_int("the checkpoint budget", int(k) if isinstance(k, np.integer) else k, 1, t,
+                  hint="the number of steps")
     seg = segment_costs(c)
     # best[j, e]: least drift covering steps [0, e) with j checkpoints; arg[j, e]: start of the last segment.
     best = np.full((k + 1, t + 1), np.inf)

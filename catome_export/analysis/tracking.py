@@ -15,13 +15,13 @@ diffusers scheduler configured like SD 1.5 (PLMS = ``PNDMScheduler`` with
 from __future__ import annotations
 
 import logging
-import math
 from typing import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
+from catome_export.checks import check_float, check_int
 from catome_export.latents import LATENT_KINDS, make_latents
 from catome_export.analysis.pairs import NOT_MERGED, consecutive_distances, distance_matrix, pair_map
 from catome_export.defaults import DEFAULT_THRESHOLD
@@ -45,10 +45,6 @@ SD15_SCHEDULER_CONFIG = {
     "prediction_type": "epsilon",
 }
 """Scheduler settings of SD 1.5's pipeline."""
-
-
-def _is_number(v: object) -> bool:
-    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
 
 
 @dataclass(frozen=True)
@@ -78,18 +74,15 @@ class TrackingConfig:
     """(sy, sx) cell size of the dst grid (dst = top-left token of each cell)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise CatomeError(f"steps must be an int >= 1, got {self.steps!r}")
+        check_int("steps", self.steps, 1)
         if (self.threshold is None) == (self.ratio is None):
             raise CatomeError("give exactly one of threshold (CA-ToMe) or ratio (ToMe) for the matching")
-        if self.threshold is not None and not (_is_number(self.threshold) and -1.0 <= self.threshold <= 1.0):
-            raise CatomeError(f"threshold must be a number in [-1, 1], got {self.threshold!r}")
-        if self.ratio is not None and not (_is_number(self.ratio) and 0.0 <= self.ratio < 1.0):
-            raise CatomeError(f"ratio must be a number in [0, 1), got {self.ratio!r}")
-        if not _is_number(self.guidance_scale):
-            raise CatomeError(f"guidance_scale must be a finite number, got {self.guidance_scale!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise CatomeError(f"seed must be an int >= 0, got {self.seed!r}")
+        if self.threshold is not None:
+            check_float("threshold", self.threshold, -1.0, 1.0)
+        if self.ratio is not None:
+            check_float("ratio", self.ratio, 0.0, 1.0, hi_open=True)
+        check_float("guidance_scale", self.guidance_scale)
+        check_int("seed", self.seed, 0)
         if self.latents not in LATENT_KINDS:
             raise CatomeError(f"latents must be one of {', '.join(LATENT_KINDS)}, got {self.latents!r}")
         if self.scheduler not in SCHEDULERS:

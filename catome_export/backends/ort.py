@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 import torch
 
+from catome_export.checks import check_int
 from catome_export.backends.base import DeviceStream, check_outputs, ordered_feeds, torch_dtype
 from catome_export.backends.select import version_tuple
 from catome_export.errors import CatomeError
@@ -96,13 +97,9 @@ class OrtOptions:
     def __post_init__(self) -> None:
         if self.optimization not in _OPT_LEVELS:
             raise CatomeError(f"ORT optimization must be one of {', '.join(_OPT_LEVELS)}, got {self.optimization!r}")
-        threads = self.intra_op_threads
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise CatomeError(f"ORT intra-op threads must be an int >= 1 (or None for the physical cores), "
-                              f"got {threads!r}")
-        if isinstance(self.inter_op_threads, bool) or not isinstance(self.inter_op_threads, int) \
-                or self.inter_op_threads < 1:
-            raise CatomeError(f"ORT inter-op threads must be an int >= 1, got {self.inter_op_threads!r}")
+        if self.intra_op_threads is not None:
+            check_int("ORT intra-op threads", self.intra_op_threads, 1, hint="or None for the physical cores")
+        check_int("ORT inter-op threads", self.inter_op_threads, 1)
         for f in fields(self):
             value = getattr(self, f.name)
             if f.type == "bool" and not isinstance(value, bool):

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from catome_export.checks import check_float, check_int, is_int
 from catome_export.choices import Precision
 from catome_export.defaults import DEFAULT_R_MULTIPLE, DEFAULT_SCHEDULE
 from catome_export.errors import CatomeError
@@ -36,12 +36,6 @@ PRECISIONS = Precision.values()
 def default_workdir() -> Path:
     """Where engines and the unstaged graph are built when no ``--engine`` is given."""
     return Path(tempfile.gettempdir()) / "catome-bench"
-
-
-def _positive_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise CatomeError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -123,20 +117,18 @@ class BenchConfig:
         object.__setattr__(self, "backends", backends)
         res = tuple(self.resolutions)
         for r in res:
-            if isinstance(r, bool) or not isinstance(r, int) or r < 16 or r % 8:
+            if not is_int(r) or r < 16 or r % 8:
                 raise CatomeError(f"resolution must be a multiple of 8 of at least 16 pixels, got {r!r}")
         object.__setattr__(self, "resolutions", res)
         fractions = tuple(self.merge_fractions)
         for f in fractions:
-            if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or not 0 <= f <= 1:
-                raise CatomeError(f"merge fractions must be numbers in [0, 1], got {f!r}")
+            check_float("merge fraction", f, 0, 1)
         if not fractions and self.threshold is None:
             raise CatomeError("give at least one merge fraction (e.g. 0,0.5,0.75) or a --threshold")
         object.__setattr__(self, "merge_fractions", tuple(float(f) for f in fractions))
-        _positive_int("r_multiple", self.r_multiple)
-        t = self.threshold
-        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not -1 <= t <= 1):
-            raise CatomeError(f"threshold must be a number in [-1, 1], got {t!r}")
+        check_int("r_multiple", self.r_multiple, 1)
+        if self.threshold is not None:
+            check_float("threshold", self.threshold, -1, 1)
         from catome_export.models.registry import parse_weights
 
         parse_weights(self.weights)  # random, pretrained or an existing checkpoint file
@@ -149,20 +141,20 @@ class BenchConfig:
         if not (self.device == "cpu" or self.device == "cuda" or
                 (self.device.startswith("cuda:") and self.device[5:].isdigit())):
             raise CatomeError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
-        _positive_int("batch", self.batch)
-        _positive_int("repeats", self.repeats)
-        _positive_int("warmup", self.warmup)
-        _positive_int("text length", self.text_len)
-        _positive_int("steps", self.steps, 0)
-        _positive_int("seed", self.seed, 0)
+        check_int("batch", self.batch, 1)
+        check_int("repeats", self.repeats, 1)
+        check_int("warmup", self.warmup, 1)
+        check_int("text length", self.text_len, 1)
+        check_int("steps", self.steps, 0)
+        check_int("seed", self.seed, 0)
         if self.checkpoint_repeats is not None:
-            _positive_int("checkpoint repeats", self.checkpoint_repeats, 0)
+            check_int("checkpoint repeats", self.checkpoint_repeats, 0)
         if self.one_at_a_time and not self.interleave:
             raise CatomeError("--one-at-a-time and --sequential both load one backend at a time; choose one: "
                               "--one-at-a-time times a backend's rows in interleaved rounds, --sequential one "
                               "after the other")
         if self.threads is not None:
-            _positive_int("threads", self.threads)
+            check_int("threads", self.threads, 1)
         if self.engine_dir is not None:
             object.__setattr__(self, "engine_dir", Path(self.engine_dir))
         object.__setattr__(self, "workdir", Path(self.workdir))

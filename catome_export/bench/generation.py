@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 import torch
 
+from catome_export.checks import check_float, check_int
 from catome_export.bench.device import device_info, load_average
 from catome_export.bench.timing import synchronize
 from catome_export.errors import CatomeError
@@ -75,17 +76,14 @@ class GenerationConfig:
         unknown = [b for b in self.backends if b not in GENERATION_BACKENDS]
         if unknown or not self.backends:
             raise CatomeError(f"generation mode times {', '.join(GENERATION_BACKENDS)}; got {list(self.backends)}")
-        for name, v, lo in (("steps", self.steps, 1), ("rounds", self.rounds, 1), ("batch", self.batch, 1)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise CatomeError(f"{name} must be an int >= {lo}, got {v!r}")
+        for name, v in (("steps", self.steps), ("rounds", self.rounds), ("batch", self.batch)):
+            check_int(name, v, 1)
         for f in self.merge_fractions:
-            if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f <= 1:
-                raise CatomeError(f"merge fractions must be numbers in [0, 1], got {f!r}")
+            check_float("merge fraction", f, 0, 1)
         if not isinstance(self.feature_cache, FeatureCacheSettings) or not self.feature_cache.caches:
             raise CatomeError("generation mode compares rows with and without feature caching: give a feature cache "
                               "that caches (interval >= 2, e.g. --feature-cache 3,0)")
-        if isinstance(self.r_multiple, bool) or not isinstance(self.r_multiple, int) or self.r_multiple < 1:
-            raise CatomeError(f"r_multiple must be an integer >= 1 (1: off), got {self.r_multiple!r}")
+        check_int("r_multiple", self.r_multiple, 1, hint="1: off")
         if self.resolution is not None and (self.resolution < 16 or self.resolution % 8):
             raise CatomeError(f"resolution must be a multiple of 8 of at least 16 pixels, got {self.resolution}")
 

@@ -16,7 +16,7 @@ undoes:
   per ``pipe(...)`` right before the denoising loop) that starts a new
   generation, so every call starts full with an empty cache.
 
-It composes with :func:`catome_export.eager.apply_catome` in either order: a
+It composes with :func:`catome_export.apply_catome` in either order: a
 merge site inside a skipped module does not run on a cached call (its
 CA-ToMe cache is left as it was), one inside the shallow branch merges as
 usual.

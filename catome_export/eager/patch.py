@@ -23,12 +23,12 @@ What :func:`apply_merging` installs, and :meth:`CatomeHandle.remove` undoes:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any, Iterable, Sequence
 
 import torch
 
+from catome_export.checks import check_int
 from catome_export.eager._handle import PatchHandle
 from catome_export.eager.processors import FeedForwardMerger, MergingAttnProcessor, SiteSlot
 from catome_export.defaults import (
@@ -36,9 +36,8 @@ from catome_export.defaults import (
     DEFAULT_THRESHOLD,
 )
 from catome_export.errors import CatomeError
-from catome_export.merging import MergeController, MergeSettings, StepStats, parse_schedule
+from catome_export.merging import MergeController, MergeSettings, StepRecord, parse_schedule
 from catome_export.merging.controller import PlanMatcher
-from catome_export.merging.schedules import AutoSchedule, Schedule, ScheduleSpec, parse_schedule_request
 from catome_export.merging.steps import ResetOnCall
 from catome_export.models.sites import MergeSite, default_merge_level, find_merge_sites
 
@@ -230,7 +229,7 @@ class CatomeHandle(PatchHandle):
         return self._unet
 
     @property
-    def history(self) -> list[StepStats]:
+    def history(self) -> list[StepRecord]:
         """Per U-Net call of the current generation: loop index, r per site index, matched flags."""
         return self.controller.history
 
@@ -309,7 +308,7 @@ def refuse_if_patched(unet: torch.nn.Module) -> None:
 def apply_merging(pipe_or_unet: Any, settings: MergeSettings) -> CatomeHandle:
     """Patch a U-Net (or a pipeline's ``.unet``) with token merging as ``settings`` say.
 
-    The common core of :func:`apply_catome` and :func:`apply_tome`, and the way
+    The common core of :func:`catome_export.apply_catome` and :func:`apply_tome`, and the way
     to build an eager reference with the exact settings of an engine's
     manifest. Applying to a U-Net that already carries a patch raises
     :class:`CatomeError` (remove the first handle before applying again).
@@ -337,9 +336,7 @@ def _check_flag(name: str, value: object) -> bool:
 
 
 def _check_seed(seed: object) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise CatomeError(f"seed must be an int >= 0, got {seed!r}")
-    return seed
+    return check_int("seed", seed, 0)
 
 
 def _check_stride(stride: object) -> tuple[int, int]:
@@ -348,20 +345,11 @@ def _check_stride(stride: object) -> tuple[int, int]:
     return tuple(stride)  # type: ignore[return-value]  # MergeSettings checks the values
 
 
-def _resolve_schedule(schedule: ScheduleSpec | AutoSchedule, step_base: int) -> Schedule:
-    """The schedule of a spec; an ``auto:K`` one is calibrated on the model, which this layer does not do."""
-    request = parse_schedule_request(schedule, step_base)
-    if isinstance(request, AutoSchedule):
-        raise CatomeError(f"schedule {request.name!r} is calibrated on the model: use catome_export.apply_catome, "
-                          "which calibrates it first, or a named schedule or a list of step numbers")
-    return request
-
-
 def catome_settings(unet: torch.nn.Module, threshold: float, step_base: int = DEFAULT_STEP_BASE,
                     max_downsample: int | None = None, stride: tuple[int, int] = DEFAULT_STRIDE,
                     random_dst: bool = False, merge_crossattn: bool = False, merge_mlp: bool = False,
                     seed: int = DEFAULT_MERGE_SEED, r_multiple: int = DEFAULT_R_MULTIPLE) -> MergeSettings:
-    """CA-ToMe settings from :func:`apply_catome`'s options, every one checked, with an every-step schedule.
+    """CA-ToMe settings from :func:`catome_export.apply_catome`'s options, every one checked, with an every-step schedule.
 
     ``max_downsample`` None: the U-Net's own merge level. (The schedule is
     replaced by the caller's; checking the rest first means a bad option fails
@@ -378,7 +366,7 @@ def catome_settings(unet: torch.nn.Module, threshold: float, step_base: int = DE
     )
 
 
-def _no_options_with_settings(given: dict[str, Any], defaults: dict[str, Any]) -> None:
+def refuse_options_with_settings(given: dict[str, Any], defaults: dict[str, Any]) -> None:
     changed = sorted(k for k, v in given.items() if v is not defaults[k] and v != defaults[k])
     if changed:
         raise CatomeError(f"pass either settings= or individual options, not both (got settings and {changed})")
@@ -388,59 +376,10 @@ CATOME_DEFAULTS: dict[str, Any] = dict(threshold=DEFAULT_THRESHOLD, schedule=DEF
                                        step_base=DEFAULT_STEP_BASE, stride=DEFAULT_STRIDE, random_dst=False,
                                        merge_crossattn=False, merge_mlp=False, seed=DEFAULT_MERGE_SEED,
                                        r_multiple=DEFAULT_R_MULTIPLE)
-"""Defaults of :func:`apply_catome`'s options (a ``settings=`` call must leave them all as they are)."""
+"""Defaults of :func:`catome_export.apply_catome`'s options (a ``settings=`` call must leave them all as they are)."""
 _TOME_DEFAULTS: dict[str, Any] = dict(ratio=DEFAULT_RATIO, max_downsample=None, stride=DEFAULT_STRIDE, random_dst=False,
                                       merge_crossattn=False, merge_mlp=False, seed=DEFAULT_MERGE_SEED,
                                       r_multiple=DEFAULT_R_MULTIPLE)
-
-
-def apply_catome(
-    pipe_or_unet: Any,
-    threshold: float = DEFAULT_THRESHOLD,
-    schedule: ScheduleSpec | AutoSchedule = DEFAULT_SCHEDULE,
-    max_downsample: int | None = None,
-    step_base: int = DEFAULT_STEP_BASE,
-    stride: tuple[int, int] = DEFAULT_STRIDE,
-    random_dst: bool = False,
-    merge_crossattn: bool = False,
-    merge_mlp: bool = False,
-    *,
-    seed: int = DEFAULT_MERGE_SEED,
-    r_multiple: int = DEFAULT_R_MULTIPLE,
-    settings: MergeSettings | None = None,
-) -> CatomeHandle:
-    """Apply CA-ToMe (adaptive threshold + cached matching) to a pipeline or U-Net.
-
-    ``threshold``: merge every src token whose best cosine similarity is >= t
-    (r = max over the batch); 1 merges nothing. ``schedule``: checkpoint steps
-    at which matching is recomputed (cached pairs reused in between): a name
-    (config1..config4, adaptive, config_five, every_step), a list of step
-    numbers (``auto:K``, calibrated on the model, goes through
-    ``catome_export.apply_catome``, which calibrates it first). ``step_base`` 1 (default, as the authors' code ran): entry k
-    fires at loop index k - 1; 0: at loop index k. ``random_dst`` picks a
-    random dst per cell from a generator seeded with ``seed`` at every reset
-    (tomesd's behaviour); the default is the top-left token (the paper).
-    ``max_downsample``: merge at the transformer blocks of downsample <= this
-    factor; None (default) = the U-Net's own merge level, its
-    highest-resolution transformer blocks (1 for SD 1.x/2.x, 2 for SDXL, which
-    has no attention at the top level). ``r_multiple`` q > 1 rounds each
-    site's r down to a multiple of q (the q * floor(r / q) best-scoring src
-    merge; bounded shape variety, as an engine with the same setting does).
-    Works the same on SD 1.x, SD 2.x and SDXL pipelines and U-Nets.
-    Alternatively pass a ready ``settings=MergeSettings(...)`` and no options.
-    """
-    given = dict(threshold=threshold, schedule=schedule, max_downsample=max_downsample, step_base=step_base,
-                 stride=stride, random_dst=random_dst, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp, seed=seed,
-                 r_multiple=r_multiple)
-    if settings is not None:
-        _no_options_with_settings(given, CATOME_DEFAULTS)
-        return apply_merging(pipe_or_unet, settings)
-    _, unet = split_target(pipe_or_unet)
-    refuse_if_patched(unet)
-    checked = catome_settings(unet, threshold, step_base, max_downsample, stride, random_dst, merge_crossattn,
-                              merge_mlp, seed, r_multiple)
-    built = dataclasses.replace(checked, schedule=_resolve_schedule(schedule, checked.schedule.step_base))
-    return apply_merging(pipe_or_unet, built)
 
 
 def apply_tome(
@@ -460,12 +399,12 @@ def apply_tome(
 
     r = min(int(N * ratio), number of src tokens) at every merge site and step
     (rounded down to a multiple of ``r_multiple``). Other options as in
-    :func:`apply_catome`.
+    :func:`catome_export.apply_catome`.
     """
     given = dict(ratio=ratio, max_downsample=max_downsample, stride=stride, random_dst=random_dst,
                  merge_crossattn=merge_crossattn, merge_mlp=merge_mlp, seed=seed, r_multiple=r_multiple)
     if settings is not None:
-        _no_options_with_settings(given, _TOME_DEFAULTS)
+        refuse_options_with_settings(given, _TOME_DEFAULTS)
         return apply_merging(pipe_or_unet, settings)
     if ratio is None:
         raise CatomeError("ratio must be a number in [0, 1); for an adaptive threshold use apply_catome")

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from catome_export.checks import check_float
 from catome_export.errors import CatomeError
 
 SSIM_WINDOW = 11
@@ -62,10 +63,8 @@ def _pair(a: Any, b: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _check_range(data_range: float) -> float:
-    if isinstance(data_range, bool) or not isinstance(data_range, (int, float)) or not data_range > 0:
-        raise CatomeError(f"data_range must be a positive number (1.0 for [0, 1] images, 255 for uint8), "
-                          f"got {data_range!r}")
-    return float(data_range)
+    return check_float("data_range", data_range, 0, lo_open=True, finite=False,
+                       hint="1.0 for [0, 1] images, 255 for uint8")
 
 
 def psnr(image: Any, reference: Any, data_range: float = 1.0) -> float:

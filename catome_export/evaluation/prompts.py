@@ -22,6 +22,7 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
+from catome_export.checks import check_int
 from catome_export.errors import CatomeError
 
 PROMPT_TEMPLATE = "A high-quality photograph of a {}."
@@ -47,8 +48,7 @@ def imagenet_classes() -> list[str]:
 
 def imagenet_indices(n: int, order: str = "spaced") -> list[int]:
     """Class indices of ``n`` prompts (see the module docstring for ``spaced`` and ``first``)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise CatomeError(f"the number of ImageNet prompts must be an int >= 1, got {n!r}")
+    check_int("the number of ImageNet prompts", n, 1)
     if order not in ORDERS:
         raise CatomeError(f"unknown ImageNet class order {order!r}: use {' or '.join(ORDERS)}")
     if n > NUM_CLASSES:

@@ -41,6 +41,7 @@ from catome_export.defaults import (
     DEFAULT_BATCH_RANGE, DEFAULT_OPT_MERGE_FRACTION, DEFAULT_VERIFY_STEPS, MAX_BATCH, MAX_RESOLUTION, MIN_RESOLUTION,
 )
 from catome_export.dtypes import precision_dtype
+from catome_export.checks import check_float, check_ints, check_int
 from catome_export.errors import CatomeError
 from catome_export.export.audit import AuditReport, audit_stages
 from catome_export.fsutil import BuildLock, pid_alive
@@ -101,15 +102,8 @@ Verifier = Callable[[Path, "BuildOptions", EngineBackend, list[str], Progress], 
 """``(folder, options, engine backend, notes, progress) -> verdict`` (None: skipped, with a note saying why)."""
 
 
-def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
-        bound = f">= {lo}" if hi is None else f"in {lo}..{hi}"
-        raise CatomeError(f"{name} must be an int {bound}, got {value!r}")
-    return value
-
-
-def _check_resolution(name: str, value: Any) -> int:
-    value = _check_int(name, value, MIN_RESOLUTION, MAX_RESOLUTION)
+def _check_resolution(name: str, value: object) -> int:
+    value = check_int(name, value, MIN_RESOLUTION, MAX_RESOLUTION)
     if value % 8:
         raise CatomeError(f"{name} {value} is not a multiple of 8 (the VAE's downsampling): use e.g. "
                           f"{value - value % 8} or {value - value % 8 + 8}")
@@ -200,11 +194,11 @@ class BuildOptions:
         set_(self, "precision", Precision.parse(self.precision, "precision"))
         set_(self, "backend", BuildBackend.parse(self.backend, "backend"))
         set_(self, "exporter", Exporter.parse(self.exporter, "exporter"))
-        _check_int("opset", self.opset, 17, 21)
+        check_int("opset", self.opset, 17, 21)
         lo, hi = (_check_resolution(f"{end} resolution", v) for end, v in zip(("min", "max"), self.resolution))
         if lo > hi:
             raise CatomeError(f"min resolution {lo} is larger than max resolution {hi}")
-        blo, bhi = (_check_int(f"{end} batch", v, 1, MAX_BATCH) for end, v in zip(("min", "max"), self.batch))
+        blo, bhi = (check_int(f"{end} batch", v, 1, MAX_BATCH) for end, v in zip(("min", "max"), self.batch))
         if blo > bhi:
             raise CatomeError(f"min batch {blo} is larger than max batch {bhi}")
         set_(self, "resolution", (lo, hi))
@@ -218,23 +212,18 @@ class BuildOptions:
                 raise CatomeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if not isinstance(self.ort_optimize, bool):
             raise CatomeError(f"ort_optimize must be true or false (--ort-optimize on|off), got {self.ort_optimize!r}")
-        _check_int("verify steps", self.verify_steps, 1, 1000)
-        f = self.opt_merge_fraction
-        if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0):
-            raise CatomeError(f"--opt-merge-fraction must be a number in [0, 1], got {f!r}")
-        g = self.max_stage_gb
-        if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 < g <= 1000):
-            raise CatomeError(f"--max-stage-gb must be a number of GB in (0, 1000], got {g!r} (default "
-                              f"{MAX_STAGE_BYTES / 1e9:g}; lower builds a large model in less memory)")
+        check_int("verify steps", self.verify_steps, 1, 1000)
+        if self.opt_merge_fraction is not None:
+            check_float("--opt-merge-fraction", self.opt_merge_fraction, 0.0, 1.0)
+        if self.max_stage_gb is not None:
+            check_float("--max-stage-gb", self.max_stage_gb, 0, 1000, lo_open=True, unit="GB",
+                        hint=f"default {MAX_STAGE_BYTES / 1e9:g}; lower builds a large model in less memory")
         _check_name(self.name)
         set_(self, "out_dir", Path(self.out_dir))
         if self.feature_cache is not None and not isinstance(self.feature_cache, FeatureCacheSettings):
             raise CatomeError(f"feature_cache must be a FeatureCacheSettings or None, got "
                               f"{type(self.feature_cache).__name__}")
-        branches = tuple(self.cache_branches)
-        for b in branches:
-            if isinstance(b, bool) or not isinstance(b, int) or b < 0:
-                raise CatomeError(f"cache branches must be ints >= 0, got {list(branches)!r}")
+        branches = check_ints("cache branches", tuple(self.cache_branches), 0)
         set_(self, "cache_branches", tuple(sorted(set(branches))))
         if not isinstance(self.loras, (tuple, list)) or not all(isinstance(x, LoraSpec) for x in self.loras):
             raise CatomeError(f"loras must be LoraSpec values (BuildOptions.create parses FILE[:SCALE]), got "
@@ -282,7 +271,7 @@ class BuildOptions:
         precision = Precision.parse(precision, "precision")
         backend = BuildBackend.parse(backend, "backend")
         exporter = Exporter.parse(exporter, "exporter")
-        _check_int("opset", opset, 17, 21)
+        check_int("opset", opset, 17, 21)
         lo, hi = _resolution_range(resolution, min_resolution, max_resolution, info.default_resolution)
         blo, bhi = _batch_range(batch, min_batch, max_batch)
         settings = settings or MergeSettings(max_downsample=info.max_downsample)
@@ -368,10 +357,10 @@ def _batch_range(batch: int | None, min_batch: int | None, max_batch: int | None
     if batch is not None:
         if min_batch is not None or max_batch is not None:
             raise CatomeError("give either --batch or --min-batch/--max-batch, not both")
-        value = _check_int("batch", batch, 1, MAX_BATCH)
+        value = check_int("batch", batch, 1, MAX_BATCH)
         return value, value
-    blo = _check_int("min batch", DEFAULT_BATCH_RANGE[0] if min_batch is None else min_batch, 1, MAX_BATCH)
-    bhi = _check_int("max batch", max(DEFAULT_BATCH_RANGE[1], blo) if max_batch is None else max_batch, 1, MAX_BATCH)
+    blo = check_int("min batch", DEFAULT_BATCH_RANGE[0] if min_batch is None else min_batch, 1, MAX_BATCH)
+    bhi = check_int("max batch", max(DEFAULT_BATCH_RANGE[1], blo) if max_batch is None else max_batch, 1, MAX_BATCH)
     if blo > bhi:
         raise CatomeError(f"min batch {blo} is larger than max batch {bhi}")
     return blo, bhi

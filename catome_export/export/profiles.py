@@ -49,13 +49,13 @@ reported builder error for a dim with min 0 and max > 0 feeding a V3 plugin
 from __future__ import annotations
 
 import logging
-import math
 import re
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
 
+from catome_export.checks import check_float, check_int, is_int
 from catome_export.defaults import DEFAULT_OPT_MERGE_FRACTION, DEFAULT_TEXT_LEN
 from catome_export.errors import CatomeError
 
@@ -155,18 +155,14 @@ class ShapeRanges:
             if not lo <= opt <= hi:
                 raise CatomeError(f"opt {name} {opt} lies outside the built range [{lo}, {hi}]: "
                                   f"choose an opt value inside it")
-        f = self.opt_merge_fraction
-        if f is not None and not (math.isfinite(f) and 0.0 <= f <= 1.0):
-            raise CatomeError(f"opt merge fraction must be in [0, 1], got {f}")
+        if self.opt_merge_fraction is not None:
+            check_float("opt merge fraction", self.opt_merge_fraction, 0.0, 1.0)
 
 
 def _pair(value: Any, name: str) -> tuple[int, int]:
-    if isinstance(value, bool):
-        raise CatomeError(f"shape range {name} must be an int or [min, max], got {value!r}")
-    if isinstance(value, int):
+    if is_int(value):
         return value, value
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value):
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(is_int(v) for v in value):
         return int(value[0]), int(value[1])
     raise CatomeError(f"shape range {name} must be an int or [min, max], got {value!r}")
 
@@ -242,7 +238,7 @@ def _site_dim(kind: str, site: SiteGeometry, env: DimEnv) -> int:
 
 def resolve_dim(dim: str | int, env: DimEnv, extra: Mapping[str, DimRule] | None = None) -> int:
     """Concrete value of one (static or symbolic) dim at a profile corner."""
-    if isinstance(dim, int) and not isinstance(dim, bool):
+    if is_int(dim):
         return dim
     if not isinstance(dim, str):
         raise CatomeError(f"dim {dim!r} is neither an int nor a symbolic name: the stage specs are damaged, "
@@ -321,9 +317,7 @@ def compute_profiles(
     if fraction is None:
         fraction = DEFAULT_OPT_MERGE_FRACTION
         logger.info("no opt merge fraction given: TensorRT profiles tune for %.2f of src tokens merged", fraction)
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (
-            math.isfinite(fraction) and 0.0 <= fraction <= 1.0):
-        raise CatomeError(f"--opt-merge-fraction must be a number in [0, 1], got {fraction!r}")
+    check_float("--opt-merge-fraction", fraction, 0.0, 1.0)
 
     if sites is None and manifest is not None:
         sites = manifest.sites
@@ -411,8 +405,7 @@ def calibrate_opt_fraction(
     from catome_export.models import find_merge_sites
     from catome_export.models.conditioning import random_added_conditioning
 
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise CatomeError(f"calibration steps must be an int >= 1, got {steps!r}")
+    check_int("calibration steps", steps, 1)
     if getattr(latent, "ndim", None) != 4:
         raise CatomeError(f"calibration latent must be [B, 4, H, W], got shape {tuple(getattr(latent, 'shape', ()))}")
     b, _, lh, lw = latent.shape

@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from catome_export.checks import check_int
 from catome_export.errors import CatomeError
 from catome_export.tensorrt_support import (
     import_tensorrt, polygraphy_problem, polygraphy_version, require_polygraphy,
@@ -185,8 +186,7 @@ def build_engines(
     per stage; :meth:`TrtBuild.apply` puts both into a manifest.
     """
     engine_dir = Path(engine_dir)
-    if isinstance(builder_optimization_level, bool) or builder_optimization_level not in range(0, 6):
-        raise CatomeError(f"builder optimisation level must be an int in 0..5, got {builder_optimization_level!r}")
+    check_int("builder optimisation level", builder_optimization_level, 0, 5)
     trt = _import_tensorrt()
     require_polygraphy("build with --engine-kind ort")
     _check_polygraphy(str(trt.__version__))

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Literal, Mapping, Sequence
 
+from catome_export.checks import is_int
 from catome_export.errors import CatomeError
 
 Kind = Literal["down", "mid", "up"]
@@ -111,7 +112,7 @@ def valid_branches(layout: UNetLayout) -> range:
 
 def check_branch(branch: int, layout: UNetLayout) -> None:
     """CatomeError naming the valid range unless ``branch`` is one DeepCache can address on ``layout``."""
-    if isinstance(branch, bool) or not isinstance(branch, int) or branch not in valid_branches(layout):
+    if not is_int(branch) or branch not in valid_branches(layout):
         raise CatomeError(f"cache branch {branch!r} does not exist on this U-Net: it has "
                           f"{len(layout.down_resnets)} down blocks, so branches 0..{layout.num_branches - 1} "
                           "(0 = shallowest, caches the most)")

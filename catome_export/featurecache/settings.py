@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
+from catome_export.checks import check_float, check_int, check_ints
 from catome_export.errors import CatomeError
 
 DEFAULT_CACHE_INTERVAL = 3
@@ -25,16 +25,10 @@ class FeatureCacheSettings:
     that are full; must contain 0, the first call, which fills the cache."""
 
     def __post_init__(self) -> None:
-        i = self.interval
-        if isinstance(i, bool) or not isinstance(i, int) or i < 1:
-            raise CatomeError(f"cache interval must be an int >= 1 (1 = every call full, no caching), got {i!r}")
-        b = self.branch
-        if isinstance(b, bool) or not isinstance(b, int) or b < 0:
-            raise CatomeError(f"cache branch must be an int >= 0 (0 = the shallowest branch), got {b!r}")
+        check_int("cache interval", self.interval, 1, hint="1 = every call full, no caching")
+        check_int("cache branch", self.branch, 0, hint="0 = the shallowest branch")
         if self.full_steps is not None:
-            steps = tuple(self.full_steps)
-            if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in steps):
-                raise CatomeError(f"full steps must be ints >= 0, got {list(steps)!r}")
+            steps = check_ints("full steps", tuple(self.full_steps), 0)
             steps = tuple(sorted(set(steps)))
             if not steps or steps[0] != 0:
                 raise CatomeError(f"full steps {list(steps)} must contain 0: the first call of a generation fills "
@@ -121,12 +115,10 @@ def nonuniform_full_steps(num_steps: int, interval: int, center: int = 15, power
     import numpy as np
 
     for name, v, lo in (("num_steps", num_steps, 1), ("interval", interval, 1), ("center", center, 0)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise CatomeError(f"{name} must be an int >= {lo}, got {v!r}")
+        check_int(name, v, lo)
     if not 0 <= center <= num_steps:
         raise CatomeError(f"center must be within the {num_steps} steps, got {center}")
-    if isinstance(power, bool) or not isinstance(power, (int, float)) or not math.isfinite(power) or power <= 1:
-        raise CatomeError(f"power must be a number > 1, got {power!r}")
+    check_float("power", power, 1, lo_open=True)
     if interval == 1:
         return tuple(range(num_steps))
     wanted = -(-num_steps // interval)

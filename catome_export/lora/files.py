@@ -30,6 +30,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
+from catome_export.checks import check_float
 from catome_export.errors import CatomeError
 
 TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.", "te.", "te1.", "te2.")
@@ -82,8 +83,7 @@ def parse_lora_arg(text: Any) -> LoraSpec:
                                   f"{path_text}:0.8")
             scale = float(scale_text)
         spec = LoraSpec(Path(path_text).expanduser(), scale)
-    if not isinstance(spec.scale, (int, float)) or isinstance(spec.scale, bool) or not math.isfinite(spec.scale):
-        raise CatomeError(f"LoRA scale must be a finite number, got {spec.scale!r} for {spec.path}")
+    check_float("LoRA scale", spec.scale, hint=f"for {spec.path}")
     if not spec.path.is_file():
         what = "is a folder: name the .safetensors file in it" if spec.path.is_dir() else "does not exist"
         raise CatomeError(f"LoRA file {spec.path} {what} (--lora FILE[:SCALE])")

@@ -16,7 +16,6 @@ paths share the exact same caching behaviour:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -24,23 +23,11 @@ import torch
 from catome_export.merging.matching import match_tokens, partition
 from catome_export.merging.plan import MergePlan
 from catome_export.merging.settings import MergeSettings
-from catome_export.merging.steps import StepCounter
+from catome_export.merging.steps import StepCounter, StepRecord
 
 
 PlanMatcher = Callable[[int, torch.Tensor, tuple[int, int]], MergePlan]
 """``(site, x, grid) -> plan``: what a site uses on a step where it matches (see ``set_matcher``)."""
-
-
-@dataclass
-class StepStats:
-    """What happened at one U-Net call."""
-
-    step: int
-    """0-based loop index."""
-    merged: dict[int, int] = field(default_factory=dict)
-    """Site index -> r used at this step."""
-    matched: dict[int, bool] = field(default_factory=dict)
-    """Site index -> True when matching ran (checkpoint or empty cache), False when the cache was reused."""
 
 
 class MergeController:
@@ -51,7 +38,7 @@ class MergeController:
         self.num_sites = num_sites
         self.validate = validate
         self.counter = StepCounter()
-        self.history: list[StepStats] = []
+        self.history: list[StepRecord] = []
         self._cache: dict[int, MergePlan] = {}
         self._grids: dict[int, tuple[int, int]] = {}
         self._generator: torch.Generator | None = None
@@ -83,7 +70,7 @@ class MergeController:
             self._clear()
         self._step = step
         self._checkpoint = self.settings.schedule.is_checkpoint(step)
-        self.history.append(StepStats(step))
+        self.history.append(StepRecord(step))
         return step
 
     @property
@@ -91,7 +78,7 @@ class MergeController:
         return self._step
 
     @property
-    def last(self) -> StepStats | None:
+    def last(self) -> StepRecord | None:
         return self.history[-1] if self.history else None
 
     # -- plans ------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from functools import lru_cache
 
 import torch
 
+from catome_export.checks import check_int
 from catome_export.errors import CatomeError
 from catome_export.merging.plan import MergePlan
 
@@ -84,9 +85,7 @@ def _check_args(metric: torch.Tensor, grid: tuple[int, int], stride: tuple[int, 
 
 def check_r_multiple(multiple: object) -> int:
     """``multiple`` as an int >= 1, else a CatomeError saying what to give."""
-    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
-        raise CatomeError(f"r_multiple must be an integer >= 1 (1: r as counted, off), got {multiple!r}")
-    return multiple
+    return check_int("r_multiple", multiple, 1, hint="1: r as counted, off")
 
 
 def round_merged(r: int, multiple: int = 1) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Union
 
+from catome_export.checks import is_int
 from catome_export.errors import CatomeError
 
 NAMED_SCHEDULES: dict[str, tuple[int, ...]] = {
@@ -80,7 +81,7 @@ def _check_step_base(step_base: object) -> int:
 def _check_list(values: Iterable[object], source: str) -> tuple[int, ...]:
     out: list[int] = []
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, int):
+        if not is_int(v):
             try:
                 if isinstance(v, str) and v.strip().lstrip("-").isdigit():
                     v = int(v.strip())

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 from dataclasses import asdict, dataclass, field
 
+from catome_export.checks import check_float, is_int
 from catome_export.choices import MergeMode
 from catome_export.defaults import (
     DEFAULT_MAX_DOWNSAMPLE, DEFAULT_MERGE_SEED, DEFAULT_R_MULTIPLE, DEFAULT_SCHEDULE, DEFAULT_STRIDE, DEFAULT_THRESHOLD,
@@ -52,18 +52,14 @@ class MergeSettings:
         for name, lo, hi, hi_open in (("threshold", -1.0, 1.0, False), ("ratio", 0.0, 1.0, True),
                                       ("merge_fraction", 0.0, 1.0, False)):
             v = getattr(self, name)
-            if v is None:
-                continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-                    or v < lo or v > hi or (hi_open and v >= hi):
-                bound = f"[{lo:g}, {hi:g})" if hi_open else f"[{lo:g}, {hi:g}]"
-                raise CatomeError(f"{name} must be a number in {bound}, got {v!r}")
+            if v is not None:
+                check_float(name, v, lo, hi, hi_open=hi_open)
         if not isinstance(self.schedule, Schedule):
             raise CatomeError("schedule must be a Schedule (use parse_schedule)")
         if isinstance(self.max_downsample, bool) or self.max_downsample not in (1, 2, 4, 8):
             raise CatomeError(f"max_downsample must be 1, 2, 4 or 8, got {self.max_downsample!r}")
         st = tuple(self.stride)
-        if len(st) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in st) or st == (1, 1):
+        if len(st) != 2 or any(not is_int(s) or s < 1 for s in st) or st == (1, 1):
             raise CatomeError(f"stride must be two positive ints (not 1x1), got {self.stride!r}")
         object.__setattr__(self, "stride", st)
         check_r_multiple(self.r_multiple)

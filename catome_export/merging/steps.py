@@ -1,4 +1,4 @@
-"""Step numbering shared by the eager patch and the runtime.
+"""Step numbering and the step record shared by the eager patch and the runtime.
 
 A U-Net call is one denoising step (classifier-free guidance batches both
 halves into one call in diffusers pipelines). The counter numbers calls
@@ -6,12 +6,52 @@ halves into one call in diffusers pipelines). The counter numbers calls
 (``reset``), when the caller pins the index (``set_step``), or when the
 timestep rises compared with the previous call (diffusion timesteps never
 rise within a generation; PLMS repeats one, which still counts as a step).
+
+:class:`StepRecord` is the one record of a U-Net call: the merge controller
+starts one per call, the runtime adds its timings, and generate's report,
+serve's metrics and bench read it.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+from catome_export.checks import check_int
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What one U-Net call did: merging per site and, where it was timed, where its time went.
+
+    The merge controller starts one per call (``step``, ``merged``, ``matched``; an eager handle's
+    ``history`` holds these, untimed). ``runtime.history`` adds the runtime's timings and feature-cache kind;
+    generate's report (``Generation.steps``) holds the pipeline step's wall time in ``step_ms``.
+    """
+
+    step: int
+    """0-based loop index in the current generation."""
+    merged: dict[int, int] = field(default_factory=dict)
+    """Site index -> r (tokens merged away) at this step."""
+    matched: dict[int, bool] = field(default_factory=dict)
+    """Site index -> True where matching ran (checkpoint or empty cache), False where the cache was reused."""
+    step_ms: float = 0.0
+    """Wall time of the call in ms: the runtime's U-Net call (on CUDA, synchronised at its end; NaN for a call
+    that failed), or in generate's report the whole denoising step (U-Net call and scheduler update); 0 where
+    nothing timed it (the eager patch's own history)."""
+    controller_ms: float = 0.0
+    """Time spent getting plans from the controller and feeding them (matching, cache look-ups); 0 where
+    nothing timed it."""
+    cached_features: bool = False
+    """True when the call ran only the feature cache's shallow branch on the deep features of the last full call
+    (DeepCache's cached step); False for a full call."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (site keys as strings, in site order)."""
+        return {"step": self.step, "merged": {str(k): v for k, v in sorted(self.merged.items())},
+                "matched": {str(k): v for k, v in sorted(self.matched.items())}, "step_ms": self.step_ms,
+                "controller_ms": self.controller_ms, "cached_features": self.cached_features}
 
 
 class StepCounter:
@@ -29,11 +69,7 @@ class StepCounter:
 
     def set_step(self, index: int) -> None:
         """Pin the loop index of the next call (0-based); later calls count on from it."""
-        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-            from catome_export.errors import CatomeError
-
-            raise CatomeError(f"step index must be an int >= 0, got {index!r}")
-        self._pinned = index
+        self._pinned = check_int("step index", index, 0)
 
     def advance(self, timestep: float | None) -> int:
         """The loop index of this call. Sets ``new_generation`` when a generation starts here."""
@@ -53,6 +89,14 @@ class StepCounter:
         self._last_t = None if timestep is None else float(timestep)
         self._next = index + 1
         return index
+
+
+class StepHistory(Protocol):
+    """Anything that keeps the step records of its current generation: an eager handle, a runtime, an
+    attachment of a runtime to a pipeline."""
+
+    @property
+    def history(self) -> Sequence[StepRecord]: ...
 
 
 class _Resettable(Protocol):

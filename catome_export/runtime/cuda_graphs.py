@@ -94,6 +94,7 @@ from typing import Any, Protocol
 
 import torch
 
+from catome_export.checks import check_int
 from catome_export.backends.base import ForkableStageRunner
 from catome_export.errors import CatomeError
 from catome_export.export.io_names import MODEL_OUTPUT, site_of
@@ -195,9 +196,7 @@ class ChainGraphCache:
 
     def __init__(self, max_entries: int = 4, on_drop: Callable[[GraphEntry], None] | None = None) -> None:
         """``on_drop``: called with every entry that leaves the cache (evicted, replaced or invalidated)."""
-        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
-            raise CatomeError(f"max CUDA graphs must be an int >= 1, got {max_entries!r}")
-        self.max_entries = max_entries
+        self.max_entries = check_int("max CUDA graphs", max_entries, 1)
         self.on_drop = on_drop
         self._entries: OrderedDict[GraphKey, GraphEntry] = OrderedDict()
         self.hits = 0

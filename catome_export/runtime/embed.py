@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import torch
 
 from catome_export.errors import CatomeError
-from catome_export.merging.steps import ResetOnCall
+from catome_export.merging.steps import ResetOnCall, StepRecord
 
 logger = logging.getLogger(__name__)
 
@@ -205,9 +205,9 @@ class Attachment:
         return self._active
 
     @property
-    def history(self) -> list[Any]:
+    def history(self) -> list[StepRecord]:
         """The runtime's per-step records of the current generation (step, merged r per site, times)."""
-        history: list[Any] = self._runtime.history
+        history: list[StepRecord] = self._runtime.history
         return history
 
     def reset(self) -> None:

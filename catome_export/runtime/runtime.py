@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
+from catome_export.checks import check_float
 from catome_export.backends import create_backend
 from catome_export.backends.base import Backend, StageRunner, StreamOwner
 from catome_export.backends.select import choose_backend
@@ -38,6 +37,7 @@ from catome_export.export.manifest import FeatureCacheRecord, Manifest
 from catome_export.featurecache import CacheClock, FeatureCacheSettings, parse_feature_cache
 from catome_export.featurecache.clock import Timesteps
 from catome_export.merging import MergeController, MergeSettings, MergePlan
+from catome_export.merging.steps import StepRecord
 from catome_export.models.sites import MergeSite
 from catome_export.runtime.chain import StageChain
 from catome_export.runtime.ownership import GenerationOwner
@@ -46,25 +46,6 @@ logger = logging.getLogger(__name__)
 
 ShapeCheck = Callable[[int, int, int], None]
 """``(batch, latent_h, latent_w) -> None``, raising CatomeError outside the built range."""
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    """What one U-Net call did: merging per site and where its time went."""
-
-    step: int
-    """0-based loop index in the current generation."""
-    merged: dict[int, int] = field(default_factory=dict)
-    """Site index -> r (tokens merged away) at this step."""
-    matched: dict[int, bool] = field(default_factory=dict)
-    """Site index -> True where matching ran (checkpoint or empty cache), False where the cache was reused."""
-    step_ms: float = 0.0
-    """Wall time of the whole call (on CUDA, synchronised at the end of the call)."""
-    controller_ms: float = 0.0
-    """Time spent getting plans from the controller and feeding them (matching, cache look-ups)."""
-    cached_features: bool = False
-    """True when the call ran only the feature cache's shallow branch on the deep features of the last full call
-    (DeepCache's cached step); False for a full call."""
 
 
 class Runtime:
@@ -243,9 +224,8 @@ class Runtime:
 
     @wait_timeout_s.setter
     def wait_timeout_s(self, value: float | None) -> None:
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
-            raise CatomeError(f"wait_timeout_s must be None or a number of seconds >= 0, got {value!r}")
-        self._owner.wait_timeout_s = None if value is None else float(value)
+        self._owner.wait_timeout_s = None if value is None else check_float(
+            "wait_timeout_s", value, 0, finite=False, unit="seconds", hint="or None: no limit")
 
     @property
     def controller(self) -> MergeController:
@@ -312,15 +292,6 @@ class Runtime:
         self._kept = {}
         self._kept_key = None
 
-    def with_schedule(self, schedule: Any) -> None:
-        """Deprecated: use ``set_settings(replace(runtime.settings, schedule=parse_schedule(...)))``."""
-        from catome_export.merging import parse_schedule
-
-        warnings.warn("Runtime.with_schedule is deprecated: use runtime.set_settings(settings), e.g. "
-                      "set_settings(dataclasses.replace(runtime.settings, schedule=parse_schedule(...)))",
-                      DeprecationWarning, stacklevel=2)
-        self.set_settings(replace(self.settings, schedule=parse_schedule(schedule, self.settings.schedule.step_base)))
-
     @property
     def history(self) -> list[StepRecord]:
         """One record per U-Net call of the current generation."""
@@ -328,13 +299,6 @@ class Runtime:
         return [StepRecord(s.step, dict(s.merged), dict(s.matched), t[0], t[1],
                            cached_features=bool(kinds[i]) if i < len(kinds) else False)
                 for i, (s, t) in enumerate(zip(self.controller.history, self._timings))]
-
-    @property
-    def last_stats(self) -> StepRecord | None:
-        """Deprecated: use ``runtime.history[-1]``. The record of the last U-Net call, or None before the first."""
-        warnings.warn("Runtime.last_stats is deprecated: use runtime.history[-1]", DeprecationWarning, stacklevel=2)
-        hist = self.history
-        return hist[-1] if hist else None
 
     # -- running ----------------------------------------------------------------------
     def step(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,

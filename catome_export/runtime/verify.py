@@ -48,6 +48,7 @@ from catome_export.backends.torch_backend import load_reference_unet
 from catome_export.eager import apply_deepcache, apply_merging
 from catome_export.featurecache import FeatureCacheSettings
 from catome_export.devices import load_average
+from catome_export.checks import check_float, check_int, is_int
 from catome_export.errors import CatomeError
 from catome_export.export.controlnet import random_residuals
 from catome_export.export.manifest import Manifest
@@ -371,13 +372,13 @@ def _short(steps: Sequence[int], limit: int = 8) -> str:
 def _latent_hw(resolution: Any, default: tuple[int, int]) -> tuple[int, int]:
     if resolution is None:
         return default
-    if isinstance(resolution, int) and not isinstance(resolution, bool):
+    if is_int(resolution):
         px = (resolution, resolution)
     elif isinstance(resolution, (tuple, list)) and len(resolution) == 2:
         px = tuple(resolution)
     else:
         raise CatomeError(f"resolution must be pixels N or (height, width), got {resolution!r}")
-    if any(isinstance(p, bool) or not isinstance(p, int) or p <= 0 or p % 8 for p in px):
+    if any(not is_int(p) or p <= 0 or p % 8 for p in px):
         raise CatomeError(f"resolution {resolution!r}: pixel sizes must be positive multiples of 8")
     return px[0] // 8, px[1] // 8
 
@@ -505,17 +506,12 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
     engines built before the setting existed).
     """
 
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise CatomeError(f"steps must be an int >= 1, got {steps!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise CatomeError(f"seed must be an int, got {seed!r}")
-    if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
-                                  or not tolerance >= 0):
-        raise CatomeError(f"tolerance must be a number >= 0, got {tolerance!r}")
-    if merge_tolerance is not None and (isinstance(merge_tolerance, bool)
-                                        or not isinstance(merge_tolerance, (int, float))
-                                        or not 0 <= merge_tolerance <= 1):
-        raise CatomeError(f"merge tolerance must be a fraction in [0, 1], got {merge_tolerance!r}")
+    check_int("steps", steps, 1)
+    check_int("seed", seed)
+    if tolerance is not None:
+        check_float("tolerance", tolerance, 0, finite=False)
+    if merge_tolerance is not None:
+        check_float("merge tolerance", merge_tolerance, 0, 1, hint="a fraction of the merged tokens")
     engine_dir = Path(engine_dir)
     manifest = Manifest.load(engine_dir)
     settings = manifest.merge
@@ -524,8 +520,8 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
     if r_multiple is not None:
         settings = replace(settings, r_multiple=r_multiple)
     default_batch, default_hw = _default_shape(manifest)
-    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
-        raise CatomeError(f"batch must be an int >= 1, got {batch!r}")
+    if batch is not None:
+        check_int("batch", batch, 1)
     batch = default_batch if batch is None else batch
     latent_hw = _latent_hw(resolution, default_hw)
     manifest.check_shapes(batch, latent_hw[0], latent_hw[1])

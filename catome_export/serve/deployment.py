@@ -43,6 +43,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
 
+from catome_export.checks import check_float, check_int, is_int
 from catome_export.errors import CatomeError
 from catome_export.serve.metrics import IngressMetrics, ReplicaMetrics, in_a_replica, outcome_of
 from catome_export.serve.protocol import ImageJob, RequestError, error_body, parse_request, render
@@ -356,19 +357,12 @@ def check_limits(max_ongoing_requests: Any = None, max_queued_requests: Any = No
                  request_timeout_s: Any = None) -> None:
     """CatomeError, naming the option, unless each limit given is usable: max_ongoing_requests >= 1,
     max_queued_requests >= 1 or -1 (no limit), request_timeout_s > 0 (None: not given)."""
-    def integer(value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
-
-    if max_ongoing_requests is not None and (not integer(max_ongoing_requests) or max_ongoing_requests < 1):
-        raise CatomeError(f"max_ongoing_requests must be an integer >= 1, got {max_ongoing_requests!r}")
-    if max_queued_requests is not None and (not integer(max_queued_requests)
-                                            or not (max_queued_requests >= 1 or max_queued_requests == -1)):
-        raise CatomeError(f"max_queued_requests must be an integer >= 1, or -1 for no limit, got "
-                          f"{max_queued_requests!r}")
-    if request_timeout_s is not None and (isinstance(request_timeout_s, bool)
-                                          or not isinstance(request_timeout_s, (int, float))
-                                          or not 0 < request_timeout_s < float("inf")):
-        raise CatomeError(f"request_timeout_s must be a number of seconds > 0, got {request_timeout_s!r}")
+    if max_ongoing_requests is not None:
+        check_int("max_ongoing_requests", max_ongoing_requests, 1)
+    if max_queued_requests is not None and not (is_int(max_queued_requests) and max_queued_requests == -1):
+        check_int("max_queued_requests", max_queued_requests, 1, hint="or -1 for no limit")
+    if request_timeout_s is not None:
+        check_float("request_timeout_s", request_timeout_s, 0, lo_open=True, unit="seconds")
 
 
 def deployment_options(*, replicas: int | None = None, min_replicas: int | None = None,
@@ -385,18 +379,14 @@ def deployment_options(*, replicas: int | None = None, min_replicas: int | None 
     if min_replicas is not None or max_replicas is not None:
         lo = 1 if min_replicas is None else min_replicas
         hi = max(lo, 1) if max_replicas is None else max_replicas
-        if isinstance(lo, bool) or not isinstance(lo, int) or lo < 0:
-            raise CatomeError(f"min_replicas must be an integer >= 0, got {lo!r}")
-        if isinstance(hi, bool) or not isinstance(hi, int) or hi < max(lo, 1):
-            raise CatomeError(f"max_replicas must be an integer >= max(1, min_replicas) = {max(lo, 1)}, got {hi!r}")
+        check_int("min_replicas", lo, 0)
+        check_int("max_replicas", hi, max(lo, 1), hint="max(1, min_replicas)")
         out["autoscaling_config"] = {"min_replicas": lo, "initial_replicas": max(lo, 1), "max_replicas": hi,
                                      "target_ongoing_requests": target_ongoing_requests,
                                      "upscale_delay_s": 10, "downscale_delay_s": 300}
     else:
         count = 1 if replicas is None else replicas
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise CatomeError(f"replicas must be an integer >= 1, got {count!r}")
-        out["num_replicas"] = count
+        out["num_replicas"] = check_int("replicas", count, 1)
     if gpus_per_replica is None:
         gpus_per_replica = 1.0 if _cluster_has_gpus() else 0.0
     out["ray_actor_options"] = {"num_gpus": gpus_per_replica, "num_cpus": 1}

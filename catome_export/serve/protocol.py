@@ -27,6 +27,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from catome_export.checks import is_int, is_number
 from catome_export.errors import CatomeError
 
 MAX_PROMPT_CHARS = 10_000
@@ -237,7 +238,7 @@ def _show(value: Any) -> str:
 
 def _number(value: Any) -> float | None:
     """A JSON number as a finite float, or None (not a number, a bool, NaN, infinite, or an int too large)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_number(value, finite=False):
         return None
     try:
         number = float(value)
@@ -250,7 +251,7 @@ def _int_field(data: dict, name: str, default: int, lo: int, hi: int, why: str =
     value = data.get(name, default)
     if value is None:
         value = default
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+    if not is_int(value) or not lo <= value <= hi:
         raise RequestError(f"{name} must be an integer in {lo}..{hi}{why}, got {_show(value)}", name)
     return value
 

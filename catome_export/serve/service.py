@@ -47,10 +47,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from catome_export.checks import check_float, check_int
 from catome_export.errors import CatomeError
 from catome_export.featurecache import parse_feature_cache
 from catome_export.defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from catome_export.serve.protocol import EngineLimits, ImageJob, RequestError, error_body, parse_request, unet_rows
+from catome_export.workflows.generate import engine_resolution, pipeline_for_engine, run_pipeline, to_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -99,25 +101,19 @@ class ServeOptions:
     holds another engine refuses to serve (None: not pinned; ``build_app`` always pins it)."""
 
     def __post_init__(self) -> None:
-        for name, lo in (("max_batch", 1), ("steps", 1), ("max_images", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-                raise CatomeError(f"{name} must be an integer >= {lo}, got {value!r}")
-        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
-                                         or self.threads < 1):
-            raise CatomeError(f"threads must be an integer >= 1, got {self.threads!r}")
+        for name, value in (("max_batch", self.max_batch), ("steps", self.steps), ("max_images", self.max_images)):
+            check_int(name, value, 1)
+        if self.threads is not None:
+            check_int("threads", self.threads, 1)
         if self.backend_options is not None and not isinstance(self.backend_options, dict):
             raise CatomeError(f"backend_options must be a mapping, got {type(self.backend_options).__name__}")
-        if isinstance(self.batch_wait_s, bool) or not isinstance(self.batch_wait_s, (int, float)) \
-                or not 0 <= self.batch_wait_s <= 10:
-            raise CatomeError(f"batch_wait_s must be a number of seconds in 0..10, got {self.batch_wait_s!r}")
+        check_float("batch_wait_s", self.batch_wait_s, 0, 10, unit="seconds")
         if self.feature_cache is not None:
             if not isinstance(self.feature_cache, str):
                 raise CatomeError(f"feature_cache must be a string like '3,0' or 'off', got {self.feature_cache!r}")
             parse_feature_cache(self.feature_cache)  # a bad value fails here, before any replica starts
-        if self.r_multiple is not None and (isinstance(self.r_multiple, bool) or not isinstance(self.r_multiple, int)
-                                            or self.r_multiple < 1):
-            raise CatomeError(f"r_multiple must be an integer >= 1 (1: off), got {self.r_multiple!r}")
+        if self.r_multiple is not None:
+            check_int("r_multiple", self.r_multiple, 1, hint="1: off")
         if self.engine_sha256 is not None and (not isinstance(self.engine_sha256, str)
                                                or _SHA256.fullmatch(self.engine_sha256) is None):
             raise CatomeError(f"engine_sha256 must be 64 lowercase hex digits (sha256sum ENGINE_DIR/manifest.json), "
@@ -329,22 +325,10 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-class _StepMarks:
-    """``callback_on_step_end`` that counts steps (diffusers calls it once per denoising step)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def __call__(self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
-        self.count += 1
-        return {}
-
-
 class ImageService:
     """A loaded engine and its pipeline; call from one thread (see the module docstring)."""
 
     def __init__(self, options: ServeOptions) -> None:
-        from catome_export.workflows.generate import engine_resolution, pipeline_for_engine
         from catome_export.runtime import Runtime
         from catome_export.runtime.embed import attach
 
@@ -551,22 +535,15 @@ class ImageService:
         except CatomeError as exc:
             raise RequestError(str(exc)) from None
         negatives = [j.negative_prompt for j in jobs]
-        kwargs: dict[str, Any] = dict(
-            prompt=[j.prompt for j in jobs],
+        run = run_pipeline(
+            self.pipe, device=self.runtime.device, prompt=[j.prompt for j in jobs],
             negative_prompt=None if all(n is None for n in negatives) else [n or "" for n in negatives],
             num_inference_steps=first.steps, guidance_scale=float(first.guidance), height=first.height,
             width=first.width, generator=[torch.Generator("cpu").manual_seed(j.seed) for j in jobs],
-            output_type="np", callback_on_step_end=_StepMarks(),
         )
-        start = time.perf_counter()
-        with torch.no_grad():
-            output = self.pipe(**kwargs)
-        if self.runtime.device.type == "cuda":
-            torch.cuda.synchronize(self.runtime.device)
-        seconds = time.perf_counter() - start
+        start, seconds, images = run.start, run.seconds, run.images
         logger.info("replica pid %d: %d image(s) %dx%d, %d steps in %.2f s", os.getpid(), len(jobs), first.width,
                     first.height, first.steps, seconds)
-        images = np.asarray(output.images if hasattr(output, "images") else output[0], dtype=np.float64)
         if not np.isfinite(images).all():  # NaN would be cast to black pixels: never answer it as an image
             raise NonFiniteImage(f"{int((~np.isfinite(images)).sum())} of {images.size} pixel values are NaN or "
                                   "infinite")
@@ -579,8 +556,7 @@ class ImageService:
         self._calls += 1
         results = []
         for job, image, queued in zip(jobs, images, enqueued):
-            pixels = np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
-            results.append(ImageResult(png=png_bytes(pixels), seed=job.seed, batch_images=len(jobs), merged=merged,
+            results.append(ImageResult(png=png_bytes(to_pixels(image)), seed=job.seed, batch_images=len(jobs), merged=merged,
                                        matched_steps=matched, queue_ms=(start - queued) * 1e3,
                                        generation_ms=seconds * 1e3, step_ms=step_ms, call=self._calls,
                                        cached_steps=cached_steps))

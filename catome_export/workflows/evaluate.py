@@ -35,6 +35,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from catome_export.checks import check_int
 from catome_export._version import __version__
 from catome_export.backends.torch_backend import load_reference_unet
 from catome_export.defaults import DEFAULT_RATIO, DEFAULT_SCHEDULE, DEFAULT_THRESHOLD
@@ -46,6 +47,7 @@ from catome_export.evaluation.external import (DEFAULT_CLIP_MODEL, Availability,
 from catome_export.evaluation.metrics import psnr, ssim
 from catome_export.fsutil import atomic_write_text
 from catome_export.merging import AutoSchedule, MergeSettings, parse_schedule, parse_schedule_request
+from catome_export.merging.steps import StepHistory, StepRecord
 from catome_export.models import default_merge_level
 from catome_export.runtime import Runtime
 from catome_export.eager import apply_deepcache
@@ -122,8 +124,7 @@ class EvalConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise CatomeError(f"unknown methods {unknown}: use {', '.join(METHODS)}")
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
-            raise CatomeError(f"warmup must be an int >= 0, got {self.warmup!r}")
+        check_int("warmup", self.warmup, 0)
         if self.weights is not None and self.model is None:
             raise CatomeError("--weights names the weights of --model's architecture: give --model too (e.g. "
                               "--model sd15 --weights model.safetensors)")
@@ -375,7 +376,7 @@ class _MethodSession:
     def __init__(self, ctx: _Context, name: str) -> None:
         self.ctx = ctx
         self.name = name
-        self.stats: Any = None
+        self.stats: StepHistory | None = None
         self.settings: Any = None
         self.sites: list[Any] = []
         self._undo: Callable[[], None] = lambda: None
@@ -425,7 +426,7 @@ class _MethodSession:
     def __exit__(self, *exc: object) -> None:
         self._undo()
 
-    def merged_fraction(self, history: Sequence[Any], latent_hw: tuple[int, int]) -> float:
+    def merged_fraction(self, history: Sequence[StepRecord], latent_hw: tuple[int, int]) -> float:
         """Mean over steps and sites of r / N."""
         if not history or not self.sites:
             return 0.0
@@ -477,7 +478,7 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = logger.info, runti
                     save_png(gen.image, out / rel)
                     result.images.append(rel.as_posix())
                     result.seconds.append(gen.seconds)
-                    history = list(getattr(session.stats, "history", []) or []) if session.stats is not None else []
+                    history = list(session.stats.history) if session.stats is not None else []
                     result.merged_fraction.append(session.merged_fraction(history, latent_hw))
                     if bar is not None:
                         bar.update(note=f"{name} image {i + 1}/{len(requests)}")

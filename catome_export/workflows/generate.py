@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -30,8 +29,10 @@ import torch
 from catome_export.defaults import DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS
 from catome_export.devices import resolve_device
 from catome_export.dtypes import precision_dtype
+from catome_export.checks import check_float, check_int
 from catome_export.errors import CatomeError
 from catome_export.fsutil import atomic_write_bytes
+from catome_export.merging.steps import StepHistory, StepRecord
 
 logger = logging.getLogger(__name__)
 
@@ -62,40 +63,14 @@ class ImageRequest:
             raise CatomeError("the prompt is empty: pass --prompt \"a photograph of ...\"")
         if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
             raise CatomeError(f"the negative prompt must be a string, got {type(self.negative_prompt).__name__}")
-        _check_int("steps", self.steps, 1)
-        _check_int("seed", self.seed, 0)
-        if isinstance(self.guidance, bool) or not isinstance(self.guidance, (int, float)) \
-                or not math.isfinite(self.guidance) or self.guidance < 0:
-            raise CatomeError(f"guidance must be a number >= 0 (7.5 is usual; <= 1 turns it off), got {self.guidance!r}")
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            _check_int(name, value, 8)
+        check_int("steps", self.steps, 1)
+        check_int("seed", self.seed, 0)
+        check_float("guidance", self.guidance, 0, hint="7.5 is usual; <= 1 turns it off")
+        for name, value in (("height", self.height), ("width", self.width)):
+            check_int(name, value, 8)
             if value % 8:
                 raise CatomeError(f"{name} must be a multiple of 8 (the VAE downsamples by 8), got {value}: "
                                   f"use {value - value % 8} or {value - value % 8 + 8}")
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise CatomeError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
-@dataclass(frozen=True)
-class StepReport:
-    """One denoising step: merged tokens per site and its wall time."""
-
-    step: int
-    """0-based loop index."""
-    merged: dict[int, int] = field(default_factory=dict)
-    """Site index -> r (tokens merged away); empty without merging."""
-    matched: dict[int, bool] = field(default_factory=dict)
-    """Site index -> True where matching ran, False where the cached plan was reused."""
-    seconds: float = 0.0
-    """Wall time of the step (U-Net call and scheduler update)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "merged": {str(k): v for k, v in sorted(self.merged.items())},
-                "matched": {str(k): v for k, v in sorted(self.matched.items())}, "seconds": self.seconds}
 
 
 @dataclass
@@ -106,8 +81,9 @@ class Generation:
     """uint8 ``[H, W, 3]``."""
     seconds: float
     """Wall time of the whole ``pipe(...)`` call (text encoding, denoising, VAE decode)."""
-    steps: list[StepReport]
-    """One report per denoising step."""
+    steps: list[StepRecord]
+    """One record per denoising step: the merging of its U-Net call (where ``stats`` kept any) and the step's
+    wall time in ``step_ms``."""
 
     def pil(self) -> Any:
         from PIL import Image
@@ -119,14 +95,14 @@ class Generation:
         return [format_step(s) for s in self.steps]
 
 
-def format_step(report: StepReport) -> str:
+def format_step(report: StepRecord) -> str:
     """``step   3  merged [12, 10, 0, 9, 11]  matched [0, 1]  41.2 ms``."""
     merged = [report.merged[k] for k in sorted(report.merged)]
     matched = [k for k in sorted(report.matched) if report.matched[k]]
     parts = [f"step {report.step:3d}"]
     parts.append(f"merged {merged}" if merged else "merged -")
     parts.append(f"matched {matched}" if report.matched else "")
-    parts.append(f"{report.seconds * 1e3:.1f} ms")
+    parts.append(f"{report.step_ms:.1f} ms")
     return "  ".join(p for p in parts if p)
 
 
@@ -356,14 +332,56 @@ class _StepClock:
         return out
 
 
-def _sync(pipe: Any) -> None:
-    device = getattr(pipe, "device", torch.device("cpu"))
-    if isinstance(device, torch.device) and device.type == "cuda":
+def _sync(pipe: Any, device: torch.device | None) -> None:
+    if device is None:
+        found = getattr(pipe, "device", None)
+        device = found if isinstance(found, torch.device) else None
+    if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def generate(pipe: Any, request: ImageRequest, *, stats: Any = None, progress: bool = False) -> Generation:
-    """Generate one image; ``stats``: an eager handle, a runtime or an attachment (anything with ``.history``).
+@dataclass
+class PipelineRun:
+    """One ``pipe(...)`` call, timed by the step clock."""
+
+    images: np.ndarray
+    """float64 ``[N, H, W, 3]`` in [0, 1], as the pipeline returned them (``output_type="np"``)."""
+    start: float
+    """``time.perf_counter()`` when the call started."""
+    seconds: float
+    """Wall time of the call (text encoding, denoising, VAE decode); on CUDA synchronised before and after."""
+    step_seconds: list[float]
+    """Wall time of each denoising step, from diffusers' ``callback_on_step_end`` (the first step's includes
+    the text encoding; the VAE decode is in ``seconds`` only)."""
+
+
+def run_pipeline(pipe: Any, *, device: torch.device | None = None, **kwargs: Any) -> PipelineRun:
+    """``pipe(**kwargs)`` under ``torch.no_grad`` with ``output_type="np"`` and the one step clock.
+
+    The one place generate and serve call a pipeline. ``device``: the CUDA device to synchronise on around
+    the call (None: the pipeline's own ``device``).
+    """
+    clock = _StepClock()
+    _sync(pipe, device)
+    start = time.perf_counter()
+    clock.begin()
+    with torch.no_grad():
+        output = pipe(**kwargs, output_type="np", callback_on_step_end=clock)
+    _sync(pipe, device)
+    seconds = time.perf_counter() - start
+    images = np.asarray(output.images if hasattr(output, "images") else output[0], dtype=np.float64)
+    return PipelineRun(images=images, start=start, seconds=seconds, step_seconds=clock.durations(start))
+
+
+def to_pixels(image: np.ndarray) -> np.ndarray:
+    """A float image in [0, 1] (one ``[H, W, 3]`` or a batch) as uint8: scaled by 255, rounded, clipped."""
+    return np.clip(np.round(np.asarray(image, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
+
+
+def generate(pipe: Any, request: ImageRequest, *, stats: StepHistory | None = None,
+             progress: bool = False) -> Generation:
+    """Generate one image; ``stats``: an eager handle, a runtime or an attachment, whose records of the U-Net
+    calls the report takes (None: steps with their times only).
 
     The first step's time includes the text encoding; the VAE decode is in
     the total only. ``progress`` shows diffusers' own progress bar.
@@ -371,34 +389,17 @@ def generate(pipe: Any, request: ImageRequest, *, stats: Any = None, progress: b
     if not isinstance(request, ImageRequest):
         raise CatomeError(f"request must be an ImageRequest, got {type(request).__name__}")
     pipe.set_progress_bar_config(disable=not progress)
-    clock = _StepClock()
-    generator = torch.Generator("cpu").manual_seed(request.seed)
-    kwargs: dict[str, Any] = dict(
-        prompt=request.prompt, negative_prompt=request.negative_prompt, num_inference_steps=request.steps,
-        guidance_scale=float(request.guidance), height=request.height, width=request.width, generator=generator,
-        output_type="np", callback_on_step_end=clock,
+    run = run_pipeline(
+        pipe, prompt=request.prompt, negative_prompt=request.negative_prompt, num_inference_steps=request.steps,
+        guidance_scale=float(request.guidance), height=request.height, width=request.width,
+        generator=torch.Generator("cpu").manual_seed(request.seed),
     )
-    _sync(pipe)
-    start = time.perf_counter()
-    clock.begin()
-    with torch.no_grad():
-        output = pipe(**kwargs)
-    _sync(pipe)
-    seconds = time.perf_counter() - start
-    images = output.images if hasattr(output, "images") else output[0]
-    image = np.clip(np.round(np.asarray(images[0], dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
-    durations = clock.durations(start)
-    history = list(getattr(stats, "history", None) or []) if stats is not None else []
+    history = list(stats.history) if stats is not None else []
     reports = []
-    for i, dt in enumerate(durations):
-        rec = history[i] if i < len(history) else None
-        reports.append(StepReport(
-            step=int(getattr(rec, "step", i)),
-            merged=dict(getattr(rec, "merged", {}) or {}),
-            matched=dict(getattr(rec, "matched", {}) or {}),
-            seconds=dt,
-        ))
-    return Generation(image=image, seconds=seconds, steps=reports)
+    for i, dt in enumerate(run.step_seconds):
+        rec = history[i] if i < len(history) else StepRecord(i)
+        reports.append(replace(rec, merged=dict(rec.merged), matched=dict(rec.matched), step_ms=dt * 1e3))
+    return Generation(image=to_pixels(run.images[0]), seconds=run.seconds, steps=reports)
 
 
 def save_png(image: np.ndarray | Any, path: str | Path) -> Path:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from catome_export.eager import apply_catome
+from catome_export import apply_catome
 from catome_export.eager.deepcache import _CachedForward, apply_deepcache, wrapped_modules
 from catome_export.errors import CatomeError
 from catome_export.featurecache import FeatureCacheSettings, nonuniform_full_steps

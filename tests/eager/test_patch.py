@@ -7,7 +7,8 @@ import inspect
 import pytest
 import torch
 
-from catome_export.eager import CatomeHandle, apply_catome, apply_merging, apply_tome
+from catome_export import apply_catome
+from catome_export.eager import CatomeHandle, apply_merging, apply_tome
 from catome_export.errors import CatomeError
 from catome_export.merging import AutoSchedule, MergePlan, MergeSettings, match_tokens, parse_schedule
 from catome_export.models import find_merge_sites, load_unet
@@ -336,10 +337,19 @@ def test_settings_must_be_merge_settings(unet):
         apply_merging(unet, {"threshold": 0.7})
 
 
-def test_auto_schedule_is_refused_clearly_by_the_eager_layer(unet):
-    """The eager layer does not calibrate: `auto:K` there is a CatomeError that says what to use."""
-    with pytest.raises(CatomeError, match="catome_export.apply_catome.*named schedule"):
-        apply_catome(unet, schedule="auto:4")
+def test_one_apply_catome_checks_every_option_before_calibrating(unet, monkeypatch):
+    """``catome_export.apply_catome`` is the one implementation (the eager layer has none of its own): a bad
+    option fails before an ``auto:K`` calibration starts, and leaves nothing patched."""
+    import catome_export
+    import catome_export.eager
+    from catome_export.analysis import calibrate
+
+    assert not hasattr(catome_export.eager, "apply_catome") and apply_catome is catome_export.apply_catome
+    calls = []
+    monkeypatch.setattr(calibrate, "resolve_schedule", lambda *a, **k: calls.append(a))
+    with pytest.raises(CatomeError, match="stride"):
+        apply_catome(unet, schedule="auto:4", stride=(1, 1))
+    assert calls == []
     with apply_catome(unet, schedule="config3"):  # nothing was patched by the refused call
         pass
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from catome_export.eager import apply_catome
+from catome_export import apply_catome
 from catome_export.models.pipeline import make_scheduler, tiny_pipeline
 
 SIZE = 64  # pixels: latent 8x8 (the step bookkeeping does not depend on the size)

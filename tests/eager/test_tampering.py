@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from catome_export.eager import apply_catome
+from catome_export import apply_catome
 from catome_export.errors import CatomeError
 
 LATENT = (16, 16)

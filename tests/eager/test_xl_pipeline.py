@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from catome_export.eager import apply_catome, apply_tome
+from catome_export import apply_catome
+from catome_export.eager import apply_tome
 from catome_export.models import bundled_config, find_merge_sites, load_unet
 from catome_export.models.conditioning import random_added_conditioning
 from catome_export.models.pipeline import tiny_pipeline, tiny_xl_pipeline

@@ -34,7 +34,7 @@ def test_round_merged():
     assert [round_merged(r, 64) for r in (0, 1, 63, 64, 65, 127, 128, 3071)] == [0, 0, 0, 64, 64, 64, 128, 3008]
     assert [round_merged(r, 1) for r in (0, 1, 63, 3071)] == [0, 1, 63, 3071]
     for bad in (0, -64, 1.5, True, "64", None):
-        with pytest.raises(CatomeError, match="r_multiple must be an integer >= 1"):
+        with pytest.raises(CatomeError, match="r_multiple must be an int >= 1"):
             round_merged(10, bad)  # type: ignore[arg-type]
 
 
@@ -125,7 +125,7 @@ def test_forced_fraction_is_rounded_in_the_controller_too():
 def test_settings_refuse_a_bad_r_multiple_in_one_line(bad):
     with pytest.raises(CatomeError) as info:
         MergeSettings(r_multiple=bad)
-    assert "r_multiple must be an integer >= 1" in str(info.value) and "\n" not in str(info.value)
+    assert "r_multiple must be an int >= 1" in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(CatomeError, match="r_multiple"):
         match_tokens(smooth_metric(0, grid=(8, 8)), (8, 8), threshold=0.5, multiple=bad)
 

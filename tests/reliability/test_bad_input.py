@@ -71,7 +71,8 @@ def test_unknown_model(capsys, tmp_path):
 
 def test_no_merge_site_at_the_chosen_level(capsys):
     """SDXL's layout (tiny-xl) has no attention at the top level: max_downsample=1 merges nothing, refused."""
-    from catome_export.eager import apply_catome, apply_tome
+    from catome_export import apply_catome
+    from catome_export.eager import apply_tome
     from catome_export.models import find_merge_sites, load_unet
 
     unet = load_unet("tiny-xl", "random")
@@ -85,7 +86,7 @@ def test_no_merge_site_at_the_chosen_level(capsys):
 
 def test_model_that_is_not_a_unet(capsys, tmp_path):
     """A transformer-based model (SD3-style config, or any module without U-Net levels) is refused by name."""
-    from catome_export.eager import apply_catome
+    from catome_export import apply_catome
     from catome_export.models import find_merge_sites, load_unet
 
     folder = tmp_path / "sd3"

@@ -226,7 +226,7 @@ def test_attach_refuses_what_it_cannot_serve(pipe, tiny_unet, make_runtime):
 
 
 def test_attach_on_top_of_an_eager_patch_restores_both(pipe, tiny_unet, make_runtime):
-    from catome_export.eager import apply_catome
+    from catome_export import apply_catome
 
     handle = apply_catome(pipe, threshold=0.7)
     eager_wrapper = pipe.__dict__["progress_bar"]

@@ -8,7 +8,8 @@ import torch
 
 from catome_export import MergeSettings, Runtime, build_engine
 from catome_export.merging import parse_schedule
-from catome_export.eager import apply_catome, apply_deepcache
+from catome_export import apply_catome
+from catome_export.eager import apply_deepcache
 from catome_export.errors import CatomeError
 from catome_export.export.build import BuildOptions
 from catome_export.export.manifest import Manifest

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from catome_export.errors import CatomeError
-from catome_export.merging import MergeSettings, parse_schedule
+from catome_export.merging import MergeSettings, StepRecord, parse_schedule
 from catome_export.merging.matching import partition
 
 TIMESTEPS = (901, 801, 701, 601, 501)
@@ -48,6 +48,9 @@ def test_runtime_matches_eager_over_checkpoint_and_cached_steps(make_runtime, ea
     assert any(r > 0 for r in rows[0][0].merged.values()), "smooth latents must merge at t=0.7"
     # cached steps reuse the checkpoint's r
     assert rows[1][0].merged == rows[0][0].merged and rows[4][0].merged == rows[2][0].merged
+    # one record type on both sides; the eager patch times nothing
+    assert all(type(m) is type(t) is StepRecord and t.step_ms == t.controller_ms == 0.0 for m, t in rows)
+    assert rows[0][0].to_dict()["merged"] == {str(k): r for k, r in sorted(rows[0][0].merged.items())}
     assert len(runtime.history) == len(TIMESTEPS)
 
 
@@ -209,14 +212,15 @@ def test_a_failed_call_keeps_the_records_aligned(make_runtime, smooth_latents, t
     assert math.isnan(runtime.history[1].step_ms) and runtime.history[2].step_ms > 0
 
 
-def test_deprecated_shorthands_warn_and_match_the_one_way(make_runtime, smooth_latents, text_embeddings):
+def test_the_schedule_changes_through_set_settings_and_the_last_step_is_history(make_runtime, smooth_latents,
+                                                                               text_embeddings):
     runtime = make_runtime(_settings(threshold=0.7))
     runtime.unet(smooth_latents(1, (16, 16)), 900, text_embeddings(1))
-    with pytest.warns(DeprecationWarning, match=r"runtime.history\[-1\]"):
-        assert runtime.last_stats == runtime.history[-1]
-    with pytest.warns(DeprecationWarning, match="set_settings"):
-        runtime.with_schedule("every_step")
-    assert runtime.settings.schedule == parse_schedule("every_step", runtime.settings.schedule.step_base)
+    assert runtime.history[-1].step == 0 and runtime.history[-1].matched
+    every = parse_schedule("every_step", runtime.settings.schedule.step_base)
+    runtime.set_settings(replace(runtime.settings, schedule=every))
+    assert runtime.settings.schedule == every
+    assert not hasattr(runtime, "with_schedule") and not hasattr(type(runtime), "last_stats")  # 0.1.0 shims, removed
 
 
 def test_r_multiple_runtime_equals_eager_and_bounds_the_shapes_over_generations(make_runtime, eager, reference_unet,

@@ -39,8 +39,8 @@ def test_max_batch_above_the_built_range(tiny_engine, capsys):
     (["--max-queued-requests", "0"], "--max-queued-requests must be >= 1, or -1 for no limit, got 0"),
     (["--request-timeout", "0"], "--request-timeout must be a number of seconds > 0, got 0"),
     (["--drain-timeout", "-1"], "--drain-timeout must be a number of seconds >= 0, got -1"),
-    (["--max-batch", "0"], "max_batch must be an integer >= 1, got 0"),
-    (["--steps", "0"], "steps must be an integer >= 1, got 0"),
+    (["--max-batch", "0"], "max_batch must be an int >= 1, got 0"),
+    (["--steps", "0"], "steps must be an int >= 1, got 0"),
     (["--feature-cache", "3,x"], "give the feature cache as INTERVAL,BRANCH (e.g. 3,0), INTERVAL, off, or "
                                  "full:0,2,5;BRANCH (got '3,x')"),
     (["--feature-cache", "3,0"], "this engine was cut for no feature-cache branch; feature-cache branch 0 needs a "

@@ -61,6 +61,15 @@ def test_batch_one_is_identical_to_a_direct_generate_call(tiny_engine, service):
     assert result.merged == direct_merged and any(r > 0 for step in direct_merged for r in step)
 
 
+def test_serve_uses_the_generate_workflows_pipeline_call_and_pixel_conversion():
+    from catome_export.serve import service as serve_module
+    from catome_export.workflows import generate as workflow
+
+    assert serve_module.run_pipeline is workflow.run_pipeline and serve_module.to_pixels is workflow.to_pixels
+    assert not hasattr(serve_module, "_StepMarks")  # no step clock of its own
+    assert workflow.to_pixels(np.array([[[-0.2, 0.5, 1.3]]])).tolist() == [[[0, 128, 255]]]
+
+
 def test_jobs_are_grouped_and_chunked_within_the_built_batch(service):
     # guidance <= 1: one U-Net row per image, two images share a call (max_batch 2, engine batch 1..2);
     # guidance 7.5: two rows per image, so one image per call; another size is another group.
@@ -120,12 +129,12 @@ def test_options_are_checked():
         ServeOptions.from_dict({"engine_dir": "x", "max_btach": 2})
     with pytest.raises(CatomeError, match="engine_dir is missing"):
         ServeOptions.from_dict({})
-    with pytest.raises(CatomeError, match="max_batch must be an integer >= 1"):
+    with pytest.raises(CatomeError, match="max_batch must be an int >= 1"):
         ServeOptions("x", max_batch=0)
     with pytest.raises(CatomeError, match="backend_options must be a mapping, got list"):
         ServeOptions("x", backend_options=["cpu_mem_arena"])
     for bad in (0, 2.5, True, "64"):
-        with pytest.raises(CatomeError, match="r_multiple must be an integer >= 1"):
+        with pytest.raises(CatomeError, match="r_multiple must be an int >= 1"):
             ServeOptions("x", r_multiple=bad)
     assert ServeOptions.from_dict({"engine_dir": "x", "r_multiple": 64}).r_multiple == 64
     with pytest.raises(CatomeError, match="max-batch 3 is above the engine's built batch range 1..2"):
