@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from catome_export.export.controlnet import ControlNetRecord
-from catome_export.export.manifest import EngineFile, Manifest, ModelRecord, StageRecord, TrtRecord
-from catome_export.export.profiles import ShapeRanges
-from catome_export.export.stages import StageSpec, TensorSpec, plan_specs
+from catome_export.engine.controlnet import ControlNetRecord
+from catome_export.engine.manifest import EngineFile, Manifest, ModelRecord, StageRecord, TrtRecord
+from catome_export.engine.shapes import ShapeRanges
+from catome_export.engine.specs import StageSpec, TensorSpec
+from catome_export.export.stages import plan_specs
 from catome_export.merging import MergeSettings, parse_schedule
 from catome_export.models.sites import MergeSite
 

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     import torch
 
     from catome_export.backends.base import Backend, StageRunner
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
 
 __all__ = ["Backend", "StageRunner", "BackendChoice", "BACKEND_NAMES", "choose_backend", "create_backend"]
 

@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any
 
 from catome_export.backends.select import TRT_PIP, trt_version_problem
 from catome_export.errors import CatomeError
-from catome_export.export.io_names import SAMPLE
+from catome_export.engine.io_names import SAMPLE
 
 if TYPE_CHECKING:  # the manifest module imports torch; this one stays importable without it
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 

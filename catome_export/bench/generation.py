@@ -190,7 +190,7 @@ class _Loop:
 
 def _engine_for(config: GenerationConfig, resolution: int, progress: Callable[[str], None]) -> Path:
     """The engine folder: the given one, or one built under the work folder (reused when it fits)."""
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
 
     if config.engine_dir is not None:
         folder = config.engine_dir
@@ -216,7 +216,7 @@ def _engine_for(config: GenerationConfig, resolution: int, progress: Callable[[s
 def run_generation_bench(config: GenerationConfig, progress: Callable[[str], None] | None = None) -> "GenerationResult":
     """Time whole generations of every row (see the module docstring)."""
     from catome_export.backends.select import choose_backend
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
     from catome_export.models import load_unet, model_info
     from catome_export.runtime import Runtime
 

@@ -34,7 +34,7 @@ import torch
 
 from catome_export.bench.measure import BENCH_SCHEDULE, Inputs
 from catome_export.errors import CatomeError
-from catome_export.export.io_names import SAMPLE, TEXT, TIMESTEP
+from catome_export.engine.io_names import SAMPLE, TEXT, TIMESTEP
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def profile_engine(engine_dir: Path, inputs: Inputs, fractions: Sequence[float],
     ``ort_options``: :class:`~catome_export.backends.ort.OrtOptions` values (threads included)."""
     from catome_export.backends.ort import OrtOptions, OrtStageRunner, stage_graph_file
     from catome_export.backends.torch_backend import manifest_dtype
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
     from catome_export.runtime.runtime import Runtime
 
     manifest = Manifest.load(engine_dir, check_hashes=False)

@@ -422,7 +422,7 @@ def _profile(session: _Session) -> dict[str, Any] | None:
 
 
 def _compare_weights(session: _Session, engine_dir: Path, digest: str) -> None:
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
 
     built = Manifest.load(engine_dir, check_files=False).model
     if built.weights_hash != digest:
@@ -432,7 +432,7 @@ def _compare_weights(session: _Session, engine_dir: Path, digest: str) -> None:
 
 
 def _engine_unet_config(engine_dir: Path) -> dict[str, Any]:
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
 
     manifest = Manifest.load(engine_dir, check_files=False)
     cfg = manifest.model.unet_config

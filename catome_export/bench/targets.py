@@ -24,7 +24,7 @@ import torch
 
 from catome_export.bench.timing import synchronize
 from catome_export.errors import CatomeError
-from catome_export.export.io_names import MODEL_OUTPUT, SAMPLE, TEXT, TIMESTEP
+from catome_export.engine.io_names import MODEL_OUTPUT, SAMPLE, TEXT, TIMESTEP
 from catome_export.merging import MergePlan, MergeSettings
 
 logger = logging.getLogger(__name__)
@@ -214,7 +214,7 @@ class EngineTarget(Target):
              stage_timings: bool = True) -> "EngineTarget":
         """Load the engine; ``ort_options`` (threads included) go to ONNX Runtime backends only."""
         from catome_export.backends.select import choose_backend
-        from catome_export.export.manifest import Manifest
+        from catome_export.engine.manifest import Manifest
         from catome_export.runtime import Runtime
 
         engine_backend = Manifest.load(engine_dir, check_files=False).engine_backend

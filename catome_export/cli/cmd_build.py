@@ -19,7 +19,8 @@ WEIGHTS_HELP = ("pretrained (default for sd15/sd21/sdxl and folders: the hub, it
 """--weights help, shared by the commands that load a U-Net."""
 
 if TYPE_CHECKING:  # the build pulls in torch; --help must not
-    from catome_export.export.build import BuildOptions, BuildResult
+    from catome_export.engine.options import BuildOptions
+    from catome_export.export.build import BuildResult
 
 DESCRIPTION = """\
 Cut the U-Net at its merge sites into stages, export each stage as a
@@ -44,7 +45,7 @@ examples:
 
 def options_from_args(args: argparse.Namespace) -> "BuildOptions":
     """The build's options from the parsed flags: the one place the command line becomes a :class:`BuildOptions`."""
-    from catome_export.export.build import BuildOptions
+    from catome_export.engine.options import BuildOptions
     from catome_export.merging import MergeSettings, parse_schedule
 
     level = args.max_downsample

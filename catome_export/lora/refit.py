@@ -36,8 +36,9 @@ import numpy as np
 import torch
 
 from catome_export.errors import CatomeError
-from catome_export.export.manifest import EngineFile, LoraEntry, LoraRecord, Manifest
-from catome_export.fsutil import BuildLock, atomic_write_bytes, sha256_file
+from catome_export.engine.manifest import EngineFile, LoraEntry, LoraRecord, Manifest
+from catome_export.engine.folder import BuildLock
+from catome_export.fsutil import atomic_write_bytes, sha256_file
 from catome_export.lora.files import (
     LoraFile, LoraSpec, fused_weights, load_loras, lora_targets, parse_lora_arg, targets_from_config, touched_params,
 )

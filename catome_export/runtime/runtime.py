@@ -32,9 +32,9 @@ from catome_export.backends.base import Backend, StageRunner, StreamOwner
 from catome_export.backends.select import choose_backend
 from catome_export.backends.torch_backend import manifest_dtype
 from catome_export.errors import CatomeError
-from catome_export.export.controlnet import ControlNetInputs
-from catome_export.export.io_names import ADDED_INPUTS, MODEL_OUTPUT, SAMPLE, TEXT, TIMESTEP, plan_names
-from catome_export.export.manifest import FeatureCacheRecord, Manifest
+from catome_export.engine.controlnet import ControlNetInputs
+from catome_export.engine.io_names import ADDED_INPUTS, MODEL_OUTPUT, SAMPLE, TEXT, TIMESTEP, plan_names
+from catome_export.engine.manifest import FeatureCacheRecord, Manifest
 from catome_export.featurecache import CacheClock, FeatureCacheSettings, parse_feature_cache
 from catome_export.featurecache.clock import Timesteps
 from catome_export.merging import MergeController, MergeSettings, MergePlan

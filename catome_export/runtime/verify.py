@@ -50,7 +50,7 @@ from catome_export.featurecache import FeatureCacheSettings
 from catome_export.devices import load_average
 from catome_export.errors import CatomeError
 from catome_export.export.controlnet import random_residuals
-from catome_export.export.manifest import Manifest
+from catome_export.engine.manifest import Manifest
 from catome_export.memory import check_available, gb, verify_need
 from catome_export.latents import make_latents
 from catome_export.merging import parse_schedule

@@ -140,7 +140,7 @@ class ServeOptions:
 
 def manifest_sha256(engine_dir: str | Path) -> str:
     """sha256 (hex) of ``engine_dir/manifest.json``: the engine's identity, as the application pins it."""
-    from catome_export.export.manifest import MANIFEST_FILE
+    from catome_export.engine.manifest import MANIFEST_FILE
     from catome_export.fsutil import sha256_file
 
     folder = Path(engine_dir)
@@ -196,7 +196,7 @@ def check_feature_cache_option(engine_dir: str | Path, feature_cache: str | None
     """CatomeError, before any replica starts, when ``feature_cache`` needs a branch the engine was not cut for."""
     if feature_cache is None:
         return
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
     from catome_export.runtime.runtime import check_feature_cache
 
     check_feature_cache(Manifest.load(engine_dir, check_hashes=False).feature_cache, parse_feature_cache(feature_cache))
@@ -204,7 +204,7 @@ def check_feature_cache_option(engine_dir: str | Path, feature_cache: str | None
 
 def engine_batch_range(engine_dir: str | Path) -> tuple[int, int]:
     """The U-Net batch range an engine folder was built for (from its manifest), checked before any replica starts."""
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
 
     return Manifest.load(engine_dir, check_hashes=False).shapes.batch
 
@@ -359,7 +359,7 @@ class ImageService:
         cache = "engine" if options.feature_cache is None else parse_feature_cache(options.feature_cache)
         settings = None
         if options.r_multiple is not None:  # the engine's own merge settings, r rounded as the options say
-            from catome_export.export.manifest import Manifest
+            from catome_export.engine.manifest import Manifest
 
             built = Manifest.load(options.engine_dir, check_files=False).merge
             settings = replace(built, r_multiple=options.r_multiple)

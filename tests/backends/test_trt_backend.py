@@ -30,8 +30,9 @@ from onnx import TensorProto, helper
 from catome_export.backends.base import DeviceStream
 from catome_export.backends.trt import ALIGNMENT, SharedDeviceMemory, TrtBackend, aligned, aligned_empty
 from catome_export.errors import CatomeError
-from catome_export.export.manifest import EngineFile, StageRecord
-from catome_export.export.stages import StageSpec, TensorSpec, plan_specs
+from catome_export.engine.manifest import EngineFile, StageRecord
+from catome_export.engine.specs import StageSpec, TensorSpec
+from catome_export.export.stages import plan_specs
 from factories import make_manifest
 
 C = 8

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from catome_export.errors import CatomeError
-from catome_export.export.manifest import Manifest
+from catome_export.engine.manifest import Manifest
 from catome_export.merging import MergeSettings, parse_schedule
 from factories import make_manifest, make_shapes, make_trt
 from catome_export.backends.trt_compat import (

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from catome_export.export.manifest import StageRecord
+from catome_export.engine.manifest import StageRecord
 from catome_export.merging import MergeSettings, parse_schedule
 from factories import make_manifest, make_shapes, make_stages
 

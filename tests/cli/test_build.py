@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from catome_export.cli.main import main
-from catome_export.export.manifest import MANIFEST_FILE, Manifest
+from catome_export.engine.manifest import MANIFEST_FILE, Manifest
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from catome_export.cli.main import main
-from catome_export.export.manifest import Manifest
+from catome_export.engine.manifest import Manifest
 from checkpoints import ldm_clip_state_dict, ldm_unet_state_dict, ldm_vae_state_dict, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,7 +8,7 @@ import torch
 
 from catome_export.eager.deepcache import apply_deepcache
 from catome_export.errors import CatomeError
-from catome_export.export.io_names import MODEL_OUTPUT
+from catome_export.engine.io_names import MODEL_OUTPUT
 from catome_export.export.stages import cached_branches, cut_unet, run_stages
 from catome_export.featurecache import UNetLayout, is_skipped, position_of
 from catome_export.models import bundled_config, find_merge_sites, load_unet

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from catome_export.errors import CatomeError
-from catome_export.export.manifest import (
+from catome_export.engine.manifest import (
     MANIFEST_FILE, FusedGraph, Manifest, build_command, canonical_hash, tool_versions,
 )
 from catome_export.merging import MergeSettings, parse_schedule
@@ -171,8 +171,8 @@ def test_r_multiple_is_recorded_and_old_manifests_load_with_q1(engine_dir):
     assert "--r-multiple 64" in rounded.rebuild_command() and "--r-multiple" not in make_manifest().rebuild_command()
     assert "--step-base 1 --r-multiple 64" in build_command({"step_base": 1, "r_multiple": 64})
 def test_controlnet_section_is_optional_and_typed():
-    from catome_export.export.controlnet import ControlNetRecord
-    from catome_export.export.stages import TensorSpec
+    from catome_export.engine.controlnet import ControlNetRecord
+    from catome_export.engine.specs import TensorSpec
     from factories import make_stages, site_stage_specs
 
     old = make_manifest()

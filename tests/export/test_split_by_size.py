@@ -62,14 +62,15 @@ def test_pieces_compute_what_the_uncut_chain_computes(name):
 
 @pytest.mark.parametrize("value", [0, -1, True, "2", float("nan"), 1001])
 def test_max_stage_gb_must_be_a_positive_number(value):
-    from catome_export.export.build import make_options
+    from catome_export.engine.options import make_options
 
     with pytest.raises(CatomeError, match=r"--max-stage-gb must be a number of GB in \(0, 1000\]"):
         make_options("tiny", max_stage_gb=value)
 
 
 def test_max_stage_gb_reaches_the_cut():
-    from catome_export.export.build import MAX_STAGE_BYTES, make_options
+    from catome_export.defaults import MAX_STAGE_BYTES
+    from catome_export.engine.options import make_options
 
     assert make_options("tiny").max_stage_bytes == MAX_STAGE_BYTES == 4_000_000_000
     assert make_options("sdxl", weights="random", max_stage_gb=2).max_stage_bytes == 2_000_000_000
@@ -94,8 +95,8 @@ def test_a_build_with_pieces_verifies_and_runs_on_every_backend(tmp_path):
     """--max-stage-gb 0.004: the build's checks, its verification, the manifest's rebuild command, and the runtime on
     ONNX Runtime and on the torch backend (which cuts the U-Net again, as the manifest records)."""
     pytest.importorskip("onnxruntime", reason="ONNX Runtime is not installed (pip install 'catome-export[ort]')")
-    from catome_export.export.build import make_options
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.options import make_options
+    from catome_export.engine.manifest import Manifest
     from catome_export.runtime import Runtime
     from catome_export.workflows.build import run_build
 

@@ -73,7 +73,7 @@ def _equal(xs, ys) -> bool:
 
 
 def test_build_records_the_lora_and_verifies(lora_engines, lora_files):
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
 
     m = Manifest.load(lora_engines["a"])
     assert m.lora is not None and [(Path(e.source), e.scale) for e in m.lora.active] == [(lora_files["a"], SCALE_A)]
@@ -90,7 +90,7 @@ def test_build_records_the_lora_and_verifies(lora_engines, lora_files):
 def test_old_manifest_without_lora_section_loads_and_refit_names_the_rebuild(lora_engines, tmp_path):
     import json
 
-    from catome_export.export.manifest import MANIFEST_FILE, Manifest, canonical_hash
+    from catome_export.engine.manifest import MANIFEST_FILE, Manifest, canonical_hash
     from catome_export.lora.refit import refit_engine
 
     folder = _copy(lora_engines["base"], tmp_path)
@@ -139,7 +139,7 @@ def test_engine_with_lora_fused_at_build_matches_eager_fuse_lora(lora_engines, l
 def test_refit_to_another_lora_equals_a_fresh_build_and_back_to_none_is_the_base(lora_engines, lora_files, tmp_path,
                                                                                   smooth_latents, text_embeddings):
     from catome_export.cli.main import main
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
     from catome_export.runtime.verify import verify_engine
 
     folder = _copy(lora_engines["a"], tmp_path)
@@ -162,7 +162,7 @@ def test_refit_to_another_lora_equals_a_fresh_build_and_back_to_none_is_the_base
 def test_base_engine_refit_to_a_lora_and_back_to_none_bit_for_bit(lora_engines, lora_files, tmp_path, smooth_latents,
                                                                   text_embeddings):
     from catome_export.cli.main import main
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
 
     folder = _copy(lora_engines["base"], tmp_path)
     before = _snapshot(folder)
@@ -199,7 +199,7 @@ def test_set_lora_swaps_in_memory_without_touching_the_folder(lora_engines, lora
 
 
 def test_set_lora_save_refits_the_folder(lora_engines, lora_files, tmp_path, smooth_latents, text_embeddings):
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
 
     folder = _copy(lora_engines["base"], tmp_path)
     with _load(folder) as runtime:
@@ -261,7 +261,7 @@ def test_refit_failure_leaves_the_engine_unchanged(lora_engines, lora_files, tmp
 
 
 def test_damaged_overrides_file_is_refused_with_the_rebuild(lora_engines, lora_files, tmp_path):
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
     from catome_export.lora.refit import refit_engine
 
     folder = _copy(lora_engines["base"], tmp_path)

@@ -28,7 +28,7 @@ def lora_ort_engine(tmp_path_factory) -> Path:
 
 def _trt_folder(lora_ort_engine: Path, tmp_path: Path, *, refittable: bool = True) -> Path:
     """The ORT engine's graphs with TensorRT plans built as ``build --backend trt [--refittable]`` builds them."""
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
     from catome_export.export.trt_build import build_engines
 
     folder = tmp_path / "engine"
@@ -61,7 +61,7 @@ def _graph_digests(folder: Path, file: str) -> dict[str, str]:
 def _load(trt, folder: Path):
     """The stand-in TensorRT backend with every stage loaded, as Runtime.load does it."""
     from catome_export.backends.trt import TrtBackend
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
     from catome_export.lora.refit import InitializerOverrides
 
     manifest = Manifest.load(folder)
@@ -117,7 +117,7 @@ def test_plans_with_weights_are_refit_on_disk_under_new_names(trt_machine, lora_
     from tensorrt._formats import describe_plan
 
     from catome_export.export import trt_build
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
     from catome_export.lora.refit import InitializerOverrides, refit_engine
 
     monkeypatch.setattr(trt_build, "strip_plan_supported", lambda trt: False)

@@ -204,7 +204,7 @@ def test_step_base_on_the_command_line_is_a_usage_error(capsys):
 
 # -- resolution and batch ----------------------------------------------------------------------------------
 def test_resolution_not_a_multiple_of_8(reliability_engine, capsys, tmp_path):
-    from catome_export.export.build import make_options
+    from catome_export.engine.options import make_options
 
     with pytest.raises(catome_export.CatomeError, match="resolution 100 is not a multiple of 8.*use e.g. 96 or 104"):
         make_options("tiny", resolution=100)

@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 import pytest
 import torch
 
-from catome_export.export.manifest import StageRecord
+from catome_export.engine.manifest import StageRecord
 from catome_export.merging import MergeSettings
 
 

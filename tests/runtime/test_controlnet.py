@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from catome_export.errors import CatomeError
-from catome_export.export.manifest import FeatureCacheRecord, StageRecord
+from catome_export.engine.manifest import FeatureCacheRecord, StageRecord
 from catome_export.export.stages import cached_branches, cut_unet
 from catome_export.featurecache import FeatureCacheSettings, UNetLayout
 from catome_export.merging import MergeSettings, parse_schedule

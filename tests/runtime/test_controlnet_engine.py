@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from catome_export.export.manifest import Manifest
+from catome_export.engine.manifest import Manifest
 from catome_export.featurecache import FeatureCacheSettings
 from catome_export.merging import MergeSettings, parse_schedule
 
@@ -19,7 +19,7 @@ SETTINGS = MergeSettings(threshold=0.7, schedule=parse_schedule("0,2", step_base
 def controlnet_engine(tmp_path_factory):
     """Built with its verification (4 steps, seeded residuals), cut for feature-cache branch 0 too."""
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
-    from catome_export.export.build import make_options
+    from catome_export.engine.options import make_options
     from catome_export.workflows.build import run_build
 
     out = tmp_path_factory.mktemp("cn") / "tiny-cn"

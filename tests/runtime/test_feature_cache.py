@@ -10,8 +10,8 @@ from catome_export import MergeSettings, Runtime, build_engine
 from catome_export.merging import parse_schedule
 from catome_export.eager import apply_catome, apply_deepcache
 from catome_export.errors import CatomeError
-from catome_export.export.build import BuildOptions
-from catome_export.export.manifest import Manifest
+from catome_export.engine.options import BuildOptions
+from catome_export.engine.manifest import Manifest
 from catome_export.featurecache import FeatureCacheSettings, parse_feature_cache
 from catome_export.models.pipeline import make_scheduler, tiny_pipeline
 from catome_export.runtime.verify import verify_engine

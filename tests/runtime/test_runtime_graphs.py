@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from catome_export.errors import CatomeError
-from catome_export.export.manifest import StageRecord
+from catome_export.engine.manifest import StageRecord
 from catome_export.merging import MergeSettings, parse_schedule
 
 SETTINGS = MergeSettings(threshold=0.7, schedule=parse_schedule("0,3", step_base=0))

@@ -27,9 +27,9 @@ from catome_export._version import __version__
 from catome_export.choices import EngineBackend, Precision
 from catome_export.errors import CatomeError
 from catome_export.fsutil import atomic_write_text, sha256_file
-from catome_export.export.controlnet import ControlNetRecord
-from catome_export.export.profiles import ShapeRanges
-from catome_export.export.stages import CachedBranch, StageSpec
+from catome_export.engine.controlnet import ControlNetRecord
+from catome_export.engine.shapes import ShapeRanges
+from catome_export.engine.specs import CachedBranch, StageSpec
 from catome_export.featurecache import FeatureCacheSettings
 from catome_export.merging.settings import MergeSettings
 from catome_export.models.registry import MODELS
