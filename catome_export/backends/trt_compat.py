@@ -78,7 +78,7 @@ def _fmt_range(r: tuple[int, int]) -> str:
 def rebuild_command(manifest: Manifest, engine_dir: str | Path | None = None, **overrides: Any) -> str:
     """The ``catome-export build ... --engine-kind trt`` command that rebuilds this engine folder here.
 
-    ``overrides`` replace flags (``min_resolution=...``, ``max_batch=...``);
+    ``overrides`` replace build options (``resolution=(lo, hi)``, ``batch=(lo, hi)``);
     see :meth:`Manifest.rebuild_command`.
     """
     overrides = {"backend": "trt", **overrides}
@@ -87,12 +87,12 @@ def rebuild_command(manifest: Manifest, engine_dir: str | Path | None = None, **
     return manifest.rebuild_command(**overrides)
 
 
-def _widened(manifest: Manifest, batch: int, latent_hw: tuple[int, int]) -> dict[str, int]:
-    """Build-flag overrides whose ranges cover the built ones and the requested shape."""
+def _widened(manifest: Manifest, batch: int, latent_hw: tuple[int, int]) -> dict[str, tuple[int, int]]:
+    """Build-option overrides whose ranges cover the built ones and the requested shape."""
     s = manifest.shapes
     b, lh, lw = s.batch, s.latent_height, s.latent_width
-    return {"min_batch": min(b[0], batch), "max_batch": max(b[1], batch),
-            "min_resolution": 8 * min(lh[0], lw[0], *latent_hw), "max_resolution": 8 * max(lh[1], lw[1], *latent_hw)}
+    return {"batch": (min(b[0], batch), max(b[1], batch)),
+            "resolution": (8 * min(lh[0], lw[0], *latent_hw), 8 * max(lh[1], lw[1], *latent_hw))}
 
 
 def check_shapes_in_profiles(

@@ -18,7 +18,7 @@ import logging
 import platform
 import shlex
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from catome_export.engine.controlnet import ControlNetRecord
 from catome_export.engine.shapes import ShapeRanges
 from catome_export.engine.specs import CachedBranch, StageSpec
 from catome_export.featurecache import FeatureCacheSettings
+from catome_export.merging.schedules import Schedule
 from catome_export.merging.settings import MergeSettings
 from catome_export.models.registry import MODELS
 from catome_export.models.sites import MergeSite
@@ -403,6 +404,115 @@ class LoraRecord:
         return " + ".join(f"{Path(e.source).name}:{e.scale:g}" for e in self.active) or "none"
 
 
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _range(data: Mapping[str, Any], key: str) -> tuple[int, int] | None:
+    """``min_<key>``/``max_<key>`` (either may be absent: the other end) or ``<key>``, as (min, max)."""
+    ends = [data.get(f"min_{key}"), data.get(f"max_{key}")]
+    given = [int(v) for v in ends if v is not None]
+    if given:
+        return given[0], given[-1]
+    one = data.get(key)
+    return None if one is None else (int(one), int(one))
+
+
+@dataclass(frozen=True)
+class BuildRecord:
+    """The manifest's ``build`` section: the options a folder was built with, in the build command's terms.
+
+    Written by the build from its :class:`~catome_export.engine.options.BuildOptions`; a rebuild command is
+    formatted from it (``catome_export.cli.rebuild``). ``None`` or an empty value: not given (the build's
+    default). On disk the keys are the build command's flags with underscores (``min_resolution``...), as
+    manifests have had them since the section was added.
+    """
+
+    model: str
+    """``tiny``, ``sd15``, ... or a local diffusers folder."""
+    weights: str | None = None
+    """``pretrained``, ``random`` or a checkpoint file."""
+    precision: str | None = None
+    backend: str | None = None
+    """The build's ``--engine-kind``: ``auto``, ``ort`` or ``trt``."""
+    resolution: tuple[int, int] | None = None
+    """(min, max) image side in pixels."""
+    batch: tuple[int, int] | None = None
+    """(min, max) batch size."""
+    threshold: float | None = None
+    ratio: float | None = None
+    merge_fraction: float | None = None
+    schedule: str | None = None
+    """A schedule name, ``auto:K``, or comma-separated checkpoint steps."""
+    step_base: int | None = None
+    r_multiple: int | None = None
+    """None: 1 (r as counted)."""
+    max_downsample: int | None = None
+    opt_merge_fraction: float | None = None
+    ort_optimize: bool = True
+    max_stage_gb: float | None = None
+    feature_cache: str | None = None
+    """``I,b`` (``--feature-cache``)."""
+    cache_branches: tuple[int, ...] = ()
+    """Feature-cache branches cut for besides ``feature_cache``'s."""
+    lora: tuple[str, ...] = ()
+    """``FILE:SCALE`` per LoRA fused at build, in order."""
+    refittable: bool = False
+    name: str | None = None
+    out: str | None = None
+    """The folder the build wrote (a copy of it is rebuilt where it was loaded from)."""
+    controlnet: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"model": self.model, "weights": self.weights, "precision": self.precision,
+                             "backend": self.backend, "name": self.name, "out": self.out}
+        for key in ("threshold", "ratio", "merge_fraction", "schedule", "step_base", "r_multiple", "max_downsample",
+                    "opt_merge_fraction", "max_stage_gb", "feature_cache"):
+            value = getattr(self, key)
+            if value is not None:
+                d[key] = value
+        if not self.ort_optimize:
+            d["ort_optimize"] = "off"
+        d["cache_branches"] = ",".join(map(str, self.cache_branches)) or None
+        d["lora"] = list(self.lora) or None
+        d["refittable"] = self.refittable or None
+        if self.controlnet:
+            d["controlnet"] = True
+        for key, pair in (("resolution", self.resolution), ("batch", self.batch)):
+            if pair is not None and pair[0] == pair[1]:
+                d[key] = pair[0]
+            elif pair is not None:
+                d.update({f"min_{key}": pair[0], f"max_{key}": pair[1]})
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "BuildRecord":
+        """Parse a ``build`` section (ValueError, TypeError or KeyError on a malformed one)."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("model"), str):
+            raise ValueError("the build section is malformed")
+        branches = data.get("cache_branches")
+        if isinstance(branches, str):
+            branches = [b for b in branches.split(",") if b.strip()]
+        lora = data.get("lora")
+        if isinstance(lora, str):
+            lora = [lora]
+        optimize = data.get("ort_optimize", True)
+        text = {key: None if data.get(key) is None else str(data[key])
+                for key in ("weights", "precision", "backend", "schedule", "feature_cache", "name", "out")}
+        return cls(model=data["model"], resolution=_range(data, "resolution"), batch=_range(data, "batch"),
+                   threshold=_opt_float(data.get("threshold")), ratio=_opt_float(data.get("ratio")),
+                   merge_fraction=_opt_float(data.get("merge_fraction")), step_base=_opt_int(data.get("step_base")),
+                   r_multiple=_opt_int(data.get("r_multiple")), max_downsample=_opt_int(data.get("max_downsample")),
+                   opt_merge_fraction=_opt_float(data.get("opt_merge_fraction")),
+                   ort_optimize=optimize not in (False, "off"), max_stage_gb=_opt_float(data.get("max_stage_gb")),
+                   cache_branches=tuple(int(b) for b in branches or ()), lora=tuple(str(x) for x in lora or ()),
+                   refittable=bool(data.get("refittable")), controlnet=bool(data.get("controlnet")), **text)
+
+
 @dataclass
 class Manifest:
     """Contents of ``manifest.json``, parsed into typed parts (see docs/export.md for every key).
@@ -432,8 +542,10 @@ class Manifest:
     """The LoRA the engine computes and what a refit needs (None: a manifest from before LoRA support)."""
     controlnet: ControlNetRecord | None = None
     """The ControlNet residual inputs (``build --controlnet``; None: an engine without them)."""
+    build: BuildRecord | None = None
+    """The options the folder was built with (None: a manifest from before they were recorded)."""
     extra: dict[str, Any] = field(default_factory=dict)
-    """Other top-level keys (``build``: the build arguments, ``build_command``, ``audit``, ``export``)."""
+    """Other top-level keys (``build_command``, ``audit``, ``export``)."""
     manifest_sha256: str = ""
     engine_dir: Path | None = field(default=None, compare=False)
     """Folder it was loaded from or saved to (not stored)."""
@@ -454,6 +566,8 @@ class Manifest:
             d["lora"] = self.lora.to_dict()
         if self.controlnet is not None:
             d["controlnet"] = self.controlnet.to_dict()
+        if self.build is not None:
+            d["build"] = self.build.to_dict()
         for key, value in self.extra.items():
             if key not in d and key != "manifest_sha256":
                 d[key] = value
@@ -475,7 +589,7 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], engine_dir: Path | None = None) -> "Manifest":
         """Parse every section (KeyError, TypeError, ValueError or CatomeError on a malformed one)."""
-        known = set(CORE_KEYS) | {"manifest_sha256", "feature_cache", "lora", "controlnet"}
+        known = set(CORE_KEYS) | {"manifest_sha256", "feature_cache", "lora", "controlnet", "build"}
         stages = data["stages"]
         sites = data["sites"]
         if not isinstance(stages, list) or not isinstance(sites, list):
@@ -484,6 +598,7 @@ class Manifest:
         cache = data.get("feature_cache")
         lora = data.get("lora")
         controlnet = data.get("controlnet")
+        build = data.get("build")
         return cls(
             name=str(data["name"]), model=ModelRecord.from_dict(data["model"]), precision=data["precision"],
             merge=MergeSettings.from_dict(data["merge"]), sites=tuple(_site_from_dict(s) for s in sites),
@@ -493,6 +608,7 @@ class Manifest:
             feature_cache=None if cache is None else FeatureCacheRecord.from_dict(cache),
             lora=None if lora is None else LoraRecord.from_dict(lora),
             controlnet=None if controlnet is None else ControlNetRecord.from_dict(controlnet),
+            build=None if build is None else BuildRecord.from_dict(build),
             format_version=data["format_version"], catome_export_version=data.get("catome_export_version", ""),
             extra={k: v for k, v in data.items() if k not in known},
             manifest_sha256=data.get("manifest_sha256", ""), engine_dir=engine_dir,
@@ -608,10 +724,10 @@ class Manifest:
         """CatomeError unless (batch, latent size) lies inside the built ranges (naming them and the rebuild)."""
         r = self.shapes
         problems: list[str] = []
-        overrides: dict[str, int] = {}
+        overrides: dict[str, tuple[int, int]] = {}
         if not r.batch[0] <= batch <= r.batch[1]:
             problems.append(f"batch {batch} is outside the built range {r.batch[0]}..{r.batch[1]}")
-            overrides.update(min_batch=min(batch, r.batch[0]), max_batch=max(batch, r.batch[1]))
+            overrides["batch"] = (min(batch, r.batch[0]), max(batch, r.batch[1]))
         for key, (lo, hi), value in (("latent_height", r.latent_height, latent_h),
                                      ("latent_width", r.latent_width, latent_w)):
             if not lo <= value <= hi:
@@ -621,62 +737,62 @@ class Manifest:
             lows = [r.latent_height[0], r.latent_width[0], latent_h, latent_w]
             highs = [r.latent_height[1], r.latent_width[1], latent_h, latent_w]
             if any("latent" in p for p in problems):
-                overrides.update(min_resolution=8 * min(lows), max_resolution=8 * max(highs))
+                overrides["resolution"] = (8 * min(lows), 8 * max(highs))
             raise CatomeError(f"engine {self.name}: {'; '.join(problems)}. Use a size inside the range, or rebuild "
                               f"for it: {self.rebuild_command(**overrides)}")
 
-    def rebuild_command(self, **overrides: Any) -> str:
-        """The ``catome-export build`` command that makes this folder again (with ``overrides`` of its flags).
-
-        It formats the build arguments the manifest recorded; a manifest
-        without them gets them reconstructed from its model, precision, merge
-        settings, shape ranges and TensorRT section.
-        """
-        recorded = self.extra.get("build")
-        if isinstance(recorded, Mapping) and recorded:
-            return build_command({**recorded, **overrides})
+    def build_record(self) -> BuildRecord:
+        """The options the folder was built with: the recorded ``build`` section, or, in a manifest from before
+        it was recorded, the options rebuilt from its model, precision, merge settings, shape ranges and
+        TensorRT section."""
+        if self.build is not None:
+            return self.build
         s, merge = self.shapes, self.merge
-        args: dict[str, Any] = {"model": self.model.id or self.name, "weights": self.model.weights,
-                                "precision": self.precision, "name": self.name}
-        for key in ("threshold", "ratio", "merge_fraction"):
-            value = getattr(merge, key)
-            if value is not None:
-                args[key] = f"{value:g}"
-                break
-        schedule = merge.schedule
-        checkpoints = schedule.checkpoints
-        if schedule.name == "custom" and checkpoints is not None:
-            args["schedule"] = ",".join(str(c) for c in checkpoints)
-        else:
-            args["schedule"] = schedule.name
-        args["step_base"] = schedule.step_base
-        if merge.r_multiple != 1:
-            args["r_multiple"] = merge.r_multiple
-        args.update(min_batch=s.batch[0], max_batch=s.batch[1],  # the CLI takes square pixel sizes: cover both
-                    min_resolution=8 * min(s.latent_height[0], s.latent_width[0]),
-                    max_resolution=8 * max(s.latent_height[1], s.latent_width[1]))
         frac = self.trt.opt_merge_fraction if self.trt is not None else None
         if frac is None:
             frac = s.opt_merge_fraction
-        if frac is not None:
-            args["opt_merge_fraction"] = f"{float(frac):g}"
-        args["out"] = str(self.engine_dir) if self.engine_dir is not None else f"engines/{self.name}"
-        if self.controlnet is not None:
-            args["controlnet"] = True
-        args.update(overrides)
-        return build_command(args)
+        return BuildRecord(
+            model=self.model.id or self.name, weights=self.model.weights, precision=self.precision,
+            # the CLI takes square pixel sizes: cover both sides
+            resolution=(8 * min(s.latent_height[0], s.latent_width[0]), 8 * max(s.latent_height[1], s.latent_width[1])),
+            batch=s.batch, threshold=merge.threshold, ratio=merge.ratio, merge_fraction=merge.merge_fraction,
+            schedule=schedule_flag(merge.schedule), step_base=merge.schedule.step_base,
+            r_multiple=None if merge.r_multiple == 1 else merge.r_multiple, max_downsample=merge.max_downsample,
+            opt_merge_fraction=None if frac is None else float(frac), name=self.name,
+            out=str(self.engine_dir) if self.engine_dir is not None else f"engines/{self.name}",
+            controlnet=self.controlnet is not None)
+
+    def rebuild_command(self, **overrides: Any) -> str:
+        """The ``catome-export build`` command that makes this folder again (``overrides``: fields of
+        :class:`BuildRecord` to change, e.g. ``batch=(1, 4)``)."""
+        return build_command(replace(self.build_record(), **overrides))
+
+
+def schedule_flag(schedule: Schedule) -> str:
+    """A schedule as ``--schedule`` takes it: its name, or its checkpoint steps for a custom one."""
+    if schedule.name == "custom" and schedule.checkpoints is not None:
+        return ",".join(str(c) for c in schedule.checkpoints)
+    return schedule.name
 
 
 def _rebuild_from(data: Mapping[str, Any], engine_dir: Path) -> str:
-    """The rebuild command of a manifest dict that does not parse: its recorded build arguments, else its model."""
+    """The rebuild command of a manifest dict that does not parse: its recorded build options, else its model."""
     recorded = data.get("build")
-    if isinstance(recorded, Mapping) and recorded:
-        return build_command(recorded)
+    if isinstance(recorded, Mapping):
+        try:
+            return build_command(BuildRecord.from_dict(recorded))
+        except (KeyError, TypeError, ValueError):
+            pass
     model = data.get("model")
     if not isinstance(model, Mapping):
         model = {}
-    return build_command({"model": model.get("id", "MODEL"), "weights": model.get("weights"),
-                          "precision": data.get("precision"), "name": data.get("name"), "out": str(engine_dir)})
+
+    def text(value: Any) -> str | None:
+        return None if value is None else str(value)
+
+    return build_command(BuildRecord(model=str(model.get("id", "MODEL")), weights=text(model.get("weights")),
+                                     precision=text(data.get("precision")), name=text(data.get("name")),
+                                     out=str(engine_dir)))
 
 
 def _first_malformed(data: Mapping[str, Any]) -> str | None:
@@ -695,32 +811,50 @@ def _first_malformed(data: Mapping[str, Any]) -> str | None:
     return None
 
 
-FLAG_ORDER = ("model", "weights", "precision", "backend", "resolution", "min_resolution", "max_resolution", "batch",
-              "min_batch", "max_batch", "threshold", "ratio", "merge_fraction", "schedule", "step_base",
-              "r_multiple", "opt_merge_fraction", "ort_optimize", "max_stage_gb", "feature_cache", "cache_branches",
-              "lora", "refittable", "name", "out", "controlnet")
+FLAG_ORDER = ("model", "weights", "precision", "backend", "resolution", "batch", "threshold", "ratio", "merge_fraction",
+              "schedule", "step_base", "r_multiple", "max_downsample", "opt_merge_fraction", "ort_optimize",
+              "max_stage_gb", "feature_cache", "cache_branches", "lora", "refittable", "name", "out", "controlnet")
+"""The build command's flags in the order a rebuild command gives them."""
 
 
 FLAG_NAMES = {"backend": "engine-kind"}
-"""Build arguments whose flag is not the key with dashes (``backend`` is recorded, ``--engine-kind`` is the flag)."""
+"""Build options whose flag is not the key with dashes (``backend`` is recorded, ``--engine-kind`` is the flag)."""
 
 
-def build_command(args: Mapping[str, Any]) -> str:
-    """Format build arguments as a ``catome-export build`` command line (``None`` values left out)."""
-    args = dict(args)
-    if "min_resolution" in args or "max_resolution" in args:
-        args.pop("resolution", None)
-    if "min_batch" in args or "max_batch" in args:
-        args.pop("batch", None)
+def _number(value: float) -> str:
+    """A float as short as it reads back exactly (``0.7``, ``0.004``, ``1e-05``)."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
+
+
+def build_command(record: BuildRecord) -> str:
+    """Format build options as a ``catome-export build`` command line (options not given left out)."""
     parts = ["catome-export", "build"]
-    for key in FLAG_ORDER:
-        value = args.get(key)
-        if value is None or value is False:
-            continue
+
+    def add(key: str, value: Any) -> None:
         flag = f"--{FLAG_NAMES.get(key, key.replace('_', '-'))}"
-        if value is True:  # a switch (--refittable)
-            parts.append(flag)
-            continue
-        for item in value if isinstance(value, (list, tuple)) else (value,):  # repeatable flags (--lora)
-            parts += [flag, shlex.quote(str(item))]
+        parts.extend((flag, shlex.quote(_number(value) if isinstance(value, float) else str(value))))
+
+    for key in FLAG_ORDER:
+        value = getattr(record, key)
+        if key in ("resolution", "batch"):
+            if value is not None and value[0] == value[1]:
+                add(key, value[0])
+            elif value is not None:
+                add(f"min_{key}", value[0])
+                add(f"max_{key}", value[1])
+        elif key == "ort_optimize":
+            if not value:
+                add(key, "off")
+        elif key == "cache_branches":
+            if value:
+                add(key, ",".join(map(str, value)))
+        elif key == "lora":
+            for item in value:  # one --lora per file, in order
+                add(key, item)
+        elif isinstance(value, bool):  # a switch (--refittable, --controlnet)
+            if value:
+                parts.append(f"--{key.replace('_', '-')}")
+        elif value is not None:
+            add(key, value)
     return " ".join(parts)

@@ -13,8 +13,9 @@ from typing import Any
 
 from catome_export.choices import BuildBackend, Exporter, Precision, Weights
 from catome_export.defaults import (
-    DEFAULT_BATCH_RANGE, DEFAULT_VERIFY_STEPS, MAX_BATCH, MAX_RESOLUTION, MAX_STAGE_BYTES, MIN_RESOLUTION, OPSET,
+    DEFAULT_BATCH_RANGE, DEFAULT_R_MULTIPLE, DEFAULT_VERIFY_STEPS, MAX_BATCH, MAX_RESOLUTION, MAX_STAGE_BYTES, MIN_RESOLUTION, OPSET,
 )
+from catome_export.engine.manifest import BuildRecord, schedule_flag
 from catome_export.errors import CatomeError
 from catome_export.featurecache import FeatureCacheSettings, UNetLayout, parse_feature_cache
 from catome_export.featurecache.branches import check_branch
@@ -80,8 +81,6 @@ class BuildOptions:
     """The model's usual resolution (the TensorRT opt shape, clamped into the range)."""
     opt_merge_fraction: float | None = None
     """Share of src tokens TensorRT profiles tune for (None: the merge settings' fraction, else 0.5)."""
-    cli: dict[str, Any] = field(default_factory=dict)
-    """The flags as given, for the manifest's rebuild command."""
     force: bool = False
     """Replace an existing engine folder even when it holds files no build made (they are removed with it)."""
     ort_optimize: bool = True
@@ -115,6 +114,23 @@ class BuildOptions:
     @property
     def max_stage_bytes(self) -> int:
         return MAX_STAGE_BYTES if self.max_stage_gb is None else int(self.max_stage_gb * 1e9)
+
+    def record(self) -> BuildRecord:
+        """The manifest's ``build`` section for these options (an ``auto:K`` schedule recorded as asked)."""
+        s = self.settings
+        default = self.feature_cache.branch if self.feature_cache is not None else None
+        return BuildRecord(
+            model=self.model, weights=str(self.weights), precision=str(self.precision), backend=str(self.backend),
+            resolution=self.resolution, batch=self.batch, threshold=s.threshold, ratio=s.ratio,
+            merge_fraction=s.merge_fraction,
+            schedule=self.schedule.name if self.schedule is not None else schedule_flag(s.schedule),
+            step_base=s.schedule.step_base, r_multiple=None if s.r_multiple == DEFAULT_R_MULTIPLE else s.r_multiple,
+            max_downsample=s.max_downsample, opt_merge_fraction=self.opt_merge_fraction,
+            ort_optimize=self.ort_optimize, max_stage_gb=self.max_stage_gb,
+            feature_cache=None if self.feature_cache is None else self.feature_cache.flag(),
+            cache_branches=tuple(b for b in self.cache_branches if b != default),
+            lora=tuple(spec.flag() for spec in self.loras), refittable=self.refittable, name=self.name,
+            out=str(self.out_dir), controlnet=self.controlnet)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -176,7 +192,7 @@ class BuildOptions:
                schedule: ScheduleSpec | AutoSchedule | None = None, name: str | None = None,
                out_dir: str | Path | None = None, verify: bool = True, verify_steps: int = DEFAULT_VERIFY_STEPS,
                exporter: str | Exporter = Exporter.TORCHSCRIPT, opset: int = OPSET,
-               opt_merge_fraction: float | None = None, cli: dict[str, Any] | None = None,
+               opt_merge_fraction: float | None = None,
                force: bool = False, ort_optimize: bool = True,
                max_stage_gb: float | None = None, feature_cache: FeatureCacheSettings | str | None = None,
                cache_branches: tuple[int, ...] | list[int] = (), lora: Any = (),
@@ -234,7 +250,7 @@ class BuildOptions:
                    batch=(blo, bhi), settings=settings, schedule=auto, name=name, out_dir=out, verify=verify,
                    verify_steps=verify_steps, exporter=exporter, opset=opset,
                    default_resolution=info.default_resolution, opt_merge_fraction=opt_merge_fraction,
-                   cli=dict(cli or {}), force=force, ort_optimize=ort_optimize, max_stage_gb=max_stage_gb,
+                   force=force, ort_optimize=ort_optimize, max_stage_gb=max_stage_gb,
                    feature_cache=feature_cache, cache_branches=tuple(cache_branches), loras=loras,
                    refittable=refittable, controlnet=controlnet)
 
@@ -242,7 +258,7 @@ class BuildOptions:
 CREATE_OPTIONS = frozenset({
     "weights", "precision", "backend", "resolution", "min_resolution", "max_resolution", "batch", "min_batch",
     "max_batch", "settings", "schedule", "name", "out_dir", "verify", "verify_steps", "exporter", "opset",
-    "opt_merge_fraction", "cli", "force", "ort_optimize", "max_stage_gb", "feature_cache", "cache_branches",
+    "opt_merge_fraction", "force", "ort_optimize", "max_stage_gb", "feature_cache", "cache_branches",
     "lora", "refittable", "controlnet",
 })
 """The keyword arguments of :meth:`BuildOptions.create`."""

@@ -375,27 +375,7 @@ def _make_manifest(opts: BuildOptions, unet: torch.nn.Module, sites: list[MergeS
                          opt_merge_fraction=_opt_fraction(opts, settings),
                          text_dim=int(unet.config.cross_attention_dim))
     shapes.validate()
-    cli: dict[str, Any] = {"model": opts.model, "weights": str(opts.weights), "precision": str(opts.precision),
-                           "backend": str(opts.backend), "name": opts.name, "out": str(opts.out_dir)}
-    cli.update({k: v for k, v in opts.cli.items() if v is not None})
-    if not opts.ort_optimize:
-        cli["ort_optimize"] = "off"
-    if opts.feature_cache is not None:
-        cli["feature_cache"] = opts.feature_cache.flag()
-    extra_branches = [b for b in opts.cache_branches if opts.feature_cache is None or b != opts.feature_cache.branch]
-    cli["cache_branches"] = ",".join(map(str, extra_branches)) or None
-    cli["lora"] = [spec.flag() for spec in opts.loras] or None
-    cli["refittable"] = opts.refittable or None
-    if opts.controlnet:
-        cli["controlnet"] = True
-    if lo == hi and "min_resolution" not in cli:
-        cli["resolution"] = lo
-    else:
-        cli.update(min_resolution=lo, max_resolution=hi)
-    if opts.batch[0] == opts.batch[1] and "min_batch" not in cli:
-        cli["batch"] = opts.batch[0]
-    else:
-        cli.update(min_batch=opts.batch[0], max_batch=opts.batch[1])
+    build = opts.record()
     return Manifest(
         name=opts.name,
         model=ModelRecord(id=opts.model, weights=str(opts.weights),
@@ -408,7 +388,7 @@ def _make_manifest(opts: BuildOptions, unet: torch.nn.Module, sites: list[MergeS
         feature_cache=None if not opts.branches else FeatureCacheRecord(
             cached_branches(stages, opts.branches, UNetLayout.of(unet)), opts.feature_cache),
         controlnet=_controlnet_record(stages) if opts.controlnet else None,
-        extra={"build": cli, "build_command": build_command(cli), "audit": audit.to_dict(),
+        build=build, extra={"build_command": build_command(build), "audit": audit.to_dict(),
                "export": {"exporter": str(opts.exporter), "opset": opts.opset,
                           "ort_optimize": backend == EngineBackend.ORT and opts.ort_optimize,
                           "max_stage_bytes": opts.max_stage_bytes}},

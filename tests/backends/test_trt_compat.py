@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from catome_export.errors import CatomeError
-from catome_export.engine.manifest import Manifest
+from catome_export.engine.manifest import BuildRecord, Manifest
 from catome_export.merging import MergeSettings, parse_schedule
 from factories import make_manifest, make_shapes, make_trt
 from catome_export.backends.trt_compat import (
@@ -151,8 +151,8 @@ def test_rebuild_command_every_flag_is_one_the_build_command_takes():
 
 def test_real_manifest_formats_its_recorded_build_with_trt():
     manifest = _manifest()
-    manifest.extra["build"] = {"model": "sd15", "weights": "random", "precision": "fp16", "backend": "ort",
-                               "min_resolution": 256, "max_resolution": 768}
+    manifest.build = BuildRecord.from_dict({"model": "sd15", "weights": "random", "precision": "fp16",
+                                            "backend": "ort", "min_resolution": 256, "max_resolution": 768})
     flags = _flags(rebuild_command(manifest, "engines/here"))
     assert flags["engine-kind"] == "trt" and flags["out"] == "engines/here" and flags["min-resolution"] == "256"
     check_trt_compat(manifest, H100)

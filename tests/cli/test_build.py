@@ -153,6 +153,6 @@ def test_r_multiple_reaches_the_build_settings_and_its_recorded_arguments(tmp_pa
         return options_from_args(args)
 
     rounded = options("--r-multiple", "64")
-    assert rounded.settings.r_multiple == 64 and rounded.cli["r_multiple"] == 64
+    assert rounded.settings.r_multiple == 64 and rounded.record().r_multiple == 64
     plain = options()
-    assert plain.settings.r_multiple == 1 and plain.cli["r_multiple"] is None
+    assert plain.settings.r_multiple == 1 and plain.record().r_multiple is None

@@ -10,7 +10,7 @@ import pytest
 
 from catome_export.errors import CatomeError
 from catome_export.engine.manifest import (
-    MANIFEST_FILE, FusedGraph, Manifest, build_command, canonical_hash, tool_versions,
+    MANIFEST_FILE, BuildRecord, FusedGraph, Manifest, build_command, canonical_hash, tool_versions,
 )
 from catome_export.merging import MergeSettings, parse_schedule
 from factories import make_manifest, make_shapes
@@ -119,8 +119,8 @@ def test_check_shapes(engine_dir):
 
 
 def test_rebuild_command_format():
-    cmd = build_command({"model": "sd15", "weights": "random", "resolution": 512, "min_resolution": 256,
-                         "max_resolution": 768, "name": "my engine", "verify": None})
+    cmd = build_command(BuildRecord.from_dict({"model": "sd15", "weights": "random", "resolution": 512, "min_resolution": 256,
+                         "max_resolution": 768, "name": "my engine", "verify": None}))
     assert cmd == ("catome-export build --model sd15 --weights random --min-resolution 256 --max-resolution 768 "
                    "--name 'my engine'")
 
@@ -153,7 +153,7 @@ def test_fused_graphs_are_vouched_for_like_the_stage_files(engine_dir):
 
 
 def test_rebuild_command_keeps_ort_optimize_off():
-    assert build_command({"model": "tiny", "ort_optimize": "off", "name": "t"}) == \
+    assert build_command(BuildRecord.from_dict({"model": "tiny", "ort_optimize": "off", "name": "t"})) == \
         "catome-export build --model tiny --ort-optimize off --name t"
 
 
@@ -169,7 +169,7 @@ def test_r_multiple_is_recorded_and_old_manifests_load_with_q1(engine_dir):
     rounded = make_manifest(merge=MergeSettings(r_multiple=64))
     assert Manifest.from_dict(rounded.to_dict()).merge.r_multiple == 64
     assert "--r-multiple 64" in rounded.rebuild_command() and "--r-multiple" not in make_manifest().rebuild_command()
-    assert "--step-base 1 --r-multiple 64" in build_command({"step_base": 1, "r_multiple": 64})
+    assert "--step-base 1 --r-multiple 64" in build_command(BuildRecord.from_dict({"step_base": 1, "r_multiple": 64}))
 def test_controlnet_section_is_optional_and_typed():
     from catome_export.engine.controlnet import ControlNetRecord
     from catome_export.engine.specs import TensorSpec
@@ -192,7 +192,7 @@ def test_controlnet_section_is_optional_and_typed():
     assert back.controlnet == record
     back._validate()
     assert back.rebuild_command().endswith("--controlnet")
-    assert build_command({"model": "tiny", "controlnet": True, "name": "t"}) == \
+    assert build_command(BuildRecord.from_dict({"model": "tiny", "controlnet": True, "name": "t"})) == \
         "catome-export build --model tiny --name t --controlnet"
     wrong = Manifest.from_dict({**data, "controlnet": {"down": list(names[:1]), "mid": "controlnet_mid"}})
     with pytest.raises(CatomeError, match="lists 1 down residuals, the stages take 2.*rebuild it with"):

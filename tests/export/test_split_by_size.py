@@ -102,7 +102,7 @@ def test_a_build_with_pieces_verifies_and_runs_on_every_backend(tmp_path):
 
     out = tmp_path / "tiny"
     result = run_build(make_options("tiny", resolution=128, batch=2, out_dir=out, verify=True, verify_steps=3,
-                                    ort_optimize=False, max_stage_gb=LIMIT / 1e9, cli={"max_stage_gb": LIMIT / 1e9}))
+                                    ort_optimize=False, max_stage_gb=LIMIT / 1e9))
     assert result.verify is not None and result.verify.ok, result.verify.summary()
     manifest = Manifest.load(out)
     assert len(manifest.stages) > len(manifest.sites) + 1

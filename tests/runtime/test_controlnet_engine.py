@@ -35,7 +35,7 @@ def test_manifest_records_the_option(controlnet_engine):
     m = Manifest.load(out)
     assert m.controlnet is not None and m.controlnet.down == tuple(f"controlnet_down{i}" for i in range(12))
     assert m.controlnet.mid == "controlnet_mid"
-    assert "--controlnet" in m.rebuild_command() and m.extra["build"]["controlnet"] is True
+    assert "--controlnet" in m.rebuild_command() and m.build is not None and m.build.controlnet
     taken = {n for s in m.stages for n in s.spec.input_names if n.startswith("controlnet_")}
     assert taken == {*m.controlnet.down, m.controlnet.mid}
 
