@@ -35,6 +35,7 @@ from catome_export.errors import CatomeError
 from catome_export.engine.controlnet import ControlNetInputs
 from catome_export.engine.io_names import ADDED_INPUTS, MODEL_OUTPUT, SAMPLE, TEXT, TIMESTEP, plan_names
 from catome_export.engine.manifest import FeatureCacheRecord, Manifest
+from catome_export.engine.engine import Engine, EngineSource
 from catome_export.featurecache import CacheClock, FeatureCacheSettings, parse_feature_cache
 from catome_export.featurecache.clock import Timesteps
 from catome_export.merging import MergeController, MergeSettings, MergePlan
@@ -133,10 +134,11 @@ class Runtime:
 
     # -- loading ----------------------------------------------------------------------
     @classmethod
-    def load(cls, engine_dir: str | Path, backend: str = "auto", device: torch.device | str | None = None, *,
+    def load(cls, engine: EngineSource, backend: str = "auto", device: torch.device | str | None = None, *,
              settings: MergeSettings | None = None, backend_options: Mapping[str, Any] | None = None,
              cuda_graphs: bool = False, feature_cache: FeatureCacheSettings | None | str = "engine") -> "Runtime":
-        """Load the engine in ``engine_dir`` on a backend: auto, trt, ort, ort-cuda, ort-cpu or torch.
+        """Load ``engine`` (an :class:`~catome_export.engine.engine.Engine`, or its folder, opened and checked
+        here) on a backend: auto, trt, ort, ort-cuda, ort-cpu or torch.
 
         ``settings`` overrides the manifest's merge settings (threshold,
         schedule...; the graphs take any merge count, so this needs no
@@ -145,12 +147,12 @@ class Runtime:
         graphs (TensorRT or torch backend on a GPU; see :meth:`enable_cuda_graphs`).
         """
 
-        engine_dir = Path(engine_dir)
-        manifest = Manifest.load(engine_dir)
+        opened = Engine.open(engine)
+        engine_dir, manifest = opened.path, opened.manifest
         check_feature_cache(manifest.feature_cache, feature_cache)  # before any stage loads
         choice = choose_backend(backend, engine_backend=manifest.engine_backend, device=device)
         logger.info("backend: %s", choice.reason)
-        be = create_backend(choice, manifest, device=device, options=backend_options)
+        be = create_backend(choice, opened, device=device, options=backend_options)
         if hasattr(be, "initializer_overrides"):  # ONNX Runtime: a refit LoRA's weights in place of the graphs'
             from catome_export.lora.refit import InitializerOverrides
 

@@ -51,6 +51,7 @@ from catome_export.devices import load_average
 from catome_export.errors import CatomeError
 from catome_export.export.controlnet import random_residuals
 from catome_export.engine.manifest import Manifest
+from catome_export.engine.engine import Engine, EngineSource
 from catome_export.memory import check_available, gb, verify_need
 from catome_export.latents import make_latents
 from catome_export.merging import parse_schedule
@@ -471,14 +472,15 @@ class _Timer:
         return out, (time.perf_counter() - start) * 1e3
 
 
-def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None, backend: str = "auto", seed: int = 0,
+def verify_engine(engine: EngineSource, steps: int = 50, schedule: Any = None, backend: str = "auto", seed: int = 0,
                   batch: int | None = None, resolution: Any = None, tolerance: float | None = None, *,
                   merge_tolerance: float | None = None, device: torch.device | str | None = None,
                   backend_options: Mapping[str, Any] | None = None,
                   progress: Callable[[VerifyRow], None] | None = None,
                   feature_cache: FeatureCacheSettings | None | str = "engine",
                   r_multiple: int | None = None) -> VerifyReport:
-    """Run the engine and eager CA-ToMe side by side over ``steps`` U-Net calls and compare them.
+    """Run ``engine`` (an :class:`~catome_export.engine.engine.Engine`, or its folder, opened and checked here,
+    once) and eager CA-ToMe side by side over ``steps`` U-Net calls and compare them.
 
     ``schedule`` overrides the manifest's checkpoint schedule (a name or a
     list; the manifest's step_base is kept). ``batch`` / ``resolution``
@@ -516,8 +518,8 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
                                         or not isinstance(merge_tolerance, (int, float))
                                         or not 0 <= merge_tolerance <= 1):
         raise CatomeError(f"merge tolerance must be a fraction in [0, 1], got {merge_tolerance!r}")
-    engine_dir = Path(engine_dir)
-    manifest = Manifest.load(engine_dir)
+    opened = Engine.open(engine)
+    engine_dir, manifest = opened.path, opened.manifest
     settings = manifest.merge
     if schedule is not None:
         settings = replace(settings, schedule=parse_schedule(schedule, settings.schedule.step_base))
@@ -539,7 +541,7 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
                         f"ONNX Runtime at once, {gb(weights)} of weights each)",
                         "verify on a machine with more memory (or on a GPU), or close other programs")
 
-    runtime = Runtime.load(engine_dir, backend=backend, device=device, settings=settings,
+    runtime = Runtime.load(opened, backend=backend, device=device, settings=settings,
                            backend_options=backend_options, feature_cache=feature_cache)
     handle = None
     cache_handle = None

@@ -345,6 +345,7 @@ class ImageService:
 
     def __init__(self, options: ServeOptions) -> None:
         from catome_export.workflows.generate import engine_resolution, pipeline_for_engine
+        from catome_export.engine.engine import Engine
         from catome_export.runtime import Runtime
         from catome_export.runtime.embed import attach
 
@@ -357,13 +358,11 @@ class ImageService:
         if options.threads is not None:
             backend_options.setdefault("intra_op_threads", options.threads)
         cache = "engine" if options.feature_cache is None else parse_feature_cache(options.feature_cache)
+        engine = Engine.open(options.engine_dir)  # read and checked once, here
         settings = None
         if options.r_multiple is not None:  # the engine's own merge settings, r rounded as the options say
-            from catome_export.engine.manifest import Manifest
-
-            built = Manifest.load(options.engine_dir, check_files=False).merge
-            settings = replace(built, r_multiple=options.r_multiple)
-        self.runtime = Runtime.load(options.engine_dir, backend=options.backend, device=options.device,
+            settings = replace(engine.manifest.merge, r_multiple=options.r_multiple)
+        self.runtime = Runtime.load(engine, backend=options.backend, device=options.device,
                                     backend_options=backend_options or None, feature_cache=cache, settings=settings)
         try:
             manifest = self.runtime.manifest

@@ -370,9 +370,10 @@ def test_without_tensorrt_the_backend_names_it(monkeypatch):
 def test_create_backend_refuses_folder_without_plans():
     from catome_export.backends import create_backend
     from catome_export.backends.select import BackendChoice
+    from catome_export.engine.engine import Engine
 
     with pytest.raises(CatomeError, match="no TensorRT plans"):
-        create_backend(BackendChoice("trt", "test"), make_manifest())
+        create_backend(BackendChoice("trt", "test"), Engine(Path("engines/tiny"), make_manifest()))
 
 
 @pytest.mark.gpu
