@@ -124,7 +124,7 @@ def profile_engine(engine: EngineSource, inputs: Inputs, fractions: Sequence[flo
                                     out_dir / f"stage{stage.index}")
         runners.append(OrtStageRunner(session, stage.spec, torch.device("cpu"), options))
     base = manifest.merge
-    runtime = Runtime(runners, manifest.sites, base, unet_config=manifest.model.unet_config,
+    runtime = Runtime.from_parts(runners, manifest.sites, base, unet_config=manifest.model.unet_config,
                       dtype=manifest_dtype(manifest), device="cpu", manifest=manifest, engine_dir=Path(engine_dir))
     windows: dict[float, list[int]] = {}
     done = 0

@@ -238,8 +238,7 @@ def _fusion_note(backend_name: str, fused: bool) -> str:
 
 
 def _has_fused_graphs(target: EngineTarget) -> bool:
-    manifest = target.runtime.manifest
-    stages = manifest.stages if manifest is not None else ()
+    stages = target.runtime.manifest.stages
     return bool(stages) and all(s.ort_optimized is not None for s in stages)
 
 

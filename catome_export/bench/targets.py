@@ -222,13 +222,12 @@ class EngineTarget(Target):
         choice = choose_backend(backend, engine_backend=engine_backend, device=device).name  # as Runtime.load picks
         options = dict(ort_options) if choice.startswith("ort") else None
         runtime = Runtime.load(opened, backend=choice, device=device, backend_options=options)
-        logger.info("engine %s on %s", opened.path, runtime.backend.name if runtime.backend else runtime.device)
+        logger.info("engine %s on %s", opened.path, runtime.backend.name)
         return cls(runtime, stage_timings)
 
     @property
     def backend_name(self) -> str:
-        be = self.runtime.backend
-        return be.name if be is not None else "custom"
+        return self.runtime.backend.name
 
     @property
     def base_settings(self) -> MergeSettings:

@@ -354,7 +354,7 @@ def apply_to_runtime(runtime: Any, loras: Any, *, save: bool = False) -> str:
     fit, or a failed refit of the folder, changes nothing; the loaded engine changes only once all its new
     sessions exist (ONNX Runtime) or gets its previous weights back (TensorRT)."""
     engine_dir, manifest = runtime.engine_dir, runtime.manifest
-    if engine_dir is None or manifest is None:
+    if engine_dir is None:
         raise CatomeError("set_lora needs a runtime loaded from an engine folder (Runtime.load)")
     specs = resolve_specs(loras)
     backend = runtime.backend

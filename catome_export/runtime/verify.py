@@ -575,8 +575,7 @@ def verify_engine(engine: EngineSource, steps: int = 50, schedule: Any = None, b
         threshold = settings.threshold if settings.mode == "threshold" else None
         rows: list[VerifyRow] = []
         loads: list[float] = []
-        logger.info("verifying %s on %s over %d steps (batch %d, latent %dx%d, %s%s)", engine_dir, runtime.backend.name
-                    if runtime.backend else "?", steps, batch, latent_hw[0], latent_hw[1], settings.schedule.describe(),
+        logger.info("verifying %s on %s over %d steps (batch %d, latent %dx%d, %s%s)", engine_dir, runtime.backend.name, steps, batch, latent_hw[0], latent_hw[1], settings.schedule.describe(),
                     "" if runtime.feature_cache is None else f", {runtime.feature_cache.describe()}")
         with torch.no_grad():
             for i, t in enumerate(scheduler.timesteps):
@@ -634,7 +633,7 @@ def verify_engine(engine: EngineSource, steps: int = 50, schedule: Any = None, b
                 if progress is not None:
                     progress(row)
                 latents = scheduler.step(want, t, latents).prev_sample
-        return VerifyReport(engine_dir=str(engine_dir), backend=runtime.backend.name if runtime.backend else "custom",
+        return VerifyReport(engine_dir=str(engine_dir), backend=runtime.backend.name,
                             precision=precision, batch=batch, latent_hw=latent_hw,
                             schedule=settings.schedule.describe() + ("" if runtime.feature_cache is None else
                                                                      f", {runtime.feature_cache.describe()}"),

@@ -365,10 +365,7 @@ class ImageService:
         self.runtime = Runtime.load(engine, backend=options.backend, device=options.device,
                                     backend_options=backend_options or None, feature_cache=cache, settings=settings)
         try:
-            manifest = self.runtime.manifest
-            if manifest is None:
-                raise CatomeError("the engine runtime has no manifest: load it with Runtime.load(engine folder)")
-            shapes = manifest.shapes
+            shapes = self.runtime.manifest.shapes
             ranges = {"batch": shapes.batch, "latent_height": shapes.latent_height, "latent_width": shapes.latent_width}
             check_max_batch(options.max_batch, ranges["batch"])
             self.default_settings = self.runtime.settings
@@ -393,9 +390,9 @@ class ImageService:
         self._calls = 0
         self.warm_up_s: float | None = None
         """Seconds of the warm-up generation (None until :meth:`warm_up` ran)."""
-        backend = getattr(self.runtime.backend, "name", "engine")
+        backend = self.runtime.backend.name
         logger.info("replica pid %d: engine %s loaded on %s (%s): manifest sha256 %s, sizes %s, batch %d..%d, max %d "
-                    "images per call, 1..%d steps (%s)", os.getpid(), manifest.name, backend, self.runtime.device,
+                    "images per call, 1..%d steps (%s)", os.getpid(), self.runtime.manifest.name, backend, self.runtime.device,
                     self.engine_sha256, self.limits.size_text(), *self.limits.batch, options.max_batch, max_steps,
                     scheduler)
 
@@ -411,11 +408,10 @@ class ImageService:
         """What clients may ask for: sizes, batch, defaults (``GET /v1/engine``)."""
         m = self.runtime.manifest
         cache = self.runtime.feature_cache
-        return {"engine": m.name if m is not None else None, "engine_sha256": self.engine_sha256,
+        return {"engine": m.name, "engine_sha256": self.engine_sha256,
                 "feature_cache": None if cache is None else cache.to_dict(), "warm_up_s": self.warm_up_s,
-                "model": m.model.id if m is not None else None,
-                "precision": m.precision if m is not None else None,
-                "backend": getattr(self.runtime.backend, "name", None), "device": str(self.runtime.device),
+                "model": m.model.id, "precision": m.precision,
+                "backend": self.runtime.backend.name, "device": str(self.runtime.device),
                 "sizes": self.limits.size_text(), "default_size": f"{self.limits.default_size[1]}x"
                 f"{self.limits.default_size[0]}", "unet_batch": list(self.limits.batch),
                 "max_batch": self.options.max_batch, "max_images": self.limits.max_images,

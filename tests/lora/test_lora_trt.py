@@ -162,7 +162,7 @@ def test_set_lora_refits_the_loaded_engines_and_rolls_back_on_failure(trt_machin
 
     folder = _trt_folder(lora_ort_engine, tmp_path)
     manifest, backend, runners = _load(trt_machine, folder)
-    runtime = Runtime(runners, manifest.sites, manifest.merge, unet_config=manifest.model.unet_config,
+    runtime = Runtime.from_parts(runners, manifest.sites, manifest.merge, unet_config=manifest.model.unet_config,
                       dtype=torch.float32, device=backend.device, backend=backend, manifest=manifest,
                       engine_dir=folder)
     base = _held(runners)

@@ -36,7 +36,7 @@ def _runtime(unet, sites, stages, settings, *, feature_cache=None, record=None):
 
     backend = TorchBackend(None, "cpu", stages=stages)
     runners = [backend.load_stage(None, StageRecord(spec, "")) for spec, _ in stages]
-    return Runtime(runners, sites, settings, unet_config=dict(unet.config), dtype=torch.float32, device="cpu",
+    return Runtime.from_parts(runners, sites, settings, unet_config=dict(unet.config), dtype=torch.float32, device="cpu",
                    backend=backend, feature_cache=feature_cache, cache_record=record)
 
 

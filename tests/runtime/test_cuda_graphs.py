@@ -401,7 +401,7 @@ def test_runtime_checkpoints_run_on_contexts_no_graph_was_captured_on(tensorrt_s
 
     backend, runners, sites = _trt_stages(tensorrt_standin, trt_standin_helper, tmp_path)
     settings = MergeSettings(threshold=1.0, schedule=parse_schedule("0,3", step_base=0))  # t = 1 merges nothing
-    runtime = Runtime(runners, sites, settings, unet_config={}, dtype=torch.float32, device="cpu", backend=backend)
+    runtime = Runtime.from_parts(runners, sites, settings, unet_config={}, dtype=torch.float32, device="cpu", backend=backend)
     guard = ContextGuardCapture()
     runtime.enable_cuda_graphs(capture=guard)
     eager_contexts = {id(r.context) for r in runners}
