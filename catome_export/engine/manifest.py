@@ -5,8 +5,9 @@ checks the format version, the manifest's own hash (``manifest_sha256`` =
 sha256 of the canonical JSON of every other key: ``sort_keys=True``,
 separators ``(",", ":")``), the presence, size and sha256 of every stage
 file, and that the specs and merge settings parse; any problem is a
-:class:`CatomeError` that names the ``catome-export build`` command to
-rebuild the folder.
+:class:`~catome_export.engine.record.RebuildNeeded` carrying the options to
+build the folder again with (the CLI prints them as the ``catome-export
+build`` command).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import hashlib
 import json
 import logging
 import platform
-import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from importlib import metadata
@@ -28,6 +28,7 @@ from catome_export.choices import EngineBackend, Precision
 from catome_export.errors import CatomeError
 from catome_export.fsutil import atomic_write_text, sha256_file
 from catome_export.engine.controlnet import ControlNetRecord
+from catome_export.engine.record import BuildRecord, RebuildNeeded
 from catome_export.engine.shapes import ShapeRanges
 from catome_export.engine.specs import CachedBranch, StageSpec
 from catome_export.featurecache import FeatureCacheSettings
@@ -70,10 +71,11 @@ def canonical_hash(data: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _generic_rebuild(engine_dir: Path) -> str:
+def _generic_options(engine_dir: Path) -> BuildRecord:
+    """The build options of a folder that records none: its name, and the model of that name where there is one."""
     name = engine_dir.name or "NAME"
     model = name if name in MODELS else "MODEL"  # engines/<registry name> is that model's default folder
-    return f"catome-export build --model {model} --name {name} --out {shlex.quote(str(engine_dir))}"
+    return BuildRecord(model=model, name=name, out=str(engine_dir))
 
 
 # -- the typed parts -------------------------------------------------------------------------------------------
@@ -404,115 +406,6 @@ class LoraRecord:
         return " + ".join(f"{Path(e.source).name}:{e.scale:g}" for e in self.active) or "none"
 
 
-def _opt_float(value: Any) -> float | None:
-    return None if value is None else float(value)
-
-
-def _opt_int(value: Any) -> int | None:
-    return None if value is None else int(value)
-
-
-def _range(data: Mapping[str, Any], key: str) -> tuple[int, int] | None:
-    """``min_<key>``/``max_<key>`` (either may be absent: the other end) or ``<key>``, as (min, max)."""
-    ends = [data.get(f"min_{key}"), data.get(f"max_{key}")]
-    given = [int(v) for v in ends if v is not None]
-    if given:
-        return given[0], given[-1]
-    one = data.get(key)
-    return None if one is None else (int(one), int(one))
-
-
-@dataclass(frozen=True)
-class BuildRecord:
-    """The manifest's ``build`` section: the options a folder was built with, in the build command's terms.
-
-    Written by the build from its :class:`~catome_export.engine.options.BuildOptions`; a rebuild command is
-    formatted from it (``catome_export.cli.rebuild``). ``None`` or an empty value: not given (the build's
-    default). On disk the keys are the build command's flags with underscores (``min_resolution``...), as
-    manifests have had them since the section was added.
-    """
-
-    model: str
-    """``tiny``, ``sd15``, ... or a local diffusers folder."""
-    weights: str | None = None
-    """``pretrained``, ``random`` or a checkpoint file."""
-    precision: str | None = None
-    backend: str | None = None
-    """The build's ``--engine-kind``: ``auto``, ``ort`` or ``trt``."""
-    resolution: tuple[int, int] | None = None
-    """(min, max) image side in pixels."""
-    batch: tuple[int, int] | None = None
-    """(min, max) batch size."""
-    threshold: float | None = None
-    ratio: float | None = None
-    merge_fraction: float | None = None
-    schedule: str | None = None
-    """A schedule name, ``auto:K``, or comma-separated checkpoint steps."""
-    step_base: int | None = None
-    r_multiple: int | None = None
-    """None: 1 (r as counted)."""
-    max_downsample: int | None = None
-    opt_merge_fraction: float | None = None
-    ort_optimize: bool = True
-    max_stage_gb: float | None = None
-    feature_cache: str | None = None
-    """``I,b`` (``--feature-cache``)."""
-    cache_branches: tuple[int, ...] = ()
-    """Feature-cache branches cut for besides ``feature_cache``'s."""
-    lora: tuple[str, ...] = ()
-    """``FILE:SCALE`` per LoRA fused at build, in order."""
-    refittable: bool = False
-    name: str | None = None
-    out: str | None = None
-    """The folder the build wrote (a copy of it is rebuilt where it was loaded from)."""
-    controlnet: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"model": self.model, "weights": self.weights, "precision": self.precision,
-                             "backend": self.backend, "name": self.name, "out": self.out}
-        for key in ("threshold", "ratio", "merge_fraction", "schedule", "step_base", "r_multiple", "max_downsample",
-                    "opt_merge_fraction", "max_stage_gb", "feature_cache"):
-            value = getattr(self, key)
-            if value is not None:
-                d[key] = value
-        if not self.ort_optimize:
-            d["ort_optimize"] = "off"
-        d["cache_branches"] = ",".join(map(str, self.cache_branches)) or None
-        d["lora"] = list(self.lora) or None
-        d["refittable"] = self.refittable or None
-        if self.controlnet:
-            d["controlnet"] = True
-        for key, pair in (("resolution", self.resolution), ("batch", self.batch)):
-            if pair is not None and pair[0] == pair[1]:
-                d[key] = pair[0]
-            elif pair is not None:
-                d.update({f"min_{key}": pair[0], f"max_{key}": pair[1]})
-        return d
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "BuildRecord":
-        """Parse a ``build`` section (ValueError, TypeError or KeyError on a malformed one)."""
-        if not isinstance(data, Mapping) or not isinstance(data.get("model"), str):
-            raise ValueError("the build section is malformed")
-        branches = data.get("cache_branches")
-        if isinstance(branches, str):
-            branches = [b for b in branches.split(",") if b.strip()]
-        lora = data.get("lora")
-        if isinstance(lora, str):
-            lora = [lora]
-        optimize = data.get("ort_optimize", True)
-        text = {key: None if data.get(key) is None else str(data[key])
-                for key in ("weights", "precision", "backend", "schedule", "feature_cache", "name", "out")}
-        return cls(model=data["model"], resolution=_range(data, "resolution"), batch=_range(data, "batch"),
-                   threshold=_opt_float(data.get("threshold")), ratio=_opt_float(data.get("ratio")),
-                   merge_fraction=_opt_float(data.get("merge_fraction")), step_base=_opt_int(data.get("step_base")),
-                   r_multiple=_opt_int(data.get("r_multiple")), max_downsample=_opt_int(data.get("max_downsample")),
-                   opt_merge_fraction=_opt_float(data.get("opt_merge_fraction")),
-                   ort_optimize=optimize not in (False, "off"), max_stage_gb=_opt_float(data.get("max_stage_gb")),
-                   cache_branches=tuple(int(b) for b in branches or ()), lora=tuple(str(x) for x in lora or ()),
-                   refittable=bool(data.get("refittable")), controlnet=bool(data.get("controlnet")), **text)
-
-
 @dataclass
 class Manifest:
     """Contents of ``manifest.json``, parsed into typed parts (see docs/export.md for every key).
@@ -545,7 +438,8 @@ class Manifest:
     build: BuildRecord | None = None
     """The options the folder was built with (None: a manifest from before they were recorded)."""
     extra: dict[str, Any] = field(default_factory=dict)
-    """Other top-level keys (``build_command``, ``audit``, ``export``)."""
+    """Other top-level keys (``audit``, ``export``; ``build_command`` in manifests written before the build
+    section was typed)."""
     manifest_sha256: str = ""
     engine_dir: Path | None = field(default=None, compare=False)
     """Folder it was loaded from or saved to (not stored)."""
@@ -623,49 +517,61 @@ class Manifest:
         """
         engine_dir = Path(engine_dir)
         path = engine_dir / MANIFEST_FILE
-        generic = _generic_rebuild(engine_dir)
+        options, recorded = _generic_options(engine_dir), False
+
+        def rebuild(problem: str, lead: str = ": rebuild with") -> RebuildNeeded:
+            return RebuildNeeded(problem, options, engine_dir, lead=lead, recorded=recorded)
+
         if engine_dir.is_file():
             hint = f"pass its folder {engine_dir.parent}" if engine_dir.name == MANIFEST_FILE else \
                 "pass the folder that catome-export build wrote"
             raise CatomeError(f"{engine_dir} is a file, not an engine folder: {hint}")
         if not engine_dir.is_dir():
-            raise CatomeError(f"engine folder {engine_dir} does not exist: build it with {generic}")
+            raise rebuild(f"engine folder {engine_dir} does not exist", ": build it with")
         if not path.is_file():
-            raise CatomeError(f"{engine_dir} has no {MANIFEST_FILE} (not a finished build): build it with {generic}")
+            raise rebuild(f"{engine_dir} has no {MANIFEST_FILE} (not a finished build)", ": build it with")
         try:
             data = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CatomeError(f"{path} is unreadable ({type(exc).__name__}): rebuild with {generic}") from None
+            raise rebuild(f"{path} is unreadable ({type(exc).__name__})") from None
         if not isinstance(data, dict):
-            raise CatomeError(f"{path} is not a manifest (not a JSON object): rebuild with {generic}")
-        recorded = data.get("build_command")
-        if isinstance(recorded, str) and recorded.startswith("catome-export build "):
-            generic = recorded  # the command the folder was built with (a hint; the checks below still apply)
+            raise rebuild(f"{path} is not a manifest (not a JSON object)")
+        found = _recorded_options(data)
+        if found is not None:  # the options the folder was built with (a hint; the checks below still apply)
+            options, recorded = found, True
+        elif isinstance(data.get("model"), Mapping):  # no build options recorded: at least the model's
+            options = _model_options(data, engine_dir)
         version = data.get("format_version")
         if version != FORMAT_VERSION:
-            raise CatomeError(f"{path} has format_version {version!r}; this catome-export ({__version__}) reads "
-                              f"version {FORMAT_VERSION}: rebuild with {generic}")
+            raise rebuild(f"{path} has format_version {version!r}; this catome-export ({__version__}) reads "
+                          f"version {FORMAT_VERSION}")
         missing = [k for k in (*CORE_KEYS, "manifest_sha256") if k not in data]
         if missing:
-            raise CatomeError(f"{path} lacks {', '.join(missing)}: rebuild with {generic}")
+            raise rebuild(f"{path} lacks {', '.join(missing)}")
         if canonical_hash(data) != data["manifest_sha256"]:
-            raise CatomeError(f"{path} was modified or damaged (its manifest_sha256 does not match its contents): "
-                              f"rebuild with {generic}")
+            raise rebuild(f"{path} was modified or damaged (its manifest_sha256 does not match its contents)")
         what = _first_malformed(data)
         if what is not None:
-            raise CatomeError(f"engine {engine_dir}: {what}: rebuild it with {_rebuild_from(data, engine_dir)}")
+            raise rebuild(f"engine {engine_dir}: {what}", ": rebuild it with")
         try:
             manifest = cls.from_dict(data, engine_dir)
         except (KeyError, TypeError, ValueError, CatomeError) as exc:
-            raise CatomeError(f"{path} is malformed ({exc}): rebuild with {generic}") from None
+            raise rebuild(f"{path} is malformed ({exc})") from None
         manifest._validate()
         if check_files:
             manifest.check_files(check_hashes)
         return manifest
 
     # -- validation -----------------------------------------------------------------------
-    def _fail(self, what: str) -> CatomeError:
-        return CatomeError(f"engine {self.engine_dir or self.name}: {what}: rebuild it with {self.rebuild_command()}")
+    def _fail(self, what: str) -> RebuildNeeded:
+        return self.rebuild_needed(f"engine {self.engine_dir or self.name}: {what}")
+
+    def rebuild_needed(self, problem: str, lead: str = ": rebuild it with", after: str = "",
+                       engine_dir: Path | None = None, overrides: Mapping[str, Any] | None = None) -> RebuildNeeded:
+        """The error for a folder that must be built again because of ``problem``: with :meth:`rebuild_options`,
+        into ``engine_dir`` (default: the folder this manifest was loaded from), ``overrides`` changed."""
+        return RebuildNeeded(problem, self.rebuild_options(), engine_dir or self.engine_dir, overrides, lead=lead,
+                             after=after)
 
     def _validate(self) -> None:
         if self.precision not in PRECISIONS:
@@ -738,8 +644,8 @@ class Manifest:
             highs = [r.latent_height[1], r.latent_width[1], latent_h, latent_w]
             if any("latent" in p for p in problems):
                 overrides["resolution"] = (8 * min(lows), 8 * max(highs))
-            raise CatomeError(f"engine {self.name}: {'; '.join(problems)}. Use a size inside the range, or rebuild "
-                              f"for it: {self.rebuild_command(**overrides)}")
+            raise self.rebuild_needed(f"engine {self.name}: {'; '.join(problems)}",
+                                      ". Use a size inside the range, or rebuild for it:", overrides=overrides)
 
     def build_record(self) -> BuildRecord:
         """The options the folder was built with: the recorded ``build`` section, or, in a manifest from before
@@ -762,10 +668,13 @@ class Manifest:
             out=str(self.engine_dir) if self.engine_dir is not None else f"engines/{self.name}",
             controlnet=self.controlnet is not None)
 
-    def rebuild_command(self, **overrides: Any) -> str:
-        """The ``catome-export build`` command that makes this folder again (``overrides``: fields of
-        :class:`BuildRecord` to change, e.g. ``batch=(1, 4)``)."""
-        return build_command(replace(self.build_record(), **overrides))
+    def rebuild_options(self) -> BuildRecord:
+        """The options that build this folder again as it computes now: those it was built with
+        (:meth:`build_record`), with the LoRAs a refit made active in place of the build's."""
+        record = self.build_record()
+        if self.lora is not None:
+            record = replace(record, lora=tuple(f"{e.source}:{e.scale:g}" for e in self.lora.active))
+        return record
 
 
 def schedule_flag(schedule: Schedule) -> str:
@@ -775,14 +684,19 @@ def schedule_flag(schedule: Schedule) -> str:
     return schedule.name
 
 
-def _rebuild_from(data: Mapping[str, Any], engine_dir: Path) -> str:
-    """The rebuild command of a manifest dict that does not parse: its recorded build options, else its model."""
+def _recorded_options(data: Mapping[str, Any]) -> BuildRecord | None:
+    """The build options a manifest dict records (None: none, or a section that does not parse)."""
     recorded = data.get("build")
     if isinstance(recorded, Mapping):
         try:
-            return build_command(BuildRecord.from_dict(recorded))
+            return BuildRecord.from_dict(recorded)
         except (KeyError, TypeError, ValueError):
-            pass
+            return None
+    return None
+
+
+def _model_options(data: Mapping[str, Any], engine_dir: Path) -> BuildRecord:
+    """The build options of a manifest dict that records none: its model, weights, precision and name."""
     model = data.get("model")
     if not isinstance(model, Mapping):
         model = {}
@@ -790,9 +704,8 @@ def _rebuild_from(data: Mapping[str, Any], engine_dir: Path) -> str:
     def text(value: Any) -> str | None:
         return None if value is None else str(value)
 
-    return build_command(BuildRecord(model=str(model.get("id", "MODEL")), weights=text(model.get("weights")),
-                                     precision=text(data.get("precision")), name=text(data.get("name")),
-                                     out=str(engine_dir)))
+    return BuildRecord(model=str(model.get("id", "MODEL")), weights=text(model.get("weights")),
+                       precision=text(data.get("precision")), name=text(data.get("name")), out=str(engine_dir))
 
 
 def _first_malformed(data: Mapping[str, Any]) -> str | None:
@@ -809,52 +722,3 @@ def _first_malformed(data: Mapping[str, Any]) -> str | None:
         except (KeyError, TypeError, ValueError, AttributeError, CatomeError) as exc:
             return f"{what} ({exc})"
     return None
-
-
-FLAG_ORDER = ("model", "weights", "precision", "backend", "resolution", "batch", "threshold", "ratio", "merge_fraction",
-              "schedule", "step_base", "r_multiple", "max_downsample", "opt_merge_fraction", "ort_optimize",
-              "max_stage_gb", "feature_cache", "cache_branches", "lora", "refittable", "name", "out", "controlnet")
-"""The build command's flags in the order a rebuild command gives them."""
-
-
-FLAG_NAMES = {"backend": "engine-kind"}
-"""Build options whose flag is not the key with dashes (``backend`` is recorded, ``--engine-kind`` is the flag)."""
-
-
-def _number(value: float) -> str:
-    """A float as short as it reads back exactly (``0.7``, ``0.004``, ``1e-05``)."""
-    short = f"{value:g}"
-    return short if float(short) == value else repr(value)
-
-
-def build_command(record: BuildRecord) -> str:
-    """Format build options as a ``catome-export build`` command line (options not given left out)."""
-    parts = ["catome-export", "build"]
-
-    def add(key: str, value: Any) -> None:
-        flag = f"--{FLAG_NAMES.get(key, key.replace('_', '-'))}"
-        parts.extend((flag, shlex.quote(_number(value) if isinstance(value, float) else str(value))))
-
-    for key in FLAG_ORDER:
-        value = getattr(record, key)
-        if key in ("resolution", "batch"):
-            if value is not None and value[0] == value[1]:
-                add(key, value[0])
-            elif value is not None:
-                add(f"min_{key}", value[0])
-                add(f"max_{key}", value[1])
-        elif key == "ort_optimize":
-            if not value:
-                add(key, "off")
-        elif key == "cache_branches":
-            if value:
-                add(key, ",".join(map(str, value)))
-        elif key == "lora":
-            for item in value:  # one --lora per file, in order
-                add(key, item)
-        elif isinstance(value, bool):  # a switch (--refittable, --controlnet)
-            if value:
-                parts.append(f"--{key.replace('_', '-')}")
-        elif value is not None:
-            add(key, value)
-    return " ".join(parts)

@@ -15,7 +15,8 @@ from catome_export.choices import BuildBackend, Exporter, Precision, Weights
 from catome_export.defaults import (
     DEFAULT_BATCH_RANGE, DEFAULT_R_MULTIPLE, DEFAULT_VERIFY_STEPS, MAX_BATCH, MAX_RESOLUTION, MAX_STAGE_BYTES, MIN_RESOLUTION, OPSET,
 )
-from catome_export.engine.manifest import BuildRecord, schedule_flag
+from catome_export.engine.manifest import schedule_flag
+from catome_export.engine.record import BuildRecord
 from catome_export.errors import CatomeError
 from catome_export.featurecache import FeatureCacheSettings, UNetLayout, parse_feature_cache
 from catome_export.featurecache.branches import check_branch

@@ -50,7 +50,7 @@ from catome_export.memory import check_available, gb, verify_need
 from catome_export.engine.controlnet import ControlNetInputs, ControlNetRecord
 from catome_export.engine.io_names import MODEL_OUTPUT, site_input_name, site_of_input
 from catome_export.engine.manifest import (
-    FeatureCacheRecord, Manifest, ModelRecord, build_command, tool_versions,
+    FeatureCacheRecord, Manifest, ModelRecord, tool_versions,
 )
 from catome_export.export.onnx_export import (
     ExportedStage, example_inputs, export_stage, ort_max_diff, ort_session,
@@ -388,7 +388,7 @@ def _make_manifest(opts: BuildOptions, unet: torch.nn.Module, sites: list[MergeS
         feature_cache=None if not opts.branches else FeatureCacheRecord(
             cached_branches(stages, opts.branches, UNetLayout.of(unet)), opts.feature_cache),
         controlnet=_controlnet_record(stages) if opts.controlnet else None,
-        build=build, extra={"build_command": build_command(build), "audit": audit.to_dict(),
+        build=build, extra={"audit": audit.to_dict(),
                "export": {"exporter": str(opts.exporter), "opset": opts.opset,
                           "ort_optimize": backend == EngineBackend.ORT and opts.ort_optimize,
                           "max_stage_bytes": opts.max_stage_bytes}},

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from catome_export.cli.rebuild import build_command
 from catome_export.cli.main import main
 from catome_export.engine.manifest import MANIFEST_FILE, Manifest
 
@@ -38,7 +39,7 @@ def test_build_tiny_end_to_end(built):
     assert [s.ort_optimized.file for s in manifest.stages if s.ort_optimized] == [f"stage_{k}.ort.onnx" for k in range(6)]
     assert manifest.shapes.latent_height == (16, 16) and manifest.shapes.batch == (1, 2)
     assert manifest.model.weights == "random" and manifest.extra["audit"]["passed"] is True
-    assert manifest.rebuild_command().startswith("catome-export build --model tiny --weights random")
+    assert build_command(manifest.rebuild_options()).startswith("catome-export build --model tiny --weights random")
     assert "TensorRT operator audit: pass" in stdout and "stage_2.onnx" in stdout
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp folder, no lock left
 

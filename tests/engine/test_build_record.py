@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from catome_export.engine.manifest import MANIFEST_FILE, BuildRecord, Manifest, build_command, canonical_hash
+from catome_export.cli.rebuild import build_command, error_line, rebuild_command
+from catome_export.engine.manifest import MANIFEST_FILE, Manifest, canonical_hash
+from catome_export.engine.record import BuildRecord, RebuildNeeded
 from catome_export.engine.options import make_options
 
 OLD = Path(__file__).parent / "data" / "manifest_main_58044bb.json"
@@ -41,7 +43,7 @@ def test_a_manifest_written_by_the_previous_format_loads_typed(tmp_path):
     assert (b.feature_cache, b.cache_branches, b.ort_optimize, b.controlnet) == ("3,0", (), False, True)
     assert (b.lora, b.refittable, b.name) == ((), False, "tiny-main")
     assert b.to_dict() == data["build"]  # the section reads back as it was written
-    assert m.rebuild_command() == data["build_command"]  # the command that build wrote beside it
+    assert build_command(m.rebuild_options()) == data["build_command"]  # the command that build wrote beside it
 
 
 def test_a_manifest_from_before_the_build_section_rebuilds_from_its_parts(tmp_path):
@@ -84,11 +86,30 @@ def test_rebuild_overrides_are_typed_fields():
 
 
 def test_a_malformed_build_section_is_a_load_error_naming_the_rebuild(tmp_path):
-    from catome_export.errors import CatomeError
-
     data = _old_data()
     data["build"] = {"model": "tiny", "min_batch": "many"}
     data["manifest_sha256"] = canonical_hash(data)
-    with pytest.raises(CatomeError, match="malformed.*rebuild with catome-export build"):
+    with pytest.raises(RebuildNeeded, match="malformed.*rebuild with catome-export build, naming the model") as err:
         Manifest.load(_folder(tmp_path, data), check_files=False)
+    assert not err.value.recorded  # the section that would say how it was built is the damaged one
+    assert "rebuild with catome-export build --model tiny --weights random --precision fp32 " in error_line(err.value)
+
+
+def test_the_rebuild_of_a_copied_engine_rebuilds_the_copy(tmp_path, capsys):
+    """The folder an engine was built into (recorded as --out) is not the one to rebuild when a copy is loaded."""
+    from catome_export.cli.main import main
+
+    data = _old_data()
+    built_into = data["build"]["out"]
+    copy = _folder(tmp_path, data)  # the manifest alone: its stage files are missing here
+    with pytest.raises(RebuildNeeded, match=f"stage_0.onnx is missing: rebuild it with catome-export build with the "
+                                            f"options the folder was built with, into {copy}") as err:
+        Manifest.load(copy)
+    assert err.value.engine_dir == copy and err.value.options.out == built_into
+    command = shlex.split(rebuild_command(err.value))
+    assert command[command.index("--out") + 1] == str(copy) and built_into not in command
+    assert main(["verify", "--engine", str(copy)]) == 1
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(f"error: engine {copy}: stage_0.onnx is missing: rebuild it with catome-export build "
+                           "--model tiny --weights random") and line.endswith(f"--out {copy} --controlnet"), line
 

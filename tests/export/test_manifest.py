@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import replace
 
 import pytest
 
+from catome_export.cli.rebuild import build_command, error_line
 from catome_export.errors import CatomeError
 from catome_export.engine.manifest import (
-    MANIFEST_FILE, BuildRecord, FusedGraph, Manifest, build_command, canonical_hash, tool_versions,
+    MANIFEST_FILE, BuildRecord, FusedGraph, Manifest, canonical_hash, tool_versions,
 )
 from catome_export.merging import MergeSettings, parse_schedule
 from factories import make_manifest, make_shapes
@@ -112,10 +114,12 @@ def test_schema_problems(engine_dir, edit, match):
 def test_check_shapes(engine_dir):
     m = Manifest.load(engine_dir)
     m.check_shapes(2, 16, 32)
-    with pytest.raises(CatomeError, match=r"batch 3 is outside the built range 1..2.*--max-batch 3"):
+    with pytest.raises(CatomeError, match=r"batch 3 is outside the built range 1..2.*batch 1..3") as err:
         m.check_shapes(3, 16, 16)
-    with pytest.raises(CatomeError, match=r"latent width 40 \(320 px\).*16..32.*--max-resolution 320"):
+    assert re.search(r"batch 3 is outside the built range 1..2.*--max-batch 3", error_line(err.value))
+    with pytest.raises(CatomeError, match=r"latent width 40 \(320 px\).*16..32") as err:
         m.check_shapes(1, 16, 40)
+    assert re.search(r"latent width 40 \(320 px\).*16..32.*--max-resolution 320", error_line(err.value))
 
 
 def test_rebuild_command_format():
@@ -168,7 +172,8 @@ def test_r_multiple_is_recorded_and_old_manifests_load_with_q1(engine_dir):
     assert Manifest.load(engine_dir).merge.r_multiple == 1
     rounded = make_manifest(merge=MergeSettings(r_multiple=64))
     assert Manifest.from_dict(rounded.to_dict()).merge.r_multiple == 64
-    assert "--r-multiple 64" in rounded.rebuild_command() and "--r-multiple" not in make_manifest().rebuild_command()
+    assert "--r-multiple 64" in build_command(rounded.rebuild_options())
+    assert "--r-multiple" not in build_command(make_manifest().rebuild_options())
     assert "--step-base 1 --r-multiple 64" in build_command(BuildRecord.from_dict({"step_base": 1, "r_multiple": 64}))
 def test_controlnet_section_is_optional_and_typed():
     from catome_export.engine.controlnet import ControlNetRecord
@@ -179,7 +184,7 @@ def test_controlnet_section_is_optional_and_typed():
     data = old.to_dict()
     assert "controlnet" not in data  # an engine without the option writes no section ...
     assert Manifest.from_dict(data).controlnet is None  # ... and folders built before it load as before
-    assert "--controlnet" not in old.rebuild_command()
+    assert "--controlnet" not in build_command(old.rebuild_options())
     specs = site_stage_specs(1)
     names = ("controlnet_down0", "controlnet_down1", "controlnet_mid")
     specs[-1] = replace(specs[-1], inputs=specs[-1].inputs + tuple(TensorSpec(n, "float32", ("B", 8, "H", "W"))
@@ -191,7 +196,7 @@ def test_controlnet_section_is_optional_and_typed():
     back = Manifest.from_dict(data)
     assert back.controlnet == record
     back._validate()
-    assert back.rebuild_command().endswith("--controlnet")
+    assert build_command(back.rebuild_options()).endswith("--controlnet")
     assert build_command(BuildRecord.from_dict({"model": "tiny", "controlnet": True, "name": "t"})) == \
         "catome-export build --model tiny --name t --controlnet"
     wrong = Manifest.from_dict({**data, "controlnet": {"down": list(names[:1]), "mid": "controlnet_mid"}})

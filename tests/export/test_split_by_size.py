@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from catome_export.cli.rebuild import build_command
 from catome_export.errors import CatomeError
 from catome_export.export.stages import _split, _step_bytes, cut_unet, run_stages, split_by_size
 from catome_export.export.unet_steps import build_steps
@@ -107,7 +108,7 @@ def test_a_build_with_pieces_verifies_and_runs_on_every_backend(tmp_path):
     manifest = Manifest.load(out)
     assert len(manifest.stages) > len(manifest.sites) + 1
     assert manifest.extra["export"]["max_stage_bytes"] == LIMIT
-    assert "--max-stage-gb 0.004 " in manifest.rebuild_command()
+    assert "--max-stage-gb 0.004 " in build_command(manifest.rebuild_options())
     assert max(result.quick_check.values()) <= 1e-4 and result.audit.passed
     unet = load_unet("tiny", "random")
     feeds = _feeds(unet)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from catome_export.cli.rebuild import build_command, error_line
 from catome_export.errors import CatomeError
 
 SCALE_A, SCALE_B = 0.8, 1.2
@@ -81,7 +82,8 @@ def test_build_records_the_lora_and_verifies(lora_engines, lora_files):
     assert entry.sha256 == hashlib.sha256(lora_files["a"].read_bytes()).hexdigest()
     assert (lora_engines["a"] / entry.file).read_bytes() == lora_files["a"].read_bytes()  # the engine keeps a copy
     assert m.lora.built_with[0].sha256 == entry.sha256 and m.lora.base is not None and m.lora.overrides is None
-    assert f"--lora {lora_files['a']}:{SCALE_A:g}" in m.extra["build_command"]
+    assert f"--lora {lora_files['a']}:{SCALE_A:g}" in build_command(m.rebuild_options())
+    assert m.build is not None and m.build.lora == (f"{lora_files['a']}:{SCALE_A:g}",)
     base = Manifest.load(lora_engines["base"])
     assert base.lora is not None and base.lora.active == () and base.lora.weights_map is not None
     assert m.model.weights_hash == base.model.weights_hash  # the base weights' hash: the LoRA is recorded apart
@@ -146,6 +148,9 @@ def test_refit_to_another_lora_equals_a_fresh_build_and_back_to_none_is_the_base
     assert main(["refit", "--engine", str(folder), "--lora", f"{lora_files['b']}:{SCALE_B}"]) == 0
     m = Manifest.load(folder)
     assert [(Path(e.source), e.scale) for e in m.lora.active] == [(lora_files["b"], SCALE_B)]
+    command = build_command(m.rebuild_options())  # rebuilds what the engine computes now: b, not the build's a
+    assert f"--lora {lora_files['b']}:{SCALE_B:g}" in command and str(lora_files["a"]) not in command
+    assert m.build is not None and m.build.lora == (f"{lora_files['a']}:{SCALE_A:g}",)  # how it was built
     assert m.lora.overrides is not None and not any(p.name.startswith(".") for p in folder.iterdir())
     fresh = _run(lora_engines["b"], smooth_latents, text_embeddings)
     refit = _run(folder, smooth_latents, text_embeddings)
@@ -272,5 +277,9 @@ def test_damaged_overrides_file_is_refused_with_the_rebuild(lora_engines, lora_f
     path.write_bytes(bytes(data))
     with pytest.raises(CatomeError, match="does not match its sha256"):
         Manifest.load(folder)
-    with pytest.raises(CatomeError, match=f"{m.lora.overrides.file} does not match its sha256.*rebuild it with"):
+    with pytest.raises(CatomeError, match=f"{m.lora.overrides.file} does not match its sha256.*rebuild it with") \
+            as err:
         refit_engine(folder, None)  # a refit checks every file it reads before it writes anything
+    # built without a LoRA, refit to a: the rebuild fuses a, the LoRA the engine computes
+    assert m.build is not None and m.build.lora == ()
+    assert f"--lora {lora_files['a']}:{SCALE_A:g} " in error_line(err.value)

@@ -264,9 +264,11 @@ def test_engine_folder_missing(tmp_path, capsys):
 @pytest.mark.parametrize("name, model", [("sdxl", "sdxl"), ("sd21", "sd21"), ("tiny-xl", "tiny-xl"),
                                          ("my-engine", "MODEL")])
 def test_missing_engine_folder_names_its_model_when_the_folder_is_a_registry_name(tmp_path, name, model):
-    with pytest.raises(catome_export.CatomeError, match=f"build it with catome-export build --model {model} "
-                                                        f"--name {name} "):
+    from catome_export.cli.rebuild import error_line
+
+    with pytest.raises(catome_export.CatomeError, match="build it with catome-export build, naming the model") as err:
         _load(tmp_path / "engines" / name)
+    assert f"build it with catome-export build --model {model} --name {name} " in error_line(err.value)
 
 
 def test_half_made_engine_folder(engine_copy, capsys):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from catome_export.cli.rebuild import build_command
 from catome_export.engine.manifest import Manifest
 from catome_export.featurecache import FeatureCacheSettings
 from catome_export.merging import MergeSettings, parse_schedule
@@ -35,7 +36,7 @@ def test_manifest_records_the_option(controlnet_engine):
     m = Manifest.load(out)
     assert m.controlnet is not None and m.controlnet.down == tuple(f"controlnet_down{i}" for i in range(12))
     assert m.controlnet.mid == "controlnet_mid"
-    assert "--controlnet" in m.rebuild_command() and m.build is not None and m.build.controlnet
+    assert "--controlnet" in build_command(m.rebuild_options()) and m.build is not None and m.build.controlnet
     taken = {n for s in m.stages for n in s.spec.input_names if n.startswith("controlnet_")}
     assert taken == {*m.controlnet.down, m.controlnet.mid}
 
