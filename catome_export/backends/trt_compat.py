@@ -77,7 +77,7 @@ def _fmt_range(r: tuple[int, int]) -> str:
 
 
 def rebuild_error(manifest: Manifest, problem: str, engine_dir: str | Path | None = None, *,
-                  lead: str = ". Rebuild them here:", after: str = "", **overrides: Any) -> RebuildNeeded:
+                  lead: str = ". Rebuild them here:", after: str = "", **overrides: tuple[int, int]) -> RebuildNeeded:
     """The error that asks for the folder's TensorRT plans to be built again here (``--engine-kind trt``), into
     ``engine_dir`` (default: where the manifest was loaded from); ``overrides`` replace build options
     (``resolution=(lo, hi)``, ``batch=(lo, hi)``)."""

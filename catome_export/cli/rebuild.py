@@ -9,7 +9,6 @@ command line, and :func:`error_line` is how the CLI prints any :class:`CatomeErr
 from __future__ import annotations
 
 import shlex
-from typing import Any
 
 from catome_export.engine.record import BuildRecord, RebuildNeeded
 from catome_export.errors import CatomeError
@@ -33,7 +32,7 @@ def build_command(record: BuildRecord) -> str:
     """Format build options as a ``catome-export build`` command line (options not given left out)."""
     parts = ["catome-export", "build"]
 
-    def add(key: str, value: Any) -> None:
+    def add(key: str, value: object) -> None:
         flag = f"--{FLAG_NAMES.get(key, key.replace('_', '-'))}"
         parts.extend((flag, shlex.quote(_number(value) if isinstance(value, float) else str(value))))
 

@@ -701,7 +701,7 @@ def _model_options(data: Mapping[str, Any], engine_dir: Path) -> BuildRecord:
     if not isinstance(model, Mapping):
         model = {}
 
-    def text(value: Any) -> str | None:
+    def text(value: object) -> str | None:
         return None if value is None else str(value)
 
     return BuildRecord(model=str(model.get("id", "MODEL")), weights=text(model.get("weights")),

@@ -162,7 +162,7 @@ class RebuildNeeded(CatomeError):
         return record if self.engine_dir is None else replace(record, out=str(self.engine_dir))
 
 
-def _describe(value: Any) -> str:
+def _describe(value: object) -> str:
     if isinstance(value, tuple) and len(value) == 2:
         return f"{value[0]}..{value[1]}"
     if value is True:

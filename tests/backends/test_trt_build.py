@@ -411,7 +411,9 @@ def test_plans_load_only_under_the_exact_version_that_built_them(trt_machine, tr
     check_trt_compat(manifest, TrtRuntimeInfo(built, "Stand-in GPU (sm90)", "9.0"))
     with pytest.raises(CatomeError) as err:
         check_trt_compat(manifest, TrtRuntimeInfo(later, "Stand-in GPU (sm90)", "9.0"))
-    msg = str(err.value)
+    from catome_export.cli.rebuild import error_line
+
+    msg = error_line(err.value)  # as the command line prints it
     assert built in msg and later in msg and "exact" in msg and "--engine-kind trt" in msg
 
 

@@ -31,8 +31,9 @@ def engine_dir(tmp_path, exported, export_stages, export_sites):
         name="tiny", model="tiny", weights="random", unet_config={"a": 1}, merge=settings,
         sites=[replace(s, channels=32) for s in export_sites], shapes=make_shapes((1, 2), (16, 32)),
         stages=[item.record(spec) for item, (spec, _) in zip(items, export_stages)],
-        build={"model": "tiny", "weights": "random", "precision": "fp32", "min_resolution": 128,
-               "max_resolution": 256, "min_batch": 1, "max_batch": 2, "name": "tiny", "out": str(target)},
+        build=BuildRecord.from_dict({"model": "tiny", "weights": "random", "precision": "fp32", "min_resolution": 128,
+                                     "max_resolution": 256, "min_batch": 1, "max_batch": 2, "name": "tiny",
+                                     "out": str(target)}),
     )
     manifest.tools = tool_versions()
     manifest.save(target)
@@ -66,8 +67,9 @@ def test_truncated_stage_file_is_detected(engine_dir):
     stage = engine_dir / "stage_2.onnx"
     data = stage.read_bytes()
     stage.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CatomeError, match=r"stage_2.onnx has \d+ bytes.*truncated.*catome-export build --model tiny"):
+    with pytest.raises(CatomeError, match=r"stage_2.onnx has \d+ bytes.*truncated.*catome-export build") as err:
         Manifest.load(engine_dir)
+    assert re.search(r"stage_2.onnx has \d+ bytes.*truncated.*catome-export build --model tiny", error_line(err.value))
 
 
 def test_replaced_stage_file_is_detected(engine_dir):
@@ -174,7 +176,7 @@ def test_r_multiple_is_recorded_and_old_manifests_load_with_q1(engine_dir):
     assert Manifest.from_dict(rounded.to_dict()).merge.r_multiple == 64
     assert "--r-multiple 64" in build_command(rounded.rebuild_options())
     assert "--r-multiple" not in build_command(make_manifest().rebuild_options())
-    assert "--step-base 1 --r-multiple 64" in build_command(BuildRecord.from_dict({"step_base": 1, "r_multiple": 64}))
+    assert "--step-base 1 --r-multiple 64" in build_command(BuildRecord(model="tiny", step_base=1, r_multiple=64))
 def test_controlnet_section_is_optional_and_typed():
     from catome_export.engine.controlnet import ControlNetRecord
     from catome_export.engine.specs import TensorSpec

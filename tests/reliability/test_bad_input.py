@@ -220,9 +220,13 @@ def test_resolution_outside_the_built_range(ort_runtime, latent):
     sample, t, text = inputs(latent=latent)
     with pytest.raises(catome_export.CatomeError) as info:
         ort_runtime.unet(sample, t, encoder_hidden_states=text)
+    from catome_export.cli.rebuild import error_line
+
     msg = str(info.value)
     assert "outside the built range 16..24 (128..192 px)" in msg and "catome-export build" in msg
-    assert f"--min-resolution {min(128, 8 * min(latent))}" in msg and f"--max-resolution {max(192, 8 * max(latent))}" in msg
+    line = error_line(info.value)  # what the command line prints
+    assert f"--min-resolution {min(128, 8 * min(latent))}" in line
+    assert f"--max-resolution {max(192, 8 * max(latent))}" in line
 
 
 def test_resolution_outside_the_built_range_cli(reliability_engine, capsys):
@@ -315,9 +319,12 @@ def _edit_manifest(folder, edit) -> None:
 
 def test_manifest_from_another_version(engine_copy, capsys):
     _edit_manifest(engine_copy, lambda d: d.update(format_version=2))
+    from catome_export.cli.rebuild import error_line
+
     with pytest.raises(catome_export.CatomeError, match="has format_version 2; this catome-export .* reads version 1: "
-                                                        "rebuild with catome-export build --model tiny"):
+                                                        "rebuild with catome-export build") as err:
         _load(engine_copy)
+    assert "reads version 1: rebuild with catome-export build --model tiny" in error_line(err.value)
     assert_cli_error(["verify", "--engine", str(engine_copy)], capsys, "format_version 2", "rebuild with")
 
 
