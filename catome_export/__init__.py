@@ -24,6 +24,7 @@ _LAZY = {
     "FeatureCacheSettings": "catome_export.featurecache",
     "build_engine": "catome_export.workflows.build",  # build and verify
     "Runtime": "catome_export.runtime",
+    "Engine": "catome_export.engine.engine",  # an engine folder, opened and checked once
     "MergeSettings": "catome_export.merging",
 }
 """Public name -> the module it lives in."""

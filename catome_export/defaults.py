@@ -34,3 +34,9 @@ DEFAULT_VERIFY_STEPS = 10
 DEFAULT_OPT_MERGE_FRACTION = 0.5
 """Share of src tokens TensorRT profiles tune for when neither the flag nor the manifest gives one."""
 DEFAULT_TEXT_LEN = 77
+
+OPSET = 17
+"""ONNX opset of the exported graphs (ScatterElements with a reduction needs >= 16; LayerNormalization 17)."""
+MAX_STAGE_BYTES = 4_000_000_000
+"""Default weight size above which a stage is cut into pieces (SD 1.x/2.x's largest stage, 3.3 GB in fp32, stays
+whole; SDXL's 9.6 GB middle becomes three pieces)."""

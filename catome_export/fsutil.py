@@ -7,13 +7,11 @@ the old file or the new one, never half of one.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
 import os
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
@@ -180,130 +178,3 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: fh.read(CHUNK), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id exists (on this machine)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except OSError as exc:
-        return exc.errno == errno.EPERM
-    return True
-
-
-class BuildLock:
-    """An exclusive lock file holding the builder's pid; a lock left by a dead process is taken over.
-
-    Use as a context manager around a build into one engine folder.
-    """
-
-    def __init__(self, path: str | Path, what: str) -> None:
-        self.path = Path(path)
-        self.what = what
-        self._held = False
-
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):
-            try:
-                self._create()
-            except FileExistsError:
-                owner = self._settled_owner()
-                if owner is not None and owner != os.getpid() and pid_alive(owner):
-                    raise CatomeError(
-                        f"another build into {self.what} is running (pid {owner}): wait for it to finish, or, if "
-                        f"that process is gone, remove {self.path}"
-                    ) from None
-                self._remove_stale(owner)
-                continue
-            except OSError as exc:
-                raise CatomeError(f"cannot write the build lock {self.path} ({exc.strerror or exc}): build into a "
-                                  "writable folder") from None
-            self._held = True
-            return
-        raise CatomeError(f"cannot take the build lock {self.path}: remove it if no build is running")
-
-    def _create(self) -> None:
-        """Make the lock file with our pid already in it (FileExistsError when one exists).
-
-        The pid is written to a private file first and hard-linked into place,
-        so no other process ever reads a lock file without its owner (an empty
-        one would look stale and be taken over). Where the file system has no
-        hard links, the file is created exclusively and written after.
-        """
-        fd, tmp = tempfile.mkstemp(prefix=f"{self.path.name}.", suffix=".new", dir=self.path.parent)
-        try:
-            os.chmod(tmp, 0o644)  # other users' builds must read the owner too
-            with os.fdopen(fd, "w") as fh:
-                fh.write(f"{os.getpid()}\n")
-            try:
-                os.link(tmp, self.path)
-                return
-            except FileExistsError:
-                raise
-            except OSError:
-                pass
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(f"{os.getpid()}\n")
-
-    def _remove_stale(self, owner: int | None) -> None:
-        """Remove a lock whose owner is gone, unless another process replaced it with its own meanwhile."""
-        grave = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}")
-        try:
-            os.rename(self.path, grave)  # atomic: of two processes taking over, one moves the stale lock
-        except FileNotFoundError:
-            return
-        try:
-            moved = int(grave.read_text().strip() or "0")
-        except (OSError, ValueError):
-            moved = None
-        if moved != owner and moved is not None and pid_alive(moved):
-            # A live build took the lock between our read and our rename: put its lock back.
-            try:
-                os.link(grave, self.path)
-            except OSError:
-                pass
-        else:
-            logger.info("taking over a stale build lock %s (pid %s is gone)", self.path, owner)
-        grave.unlink(missing_ok=True)
-
-    def _settled_owner(self, patience: float = 2.0) -> int | None:
-        """The lock's owner; a young lock file without a pid yet is waited on (up to ``patience`` seconds),
-        since on a file system without hard links its creator writes the pid just after creating it."""
-        deadline = time.monotonic() + patience
-        while True:
-            owner = self._owner()
-            if owner is not None or time.monotonic() >= deadline:
-                return owner
-            try:
-                age = time.time() - self.path.stat().st_mtime
-            except OSError:
-                return None  # gone: the caller retries creating it
-            if age > patience:
-                return None  # an old empty lock: its writer died before writing
-            time.sleep(0.02)
-
-    def _owner(self) -> int | None:
-        """The pid in the lock file; None when it is missing, empty or unreadable."""
-        try:
-            return int(self.path.read_text().strip()) or None
-        except (OSError, ValueError):
-            return None
-
-    def release(self) -> None:
-        if self._held:
-            if self._owner() == os.getpid():
-                self.path.unlink(missing_ok=True)
-            self._held = False
-
-    def __enter__(self) -> "BuildLock":
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()

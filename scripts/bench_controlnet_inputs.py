@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from catome_export.bench.device import cpu_model, physical_cores
     from catome_export.bench.measure import Inputs, Job, measure_interleaved
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
     from catome_export.latents import make_latents
 
     threads = args.threads or physical_cores()

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from catome_export.bench.device import device_info, load_average
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
 
     manifest = Manifest.load(args.engine_dir)  # a clear error for a folder that is not an engine
     manifest.check_shapes(args.batch, args.resolution // 8, args.resolution // 8)

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         first = next(iter(VARIANTS))
         variants = {n: o for n, o in VARIANTS.items() if n == first or any(w in n for w in words)}
 
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
 
     manifest = Manifest.load(args.engine_dir)
     opt = manifest.shapes

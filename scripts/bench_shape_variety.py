@@ -101,7 +101,7 @@ def child(args: argparse.Namespace) -> int:
 
     import torch
 
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
     from catome_export.models.pipeline import make_scheduler
     from catome_export.runtime import Runtime
 
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         for c in children:
             c.stop()
     after = _loadavg()
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
 
     manifest = Manifest.load(args.engine, check_files=False)
     first = children[0].ready

@@ -346,13 +346,13 @@ def chain_part(setup: Setup, resolution: int, variant: str, graphs: bool, steps:
     import torch
 
     from catome_export.backends.torch_backend import TorchBackend
-    from catome_export.export.manifest import StageRecord
+    from catome_export.engine.manifest import StageRecord
     from catome_export.export.stages import cut_unet
     from catome_export.runtime.runtime import Runtime
 
     if graphs and setup.device != "cuda":
         return {"status": "skipped", "reason": "CUDA graphs need a CUDA device"}
-    from catome_export.export.manifest import FeatureCacheRecord
+    from catome_export.engine.manifest import FeatureCacheRecord
     from catome_export.export.stages import cached_branches
     from catome_export.featurecache import FeatureCacheSettings, UNetLayout
 
@@ -362,7 +362,7 @@ def chain_part(setup: Setup, resolution: int, variant: str, graphs: bool, steps:
     runners = [backend.load_stage(None, StageRecord(spec, "")) for spec, _ in stages]
     record = (FeatureCacheRecord(cached_branches(stages, branches, UNetLayout.of(setup.unet)),
                                  FeatureCacheSettings(*FEATURE_CACHE)) if cache else None)
-    runtime = Runtime(runners, setup.sites, _settings(variant), unet_config=dict(setup.unet.config),
+    runtime = Runtime.from_parts(runners, setup.sites, _settings(variant), unet_config=dict(setup.unet.config),
                       dtype=setup.dtype, device=backend.device, backend=backend, cache_record=record)
     runtime.set_timesteps(setup.timesteps)
     try:

@@ -166,7 +166,7 @@ class Soak:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from catome_export.export.manifest import tool_versions
+    from catome_export.engine.manifest import tool_versions
     from catome_export.runtime import Runtime
 
     torch.set_num_threads(args.threads)

@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from catome_export.export.controlnet import ControlNetRecord
-from catome_export.export.manifest import EngineFile, Manifest, ModelRecord, StageRecord, TrtRecord
-from catome_export.export.profiles import ShapeRanges
-from catome_export.export.stages import StageSpec, TensorSpec, plan_specs
+from catome_export.engine.controlnet import ControlNetRecord
+from catome_export.engine.manifest import BuildRecord, EngineFile, Manifest, ModelRecord, StageRecord, TrtRecord
+from catome_export.engine.shapes import ShapeRanges
+from catome_export.engine.specs import StageSpec, TensorSpec
+from catome_export.export.stages import plan_specs
 from catome_export.merging import MergeSettings, parse_schedule
 from catome_export.models.sites import MergeSite
 
@@ -68,19 +69,18 @@ def make_manifest(*, name: str = "tiny", model: str = "tiny", weights: str = "ra
                   precision: str = "fp32", merge: MergeSettings | None = None,
                   sites: Sequence[MergeSite] | None = None, shapes: ShapeRanges | None = None,
                   stages: Sequence[StageRecord] | None = None, trt: TrtRecord | None = None,
-                  build: dict[str, Any] | None = None, controlnet: ControlNetRecord | None = None,
+                  build: BuildRecord | None = None, controlnet: ControlNetRecord | None = None,
                   **extra: Any) -> Manifest:
     """A real Manifest from its parts; ``trt`` given: a TensorRT build (every stage gets a plan)."""
     sites = tuple(sites) if sites is not None else (MergeSite(0, SITE_PATH, 1, channels=8),)
     if stages is None:
         stages = make_stages(site_stage_specs(len(sites)), engines=trt is not None)
-    if build is not None:
-        extra["build"] = build
     return Manifest(
         name=name,
         model=ModelRecord(id=model, weights=weights, weights_hash=weights_hash, unet_config=dict(unet_config or {})),
         precision=precision,
         merge=merge or MergeSettings(threshold=0.7, schedule=parse_schedule("config3")),
         sites=sites, shapes=shapes or make_shapes(), stages=tuple(stages),
-        engine_backend="trt" if trt is not None else "ort", trt=trt, tools={}, controlnet=controlnet, extra=extra,
+        engine_backend="trt" if trt is not None else "ort", trt=trt, tools={}, controlnet=controlnet, build=build,
+        extra=extra,
     )

@@ -1,6 +1,6 @@
 """Execution backends for the exported stages: TensorRT, ONNX Runtime, eager torch.
 
-``create_backend(choose_backend(name), manifest)`` gives a :class:`Backend`
+``create_backend(choose_backend(name), engine)`` gives a :class:`Backend`
 (see :mod:`catome_export.backends.base`); backend modules, and the packages
 they need (``onnxruntime``, ``tensorrt``), are imported only when created.
 """
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     import torch
 
     from catome_export.backends.base import Backend, StageRunner
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.engine import EngineSource
 
 __all__ = ["Backend", "StageRunner", "BackendChoice", "BACKEND_NAMES", "choose_backend", "create_backend"]
 
@@ -40,15 +40,19 @@ def _check_device(name: str, device: "torch.device | str | None", allowed: tuple
     return dev
 
 
-def create_backend(choice: BackendChoice, manifest: "Manifest | None", device: "torch.device | str | None" = None,
+def create_backend(choice: BackendChoice, engine: "EngineSource", device: "torch.device | str | None" = None,
                    options: Mapping[str, Any] | None = None) -> "Backend":
-    """The backend ``choice`` names, for the engine described by ``manifest``.
+    """The backend ``choice`` names, for ``engine`` (an :class:`~catome_export.engine.engine.Engine`, or the path
+    of its folder, opened and checked here).
 
     ``device``: where stages run (ort-cpu: cpu only; ort-cuda and trt: a CUDA
     device, default the current one; torch: cuda when present, else cpu).
     ``options``: backend settings, e.g. ONNX Runtime's ``intra_op_threads``
     (see :class:`catome_export.backends.ort.OrtOptions`).
     """
+    from catome_export.engine.engine import Engine  # the manifest needs torch; choosing a backend does not
+
+    manifest = Engine.open(engine).manifest
     name = choice.name
     if name in ("ort-cpu", "ort-cuda"):
         from catome_export.backends.ort import OrtBackend, OrtOptions
@@ -62,7 +66,7 @@ def create_backend(choice: BackendChoice, manifest: "Manifest | None", device: "
 
         return TorchBackend(manifest, _check_device(name, device, ("cpu", "cuda")))
     if name == "trt":
-        if manifest is None or manifest.engine_backend != "trt":
+        if manifest.engine_backend != "trt":
             raise CatomeError("this engine folder holds ONNX graphs only, no TensorRT plans: rebuild it with "
                               "catome-export build --engine-kind trt, or run it with --backend ort")
         from catome_export.backends.trt import TrtBackend

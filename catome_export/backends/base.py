@@ -20,8 +20,8 @@ from catome_export.dtypes import ELEMENT_TYPES
 from catome_export.errors import CatomeError
 
 if TYPE_CHECKING:  # the export layer imports torch modules; keep this import for type checkers only
-    from catome_export.export.manifest import StageRecord
-    from catome_export.export.stages import StageSpec, TensorSpec
+    from catome_export.engine.manifest import StageRecord
+    from catome_export.engine.specs import StageSpec, TensorSpec
 
 TORCH_DTYPES: dict[str, torch.dtype] = ELEMENT_TYPES
 """Manifest dtype names -> torch dtypes."""

@@ -43,8 +43,8 @@ from catome_export.backends.select import version_tuple
 from catome_export.errors import CatomeError
 
 if TYPE_CHECKING:
-    from catome_export.export.manifest import StageRecord
-    from catome_export.export.stages import StageSpec
+    from catome_export.engine.manifest import StageRecord
+    from catome_export.engine.specs import StageSpec
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,9 @@ from catome_export.devices import resolve_device
 from catome_export.backends.base import check_outputs, ordered_feeds, torch_dtype
 from catome_export.dtypes import precision_dtype
 from catome_export.errors import CatomeError
-from catome_export.export.manifest import Manifest, StageRecord
-from catome_export.export.stages import StageSpec, cut_unet
+from catome_export.engine.manifest import Manifest, StageRecord
+from catome_export.engine.specs import StageSpec
+from catome_export.export.stages import cut_unet
 from catome_export.models import load_unet, weights_hash
 
 logger = logging.getLogger(__name__)

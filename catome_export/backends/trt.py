@@ -44,7 +44,7 @@ import torch
 from catome_export.backends.base import DeviceStream
 from catome_export.backends.select import import_tensorrt, require_polygraphy
 from catome_export.errors import CatomeError
-from catome_export.export.manifest import Manifest, StageRecord
+from catome_export.engine.manifest import Manifest, StageRecord
 
 logger = logging.getLogger(__name__)
 

@@ -28,10 +28,11 @@ from typing import TYPE_CHECKING, Any
 
 from catome_export.backends.select import TRT_PIP, trt_version_problem
 from catome_export.errors import CatomeError
-from catome_export.export.io_names import SAMPLE
+from catome_export.engine.io_names import SAMPLE
+from catome_export.engine.record import RebuildNeeded
 
 if TYPE_CHECKING:  # the manifest module imports torch; this one stays importable without it
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 
@@ -75,24 +76,21 @@ def _fmt_range(r: tuple[int, int]) -> str:
     return str(r[0]) if r[0] == r[1] else f"{r[0]}-{r[1]}"
 
 
-def rebuild_command(manifest: Manifest, engine_dir: str | Path | None = None, **overrides: Any) -> str:
-    """The ``catome-export build ... --engine-kind trt`` command that rebuilds this engine folder here.
-
-    ``overrides`` replace flags (``min_resolution=...``, ``max_batch=...``);
-    see :meth:`Manifest.rebuild_command`.
-    """
-    overrides = {"backend": "trt", **overrides}
-    if engine_dir is not None:
-        overrides["out"] = str(engine_dir)
-    return manifest.rebuild_command(**overrides)
+def rebuild_error(manifest: Manifest, problem: str, engine_dir: str | Path | None = None, *,
+                  lead: str = ". Rebuild them here:", after: str = "", **overrides: tuple[int, int]) -> RebuildNeeded:
+    """The error that asks for the folder's TensorRT plans to be built again here (``--engine-kind trt``), into
+    ``engine_dir`` (default: where the manifest was loaded from); ``overrides`` replace build options
+    (``resolution=(lo, hi)``, ``batch=(lo, hi)``)."""
+    return manifest.rebuild_needed(problem, lead, after, None if engine_dir is None else Path(engine_dir),
+                                   {"backend": "trt", **overrides})
 
 
-def _widened(manifest: Manifest, batch: int, latent_hw: tuple[int, int]) -> dict[str, int]:
-    """Build-flag overrides whose ranges cover the built ones and the requested shape."""
+def _widened(manifest: Manifest, batch: int, latent_hw: tuple[int, int]) -> dict[str, tuple[int, int]]:
+    """Build-option overrides whose ranges cover the built ones and the requested shape."""
     s = manifest.shapes
     b, lh, lw = s.batch, s.latent_height, s.latent_width
-    return {"min_batch": min(b[0], batch), "max_batch": max(b[1], batch),
-            "min_resolution": 8 * min(lh[0], lw[0], *latent_hw), "max_resolution": 8 * max(lh[1], lw[1], *latent_hw)}
+    return {"batch": (min(b[0], batch), max(b[1], batch)),
+            "resolution": (8 * min(lh[0], lw[0], *latent_hw), 8 * max(lh[1], lw[1], *latent_hw))}
 
 
 def check_shapes_in_profiles(
@@ -123,11 +121,10 @@ def check_shapes_in_profiles(
                 if not lo <= value <= hi:
                     bad.append(f"{label} {value} outside the TensorRT profile range {_fmt_range((lo, hi))}")
     if bad:
-        raise CatomeError(
-            "the requested shape is not covered by the engines: " + "; ".join(bad)
-            + f" (image {lh * 8}x{lw * 8} px, batch {batch}). Use a shape inside the range, or rebuild with "
-            "wider ranges: " + rebuild_command(manifest, engine_dir, **_widened(manifest, batch, latent_hw))
-        )
+        raise rebuild_error(
+            manifest, "the requested shape is not covered by the engines: " + "; ".join(bad)
+            + f" (image {lh * 8}x{lw * 8} px, batch {batch}). Use a shape inside the range", engine_dir,
+            lead=", or rebuild with wider ranges:", **_widened(manifest, batch, latent_hw))
 
 
 def check_trt_compat(
@@ -138,21 +135,19 @@ def check_trt_compat(
     latent_hw: tuple[int, int] | None = None,
     engine_dir: str | Path | None = None,
 ) -> None:
-    """Raise CatomeError (with the rebuild command) unless this machine can run the folder's TensorRT plans.
+    """Raise CatomeError (RebuildNeeded where a rebuild here helps) unless this machine can run the folder's
+    TensorRT plans.
 
     ``runtime_info`` defaults to :meth:`TrtRuntimeInfo.detect`. With
     ``batch`` and ``latent_hw`` the requested shape is checked against the
     profiles too.
     """
     info = runtime_info if runtime_info is not None else TrtRuntimeInfo.detect()
-    cmd = rebuild_command(manifest, engine_dir)
     backend = manifest.engine_backend
     section = manifest.trt
     if backend != "trt" or section is None:
-        raise CatomeError(
-            f"this engine folder holds no TensorRT engines (engine_backend {backend!r}): "
-            f"build them with: {cmd}  (or load it with --backend ort)"
-        )
+        raise rebuild_error(manifest, f"this engine folder holds no TensorRT engines (engine_backend {backend!r})",
+                            engine_dir, lead=": build them with:", after="  (or load it with --backend ort)")
     if info.tensorrt_version is None:
         raise CatomeError(
             "TensorRT is not installed here, and this folder's engines need it: install it on a machine with an "
@@ -165,31 +160,27 @@ def check_trt_compat(
     here = str(info.tensorrt_version)
     problem = trt_version_problem(here)
     if problem is not None:
-        raise CatomeError(f"{problem}: {TRT_PIP}, then rebuild the engines: {cmd}")
+        raise rebuild_error(manifest, f"{problem}: {TRT_PIP}", engine_dir, lead=", then rebuild the engines:")
     if not section.version_compatible and built != here:
-        raise CatomeError(
-            f"the engines were built with TensorRT {built or 'unknown'} and this machine has TensorRT {here}: "
-            "TensorRT plans only load under the exact TensorRT version that built them. "
-            f"Rebuild them here: {cmd}  (or install TensorRT {built or 'of the build'}: "
-            f"pip install 'tensorrt=={built}' --extra-index-url https://pypi.nvidia.com)"
-            if built else
-            f"the manifest does not record the TensorRT version of the engines; this machine has TensorRT {here}. "
-            f"Rebuild them here: {cmd}"
-        )
+        if built:
+            raise rebuild_error(
+                manifest, f"the engines were built with TensorRT {built} and this machine has TensorRT {here}: "
+                "TensorRT plans only load under the exact TensorRT version that built them", engine_dir,
+                after=f"  (or install TensorRT {built}: pip install 'tensorrt=={built}' --extra-index-url "
+                "https://pypi.nvidia.com)")
+        raise rebuild_error(manifest, "the manifest does not record the TensorRT version of the engines; this machine "
+                            f"has TensorRT {here}", engine_dir)
     built_cc = section.compute_capability or ""
     hw_compat = section.hardware_compatibility_level.lower() not in ("none", "")
     if built_cc != str(info.compute_capability) and not hw_compat:
-        raise CatomeError(
-            f"the engines were built for compute capability {built_cc or 'unknown'} "
+        raise rebuild_error(
+            manifest, f"the engines were built for compute capability {built_cc or 'unknown'} "
             f"({section.gpu or 'unknown GPU'}) and this GPU, {info.gpu_name}, has "
-            f"{info.compute_capability}: TensorRT plans do not run on another GPU architecture. Rebuild them here: "
-            f"{cmd}"
-        )
+            f"{info.compute_capability}: TensorRT plans do not run on another GPU architecture", engine_dir)
     built_gpu = section.gpu or ""
     if built_gpu != str(info.gpu_name) and not hw_compat:
-        raise CatomeError(
-            f"the engines were built on {built_gpu or 'an unknown GPU'} and this GPU is {info.gpu_name}: "
-            f"TensorRT tunes its kernels for one device model, so they are refused here. Rebuild them here: {cmd}"
-        )
+        raise rebuild_error(
+            manifest, f"the engines were built on {built_gpu or 'an unknown GPU'} and this GPU is {info.gpu_name}: "
+            "TensorRT tunes its kernels for one device model, so they are refused here", engine_dir)
     if batch is not None and latent_hw is not None:
         check_shapes_in_profiles(manifest, batch, latent_hw, engine_dir=engine_dir)

@@ -41,7 +41,7 @@ def _build_backend(config: BenchConfig) -> str:
 
 def reusable(folder: Path, config: BenchConfig, resolutions: Sequence[int], digest: str) -> str | None:
     """None when the engine in ``folder`` fits this benchmark, else why it does not."""
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
 
     if not (folder / "manifest.json").is_file():
         return "no engine built yet"

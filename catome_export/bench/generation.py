@@ -188,7 +188,7 @@ class _Loop:
 
 def _engine_for(config: GenerationConfig, resolution: int, progress: Callable[[str], None]) -> Path:
     """The engine folder: the given one, or one built under the work folder (reused when it fits)."""
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
 
     if config.engine_dir is not None:
         folder = config.engine_dir
@@ -214,7 +214,7 @@ def _engine_for(config: GenerationConfig, resolution: int, progress: Callable[[s
 def run_generation_bench(config: GenerationConfig, progress: Callable[[str], None] | None = None) -> "GenerationResult":
     """Time whole generations of every row (see the module docstring)."""
     from catome_export.backends.select import choose_backend
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.engine import Engine
     from catome_export.models import load_unet, model_info
     from catome_export.runtime import Runtime
 
@@ -237,10 +237,11 @@ def run_generation_bench(config: GenerationConfig, progress: Callable[[str], Non
     helper = None
     if "engine" in config.backends:
         folder = _engine_for(config, resolution, say)
-        manifest = Manifest.load(folder)
+        engine = Engine.open(folder)
+        manifest = engine.manifest
         manifest.check_shapes(config.batch, resolution // 8, resolution // 8)
         choice = choose_backend(config.engine_backend, engine_backend=manifest.engine_backend, device=device).name
-        runtime = Runtime.load(folder, backend=choice, device=device, feature_cache=None,
+        runtime = Runtime.load(engine, backend=choice, device=device, feature_cache=None,
                                backend_options={"intra_op_threads": threads} if choice == "ort-cpu" else None)
         unet_config = dict(manifest.model.unet_config)
     if any(r.backend.startswith("eager") for r in rows):

@@ -34,7 +34,8 @@ import torch
 
 from catome_export.bench.measure import BENCH_SCHEDULE, Inputs
 from catome_export.errors import CatomeError
-from catome_export.export.io_names import SAMPLE, TEXT, TIMESTEP
+from catome_export.engine.engine import Engine, EngineSource
+from catome_export.engine.io_names import SAMPLE, TEXT, TIMESTEP
 
 logger = logging.getLogger(__name__)
 
@@ -104,17 +105,17 @@ def summarise_trace(trace: Path, runs: Sequence[int]) -> dict[str, Any]:
             "groups_ms": {g: round(groups[g] / n, 3) for g in GROUPS if g in groups}, "runs": n}
 
 
-def profile_engine(engine_dir: Path, inputs: Inputs, fractions: Sequence[float], calls: int,
+def profile_engine(engine: EngineSource, inputs: Inputs, fractions: Sequence[float], calls: int,
                    ort_options: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
     """Per-stage, per-op times of the engine at each merge fraction (cached steps after a checkpoint).
 
     ``ort_options``: :class:`~catome_export.backends.ort.OrtOptions` values (threads included)."""
     from catome_export.backends.ort import OrtOptions, OrtStageRunner, stage_graph_file
     from catome_export.backends.torch_backend import manifest_dtype
-    from catome_export.export.manifest import Manifest
     from catome_export.runtime.runtime import Runtime
 
-    manifest = Manifest.load(engine_dir, check_hashes=False)
+    opened = Engine.open(engine)
+    engine_dir, manifest = opened.path, opened.manifest
     out_dir.mkdir(parents=True, exist_ok=True)
     options = OrtOptions.from_mapping(ort_options)
     runners = []
@@ -123,7 +124,7 @@ def profile_engine(engine_dir: Path, inputs: Inputs, fractions: Sequence[float],
                                     out_dir / f"stage{stage.index}")
         runners.append(OrtStageRunner(session, stage.spec, torch.device("cpu"), options))
     base = manifest.merge
-    runtime = Runtime(runners, manifest.sites, base, unet_config=manifest.model.unet_config,
+    runtime = Runtime.from_parts(runners, manifest.sites, base, unet_config=manifest.model.unet_config,
                       dtype=manifest_dtype(manifest), device="cpu", manifest=manifest, engine_dir=Path(engine_dir))
     windows: dict[float, list[int]] = {}
     done = 0

@@ -46,6 +46,7 @@ from catome_export.bench.measure import (
 from catome_export.bench.report import BenchResult, derive_columns
 from catome_export.bench.rows import build_row, describe, make_inputs, model_dtype, row_settings, settings_for
 from catome_export.bench.targets import EagerMergeTarget, EagerTarget, EngineTarget, Target, UnstagedTarget
+from catome_export.engine.engine import Engine
 from catome_export.errors import CatomeError
 from catome_export.merging import MergeSettings
 from catome_export.progress import Progress
@@ -78,11 +79,20 @@ class _Session:
         """Merge options of every merging row: the defaults at the model's own merge level (set with the U-Net
         config, :meth:`set_unet_config`); replaced by the engine's when it was built with others."""
         self.engine_dir: Path | None = config.engine_dir
+        self._engine: Engine | None = None
         self.graph: Path | None = None
         """The unstaged graph: standard ONNX."""
         self.fused_graph: Path | None = None
         """The unstaged graph with ONNX Runtime's fusions (``--ort-optimize on`` with engine-unstaged)."""
         self.eager_profile: dict[str, Any] | None = None
+
+    def engine(self) -> Engine:
+        """The engine in :attr:`engine_dir`, opened (its files checked) on first use and reused after."""
+        if self.engine_dir is None:
+            raise CatomeError("internal: the bench asked for its engine before it had one")
+        if self._engine is None or self._engine.path != self.engine_dir:
+            self._engine = Engine.open(self.engine_dir)
+        return self._engine
 
     def set_unet_config(self, unet_config: dict[str, Any]) -> None:
         """The U-Net config of the rows, and its merge level: the highest-resolution transformer level (1 for
@@ -177,9 +187,8 @@ class _Session:
     def engine_target(self, backend: str = "engine") -> Named:
         """``engine`` (fused graphs as ``--ort-optimize`` says) or ``engine-unfused`` (standard graphs)."""
         cfg = self.config
-        assert self.engine_dir is not None
         options = dict(self.ort_options, fused_graphs=self.ort_options["fused_graphs"] and backend == "engine")
-        target = EngineTarget.load(self.engine_dir, cfg.engine_backend, cfg.device, options, cfg.stage_timings)
+        target = EngineTarget.load(self.engine(), cfg.engine_backend, cfg.device, options, cfg.stage_timings)
         if options["fused_graphs"] and target.backend_name.startswith("ort") and not _has_fused_graphs(target):
             target.close()
             raise CatomeError(f"the engine {self.engine_dir} has no ONNX Runtime fused graphs (built with "
@@ -229,8 +238,7 @@ def _fusion_note(backend_name: str, fused: bool) -> str:
 
 
 def _has_fused_graphs(target: EngineTarget) -> bool:
-    manifest = target.runtime.manifest
-    stages = manifest.stages if manifest is not None else ()
+    stages = target.runtime.manifest.stages
     return bool(stages) and all(s.ort_optimized is not None for s in stages)
 
 
@@ -411,7 +419,7 @@ def _profile(session: _Session) -> dict[str, Any] | None:
     if "engine" in cfg.backends and session.engine_dir is not None:
         session.progress(f"profiling the engine's stages at {res}px ...")
         fractions = list(cfg.merge_fractions) or [0.0]
-        result["engine"] = profile_engine(session.engine_dir, inputs, fractions, calls, session.ort_options, out_dir)
+        result["engine"] = profile_engine(session.engine(), inputs, fractions, calls, session.ort_options, out_dir)
         release_memory()
     if session.graph is not None:
         session.progress(f"profiling the unstaged graph at {res}px ...")
@@ -422,7 +430,7 @@ def _profile(session: _Session) -> dict[str, Any] | None:
 
 
 def _compare_weights(session: _Session, engine_dir: Path, digest: str) -> None:
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
 
     built = Manifest.load(engine_dir, check_files=False).model
     if built.weights_hash != digest:
@@ -432,7 +440,7 @@ def _compare_weights(session: _Session, engine_dir: Path, digest: str) -> None:
 
 
 def _engine_unet_config(engine_dir: Path) -> dict[str, Any]:
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
 
     manifest = Manifest.load(engine_dir, check_files=False)
     cfg = manifest.model.unet_config

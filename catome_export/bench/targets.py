@@ -17,14 +17,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
 from catome_export.bench.timing import synchronize
 from catome_export.errors import CatomeError
-from catome_export.export.io_names import MODEL_OUTPUT, SAMPLE, TEXT, TIMESTEP
+from catome_export.engine.engine import Engine, EngineSource
+from catome_export.engine.io_names import MODEL_OUTPUT, SAMPLE, TEXT, TIMESTEP
 from catome_export.merging import MergePlan, MergeSettings
 
 logger = logging.getLogger(__name__)
@@ -210,24 +210,24 @@ class EngineTarget(Target):
             chain.runners = [_TimedRunner(r, runtime.device, self._stage_ms) for r in chain.runners]
 
     @classmethod
-    def load(cls, engine_dir: Path, backend: str, device: str, ort_options: Mapping[str, Any],
+    def load(cls, engine: EngineSource, backend: str, device: str, ort_options: Mapping[str, Any],
              stage_timings: bool = True) -> "EngineTarget":
-        """Load the engine; ``ort_options`` (threads included) go to ONNX Runtime backends only."""
+        """Load the engine (opened here when given as a folder); ``ort_options`` (threads included) go to ONNX
+        Runtime backends only."""
         from catome_export.backends.select import choose_backend
-        from catome_export.export.manifest import Manifest
         from catome_export.runtime import Runtime
 
-        engine_backend = Manifest.load(engine_dir, check_files=False).engine_backend
+        opened = Engine.open(engine)
+        engine_backend = opened.manifest.engine_backend
         choice = choose_backend(backend, engine_backend=engine_backend, device=device).name  # as Runtime.load picks
         options = dict(ort_options) if choice.startswith("ort") else None
-        runtime = Runtime.load(engine_dir, backend=choice, device=device, backend_options=options)
-        logger.info("engine %s on %s", engine_dir, runtime.backend.name if runtime.backend else runtime.device)
+        runtime = Runtime.load(opened, backend=choice, device=device, backend_options=options)
+        logger.info("engine %s on %s", opened.path, runtime.backend.name)
         return cls(runtime, stage_timings)
 
     @property
     def backend_name(self) -> str:
-        be = self.runtime.backend
-        return be.name if be is not None else "custom"
+        return self.runtime.backend.name
 
     @property
     def base_settings(self) -> MergeSettings:

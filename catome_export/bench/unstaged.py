@@ -30,9 +30,9 @@ from typing import Any, Mapping
 import torch
 
 from catome_export.errors import CatomeError
-from catome_export.export.io_names import ADDED_INPUTS, MODEL_OUTPUT, SAMPLE, TEXT, TIMESTEP
-from catome_export.export.manifest import StageRecord
-from catome_export.export.stages import StageSpec, TensorSpec
+from catome_export.engine.io_names import ADDED_INPUTS, MODEL_OUTPUT, SAMPLE, TEXT, TIMESTEP
+from catome_export.engine.manifest import StageRecord
+from catome_export.engine.specs import StageSpec, TensorSpec
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,8 @@ def cached_graph(folder: Path, weights_hash: str, dtype: str) -> Path | None:
 def export_unstaged(unet: torch.nn.Module, folder: str | Path, weights_hash: str | None = None) -> Path:
     """Export ``unet`` whole to ``folder/unet.onnx`` (reused when a matching export is there)."""
     from catome_export.fsutil import atomic_write_json
-    from catome_export.export.onnx_export import OPSET, check_stage_file
+    from catome_export.defaults import OPSET
+    from catome_export.export.onnx_export import check_stage_file
     from catome_export.models import weights_hash as hash_weights
 
     folder = Path(folder)

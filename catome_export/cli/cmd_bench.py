@@ -128,7 +128,7 @@ def _ort_option(text: str) -> tuple[str, object]:
 
 def _engine_model(engine_dir: Path) -> dict:
     """The model section of an engine's manifest (the eager rows use the same model by default)."""
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
 
     if not engine_dir.is_dir():
         raise CatomeError(f"--engine {engine_dir} is not a folder: build one with catome-export build, "

@@ -19,7 +19,8 @@ WEIGHTS_HELP = ("pretrained (default for sd15/sd21/sdxl and folders: the hub, it
 """--weights help, shared by the commands that load a U-Net."""
 
 if TYPE_CHECKING:  # the build pulls in torch; --help must not
-    from catome_export.export.build import BuildOptions, BuildResult
+    from catome_export.engine.options import BuildOptions
+    from catome_export.export.build import BuildResult
 
 DESCRIPTION = """\
 Cut the U-Net at its merge sites into stages, export each stage as a
@@ -44,7 +45,7 @@ examples:
 
 def options_from_args(args: argparse.Namespace) -> "BuildOptions":
     """The build's options from the parsed flags: the one place the command line becomes a :class:`BuildOptions`."""
-    from catome_export.export.build import BuildOptions
+    from catome_export.engine.options import BuildOptions
     from catome_export.merging import MergeSettings, parse_schedule
 
     level = args.max_downsample
@@ -57,16 +58,12 @@ def options_from_args(args: argparse.Namespace) -> "BuildOptions":
     q = r_multiple_arg(args)
     settings = MergeSettings(threshold=args.threshold, schedule=parse_schedule(DEFAULT_SCHEDULE, args.step_base),
                              max_downsample=level, r_multiple=DEFAULT_R_MULTIPLE if q is None else q)
-    cli = {"threshold": args.threshold, "schedule": args.schedule, "step_base": args.step_base,
-           "r_multiple": None if q in (None, DEFAULT_R_MULTIPLE) else q,
-           "opt_merge_fraction": args.opt_merge_fraction, "max_stage_gb": args.max_stage_gb,
-           "feature_cache": args.feature_cache, "cache_branches": args.cache_branches}
     return BuildOptions.create(
         args.model, weights=args.weights, precision=args.precision, backend=args.engine_kind,
         resolution=args.resolution, min_resolution=args.min_resolution, max_resolution=args.max_resolution,
         batch=args.batch, min_batch=args.min_batch, max_batch=args.max_batch, settings=settings,
         schedule=args.schedule, name=args.name, out_dir=args.out, verify=not args.no_verify,
-        verify_steps=args.verify_steps, exporter=args.exporter, opt_merge_fraction=args.opt_merge_fraction, cli=cli,
+        verify_steps=args.verify_steps, exporter=args.exporter, opt_merge_fraction=args.opt_merge_fraction,
         force=args.force, ort_optimize=args.ort_optimize == "on", max_stage_gb=args.max_stage_gb,
         feature_cache=args.feature_cache, cache_branches=_branches(args.cache_branches),
         lora=tuple(args.lora or ()), refittable=args.refittable,

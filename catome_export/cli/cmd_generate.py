@@ -238,7 +238,7 @@ def _run_engine(args: argparse.Namespace, cache: Any = "engine") -> tuple[Any, s
         request = _request(args, hw)
         check_engine_shapes(runtime, request)
         pipe = pipeline_for_engine(runtime, args.model, weights=args.weights)
-        backend = getattr(getattr(runtime, "backend", None), "name", "engine")
+        backend = runtime.backend.name
         with attach(pipe, runtime) as attached:
             gen = generate(pipe, request, stats=attached, progress=True)
         suffix = "" if runtime.feature_cache is None else f", {runtime.feature_cache.describe()}"

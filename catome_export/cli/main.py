@@ -14,6 +14,7 @@ import sys
 import warnings
 
 from catome_export._version import __version__
+from catome_export.cli.rebuild import error_line
 from catome_export.errors import CatomeError
 
 COMMANDS = ("build", "refit", "verify", "bench", "generate", "analyze", "eval", "serve", "doctor")
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except CatomeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {error_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: nothing already built was changed", file=sys.stderr)

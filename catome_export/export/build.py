@@ -1,7 +1,7 @@
 """The engine folder build: model -> staged ONNX graphs (+ TensorRT engines) -> audited, verified folder.
 
-:class:`BuildOptions` is the build's only input (validated on construction);
-:func:`build_folder` runs it. The verification that decides whether the
+:class:`~catome_export.engine.options.BuildOptions` is the build's only input (validated on
+construction); :func:`build_folder` runs it, with the folder handling of :mod:`catome_export.engine.folder`. The verification that decides whether the
 folder is installed is passed in (:data:`Verifier`, returning a
 :class:`VerifyVerdict`): :mod:`catome_export.workflows.build` gives it the
 runtime's, so this module needs neither the backends nor the runtime.
@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -36,39 +35,40 @@ from typing import Any
 import torch
 
 from catome_export.analysis.calibrate import resolve_schedule
-from catome_export.choices import BuildBackend, EngineBackend, Exporter, Precision, Weights
+from catome_export.choices import EngineBackend, Precision
 from catome_export.defaults import (
-    DEFAULT_BATCH_RANGE, DEFAULT_OPT_MERGE_FRACTION, DEFAULT_VERIFY_STEPS, MAX_BATCH, MAX_RESOLUTION, MIN_RESOLUTION,
+    DEFAULT_OPT_MERGE_FRACTION,
 )
 from catome_export.dtypes import precision_dtype
-from catome_export.checks import check_float, check_ints, check_int
+from catome_export.engine.folder import (
+    BuildLock, check_foreign, check_target, keep_unplaced, recover_leftovers, swap_into_place,
+)
+from catome_export.engine.options import BuildOptions
 from catome_export.errors import CatomeError
 from catome_export.export.audit import AuditReport, audit_stages
-from catome_export.fsutil import BuildLock, pid_alive
 from catome_export.memory import check_available, gb, verify_need
-from catome_export.export.controlnet import ControlNetInputs, ControlNetRecord
-from catome_export.export.io_names import MODEL_OUTPUT, site_input_name, site_of_input
-from catome_export.export.manifest import (
-    MANIFEST_FILE, FeatureCacheRecord, Manifest, ModelRecord, build_command, tool_versions,
+from catome_export.engine.controlnet import ControlNetInputs, ControlNetRecord
+from catome_export.engine.io_names import MODEL_OUTPUT, site_input_name, site_of_input
+from catome_export.engine.manifest import (
+    FeatureCacheRecord, Manifest, ModelRecord, tool_versions,
 )
 from catome_export.export.onnx_export import (
-    OPSET, ExportedStage, example_inputs, export_stage, ort_max_diff, ort_session,
+    ExportedStage, example_inputs, export_stage, ort_max_diff, ort_session,
 )
 from catome_export.export.ort_optimize import OptimizedGraph, optimize_graph
-from catome_export.export.profiles import ShapeRanges
-from catome_export.export.stages import MAX_STAGE_BYTES, StageSpec, cached_branches, cut_unet
-from catome_export.featurecache import FeatureCacheSettings, UNetLayout, parse_feature_cache
-from catome_export.featurecache.branches import check_branch
+from catome_export.engine.shapes import ShapeRanges
+from catome_export.engine.specs import StageSpec
+from catome_export.export.stages import cached_branches, cut_unet
+from catome_export.featurecache import UNetLayout
 from catome_export.export.trt_build import build_engines
 from catome_export.lora.refit import lora_record
-from catome_export.merging.schedules import AutoSchedule, ScheduleSpec, parse_schedule_request
+from catome_export.merging.schedules import AutoSchedule
 from catome_export.merging.settings import MergeSettings
-from catome_export.models import MODELS, find_merge_sites, load_unet, model_info, weights_hash
+from catome_export.models import find_merge_sites, load_unet, model_info, weights_hash
 from catome_export.models.registry import (
-    BUNDLED_ONLY, ModelInfo, WeightsSpec, parse_weights, resolve_source, unet_config_of,
+    ModelInfo,
 )
 from catome_export.models.sites import MergeSite
-from catome_export.lora.files import LoraSpec, load_loras, parse_lora_arg, targets_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -102,270 +102,6 @@ Verifier = Callable[[Path, "BuildOptions", EngineBackend, list[str], Progress], 
 """``(folder, options, engine backend, notes, progress) -> verdict`` (None: skipped, with a note saying why)."""
 
 
-def _check_resolution(name: str, value: object) -> int:
-    value = check_int(name, value, MIN_RESOLUTION, MAX_RESOLUTION)
-    if value % 8:
-        raise CatomeError(f"{name} {value} is not a multiple of 8 (the VAE's downsampling): use e.g. "
-                          f"{value - value % 8} or {value - value % 8 + 8}")
-    return value
-
-
-def _check_name(name: object) -> str:
-    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith(".") \
-            or name in ("..",):
-        raise CatomeError(f"engine name {name!r} must be a plain folder name (no slashes, not starting with '.')")
-    return name
-
-
-@dataclass(frozen=True)
-class BuildOptions:
-    """Everything a build needs to know, validated on construction (CatomeError naming the field and the fix).
-
-    Build it from loose arguments (the CLI's flags, ``build_engine``'s keywords)
-    with :meth:`create`, which fills in the model's defaults.
-    """
-
-    model: str
-    """``tiny``, ``sd15`` or a local diffusers folder (the architecture; a checkpoint file given as the model is
-    resolved by :meth:`create` into its architecture and ``weights``)."""
-    weights: WeightsSpec
-    """``pretrained``, ``random``, or the absolute path of a single-file checkpoint of ``model``'s architecture."""
-    precision: Precision = Precision.FP32
-    backend: BuildBackend = BuildBackend.AUTO
-    """``auto`` (TensorRT where it runs, else ONNX Runtime), ``ort`` or ``trt``."""
-    resolution: tuple[int, int] = (256, 256)
-    """(min, max) image side in pixels, multiples of 8."""
-    batch: tuple[int, int] = DEFAULT_BATCH_RANGE
-    """(min, max) batch size."""
-    settings: MergeSettings = field(default_factory=MergeSettings)
-    schedule: AutoSchedule | None = None
-    """An ``auto:K`` schedule, calibrated on the model before export (it replaces ``settings.schedule``)."""
-    name: str = "tiny"
-    out_dir: Path = Path("engines/tiny")
-    verify: bool = True
-    verify_steps: int = DEFAULT_VERIFY_STEPS
-    exporter: Exporter = Exporter.TORCHSCRIPT
-    opset: int = OPSET
-    default_resolution: int = 256
-    """The model's usual resolution (the TensorRT opt shape, clamped into the range)."""
-    opt_merge_fraction: float | None = None
-    """Share of src tokens TensorRT profiles tune for (None: the merge settings' fraction, else 0.5)."""
-    cli: dict[str, Any] = field(default_factory=dict)
-    """The flags as given, for the manifest's rebuild command."""
-    force: bool = False
-    """Replace an existing engine folder even when it holds files no build made (they are removed with it)."""
-    ort_optimize: bool = True
-    """ONNX Runtime builds: also write each stage in ONNX Runtime's fused form (``stage_<k>.ort.onnx``,
-    catome_export.export.ort_optimize), checked like the standard graph and listed in the manifest."""
-    feature_cache: FeatureCacheSettings | None = None
-    """DeepCache-style feature caching the engine runs by default (None: off; a runtime can still turn on any
-    branch in ``cache_branches``). Its branch is always among the branches cut for."""
-    cache_branches: tuple[int, ...] = ()
-    """More feature-cache branches to cut the stages for (so a runtime may pick them without a rebuild)."""
-    max_stage_gb: float | None = None
-    """Cut stages whose weights exceed this many GB (1e9 bytes) into pieces (None: 4, :data:`MAX_STAGE_BYTES`):
-    lower it to build a large model (SDXL) in less memory."""
-    loras: tuple[LoraSpec, ...] = ()
-    """Diffusers-format LoRA files fused into the U-Net before export, each with its scale (``--lora FILE[:SCALE]``,
-    in order); catome_export.lora."""
-    refittable: bool = False
-    """TensorRT builds: plans whose weights a refit can replace (``--refittable``: BuilderFlag.REFIT, and
-    STRIP_PLAN where the TensorRT version has it), so ``catome-export refit`` swaps LoRAs without a rebuild."""
-    controlnet: bool = False
-    """Add ControlNet's residuals as inputs of the stages that consume them (``controlnet_down{i}``,
-    ``controlnet_mid``), so ``runtime.unet`` takes ``down_block_additional_residuals`` and
-    ``mid_block_additional_residual`` (docs/controlnet.md)."""
-
-    @property
-    def branches(self) -> tuple[int, ...]:
-        """Every feature-cache branch the stages are cut for: ``cache_branches`` and the default's branch."""
-        extra = () if self.feature_cache is None else (self.feature_cache.branch,)
-        return tuple(sorted(set(self.cache_branches) | set(extra)))
-
-    @property
-    def max_stage_bytes(self) -> int:
-        return MAX_STAGE_BYTES if self.max_stage_gb is None else int(self.max_stage_gb * 1e9)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.model, str) or not self.model:
-            raise CatomeError("give a model: tiny, sd15, sd21, or a local diffusers folder")
-        set_ = object.__setattr__
-        set_(self, "weights", parse_weights(self.weights))
-        set_(self, "precision", Precision.parse(self.precision, "precision"))
-        set_(self, "backend", BuildBackend.parse(self.backend, "backend"))
-        set_(self, "exporter", Exporter.parse(self.exporter, "exporter"))
-        check_int("opset", self.opset, 17, 21)
-        lo, hi = (_check_resolution(f"{end} resolution", v) for end, v in zip(("min", "max"), self.resolution))
-        if lo > hi:
-            raise CatomeError(f"min resolution {lo} is larger than max resolution {hi}")
-        blo, bhi = (check_int(f"{end} batch", v, 1, MAX_BATCH) for end, v in zip(("min", "max"), self.batch))
-        if blo > bhi:
-            raise CatomeError(f"min batch {blo} is larger than max batch {bhi}")
-        set_(self, "resolution", (lo, hi))
-        set_(self, "batch", (blo, bhi))
-        if not isinstance(self.settings, MergeSettings):
-            raise CatomeError(f"settings must be a MergeSettings, got {type(self.settings).__name__}")
-        if self.schedule is not None and not isinstance(self.schedule, AutoSchedule):
-            raise CatomeError("schedule must be an auto:K request (AutoSchedule); put a ready schedule in settings")
-        for flag in ("verify", "force", "controlnet"):
-            if not isinstance(getattr(self, flag), bool):
-                raise CatomeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
-        if not isinstance(self.ort_optimize, bool):
-            raise CatomeError(f"ort_optimize must be true or false (--ort-optimize on|off), got {self.ort_optimize!r}")
-        check_int("verify steps", self.verify_steps, 1, 1000)
-        if self.opt_merge_fraction is not None:
-            check_float("--opt-merge-fraction", self.opt_merge_fraction, 0.0, 1.0)
-        if self.max_stage_gb is not None:
-            check_float("--max-stage-gb", self.max_stage_gb, 0, 1000, lo_open=True, unit="GB",
-                        hint=f"default {MAX_STAGE_BYTES / 1e9:g}; lower builds a large model in less memory")
-        _check_name(self.name)
-        set_(self, "out_dir", Path(self.out_dir))
-        if self.feature_cache is not None and not isinstance(self.feature_cache, FeatureCacheSettings):
-            raise CatomeError(f"feature_cache must be a FeatureCacheSettings or None, got "
-                              f"{type(self.feature_cache).__name__}")
-        branches = check_ints("cache branches", tuple(self.cache_branches), 0)
-        set_(self, "cache_branches", tuple(sorted(set(branches))))
-        if not isinstance(self.loras, (tuple, list)) or not all(isinstance(x, LoraSpec) for x in self.loras):
-            raise CatomeError(f"loras must be LoraSpec values (BuildOptions.create parses FILE[:SCALE]), got "
-                              f"{self.loras!r}")
-        set_(self, "loras", tuple(self.loras))
-        if not isinstance(self.refittable, bool):
-            raise CatomeError(f"refittable must be True or False, got {self.refittable!r}")
-        _check_resolution("default resolution", self.default_resolution)
-
-    @classmethod
-    def create(cls, model: str, weights: str | Path | Weights | None = None, precision: str | Precision = Precision.FP32,
-               backend: str | BuildBackend = BuildBackend.AUTO, resolution: int | None = None,
-               min_resolution: int | None = None, max_resolution: int | None = None, batch: int | None = None,
-               min_batch: int | None = None, max_batch: int | None = None, settings: MergeSettings | None = None,
-               schedule: ScheduleSpec | AutoSchedule | None = None, name: str | None = None,
-               out_dir: str | Path | None = None, verify: bool = True, verify_steps: int = DEFAULT_VERIFY_STEPS,
-               exporter: str | Exporter = Exporter.TORCHSCRIPT, opset: int = OPSET,
-               opt_merge_fraction: float | None = None, cli: dict[str, Any] | None = None,
-               force: bool = False, ort_optimize: bool = True,
-               max_stage_gb: float | None = None, feature_cache: FeatureCacheSettings | str | None = None,
-               cache_branches: tuple[int, ...] | list[int] = (), lora: Any = (),
-               refittable: bool = False, controlnet: bool = False) -> "BuildOptions":
-        """Options from loose arguments, with the model's defaults filled in (CatomeError naming any bad one).
-
-        ``model``: a registry name, a local diffusers folder, or a single-file
-        checkpoint (its architecture detected); ``weights``: ``pretrained``,
-        ``random`` or a checkpoint file of ``model``'s architecture (the
-        engine is then named after the file). ``resolution`` or ``min_resolution``/``max_resolution`` (default: the
-        model's); ``batch`` or ``min_batch``/``max_batch`` (default 1..2);
-        ``schedule``: any schedule spec, ``auto:K`` included, in place of
-        ``settings.schedule``; ``name`` defaults to the model's, ``out_dir``
-        to ``engines/<name>``; ``force``: remove files in an existing engine
-        folder that no build made (otherwise the build refuses, naming them).
-        ``feature_cache``: DeepCache-style caching (a FeatureCacheSettings or
-        ``"I,b"``), checked against the model's blocks here, before any work.
-        ``lora``: LoRA files to fuse (``"FILE[:SCALE]"`` strings or LoRA specs, one or a list), read and checked
-        against the model's layers here, before any work; ``refittable``: TensorRT plans a refit can change.
-        ``controlnet``: the engine takes ControlNet residuals (docs/controlnet.md).
-        """
-        model, given = resolve_source(model, weights)  # a checkpoint file as the model: its architecture, its weights
-        info = model_info(model)  # CatomeError for an unknown name or a folder without a U-Net config
-        weights = given if given is not None else Weights.RANDOM if model in BUNDLED_ONLY else Weights.PRETRAINED
-        if model in BUNDLED_ONLY and weights == Weights.PRETRAINED:
-            weights = Weights.RANDOM  # the tiny models exist only with seeded random weights (or a checkpoint's)
-        precision = Precision.parse(precision, "precision")
-        backend = BuildBackend.parse(backend, "backend")
-        exporter = Exporter.parse(exporter, "exporter")
-        check_int("opset", opset, 17, 21)
-        lo, hi = _resolution_range(resolution, min_resolution, max_resolution, info.default_resolution)
-        blo, bhi = _batch_range(batch, min_batch, max_batch)
-        settings = settings or MergeSettings(max_downsample=info.max_downsample)
-        auto = None
-        if schedule is not None:
-            request = parse_schedule_request(schedule, settings.schedule.step_base)
-            if isinstance(request, AutoSchedule):
-                auto = request
-            else:
-                settings = replace(settings, schedule=request)
-        if name is None and isinstance(weights, Path):
-            name = weights.stem  # a checkpoint: the file's name (a plain sd15 build keeps engines/sd15)
-        if name is None:
-            name = model if model in MODELS else (Path(model).resolve().name or "model")
-        name = _check_name(name)
-        out = Path(out_dir) if out_dir is not None else Path("engines") / name
-        if isinstance(feature_cache, str):
-            feature_cache = parse_feature_cache(feature_cache)
-        layout = UNetLayout.from_config(unet_config_of(model))
-        for b in (*cache_branches, *(() if not isinstance(feature_cache, FeatureCacheSettings)
-                                     else (feature_cache.branch,))):
-            check_branch(b, layout)
-        loras = _parse_loras(lora, model)
-        return cls(model=model, weights=weights, precision=precision, backend=backend, resolution=(lo, hi),
-                   batch=(blo, bhi), settings=settings, schedule=auto, name=name, out_dir=out, verify=verify,
-                   verify_steps=verify_steps, exporter=exporter, opset=opset,
-                   default_resolution=info.default_resolution, opt_merge_fraction=opt_merge_fraction,
-                   cli=dict(cli or {}), force=force, ort_optimize=ort_optimize, max_stage_gb=max_stage_gb,
-                   feature_cache=feature_cache, cache_branches=tuple(cache_branches), loras=loras,
-                   refittable=refittable, controlnet=controlnet)
-
-
-CREATE_OPTIONS = frozenset({
-    "weights", "precision", "backend", "resolution", "min_resolution", "max_resolution", "batch", "min_batch",
-    "max_batch", "settings", "schedule", "name", "out_dir", "verify", "verify_steps", "exporter", "opset",
-    "opt_merge_fraction", "cli", "force", "ort_optimize", "max_stage_gb", "feature_cache", "cache_branches",
-    "lora", "refittable", "controlnet",
-})
-"""The keyword arguments of :meth:`BuildOptions.create`."""
-
-
-def make_options(model: str, **options: Any) -> BuildOptions:
-    """:meth:`BuildOptions.create` (kept under its old name), refusing unknown options with the valid ones."""
-    unknown = sorted(set(options) - CREATE_OPTIONS)
-    if unknown:
-        raise CatomeError(f"unknown build option(s) {', '.join(unknown)}: use {', '.join(sorted(CREATE_OPTIONS))}")
-    return BuildOptions.create(model, **options)
-
-
-def _parse_loras(lora: Any, model: str) -> tuple[LoraSpec, ...]:
-    """``--lora`` values as LoraSpecs, every file read and checked against the model's layers (CatomeError naming
-    the first key that does not fit)."""
-    if lora is None or lora == ():
-        return ()
-    items = [lora] if isinstance(lora, (str, Path, LoraSpec)) else list(lora)
-    specs = tuple(parse_lora_arg(str(x) if isinstance(x, Path) else x) for x in items)
-    if specs:
-        load_loras(specs, targets_from_config(unet_config_of(model)))
-    return specs
-
-
-def _resolution_range(resolution: int | None, min_resolution: int | None, max_resolution: int | None,
-                      default: int) -> tuple[int, int]:
-    if resolution is not None:
-        if min_resolution is not None or max_resolution is not None:
-            raise CatomeError("give either --resolution or --min-resolution/--max-resolution, not both")
-        value = _check_resolution("resolution", resolution)
-        return value, value
-    lo = _check_resolution("min resolution", min_resolution) if min_resolution is not None else None
-    hi = _check_resolution("max resolution", max_resolution) if max_resolution is not None else None
-    if lo is None and hi is not None:
-        return min(default, hi), hi
-    if hi is None and lo is not None:
-        return lo, max(default, lo)
-    if lo is None or hi is None:
-        return default, default
-    if lo > hi:
-        raise CatomeError(f"min resolution {lo} is larger than max resolution {hi}")
-    return lo, hi
-
-
-def _batch_range(batch: int | None, min_batch: int | None, max_batch: int | None) -> tuple[int, int]:
-    if batch is not None:
-        if min_batch is not None or max_batch is not None:
-            raise CatomeError("give either --batch or --min-batch/--max-batch, not both")
-        value = check_int("batch", batch, 1, MAX_BATCH)
-        return value, value
-    blo = check_int("min batch", DEFAULT_BATCH_RANGE[0] if min_batch is None else min_batch, 1, MAX_BATCH)
-    bhi = check_int("max batch", max(DEFAULT_BATCH_RANGE[1], blo) if max_batch is None else max_batch, 1, MAX_BATCH)
-    if blo > bhi:
-        raise CatomeError(f"min batch {blo} is larger than max batch {bhi}")
-    return blo, bhi
-
-
 @dataclass
 class BuildResult:
     """What a build made and measured."""
@@ -383,123 +119,6 @@ class BuildResult:
     seconds: float
     notes: list[str] = field(default_factory=list)
     """Things skipped and why."""
-
-
-# -- folder handling ----------------------------------------------------------------------------------------
-def _recover_leftovers(target: Path) -> None:
-    """Put back an old build a crashed swap left aside; remove temp folders of dead builds."""
-    parent = target.parent
-    for path in sorted(parent.glob(f".{target.name}.old-*")):
-        pid = path.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and pid_alive(int(pid)) and int(pid) != os.getpid():
-            continue
-        if not target.exists() and (path / MANIFEST_FILE).is_file():
-            logger.info("restoring the previous build from %s (a build was interrupted while swapping)", path)
-            os.rename(path, target)
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-    for path in parent.glob(f".{target.name}.tmp-*"):
-        pid = path.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and (int(pid) == os.getpid() or not pid_alive(int(pid))):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _check_target(target: Path) -> None:
-    if target.exists() and not target.is_dir():
-        raise CatomeError(f"{target} exists and is not a folder: choose another --out")
-    if target.is_dir() and any(target.iterdir()) and not (target / MANIFEST_FILE).is_file():
-        raise CatomeError(f"{target} exists and is not an engine folder (no {MANIFEST_FILE}): choose another --out, "
-                          "or remove it")
-
-
-BUILD_FILES = (MANIFEST_FILE, "timing.cache")
-"""Files a build writes into the folder besides those its manifest lists."""
-_BUILD_NAME = re.compile(r"^(stage_\d+\.(onnx|plan|ort\.onnx)([._-][\w.-]*)?|lora_[\w.-]+)$")
-"""Names a build gives its stage files (graphs, external data, TensorRT plans), for a manifest it cannot read."""
-
-
-def foreign_files(target: Path) -> list[str]:
-    """Files in an existing engine folder that no build made: neither listed by its manifest nor written by a
-    build beside them (paths relative to the folder, sorted). A rebuild would replace the folder with them."""
-    if not target.is_dir():
-        return []
-    ours = set(BUILD_FILES)
-    try:
-        manifest: Manifest | None = Manifest.load(target, check_files=False)
-    except CatomeError:  # missing, damaged, edited or from another version: judge the stage files by name
-        manifest = None
-    if manifest is not None:
-        ours.update(name for name, _, _ in manifest.files())
-    found = []
-    for path in sorted(target.rglob("*")):
-        if path.is_dir() and not path.is_symlink():
-            continue
-        rel = path.relative_to(target).as_posix()
-        if rel in ours or (manifest is None and _BUILD_NAME.match(rel)):
-            continue
-        found.append(rel)
-    return found
-
-
-def _check_foreign(target: Path, force: bool) -> None:
-    """CatomeError naming the files of someone else's in the engine folder, unless ``force``."""
-    found = foreign_files(target)
-    if not found:
-        return
-    shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
-    if force:
-        logger.warning("--force: the rebuild of %s removes files no build made: %s", target, shown)
-        return
-    raise CatomeError(f"{target} holds files no build made ({shown}); a rebuild replaces the whole folder: move "
-                      "them out, build into another --out, or pass --force to remove them")
-
-
-def _swap_into_place(tmp: Path, target: Path) -> None:
-    """Rename the finished build in; the old one goes aside first and is deleted after.
-
-    A file-system error on the way (permissions, a folder held open elsewhere) ends in
-    :class:`CatomeError` with the old build back in place.
-    """
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        try:
-            os.rename(target, old)
-        except OSError as exc:
-            raise CatomeError(f"cannot move the old build {target} aside to install the new one "
-                              f"({exc.strerror or exc}): check the permissions of {target.parent} and that no "
-                              f"program holds {target} open; {target} was not changed") from None
-    try:
-        os.rename(tmp, target)
-    except BaseException as exc:
-        restored = old is None
-        if old is not None:
-            try:
-                os.rename(old, target)
-                restored = True
-            except OSError:
-                pass
-        if not isinstance(exc, OSError):
-            raise
-        where = f"{target} was not changed" if restored else f"the previous build is in {old}: rename it back"
-        raise CatomeError(f"cannot move the finished build into {target} ({exc.strerror or exc}): check the "
-                          f"permissions of {target.parent}; {where}") from None
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _keep_unplaced(tmp: Path, target: Path) -> Path:
-    """A finished build that could not be swapped in: renamed to ``<target>.new`` (which no later build
-    cleans up), or left where it is when even that fails."""
-    kept = target.parent / f"{target.name}.new"
-    if kept.exists():
-        return tmp
-    try:
-        os.rename(tmp, kept)
-    except OSError:
-        return tmp
-    return kept
 
 
 # -- the build ----------------------------------------------------------------------------------------------
@@ -541,9 +160,9 @@ def build_folder(opts: BuildOptions, progress: Progress | None = None, *,
         raise CatomeError(f"cannot create the folder {target.parent} for --out {target} ({exc.strerror or exc}): "
                           "choose an --out in a writable folder") from None
     with BuildLock(target.parent / f".{target.name}.lock", str(target)):
-        _recover_leftovers(target)
-        _check_target(target)
-        _check_foreign(target, opts.force)
+        recover_leftovers(target)
+        check_target(target)
+        check_foreign(target, opts.force)
         tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         keep_tmp = False  # True once tmp is the installed build, or a failed one kept for inspection
@@ -567,12 +186,12 @@ def build_folder(opts: BuildOptions, progress: Progress | None = None, *,
                                   f"; it was not installed: {target} is unchanged, the failed build is in {failed} "
                                   f"(inspect it with catome-export verify {failed})")
             if not opts.force:
-                _check_foreign(target, False)  # put there while this build ran
+                check_foreign(target, False)  # put there while this build ran
             try:
-                _swap_into_place(tmp, target)
+                swap_into_place(tmp, target)
             except CatomeError as exc:  # the finished build is kept, and the message says where
                 keep_tmp = True
-                kept = _keep_unplaced(tmp, target)
+                kept = keep_unplaced(tmp, target)
                 raise CatomeError(f"{exc}; the finished build is kept in {kept} (move it to {target} yourself, "
                                   f"or build again)") from None
             keep_tmp = True
@@ -756,27 +375,7 @@ def _make_manifest(opts: BuildOptions, unet: torch.nn.Module, sites: list[MergeS
                          opt_merge_fraction=_opt_fraction(opts, settings),
                          text_dim=int(unet.config.cross_attention_dim))
     shapes.validate()
-    cli: dict[str, Any] = {"model": opts.model, "weights": str(opts.weights), "precision": str(opts.precision),
-                           "backend": str(opts.backend), "name": opts.name, "out": str(opts.out_dir)}
-    cli.update({k: v for k, v in opts.cli.items() if v is not None})
-    if not opts.ort_optimize:
-        cli["ort_optimize"] = "off"
-    if opts.feature_cache is not None:
-        cli["feature_cache"] = opts.feature_cache.flag()
-    extra_branches = [b for b in opts.cache_branches if opts.feature_cache is None or b != opts.feature_cache.branch]
-    cli["cache_branches"] = ",".join(map(str, extra_branches)) or None
-    cli["lora"] = [spec.flag() for spec in opts.loras] or None
-    cli["refittable"] = opts.refittable or None
-    if opts.controlnet:
-        cli["controlnet"] = True
-    if lo == hi and "min_resolution" not in cli:
-        cli["resolution"] = lo
-    else:
-        cli.update(min_resolution=lo, max_resolution=hi)
-    if opts.batch[0] == opts.batch[1] and "min_batch" not in cli:
-        cli["batch"] = opts.batch[0]
-    else:
-        cli.update(min_batch=opts.batch[0], max_batch=opts.batch[1])
+    build = opts.record()
     return Manifest(
         name=opts.name,
         model=ModelRecord(id=opts.model, weights=str(opts.weights),
@@ -789,7 +388,7 @@ def _make_manifest(opts: BuildOptions, unet: torch.nn.Module, sites: list[MergeS
         feature_cache=None if not opts.branches else FeatureCacheRecord(
             cached_branches(stages, opts.branches, UNetLayout.of(unet)), opts.feature_cache),
         controlnet=_controlnet_record(stages) if opts.controlnet else None,
-        extra={"build": cli, "build_command": build_command(cli), "audit": audit.to_dict(),
+        build=build, extra={"audit": audit.to_dict(),
                "export": {"exporter": str(opts.exporter), "opset": opts.opset,
                           "ort_optimize": backend == EngineBackend.ORT and opts.ort_optimize,
                           "max_stage_bytes": opts.max_stage_bytes}},

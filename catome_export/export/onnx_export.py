@@ -25,23 +25,24 @@ import torch
 
 from catome_export._version import __version__
 from catome_export.choices import Exporter
+from catome_export.defaults import OPSET
 from catome_export.errors import CatomeError
 from catome_export.export._threads import torch_threads
-from catome_export.export.controlnet import ControlNetInputs, random_residuals, residual_feeds
+from catome_export.engine.controlnet import ControlNetInputs
+from catome_export.export.controlnet import random_residuals, residual_feeds
 from catome_export.export.external_data import (
     WeightsFile, all_tensors, gather_weights, is_external, needs_external_data, save_graph,
 )
 from catome_export.fsutil import sha256_file
-from catome_export.export.manifest import StageRecord
-from catome_export.export.stages import StageModule, StageSpec, run_stages
+from catome_export.engine.manifest import StageRecord
+from catome_export.export.stages import StageModule, run_stages
+from catome_export.engine.specs import StageSpec
 from catome_export.merging.matching import match_tokens, partition
 from catome_export.models.conditioning import conditioning_for_config
 from catome_export.models.sites import MergeSite
 
 logger = logging.getLogger(__name__)
 
-OPSET = 17
-"""ONNX opset of the exported graphs (ScatterElements with a reduction needs >= 16; LayerNormalization 17)."""
 EXPORTERS = Exporter.values()
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 """Stages whose weights exceed this many bytes keep them in ``stage_<k>.onnx.data`` (margin under 2 GB)."""

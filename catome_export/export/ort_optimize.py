@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from catome_export.errors import CatomeError
-from catome_export.export.manifest import FusedGraph
+from catome_export.engine.manifest import FusedGraph
 
 logger = logging.getLogger(__name__)
 

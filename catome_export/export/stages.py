@@ -11,7 +11,7 @@ inputs are the names it reads before writing them; its outputs are the names
 it writes that a later stage reads (liveness over the flat step list of
 :mod:`.unet_steps`). Inputs a stage needs from earlier stages are found by
 name among the model inputs and all earlier stages' outputs. The names follow
-the IO convention of :mod:`catome_export.export.io_names` (``x{k}``,
+the IO convention of :mod:`catome_export.engine.io_names` (``x{k}``,
 ``site{k}_*`` plan tensors, ``skip{i}``, the model inputs and ``noise_pred``).
 
 Symbolic dims (strings in :attr:`TensorSpec.shape`; static dims are ints):
@@ -33,17 +33,15 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
-from catome_export.dtypes import ELEMENT_TYPES
+from catome_export.engine.specs import DOWNSAMPLES, DTYPE_NAMES, CachedBranch, StageSpec, TensorSpec
 from catome_export.errors import CatomeError
 from catome_export.export._threads import torch_threads
-from catome_export.export.io_names import (
-    MODEL_INPUTS, MODEL_OUTPUT, SAMPLE, TEXT, TEXT_EMBEDS, TIME_IDS, TIMESTEP, is_model_input, plan_names,
-    site_input_name, site_of_input,
+from catome_export.engine.io_names import (
+    MODEL_INPUTS, MODEL_OUTPUT, SAMPLE, TEXT, TEXT_EMBEDS, TIME_IDS, TIMESTEP, is_model_input, plan_names, site_input_name, site_of_input,
 )
 from catome_export.export.unet_steps import BlockOptions, Step, build_steps
 from catome_export.featurecache import UNetLayout, cached_tensors, is_skipped, position_of
@@ -54,76 +52,6 @@ from catome_export.models.sites import MergeSite
 
 logger = logging.getLogger(__name__)
 
-TORCH_DTYPES = ELEMENT_TYPES
-DTYPE_NAMES = {v: k for k, v in ELEMENT_TYPES.items()}
-DOWNSAMPLES = (2, 4, 8, 16, 32)
-"""Downsample factors that get their own ``H{d}``/``W{d}`` dim names."""
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """Name, dtype and (partly symbolic) shape of one graph input or output."""
-
-    name: str
-    dtype: str
-    """``float32``, ``float16`` or ``int64``."""
-    shape: tuple[str | int, ...]
-    """Symbolic dims as strings (see the module docstring), static dims as ints."""
-
-    def __post_init__(self) -> None:
-        if self.dtype not in TORCH_DTYPES:
-            raise CatomeError(f"tensor {self.name}: unknown dtype {self.dtype!r}")
-        object.__setattr__(self, "shape", tuple(self.shape))
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return TORCH_DTYPES[self.dtype]
-
-    def dynamic_axes(self) -> dict[int, str]:
-        """Axis index -> symbolic dim name (for ``torch.onnx.export``)."""
-        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TensorSpec":
-        return cls(name=str(d["name"]), dtype=str(d["dtype"]),
-                   shape=tuple(x if isinstance(x, str) else int(x) for x in d["shape"]))
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """One stage: which site's block it runs, which site's input it returns, and its IO."""
-
-    index: int
-    site: int | None
-    """Merge site whose block runs inside this stage (its five plan tensors are inputs); None for stage 0."""
-    next_site: int | None
-    """Site whose block input this stage returns as ``x{next_site}``; None for the last stage."""
-    inputs: tuple[TensorSpec, ...]
-    """forward() takes them positionally in this order."""
-    outputs: tuple[TensorSpec, ...]
-    """forward() returns a tuple in this order."""
-
-    @property
-    def input_names(self) -> tuple[str, ...]:
-        return tuple(t.name for t in self.inputs)
-
-    @property
-    def output_names(self) -> tuple[str, ...]:
-        return tuple(t.name for t in self.outputs)
-
-    def to_dict(self) -> dict:
-        return {"index": self.index, "site": self.site, "next_site": self.next_site,
-                "inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs]}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "StageSpec":
-        return cls(index=int(d["index"]), site=None if d.get("site") is None else int(d["site"]),
-                   next_site=None if d.get("next_site") is None else int(d["next_site"]),
-                   inputs=tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
-                   outputs=tuple(TensorSpec.from_dict(t) for t in d["outputs"]))
 
 
 class StageModule(torch.nn.Module):
@@ -153,10 +81,6 @@ class StageModule(torch.nn.Module):
             step.run(env)
         return tuple(env[n] for n in self.spec.output_names)
 
-
-MAX_STAGE_BYTES = 4_000_000_000
-"""Default weight size above which a stage is cut into pieces (SD 1.x/2.x's largest stage, 3.3 GB in fp32, stays
-whole; SDXL's 9.6 GB middle becomes three pieces)."""
 
 
 def _split(steps: list[Step]) -> list[list[Step]]:
@@ -188,26 +112,6 @@ def cut_for_branches(groups: list[list[Step]], steps: list[Step], branches: tupl
                 out.append([])
             out[-1].append(step)
     return out
-
-
-@dataclass(frozen=True)
-class CachedBranch:
-    """What a cached call of one feature-cache branch runs: the stages of the shallow branch, and the tensors
-    kept from the last full call that they read."""
-
-    branch: int
-    stages: tuple[int, ...]
-    """Indices of the stages a cached call runs (the others are skipped)."""
-    cached: tuple[str, ...]
-    """Names of the tensors a cached call reads from the last full call."""
-
-    def to_dict(self) -> dict:
-        return {"branch": self.branch, "stages": list(self.stages), "cached": list(self.cached)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CachedBranch":
-        return cls(branch=int(d["branch"]), stages=tuple(int(i) for i in d["stages"]),
-                   cached=tuple(str(n) for n in d["cached"]))
 
 
 def cached_branches(stages: list[tuple[StageSpec, "StageModule"]], branches: tuple[int, ...],

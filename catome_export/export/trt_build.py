@@ -39,7 +39,7 @@ from catome_export.tensorrt_support import (
     import_tensorrt, polygraphy_problem, polygraphy_version, require_polygraphy,
 )
 from catome_export.fsutil import atomic_write_bytes, sha256_file
-from catome_export.export.manifest import EngineFile, Manifest, TrtRecord
+from catome_export.engine.manifest import EngineFile, Manifest, TrtRecord
 from catome_export.export.profiles import (
     DEFAULT_OPT_MERGE_FRACTION, StageProfile, compute_profiles, profiles_to_json,
 )

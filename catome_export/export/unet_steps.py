@@ -14,7 +14,7 @@ norm3, ff), and ``...post`` applies ``proj_out`` and the residual. Every other
 Transformer2DModel is called whole.
 
 The names of the tensors that can cross a cut follow
-:mod:`catome_export.export.io_names`.
+:mod:`catome_export.engine.io_names`.
 
 With ``controlnet=True`` the up path's concatenation steps also read the
 ControlNet residuals, exactly where ``UNet2DConditionModel.forward`` adds
@@ -36,9 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from catome_export.errors import CatomeError
-from catome_export.export.io_names import (
-    CONTROLNET_MID, EMB, MODEL_OUTPUT, SAMPLE, TEXT, TEXT_EMBEDS, TIME_IDS, TIMESTEP, controlnet_down_name,
-    plan_names, site_input_name, site_output_name, site_residual_name, skip_name,
+from catome_export.engine.io_names import (
+    CONTROLNET_MID, EMB, MODEL_OUTPUT, SAMPLE, TEXT, TEXT_EMBEDS, TIME_IDS, TIMESTEP, controlnet_down_name, plan_names, site_input_name, site_output_name, site_residual_name, skip_name,
 )
 from catome_export.merging.plan import merge_tokens, unmerge_tokens
 from catome_export.models.sites import MergeSite

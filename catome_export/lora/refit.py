@@ -36,8 +36,9 @@ import numpy as np
 import torch
 
 from catome_export.errors import CatomeError
-from catome_export.export.manifest import EngineFile, LoraEntry, LoraRecord, Manifest
-from catome_export.fsutil import BuildLock, atomic_write_bytes, sha256_file
+from catome_export.engine.manifest import EngineFile, LoraEntry, LoraRecord, Manifest
+from catome_export.engine.folder import BuildLock
+from catome_export.fsutil import atomic_write_bytes, sha256_file
 from catome_export.lora.files import (
     LoraFile, LoraSpec, fused_weights, load_loras, lora_targets, parse_lora_arg, targets_from_config, touched_params,
 )
@@ -159,8 +160,8 @@ def engine_graph_files(manifest: Manifest) -> tuple[list[str], list[str]]:
 def require_lora_record(manifest: Manifest) -> LoraRecord:
     record = manifest.lora
     if record is None or record.weights_map is None:
-        raise CatomeError(f"engine {manifest.engine_dir or manifest.name} was built before LoRA refit existed (its "
-                          f"manifest has no weights map): rebuild it with {manifest.rebuild_command()}")
+        raise manifest.rebuild_needed(f"engine {manifest.engine_dir or manifest.name} was built before LoRA refit "
+                                      "existed (its manifest has no weights map)")
     return record
 
 
@@ -232,8 +233,8 @@ def _check_inputs(engine_dir: Path, manifest: Manifest, record: LoraRecord) -> N
     files += [EngineFile(s.file, s.sha256, s.bytes) for s in manifest.stages]
     for f in files:
         if f.sha256 and sha256_file(engine_dir / f.file) != f.sha256:
-            raise CatomeError(f"engine {engine_dir}: {f.file} does not match its sha256 in the manifest (damaged or "
-                              f"replaced): rebuild it with {manifest.rebuild_command()}")
+            raise manifest.rebuild_needed(f"engine {engine_dir}: {f.file} does not match its sha256 in the manifest "
+                                          "(damaged or replaced)", engine_dir=engine_dir)
 
 
 def overrides_name(data: bytes) -> str:
@@ -260,8 +261,9 @@ def refit_engine(engine_dir: str | Path, loras: Any, progress: Progress | None =
         say(f"refit {engine_dir}: LoRA {record.describe()} -> {plan.describe()} ({len(plan.changed)} weights "
             f"change, {len(plan.overrides)} differ from the graphs)")
         if manifest.engine_backend == "trt" and not record.refittable and plan.changed:
-            raise CatomeError(f"the TensorRT plans of {engine_dir} were built without --refittable: rebuild "
-                              f"with {manifest.rebuild_command(refittable=True)}")
+            raise manifest.rebuild_needed(f"the TensorRT plans of {engine_dir} were built without --refittable",
+                                          ": rebuild with", engine_dir=engine_dir,
+                                          overrides={"refittable": True})
         old_files = {name for name, _, _ in manifest.files()}
         written: list[Path] = []
         try:
@@ -353,7 +355,7 @@ def apply_to_runtime(runtime: Any, loras: Any, *, save: bool = False) -> str:
     fit, or a failed refit of the folder, changes nothing; the loaded engine changes only once all its new
     sessions exist (ONNX Runtime) or gets its previous weights back (TensorRT)."""
     engine_dir, manifest = runtime.engine_dir, runtime.manifest
-    if engine_dir is None or manifest is None:
+    if engine_dir is None:
         raise CatomeError("set_lora needs a runtime loaded from an engine folder (Runtime.load)")
     specs = resolve_specs(loras)
     backend = runtime.backend

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from catome_export.errors import CatomeError
-from catome_export.export.manifest import EngineFile, Manifest, StageRecord
+from catome_export.engine.manifest import EngineFile, Manifest, StageRecord
 from catome_export.fsutil import atomic_write_bytes
 
 

@@ -15,11 +15,11 @@ import torch
 
 from catome_export.backends.base import StageRunner
 from catome_export.errors import CatomeError
-from catome_export.export.io_names import MODEL_OUTPUT, is_model_input, plan_names, site_input_name
+from catome_export.engine.io_names import MODEL_OUTPUT, is_model_input, plan_names, site_input_name
 from catome_export.merging.plan import MergePlan
 
 if TYPE_CHECKING:
-    from catome_export.export.stages import TensorSpec
+    from catome_export.engine.specs import TensorSpec
 
 PlanHook = Callable[[int, torch.Tensor], MergePlan]
 """``(site, x) -> plan``: called after the stage that outputs ``x{site}``."""

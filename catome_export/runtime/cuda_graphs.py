@@ -97,7 +97,7 @@ import torch
 from catome_export.checks import check_int
 from catome_export.backends.base import ForkableStageRunner
 from catome_export.errors import CatomeError
-from catome_export.export.io_names import MODEL_OUTPUT, site_of
+from catome_export.engine.io_names import MODEL_OUTPUT, site_of
 
 logger = logging.getLogger(__name__)
 

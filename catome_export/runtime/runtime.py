@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -30,10 +31,14 @@ from catome_export.backends import create_backend
 from catome_export.backends.base import Backend, StageRunner, StreamOwner
 from catome_export.backends.select import choose_backend
 from catome_export.backends.torch_backend import manifest_dtype
+from catome_export.defaults import DEFAULT_TEXT_LEN, MAX_BATCH, MAX_RESOLUTION
 from catome_export.errors import CatomeError
-from catome_export.export.controlnet import ControlNetInputs
-from catome_export.export.io_names import ADDED_INPUTS, MODEL_OUTPUT, SAMPLE, TEXT, TIMESTEP, plan_names
-from catome_export.export.manifest import FeatureCacheRecord, Manifest
+from catome_export.engine.controlnet import ControlNetInputs
+from catome_export.engine.io_names import ADDED_INPUTS, MODEL_OUTPUT, SAMPLE, TEXT, TIMESTEP, plan_names
+from catome_export.engine.manifest import FeatureCacheRecord, Manifest, ModelRecord, StageRecord
+from catome_export.engine.shapes import ShapeRanges
+from catome_export.engine.specs import StageSpec
+from catome_export.engine.engine import Engine, EngineSource
 from catome_export.featurecache import CacheClock, FeatureCacheSettings, parse_feature_cache
 from catome_export.featurecache.clock import Timesteps
 from catome_export.merging import MergeController, MergeSettings, MergePlan
@@ -51,16 +56,14 @@ ShapeCheck = Callable[[int, int, int], None]
 class Runtime:
     """A loaded engine: ``runtime.unet`` stands in for a diffusers ``UNet2DConditionModel``.
 
-    Build it with :meth:`load`; the constructor takes ready parts (stage
-    runners, sites, settings), which is what tests and other front ends use.
+    Build it with :meth:`load` (an engine folder), or :meth:`from_parts` (ready stage runners: tests and other
+    front ends). Its :attr:`manifest` and :attr:`backend` are always set.
     """
 
     def __init__(self, runners: Sequence[StageRunner], sites: Sequence[MergeSite], settings: MergeSettings, *,
                  unet_config: Mapping[str, Any], dtype: torch.dtype, device: torch.device | str,
-                 backend: Backend | None = None, shape_check: ShapeCheck | None = None,
-                 manifest: Manifest | None = None, engine_dir: Path | None = None,
-                 feature_cache: FeatureCacheSettings | None | str = "engine",
-                 cache_record: FeatureCacheRecord | None = None) -> None:
+                 backend: Backend, manifest: Manifest, shape_check: ShapeCheck | None = None,
+                 engine_dir: Path | None = None, feature_cache: FeatureCacheSettings | None | str = "engine") -> None:
         self.chain = StageChain(runners)
         self.controlnet: ControlNetInputs | None = ControlNetInputs.of(self.chain.specs)
         """The ControlNet residual inputs of an engine built with ``--controlnet`` (None: it takes none)."""
@@ -73,8 +76,8 @@ class Runtime:
         self.settings = settings
         self.dtype = dtype
         self.device = torch.device(device)
-        self.backend = backend
-        self.manifest = manifest
+        self.backend: Backend = backend
+        self.manifest: Manifest = manifest
         self.engine_dir = engine_dir
         self.shape_check = shape_check
         self.sync_timing = True
@@ -94,10 +97,8 @@ class Runtime:
         """The LoRA entries set by :meth:`set_lora` (None: the manifest's)."""
         self._lora_overrides: Any = None
         """Weights that differ from the graphs' after :meth:`set_lora` (None: the manifest's overrides file)."""
-        self.cache_record: FeatureCacheRecord | None = (cache_record if cache_record is not None or manifest is None
-                                                        else manifest.feature_cache)
-        """The feature-cache branches the engine's stages were cut for (None: none; ``cache_record`` gives it
-        for runners made without a manifest)."""
+        self.cache_record: FeatureCacheRecord | None = manifest.feature_cache
+        """The feature-cache branches the engine's stages were cut for (None: none)."""
         if self.cache_record is not None:
             for branch in self.cache_record.branches:
                 self.chain.check_subset(branch.stages, branch.cached)
@@ -117,10 +118,34 @@ class Runtime:
 
     # -- loading ----------------------------------------------------------------------
     @classmethod
-    def load(cls, engine_dir: str | Path, backend: str = "auto", device: torch.device | str | None = None, *,
+    def from_parts(cls, runners: Sequence[StageRunner], sites: Sequence[MergeSite], settings: MergeSettings, *,
+                   unet_config: Mapping[str, Any], dtype: torch.dtype, device: torch.device | str,
+                   backend: Backend | None = None, manifest: Manifest | None = None,
+                   shape_check: ShapeCheck | None = None, engine_dir: Path | None = None,
+                   feature_cache: FeatureCacheSettings | None | str = "engine",
+                   cache_record: FeatureCacheRecord | None = None) -> "Runtime":
+        """A runtime over ready stage runners (tests, front ends that load stages themselves).
+
+        ``backend``: the one that made the runners (default :class:`PartsBackend`, which loads nothing);
+        ``manifest``: the engine's (default :func:`parts_manifest` of the runners' specs, ``sites``,
+        ``settings``, ``unet_config`` and ``dtype``); ``cache_record``: the feature-cache branches the
+        stages were cut for, in place of the manifest's.
+        """
+        device = torch.device(device)
+        if manifest is None:
+            manifest = parts_manifest([r.spec for r in runners], sites, settings, unet_config, dtype)
+        if cache_record is not None:
+            manifest = replace(manifest, feature_cache=cache_record)
+        return cls(runners, sites, settings, unet_config=unet_config, dtype=dtype, device=device,
+                   backend=backend if backend is not None else PartsBackend(device), manifest=manifest,
+                   shape_check=shape_check, engine_dir=engine_dir, feature_cache=feature_cache)
+
+    @classmethod
+    def load(cls, engine: EngineSource, backend: str = "auto", device: torch.device | str | None = None, *,
              settings: MergeSettings | None = None, backend_options: Mapping[str, Any] | None = None,
              cuda_graphs: bool = False, feature_cache: FeatureCacheSettings | None | str = "engine") -> "Runtime":
-        """Load the engine in ``engine_dir`` on a backend: auto, trt, ort, ort-cuda, ort-cpu or torch.
+        """Load ``engine`` (an :class:`~catome_export.engine.engine.Engine`, or its folder, opened and checked
+        here) on a backend: auto, trt, ort, ort-cuda, ort-cpu or torch.
 
         ``settings`` overrides the manifest's merge settings (threshold,
         schedule...; the graphs take any merge count, so this needs no
@@ -129,12 +154,12 @@ class Runtime:
         graphs (TensorRT or torch backend on a GPU; see :meth:`enable_cuda_graphs`).
         """
 
-        engine_dir = Path(engine_dir)
-        manifest = Manifest.load(engine_dir)
+        opened = Engine.open(engine)
+        engine_dir, manifest = opened.path, opened.manifest
         check_feature_cache(manifest.feature_cache, feature_cache)  # before any stage loads
         choice = choose_backend(backend, engine_backend=manifest.engine_backend, device=device)
         logger.info("backend: %s", choice.reason)
-        be = create_backend(choice, manifest, device=device, options=backend_options)
+        be = create_backend(choice, opened, device=device, options=backend_options)
         if hasattr(be, "initializer_overrides"):  # ONNX Runtime: a refit LoRA's weights in place of the graphs'
             from catome_export.lora.refit import InitializerOverrides
 
@@ -462,9 +487,9 @@ class Runtime:
         if capture is None:
             if self.device.type != "cuda":
                 raise CatomeError(f"CUDA graphs need a CUDA device; this runtime runs on {self.device}")
-            name = self.backend.name if self.backend is not None else ""
+            name = self.backend.name
             if name not in ("trt", "torch"):
-                raise CatomeError(f"CUDA graphs run with the trt or torch backend, not {name or 'this one'} "
+                raise CatomeError(f"CUDA graphs run with the trt or torch backend, not {name} "
                                   "(ONNX Runtime allocates its outputs itself)")
             capture = TorchCudaGraphCapture(self.device, stream=self._stream())
         memory: Any = getattr(self.backend, "memory", None)
@@ -599,7 +624,7 @@ class Runtime:
     def lora(self) -> str:
         """The LoRA the engine computes now: ``none`` or ``file.safetensors:SCALE`` (joined by `` + ``)."""
         entries = self._lora_active if self._lora_active is not None else (
-            self.manifest.lora.active if self.manifest is not None and self.manifest.lora is not None else ())
+            self.manifest.lora.active if self.manifest.lora is not None else ())
         return " + ".join(f"{Path(e.source).name}:{e.scale:g}" for e in entries) or "none"
 
     def set_lora(self, loras: Any, *, save: bool = False) -> str:
@@ -647,8 +672,7 @@ class Runtime:
             self._graphs = None
         self._drop_shallow_graphs("runtime closed")
         self.chain.close()
-        if self.backend is not None:
-            self.backend.close()
+        self.backend.close()
 
     def __enter__(self) -> "Runtime":
         return self
@@ -657,7 +681,7 @@ class Runtime:
         self.close()
 
     def __repr__(self) -> str:
-        name = self.backend.name if self.backend is not None else "custom"
+        name = self.backend.name
         cache = "" if self._cache_settings is None else f", {self._cache_settings.describe()}"
         return (f"Runtime({name} on {self.device}, {len(self.chain.runners)} stages, {len(self.sites)} sites, "
                 f"{self.settings.mode}, {self.settings.schedule.describe()}{cache})")
@@ -698,3 +722,40 @@ def _check_same_graphs(built: MergeSettings, settings: Any) -> None:
         raise CatomeError(f"{', '.join(changed)}: max_downsample, merge_crossattn and merge_mlp are built into the "
                           "graphs; rebuild the engine with catome-export build to change them")
 
+
+
+class PartsBackend:
+    """The backend of a runtime made from ready stage runners (:meth:`Runtime.from_parts`): it loads nothing."""
+
+    name = "custom"
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+
+    def load_stage(self, engine_dir: Path, stage: StageRecord) -> StageRunner:
+        raise CatomeError("this runtime was made from ready stage runners and loads no stage files: load an engine "
+                          "folder with Runtime.load")
+
+    def close(self) -> None:
+        """Nothing to release: the runners belong to the runtime's chain."""
+
+
+PARTS_TEXT_LEN = (1, 4096)
+"""Text lengths the stand-in manifest of :func:`parts_manifest` admits (the runners decide what they take)."""
+
+
+def parts_manifest(specs: Sequence[StageSpec], sites: Sequence[MergeSite], settings: MergeSettings,
+                   unet_config: Mapping[str, Any], dtype: torch.dtype) -> Manifest:
+    """The manifest of a runtime made from ready stage runners: their specs, sites and settings, shape ranges
+    as wide as a build admits (the runners, and a ``shape_check`` if given, decide), the opt size the U-Net
+    config's ``sample_size`` (diffusers' default image size), no model named (``model.id`` empty), no files."""
+    latent = (1, MAX_RESOLUTION // 8)
+    size = unet_config.get("sample_size")
+    opt = min(max(int(size), 1), latent[1]) if isinstance(size, int) and not isinstance(size, bool) else 64
+    shapes = ShapeRanges(batch=(1, MAX_BATCH), latent_height=latent, latent_width=latent, text_len=PARTS_TEXT_LEN,
+                         opt_batch=1, opt_height=opt, opt_width=opt,
+                         opt_text_len=min(max(DEFAULT_TEXT_LEN, PARTS_TEXT_LEN[0]), PARTS_TEXT_LEN[1]))
+    return Manifest(name="parts", model=ModelRecord(id="", unet_config=dict(unet_config)),
+                    precision="fp16" if dtype == torch.float16 else "fp32", merge=settings, sites=tuple(sites),
+                    shapes=shapes, stages=tuple(StageRecord(spec=s, file=f"stage_{s.index}.onnx") for s in specs),
+                    tools={})

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from catome_export.errors import CatomeError
-from catome_export.export.controlnet import ControlNetInputs, resolve_shape
-from catome_export.export.io_names import ADDED_INPUTS
+from catome_export.engine.controlnet import ControlNetInputs, resolve_shape
+from catome_export.engine.io_names import ADDED_INPUTS
 
 if TYPE_CHECKING:
     from catome_export.runtime.runtime import Runtime

@@ -51,7 +51,8 @@ from catome_export.devices import load_average
 from catome_export.checks import check_float, check_int, is_int
 from catome_export.errors import CatomeError
 from catome_export.export.controlnet import random_residuals
-from catome_export.export.manifest import Manifest
+from catome_export.engine.manifest import Manifest
+from catome_export.engine.engine import Engine, EngineSource
 from catome_export.memory import check_available, gb, verify_need
 from catome_export.latents import make_latents
 from catome_export.merging import parse_schedule
@@ -472,14 +473,15 @@ class _Timer:
         return out, (time.perf_counter() - start) * 1e3
 
 
-def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None, backend: str = "auto", seed: int = 0,
+def verify_engine(engine: EngineSource, steps: int = 50, schedule: Any = None, backend: str = "auto", seed: int = 0,
                   batch: int | None = None, resolution: Any = None, tolerance: float | None = None, *,
                   merge_tolerance: float | None = None, device: torch.device | str | None = None,
                   backend_options: Mapping[str, Any] | None = None,
                   progress: Callable[[VerifyRow], None] | None = None,
                   feature_cache: FeatureCacheSettings | None | str = "engine",
                   r_multiple: int | None = None) -> VerifyReport:
-    """Run the engine and eager CA-ToMe side by side over ``steps`` U-Net calls and compare them.
+    """Run ``engine`` (an :class:`~catome_export.engine.engine.Engine`, or its folder, opened and checked here,
+    once) and eager CA-ToMe side by side over ``steps`` U-Net calls and compare them.
 
     ``schedule`` overrides the manifest's checkpoint schedule (a name or a
     list; the manifest's step_base is kept). ``batch`` / ``resolution``
@@ -512,8 +514,8 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
         check_float("tolerance", tolerance, 0, finite=False)
     if merge_tolerance is not None:
         check_float("merge tolerance", merge_tolerance, 0, 1, hint="a fraction of the merged tokens")
-    engine_dir = Path(engine_dir)
-    manifest = Manifest.load(engine_dir)
+    opened = Engine.open(engine)
+    engine_dir, manifest = opened.path, opened.manifest
     settings = manifest.merge
     if schedule is not None:
         settings = replace(settings, schedule=parse_schedule(schedule, settings.schedule.step_base))
@@ -535,7 +537,7 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
                         f"ONNX Runtime at once, {gb(weights)} of weights each)",
                         "verify on a machine with more memory (or on a GPU), or close other programs")
 
-    runtime = Runtime.load(engine_dir, backend=backend, device=device, settings=settings,
+    runtime = Runtime.load(opened, backend=backend, device=device, settings=settings,
                            backend_options=backend_options, feature_cache=feature_cache)
     handle = None
     cache_handle = None
@@ -569,8 +571,7 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
         threshold = settings.threshold if settings.mode == "threshold" else None
         rows: list[VerifyRow] = []
         loads: list[float] = []
-        logger.info("verifying %s on %s over %d steps (batch %d, latent %dx%d, %s%s)", engine_dir, runtime.backend.name
-                    if runtime.backend else "?", steps, batch, latent_hw[0], latent_hw[1], settings.schedule.describe(),
+        logger.info("verifying %s on %s over %d steps (batch %d, latent %dx%d, %s%s)", engine_dir, runtime.backend.name, steps, batch, latent_hw[0], latent_hw[1], settings.schedule.describe(),
                     "" if runtime.feature_cache is None else f", {runtime.feature_cache.describe()}")
         with torch.no_grad():
             for i, t in enumerate(scheduler.timesteps):
@@ -628,7 +629,7 @@ def verify_engine(engine_dir: str | Path, steps: int = 50, schedule: Any = None,
                 if progress is not None:
                     progress(row)
                 latents = scheduler.step(want, t, latents).prev_sample
-        return VerifyReport(engine_dir=str(engine_dir), backend=runtime.backend.name if runtime.backend else "custom",
+        return VerifyReport(engine_dir=str(engine_dir), backend=runtime.backend.name,
                             precision=precision, batch=batch, latent_hw=latent_hw,
                             schedule=settings.schedule.describe() + ("" if runtime.feature_cache is None else
                                                                      f", {runtime.feature_cache.describe()}"),

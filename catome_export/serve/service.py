@@ -136,7 +136,7 @@ class ServeOptions:
 
 def manifest_sha256(engine_dir: str | Path) -> str:
     """sha256 (hex) of ``engine_dir/manifest.json``: the engine's identity, as the application pins it."""
-    from catome_export.export.manifest import MANIFEST_FILE
+    from catome_export.engine.manifest import MANIFEST_FILE
     from catome_export.fsutil import sha256_file
 
     folder = Path(engine_dir)
@@ -192,7 +192,7 @@ def check_feature_cache_option(engine_dir: str | Path, feature_cache: str | None
     """CatomeError, before any replica starts, when ``feature_cache`` needs a branch the engine was not cut for."""
     if feature_cache is None:
         return
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
     from catome_export.runtime.runtime import check_feature_cache
 
     check_feature_cache(Manifest.load(engine_dir, check_hashes=False).feature_cache, parse_feature_cache(feature_cache))
@@ -200,7 +200,7 @@ def check_feature_cache_option(engine_dir: str | Path, feature_cache: str | None
 
 def engine_batch_range(engine_dir: str | Path) -> tuple[int, int]:
     """The U-Net batch range an engine folder was built for (from its manifest), checked before any replica starts."""
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
 
     return Manifest.load(engine_dir, check_hashes=False).shapes.batch
 
@@ -329,6 +329,7 @@ class ImageService:
     """A loaded engine and its pipeline; call from one thread (see the module docstring)."""
 
     def __init__(self, options: ServeOptions) -> None:
+        from catome_export.engine.engine import Engine
         from catome_export.runtime import Runtime
         from catome_export.runtime.embed import attach
 
@@ -341,19 +342,14 @@ class ImageService:
         if options.threads is not None:
             backend_options.setdefault("intra_op_threads", options.threads)
         cache = "engine" if options.feature_cache is None else parse_feature_cache(options.feature_cache)
+        engine = Engine.open(options.engine_dir)  # read and checked once, here
         settings = None
         if options.r_multiple is not None:  # the engine's own merge settings, r rounded as the options say
-            from catome_export.export.manifest import Manifest
-
-            built = Manifest.load(options.engine_dir, check_files=False).merge
-            settings = replace(built, r_multiple=options.r_multiple)
-        self.runtime = Runtime.load(options.engine_dir, backend=options.backend, device=options.device,
+            settings = replace(engine.manifest.merge, r_multiple=options.r_multiple)
+        self.runtime = Runtime.load(engine, backend=options.backend, device=options.device,
                                     backend_options=backend_options or None, feature_cache=cache, settings=settings)
         try:
-            manifest = self.runtime.manifest
-            if manifest is None:
-                raise CatomeError("the engine runtime has no manifest: load it with Runtime.load(engine folder)")
-            shapes = manifest.shapes
+            shapes = self.runtime.manifest.shapes
             ranges = {"batch": shapes.batch, "latent_height": shapes.latent_height, "latent_width": shapes.latent_width}
             check_max_batch(options.max_batch, ranges["batch"])
             self.default_settings = self.runtime.settings
@@ -378,9 +374,9 @@ class ImageService:
         self._calls = 0
         self.warm_up_s: float | None = None
         """Seconds of the warm-up generation (None until :meth:`warm_up` ran)."""
-        backend = getattr(self.runtime.backend, "name", "engine")
+        backend = self.runtime.backend.name
         logger.info("replica pid %d: engine %s loaded on %s (%s): manifest sha256 %s, sizes %s, batch %d..%d, max %d "
-                    "images per call, 1..%d steps (%s)", os.getpid(), manifest.name, backend, self.runtime.device,
+                    "images per call, 1..%d steps (%s)", os.getpid(), self.runtime.manifest.name, backend, self.runtime.device,
                     self.engine_sha256, self.limits.size_text(), *self.limits.batch, options.max_batch, max_steps,
                     scheduler)
 
@@ -396,11 +392,10 @@ class ImageService:
         """What clients may ask for: sizes, batch, defaults (``GET /v1/engine``)."""
         m = self.runtime.manifest
         cache = self.runtime.feature_cache
-        return {"engine": m.name if m is not None else None, "engine_sha256": self.engine_sha256,
+        return {"engine": m.name, "engine_sha256": self.engine_sha256,
                 "feature_cache": None if cache is None else cache.to_dict(), "warm_up_s": self.warm_up_s,
-                "model": m.model.id if m is not None else None,
-                "precision": m.precision if m is not None else None,
-                "backend": getattr(self.runtime.backend, "name", None), "device": str(self.runtime.device),
+                "model": m.model.id, "precision": m.precision,
+                "backend": self.runtime.backend.name, "device": str(self.runtime.device),
                 "sizes": self.limits.size_text(), "default_size": f"{self.limits.default_size[1]}x"
                 f"{self.limits.default_size[0]}", "unet_batch": list(self.limits.batch),
                 "max_batch": self.options.max_batch, "max_images": self.limits.max_images,

@@ -16,10 +16,9 @@ from typing import Any
 from catome_export.backends.select import choose_backend
 from catome_export.choices import BuildBackend, EngineBackend, Precision
 from catome_export.errors import CatomeError
-from catome_export.export.build import (
-    BuildOptions, BuildResult, Progress, VerifyVerdict, build_folder, make_options,
-)
-from catome_export.export.manifest import Manifest
+from catome_export.engine.options import BuildOptions, make_options
+from catome_export.export.build import BuildResult, Progress, VerifyVerdict, build_folder
+from catome_export.engine.manifest import Manifest
 from catome_export.runtime.verify import verify_engine
 
 logger = logging.getLogger(__name__)

@@ -322,17 +322,17 @@ class _Context:
         try:
             if self.runtime is not None:
                 manifest = self.runtime.manifest
-                manifest_model = manifest.model.id if manifest is not None else None
+                manifest_model = manifest.model.id or None  # empty: made from ready runners, no model named
                 source = config.model or manifest_model
                 if source is None:
                     raise CatomeError("the engine's manifest names no model: pass --model")
                 eager = any(m in EAGER_METHODS for m in methods)
-                reference = eager and manifest is not None and bool(manifest.model.weights_hash)
+                reference = eager and bool(manifest.model.weights_hash)
                 weights = config.weights
                 if config.model is not None:
                     check_model_fits(dict(self.runtime.unet.config), manifest_model or "the engine's model",
                                      config.model, weights)
-                elif manifest is not None and is_checkpoint_path(manifest.model.weights):
+                elif is_checkpoint_path(manifest.model.weights):
                     weights = manifest.model.weights  # the text encoder and VAE of the file it was built from
                 self.pipe = load_pipeline(source, weights=weights, device=self.runtime.device,
                                           dtype=self.runtime.dtype, with_unet=eager and not reference)

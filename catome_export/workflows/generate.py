@@ -242,11 +242,11 @@ def pipeline_for_engine(runtime: Any, model: str | None = None, scheduler: str |
     from catome_export.models.checkpoint import is_checkpoint_path
 
     manifest = runtime.manifest
-    built_from = manifest.model.id if manifest is not None else None
+    built_from = manifest.model.id or None  # empty: a runtime made from ready runners names no model
     source = model or built_from
     if source is None:
         raise CatomeError("the engine's manifest names no model: pass --model to say which pipeline to use")
-    built_weights = manifest.model.weights if manifest is not None else None
+    built_weights = manifest.model.weights
     if model is None and weights is None and is_checkpoint_path(built_weights):
         if not Path(str(built_weights)).is_file():
             raise CatomeError(f"the engine was built from {built_weights}, which is gone, and its text encoder and "
@@ -299,11 +299,9 @@ def check_engine_shapes(runtime: Any, request: "ImageRequest") -> None:
         check(batch, request.height // 8, request.width // 8)
 
 
-def engine_resolution(runtime: Any) -> tuple[int, int] | None:
-    """The image size of the engine's optimal profile (latent * 8), or None when the manifest has none."""
+def engine_resolution(runtime: Any) -> tuple[int, int]:
+    """The image size of the engine's optimal profile (latent * 8)."""
     manifest = runtime.manifest
-    if manifest is None:
-        return None
     return manifest.shapes.opt_height * 8, manifest.shapes.opt_width * 8
 
 

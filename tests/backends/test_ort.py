@@ -15,8 +15,8 @@ from catome_export.backends.ort import (  # noqa: E402
     OrtBackend, OrtOptions, check_gpu_version, physical_cores, session_options, version_tuple,
 )
 from catome_export.errors import CatomeError  # noqa: E402
-from catome_export.export.manifest import FusedGraph, StageRecord  # noqa: E402
-from catome_export.export.stages import StageSpec, TensorSpec  # noqa: E402
+from catome_export.engine.manifest import FusedGraph, StageRecord  # noqa: E402
+from catome_export.engine.specs import StageSpec, TensorSpec  # noqa: E402
 
 SPEC = StageSpec(
     index=1, site=0, next_site=None,

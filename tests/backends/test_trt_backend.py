@@ -30,8 +30,9 @@ from onnx import TensorProto, helper
 from catome_export.backends.base import DeviceStream
 from catome_export.backends.trt import ALIGNMENT, SharedDeviceMemory, TrtBackend, aligned, aligned_empty
 from catome_export.errors import CatomeError
-from catome_export.export.manifest import EngineFile, StageRecord
-from catome_export.export.stages import StageSpec, TensorSpec, plan_specs
+from catome_export.engine.manifest import EngineFile, StageRecord
+from catome_export.engine.specs import StageSpec, TensorSpec
+from catome_export.export.stages import plan_specs
 from factories import make_manifest
 
 C = 8
@@ -369,9 +370,10 @@ def test_without_tensorrt_the_backend_names_it(monkeypatch):
 def test_create_backend_refuses_folder_without_plans():
     from catome_export.backends import create_backend
     from catome_export.backends.select import BackendChoice
+    from catome_export.engine.engine import Engine
 
     with pytest.raises(CatomeError, match="no TensorRT plans"):
-        create_backend(BackendChoice("trt", "test"), make_manifest())
+        create_backend(BackendChoice("trt", "test"), Engine(Path("engines/tiny"), make_manifest()))
 
 
 @pytest.mark.gpu

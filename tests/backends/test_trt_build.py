@@ -112,7 +112,7 @@ def test_cli_build_trt_without_tensorrt_exits_1(tmp_path):
 def test_build_writes_plans_cache_and_trt_section(tmp_path):
     """Build tiny's engines twice: plans and the timing cache are written, the second build reuses the cache."""
     from catome_export.cli.main import main
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
 
     out = tmp_path / "tiny"
     assert main(["build", "--model", "tiny", "--engine-kind", "trt", "--out", str(out)]) == 0
@@ -192,7 +192,7 @@ def _float_io(plan: dict) -> set[str]:
 def test_fp32_build_of_tiny_through_polygraphy(trt_machine, tiny_onnx_fp32, tmp_path):
     """Every stage builds; each plan has the manifest's I/O and the computed profiles, is strongly typed, fp32,
     made by this exact TensorRT, and loads in the runtime with the same profile."""
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
     from catome_export.export.profiles import compute_profiles, profiles_to_json
 
     trt = trt_machine
@@ -230,7 +230,7 @@ def test_fp32_build_of_tiny_through_polygraphy(trt_machine, tiny_onnx_fp32, tmp_
 def test_fp16_build_is_strongly_typed_from_the_fp16_export(trt_machine, tiny_onnx_fp16, tmp_path):
     """fp16 engines on both majors: the fp16 graphs parsed strongly typed; no precision builder flag is set (11.x has
     none, and Polygraphy would raise if the build asked for one)."""
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
 
     trt = trt_machine
     folder = _copy(tiny_onnx_fp16, tmp_path)
@@ -246,7 +246,7 @@ def test_fp16_build_is_strongly_typed_from_the_fp16_export(trt_machine, tiny_onn
 
 
 def test_fp16_engines_need_the_fp16_export(trt_machine, tiny_onnx_fp32, tmp_path):
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
 
     folder = _copy(tiny_onnx_fp32, tmp_path)
     with pytest.raises(CatomeError, match="--precision fp16"):
@@ -263,7 +263,7 @@ def _cache_entries(path: Path) -> set[str]:
 def test_timing_cache_seeded_grown_and_saved_without_lock_files(trt_machine, tiny_onnx_fp32, tmp_path):
     """First build: a new cache, saved in the folder and the per-user copy. Second build in a new folder: seeded
     from the per-user copy, every earlier entry kept, nothing new needed; no .lock file anywhere."""
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
     from catome_export.export.trt_build import shared_timing_cache
 
     trt = trt_machine
@@ -284,7 +284,7 @@ def test_timing_cache_seeded_grown_and_saved_without_lock_files(trt_machine, tin
 def test_unusable_timing_cache_is_replaced(trt_machine, tiny_onnx_fp32, tmp_path, caplog, what):
     from tensorrt import _formats
 
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
 
     trt = trt_machine
     folder = _copy(tiny_onnx_fp32, tmp_path)
@@ -311,7 +311,7 @@ def _int32_scatter(path: Path) -> None:
 
 
 def test_parser_refusal_is_a_catome_error_and_keeps_old_plans(trt_machine, tiny_onnx_fp32, tmp_path):
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
 
     trt = trt_machine
     folder = _copy(tiny_onnx_fp32, tmp_path)
@@ -344,7 +344,7 @@ def test_polygraphy_049_is_refused_up_front_for_tensorrt_11(trt_machine, tiny_on
     before parsing anything, in one line naming the upgrade; with 10 that Polygraphy builds as before."""
     import polygraphy
 
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
 
     trt = trt_machine
     monkeypatch.setattr(polygraphy, "__version__", "0.49.9")
@@ -360,7 +360,7 @@ def test_attribute_error_inside_polygraphy_is_a_catome_error(trt_machine, tiny_o
     naming the fix, never a raw AttributeError."""
     import polygraphy.backend.trt as poly_trt
 
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
 
     trt = trt_machine
     real = poly_trt.CreateConfig
@@ -383,7 +383,7 @@ def test_attribute_error_inside_polygraphy_is_a_catome_error(trt_machine, tiny_o
 
 
 def test_build_missing_onnx(trt_machine, tiny_onnx_fp32, tmp_path):
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
 
     folder = _copy(tiny_onnx_fp32, tmp_path)
     (folder / "stage_1.onnx").unlink()
@@ -396,7 +396,7 @@ def test_plans_load_only_under_the_exact_version_that_built_them(trt_machine, tr
     """The stand-in follows deserialize_cuda_engine's contract (None under another build), and the compatibility
     check refuses the folder before that, naming both versions and the rebuild command."""
     from catome_export.backends.trt_compat import TrtRuntimeInfo, check_trt_compat
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
 
     trt = trt_machine
     folder = _copy(tiny_onnx_fp32, tmp_path)
@@ -411,7 +411,9 @@ def test_plans_load_only_under_the_exact_version_that_built_them(trt_machine, tr
     check_trt_compat(manifest, TrtRuntimeInfo(built, "Stand-in GPU (sm90)", "9.0"))
     with pytest.raises(CatomeError) as err:
         check_trt_compat(manifest, TrtRuntimeInfo(later, "Stand-in GPU (sm90)", "9.0"))
-    msg = str(err.value)
+    from catome_export.cli.rebuild import error_line
+
+    msg = error_line(err.value)  # as the command line prints it
     assert built in msg and later in msg and "exact" in msg and "--engine-kind trt" in msg
 
 

@@ -8,12 +8,17 @@ from dataclasses import replace
 import pytest
 
 from catome_export.errors import CatomeError
-from catome_export.export.manifest import Manifest
+from catome_export.engine.manifest import BuildRecord, Manifest
 from catome_export.merging import MergeSettings, parse_schedule
 from factories import make_manifest, make_shapes, make_trt
-from catome_export.backends.trt_compat import (
-    TrtRuntimeInfo, check_shapes_in_profiles, check_trt_compat, rebuild_command,
-)
+from catome_export.backends.trt_compat import TrtRuntimeInfo, check_shapes_in_profiles, check_trt_compat, rebuild_error
+from catome_export.cli.rebuild import error_line
+from catome_export.cli.rebuild import rebuild_command as format_rebuild
+
+
+def rebuild_command(manifest: Manifest, engine_dir: str | None = None) -> str:
+    """The build command the CLI prints for a TensorRT rebuild of ``manifest``'s folder."""
+    return format_rebuild(rebuild_error(manifest, "rebuild", engine_dir))
 
 H100 = TrtRuntimeInfo("10.3.0", "NVIDIA H100 80GB HBM3", "9.0")
 
@@ -37,7 +42,7 @@ def test_any_other_tensorrt_version_refused(here):
     """Plans load only under the exact TensorRT build that made them: a patch release differs too."""
     with pytest.raises(CatomeError) as err:
         check_trt_compat(_manifest(), TrtRuntimeInfo(here, H100.gpu_name, "9.0"))
-    msg = str(err.value)
+    msg = error_line(err.value)
     assert "10.3.0" in msg and here in msg and "exact" in msg
     assert "catome-export build --model sd15" in msg and "--engine-kind trt" in msg
     assert "pip install 'tensorrt==10.3.0'" in msg
@@ -47,7 +52,7 @@ def test_any_other_tensorrt_version_refused(here):
 def test_unsupported_tensorrt_here_refused(here):
     with pytest.raises(CatomeError) as err:
         check_trt_compat(_manifest(), TrtRuntimeInfo(here, H100.gpu_name, "9.0"))
-    msg = str(err.value)
+    msg = error_line(err.value)
     assert here in msg and "tensorrt>=10.1,<12" in msg and "--engine-kind trt" in msg
 
 
@@ -63,13 +68,13 @@ def test_version_compatible_build_accepts_other_version():
 def test_other_compute_capability_refused():
     with pytest.raises(CatomeError, match=r"compute capability 9\.0.*8\.9") as err:
         check_trt_compat(_manifest(), TrtRuntimeInfo("10.3.0", "NVIDIA L40S", "8.9"))
-    assert "--engine-kind trt" in str(err.value)
+    assert "--engine-kind trt" in error_line(err.value)
 
 
 def test_other_gpu_model_same_capability_refused():
     with pytest.raises(CatomeError, match="NVIDIA H100 PCIe") as err:
         check_trt_compat(_manifest(), TrtRuntimeInfo("10.3.0", "NVIDIA H100 PCIe", "9.0"))
-    assert "rebuild" in str(err.value).lower()
+    assert "rebuild" in str(err.value).lower() and "--engine-kind trt" in error_line(err.value)
 
 
 def test_hardware_compatible_build_accepts_other_gpu():
@@ -93,7 +98,7 @@ def test_folder_without_trt_engines_refused():
     m.engine_backend, m.trt = "ort", None
     with pytest.raises(CatomeError, match="no TensorRT engines") as err:
         check_trt_compat(m, H100)
-    assert "--engine-kind trt" in str(err.value)
+    assert "--engine-kind trt" in error_line(err.value)
 
 
 @pytest.mark.parametrize("batch, hw, what", [
@@ -104,7 +109,7 @@ def test_folder_without_trt_engines_refused():
 def test_shapes_outside_the_ranges_refused(batch, hw, what):
     with pytest.raises(CatomeError, match=what) as err:
         check_trt_compat(_manifest(), H100, batch=batch, latent_hw=hw)
-    assert "catome-export build" in str(err.value)
+    assert "catome-export build" in error_line(err.value)
 
 
 def test_shapes_checked_against_the_trt_profile_too():
@@ -151,19 +156,20 @@ def test_rebuild_command_every_flag_is_one_the_build_command_takes():
 
 def test_real_manifest_formats_its_recorded_build_with_trt():
     manifest = _manifest()
-    manifest.extra["build"] = {"model": "sd15", "weights": "random", "precision": "fp16", "backend": "ort",
-                               "min_resolution": 256, "max_resolution": 768}
+    manifest.build = BuildRecord.from_dict({"model": "sd15", "weights": "random", "precision": "fp16",
+                                            "backend": "ort", "min_resolution": 256, "max_resolution": 768})
     flags = _flags(rebuild_command(manifest, "engines/here"))
     assert flags["engine-kind"] == "trt" and flags["out"] == "engines/here" and flags["min-resolution"] == "256"
     check_trt_compat(manifest, H100)
-    with pytest.raises(CatomeError, match="--engine-kind trt"):
+    with pytest.raises(CatomeError) as err:
         check_trt_compat(manifest, TrtRuntimeInfo("10.3.1", H100.gpu_name, "9.0"))
+    assert "--engine-kind trt" in error_line(err.value)
 
 
 def test_shape_error_suggests_ranges_that_cover_the_request():
     with pytest.raises(CatomeError) as err:
         check_shapes_in_profiles(_manifest(), 4, (128, 64))
-    flags = _flags(str(err.value).split("wider ranges: ")[1])
+    flags = _flags(error_line(err.value).split("wider ranges: ")[1])
     assert flags["max-batch"] == "4" and flags["max-resolution"] == "1024" and flags["min-resolution"] == "256"
 
 

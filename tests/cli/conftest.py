@@ -19,7 +19,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from catome_export.export.manifest import StageRecord
+from catome_export.engine.manifest import StageRecord
 from catome_export.merging import MergeSettings, parse_schedule
 from factories import make_manifest, make_shapes, make_stages
 
@@ -49,7 +49,7 @@ def make_tiny_runtime(settings: MergeSettings | None = None) -> Any:
                              stages=make_stages(spec for spec, _ in stages))
     backend = TorchBackend(None, "cpu", stages=stages)
     runners = [backend.load_stage(None, StageRecord(spec, "")) for spec, _ in stages]
-    return Runtime(runners, sites, settings, unet_config=dict(unet.config), dtype=torch.float32, device="cpu",
+    return Runtime.from_parts(runners, sites, settings, unet_config=dict(unet.config), dtype=torch.float32, device="cpu",
                    backend=backend, manifest=manifest)
 
 

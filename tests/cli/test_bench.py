@@ -80,7 +80,7 @@ def test_bench_bad_input_is_exit_1_without_traceback(argv, match, capsys):
 def test_bench_refuses_an_engine_without_fused_graphs_when_asked_for_them(tmp_path, capsys, built_engine):
     """--ort-optimize on (the default) on a folder built with --ort-optimize off: exit 1, told what to do."""
     pytest.importorskip("onnxruntime", reason="the engine backend runs in ONNX Runtime here")
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
 
     folder = tmp_path / "plain"
     shutil.copytree(built_engine, folder)

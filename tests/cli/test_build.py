@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
+from catome_export.cli.rebuild import build_command
 from catome_export.cli.main import main
-from catome_export.export.manifest import MANIFEST_FILE, Manifest
+from catome_export.engine.manifest import MANIFEST_FILE, Manifest
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def test_build_tiny_end_to_end(built):
     assert [s.ort_optimized.file for s in manifest.stages if s.ort_optimized] == [f"stage_{k}.ort.onnx" for k in range(6)]
     assert manifest.shapes.latent_height == (16, 16) and manifest.shapes.batch == (1, 2)
     assert manifest.model.weights == "random" and manifest.extra["audit"]["passed"] is True
-    assert manifest.rebuild_command().startswith("catome-export build --model tiny --weights random")
+    assert build_command(manifest.rebuild_options()).startswith("catome-export build --model tiny --weights random")
     assert "TensorRT operator audit: pass" in stdout and "stage_2.onnx" in stdout
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp folder, no lock left
 
@@ -153,6 +154,6 @@ def test_r_multiple_reaches_the_build_settings_and_its_recorded_arguments(tmp_pa
         return options_from_args(args)
 
     rounded = options("--r-multiple", "64")
-    assert rounded.settings.r_multiple == 64 and rounded.cli["r_multiple"] == 64
+    assert rounded.settings.r_multiple == 64 and rounded.record().r_multiple == 64
     plain = options()
-    assert plain.settings.r_multiple == 1 and plain.cli["r_multiple"] is None
+    assert plain.settings.r_multiple == 1 and plain.record().r_multiple is None

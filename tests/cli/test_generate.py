@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from catome_export.cli.main import main
-from catome_export.export.manifest import ModelRecord
+from catome_export.engine.manifest import ModelRecord
 
 SMALL = ["--steps", "2", "--resolution", "64"]
 STEP_LINE = re.compile(r"^step +(\d+)  merged (\[[\d, ]+\]|-)  (matched \[[\d, ]*\]  )?[\d.]+ ms$")

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from catome_export.cli.rebuild import build_command
 from catome_export.cli.main import main
-from catome_export.export.manifest import Manifest
+from catome_export.engine.manifest import Manifest
 from checkpoints import ldm_clip_state_dict, ldm_unet_state_dict, ldm_vae_state_dict, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,7 +62,7 @@ def test_build_and_verify_from_a_single_file_checkpoint(full_file, tmp_path, cap
 
     assert manifest.model.weights_hash == weights_hash(load_unet("tiny", weights=path))
     assert "verify OK" in captured.out
-    assert f"--weights {path}" in manifest.rebuild_command()
+    assert f"--weights {path}" in build_command(manifest.rebuild_options())
 
 
 def test_build_refuses_wrong_files_before_writing_anything(xl_file, tmp_path, capsys):

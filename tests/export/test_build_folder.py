@@ -10,11 +10,10 @@ import time
 import pytest
 
 from catome_export.errors import CatomeError
-from catome_export.export.build import (
-    VerifyVerdict, _recover_leftovers, _swap_into_place, build_folder, make_options,
-)
-from catome_export.fsutil import BuildLock
-from catome_export.export.manifest import MANIFEST_FILE, Manifest
+from catome_export.export.build import VerifyVerdict, build_folder
+from catome_export.engine.folder import BuildLock, recover_leftovers, swap_into_place
+from catome_export.engine.options import make_options
+from catome_export.engine.manifest import MANIFEST_FILE, Manifest
 from catome_export.workflows.build import run_build
 
 
@@ -104,7 +103,7 @@ def _folder(path, marker: str):
 def test_swap_replaces_the_old_build(tmp_path):
     target = _folder(tmp_path / "e", "old")
     new = _folder(tmp_path / ".e.tmp-1", "new")
-    _swap_into_place(new, target)
+    swap_into_place(new, target)
     assert (target / MANIFEST_FILE).read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
 
@@ -123,7 +122,7 @@ def test_file_error_during_swap_is_a_clear_error_and_keeps_the_old_build(tmp_pat
 
     monkeypatch.setattr(os, "rename", rename)
     with pytest.raises(CatomeError, match="was not changed"):
-        _swap_into_place(new, target)
+        swap_into_place(new, target)
     assert (target / MANIFEST_FILE).read_text() == "old"
 
 
@@ -133,7 +132,7 @@ def test_crash_during_swap_is_recovered(tmp_path):
     _folder(tmp_path / f".e.old-{pid}", "old")
     _folder(tmp_path / f".e.tmp-{pid}", "half")
     target = tmp_path / "e"
-    _recover_leftovers(target)
+    recover_leftovers(target)
     assert (target / MANIFEST_FILE).read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
 
@@ -216,7 +215,7 @@ def _user_files(folder) -> None:
 def test_foreign_files_are_what_no_build_made(tmp_path, tiny_engine):
     import shutil
 
-    from catome_export.export.build import foreign_files
+    from catome_export.engine.folder import foreign_files
 
     folder = tmp_path / "tiny"
     shutil.copytree(tiny_engine, folder)
@@ -256,7 +255,7 @@ def test_options_validate_themselves_and_keep_the_cli_strings():
     import json
 
     from catome_export.choices import Precision
-    from catome_export.export.build import BuildOptions
+    from catome_export.engine.options import BuildOptions
     from catome_export.merging import AutoSchedule
 
     with pytest.raises(CatomeError, match=r"precision must be one of fp32, fp16, got 'int8'"):

@@ -10,8 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from catome_export.export.controlnet import ControlNetInputs, random_residuals, residual_feeds
-from catome_export.export.io_names import CONTROLNET_MID, controlnet_down_name, is_controlnet_input, is_model_input
+from catome_export.engine.controlnet import ControlNetInputs
+from catome_export.export.controlnet import random_residuals, residual_feeds
+from catome_export.engine.io_names import CONTROLNET_MID, controlnet_down_name, is_controlnet_input, is_model_input
 from catome_export.export.stages import cached_branches, cut_unet, run_stages
 from catome_export.export.unet_steps import build_steps
 from catome_export.featurecache import UNetLayout

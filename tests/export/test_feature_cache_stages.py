@@ -8,7 +8,7 @@ import torch
 
 from catome_export.eager.deepcache import apply_deepcache
 from catome_export.errors import CatomeError
-from catome_export.export.io_names import MODEL_OUTPUT
+from catome_export.engine.io_names import MODEL_OUTPUT
 from catome_export.export.stages import cached_branches, cut_unet, run_stages
 from catome_export.featurecache import UNetLayout, is_skipped, position_of
 from catome_export.models import bundled_config, find_merge_sites, load_unet
@@ -91,7 +91,7 @@ def test_a_branch_the_model_does_not_have_is_refused(model):
 def test_tensors_across_the_cache_cuts_are_named_by_the_module_that_made_them(model):
     import re
 
-    from catome_export.export.io_names import EMB, is_model_input, site_of
+    from catome_export.engine.io_names import EMB, is_model_input, site_of
 
     unet, sites = model
     layout = UNetLayout.of(unet)

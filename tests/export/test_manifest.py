@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import replace
 
 import pytest
 
+from catome_export.cli.rebuild import build_command, error_line
 from catome_export.errors import CatomeError
-from catome_export.export.manifest import (
-    MANIFEST_FILE, FusedGraph, Manifest, build_command, canonical_hash, tool_versions,
+from catome_export.engine.manifest import (
+    MANIFEST_FILE, BuildRecord, FusedGraph, Manifest, canonical_hash, tool_versions,
 )
 from catome_export.merging import MergeSettings, parse_schedule
 from factories import make_manifest, make_shapes
@@ -29,8 +31,9 @@ def engine_dir(tmp_path, exported, export_stages, export_sites):
         name="tiny", model="tiny", weights="random", unet_config={"a": 1}, merge=settings,
         sites=[replace(s, channels=32) for s in export_sites], shapes=make_shapes((1, 2), (16, 32)),
         stages=[item.record(spec) for item, (spec, _) in zip(items, export_stages)],
-        build={"model": "tiny", "weights": "random", "precision": "fp32", "min_resolution": 128,
-               "max_resolution": 256, "min_batch": 1, "max_batch": 2, "name": "tiny", "out": str(target)},
+        build=BuildRecord.from_dict({"model": "tiny", "weights": "random", "precision": "fp32", "min_resolution": 128,
+                                     "max_resolution": 256, "min_batch": 1, "max_batch": 2, "name": "tiny",
+                                     "out": str(target)}),
     )
     manifest.tools = tool_versions()
     manifest.save(target)
@@ -64,8 +67,9 @@ def test_truncated_stage_file_is_detected(engine_dir):
     stage = engine_dir / "stage_2.onnx"
     data = stage.read_bytes()
     stage.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CatomeError, match=r"stage_2.onnx has \d+ bytes.*truncated.*catome-export build --model tiny"):
+    with pytest.raises(CatomeError, match=r"stage_2.onnx has \d+ bytes.*truncated.*catome-export build") as err:
         Manifest.load(engine_dir)
+    assert re.search(r"stage_2.onnx has \d+ bytes.*truncated.*catome-export build --model tiny", error_line(err.value))
 
 
 def test_replaced_stage_file_is_detected(engine_dir):
@@ -112,15 +116,17 @@ def test_schema_problems(engine_dir, edit, match):
 def test_check_shapes(engine_dir):
     m = Manifest.load(engine_dir)
     m.check_shapes(2, 16, 32)
-    with pytest.raises(CatomeError, match=r"batch 3 is outside the built range 1..2.*--max-batch 3"):
+    with pytest.raises(CatomeError, match=r"batch 3 is outside the built range 1..2.*batch 1..3") as err:
         m.check_shapes(3, 16, 16)
-    with pytest.raises(CatomeError, match=r"latent width 40 \(320 px\).*16..32.*--max-resolution 320"):
+    assert re.search(r"batch 3 is outside the built range 1..2.*--max-batch 3", error_line(err.value))
+    with pytest.raises(CatomeError, match=r"latent width 40 \(320 px\).*16..32") as err:
         m.check_shapes(1, 16, 40)
+    assert re.search(r"latent width 40 \(320 px\).*16..32.*--max-resolution 320", error_line(err.value))
 
 
 def test_rebuild_command_format():
-    cmd = build_command({"model": "sd15", "weights": "random", "resolution": 512, "min_resolution": 256,
-                         "max_resolution": 768, "name": "my engine", "verify": None})
+    cmd = build_command(BuildRecord.from_dict({"model": "sd15", "weights": "random", "resolution": 512, "min_resolution": 256,
+                         "max_resolution": 768, "name": "my engine", "verify": None}))
     assert cmd == ("catome-export build --model sd15 --weights random --min-resolution 256 --max-resolution 768 "
                    "--name 'my engine'")
 
@@ -153,7 +159,7 @@ def test_fused_graphs_are_vouched_for_like_the_stage_files(engine_dir):
 
 
 def test_rebuild_command_keeps_ort_optimize_off():
-    assert build_command({"model": "tiny", "ort_optimize": "off", "name": "t"}) == \
+    assert build_command(BuildRecord.from_dict({"model": "tiny", "ort_optimize": "off", "name": "t"})) == \
         "catome-export build --model tiny --ort-optimize off --name t"
 
 
@@ -168,18 +174,19 @@ def test_r_multiple_is_recorded_and_old_manifests_load_with_q1(engine_dir):
     assert Manifest.load(engine_dir).merge.r_multiple == 1
     rounded = make_manifest(merge=MergeSettings(r_multiple=64))
     assert Manifest.from_dict(rounded.to_dict()).merge.r_multiple == 64
-    assert "--r-multiple 64" in rounded.rebuild_command() and "--r-multiple" not in make_manifest().rebuild_command()
-    assert "--step-base 1 --r-multiple 64" in build_command({"step_base": 1, "r_multiple": 64})
+    assert "--r-multiple 64" in build_command(rounded.rebuild_options())
+    assert "--r-multiple" not in build_command(make_manifest().rebuild_options())
+    assert "--step-base 1 --r-multiple 64" in build_command(BuildRecord(model="tiny", step_base=1, r_multiple=64))
 def test_controlnet_section_is_optional_and_typed():
-    from catome_export.export.controlnet import ControlNetRecord
-    from catome_export.export.stages import TensorSpec
+    from catome_export.engine.controlnet import ControlNetRecord
+    from catome_export.engine.specs import TensorSpec
     from factories import make_stages, site_stage_specs
 
     old = make_manifest()
     data = old.to_dict()
     assert "controlnet" not in data  # an engine without the option writes no section ...
     assert Manifest.from_dict(data).controlnet is None  # ... and folders built before it load as before
-    assert "--controlnet" not in old.rebuild_command()
+    assert "--controlnet" not in build_command(old.rebuild_options())
     specs = site_stage_specs(1)
     names = ("controlnet_down0", "controlnet_down1", "controlnet_mid")
     specs[-1] = replace(specs[-1], inputs=specs[-1].inputs + tuple(TensorSpec(n, "float32", ("B", 8, "H", "W"))
@@ -191,8 +198,8 @@ def test_controlnet_section_is_optional_and_typed():
     back = Manifest.from_dict(data)
     assert back.controlnet == record
     back._validate()
-    assert back.rebuild_command().endswith("--controlnet")
-    assert build_command({"model": "tiny", "controlnet": True, "name": "t"}) == \
+    assert build_command(back.rebuild_options()).endswith("--controlnet")
+    assert build_command(BuildRecord.from_dict({"model": "tiny", "controlnet": True, "name": "t"})) == \
         "catome-export build --model tiny --name t --controlnet"
     wrong = Manifest.from_dict({**data, "controlnet": {"down": list(names[:1]), "mid": "controlnet_mid"}})
     with pytest.raises(CatomeError, match="lists 1 down residuals, the stages take 2.*rebuild it with"):

@@ -10,11 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from catome_export.errors import CatomeError
+from catome_export.engine.shapes import ShapeRanges
 from catome_export.export.profiles import (
-    ShapeRanges, SiteGeometry, calibrate_opt_fraction, compute_profiles, num_dst, num_src, profiles_from_json,
-    profiles_to_json,
+    SiteGeometry, calibrate_opt_fraction, compute_profiles, num_dst, num_src, profiles_from_json, profiles_to_json,
 )
-from catome_export.export.stages import StageSpec, TensorSpec, plan_specs
+from catome_export.engine.specs import StageSpec, TensorSpec
+from catome_export.export.stages import plan_specs
 from catome_export.latents import make_latents
 from catome_export.merging import MergePlan, MergeSettings, match_tokens, partition
 from catome_export.models.sites import MergeSite

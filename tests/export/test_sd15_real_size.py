@@ -33,7 +33,7 @@ import torch
 
 from catome_export.export.external_data import PROTO_LIMIT
 from catome_export.fsutil import sha256_file
-from catome_export.export.manifest import MANIFEST_FILE, Manifest
+from catome_export.engine.manifest import MANIFEST_FILE, Manifest
 
 pytestmark = pytest.mark.slow
 ort = pytest.importorskip("onnxruntime", reason="ONNX Runtime is not installed (pip install 'catome-export[ort]')")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from catome_export.export.manifest import Manifest
+from catome_export.engine.manifest import Manifest
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("onnxruntime", reason="ONNX Runtime is not installed (pip install 'catome-export[ort]')")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from catome_export.cli.rebuild import build_command
 from catome_export.errors import CatomeError
 from catome_export.export.stages import _split, _step_bytes, cut_unet, run_stages, split_by_size
 from catome_export.export.unet_steps import build_steps
@@ -62,14 +63,15 @@ def test_pieces_compute_what_the_uncut_chain_computes(name):
 
 @pytest.mark.parametrize("value", [0, -1, True, "2", float("nan"), 1001])
 def test_max_stage_gb_must_be_a_positive_number(value):
-    from catome_export.export.build import make_options
+    from catome_export.engine.options import make_options
 
     with pytest.raises(CatomeError, match=r"--max-stage-gb must be a number of GB in \(0, 1000\]"):
         make_options("tiny", max_stage_gb=value)
 
 
 def test_max_stage_gb_reaches_the_cut():
-    from catome_export.export.build import MAX_STAGE_BYTES, make_options
+    from catome_export.defaults import MAX_STAGE_BYTES
+    from catome_export.engine.options import make_options
 
     assert make_options("tiny").max_stage_bytes == MAX_STAGE_BYTES == 4_000_000_000
     assert make_options("sdxl", weights="random", max_stage_gb=2).max_stage_bytes == 2_000_000_000
@@ -94,19 +96,19 @@ def test_a_build_with_pieces_verifies_and_runs_on_every_backend(tmp_path):
     """--max-stage-gb 0.004: the build's checks, its verification, the manifest's rebuild command, and the runtime on
     ONNX Runtime and on the torch backend (which cuts the U-Net again, as the manifest records)."""
     pytest.importorskip("onnxruntime", reason="ONNX Runtime is not installed (pip install 'catome-export[ort]')")
-    from catome_export.export.build import make_options
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.options import make_options
+    from catome_export.engine.manifest import Manifest
     from catome_export.runtime import Runtime
     from catome_export.workflows.build import run_build
 
     out = tmp_path / "tiny"
     result = run_build(make_options("tiny", resolution=128, batch=2, out_dir=out, verify=True, verify_steps=3,
-                                    ort_optimize=False, max_stage_gb=LIMIT / 1e9, cli={"max_stage_gb": LIMIT / 1e9}))
+                                    ort_optimize=False, max_stage_gb=LIMIT / 1e9))
     assert result.verify is not None and result.verify.ok, result.verify.summary()
     manifest = Manifest.load(out)
     assert len(manifest.stages) > len(manifest.sites) + 1
     assert manifest.extra["export"]["max_stage_bytes"] == LIMIT
-    assert "--max-stage-gb 0.004 " in manifest.rebuild_command()
+    assert "--max-stage-gb 0.004 " in build_command(manifest.rebuild_options())
     assert max(result.quick_check.values()) <= 1e-4 and result.audit.passed
     unet = load_unet("tiny", "random")
     feeds = _feeds(unet)

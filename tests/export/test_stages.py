@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from catome_export.errors import CatomeError
-from catome_export.export.stages import StageSpec, TensorSpec, cut_unet, run_stages
+from catome_export.engine.specs import StageSpec, TensorSpec
+from catome_export.export.stages import cut_unet, run_stages
 from catome_export.export.unet_steps import BlockOptions, site_block_forward
 from catome_export.merging import PLAN_TENSORS, MergeController, MergePlan, MergeSettings, match_tokens
 from catome_export.merging.schedules import parse_schedule

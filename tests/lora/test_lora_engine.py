@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from catome_export.cli.rebuild import build_command, error_line
 from catome_export.errors import CatomeError
 
 SCALE_A, SCALE_B = 0.8, 1.2
@@ -73,7 +74,7 @@ def _equal(xs, ys) -> bool:
 
 
 def test_build_records_the_lora_and_verifies(lora_engines, lora_files):
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
 
     m = Manifest.load(lora_engines["a"])
     assert m.lora is not None and [(Path(e.source), e.scale) for e in m.lora.active] == [(lora_files["a"], SCALE_A)]
@@ -81,7 +82,8 @@ def test_build_records_the_lora_and_verifies(lora_engines, lora_files):
     assert entry.sha256 == hashlib.sha256(lora_files["a"].read_bytes()).hexdigest()
     assert (lora_engines["a"] / entry.file).read_bytes() == lora_files["a"].read_bytes()  # the engine keeps a copy
     assert m.lora.built_with[0].sha256 == entry.sha256 and m.lora.base is not None and m.lora.overrides is None
-    assert f"--lora {lora_files['a']}:{SCALE_A:g}" in m.extra["build_command"]
+    assert f"--lora {lora_files['a']}:{SCALE_A:g}" in build_command(m.rebuild_options())
+    assert m.build is not None and m.build.lora == (f"{lora_files['a']}:{SCALE_A:g}",)
     base = Manifest.load(lora_engines["base"])
     assert base.lora is not None and base.lora.active == () and base.lora.weights_map is not None
     assert m.model.weights_hash == base.model.weights_hash  # the base weights' hash: the LoRA is recorded apart
@@ -90,7 +92,7 @@ def test_build_records_the_lora_and_verifies(lora_engines, lora_files):
 def test_old_manifest_without_lora_section_loads_and_refit_names_the_rebuild(lora_engines, tmp_path):
     import json
 
-    from catome_export.export.manifest import MANIFEST_FILE, Manifest, canonical_hash
+    from catome_export.engine.manifest import MANIFEST_FILE, Manifest, canonical_hash
     from catome_export.lora.refit import refit_engine
 
     folder = _copy(lora_engines["base"], tmp_path)
@@ -139,13 +141,16 @@ def test_engine_with_lora_fused_at_build_matches_eager_fuse_lora(lora_engines, l
 def test_refit_to_another_lora_equals_a_fresh_build_and_back_to_none_is_the_base(lora_engines, lora_files, tmp_path,
                                                                                   smooth_latents, text_embeddings):
     from catome_export.cli.main import main
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
     from catome_export.runtime.verify import verify_engine
 
     folder = _copy(lora_engines["a"], tmp_path)
     assert main(["refit", "--engine", str(folder), "--lora", f"{lora_files['b']}:{SCALE_B}"]) == 0
     m = Manifest.load(folder)
     assert [(Path(e.source), e.scale) for e in m.lora.active] == [(lora_files["b"], SCALE_B)]
+    command = build_command(m.rebuild_options())  # rebuilds what the engine computes now: b, not the build's a
+    assert f"--lora {lora_files['b']}:{SCALE_B:g}" in command and str(lora_files["a"]) not in command
+    assert m.build is not None and m.build.lora == (f"{lora_files['a']}:{SCALE_A:g}",)  # how it was built
     assert m.lora.overrides is not None and not any(p.name.startswith(".") for p in folder.iterdir())
     fresh = _run(lora_engines["b"], smooth_latents, text_embeddings)
     refit = _run(folder, smooth_latents, text_embeddings)
@@ -162,7 +167,7 @@ def test_refit_to_another_lora_equals_a_fresh_build_and_back_to_none_is_the_base
 def test_base_engine_refit_to_a_lora_and_back_to_none_bit_for_bit(lora_engines, lora_files, tmp_path, smooth_latents,
                                                                   text_embeddings):
     from catome_export.cli.main import main
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
 
     folder = _copy(lora_engines["base"], tmp_path)
     before = _snapshot(folder)
@@ -199,7 +204,7 @@ def test_set_lora_swaps_in_memory_without_touching_the_folder(lora_engines, lora
 
 
 def test_set_lora_save_refits_the_folder(lora_engines, lora_files, tmp_path, smooth_latents, text_embeddings):
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
 
     folder = _copy(lora_engines["base"], tmp_path)
     with _load(folder) as runtime:
@@ -261,7 +266,7 @@ def test_refit_failure_leaves_the_engine_unchanged(lora_engines, lora_files, tmp
 
 
 def test_damaged_overrides_file_is_refused_with_the_rebuild(lora_engines, lora_files, tmp_path):
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
     from catome_export.lora.refit import refit_engine
 
     folder = _copy(lora_engines["base"], tmp_path)
@@ -272,5 +277,9 @@ def test_damaged_overrides_file_is_refused_with_the_rebuild(lora_engines, lora_f
     path.write_bytes(bytes(data))
     with pytest.raises(CatomeError, match="does not match its sha256"):
         Manifest.load(folder)
-    with pytest.raises(CatomeError, match=f"{m.lora.overrides.file} does not match its sha256.*rebuild it with"):
+    with pytest.raises(CatomeError, match=f"{m.lora.overrides.file} does not match its sha256.*rebuild it with") \
+            as err:
         refit_engine(folder, None)  # a refit checks every file it reads before it writes anything
+    # built without a LoRA, refit to a: the rebuild fuses a, the LoRA the engine computes
+    assert m.build is not None and m.build.lora == ()
+    assert f"--lora {lora_files['a']}:{SCALE_A:g} " in error_line(err.value)

@@ -5,6 +5,7 @@ that keep their weights refit on disk under new names; ``set_lora`` refits the l
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from catome_export.cli.rebuild import error_line
 from catome_export.errors import CatomeError
 
 
@@ -28,7 +30,7 @@ def lora_ort_engine(tmp_path_factory) -> Path:
 
 def _trt_folder(lora_ort_engine: Path, tmp_path: Path, *, refittable: bool = True) -> Path:
     """The ORT engine's graphs with TensorRT plans built as ``build --backend trt [--refittable]`` builds them."""
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
     from catome_export.export.trt_build import build_engines
 
     folder = tmp_path / "engine"
@@ -61,7 +63,7 @@ def _graph_digests(folder: Path, file: str) -> dict[str, str]:
 def _load(trt, folder: Path):
     """The stand-in TensorRT backend with every stage loaded, as Runtime.load does it."""
     from catome_export.backends.trt import TrtBackend
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
     from catome_export.lora.refit import InitializerOverrides
 
     manifest = Manifest.load(folder)
@@ -117,7 +119,7 @@ def test_plans_with_weights_are_refit_on_disk_under_new_names(trt_machine, lora_
     from tensorrt._formats import describe_plan
 
     from catome_export.export import trt_build
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
     from catome_export.lora.refit import InitializerOverrides, refit_engine
 
     monkeypatch.setattr(trt_build, "strip_plan_supported", lambda trt: False)
@@ -148,9 +150,10 @@ def test_engine_built_without_refittable_is_refused_unchanged(trt_machine, lora_
 
     folder = _trt_folder(lora_ort_engine, tmp_path, refittable=False)
     before = _snapshot(folder)
-    with pytest.raises(CatomeError, match="built without --refittable: rebuild with catome-export build .*"
-                                          "--refittable"):
+    with pytest.raises(CatomeError, match="built without --refittable: rebuild with catome-export build") as err:
         refit_engine(folder, f"{lora_files['a']}:0.8")
+    assert re.search("built without --refittable: rebuild with catome-export build .*--refittable",
+                     error_line(err.value))
     assert _snapshot(folder) == before
 
 
@@ -162,7 +165,7 @@ def test_set_lora_refits_the_loaded_engines_and_rolls_back_on_failure(trt_machin
 
     folder = _trt_folder(lora_ort_engine, tmp_path)
     manifest, backend, runners = _load(trt_machine, folder)
-    runtime = Runtime(runners, manifest.sites, manifest.merge, unet_config=manifest.model.unet_config,
+    runtime = Runtime.from_parts(runners, manifest.sites, manifest.merge, unet_config=manifest.model.unet_config,
                       dtype=torch.float32, device=backend.device, backend=backend, manifest=manifest,
                       engine_dir=folder)
     base = _held(runners)

@@ -192,7 +192,7 @@ class _MergeUnmerge(torch.nn.Module):
 def merge_graph(tmp_path_factory):
     """ONNX Runtime CPU session of merge/unmerge, exported with a real merge (r = 3) and dynamic K, R, N."""
     ort = pytest.importorskip("onnxruntime", reason="ONNX Runtime is not installed (pip install 'catome-export[ort]')")
-    from catome_export.export.onnx_export import OPSET
+    from catome_export.defaults import OPSET
 
     metric = torch.randn(2, 16, 4, generator=torch.Generator().manual_seed(5))
     plan = match_tokens(metric, (4, 4), num_merged=3)
@@ -246,7 +246,7 @@ def test_site_stage_with_self_merge_is_bit_exact_in_onnx_runtime(tiny_unet, tmp_
     pytest.importorskip("onnxruntime", reason="ONNX Runtime is not installed (pip install 'catome-export[ort]')")
     from catome_export.export.onnx_export import example_inputs, export_stage, ort_session
     from catome_export.export.stages import cut_unet
-    from catome_export.export.io_names import plan_names as plan_input_names
+    from catome_export.engine.io_names import plan_names as plan_input_names
     from catome_export.models import find_merge_sites
 
     sites = find_merge_sites(tiny_unet)

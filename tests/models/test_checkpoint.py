@@ -184,7 +184,7 @@ def test_a_checkpoint_model_with_other_weights_is_refused(tiny_file):
 
 
 def test_build_options_from_a_checkpoint(tiny_file, tmp_path):
-    from catome_export.export.build import BuildOptions
+    from catome_export.engine.options import BuildOptions
 
     path, _ = tiny_file
     for given in ({"model": str(path)}, {"model": "tiny", "weights": str(path)}):

@@ -205,7 +205,7 @@ def test_step_base_on_the_command_line_is_a_usage_error(capsys):
 
 # -- resolution and batch ----------------------------------------------------------------------------------
 def test_resolution_not_a_multiple_of_8(reliability_engine, capsys, tmp_path):
-    from catome_export.export.build import make_options
+    from catome_export.engine.options import make_options
 
     with pytest.raises(catome_export.CatomeError, match="resolution 100 is not a multiple of 8.*use e.g. 96 or 104"):
         make_options("tiny", resolution=100)
@@ -221,9 +221,13 @@ def test_resolution_outside_the_built_range(ort_runtime, latent):
     sample, t, text = inputs(latent=latent)
     with pytest.raises(catome_export.CatomeError) as info:
         ort_runtime.unet(sample, t, encoder_hidden_states=text)
+    from catome_export.cli.rebuild import error_line
+
     msg = str(info.value)
     assert "outside the built range 16..24 (128..192 px)" in msg and "catome-export build" in msg
-    assert f"--min-resolution {min(128, 8 * min(latent))}" in msg and f"--max-resolution {max(192, 8 * max(latent))}" in msg
+    line = error_line(info.value)  # what the command line prints
+    assert f"--min-resolution {min(128, 8 * min(latent))}" in line
+    assert f"--max-resolution {max(192, 8 * max(latent))}" in line
 
 
 def test_resolution_outside_the_built_range_cli(reliability_engine, capsys):
@@ -265,9 +269,11 @@ def test_engine_folder_missing(tmp_path, capsys):
 @pytest.mark.parametrize("name, model", [("sdxl", "sdxl"), ("sd21", "sd21"), ("tiny-xl", "tiny-xl"),
                                          ("my-engine", "MODEL")])
 def test_missing_engine_folder_names_its_model_when_the_folder_is_a_registry_name(tmp_path, name, model):
-    with pytest.raises(catome_export.CatomeError, match=f"build it with catome-export build --model {model} "
-                                                        f"--name {name} "):
+    from catome_export.cli.rebuild import error_line
+
+    with pytest.raises(catome_export.CatomeError, match="build it with catome-export build, naming the model") as err:
         _load(tmp_path / "engines" / name)
+    assert f"build it with catome-export build --model {model} --name {name} " in error_line(err.value)
 
 
 def test_half_made_engine_folder(engine_copy, capsys):
@@ -314,9 +320,12 @@ def _edit_manifest(folder, edit) -> None:
 
 def test_manifest_from_another_version(engine_copy, capsys):
     _edit_manifest(engine_copy, lambda d: d.update(format_version=2))
+    from catome_export.cli.rebuild import error_line
+
     with pytest.raises(catome_export.CatomeError, match="has format_version 2; this catome-export .* reads version 1: "
-                                                        "rebuild with catome-export build --model tiny"):
+                                                        "rebuild with catome-export build") as err:
         _load(engine_copy)
+    assert "reads version 1: rebuild with catome-export build --model tiny" in error_line(err.value)
     assert_cli_error(["verify", "--engine", str(engine_copy)], capsys, "format_version 2", "rebuild with")
 
 

@@ -24,7 +24,7 @@ import torch
 
 from catome_export.cli.main import main
 from catome_export.errors import CatomeError
-from catome_export.export.manifest import MANIFEST_FILE, Manifest
+from catome_export.engine.manifest import MANIFEST_FILE, Manifest
 
 POLL = 0.05
 
@@ -197,7 +197,7 @@ def test_failed_rebuild_keeps_the_good_build(good_build, monkeypatch, capsys, po
 
 # -- the build lock under a real race -----------------------------------------------------------------------
 def _race(path: str, start, done, results) -> None:
-    from catome_export.fsutil import BuildLock
+    from catome_export.engine.folder import BuildLock
 
     lock = BuildLock(path, "the engine")
     start.wait()

@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 import pytest
 import torch
 
-from catome_export.export.manifest import StageRecord
+from catome_export.engine.manifest import StageRecord
 from catome_export.merging import MergeSettings
 
 
@@ -37,7 +37,7 @@ def make_runtime(tiny_unet, tiny_sites, tiny_stages) -> Callable[..., "object"]:
     def make(settings: MergeSettings, shape_check=None):
         backend = TorchBackend(None, "cpu", stages=tiny_stages)
         runners = [backend.load_stage(None, StageRecord(spec, "")) for spec, _ in tiny_stages]
-        return Runtime(runners, tiny_sites, settings, unet_config=dict(tiny_unet.config), dtype=torch.float32,
+        return Runtime.from_parts(runners, tiny_sites, settings, unet_config=dict(tiny_unet.config), dtype=torch.float32,
                        device="cpu", backend=backend, shape_check=shape_check)
 
     return make

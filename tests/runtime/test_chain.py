@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from catome_export.errors import CatomeError
-from catome_export.export.stages import StageSpec, TensorSpec
+from catome_export.engine.specs import StageSpec, TensorSpec
 from catome_export.merging import MergePlan
-from catome_export.export.io_names import plan_names
+from catome_export.engine.io_names import plan_names
 from catome_export.runtime.chain import StageChain
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from catome_export.errors import CatomeError
-from catome_export.export.manifest import FeatureCacheRecord, StageRecord
+from catome_export.engine.manifest import FeatureCacheRecord, StageRecord
 from catome_export.export.stages import cached_branches, cut_unet
 from catome_export.featurecache import FeatureCacheSettings, UNetLayout
 from catome_export.merging import MergeSettings, parse_schedule
@@ -36,7 +36,7 @@ def _runtime(unet, sites, stages, settings, *, feature_cache=None, record=None):
 
     backend = TorchBackend(None, "cpu", stages=stages)
     runners = [backend.load_stage(None, StageRecord(spec, "")) for spec, _ in stages]
-    return Runtime(runners, sites, settings, unet_config=dict(unet.config), dtype=torch.float32, device="cpu",
+    return Runtime.from_parts(runners, sites, settings, unet_config=dict(unet.config), dtype=torch.float32, device="cpu",
                    backend=backend, feature_cache=feature_cache, cache_record=record)
 
 

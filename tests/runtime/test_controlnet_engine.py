@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from catome_export.export.manifest import Manifest
+from catome_export.cli.rebuild import build_command
+from catome_export.engine.manifest import Manifest
 from catome_export.featurecache import FeatureCacheSettings
 from catome_export.merging import MergeSettings, parse_schedule
 
@@ -19,7 +20,7 @@ SETTINGS = MergeSettings(threshold=0.7, schedule=parse_schedule("0,2", step_base
 def controlnet_engine(tmp_path_factory):
     """Built with its verification (4 steps, seeded residuals), cut for feature-cache branch 0 too."""
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
-    from catome_export.export.build import make_options
+    from catome_export.engine.options import make_options
     from catome_export.workflows.build import run_build
 
     out = tmp_path_factory.mktemp("cn") / "tiny-cn"
@@ -35,7 +36,7 @@ def test_manifest_records_the_option(controlnet_engine):
     m = Manifest.load(out)
     assert m.controlnet is not None and m.controlnet.down == tuple(f"controlnet_down{i}" for i in range(12))
     assert m.controlnet.mid == "controlnet_mid"
-    assert "--controlnet" in m.rebuild_command() and m.extra["build"]["controlnet"] is True
+    assert "--controlnet" in build_command(m.rebuild_options()) and m.build is not None and m.build.controlnet
     taken = {n for s in m.stages for n in s.spec.input_names if n.startswith("controlnet_")}
     assert taken == {*m.controlnet.down, m.controlnet.mid}
 

@@ -15,13 +15,13 @@ import torch
 from onnx import TensorProto, helper
 
 from catome_export.errors import CatomeError
-from catome_export.export.manifest import StageRecord
+from catome_export.engine.manifest import StageRecord
 from catome_export.merging import MergeSettings, match_tokens, merge_tokens, parse_schedule, unmerge_tokens
 from catome_export.runtime.cuda_graphs import (
     ChainGraphCache, ChainGraphRunner, GraphChain, GraphEntry, GraphKey, TorchCudaGraphCapture, graph_chain,
     same_version, stage_chain,
 )
-from catome_export.export.io_names import site_of
+from catome_export.engine.io_names import site_of
 
 GRID = (6, 8)
 
@@ -284,7 +284,8 @@ def _stage1_onnx() -> bytes:
 def _trt_stages(trt, helper, folder: Path):
     """The two stand-in stages loaded by a TrtBackend on the CPU: (backend, runners, sites)."""
     from catome_export.backends.trt import TrtBackend
-    from catome_export.export.stages import StageSpec, TensorSpec, plan_specs
+    from catome_export.engine.specs import StageSpec, TensorSpec
+    from catome_export.export.stages import plan_specs
     from catome_export.models.sites import MergeSite
 
     sample = TensorSpec("sample", "float32", ("B", TOKEN_C, "H", "W"))
@@ -400,7 +401,7 @@ def test_runtime_checkpoints_run_on_contexts_no_graph_was_captured_on(tensorrt_s
 
     backend, runners, sites = _trt_stages(tensorrt_standin, trt_standin_helper, tmp_path)
     settings = MergeSettings(threshold=1.0, schedule=parse_schedule("0,3", step_base=0))  # t = 1 merges nothing
-    runtime = Runtime(runners, sites, settings, unet_config={}, dtype=torch.float32, device="cpu", backend=backend)
+    runtime = Runtime.from_parts(runners, sites, settings, unet_config={}, dtype=torch.float32, device="cpu", backend=backend)
     guard = ContextGuardCapture()
     runtime.enable_cuda_graphs(capture=guard)
     eager_contexts = {id(r.context) for r in runners}

@@ -6,13 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from catome_export.cli.rebuild import build_command
 from catome_export import MergeSettings, Runtime, build_engine
 from catome_export.merging import parse_schedule
 from catome_export import apply_catome
 from catome_export.eager import apply_deepcache
 from catome_export.errors import CatomeError
-from catome_export.export.build import BuildOptions
-from catome_export.export.manifest import Manifest
+from catome_export.engine.options import BuildOptions
+from catome_export.engine.manifest import Manifest
 from catome_export.featurecache import FeatureCacheSettings, parse_feature_cache
 from catome_export.models.pipeline import make_scheduler, tiny_pipeline
 from catome_export.runtime.verify import verify_engine
@@ -62,7 +63,8 @@ def test_manifest_records_the_branches_and_the_default(engine):
         assert b.stages[0] == 0 and b.stages[-1] == len(m.stages) - 1 and len(b.stages) < len(m.stages)
         skipped_outputs = {t.name for s in m.stages if s.index not in b.stages for t in s.spec.outputs}
         assert set(b.cached) <= skipped_outputs
-    assert "--feature-cache 3,0" in m.rebuild_command() and "--cache-branches 1" in m.rebuild_command()
+    command = build_command(m.rebuild_options())
+    assert "--feature-cache 3,0" in command and "--cache-branches 1" in command
 
 
 @pytest.mark.parametrize("backend", ["ort-cpu", "torch"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from catome_export.backends.torch_backend import TorchBackend
-from catome_export.export.manifest import FeatureCacheRecord, StageRecord
+from catome_export.engine.manifest import FeatureCacheRecord, StageRecord
 from catome_export.export.stages import cached_branches, cut_unet
 from catome_export.featurecache import FeatureCacheSettings, UNetLayout
 from catome_export.merging import MergeSettings, parse_schedule
@@ -22,7 +22,7 @@ def make_runtime(unet, sites) -> Runtime:
     record = FeatureCacheRecord(cached_branches(stages, (0,), UNetLayout.of(unet)), CACHE)
     backend = TorchBackend(None, "cpu", stages=stages)
     runners = [backend.load_stage(None, StageRecord(spec, "")) for spec, _ in stages]
-    runtime = Runtime(runners, sites, SETTINGS, unet_config=dict(unet.config), dtype=torch.float32, device="cpu",
+    runtime = Runtime.from_parts(runners, sites, SETTINGS, unet_config=dict(unet.config), dtype=torch.float32, device="cpu",
                       backend=backend, cache_record=record)
     runtime.set_timesteps(TIMESTEPS)
     return runtime

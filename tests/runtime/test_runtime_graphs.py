@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from catome_export.errors import CatomeError
-from catome_export.export.manifest import StageRecord
+from catome_export.engine.manifest import StageRecord
 from catome_export.merging import MergeSettings, parse_schedule
 
 SETTINGS = MergeSettings(threshold=0.7, schedule=parse_schedule("0,3", step_base=0))
@@ -115,7 +115,7 @@ def test_real_cuda_graphs_on_the_torch_backend(tiny_stages, tiny_sites, tiny_une
     def make(graphs: bool) -> Runtime:
         backend = TorchBackend(None, "cuda", stages=stages)
         runners = [backend.load_stage(None, StageRecord(spec, "")) for spec, _ in stages]
-        rt = Runtime(runners, tiny_sites, SETTINGS, unet_config=dict(tiny_unet.config), dtype=torch.float32,
+        rt = Runtime.from_parts(runners, tiny_sites, SETTINGS, unet_config=dict(tiny_unet.config), dtype=torch.float32,
                      device=backend.device, backend=backend)
         if graphs:
             rt.enable_cuda_graphs()

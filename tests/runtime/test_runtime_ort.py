@@ -104,7 +104,7 @@ def test_load_errors(tiny_engine, tmp_path):
 
 
 def test_weights_that_differ_from_the_build_are_refused(tiny_engine, tmp_path):
-    from catome_export.export.manifest import Manifest
+    from catome_export.engine.manifest import Manifest
 
     other = tmp_path / "other-weights"
     shutil.copytree(tiny_engine, other)

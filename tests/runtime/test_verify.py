@@ -201,9 +201,9 @@ def test_a_planted_wrong_plan_fails_naming_site_step_and_token(tiny_engine, monk
 
 @pytest.mark.slow
 def test_build_verification_fails_on_a_planted_wrong_plan_and_keeps_the_old_build(tmp_path, monkeypatch):
-    from catome_export.export.build import make_options
+    from catome_export.engine.options import make_options
     from catome_export.workflows.build import run_build
-    from catome_export.export.manifest import MANIFEST_FILE
+    from catome_export.engine.manifest import MANIFEST_FILE
 
     target = tmp_path / "e"
     target.mkdir()

@@ -5,8 +5,9 @@ checks the format version, the manifest's own hash (``manifest_sha256`` =
 sha256 of the canonical JSON of every other key: ``sort_keys=True``,
 separators ``(",", ":")``), the presence, size and sha256 of every stage
 file, and that the specs and merge settings parse; any problem is a
-:class:`CatomeError` that names the ``catome-export build`` command to
-rebuild the folder.
+:class:`~catome_export.engine.record.RebuildNeeded` carrying the options to
+build the folder again with (the CLI prints them as the ``catome-export
+build`` command).
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ import hashlib
 import json
 import logging
 import platform
-import shlex
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -27,10 +27,12 @@ from catome_export._version import __version__
 from catome_export.choices import EngineBackend, Precision
 from catome_export.errors import CatomeError
 from catome_export.fsutil import atomic_write_text, sha256_file
-from catome_export.export.controlnet import ControlNetRecord
-from catome_export.export.profiles import ShapeRanges
-from catome_export.export.stages import CachedBranch, StageSpec
+from catome_export.engine.controlnet import ControlNetRecord
+from catome_export.engine.record import BuildRecord, RebuildNeeded
+from catome_export.engine.shapes import ShapeRanges
+from catome_export.engine.specs import CachedBranch, StageSpec
 from catome_export.featurecache import FeatureCacheSettings
+from catome_export.merging.schedules import Schedule
 from catome_export.merging.settings import MergeSettings
 from catome_export.models.registry import MODELS
 from catome_export.models.sites import MergeSite
@@ -69,10 +71,11 @@ def canonical_hash(data: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _generic_rebuild(engine_dir: Path) -> str:
+def _generic_options(engine_dir: Path) -> BuildRecord:
+    """The build options of a folder that records none: its name, and the model of that name where there is one."""
     name = engine_dir.name or "NAME"
     model = name if name in MODELS else "MODEL"  # engines/<registry name> is that model's default folder
-    return f"catome-export build --model {model} --name {name} --out {shlex.quote(str(engine_dir))}"
+    return BuildRecord(model=model, name=name, out=str(engine_dir))
 
 
 # -- the typed parts -------------------------------------------------------------------------------------------
@@ -432,8 +435,11 @@ class Manifest:
     """The LoRA the engine computes and what a refit needs (None: a manifest from before LoRA support)."""
     controlnet: ControlNetRecord | None = None
     """The ControlNet residual inputs (``build --controlnet``; None: an engine without them)."""
+    build: BuildRecord | None = None
+    """The options the folder was built with (None: a manifest from before they were recorded)."""
     extra: dict[str, Any] = field(default_factory=dict)
-    """Other top-level keys (``build``: the build arguments, ``build_command``, ``audit``, ``export``)."""
+    """Other top-level keys (``audit``, ``export``; ``build_command`` in manifests written before the build
+    section was typed)."""
     manifest_sha256: str = ""
     engine_dir: Path | None = field(default=None, compare=False)
     """Folder it was loaded from or saved to (not stored)."""
@@ -454,6 +460,8 @@ class Manifest:
             d["lora"] = self.lora.to_dict()
         if self.controlnet is not None:
             d["controlnet"] = self.controlnet.to_dict()
+        if self.build is not None:
+            d["build"] = self.build.to_dict()
         for key, value in self.extra.items():
             if key not in d and key != "manifest_sha256":
                 d[key] = value
@@ -475,7 +483,7 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], engine_dir: Path | None = None) -> "Manifest":
         """Parse every section (KeyError, TypeError, ValueError or CatomeError on a malformed one)."""
-        known = set(CORE_KEYS) | {"manifest_sha256", "feature_cache", "lora", "controlnet"}
+        known = set(CORE_KEYS) | {"manifest_sha256", "feature_cache", "lora", "controlnet", "build"}
         stages = data["stages"]
         sites = data["sites"]
         if not isinstance(stages, list) or not isinstance(sites, list):
@@ -484,6 +492,7 @@ class Manifest:
         cache = data.get("feature_cache")
         lora = data.get("lora")
         controlnet = data.get("controlnet")
+        build = data.get("build")
         return cls(
             name=str(data["name"]), model=ModelRecord.from_dict(data["model"]), precision=data["precision"],
             merge=MergeSettings.from_dict(data["merge"]), sites=tuple(_site_from_dict(s) for s in sites),
@@ -493,6 +502,7 @@ class Manifest:
             feature_cache=None if cache is None else FeatureCacheRecord.from_dict(cache),
             lora=None if lora is None else LoraRecord.from_dict(lora),
             controlnet=None if controlnet is None else ControlNetRecord.from_dict(controlnet),
+            build=None if build is None else BuildRecord.from_dict(build),
             format_version=data["format_version"], catome_export_version=data.get("catome_export_version", ""),
             extra={k: v for k, v in data.items() if k not in known},
             manifest_sha256=data.get("manifest_sha256", ""), engine_dir=engine_dir,
@@ -507,49 +517,61 @@ class Manifest:
         """
         engine_dir = Path(engine_dir)
         path = engine_dir / MANIFEST_FILE
-        generic = _generic_rebuild(engine_dir)
+        options, recorded = _generic_options(engine_dir), False
+
+        def rebuild(problem: str, lead: str = ": rebuild with") -> RebuildNeeded:
+            return RebuildNeeded(problem, options, engine_dir, lead=lead, recorded=recorded)
+
         if engine_dir.is_file():
             hint = f"pass its folder {engine_dir.parent}" if engine_dir.name == MANIFEST_FILE else \
                 "pass the folder that catome-export build wrote"
             raise CatomeError(f"{engine_dir} is a file, not an engine folder: {hint}")
         if not engine_dir.is_dir():
-            raise CatomeError(f"engine folder {engine_dir} does not exist: build it with {generic}")
+            raise rebuild(f"engine folder {engine_dir} does not exist", ": build it with")
         if not path.is_file():
-            raise CatomeError(f"{engine_dir} has no {MANIFEST_FILE} (not a finished build): build it with {generic}")
+            raise rebuild(f"{engine_dir} has no {MANIFEST_FILE} (not a finished build)", ": build it with")
         try:
             data = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CatomeError(f"{path} is unreadable ({type(exc).__name__}): rebuild with {generic}") from None
+            raise rebuild(f"{path} is unreadable ({type(exc).__name__})") from None
         if not isinstance(data, dict):
-            raise CatomeError(f"{path} is not a manifest (not a JSON object): rebuild with {generic}")
-        recorded = data.get("build_command")
-        if isinstance(recorded, str) and recorded.startswith("catome-export build "):
-            generic = recorded  # the command the folder was built with (a hint; the checks below still apply)
+            raise rebuild(f"{path} is not a manifest (not a JSON object)")
+        found = _recorded_options(data)
+        if found is not None:  # the options the folder was built with (a hint; the checks below still apply)
+            options, recorded = found, True
+        elif isinstance(data.get("model"), Mapping):  # no build options recorded: at least the model's
+            options = _model_options(data, engine_dir)
         version = data.get("format_version")
         if version != FORMAT_VERSION:
-            raise CatomeError(f"{path} has format_version {version!r}; this catome-export ({__version__}) reads "
-                              f"version {FORMAT_VERSION}: rebuild with {generic}")
+            raise rebuild(f"{path} has format_version {version!r}; this catome-export ({__version__}) reads "
+                          f"version {FORMAT_VERSION}")
         missing = [k for k in (*CORE_KEYS, "manifest_sha256") if k not in data]
         if missing:
-            raise CatomeError(f"{path} lacks {', '.join(missing)}: rebuild with {generic}")
+            raise rebuild(f"{path} lacks {', '.join(missing)}")
         if canonical_hash(data) != data["manifest_sha256"]:
-            raise CatomeError(f"{path} was modified or damaged (its manifest_sha256 does not match its contents): "
-                              f"rebuild with {generic}")
+            raise rebuild(f"{path} was modified or damaged (its manifest_sha256 does not match its contents)")
         what = _first_malformed(data)
         if what is not None:
-            raise CatomeError(f"engine {engine_dir}: {what}: rebuild it with {_rebuild_from(data, engine_dir)}")
+            raise rebuild(f"engine {engine_dir}: {what}", ": rebuild it with")
         try:
             manifest = cls.from_dict(data, engine_dir)
         except (KeyError, TypeError, ValueError, CatomeError) as exc:
-            raise CatomeError(f"{path} is malformed ({exc}): rebuild with {generic}") from None
+            raise rebuild(f"{path} is malformed ({exc})") from None
         manifest._validate()
         if check_files:
             manifest.check_files(check_hashes)
         return manifest
 
     # -- validation -----------------------------------------------------------------------
-    def _fail(self, what: str) -> CatomeError:
-        return CatomeError(f"engine {self.engine_dir or self.name}: {what}: rebuild it with {self.rebuild_command()}")
+    def _fail(self, what: str) -> RebuildNeeded:
+        return self.rebuild_needed(f"engine {self.engine_dir or self.name}: {what}")
+
+    def rebuild_needed(self, problem: str, lead: str = ": rebuild it with", after: str = "",
+                       engine_dir: Path | None = None, overrides: Mapping[str, Any] | None = None) -> RebuildNeeded:
+        """The error for a folder that must be built again because of ``problem``: with :meth:`rebuild_options`,
+        into ``engine_dir`` (default: the folder this manifest was loaded from), ``overrides`` changed."""
+        return RebuildNeeded(problem, self.rebuild_options(), engine_dir or self.engine_dir, overrides, lead=lead,
+                             after=after)
 
     def _validate(self) -> None:
         if self.precision not in PRECISIONS:
@@ -608,10 +630,10 @@ class Manifest:
         """CatomeError unless (batch, latent size) lies inside the built ranges (naming them and the rebuild)."""
         r = self.shapes
         problems: list[str] = []
-        overrides: dict[str, int] = {}
+        overrides: dict[str, tuple[int, int]] = {}
         if not r.batch[0] <= batch <= r.batch[1]:
             problems.append(f"batch {batch} is outside the built range {r.batch[0]}..{r.batch[1]}")
-            overrides.update(min_batch=min(batch, r.batch[0]), max_batch=max(batch, r.batch[1]))
+            overrides["batch"] = (min(batch, r.batch[0]), max(batch, r.batch[1]))
         for key, (lo, hi), value in (("latent_height", r.latent_height, latent_h),
                                      ("latent_width", r.latent_width, latent_w)):
             if not lo <= value <= hi:
@@ -621,62 +643,69 @@ class Manifest:
             lows = [r.latent_height[0], r.latent_width[0], latent_h, latent_w]
             highs = [r.latent_height[1], r.latent_width[1], latent_h, latent_w]
             if any("latent" in p for p in problems):
-                overrides.update(min_resolution=8 * min(lows), max_resolution=8 * max(highs))
-            raise CatomeError(f"engine {self.name}: {'; '.join(problems)}. Use a size inside the range, or rebuild "
-                              f"for it: {self.rebuild_command(**overrides)}")
+                overrides["resolution"] = (8 * min(lows), 8 * max(highs))
+            raise self.rebuild_needed(f"engine {self.name}: {'; '.join(problems)}",
+                                      ". Use a size inside the range, or rebuild for it:", overrides=overrides)
 
-    def rebuild_command(self, **overrides: Any) -> str:
-        """The ``catome-export build`` command that makes this folder again (with ``overrides`` of its flags).
-
-        It formats the build arguments the manifest recorded; a manifest
-        without them gets them reconstructed from its model, precision, merge
-        settings, shape ranges and TensorRT section.
-        """
-        recorded = self.extra.get("build")
-        if isinstance(recorded, Mapping) and recorded:
-            return build_command({**recorded, **overrides})
+    def build_record(self) -> BuildRecord:
+        """The options the folder was built with: the recorded ``build`` section, or, in a manifest from before
+        it was recorded, the options rebuilt from its model, precision, merge settings, shape ranges and
+        TensorRT section."""
+        if self.build is not None:
+            return self.build
         s, merge = self.shapes, self.merge
-        args: dict[str, Any] = {"model": self.model.id or self.name, "weights": self.model.weights,
-                                "precision": self.precision, "name": self.name}
-        for key in ("threshold", "ratio", "merge_fraction"):
-            value = getattr(merge, key)
-            if value is not None:
-                args[key] = f"{value:g}"
-                break
-        schedule = merge.schedule
-        checkpoints = schedule.checkpoints
-        if schedule.name == "custom" and checkpoints is not None:
-            args["schedule"] = ",".join(str(c) for c in checkpoints)
-        else:
-            args["schedule"] = schedule.name
-        args["step_base"] = schedule.step_base
-        if merge.r_multiple != 1:
-            args["r_multiple"] = merge.r_multiple
-        args.update(min_batch=s.batch[0], max_batch=s.batch[1],  # the CLI takes square pixel sizes: cover both
-                    min_resolution=8 * min(s.latent_height[0], s.latent_width[0]),
-                    max_resolution=8 * max(s.latent_height[1], s.latent_width[1]))
         frac = self.trt.opt_merge_fraction if self.trt is not None else None
         if frac is None:
             frac = s.opt_merge_fraction
-        if frac is not None:
-            args["opt_merge_fraction"] = f"{float(frac):g}"
-        args["out"] = str(self.engine_dir) if self.engine_dir is not None else f"engines/{self.name}"
-        if self.controlnet is not None:
-            args["controlnet"] = True
-        args.update(overrides)
-        return build_command(args)
+        return BuildRecord(
+            model=self.model.id or self.name, weights=self.model.weights, precision=self.precision,
+            # the CLI takes square pixel sizes: cover both sides
+            resolution=(8 * min(s.latent_height[0], s.latent_width[0]), 8 * max(s.latent_height[1], s.latent_width[1])),
+            batch=s.batch, threshold=merge.threshold, ratio=merge.ratio, merge_fraction=merge.merge_fraction,
+            schedule=schedule_flag(merge.schedule), step_base=merge.schedule.step_base,
+            r_multiple=None if merge.r_multiple == 1 else merge.r_multiple, max_downsample=merge.max_downsample,
+            opt_merge_fraction=None if frac is None else float(frac), name=self.name,
+            out=str(self.engine_dir) if self.engine_dir is not None else f"engines/{self.name}",
+            controlnet=self.controlnet is not None)
+
+    def rebuild_options(self) -> BuildRecord:
+        """The options that build this folder again as it computes now: those it was built with
+        (:meth:`build_record`), with the LoRAs a refit made active in place of the build's."""
+        record = self.build_record()
+        if self.lora is not None:
+            record = replace(record, lora=tuple(f"{e.source}:{e.scale:g}" for e in self.lora.active))
+        return record
 
 
-def _rebuild_from(data: Mapping[str, Any], engine_dir: Path) -> str:
-    """The rebuild command of a manifest dict that does not parse: its recorded build arguments, else its model."""
+def schedule_flag(schedule: Schedule) -> str:
+    """A schedule as ``--schedule`` takes it: its name, or its checkpoint steps for a custom one."""
+    if schedule.name == "custom" and schedule.checkpoints is not None:
+        return ",".join(str(c) for c in schedule.checkpoints)
+    return schedule.name
+
+
+def _recorded_options(data: Mapping[str, Any]) -> BuildRecord | None:
+    """The build options a manifest dict records (None: none, or a section that does not parse)."""
     recorded = data.get("build")
-    if isinstance(recorded, Mapping) and recorded:
-        return build_command(recorded)
+    if isinstance(recorded, Mapping):
+        try:
+            return BuildRecord.from_dict(recorded)
+        except (KeyError, TypeError, ValueError):
+            return None
+    return None
+
+
+def _model_options(data: Mapping[str, Any], engine_dir: Path) -> BuildRecord:
+    """The build options of a manifest dict that records none: its model, weights, precision and name."""
     model = data.get("model")
     if not isinstance(model, Mapping):
         model = {}
-    return build_command({"model": model.get("id", "MODEL"), "weights": model.get("weights"),
-                          "precision": data.get("precision"), "name": data.get("name"), "out": str(engine_dir)})
+
+    def text(value: object) -> str | None:
+        return None if value is None else str(value)
+
+    return BuildRecord(model=str(model.get("id", "MODEL")), weights=text(model.get("weights")),
+                       precision=text(data.get("precision")), name=text(data.get("name")), out=str(engine_dir))
 
 
 def _first_malformed(data: Mapping[str, Any]) -> str | None:
@@ -693,34 +722,3 @@ def _first_malformed(data: Mapping[str, Any]) -> str | None:
         except (KeyError, TypeError, ValueError, AttributeError, CatomeError) as exc:
             return f"{what} ({exc})"
     return None
-
-
-FLAG_ORDER = ("model", "weights", "precision", "backend", "resolution", "min_resolution", "max_resolution", "batch",
-              "min_batch", "max_batch", "threshold", "ratio", "merge_fraction", "schedule", "step_base",
-              "r_multiple", "opt_merge_fraction", "ort_optimize", "max_stage_gb", "feature_cache", "cache_branches",
-              "lora", "refittable", "name", "out", "controlnet")
-
-
-FLAG_NAMES = {"backend": "engine-kind"}
-"""Build arguments whose flag is not the key with dashes (``backend`` is recorded, ``--engine-kind`` is the flag)."""
-
-
-def build_command(args: Mapping[str, Any]) -> str:
-    """Format build arguments as a ``catome-export build`` command line (``None`` values left out)."""
-    args = dict(args)
-    if "min_resolution" in args or "max_resolution" in args:
-        args.pop("resolution", None)
-    if "min_batch" in args or "max_batch" in args:
-        args.pop("batch", None)
-    parts = ["catome-export", "build"]
-    for key in FLAG_ORDER:
-        value = args.get(key)
-        if value is None or value is False:
-            continue
-        flag = f"--{FLAG_NAMES.get(key, key.replace('_', '-'))}"
-        if value is True:  # a switch (--refittable)
-            parts.append(flag)
-            continue
-        for item in value if isinstance(value, (list, tuple)) else (value,):  # repeatable flags (--lora)
-            parts += [flag, shlex.quote(str(item))]
-    return " ".join(parts)
