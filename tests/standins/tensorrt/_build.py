@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _formats
-from ._refit import onnx_weights
+from ._refit import OnnxErrors, onnx_weights
 from ._core import IHostMemory, Severity, api_error, as_buffer, get_plugin_registry, log
 from ._enums import (
     BuilderFlag, DataType, DeviceType, Dims, EngineCapability, ErrorCode, HardwareCompatibilityLevel, LayerType,
@@ -723,7 +723,7 @@ def _inferred_static_dims(proto: Any) -> dict[str, list[int | None]]:
             for o in inferred.graph.output}
 
 
-class OnnxParser:
+class OnnxParser(OnnxErrors):
     """``trt.OnnxParser(network, logger)``: populates ``network`` from an ONNX model.
 
     Reads the model with the ``onnx`` package (external weights are checked for
@@ -754,48 +754,19 @@ class OnnxParser:
         _check_enum(flag, OnnxParserFlag, "get_flag")
         return bool(self.flags & (1 << int(flag)))
 
-    @property
-    def num_errors(self) -> int:
-        return len(self._errors)
-
-    def get_error(self, index: int) -> ParserError | None:
-        return self._errors[index] if 0 <= index < len(self._errors) else None
-
-    def clear_errors(self) -> None:
-        self._errors.clear()
-
     def supports_operator(self, op_name: str) -> bool:
         return op_name in _LAYER_OF_OP
 
     def set_builder_config(self, builder_config: IBuilderConfig) -> bool:
         return isinstance(builder_config, IBuilderConfig)
 
-    def _fail(self, code: Any, desc: str, node: int = -1, name: str = "", op: str = "") -> bool:
-        error = ParserError(code, desc, node, name, op)
-        self._errors.append(error)
-        log(self._logger, Severity.ERROR, str(error))
-        return False
-
     def parse_from_file(self, model: str) -> bool:
-        import onnx
-
-        path = os.fspath(model)
-        try:
-            proto = onnx.load(path, load_external_data=False)
-        except Exception as exc:
-            return self._fail(ErrorCode.MODEL_DESERIALIZE_FAILED, f"Failed to parse ONNX model from file: {path} "
-                              f"({type(exc).__name__})")
-        return self._import(proto, Path(path).parent, path)
+        read = self._read_file(model)
+        return read is not None and self._import(read[0], Path(read[1]).parent, read[1])
 
     def parse(self, model: Any, path: str | None = None) -> bool:
-        import onnx
-
-        raw = as_buffer(model, "parse")
-        try:
-            proto = onnx.load_from_string(raw)
-        except Exception as exc:
-            return self._fail(ErrorCode.MODEL_DESERIALIZE_FAILED, f"Failed to parse ONNX model ({type(exc).__name__})")
-        return self._import(proto, Path(path).parent if path else None, path or "<bytes>")
+        proto = self._read_bytes(model, "parse")
+        return proto is not None and self._import(proto, Path(path).parent if path else None, path or "<bytes>")
 
     def _import(self, proto: Any, folder: Path | None, source: str) -> bool:
         import onnx

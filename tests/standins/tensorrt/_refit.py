@@ -259,16 +259,13 @@ if MAJOR == 10:
     Refitter.get_tensors_with_dynamic_range = _tensors_with_dynamic_range  # type: ignore[attr-defined]
 
 
-class OnnxParserRefitter:
-    """``trt.OnnxParserRefitter(refitter, logger)``: sets a Refitter's weights from an ONNX model's initializers
-    (``refit_from_file``, ``refit_from_bytes``); the caller then calls ``refitter.refit_cuda_engine()``."""
+class OnnxErrors:
+    """What ``OnnxParser`` and ``OnnxParserRefitter`` share in NVIDIA's bindings: the recorded errors
+    (``num_errors``, ``get_error``, ``clear_errors``) and the reading of a model from a file or from bytes, a model
+    that cannot be read being the error ``MODEL_DESERIALIZE_FAILED``."""
 
-    def __init__(self, refitter: Refitter, logger: Any) -> None:
-        if not isinstance(refitter, Refitter):
-            raise TypeError("__init__(): incompatible constructor arguments")
-        self._refitter = refitter
-        self._logger = logger
-        self._errors: list[Any] = []
+    _errors: list[Any]
+    _logger: Any
 
     @property
     def num_errors(self) -> int:
@@ -280,38 +277,60 @@ class OnnxParserRefitter:
     def clear_errors(self) -> None:
         self._errors.clear()
 
-    def _fail(self, code: Any, desc: str) -> bool:
+    def _fail(self, code: Any, desc: str, node: int = -1, name: str = "", op: str = "") -> bool:
         from ._build import ParserError
 
-        error = ParserError(code, desc)
+        error = ParserError(code, desc, node, name, op)
         self._errors.append(error)
         log(self._logger, Severity.ERROR, str(error))
         return False
 
-    def refit_from_file(self, model: str) -> bool:
+    def _read_file(self, model: str) -> tuple[Any, str] | None:
+        """(the model, its path), or None with the error recorded."""
         import onnx
 
         from ._enums import ErrorCode
 
         path = os.fspath(model)
         try:
-            proto = onnx.load(path, load_external_data=False)
+            return onnx.load(path, load_external_data=False), path
         except Exception as exc:
-            return self._fail(ErrorCode.MODEL_DESERIALIZE_FAILED, f"Failed to parse ONNX model from file: {path} "
-                              f"({type(exc).__name__})")
-        return self._refit(proto, Path(path).parent)
+            self._fail(ErrorCode.MODEL_DESERIALIZE_FAILED, f"Failed to parse ONNX model from file: {path} "
+                       f"({type(exc).__name__})")
+            return None
 
-    def refit_from_bytes(self, model: Any, path: str | None = None) -> bool:
+    def _read_bytes(self, model: Any, method: str) -> Any:
+        """The model, or None with the error recorded."""
         import onnx
 
         from ._core import as_buffer
         from ._enums import ErrorCode
 
         try:
-            proto = onnx.load_from_string(as_buffer(model, "refit_from_bytes"))
+            return onnx.load_from_string(as_buffer(model, method))
         except Exception as exc:
-            return self._fail(ErrorCode.MODEL_DESERIALIZE_FAILED, f"Failed to parse ONNX model ({type(exc).__name__})")
-        return self._refit(proto, Path(path).parent if path else None)
+            self._fail(ErrorCode.MODEL_DESERIALIZE_FAILED, f"Failed to parse ONNX model ({type(exc).__name__})")
+            return None
+
+
+class OnnxParserRefitter(OnnxErrors):
+    """``trt.OnnxParserRefitter(refitter, logger)``: sets a Refitter's weights from an ONNX model's initializers
+    (``refit_from_file``, ``refit_from_bytes``); the caller then calls ``refitter.refit_cuda_engine()``."""
+
+    def __init__(self, refitter: Refitter, logger: Any) -> None:
+        if not isinstance(refitter, Refitter):
+            raise TypeError("__init__(): incompatible constructor arguments")
+        self._refitter = refitter
+        self._logger = logger
+        self._errors: list[Any] = []
+
+    def refit_from_file(self, model: str) -> bool:
+        read = self._read_file(model)
+        return read is not None and self._refit(read[0], Path(read[1]).parent)
+
+    def refit_from_bytes(self, model: Any, path: str | None = None) -> bool:
+        proto = self._read_bytes(model, "refit_from_bytes")
+        return proto is not None and self._refit(proto, Path(path).parent if path else None)
 
     def _refit(self, proto: Any, folder: Path | None) -> bool:
         from onnx import numpy_helper
