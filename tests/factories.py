@@ -84,3 +84,22 @@ def make_manifest(*, name: str = "tiny", model: str = "tiny", weights: str = "ra
         engine_backend="trt" if trt is not None else "ort", trt=trt, tools={}, controlnet=controlnet, build=build,
         extra=extra,
     )
+
+
+def engine_against_eager(pipe: Any, runtime: Any, generate: Any) -> tuple[Any, Any, list[dict[int, int]]]:
+    """``generate()`` twice on ``pipe``: with eager CA-ToMe at the runtime's settings (the reference), then with the
+    runtime attached as its U-Net; asserts the final latents agree within verify's tolerance and r per site is the
+    same at every step. Returns the engine's and eager's latents and the engine's r per site per step."""
+    import torch
+
+    from catome_export.eager import apply_merging
+
+    with apply_merging(pipe, runtime.settings) as handle:
+        want = generate()
+        eager_merged = [s.merged for s in handle.history]
+    with runtime.attach(pipe):
+        got = generate()
+        merged = [s.merged for s in runtime.history]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * max(1.0, float(want.abs().max())))
+    assert merged == eager_merged
+    return got, want, merged

@@ -56,7 +56,7 @@ def test_engine_in_a_controlnet_pipeline_equals_eager_catome(controlnet_engine, 
                                                              text_embeddings):
     from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
-    from catome_export.eager import apply_merging
+    from factories import engine_against_eager
     from catome_export.models.pipeline import controlnet_pipeline, tiny_controlnet, tiny_pipeline
     from catome_export.runtime import Runtime
 
@@ -76,14 +76,7 @@ def test_engine_in_a_controlnet_pipeline_equals_eager_catome(controlnet_engine, 
                                 height=SIZE, width=SIZE, latents=smooth_latents(1, (SIZE // 8, SIZE // 8)),
                                 output_type="latent").images
 
-            with apply_merging(pipe, runtime.settings) as handle:
-                want = generate()
-                eager_merged = [s.merged for s in handle.history]
-            with runtime.attach(pipe):
-                got = generate()
-                merged = [s.merged for s in runtime.history]
-            assert float((got - want).abs().max()) <= 1e-4 * max(1.0, float(want.abs().max()))
-            assert merged == eager_merged
+            engine_against_eager(pipe, runtime, generate)
 
 
 def test_build_flag(tmp_path):
